@@ -1,0 +1,64 @@
+"""Loading and saving models in Hugging Face formats: one place that decides how weights travel.
+
+Weights are read with safetensors only (`use_safetensors=True`), remote code is off unless the
+user turns it on, and every save goes to a temporary directory that is renamed when complete.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from knowstack.atomic import atomic_dir
+from knowstack.errors import KnowstackError
+
+
+def _check_exists(path: str | Path, what: str) -> None:
+    # A hub id (org/name) is passed through to transformers; a local-looking path must exist.
+    text = str(path)
+    looks_local = text.startswith((".", "/", "~")) or Path(text).exists() or text.count("/") != 1
+    if looks_local and not Path(text).expanduser().exists():
+        raise KnowstackError(f"{what} not found", path=path)
+
+
+def load_tokenizer(model_path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    _check_exists(model_path, "model")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    model_path: str | Path,
+    adapter_path: str | Path | None = None,
+    *,
+    dtype: torch.dtype | str = "auto",
+    merge_adapter: bool = True,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """A causal LM from a HF model dir (or hub id), with a PEFT adapter applied on top if given."""
+    _check_exists(model_path, "model")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    if adapter_path is not None:
+        from peft import PeftModel
+
+        _check_exists(adapter_path, "adapter")
+        model = PeftModel.from_pretrained(model, str(adapter_path))
+        if merge_adapter:
+            model = model.merge_and_unload()
+    model.eval()
+    return model
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: Path) -> Path:
+    """Save a full model (safetensors) and its tokenizer atomically."""
+    with atomic_dir(Path(out_dir)) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
