@@ -1,0 +1,194 @@
+"""`knowstack ...`: run a study, or one step of it (train, eval, build-world), or rebuild a report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from knowstack.errors import KnowstackError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+console = Console(stderr=True)
+
+
+def cmd_study(args: argparse.Namespace) -> None:
+    from knowstack.config import load_config
+    from knowstack.study.runner import run_study
+
+    config = load_config(args.config)
+    outcome = run_study(config, Path(args.out), dry_run=args.dry_run, console=console,
+                        config_text=Path(args.config).read_text(encoding="utf-8"))
+    if outcome is not None:
+        print(f"results: {outcome.results_csv}\nreport:  {outcome.report}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    args.config = str(CONFIG_DIR / "builtin-quick.yaml")
+    args.dry_run = False
+    cmd_study(args)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from knowstack.config import load_config
+    from knowstack.report.markdown import write_report
+    from knowstack.study.plan import build_plan
+    from knowstack.study.results import read_csv
+
+    out = Path(args.dir)
+    results = out / "results.csv"
+    if not results.is_file():
+        raise KnowstackError("no results.csv: run `knowstack study` first", path=out)
+    config = load_config(out / "config.yaml")
+    plan = build_plan(config)
+    path = write_report(read_csv(results), out, title=config.name, task_order=plan.task_names,
+                        old_metric=config.old_knowledge.metric)
+    print(f"report: {path}")
+
+
+def _task_from_args(args: argparse.Namespace):
+    from knowstack.config import TaskConfig
+    from knowstack.data.tasks import task_from_config
+
+    fields = {"name": Path(args.task or args.train_file).stem, "format": args.format, "metric": args.metric}
+    if args.task:
+        fields["path"] = Path(args.task)
+    for name in ("train_file", "test_file"):
+        if getattr(args, name, None):
+            fields[name] = Path(getattr(args, name))
+    if args.format == "math" and not args.task and "test_file" not in fields:
+        fields["test_file"] = fields["train_file"]  # training needs only the train file
+    try:
+        return task_from_config(TaskConfig(**fields))
+    except ValueError as err:
+        raise KnowstackError(str(err).splitlines()[-1] if str(err) else "bad task arguments") from None
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from knowstack.train import TrainSettings, train
+
+    task = _task_from_args(args)
+    settings = TrainSettings(
+        finetune=args.finetune, lr=args.lr, schedule=args.schedule, epochs=args.epochs, max_steps=args.max_steps,
+        batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, max_length=args.max_length,
+        seed=args.seed, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+    )
+    summary = train(args.model, task.load("train"), Path(args.out), settings, progress_desc=f"train {task.name}")
+    print(json.dumps({k: summary[k] for k in ("steps", "examples") if k in summary}))
+    print(f"written: {args.out}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from knowstack.evaluate.new_knowledge import evaluate_task
+    from knowstack.evaluate.old_knowledge import evaluate_old_knowledge
+    from knowstack.modelio import load_model, load_tokenizer
+
+    model = load_model(args.model, args.adapter, dtype="float32")
+    tokenizer = load_tokenizer(args.model)
+    result: dict[str, object] = {}
+    if args.task or args.test_file:
+        task = _task_from_args(args)
+        examples = task.load("test")[: args.limit] if args.limit else task.load("test")
+        result[task.name] = evaluate_task(model, tokenizer, examples, task.metric, batch_size=args.batch_size).scores
+    if args.old_tasks:
+        include = Path(args.include_path) if args.include_path else None
+        result.update(evaluate_old_knowledge(model, tokenizer, args.old_tasks, include_path=include,
+                                             batch_size=args.batch_size, limit=args.limit))
+    if not result:
+        raise KnowstackError("nothing to evaluate: give --task/--test-file or --old-tasks")
+    text = json.dumps(result, indent=2)
+    if args.out:
+        from knowstack.atomic import atomic_write_text
+
+        atomic_write_text(Path(args.out), text + "\n")
+    print(text)
+
+
+def cmd_build_world(args: argparse.Namespace) -> None:
+    from knowstack.builtin.world import build_world
+
+    path = build_world(Path(args.out), preset=args.preset, seed=args.seed)
+    print(f"built-in world: {path}")
+
+
+def _add_task_args(parser: argparse.ArgumentParser, *, metric_required: bool) -> None:
+    parser.add_argument("--task", help="a TRACE-layout task dir (train.json, eval.json, test.json)")
+    parser.add_argument("--format", choices=["trace", "math"], default="trace")
+    parser.add_argument("--train-file", help="math: a MetaMathQA-format JSON file")
+    parser.add_argument("--test-file", help="math: a GSM8K-format JSON/JSONL file")
+    parser.add_argument("--metric", default="accuracy", required=metric_required,
+                        choices=["accuracy", "rouge_l", "edit_similarity", "sari", "math"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="knowstack", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("study", help="run a study from a YAML config (resumes where it stopped)")
+    p.add_argument("config")
+    p.add_argument("--out", required=True, help="the study dir (artifacts, results.csv, report.md)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and which steps are done")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("demo", help="the quick built-in study (configs/builtin-quick.yaml)")
+    p.add_argument("--out", default="runs/demo")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("report", help="rewrite a study dir's report from its results.csv")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("train", help="one training run: FFT (full model out) or LoRA (PEFT adapter out)")
+    p.add_argument("--model", required=True, help="HF model dir or hub id to start from")
+    _add_task_args(p, metric_required=False)
+    p.add_argument("--finetune", choices=["fft", "lora"], default="lora")
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--schedule", choices=["constant", "linear", "cosine"], default="constant")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--micro-batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="score a model (+adapter) on a task and/or lm-eval old-knowledge tasks")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter")
+    _add_task_args(p, metric_required=False)
+    p.add_argument("--old-tasks", nargs="*", default=[], help="lm-eval task names")
+    p.add_argument("--include-path", help="a dir of lm-eval task YAMLs")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--limit", type=int)
+    p.add_argument("--out", help="write the scores as JSON here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("build-world", help="build the built-in world (base model, tokenizer, tasks)")
+    p.add_argument("--preset", choices=["test", "quick", "full"], default="quick")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_build_world)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KnowstackError as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted: finished steps are kept; run the same command again to resume")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The study config: a YAML file validated into typed settings, with errors that name file and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from knowstack.errors import KnowstackError
+
+Finetune = Literal["fft", "lora"]
+METRICS = ("accuracy", "rouge_l", "edit_similarity", "sari", "math")
+LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseModelConfig(Strict):
+    """Either the built-in world (a preset name) or a model to start from (hub id or local dir)."""
+
+    builtin: Literal["test", "quick", "full"] | None = None
+    model: str | None = None
+    tokenizer: str | None = None
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> BaseModelConfig:
+        if (self.builtin is None) == (self.model is None):
+            raise ValueError("give exactly one of 'builtin' (a preset) or 'model' (a hub id or path)")
+        return self
+
+
+class TaskConfig(Strict):
+    """A new-knowledge task: a TRACE-layout dir, or math as MetaMathQA train + GSM8K test files."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
+    format: Literal["trace", "math"] = "trace"
+    path: Path | None = None
+    train_file: Path | None = None
+    eval_file: Path | None = None
+    test_file: Path | None = None
+    metric: Literal["accuracy", "rouge_l", "edit_similarity", "sari", "math"]
+    max_train: int | None = Field(default=None, gt=0)
+    max_test: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _has_data(self) -> TaskConfig:
+        if self.path is None and (self.train_file is None or self.test_file is None):
+            raise ValueError("give 'path' (a task dir) or both 'train_file' and 'test_file'")
+        return self
+
+
+class OldKnowledgeConfig(Strict):
+    tasks: Literal["builtin"] | list[str] = "builtin"
+    include_path: Path | None = None
+    metric: str = "acc"
+    limit: int | None = Field(default=None, gt=0)
+    num_fewshot: int | None = Field(default=None, ge=0)
+    batch_size: int = Field(default=32, gt=0)
+
+
+class LoraConfig(Strict):
+    r: int = Field(default=8, gt=0)
+    alpha: float = Field(default=16, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_LINEAR))
+
+
+class TrainingConfig(Strict):
+    """The paper's recipe by default: constant lr 2e-5, effective batch 16, answer-only loss, packing."""
+
+    lr: float | None = Field(default=None, gt=0)
+    lr_of_pretrain_peak: float | None = Field(default=None, gt=0)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=16, gt=0)
+    micro_batch_size: int = Field(default=16, gt=0)
+    max_length: int = Field(default=1024, gt=8)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    pack: bool = True
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @model_validator(mode="after")
+    def _one_lr(self) -> TrainingConfig:
+        if self.lr is not None and self.lr_of_pretrain_peak is not None:
+            raise ValueError("give 'lr' or 'lr_of_pretrain_peak', not both")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError("batch_size must be a multiple of micro_batch_size")
+        return self
+
+
+class EvaluationConfig(Strict):
+    batch_size: int = Field(default=32, gt=0)
+    max_test: int | None = Field(default=None, gt=0)
+    max_new_tokens: dict[str, int] = Field(default_factory=dict)
+
+
+class MethodConfig(Strict):
+    finetune: list[Finetune] = Field(default_factory=lambda: ["fft", "lora"])
+
+    @field_validator("finetune")
+    @classmethod
+    def _not_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("name at least one of fft, lora")
+        return value
+
+
+class MethodsConfig(Strict):
+    """The methods to run; later methods (olora, joint, replay, merge, moe) join here."""
+
+    one_round: MethodConfig | None = Field(default=None, alias="one-round")
+    sequential: MethodConfig | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class StudyConfig(Strict):
+    name: str
+    seed: int = 0
+    base: BaseModelConfig
+    tasks: Literal["builtin"] | list[TaskConfig] = "builtin"
+    old_knowledge: OldKnowledgeConfig = Field(default_factory=OldKnowledgeConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    methods: MethodsConfig = Field(default_factory=MethodsConfig)
+
+    @model_validator(mode="after")
+    def _builtin_consistency(self) -> StudyConfig:
+        builtin = self.base.builtin is not None
+        if not builtin and self.tasks == "builtin":
+            raise ValueError("'tasks: builtin' needs 'base.builtin'; list your own tasks for another base")
+        if not builtin and self.old_knowledge.tasks == "builtin":
+            raise ValueError("'old_knowledge.tasks: builtin' needs 'base.builtin'; name lm-eval tasks")
+        if not builtin and self.training.lr_of_pretrain_peak is not None:
+            raise ValueError("'training.lr_of_pretrain_peak' needs 'base.builtin'; give 'training.lr'")
+        if builtin and self.training.lr is None and self.training.lr_of_pretrain_peak is None:
+            raise ValueError("give 'training.lr' or 'training.lr_of_pretrain_peak'")
+        if not isinstance(self.tasks, str):
+            names = [task.name for task in self.tasks]
+            if len(set(names)) != len(names):
+                raise ValueError("task names must be unique")
+        return self
+
+
+def _field_path(location: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in location:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif "[" in str(item) or str(item).startswith("function-"):
+            continue  # pydantic's name for a union branch, not a field
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts)
+
+
+def _resolve_paths(raw: Any, root: Path) -> Any:
+    """Relative data paths in a config are relative to the config file, not the working dir."""
+    if isinstance(raw, dict):
+        resolved = {}
+        for key, value in raw.items():
+            if key in ("path", "train_file", "eval_file", "test_file", "include_path") and isinstance(value, str):
+                candidate = Path(value).expanduser()
+                resolved[key] = str(candidate if candidate.is_absolute() else (root / candidate).resolve())
+            else:
+                resolved[key] = _resolve_paths(value, root)
+        return resolved
+    if isinstance(raw, list):
+        return [_resolve_paths(item, root) for item in raw]
+    return raw
+
+
+def parse_config(raw: Any, source: str | Path = "<config>", root: Path | None = None) -> StudyConfig:
+    if not isinstance(raw, dict):
+        raise KnowstackError("the config must be a YAML mapping", path=source)
+    if root is not None:
+        raw = _resolve_paths(raw, root)
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as err:
+        # With unions pydantic reports each branch; the deepest location is the user's real mistake.
+        first = max(err.errors(), key=lambda e: len(_field_path(tuple(e["loc"]))))
+        field = _field_path(tuple(first["loc"])) or None
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown field"
+        raise KnowstackError(message, path=source, field=field) from None
+
+
+def load_config(path: str | Path) -> StudyConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise KnowstackError("config file not found", path=path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise KnowstackError(f"not valid YAML: {err}", path=path) from None
+    return parse_config(raw, source=path, root=path.parent.resolve())

@@ -1,0 +1,218 @@
+"""A study as a graph of steps: build the base, train, merge adapters, evaluate.
+
+Each step is data (a kind, its parameters, the keys of the steps it reads), so the plan can be
+printed, hashed and executed by any executor. A step's key is a hash of what it is made from:
+the same training on the same model and data is one step however many methods need it (round 1
+of a sequential run *is* the one-round model of the first task), and a finished step is never
+redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from knowstack.config import StudyConfig, TrainingConfig
+from knowstack.data.tasks import TaskSpec, task_from_config
+from knowstack.errors import KnowstackError
+
+# Bump when what a kind of step writes changes, so stale artifacts are not reused.
+STEP_VERSIONS = {"world": 1, "train": 1, "merge-adapter": 1, "eval": 1}
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str
+    label: str
+    params: dict[str, Any]
+    deps: tuple[str, ...] = ()
+    key: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        version = STEP_VERSIONS[self.kind]
+        digest = _digest({"kind": self.kind, "v": version, "params": self.params, "deps": self.deps})
+        object.__setattr__(self, "key", f"{self.kind}-{self.label}-{digest}")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model to load: a full model (a step's output or a path/hub id) and optionally an adapter."""
+
+    model: str
+    adapter: str | None = None
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"model": self.model, "adapter": self.adapter}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One named model of the study and the eval step that scores it: the rows of results.csv."""
+
+    model: str
+    method: str
+    finetune: str
+    stage: int | None
+    step: str
+    trained_on: str = ""
+
+
+@dataclass
+class Plan:
+    config: StudyConfig
+    steps: dict[str, Step] = field(default_factory=dict)
+    evaluations: list[Evaluation] = field(default_factory=list)
+    task_names: list[str] = field(default_factory=list)
+
+    def add(self, step: Step) -> Step:
+        for dep in step.deps:
+            if dep not in self.steps:
+                raise AssertionError(f"step {step.key} depends on unknown step {dep}")
+        self.steps.setdefault(step.key, step)
+        return self.steps[step.key]
+
+    def ordered(self) -> list[Step]:
+        return list(self.steps.values())  # insertion order is a topological order by construction
+
+
+def step_ref(step: Step, sub: str = "") -> str:
+    """A reference to a step's output dir, resolved by the runner: '@<key>' or '@<key>/<sub>'."""
+    return f"@{step.key}/{sub}" if sub else f"@{step.key}"
+
+
+def ref_deps(ref: ModelRef) -> tuple[str, ...]:
+    keys = []
+    for value in (ref.model, ref.adapter):
+        if value and value.startswith("@"):
+            keys.append(value[1:].split("/", 1)[0])
+    return tuple(keys)
+
+
+class PlanBuilder:
+    """Turns a config into steps; one small method per study method."""
+
+    def __init__(self, config: StudyConfig):
+        self.config = config
+        self.plan = Plan(config)
+        self.world: Step | None = None
+        self.base = self._base_model()
+        self.tasks = self._tasks()
+        self.plan.task_names = [task["name"] for task in self.tasks]
+
+    # --- the base and the tasks -------------------------------------------------------------
+    def _base_model(self) -> ModelRef:
+        base = self.config.base
+        if base.builtin is not None:
+            from knowstack.builtin.world import WORLD_VERSION
+
+            self.world = self.plan.add(
+                Step("world", base.builtin, {"preset": base.builtin, "seed": self.config.seed, "version": WORLD_VERSION})
+            )
+            return ModelRef(step_ref(self.world, "model"))
+        return ModelRef(base.model)
+
+    def _tasks(self) -> list[dict]:
+        """Each task as the parameters a step hashes: name, and what its data is (a fingerprint)."""
+        if self.config.tasks == "builtin":
+            from knowstack.builtin.world import BUILTIN_TASKS
+
+            assert self.world is not None
+            # The world is deterministic in its key, so the key fingerprints its tasks' data.
+            names = [t["name"] if isinstance(t, dict) else t.name for t in BUILTIN_TASKS]
+            return [{"name": name, "source": "builtin", "data": self.world.key} for name in names]
+        return [
+            {"name": spec.name, "source": "config", "data": spec.fingerprint()}
+            for spec in (task_from_config(cfg) for cfg in self.config.tasks)
+        ]
+
+    def _eval_params(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "tasks": self.tasks,
+            "old": cfg.old_knowledge.model_dump(mode="json"),
+            "evaluation": cfg.evaluation.model_dump(mode="json"),
+        }
+
+    # --- steps ---------------------------------------------------------------------------------
+    def train_step(self, init: ModelRef, task: dict, finetune: str, label: str) -> Step:
+        params = {
+            "init": init.to_dict(),
+            "task": task,
+            "finetune": finetune,
+            "training": training_params(self.config.training, finetune),
+            "seed": self.config.seed,
+        }
+        return self.plan.add(Step("train", label, params, ref_deps(init)))
+
+    def merge_adapter_step(self, init: ModelRef, adapter: Step, label: str) -> Step:
+        params = {"init": init.to_dict(), "adapter": step_ref(adapter)}
+        return self.plan.add(Step("merge-adapter", label, params, ref_deps(init) + (adapter.key,)))
+
+    def evaluate(
+        self, ref: ModelRef, name: str, method: str, finetune: str, stage: int | None, trained_on: str = ""
+    ) -> None:
+        params = {"model": ref.to_dict(), **self._eval_params()}
+        step = self.plan.add(Step("eval", name, params, ref_deps(ref)))
+        self.plan.evaluations.append(Evaluation(name, method, finetune, stage, step.key, trained_on))
+
+    # --- methods -------------------------------------------------------------------------------
+    def add_base(self) -> None:
+        self.evaluate(self.base, "base", "base", "", None)
+
+    def add_one_round(self, finetune: str) -> None:
+        for task in self.tasks:
+            name = f"one-round-{finetune}-{task['name']}"
+            step = self.train_step(self.base, task, finetune, name)
+            ref = ModelRef(step_ref(step)) if finetune == "fft" else ModelRef(self.base.model, step_ref(step))
+            self.evaluate(ref, name, "one-round", finetune, None, task["name"])
+
+    def add_sequential(self, finetune: str) -> None:
+        current = self.base
+        for stage, task in enumerate(self.tasks, start=1):
+            name = f"sequential-{finetune}-{stage}"
+            step = self.train_step(current, task, finetune, f"{name}-{task['name']}")
+            if finetune == "lora":
+                step = self.merge_adapter_step(current, step, f"{name}-merged")
+            current = ModelRef(step_ref(step))
+            self.evaluate(current, name, "sequential", finetune, stage, task["name"])
+
+
+def training_params(training: TrainingConfig, finetune: str) -> dict[str, Any]:
+    params = training.model_dump(mode="json")
+    if finetune != "lora":
+        params.pop("lora")
+    return params
+
+
+def build_plan(config: StudyConfig) -> Plan:
+    builder = PlanBuilder(config)
+    builder.add_base()
+    methods = config.methods
+    if methods.one_round is None and methods.sequential is None:
+        raise KnowstackError("no methods to run", field="methods")
+    for finetune in methods.one_round.finetune if methods.one_round else []:
+        builder.add_one_round(finetune)
+    for finetune in methods.sequential.finetune if methods.sequential else []:
+        builder.add_sequential(finetune)
+    return builder.plan
+
+
+def resolve_task_specs(config: StudyConfig, world_dir: Path | None) -> dict[str, TaskSpec]:
+    """The concrete task files, once the world (if any) is built."""
+    max_test = config.evaluation.max_test
+    if config.tasks == "builtin":
+        from knowstack.data.tasks import builtin_tasks
+
+        assert world_dir is not None
+        manifest = json.loads((world_dir / "world.json").read_text())
+        specs = builtin_tasks(world_dir, manifest, max_test=max_test)
+    else:
+        specs = [task_from_config(cfg, max_test=max_test) for cfg in config.tasks]
+    return {spec.name: spec for spec in specs}

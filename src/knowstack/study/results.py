@@ -1,0 +1,99 @@
+"""The results store: one row per model x task x metric, as CSV and as SQLite.
+
+The column names are a public interface (users' scripts read them): model, method, finetune,
+stage, task, kind, metric, value, n, trained_on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sqlite3
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from knowstack.atomic import atomic_write_text
+from knowstack.study.plan import Plan
+
+COLUMNS = ("model", "method", "finetune", "stage", "task", "kind", "metric", "value", "n", "trained_on")
+
+
+@dataclass(frozen=True)
+class Row:
+    model: str
+    method: str
+    finetune: str
+    stage: int | None
+    task: str
+    kind: str  # "new" or "old"
+    metric: str
+    value: float
+    n: int | None
+    trained_on: str
+
+
+def collect_rows(plan: Plan, artifacts: Path) -> list[Row]:
+    """Rows for every evaluation whose step has finished, in plan order."""
+    rows: list[Row] = []
+    for ev in plan.evaluations:
+        out = artifacts / ev.step
+        if not out.is_dir():
+            continue
+        common = {"model": ev.model, "method": ev.method, "finetune": ev.finetune, "stage": ev.stage,
+                  "trained_on": ev.trained_on}
+        for task in plan.task_names:
+            record = json.loads((out / f"new-{task}.json").read_text())
+            for metric, value in record["scores"].items():
+                rows.append(Row(task=task, kind="new", metric=metric, value=value, n=record["n"], **common))
+        old = json.loads((out / "old.json").read_text())
+        for task, metrics in old.items():
+            for metric, value in metrics.items():
+                rows.append(Row(task=task, kind="old", metric=metric, value=value, n=None, **common))
+    return rows
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        record = asdict(row)
+        record["stage"] = "" if row.stage is None else row.stage
+        record["n"] = "" if row.n is None else row.n
+        writer.writerow(record)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def write_sqlite(rows: list[Row], path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        with sqlite3.connect(tmp) as db:
+            db.execute(
+                "CREATE TABLE results (model TEXT, method TEXT, finetune TEXT, stage INTEGER, task TEXT, "
+                "kind TEXT, metric TEXT, value REAL, n INTEGER, trained_on TEXT)"
+            )
+            db.executemany(
+                f"INSERT INTO results VALUES ({', '.join('?' for _ in COLUMNS)})",
+                [tuple(asdict(row)[c] for c in COLUMNS) for row in rows],
+            )
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_csv(path: Path) -> list[Row]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        return [
+            Row(
+                model=r["model"], method=r["method"], finetune=r["finetune"],
+                stage=int(r["stage"]) if r["stage"] else None, task=r["task"], kind=r["kind"],
+                metric=r["metric"], value=float(r["value"]), n=int(r["n"]) if r["n"] else None,
+                trained_on=r.get("trained_on", ""),
+            )
+            for r in csv.DictReader(handle)
+        ]

@@ -1,0 +1,208 @@
+"""What each kind of step does: one small function per kind, reading its inputs' artifacts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from knowstack.atomic import atomic_dir, atomic_write_json
+from knowstack.config import StudyConfig
+from knowstack.data.tasks import TaskSpec
+from knowstack.errors import KnowstackError
+from knowstack.study.plan import Step, resolve_task_specs
+
+
+@dataclass
+class StudyContext:
+    """What steps share: the study dir, the config, and the world once it is built."""
+
+    out: Path
+    config: StudyConfig
+    world_key: str | None = None
+    _tasks: dict[str, TaskSpec] | None = field(default=None, repr=False)
+
+    @property
+    def artifacts(self) -> Path:
+        return self.out / "artifacts"
+
+    def artifact(self, key: str) -> Path:
+        return self.artifacts / key
+
+    def resolve(self, ref: str | None) -> str | None:
+        """'@<key>/<sub>' -> the path of a step's output; anything else is a path or hub id."""
+        if ref is None or not ref.startswith("@"):
+            return ref
+        key, _, sub = ref[1:].partition("/")
+        return str(self.artifact(key) / sub) if sub else str(self.artifact(key))
+
+    @property
+    def world_dir(self) -> Path | None:
+        return self.artifact(self.world_key) if self.world_key else None
+
+    def tasks(self) -> dict[str, TaskSpec]:
+        if self._tasks is None:
+            self._tasks = resolve_task_specs(self.config, self.world_dir)
+        return self._tasks
+
+    def world_manifest(self) -> dict[str, Any]:
+        world = self.world_dir
+        return json.loads((world / "world.json").read_text()) if world else {}
+
+    def old_task_setup(self) -> tuple[list[str], Path | None]:
+        old = self.config.old_knowledge
+        if old.tasks == "builtin":
+            manifest = self.world_manifest()
+            return list(manifest["old_tasks"]), self.world_dir / manifest["old_include_path"]
+        return list(old.tasks), old.include_path
+
+
+# --- executors ------------------------------------------------------------------------------------
+def run_world(step: Step, ctx: StudyContext, out: Path) -> None:
+    from knowstack.builtin.world import build_world
+
+    build_world(out, preset=step.params["preset"], seed=step.params["seed"])
+
+
+def _learning_rate(ctx: StudyContext, training: dict[str, Any]) -> float:
+    if training.get("lr") is not None:
+        return float(training["lr"])
+    peak = ctx.world_manifest()["pretrain"]["peak_lr"]
+    return float(training["lr_of_pretrain_peak"]) * float(peak)
+
+
+def train_settings(ctx: StudyContext, params: dict[str, Any]):  # -> TrainSettings
+    from knowstack.train import TrainSettings
+
+    training = params["training"]
+    lora = training.get("lora") or {}
+    kwargs: dict[str, Any] = {
+        "finetune": params["finetune"],
+        "lr": _learning_rate(ctx, training),
+        "schedule": training["schedule"],
+        "warmup_steps": training["warmup_steps"],
+        "epochs": training["epochs"],
+        "max_steps": training["max_steps"],
+        "batch_size": training["batch_size"],
+        "micro_batch_size": training["micro_batch_size"],
+        "max_length": training["max_length"],
+        "weight_decay": training["weight_decay"],
+        "max_grad_norm": training["max_grad_norm"],
+        "pack": training["pack"],
+        "seed": params["seed"],
+    }
+    if lora:
+        kwargs.update(
+            lora_r=lora["r"],
+            lora_alpha=lora["alpha"],
+            lora_dropout=lora["dropout"],
+            target_modules=tuple(lora["target_modules"]),
+        )
+    return TrainSettings(**kwargs)
+
+
+def run_train(step: Step, ctx: StudyContext, out: Path) -> None:
+    from knowstack.train import train
+
+    params = step.params
+    task = ctx.tasks()[params["task"]["name"]]
+    model_path = ctx.resolve(params["init"]["model"])
+    train(model_path, task.load("train"), out, train_settings(ctx, params), progress_desc=step.label)
+
+
+def run_merge_adapter(step: Step, ctx: StudyContext, out: Path) -> None:
+    from knowstack.train import merge_adapter
+
+    merge_adapter(ctx.resolve(step.params["init"]["model"]), ctx.resolve(step.params["adapter"]), out)
+
+
+def _max_new_tokens(ctx: StudyContext, task: TaskSpec) -> dict[str, int]:
+    overrides = ctx.config.evaluation.max_new_tokens
+    for key in (task.name, task.metric):
+        if key in overrides:
+            return {"max_new_tokens": overrides[key]}
+    return {}
+
+
+def run_eval(step: Step, ctx: StudyContext, out: Path) -> None:
+    """Scores one model on every new task and on old knowledge.
+
+    Each task's scores are kept in a partial dir as soon as they exist, so a killed evaluation
+    of a large model resumes at the next task instead of starting again.
+    """
+    from knowstack.evaluate.new_knowledge import evaluate_task
+    from knowstack.evaluate.old_knowledge import evaluate_old_knowledge
+    from knowstack.modelio import load_model, load_tokenizer
+
+    partial = ctx.artifacts / ".partial" / step.key
+    partial.mkdir(parents=True, exist_ok=True)
+    ref = step.params["model"]
+    model_path = ctx.resolve(ref["model"])
+    trust = ctx.config.base.trust_remote_code
+    model = load_model(model_path, ctx.resolve(ref["adapter"]), dtype="float32", trust_remote_code=trust)
+    tokenizer = load_tokenizer(ctx.config.base.tokenizer or model_path, trust_remote_code=trust)
+    batch_size = ctx.config.evaluation.batch_size
+    for name, task in ctx.tasks().items():
+        done = partial / f"new-{name}.json"
+        if done.exists():
+            continue
+        score = evaluate_task(
+            model, tokenizer, task.load("test"), task.metric, batch_size=batch_size, **_max_new_tokens(ctx, task)
+        )
+        _write_jsonl(partial / f"predictions-{name}.jsonl", score.predictions)
+        atomic_write_json(done, {"task": name, "n": len(score.predictions), "scores": score.scores})
+    old_done = partial / "old.json"
+    if not old_done.exists():
+        old_tasks, include_path = ctx.old_task_setup()
+        old = ctx.config.old_knowledge
+        scores = evaluate_old_knowledge(
+            model,
+            tokenizer,
+            old_tasks,
+            include_path=include_path,
+            batch_size=old.batch_size,
+            limit=old.limit,
+            num_fewshot=old.num_fewshot,
+        )
+        atomic_write_json(old_done, scores)
+    for item in sorted(partial.iterdir()):
+        shutil.copy2(item, out / item.name)
+    shutil.rmtree(partial)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    from knowstack.atomic import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+EXECUTORS: dict[str, Callable[[Step, StudyContext, Path], None]] = {
+    "world": run_world,
+    "train": run_train,
+    "merge-adapter": run_merge_adapter,
+    "eval": run_eval,
+}
+
+
+def execute(step: Step, ctx: StudyContext) -> Path:
+    """Run a step into a temporary dir that becomes its artifact only when it completes."""
+    final = ctx.artifact(step.key)
+    if final.exists():
+        return final
+    try:
+        executor = EXECUTORS[step.kind]
+    except KeyError:
+        raise KnowstackError(f"unknown step kind '{step.kind}'") from None
+    with atomic_dir(final) as tmp:
+        # Executors that write atomically themselves get a path that does not exist yet.
+        target = tmp / "out"
+        executor(step, ctx, target if step.kind in ("world", "train", "merge-adapter") else tmp)
+        if target.exists():
+            for item in target.iterdir():
+                item.rename(tmp / item.name)
+            target.rmdir()
+        atomic_write_json(tmp / "step.json", {"key": step.key, "kind": step.kind, "params": step.params})
+    return final
