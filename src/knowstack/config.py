@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -169,7 +170,8 @@ def _resolve_paths(raw: Any, root: Path) -> Any:
         for key, value in raw.items():
             if key in ("path", "train_file", "eval_file", "test_file", "include_path") and isinstance(value, str):
                 candidate = Path(value).expanduser()
-                resolved[key] = str(candidate if candidate.is_absolute() else (root / candidate).resolve())
+                # normpath, not resolve: a config reached through a symlinked dir stays relative to it
+                resolved[key] = os.path.normpath(candidate if candidate.is_absolute() else root / candidate)
             else:
                 resolved[key] = _resolve_paths(value, root)
         return resolved
@@ -203,4 +205,4 @@ def load_config(path: str | Path) -> StudyConfig:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise KnowstackError(f"not valid YAML: {err}", path=path) from None
-    return parse_config(raw, source=path, root=path.parent.resolve())
+    return parse_config(raw, source=path, root=path.parent.absolute())

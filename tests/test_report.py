@@ -1,0 +1,72 @@
+"""The report's arithmetic: gain from base, BWT and AVE/AVnew/AVall from per-task values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from knowstack.report.markdown import render_report
+from knowstack.report.tables import Scores, bwt, percent_change
+from knowstack.study.results import Row, read_csv, write_csv, write_sqlite
+
+TASKS = ["a", "math"]
+
+
+def rows_for(model: str, method: str, finetune: str, stage: int | None, trained_on: str,
+             a: float, direct: float, cot: float, old: float) -> list[Row]:
+    common = {"model": model, "method": method, "finetune": finetune, "stage": stage, "trained_on": trained_on}
+    return [
+        Row(task="a", kind="new", metric="accuracy", value=a, n=10, **common),
+        Row(task="math", kind="new", metric="em_direct", value=direct, n=10, **common),
+        Row(task="math", kind="new", metric="em_cot", value=cot, n=10, **common),
+        Row(task="ks_x", kind="old", metric="acc", value=old, n=None, **common),
+        Row(task="ks_x", kind="old", metric="acc_norm", value=old / 2, n=None, **common),
+    ]
+
+
+@pytest.fixture
+def study_rows() -> list[Row]:
+    return (
+        rows_for("base", "base", "", None, "", 0.2, 0.1, 0.0, 0.8)
+        + rows_for("sequential-fft-1", "sequential", "fft", 1, "a", 0.6, 0.1, 0.05, 0.7)
+        + rows_for("sequential-fft-2", "sequential", "fft", 2, "math", 0.45, 0.3, 0.4, 0.6)
+    )
+
+
+def test_averages_count_math_as_two_columns(study_rows: list[Row]) -> None:
+    scores = Scores.from_rows(study_rows, TASKS)
+    assert [c[1:] for c in scores.new_columns] == [("a", "accuracy"), ("math", "em_direct"), ("math", "em_cot")]
+    avg = scores.averages("sequential-fft-2")
+    assert avg["AVE"] == pytest.approx(0.6)
+    assert avg["AVnew"] == pytest.approx((0.45 + 0.3 + 0.4) / 3)
+    assert avg["AVall"] == pytest.approx((0.45 + 0.3 + 0.4 + 0.6) / 4)
+
+
+def test_percent_change_and_bwt() -> None:
+    assert percent_change(0.2, 0.45) == pytest.approx(125.0)
+    assert percent_change(0.0, 0.5) is None
+    assert bwt(0.6, 0.45) == pytest.approx(-25.0)
+
+
+def test_report_tables(study_rows: list[Row]) -> None:
+    text = render_report(study_rows, title="t", task_order=TASKS)
+    assert "## Sequential FFT" in text
+    bwt_line = next(line for line in text.splitlines() if line.startswith("| BWT"))
+    assert "-25%" in bwt_line  # task a: 0.6 right after round 1, 0.45 after round 2
+    gain_lines = [line for line in text.splitlines() if line.startswith("| gain from base")]
+    assert any("+125%" in line for line in gain_lines)  # task a: 0.2 -> 0.45
+    assert any("-25%" in line for line in gain_lines)  # old ks_x: 0.8 -> 0.6
+
+
+def test_results_round_trip(tmp_path: Path, study_rows: list[Row]) -> None:
+    write_csv(study_rows, tmp_path / "results.csv")
+    assert read_csv(tmp_path / "results.csv") == study_rows
+    write_sqlite(study_rows, tmp_path / "results.sqlite")
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "results.sqlite") as db:
+        (count,) = db.execute("SELECT COUNT(*) FROM results WHERE kind = 'new'").fetchone()
+    assert count == 9
+    header = (tmp_path / "results.csv").read_text().splitlines()[0]
+    assert header.startswith("model,method,finetune,stage,task,kind,metric,value")
