@@ -29,6 +29,9 @@ def _digest(obj: Any) -> str:
 
 @dataclass(frozen=True)
 class Step:
+    """A unit of work. Its label is derived from content too (never from which method asked for
+    it), so that adding a method to a config never renames, and so never redoes, existing work."""
+
     kind: str
     label: str
     params: dict[str, Any]
@@ -141,7 +144,15 @@ class PlanBuilder:
         }
 
     # --- steps ---------------------------------------------------------------------------------
-    def train_step(self, init: ModelRef, task: dict, finetune: str, label: str) -> Step:
+    def label_of(self, ref: ModelRef) -> str:
+        """A readable name for a model, from the step that made it: 'base', 'fft-stance', ..."""
+        made_by = ref.adapter or ref.model
+        if not made_by.startswith("@"):
+            return "base"
+        return self.plan.steps[made_by[1:].split("/", 1)[0]].label
+
+    def train_step(self, init: ModelRef, task: dict, finetune: str) -> Step:
+        label = f"{finetune}-{task['name']}"
         params = {
             "init": init.to_dict(),
             "task": task,
@@ -151,15 +162,15 @@ class PlanBuilder:
         }
         return self.plan.add(Step("train", label, params, ref_deps(init)))
 
-    def merge_adapter_step(self, init: ModelRef, adapter: Step, label: str) -> Step:
+    def merge_adapter_step(self, init: ModelRef, adapter: Step) -> Step:
         params = {"init": init.to_dict(), "adapter": step_ref(adapter)}
-        return self.plan.add(Step("merge-adapter", label, params, ref_deps(init) + (adapter.key,)))
+        return self.plan.add(Step("merge-adapter", adapter.label, params, ref_deps(init) + (adapter.key,)))
 
     def evaluate(
         self, ref: ModelRef, name: str, method: str, finetune: str, stage: int | None, trained_on: str = ""
     ) -> None:
         params = {"model": ref.to_dict(), **self._eval_params()}
-        step = self.plan.add(Step("eval", name, params, ref_deps(ref)))
+        step = self.plan.add(Step("eval", self.label_of(ref), params, ref_deps(ref)))
         self.plan.evaluations.append(Evaluation(name, method, finetune, stage, step.key, trained_on))
 
     # --- methods -------------------------------------------------------------------------------
@@ -169,7 +180,7 @@ class PlanBuilder:
     def add_one_round(self, finetune: str) -> None:
         for task in self.tasks:
             name = f"one-round-{finetune}-{task['name']}"
-            step = self.train_step(self.base, task, finetune, name)
+            step = self.train_step(self.base, task, finetune)
             ref = ModelRef(step_ref(step)) if finetune == "fft" else ModelRef(self.base.model, step_ref(step))
             self.evaluate(ref, name, "one-round", finetune, None, task["name"])
 
@@ -177,9 +188,9 @@ class PlanBuilder:
         current = self.base
         for stage, task in enumerate(self.tasks, start=1):
             name = f"sequential-{finetune}-{stage}"
-            step = self.train_step(current, task, finetune, f"{name}-{task['name']}")
+            step = self.train_step(current, task, finetune)
             if finetune == "lora":
-                step = self.merge_adapter_step(current, step, f"{name}-merged")
+                step = self.merge_adapter_step(current, step)
             current = ModelRef(step_ref(step))
             self.evaluate(current, name, "sequential", finetune, stage, task["name"])
 
