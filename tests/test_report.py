@@ -70,3 +70,14 @@ def test_results_round_trip(tmp_path: Path, study_rows: list[Row]) -> None:
     assert count == 9
     header = (tmp_path / "results.csv").read_text().splitlines()[0]
     assert header.startswith("model,method,finetune,stage,task,kind,metric,value")
+
+
+def test_write_report_with_figures(tmp_path: Path, study_rows: list[Row]) -> None:
+    from knowstack.report.markdown import write_report
+
+    path = write_report(study_rows, tmp_path, title="t", task_order=TASKS)
+    text = path.read_text()
+    assert "figures/fig3_sequential_old.png" in text and "figures/r_matrix_fft.png" in text
+    for name in ("fig3_sequential_old.png", "fig4_sequential_new.png", "r_matrix_fft.png"):
+        assert (tmp_path / "figures" / name).read_bytes().startswith(b"\x89PNG")
+    assert not (tmp_path / "figures" / "fig1_one_round_new.png").exists()  # no one-round rows given

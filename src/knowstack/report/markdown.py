@@ -133,7 +133,19 @@ def render_report(rows: list[Row], *, title: str, task_order: list[str], old_met
     return "\n\n".join(s for s in sections if s) + "\n"
 
 
+def figures_section(scores: Scores, out: Path) -> str:
+    from knowstack.report.figures import write_figures
+
+    figures = write_figures(scores, out)
+    if not figures:
+        return ""
+    links = [f"### {caption}\n\n![{caption}]({path.relative_to(out).as_posix()})" for caption, path in figures.items()]
+    return "## Figures\n\n" + "\n\n".join(links)
+
+
 def write_report(rows: list[Row], out: Path, *, title: str, task_order: list[str], old_metric: str = "acc") -> Path:
     path = Path(out) / "report.md"
-    atomic_write_text(path, render_report(rows, title=title, task_order=task_order, old_metric=old_metric))
+    text = render_report(rows, title=title, task_order=task_order, old_metric=old_metric)
+    figures = figures_section(Scores.from_rows(rows, task_order, old_metric), Path(out))
+    atomic_write_text(path, text + ("\n" + figures + "\n" if figures else ""))
     return path
