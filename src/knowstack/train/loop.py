@@ -1,0 +1,325 @@
+"""One training run, FFT or LoRA, in a loop that runs unchanged under `accelerate launch`.
+
+The recipe is the paper's (HF Trainer semantics): AdamW, a warmup + constant/linear/cosine schedule,
+an effective batch of `batch_size` examples per optimizer step reached by gradient accumulation,
+gradient clipping, and a loss that is the mean over the answer tokens of the whole effective batch
+(Trainer's `num_items_in_batch`), not a mean of per-micro-batch means.
+
+Distribution is done by hand rather than through a prepared DataLoader: every process computes
+the same seeded batch order and takes a strided share of each effective batch, so a step is the
+same `batch_size` examples whatever the number of processes. Accumulation is done by hand too
+(`no_sync` on all but the last micro-batch), because Accelerator's own accumulation divides the
+loss by a fixed number of micro-batches, which is wrong when micro-batches hold unequal token counts.
+
+Checked: 2 processes on CPU (gloo DDP) give the 1-process loss curve and weights to ~1e-6. On CPU,
+launch with `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N ...`: accelerate 1.15 only picks
+multi-CPU DDP when told to use the CPU, and `accelerate launch --cpu --num_processes N` without MPI
+starts a single process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm import tqdm
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
+
+from knowstack.atomic import atomic_dir, atomic_write_json
+from knowstack.data.formats import Example
+from knowstack.errors import KnowstackError
+from knowstack.modelio import load_model, load_tokenizer, save_model
+from knowstack.train import attention
+from knowstack.train.batches import (
+    TokenizedExample,
+    batch_order,
+    collate,
+    micro_batches,
+    scored_positions,
+    shard,
+    tokenize_examples,
+)
+from knowstack.train.settings import TrainSettings
+
+ExtraLoss = Callable[[torch.nn.Module], torch.Tensor]
+SUMMARY_FILE = "train_summary.json"
+# transformers' scheduler names; "constant" with warmup_steps=0 is the plain constant rate.
+_SCHEDULER_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+def train(
+    model_path: str | Path,
+    examples: Sequence[Example],
+    out_dir: str | Path,
+    settings: TrainSettings,
+    *,
+    adapter_init: str | Path | None = None,
+    progress_desc: str = "train",
+    extra_loss: ExtraLoss | None = None,
+) -> dict[str, Any]:
+    """Fine-tune `model_path` on `examples`; write a full model (FFT) or a PEFT adapter (LoRA) to out_dir.
+
+    adapter_init: a PEFT adapter to start from; LoRA continues training it, FFT merges it into the
+    weights first. extra_loss(model) is added once per optimizer step (e.g. O-LoRA's orthogonality
+    penalty); it receives the unwrapped (PEFT) model. Returns the train_summary.json contents.
+    """
+    examples = list(examples)
+    if not examples:
+        raise KnowstackError("no training examples", path=out_dir)
+    accelerator = Accelerator()
+    set_seed(settings.seed)  # before the LoRA init, which draws random A matrices
+    tokenizer = load_tokenizer(model_path)
+    model = _load_trainable(model_path, settings, adapter_init)
+    restore_attention = _use_segment_attention(model) if settings.pack else None
+    tokenized = tokenize_examples(tokenizer, examples, settings.max_length)
+    plan = batch_order(len(examples), settings.batch_size, settings.epochs, settings.max_steps, settings.seed)
+
+    optimizer = _make_optimizer(model, settings)
+    scheduler = get_scheduler(
+        _SCHEDULER_NAMES[settings.schedule],
+        optimizer,
+        num_warmup_steps=settings.warmup_steps,
+        num_training_steps=len(plan),
+    )
+    # The scheduler is deliberately not prepared: a prepared one steps num_processes times per
+    # step, which assumes a prepared DataLoader; ours steps once per optimizer step.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+
+    record = _run_steps(accelerator, model, optimizer, scheduler, tokenized, plan, settings, tokenizer,
+                        extra_loss, progress_desc)
+    summary = _summary(settings, examples, tokenized, plan, record, accelerator.num_processes,
+                       model_path, adapter_init)
+    if restore_attention is not None:
+        _base_model(accelerator.unwrap_model(model)).set_attn_implementation(restore_attention)
+    _save(accelerator, model, tokenizer, Path(out_dir), settings, model_path, summary)
+    return summary
+
+
+def _load_trainable(
+    model_path: str | Path, settings: TrainSettings, adapter_init: str | Path | None
+) -> torch.nn.Module:
+    # float32 master weights: on CPU there is no faster dtype to train in, and mixed precision on
+    # accelerators is accelerate's job (`--mixed_precision bf16`), which autocasts the forward.
+    if settings.finetune == "fft":
+        model = load_model(model_path, adapter_init, dtype=torch.float32, merge_adapter=True)
+        model.requires_grad_(True)
+        return model
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = load_model(model_path, dtype=torch.float32)
+    if adapter_init is not None:
+        return PeftModel.from_pretrained(base, str(adapter_init), is_trainable=True)
+    config = LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=list(settings.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, config)
+
+
+def _base_model(model: torch.nn.Module) -> PreTrainedModel:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _use_segment_attention(model: torch.nn.Module) -> str | None:
+    """Switch SDPA/eager models to per-example attention for packed rows; returns what to restore.
+
+    Flash/flex attention already handle packed rows natively, so they are left alone. The original
+    implementation is restored before saving, so no checkpoint ever names ours.
+    """
+    base = _base_model(model)
+    current = base.config._attn_implementation
+    if current not in ("sdpa", "eager"):
+        return None
+    base.set_attn_implementation(attention.NAME)
+    return current
+
+
+def _make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    # As HF Trainer: no weight decay on biases and norm weights (the 1-D parameters).
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": settings.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def answer_loss_sum(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy over the scored (answer) tokens of one micro-batch.
+
+    logits_to_keep gets a boolean mask of the scored positions, so the vocabulary projection (the
+    largest matmul of a small model) skips prompts and padding entirely.
+    """
+    keep, targets = scored_positions(inputs["labels"])
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    # use_cache=False matters: with a cache object present, transformers does not infer the
+    # packed (block-diagonal) mask from position_ids.
+    logits = model(**model_inputs, logits_to_keep=keep, use_cache=False).logits
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    return torch.nn.functional.cross_entropy(logits, targets.reshape(-1), reduction="sum")
+
+
+def _run_steps(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    tokenized: list[TokenizedExample],
+    plan: list[list[int]],
+    settings: TrainSettings,
+    tokenizer: PreTrainedTokenizerBase,
+    extra_loss: ExtraLoss | None,
+    progress_desc: str,
+) -> dict[str, Any]:
+    losses: list[float] = []
+    extras: list[float] = []
+    lrs: list[float] = []
+    bar = tqdm(plan, desc=progress_desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    start = time.perf_counter()
+    for batch in bar:
+        lrs.append(scheduler.get_last_lr()[0])
+        loss, extra = _optimizer_step(accelerator, model, optimizer, tokenized, batch, settings,
+                                      tokenizer.pad_token_id, extra_loss)
+        scheduler.step()
+        losses.append(loss)
+        if extra is not None:
+            extras.append(extra)
+        bar.set_postfix(loss=f"{loss:.4f}")
+    return {"losses": losses, "extras": extras, "lrs": lrs, "seconds": time.perf_counter() - start}
+
+
+def _optimizer_step(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tokenized: list[TokenizedExample],
+    batch: list[int],
+    settings: TrainSettings,
+    pad_token_id: int,
+    extra_loss: ExtraLoss | None,
+) -> tuple[float, float | None]:
+    """Forward/backward over this process's micro-batches, then one optimizer step; returns the batch loss."""
+    world = accelerator.num_processes
+    # The normaliser is the whole effective batch's answer-token count, known to every process.
+    # DDP averages gradients over processes, hence the factor `world` to get a plain token mean.
+    batch_tokens = sum(tokenized[i].answer_tokens for i in batch)
+    scale = world / max(batch_tokens, 1)
+    mine = shard(batch, accelerator.process_index, world)
+    # A process with no share of a small last batch still runs one (zero-weighted) pass, so that
+    # every process joins the gradient all-reduce.
+    weight = 1.0 if mine else 0.0
+    micros = micro_batches(mine or batch[:1], settings.micro_batch_size)
+    ce_total = torch.zeros((), device=accelerator.device)
+    extra_value = None
+    for k, micro in enumerate(micros):
+        last = k == len(micros) - 1
+        sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+        with sync:
+            inputs = collate([tokenized[i] for i in micro], pack_rows=settings.pack, pad_token_id=pad_token_id)
+            inputs = {key: value.to(accelerator.device) for key, value in inputs.items()}
+            ce_sum = answer_loss_sum(model, inputs) * weight
+            loss = ce_sum * scale
+            if last and extra_loss is not None:
+                # Added once per step, on the synchronising pass; identical on every process, so
+                # DDP's averaging leaves it as is.
+                extra = extra_loss(accelerator.unwrap_model(model))
+                loss = loss + extra
+                extra_value = float(extra.detach())
+            accelerator.backward(loss)
+        ce_total = ce_total + ce_sum.detach()
+    if settings.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    ce_total = accelerator.reduce(ce_total, reduction="sum")
+    return float(ce_total) / max(batch_tokens, 1), extra_value
+
+
+def _summary(
+    settings: TrainSettings,
+    examples: list[Example],
+    tokenized: list[TokenizedExample],
+    plan: list[list[int]],
+    record: dict[str, Any],
+    world_size: int,
+    model_path: str | Path,
+    adapter_init: str | Path | None,
+) -> dict[str, Any]:
+    drawn = [i for batch in plan for i in batch]
+    total_tokens = sum(len(tokenized[i]) for i in drawn)
+    seconds = record["seconds"]
+    summary: dict[str, Any] = {
+        "finetune": settings.finetune,
+        "model_path": str(model_path),
+        "adapter_init": str(adapter_init) if adapter_init is not None else None,
+        "steps": len(plan),
+        "examples": len(drawn),
+        "unique_examples": len(examples),
+        "truncated_examples": sum(1 for ex in tokenized if len(ex) >= settings.max_length),
+        "answer_tokens": sum(tokenized[i].answer_tokens for i in drawn),
+        "total_tokens": total_tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(total_tokens / seconds, 1) if seconds > 0 else None,
+        "world_size": world_size,
+        "loss_curve": record["losses"],
+        "lr_curve": record["lrs"],
+        "final_loss": record["losses"][-1],
+        "settings": settings.to_dict(),
+    }
+    if record["extras"]:
+        summary["extra_loss_curve"] = record["extras"]
+    return summary
+
+
+def _save(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: Path,
+    settings: TrainSettings,
+    model_path: str | Path,
+    summary: dict[str, Any],
+) -> None:
+    accelerator.wait_for_everyone()
+    # A collective under FSDP/DeepSpeed (gathers shards), so every process calls it.
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        if settings.finetune == "fft":
+            state_dict = _cast_to_base_dtype(unwrapped, state_dict, model_path)
+        with atomic_dir(out_dir) as tmp:
+            # FFT: a full HF model dir; LoRA: PEFT writes only adapter_model.safetensors + adapter_config.json.
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            atomic_write_json(tmp / SUMMARY_FILE, summary)
+    accelerator.wait_for_everyone()
+
+
+def _cast_to_base_dtype(
+    model: PreTrainedModel, state_dict: dict[str, torch.Tensor], model_path: str | Path
+) -> dict[str, torch.Tensor]:
+    # Trained in float32, saved in the base's own dtype: a bf16 8B base stays a 16 GB checkpoint.
+    base_dtype = getattr(AutoConfig.from_pretrained(str(model_path)), "dtype", None)
+    if not isinstance(base_dtype, torch.dtype) or base_dtype == torch.float32:
+        return state_dict
+    model.config.dtype = base_dtype
+    return {k: v.to(base_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def merge_adapter(model_path: str | Path, adapter_path: str | Path, out_dir: str | Path) -> Path:
+    """Base + LoRA adapter folded into one full model dir (sequential LoRA's next base)."""
+    model = load_model(model_path, adapter_path, dtype="auto", merge_adapter=True)
+    tokenizer_source = adapter_path if (Path(adapter_path) / "tokenizer_config.json").is_file() else model_path
+    return save_model(model, load_tokenizer(tokenizer_source), Path(out_dir))
