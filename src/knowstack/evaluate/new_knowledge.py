@@ -1,0 +1,65 @@
+"""Scoring a model on one new-knowledge task: generate answers to the test prompts, apply the metric."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from knowstack.data.formats import DIRECT_ANSWER_PRIMER, Example, final_number, first_number
+from knowstack.evaluate.generate import generate
+from knowstack.evaluate.metrics import METRICS, number_em
+
+# Generation budgets per metric, sized to the answers each kind of task expects.
+DEFAULT_MAX_NEW_TOKENS = {"accuracy": 8, "rouge_l": 64, "edit_similarity": 48, "sari": 64, "math": 192}
+DIRECT_MAX_NEW_TOKENS = 12
+
+
+@dataclass
+class TaskScore:
+    scores: dict[str, float]
+    predictions: list[dict] = field(default_factory=list)
+
+
+def _first_line(text: str) -> str:
+    # Code completion predicts one line; everything after the first newline is not part of it.
+    return text.strip("\n").split("\n", 1)[0] if text.strip() else ""
+
+
+def evaluate_task(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    metric: str,
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int | None = None,
+) -> TaskScore:
+    """{'accuracy'|'rouge_l'|'edit_similarity'|'sari': x}, or for math {'em_direct': x, 'em_cot': y}."""
+    budget = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[metric]
+    prompts = [e.prompt for e in examples]
+    references = [e.answer for e in examples]
+    if metric == "math":
+        return _evaluate_math(model, tokenizer, prompts, references, batch_size=batch_size, budget=budget)
+    outputs = generate(model, tokenizer, prompts, max_new_tokens=budget, batch_size=batch_size)
+    if metric == "edit_similarity":
+        outputs = [_first_line(o) for o in outputs]
+    predictions = [o.strip() for o in outputs]
+    value = METRICS[metric](predictions, references, prompts)
+    rows = [{"prompt": p, "reference": r, "prediction": o} for p, r, o in zip(prompts, references, predictions, strict=True)]
+    return TaskScore({metric: value}, rows)
+
+
+def _evaluate_math(model, tokenizer, prompts, references, *, batch_size: int, budget: int) -> TaskScore:
+    cot = generate(model, tokenizer, prompts, max_new_tokens=budget, batch_size=batch_size)
+    direct_prompts = [p + DIRECT_ANSWER_PRIMER for p in prompts]
+    direct = generate(model, tokenizer, direct_prompts, max_new_tokens=DIRECT_MAX_NEW_TOKENS, batch_size=batch_size)
+    cot_answers = [final_number(o) or "" for o in cot]
+    direct_answers = [first_number(o) or "" for o in direct]
+    scores = {"em_direct": number_em(direct_answers, references), "em_cot": number_em(cot_answers, references)}
+    rows = [
+        {"prompt": p, "reference": r, "prediction": c, "answer_cot": ca, "prediction_direct": d, "answer_direct": da}
+        for p, r, c, ca, d, da in zip(prompts, references, cot, cot_answers, direct, direct_answers, strict=True)
+    ]
+    return TaskScore(scores, rows)
