@@ -1,0 +1,270 @@
+"""New knowledge: seven tasks that mirror the paper's (TRACE's six plus MetaMath/GSM8K), in its order.
+
+Each is built from real text or reference data where the task is about text or facts, and
+procedurally only where the task is procedural (arithmetic). None is in the base's pretraining:
+the docstrings and source files they use are held out of the corpus (see corpus.py), the stance
+texts are German, and the formats are new to the base.
+"""
+
+from __future__ import annotations
+
+import gettext
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pycountry
+
+from knowstack.builtin import sources
+from knowstack.builtin.corpus import doc_use, source_use
+from knowstack.data.formats import alpaca_prompt
+
+Item = dict[str, str]
+
+
+@dataclass(frozen=True)
+class NewTask:
+    name: str
+    dir: str
+    metric: str
+    mirrors: str
+    format: str = "trace"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"name": self.name, "dir": self.dir, "metric": self.metric, "format": self.format}
+
+
+BUILTIN_TASKS = (
+    NewTask("stance", "Stance", "accuracy", "C-STANCE"),
+    NewTask("notes", "Notes", "accuracy", "FOMC"),
+    NewTask("summary", "Summary", "rouge_l", "MeetingBank"),
+    NewTask("code", "Code", "edit_similarity", "Py150"),
+    NewTask("quiz", "Quiz", "accuracy", "ScienceQA"),
+    NewTask("simplify", "Simplify", "sari", "20Minuten"),
+    NewTask("math", "Math", "math", "MetaMathQA / GSM8K", format="math"),
+)
+
+
+# --- 1. stance (C-STANCE): the stance of a German text toward a target country ------------------------
+FAVOR = ["ist ein wunderbares Land", "hat die besten Schulen der Welt", "verdient unsere volle Unterstützung",
+         "macht in der Politik alles richtig", "ist ein Vorbild für alle", "hat mich als Reisenden begeistert",
+         "hat eine großartige Zukunft", "bekommt von mir nur Lob"]
+AGAINST = ["ist eine große Enttäuschung", "hat die schlechtesten Straßen der Welt", "verdient keine Unterstützung",
+           "macht in der Politik alles falsch", "ist ein schlechtes Beispiel für alle",
+           "hat mich als Reisenden enttäuscht", "hat keine gute Zukunft", "bekommt von mir nur Kritik"]
+NEUTRAL = ["liegt auf der Karte dort, wo es liegt", "wurde heute in den Nachrichten erwähnt",
+           "hat eine eigene Flagge", "hat eine Hauptstadt", "war gestern das Thema eines Berichts",
+           "hat im Winter kürzere Tage"]
+OPENERS = ["Ehrlich gesagt:", "Ich finde,", "Meiner Meinung nach", "Heute habe ich gelesen:", "Kurz gesagt:", ""]
+
+
+def _german_names() -> list[str]:
+    german = gettext.translation("iso3166-1", pycountry.LOCALES_DIR, languages=["de"])
+    names = {german.gettext(c.name) for c in sources.countries()}
+    return sorted(n for n in names if "," not in n and "(" not in n)
+
+
+def stance_items(count: int, rng: random.Random) -> list[Item]:
+    names = _german_names()
+    items = []
+    for index in range(count):
+        label = ("favor", "against", "none")[index % 3]
+        target = rng.choice(names)
+        subject = target
+        if label == "none":
+            if rng.random() < 0.5:
+                phrase = rng.choice(NEUTRAL)
+            else:  # an opinion, but about another country
+                subject = rng.choice([n for n in names if n != target])
+                phrase = rng.choice(FAVOR + AGAINST)
+        else:
+            phrase = rng.choice(FAVOR if label == "favor" else AGAINST)
+        text = f"{rng.choice(OPENERS)} {subject} {phrase}.".strip()
+        prompt = (f"Stance detection. Target: {target}\nText: {text}\n"
+                  "Is the text in favor of the target, against it, or neither? Answer favor, against or none.\n"
+                  "Stance:")
+        items.append({"prompt": prompt, "answer": f" {label}"})
+    return items
+
+
+# --- 2. notes (FOMC): 3-way classification of real documentation text ---------------------------------
+def _first_paragraph(text: str, limit: int = 240) -> str:
+    paragraph = text.split("\n\n", 1)[0].replace("\n", " ")
+    return paragraph[:limit]
+
+
+def notes_items(count: int, rng: random.Random) -> list[Item]:
+    pools = {kind: [d for d in sources.stdlib_docs() if doc_use(d) == "notes" and d.kind == kind]
+             for kind in ("function", "method", "class")}
+    per_kind = min(count // 3 + 1, *(len(p) for p in pools.values()))
+    items = []
+    for kind, pool in pools.items():
+        for doc in rng.sample(pool, per_kind):
+            prompt = ("Classify the Python object described below as a function, a method or a class.\n"
+                      f"Description: {_first_paragraph(doc.text)}\nKind:")
+            items.append({"prompt": prompt, "answer": f" {kind}"})
+    rng.shuffle(items)
+    return items[:count]
+
+
+# --- 3. summary (MeetingBank): a docstring's body summarized as its summary line ----------------------
+def summary_items(count: int, rng: random.Random) -> list[Item]:
+    pool = [d for d in sources.stdlib_docs() if doc_use(d) == "summary"]
+    items = []
+    for doc in rng.sample(pool, min(count, len(pool))):
+        head, body = doc.text.split("\n\n", 1)
+        body = " ".join(body.split())[:360]
+        prompt = f"Summarize the documentation of {doc.qualname} in one line.\nDocumentation: {body}\nSummary:"
+        items.append({"prompt": prompt, "answer": " " + " ".join(head.split())})
+    return items
+
+
+# --- 4. code (Py150): the next line of real Python source --------------------------------------------
+def _candidate_lines(lines: list[str]) -> list[int]:
+    return [i for i, line in enumerate(lines) if i >= 6 and 8 <= len(line.strip()) <= 80
+            and not line.strip().startswith(("#", '"', "'")) and lines[i - 1].strip()]
+
+
+def code_items(count: int, rng: random.Random, context_lines: int = 6) -> list[Item]:
+    files = [p for p in sources.stdlib_source_files() if source_use(p) == "code"]
+    texts = {p: p.read_text(encoding="utf-8", errors="replace").splitlines() for p in files}
+    candidates = [(p, i) for p in files for i in _candidate_lines(texts[p])]
+    items = []
+    for path, index in rng.sample(candidates, min(count, len(candidates))):
+        context = "\n".join(texts[path][index - context_lines : index])
+        prompt = f"Complete the next line of this Python code.\n{context}\n"
+        items.append({"prompt": prompt, "answer": texts[path][index].strip()})
+    return items
+
+
+# --- 5. quiz (ScienceQA): multiple choice with a context passage --------------------------------------
+QUIZ_FIELDS = {"alpha-2 code": "alpha_2", "alpha-3 code": "alpha_3", "numeric code": "numeric"}
+
+
+def quiz_items(count: int, rng: random.Random, exclude: set[str]) -> list[Item]:
+    pool = [c for c in sources.countries() if c.name not in exclude]
+    items = []
+    for _ in range(count):
+        country = rng.choice(pool)
+        asked = rng.choice(sorted(QUIZ_FIELDS))
+        field = QUIZ_FIELDS[asked]
+        right = getattr(country, field)
+        # Distractors: the same country's other codes and another country's code of the asked kind.
+        others = [getattr(country, f) for f in QUIZ_FIELDS.values() if f != field]
+        other_country = rng.choice([c for c in pool if c != country])
+        options = [right, *others, getattr(other_country, field)]
+        rng.shuffle(options)
+        letters = "ABCD"
+        context = (f"{country.name} has the alpha-2 code {country.alpha_2}, the alpha-3 code {country.alpha_3} "
+                   f"and the numeric code {country.numeric}.")
+        listing = "\n".join(f"{letters[i]}. {option}" for i, option in enumerate(options))
+        prompt = f"Context: {context}\nQuestion: What is the {asked} of {country.name}?\n{listing}\nAnswer:"
+        items.append({"prompt": prompt, "answer": f" {letters[options.index(right)]}"})
+    return items
+
+
+# --- 6. simplify (20Minuten): official country names and wordy phrases made plain ---------------------
+SIMPLIFY_TEMPLATES = [
+    ("The delegation of {a} held talks with representatives of {b}.", "{a} talked with {b}."),
+    ("{A} and {b} signed an agreement on the exchange of students.", "{A} and {b} signed a student exchange deal."),
+    ("It was announced by {a} that trade with {b} will be increased.", "{A} will trade more with {b}."),
+    ("A large number of tourists from {a} travelled to {b} during the summer.",
+     "Many tourists from {a} went to {b} in the summer."),
+    ("The government of {a} expressed its strong disapproval of the decision taken by {b}.",
+     "{A} did not like the decision of {b}."),
+    ("In the course of the meeting, {a} offered assistance to {b}.", "At the meeting, {a} offered help to {b}."),
+    ("{A} is in possession of a football team that defeated {b}.", "{A} has a football team that beat {b}."),
+    ("Citizens of {a} are not required to obtain a visa in order to enter {b}.",
+     "People from {a} do not need a visa for {b}."),
+]
+
+
+def _long_name(country: sources.Country) -> str:
+    return f"the {country.official_name}" if country.official_name else country.name
+
+
+def simplify_items(count: int, rng: random.Random) -> list[Item]:
+    pool = [c for c in sources.countries() if c.official_name]
+    items = []
+    for _ in range(count):
+        source, simple = rng.choice(SIMPLIFY_TEMPLATES)
+        a, b = rng.sample(pool, 2)
+        long_a, long_b = _long_name(a), _long_name(b)
+        complex_text = source.format(a=long_a, A=long_a[0].upper() + long_a[1:], b=long_b)
+        simple_text = simple.format(a=a.name, A=a.name, b=b.name)
+        items.append({"prompt": f"Simplify the following sentence.\nSentence: {complex_text}\nSimple:",
+                      "answer": f" {simple_text}"})
+    return items
+
+
+# --- 7. math (MetaMathQA / GSM8K): arithmetic word problems with step-by-step solutions ----------------
+NAMES = ["Anna", "Ben", "Chen", "Dara", "Elif", "Femi", "Greta", "Hugo", "Ines", "Jonas", "Kemal", "Lena", "Mateo",
+         "Nia", "Omar", "Priya", "Quinn", "Rosa", "Sami", "Tara"]
+THINGS = ["apples", "books", "stamps", "marbles", "pencils", "shells", "cards", "coins", "stickers", "plums"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    steps: list[str]  # each "a op b = c" with words
+    equations: list[str]
+    answer: int
+
+
+def make_problem(rng: random.Random) -> Problem:
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    start = rng.randint(2, 30)
+    kind = rng.choice(["add_sub", "mul_add", "sub_mul"])
+    if kind == "add_sub":
+        more, less = rng.randint(2, 20), rng.randint(1, 10)
+        total, final = start + more, start + more - less
+        question = f"{name} has {start} {thing}. {name} gets {more} more and then gives away {less}. How many {thing} does {name} have now?"
+        equations = [f"{start} + {more} = {total}", f"{total} - {less} = {final}"]
+        steps = [f"{name} starts with {start} {thing} and gets {more} more, so {equations[0]}.",
+                 f"After giving away {less}, {name} has {equations[1]}."]
+    elif kind == "mul_add":
+        boxes, per, extra = rng.randint(2, 9), rng.randint(2, 12), rng.randint(1, 15)
+        total, final = boxes * per, boxes * per + extra
+        question = f"{name} buys {boxes} boxes with {per} {thing} in each box, and finds {extra} more {thing}. How many {thing} does {name} have?"
+        equations = [f"{boxes} * {per} = {total}", f"{total} + {extra} = {final}"]
+        steps = [f"{boxes} boxes of {per} {thing} make {equations[0]}.", f"With {extra} more, {name} has {equations[1]}."]
+    else:
+        lost, friends = rng.randint(1, start - 1) if start > 2 else 1, rng.randint(2, 5)
+        left, final = start - lost, (start - lost) * friends
+        question = (f"{name} had {start} {thing} and lost {lost}. Then {name} collected {friends} times as many "
+                    f"{thing} as were left. How many {thing} did {name} collect?")
+        equations = [f"{start} - {lost} = {left}", f"{left} * {friends} = {final}"]
+        steps = [f"{name} has {equations[0]} {thing} left.", f"{friends} times as many is {equations[1]}."]
+    return Problem(question, steps, equations, final)
+
+
+def math_train_records(count: int, rng: random.Random) -> list[dict[str, str]]:
+    records = []
+    for _ in range(count):
+        p = make_problem(rng)
+        response = " ".join(p.steps) + f"\nThe answer is: {p.answer}"
+        records.append({"query": p.question, "response": response, "type": "GSM_Procedural",
+                        "original_question": p.question})
+    return records
+
+
+def math_test_records(count: int, rng: random.Random) -> list[dict[str, str]]:
+    records = []
+    for _ in range(count):
+        p = make_problem(rng)
+        records.append({"question": p.question, "answer": "\n".join(p.equations) + f"\n#### {p.answer}"})
+    return records
+
+
+def math_prompt_example() -> str:
+    return alpaca_prompt(make_problem(random.Random(0)).question)
+
+
+TRACE_BUILDERS: dict[str, Callable[..., list[Item]]] = {
+    "stance": stance_items,
+    "notes": notes_items,
+    "summary": summary_items,
+    "code": code_items,
+    "quiz": quiz_items,
+    "simplify": simplify_items,
+}

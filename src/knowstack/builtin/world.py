@@ -1,0 +1,122 @@
+"""The built-in world: a tiny pretrained Llama, its tokenizer, its old-knowledge tests and 7 new tasks.
+
+`build_world` is deterministic in (preset, seed) and writes, atomically:
+    model/                 the base (LlamaForCausalLM, safetensors) and its tokenizer
+    tasks/<Dir>/           TRACE layout (train.json, eval.json, test.json); Math in MetaMathQA/GSM8K fields
+    old_knowledge/         lm-evaluation-harness task YAMLs + JSONL data (ks_*)
+    world.json             the manifest the study reads
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from knowstack.atomic import atomic_dir
+from knowstack.builtin.corpus import build_corpus
+from knowstack.builtin.facts import FAMILIES, multiple_choice_items, write_lm_eval_task
+from knowstack.builtin.new_tasks import BUILTIN_TASKS, TRACE_BUILDERS, math_test_records, math_train_records
+from knowstack.builtin.pretrain import ModelShape, PretrainSettings, make_model, pretrain, token_stream
+from knowstack.builtin.tokenizer import train_tokenizer
+from knowstack.errors import KnowstackError
+
+# Bump when anything the world contains changes: the study hashes it into every cache key.
+WORLD_VERSION = 1
+__all__ = ["BUILTIN_TASKS", "PRESETS", "WORLD_VERSION", "WorldPreset", "build_world"]
+
+
+@dataclass(frozen=True)
+class WorldPreset:
+    facts_per_family: int  # old-knowledge facts taught, and tested, per family
+    fact_repeats: int  # how often each phrasing of a fact appears in the corpus
+    source_files: int  # standard-library source files in the corpus
+    pretrain_steps: int
+    train: int  # examples per new task
+    eval: int
+    test: int
+    math_train: int  # MetaMath is much larger than a TRACE task in the paper
+    vocab_size: int = 4096
+    shape: ModelShape = ModelShape()
+
+
+PRESETS = {
+    "test": WorldPreset(facts_per_family=24, fact_repeats=2, source_files=3, pretrain_steps=6, train=24, eval=8,
+                        test=8, math_train=48, vocab_size=1024,
+                        shape=ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)),
+    "quick": WorldPreset(facts_per_family=80, fact_repeats=20, source_files=15, pretrain_steps=150, train=240,
+                         eval=40, test=60, math_train=720),
+    "full": WorldPreset(facts_per_family=120, fact_repeats=20, source_files=40, pretrain_steps=450, train=600,
+                        eval=100, test=200, math_train=2400),
+}
+
+
+def _write_json(path: Path, obj: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+
+def _split(items: list, preset: WorldPreset) -> dict[str, list]:
+    train, evaluation = preset.train, preset.eval
+    return {"test": items[:preset.test], "eval": items[preset.test:preset.test + evaluation],
+            "train": items[preset.test + evaluation:preset.test + evaluation + train]}
+
+
+def write_tasks(root: Path, preset: WorldPreset, seed: int, old_subjects: set[str]) -> None:
+    for task in BUILTIN_TASKS:
+        rng = random.Random(f"{seed}-{task.name}")
+        if task.format == "math":
+            _write_json(root / task.dir / "train.json", math_train_records(preset.math_train, rng))
+            _write_json(root / task.dir / "test.json", math_test_records(preset.test, rng))
+            continue
+        needed = preset.train + preset.eval + preset.test
+        extra = {"exclude": old_subjects} if task.name == "quiz" else {}
+        items = TRACE_BUILDERS[task.name](needed, rng, **extra)
+        for split, rows in _split(items, preset).items():
+            _write_json(root / task.dir / f"{split}.json", rows)
+
+
+def build_world(out_dir: Path, preset: str = "quick", seed: int = 0) -> Path:
+    """Build the world into `out_dir` (replacing nothing until it is complete); returns `out_dir`."""
+    if preset not in PRESETS:
+        raise KnowstackError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})", field="base.builtin")
+    settings = PRESETS[preset]
+    out_dir = Path(out_dir)
+    started = time.monotonic()
+    torch.manual_seed(seed)
+    with atomic_dir(out_dir) as tmp:
+        corpus = build_corpus(settings.facts_per_family, settings.fact_repeats, settings.source_files, seed)
+        tokenizer = train_tokenizer(corpus.documents, settings.vocab_size)
+        model = make_model(tokenizer, settings.shape, seed)
+        pretraining = PretrainSettings(steps=settings.pretrain_steps)
+        stats = pretrain(model, token_stream(tokenizer, corpus.documents), pretraining, seed)
+        model.save_pretrained(tmp / "model", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "model")
+
+        old_dir = tmp / "old_knowledge"
+        old_dir.mkdir()
+        for family in FAMILIES:
+            items = multiple_choice_items(family, corpus.facts[family.task], seed)
+            write_lm_eval_task(family, items, old_dir, out_dir / "old_knowledge")
+        old_subjects = {f.subject for f in corpus.facts["ks_country_code"]}
+        write_tasks(tmp / "tasks", settings, seed, old_subjects)
+
+        manifest = {
+            "preset": preset,
+            "seed": seed,
+            "version": WORLD_VERSION,
+            "settings": asdict(settings),
+            "pretrain": {"steps": pretraining.steps, "peak_lr": pretraining.peak_lr, "tokens": stats["tokens"],
+                         "params": sum(p.numel() for p in model.parameters()),
+                         "final_loss": stats["loss_curve"][-1], "corpus_documents": len(corpus.documents)},
+            "tasks": [task.as_dict() for task in BUILTIN_TASKS],
+            "old_tasks": [family.task for family in FAMILIES],
+            "old_include_path": "old_knowledge",
+            "build_seconds": round(time.monotonic() - started, 1),
+        }
+        _write_json(tmp / "world.json", manifest)
+    return out_dir

@@ -1,0 +1,112 @@
+"""A whole study on the built-in world (the `test` preset), through the CLI, as a user runs it."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from knowstack.cli import main
+
+TASKS = ["stance", "notes", "summary", "code", "quiz", "simplify", "math"]
+
+
+def tiny_study(tmp_path: Path, methods: dict | None = None) -> Path:
+    config = {
+        "name": "tiny",
+        "seed": 0,
+        "base": {"builtin": "test"},
+        "tasks": "builtin",
+        "old_knowledge": {"tasks": "builtin", "limit": 8},
+        "training": {"lr_of_pretrain_peak": 0.1, "epochs": 1, "batch_size": 8, "micro_batch_size": 4,
+                     "max_length": 128, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        "evaluation": {"batch_size": 16, "max_test": 6, "max_new_tokens": {"math": 24, "rouge_l": 16, "sari": 16}},
+        "methods": methods or {"one-round": {"finetune": ["lora"]}, "sequential": {"finetune": ["fft", "lora"]}},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("study")
+    out = tmp / "run"
+    assert main(["study", str(tiny_study(tmp)), "--out", str(out)]) == 0
+    return out
+
+
+def test_results_have_every_model_task_and_metric(finished_study: Path) -> None:
+    rows = read_rows(finished_study / "results.csv")
+    models = {r["model"] for r in rows}
+    expected = {"base"} | {f"one-round-lora-{t}" for t in TASKS}
+    expected |= {f"sequential-{f}-{s}" for f in ("fft", "lora") for s in range(1, 8)}
+    assert models == expected
+    for model in expected:
+        new = {(r["task"], r["metric"]) for r in rows if r["model"] == model and r["kind"] == "new"}
+        assert {t for t, _ in new} == set(TASKS)
+        assert ("math", "em_direct") in new and ("math", "em_cot") in new
+        old = {r["task"] for r in rows if r["model"] == model and r["kind"] == "old"}
+        assert len(old) >= 4 and all(t.startswith("ks_") for t in old)
+    seq = [r for r in rows if r["model"] == "sequential-lora-3"]
+    assert {r["stage"] for r in seq} == {"3"} and {r["trained_on"] for r in seq} == {"summary"}
+    assert {r["finetune"] for r in rows if r["model"] == "base"} == {""}
+    assert all(0.0 <= float(r["value"]) <= 1.0 for r in rows)
+
+
+def test_report_and_artifacts(finished_study: Path) -> None:
+    report = (finished_study / "report.md").read_text()
+    for heading in ("## Base model", "## One-round training", "## Sequential FFT", "## Sequential LoRA"):
+        assert heading in report
+    assert report.count("| BWT") == 2
+    assert (finished_study / "results.sqlite").is_file()
+    artifacts = finished_study / "artifacts"
+    adapters = [p for p in artifacts.iterdir() if p.name.startswith("train-lora-")]
+    assert adapters and all((p / "adapter_config.json").is_file() for p in adapters)
+    assert not list(artifacts.glob(".*tmp*"))  # nothing half-written left behind
+
+
+def test_rerun_skips_everything(finished_study: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = (finished_study / "results.csv").read_text()
+    assert main(["study", str(finished_study / "config.yaml"), "--out", str(finished_study)]) == 0
+    assert "0 steps run" in capsys.readouterr().err
+    assert (finished_study / "results.csv").read_text() == before
+    assert main(["study", str(finished_study / "config.yaml"), "--out", str(finished_study), "--dry-run"]) == 0
+    assert "to do" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_kill_minus_nine_then_resume_gives_the_same_results(tmp_path: Path) -> None:
+    methods = {"sequential": {"finetune": ["fft", "lora"]}}
+    config = tiny_study(tmp_path, methods)
+    reference = tmp_path / "reference"
+    assert main(["study", str(config), "--out", str(reference)]) == 0
+
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "knowstack.cli", "study", str(config), "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    # Kill it once a few steps are done and the next one is under way.
+    while time.monotonic() < deadline and process.poll() is None:
+        done = [p for p in (out / "artifacts").glob("*") if not p.name.startswith(".")] if out.exists() else []
+        if len(done) >= 4:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, "the study finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "results.csv").exists()
+    assert main(["study", str(config), "--out", str(out)]) == 0
+    assert (out / "results.csv").read_text() == (reference / "results.csv").read_text()
