@@ -84,3 +84,16 @@ def test_lm_eval_bridge_matches_direct_loglikelihood(model_and_tokenizer, tmp_pa
     assert result["ks_toy"]["acc"] == pytest.approx(direct_accuracy(model, tokenizer, docs))
     with pytest.raises(KnowstackError, match="unknown lm-eval task"):
         evaluate_old_knowledge(model, tokenizer, ["ks_nope"], include_path=tmp_path)
+
+
+def test_relative_data_files_resolve_against_the_yaml(model_and_tokenizer, tmp_path: Path) -> None:
+    model, tokenizer = model_and_tokenizer
+    write_mc_task(tmp_path)
+    yaml_path = tmp_path / "ks_toy.yaml"
+    yaml_path.write_text(yaml_path.read_text().replace(str(tmp_path / "ks_toy.jsonl"), "ks_toy.jsonl"))
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("ks_toy.yaml", "ks_toy.jsonl"):
+        (tmp_path / name).rename(moved / name)
+    result = evaluate_old_knowledge(model, tokenizer, ["ks_toy"], include_path=moved, batch_size=4)
+    assert 0.0 <= result["ks_toy"]["acc"] <= 1.0

@@ -105,11 +105,11 @@ def multiple_choice_items(family: FactFamily, facts: list[Fact], seed: int) -> l
     return items
 
 
-def write_lm_eval_task(family: FactFamily, items: list[dict], out_dir: Path, final_dir: Path) -> None:
+def write_lm_eval_task(family: FactFamily, items: list[dict], out_dir: Path) -> None:
     """A task in lm-evaluation-harness' YAML format with its JSONL data beside it.
 
-    The harness needs an absolute data path; it names `final_dir`, where `out_dir` will be
-    renamed to once the whole world is complete.
+    The data path is relative to the YAML, so the world can move; knowstack's lm-eval bridge
+    makes it absolute when it hands the task to the harness.
     """
     data = out_dir / f"{family.task}.jsonl"
     data.write_text("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items), encoding="utf-8")
@@ -119,7 +119,7 @@ def write_lm_eval_task(family: FactFamily, items: list[dict], out_dir: Path, fin
         "dataset_path: json",
         "dataset_kwargs:",
         "  data_files:",
-        f"    test: {json.dumps(str(Path(final_dir).resolve() / data.name))}",
+        f"    test: {data.name}",
         "test_split: test",
         "output_type: multiple_choice",
         'doc_to_text: "{{context}}"',

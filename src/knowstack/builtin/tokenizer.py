@@ -33,5 +33,5 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
         bos_token=bos,
         eos_token=SPECIAL_TOKENS[2],
         pad_token=SPECIAL_TOKENS[0],
-        model_max_length=512,
+        model_max_length=4096,  # the corpus tokenizes whole documents; training windows are cut later
     )

@@ -101,7 +101,7 @@ def build_world(out_dir: Path, preset: str = "quick", seed: int = 0) -> Path:
         old_dir.mkdir()
         for family in FAMILIES:
             items = multiple_choice_items(family, corpus.facts[family.task], seed)
-            write_lm_eval_task(family, items, old_dir, out_dir / "old_knowledge")
+            write_lm_eval_task(family, items, old_dir)
         old_subjects = {f.subject for f in corpus.facts["ks_country_code"]}
         write_tasks(tmp / "tasks", settings, seed, old_subjects)
 
