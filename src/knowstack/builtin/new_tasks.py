@@ -80,15 +80,13 @@ def stance_items(count: int, rng: random.Random) -> list[Item]:
         else:
             phrase = rng.choice(FAVOR if label == "favor" else AGAINST)
         text = f"{rng.choice(OPENERS)} {subject} {phrase}.".strip()
-        prompt = (f"Stance detection. Target: {target}\nText: {text}\n"
-                  "Is the text in favor of the target, against it, or neither? Answer favor, against or none.\n"
-                  "Stance:")
+        prompt = f"Target: {target}\nText: {text}\nStance toward the target (favor, against or none):"
         items.append({"prompt": prompt, "answer": f" {label}"})
     return items
 
 
 # --- 2. notes (FOMC): 3-way classification of real documentation text ---------------------------------
-def _first_paragraph(text: str, limit: int = 240) -> str:
+def _first_paragraph(text: str, limit: int = 160) -> str:
     paragraph = text.split("\n\n", 1)[0].replace("\n", " ")
     return paragraph[:limit]
 
@@ -100,8 +98,7 @@ def notes_items(count: int, rng: random.Random) -> list[Item]:
     items = []
     for kind, pool in pools.items():
         for doc in rng.sample(pool, per_kind):
-            prompt = ("Classify the Python object described below as a function, a method or a class.\n"
-                      f"Description: {_first_paragraph(doc.text)}\nKind:")
+            prompt = f"Python documentation: {_first_paragraph(doc.text)}\nKind of object (function, method or class):"
             items.append({"prompt": prompt, "answer": f" {kind}"})
     rng.shuffle(items)
     return items[:count]
@@ -113,7 +110,7 @@ def summary_items(count: int, rng: random.Random) -> list[Item]:
     items = []
     for doc in rng.sample(pool, min(count, len(pool))):
         head, body = doc.text.split("\n\n", 1)
-        body = " ".join(body.split())[:360]
+        body = " ".join(body.split())[:240]
         prompt = f"Summarize the documentation of {doc.qualname} in one line.\nDocumentation: {body}\nSummary:"
         items.append({"prompt": prompt, "answer": " " + " ".join(head.split())})
     return items
@@ -121,11 +118,11 @@ def summary_items(count: int, rng: random.Random) -> list[Item]:
 
 # --- 4. code (Py150): the next line of real Python source --------------------------------------------
 def _candidate_lines(lines: list[str]) -> list[int]:
-    return [i for i, line in enumerate(lines) if i >= 6 and 8 <= len(line.strip()) <= 80
+    return [i for i, line in enumerate(lines) if i >= 4 and 8 <= len(line.strip()) <= 60
             and not line.strip().startswith(("#", '"', "'")) and lines[i - 1].strip()]
 
 
-def code_items(count: int, rng: random.Random, context_lines: int = 6) -> list[Item]:
+def code_items(count: int, rng: random.Random, context_lines: int = 4) -> list[Item]:
     files = [p for p in sources.stdlib_source_files() if source_use(p) == "code"]
     texts = {p: p.read_text(encoding="utf-8", errors="replace").splitlines() for p in files}
     candidates = [(p, i) for p in files for i in _candidate_lines(texts[p])]
@@ -213,23 +210,23 @@ class Problem:
 
 def make_problem(rng: random.Random) -> Problem:
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
-    start = rng.randint(2, 30)
+    start = rng.randint(2, 20)
     kind = rng.choice(["add_sub", "mul_add", "sub_mul"])
     if kind == "add_sub":
-        more, less = rng.randint(2, 20), rng.randint(1, 10)
+        more, less = rng.randint(2, 9), rng.randint(1, 9)
         total, final = start + more, start + more - less
         question = f"{name} has {start} {thing}. {name} gets {more} more and then gives away {less}. How many {thing} does {name} have now?"
         equations = [f"{start} + {more} = {total}", f"{total} - {less} = {final}"]
         steps = [f"{name} starts with {start} {thing} and gets {more} more, so {equations[0]}.",
                  f"After giving away {less}, {name} has {equations[1]}."]
     elif kind == "mul_add":
-        boxes, per, extra = rng.randint(2, 9), rng.randint(2, 12), rng.randint(1, 15)
+        boxes, per, extra = rng.randint(2, 5), rng.randint(2, 9), rng.randint(1, 9)
         total, final = boxes * per, boxes * per + extra
         question = f"{name} buys {boxes} boxes with {per} {thing} in each box, and finds {extra} more {thing}. How many {thing} does {name} have?"
         equations = [f"{boxes} * {per} = {total}", f"{total} + {extra} = {final}"]
         steps = [f"{boxes} boxes of {per} {thing} make {equations[0]}.", f"With {extra} more, {name} has {equations[1]}."]
     else:
-        lost, friends = rng.randint(1, start - 1) if start > 2 else 1, rng.randint(2, 5)
+        lost, friends = rng.randint(1, min(9, start - 1)), rng.randint(2, 4)
         left, final = start - lost, (start - lost) * friends
         question = (f"{name} had {start} {thing} and lost {lost}. Then {name} collected {friends} times as many "
                     f"{thing} as were left. How many {thing} did {name} collect?")

@@ -26,7 +26,7 @@ from knowstack.builtin.tokenizer import train_tokenizer
 from knowstack.errors import KnowstackError
 
 # Bump when anything the world contains changes: the study hashes it into every cache key.
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 __all__ = ["BUILTIN_TASKS", "PRESETS", "WORLD_VERSION", "WorldPreset", "build_world"]
 
 
@@ -48,8 +48,8 @@ PRESETS = {
     "test": WorldPreset(facts_per_family=24, fact_repeats=2, source_files=3, pretrain_steps=6, train=24, eval=8,
                         test=8, math_train=48, vocab_size=1024,
                         shape=ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)),
-    "quick": WorldPreset(facts_per_family=80, fact_repeats=20, source_files=15, pretrain_steps=150, train=240,
-                         eval=40, test=60, math_train=720),
+    "quick": WorldPreset(facts_per_family=80, fact_repeats=20, source_files=15, pretrain_steps=150, train=160,
+                         eval=20, test=50, math_train=320),
     "full": WorldPreset(facts_per_family=120, fact_repeats=20, source_files=40, pretrain_steps=450, train=600,
                         eval=100, test=200, math_train=2400),
 }

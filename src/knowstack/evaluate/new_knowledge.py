@@ -12,7 +12,7 @@ from knowstack.evaluate.generate import generate
 from knowstack.evaluate.metrics import METRICS, number_em
 
 # Generation budgets per metric, sized to the answers each kind of task expects.
-DEFAULT_MAX_NEW_TOKENS = {"accuracy": 8, "rouge_l": 64, "edit_similarity": 48, "sari": 64, "math": 192}
+DEFAULT_MAX_NEW_TOKENS = {"accuracy": 6, "rouge_l": 40, "edit_similarity": 32, "sari": 40, "math": 96}
 DIRECT_MAX_NEW_TOKENS = 12
 
 

@@ -149,7 +149,8 @@ class PlanBuilder:
         made_by = ref.adapter or ref.model
         if not made_by.startswith("@"):
             return "base"
-        return self.plan.steps[made_by[1:].split("/", 1)[0]].label
+        step = self.plan.steps[made_by[1:].split("/", 1)[0]]
+        return "base" if step.kind == "world" else step.label
 
     def train_step(self, init: ModelRef, task: dict, finetune: str) -> Step:
         label = f"{finetune}-{task['name']}"
