@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from knowstack.data.formats import Example
+from knowstack.data.formats import DIRECT_ANSWER_PRIMER, Example
 from knowstack.errors import KnowstackError
-from knowstack.evaluate.generate import generate
+from knowstack.evaluate import new_knowledge, old_knowledge
+from knowstack.evaluate.generate import cut_at_stop, generate
 from knowstack.evaluate.new_knowledge import evaluate_task
 from knowstack.evaluate.old_knowledge import evaluate_old_knowledge
 from knowstack.modelio import load_model, load_tokenizer
@@ -35,6 +37,52 @@ def test_batched_generation_equals_one_at_a_time(model_and_tokenizer) -> None:
     model, tokenizer = model_and_tokenizer
     batched = generate(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=3)
     assert batched == [one_at_a_time(model, tokenizer, p, 12) for p in PROMPTS]
+
+
+def test_stop_strings_cut_and_stop_early(model_and_tokenizer) -> None:
+    model, tokenizer = model_and_tokenizer
+    free = [one_at_a_time(model, tokenizer, p, 16) for p in PROMPTS]
+    longest = max(free, key=len)
+    stop = longest[4:6]  # a string the greedy output is known to contain
+    batched = generate(model, tokenizer, PROMPTS, max_new_tokens=16, batch_size=2, stop_strings=[stop, "\x00never"])
+    # Greedy decoding stopped early is a prefix of decoding to the end: the oracle cuts the free run.
+    assert batched == [cut_at_stop(text, [stop]) for text in free]
+    assert stop not in "".join(batched)
+    calls = []
+    hook = model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        generate(model, tokenizer, [PROMPTS[free.index(longest)]], max_new_tokens=16, stop_strings=[stop])
+    finally:
+        hook.remove()
+    assert len(calls) < 16
+
+
+def test_overlong_prompts_keep_their_end(model_and_tokenizer) -> None:
+    model, tokenizer = model_and_tokenizer
+    long_prompt = " ".join(PROMPTS) * 20
+    ids = tokenizer(long_prompt)["input_ids"]
+    room = model.config.max_position_embeddings - 8
+    assert len(ids) > room
+    expected = one_at_a_time(model, tokenizer, tokenizer.decode(ids[-room:]), 8)
+    assert tokenizer(tokenizer.decode(ids[-room:]))["input_ids"] == ids[-room:]
+    assert generate(model, tokenizer, [long_prompt, PROMPTS[0]], max_new_tokens=8)[0] == expected
+
+
+def test_math_scores_with_and_without_chain_of_thought(monkeypatch) -> None:
+    seen: list[list[str]] = []
+
+    def fake_generate(model, tokenizer, prompts, *, max_new_tokens, batch_size):
+        seen.append(list(prompts))
+        direct = prompts[0].endswith(DIRECT_ANSWER_PRIMER)
+        return ["7 apples", "12"] if direct else ["3 + 4 = 7. The answer is: 7", "so 1,2 #### 13"]
+
+    monkeypatch.setattr(new_knowledge, "generate", fake_generate)
+    score = evaluate_task(None, None, [Example("Q1", "7"), Example("Q2", "12")], "math")
+    assert score.scores == {"em_direct": 1.0, "em_cot": 0.5}
+    assert seen == [["Q1", "Q2"], ["Q1" + DIRECT_ANSWER_PRIMER, "Q2" + DIRECT_ANSWER_PRIMER]]
+    assert score.predictions[1]["answer_cot"] == "13" and score.predictions[1]["answer_direct"] == "12"
+    with pytest.raises(KnowstackError, match="unknown metric"):
+        evaluate_task(None, None, [Example("Q", "A")], "bleu")
 
 
 def test_evaluate_task_scores_and_predictions(model_and_tokenizer) -> None:
@@ -84,6 +132,27 @@ def test_lm_eval_bridge_matches_direct_loglikelihood(model_and_tokenizer, tmp_pa
     assert result["ks_toy"]["acc"] == pytest.approx(direct_accuracy(model, tokenizer, docs))
     with pytest.raises(KnowstackError, match="unknown lm-eval task"):
         evaluate_old_knowledge(model, tokenizer, ["ks_nope"], include_path=tmp_path)
+
+
+def test_lm_eval_bridge_is_lean_and_leaves_global_state_alone(model_and_tokenizer, tmp_path: Path) -> None:
+    model, tokenizer = model_and_tokenizer
+    write_mc_task(tmp_path)
+    torch.manual_seed(123)
+    random.seed(123)
+    expected = torch.rand(3), random.random()
+    torch.manual_seed(123)
+    random.seed(123)
+    model.train()
+    evaluate_old_knowledge(model, tokenizer, ["ks_toy"], include_path=tmp_path, batch_size=4, limit=4)
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    assert model.training
+    model.eval()
+    # Local tasks only: the stock task index (thousands of YAMLs, ~10 s to build) is never built.
+    include = str(old_knowledge.resolve_relative_data_files(tmp_path))
+    assert old_knowledge._manager_for(["ks_toy"], include).all_tasks == ["ks_toy"]
+    import lm_eval.evaluator
+
+    assert lm_eval.evaluator.add_env_info.__module__ == "lm_eval.loggers.utils"  # restored after the call
 
 
 def test_relative_data_files_resolve_against_the_yaml(model_and_tokenizer, tmp_path: Path) -> None:

@@ -5,13 +5,47 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_prompt: int) -> list[list[int]]:
-    # Same ids as training sees (the tokenizer's default special tokens); overlong prompts keep their end.
+    # Same ids as training sees (the tokenizer's default special tokens); overlong prompts keep their end
+    # (where the question and the answer cue are), and their BOS if the tokenizer adds one.
     encoded = tokenizer(list(prompts))["input_ids"]
-    return [ids[-max_prompt:] if len(ids) > max_prompt else ids for ids in encoded]
+    bos = tokenizer.bos_token_id
+    return [_truncate_left(ids, max_prompt, keep_first=bos is not None and ids[:1] == [bos]) for ids in encoded]
+
+
+def _truncate_left(ids: list[int], limit: int, *, keep_first: bool) -> list[int]:
+    if len(ids) <= limit:
+        return ids
+    return ids[:1] + ids[len(ids) - limit + 1 :] if keep_first and limit > 1 else ids[len(ids) - limit :]
+
+
+class _StopOnStrings(StoppingCriteria):
+    """Marks a row finished once its generated text (never the prompt) contains a stop string.
+
+    Only a window at the end is decoded each step: a stop string that ends with the newest token
+    lies within it (4 tokens per character covers byte-level pieces of any UTF-8 character).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop_strings: Sequence[str], prompt_width: int):
+        self.tokenizer, self.stop_strings, self.prompt_width = tokenizer, tuple(stop_strings), prompt_width
+        self.window = 4 * max(len(s) for s in stop_strings) + 4
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
+        new = input_ids[:, self.prompt_width :]
+        texts = self.tokenizer.batch_decode(new[:, -self.window :], skip_special_tokens=True)
+        done = [any(stop in text for stop in self.stop_strings) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str] | None) -> str:
+    """The text before the earliest stop string (the stop string itself is dropped)."""
+    if not stop_strings:
+        return text
+    cuts = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+    return text[: min(cuts)] if cuts else text
 
 
 def _left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,10 +66,16 @@ def generate(
     *,
     max_new_tokens: int,
     batch_size: int = 32,
+    stop_strings: Sequence[str] | None = None,
 ) -> list[str]:
-    """Greedy continuations of `prompts` (without the prompt, special tokens dropped), in input order."""
+    """Greedy continuations of `prompts` (without the prompt, special tokens dropped), in input order.
+
+    A row stops at EOS, after `max_new_tokens`, or once its continuation contains one of
+    `stop_strings`; the continuation is then cut before the stop string.
+    """
     if not prompts:
         return []
+    stop_strings = [s for s in stop_strings or () if s]
     limit = getattr(model.config, "max_position_embeddings", 4096)
     encoded = _encode(tokenizer, prompts, max(1, limit - max_new_tokens))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -46,6 +86,7 @@ def generate(
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         input_ids, mask = _left_pad([encoded[i] for i in chunk], pad_id)
+        criteria = [_StopOnStrings(tokenizer, stop_strings, input_ids.shape[1])] if stop_strings else []
         generated = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=mask.to(device),
@@ -54,8 +95,9 @@ def generate(
             use_cache=True,
             pad_token_id=pad_id,
             eos_token_id=tokenizer.eos_token_id,
+            stopping_criteria=StoppingCriteriaList(criteria),
         )
         texts = tokenizer.batch_decode(generated[:, input_ids.shape[1]:], skip_special_tokens=True)
         for index, text in zip(chunk, texts, strict=True):
-            outputs[index] = text
+            outputs[index] = cut_at_stop(text, stop_strings)
     return outputs

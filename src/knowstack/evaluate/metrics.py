@@ -2,7 +2,11 @@
 
 TRACE's metrics: accuracy for classification and multiple choice, ROUGE-L for summarization,
 edit similarity for code completion, SARI for simplification; exact match of the final number
-for math.
+for math. Every metric is `(predictions, references, sources) -> float`, the mean over examples;
+`sources` (the prompts) only matter to SARI.
+
+Scales: papers quote ROUGE-L, edit similarity and SARI on 0..100; knowstack keeps every score
+on 0..1 (multiply by 100 to compare with TRACE's or EASSE's figures).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 from rapidfuzz import fuzz
 
-from knowstack.data.formats import normalize_number
+from knowstack.data.formats import final_number, normalize_number
 
 Metric = Callable[[Sequence[str], Sequence[str], Sequence[str]], float]
 METRICS: dict[str, Metric] = {}
@@ -70,10 +74,25 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str], sources: Sequ
     return _mean([rouge_l_f1(p, r) for p, r in zip(predictions, references, strict=True)])
 
 
+# Py150's literal placeholders, which TRACE's scorer replaces (in both texts) before comparing.
+_LITERAL = re.compile(r"<(STR|NUM|CHAR)_LIT:(.*?)>", re.S)
+
+
+def restore_literals(code: str) -> str:
+    code = code.replace("<NUM_LIT>", "0").replace("<STR_LIT>", "").replace("<CHAR_LIT>", "")
+    return _LITERAL.sub(lambda m: m.group(2), code)
+
+
+def edit_similarity_one(prediction: str, reference: str) -> float:
+    prediction, reference = restore_literals(prediction.strip()), restore_literals(reference.strip())
+    # TRACE counts an empty prediction as 0 (rapidfuzz alone would give two empty strings 1.0).
+    return fuzz.ratio(prediction, reference) / 100 if prediction else 0.0
+
+
 @register("edit_similarity")
 def edit_similarity(predictions: Sequence[str], references: Sequence[str], sources: Sequence[str] = ()) -> float:
     """TRACE's Py150 metric: the Levenshtein ratio of prediction and reference (fuzz.ratio / 100)."""
-    return _mean([fuzz.ratio(p.strip(), r.strip()) / 100 for p, r in zip(predictions, references, strict=True)])
+    return _mean([edit_similarity_one(p, r) for p, r in zip(predictions, references, strict=True)])
 
 
 # --- SARI (Xu et al. 2016), as in EASSE / TRACE / HF evaluate ----------------------------------------
@@ -111,12 +130,29 @@ def _sari_ngram(source: Counter, output: Counter, refs: list[Counter], n_refs: i
     return keep_f, del_p, add_f
 
 
-_WORD_OR_PUNCT = re.compile(r"\w+|[^\w\s]")
+# The 13a tokenization (mteval-v13a, as sacrebleu implements it) that HF evaluate's SARI applies
+# after lowercasing: punctuation split off, except '.' and ',' inside numbers and '-' and "'".
+_13A_RULES = (
+    (re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "),
+    (re.compile(r"([^0-9])([\.,])"), r"\1 \2 "),
+    (re.compile(r"([\.,])([^0-9])"), r" \1 \2"),
+    (re.compile(r"([0-9])(-)"), r"\1 \2 "),
+)
+_ENTITIES = (("&quot;", '"'), ("&amp;", "&"), ("&lt;", "<"), ("&gt;", ">"))
+
+
+def tokenize_13a(text: str) -> list[str]:
+    line = text.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
+    for entity, char in _ENTITIES:
+        line = line.replace(entity, char)
+    line = f" {line} "
+    for pattern, replacement in _13A_RULES:
+        line = pattern.sub(replacement, line)
+    return line.split()
 
 
 def sari_tokens(text: str) -> list[str]:
-    """Lowercased words with punctuation split off, as the 13a tokenization EASSE applies does."""
-    return _WORD_OR_PUNCT.findall(text.lower())
+    return tokenize_13a(text.lower())
 
 
 def sari_sentence(source: str, prediction: str, references: Sequence[str]) -> float:
@@ -134,6 +170,10 @@ def sari_sentence(source: str, prediction: str, references: Sequence[str]) -> fl
 
 @register("sari")
 def sari(predictions: Sequence[str], references: Sequence[str], sources: Sequence[str] = ()) -> float:
+    """Sentence SARI averaged over examples (HF evaluate's `sari`, which TRACE calls), one reference each.
+
+    The source is what the caller passes: TRACE passes the whole prompt, and so does knowstack.
+    """
     return _mean([sari_sentence(s, p, [r]) for p, r, s in zip(predictions, references, sources, strict=True)])
 
 
@@ -141,3 +181,10 @@ def sari(predictions: Sequence[str], references: Sequence[str], sources: Sequenc
 def number_em(predictions: Sequence[str], references: Sequence[str], sources: Sequence[str] = ()) -> float:
     """Exact match of extracted final numbers (predictions are already extracted, '' for none)."""
     return _mean([float(bool(p) and p == normalize_number(r)) for p, r in zip(predictions, references, strict=True)])
+
+
+@register("math")
+def math_final_number(predictions: Sequence[str], references: Sequence[str], sources: Sequence[str] = ()) -> float:
+    """Exact match of the final number of a raw generation ('The answer is', '####', else the last number)."""
+    extracted = [final_number(p) or "" for p in predictions]
+    return number_em(extracted, references)

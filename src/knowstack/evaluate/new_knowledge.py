@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from knowstack.data.formats import DIRECT_ANSWER_PRIMER, Example, final_number, first_number
+from knowstack.errors import KnowstackError
 from knowstack.evaluate.generate import generate
 from knowstack.evaluate.metrics import METRICS, number_em
 
@@ -37,6 +38,8 @@ def evaluate_task(
     max_new_tokens: int | None = None,
 ) -> TaskScore:
     """{'accuracy'|'rouge_l'|'edit_similarity'|'sari': x}, or for math {'em_direct': x, 'em_cot': y}."""
+    if metric not in DEFAULT_MAX_NEW_TOKENS:
+        raise KnowstackError(f"unknown metric '{metric}' (known: {', '.join(DEFAULT_MAX_NEW_TOKENS)})", field="metric")
     budget = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[metric]
     prompts = [e.prompt for e in examples]
     references = [e.answer for e in examples]
@@ -51,7 +54,17 @@ def evaluate_task(
     return TaskScore({metric: value}, rows)
 
 
-def _evaluate_math(model, tokenizer, prompts, references, *, batch_size: int, budget: int) -> TaskScore:
+def _evaluate_math(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    references: list[str],
+    *,
+    batch_size: int,
+    budget: int,
+) -> TaskScore:
+    # With chain of thought the model writes its solution and the final number counts; without, the
+    # prompt ends on the answer phrase and the first number generated is the answer.
     cot = generate(model, tokenizer, prompts, max_new_tokens=budget, batch_size=batch_size)
     direct_prompts = [p + DIRECT_ANSWER_PRIMER for p in prompts]
     direct = generate(model, tokenizer, direct_prompts, max_new_tokens=DIRECT_MAX_NEW_TOKENS, batch_size=batch_size)

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from knowstack.errors import KnowstackError
@@ -56,16 +60,92 @@ def resolve_relative_data_files(include_path: Path) -> Path:
 
 
 @lru_cache(maxsize=8)
-def _task_manager(include_path: str | None):
-    # Indexing the harness's thousands of task YAMLs takes seconds; a study evaluates dozens of models.
+def _task_manager(include_path: str | None, include_defaults: bool = True):
+    # Indexing the harness's thousands of stock task YAMLs takes ~10 s; a study evaluates dozens of models.
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path)
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
+def _manager_for(tasks: list[str], include_path: str | None):
+    """A task manager that knows every task asked for, indexing the stock tasks only when needed.
+
+    The built-in default asks only for local tasks: indexing just the include path takes
+    milliseconds instead of the ~10 s the stock index costs each new process.
+    """
+    if include_path is not None:
+        local = _task_manager(include_path, include_defaults=False)
+        if all(t in local.all_tasks for t in tasks):
+            return local
+    return _task_manager(include_path)
 
 
 def _quiet_harness() -> None:
     for name in ("lm_eval", "lm-eval", "lm_eval.evaluator", "lm_eval.api", "lm_eval.models"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextmanager
+def _lean_harness() -> Iterator[None]:
+    """simple_evaluate without its per-call extras that knowstack never reads.
+
+    After scoring, simple_evaluate collects environment info (torch's collect_env runs pip and
+    other subprocesses: ~0.4 s a call) and the git hash; each task also draws a progress bar
+    per call. These module attributes are swapped for no-ops for the call and put back after.
+    """
+    from functools import partial
+
+    import lm_eval.api.task as task_module
+    import lm_eval.evaluator as evaluator_module
+
+    swaps = [
+        (evaluator_module, "add_env_info", lambda storage: None),
+        (evaluator_module, "get_git_commit_hash", lambda: None),
+        (task_module, "tqdm", partial(task_module.tqdm, disable=True)),
+    ]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in swaps]
+    try:
+        for module, name, value in swaps:
+            setattr(module, name, value)
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+@contextmanager
+def _preserved_rng() -> Iterator[None]:
+    """simple_evaluate reseeds Python's, NumPy's and torch's global generators; the caller's state
+    comes back afterwards, so whether an evaluation ran (or was a cache hit) never changes what follows."""
+    import numpy as np
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _quiet_hflm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int):
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        # The harness's request progress bars would interleave with knowstack's own progress output.
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
 def _strip(metrics: dict) -> dict[str, float]:
@@ -89,23 +169,30 @@ def evaluate_old_knowledge(
     limit: int | None = None,
     num_fewshot: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """{task: {'acc': x, 'acc_norm': y}} for each lm-eval task."""
+    """{task: {'acc': x, 'acc_norm': y}} for each lm-eval task, scored on the in-memory model.
+
+    Metric names lose the harness's ',none' filter suffix; standard errors are dropped.
+    """
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
 
     _quiet_harness()
-    manager = _task_manager(str(resolve_relative_data_files(include_path)) if include_path else None)
+    include = str(resolve_relative_data_files(include_path)) if include_path else None
+    manager = _manager_for(list(tasks), include)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise KnowstackError(f"unknown lm-eval task(s): {', '.join(unknown)}", path=include_path, field="old_knowledge.tasks")
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    output = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=list(tasks),
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=manager,
-        log_samples=False,
-    )
-    results = output["results"]
+    was_training = model.training  # the harness switches the model to eval mode
+    lm = _quiet_hflm(model, tokenizer, batch_size)
+    with _lean_harness(), _preserved_rng():
+        output = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+        )
+    model.train(was_training)
+    # A group (mmlu) may be reported among the groups rather than the results, depending on its config.
+    results = {**output.get("groups", {}), **output["results"]}
     return {task: _strip(results[task]) for task in tasks if task in results}
