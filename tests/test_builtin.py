@@ -10,7 +10,7 @@ import pytest
 
 from knowstack.builtin import sources
 from knowstack.builtin.corpus import build_corpus, doc_use, source_use
-from knowstack.builtin.world import BUILTIN_TASKS, build_world
+from knowstack.builtin.world import BUILTIN_TASKS, PRESETS, build_world
 from knowstack.data.formats import load_gsm8k, load_metamath, load_trace_split
 from knowstack.errors import KnowstackError
 
@@ -20,7 +20,7 @@ def tree_digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != "world.json"}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def worlds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("worlds")
     return build_world(root / "a", "test", seed=0), build_world(root / "b", "test", seed=0)
@@ -28,7 +28,9 @@ def worlds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def test_world_is_deterministic(worlds: tuple[Path, Path]) -> None:
     a, b = worlds
-    assert tree_digest(a) == tree_digest(b)  # model weights, tokenizer, tasks and tests, byte for byte
+    digest = tree_digest(a)
+    assert "model/model.safetensors" in digest
+    assert digest == tree_digest(b)  # model weights, tokenizer, tasks and tests, byte for byte
     manifest_a, manifest_b = (json.loads((w / "world.json").read_text()) for w in worlds)
     manifest_a.pop("build_seconds"), manifest_b.pop("build_seconds")
     assert manifest_a == manifest_b
@@ -38,12 +40,15 @@ def test_world_layout_and_formats(worlds: tuple[Path, Path]) -> None:
     world = worlds[0]
     manifest = json.loads((world / "world.json").read_text())
     assert [t["name"] for t in manifest["tasks"]] == ["stance", "notes", "summary", "code", "quiz", "simplify", "math"]
+    assert [t["dir"] for t in manifest["tasks"]] == [t.dir for t in BUILTIN_TASKS]
+    assert {"steps", "peak_lr", "tokens", "params"} <= set(manifest["pretrain"])
     assert manifest["pretrain"]["peak_lr"] > 0 and len(manifest["old_tasks"]) >= 4
     for task in BUILTIN_TASKS:
         task_dir = world / "tasks" / task.dir
         if task.format == "math":
             train, test = load_metamath(task_dir / "train.json"), load_gsm8k(task_dir / "test.json")
-            assert train and test and all(e.answer.lstrip("-").isdigit() for e in test)
+            assert train and test and all(e.answer.isdigit() for e in test)
+            assert all(e.answer.rstrip().split("The answer is: ")[-1].isdigit() for e in train)
         else:
             splits = {s: load_trace_split(task_dir / f"{s}.json") for s in ("train", "eval", "test")}
             assert all(splits.values())
@@ -52,7 +57,8 @@ def test_world_layout_and_formats(worlds: tuple[Path, Path]) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(world / "model", use_safetensors=True)
     assert type(model).__name__ == "LlamaForCausalLM"
-    assert AutoTokenizer.from_pretrained(world / "model").pad_token != AutoTokenizer.from_pretrained(world / "model").eos_token
+    tokenizer = AutoTokenizer.from_pretrained(world / "model")
+    assert tokenizer.pad_token != tokenizer.eos_token and tokenizer.bos_token
 
 
 def test_old_tasks_are_lm_eval_tasks(worlds: tuple[Path, Path]) -> None:
@@ -60,19 +66,36 @@ def test_old_tasks_are_lm_eval_tasks(worlds: tuple[Path, Path]) -> None:
 
     world = worlds[0]
     manifest = json.loads((world / "world.json").read_text())
-    manager = TaskManager(include_path=str(world / manifest["old_include_path"]))
+    include = world / manifest["old_include_path"]
+    manager = TaskManager(include_path=str(include))
     assert set(manifest["old_tasks"]) <= set(manager.all_tasks)
+    for name in manifest["old_tasks"]:
+        items = [json.loads(line) for line in (include / f"{name}.jsonl").read_text().splitlines()]
+        assert items and all(len(i["choices"]) == 4 and 0 <= i["label"] < 4 for i in items)
 
 
-def test_new_task_texts_are_not_in_the_corpus() -> None:
-    corpus = "\n".join(build_corpus(24, 1, 200, seed=0).documents)
-    # Short signature-like lines may recur elsewhere by chance; whole documentation texts must not.
+def test_new_task_answers_are_not_in_the_corpus(worlds: tuple[Path, Path]) -> None:
+    world = worlds[0]
+    preset = PRESETS["test"]
+    corpus = "\n".join(build_corpus(preset.facts_per_family, preset.fact_repeats, preset.arithmetic_repeats,
+                                    preset.text_chars, seed=0).documents)
+    corpus_lines = {line.strip() for line in corpus.splitlines()}
+    for split in ("train", "test"):
+        code = load_trace_split(world / "tasks" / "Code" / f"{split}.json")
+        assert not [e.answer for e in code if e.answer.strip() in corpus_lines]
+        summary = load_trace_split(world / "tasks" / "Summary" / f"{split}.json")
+        assert not [e.answer for e in summary if e.answer.strip() in corpus]
+
+
+def test_held_out_texts_are_never_in_any_corpus() -> None:
+    # The largest corpus any preset builds: every text the pool may contribute.
+    corpus = "\n".join(build_corpus(24, 1, 1, 10**9, seed=0).documents)
     held_out_docs = [d for d in sources.stdlib_docs() if doc_use(d) != "corpus" and len(d.text) >= 120]
     assert held_out_docs and not any(d.text in corpus for d in held_out_docs[:200])
     code_files = [p for p in sources.stdlib_source_files() if source_use(p) == "code"]
     assert code_files
     for path in code_files[:10]:
-        chunk = "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[:40])
+        chunk = "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[:30])
         assert chunk not in corpus
 
 

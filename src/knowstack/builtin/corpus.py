@@ -1,7 +1,11 @@
-"""The pretraining corpus: stated facts, standard-library documentation and source code.
+"""The pretraining corpus: stated facts, arithmetic, standard-library documentation and source code.
 
 Who gets which text is decided by a hash of its name, so the texts the new-knowledge tasks are
 built from (some docstrings, some source files) never appear in pretraining.
+
+The corpus is sized to the pretraining budget: the facts take a fixed share of it (repeated in
+several phrasings, as a real LLM sees a well-known fact many times), and real text fills the rest
+up to a character budget, so a short run still sees every fact often enough to learn it.
 """
 
 from __future__ import annotations
@@ -9,10 +13,11 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from knowstack.builtin import sources
-from knowstack.builtin.facts import FAMILIES, Fact, FactFamily
+from knowstack.builtin.old_tasks import FAMILIES, Fact, FactFamily, chosen_facts
 
 
 def bucket(name: str, buckets: int) -> int:
@@ -21,7 +26,8 @@ def bucket(name: str, buckets: int) -> int:
 
 def doc_use(doc: sources.Doc) -> str:
     """'notes', 'summary' (new-knowledge tasks) or 'corpus' (pretraining) for each docstring."""
-    if bucket(doc.qualname, 4) == 3:
+    # 3 of 8 buckets: enough docs of the rarest kind (classes) for a balanced 3-way task.
+    if bucket(doc.qualname, 8) >= 5:
         return "notes"
     if "\n\n" in doc.text:
         return "summary"
@@ -53,22 +59,70 @@ def fact_paragraphs(family: FactFamily, facts: list[Fact], repeats: int, rng: ra
     return [" ".join(sentences[i : i + 6]) for i in range(0, len(sentences), 6)]
 
 
-def source_chunks(path: Path, lines_per_chunk: int = 40) -> list[str]:
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+def arithmetic_lines() -> list[str]:
+    """Addition, subtraction and multiplication tables: the arithmetic a real LLM knows before math tuning.
+
+    They cover every operation the math task's problems need (see new_tasks.make_problem), so the
+    task teaches word problems and step-by-step answers, not the tables themselves.
+    """
+    lines = []
+    for a in range(51):
+        for b in range(11):
+            lines += [f"{a} + {b} = {a + b}", f"{a + b} - {b} = {a}"]
+    for a in range(1, 21):
+        for b in range(1, 11):
+            lines.append(f"{a} * {b} = {a * b}")
+    return lines
+
+
+def arithmetic_paragraphs(repeats: int, rng: random.Random) -> list[str]:
+    lines = arithmetic_lines() * repeats
+    rng.shuffle(lines)
+    return [". ".join(lines[i : i + 12]) + "." for i in range(0, len(lines), 12)]
+
+
+def source_chunks(text: str, lines_per_chunk: int = 30) -> list[str]:
+    lines = text.splitlines()
     return ["\n".join(lines[i : i + lines_per_chunk]) for i in range(0, len(lines), lines_per_chunk)]
 
 
-def build_corpus(facts_per_family: int, fact_repeats: int, source_files: int, seed: int) -> Corpus:
-    from knowstack.builtin.facts import chosen_facts
+@lru_cache(maxsize=1)
+def text_pool() -> tuple[str, ...]:
+    """All real text the corpus may use, in a fixed order: docstrings, language reference, sources."""
+    pool = [f"{d.qualname}\n{d.text}" for d in sources.stdlib_docs() if doc_use(d) == "corpus"]
+    pool += [chunk for topic in sources.reference_topics() for chunk in topic.split("\n\n") if len(chunk) > 40]
+    for path in sources.stdlib_source_files():
+        if source_use(path) == "corpus":
+            pool += source_chunks(path.read_text(encoding="utf-8", errors="replace"))
+    return tuple(pool)
 
+
+@lru_cache(maxsize=1)
+def pool_lines() -> frozenset[str]:
+    """Every stripped line of the real text the corpus may use: what a task's answer must not be."""
+    return frozenset(line.strip() for text in text_pool() for line in text.splitlines())
+
+
+@lru_cache(maxsize=1)
+def pool_text() -> str:
+    return "\n".join(text_pool())
+
+
+def build_corpus(facts_per_family: int, fact_repeats: int, arithmetic_repeats: int, text_chars: int,
+                 seed: int) -> Corpus:
     rng = random.Random(f"{seed}-corpus")
     chosen = {family.task: chosen_facts(family, facts_per_family, seed) for family in FAMILIES}
     documents: list[str] = []
     for family in FAMILIES:
         documents += fact_paragraphs(family, chosen[family.task], fact_repeats, rng)
-    documents += [f"{d.qualname}\n{d.text}" for d in sources.stdlib_docs() if doc_use(d) == "corpus"]
-    files = [p for p in sources.stdlib_source_files() if source_use(p) == "corpus"]
-    for path in files[:source_files]:
-        documents += source_chunks(path)
+    documents += arithmetic_paragraphs(arithmetic_repeats, rng)
+    pool = list(text_pool())
+    rng.shuffle(pool)
+    used = 0
+    for text in pool:
+        if used >= text_chars:
+            break
+        documents.append(text)
+        used += len(text)
     rng.shuffle(documents)
     return Corpus(documents, chosen)

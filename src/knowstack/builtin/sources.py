@@ -138,3 +138,19 @@ def unicode_letters() -> tuple[tuple[str, str], ...]:
     chars = [chr(c) for c in list(range(0xC0, 0x180)) + list(range(0x391, 0x3CA))]
     return tuple((c, unicodedata.name(c)) for c in chars if unicodedata.category(c).startswith("L")
                  and unicodedata.name(c, ""))
+
+
+@lru_cache(maxsize=1)
+def reference_topics() -> tuple[str, ...]:
+    """The Python language reference as pydoc shows it (pydoc_data.topics), by topic name.
+
+    Version notes ("Changed in version ...") are dropped: they are short, formulaic, and would
+    teach the base a format that documentation-based tasks could lean on.
+    """
+    from pydoc_data.topics import topics
+
+    texts = []
+    for name in sorted(topics):
+        paragraphs = [p for p in topics[name].split("\n\n") if "in version" not in p and p.strip()]
+        texts.append("\n\n".join(paragraphs))
+    return tuple(texts)

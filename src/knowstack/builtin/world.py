@@ -19,14 +19,14 @@ import torch
 
 from knowstack.atomic import atomic_dir
 from knowstack.builtin.corpus import build_corpus
-from knowstack.builtin.facts import FAMILIES, multiple_choice_items, write_lm_eval_task
 from knowstack.builtin.new_tasks import BUILTIN_TASKS, TRACE_BUILDERS, math_test_records, math_train_records
+from knowstack.builtin.old_tasks import FAMILIES, multiple_choice_items, write_lm_eval_task
 from knowstack.builtin.pretrain import ModelShape, PretrainSettings, make_model, pretrain, token_stream
 from knowstack.builtin.tokenizer import train_tokenizer
 from knowstack.errors import KnowstackError
 
 # Bump when anything the world contains changes: the study hashes it into every cache key.
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 __all__ = ["BUILTIN_TASKS", "PRESETS", "WORLD_VERSION", "WorldPreset", "build_world"]
 
 
@@ -34,24 +34,26 @@ __all__ = ["BUILTIN_TASKS", "PRESETS", "WORLD_VERSION", "WorldPreset", "build_wo
 class WorldPreset:
     facts_per_family: int  # old-knowledge facts taught, and tested, per family
     fact_repeats: int  # how often each phrasing of a fact appears in the corpus
-    source_files: int  # standard-library source files in the corpus
-    pretrain_steps: int
+    arithmetic_repeats: int  # how often the arithmetic tables appear in the corpus
+    text_chars: int  # real text (docs, language reference, sources) in the corpus
+    pretrain_steps: int  # of 16 windows of 128 tokens
     train: int  # examples per new task
     eval: int
     test: int
-    math_train: int  # MetaMath is much larger than a TRACE task in the paper
+    math_train: int  # MetaMath is much larger than a TRACE task in the paper (79x); here ~3.5x
     vocab_size: int = 4096
     shape: ModelShape = ModelShape()
 
 
 PRESETS = {
-    "test": WorldPreset(facts_per_family=24, fact_repeats=2, source_files=3, pretrain_steps=6, train=24, eval=8,
-                        test=8, math_train=48, vocab_size=1024,
+    "test": WorldPreset(facts_per_family=24, fact_repeats=2, arithmetic_repeats=1, text_chars=20_000,
+                        pretrain_steps=6, train=32, eval=16, test=16, math_train=64, vocab_size=1024,
                         shape=ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)),
-    "quick": WorldPreset(facts_per_family=80, fact_repeats=20, source_files=15, pretrain_steps=150, train=160,
-                         eval=20, test=50, math_train=320),
-    "full": WorldPreset(facts_per_family=120, fact_repeats=20, source_files=40, pretrain_steps=450, train=600,
-                        eval=100, test=200, math_train=2400),
+    # Sized so that `make demo` (world, 26 fine-tunes, 29 evaluations) stays near 10 minutes on 2 cores.
+    "quick": WorldPreset(facts_per_family=100, fact_repeats=16, arithmetic_repeats=3, text_chars=600_000,
+                         pretrain_steps=240, train=160, eval=20, test=50, math_train=320),
+    "full": WorldPreset(facts_per_family=150, fact_repeats=16, arithmetic_repeats=4, text_chars=2_500_000,
+                        pretrain_steps=1000, train=800, eval=100, test=200, math_train=3000),
 }
 
 
@@ -89,11 +91,14 @@ def build_world(out_dir: Path, preset: str = "quick", seed: int = 0) -> Path:
     started = time.monotonic()
     torch.manual_seed(seed)
     with atomic_dir(out_dir) as tmp:
-        corpus = build_corpus(settings.facts_per_family, settings.fact_repeats, settings.source_files, seed)
+        corpus = build_corpus(settings.facts_per_family, settings.fact_repeats, settings.arithmetic_repeats,
+                              settings.text_chars, seed)
         tokenizer = train_tokenizer(corpus.documents, settings.vocab_size)
         model = make_model(tokenizer, settings.shape, seed)
-        pretraining = PretrainSettings(steps=settings.pretrain_steps)
-        stats = pretrain(model, token_stream(tokenizer, corpus.documents), pretraining, seed)
+        steps = settings.pretrain_steps
+        pretraining = PretrainSettings(steps=steps, warmup_steps=min(20, max(1, steps // 10)))
+        stream = token_stream(tokenizer, corpus.documents)
+        stats = pretrain(model, stream, pretraining, seed)
         model.save_pretrained(tmp / "model", safe_serialization=True)
         tokenizer.save_pretrained(tmp / "model")
 
@@ -112,7 +117,8 @@ def build_world(out_dir: Path, preset: str = "quick", seed: int = 0) -> Path:
             "settings": asdict(settings),
             "pretrain": {"steps": pretraining.steps, "peak_lr": pretraining.peak_lr, "tokens": stats["tokens"],
                          "params": sum(p.numel() for p in model.parameters()),
-                         "final_loss": stats["loss_curve"][-1], "corpus_documents": len(corpus.documents)},
+                         "final_loss": stats["loss_curve"][-1], "corpus_documents": len(corpus.documents),
+                         "corpus_tokens": int(stream.numel())},
             "tasks": [task.as_dict() for task in BUILTIN_TASKS],
             "old_tasks": [family.task for family in FAMILIES],
             "old_include_path": "old_knowledge",
