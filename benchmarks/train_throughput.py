@@ -27,7 +27,6 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     DataCollatorForSeq2Seq,
-    LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
     Trainer,
@@ -35,6 +34,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from knowstack.builtin.pretrain import ModelShape, make_model
 from knowstack.data.formats import Example
 from knowstack.modelio import load_model, load_tokenizer
 from knowstack.train import TrainSettings, train
@@ -82,21 +82,8 @@ def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
 
 
 def build_model(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=4096,
-        hidden_size=256,
-        intermediate_size=704,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
+    shape = ModelShape(hidden=256, layers=4, heads=4, kv_heads=4, intermediate=704, context=512)
+    return make_model(tokenizer, shape, seed=0)
 
 
 def make_examples(corpus: list[str], tokenizer: PreTrainedTokenizerFast, n: int, seed: int = 0) -> list[Example]:
