@@ -29,6 +29,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/generation.py
+	$(BIN)/python benchmarks/merge.py   # creates mergekit's own venv on first use
+	$(BIN)/python benchmarks/olora_overhead.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -79,3 +79,50 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("- just\n- a list\n")
     with pytest.raises(KnowstackError, match="YAML mapping"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    ("methods", "field", "message"),
+    [
+        ({"olora": {"lambdas": [-1]}}, "methods.olora.lambdas[0]", "greater than or equal to 0"),
+        ({"olora": {"lambdas": [[0.5, -2]]}}, "methods.olora.lambdas[0][1]", "greater than or equal to 0"),
+        ({"olora": {"lambdas": []}}, "methods.olora.lambdas", "at least one"),
+        ({"olora": {"lambdas": [[]]}}, "methods.olora.lambdas", "must not be empty"),
+        ({"olora": {"lambdas": [5, 5.0]}}, "methods.olora.lambdas", "must differ"),
+        ({"olora": {"lamdas": [5]}}, "methods.olora.lamdas", "unknown field"),
+        ({"olora": {"finetune": ["fft"]}}, "methods.olora.finetune", "unknown field"),
+        ({"joint": {"sampling": "random"}}, "methods.joint.sampling", "'uniform' or 'proportional'"),
+        ({"joint": {"finetune": []}}, "methods.joint.finetune", "at least one"),
+        ({"replay": {"fraction": 0}}, "methods.replay.fraction", "greater than 0"),
+        ({"replay": {"fraction": 10}}, "methods.replay.fraction", "less than or equal to 1"),
+        ({"replay": {"finetune": ["qlora"]}}, "methods.replay.finetune[0]", "'fft' or 'lora'"),
+    ],
+)
+def test_bad_olora_joint_replay_fields_are_named(tmp_path: Path, methods: dict, field: str, message: str) -> None:
+    path = write(tmp_path, minimal() | {"methods": methods})
+    with pytest.raises(KnowstackError) as err:
+        load_config(path)
+    text = str(err.value)
+    assert f"field '{field}'" in text and message in text
+
+
+def test_olora_joint_replay_defaults_and_shapes(tmp_path: Path) -> None:
+    methods = {"olora": {}, "joint": {}, "replay": {}}
+    config = load_config(write(tmp_path, minimal() | {"methods": methods}))
+    assert config.methods.olora.lambdas == [0.5, 5.0]  # the paper's two runs
+    assert config.methods.joint.sampling == "uniform" and config.methods.joint.finetune == ["fft", "lora"]
+    assert config.methods.replay.fraction == 0.1 and config.methods.replay.finetune == ["fft", "lora"]
+    methods = {"olora": {"lambdas": 2}, "joint": {"finetune": ["lora"], "sampling": "proportional"}}
+    config = load_config(write(tmp_path, minimal() | {"methods": methods}))
+    assert config.methods.olora.lambdas == [2.0] and config.methods.joint.sampling == "proportional"
+    per_round = load_config(write(tmp_path, minimal() | {"methods": {"olora": {"lambdas": [0.5, [0, 1, 5]]}}}))
+    assert per_round.methods.olora.lambdas == [0.5, [0.0, 1.0, 5.0]]
+
+
+def test_builtin_config_runs_olora_joint_and_replay() -> None:
+    methods = load_config(CONFIGS / "builtin.yaml").methods
+    assert methods.olora is not None and methods.olora.lambdas == [0.5, 5.0]
+    assert methods.joint is not None and methods.joint.finetune == ["fft", "lora"]
+    assert methods.replay is not None and methods.replay.fraction == 0.1
+    quick = load_config(CONFIGS / "builtin-quick.yaml").methods
+    assert quick.olora is None and quick.joint is None and quick.replay is None  # the demo's time budget

@@ -111,3 +111,82 @@ def test_bad_task_file_names_file_and_field(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"prompt": "x"}))
     with pytest.raises(KnowstackError, match="JSON list"):
         task_from_config(config.tasks[1]).load("train")
+
+
+def test_olora_joint_replay_steps_and_model_names(tmp_path: Path) -> None:
+    raw = user_config(tmp_path, sequential={"finetune": ["fft", "lora"]}, olora={"lambdas": [0.5, [0, 1, 2]]},
+                      joint={"finetune": ["fft", "lora"]}, replay={"finetune": ["fft", "lora"], "fraction": 0.5})
+    plan = build_plan(parse_config(raw))
+    by_name = {e.model: e for e in plan.evaluations}
+    for run in ("0.5", "0_1_2"):
+        assert [by_name[f"olora-lora-{run}-{s}"].stage for s in (1, 2, 3)] == [1, 2, 3]
+    assert {"joint-fft", "joint-lora"} <= by_name.keys()
+    assert {f"replay-{f}-{s}" for f in ("fft", "lora") for s in (1, 2, 3)} <= by_name.keys()
+    assert by_name["olora-lora-0.5-2"].method == "olora" and by_name["olora-lora-0.5-2"].finetune == "lora"
+    assert by_name["joint-lora"].stage is None and by_name["joint-lora"].trained_on == "t1+t2+t3"
+    assert by_name["replay-fft-3"].trained_on == "t3"
+    # Round 1 has no earlier adapter / task: it is sequential training's round 1, one shared step.
+    for name in ("olora-lora-0.5-1", "olora-lora-0_1_2-1", "replay-lora-1"):
+        assert by_name[name].step == by_name["sequential-lora-1"].step
+    assert by_name["replay-fft-1"].step == by_name["sequential-fft-1"].step
+    assert by_name["olora-lora-0.5-2"].step != by_name["sequential-lora-2"].step
+    kinds = [s.kind for s in plan.ordered()]
+    # sequential 3 + 3; O-LoRA 2 runs x 2 new rounds; joint 2; replay 2 finetunes x 2 new rounds
+    assert kinds.count("train") == 6 + 4 + 2 + 4
+    assert kinds.count("merge-adapter") == 3 + 4 + 2
+
+    trains = [s for s in plan.ordered() if s.kind == "train"]
+    olora3 = next(s for s in trains if s.label == "lora-t3-olora0_1_2")
+    assert olora3.params["olora"]["lambda"] == 2.0 and len(olora3.params["olora"]["previous"]) == 2
+    assert {ref[1:] for ref in olora3.params["olora"]["previous"]} <= set(olora3.deps)
+    replay3 = next(s for s in trains if s.label == "fft-t3-replay")
+    assert [t["name"] for t in replay3.params["mixture"]["earlier"]] == ["t1", "t2"]
+    assert replay3.params["mixture"]["fraction"] == 0.5
+    joint = next(s for s in trains if s.label == "lora-joint-uniform")
+    assert [t["name"] for t in joint.params["tasks"]] == ["t1", "t2", "t3"]
+    joint_eval = plan.steps[by_name["joint-lora"].step]
+    assert joint_eval.params["model"]["adapter"] == f"@{joint.key}"
+
+
+def test_per_round_lambdas_need_one_per_round(tmp_path: Path) -> None:
+    from knowstack.errors import KnowstackError
+
+    raw = user_config(tmp_path, olora={"lambdas": [0.5, [1, 2]]})
+    with pytest.raises(KnowstackError) as err:
+        build_plan(parse_config(raw))
+    assert "methods.olora.lambdas[1]" in str(err.value) and "one lambda per round (3)" in str(err.value)
+
+
+def test_olora_replay_joint_steps_run_and_record_their_data(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The new train steps end to end on a tiny model: A_prev and the penalty, the replayed sample."""
+    from safetensors.torch import load_file
+
+    from knowstack.study.runner import context_for
+    from knowstack.study.steps import execute
+
+    raw = user_config(tmp_path, olora={"lambdas": [5]}, replay={"finetune": ["lora"], "fraction": 0.5},
+                      joint={"finetune": ["lora"], "sampling": "uniform"})
+    raw["base"]["model"] = str(tiny_model_dir)
+    raw["training"] |= {"max_steps": 1, "batch_size": 4, "micro_batch_size": 4, "max_length": 32,
+                        "lora": {"r": 2, "alpha": 4, "dropout": 0.0}}
+    plan = build_plan(parse_config(raw))
+    ctx = context_for(plan, tmp_path / "run")
+    for step in plan.ordered():
+        if step.kind != "eval":
+            execute(step, ctx)
+    trains = {s.label: ctx.artifact(s.key) for s in plan.ordered() if s.kind == "train"}
+
+    summary = json.loads((trains["lora-t3-olora5"] / "train_summary.json").read_text())
+    assert summary["olora"]["lambda"] == 5.0 and len(summary["olora"]["penalty_curve"]) == summary["steps"] == 1
+    previous = load_file(str(trains["lora-t3-olora5"] / "olora_previous_A.safetensors"))
+    assert previous and all(t.shape[0] == 2 * 2 for t in previous.values())  # rounds 1 and 2, rank 2 each
+    assert "olora" not in json.loads((trains["lora-t1"] / "train_summary.json").read_text())
+
+    mixture = json.loads((trains["lora-t3-replay"] / "mixture.json").read_text())
+    assert [(s["task"], s["count"]) for s in mixture["sources"]] == [("t3", 4), ("t1", 2), ("t2", 2)]
+    assert mixture["examples"] == 8 and mixture["kind"] == "replay"
+    assert json.loads((trains["lora-t3-replay"] / "train_summary.json").read_text())["unique_examples"] == 8
+    again = json.loads((trains["lora-t2-replay"] / "mixture.json").read_text())
+    assert again["seed"] != mixture["seed"]  # each round draws its own sample
+    joint = json.loads((trains["lora-joint-uniform"] / "mixture.json").read_text())
+    assert [s["count"] for s in joint["sources"]] == [4, 4, 4] and joint["sampling"] == "uniform"

@@ -81,3 +81,34 @@ def test_write_report_with_figures(tmp_path: Path, study_rows: list[Row]) -> Non
     for name in ("fig3_sequential_old.png", "fig4_sequential_new.png", "r_matrix_fft.png"):
         assert (tmp_path / "figures" / name).read_bytes().startswith(b"\x89PNG")
     assert not (tmp_path / "figures" / "fig1_one_round_new.png").exists()  # no one-round rows given
+
+
+def test_olora_and_fully_cooperative_sections(study_rows: list[Row]) -> None:
+    rows = study_rows + (
+        rows_for("sequential-lora-1", "sequential", "lora", 1, "a", 0.5, 0.1, 0.0, 0.8)
+        + rows_for("sequential-lora-2", "sequential", "lora", 2, "math", 0.25, 0.2, 0.2, 0.8)
+        + rows_for("olora-lora-0.5-1", "olora", "lora", 1, "a", 0.5, 0.1, 0.0, 0.8)
+        + rows_for("olora-lora-0.5-2", "olora", "lora", 2, "math", 0.4, 0.15, 0.1, 0.8)
+        + rows_for("replay-fft-1", "replay", "fft", 1, "a", 0.6, 0.1, 0.05, 0.7)
+        + rows_for("replay-fft-2", "replay", "fft", 2, "math", 0.55, 0.3, 0.4, 0.64)
+        + rows_for("joint-lora", "joint", "lora", None, "a+math", 0.5, 0.2, 0.3, 0.76)
+    )
+    penalties = {"olora-lora-0.5-2": {"stage": 2, "lambda": 0.5, "first": 3.25, "last": 1.5, "steps": 4}}
+    text = render_report(rows, title="t", task_order=TASKS, penalties=penalties)
+    lines = text.splitlines()
+    section = text.split("## O-LoRA vs LoRA")[1].split("## ")[0]
+    acquisition = [line for line in section.splitlines() if line.startswith("| O-LoRA λ=0.5")]
+    assert acquisition[0].startswith("| O-LoRA λ=0.5 | 0.5000 | 0.1500 | 0.1000")  # the diagonal of R
+    assert acquisition[1] == "| O-LoRA λ=0.5 | -20% | — | — |"  # BWT of task a: 0.5 -> 0.4
+    assert "| LoRA | -50% | — | — |" in section
+    assert "| 2 | 3.25 → 1.5 |" in section
+    coop = text.split("## Fully cooperative")[1]
+    replay = next(line for line in coop.splitlines() if line.startswith("| replay FFT") and "-20%" in line)
+    assert replay.endswith("| 0.6400 | -20% |")  # AVE 0.64, down 20% from the base's 0.8
+    joint = next(line for line in lines if line.startswith("| joint LoRA") and "0.3333" in line)
+    assert joint.endswith(f"| {(0.5 + 0.2 + 0.3) / 3:.4f} | {(0.5 + 0.2 + 0.3 + 0.76) / 4:.4f} |")
+
+
+def test_sections_absent_without_their_methods(study_rows: list[Row]) -> None:
+    text = render_report(study_rows, title="t", task_order=TASKS)
+    assert "O-LoRA" not in text and "Fully cooperative" not in text

@@ -107,6 +107,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(text)
 
 
+def cmd_merge(args: argparse.Namespace) -> None:
+    from knowstack.combine.merge import merge_models
+    from knowstack.combine.merge_methods import MergeOptions
+
+    given = {"density": args.density, "drop_rate": args.drop_rate, "lam": args.lam}
+    options = MergeOptions(**{name: value for name, value in given.items() if value is not None})
+    out = merge_models(args.method, args.models, Path(args.out), base=args.base, weights=args.weights,
+                       options=options, seed=args.seed, max_shard_bytes=int(args.max_shard_gb * 2**30),
+                       progress=True)
+    print(f"merged model: {out}")
+
+
 def cmd_build_world(args: argparse.Namespace) -> None:
     from knowstack.builtin.world import build_world
 
@@ -124,6 +136,10 @@ def _add_task_args(parser: argparse.ArgumentParser, *, metric_required: bool) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from typing import get_args
+
+    from knowstack.config import MergeMethodName
+
     parser = argparse.ArgumentParser(prog="knowstack", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -168,6 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int)
     p.add_argument("--out", help="write the scores as JSON here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("merge", help="merge fine-tuned models and/or LoRA adapters of one base into one model")
+    p.add_argument("--method", required=True, choices=get_args(MergeMethodName))
+    p.add_argument("--base", help="the base model dir (needed by all methods but a plain average of full models)")
+    p.add_argument("--models", nargs="+", required=True, help="model dirs and/or PEFT LoRA adapter dirs")
+    p.add_argument("--weights", nargs="+", type=float, help="one positive weight per model (default: equal)")
+    p.add_argument("--density", type=float, help="ties: fraction of each task vector kept (default 0.2)")
+    p.add_argument("--drop-rate", type=float, help="dare, ties-dare: probability of dropping (default 0.9)")
+    p.add_argument("--lambda", dest="lam", type=float, help="scale of the merged task vector (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="dare, ties-dare: the random drops")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output shard")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("build-world", help="build the built-in world (base model, tokenizer, tasks)")
     p.add_argument("--preset", choices=["test", "quick", "full"], default="quick")

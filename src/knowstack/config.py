@@ -114,11 +114,90 @@ class MethodConfig(Strict):
         return value
 
 
+Lambda = Annotated[float, Field(ge=0)]
+
+
+class OLoraConfig(Strict):
+    """O-LoRA runs (sequential LoRA + orthogonality penalty), one per entry of `lambdas`: a weight
+    for every round, or a list of one weight per round (round 1 has no earlier adapter to penalize
+    against, so its entry has no effect). The default is the paper's two runs, 0.5 and 5."""
+
+    lambdas: list[Lambda | list[Lambda]] = Field(default_factory=lambda: [0.5, 5.0])
+
+    @field_validator("lambdas", mode="before")
+    @classmethod
+    def _scalar_is_one_run(cls, value: Any) -> Any:
+        return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+    @field_validator("lambdas")
+    @classmethod
+    def _runs(cls, value: list[float | list[float]]) -> list[float | list[float]]:
+        if not value:
+            raise ValueError("name at least one lambda")
+        if any(isinstance(v, list) and not v for v in value):
+            raise ValueError("a per-round list of lambdas must not be empty")
+        keys = [tuple(v) if isinstance(v, list) else v for v in value]
+        if len(set(keys)) != len(keys):
+            raise ValueError("lambdas must differ (each names one O-LoRA run)")
+        return value
+
+
+class JointConfig(MethodConfig):
+    """Joint training on all tasks at once. uniform: smaller tasks upsampled so every task is drawn
+    equally often (the paper); proportional: every task once, as large as it is."""
+
+    sampling: Literal["uniform", "proportional"] = "uniform"
+
+
+class ReplayConfig(MethodConfig):
+    """Sequential training where each round adds fraction x |current task| examples of every
+    earlier task (upsampled when the earlier task is smaller); the paper replays 10%."""
+
+    fraction: float = Field(default=0.1, gt=0, le=1)
+
+
+MergeMethodName = Literal["average", "task-average", "ties", "dare", "ties-dare"]
+# The merge settings each method reads: only these are part of its step's key, so that changing
+# TIES' density does not redo the average.
+MERGE_METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "average": (),
+    "task-average": ("lambda",),
+    "ties": ("density", "lambda"),
+    "dare": ("drop_rate", "lambda", "seed"),
+    "ties-dare": ("drop_rate", "lambda", "seed"),
+}
+
+
+class MergeConfig(MethodConfig):
+    """Merging the one-round models (FFT) / adapters (LoRA) of all tasks into one model, once per
+    method in `methods`. density: the fraction of each task vector TIES keeps; drop_rate: DARE's p;
+    lambda: the scale of the merged task vector; seed: DARE's draws (default: the study's seed)."""
+
+    methods: list[MergeMethodName] = Field(default_factory=lambda: ["average", "ties", "ties-dare"])
+    density: float = Field(default=0.2, gt=0, le=1)
+    drop_rate: float = Field(default=0.9, ge=0, lt=1)
+    lam: float = Field(default=1.0, gt=0, alias="lambda")
+    seed: int | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: list[str]) -> list[str]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError("name each merge method once, at least one")
+        return value
+
+
 class MethodsConfig(Strict):
-    """The methods to run; later methods (olora, joint, replay, merge, moe) join here."""
+    """The methods to run; later methods (moe) join here."""
 
     one_round: MethodConfig | None = Field(default=None, alias="one-round")
     sequential: MethodConfig | None = None
+    olora: OLoraConfig | None = None
+    joint: JointConfig | None = None
+    replay: ReplayConfig | None = None
+    merge: MergeConfig | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -156,7 +235,7 @@ def _field_path(location: tuple[Any, ...]) -> str:
     for item in location:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif "[" in str(item) or str(item).startswith("function-"):
+        elif "[" in str(item) or str(item).startswith(("function-", "constrained-")):
             continue  # pydantic's name for a union branch, not a field
         else:
             parts.append(("." if parts else "") + str(item))

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from knowstack.config import StudyConfig, TrainingConfig
+from knowstack.config import MERGE_METHOD_OPTIONS, MergeConfig, StudyConfig, TrainingConfig
 from knowstack.data.tasks import TaskSpec, task_from_config
 from knowstack.errors import KnowstackError
 
 # Bump when what a kind of step writes changes, so stale artifacts are not reused.
-STEP_VERSIONS = {"world": 1, "train": 1, "merge-adapter": 1, "eval": 1}
+STEP_VERSIONS = {"world": 1, "train": 1, "merge-adapter": 1, "eval": 1, "merge": 1}
 
 
 def _digest(obj: Any) -> str:
@@ -152,16 +152,40 @@ class PlanBuilder:
         step = self.plan.steps[made_by[1:].split("/", 1)[0]]
         return "base" if step.kind == "world" else step.label
 
-    def train_step(self, init: ModelRef, task: dict, finetune: str) -> Step:
-        label = f"{finetune}-{task['name']}"
+    def train_step(
+        self,
+        init: ModelRef,
+        task: dict,
+        finetune: str,
+        *,
+        extra: dict[str, Any] | None = None,
+        label_suffix: str = "",
+        deps: tuple[str, ...] = (),
+    ) -> Step:
+        """extra: what makes a variant differ from plain training on `task` (a replay mixture, an
+        O-LoRA penalty); without it the step, and so its key, is exactly plain training's."""
+        label = f"{finetune}-{task['name']}" + (f"-{label_suffix}" if label_suffix else "")
         params = {
             "init": init.to_dict(),
             "task": task,
             "finetune": finetune,
             "training": training_params(self.config.training, finetune),
             "seed": self.config.seed,
+            **(extra or {}),
         }
-        return self.plan.add(Step("train", label, params, ref_deps(init)))
+        return self.plan.add(Step("train", label, params, ref_deps(init) + deps))
+
+    def joint_train_step(self, init: ModelRef, finetune: str, sampling: str) -> Step:
+        """One run on all tasks at once; the executor draws the mixture from `tasks` and the seed."""
+        params = {
+            "init": init.to_dict(),
+            "tasks": self.tasks,
+            "mixture": {"kind": "joint", "sampling": sampling},
+            "finetune": finetune,
+            "training": training_params(self.config.training, finetune),
+            "seed": self.config.seed,
+        }
+        return self.plan.add(Step("train", f"{finetune}-joint-{sampling}", params, ref_deps(init)))
 
     def merge_adapter_step(self, init: ModelRef, adapter: Step) -> Step:
         params = {"init": init.to_dict(), "adapter": step_ref(adapter)}
@@ -195,6 +219,72 @@ class PlanBuilder:
             current = ModelRef(step_ref(step))
             self.evaluate(current, name, "sequential", finetune, stage, task["name"])
 
+    def add_olora(self, lambdas: float | list[float]) -> None:
+        """Sequential LoRA (each adapter merged before the next round) plus the orthogonality penalty
+        against all earlier rounds' adapters. Round 1 has nothing to be orthogonal to, so it is
+        sequential LoRA's round 1, shared."""
+        tag = lambda_tag(lambdas)
+        current, adapters = self.base, []
+        for stage, (task, lam) in enumerate(zip(self.tasks, self._round_lambdas(lambdas), strict=True), start=1):
+            olora = {"olora": {"lambda": lam, "previous": [step_ref(a) for a in adapters]}} if adapters else None
+            step = self.train_step(current, task, "lora", extra=olora, label_suffix=f"olora{tag}" if olora else "",
+                                   deps=tuple(a.key for a in adapters))
+            adapters.append(step)
+            current = ModelRef(step_ref(self.merge_adapter_step(current, step)))
+            self.evaluate(current, f"olora-lora-{tag}-{stage}", "olora", "lora", stage, task["name"])
+
+    def _round_lambdas(self, lambdas: float | list[float]) -> list[float]:
+        if not isinstance(lambdas, list):
+            return [float(lambdas)] * len(self.tasks)
+        if len(lambdas) != len(self.tasks):
+            index = self.config.methods.olora.lambdas.index(lambdas) if self.config.methods.olora else 0
+            raise KnowstackError(f"a per-round list needs one lambda per round ({len(self.tasks)}), "
+                                 f"not {len(lambdas)}", field=f"methods.olora.lambdas[{index}]")
+        return [float(v) for v in lambdas]
+
+    def add_joint(self, finetune: str, sampling: str) -> None:
+        step = self.joint_train_step(self.base, finetune, sampling)
+        ref = ModelRef(step_ref(step)) if finetune == "fft" else ModelRef(self.base.model, step_ref(step))
+        trained_on = "+".join(task["name"] for task in self.tasks)
+        self.evaluate(ref, f"joint-{finetune}", "joint", finetune, None, trained_on)
+
+    def add_replay(self, finetune: str, fraction: float) -> None:
+        """Sequential training where round t also trains on a sample of every earlier task. Round 1
+        has no earlier task, so it is sequential training's round 1, shared."""
+        current = self.base
+        for stage, task in enumerate(self.tasks, start=1):
+            earlier = self.tasks[: stage - 1]
+            mixture = {"mixture": {"kind": "replay", "fraction": fraction, "earlier": earlier}} if earlier else None
+            step = self.train_step(current, task, finetune, extra=mixture, label_suffix="replay" if earlier else "")
+            if finetune == "lora":
+                step = self.merge_adapter_step(current, step)
+            current = ModelRef(step_ref(step))
+            self.evaluate(current, f"replay-{finetune}-{stage}", "replay", finetune, stage, task["name"])
+
+    def add_merge(self, finetune: str, method: str, merge: MergeConfig) -> None:
+        """One model merged from the one-round models (FFT) or adapters (LoRA) of every task, with
+        no data. The one-round train steps are the one-round method's own, so they run once."""
+        trained = [self.train_step(self.base, task, finetune) for task in self.tasks]
+        seed = self.config.seed if merge.seed is None else merge.seed
+        settings = {"density": merge.density, "drop_rate": merge.drop_rate, "lambda": merge.lam, "seed": seed}
+        params = {
+            "method": method,
+            "finetune": finetune,
+            "base": self.base.to_dict(),
+            "models": [step_ref(step) for step in trained],
+            "options": {name: settings[name] for name in MERGE_METHOD_OPTIONS[method]},
+        }
+        deps = ref_deps(self.base) + tuple(step.key for step in trained)
+        step = self.plan.add(Step("merge", f"{method}-{finetune}", params, deps))
+        trained_on = "+".join(task["name"] for task in self.tasks)
+        self.evaluate(ModelRef(step_ref(step)), f"merge-{method}-{finetune}", "merge", finetune, None, trained_on)
+
+
+def lambda_tag(lambdas: float | list[float]) -> str:
+    """How an O-LoRA run is named: '0.5', or '0_0.5_5' for one lambda per round."""
+    values = lambdas if isinstance(lambdas, list) else [lambdas]
+    return "_".join(f"{float(v):g}" for v in values)
+
 
 def training_params(training: TrainingConfig, finetune: str) -> dict[str, Any]:
     params = training.model_dump(mode="json")
@@ -207,12 +297,21 @@ def build_plan(config: StudyConfig) -> Plan:
     builder = PlanBuilder(config)
     builder.add_base()
     methods = config.methods
-    if methods.one_round is None and methods.sequential is None:
+    if all(getattr(methods, name) is None for name in type(methods).model_fields):
         raise KnowstackError("no methods to run", field="methods")
     for finetune in methods.one_round.finetune if methods.one_round else []:
         builder.add_one_round(finetune)
     for finetune in methods.sequential.finetune if methods.sequential else []:
         builder.add_sequential(finetune)
+    for lambdas in methods.olora.lambdas if methods.olora else []:
+        builder.add_olora(lambdas)
+    for finetune in methods.joint.finetune if methods.joint else []:
+        builder.add_joint(finetune, methods.joint.sampling)
+    for finetune in methods.replay.finetune if methods.replay else []:
+        builder.add_replay(finetune, methods.replay.fraction)
+    for finetune in methods.merge.finetune if methods.merge else []:
+        for method in methods.merge.methods:
+            builder.add_merge(finetune, method, methods.merge)
     return builder.plan
 
 

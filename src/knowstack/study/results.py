@@ -97,3 +97,24 @@ def read_csv(path: Path) -> list[Row]:
             )
             for r in csv.DictReader(handle)
         ]
+
+
+def olora_penalties(plan: Plan, artifacts: Path) -> dict[str, dict]:
+    """For each O-LoRA model, the penalty its own round logged (first and last step): the train step
+    behind it is found through the merge step the model was evaluated from."""
+    out: dict[str, dict] = {}
+    for ev in plan.evaluations:
+        if ev.method != "olora":
+            continue
+        merged = plan.steps[ev.step].params["model"]["model"]
+        merge = plan.steps.get(merged[1:].split("/", 1)[0]) if merged.startswith("@") else None
+        if merge is None or merge.kind != "merge-adapter":
+            continue
+        summary_path = artifacts / merge.params["adapter"][1:] / "train_summary.json"
+        if not summary_path.is_file():
+            continue
+        record = json.loads(summary_path.read_text()).get("olora")
+        if record:
+            out[ev.model] = {"stage": ev.stage, "lambda": record["lambda"], "first": record["penalty_first"],
+                             "last": record["penalty_last"], "steps": len(record["penalty_curve"])}
+    return out

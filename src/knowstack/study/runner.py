@@ -16,7 +16,7 @@ from knowstack.atomic import atomic_write_json, atomic_write_text
 from knowstack.config import StudyConfig
 from knowstack.errors import KnowstackError
 from knowstack.study.plan import Plan, build_plan
-from knowstack.study.results import collect_rows, write_csv, write_sqlite
+from knowstack.study.results import collect_rows, olora_penalties, write_csv, write_sqlite
 from knowstack.study.steps import StudyContext, execute
 
 
@@ -65,7 +65,8 @@ def write_outputs(plan: Plan, out: Path) -> tuple[Path, Path]:
     write_csv(rows, out / "results.csv")
     write_sqlite(rows, out / "results.sqlite")
     report = write_report(
-        rows, out, title=plan.config.name, task_order=plan.task_names, old_metric=plan.config.old_knowledge.metric
+        rows, out, title=plan.config.name, task_order=plan.task_names, old_metric=plan.config.old_knowledge.metric,
+        penalties=olora_penalties(plan, out / "artifacts"),
     )
     return out / "results.csv", report
 

@@ -11,6 +11,8 @@ from typing import Any
 
 from knowstack.atomic import atomic_dir, atomic_write_json
 from knowstack.config import StudyConfig
+from knowstack.data.formats import Example
+from knowstack.data.sampling import Draw, derive_seed, joint_sample, replay_sample
 from knowstack.data.tasks import TaskSpec
 from knowstack.errors import KnowstackError
 from knowstack.study.plan import Step, resolve_task_specs
@@ -104,19 +106,105 @@ def train_settings(ctx: StudyContext, params: dict[str, Any]):  # -> TrainSettin
     return TrainSettings(**kwargs)
 
 
+MIXTURE_FILE = "mixture.json"
+
+
 def run_train(step: Step, ctx: StudyContext, out: Path) -> None:
     from knowstack.train import train
 
     params = step.params
-    task = ctx.tasks()[params["task"]["name"]]
+    examples, mixture = training_examples(ctx, params)
+    penalty = _olora_penalty(ctx, params)
     model_path = ctx.resolve(params["init"]["model"])
-    train(model_path, task.load("train"), out, train_settings(ctx, params), progress_desc=step.label)
+    train(model_path, examples, out, train_settings(ctx, params), progress_desc=step.label, extra_loss=penalty)
+    if mixture is not None:
+        # What was replayed / mixed, index by index into each task's train split, beside the model.
+        atomic_write_json(out / MIXTURE_FILE, mixture)
+    if penalty is not None:
+        _record_olora(out, penalty)
+
+
+def training_examples(ctx: StudyContext, params: dict[str, Any]) -> tuple[list[Example], dict[str, Any] | None]:
+    """A train step's examples: its task's train split, or a joint / replay mixture drawn from the seed."""
+    specs = ctx.tasks()
+    mixture = params.get("mixture")
+    if mixture is None:
+        return specs[params["task"]["name"]].load("train"), None
+    if mixture["kind"] == "joint":
+        names = [task["name"] for task in params["tasks"]]
+        data = [specs[name].load("train") for name in names]
+        seed = derive_seed(params["seed"], "joint", *names)
+        draws = joint_sample([len(d) for d in data], mixture["sampling"], seed)
+    elif mixture["kind"] == "replay":
+        current = params["task"]["name"]
+        names = [current, *(task["name"] for task in mixture["earlier"])]
+        data = [specs[name].load("train") for name in names]
+        seed = derive_seed(params["seed"], "replay", current)
+        draws = [Draw(len(data[0]), 1, ()), *replay_sample(len(data[0]), [len(d) for d in data[1:]],
+                                                           mixture["fraction"], seed)]
+    else:
+        raise KnowstackError(f"unknown mixture kind '{mixture['kind']}'")
+    examples = [split[i] for split, d in zip(data, draws, strict=True) for i in d.indices()]
+    record = {**mixture, "seed": seed, "examples": len(examples),
+              "sources": [{"task": name, **d.to_dict()} for name, d in zip(names, draws, strict=True)]}
+    record.pop("earlier", None)  # the sources list names them
+    return examples, record
+
+
+def _olora_penalty(ctx: StudyContext, params: dict[str, Any]):  # -> OLoraPenalty | None
+    if "olora" not in params:
+        return None
+    from knowstack.train.olora import OLoraPenalty, stack_previous
+
+    olora = params["olora"]
+    return OLoraPenalty(stack_previous(ctx.resolve(ref) for ref in olora["previous"]), olora["lambda"])
+
+
+def _record_olora(out: Path, penalty: Any) -> None:
+    """A_prev as safetensors beside the adapter, and the penalty of every step in the train summary."""
+    from knowstack.train import SUMMARY_FILE
+    from knowstack.train.olora import PREVIOUS_A_FILE, save_previous
+
+    save_previous(out / PREVIOUS_A_FILE, penalty.previous)
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    summary["olora"] = penalty.record()
+    atomic_write_json(out / SUMMARY_FILE, summary)
 
 
 def run_merge_adapter(step: Step, ctx: StudyContext, out: Path) -> None:
     from knowstack.train import merge_adapter
 
     merge_adapter(ctx.resolve(step.params["init"]["model"]), ctx.resolve(step.params["adapter"]), out)
+
+
+def run_merge(step: Step, ctx: StudyContext, out: Path) -> None:
+    """The one-round models (or adapters) of every task merged into one model, streamed to `out`."""
+    from knowstack.combine.merge import merge_models
+    from knowstack.combine.merge_methods import MergeOptions
+
+    params = step.params
+    options = params["options"]
+    defaults = MergeOptions()
+    merge_models(
+        params["method"],
+        [ctx.resolve(ref) for ref in params["models"]],
+        out,
+        base=_local_model_dir(ctx.resolve(params["base"]["model"])),
+        options=MergeOptions(density=options.get("density", defaults.density),
+                             drop_rate=options.get("drop_rate", defaults.drop_rate),
+                             lam=options.get("lambda", defaults.lam)),
+        seed=options.get("seed", 0),
+    )
+
+
+def _local_model_dir(model: str) -> str:
+    """A merge reads files tensor by tensor, so a hub id is first fetched to (or found in) the HF cache."""
+    if Path(model).expanduser().is_dir():
+        return model
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+    return snapshot_download(model, allow_patterns=patterns)
 
 
 def _max_new_tokens(ctx: StudyContext, task: TaskSpec) -> dict[str, int]:
@@ -184,6 +272,7 @@ EXECUTORS: dict[str, Callable[[Step, StudyContext, Path], None]] = {
     "train": run_train,
     "merge-adapter": run_merge_adapter,
     "eval": run_eval,
+    "merge": run_merge,
 }
 
 
@@ -199,7 +288,7 @@ def execute(step: Step, ctx: StudyContext) -> Path:
     with atomic_dir(final) as tmp:
         # Executors that write atomically themselves get a path that does not exist yet.
         target = tmp / "out"
-        executor(step, ctx, target if step.kind in ("world", "train", "merge-adapter") else tmp)
+        executor(step, ctx, target if step.kind in ("world", "train", "merge-adapter", "merge") else tmp)
         if target.exists():
             for item in target.iterdir():
                 item.rename(tmp / item.name)

@@ -1,0 +1,242 @@
+"""Model merging: knowstack's streamed merges vs mergekit on the same synthetic Llama checkpoints.
+
+The script builds a random Llama-architecture base of at least 1 GB (float32 safetensors, sharded
+like a hub checkpoint) and `--models` fine-tuned variants (the base plus small random changes),
+then runs the same merges with both tools, each as its own command-line process:
+
+    linear / average   mergekit `linear` (weights 1, normalize)  vs  `knowstack merge --method average`
+    TIES               mergekit `ties` (density d, weights 1)   vs  `knowstack merge --method ties`
+
+and prints, per method, the largest absolute difference over every tensor, how many entries differ,
+the wall-time ratio (knowstack / mergekit, best of `--repeats`, inputs already in the page cache) and
+each process's peak RSS divided by the size of one input checkpoint. float32 throughout, so that both
+tools compute in the checkpoint's own precision and the comparison is exact; TIES can differ only
+where a task vector's magnitude ties the k-th largest exactly (mergekit keeps an arbitrary subset of
+such entries, knowstack keeps them all).
+
+mergekit pins its own dependencies, so it gets its own virtual environment, created on first use
+(torch==2.13.0, the CPU build, is installed first so that no CUDA build is pulled; then mergekit):
+
+    .venv/bin/python benchmarks/merge.py [--models 3] [--layers 20] [--density 0.2] [--repeats 2]
+        [--mergekit-venv ~/.cache/knowstack/mergekit-venv] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from knowstack.combine.streaming import SafetensorsReader
+
+TORCH_PIN = "torch==2.13.0"
+DEFAULT_VENV = Path.home() / ".cache" / "knowstack" / "mergekit-venv"
+KNOWSTACK = Path(sys.executable).with_name("knowstack")
+
+
+# --- mergekit's own environment -------------------------------------------------------------------
+def ensure_mergekit(venv: Path) -> Path | None:
+    """mergekit-yaml in its own venv, created if missing; None (with the reason printed) if it cannot be."""
+    exe = venv / "bin" / "mergekit-yaml"
+    if exe.is_file():
+        return exe
+    print(f"creating mergekit's venv in {venv} (torch pinned first, then mergekit) ...", file=sys.stderr)
+    steps = [[sys.executable, "-m", "venv", str(venv)],
+             [str(venv / "bin" / "pip"), "install", "--quiet", TORCH_PIN],
+             [str(venv / "bin" / "pip"), "install", "--quiet", "mergekit"]]
+    for command in steps:
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            print(f"mergekit could not be installed: `{' '.join(command)}` exited {result.returncode}:\n"
+                  f"{result.stderr.strip()[-2000:]}")
+            return None
+    return exe if exe.is_file() else None
+
+
+# --- synthetic checkpoints ------------------------------------------------------------------------
+def llama_config(layers: int) -> LlamaConfig:
+    # Llama-family proportions (GQA, SwiGLU MLP, untied head) at ~1/4 the width of Llama-3-8B.
+    return LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
+                       num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048,
+                       tie_word_embeddings=False, dtype="float32", architectures=["LlamaForCausalLM"])
+
+
+def shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def write_checkpoint(out: Path, config: LlamaConfig, tensor_shapes: dict[str, tuple[int, ...]], seed: int,
+                     base_seed: int | None = None, shard_bytes: int = 400 * 2**20) -> int:
+    """Base (base_seed None): N(0, 0.02) weights, norms 1. Variant: the base plus N(0, 0.002) changes.
+    Written in shards with an index, like a hub checkpoint; returns the bytes of weights written."""
+    out.mkdir(parents=True)
+    config.save_pretrained(out)
+    shard: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    files: list[str] = []
+    total = 0
+
+    def flush() -> None:
+        name = f"model-{len(files) + 1:05d}.safetensors"
+        save_file(shard, out / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+        files.append(name)
+        shard.clear()
+
+    for i, (name, shape) in enumerate(tensor_shapes.items()):
+        tensor = _base_tensor(name, shape, base_seed if base_seed is not None else seed, i)
+        if base_seed is not None:
+            gen = torch.Generator().manual_seed(seed * 100_003 + i)
+            tensor.add_(torch.randn(shape, generator=gen), alpha=0.002)
+        shard[name] = tensor
+        total += tensor.numel() * 4
+        if sum(t.numel() * 4 for t in shard.values()) >= shard_bytes:
+            flush()
+    if shard:
+        flush()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return total
+
+
+def _base_tensor(name: str, shape: tuple[int, ...], seed: int, i: int) -> torch.Tensor:
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100_003 + i)).mul_(0.02)
+
+
+# --- running and measuring ------------------------------------------------------------------------
+def timed(command: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one child process, from its own rusage."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    stderr = process.stderr.read().decode() if process.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"`{' '.join(command)}` failed:\n{stderr[-3000:]}")
+    return wall, usage.ru_maxrss * 1024
+
+
+def mergekit_config(method: str, base: Path, models: list[Path], density: float) -> str:
+    entries = []
+    for model in models:
+        params = {"weight": 1.0} if method == "linear" else {"weight": 1.0, "density": density}
+        entries.append({"model": str(model), "parameters": params})
+    config: dict = {"merge_method": method, "models": entries, "dtype": "float32", "out_dtype": "float32"}
+    if method == "ties":
+        config.update(base_model=str(base), parameters={"normalize": True})
+    else:
+        config["parameters"] = {"normalize": True}
+    return json.dumps(config)  # JSON is YAML
+
+
+def compare(ours: Path, theirs: Path) -> tuple[float, int, int]:
+    """Max |difference| over all tensors, the number of entries that differ, and the number of entries."""
+    a, b = SafetensorsReader.from_dir(ours), SafetensorsReader.from_dir(theirs)
+    if set(a.specs) != set(b.specs):
+        raise SystemExit(f"tensor names differ: {sorted(set(a.specs) ^ set(b.specs))[:5]}")
+    worst, differing, total = 0.0, 0, 0
+    for name in a.names():
+        x, y = a.read(name).float(), b.read(name).float()
+        if x.shape != y.shape:
+            raise SystemExit(f"{name}: shapes {tuple(x.shape)} vs {tuple(y.shape)}")
+        diff = (x - y).abs()
+        worst = max(worst, float(diff.max()))
+        differing += int((diff > 0).sum())
+        total += diff.numel()
+    return worst, differing, total
+
+
+def warm(paths: list[Path]) -> None:
+    """Read every input once, so that neither tool pays for the first read from disk."""
+    for path in paths:
+        for file in sorted(path.glob("*.safetensors")):
+            with file.open("rb") as handle:
+                while handle.read(64 * 2**20):
+                    pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=int, default=3, help="fine-tuned variants to merge")
+    parser.add_argument("--layers", type=int, default=20, help="decoder layers (20: 1.15 GB in float32)")
+    parser.add_argument("--density", type=float, default=0.2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--mergekit-venv", type=Path, default=DEFAULT_VENV)
+    parser.add_argument("--workdir", type=Path, help="where checkpoints go (default: a temporary dir)")
+    args = parser.parse_args(argv)
+
+    mergekit = ensure_mergekit(args.mergekit_venv)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="knowstack-merge-bench-"))
+    try:
+        run_benchmark(args, mergekit, workdir)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_benchmark(args: argparse.Namespace, mergekit: Path | None, workdir: Path) -> None:
+    config = llama_config(args.layers)
+    tensor_shapes = shapes(config)
+    base = workdir / "base"
+    models = [workdir / f"ft{i}" for i in range(args.models)]
+    if not base.exists():
+        write_checkpoint(base, config, tensor_shapes, seed=0)
+        for i, model in enumerate(models, start=1):
+            write_checkpoint(model, config, tensor_shapes, seed=i, base_seed=0)
+    checkpoint = sum(f.stat().st_size for f in models[0].glob("*.safetensors"))
+    params = sum(torch.Size(s).numel() for s in tensor_shapes.values())
+    print(f"model: Llama, {params / 1e6:.0f}M params ({args.layers} layers, hidden 1024, vocab 32000), float32, "
+          f"one checkpoint {checkpoint / 1e9:.2f} GB; {args.models} fine-tuned variants + base; "
+          f"torch threads {torch.get_num_threads()}")
+    warm([base, *models])
+
+    runs = {
+        "linear": ([str(KNOWSTACK), "merge", "--method", "average", "--models", *map(str, models)], "linear"),
+        "ties": ([str(KNOWSTACK), "merge", "--method", "ties", "--base", str(base), "--models", *map(str, models),
+                  "--density", str(args.density)], "ties"),
+    }
+    print(f"{'method':7} {'knowstack s':>11} {'mergekit s':>10} {'ratio':>6} {'max|diff|':>10} {'differing':>14} "
+          f"{'RSS/ckpt ks':>11} {'RSS/ckpt mk':>11}")
+    for label, (ours_cmd, mk_method) in runs.items():
+        best = {"ks": (float("inf"), 0), "mk": (float("inf"), 0)}
+        ours_out, theirs_out = workdir / f"ks-{label}", workdir / f"mk-{label}"
+        mk_yaml = workdir / f"mergekit-{label}.yml"
+        mk_yaml.write_text(mergekit_config(mk_method, base, models, args.density))
+        for _ in range(args.repeats):
+            shutil.rmtree(ours_out, ignore_errors=True)
+            wall, rss = timed([*ours_cmd, "--out", str(ours_out)])
+            best["ks"] = min(best["ks"], (wall, rss))
+            if mergekit is not None:
+                shutil.rmtree(theirs_out, ignore_errors=True)
+                wall, rss = timed([str(mergekit), str(mk_yaml), str(theirs_out), "--no-copy-tokenizer",
+                                   "--no-write-model-card", "--quiet"])
+                best["mk"] = min(best["mk"], (wall, rss))
+        if mergekit is None:
+            print(f"{label:7} {best['ks'][0]:11.1f} {'—':>10} {'—':>6} {'—':>10} {'—':>14} "
+                  f"{best['ks'][1] / checkpoint:11.2f} {'—':>11}")
+            continue
+        worst, differing, total = compare(ours_out, theirs_out)
+        print(f"{label:7} {best['ks'][0]:11.1f} {best['mk'][0]:10.1f} {best['ks'][0] / best['mk'][0]:5.2f}x "
+              f"{worst:10.2e} {differing:>7}/{total / 1e6:.0f}M {best['ks'][1] / checkpoint:11.2f} "
+              f"{best['mk'][1] / checkpoint:11.2f}")
+    print("\n(ratio = knowstack / mergekit wall time, whole command, best of runs; goal <= 1.0x. RSS/ckpt = the "
+          "process's peak resident memory / one input checkpoint's size; goal <= 1.5x for knowstack. Goals for "
+          "max|diff|: <= 1e-6 for linear; TIES equal but for entries tied exactly at the k-th magnitude)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Merge fine-tuned models and LoRA adapters of one base into one model, tensor by tensor.
+
+    merge_models("ties", [m1, m2, a3], out, base=base, options=MergeOptions(density=0.2))
+
+Inputs are full HF model dirs (one-round FFT models) or PEFT LoRA adapter dirs (one-round LoRA);
+the output is a full HF model dir that AutoModelForCausalLM loads: the base's config and tokenizer
+files, sharded safetensors and their index, and merge.json (what was merged, how). It is written
+into a temporary dir renamed when complete. Memory: one tensor per input (in float32) plus the
+method's working tensors, whatever the model's size; the output is streamed to disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from knowstack.atomic import atomic_dir, atomic_write_json
+from knowstack.combine.inputs import FullModel, LoraAdapter, config_differences, open_input, read_json
+from knowstack.combine.merge_methods import MergeMethod, MergeOptions, get_method
+from knowstack.combine.streaming import ShardedWriter
+from knowstack.errors import KnowstackError
+
+# Files besides the weights that make the output a loadable model; copied from the base.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
+MERGE_FILE = "merge.json"
+
+Input = FullModel | LoraAdapter
+
+
+def merge_models(
+    method: str,
+    models: Sequence[str | Path],
+    out: str | Path,
+    *,
+    base: str | Path | None = None,
+    weights: Sequence[float] | None = None,
+    options: MergeOptions | None = None,
+    seed: int = 0,
+    max_shard_bytes: int = 5 * 2**30,
+    progress: bool = False,
+) -> Path:
+    """Merge `models` (model dirs and/or LoRA adapter dirs) with `method` into the model dir `out`."""
+    chosen = get_method(method)
+    options = options or MergeOptions()
+    inputs = [open_input(path) for path in models]
+    if not inputs:
+        raise KnowstackError("give at least one model to merge", field="models")
+    weight_tensor = _weights(weights, len(inputs))
+    in_delta_space = chosen.uses_base or any(isinstance(m, LoraAdapter) for m in inputs)
+    if in_delta_space and base is None:
+        raise KnowstackError(f"'{method}' on {'LoRA adapters' if not chosen.uses_base else 'task vectors'} "
+                             "needs the base model (--base)", field="base")
+    base_model = FullModel(Path(base).expanduser()) if base is not None else None
+    reference = base_model or inputs[0]
+    assert isinstance(reference, FullModel)
+    _check_compatible(reference, inputs)
+
+    out = Path(out).expanduser()
+    sources = [m.path for m in inputs] + ([base_model.path] if base_model else [])
+    if out.resolve() in {path.resolve() for path in sources}:
+        raise KnowstackError("the output dir is one of the inputs (it would be replaced)", path=out)
+    with atomic_dir(out) as tmp:
+        _write_merged(tmp, chosen, reference, base_model if in_delta_space else None, inputs, weight_tensor,
+                      options, seed, max_shard_bytes, progress)
+        _copy_model_files(reference.path, tmp)
+        atomic_write_json(tmp / MERGE_FILE, {
+            "method": method, "base": str(base) if base is not None else None,
+            "models": [str(m.path) for m in inputs], "kinds": [m.kind for m in inputs],
+            "weights": weight_tensor.tolist(), "density": options.density, "drop_rate": options.drop_rate,
+            "lambda": options.lam, "seed": seed,
+        })
+    return out
+
+
+def _write_merged(tmp: Path, method: MergeMethod, reference: FullModel, base: FullModel | None, inputs: list[Input],
+                  weights: torch.Tensor, options: MergeOptions, seed: int, max_shard_bytes: int,
+                  progress: bool) -> None:
+    """Every tensor of `reference`, in its on-disk order, merged and streamed into shards in `tmp`.
+    With a `base`, the method works on task vectors (and LoRA deltas); without, on the full weights."""
+    specs = reference.reader.specs
+    order = reference.reader.names()
+    writer = ShardedWriter(tmp, [(name, specs[name].torch_dtype, specs[name].shape) for name in order],
+                           max_shard_bytes)
+    for name in tqdm(order, desc=f"merge {method.name}", unit="tensor", disable=not progress):
+        if base is not None:
+            merged = _merge_deltas(method, name, base, inputs, weights, options, seed)
+        else:
+            merged = _merge_full(method, name, inputs, weights, options, seed)
+        writer.write(name, merged.to(specs[name].torch_dtype))
+        del merged  # not alive while the next tensor is merged
+    writer.close()
+
+
+def _weights(weights: Sequence[float] | None, n: int) -> torch.Tensor:
+    if weights is None:
+        return torch.ones(n, dtype=torch.float64)
+    if len(weights) != n:
+        raise KnowstackError(f"{len(weights)} weights for {n} models: give one weight per model", field="weights")
+    if any(not w > 0 for w in weights):
+        raise KnowstackError("weights must be positive (they are relative: only their ratios matter)",
+                             field="weights")
+    return torch.tensor(list(weights), dtype=torch.float64)
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    # Seeded per tensor from (seed, name): the same merge gives the same bits in any order or sharding.
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def _merge_full(method: MergeMethod, name: str, inputs: list[Input], weights: torch.Tensor,
+                options: MergeOptions, seed: int) -> torch.Tensor:
+    tensors = [m.full(name) for m in inputs if isinstance(m, FullModel)]
+    if not tensors[0].is_floating_point():
+        return _same_everywhere(name, tensors, inputs)
+    return method.fn(tensors, weights, options, _generator(seed, name) if method.random else None)
+
+
+def _merge_deltas(method: MergeMethod, name: str, base: FullModel, inputs: list[Input], weights: torch.Tensor,
+                  options: MergeOptions, seed: int) -> torch.Tensor:
+    raw = base.reader.read(name)
+    if not raw.is_floating_point():
+        return _same_everywhere(name, [raw] + [m.full(name) for m in inputs if isinstance(m, FullModel)], inputs)
+    base_tensor = raw.float()
+    deltas = [m.delta(name, base_tensor) for m in inputs]
+    if all(d is None for d in deltas):
+        return base_tensor  # no adapter touches this weight
+    taus = [d if d is not None else torch.zeros_like(base_tensor) for d in deltas]
+    merged = method.fn(taus, weights, options, _generator(seed, name) if method.random else None)
+    return merged.add_(base_tensor)
+
+
+def _same_everywhere(name: str, tensors: list[torch.Tensor], inputs: list[Input]) -> torch.Tensor:
+    # Integer buffers cannot be averaged; they must simply agree.
+    if any(not torch.equal(tensors[0], t) for t in tensors[1:]):
+        raise KnowstackError(f"non-float tensor '{name}' differs between the models", path=inputs[0].path)
+    return tensors[0]
+
+
+def _check_compatible(reference: FullModel, inputs: list[Input]) -> None:
+    """One clear error for inputs that cannot be merged with the base (or with each other)."""
+    names = reference.names()
+    for model in inputs:
+        if isinstance(model, FullModel):
+            _check_same_config(reference, model.config, model.path)
+            _check_same_tensors(reference, model)
+        else:
+            _check_adapter(reference, model, names)
+
+
+def _check_same_config(reference: FullModel, config: dict, path: Path, what: str = "its config") -> None:
+    differences = config_differences(reference.config, config)
+    if differences:
+        shown = ", ".join(f"{k}: {config.get(k)!r} vs {reference.config.get(k)!r}" for k in differences[:4])
+        raise KnowstackError(f"{what} differs from that of {reference.path} ({shown}): merged models must be "
+                             "fine-tunes of one base", path=path)
+
+
+def _check_same_tensors(reference: FullModel, model: FullModel) -> None:
+    ours, theirs = reference.reader.specs, model.reader.specs
+    missing = sorted(set(ours) - set(theirs))
+    extra = sorted(set(theirs) - set(ours))
+    if missing or extra:
+        detail = f"missing tensor '{missing[0]}'" if missing else f"unexpected tensor '{extra[0]}'"
+        count = len(missing) + len(extra)
+        raise KnowstackError(f"{detail} ({count} tensor{'s' if count > 1 else ''} differ from {reference.path})",
+                             path=model.path)
+    for name, spec in ours.items():
+        if theirs[name].shape != spec.shape:
+            raise KnowstackError(f"tensor '{name}' has shape {list(theirs[name].shape)}, the base's is "
+                                 f"{list(spec.shape)}", path=model.path)
+
+
+def _check_adapter(reference: FullModel, adapter: LoraAdapter, names: set[str]) -> None:
+    unknown = sorted(adapter.names() - names)
+    if unknown:
+        raise KnowstackError(f"adapter targets '{unknown[0]}', which the base has not: the base is not this "
+                             "adapter's base", path=adapter.path)
+    for name, (a_name, b_name, _) in adapter.modules.items():
+        out_features = adapter.reader.specs[b_name].shape[0]
+        in_features = adapter.reader.specs[a_name].shape[1]
+        shape = reference.reader.specs[name].shape
+        if adapter.config.get("fan_in_fan_out"):
+            shape = shape[::-1]
+        if (out_features, in_features) != shape:
+            raise KnowstackError(f"adapter for '{name}' is {out_features}x{in_features}, the base's weight is "
+                                 f"{'x'.join(map(str, shape))}: the base is not this adapter's base",
+                                 path=adapter.path)
+    trained_on = adapter.base_model_path()
+    if trained_on and (Path(trained_on) / "config.json").is_file():
+        what = f"the config of the model it was trained on ({trained_on})"
+        _check_same_config(reference, read_json(Path(trained_on) / "config.json"), adapter.path, what)
+
+
+def _copy_model_files(source: Path, tmp: Path) -> None:
+    shutil.copy2(source / "config.json", tmp / "config.json")
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, tmp / name)
