@@ -4,21 +4,33 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.knowstack-installed
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow lint bench browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch is pinned to the CPU build first, so that no other requirement pulls a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	# the ray extra too: the Ray executor's tests run in CI (`make test-slow`)
+	$(BIN)/pip install --quiet -e '.[dev,ray]'
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/knowstack demo
+	$(BIN)/knowstack demo   # its last line: the path of runs/demo/report.html
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# The report's test opens report.html in headless Chromium: install it from the system packages where
+# apt-get can (root, or sudo without a password); elsewhere that one test says why it is skipped.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif ! command -v apt-get >/dev/null; then echo "no apt-get: install chromium and chromedriver yourself"; \
+	else SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	  if [ -n "$$SUDO" ] && ! sudo -n true 2>/dev/null; then echo "not root: skipping the chromium install"; \
+	  else $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+	    { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver; } || \
+	    echo "could not install chromium: the browser test will be skipped"; fi; fi
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

@@ -372,9 +372,12 @@ def test_report_has_a_merge_section() -> None:
                          + rows("one-round-lora-a", "one-round", "lora", "a", 0.6, 0.4, 0.7)
                          + rows("one-round-lora-b", "one-round", "lora", "b", 0.2, 0.8, 0.5)
                          + rows("merge-ties-lora", "merge", "lora", "a+b", 0.3, 0.6, 0.8), title="t", task_order=["a", "b"])
-    section = text[text.index("## Merging the one-round models"):]
-    # ties-lora: AVnew 0.45 (+50% from 0.3), AVE 0.8 (+0%); per task +50%, +50%, +0%
-    assert "| ties-lora | 0.4500 | +50% | 0.8000 | +0% | 0.5667 | +21% |" in section
-    assert "| ties-lora | +50% | +50% | +0% |" in section
+    section = text[text.index("## Semi-cooperative"):]
+    # ties-lora: AVE 0.8 (+0%), AVnew 0.45 (+50% from 0.3), AVall 0.5667 (+21%); per task +50%, +50%, +0%
+    assert "| merge TIES LoRA | 0.8000 | 0.4500 | 0.5667 |" in section
+    assert "| merge TIES LoRA: gain from base | +0% | +50% | +21% |" in section
+    assert "| merge TIES LoRA: gain from base | +50% | +50% | +50% |" in section  # Fig. 9: a, b, AVnew
+    assert "| merge TIES LoRA: gain from base | +0% | +0% |" in section  # Fig. 10: ks_x, AVE
     # one-round reference: own model per task (0.6, 0.8), old averaged over them (0.6)
-    assert "| one-round lora (own model per task) | 0.7000 | +133% | 0.6000 | -25% |" in section
+    assert "| one-round LoRA | 0.6000 | 0.7000 | 0.6667 |" in section
+    assert "| one-round LoRA: gain from base | -25% | +133% |" in section

@@ -20,10 +20,18 @@ def cmd_study(args: argparse.Namespace) -> None:
     from knowstack.study.runner import run_study
 
     config = load_config(args.config)
+    executor = None
+    if not args.dry_run:
+        from knowstack.study.executors import make_executor
+
+        # `demo` reaches here too, without the study command's executor options
+        executor = make_executor(getattr(args, "executor", "local"), getattr(args, "address", None))
     outcome = run_study(config, Path(args.out), dry_run=args.dry_run, console=console,
-                        config_text=Path(args.config).read_text(encoding="utf-8"))
+                        config_text=Path(args.config).read_text(encoding="utf-8"), executor=executor,
+                        gpu_memory=int(getattr(args, "gpu_memory", 80.0) * 2**30))
     if outcome is not None:
-        print(f"results: {outcome.results_csv}\nreport:  {outcome.report}")
+        # The page last: `make demo` ends with the path to open.
+        print(f"results: {outcome.results_csv.resolve()}\nreport:  {outcome.report.resolve()}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -34,19 +42,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     from knowstack.config import load_config
-    from knowstack.report.markdown import write_report
+    from knowstack.report.build import study_rows, write_study_report
     from knowstack.study.plan import build_plan
-    from knowstack.study.results import read_csv
 
     out = Path(args.dir)
-    results = out / "results.csv"
-    if not results.is_file():
-        raise KnowstackError("no results.csv: run `knowstack study` first", path=out)
-    config = load_config(out / "config.yaml")
-    plan = build_plan(config)
-    path = write_report(read_csv(results), out, title=config.name, task_order=plan.task_names,
-                        old_metric=config.old_knowledge.metric)
-    print(f"report: {path}")
+    if not (out / "config.yaml").is_file():
+        raise KnowstackError("not a study dir (no config.yaml): run `knowstack study CONFIG --out DIR` first",
+                             path=out)
+    plan = build_plan(load_config(out / "config.yaml"))
+    rows = study_rows(plan, out)
+    if not rows:
+        raise KnowstackError("no results yet: no evaluation of this study has finished", path=out)
+    path = write_study_report(plan, out, rows)
+    print(f"markdown: {path.with_name('report.md').resolve()}\nreport:   {path.resolve()}")
 
 
 def _task_from_args(args: argparse.Namespace):
@@ -119,6 +127,47 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"merged model: {out}")
 
 
+def _prompt_lists(files: list[str]) -> list[list[str]]:
+    """Each file: a JSON list / JSONL of prompts, as strings or as objects with a "prompt" (a TRACE split)."""
+    from knowstack.data.formats import read_records
+
+    lists = []
+    for file in files:
+        prompts = [item if isinstance(item, str) else item.get("prompt") if isinstance(item, dict) else None
+                   for item in read_records(Path(file))]
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise KnowstackError("expected a non-empty list of prompts (strings or {\"prompt\": ...})", path=file)
+        lists.append(prompts)
+    return lists
+
+
+def cmd_mix(args: argparse.Namespace) -> None:
+    from knowstack.combine.moe import MoeOptions, mix_models
+    from knowstack.combine.moe_train import RouterTraining
+    from knowstack.data.formats import load_trace_split
+
+    prompts = [p[: args.prompts_per_expert] for p in _prompt_lists(args.prompts)] if args.prompts else None
+    router = args.router or ("prompts" if prompts else "random")
+    if args.train_data and not args.train_steps:
+        raise KnowstackError("--train-data is for router training: give --train-steps too")
+    examples = [ex for file in args.train_data or [] for ex in load_trace_split(Path(file))]
+    training = None
+    if args.train_steps:
+        training = RouterTraining(steps=args.train_steps, lr=args.train_lr, batch_size=args.train_batch_size,
+                                  aux_loss_coef=args.aux_loss_coef, seed=args.seed)
+    options = MoeOptions(top_k=args.top_k, layers=tuple(args.layers) if args.layers else None, shared=args.shared,
+                         base_expert=args.base_expert, router=router, seed=args.seed)
+    record = mix_models(args.base, args.models, Path(args.out), options=options, prompts=prompts,
+                        train_examples=examples, training=training, max_shard_bytes=int(args.max_shard_gb * 2**30))
+    counts = record["parameters"]
+    print(f"{record['architecture']}: {record['experts']} experts in layers {record['layers']}, "
+          f"{counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active per token")
+    for when, loads in record.get("loads", {}).items():
+        if when != "measured_on":
+            print(f"expert load per layer {when.replace('_', ' ')}: {json.dumps(loads)}")
+    print(f"mixture of experts: {args.out}")
+
+
 def cmd_build_world(args: argparse.Namespace) -> None:
     from knowstack.builtin.world import build_world
 
@@ -145,15 +194,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("study", help="run a study from a YAML config (resumes where it stopped)")
     p.add_argument("config")
-    p.add_argument("--out", required=True, help="the study dir (artifacts, results.csv, report.md)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and which steps are done")
+    p.add_argument("--out", required=True, help="the study dir (artifacts, results.csv, report.html)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan, which steps are done, and each step's estimated GPU memory and GPUs")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where steps run: here in plan order (local), or as Ray tasks, each ready step at once (ray)")
+    p.add_argument("--address", help="ray: the cluster to join ('auto', 'HOST:6379', 'ray://HOST:10001'); "
+                                     "default: start a local Ray")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="dry run: GiB per GPU (default 80)")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("demo", help="the quick built-in study (configs/builtin-quick.yaml)")
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("report", help="rewrite a study dir's report from its results.csv")
+    p = sub.add_parser("report", help="write a study dir's report (report.html, report.md, figures/, tables/) "
+                                      "from its results; a study still running reports what has finished")
     p.add_argument("dir")
     p.set_defaults(func=cmd_report)
 
@@ -197,6 +253,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output shard")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("mix", help="mix fine-tuned models (FFT-MoE) or LoRA adapters (LoRA-MoE) of one base "
+                                   "into a mixture of experts")
+    p.add_argument("--base", required=True, help="the base model dir")
+    p.add_argument("--models", nargs="+", required=True, help="model dirs (FFT-MoE) or PEFT LoRA adapter dirs")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    p.add_argument("--layers", nargs="+", type=int, help="the layers to mix (default: all)")
+    p.add_argument("--shared", choices=["base", "average"], default="base",
+                   help="FFT-MoE: attention, norms and embeddings from the base or the models' average")
+    p.add_argument("--base-expert", choices=["none", "routed", "always-on"], default="none",
+                   help="the base as a routed expert, or always active (FFT-MoE)")
+    p.add_argument("--router", choices=["random", "uniform", "base-biased", "prompts", "none"],
+                   help="router init (default: prompts if --prompts is given, else random); none: router-free")
+    p.add_argument("--prompts", nargs="+", help="one JSON/JSONL file of prompts per model, in order")
+    p.add_argument("--prompts-per-expert", type=int, default=8, help="prompts used from each file (default 8)")
+    p.add_argument("--train-data", nargs="+", help="router training: TRACE-format files of prompt/answer items")
+    p.add_argument("--train-steps", type=int, default=0, help="router training steps (default 0: none)")
+    p.add_argument("--train-lr", type=float, default=1e-3)
+    p.add_argument("--train-batch-size", type=int, default=8)
+    p.add_argument("--aux-loss-coef", type=float, default=0.01, help="weight of the load-balancing loss")
+    p.add_argument("--seed", type=int, default=0, help="random routers and the training order")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output shard (FFT-MoE)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_mix)
 
     p = sub.add_parser("build-world", help="build the built-in world (base model, tokenizer, tasks)")
     p.add_argument("--preset", choices=["test", "quick", "full"], default="quick")

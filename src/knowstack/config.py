@@ -189,8 +189,60 @@ class MergeConfig(MethodConfig):
         return value
 
 
+class RouterTrainingConfig(Strict):
+    """Training of the MoE's routers alone (experts and everything else frozen): `steps` optimizer steps
+    of `batch_size` examples drawn from the first `examples_per_task` training examples of each mixed
+    task, answer-only LM loss + aux_loss_coef x the load-balancing loss."""
+
+    steps: int = Field(default=50, gt=0)
+    examples_per_task: int = Field(default=16, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    aux_loss_coef: float = Field(default=0.01, ge=0)
+
+
+class MoeConfig(Strict):
+    """Mixing the one-round models (experts: fft, a Mixtral-style FFT-MoE) or adapters (lora, a LoRA-MoE)
+    of all tasks, or of `tasks`, into one mixture of experts, one per entry of `experts`.
+    top_k: experts per token; layers: the layers to mix (default all); shared: attention, norms,
+    embeddings from the base or the average of the models (FFT only); base_expert: the base as a routed
+    expert, or always on (FFT only); router: random | uniform | base-biased | prompts (each expert's row
+    from the base's hidden states on the first `prompts_per_expert` training prompts of its task) |
+    none (router-free: all experts with equal weight); seed: random routers (default: the study's)."""
+
+    experts: list[Finetune] = Field(default_factory=lambda: ["fft", "lora"])
+    tasks: list[str] | None = None
+    top_k: int = Field(default=2, ge=1)
+    layers: list[Annotated[int, Field(ge=0)]] | None = None
+    shared: Literal["base", "average"] = "base"
+    base_expert: Literal["none", "routed", "always-on"] = "none"
+    router: Literal["random", "uniform", "base-biased", "prompts", "none"] = "prompts"
+    prompts_per_expert: int = Field(default=8, gt=0)
+    router_training: RouterTrainingConfig | None = None
+    seed: int | None = None
+
+    @field_validator("experts")
+    @classmethod
+    def _experts(cls, value: list[str]) -> list[str]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError("name each of fft, lora once, at least one")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MoeConfig:
+        if self.tasks is not None and (not self.tasks or len(set(self.tasks)) != len(self.tasks)):
+            raise ValueError("'tasks' names each task to mix once, at least one")
+        if self.router == "base-biased" and self.base_expert != "routed":
+            raise ValueError("the base-biased router needs 'base_expert: routed'")
+        if self.base_expert == "always-on" and "lora" in self.experts:
+            raise ValueError("'base_expert: always-on' is for FFT-MoE: a LoRA-MoE always keeps the base")
+        if self.router == "none" and self.router_training is not None:
+            raise ValueError("a router-free MoE ('router: none') has no router to train")
+        return self
+
+
 class MethodsConfig(Strict):
-    """The methods to run; later methods (moe) join here."""
+    """The methods to run."""
 
     one_round: MethodConfig | None = Field(default=None, alias="one-round")
     sequential: MethodConfig | None = None
@@ -198,8 +250,50 @@ class MethodsConfig(Strict):
     joint: JointConfig | None = None
     replay: ReplayConfig | None = None
     merge: MergeConfig | None = None
+    moe: MoeConfig | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+ACCELERATE_CONFIGS = ("ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3")
+
+
+class LaunchSettings(Strict):
+    """num_processes > 1 (or an accelerate_config) runs a train step as `accelerate launch` of that
+    many processes on one machine, one per GPU. accelerate_config: a shipped config (ddp, fsdp,
+    deepspeed-zero2, deepspeed-zero3; ddp when not given) or the path of an accelerate config YAML;
+    mixed_precision overrides the accelerate config's."""
+
+    num_processes: int = Field(default=1, ge=1)
+    accelerate_config: str | None = None
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
+
+    @field_validator("accelerate_config")
+    @classmethod
+    def _known_or_yaml(cls, value: str | None) -> str | None:
+        if value is not None and value not in ACCELERATE_CONFIGS and not value.endswith((".yaml", ".yml")):
+            raise ValueError(f"name one of {', '.join(ACCELERATE_CONFIGS)} or an accelerate config .yaml file")
+        return value
+
+    @property
+    def launched(self) -> bool:
+        return self.num_processes > 1 or self.accelerate_config is not None
+
+
+class LaunchConfig(LaunchSettings):
+    """How train steps run: by default in the study's own process. lora: other settings for LoRA and
+    O-LoRA steps (e.g. FSDP for FFT of an 8B model, DDP for its adapters: O-LoRA's penalty needs
+    unsharded A matrices). cpu: processes on the CPU (gloo DDP), for machines without GPUs. Not part
+    of any step's key: the same global batch gives the same weights on any number of processes."""
+
+    cpu: bool = False
+    lora: LaunchSettings | None = None
+
+    def for_finetune(self, finetune: str) -> LaunchSettings:
+        if finetune == "lora" and self.lora is not None:
+            return self.lora
+        return LaunchSettings(num_processes=self.num_processes, accelerate_config=self.accelerate_config,
+                              mixed_precision=self.mixed_precision)
 
 
 class StudyConfig(Strict):
@@ -211,6 +305,7 @@ class StudyConfig(Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     methods: MethodsConfig = Field(default_factory=MethodsConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
     @model_validator(mode="after")
     def _builtin_consistency(self) -> StudyConfig:
@@ -247,7 +342,10 @@ def _resolve_paths(raw: Any, root: Path) -> Any:
     if isinstance(raw, dict):
         resolved = {}
         for key, value in raw.items():
-            if key in ("path", "train_file", "eval_file", "test_file", "include_path") and isinstance(value, str):
+            if key == "accelerate_config" and isinstance(value, str) and value.endswith((".yaml", ".yml")):
+                # a config file of the user's, relative to the study config; a shipped name stays a name
+                resolved[key] = os.path.normpath(root / Path(value).expanduser())
+            elif key in ("path", "train_file", "eval_file", "test_file", "include_path") and isinstance(value, str):
                 candidate = Path(value).expanduser()
                 # normpath, not resolve: a config reached through a symlinked dir stays relative to it
                 resolved[key] = os.path.normpath(candidate if candidate.is_absolute() else root / candidate)

@@ -39,12 +39,17 @@ def load_model(
     merge_adapter: bool = True,
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
-    """A causal LM from a HF model dir (or hub id), with a PEFT adapter applied on top if given."""
+    """A causal LM from a HF model dir (or hub id), with a PEFT adapter (or a LoRA-MoE dir) applied on top."""
     _check_exists(model_path, "model")
     model = AutoModelForCausalLM.from_pretrained(
         str(model_path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
     )
-    if adapter_path is not None:
+    if adapter_path is not None and (Path(adapter_path) / "lora_moe.json").is_file():
+        # A LoRA-MoE dir: its adapters are routed per token, so there is nothing to merge.
+        from knowstack.combine.moe_lora import apply_lora_moe
+
+        model = apply_lora_moe(model, adapter_path)
+    elif adapter_path is not None:
         from peft import PeftModel
 
         _check_exists(adapter_path, "adapter")

@@ -1,10 +1,12 @@
-"""Figures that compare methods (PNG, matplotlib): analogs of the paper's Figures 1-4 and R heat maps."""
+"""The report's figures (PNG, matplotlib), drawn from the report's own tables so a figure and its table
+can never disagree: grouped bars (analogs of the paper's Figures 1-10) and R[stage][task] heat maps."""
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -13,136 +15,168 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from knowstack.report.tables import Column, Scores, column_label  # noqa: E402
+from knowstack.report.tables import GAIN_SUFFIX, Table, TableRow  # noqa: E402
 
-# The paper's colours: FFT red-ish, LoRA blue-ish, base grey.
-COLOURS = {"base": "#9e9e9e", "fft": "#d9544d", "lora": "#3b75af", "fft-1r": "#f2a39e", "lora-1r": "#9cc3e6"}
+# The paper's colour convention: FFT red, LoRA blue, base grey. A figure with several FFT (or LoRA)
+# series walks down that finetune's shades; one-round models, the upper bound, take the lightest.
+BASE_COLOUR = "#9e9e9e"
+SHADES = {
+    "fft": ["#d9544d", "#a8322c", "#f08a5d", "#7f1f1a", "#e8706a", "#c0504d", "#5c1511"],
+    "lora": ["#3b75af", "#1f4e79", "#5fa8d3", "#0b2f4f", "#7aa6d6", "#2e5f8a", "#16384f"],
+}
+ONE_ROUND = {"fft": "#f2a39e", "lora": "#9cc3e6"}
+OTHER_COLOUR = "#6a9f58"
+# Methods are told apart within a finetune's colour by a hatch pattern.
+HATCHES = {"olora": "//", "merge": "..", "moe": "xx", "replay": "\\\\", "joint": "--"}
+MARKERS = {"base": "s", "one-round": "D", "sequential": "o", "olora": "^", "merge": "P", "moe": "*", "replay": "v",
+           "joint": "X"}
+
+
+@dataclass
+class FigureSpec:
+    """One figure to draw from `table`: its rows of `unit` as series (bars) or as a matrix (heatmap)."""
+
+    key: str  # the PNG's file stem
+    caption: str
+    title: str
+    table: Table
+    ylabel: str
+    kind: str = "bars"  # "bars" | "heatmap" | "scatter" (columns: x then y)
+    unit: str = "score"
+    columns: list[str] | None = None  # header names to plot; None: all
+    xlabel: str = "task (each with its own metric); average"
+    path: Path | None = None  # set once drawn
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
     os.close(fd)
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
     plt.close(fig)
     os.replace(tmp, path)
     return path
 
 
-def _colour(series_name: str) -> str | None:
-    words = series_name.lower().split()
-    key = words[0] + ("-1r" if "one-round" in words else "")
-    return COLOURS.get(key)
+def series_style(rows: list[TableRow]) -> list[dict]:
+    """Colour and hatch per row, from its run key `method/finetune/...` (the base's key is 'base')."""
+    used = {"fft": 0, "lora": 0}
+    # One-round models are drawn light only beside other runs of their finetune (as upper bounds);
+    # alone (Fig. 1, 2) they are the finetune's main colour.
+    others = {_finetune(r.key) for r in rows if not r.key.startswith(("one-round", "base"))}
+    styles = []
+    for row in rows:
+        method, finetune = row.key.partition("/")[0], _finetune(row.key)
+        if method == "base":
+            styles.append({"color": BASE_COLOUR})
+        elif method == "one-round" and finetune in others:
+            styles.append({"color": ONE_ROUND[finetune]})
+        elif finetune in SHADES:
+            shades = SHADES[finetune]
+            styles.append({"color": shades[used[finetune] % len(shades)], "hatch": HATCHES.get(method, "")})
+            used[finetune] += 1
+        else:
+            styles.append({"color": OTHER_COLOUR, "hatch": HATCHES.get(method, "")})
+    return styles
 
 
-def grouped_bars(groups: Sequence[str], series: dict[str, list[float | None]], title: str, ylabel: str,
-                 path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(groups) + 2), 3.6))
-    width = 0.8 / max(1, len(series))
+def _finetune(key: str) -> str:
+    return key.partition("/")[2].split("/")[0]
+
+
+def _column_indexes(spec: FigureSpec) -> list[int]:
+    names = spec.table.header[1:]
+    wanted = spec.columns if spec.columns is not None else names
+    return [i for i, name in enumerate(names) if name in wanted]
+
+
+def _number(cell: object) -> float:
+    return float(cell) if isinstance(cell, float | int) else math.nan
+
+
+def plotted_rows(spec: FigureSpec) -> list[TableRow]:
+    columns = _column_indexes(spec)
+    return [r for r in spec.table.rows if all(r.units[i] == spec.unit for i in columns)]
+
+
+def legend_label(row: TableRow) -> str:
+    """A gain row's label without the suffix the axis already says."""
+    return row.label.removesuffix(GAIN_SUFFIX)
+
+
+def _has_numbers(rows: list[TableRow], columns: list[int]) -> bool:
+    return any(isinstance(r.cells[j], float | int) for r in rows for j in columns)
+
+
+def grouped_bars(spec: FigureSpec, path: Path) -> Path | None:
+    rows, columns = plotted_rows(spec), _column_indexes(spec)
+    if not _has_numbers(rows, columns):  # an empty chart would only say less than the table
+        return None
+    groups = [spec.table.header[1 + i] for i in columns]
+    fig, ax = plt.subplots(figsize=(min(14, max(6.5, 0.3 * len(groups) * len(rows) + 2.5)), 4.0))
+    width = 0.8 / len(rows)
     x = np.arange(len(groups))
-    for i, (name, values) in enumerate(series.items()):
-        heights = [np.nan if v is None else v for v in values]
-        ax.bar(x + (i - (len(series) - 1) / 2) * width, heights, width, label=name,
-               color=_colour(name))
+    for i, (row, style) in enumerate(zip(rows, series_style(rows), strict=True)):
+        heights = [_number(row.cells[j]) for j in columns]
+        ax.bar(x + (i - (len(rows) - 1) / 2) * width, heights, width, label=legend_label(row), edgecolor="white",
+               linewidth=0.4, **style)
     ax.set_xticks(x, groups, rotation=20, ha="right")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=8, ncols=min(4, len(series)))
+    ax.set_xlabel(spec.xlabel)
+    ax.set_ylabel(spec.ylabel)
+    ax.set_title(spec.title)
+    if spec.unit == "percent":
+        ax.axhline(0, color="black", linewidth=0.6)
     ax.grid(axis="y", alpha=0.3)
+    # Beside the axes, not below: below it would collide with rotated tick labels.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return _save(fig, path)
 
 
-def _mean(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present and len(present) == len(values) else None
-
-
-def one_round_new(scores: Scores, path: Path) -> Path | None:
-    by_task: dict[str, dict[str, str]] = {}
-    for finetune in ("fft", "lora"):
-        for row in scores.models_where("one-round", finetune):
-            by_task.setdefault(row.trained_on, {})[finetune] = row.model
-    if not by_task:
+def heatmap(spec: FigureSpec, path: Path) -> Path | None:
+    rows, columns = plotted_rows(spec), _column_indexes(spec)
+    if not _has_numbers(rows, columns):
         return None
-    cols = scores.new_columns
-    series: dict[str, list[float | None]] = {"base": [scores.value("base", c) for c in cols]}
-    for finetune in ("fft", "lora"):
-        series[finetune.upper() if finetune == "fft" else "LoRA"] = [
-            scores.value(by_task.get(c[1], {}).get(finetune, ""), c) for c in cols]
-    labels = [column_label(c, cols) for c in cols] + ["average"]
-    series = {k: v + [_mean(v)] for k, v in series.items()}
-    return grouped_bars(labels, series, "One-round training: new knowledge per task (Fig. 1)", "score", path)
-
-
-def old_knowledge_bars(scores: Scores, models: dict[str, list[str]], title: str, path: Path) -> Path | None:
-    """Old-knowledge scores per task; each series averages the listed models (one-round: all of them)."""
-    if not any(models.values()):
-        return None
-    cols = scores.old_columns
-    series = {"base": [scores.value("base", c) for c in cols]}
-    for name, names in models.items():
-        if names:
-            series[name] = [_mean([scores.value(m, c) for m in names]) for c in cols]
-    labels = [c[1] for c in cols] + ["AVE"]
-    series = {k: v + [_mean(v)] for k, v in series.items()}
-    return grouped_bars(labels, series, title, "accuracy", path)
-
-
-def sequential_new(scores: Scores, path: Path) -> Path | None:
-    finals = {f: max(scores.models_where("sequential", f), key=lambda r: r.stage or 0).model
-              for f in ("fft", "lora") if scores.models_where("sequential", f)}
-    if not finals:
-        return None
-    cols = scores.new_columns
-    series: dict[str, list[float | None]] = {"base": [scores.value("base", c) for c in cols]}
-    for finetune, model in finals.items():
-        series[finetune.upper() if finetune == "fft" else "LoRA"] = [scores.value(model, c) for c in cols]
-    one_round = {f: {r.trained_on: r.model for r in scores.models_where("one-round", f)} for f in ("fft", "lora")}
-    for finetune, models in one_round.items():
-        if models:
-            name = f"{'FFT' if finetune == 'fft' else 'LoRA'} one-round"
-            series[name] = [scores.value(models.get(c[1], ""), c) for c in cols]
-    labels = [column_label(c, cols) for c in cols] + ["average"]
-    series = {k: v + [_mean(v)] for k, v in series.items()}
-    return grouped_bars(labels, series, "Sequential training: new knowledge after the last round (Fig. 4)",
-                        "score", path)
-
-
-def r_matrix(scores: Scores, finetune: str, path: Path) -> Path | None:
-    stages = sorted(scores.models_where("sequential", finetune), key=lambda r: r.stage or 0)
-    if not stages:
-        return None
-    cols: list[Column] = scores.new_columns
-    matrix = np.array([[np.nan if (v := scores.value(r.model, c)) is None else v for c in cols] for r in stages])
-    fig, ax = plt.subplots(figsize=(1.0 * len(cols) + 2, 0.5 * len(stages) + 1.5))
-    image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=max(1e-9, float(np.nanmax(matrix))))
+    matrix = np.array([[_number(r.cells[j]) for j in columns] for r in rows])
+    fig, ax = plt.subplots(figsize=(0.95 * len(columns) + 3, 0.45 * len(rows) + 1.8))
+    top = float(np.nanmax(matrix)) if np.isfinite(matrix).any() else 1.0
+    image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=max(1e-9, top), aspect="auto")
     for (i, j), value in np.ndenumerate(matrix):
-        ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white", fontsize=7)
-    ax.set_xticks(range(len(cols)), [column_label(c, cols) for c in cols], rotation=30, ha="right")
-    ax.set_yticks(range(len(stages)), [f"after {r.stage} ({r.trained_on})" for r in stages])
-    ax.set_title(f"Sequential {'FFT' if finetune == 'fft' else 'LoRA'}: R[stage][task]")
-    fig.colorbar(image, ax=ax, shrink=0.8)
+        if np.isfinite(value):
+            # Dark text on the bright end of viridis, light text on the dark end.
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                    color="black" if value > 0.6 * top else "white")
+    ax.set_xticks(range(len(columns)), [spec.table.header[1 + j] for j in columns], rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), [r.label for r in rows])
+    ax.set_xlabel("task (evaluated)")
+    ax.set_ylabel("model after stage (trained on)")
+    ax.set_title(spec.title)
+    fig.colorbar(image, ax=ax, shrink=0.85, label=spec.ylabel)
     return _save(fig, path)
 
 
-def write_figures(scores: Scores, out: Path) -> dict[str, Path]:
-    """Every figure the results allow; returns {caption: path} for the report to link."""
-    figures = Path(out) / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
-    one_round = {("FFT" if f == "fft" else "LoRA"): [r.model for r in scores.models_where("one-round", f)]
-                 for f in ("fft", "lora")}
-    final = {("FFT" if f == "fft" else "LoRA"): [max(rows, key=lambda r: r.stage or 0).model]
-             for f in ("fft", "lora") if (rows := scores.models_where("sequential", f))}
-    made = {
-        "One-round new knowledge, FFT vs LoRA (Fig. 1)": one_round_new(scores, figures / "fig1_one_round_new.png"),
-        "Old knowledge averaged over the one-round models (Fig. 2)": old_knowledge_bars(
-            scores, one_round, "One-round training: old knowledge, mean over models (Fig. 2)",
-            figures / "fig2_one_round_old.png"),
-        "Old knowledge after the last sequential round (Fig. 3)": old_knowledge_bars(
-            scores, final, "Sequential training: old knowledge after the last round (Fig. 3)",
-            figures / "fig3_sequential_old.png"),
-        "New knowledge after the last sequential round, one-round as upper bound (Fig. 4)": sequential_new(
-            scores, figures / "fig4_sequential_new.png"),
-        "Sequential FFT: R[stage][task]": r_matrix(scores, "fft", figures / "r_matrix_fft.png"),
-        "Sequential LoRA: R[stage][task]": r_matrix(scores, "lora", figures / "r_matrix_lora.png"),
-    }
-    return {caption: path for caption, path in made.items() if path is not None}
+def scatter(spec: FigureSpec, path: Path) -> Path | None:
+    """One point per row at (first column, second column): the learn/forget trade-off at a glance."""
+    columns = _column_indexes(spec)
+    rows = [r for r in plotted_rows(spec) if all(isinstance(r.cells[j], float | int) for j in columns)]
+    if len(columns) != 2 or len(rows) < 2:  # the base alone is no comparison
+        return None
+    fig, ax = plt.subplots(figsize=(8.5, 5.0))
+    for row, style in zip(rows, series_style(rows), strict=True):
+        ax.scatter(_number(row.cells[columns[0]]), _number(row.cells[columns[1]]), s=70, label=row.label,
+                   color=style["color"], marker=MARKERS.get(row.key.partition("/")[0], "o"), edgecolors="black",
+                   linewidths=0.5, zorder=3)
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.axvline(0, color="black", linewidth=0.6)
+    ax.set_xlabel(spec.xlabel)
+    ax.set_ylabel(spec.ylabel)
+    ax.set_title(spec.title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return _save(fig, path)
+
+
+def draw(spec: FigureSpec, folder: Path) -> Path | None:
+    """Draws the figure into `folder`/<key>.png; None (and nothing written) when it has no data."""
+    path = Path(folder) / f"{spec.key}.png"
+    spec.path = {"heatmap": heatmap, "scatter": scatter}.get(spec.kind, grouped_bars)(spec, path)
+    return spec.path

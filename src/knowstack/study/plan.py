@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from knowstack.config import MERGE_METHOD_OPTIONS, MergeConfig, StudyConfig, TrainingConfig
+from knowstack.config import MERGE_METHOD_OPTIONS, MergeConfig, MoeConfig, StudyConfig, TrainingConfig
 from knowstack.data.tasks import TaskSpec, task_from_config
 from knowstack.errors import KnowstackError
 
 # Bump when what a kind of step writes changes, so stale artifacts are not reused.
-STEP_VERSIONS = {"world": 1, "train": 1, "merge-adapter": 1, "eval": 1, "merge": 1}
+STEP_VERSIONS = {"world": 1, "train": 1, "merge-adapter": 1, "eval": 1, "merge": 1, "moe": 1}
 
 
 def _digest(obj: Any) -> str:
@@ -279,6 +279,46 @@ class PlanBuilder:
         trained_on = "+".join(task["name"] for task in self.tasks)
         self.evaluate(ModelRef(step_ref(step)), f"merge-{method}-{finetune}", "merge", finetune, None, trained_on)
 
+    def add_moe(self, experts: str, moe: MoeConfig) -> None:
+        """One mixture of experts of the one-round models (FFT) or adapters (LoRA) of every task, or of
+        `moe.tasks`, built with no data but a few prompts per expert. The one-round train steps are the
+        one-round method's own, so they run once."""
+        tasks = self._moe_tasks(moe)
+        n_experts = len(tasks) + (moe.base_expert == "routed")
+        if moe.router != "none" and moe.top_k > n_experts:
+            raise KnowstackError(f"top_k is {moe.top_k} but there are {n_experts} experts", field="methods.moe.top_k")
+        if moe.router == "uniform" and moe.top_k < n_experts and moe.router_training is None:
+            raise KnowstackError("a uniform router ties every expert, so top-k would always pick the first k: use "
+                                 "top_k = the number of experts, router_training, or router: none",
+                                 field="methods.moe.router")
+        trained = [self.train_step(self.base, task, experts) for task in tasks]
+        options = moe.model_dump(mode="json", exclude={"experts", "tasks", "seed"})
+        if experts == "lora":
+            options["shared"] = "base"  # an FFT-MoE option: a LoRA-MoE keeps the base's weights
+        params = {
+            "experts": experts,
+            "base": self.base.to_dict(),
+            "models": [step_ref(step) for step in trained],
+            "tasks": tasks,
+            "options": options,
+            "seed": self.config.seed if moe.seed is None else moe.seed,
+            "max_length": self.config.training.max_length,
+        }
+        deps = ref_deps(self.base) + tuple(step.key for step in trained)
+        step = self.plan.add(Step("moe", f"{experts}-{moe.router}", params, deps))
+        ref = ModelRef(step_ref(step)) if experts == "fft" else ModelRef(self.base.model, step_ref(step))
+        self.evaluate(ref, f"moe-{experts}", "moe", experts, None, "+".join(task["name"] for task in tasks))
+
+    def _moe_tasks(self, moe: MoeConfig) -> list[dict]:
+        if moe.tasks is None:
+            return self.tasks
+        known = {task["name"]: task for task in self.tasks}
+        unknown = [name for name in moe.tasks if name not in known]
+        if unknown:
+            raise KnowstackError(f"unknown task '{unknown[0]}' (the study's tasks: {', '.join(known)})",
+                                 field="methods.moe.tasks")
+        return [known[name] for name in moe.tasks]
+
 
 def lambda_tag(lambdas: float | list[float]) -> str:
     """How an O-LoRA run is named: '0.5', or '0_0.5_5' for one lambda per round."""
@@ -312,6 +352,8 @@ def build_plan(config: StudyConfig) -> Plan:
     for finetune in methods.merge.finetune if methods.merge else []:
         for method in methods.merge.methods:
             builder.add_merge(finetune, method, methods.merge)
+    for experts in methods.moe.experts if methods.moe else []:
+        builder.add_moe(experts, methods.moe)
     return builder.plan
 
 

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -15,9 +16,13 @@ from rich.table import Table
 from knowstack.atomic import atomic_write_json, atomic_write_text
 from knowstack.config import StudyConfig
 from knowstack.errors import KnowstackError
-from knowstack.study.plan import Plan, build_plan
-from knowstack.study.results import collect_rows, olora_penalties, write_csv, write_sqlite
-from knowstack.study.steps import StudyContext, execute
+from knowstack.study.executors import Executor, LocalExecutor
+from knowstack.study.plan import Plan, Step, build_plan
+from knowstack.study.results import collect_rows, write_csv, write_sqlite
+from knowstack.study.steps import StudyContext
+
+if TYPE_CHECKING:
+    from knowstack.study.resources import Estimate
 
 
 @dataclass
@@ -58,44 +63,77 @@ def describe_plan(plan: Plan, out: Path, console: Console) -> None:
     console.print(f"{len(plan.steps)} steps, {done} done, {len(plan.evaluations)} models evaluated")
 
 
+def describe_resources(plan: Plan, console: Console, gpu_memory: int | None = None) -> None:
+    """Per step: estimated memory on one GPU (unsharded) and the GPUs it needs (study/resources.py)."""
+    from knowstack.study.resources import DEFAULT_GPU_MEMORY, GiB, estimate_plan
+
+    gpu_memory = gpu_memory or DEFAULT_GPU_MEMORY
+    estimates, source = estimate_plan(plan, gpu_memory)
+    console.print(f"model: {source}")
+    if not estimates:
+        console.print("no memory estimate: the model's architecture is unknown")
+        return
+    table = Table(title=f"estimated memory per step, GiB (GPUs of {gpu_memory / GiB:g} GiB; "
+                        "weights+grads+optimizer sharded over the GPUs, activations not)")
+    for column in ("#", "step", "what", "params", "weights", "grads", "optimizer", "activations", "total", "GPUs",
+                   "as launched"):
+        table.add_column(column, justify="left" if column in ("step", "what") else "right")
+    too_big = 0
+    for index, (step, est) in enumerate(estimates, start=1):
+        cells, fits = _resource_row(step, est, plan.config, gpu_memory)
+        too_big += not fits
+        table.add_row(str(index), *cells)
+    # wide enough for every column even where stderr is not a terminal (80 columns by default)
+    Console(file=console.file, width=max(console.width, 150)).print(table)
+    console.print("GPUs: the fewest GPUs that hold the step with weights, gradients and optimizer state sharded "
+                  "(FSDP full shard / ZeRO-3); as launched: processes x GiB per GPU under the config's launch section")
+    if too_big:
+        console.print(f"[red]{too_big} train steps do not fit as launched[/red]: raise launch.num_processes, use "
+                      "the fsdp or deepspeed-zero3 config, or lower training.micro_batch_size / max_length")
+
+
+def _resource_row(step: Step, est: Estimate, config: StudyConfig, gpu_memory: int) -> tuple[list[str], bool]:
+    """One step's cells of the dry run's memory table, and whether it fits as launched."""
+    from knowstack.study.resources import USABLE, as_launched, gib
+
+    launched = as_launched(step, est, config)
+    fits = launched is None or launched[1] <= gpu_memory * USABLE
+    as_run = "" if launched is None else f"{launched[0]} x {gib(launched[1])}" + ("" if fits else " [red]too big[/red]")
+    params = f"{est.params / 1e9:.2f}B" if est.params >= 1e8 else f"{est.params / 1e6:.2f}M"
+    sizes = [gib(v) for v in (est.weights, est.grads, est.optimizer, est.activations, est.total)]
+    gpus = {0: "CPU", -1: "too big"}.get(est.gpus, str(est.gpus))
+    return [step.label, est.what, params, *sizes, gpus, as_run], fits
+
+
 def write_outputs(plan: Plan, out: Path) -> tuple[Path, Path]:
-    from knowstack.report.markdown import write_report
+    from knowstack.report.build import write_study_report
 
     rows = collect_rows(plan, out / "artifacts")
     write_csv(rows, out / "results.csv")
     write_sqlite(rows, out / "results.sqlite")
-    report = write_report(
-        rows, out, title=plan.config.name, task_order=plan.task_names, old_metric=plan.config.old_knowledge.metric,
-        penalties=olora_penalties(plan, out / "artifacts"),
-    )
-    return out / "results.csv", report
+    return out / "results.csv", write_study_report(plan, out, rows)
 
 
 def run_study(config: StudyConfig, out: Path, *, dry_run: bool = False, console: Console | None = None,
-              config_text: str | None = None) -> StudyOutcome | None:
+              config_text: str | None = None, executor: Executor | None = None,
+              gpu_memory: int | None = None) -> StudyOutcome | None:
+    """executor: where the steps run (default: here, in plan order); gpu_memory: bytes per GPU for
+    the dry run's estimate of how many GPUs each step needs."""
     console = console or Console(stderr=True)
     out = Path(out)
     plan = build_plan(config)
     if dry_run:
         describe_plan(plan, out, console)
+        describe_resources(plan, console, gpu_memory)
         return None
     with study_lock(out):
         if config_text is not None:
             atomic_write_text(out / "config.yaml", config_text)
         atomic_write_json(out / "plan.json", [{"key": s.key, "kind": s.kind, "deps": s.deps} for s in plan.ordered()])
         ctx = context_for(plan, out)
-        steps = plan.ordered()
-        ran = skipped = 0
         started = time.monotonic()
-        for index, step in enumerate(steps, start=1):
-            if ctx.artifact(step.key).is_dir():
-                skipped += 1
-                continue
-            console.print(f"[bold]step {index}/{len(steps)}[/bold] {step.kind}: {step.label}")
-            t0 = time.monotonic()
-            execute(step, ctx)
-            ran += 1
-            console.print(f"  done in {time.monotonic() - t0:.1f} s")
+        progress = (executor or LocalExecutor()).run(plan.ordered(), ctx, console)
+        ran, skipped = progress.ran, progress.skipped
         results, report = write_outputs(plan, out)
         console.print(
             f"study '{config.name}': {ran} steps run, {skipped} already done, "

@@ -110,18 +110,26 @@ MIXTURE_FILE = "mixture.json"
 
 
 def run_train(step: Step, ctx: StudyContext, out: Path) -> None:
-    from knowstack.train import train
+    """Here, or under `accelerate launch` when the config's launch section asks for processes: the
+    same job either way (train/launch.py), so the artifact does not depend on how it was run."""
+    from knowstack.train.launch import TrainJob, launch_job, run_job
 
     params = step.params
     examples, mixture = training_examples(ctx, params)
-    penalty = _olora_penalty(ctx, params)
-    model_path = ctx.resolve(params["init"]["model"])
-    train(model_path, examples, out, train_settings(ctx, params), progress_desc=step.label, extra_loss=penalty)
+    job = TrainJob(
+        model_path=ctx.resolve(params["init"]["model"]), out_dir=str(out),
+        settings=train_settings(ctx, params).to_dict(), examples=[(ex.prompt, ex.answer) for ex in examples],
+        progress_desc=step.label, olora=_olora_spec(ctx, params),
+    )
+    launch = ctx.config.launch.for_finetune(params["finetune"])
+    if launch.launched:
+        launch_job(job, num_processes=launch.num_processes, accelerate_config=launch.accelerate_config,
+                   cpu=ctx.config.launch.cpu, mixed_precision=launch.mixed_precision)
+    else:
+        run_job(job)
     if mixture is not None:
         # What was replayed / mixed, index by index into each task's train split, beside the model.
         atomic_write_json(out / MIXTURE_FILE, mixture)
-    if penalty is not None:
-        _record_olora(out, penalty)
 
 
 def training_examples(ctx: StudyContext, params: dict[str, Any]) -> tuple[list[Example], dict[str, Any] | None]:
@@ -151,24 +159,12 @@ def training_examples(ctx: StudyContext, params: dict[str, Any]) -> tuple[list[E
     return examples, record
 
 
-def _olora_penalty(ctx: StudyContext, params: dict[str, Any]):  # -> OLoraPenalty | None
+def _olora_spec(ctx: StudyContext, params: dict[str, Any]) -> dict[str, Any] | None:
+    """O-LoRA's inputs as paths: the earlier rounds' adapter dirs and lambda."""
     if "olora" not in params:
         return None
-    from knowstack.train.olora import OLoraPenalty, stack_previous
-
     olora = params["olora"]
-    return OLoraPenalty(stack_previous(ctx.resolve(ref) for ref in olora["previous"]), olora["lambda"])
-
-
-def _record_olora(out: Path, penalty: Any) -> None:
-    """A_prev as safetensors beside the adapter, and the penalty of every step in the train summary."""
-    from knowstack.train import SUMMARY_FILE
-    from knowstack.train.olora import PREVIOUS_A_FILE, save_previous
-
-    save_previous(out / PREVIOUS_A_FILE, penalty.previous)
-    summary = json.loads((out / SUMMARY_FILE).read_text())
-    summary["olora"] = penalty.record()
-    atomic_write_json(out / SUMMARY_FILE, summary)
+    return {"previous": [ctx.resolve(ref) for ref in olora["previous"]], "lambda": olora["lambda"]}
 
 
 def run_merge_adapter(step: Step, ctx: StudyContext, out: Path) -> None:
@@ -194,6 +190,35 @@ def run_merge(step: Step, ctx: StudyContext, out: Path) -> None:
                              drop_rate=options.get("drop_rate", defaults.drop_rate),
                              lam=options.get("lambda", defaults.lam)),
         seed=options.get("seed", 0),
+    )
+
+
+def run_moe(step: Step, ctx: StudyContext, out: Path) -> None:
+    """The one-round models (or adapters) of the mixed tasks as the experts of one MoE, written to `out`.
+    The few prompts per expert (router init, expert load) and the router-training set are the first
+    examples of each task's training split."""
+    from knowstack.combine.moe import MoeOptions, mix_models
+    from knowstack.combine.moe_train import RouterTraining
+
+    params, options = step.params, step.params["options"]
+    train_splits = {task["name"]: ctx.tasks()[task["name"]].load("train") for task in params["tasks"]}
+    prompts = [[ex.prompt for ex in split[: options["prompts_per_expert"]]] for split in train_splits.values()]
+    training, examples = None, None
+    if options["router_training"]:
+        settings = options["router_training"]
+        examples = [ex for split in train_splits.values() for ex in split[: settings["examples_per_task"]]]
+        training = RouterTraining(steps=settings["steps"], lr=settings["lr"], batch_size=settings["batch_size"],
+                                  aux_loss_coef=settings["aux_loss_coef"], max_length=params["max_length"],
+                                  seed=params["seed"])
+    layers = options["layers"]
+    mix_models(
+        _local_model_dir(ctx.resolve(params["base"]["model"])),
+        [ctx.resolve(ref) for ref in params["models"]],
+        out,
+        options=MoeOptions(top_k=options["top_k"], layers=tuple(layers) if layers is not None else None,
+                           shared=options["shared"], base_expert=options["base_expert"], router=options["router"],
+                           seed=params["seed"]),
+        prompts=prompts, train_examples=examples, training=training, tokenizer_path=ctx.config.base.tokenizer,
     )
 
 
@@ -231,6 +256,7 @@ def run_eval(step: Step, ctx: StudyContext, out: Path) -> None:
     model_path = ctx.resolve(ref["model"])
     trust = ctx.config.base.trust_remote_code
     model = load_model(model_path, ctx.resolve(ref["adapter"]), dtype="float32", trust_remote_code=trust)
+    model = on_gpu_if_it_fits(model)
     tokenizer = load_tokenizer(ctx.config.base.tokenizer or model_path, trust_remote_code=trust)
     batch_size = ctx.config.evaluation.batch_size
     for name, task in ctx.tasks().items():
@@ -261,6 +287,19 @@ def run_eval(step: Step, ctx: StudyContext, out: Path) -> None:
     shutil.rmtree(partial)
 
 
+def on_gpu_if_it_fits(model: Any) -> Any:
+    """Evaluation on this process's GPU (a Ray task's, or this machine's) when the model fits in its free
+    memory with half as much again for activations; otherwise on the CPU, where models are loaded.
+    Generation and lm-eval follow the model's device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return model
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    free, _ = torch.cuda.mem_get_info()
+    return model.to("cuda") if 1.5 * size < free else model
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     from knowstack.atomic import atomic_write_text
 
@@ -273,6 +312,7 @@ EXECUTORS: dict[str, Callable[[Step, StudyContext, Path], None]] = {
     "merge-adapter": run_merge_adapter,
     "eval": run_eval,
     "merge": run_merge,
+    "moe": run_moe,
 }
 
 
@@ -288,7 +328,7 @@ def execute(step: Step, ctx: StudyContext) -> Path:
     with atomic_dir(final) as tmp:
         # Executors that write atomically themselves get a path that does not exist yet.
         target = tmp / "out"
-        executor(step, ctx, target if step.kind in ("world", "train", "merge-adapter", "merge") else tmp)
+        executor(step, ctx, target if step.kind in ("world", "train", "merge-adapter", "merge", "moe") else tmp)
         if target.exists():
             for item in target.iterdir():
                 item.rename(tmp / item.name)

@@ -11,10 +11,11 @@ same `batch_size` examples whatever the number of processes. Accumulation is don
 (`no_sync` on all but the last micro-batch), because Accelerator's own accumulation divides the
 loss by a fixed number of micro-batches, which is wrong when micro-batches hold unequal token counts.
 
-Checked: 2 processes on CPU (gloo DDP) give the 1-process loss curve and weights to ~1e-6. On CPU,
-launch with `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N ...`: accelerate 1.15 only picks
-multi-CPU DDP when told to use the CPU, and `accelerate launch --cpu --num_processes N` without MPI
-starts a single process.
+Tested (tests/test_distributed.py): 2 processes on CPU (gloo DDP) give the 1-process loss curve and
+weights to float tolerance. train/launch.py starts the processes (`accelerate launch` with a config from
+configs/accelerate/: DDP, FSDP, DeepSpeed ZeRO-2/3); on CPU it sets ACCELERATE_USE_CPU=1, because
+accelerate 1.15 only picks multi-CPU DDP when told to use the CPU, and `accelerate launch --cpu
+--num_processes N` without MPI starts a single process.
 """
 
 from __future__ import annotations
@@ -226,6 +227,8 @@ def _optimizer_step(
     for k, micro in enumerate(micros):
         last = k == len(micros) - 1
         sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+        # DeepSpeed steps its engine inside backward() unless told that more micro-batches follow.
+        accelerator.sync_gradients = last
         with sync:
             inputs = collate([tokenized[i] for i in micro], pack_rows=settings.pack, pad_token_id=pad_token_id)
             inputs = {key: value.to(accelerator.device) for key, value in inputs.items()}

@@ -1,0 +1,250 @@
+"""Mixing one-round models (FFT-MoE) or adapters (LoRA-MoE) of one base into a mixture of experts.
+
+    mix_models(base, [m1, m2, m3], out, options=MoeOptions(top_k=2, router="prompts"),
+               prompts=[[...], [...], [...]])
+
+Full model dirs give an FFT-MoE (a Mixtral or knowstack_moe checkpoint, moe_fft.py); PEFT LoRA adapter
+dirs give a LoRA-MoE dir loaded onto the base (moe_lora.py). Routers are built without data or from a
+few prompts per expert (routers.py); optionally they alone are then trained (moe_train.py). The output
+dir is written under a temporary name and renamed when complete, with moe.json: what was mixed, the
+options, total and active parameters, the expert load per layer (before and after router training).
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from knowstack.atomic import atomic_dir, atomic_write_json
+from knowstack.combine.inputs import FullModel, LoraAdapter, open_input
+from knowstack.combine.moe_train import RouterTraining, expert_loads, train_routers
+from knowstack.combine.routers import (
+    ROUTER_KINDS,
+    Router,
+    data_free_routers,
+    mean_router_inputs,
+    prompt_routers,
+)
+from knowstack.data.formats import Example
+from knowstack.errors import KnowstackError
+
+MOE_FILE = "moe.json"
+BASE_EXPERTS = ("none", "routed", "always-on")
+SHARED = ("base", "average")
+
+
+@dataclass(frozen=True)
+class MoeOptions:
+    """top_k: experts per token; layers: the layers to mix (None: all); shared: where attention, norms,
+    embeddings and unmixed MLPs come from (FFT only); base_expert: the base's MLP (FFT) / a null adapter
+    (LoRA) as a routed expert, or always on (FFT only); router: see routers.py; seed: random routers."""
+
+    top_k: int = 2
+    layers: tuple[int, ...] | None = None
+    shared: str = "base"
+    base_expert: str = "none"
+    router: str = "random"
+    seed: int = 0
+
+
+def mix_models(
+    base: str | Path,
+    models: Sequence[str | Path],
+    out: str | Path,
+    *,
+    options: MoeOptions | None = None,
+    prompts: Sequence[Sequence[str]] | None = None,
+    train_examples: Sequence[Example] | None = None,
+    training: RouterTraining | None = None,
+    tokenizer_path: str | Path | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> dict[str, Any]:
+    """Builds the MoE of `models` (all model dirs, or all adapter dirs) on `base` into `out`.
+
+    prompts: a few prompts per model (in order), for the router init `prompts` and to measure the
+    expert load; train_examples + training: router training on a small mixed set. Returns moe.json.
+    """
+    options = options or MoeOptions()
+    base_model = FullModel(Path(base).expanduser())
+    inputs = [open_input(path) for path in models]
+    kind = _kind(inputs)
+    _validate(kind, len(inputs), int(base_model.config["num_hidden_layers"]), options, prompts, train_examples,
+              training)
+    out = Path(out).expanduser()
+    if out.resolve() in {p.resolve() for p in [base_model.path, *(m.path for m in inputs)]}:
+        raise KnowstackError("the output dir is one of the inputs (it would be replaced)", path=out)
+    tokenizer = None
+    if prompts is not None or training is not None:
+        from knowstack.modelio import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_path or base_model.path)
+    routers = _routers(kind, base_model, options, prompts, tokenizer, len(inputs))
+    with atomic_dir(out) as tmp:
+        record = _build(kind, tmp, base_model, inputs, options, routers, max_shard_bytes)
+        if options.router != "none" and (prompts or training):
+            record.update(_routers_at_work(kind, tmp, base_model, tokenizer, prompts, train_examples, training))
+        atomic_write_json(tmp / MOE_FILE, record)
+    return record
+
+
+def _kind(inputs: list[FullModel | LoraAdapter]) -> str:
+    if not inputs:
+        raise KnowstackError("give at least one model or adapter to mix", field="models")
+    kinds = {m.kind for m in inputs}
+    if len(kinds) > 1:
+        raise KnowstackError("mix either full models (FFT-MoE) or LoRA adapters (LoRA-MoE), not both",
+                             field="models")
+    return kinds.pop()
+
+
+def _validate(kind: str, n_models: int, n_layers: int, options: MoeOptions, prompts: Sequence[Sequence[str]] | None,
+              train_examples: Sequence[Example] | None, training: RouterTraining | None) -> None:
+    """One clear error for every combination of options that cannot work."""
+    layers = options.layers
+    checks = [
+        (layers is not None and (not layers or any(not 0 <= i < n_layers for i in layers)), "layers",
+         f"layers to mix must be in 0..{n_layers - 1}, at least one"),
+        (options.router not in ROUTER_KINDS, "router", f"router must be one of {', '.join(ROUTER_KINDS)}"),
+        (options.base_expert not in BASE_EXPERTS, "base_expert", f"base_expert must be one of {', '.join(BASE_EXPERTS)}"),
+        (options.shared not in SHARED, "shared", "shared must be 'base' or 'average'"),
+        (kind == "lora" and options.base_expert == "always-on", "base_expert",
+         "a LoRA-MoE always keeps the base: the adapters add to it (use 'routed' for a null expert)"),
+        (kind == "lora" and options.shared != "base", "shared",
+         "a LoRA-MoE keeps the base's own weights ('shared' is for FFT-MoE)"),
+    ]
+    n_experts = n_models + (options.base_expert == "routed")
+    checks += [
+        (options.router != "none" and not 1 <= options.top_k <= n_experts, "top_k",
+         f"top_k must be between 1 and the number of experts ({n_experts})"),
+        (options.router == "base-biased" and options.base_expert != "routed", "router",
+         "the base-biased router needs the base as a routed expert (base_expert: routed)"),
+        (options.router == "prompts" and (prompts is None or len(prompts) != n_models), "prompts",
+         f"the router init from prompts needs a list of prompts for each of the {n_models} models"),
+        (options.router == "uniform" and options.top_k < n_experts and training is None, "router",
+         "a uniform router ties every expert, so top-k would always pick the first k: use top_k = the number "
+         "of experts, router training, or router: none"),
+        (training is not None and options.router == "none", "router_training", "a router-free MoE has no router to train"),
+        (training is not None and not train_examples, "router_training", "router training needs examples"),
+    ]
+    for failed, field, message in checks:
+        if failed:
+            raise KnowstackError(message, field=field)
+
+
+def _routers(kind: str, base: FullModel, options: MoeOptions, prompts: Sequence[Sequence[str]] | None,
+             tokenizer: Any, n_models: int) -> dict[int, Router] | None:
+    if options.router == "none":
+        return None
+    n_layers = int(base.config["num_hidden_layers"])
+    layers = list(range(n_layers)) if options.layers is None else sorted(set(options.layers))
+    base_index = 0 if options.base_expert == "routed" else None
+    if options.router != "prompts":
+        return data_free_routers(options.router, layers, n_models + (base_index is not None),
+                                 int(base.config["hidden_size"]), init_range=float(base.config.get("initializer_range", 0.02)),
+                                 seed=options.seed, base_index=base_index)
+    from knowstack.modelio import load_model
+
+    model = load_model(base.path, dtype="float32")
+    try:
+        means = mean_router_inputs(model, tokenizer, prompts or [], layers, "mlp" if kind == "fft" else "attention")
+    finally:
+        del model
+        gc.collect()
+    return prompt_routers(means, base_index)
+
+
+def _build(kind: str, tmp: Path, base: FullModel, inputs: list, options: MoeOptions,
+           routers: dict[int, Router] | None, max_shard_bytes: int) -> dict[str, Any]:
+    common = {"kind": kind, "base": str(base.path), "models": [str(m.path) for m in inputs],
+              "options": asdict(options)}
+    if kind == "fft":
+        from knowstack.combine.moe_fft import choose_layout, write_fft_moe
+
+        layout = choose_layout(base.config, len(inputs), layers=options.layers, base_expert=options.base_expert,
+                               router_free=options.router == "none", router_bias=options.router == "base-biased")
+        counts = write_fft_moe(tmp, base, inputs, layout, top_k=options.top_k, shared=options.shared, routers=routers,
+                               max_shard_bytes=max_shard_bytes)
+        architecture = "MixtralForCausalLM" if layout.stock else "KnowstackMoeForCausalLM"
+        return {**common, "architecture": architecture, "experts": layout.n_routed, "layers": list(layout.layers),
+                "parameters": counts}
+    from knowstack.combine.merge import _check_compatible
+    from knowstack.combine.moe_lora import write_lora_moe
+
+    _check_compatible(base, inputs)
+    config = write_lora_moe(tmp, base, inputs, top_k=options.top_k, layers=options.layers,
+                            base_expert=options.base_expert == "routed", router=options.router, routers=routers)
+    return {**common, "architecture": "lora-moe", "experts": config["num_experts"], "layers": config["layers"],
+            "parameters": _lora_parameters(tmp, base, config)}
+
+
+def _lora_parameters(tmp: Path, base: FullModel, config: dict) -> dict[str, int]:
+    from knowstack.combine.moe_lora import WEIGHTS_FILE, parameter_counts
+    from knowstack.combine.streaming import SafetensorsReader
+
+    shapes = {name: spec.shape for name, spec in SafetensorsReader([tmp / WEIGHTS_FILE]).specs.items()}
+    base_parameters = sum(_numel(spec.shape) for spec in base.reader.specs.values())
+    return parameter_counts(config, base_parameters, shapes)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def load_moe(kind: str, moe_dir: Path, base: Path) -> Any:
+    """The built MoE as a model in memory: the checkpoint (FFT), or the base with the LoRA-MoE on it."""
+    from knowstack.modelio import load_model
+
+    if kind == "fft":
+        return load_model(moe_dir, dtype="auto")
+    from knowstack.combine.moe_lora import apply_lora_moe
+
+    return apply_lora_moe(load_model(base, dtype="auto"), moe_dir)
+
+
+def _routers_at_work(kind: str, tmp: Path, base: FullModel, tokenizer: Any, prompts: Sequence[Sequence[str]] | None,
+                     train_examples: Sequence[Example] | None, training: RouterTraining | None) -> dict[str, Any]:
+    """Expert load per layer on the probe texts, and router training (then the load again, and the
+    trained routers written into the output)."""
+    model = load_moe(kind, tmp, base.path)
+    if training is not None:
+        probe, probe_name = [ex.prompt + ex.answer for ex in train_examples or []], "router training set"
+    else:
+        probe, probe_name = [p for group in prompts or [] for p in group], "prompts"
+    record: dict[str, Any] = {"loads": {"measured_on": f"{probe_name} ({len(probe)} texts)",
+                                        "before_training": expert_loads(model, tokenizer, probe)}}
+    if training is not None:
+        record["router_training"] = {"settings": asdict(training), **train_routers(model, tokenizer, train_examples or [],
+                                                                                   training)}
+        record["loads"]["after_training"] = expert_loads(model, tokenizer, probe)
+        _save_trained_routers(kind, tmp, model)
+    del model
+    gc.collect()
+    return record
+
+
+def _save_trained_routers(kind: str, tmp: Path, model: Any) -> None:
+    from knowstack.combine.moe_train import router_sites
+
+    if kind == "lora":
+        from knowstack.combine.moe_lora import lora_moe_routers, save_routers
+
+        save_routers(tmp, lora_moe_routers(model))
+        return
+    from knowstack.combine.moe_fft import overwrite_tensors
+
+    names = {name: param for name, param in model.named_parameters()}
+    tensors = {}
+    for site in router_sites(model):
+        for suffix in ("weight", "bias"):
+            memory_name = f"model.layers.{site.layer}.mlp.gate.{suffix}"
+            if memory_name in names:
+                disk = (f"model.layers.{site.layer}.block_sparse_moe.gate.{suffix}"
+                        if type(model).__name__ == "MixtralForCausalLM" else memory_name)
+                tensors[disk] = names[memory_name]
+    overwrite_tensors(tmp, tensors)

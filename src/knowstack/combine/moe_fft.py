@@ -1,0 +1,233 @@
+"""FFT-MoE: the MLP of each one-round model becomes one expert of a sparse MoE block in every mixed
+layer; everything else (attention, norms, embeddings, head, unmixed layers' MLPs) comes from the base
+or, as an option, is the plain average of the models.
+
+The checkpoint is written tensor by tensor from the inputs' safetensors, as the merges are: each
+output tensor is read (or averaged) from its source when its turn comes and streamed into the shard,
+so memory holds one tensor (an average: one accumulator and one tensor), whatever the model count.
+
+For a Llama/Mistral base with every layer mixed and a plain top-k router the output is a stock
+MixtralForCausalLM checkpoint (`model.layers.N.block_sparse_moe.experts.E.w1/w2/w3` = an MLP's
+gate/down/up, `block_sparse_moe.gate` = the router) that `transformers` loads as it is. The options
+Mixtral cannot express (some layers only, an always-on base expert, router-free, a router bias) give a
+`knowstack_moe` checkpoint of knowstack's own class (combine/moe_model.py) instead.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from knowstack.combine.inputs import FullModel
+from knowstack.combine.merge import TOKENIZER_FILES, _check_compatible
+from knowstack.combine.routers import Router
+from knowstack.combine.streaming import DTYPE_NAMES, SafetensorsReader, ShardedWriter
+from knowstack.errors import KnowstackError
+
+_MLP = re.compile(r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.(weight|bias)")
+_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+_MIXTRAL_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+# Llama config fields Mixtral has too; a base whose other fields differ from Mixtral's fixed
+# behaviour (attention/MLP biases) needs knowstack's own class.
+_MIXTRAL_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "initializer_range",
+                   "rms_norm_eps", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id",
+                   "tie_word_embeddings", "attention_dropout", "rope_parameters", "sliding_window", "dtype")
+
+Fetch = Callable[[], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FftMoeLayout:
+    """Which tensors an FFT-MoE has and what they are called."""
+
+    stock: bool  # a MixtralForCausalLM checkpoint, else knowstack_moe
+    layers: tuple[int, ...]  # the mixed layers
+    n_routed: int  # experts the router chooses among (a routed base is expert 0)
+    base_routed: bool
+    always_on: bool
+    router_free: bool
+    router_bias: bool
+
+    def expert(self, layer: int, expert: int, projection: str, kind: str = "weight") -> str:
+        if self.stock:
+            return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{_MIXTRAL_NAMES[projection]}.{kind}"
+        return f"model.layers.{layer}.mlp.experts.{expert}.{projection}.{kind}"
+
+    def router(self, layer: int, kind: str = "weight") -> str:
+        if self.stock:
+            return f"model.layers.{layer}.block_sparse_moe.gate.{kind}"
+        return f"model.layers.{layer}.mlp.gate.{kind}"
+
+    def always_on_expert(self, layer: int, projection: str, kind: str = "weight") -> str:
+        return f"model.layers.{layer}.mlp.base.{projection}.{kind}"
+
+
+def choose_layout(base_config: dict, n_models: int, *, layers: Sequence[int] | None, base_expert: str,
+                  router_free: bool, router_bias: bool) -> FftMoeLayout:
+    """Stock Mixtral where it can express the options, knowstack_moe where it cannot."""
+    model_type = base_config.get("model_type")
+    n_layers = int(base_config["num_hidden_layers"])
+    mixed = tuple(range(n_layers)) if layers is None else tuple(sorted(set(layers)))
+    if any(not 0 <= layer < n_layers for layer in mixed):
+        raise KnowstackError(f"layers to mix must be in 0..{n_layers - 1}, got {list(mixed)}", field="layers")
+    if not mixed:
+        raise KnowstackError("name at least one layer to mix", field="layers")
+    plain = (len(mixed) == n_layers and base_expert != "always-on" and not router_free and not router_bias
+             and not base_config.get("attention_bias") and not base_config.get("mlp_bias"))
+    stock = model_type in ("llama", "mistral") and plain
+    if not stock and model_type != "llama":
+        raise KnowstackError(f"FFT-MoE of a '{model_type}' base: only Llama and Mistral bases are supported "
+                             "(and only Llama with layers / always-on / router-free / base-biased options)")
+    return FftMoeLayout(stock=stock, layers=mixed, n_routed=n_models + (base_expert == "routed"),
+                        base_routed=base_expert == "routed", always_on=base_expert == "always-on",
+                        router_free=router_free, router_bias=router_bias)
+
+
+def write_fft_moe(tmp: Path, base: FullModel, models: Sequence[FullModel], layout: FftMoeLayout, *,
+                  top_k: int, shared: str, routers: dict[int, Router] | None,
+                  max_shard_bytes: int = 5 * 2**30) -> dict[str, int]:
+    """Streams the FFT-MoE checkpoint into `tmp` (weights, config, tokenizer); returns parameter counts."""
+    _check_compatible(base, list(models))
+    if not layout.router_free and (routers is None or set(routers) != set(layout.layers)):
+        raise AssertionError("a router per mixed layer is needed")
+    plan = _tensor_plan(base, models, layout, shared, routers or {})
+    writer = ShardedWriter(tmp, [(name, dtype, shape) for name, dtype, shape, _ in plan], max_shard_bytes)
+    for name, dtype, _, fetch in plan:
+        tensor = fetch()
+        writer.write(name, tensor.to(dtype))
+        del tensor  # not alive while the next one is read
+    writer.close()
+    _write_config(tmp, base, layout, top_k)
+    for file in TOKENIZER_FILES:
+        if (base.path / file).is_file():
+            shutil.copy2(base.path / file, tmp / file)
+    return _parameter_counts(plan, layout, top_k)
+
+
+PlanItem = tuple[str, torch.dtype, tuple[int, ...], Fetch]
+
+
+def _tensor_plan(base: FullModel, models: Sequence[FullModel], layout: FftMoeLayout, shared: str,
+                 routers: dict[int, Router]) -> list[PlanItem]:
+    """Every output tensor in write order (the base's on-disk order, a mixed layer's MoE block where its
+    MLP was), with the function that reads it; nothing is read yet."""
+    specs = base.reader.specs
+    plan: list[PlanItem] = []
+    done_blocks: set[int] = set()
+    for name in base.reader.names():
+        match = _MLP.fullmatch(name)
+        layer = int(match.group(1)) if match else None
+        if layer is not None and layer in layout.layers:
+            if layer not in done_blocks:
+                plan += _block_plan(base, models, layout, layer, routers.get(layer))
+                done_blocks.add(layer)
+            continue
+        plan.append((name, specs[name].torch_dtype, specs[name].shape, _shared_fetch(base, models, name, shared)))
+    missing = set(layout.layers) - done_blocks
+    if missing:
+        raise KnowstackError(f"the base has no Llama MLP (mlp.gate_proj/up_proj/down_proj) in layers {sorted(missing)}",
+                             path=base.path)
+    return plan
+
+
+def _block_plan(base: FullModel, models: Sequence[FullModel], layout: FftMoeLayout, layer: int,
+                router: Router | None) -> list[PlanItem]:
+    specs = base.reader.specs
+    kinds = [k for k in ("weight", "bias") if f"model.layers.{layer}.mlp.gate_proj.{k}" in specs]
+    dtype = specs[f"model.layers.{layer}.mlp.gate_proj.weight"].torch_dtype
+    plan: list[PlanItem] = []
+    if router is not None:
+        plan.append((layout.router(layer), dtype, tuple(router.weight.shape), lambda r=router: r.weight))
+        if layout.router_bias:
+            bias = router.bias if router.bias is not None else torch.zeros(router.weight.shape[0])
+            plan.append((layout.router(layer, "bias"), dtype, tuple(bias.shape), lambda b=bias: b))
+    sources = ([base] if layout.base_routed else []) + list(models)
+    for expert, source in enumerate(sources):
+        for projection in _PROJECTIONS:
+            for kind in kinds:
+                original = f"model.layers.{layer}.mlp.{projection}.{kind}"
+                plan.append((layout.expert(layer, expert, projection, kind), dtype, specs[original].shape,
+                             lambda s=source, n=original: s.reader.read(n)))
+    if layout.always_on:
+        for projection in _PROJECTIONS:
+            for kind in kinds:
+                original = f"model.layers.{layer}.mlp.{projection}.{kind}"
+                plan.append((layout.always_on_expert(layer, projection, kind), dtype, specs[original].shape,
+                             lambda n=original: base.reader.read(n)))
+    return plan
+
+
+def _shared_fetch(base: FullModel, models: Sequence[FullModel], name: str, shared: str) -> Fetch:
+    if shared == "base":
+        return lambda: base.reader.read(name)
+
+    def average() -> torch.Tensor:
+        first = models[0].reader.read(name)
+        if not first.is_floating_point():
+            return base.reader.read(name)  # integer buffers are not averaged (the merge checks they agree)
+        total = first.float()
+        for model in models[1:]:
+            total += model.reader.read(name).float()
+        return total / len(models)
+
+    return average
+
+
+def _write_config(tmp: Path, base: FullModel, layout: FftMoeLayout, top_k: int) -> None:
+    from transformers import AutoConfig, MixtralConfig
+
+    from knowstack.combine.moe_model import KnowstackMoeConfig
+
+    fields = AutoConfig.from_pretrained(str(base.path)).to_dict()
+    if layout.stock:
+        config = MixtralConfig(**{k: fields[k] for k in _MIXTRAL_FIELDS if k in fields},
+                               num_local_experts=layout.n_routed, num_experts_per_tok=top_k)
+        config.architectures = ["MixtralForCausalLM"]
+    else:
+        for key in ("model_type", "architectures", "transformers_version", "_name_or_path"):
+            fields.pop(key, None)
+        config = KnowstackMoeConfig(
+            **fields, num_local_experts=layout.n_routed, num_experts_per_tok=top_k,
+            moe_layers=None if len(layout.layers) == fields["num_hidden_layers"] else list(layout.layers),
+            always_on_base=layout.always_on, router_free=layout.router_free, router_bias=layout.router_bias)
+        config.architectures = ["KnowstackMoeForCausalLM"]
+    config.save_pretrained(str(tmp))
+
+
+def _parameter_counts(plan: list[PlanItem], layout: FftMoeLayout, top_k: int) -> dict[str, int]:
+    """Total parameters, and those active per token: all but the routed experts, plus k of them
+    (all of them without a router)."""
+    def numel(shape: tuple[int, ...]) -> int:
+        count = 1
+        for size in shape:
+            count *= size
+        return count
+
+    routed = sum(numel(shape) for name, _, shape, _ in plan if ".experts." in name)
+    routers = sum(numel(shape) for name, _, shape, _ in plan if name.endswith((".gate.weight", ".gate.bias")))
+    total = sum(numel(shape) for _, _, shape, _ in plan)
+    share = 1.0 if layout.router_free else min(1.0, top_k / layout.n_routed)
+    return {"total": total, "active": total - routed + round(routed * share), "experts": routed,
+            "routers": routers, "shared": total - routed - routers}
+
+
+def overwrite_tensors(model_dir: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Writes new values of existing tensors (same dtype and shape) into their bytes in the shards,
+    in place: router training changes a few small tensors of a checkpoint that may be very large."""
+    reader = SafetensorsReader.from_dir(model_dir)
+    for name, tensor in tensors.items():
+        spec = reader.specs[name]
+        value = tensor.detach().to(spec.torch_dtype).contiguous().cpu()
+        if tuple(value.shape) != spec.shape or DTYPE_NAMES[value.dtype] != spec.dtype:
+            raise AssertionError(f"{name}: {tuple(value.shape)} does not fit {spec.shape}")
+        with spec.file.open("r+b") as handle:
+            (header_length,) = struct.unpack("<Q", handle.read(8))
+            handle.seek(8 + header_length + spec.offset)
+            handle.write(memoryview(value.reshape(-1).view(torch.uint8).numpy()))

@@ -1,0 +1,160 @@
+"""Routers of a built MoE at work: expert load per layer, and training of the routers alone.
+
+Works on all three kinds of MoE the same way, through the router modules of each mixed layer
+(Mixtral's `mlp.gate`, knowstack's `KnowstackMoeBlock.gate`, a LoRA-MoE's per-layer router): a
+forward hook reads the router logits, and top-k is recomputed from them exactly as the model does.
+
+Router training updates the router weights (and biases) and nothing else, on a small mixed set,
+with the answer-only LM loss plus `aux_loss_coef` x the load-balancing loss of Switch/Mixtral,
+averaged over the mixed layers:  E * sum_e f_e * P_e,  f_e the share of the k routing slots given to
+expert e, P_e the mean router probability of e, over the batch's tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from knowstack.combine.routers import decoder_layers, packed_attention, packed_rows
+from knowstack.data.formats import Example
+from knowstack.errors import KnowstackError
+
+
+@dataclass(frozen=True)
+class RouterSite:
+    layer: int
+    module: nn.Module  # its forward returns the logits (or a tuple whose first item they are)
+    top_k: int
+
+
+@dataclass(frozen=True)
+class RouterTraining:
+    steps: int
+    lr: float = 1e-3
+    batch_size: int = 8
+    aux_loss_coef: float = 0.01
+    max_length: int = 512
+    seed: int = 0
+
+
+def router_sites(model: nn.Module) -> list[RouterSite]:
+    """The router of every mixed layer of an FFT-MoE (Mixtral or knowstack_moe) or a LoRA-MoE model."""
+    from knowstack.combine.moe_lora import LayerRouting
+    from knowstack.combine.moe_model import KnowstackMoeBlock
+
+    sites = []
+    for index, layer in enumerate(decoder_layers(model)):
+        routing = getattr(layer, LayerRouting.ATTRIBUTE, None)
+        block = getattr(layer, "mlp", None)
+        if isinstance(routing, LayerRouting) and routing.router is not None:
+            sites.append(RouterSite(index, routing.router, routing.top_k))
+        elif (isinstance(block, KnowstackMoeBlock) and block.gate is not None
+              or type(block).__name__ == "MixtralSparseMoeBlock"):
+            sites.append(RouterSite(index, block.gate, block.top_k))
+    return sites
+
+
+@contextmanager
+def recording(sites: Sequence[RouterSite]) -> Iterator[dict[int, torch.Tensor]]:
+    """Yields a dict that holds, after each forward pass, every mixed layer's logits (tokens x experts)."""
+    logits: dict[int, torch.Tensor] = {}
+
+    def hook_for(layer: int):
+        def hook(module: nn.Module, inputs: tuple, output) -> None:
+            value = output[0] if isinstance(output, tuple) else output
+            logits[layer] = value.reshape(-1, value.shape[-1])
+
+        return hook
+
+    handles = [site.module.register_forward_hook(hook_for(site.layer)) for site in sites]
+    try:
+        yield logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def slot_shares(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(share of the top-k slots each expert got, mean router probability of each expert)."""
+    probs = F.softmax(logits.float(), dim=-1)
+    chosen = torch.topk(probs, top_k, dim=-1).indices
+    counts = torch.zeros(probs.shape[-1], device=probs.device).index_add_(
+        0, chosen.reshape(-1), torch.ones(chosen.numel(), device=probs.device))
+    return counts / chosen.numel(), probs.mean(dim=0)
+
+
+def load_balancing_loss(logits: dict[int, torch.Tensor], sites: Sequence[RouterSite]) -> torch.Tensor:
+    """Switch/Mixtral's auxiliary loss, E * sum_e f_e * P_e, averaged over the mixed layers (1 when
+    balanced). f_e carries no gradient (it comes from top-k); P_e does."""
+    losses = []
+    for site in sites:
+        shares, mean_probs = slot_shares(logits[site.layer], site.top_k)
+        losses.append(mean_probs.numel() * (shares.detach() * mean_probs).sum())
+    return torch.stack(losses).mean()
+
+
+def _rows(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int):
+    return packed_rows([ids[-max_length:] for ids in tokenizer(list(texts))["input_ids"]])
+
+
+@torch.no_grad()
+def expert_loads(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                 max_length: int = 512) -> dict[str, list[float]]:
+    """Per mixed layer, the share of routing slots each expert receives on `texts` (sums to 1)."""
+    sites = router_sites(model)
+    if not sites or not texts:
+        return {}
+    device = next(model.parameters()).device
+    totals = {site.layer: None for site in sites}
+    counts = {site.layer: 0 for site in sites}
+    with recording(sites) as logits, packed_attention(model):
+        for input_ids, position_ids, _ in _rows(tokenizer, texts, max_length):
+            model(input_ids=input_ids.to(device), position_ids=position_ids.to(device), use_cache=False)
+            for site in sites:
+                shares, _ = slot_shares(logits[site.layer], site.top_k)
+                tokens = logits[site.layer].shape[0]
+                previous = totals[site.layer]
+                totals[site.layer] = shares * tokens if previous is None else previous + shares * tokens
+                counts[site.layer] += tokens
+    return {str(layer): [round(v, 4) for v in (totals[layer] / counts[layer]).tolist()] for layer in totals}
+
+
+def train_routers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example],
+                  settings: RouterTraining) -> dict:
+    """Trains the routers only (everything else frozen) for settings.steps steps; returns the loss curve."""
+    from knowstack.train.batches import batch_order, pack, tokenize_examples
+
+    sites = router_sites(model)
+    if not sites:
+        raise KnowstackError("this MoE has no router to train (router-free)", field="router_training")
+    if not examples:
+        raise KnowstackError("router training needs examples", field="router_training")
+    router_params = [p for site in sites for p in site.module.parameters()]
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for param in router_params:
+        param.requires_grad_(True)
+    optimizer = torch.optim.AdamW(router_params, lr=settings.lr, weight_decay=0.0)
+    tokenized = tokenize_examples(tokenizer, examples, settings.max_length)
+    order = batch_order(len(tokenized), settings.batch_size, 1.0, settings.steps, settings.seed)
+    device = next(model.parameters()).device
+    curve = []
+    with recording(sites) as logits, packed_attention(model):
+        for indices in order:
+            batch = {k: v.to(device) for k, v in pack([tokenized[i] for i in indices]).items()}
+            lm_loss = model(**batch, use_cache=False).loss
+            aux = load_balancing_loss(logits, sites)
+            loss = lm_loss + settings.aux_loss_coef * aux
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            curve.append({"lm_loss": round(lm_loss.item(), 4), "aux_loss": round(aux.item(), 4)})
+    for param in router_params:
+        param.requires_grad_(False)
+    return {"steps": len(order), "first": curve[0], "last": curve[-1], "curve": curve}

@@ -1,0 +1,90 @@
+"""`knowstack report`: from results rows (nothing recomputed from models) to report.html, report.md,
+figures/*.png and tables/*.csv|md in the study dir."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from knowstack.atomic import atomic_write_text
+from knowstack.report.claims import evaluate_claims
+from knowstack.report.coverage import coverage
+from knowstack.report.figures import FigureSpec, draw
+from knowstack.report.html import render_html
+from knowstack.report.markdown import render_markdown
+from knowstack.report.run_tables import Context
+from knowstack.report.runs import find_runs
+from knowstack.report.sections import Section, build_sections
+from knowstack.report.tables import Scores, Table
+from knowstack.study.plan import Plan
+from knowstack.study.results import Row, collect_rows, olora_penalties, read_csv
+
+
+def planned_rows(evaluations: Iterable) -> list[Row]:
+    """The plan's evaluations (plan.evaluations) as value-less rows, so the report can say what is missing."""
+    return [Row(model=e.model, method=e.method, finetune=e.finetune, stage=e.stage, task="", kind="", metric="",
+                value=0.0, n=None, trained_on=e.trained_on) for e in evaluations]
+
+
+def build_report(rows: list[Row], *, title: str, task_order: list[str], old_metric: str = "acc",
+                 penalties: dict[str, dict] | None = None, planned: list[Row] | None = None) -> list[Section]:
+    """The report's section tree; figures are specified but not drawn yet."""
+    scores = Scores.from_rows(rows, task_order, old_metric)
+    runs = find_runs(scores)
+    ctx = Context(scores=scores, runs=runs, rounds=len(task_order), old_metric=old_metric,
+                  penalties=penalties or {}, verdicts=evaluate_claims(scores, runs),
+                  coverage=coverage(runs, planned, task_order))
+    return build_sections(ctx, title)
+
+
+def _blocks(sections: list[Section], kind: type) -> list:
+    return [b for s in sections for b in [s, *s.walk()] if isinstance(b, kind)]
+
+
+def write_tables(sections: list[Section], out: Path) -> list[Path]:
+    """Every table as CSV (full precision) and markdown, under out/tables/<key>.*"""
+    written = []
+    for table in _blocks(sections, Table):
+        atomic_write_text(out / "tables" / f"{table.key}.csv", table.to_csv())
+        atomic_write_text(out / "tables" / f"{table.key}.md", f"{table.caption}\n\n{table.to_markdown()}\n")
+        written.append(out / "tables" / f"{table.key}.csv")
+    return written
+
+
+def draw_figures(sections: list[Section], out: Path) -> list[Path]:
+    """Draws every figure that has data; removes PNGs a previous report drew and this one does not."""
+    folder = out / "figures"
+    drawn = [p for spec in _blocks(sections, FigureSpec) if (p := draw(spec, folder)) is not None]
+    for stale in set(folder.glob("*.png")) - set(drawn):
+        stale.unlink()
+    return drawn
+
+
+def write_report(rows: list[Row], out: Path, *, title: str, task_order: list[str], old_metric: str = "acc",
+                 penalties: dict[str, dict] | None = None, planned: list[Row] | None = None) -> Path:
+    """Writes the whole report into `out` and returns the path of report.html."""
+    out = Path(out)
+    sections = build_report(rows, title=title, task_order=task_order, old_metric=old_metric, penalties=penalties,
+                            planned=planned)
+    draw_figures(sections, out)
+    write_tables(sections, out)
+    atomic_write_text(out / "report.md", render_markdown(sections, title=title, out=out))
+    atomic_write_text(out / "report.html", render_html(sections, title=title))
+    return out / "report.html"
+
+
+def study_rows(plan: Plan, out: Path) -> list[Row]:
+    """A study dir's results: results.csv, or, while a study is still running (results.csv is written at its
+    end), the rows of the evaluations finished so far, read from their result files."""
+    csv_path, artifacts = out / "results.csv", out / "artifacts"
+    written = read_csv(csv_path) if csv_path.is_file() else []
+    live = collect_rows(plan, artifacts) if artifacts.is_dir() else []
+    return live if len(live) > len(written) else written
+
+
+def write_study_report(plan: Plan, out: Path, rows: list[Row]) -> Path:
+    """The report of a study dir, knowing its plan: what is missing, and O-LoRA's penalties."""
+    config = plan.config
+    return write_report(rows, out, title=config.name, task_order=plan.task_names,
+                        old_metric=config.old_knowledge.metric, penalties=olora_penalties(plan, out / "artifacts"),
+                        planned=planned_rows(plan.evaluations))

@@ -1,0 +1,228 @@
+"""The paper's findings as data, each with the comparison that tests it on this study's numbers.
+
+A verdict is computed from the results every time: "holds", "does not hold", or "not measured" (a
+method the comparison needs is not in the study). Runs are selected by their key `method/finetune/variant`
+with shell-style wildcards: `olora/*` is every O-LoRA run, `merge/*/ties` the TIES merges of FFT and LoRA.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from fnmatch import fnmatch
+
+from knowstack.report.runs import Run, acquisition, backward_transfer, mean_defined, run_averages
+from knowstack.report.tables import Scores, Table, TableRow
+
+HOLDS, FAILS, UNMEASURED = "holds", "does not hold", "not measured"
+SIMILAR = 0.10  # "similar": within 10% of the larger of the two values
+
+
+@dataclass(frozen=True)
+class Side:
+    """The runs one side of a comparison reads, and how several of them reduce to one number."""
+
+    runs: tuple[str, ...]
+    reduce: str = "only"  # only | max | min | mean | lowest-lambda | highest-lambda
+
+    def text(self) -> str:
+        names = ", ".join(self.runs)
+        return names if self.reduce == "only" else f"{self.reduce}{{{names}}}"
+
+
+@dataclass(frozen=True)
+class Check:
+    stat: str  # AVE | AVnew | AVall (run averages), acquisition (mean diagonal of R), BWT (mean, %)
+    left: Side
+    op: str  # < | <= | > | >= | ~ (similar)
+    right: Side | float
+
+    def text(self) -> str:
+        right = self.right.text() if isinstance(self.right, Side) else f"{self.right:g}"
+        op = f"within {SIMILAR:.0%} of" if self.op == "~" else self.op
+        stat = {"BWT": "mean BWT (%)", "acquisition": "mean acquisition"}.get(self.stat, self.stat)
+        return f"{stat}: {self.left.text()} {op} {right}"
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: str
+    setting: str
+    statement: str
+    source: str
+    checks: tuple[Check, ...]
+    need: str = "all"  # all: every measured check must hold; most: more than half of them
+
+
+def _s(*runs: str, reduce: str = "only") -> Side:
+    return Side(tuple(runs), reduce)
+
+
+CLAIMS: tuple[Claim, ...] = (
+    Claim("C1", "one-round", "One-round FFT loses more old knowledge than one-round LoRA", "§4.2, Fig. 2",
+          (Check("AVE", _s("one-round/fft"), "<", _s("one-round/lora")),)),
+    Claim("C2", "one-round", "One-round FFT and LoRA acquire about as much new knowledge on average",
+          "§4.2, Fig. 1", (Check("AVnew", _s("one-round/fft"), "~", _s("one-round/lora")),)),
+    Claim("C3", "sequential", "Sequential FFT loses more old knowledge than sequential LoRA",
+          "§4.3, Fig. 3, Tables 1-2", (Check("AVE", _s("sequential/fft"), "<", _s("sequential/lora")),)),
+    Claim("C4", "sequential", "Sequential FFT and LoRA are comparable on new knowledge on average",
+          "§4.3, Fig. 4", (Check("AVnew", _s("sequential/fft"), "~", _s("sequential/lora")),)),
+    Claim("C5", "sequential", "One-round training is an upper bound for sequential training on new knowledge",
+          "§4.3, Fig. 4", (Check("AVnew", _s("one-round/fft"), ">=", _s("sequential/fft")),
+                          Check("AVnew", _s("one-round/lora"), ">=", _s("sequential/lora")))),
+    Claim("C6", "sequential", "Sequential training forgets earlier tasks: BWT is negative on average",
+          "§4.3, Tables 3-4", (Check("BWT", _s("sequential/fft"), "<", 0.0),
+                               Check("BWT", _s("sequential/lora"), "<", 0.0))),
+    Claim("C7", "sequential", "LoRA is the better choice for sequential training, old and new knowledge together",
+          "§4.3", (Check("AVall", _s("sequential/lora"), ">", _s("sequential/fft")),)),
+    Claim("C8", "semi-cooperative", "O-LoRA acquires less than LoRA right after each round", "§4.3, Fig. 5",
+          (Check("acquisition", _s("olora/*", reduce="max"), "<", _s("sequential/lora")),)),
+    Claim("C9", "semi-cooperative", "O-LoRA with a higher λ acquires less", "§4.3, Fig. 5",
+          (Check("acquisition", _s("olora/*", reduce="highest-lambda"), "<",
+                 _s("olora/*", reduce="lowest-lambda")),)),
+    Claim("C10", "semi-cooperative", "O-LoRA forgets less than LoRA: higher BWT after the last round",
+          "§4.3, Fig. 6", (Check("BWT", _s("olora/*", reduce="min"), ">", _s("sequential/lora")),)),
+    Claim("C11", "semi-cooperative", "O-LoRA with a small λ beats sequential LoRA overall", "§4.3, §5",
+          (Check("AVall", _s("olora/*", reduce="lowest-lambda"), ">", _s("sequential/lora")),)),
+    Claim("C12", "semi-cooperative", "MoE mixing is best in the semi-cooperative setting", "§4.3, Fig. 7",
+          (Check("AVall", _s("moe/*", reduce="max"), ">", _s("olora/*", "merge/*", reduce="max")),)),
+    Claim("C13", "semi-cooperative", "TIES and TIES-DARE are weak on new knowledge", "§4.3, Fig. 7",
+          (Check("AVnew", _s("merge/*/ties", "merge/*/ties-dare", reduce="max"), "<",
+                 _s("merge/*/average", "merge/*/task-average", "olora/*", "moe/*", reduce="min")),)),
+    Claim("C14", "semi-cooperative", "Merging and MoE mixing of one-round models are competitive with "
+          "sequential training", "§4.3",
+          (Check("AVall", _s("merge/*", "moe/*", reduce="max"), ">=", _s("sequential/*", reduce="max")),)),
+    Claim("C15", "fully cooperative", "Replay beats plain sequential training on AVall", "§4.4, Fig. 8, Table 6",
+          (Check("AVall", _s("replay/fft"), ">", _s("sequential/fft")),
+           Check("AVall", _s("replay/lora"), ">", _s("sequential/lora")))),
+    Claim("C16", "fully cooperative", "Sequential training with replay is at least as good as joint training "
+          "on AVall", "§4.4, Fig. 8", (Check("AVall", _s("replay/fft"), ">=", _s("joint/fft")),
+                                       Check("AVall", _s("replay/lora"), ">=", _s("joint/lora")))),
+    Claim("C17", "fully cooperative", "LoRA keeps old knowledge better than FFT in every fully-cooperative "
+          "regime", "§4.4, Fig. 8, Table 5",
+          (Check("AVE", _s("sequential/lora"), ">", _s("sequential/fft")),
+           Check("AVE", _s("replay/lora"), ">", _s("replay/fft")),
+           Check("AVE", _s("joint/lora"), ">", _s("joint/fft")))),
+    Claim("C18", "fully cooperative", "With all data available, sequential LoRA with replay keeps old knowledge "
+          "best among the LoRA methods", "§4.4, Table 5",
+          (Check("AVE", _s("replay/lora"), ">=", _s("sequential/lora", "joint/lora", reduce="max")),)),
+    Claim("C19", "overall", "LoRA beats FFT in most cases when old and new knowledge both count", "Abstract, §5",
+          tuple(Check("AVall", _s(f"{m}/lora"), ">", _s(f"{m}/fft"))
+                for m in ("one-round", "sequential", "replay", "joint", "moe")), need="most"),
+)
+
+OPERATORS: dict[str, Callable[[float, float], bool]] = {
+    "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
+    "~": lambda a, b: abs(a - b) <= SIMILAR * max(abs(a), abs(b)),
+}
+
+
+@dataclass
+class Outcome:
+    """What one check found: both sides' numbers (None: not measured) and the text behind them."""
+
+    check: Check
+    left: float | None
+    right: float | None
+    evidence: str
+
+    @property
+    def measured(self) -> bool:
+        return self.left is not None and self.right is not None
+
+    @property
+    def holds(self) -> bool:
+        return self.measured and OPERATORS[self.check.op](self.left, self.right)
+
+
+@dataclass
+class Verdict:
+    claim: Claim
+    outcomes: list[Outcome]
+
+    @property
+    def measured(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.measured]
+
+    @property
+    def verdict(self) -> str:
+        measured = self.measured
+        if not measured:
+            return UNMEASURED
+        held = sum(o.holds for o in measured)
+        ok = held == len(measured) if self.claim.need == "all" else held * 2 > len(measured)
+        return HOLDS if ok else FAILS
+
+
+def run_stat(scores: Scores, run: Run, stat: str) -> float | None:
+    if stat == "acquisition":
+        return mean_defined(list(acquisition(scores, run).values()))
+    if stat == "BWT":
+        return mean_defined(list(backward_transfer(scores, run).values()))
+    return run_averages(scores, run)[stat]
+
+
+def _fmt(stat: str, value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:+.1f}%" if stat == "BWT" else f"{value:.3f}"
+
+
+def _pick(side: Side, runs: list[Run], scores: Scores, stat: str) -> tuple[list[Run], float | None, str]:
+    """The runs a side reads (those with a value), its number, and a readable account of both."""
+    matched = [r for r in runs if any(fnmatch(r.key, p) for p in side.runs)]
+    valued = [(r, v) for r in matched if (v := run_stat(scores, r, stat)) is not None]
+    if not valued:
+        return [], None, f"no {' / '.join(side.runs)} in this study"
+    if side.reduce.endswith("lambda"):
+        ordered = sorted((p for p in valued if p[0].lambda_value is not None), key=lambda p: p[0].lambda_value)
+        valued = ordered[:1] if side.reduce == "lowest-lambda" else ordered[-1:]
+    elif side.reduce in ("max", "min"):
+        valued = [(max if side.reduce == "max" else min)(valued, key=lambda p: p[1])]
+    if not valued:
+        return [], None, f"no {' / '.join(side.runs)} with a lambda"
+    number = sum(v for _, v in valued) / len(valued)
+    return [r for r, _ in valued], number, " ".join(f"{r.label} {_fmt(stat, v)}" for r, v in valued)
+
+
+def evaluate_check(check: Check, runs: list[Run], scores: Scores) -> Outcome:
+    left_runs, left, left_text = _pick(check.left, runs, scores, check.stat)
+    if isinstance(check.right, Side):
+        right_runs, right, right_text = _pick(check.right, runs, scores, check.stat)
+    else:
+        right_runs, right, right_text = [], check.right, f"{check.right:g}"
+    if left_runs and left_runs == right_runs:  # e.g. the highest and the lowest lambda of a single run
+        return Outcome(check, None, None, f"only one run ({left_runs[0].label}): nothing to compare")
+    if left is None or right is None:
+        return Outcome(check, None, None, left_text if left is None else right_text)
+    mark = "✓" if OPERATORS[check.op](left, right) else "✗"
+    op = "≈" if check.op == "~" else check.op
+    return Outcome(check, left, right, f"{left_text} {op} {right_text} {mark}")
+
+
+def evaluate_claims(scores: Scores, runs: list[Run], claims: tuple[Claim, ...] = CLAIMS) -> list[Verdict]:
+    return [Verdict(c, [evaluate_check(k, runs, scores) for k in c.checks]) for c in claims]
+
+
+def claims_table(verdicts: list[Verdict]) -> Table:
+    header = ["#", "the paper's finding", "source", "comparison", "this study", "measured", "verdict"]
+    rows = [TableRow(v.claim.id, [v.claim.statement, v.claim.source, _comparison_text(v.claim),
+                                  "; ".join(o.evidence for o in v.outcomes),
+                                  f"{len(v.measured)} of {len(v.outcomes)}", v.verdict], unit="text", key=v.claim.id)
+            for v in verdicts]
+    return Table("claims", "Each finding of the paper, the comparison that tests it, and the verdict on this "
+                 "study's numbers (a check with a method missing is not measured; 'most' claims need more than "
+                 "half of their measured checks to hold).", header, rows)
+
+
+def _comparison_text(claim: Claim) -> str:
+    text = "; ".join(k.text() for k in claim.checks)
+    return f"most of: {text}" if claim.need == "most" else text
+
+
+def verdict_counts(verdicts: list[Verdict]) -> dict[str, int]:
+    counts = {HOLDS: 0, FAILS: 0, UNMEASURED: 0}
+    for v in verdicts:
+        counts[v.verdict] += 1
+    return counts

@@ -1,0 +1,136 @@
+"""The report's tables about runs: rows of scores and of gains from base per run, a staged run after each
+round (the paper's Tables 1-4), the diagonal of R and BWT (Fig. 5-6), the summary. Figures draw from these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from knowstack.report.claims import Verdict
+from knowstack.report.coverage import Coverage
+from knowstack.report.runs import (
+    Run,
+    acquisition,
+    average_gains,
+    backward_transfer,
+    finetune_name,
+    gains_from_base,
+    mean_defined,
+    run_averages,
+    run_values,
+    stages_done,
+)
+from knowstack.report.tables import AVERAGES, GAIN_SUFFIX, Column, Scores, Table, TableRow, column_label
+
+
+@dataclass
+class Context:
+    """Everything a section reads: the scores, their runs, and what was computed about them once."""
+
+    scores: Scores
+    runs: list[Run]
+    rounds: int
+    old_metric: str
+    penalties: dict[str, dict]
+    verdicts: list[Verdict]
+    coverage: Coverage
+
+    def of(self, *methods: str) -> list[Run]:
+        return [r for m in methods for r in self.runs if r.method == m]
+
+    @property
+    def base(self) -> list[Run]:
+        return self.of("base")
+
+    def label(self, run: Run) -> str:
+        """The run's name, saying so when it is partial (a study still running, or cut short) or combines
+        only some tasks' models (the paper's FFT-MoE had 4 of its 7 experts)."""
+        partial = stages_done(run, self.rounds)
+        combined = run.final.trained_on.split("+") if "+" in run.final.trained_on else []
+        if not partial and combined and len(combined) < self.rounds:
+            partial = f"{len(combined)} of {self.rounds} tasks: {', '.join(combined)}"
+        return f"{run.label} ({partial})" if partial else run.label
+
+
+def score_row(ctx: Context, run: Run, columns: list[Column], averages: list[str]) -> TableRow:
+    values, avg = run_values(ctx.scores, run), run_averages(ctx.scores, run)
+    return TableRow(ctx.label(run), [*(values[c] for c in columns), *(avg[a] for a in averages)], "score", run.key)
+
+
+def gain_row(ctx: Context, run: Run, columns: list[Column], averages: list[str]) -> TableRow:
+    gains, avg = gains_from_base(ctx.scores, run_values(ctx.scores, run)), average_gains(ctx.scores, run)
+    return TableRow(f"{ctx.label(run)}{GAIN_SUFFIX}", [*(gains[c] for c in columns), *(avg[a] for a in averages)],
+                    "percent", run.key)
+
+
+def runs_table(key: str, caption: str, ctx: Context, runs: list[Run], columns: list[Column],
+               averages: list[str], *, scores: bool = True, gains: bool = True) -> Table:
+    """Rows of scores (base first) and then of gains from base, one per run; columns, then averages."""
+    header = ["model", *(column_label(c, columns) for c in columns), *averages]
+    rows = [score_row(ctx, r, columns, averages) for r in (ctx.base + runs if scores else [])]
+    rows += [gain_row(ctx, r, columns, averages) for r in (runs if gains else [])]
+    return Table(key, caption, header, rows)
+
+
+def stage_label(run: Run, row_stage: int, trained_on: str) -> str:
+    name = finetune_name(run.finetune) if run.method == "sequential" else run.label
+    return f"{name} {'1' if row_stage == 1 else f'1-{row_stage}'} ({trained_on})"
+
+
+def stage_table(ctx: Context, run: Run, key: str, caption: str, columns: list[Column], average: str) -> Table:
+    """A staged run after each round (R[stage][task] for new knowledge), with gain-from-base and BWT rows."""
+    scores = ctx.scores
+    rows = [score_row(ctx, b, columns, [average]) for b in ctx.base]
+    for m in run.models:
+        values, avg = scores.values(m.model), scores.averages(m.model)
+        rows.append(TableRow(stage_label(run, m.stage or 0, m.trained_on),
+                             [*(values[c] for c in columns), avg[average]], "score", run.key))
+    final = scores.values(run.final.model)
+    gains, avg_gain = gains_from_base(scores, final), average_gains(ctx.scores, run)
+    rows.append(TableRow("gain from base", [*(gains[c] for c in columns), avg_gain[average]], "percent", run.key))
+    if columns == scores.new_columns:
+        transfer = backward_transfer(scores, run)
+        rows.append(TableRow("BWT", [*(transfer[c] for c in columns), ""], "percent", run.key))
+    return Table(key, caption, ["stage", *(column_label(c, columns) for c in columns), average], rows)
+
+
+def diagonal_table(ctx: Context, runs: list[Run], key: str, caption: str, bwt: bool) -> Table:
+    """Per task: the score right after its own round (Fig. 5) or its BWT after the last round (Fig. 6)."""
+    columns = ctx.scores.new_columns
+    rows = []
+    for run in runs:
+        got = backward_transfer(ctx.scores, run) if bwt else acquisition(ctx.scores, run)
+        cells = [got[c] for c in columns]
+        rows.append(TableRow(ctx.label(run), [*cells, mean_defined(cells)], "percent" if bwt else "score", run.key))
+    return Table(key, caption, ["model", *(column_label(c, columns) for c in columns), "mean"], rows)
+
+
+def penalty_table(ctx: Context, runs: list[Run]) -> Table | None:
+    stages = sorted({m.stage for r in runs for m in r.models if m.model in ctx.penalties})
+    if not stages:
+        return None
+    rows = []
+    for stage in stages:
+        cells: list = []
+        for run in runs:
+            got = next((ctx.penalties[m.model] for m in run.models if m.stage == stage and m.model in ctx.penalties),
+                       None)
+            cells.append(f"{got['first']:.4g} → {got['last']:.4g}" if got else "—")
+        rows.append(TableRow(str(stage), cells, "text"))
+    caption = ("Orthogonality penalty sum |A_t A_prev^T| at the first → last step of each round (unweighted; "
+               "round 1 has no earlier adapter).")
+    return Table("olora_penalty", caption, ["round", *(r.label for r in runs)], rows)
+
+
+def summary_table(ctx: Context) -> Table:
+    header = ["run", "setting", "key", "AVE (old)", "AVE gain", "AVnew", "AVnew gain", "AVall", "AVall gain",
+              "status"]
+    units = ["text", "text", "score", "percent", "score", "percent", "score", "percent", "text"]
+    status = {row.key: row.cells[-1] for row in ctx.coverage.table.rows}
+    rows = []
+    for run in ctx.runs:
+        avg, gain = run_averages(ctx.scores, run), average_gains(ctx.scores, run)
+        cells = [run.setting, run.key, *(x for a in AVERAGES for x in (avg[a], gain[a])), status.get(run.key, "")]
+        rows.append(TableRow(ctx.label(run), cells, units, run.key))
+    caption = ("Every run in the results: its averages and their gain from the base. Sequential runs are scored "
+               "after their last round; one-round runs are a model per task.")
+    return Table("summary", caption, header, rows)

@@ -1,0 +1,179 @@
+"""Which results rows belong to which run of a method, and each run's numbers.
+
+A run is what the report compares: the base, one-round FFT (a model per task), sequential LoRA (a model
+per stage), O-LoRA at one lambda, one merge, one MoE, joint FFT... Every table, figure and claim reads
+its numbers from here, so each is computed once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from knowstack.report.tables import Column, Scores, Values, bwt, mean_or_none, percent_change
+from knowstack.study.results import Row
+
+# The paper's two settings, plus the reference points; sequential training is semi-cooperative in the
+# paper, but the report gives it its own section as the paper does (Section 4.3, Tables 1-4).
+SETTINGS = {
+    "base": "base", "one-round": "one-round", "sequential": "sequential", "olora": "semi-cooperative",
+    "merge": "semi-cooperative", "moe": "semi-cooperative", "replay": "fully cooperative",
+    "joint": "fully cooperative",
+}
+SETTING_ORDER = ["base", "one-round", "sequential", "semi-cooperative", "fully cooperative", "other"]
+METHOD_ORDER = ["base", "one-round", "sequential", "olora", "merge", "moe", "replay", "joint"]
+MERGE_NAMES = {"average": "average", "task-average": "task-average", "ties": "TIES", "dare": "DARE",
+               "ties-dare": "TIES-DARE"}
+
+
+def finetune_name(finetune: str) -> str:
+    return {"fft": "FFT", "lora": "LoRA"}.get(finetune, finetune)
+
+
+@dataclass
+class Run:
+    """The models of one run of one method, in stage order (one model unless staged or one-round)."""
+
+    method: str
+    finetune: str
+    variant: str  # O-LoRA: the lambda tag; merge: the merge method; moe: what follows moe-<finetune>
+    models: list[Row] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        """`method/finetune[/variant]`: what claims and tests select runs by."""
+        return "/".join(p for p in (self.method, self.finetune, self.variant) if p) or self.method
+
+    @property
+    def staged(self) -> bool:
+        return any(r.stage is not None for r in self.models)
+
+    @property
+    def per_task(self) -> bool:
+        return self.method == "one-round"
+
+    @property
+    def setting(self) -> str:
+        return SETTINGS.get(self.method, "other")
+
+    @property
+    def label(self) -> str:
+        ft = finetune_name(self.finetune)
+        if self.method == "base":
+            return "base"
+        if self.method == "olora":
+            return f"O-LoRA λ={self.variant.replace('_', ',')}"
+        if self.method == "merge":
+            return f"merge {MERGE_NAMES.get(self.variant, self.variant)} {ft}"
+        if self.method == "moe":
+            return f"MoE {ft}" + (f" {self.variant}" if self.variant else "")
+        return f"{self.method} {ft}".strip() + (f" {self.variant}" if self.variant else "")
+
+    @property
+    def final(self) -> Row:
+        return self.models[-1]
+
+    @property
+    def lambda_value(self) -> float | None:
+        """O-LoRA: the mean of its per-round lambdas, to order runs from weak to strong orthogonality."""
+        try:
+            values = [float(v) for v in self.variant.split("_")]
+        except ValueError:
+            return None
+        return sum(values) / len(values) if values else None
+
+
+def find_runs(scores: Scores) -> list[Run]:
+    """Every run in the results, in the report's method order, then in order of appearance."""
+    runs: dict[tuple[str, str, str], Run] = {}
+    for row in _first_rows(scores.rows):
+        key = (row.method, row.finetune, _variant(row))
+        runs.setdefault(key, Run(*key)).models.append(row)
+    for run in runs.values():
+        run.models.sort(key=lambda r: r.stage or 0)
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    return sorted(runs.values(), key=lambda r: (rank.get(r.method, len(rank)), r.finetune != "fft"))
+
+
+def _first_rows(rows: list[Row]) -> list[Row]:
+    seen: dict[str, Row] = {}
+    for row in rows:
+        seen.setdefault(row.model, row)
+    return list(seen.values())
+
+
+def _variant(row: Row) -> str:
+    """What tells runs of one method and finetune apart, from the model name the plan gives."""
+    name = row.model
+    if row.stage is not None:
+        name = name.removesuffix(f"-{row.stage}")
+    prefix = f"{row.method}-{row.finetune}"
+    if row.method == "one-round" or row.method == "base":
+        return ""
+    if row.method == "merge":
+        return name.removeprefix("merge-").removesuffix(f"-{row.finetune}")
+    if name.startswith(prefix):
+        return name.removeprefix(prefix).lstrip("-")
+    return name if row.stage is None and row.method not in METHOD_ORDER else ""
+
+
+def run_values(scores: Scores, run: Run) -> Values:
+    """The run's score per column: its final model's; one-round: each task by the model trained on it,
+    old knowledge averaged over the one-round models (the paper's Fig. 2 and upper bound in Fig. 4)."""
+    if not run.per_task:
+        return scores.values(run.final.model)
+    own = {r.trained_on: r.model for r in run.models}
+    values: Values = {c: scores.value(own[c[1]], c) if c[1] in own else None for c in scores.new_columns}
+    for column in scores.old_columns:
+        values[column] = mean_or_none([scores.value(r.model, column) for r in run.models])
+    return values
+
+
+def run_averages(scores: Scores, run: Run) -> dict[str, float | None]:
+    return scores.averages_of(run_values(scores, run))
+
+
+def gains_from_base(scores: Scores, values: Values) -> Values:
+    base = scores.values("base")
+    return {c: percent_change(base.get(c), v) for c, v in values.items()}
+
+
+def average_gains(scores: Scores, run: Run) -> dict[str, float | None]:
+    base = scores.averages("base")
+    return {k: percent_change(base[k], v) for k, v in run_averages(scores, run).items()}
+
+
+def own_round_models(run: Run) -> dict[str, str]:
+    """task -> the model right after the round that trained on it."""
+    return {r.trained_on: r.model for r in run.models}
+
+
+def acquisition(scores: Scores, run: Run) -> Values:
+    """Each task's score right after its own round: the diagonal of R[stage][task] (Fig. 5)."""
+    own = own_round_models(run)
+    return {c: scores.value(own[c[1]], c) if c[1] in own else None for c in scores.new_columns}
+
+
+def backward_transfer(scores: Scores, run: Run) -> dict[Column, float | str | None]:
+    """BWT per new column; "—" where the task was trained in the last round (or not at all)."""
+    own, final = own_round_models(run), run.final.model
+    out: dict[Column, float | str | None] = {}
+    for column in scores.new_columns:
+        model = own.get(column[1])
+        out[column] = "—" if model is None or model == final else bwt(scores.value(model, column),
+                                                                        scores.value(final, column))
+    return out
+
+
+def mean_defined(values: list[float | str | None]) -> float | None:
+    """The mean of the numbers among `values` (BWT is undefined for the last round's task)."""
+    numbers = [v for v in values if isinstance(v, float | int)]
+    return sum(numbers) / len(numbers) if numbers else None
+
+
+def stages_done(run: Run, rounds: int) -> str:
+    """'' for a complete run, else what it has: 'rounds 1-3 of 7' or, one-round, '3 of 7 tasks'."""
+    if len(run.models) >= rounds or not (run.staged or run.per_task):
+        return ""
+    if run.per_task:
+        return f"{len(run.models)} of {rounds} tasks"
+    return f"rounds {run.models[0].stage}-{run.final.stage} of {rounds}"

@@ -1,0 +1,247 @@
+"""The report as a tree of sections (one per setting) holding paragraphs, tables and figures; markdown.py
+and html.py only render this tree, so report.md and report.html say the same thing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from knowstack.report.claims import claims_table, verdict_counts
+from knowstack.report.figures import FigureSpec
+from knowstack.report.run_tables import (
+    Context,
+    diagonal_table,
+    penalty_table,
+    runs_table,
+    stage_table,
+    summary_table,
+)
+from knowstack.report.runs import Run, average_gains, finetune_name, run_averages, stages_done
+from knowstack.report.tables import AVERAGES, Table
+
+NEW_UNIT = "score (0-1, each task's own metric)"
+GAIN_UNIT = "gain from base (%)"
+AVERAGES_AXIS = "average: AVE (old knowledge), AVnew (new), AVall (both)"
+OLD_AXIS = "old-knowledge task; average"
+NOTE = (
+    "Gain from base is the percent change from the base model; it is n/a where the base scores 0. "
+    "BWT is the percent change of a task's score from right after its own round to after the last "
+    "round. AVE averages the old-knowledge columns, AVnew the new-knowledge columns (math with and "
+    "without chain of thought are two columns), AVall all of them together; all are computed from "
+    "the per-task values. A one-round run scores each task with the model trained on it and averages "
+    "old knowledge over those models (the paper's upper bound). Verdicts compare point estimates."
+)
+
+
+@dataclass
+class Section:
+    id: str
+    title: str
+    blocks: list = field(default_factory=list)  # of str (a paragraph), list[str] (bullets), Table,
+    # FigureSpec or Section (a subsection)
+
+    def walk(self) -> Iterator[object]:
+        """Every block, depth first."""
+        for block in self.blocks:
+            yield block
+            if isinstance(block, Section):
+                yield from block.walk()
+
+
+def highlights(ctx: Context) -> list[str]:
+    """Which single model keeps, learns and balances best (one-round runs are a model per task: excluded)."""
+    finals = [r for r in ctx.runs if r.method not in ("base", "one-round")]
+    lines = []
+    for average, text, best in (("AVE", "Keeps the most old knowledge", max), ("AVnew", "Learns the most new "
+                                "knowledge", max), ("AVall", "Best on old and new together", max),
+                                ("AVE", "Loses the most old knowledge", min)):
+        valued = [(r, v) for r in finals if (v := run_averages(ctx.scores, r)[average]) is not None]
+        if valued:
+            run, value = best(valued, key=lambda p: p[1])
+            gain = average_gains(ctx.scores, run)[average]
+            change = "" if gain is None else f", {gain:+.0f}% vs base"
+            lines.append(f"{text}: {ctx.label(run)} ({average} {value:.3f}{change}).")
+    return lines or ["No trained model has results yet."]
+
+
+def summary_section(ctx: Context, title: str) -> Section:
+    scores = ctx.scores
+    counts = verdict_counts(ctx.verdicts)
+    intro = (f"Study '{title}': {len(scores.models)} models evaluated in {len(ctx.runs)} runs, on "
+             f"{len({c[1] for c in scores.new_columns})} new-knowledge tasks ({len(scores.new_columns)} columns) "
+             f"and {len(scores.old_columns)} old-knowledge tasks ({ctx.old_metric}).")
+    blocks: list = [intro, highlights(ctx),
+                    f"The paper's {len(ctx.verdicts)} findings on this study: {counts['holds']} hold, "
+                    f"{counts['does not hold']} do not hold, {counts['not measured']} not measured."]
+    if ctx.coverage.unfinished:
+        blocks.append("Partial study, still to come: " + "; ".join(ctx.coverage.unfinished) + ".")
+    if ctx.coverage.absent:
+        blocks.append("Not in this study (not measured): " + ", ".join(ctx.coverage.absent) + ".")
+    table = summary_table(ctx)
+    blocks += [table, FigureSpec("summary_tradeoff", "What each run learns against what it forgets: gain from base "
+                                 "of AVnew (new knowledge) against AVE (old knowledge); up and right is better",
+                                 "Learn vs forget: every run against the base", table,
+                                 "new knowledge: AVnew gain from base (%)", kind="scatter", unit="percent",
+                                 columns=["AVE gain", "AVnew gain"],
+                                 xlabel="old knowledge: AVE gain from base (%)")]
+    return Section("summary", "Summary", blocks)
+
+
+def not_measured(what: str) -> str:
+    return f"Not measured: this study has no {what} results."
+
+
+def one_round_section(ctx: Context) -> Section:
+    section = Section("one-round", "One-round training (each model trained from the base on one task)")
+    runs, new = ctx.of("one-round"), ctx.scores.new_columns
+    if not runs:
+        section.blocks.append(not_measured("one-round"))
+        return section
+    fig1 = runs_table("fig1_one_round_new", "New knowledge: each task scored by the model trained on it (Fig. 1 "
+                      "analog).", ctx, runs, new, ["AVnew"])
+    fig2 = runs_table("fig2_one_round_old", "Old knowledge averaged over the one-round models (Fig. 2 analog).",
+                      ctx, runs, ctx.scores.old_columns, ["AVE"])
+    section.blocks += [
+        fig1, FigureSpec("fig1_one_round_new", "One-round new knowledge per task, FFT vs LoRA vs base (Fig. 1)",
+                         "One-round training: new knowledge per task (Fig. 1)", fig1, NEW_UNIT),
+        fig2, FigureSpec("fig2_one_round_old", "Old knowledge averaged over the one-round models (Fig. 2)",
+                         "One-round training: old knowledge, mean over the models (Fig. 2)", fig2,
+                         f"old-knowledge {ctx.old_metric} (0-1)", xlabel=OLD_AXIS),
+    ]
+    return section
+
+
+def heat_map(table: Table, run: Run) -> FigureSpec:
+    columns = table.header[1:-1]  # the tasks, not the average
+    return FigureSpec(f"r_matrix_{run.key.replace('/', '_')}", f"{run.label}: R[stage][task], each task's score "
+                      "after each round", f"{run.label}: R[stage][task]", table, "score (0-1)", kind="heatmap",
+                      columns=columns)
+
+
+def rounds_text(run: Run) -> str:
+    return ", ".join(f"{m.stage} {m.trained_on}" for m in run.models)
+
+
+def sequential_section(ctx: Context) -> Section:
+    section = Section("sequential", "Sequential training (each round starts from the previous round's model)")
+    runs = ctx.of("sequential")
+    if not runs:
+        section.blocks.append(not_measured("sequential"))
+        return section
+    scores = ctx.scores
+    fig3 = runs_table("fig3_sequential_old", "Old knowledge after the last round (Fig. 3 analog).", ctx, runs,
+                      scores.old_columns, ["AVE"])
+    fig4 = runs_table("fig4_sequential_new", "New knowledge after the last round, with the one-round models as "
+                      "upper bound (Fig. 4 analog).", ctx, runs + ctx.of("one-round"), scores.new_columns,
+                      ["AVnew"], gains=False)
+    section.blocks += [
+        fig3, FigureSpec("fig3_sequential_old", "Old knowledge after the last sequential round (Fig. 3)",
+                         "Sequential training: old knowledge after the last round (Fig. 3)", fig3,
+                         f"old-knowledge {ctx.old_metric} (0-1)", xlabel=OLD_AXIS),
+        fig4, FigureSpec("fig4_sequential_new", "New knowledge after the last sequential round, one-round as upper "
+                         "bound (Fig. 4)", "Sequential training: new knowledge after the last round (Fig. 4)", fig4,
+                         NEW_UNIT),
+    ]
+    for run in runs:
+        fft = run.finetune == "fft"
+        name = finetune_name(run.finetune)
+        old = stage_table(ctx, run, f"table{1 if fft else 2}_sequential_{run.finetune}_old",
+                          f"Old knowledge after each stage (Table {1 if fft else 2} analog).", scores.old_columns,
+                          "AVE")
+        new = stage_table(ctx, run, f"table{3 if fft else 4}_sequential_{run.finetune}_new",
+                          f"New knowledge after each stage, R[stage][task], with gain from base and BWT (Table "
+                          f"{3 if fft else 4} analog).", scores.new_columns, "AVnew")
+        partial = stages_done(run, ctx.rounds)
+        section.blocks.append(Section(f"sequential-{run.finetune}", f"Sequential {name} (rounds in order: "
+                                      f"{rounds_text(run)}{'; partial: ' + partial if partial else ''})",
+                                      [old, new, heat_map(new, run)]))
+    return section
+
+
+def semi_cooperative_section(ctx: Context) -> Section:
+    section = Section("semi-cooperative", "Semi-cooperative: O-LoRA, merging and MoE mixing (models kept, data "
+                      "gone)")
+    runs = ctx.of("olora", "merge", "moe")
+    if not runs:
+        section.blocks.append(not_measured("O-LoRA, merge or MoE"))
+        return section
+    scores, references = ctx.scores, ctx.of("sequential", "one-round")
+    fig7 = runs_table("fig7_semi_cooperative", "Averages and their gain from base; sequential and one-round runs "
+                      "as references (Fig. 7 analog).", ctx, runs + references, [], list(AVERAGES))
+    fig9 = runs_table("fig9_semi_cooperative_new", "Gain from base per new-knowledge task (Fig. 9 analog).", ctx,
+                      runs + references, scores.new_columns, ["AVnew"], scores=False)
+    fig10 = runs_table("fig10_semi_cooperative_old", "Gain from base per old-knowledge task (Fig. 10 analog).", ctx,
+                       runs + references, scores.old_columns, ["AVE"], scores=False)
+    section.blocks += [
+        fig7, FigureSpec("fig7_semi_cooperative", "Semi-cooperative summary: gain from base, new, old and all "
+                         "(Fig. 7)", "Semi-cooperative: gain from base (Fig. 7)", fig7, GAIN_UNIT, unit="percent",
+                         xlabel=AVERAGES_AXIS),
+        fig9, FigureSpec("fig9_semi_cooperative_new", "Semi-cooperative: gain from base per new task (Fig. 9)",
+                         "Semi-cooperative: new knowledge, gain from base per task (Fig. 9)", fig9, GAIN_UNIT,
+                         unit="percent"),
+        fig10, FigureSpec("fig10_semi_cooperative_old", "Semi-cooperative: gain from base per old task (Fig. 10)",
+                          "Semi-cooperative: old knowledge, gain from base per task (Fig. 10)", fig10, GAIN_UNIT,
+                          unit="percent", xlabel=OLD_AXIS),
+    ]
+    if ctx.of("olora"):
+        section.blocks.append(olora_section(ctx))
+    return section
+
+
+def olora_section(ctx: Context) -> Section:
+    runs = ctx.of("sequential")
+    compared = [r for r in runs if r.finetune == "lora"] + ctx.of("olora")
+    fig5 = diagonal_table(ctx, compared, "fig5_olora_acquisition", "Acquisition: each task's score right after its "
+                          "own round, the diagonal of R (Fig. 5 analog).", bwt=False)
+    fig6 = diagonal_table(ctx, compared, "fig6_olora_bwt", "Retention: BWT of each task after the last round "
+                          "(Fig. 6 analog).", bwt=True)
+    blocks: list = [
+        fig5, FigureSpec("fig5_olora_acquisition", "Acquisition right after each round, LoRA vs O-LoRA (Fig. 5)",
+                         "LoRA vs O-LoRA: acquisition right after each round (Fig. 5)", fig5,
+                         "score right after own round (0-1)"),
+        fig6, FigureSpec("fig6_olora_bwt", "BWT after the last round, LoRA vs O-LoRA (Fig. 6)",
+                         "LoRA vs O-LoRA: BWT after the last round (Fig. 6)", fig6, "BWT (%)", unit="percent"),
+    ]
+    penalty = penalty_table(ctx, ctx.of("olora"))
+    if penalty:
+        blocks.append(penalty)
+    for run in ctx.of("olora"):
+        table = stage_table(ctx, run, f"r_{run.key.replace('/', '_')}", f"{ctx.label(run)}: new knowledge after "
+                            "each stage, R[stage][task].", ctx.scores.new_columns, "AVnew")
+        blocks += [table, heat_map(table, run)]
+    return Section("olora", "O-LoRA vs LoRA", blocks)
+
+
+def fully_cooperative_section(ctx: Context) -> Section:
+    section = Section("fully-cooperative", "Fully cooperative: sequential, replay, joint (all data kept)")
+    if not ctx.of("replay", "joint"):
+        section.blocks.append(not_measured("replay or joint"))
+        return section
+    scores = ctx.scores
+    runs = [r for f in ("fft", "lora") for r in ctx.of("sequential", "replay", "joint") if r.finetune == f]
+    fig8 = runs_table("fig8_fully_cooperative", "Final models: averages and their gain from base (Fig. 8 analog).",
+                      ctx, runs, [], list(AVERAGES))
+    table5 = runs_table("table5_fully_cooperative_old", "Old knowledge of the final models (Table 5 analog).", ctx,
+                        runs, scores.old_columns, ["AVE"])
+    table6 = runs_table("table6_fully_cooperative_new", "New knowledge of the final models, AVall over old and new "
+                        "columns together (Table 6 analog, computed from per-task values).", ctx, runs,
+                        scores.new_columns, ["AVnew", "AVall"], gains=False)
+    section.blocks += [fig8, FigureSpec("fig8_fully_cooperative", "Fully cooperative summary: gain from base "
+                                        "(Fig. 8)", "Fully cooperative: gain from base (Fig. 8)", fig8, GAIN_UNIT,
+                                        unit="percent", xlabel=AVERAGES_AXIS), table5, table6]
+    for run in ctx.of("replay"):
+        table = stage_table(ctx, run, f"r_{run.key.replace('/', '_')}", f"{ctx.label(run)}: new knowledge after "
+                            "each stage, R[stage][task].", scores.new_columns, "AVnew")
+        section.blocks += [table, heat_map(table, run)]
+    return section
+
+
+def build_sections(ctx: Context, title: str) -> list[Section]:
+    base = Section("base", "Base model", [runs_table("base", "The base model on every column.", ctx, [],
+                                                     ctx.scores.columns, list(AVERAGES), gains=False)]
+                   if ctx.base else [not_measured("base model")])
+    claims = Section("claims", "The paper's findings, tested on this study", [claims_table(ctx.verdicts)])
+    coverage = Section("coverage", "What this study has and lacks", [ctx.coverage.table])
+    return [summary_section(ctx, title), claims, base, one_round_section(ctx), sequential_section(ctx),
+            semi_cooperative_section(ctx), fully_cooperative_section(ctx), coverage,
+            Section("notes", "Definitions", [NOTE])]

@@ -1,0 +1,197 @@
+"""Where a study's steps run: here, one after another (local), or as Ray tasks across machines (ray).
+
+Both executors run the same `steps.execute`, which writes a step's artifact to a temporary dir and
+renames it when complete, so caching and resume are the same whatever runs the steps: a finished
+step (its artifact dir exists) is never redone, and a step cut off (its process killed) leaves only
+a temporary dir, removed when the step is tried again.
+
+The Ray executor runs each step whose dependencies are done as a task with the resources it needs
+(`study/resources.py`: GPUs for launched training, memory), as many at once as the cluster holds.
+Its study dir must be a path every node sees (a shared file system). A task whose worker dies is
+retried by Ray (max_retries); an error in a step's own code is not retried and stops the study.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from rich.console import Console
+
+from knowstack.errors import KnowstackError
+from knowstack.study.plan import Step
+from knowstack.study.steps import StudyContext, execute
+
+EXECUTOR_NAMES = ("local", "ray")
+
+
+@dataclass
+class Progress:
+    ran: int = 0
+    skipped: int = 0
+
+
+class Executor(Protocol):
+    """Runs every step of a plan that is not done yet, each after the steps it depends on."""
+
+    def run(self, steps: Sequence[Step], ctx: StudyContext, console: Console) -> Progress: ...
+
+
+def clear_stale(step: Step, ctx: StudyContext) -> None:
+    """Remove what an earlier, killed attempt at this step left: its temporary dirs (never the artifact).
+    Safe because no two attempts at one step run at once (one runner per study dir, and Ray retries a
+    task only once its worker is gone)."""
+    for leftover in ctx.artifacts.glob(f".{step.key}.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def is_done(step: Step, ctx: StudyContext) -> bool:
+    return ctx.artifact(step.key).is_dir()
+
+
+class LocalExecutor:
+    """The steps in plan order, in this process."""
+
+    name = "local"
+
+    def run(self, steps: Sequence[Step], ctx: StudyContext, console: Console) -> Progress:
+        progress = Progress()
+        for index, step in enumerate(steps, start=1):
+            if is_done(step, ctx):
+                progress.skipped += 1
+                continue
+            console.print(f"[bold]step {index}/{len(steps)}[/bold] {step.kind}: {step.label}")
+            started = time.monotonic()
+            clear_stale(step, ctx)
+            execute(step, ctx)
+            progress.ran += 1
+            console.print(f"  done in {time.monotonic() - started:.1f} s")
+        return progress
+
+
+def run_step_task(step: Step, ctx: StudyContext, threads: int) -> float:
+    """The body of one Ray task: the step, exactly as the local executor runs it."""
+    import torch
+
+    # As many threads as CPUs the task holds: Ray packs tasks by their CPU count.
+    torch.set_num_threads(max(1, threads))
+    started = time.monotonic()
+    clear_stale(step, ctx)
+    execute(step, ctx)
+    return time.monotonic() - started
+
+
+class RayExecutor:
+    """Every ready step as a Ray task. address: a running cluster ('auto', 'ray://host:10001',
+    'host:6379'); None starts a local Ray on this machine. If Ray is already initialised in this
+    process (e.g. by a test), that instance is used."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, *, max_retries: int = 3, init_kwargs: dict[str, Any] | None = None):
+        self.address = address
+        self.max_retries = max_retries
+        self.init_kwargs = init_kwargs or {}
+
+    def run(self, steps: Sequence[Step], ctx: StudyContext, console: Console) -> Progress:
+        ray = import_ray()
+        started_here = not ray.is_initialized()
+        if started_here:
+            ray.init(address=self.address, **self.init_kwargs)
+        try:
+            return self._schedule(ray, steps, ctx, console)
+        finally:
+            if started_here:
+                ray.shutdown()
+
+    def _schedule(self, ray: Any, steps: Sequence[Step], ctx: StudyContext, console: Console) -> Progress:
+        from knowstack.study.resources import step_resources
+
+        progress = Progress()
+        done = {step.key for step in steps if is_done(step, ctx)}
+        progress.skipped = len(done)
+        waiting = [step for step in steps if step.key not in done]
+        cluster = cluster_resources(ray)
+        estimates = dict(estimate_plan_by_key(ctx))
+        remote = ray.remote(run_step_task)
+        running: dict[Any, Step] = {}
+        while waiting or running:
+            for step in [s for s in waiting if all(dep in done for dep in s.deps)]:
+                options = step_resources(step, ctx.config, estimates.get(step.key)).ray_options(cluster, step.label)
+                ref = remote.options(max_retries=self.max_retries, retry_exceptions=False,
+                                     name=f"knowstack:{step.kind}:{step.label}", **options
+                                     ).remote(step, ctx, int(options["num_cpus"]))
+                running[ref] = step
+                waiting.remove(step)
+                console.print(f"[bold]submitted[/bold] {step.kind}: {step.label} ({_describe(options)})")
+            if not running:
+                raise KnowstackError(f"steps wait on steps that are not in the plan: {[s.key for s in waiting]}")
+            finished, _ = ray.wait(list(running), num_returns=1)
+            for ref in finished:
+                step = running.pop(ref)
+                seconds = self._result(ray, ref, step, running)
+                done.add(step.key)
+                progress.ran += 1
+                console.print(f"  done {step.kind}: {step.label} in {seconds:.1f} s "
+                              f"({len(done)}/{len(steps)} steps)")
+        return progress
+
+    @staticmethod
+    def _result(ray: Any, ref: Any, step: Step, running: dict[Any, Step]) -> float:
+        """The task's seconds; on failure the other running tasks are cancelled and the step's error raised."""
+        try:
+            return float(ray.get(ref))
+        except Exception as err:
+            for other in running:
+                ray.cancel(other, force=True)
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, KnowstackError):
+                raise cause from None
+            raise KnowstackError(f"step {step.key} failed on Ray: {err}") from err
+
+
+def cluster_resources(ray: Any) -> dict[str, float]:
+    cluster = dict(ray.cluster_resources())
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    cluster["max_node_memory"] = max((node["Resources"].get("memory", 0) for node in nodes), default=0)
+    return cluster
+
+
+def estimate_plan_by_key(ctx: StudyContext) -> dict[str, Any]:
+    """Each step's memory estimate (study/resources.py), for its task's memory request."""
+    from knowstack.study.plan import build_plan
+    from knowstack.study.resources import estimate_plan
+
+    estimates, _ = estimate_plan(build_plan(ctx.config))
+    return {step.key: estimate for step, estimate in estimates}
+
+
+def _describe(options: dict[str, Any]) -> str:
+    parts = [f"{options['num_cpus']:g} CPU"]
+    if options.get("num_gpus"):
+        parts.append(f"{options['num_gpus']:g} GPU")
+    if options.get("memory"):
+        parts.append(f"{options['memory'] / 2**30:.1f} GiB")
+    return ", ".join(parts)
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise KnowstackError("the Ray executor needs Ray: pip install 'knowstack[ray]'") from None
+    return ray
+
+
+def make_executor(name: str, address: str | None = None) -> Executor:
+    if name == "local":
+        if address is not None:
+            raise KnowstackError("--address is for the ray executor")
+        return LocalExecutor()
+    if name == "ray":
+        import_ray()
+        return RayExecutor(address)
+    raise KnowstackError(f"unknown executor '{name}': choose one of {', '.join(EXECUTOR_NAMES)}")

@@ -1,0 +1,208 @@
+"""One training run as a job that runs in this process or under `accelerate launch` with N processes.
+
+A study's train step becomes a `TrainJob` (plain data: model, examples, settings, O-LoRA inputs).
+`run_job` runs it here; `launch_job` writes it to a folder and starts
+`accelerate launch --config_file <cfg> --num_processes N -m knowstack.train.launch job.json`, whose
+processes each run `run_job` on the same job: `train()` shards every effective batch over them and
+the main process alone writes the checkpoint, atomically. Both paths run the very same code, so a
+2-process run gives the 1-process weights (tested on CPU with gloo).
+
+On CPU the processes are started with accelerate's multi-GPU launcher (torchrun) and
+ACCELERATE_USE_CPU=1: accelerate 1.x starts only one process for `--cpu` without MPI, and picks
+multi-CPU DDP (gloo) only when told to use the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from knowstack.config import ACCELERATE_CONFIGS
+from knowstack.errors import KnowstackError
+
+ACCELERATE_DIR = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
+JOB_FILE = "job.json"
+EXAMPLES_FILE = "examples.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything one training run needs, as JSON-able values (it crosses a process boundary)."""
+
+    model_path: str
+    out_dir: str
+    settings: dict[str, Any]
+    examples: list[tuple[str, str]] = field(repr=False)
+    adapter_init: str | None = None
+    progress_desc: str = "train"
+    # O-LoRA: the earlier rounds' adapter dirs and the penalty weight
+    olora: dict[str, Any] | None = None
+
+    def save(self, folder: Path) -> Path:
+        """job.json plus the examples as JSON Lines beside it (they can be large)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = (json.dumps({"prompt": p, "answer": a}, ensure_ascii=False) for p, a in self.examples)
+        (folder / EXAMPLES_FILE).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        header = {k: v for k, v in asdict(self).items() if k != "examples"}
+        (folder / JOB_FILE).write_text(json.dumps(header, indent=2), encoding="utf-8")
+        return folder / JOB_FILE
+
+    @classmethod
+    def load(cls, path: Path) -> TrainJob:
+        header = json.loads(Path(path).read_text(encoding="utf-8"))
+        with (Path(path).parent / EXAMPLES_FILE).open(encoding="utf-8") as handle:
+            rows = [json.loads(line) for line in handle if line.strip()]
+        return cls(examples=[(r["prompt"], r["answer"]) for r in rows], **header)
+
+
+def run_job(job: TrainJob) -> dict[str, Any]:
+    """Train (in every process of a launch), then record O-LoRA's penalty (main process only)."""
+    from accelerate import PartialState
+
+    from knowstack.data.formats import Example
+    from knowstack.train.loop import train
+    from knowstack.train.settings import TrainSettings
+
+    penalty = _penalty(job.olora)
+    summary = train(job.model_path, [Example(p, a) for p, a in job.examples], job.out_dir,
+                    TrainSettings.from_dict(job.settings), adapter_init=job.adapter_init,
+                    progress_desc=job.progress_desc, extra_loss=penalty)
+    if penalty is not None and PartialState().is_main_process:
+        _record_olora(Path(job.out_dir), penalty)
+    return summary
+
+
+def _penalty(olora: dict[str, Any] | None):  # -> OLoraPenalty | None
+    if olora is None:
+        return None
+    from knowstack.train.olora import OLoraPenalty, stack_previous
+
+    return OLoraPenalty(stack_previous(olora["previous"]), olora["lambda"])
+
+
+def _record_olora(out: Path, penalty: Any) -> None:
+    """A_prev as safetensors beside the adapter, and the penalty of every step in the train summary."""
+    from knowstack.atomic import atomic_write_json
+    from knowstack.train.loop import SUMMARY_FILE
+    from knowstack.train.olora import PREVIOUS_A_FILE, save_previous
+
+    save_previous(out / PREVIOUS_A_FILE, penalty.previous)
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    summary["olora"] = penalty.record()
+    atomic_write_json(out / SUMMARY_FILE, summary)
+
+
+# --- launching -------------------------------------------------------------------------------------
+def accelerate_config_path(name_or_path: str | None) -> Path:
+    """A shipped config by name (ddp, fsdp, deepspeed-zero2, deepspeed-zero3; default ddp) or a YAML path."""
+    name = name_or_path or "ddp"
+    path = ACCELERATE_DIR / f"{name}.yaml" if name in ACCELERATE_CONFIGS else Path(name).expanduser()
+    if not path.is_file():
+        raise KnowstackError("accelerate config not found", path=path, field="launch.accelerate_config")
+    return path
+
+
+def read_accelerate_config(config_path: Path) -> dict[str, Any]:
+    return yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
+
+
+def distributed_type(config_path: Path) -> str:
+    """MULTI_GPU, FSDP, DEEPSPEED, ... as the accelerate config file names it."""
+    return str(read_accelerate_config(config_path).get("distributed_type", "NO")).upper()
+
+
+def shards_parameters(config_path: Path) -> bool:
+    """FSDP and ZeRO-3 hold a shard of each parameter per process (O-LoRA's penalty needs whole A)."""
+    data = read_accelerate_config(config_path)
+    kind = str(data.get("distributed_type", "")).upper()
+    return kind == "FSDP" or (kind == "DEEPSPEED" and int((data.get("deepspeed_config") or {}).get("zero_stage", 0)) == 3)
+
+
+def free_port() -> int:
+    """A port for the launch's rendezvous: two launched steps on one node must not share one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launch_command(
+    job_file: Path,
+    config_path: Path,
+    num_processes: int,
+    *,
+    port: int,
+    mixed_precision: str | None = None,
+    max_grad_norm: float | None = None,
+) -> list[str]:
+    """The `accelerate launch` command line for one job."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path),
+               "--num_processes", str(num_processes), "--num_machines", "1", "--main_process_port", str(port)]
+    if mixed_precision is not None:
+        command += ["--mixed_precision", mixed_precision]
+    if max_grad_norm is not None and distributed_type(config_path) == "DEEPSPEED":
+        # DeepSpeed clips inside its engine step (accelerate's clip_grad_norm_ is a no-op there).
+        command += ["--gradient_clipping", str(max_grad_norm)]
+    return [*command, "-m", "knowstack.train.launch", str(job_file)]
+
+
+def launch_job(
+    job: TrainJob,
+    *,
+    num_processes: int,
+    accelerate_config: str | None = None,
+    cpu: bool = False,
+    mixed_precision: str | None = None,
+    port: int | None = None,
+) -> None:
+    """Run `job` as `accelerate launch` with num_processes processes; returns when the checkpoint is written."""
+    config_path = accelerate_config_path(accelerate_config)
+    kind = distributed_type(config_path)
+    if cpu and kind in ("FSDP", "DEEPSPEED"):
+        # accelerate 1.x applies FSDP/DeepSpeed only on accelerators and silently falls back to DDP on
+        # CPU, which would not be what the config says.
+        raise KnowstackError(f"accelerate runs {kind} only on GPUs; on CPU use the ddp config",
+                             field="launch.accelerate_config")
+    if job.olora is not None and shards_parameters(config_path):
+        raise KnowstackError("O-LoRA's penalty needs whole LoRA A matrices in every process: use ddp or "
+                             "deepspeed-zero2, not a config that shards parameters", field="launch.accelerate_config")
+    env = dict(os.environ)
+    if cpu:
+        env["ACCELERATE_USE_CPU"] = "1"
+    with tempfile.TemporaryDirectory(prefix=".launch-", dir=Path(job.out_dir).parent) as folder:
+        job_file = job.save(Path(folder))
+        command = launch_command(job_file, config_path, num_processes, port=port or free_port(),
+                                 mixed_precision=mixed_precision, max_grad_norm=job.settings.get("max_grad_norm"))
+        result = subprocess.run(command, env=env, check=False)
+    if result.returncode != 0:
+        raise KnowstackError(f"accelerate launch of {num_processes} processes failed (exit {result.returncode})",
+                             path=job.out_dir)
+    if not Path(job.out_dir).is_dir():
+        raise KnowstackError("accelerate launch finished without writing the checkpoint", path=job.out_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of every launched process: `python -m knowstack.train.launch job.json`."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m knowstack.train.launch JOB.json", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        run_job(TrainJob.load(Path(args[0])))
+    except KnowstackError as err:  # the user's mistake: one line, not a traceback per process
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Training across processes: a real 2-process `accelerate launch` on CPU (gloo DDP) against 1 process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from knowstack.config import LaunchConfig, parse_config
+from knowstack.errors import KnowstackError
+from knowstack.train import SUMMARY_FILE, TrainSettings
+from knowstack.train.launch import (
+    TrainJob,
+    accelerate_config_path,
+    free_port,
+    launch_command,
+    launch_job,
+    run_job,
+)
+
+# 25 examples in batches of 8: micro-batches of 2 make every process accumulate (no_sync) before the
+# all-reduce, and the last batch has 1 example, so one process of two runs a zero-weighted pass.
+EXAMPLES = [(f"Question: what is {i} plus {i + 1}? Answer:", f" {2 * i + 1}. The answer is: {2 * i + 1}")
+            for i in range(23)] + [("The official currency of Japan is", " the yen."),
+                                   ("def add(a, b):\n", "    return a + b\n")]
+SETTINGS = {"lr": 1e-3, "batch_size": 8, "micro_batch_size": 2, "max_length": 64, "epochs": 1}
+# float32 on CPU: the sums of a 2-way all-reduce and of one process differ only in rounding.
+TOLERANCE = 1e-5
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def _job(model_dir: Path, out: Path, finetune: str) -> TrainJob:
+    extra = {"lora_dropout": 0.0, "lora_r": 4} if finetune == "lora" else {}
+    settings = TrainSettings(finetune=finetune, **SETTINGS, **extra).to_dict()
+    return TrainJob(model_path=str(model_dir), out_dir=str(out), settings=settings, examples=EXAMPLES)
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The 1-process run of each finetune, in this process (the default, unlaunched path), made once."""
+    runs: dict[str, Path] = {}
+
+    def run(finetune: str) -> Path:
+        if finetune not in runs:
+            runs[finetune] = tmp_path_factory.mktemp("one") / finetune
+            run_job(_job(tiny_model_dir, runs[finetune], finetune))
+        return runs[finetune]
+
+    return run
+
+
+def max_weight_difference(a: Path, b: Path) -> float:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys() and wa
+    return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+
+
+@pytest.mark.parametrize("finetune", ["fft", "lora"])
+def test_two_cpu_processes_give_the_one_process_weights(
+    tiny_model_dir: Path, tmp_path: Path, finetune: str, one_process
+) -> None:
+    one, two = one_process(finetune), tmp_path / "two"
+    launch_job(_job(tiny_model_dir, two, finetune), num_processes=2, cpu=True, mixed_precision="no")
+
+    difference = max_weight_difference(one, two)
+    print(f"{finetune}: max |w_1proc - w_2proc| = {difference:.3g}")
+    assert difference < TOLERANCE
+    base = _weights(tiny_model_dir)
+    if finetune == "fft":  # it trained: the weights moved far more than the 1- vs 2-process gap
+        assert max(float((base[k] - w).abs().max()) for k, w in _weights(two).items()) > 100 * TOLERANCE
+    summaries = [json.loads((d / SUMMARY_FILE).read_text()) for d in (one, two)]
+    assert [s["world_size"] for s in summaries] == [1, 2]
+    assert summaries[0]["steps"] == summaries[1]["steps"] == 4
+    assert summaries[0]["loss_curve"] == pytest.approx(summaries[1]["loss_curve"], rel=1e-4)
+    # written once, by the main process, through a temporary dir: nothing else is left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two"]
+
+
+# LoRA under FSDP takes the same path as FFT; it runs with the slow checks to keep the suite short.
+@pytest.mark.parametrize("finetune", ["fft", pytest.param("lora", marks=pytest.mark.slow)])
+def test_fsdp_full_shard_on_cpu_gives_the_one_process_weights(
+    tiny_model_dir: Path, tmp_path: Path, finetune: str, one_process, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """FSDP2 full shard from the shipped fsdp.yaml, 2 processes on gloo (see fsdp_cpu_worker.py for
+    how accelerate is made to run FSDP on the CPU)."""
+    one, two = one_process(finetune), tmp_path / "fsdp"
+    job_file = _job(tiny_model_dir, two, finetune).save(tmp_path / "job")
+    command = launch_command(job_file, accelerate_config_path("fsdp"), 2, port=free_port(), mixed_precision="no")
+    command = [*command[:-3], str(Path(__file__).parent / "fsdp_cpu_worker.py"), str(job_file)]
+    subprocess.run(command, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, check=True)
+
+    output = capfd.readouterr().out
+    assert output.count("FSDP2 sharded parameters: True") == 2, output
+    difference = max_weight_difference(one, two)
+    print(f"{finetune}: max |w_1proc - w_fsdp2proc| = {difference:.3g}")
+    assert difference < TOLERANCE
+    assert json.loads((two / SUMMARY_FILE).read_text())["world_size"] == 2
+
+
+def test_a_failed_launch_is_an_error_and_leaves_no_checkpoint(tmp_path: Path) -> None:
+    job = TrainJob(model_path=str(tmp_path / "missing"), out_dir=str(tmp_path / "out"),
+                   settings=TrainSettings().to_dict(), examples=EXAMPLES[:2])
+    with pytest.raises(KnowstackError, match="accelerate launch of 2 processes failed"):
+        launch_job(job, num_processes=2, cpu=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_fsdp_and_deepspeed_are_refused_on_cpu(tmp_path: Path) -> None:
+    """accelerate 1.15 applies FSDP and DeepSpeed only when the processes run on accelerators (its
+    state.py enables FSDP inside the MULTI_GPU/XPU/... branch); on CPU it would silently run DDP."""
+    job = TrainJob(model_path="unused", out_dir=str(tmp_path / "out"), settings={}, examples=EXAMPLES[:1])
+    for name in ("fsdp", "deepspeed-zero2", "deepspeed-zero3"):
+        with pytest.raises(KnowstackError, match="only on GPUs"):
+            launch_job(job, num_processes=2, accelerate_config=name, cpu=True)
+
+
+def test_olora_is_refused_where_parameters_are_sharded(tmp_path: Path) -> None:
+    job = TrainJob(model_path="unused", out_dir=str(tmp_path / "out"), settings={}, examples=EXAMPLES[:1],
+                   olora={"previous": [], "lambda": 0.5})
+    with pytest.raises(KnowstackError, match="whole LoRA A"):
+        launch_job(job, num_processes=2, accelerate_config="fsdp")
+
+
+def test_launch_command_and_shipped_configs(tmp_path: Path) -> None:
+    for name in ("ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"):
+        assert accelerate_config_path(name).is_file()
+    command = launch_command(tmp_path / "job.json", accelerate_config_path("deepspeed-zero3"), 8, port=29501,
+                             mixed_precision="bf16", max_grad_norm=1.0)
+    text = " ".join(command)
+    assert "-m accelerate.commands.launch --config_file" in text and "deepspeed-zero3.yaml" in text
+    assert "--num_processes 8" in text and "--main_process_port 29501" in text
+    assert "--gradient_clipping 1.0" in text  # DeepSpeed clips in its engine, with knowstack's setting
+    assert command[-3:] == ["-m", "knowstack.train.launch", str(tmp_path / "job.json")]
+    ddp = " ".join(launch_command(tmp_path / "j.json", accelerate_config_path("ddp"), 2, port=1, max_grad_norm=1.0))
+    assert "--gradient_clipping" not in ddp
+    with pytest.raises(KnowstackError, match="accelerate config not found"):
+        accelerate_config_path(str(tmp_path / "nope.yaml"))
+
+
+def test_launch_section_of_the_config(tmp_path: Path) -> None:
+    raw = {"name": "x", "base": {"model": "m"}, "tasks": [{"name": "t", "path": "t", "metric": "accuracy"}],
+           "old_knowledge": {"tasks": ["piqa"]}, "training": {"lr": 1e-5}}
+    assert not parse_config(raw).launch.launched
+    config = parse_config({**raw, "launch": {"num_processes": 8, "accelerate_config": "my/fsdp.yaml"}},
+                          root=tmp_path)
+    assert config.launch.launched and config.launch.accelerate_config == str(tmp_path / "my/fsdp.yaml")
+    assert parse_config({**raw, "launch": {"accelerate_config": "fsdp"}}, root=tmp_path).launch.accelerate_config == "fsdp"
+    assert LaunchConfig(num_processes=1, accelerate_config="deepspeed-zero3").launched  # e.g. ZeRO-3 offload on 1 GPU
+    for bad, field in (({"num_processes": 0}, "launch.num_processes"), ({"accelerate_config": "fdsp"}, "launch.accelerate_config"),
+                       ({"gpus": 2}, "launch.gpus")):
+        with pytest.raises(KnowstackError) as err:
+            parse_config({**raw, "launch": bad})
+        assert err.value.field == field
