@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.knowstack-installed
+RAY_STAMP := $(VENV)/.knowstack-ray-installed
 
 .PHONY: demo test test-slow lint bench browser clean
 
@@ -11,14 +12,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch is pinned to the CPU build first, so that no other requirement pulls a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	# the ray extra too: the Ray executor's tests run in CI (`make test-slow`)
-	$(BIN)/pip install --quiet -e '.[dev,ray]'
+	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# The tests also need the ray extra (the Ray executor's tests run in CI); the demo does not.
+$(RAY_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,ray]'
+	touch $(RAY_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/knowstack demo   # its last line: the path of runs/demo/report.html
 
-test: $(STAMP) browser
+test: $(RAY_STAMP) browser
 	$(BIN)/python -m pytest -q
 
 # The report's test opens report.html in headless Chromium: install it from the system packages where
@@ -32,7 +37,7 @@ browser:
 	    { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver; } || \
 	    echo "could not install chromium: the browser test will be skipped"; fi; fi
 
-test-slow: $(STAMP)
+test-slow: $(RAY_STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)
