@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,6 +47,13 @@ def browser() -> Iterator[object]:
 def open_page(driver: object, page: Path, shots: Path) -> dict:
     """Loads the page, takes a screenshot of the top and of the whole page, and returns what it found."""
     driver.get(page.as_uri())
+    # Large data-URI images may still be decoding when get() returns on a loaded machine: wait (bounded)
+    # for them, so the checks below judge the page and not the machine's load.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not driver.execute_script(
+            "return document.readyState === 'complete' && "
+            "Array.from(document.images).every(i => i.complete && i.naturalWidth > 0);"):
+        time.sleep(0.1)
     found = driver.execute_script("""
         return {
           state: document.readyState,
@@ -67,7 +75,7 @@ def open_page(driver: object, page: Path, shots: Path) -> dict:
 
 def check_page(found: dict, rows: list[Row], figures: int) -> None:
     assert found["state"] == "complete"
-    assert found["errors"] == []
+    assert found["errors"] == [], found["errors"]
     assert found["scripts"] == 0 and found["fetched"] == []  # self-contained: nothing loaded from anywhere
     assert len(found["images"]) == figures > 0
     for image in found["images"]:
