@@ -10,6 +10,7 @@ from typing import get_args
 
 import pytest
 import torch
+from checkpoints import perturbed
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import merge_utils
 from safetensors import safe_open
@@ -122,16 +123,6 @@ def test_dare_matches_peft(density: float) -> None:
 
 
 # --- streamed merges of real checkpoints ----------------------------------------------------------
-def perturbed(model_dir: Path, out: Path, seed: int, scale: float = 0.02) -> Path:
-    tensors = load_file(model_dir / "model.safetensors")
-    gen = torch.Generator().manual_seed(seed)
-    out.mkdir(parents=True)
-    save_file({k: v + scale * torch.randn(v.shape, generator=gen) for k, v in tensors.items()},
-              out / "model.safetensors", metadata={"format": "pt"})
-    shutil.copy(model_dir / "config.json", out / "config.json")
-    return out
-
-
 def merged_tensors(out: Path) -> dict[str, torch.Tensor]:
     index = json.loads((out / "model.safetensors.index.json").read_text())
     tensors = {}
@@ -145,7 +136,7 @@ def merged_tensors(out: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def finetunes(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     root = tmp_path_factory.mktemp("finetunes")
-    return [perturbed(tiny_model_dir, root / f"m{i}", seed=i) for i in range(3)]
+    return [perturbed(tiny_model_dir, root / f"m{i}", seed=i, scale=0.02) for i in range(3)]
 
 
 def test_streamed_merge_loads_and_equals_direct(tiny_model_dir: Path, finetunes: list[Path], tmp_path: Path) -> None:
@@ -240,7 +231,7 @@ def test_bad_inputs_are_clear_errors(tiny_model_dir: Path, finetunes: list[Path]
     (other / "config.json").write_text(json.dumps({**config, "rope_theta": 5.0}))
     expect_error("rope_theta", out, "ties", [finetunes[1], other], base=tiny_model_dir)
 
-    missing = perturbed(tiny_model_dir, tmp_path / "missing", seed=9)
+    missing = perturbed(tiny_model_dir, tmp_path / "missing", seed=9, scale=0.02)
     tensors = load_file(missing / "model.safetensors")
     del tensors["model.layers.0.mlp.up_proj.weight"]
     save_file(tensors, missing / "model.safetensors")

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import perturbed
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from knowstack.combine.moe import MoeOptions, mix_models
@@ -34,17 +35,7 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
         return model(IDS).logits
 
 
-def perturbed(model_dir: Path, out: Path, seed: int, scale: float = 0.05) -> Path:
-    """A stand-in for a one-round FFT model: the base plus small random changes everywhere."""
-    tensors = load_file(model_dir / "model.safetensors")
-    gen = torch.Generator().manual_seed(seed)
-    out.mkdir(parents=True)
-    save_file({k: v + scale * torch.randn(v.shape, generator=gen) for k, v in tensors.items()},
-              out / "model.safetensors", metadata={"format": "pt"})
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        if (model_dir / name).is_file():
-            (out / name).write_bytes((model_dir / name).read_bytes())
-    return out
+TOKENIZER_AND_CONFIG = ("config.json", "tokenizer.json", "tokenizer_config.json")
 
 
 def make_adapter(model_dir: Path, out: Path, seed: int) -> Path:
@@ -65,7 +56,7 @@ def make_adapter(model_dir: Path, out: Path, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def models(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     root = tmp_path_factory.mktemp("moe-models")
-    return [perturbed(tiny_model_dir, root / f"m{i}", seed=i) for i in range(3)]
+    return [perturbed(tiny_model_dir, root / f"m{i}", seed=i, scale=0.05, copy=TOKENIZER_AND_CONFIG) for i in range(3)]
 
 
 @pytest.fixture(scope="module")

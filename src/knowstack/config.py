@@ -16,6 +16,13 @@ METRICS = ("accuracy", "rouge_l", "edit_similarity", "sari", "math")
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def _each_once(value: list[str], message: str) -> list[str]:
+    """A list setting that names each choice at most once, and at least one."""
+    if not value or len(set(value)) != len(value):
+        raise ValueError(message)
+    return value
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -184,9 +191,7 @@ class MergeConfig(MethodConfig):
     @field_validator("methods")
     @classmethod
     def _methods(cls, value: list[str]) -> list[str]:
-        if not value or len(set(value)) != len(value):
-            raise ValueError("name each merge method once, at least one")
-        return value
+        return _each_once(value, "name each merge method once, at least one")
 
 
 class RouterTrainingConfig(Strict):
@@ -224,9 +229,7 @@ class MoeConfig(Strict):
     @field_validator("experts")
     @classmethod
     def _experts(cls, value: list[str]) -> list[str]:
-        if not value or len(set(value)) != len(value):
-            raise ValueError("name each of fft, lora once, at least one")
-        return value
+        return _each_once(value, "name each of fft, lora once, at least one")
 
     @model_validator(mode="after")
     def _consistent(self) -> MoeConfig:
