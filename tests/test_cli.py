@@ -67,3 +67,33 @@ def test_train_and_eval_commands(tmp_path: Path, tiny_model_dir: Path, capsys: p
     assert main(["eval", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--task", str(task),
                  "--metric", "accuracy", "--out", str(scores)]) == 0
     assert 0.0 <= json.loads(scores.read_text())["Task"]["accuracy"] <= 1.0
+
+
+def test_train_command_replays_and_penalises_like_a_study_round(tmp_path: Path, tiny_model_dir: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from knowstack.train.olora import PREVIOUS_A_FILE
+
+    tasks = {}
+    for name, word in (("First", " yes"), ("Second", " no")):
+        tasks[name] = tmp_path / name
+        tasks[name].mkdir()
+        items = [{"prompt": f"{name} question {i}:", "answer": word} for i in range(8)]
+        for split in ("train", "test"):
+            (tasks[name] / f"{split}.json").write_text(json.dumps(items))
+    common = ["--model", str(tiny_model_dir), "--finetune", "lora", "--lr", "1e-3", "--batch-size", "4",
+              "--micro-batch-size", "4"]
+    first = tmp_path / "round1"
+    assert main(["train", *common, "--task", str(tasks["First"]), "--out", str(first)]) == 0
+    second = tmp_path / "round2"
+    assert main(["train", *common, "--task", str(tasks["Second"]), "--replay", str(tasks["First"]),
+                 "--replay-fraction", "0.5", "--olora-previous", str(first), "--olora-lambda", "2",
+                 "--out", str(second)]) == 0
+    mixture = json.loads((second / "mixture.json").read_text())
+    assert mixture["examples"] == 8 + 4 and [s["count"] for s in mixture["sources"]] == [8, 4]
+    assert [s["task"] for s in mixture["sources"]] == ["Second", "First"]
+    summary = json.loads((second / "train_summary.json").read_text())
+    assert summary["olora"]["lambda"] == 2 and summary["olora"]["penalty_curve"]
+    assert (second / PREVIOUS_A_FILE).is_file()
+    code, err = run(["train", *common[:2], "--finetune", "fft", "--task", str(tasks["Second"]), "--olora-previous",
+                     str(first), "--out", str(tmp_path / "bad")], capsys)
+    assert code == 2 and "needs --finetune lora" in err and not (tmp_path / "bad").exists()

@@ -40,12 +40,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     cmd_study(args)
 
 
-def cmd_report(args: argparse.Namespace) -> None:
+def _study_results(directory: str):  # -> tuple[Plan, list[Row]]
+    """A study dir's plan and its results so far; one clear error when it is not a study dir or has none."""
     from knowstack.config import load_config
-    from knowstack.report.build import study_rows, write_study_report
+    from knowstack.report.build import study_rows
     from knowstack.study.plan import build_plan
 
-    out = Path(args.dir)
+    out = Path(directory)
     if not (out / "config.yaml").is_file():
         raise KnowstackError("not a study dir (no config.yaml): run `knowstack study CONFIG --out DIR` first",
                              path=out)
@@ -53,8 +54,34 @@ def cmd_report(args: argparse.Namespace) -> None:
     rows = study_rows(plan, out)
     if not rows:
         raise KnowstackError("no results yet: no evaluation of this study has finished", path=out)
-    path = write_study_report(plan, out, rows)
+    return plan, rows
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from knowstack.report.build import write_study_report
+
+    plan, rows = _study_results(args.dir)
+    path = write_study_report(plan, Path(args.dir), rows)
     print(f"markdown: {path.with_name('report.md').resolve()}\nreport:   {path.resolve()}")
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text.strip().removesuffix("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a percentage: {text!r} (e.g. 2%)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("a loss limit is not negative")
+    return value
+
+
+def cmd_advise(args: argparse.Namespace) -> None:
+    from knowstack.report.advice import advice_text, advise
+    from knowstack.report.build import measured_points
+
+    plan, rows = _study_results(args.dir)
+    scores, points = measured_points(rows, plan.task_names, plan.config.old_knowledge.metric)
+    print(advice_text(advise(points, args.max_old_loss, args.setting), scores))
 
 
 def _task_from_args(args: argparse.Namespace):
@@ -76,17 +103,43 @@ def _task_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from knowstack.train import TrainSettings, train
+    """One round of training, as a study step does it: plain, with replay of earlier tasks, or O-LoRA."""
+    from knowstack.atomic import atomic_write_json
+    from knowstack.data.sampling import replay_mixture
+    from knowstack.train import TrainSettings
+    from knowstack.train.launch import TrainJob, run_job
 
+    if args.olora_previous and args.finetune != "lora":
+        raise KnowstackError("--olora-previous is O-LoRA: it needs --finetune lora")
     task = _task_from_args(args)
+    examples, mixture = task.load("train"), None
+    if args.replay:
+        earlier = [(path.name, _replay_task(path).load("train")) for path in map(Path, args.replay)]
+        examples, mixture = replay_mixture((task.name, examples), earlier, args.replay_fraction, args.seed)
     settings = TrainSettings(
         finetune=args.finetune, lr=args.lr, schedule=args.schedule, epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, max_length=args.max_length,
         seed=args.seed, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
     )
-    summary = train(args.model, task.load("train"), Path(args.out), settings, progress_desc=f"train {task.name}")
+    olora = {"previous": args.olora_previous, "lambda": args.olora_lambda} if args.olora_previous else None
+    job = TrainJob(model_path=args.model, out_dir=args.out, settings=settings.to_dict(),
+                   examples=[(ex.prompt, ex.answer) for ex in examples], progress_desc=f"train {task.name}",
+                   olora=olora)
+    summary = run_job(job)
+    if mixture is not None:
+        atomic_write_json(Path(args.out) / "mixture.json", mixture)
     print(json.dumps({k: summary[k] for k in ("steps", "examples") if k in summary}))
     print(f"written: {args.out}")
+
+
+def _replay_task(path: Path):  # -> TaskSpec
+    """An earlier task to replay: a TRACE task dir (its train split)."""
+    from knowstack.config import TaskConfig
+    from knowstack.data.tasks import task_from_config
+
+    if not path.is_dir():
+        raise KnowstackError("--replay takes earlier tasks' dirs (TRACE layout: train.json)", path=path)
+    return task_from_config(TaskConfig(name=path.name, path=path, metric="accuracy"))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -213,6 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("advise", help="which method to use: the measured setting that learns the most within a "
+                                      "limit on old-knowledge loss")
+    p.add_argument("dir", help="a study dir")
+    p.add_argument("--max-old-loss", type=_percent, default=2.0,
+                   help="how far old knowledge (AVE) may fall below the base's, in percent (default 2%%)")
+    p.add_argument("--setting", choices=["semi", "full"], default="semi",
+                   help="semi: the contributors share models only; full: their training data too (default semi)")
+    p.set_defaults(func=cmd_advise)
+
     p = sub.add_parser("train", help="one training run: FFT (full model out) or LoRA (PEFT adapter out)")
     p.add_argument("--model", required=True, help="HF model dir or hub id to start from")
     _add_task_args(p, metric_required=False)
@@ -226,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16)
+    p.add_argument("--replay", nargs="+", metavar="TASKDIR",
+                   help="replay: earlier tasks' dirs; each adds --replay-fraction x |task| of its examples")
+    p.add_argument("--replay-fraction", type=float, default=0.1, help="replay: the fraction (default 0.1)")
+    p.add_argument("--olora-previous", nargs="+", metavar="ADAPTER",
+                   help="O-LoRA: the earlier rounds' LoRA adapter dirs, penalised against (needs --finetune lora)")
+    p.add_argument("--olora-lambda", type=float, default=0.5, help="O-LoRA: the penalty's weight (default 0.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_train)

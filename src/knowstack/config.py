@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -62,6 +62,17 @@ class TaskConfig(Strict):
         return self
 
 
+class BuiltinTasks(Strict):
+    """Some of the built-in world's tasks, in the order given (a shorter study, e.g. a sweep)."""
+
+    builtin: list[str]
+
+    @field_validator("builtin")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        return _each_once(value, "name each built-in task once, at least one")
+
+
 class OldKnowledgeConfig(Strict):
     tasks: Literal["builtin"] | list[str] = "builtin"
     include_path: Path | None = None
@@ -110,7 +121,65 @@ class EvaluationConfig(Strict):
     max_new_tokens: dict[str, int] = Field(default_factory=dict)
 
 
-class MethodConfig(Strict):
+# Settings a method's `sweep` (or `points`) may vary, by where they live: the training recipe (every
+# trained method), and each method's own. Each is also a results column, filled where a point sets it.
+TRAINING_SWEEP = ("lr", "lr_of_pretrain_peak", "epochs", "max_steps", "rank", "alpha")
+LORA_ONLY_SWEEP = ("rank", "alpha")
+SWEEP_COLUMNS = (*TRAINING_SWEEP, "lambda", "fraction", "density", "drop_rate", "top_k")
+SweepValues = list[float] | dict[Finetune, list[float]]
+
+
+class Sweepable(Strict):
+    """Settings to sweep, on top of the method's own (always run, the 'equal settings' point):
+    sweep: setting -> values (or finetune -> values, e.g. lr: {fft: [...], lora: [...]}), expanded as a
+    product; points: a list of settings -> value, each one point. A value equal to the method's own
+    setting adds nothing (that point is the method's own run)."""
+
+    SWEEPABLE: ClassVar[tuple[str, ...]] = TRAINING_SWEEP
+    sweep: dict[str, SweepValues] | None = None
+    points: list[dict[str, float]] | None = None
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        for name, values in (value or {}).items():
+            cls._sweepable(name)
+            for listed in values.values() if isinstance(values, dict) else [values]:
+                if not listed or len(set(listed)) != len(listed):
+                    raise ValueError(f"sweep '{name}': give each value once, at least one")
+                _positive(name, listed)
+        return value
+
+    @field_validator("points")
+    @classmethod
+    def _points(cls, value: list[dict[str, float]] | None) -> list[dict[str, float]] | None:
+        for point in value or []:
+            if not point:
+                raise ValueError("a point names at least one setting")
+            for name, number in point.items():
+                cls._sweepable(name)
+                _positive(name, [number])
+        return value
+
+    @classmethod
+    def _sweepable(cls, name: str) -> None:
+        if name not in cls.SWEEPABLE:
+            raise ValueError(f"'{name}' cannot be swept here; sweepable: {', '.join(cls.SWEEPABLE)}")
+
+
+def _positive(name: str, values: list[float]) -> None:
+    integral = name in ("max_steps", "rank", "top_k")
+    if any(v < 0 or (v == 0 and name not in ("lambda", "drop_rate")) for v in values):
+        raise ValueError(f"sweep '{name}': values must be positive")
+    if integral and any(float(v) != int(v) for v in values):
+        raise ValueError(f"sweep '{name}': values must be whole numbers")
+    if name in ("fraction", "density") and any(v > 1 for v in values):
+        raise ValueError(f"sweep '{name}': values must be at most 1")
+    if name == "drop_rate" and any(v >= 1 for v in values):
+        raise ValueError("sweep 'drop_rate': values must be below 1")
+
+
+class MethodConfig(Sweepable):
     finetune: list[Finetune] = Field(default_factory=lambda: ["fft", "lora"])
 
     @field_validator("finetune")
@@ -124,7 +193,7 @@ class MethodConfig(Strict):
 Lambda = Annotated[float, Field(ge=0)]
 
 
-class OLoraConfig(Strict):
+class OLoraConfig(Sweepable):
     """O-LoRA runs (sequential LoRA + orthogonality penalty), one per entry of `lambdas`: a weight
     for every round, or a list of one weight per round (round 1 has no earlier adapter to penalize
     against, so its entry has no effect). The default is the paper's two runs, 0.5 and 5."""
@@ -160,6 +229,7 @@ class ReplayConfig(MethodConfig):
     """Sequential training where each round adds fraction x |current task| examples of every
     earlier task (upsampled when the earlier task is smaller); the paper replays 10%."""
 
+    SWEEPABLE: ClassVar[tuple[str, ...]] = (*TRAINING_SWEEP, "fraction")
     fraction: float = Field(default=0.1, gt=0, le=1)
 
 
@@ -180,6 +250,7 @@ class MergeConfig(MethodConfig):
     method in `methods`. density: the fraction of each task vector TIES keeps; drop_rate: DARE's p;
     lambda: the scale of the merged task vector; seed: DARE's draws (default: the study's seed)."""
 
+    SWEEPABLE: ClassVar[tuple[str, ...]] = ("density", "drop_rate", "lambda")
     methods: list[MergeMethodName] = Field(default_factory=lambda: ["average", "ties", "ties-dare"])
     density: float = Field(default=0.2, gt=0, le=1)
     drop_rate: float = Field(default=0.9, ge=0, lt=1)
@@ -206,7 +277,7 @@ class RouterTrainingConfig(Strict):
     aux_loss_coef: float = Field(default=0.01, ge=0)
 
 
-class MoeConfig(Strict):
+class MoeConfig(Sweepable):
     """Mixing the one-round models (experts: fft, a Mixtral-style FFT-MoE) or adapters (lora, a LoRA-MoE)
     of all tasks, or of `tasks`, into one mixture of experts, one per entry of `experts`.
     top_k: experts per token; layers: the layers to mix (default all); shared: attention, norms,
@@ -215,6 +286,7 @@ class MoeConfig(Strict):
     from the base's hidden states on the first `prompts_per_expert` training prompts of its task) |
     none (router-free: all experts with equal weight); seed: random routers (default: the study's)."""
 
+    SWEEPABLE: ClassVar[tuple[str, ...]] = ("top_k",)
     experts: list[Finetune] = Field(default_factory=lambda: ["fft", "lora"])
     tasks: list[str] | None = None
     top_k: int = Field(default=2, ge=1)
@@ -303,7 +375,7 @@ class StudyConfig(Strict):
     name: str
     seed: int = 0
     base: BaseModelConfig
-    tasks: Literal["builtin"] | list[TaskConfig] = "builtin"
+    tasks: Literal["builtin"] | BuiltinTasks | list[TaskConfig] = "builtin"
     old_knowledge: OldKnowledgeConfig = Field(default_factory=OldKnowledgeConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
@@ -313,7 +385,7 @@ class StudyConfig(Strict):
     @model_validator(mode="after")
     def _builtin_consistency(self) -> StudyConfig:
         builtin = self.base.builtin is not None
-        if not builtin and self.tasks == "builtin":
+        if not builtin and self.builtin_tasks:
             raise ValueError("'tasks: builtin' needs 'base.builtin'; list your own tasks for another base")
         if not builtin and self.old_knowledge.tasks == "builtin":
             raise ValueError("'old_knowledge.tasks: builtin' needs 'base.builtin'; name lm-eval tasks")
@@ -321,11 +393,28 @@ class StudyConfig(Strict):
             raise ValueError("'training.lr_of_pretrain_peak' needs 'base.builtin'; give 'training.lr'")
         if builtin and self.training.lr is None and self.training.lr_of_pretrain_peak is None:
             raise ValueError("give 'training.lr' or 'training.lr_of_pretrain_peak'")
-        if not isinstance(self.tasks, str):
+        if isinstance(self.tasks, list):
             names = [task.name for task in self.tasks]
             if len(set(names)) != len(names):
                 raise ValueError("task names must be unique")
         return self
+
+
+    @property
+    def builtin_tasks(self) -> bool:
+        """The tasks are (some of) the built-in world's."""
+        return not isinstance(self.tasks, list)
+
+    def builtin_task_names(self, known: list[str]) -> list[str]:
+        """The built-in tasks this study runs, in its order; an unknown name is the config's error."""
+        if self.tasks == "builtin":
+            return known
+        assert isinstance(self.tasks, BuiltinTasks)
+        unknown = [name for name in self.tasks.builtin if name not in known]
+        if unknown:
+            raise KnowstackError(f"unknown built-in task '{unknown[0]}' (known: {', '.join(known)})",
+                                 field="tasks.builtin")
+        return list(self.tasks.builtin)
 
 
 def _field_path(location: tuple[Any, ...]) -> str:
@@ -333,8 +422,8 @@ def _field_path(location: tuple[Any, ...]) -> str:
     for item in location:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif "[" in str(item) or str(item).startswith(("function-", "constrained-")):
-            continue  # pydantic's name for a union branch, not a field
+        elif "[" in str(item) or str(item).startswith(("function-", "constrained-")) or str(item)[:1].isupper():
+            continue  # pydantic's name for a union branch (a type, or a model's class name), not a field
         else:
             parts.append(("." if parts else "") + str(item))
     return "".join(parts)

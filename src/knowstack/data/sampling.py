@@ -16,6 +16,9 @@ import hashlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 SAMPLINGS = ("uniform", "proportional")
 
@@ -84,3 +87,27 @@ def joint_sample(sizes: Sequence[int], sampling: str, seed: int) -> list[Draw]:
     rng = random.Random(seed)
     target = max(sizes)
     return [draw(size, target, rng) for size in sizes]
+
+
+def mixed(named: Sequence[tuple[str, Sequence[T]]], draws: Sequence[Draw], record: dict[str, Any]) -> tuple[list[T], dict]:
+    """The examples the draws pick from each named task, and `record` completed with what was drawn from which
+    task (index by index), to be kept beside the model it trains."""
+    examples = [data[i] for (_, data), d in zip(named, draws, strict=True) for i in d.indices()]
+    sources = [{"task": name, **d.to_dict()} for (name, _), d in zip(named, draws, strict=True)]
+    return examples, {**record, "examples": len(examples), "sources": sources}
+
+
+def replay_mixture(current: tuple[str, Sequence[T]], earlier: Sequence[tuple[str, Sequence[T]]], fraction: float,
+                   seed: int) -> tuple[list[T], dict]:
+    """One replay round: the current task whole, plus fraction x its size from each earlier task."""
+    round_seed = derive_seed(seed, "replay", current[0])
+    draws = [Draw(len(current[1]), 1, ()), *replay_sample(len(current[1]), [len(d) for _, d in earlier], fraction,
+                                                          round_seed)]
+    return mixed([current, *earlier], draws, {"kind": "replay", "fraction": fraction, "seed": round_seed})
+
+
+def joint_mixture(tasks: Sequence[tuple[str, Sequence[T]]], sampling: str, seed: int) -> tuple[list[T], dict]:
+    """All tasks at once, drawn by `sampling`."""
+    joint_seed = derive_seed(seed, "joint", *(name for name, _ in tasks))
+    draws = joint_sample([len(d) for _, d in tasks], sampling, joint_seed)
+    return mixed(tasks, draws, {"kind": "joint", "sampling": sampling, "seed": joint_seed})

@@ -12,8 +12,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatch
 
+from knowstack.report.frontier import (
+    TradeOff,
+    best_setting,
+    families,
+    matched_acquisition,
+    matched_forgetting,
+    pareto_front,
+)
 from knowstack.report.runs import Run, acquisition, backward_transfer, mean_defined, run_averages
-from knowstack.report.tables import Scores, Table, TableRow
+from knowstack.report.tables import AVERAGES, Scores, Table, TableRow
 
 HOLDS, FAILS, UNMEASURED = "holds", "does not hold", "not measured"
 SIMILAR = 0.10  # "similar": within 10% of the larger of the two values
@@ -205,15 +213,73 @@ def evaluate_claims(scores: Scores, runs: list[Run], claims: tuple[Claim, ...] =
     return [Verdict(c, [evaluate_check(k, runs, scores) for k in c.checks]) for c in claims]
 
 
-def claims_table(verdicts: list[Verdict]) -> Table:
+# --- the same claims along the learn/forget fronts (sweeps) -----------------------------------------
+def fft_vs_lora(check: Check) -> bool:
+    """Whether a check compares one method's FFT run with its LoRA run on an average."""
+    if not isinstance(check.right, Side) or check.stat not in AVERAGES:
+        return False
+    sides = (check.left, check.right)
+    if any(s.reduce != "only" or len(s.runs) != 1 for s in sides):
+        return False
+    (left_method, _, left_ft), (right_method, _, right_ft) = (s.runs[0].partition("/") for s in sides)
+    return left_method == right_method and {left_ft, right_ft} == {"fft", "lora"}
+
+
+def evaluate_matched(check: Check, scores: Scores, points: list[TradeOff]) -> Outcome:
+    """An FFT-vs-LoRA check along the two fronts instead of at equal settings: AVE at the largest new-knowledge
+    gain both reach (matched acquisition), AVnew at the largest old-knowledge loss both reach, AVall each at
+    its best setting. Values are turned back into scores so that the check's comparison reads as before."""
+    assert isinstance(check.right, Side)
+    by_family = families(points)
+    left, right = (by_family.get(side.runs[0], []) for side in (check.left, check.right))
+    if not left or not right:
+        return Outcome(check, None, None, "no measured point of both")
+    base = scores.averages("base")[check.stat]
+    if check.stat == "AVall":
+        (lp, lv), (rp, rv) = best_setting(scores, left, "AVall"), best_setting(scores, right, "AVall")
+        text = f"each at its best setting: {lp.run.label} {lv:.3f} vs {rp.run.label} {rv:.3f}"
+    else:
+        fronts = (pareto_front(left), pareto_front(right))
+        matched = matched_acquisition(*fronts) if check.stat == "AVE" else matched_forgetting(*fronts)
+        if matched is None or base is None:
+            what = "gains new knowledge" if check.stat == "AVE" else "loses old knowledge"
+            return Outcome(check, None, None, f"not both fronts reach past the base: neither {what} at any setting")
+        lv, rv = (base * (1 + change / 100) for change in (matched.left, matched.right))
+        level = f"AVnew gain {matched.level:+.1f}%" if check.stat == "AVE" else f"AVE change {matched.level:+.1f}%"
+        text = (f"at {level}: {check.stat} {lv:.3f} ({matched.left:+.1f}%) vs {rv:.3f} ({matched.right:+.1f}%), "
+                f"fronts of {len(fronts[0])} and {len(fronts[1])} points")
+    mark = "✓" if OPERATORS[check.op](lv, rv) else "✗"
+    return Outcome(check, lv, rv, f"{text} {mark}")
+
+
+def evaluate_matched_claims(scores: Scores, points: list[TradeOff],
+                            claims: tuple[Claim, ...] = CLAIMS) -> dict[str, Verdict]:
+    """claim id -> its FFT-vs-LoRA checks evaluated along the fronts (claims with such checks only)."""
+    return {c.id: Verdict(c, [evaluate_matched(k, scores, points) for k in c.checks if fft_vs_lora(k)])
+            for c in claims if any(fft_vs_lora(k) for k in c.checks)}
+
+
+def claims_table(verdicts: list[Verdict], matched: dict[str, Verdict] | None = None) -> Table:
+    """One row per claim; with `matched` (a study with sweeps), also each FFT-vs-LoRA claim along the fronts."""
     header = ["#", "the paper's finding", "source", "comparison", "this study", "measured", "verdict"]
-    rows = [TableRow(v.claim.id, [v.claim.statement, v.claim.source, _comparison_text(v.claim),
-                                  "; ".join(o.evidence for o in v.outcomes),
-                                  f"{len(v.measured)} of {len(v.outcomes)}", v.verdict], unit="text", key=v.claim.id)
-            for v in verdicts]
-    return Table("claims", "Each finding of the paper, the comparison that tests it, and the verdict on this "
-                 "study's numbers (a check with a method missing is not measured; 'most' claims need more than "
-                 "half of their measured checks to hold).", header, rows)
+    if matched is not None:
+        header += ["along the fronts (matched acquisition)", "verdict (matched)"]
+    rows = []
+    for v in verdicts:
+        cells = [v.claim.statement, v.claim.source, _comparison_text(v.claim),
+                 "; ".join(o.evidence for o in v.outcomes), f"{len(v.measured)} of {len(v.outcomes)}", v.verdict]
+        if matched is not None:
+            along = matched.get(v.claim.id)
+            cells += ["; ".join(o.evidence for o in along.outcomes), along.verdict] if along else ["—", "—"]
+        rows.append(TableRow(v.claim.id, cells, unit="text", key=v.claim.id))
+    caption = ("Each finding of the paper, the comparison that tests it, and the verdict on this study's numbers "
+               "(a check with a method missing is not measured; 'most' claims need more than half of their "
+               "measured checks to hold).")
+    if matched is not None:
+        caption += (" Along the fronts: each FFT-vs-LoRA check again, over all settings swept: AVE at the largest "
+                    "new-knowledge gain both fronts reach, AVnew at the largest old-knowledge loss both reach, "
+                    "AVall at each one's best setting.")
+    return Table("claims", caption, header, rows)
 
 
 def _comparison_text(claim: Claim) -> str:

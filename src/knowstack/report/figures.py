@@ -41,7 +41,7 @@ class FigureSpec:
     title: str
     table: Table
     ylabel: str
-    kind: str = "bars"  # "bars" | "heatmap" | "scatter" (columns: x then y)
+    kind: str = "bars"  # "bars" | "heatmap" | "scatter" (columns: x then y) | "frontier" (x, y, front mark)
     unit: str = "score"
     columns: list[str] | None = None  # header names to plot; None: all
     xlabel: str = "task (each with its own metric); average"
@@ -175,8 +175,55 @@ def scatter(spec: FigureSpec, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def family_style(families: list[str]) -> dict[str, dict]:
+    """Colour (the paper's, walking down a finetune's shades) and marker per method family 'method/finetune/..'."""
+    used = {"fft": 0, "lora": 0}
+    styles = {}
+    for family in families:
+        method, finetune = family.partition("/")[0], _finetune(family)
+        if finetune in SHADES:
+            colour = SHADES[finetune][used[finetune] % len(SHADES[finetune])]
+            used[finetune] += 1
+        else:
+            colour = OTHER_COLOUR
+        styles[family] = {"color": colour, "marker": MARKERS.get(method, "o")}
+    return styles
+
+
+def frontier(spec: FigureSpec, path: Path) -> Path | None:
+    """Each method's points (rows keyed by method family) at (x, y) and a line from the base (0, 0) through the
+    points marked as on its front, in order of y (the new-knowledge gain)."""
+    names = spec.table.header[1:]
+    x_col, y_col, front_col = (names.index(c) for c in spec.columns or [])
+    rows = [r for r in spec.table.rows if isinstance(r.cells[x_col], float | int)
+            and isinstance(r.cells[y_col], float | int)]
+    if not rows:
+        return None
+    styles = family_style(list(dict.fromkeys(r.key for r in rows)))
+    fig, ax = plt.subplots(figsize=(9.0, 5.5))
+    for family, style in styles.items():
+        members = [r for r in rows if r.key == family]
+        xs, ys = [_number(r.cells[x_col]) for r in members], [_number(r.cells[y_col]) for r in members]
+        ax.scatter(xs, ys, s=55, color=style["color"], marker=style["marker"], edgecolors="black", linewidths=0.5,
+                   zorder=3, label=family)
+        front = sorted((_number(r.cells[y_col]), _number(r.cells[x_col])) for r in members
+                       if r.cells[front_col] and _number(r.cells[y_col]) > 0)
+        if front:
+            ax.plot([0.0, *(x for _, x in front)], [0.0, *(y for y, _ in front)], color=style["color"], linewidth=1.4,
+                    zorder=2)
+    ax.scatter([0], [0], s=70, color=BASE_COLOUR, marker=MARKERS["base"], edgecolors="black", zorder=4, label="base")
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.axvline(0, color="black", linewidth=0.6)
+    ax.set_xlabel(spec.xlabel)
+    ax.set_ylabel(spec.ylabel)
+    ax.set_title(spec.title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return _save(fig, path)
+
+
 def draw(spec: FigureSpec, folder: Path) -> Path | None:
     """Draws the figure into `folder`/<key>.png; None (and nothing written) when it has no data."""
     path = Path(folder) / f"{spec.key}.png"
-    spec.path = {"heatmap": heatmap, "scatter": scatter}.get(spec.kind, grouped_bars)(spec, path)
+    spec.path = {"heatmap": heatmap, "scatter": scatter, "frontier": frontier}.get(spec.kind, grouped_bars)(spec, path)
     return spec.path

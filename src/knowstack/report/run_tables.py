@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from knowstack.report.claims import Verdict
 from knowstack.report.coverage import Coverage
+from knowstack.report.frontier import TradeOff
 from knowstack.report.runs import (
     Run,
     acquisition,
@@ -24,7 +25,8 @@ from knowstack.report.tables import AVERAGES, GAIN_SUFFIX, Column, Scores, Table
 
 @dataclass
 class Context:
-    """Everything a section reads: the scores, their runs, and what was computed about them once."""
+    """Everything a section reads: the scores, their runs (each method at its own setting; sweep points are
+    in `points`), and what was computed about them once."""
 
     scores: Scores
     runs: list[Run]
@@ -33,6 +35,8 @@ class Context:
     penalties: dict[str, dict]
     verdicts: list[Verdict]
     coverage: Coverage
+    points: list[TradeOff]  # every run at every setting measured (sweeps included): the fronts and the advice
+    matched: dict[str, Verdict] | None = None  # with sweeps: FFT-vs-LoRA claims along the fronts
 
     def of(self, *methods: str) -> list[Run]:
         return [r for m in methods for r in self.runs if r.method == m]

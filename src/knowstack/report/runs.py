@@ -36,12 +36,18 @@ class Run:
     method: str
     finetune: str
     variant: str  # O-LoRA: the lambda tag; merge: the merge method; moe: what follows moe-<finetune>
+    point: str = ""  # a sweep point ('lr=0.001'); '' for the method's own setting
     models: list[Row] = field(default_factory=list)
 
     @property
-    def key(self) -> str:
-        """`method/finetune[/variant]`: what claims and tests select runs by."""
+    def family(self) -> str:
+        """`method/finetune[/variant]`: the run at any of its settings."""
         return "/".join(p for p in (self.method, self.finetune, self.variant) if p) or self.method
+
+    @property
+    def key(self) -> str:
+        """`method/finetune[/variant][@point]`: what claims and tests select runs by."""
+        return f"{self.family}@{self.point}" if self.point else self.family
 
     @property
     def staged(self) -> bool:
@@ -57,9 +63,13 @@ class Run:
 
     @property
     def label(self) -> str:
-        ft = finetune_name(self.finetune)
         if self.method == "base":
             return "base"
+        return f"{self._method_label} @ {self.point}" if self.point else self._method_label
+
+    @property
+    def _method_label(self) -> str:
+        ft = finetune_name(self.finetune)
         if self.method == "olora":
             return f"O-LoRA λ={self.variant.replace('_', ',')}"
         if self.method == "merge":
@@ -84,9 +94,9 @@ class Run:
 
 def find_runs(scores: Scores) -> list[Run]:
     """Every run in the results, in the report's method order, then in order of appearance."""
-    runs: dict[tuple[str, str, str], Run] = {}
+    runs: dict[tuple[str, str, str, str], Run] = {}
     for row in _first_rows(scores.rows):
-        key = (row.method, row.finetune, _variant(row))
+        key = (row.method, row.finetune, _variant(row), row.point)
         runs.setdefault(key, Run(*key)).models.append(row)
     for run in runs.values():
         run.models.sort(key=lambda r: r.stage or 0)
@@ -102,8 +112,9 @@ def _first_rows(rows: list[Row]) -> list[Row]:
 
 
 def _variant(row: Row) -> str:
-    """What tells runs of one method and finetune apart, from the model name the plan gives."""
-    name = row.model
+    """What tells runs of one method and finetune apart, from the model name the plan gives (before the
+    sweep point's '@...')."""
+    name = row.model.partition("@")[0]
     if row.stage is not None:
         name = name.removesuffix(f"-{row.stage}")
     prefix = f"{row.method}-{row.finetune}"

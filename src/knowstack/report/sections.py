@@ -6,8 +6,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from knowstack.report.advice import advice_table
 from knowstack.report.claims import claims_table, verdict_counts
 from knowstack.report.figures import FigureSpec
+from knowstack.report.frontier import families, frontier_family, pareto_front
 from knowstack.report.run_tables import (
     Context,
     diagonal_table,
@@ -17,7 +19,7 @@ from knowstack.report.run_tables import (
     summary_table,
 )
 from knowstack.report.runs import Run, average_gains, finetune_name, run_averages, stages_done
-from knowstack.report.tables import AVERAGES, Table
+from knowstack.report.tables import AVERAGES, Table, TableRow
 
 NEW_UNIT = "score (0-1, each task's own metric)"
 GAIN_UNIT = "gain from base (%)"
@@ -236,12 +238,72 @@ def fully_cooperative_section(ctx: Context) -> Section:
     return section
 
 
+FRONT_MARK = "✓"
+
+
+def frontier_table(ctx: Context) -> Table:
+    """Every run at every setting measured, with whether it is on its method's front (old and recent)."""
+    rows = []
+    for family, points in families(ctx.points).items():
+        on_old = {id(p) for p in pareto_front(points)}
+        on_recent = {id(p) for p in pareto_front(points, old="bwt")}
+        for p in sorted(points, key=lambda p: p.new_gain):
+            recent = "" if p.bwt is None else FRONT_MARK if id(p) in on_recent else ""
+            rows.append(TableRow(p.run.label, [family, p.setting, p.new_gain, p.old_change, p.bwt,
+                                               FRONT_MARK if id(p) in on_old else "", recent],
+                                 ["text", "text", "percent", "percent", "percent", "text", "text"], family))
+    caption = ("Each method at each setting measured: new knowledge (AVnew) and old knowledge (AVE) as percent "
+               "change from the base, and recent knowledge as mean BWT (staged methods); ✓ marks the points on the "
+               "method's Pareto front (no other setting of it learns more and loses less).")
+    return Table("frontier", caption, ["run", "method", "setting", "AVnew gain", "AVE change", "mean BWT",
+                                       "front (old)", "front (recent)"], rows)
+
+
+def frontier_section(ctx: Context) -> Section:
+    section = Section("frontier", "The learn/forget frontier: each method across its settings")
+    swept = {frontier_family(p.run) for p in ctx.points if p.run.point or p.run.method == "olora"}
+    if not ctx.points:
+        section.blocks.append(not_measured("trained run"))
+        return section
+    if not swept:
+        section.blocks.append("No sweeps in this study: each method was measured at one setting, so its front is one "
+                              "point (the summary's trade-off plot). Give a method a `sweep:` (e.g. of `lr`) to draw "
+                              "its front and compare FFT and LoRA at matched acquisition.")
+    table = frontier_table(ctx)
+    section.blocks += [
+        "Whether a method 'forgets less' depends on its setting: at a higher learning rate every method learns "
+        "more and forgets more. Each line joins a method's Pareto front, starting at the base (0, 0): up and "
+        "right is better. Compare methods along their fronts, at the same new-knowledge gain.",
+        table,
+        FigureSpec("frontier_old", "Learn vs forget across settings: AVnew gain against AVE change, each method's "
+                   "Pareto front drawn", "The learn/forget frontier: new vs old knowledge", table,
+                   "new knowledge: AVnew gain from base (%)", kind="frontier", unit="percent",
+                   columns=["AVE change", "AVnew gain", "front (old)"],
+                   xlabel="old knowledge: AVE change from base (%)"),
+        FigureSpec("frontier_recent", "Learn vs forget recent knowledge: AVnew gain against mean BWT, sequential "
+                   "methods", "The learn/forget frontier: new vs recent knowledge (BWT)", table,
+                   "new knowledge: AVnew gain from base (%)", kind="frontier", unit="percent",
+                   columns=["mean BWT", "AVnew gain", "front (recent)"],
+                   xlabel="recent knowledge: mean BWT after the last round (%)"),
+    ]
+    return section
+
+
+def advice_section(ctx: Context) -> Section:
+    return Section("advice", "Which method to use", [
+        "For a limit on how much old knowledge may be lost, the measured setting that learns the most, among the "
+        "methods open to the contributors. Only measured points are advised; more settings (sweeps) give finer "
+        "advice.", advice_table(ctx.points)])
+
+
 def build_sections(ctx: Context, title: str) -> list[Section]:
     base = Section("base", "Base model", [runs_table("base", "The base model on every column.", ctx, [],
                                                      ctx.scores.columns, list(AVERAGES), gains=False)]
                    if ctx.base else [not_measured("base model")])
-    claims = Section("claims", "The paper's findings, tested on this study", [claims_table(ctx.verdicts)])
+    claims = Section("claims", "The paper's findings, tested on this study", [claims_table(ctx.verdicts,
+                                                                                           ctx.matched)])
     coverage = Section("coverage", "What this study has and lacks", [ctx.coverage.table])
-    return [summary_section(ctx, title), claims, base, one_round_section(ctx), sequential_section(ctx),
+    return [summary_section(ctx, title), advice_section(ctx), claims, frontier_section(ctx), base,
+            one_round_section(ctx), sequential_section(ctx),
             semi_cooperative_section(ctx), fully_cooperative_section(ctx), coverage,
             Section("notes", "Definitions", [NOTE])]

@@ -10,12 +10,24 @@ redone.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from knowstack.config import MERGE_METHOD_OPTIONS, MergeConfig, MoeConfig, StudyConfig, TrainingConfig
+from knowstack.config import (
+    LORA_ONLY_SWEEP,
+    MERGE_METHOD_OPTIONS,
+    SWEEP_COLUMNS,
+    MergeConfig,
+    MoeConfig,
+    StudyConfig,
+    Sweepable,
+    TrainingConfig,
+)
 from knowstack.data.tasks import TaskSpec, task_from_config
 from knowstack.errors import KnowstackError
 
@@ -56,8 +68,35 @@ class ModelRef:
 
 
 @dataclass(frozen=True)
+class Point:
+    """One setting of a method in a sweep: the values it changes from the method's own setting (none: the
+    method's own run, the one compared 'at equal settings')."""
+
+    values: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def of(cls, settings: dict[str, float]) -> Point:
+        order = {name: i for i, name in enumerate(SWEEP_COLUMNS)}
+        return cls(tuple(sorted(((k, float(v)) for k, v in settings.items()), key=lambda kv: order[kv[0]])))
+
+    @property
+    def name(self) -> str:
+        """'lr=0.001,rank=16'; '' for the method's own setting."""
+        return ",".join(f"{name}={value:g}" for name, value in self.values)
+
+    def named(self, model: str) -> str:
+        """A model's name at this point: 'one-round-fft-stance@lr=0.001'."""
+        return f"{model}@{self.name}" if self.values else model
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return dict(self.values).get(name, default)
+
+
+@dataclass(frozen=True)
 class Evaluation:
-    """One named model of the study and the eval step that scores it: the rows of results.csv."""
+    """One named model of the study and the eval step that scores it: the rows of results.csv.
+    point: the sweep point's name ('' for the method's own setting); settings: the values it sets, and
+    O-LoRA's lambda (the results' setting columns)."""
 
     model: str
     method: str
@@ -65,6 +104,8 @@ class Evaluation:
     stage: int | None
     step: str
     trained_on: str = ""
+    point: str = ""
+    settings: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass
@@ -105,6 +146,8 @@ class PlanBuilder:
         self.config = config
         self.plan = Plan(config)
         self.world: Step | None = None
+        self.point = Point()
+        self.training = config.training
         self.base = self._base_model()
         self.tasks = self._tasks()
         self.plan.task_names = [task["name"] for task in self.tasks]
@@ -123,12 +166,12 @@ class PlanBuilder:
 
     def _tasks(self) -> list[dict]:
         """Each task as the parameters a step hashes: name, and what its data is (a fingerprint)."""
-        if self.config.tasks == "builtin":
+        if self.config.builtin_tasks:
             from knowstack.builtin.world import BUILTIN_TASKS
 
             assert self.world is not None
             # The world is deterministic in its key, so the key fingerprints its tasks' data.
-            names = [t["name"] if isinstance(t, dict) else t.name for t in BUILTIN_TASKS]
+            names = self.config.builtin_task_names([task.name for task in BUILTIN_TASKS])
             return [{"name": name, "source": "builtin", "data": self.world.key} for name in names]
         return [
             {"name": spec.name, "source": "config", "data": spec.fingerprint()}
@@ -142,6 +185,19 @@ class PlanBuilder:
             "old": cfg.old_knowledge.model_dump(mode="json"),
             "evaluation": cfg.evaluation.model_dump(mode="json"),
         }
+
+    # --- sweep points ---------------------------------------------------------------------------
+    @contextmanager
+    def at(self, point: Point, *, field_name: str, trains: bool = True) -> Iterator[PlanBuilder]:
+        """Steps added inside are the method's at `point`: its models are named with it and, when the method
+        trains (`trains`), trained with the point's training settings."""
+        if trains:
+            self.training = training_at(self.config, point, field_name)
+        self.point = point
+        try:
+            yield self
+        finally:
+            self.point, self.training = Point(), self.config.training
 
     # --- steps ---------------------------------------------------------------------------------
     def label_of(self, ref: ModelRef) -> str:
@@ -169,7 +225,7 @@ class PlanBuilder:
             "init": init.to_dict(),
             "task": task,
             "finetune": finetune,
-            "training": training_params(self.config.training, finetune),
+            "training": training_params(self.training, finetune),
             "seed": self.config.seed,
             **(extra or {}),
         }
@@ -182,7 +238,7 @@ class PlanBuilder:
             "tasks": self.tasks,
             "mixture": {"kind": "joint", "sampling": sampling},
             "finetune": finetune,
-            "training": training_params(self.config.training, finetune),
+            "training": training_params(self.training, finetune),
             "seed": self.config.seed,
         }
         return self.plan.add(Step("train", f"{finetune}-joint-{sampling}", params, ref_deps(init)))
@@ -192,11 +248,15 @@ class PlanBuilder:
         return self.plan.add(Step("merge-adapter", adapter.label, params, ref_deps(init) + (adapter.key,)))
 
     def evaluate(
-        self, ref: ModelRef, name: str, method: str, finetune: str, stage: int | None, trained_on: str = ""
+        self, ref: ModelRef, name: str, method: str, finetune: str, stage: int | None, trained_on: str = "",
+        settings: dict[str, float] | None = None,
     ) -> None:
+        """settings: values of the model's that are not a sweep point but are worth a column (O-LoRA's lambda)."""
         params = {"model": ref.to_dict(), **self._eval_params()}
         step = self.plan.add(Step("eval", self.label_of(ref), params, ref_deps(ref)))
-        self.plan.evaluations.append(Evaluation(name, method, finetune, stage, step.key, trained_on))
+        columns = Point.of({**(settings or {}), **dict(self.point.values)}).values
+        self.plan.evaluations.append(Evaluation(self.point.named(name), method, finetune, stage, step.key, trained_on,
+                                                self.point.name, columns))
 
     # --- methods -------------------------------------------------------------------------------
     def add_base(self) -> None:
@@ -231,7 +291,8 @@ class PlanBuilder:
                                    deps=tuple(a.key for a in adapters))
             adapters.append(step)
             current = ModelRef(step_ref(self.merge_adapter_step(current, step)))
-            self.evaluate(current, f"olora-lora-{tag}-{stage}", "olora", "lora", stage, task["name"])
+            scalar = {} if isinstance(lambdas, list) else {"lambda": float(lambdas)}
+            self.evaluate(current, f"olora-lora-{tag}-{stage}", "olora", "lora", stage, task["name"], scalar)
 
     def _round_lambdas(self, lambdas: float | list[float]) -> list[float]:
         if not isinstance(lambdas, list):
@@ -339,33 +400,118 @@ def build_plan(config: StudyConfig) -> Plan:
     methods = config.methods
     if all(getattr(methods, name) is None for name in type(methods).model_fields):
         raise KnowstackError("no methods to run", field="methods")
+
+    def points(name: str, finetune: str) -> list[Point]:
+        return sweep_points(getattr(methods, name), finetune, own_settings(config, getattr(methods, name)))
+
     for finetune in methods.one_round.finetune if methods.one_round else []:
-        builder.add_one_round(finetune)
+        for point in points("one_round", finetune):
+            with builder.at(point, field_name="methods.one-round"):
+                builder.add_one_round(finetune)
     for finetune in methods.sequential.finetune if methods.sequential else []:
-        builder.add_sequential(finetune)
-    for lambdas in methods.olora.lambdas if methods.olora else []:
-        builder.add_olora(lambdas)
+        for point in points("sequential", finetune):
+            with builder.at(point, field_name="methods.sequential"):
+                builder.add_sequential(finetune)
+    for point in points("olora", "lora") if methods.olora else []:
+        for lambdas in methods.olora.lambdas:
+            with builder.at(point, field_name="methods.olora"):
+                builder.add_olora(lambdas)
     for finetune in methods.joint.finetune if methods.joint else []:
-        builder.add_joint(finetune, methods.joint.sampling)
+        for point in points("joint", finetune):
+            with builder.at(point, field_name="methods.joint"):
+                builder.add_joint(finetune, methods.joint.sampling)
     for finetune in methods.replay.finetune if methods.replay else []:
-        builder.add_replay(finetune, methods.replay.fraction)
+        for point in points("replay", finetune):
+            with builder.at(point, field_name="methods.replay"):
+                builder.add_replay(finetune, point.get("fraction", methods.replay.fraction))
     for finetune in methods.merge.finetune if methods.merge else []:
         for method in methods.merge.methods:
-            builder.add_merge(finetune, method, methods.merge)
+            # a point changing only what this merge method does not read would be the same model again
+            seen: list[Point] = []
+            for point in points("merge", finetune):
+                point = Point.of({k: v for k, v in point.values if k in MERGE_METHOD_OPTIONS[method]})
+                if point in seen:
+                    continue
+                seen.append(point)
+                merge = methods.merge.model_copy(update={("lam" if k == "lambda" else k): v for k, v in point.values})
+                with builder.at(point, field_name="methods.merge", trains=False):
+                    builder.add_merge(finetune, method, merge)
     for experts in methods.moe.experts if methods.moe else []:
-        builder.add_moe(experts, methods.moe)
+        for point in points("moe", experts):
+            moe = methods.moe.model_copy(update={k: int(v) for k, v in point.values})
+            with builder.at(point, field_name="methods.moe", trains=False):
+                builder.add_moe(experts, moe)
     return builder.plan
+
+
+def own_settings(config: StudyConfig, method: Sweepable) -> dict[str, float | None]:
+    """The method's own value of every setting a sweep may change."""
+    training = config.training
+    own: dict[str, float | None] = {
+        "lr": training.lr, "lr_of_pretrain_peak": training.lr_of_pretrain_peak, "epochs": training.epochs,
+        "max_steps": training.max_steps, "rank": training.lora.r, "alpha": training.lora.alpha,
+    }
+    for name in ("fraction", "density", "drop_rate", "top_k"):
+        if hasattr(method, name):
+            own[name] = getattr(method, name)
+    if isinstance(method, MergeConfig):
+        own["lambda"] = method.lam
+    return own
+
+
+def sweep_points(method: Sweepable, finetune: str, own: dict[str, float | None]) -> list[Point]:
+    """The method's own setting first, then each point of its sweep (the product of `sweep`'s values, then
+    `points`) that differs from it, once. Settings a finetune has not (FFT has no rank) are dropped."""
+    listed: list[dict[str, float]] = []
+    if method.sweep:
+        axes = {name: values.get(finetune, []) if isinstance(values, dict) else values
+                for name, values in method.sweep.items()}
+        axes = {name: values for name, values in axes.items() if values}
+        listed += [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
+    listed += [dict(point) for point in method.points or []]
+    found = [Point()]
+    for settings in listed:
+        changed = {name: value for name, value in settings.items()
+                   if (finetune == "lora" or name not in LORA_ONLY_SWEEP) and own.get(name) != value}
+        point = Point.of(changed)
+        if point not in found:
+            found.append(point)
+    return found
+
+
+def training_at(config: StudyConfig, point: Point, field_name: str) -> TrainingConfig:
+    """The training section with a sweep point's training settings applied."""
+    values = dict(point.values)
+    update: dict[str, Any] = {}
+    if "lr" in values and "lr_of_pretrain_peak" in values:
+        raise KnowstackError("a point sets 'lr' or 'lr_of_pretrain_peak', not both", field=field_name)
+    if "lr_of_pretrain_peak" in values and config.base.builtin is None:
+        raise KnowstackError("'lr_of_pretrain_peak' needs 'base.builtin'; sweep 'lr'", field=field_name)
+    if "lr" in values:
+        update.update(lr=values["lr"], lr_of_pretrain_peak=None)
+    if "lr_of_pretrain_peak" in values:
+        update.update(lr=None, lr_of_pretrain_peak=values["lr_of_pretrain_peak"])
+    if "epochs" in values:
+        update["epochs"] = values["epochs"]
+    if "max_steps" in values:
+        update["max_steps"] = int(values["max_steps"])
+    lora = {key: cast(values[name]) for name, key, cast in (("rank", "r", int), ("alpha", "alpha", float))
+            if name in values}
+    if lora:
+        update["lora"] = config.training.lora.model_copy(update=lora)
+    return config.training.model_copy(update=update)
 
 
 def resolve_task_specs(config: StudyConfig, world_dir: Path | None) -> dict[str, TaskSpec]:
     """The concrete task files, once the world (if any) is built."""
     max_test = config.evaluation.max_test
-    if config.tasks == "builtin":
+    if config.builtin_tasks:
         from knowstack.data.tasks import builtin_tasks
 
         assert world_dir is not None
         manifest = json.loads((world_dir / "world.json").read_text())
-        specs = builtin_tasks(world_dir, manifest, max_test=max_test)
+        everything = {spec.name: spec for spec in builtin_tasks(world_dir, manifest, max_test=max_test)}
+        specs = [everything[name] for name in config.builtin_task_names(list(everything))]
     else:
         specs = [task_from_config(cfg, max_test=max_test) for cfg in config.tasks]
     return {spec.name: spec for spec in specs}

@@ -1,7 +1,9 @@
 """The results store: one row per model x task x metric, as CSV and as SQLite.
 
 The column names are a public interface (users' scripts read them): model, method, finetune,
-stage, task, kind, metric, value, n, trained_on.
+stage, task, kind, metric, value, n, trained_on, then point (a sweep point's name, '' for a method's own
+setting) and one column per setting a sweep can change (lr, rank, lambda, ...: filled where the model's
+point sets it, and with O-LoRA's lambda).
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ import json
 import os
 import sqlite3
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from knowstack.atomic import atomic_write_text
+from knowstack.config import SWEEP_COLUMNS
 from knowstack.study.plan import Plan
 
-COLUMNS = ("model", "method", "finetune", "stage", "task", "kind", "metric", "value", "n", "trained_on")
+COLUMNS = ("model", "method", "finetune", "stage", "task", "kind", "metric", "value", "n", "trained_on", "point",
+           *SWEEP_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,13 @@ class Row:
     value: float
     n: int | None
     trained_on: str
+    point: str = ""
+    settings: tuple[tuple[str, float], ...] = ()
+
+    def record(self) -> dict[str, object]:
+        """The row as results columns (None where empty)."""
+        record: dict[str, object] = {c: getattr(self, c) for c in COLUMNS if c not in SWEEP_COLUMNS}
+        return {**record, **{c: None for c in SWEEP_COLUMNS}, **dict(self.settings)}
 
 
 def collect_rows(plan: Plan, artifacts: Path) -> list[Row]:
@@ -43,7 +54,7 @@ def collect_rows(plan: Plan, artifacts: Path) -> list[Row]:
         if not out.is_dir():
             continue
         common = {"model": ev.model, "method": ev.method, "finetune": ev.finetune, "stage": ev.stage,
-                  "trained_on": ev.trained_on}
+                  "trained_on": ev.trained_on, "point": ev.point, "settings": ev.settings}
         for task in plan.task_names:
             record = json.loads((out / f"new-{task}.json").read_text())
             for metric, value in record["scores"].items():
@@ -60,10 +71,8 @@ def write_csv(rows: list[Row], path: Path) -> None:
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        record = asdict(row)
-        record["stage"] = "" if row.stage is None else row.stage
-        record["n"] = "" if row.n is None else row.n
-        writer.writerow(record)
+        writer.writerow({c: "" if v is None else f"{v:g}" if c in SWEEP_COLUMNS else v
+                         for c, v in row.record().items()})
     atomic_write_text(path, buffer.getvalue())
 
 
@@ -74,11 +83,12 @@ def write_sqlite(rows: list[Row], path: Path) -> None:
         with sqlite3.connect(tmp) as db:
             db.execute(
                 "CREATE TABLE results (model TEXT, method TEXT, finetune TEXT, stage INTEGER, task TEXT, "
-                "kind TEXT, metric TEXT, value REAL, n INTEGER, trained_on TEXT)"
+                "kind TEXT, metric TEXT, value REAL, n INTEGER, trained_on TEXT, point TEXT, "
+                + ", ".join(f"{c} REAL" for c in SWEEP_COLUMNS) + ")"
             )
             db.executemany(
                 f"INSERT INTO results VALUES ({', '.join('?' for _ in COLUMNS)})",
-                [tuple(asdict(row)[c] for c in COLUMNS) for row in rows],
+                [tuple(row.record()[c] for c in COLUMNS) for row in rows],
             )
         os.replace(tmp, path)
     finally:
@@ -93,7 +103,8 @@ def read_csv(path: Path) -> list[Row]:
                 model=r["model"], method=r["method"], finetune=r["finetune"],
                 stage=int(r["stage"]) if r["stage"] else None, task=r["task"], kind=r["kind"],
                 metric=r["metric"], value=float(r["value"]), n=int(r["n"]) if r["n"] else None,
-                trained_on=r.get("trained_on", ""),
+                trained_on=r.get("trained_on", ""), point=r.get("point") or "",
+                settings=tuple((c, float(r[c])) for c in SWEEP_COLUMNS if r.get(c)),
             )
             for r in csv.DictReader(handle)
         ]

@@ -12,7 +12,7 @@ from typing import Any
 from knowstack.atomic import atomic_dir, atomic_write_json
 from knowstack.config import StudyConfig
 from knowstack.data.formats import Example
-from knowstack.data.sampling import Draw, derive_seed, joint_sample, replay_sample
+from knowstack.data.sampling import joint_mixture, replay_mixture
 from knowstack.data.tasks import TaskSpec
 from knowstack.errors import KnowstackError
 from knowstack.study.plan import Step, resolve_task_specs
@@ -139,24 +139,13 @@ def training_examples(ctx: StudyContext, params: dict[str, Any]) -> tuple[list[E
     if mixture is None:
         return specs[params["task"]["name"]].load("train"), None
     if mixture["kind"] == "joint":
-        names = [task["name"] for task in params["tasks"]]
-        data = [specs[name].load("train") for name in names]
-        seed = derive_seed(params["seed"], "joint", *names)
-        draws = joint_sample([len(d) for d in data], mixture["sampling"], seed)
-    elif mixture["kind"] == "replay":
+        tasks = [(task["name"], specs[task["name"]].load("train")) for task in params["tasks"]]
+        return joint_mixture(tasks, mixture["sampling"], params["seed"])
+    if mixture["kind"] == "replay":
         current = params["task"]["name"]
-        names = [current, *(task["name"] for task in mixture["earlier"])]
-        data = [specs[name].load("train") for name in names]
-        seed = derive_seed(params["seed"], "replay", current)
-        draws = [Draw(len(data[0]), 1, ()), *replay_sample(len(data[0]), [len(d) for d in data[1:]],
-                                                           mixture["fraction"], seed)]
-    else:
-        raise KnowstackError(f"unknown mixture kind '{mixture['kind']}'")
-    examples = [split[i] for split, d in zip(data, draws, strict=True) for i in d.indices()]
-    record = {**mixture, "seed": seed, "examples": len(examples),
-              "sources": [{"task": name, **d.to_dict()} for name, d in zip(names, draws, strict=True)]}
-    record.pop("earlier", None)  # the sources list names them
-    return examples, record
+        earlier = [(task["name"], specs[task["name"]].load("train")) for task in mixture["earlier"]]
+        return replay_mixture((current, specs[current].load("train")), earlier, mixture["fraction"], params["seed"])
+    raise KnowstackError(f"unknown mixture kind '{mixture['kind']}'")
 
 
 def _olora_spec(ctx: StudyContext, params: dict[str, Any]) -> dict[str, Any] | None:
