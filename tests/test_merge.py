@@ -207,6 +207,25 @@ def test_lora_delta_average_matches_peft_merge_and_unload(tiny_model_dir: Path, 
         torch.testing.assert_close(got[name], expected, rtol=0, atol=1e-6)
 
 
+def test_linear_lora_merges_are_also_an_exact_peft_adapter(tiny_model_dir: Path, tmp_path: Path) -> None:
+    plain = make_adapter(tiny_model_dir, tmp_path / "a1", seed=1)
+    rs = make_adapter(tiny_model_dir, tmp_path / "a2", seed=2, use_rslora=True, alpha_pattern={"down_proj": 2})
+    other = make_adapter(tiny_model_dir, tmp_path / "a3", seed=3, r=2, target_modules=["k_proj", "q_proj"])
+    out = merge_models("task-average", [plain, rs, other], tmp_path / "merged", base=tiny_model_dir,
+                       weights=[3, 1, 2], options=MergeOptions(lam=1.5))
+    assert json.loads((out / "merge.json").read_text())["adapter"] == "adapter"
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    # q_proj is in all three (4 + 4 + 2), v_proj and down_proj in two (8), k_proj in one (2)
+    assert config["r"] == 8 and config["rank_pattern"] == {
+        name: 10 if "q_proj" in name else 2 for name in config["target_modules"] if "q_proj" in name or "k_proj" in name}
+    via_adapter = peft_merged(tiny_model_dir, out / "adapter")
+    full = merged_tensors(out)
+    for name, tensor in full.items():
+        torch.testing.assert_close(via_adapter[name], tensor, rtol=0, atol=1e-5)
+    ties = merge_models("ties", [plain, rs], tmp_path / "ties", base=tiny_model_dir)
+    assert not (ties / "adapter").exists() and json.loads((ties / "merge.json").read_text())["adapter"] is None
+
+
 def test_same_merge_same_bits(tiny_model_dir: Path, finetunes: list[Path], tmp_path: Path) -> None:
     kwargs = {"base": tiny_model_dir, "options": MergeOptions(drop_rate=0.5), "seed": 3}
     a = merged_tensors(merge_models("ties-dare", finetunes, tmp_path / "a", **kwargs))

@@ -4,7 +4,8 @@
 
 Inputs are full HF model dirs (one-round FFT models) or PEFT LoRA adapter dirs (one-round LoRA);
 the output is a full HF model dir that AutoModelForCausalLM loads: the base's config and tokenizer
-files, sharded safetensors and their index, and merge.json (what was merged, how). It is written
+files, sharded safetensors and their index, and merge.json (what was merged, how); a linear merge of
+LoRA adapters is also written, exactly, as a PEFT adapter in adapter/ (lora_sum.py). It is written
 into a temporary dir renamed when complete. Memory: one tensor per input (in float32) plus the
 method's working tensors, whatever the model's size; the output is streamed to disk.
 """
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from knowstack.atomic import atomic_dir, atomic_write_json
 from knowstack.combine.inputs import FullModel, LoraAdapter, config_differences, open_input, read_json
+from knowstack.combine.lora_sum import ADAPTER_DIR, representable, write_sum_adapter
 from knowstack.combine.merge_methods import MergeMethod, MergeOptions, get_method
 from knowstack.combine.streaming import ShardedWriter
 from knowstack.errors import KnowstackError
@@ -70,11 +72,14 @@ def merge_models(
         _write_merged(tmp, chosen, reference, base_model if in_delta_space else None, inputs, weight_tensor,
                       options, seed, max_shard_bytes, progress)
         _copy_model_files(reference.path, tmp)
+        adapter = representable(method, inputs)
+        if adapter:
+            write_sum_adapter(tmp / ADAPTER_DIR, method, inputs, weight_tensor, options.lam, str(base))
         atomic_write_json(tmp / MERGE_FILE, {
             "method": method, "base": str(base) if base is not None else None,
             "models": [str(m.path) for m in inputs], "kinds": [m.kind for m in inputs],
             "weights": weight_tensor.tolist(), "density": options.density, "drop_rate": options.drop_rate,
-            "lambda": options.lam, "seed": seed,
+            "lambda": options.lam, "seed": seed, "adapter": ADAPTER_DIR if adapter else None,
         })
     return out
 
