@@ -165,6 +165,11 @@ def scatter(spec: FigureSpec, path: Path) -> Path | None:
         ax.scatter(_number(row.cells[columns[0]]), _number(row.cells[columns[1]]), s=70, label=row.label,
                    color=style["color"], marker=MARKERS.get(row.key.partition("/")[0], "o"), edgecolors="black",
                    linewidths=0.5, zorder=3)
+    return _finish_plane(fig, ax, spec, path)
+
+
+def _finish_plane(fig: plt.Figure, ax: plt.Axes, spec: FigureSpec, path: Path) -> Path:
+    """Axes through the origin (the base), labels, grid and a legend beside the plot; saved."""
     ax.axhline(0, color="black", linewidth=0.6)
     ax.axvline(0, color="black", linewidth=0.6)
     ax.set_xlabel(spec.xlabel)
@@ -212,14 +217,7 @@ def frontier(spec: FigureSpec, path: Path) -> Path | None:
             ax.plot([0.0, *(x for _, x in front)], [0.0, *(y for y, _ in front)], color=style["color"], linewidth=1.4,
                     zorder=2)
     ax.scatter([0], [0], s=70, color=BASE_COLOUR, marker=MARKERS["base"], edgecolors="black", zorder=4, label="base")
-    ax.axhline(0, color="black", linewidth=0.6)
-    ax.axvline(0, color="black", linewidth=0.6)
-    ax.set_xlabel(spec.xlabel)
-    ax.set_ylabel(spec.ylabel)
-    ax.set_title(spec.title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return _save(fig, path)
+    return _finish_plane(fig, ax, spec, path)
 
 
 def draw(spec: FigureSpec, folder: Path) -> Path | None:
