@@ -21,3 +21,19 @@ def perturbed(model_dir: Path, out: Path, seed: int, scale: float,
         if (model_dir / name).is_file():
             (out / name).write_bytes((model_dir / name).read_bytes())
     return out
+
+
+def variant(model_dir: Path, out: Path, seed: int, copy: tuple[str, ...] = (), **changes: object) -> Path:
+    """A fresh random Llama of `model_dir`'s config with `changes` (e.g. attention_bias=True), saved to
+    `out` with the files named in `copy` taken from `model_dir` (a base of another shape, to mix)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(model_dir)
+    for name, value in changes.items():
+        setattr(config, name, value)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(out)
+    for name in copy:
+        if (model_dir / name).is_file():
+            (out / name).write_bytes((model_dir / name).read_bytes())
+    return out

@@ -10,17 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import perturbed
+from checkpoints import perturbed, variant
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from knowstack.combine.moe import MoeOptions, mix_models
 from knowstack.combine.moe_train import RouterTraining, expert_loads
+from knowstack.config import parse_config
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
 from knowstack.modelio import load_model, load_tokenizer
 
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 IDS = torch.tensor([[3, 17, 42, 8, 99, 5, 61], [12, 7, 7, 250, 31, 2, 140]])
 # Three families of text, one per expert, for the router init from prompts.
 FAMILIES = [
@@ -82,16 +84,107 @@ def test_fft_moe_of_identical_experts_is_that_model(tiny_model_dir: Path, models
     assert counts["total"] - counts["active"] == counts["experts"] // 3
 
 
+def numels(model: torch.nn.Module) -> dict[str, int]:
+    """The loaded model's parameters as moe.json counts them (shared tensors once)."""
+    named = dict(model.named_parameters())
+    experts = sum(p.numel() for name, p in named.items() if ".experts." in name)
+    routers = sum(p.numel() for name, p in named.items() if name.endswith((".gate.weight", ".gate.bias")))
+    total = sum(p.numel() for p in named.values())
+    return {"total": total, "experts": experts, "routers": routers, "shared": total - experts - routers}
+
+
+def test_fft_moe_with_attention_experts_of_one_model_is_that_model(tiny_model_dir: Path, models: list[Path],
+                                                                   tmp_path: Path) -> None:
+    out = tmp_path / "moe"
+    options = MoeOptions(top_k=2, shared="average", attention=ATTENTION)
+    record = mix_models(tiny_model_dir, [models[0]] * 3, out, options=options)
+    config = json.loads((out / "config.json").read_text())
+    assert record["architecture"] == "KnowstackMoeForCausalLM" and config["model_type"] == "knowstack_moe"
+    assert config["moe_attention"] == list(ATTENTION) and json.loads((out / "moe.json").read_text())["options"]["attention"] == list(ATTENTION)
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert {"model.layers.1.self_attn.q_proj.experts.2.weight", "model.layers.0.self_attn.o_proj.gate.weight",
+            "model.layers.1.mlp.experts.0.up_proj.weight"} <= set(index)
+    assert not any(name.startswith("model.layers.0.self_attn.q_proj.weight") for name in index)
+    moe = load_model(out, dtype="float32")
+    assert type(moe.model.layers[0].self_attn.v_proj).__name__ == "KnowstackMoeLinear"
+    torch.testing.assert_close(logits(moe), logits(load_model(models[0], dtype="float32")), atol=1e-5, rtol=1e-5)
+    # attention experts are routed experts (2 of 3 active per token); the counts are the loaded model's
+    counts = record["parameters"]
+    assert {k: counts[k] for k in ("total", "experts", "routers", "shared")} == numels(moe)
+    attention_experts = sum(p.numel() for name, p in moe.named_parameters() if ".self_attn." in name and ".experts." in name)
+    assert attention_experts > 0 and counts["total"] - counts["active"] == counts["experts"] // 3
+
+
+def test_attention_experts_with_biases(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # a base with attention_bias: each expert carries its projection's bias too
+    base = variant(tiny_model_dir, tmp_path / "base", seed=5, copy=("tokenizer.json", "tokenizer_config.json"),
+                   attention_bias=True)
+    tuned = perturbed(base, tmp_path / "tuned", seed=6, scale=0.05, copy=TOKENIZER_AND_CONFIG)
+    mix_models(base, [tuned] * 2, tmp_path / "moe", options=MoeOptions(top_k=1, shared="average", attention=ATTENTION))
+    index = json.loads((tmp_path / "moe" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.0.self_attn.k_proj.experts.1.bias" in index
+    torch.testing.assert_close(logits(load_model(tmp_path / "moe", dtype="float32")),
+                               logits(load_model(tuned, dtype="float32")), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("router", ["prompts", "random"])
+def test_attention_routers_start_as_the_layer_router(router: str, tiny_model_dir: Path, models: list[Path],
+                                                      tmp_path: Path) -> None:
+    options = MoeOptions(top_k=1, router=router, attention=("q_proj", "o_proj"))
+    mix_models(tiny_model_dir, models, tmp_path / "moe", options=options, prompts=FAMILIES)
+    tensors = load_file(tmp_path / "moe" / "model-00001-of-00001.safetensors")
+    for layer in (0, 1):
+        mlp = tensors[f"model.layers.{layer}.mlp.gate.weight"]
+        q, o = (tensors[f"model.layers.{layer}.self_attn.{p}.gate.weight"] for p in ("q_proj", "o_proj"))
+        if router == "prompts":  # the layer's hidden-state rows, as moetify
+            assert torch.equal(q, mlp) and torch.equal(o, mlp)
+        else:  # draws of their own
+            assert not torch.equal(q, mlp) and not torch.equal(q, o)
+
+
+def test_prompt_routers_need_hidden_sized_inputs(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # heads x head_dim != hidden: o_proj reads fewer features than the hidden-state rows have
+    base = variant(tiny_model_dir, tmp_path / "base", seed=5, copy=("tokenizer.json", "tokenizer_config.json"),
+                   head_dim=8)
+    tuned = [perturbed(base, tmp_path / f"t{i}", seed=i, scale=0.05, copy=TOKENIZER_AND_CONFIG) for i in range(3)]
+    with pytest.raises(KnowstackError, match="o_proj reads 32 features"):
+        mix_models(base, tuned, tmp_path / "moe", options=MoeOptions(router="prompts", attention=("o_proj",)),
+                   prompts=FAMILIES)
+    mix_models(base, tuned, tmp_path / "moe", options=MoeOptions(attention=("o_proj",)))  # random: its own size
+    logits(load_model(tmp_path / "moe", dtype="float32"))
+
+
+@pytest.mark.parametrize("router", ["none", "uniform"])
+def test_attention_expert_of_equal_weights_is_the_mean_of_the_experts(router: str, tiny_model_dir: Path,
+                                                                     models: list[Path], tmp_path: Path) -> None:
+    # router-free, or a uniform router with top_k = all experts: every expert at weight 1/n
+    mix_models(tiny_model_dir, models, tmp_path / "moe", options=MoeOptions(top_k=3, router=router,
+                                                                           attention=("q_proj",)))
+    moe = load_model(tmp_path / "moe", dtype="float32")
+    seen = {}
+    hook = moe.model.layers[1].self_attn.q_proj.register_forward_hook(
+        lambda module, inputs, output: seen.update(x=inputs[0], y=output))
+    logits(moe)
+    hook.remove()
+    weights = [load_file(m / "model.safetensors")["model.layers.1.self_attn.q_proj.weight"] for m in models]
+    expected = sum(torch.nn.functional.linear(seen["x"], w) for w in weights) / len(weights)
+    torch.testing.assert_close(seen["y"], expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(seen["y"], torch.nn.functional.linear(seen["x"], weights[0]), atol=1e-4)
+
+
 @pytest.mark.parametrize("options", [
     MoeOptions(base_expert="always-on", router="none", layers=(1,)),
     MoeOptions(base_expert="routed", router="base-biased", top_k=2),
     MoeOptions(base_expert="routed", router="random", top_k=1, layers=(0,)),
-], ids=["always-on-router-free-layer1", "routed-base-biased", "routed-top1-layer0"])
+    MoeOptions(base_expert="always-on", router="random", top_k=1, layers=(0,), attention=ATTENTION),
+    MoeOptions(base_expert="routed", router="base-biased", top_k=2, attention=("v_proj", "o_proj")),
+], ids=["always-on-router-free-layer1", "routed-base-biased", "routed-top1-layer0", "always-on-attention-layer0",
+        "routed-base-biased-attention"])
 def test_own_class_options_with_base_experts_are_the_base(options: MoeOptions, tiny_model_dir: Path,
                                                           tmp_path: Path) -> None:
     record = mix_models(tiny_model_dir, [tiny_model_dir] * 2, tmp_path / "moe", options=options)
     moe = load_model(tmp_path / "moe", dtype="float32")
-    stock = options.router == "random"  # a routed base with a plain router is still a Mixtral
+    stock = options.router == "random" and not options.attention  # a routed base, plain router: still Mixtral
     assert type(moe).__name__ == ("MixtralForCausalLM" if stock and options.layers is None else "KnowstackMoeForCausalLM")
     assert record["experts"] == 2 + (options.base_expert == "routed")
     torch.testing.assert_close(logits(moe), logits(load_model(tiny_model_dir, dtype="float32")), atol=1e-5, rtol=1e-5)
@@ -124,19 +217,22 @@ else:
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(sys.argv[2], trust_remote_code=False)
 with torch.no_grad():
-    print(json.dumps([type(model).__name__, model(ids).logits[0, -1, :5].tolist()]))
+    print(json.dumps([type(model).__name__, model(ids).logits[0, -1, :5].tolist(),
+                      sum(p.numel() for p in model.parameters())]))
 """
+FRESH_OPTIONS = {"stock": MoeOptions(top_k=2), "own": MoeOptions(top_k=2, layers=(1,), base_expert="always-on"),
+                 "own-attention": MoeOptions(top_k=2, attention=("q_proj", "o_proj"))}
 
 
-@pytest.mark.parametrize("kind", ["stock", "own"])
+@pytest.mark.parametrize("kind", ["stock", "own", "own-attention"])
 def test_checkpoint_reloads_in_a_fresh_process(kind: str, tiny_model_dir: Path, models: list[Path],
                                                tmp_path: Path) -> None:
-    options = MoeOptions(top_k=2) if kind == "stock" else MoeOptions(top_k=2, layers=(1,), base_expert="always-on")
-    mix_models(tiny_model_dir, models, tmp_path / "moe", options=options)
+    record = mix_models(tiny_model_dir, models, tmp_path / "moe", options=FRESH_OPTIONS[kind])
     result = subprocess.run([sys.executable, "-c", FRESH.format(ids=IDS.tolist()), kind, str(tmp_path / "moe")],
                             capture_output=True, text=True, check=True)
-    name, values = json.loads(result.stdout.strip().splitlines()[-1])
+    name, values, numel = json.loads(result.stdout.strip().splitlines()[-1])
     assert name == ("MixtralForCausalLM" if kind == "stock" else "KnowstackMoeForCausalLM")
+    assert numel == record["parameters"]["total"]
     here = logits(load_model(tmp_path / "moe", dtype="float32"))[0, -1, :5]
     torch.testing.assert_close(torch.tensor(values), here, atol=1e-5, rtol=1e-5)
 
@@ -169,13 +265,15 @@ def test_router_rows_read_each_prompt_alone(tiny_model_dir: Path) -> None:
         torch.testing.assert_close(together[layer], (alone[0][layer] + alone[1][layer]) / 2, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["fft", "fft-own-class", "lora"])
+@pytest.mark.parametrize("kind", ["fft", "fft-own-class", "fft-attention", "lora"])
 def test_router_training_changes_the_routers_only(kind: str, tiny_model_dir: Path, models: list[Path],
                                                   adapters: list[Path], tmp_path: Path) -> None:
     inputs = adapters if kind == "lora" else models
     options = MoeOptions(top_k=2, seed=3)
     if kind == "fft-own-class":  # the base-biased router has a bias, trained too
         options = MoeOptions(top_k=2, seed=3, base_expert="routed", router="base-biased")
+    if kind == "fft-attention":  # every attention projection's router is trained too
+        options = MoeOptions(top_k=2, seed=3, attention=ATTENTION)
     examples = [Example(p[:12], p[12:]) for family in FAMILIES for p in family]
     untrained = tmp_path / "untrained"
     mix_models(tiny_model_dir, inputs, untrained, options=options)
@@ -190,6 +288,10 @@ def test_router_training_changes_the_routers_only(kind: str, tiny_model_dir: Pat
     assert changed and all(".gate." in name or name.startswith("routers.") for name in changed)
     if kind == "fft-own-class":
         assert any(name.endswith(".gate.bias") for name in changed)
+    if kind == "fft-attention":
+        gates = {f"model.layers.{i}.self_attn.{p}.gate.weight" for i in (0, 1) for p in ATTENTION}
+        assert gates <= changed and "model.layers.0.mlp.gate.weight" in changed
+        assert {"0", "1", "1.self_attn.o_proj"} <= set(record["loads"]["after_training"])
     # the trained routers were written where a fresh load finds them
     model = load_model(tiny_model_dir, tmp_path / "trained") if kind == "lora" else load_model(tmp_path / "trained")
     texts = [ex.prompt + ex.answer for ex in examples]
@@ -205,6 +307,9 @@ def test_clear_errors(tiny_model_dir: Path, models: list[Path], adapters: list[P
         (models, MoeOptions(router="prompts"), "prompts"),
         (adapters, MoeOptions(base_expert="always-on"), "always keeps the base"),
         (models, MoeOptions(layers=(5,)), "layers"),
+        (adapters, MoeOptions(attention=("q_proj",)), "LoRA-MoE already mixes every module"),
+        (models, MoeOptions(attention=("q_proj", "w_proj")), r"unknown: w_proj"),
+        (models, MoeOptions(attention=("q_proj", "q_proj")), "each once"),
     ]
     for inputs, options, message in cases:
         with pytest.raises(KnowstackError, match=message):
@@ -233,6 +338,10 @@ def test_cli_mix(tiny_model_dir: Path, adapters: list[Path], tmp_path: Path, cap
                  "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     assert "field 'base_expert'" in err and "Traceback" not in err and not (tmp_path / "bad").exists()
+    # --attention reaches mix_models (which refuses it for adapters)
+    assert main(["mix", "--base", str(tiny_model_dir), "--models", str(adapters[0]), "--attention", "q_proj",
+                 "v_proj", "--out", str(tmp_path / "bad")]) == 2
+    assert "field 'attention'" in capsys.readouterr().err
 
 
 def study_config(tmp_path: Path, base: Path, moe: dict) -> dict:
@@ -253,7 +362,10 @@ def test_moe_config_is_validated(tmp_path: Path, tiny_model_dir: Path) -> None:
 
     bad = [({"router": "learned"}, r"methods\.moe\.router"), ({"router": "base-biased"}, "base_expert: routed"),
            ({"base_expert": "always-on"}, "always keeps the base"), ({"experts": ["fft", "fft"]}, "once"),
-           ({"top_k": 0}, r"methods\.moe\.top_k"), ({"router": "none", "router_training": {}}, "no router to train")]
+           ({"top_k": 0}, r"methods\.moe\.top_k"), ({"router": "none", "router_training": {}}, "no router to train"),
+           ({"attention": ["q_proj"]}, "'attention' is for FFT-MoE"),
+           ({"experts": ["fft"], "attention": ["w_proj"]}, r"methods\.moe\.attention"),
+           ({"experts": ["fft"], "attention": []}, "attention projection")]
     for moe, message in bad:
         with pytest.raises(KnowstackError, match=message):
             parse_config(study_config(tmp_path, tiny_model_dir, moe))
@@ -305,3 +417,43 @@ def test_moe_step_runs_on_one_round_artifacts(tmp_path: Path, tiny_model_dir: Pa
         ref = eval_step.params["model"]  # what run_eval loads
         model = load_model(ctx.resolve(ref["model"]), ctx.resolve(ref["adapter"]), dtype="float32")
         assert torch.isfinite(logits(model)).all()
+
+
+def test_moe_step_passes_attention_through(tmp_path: Path, tiny_model_dir: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import knowstack.combine.moe as moe_module
+    from knowstack.config import parse_config
+    from knowstack.study.plan import build_plan
+    from knowstack.study.steps import StudyContext, run_moe
+
+    def moe_step(moe: dict):
+        config = parse_config(study_config(tmp_path, tiny_model_dir, {"experts": ["fft"], **moe}))
+        return config, next(s for s in build_plan(config).ordered() if s.kind == "moe")
+
+    # unset, the option is not among the step's params: the keys of earlier studies' moe steps stay
+    assert "attention" not in moe_step({})[1].params["options"]
+    config, step = moe_step({"attention": ["v_proj", "q_proj"]})
+    seen = {}
+    monkeypatch.setattr(moe_module, "mix_models", lambda *args, **kwargs: seen.update(kwargs))
+    run_moe(step, StudyContext(out=tmp_path / "study", config=config), tmp_path / "out")
+    assert seen["options"].attention == ("v_proj", "q_proj")
+
+
+@pytest.mark.parametrize("attention", [(), ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj")])
+def test_dry_run_parameter_estimate_is_the_built_mixture(attention: tuple[str, ...], tiny_model_dir: Path,
+                                                         models: list[Path], tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    from knowstack.study.plan import Step
+    from knowstack.study.resources import _from_hf_config, moe_params
+
+    record = mix_models(tiny_model_dir, models, tmp_path / "moe", options=MoeOptions(top_k=2, attention=attention))
+    arch = _from_hf_config(AutoConfig.from_pretrained(tiny_model_dir))
+    options = {"top_k": 2, "router": "random", "base_expert": "none", "layers": None}
+    if attention:
+        options["attention"] = list(attention)
+    step = Step("moe", "fft-random", {"experts": "fft", "models": [str(m) for m in models], "options": options})
+    config = parse_config({"name": "x", "base": {"model": str(tiny_model_dir)}, "tasks": [],
+                           "old_knowledge": {"tasks": ["ks_x"]}, "training": {"lr": 1e-4}})
+    total, active = moe_params(arch, step, config)
+    assert total == record["parameters"]["total"] and active == 2

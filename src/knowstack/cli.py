@@ -209,7 +209,8 @@ def cmd_mix(args: argparse.Namespace) -> None:
         training = RouterTraining(steps=args.train_steps, lr=args.train_lr, batch_size=args.train_batch_size,
                                   aux_loss_coef=args.aux_loss_coef, seed=args.seed)
     options = MoeOptions(top_k=args.top_k, layers=tuple(args.layers) if args.layers else None, shared=args.shared,
-                         base_expert=args.base_expert, router=router, seed=args.seed)
+                         base_expert=args.base_expert, router=router, seed=args.seed,
+                         attention=tuple(args.attention or ()))
     record = mix_models(args.base, args.models, Path(args.out), options=options, prompts=prompts,
                         train_examples=examples, training=training, max_shard_bytes=int(args.max_shard_gb * 2**30))
     counts = record["parameters"]
@@ -332,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FFT-MoE: attention, norms and embeddings from the base or the models' average")
     p.add_argument("--base-expert", choices=["none", "routed", "always-on"], default="none",
                    help="the base as a routed expert, or always active (FFT-MoE)")
+    p.add_argument("--attention", nargs="+", choices=["q_proj", "k_proj", "v_proj", "o_proj"],
+                   help="FFT-MoE: these self-attention projections are experts too, each with its own router")
     p.add_argument("--router", choices=["random", "uniform", "base-biased", "prompts", "none"],
                    help="router init (default: prompts if --prompts is given, else random); none: router-free")
     p.add_argument("--prompts", nargs="+", help="one JSON/JSONL file of prompts per model, in order")

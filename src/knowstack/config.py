@@ -284,7 +284,9 @@ class MoeConfig(Sweepable):
     embeddings from the base or the average of the models (FFT only); base_expert: the base as a routed
     expert, or always on (FFT only); router: random | uniform | base-biased | prompts (each expert's row
     from the base's hidden states on the first `prompts_per_expert` training prompts of its task) |
-    none (router-free: all experts with equal weight); seed: random routers (default: the study's)."""
+    none (router-free: all experts with equal weight); seed: random routers (default: the study's);
+    attention: self-attention projections (q_proj, k_proj, v_proj, o_proj) that are experts too, each
+    with its own router (FFT only: a LoRA-MoE already mixes every module its adapters target)."""
 
     SWEEPABLE: ClassVar[tuple[str, ...]] = ("top_k",)
     experts: list[Finetune] = Field(default_factory=lambda: ["fft", "lora"])
@@ -297,11 +299,19 @@ class MoeConfig(Sweepable):
     prompts_per_expert: int = Field(default=8, gt=0)
     router_training: RouterTrainingConfig | None = None
     seed: int | None = None
+    attention: list[Literal["q_proj", "k_proj", "v_proj", "o_proj"]] | None = None
 
     @field_validator("experts")
     @classmethod
     def _experts(cls, value: list[str]) -> list[str]:
         return _each_once(value, "name each of fft, lora once, at least one")
+
+    @field_validator("attention")
+    @classmethod
+    def _attention(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        return _each_once(value, "name each attention projection to mix once, at least one")
 
     @model_validator(mode="after")
     def _consistent(self) -> MoeConfig:
@@ -311,6 +321,9 @@ class MoeConfig(Sweepable):
             raise ValueError("the base-biased router needs 'base_expert: routed'")
         if self.base_expert == "always-on" and "lora" in self.experts:
             raise ValueError("'base_expert: always-on' is for FFT-MoE: a LoRA-MoE always keeps the base")
+        if self.attention is not None and "lora" in self.experts:
+            raise ValueError("'attention' is for FFT-MoE (experts: [fft]): a LoRA-MoE already mixes every module "
+                             "its adapters target")
         if self.router == "none" and self.router_training is not None:
             raise ValueError("a router-free MoE ('router: none') has no router to train")
         return self

@@ -40,7 +40,9 @@ SHARED = ("base", "average")
 class MoeOptions:
     """top_k: experts per token; layers: the layers to mix (None: all); shared: where attention, norms,
     embeddings and unmixed MLPs come from (FFT only); base_expert: the base's MLP (FFT) / a null adapter
-    (LoRA) as a routed expert, or always on (FFT only); router: see routers.py; seed: random routers."""
+    (LoRA) as a routed expert, or always on (FFT only); router: see routers.py; seed: random routers;
+    attention: self-attention projections (q_proj, k_proj, v_proj, o_proj) that are experts too in every
+    mixed layer, each with its own router (FFT only: a LoRA-MoE mixes every module its adapters target)."""
 
     top_k: int = 2
     layers: tuple[int, ...] | None = None
@@ -48,6 +50,7 @@ class MoeOptions:
     base_expert: str = "none"
     router: str = "random"
     seed: int = 0
+    attention: tuple[str, ...] = ()
 
 
 def mix_models(
@@ -82,8 +85,9 @@ def mix_models(
 
         tokenizer = load_tokenizer(tokenizer_path or base_model.path)
     routers = _routers(kind, base_model, options, prompts, tokenizer, len(inputs))
+    attention_routers = _attention_routers(base_model, options, routers, len(inputs))
     with atomic_dir(out) as tmp:
-        record = _build(kind, tmp, base_model, inputs, options, routers, max_shard_bytes)
+        record = _build(kind, tmp, base_model, inputs, options, routers, max_shard_bytes, attention_routers)
         if options.router != "none" and (prompts or training):
             record.update(_routers_at_work(kind, tmp, base_model, tokenizer, prompts, train_examples, training))
         atomic_write_json(tmp / MOE_FILE, record)
@@ -114,6 +118,8 @@ def _validate(kind: str, n_models: int, n_layers: int, options: MoeOptions, prom
          "a LoRA-MoE always keeps the base: the adapters add to it (use 'routed' for a null expert)"),
         (kind == "lora" and options.shared != "base", "shared",
          "a LoRA-MoE keeps the base's own weights ('shared' is for FFT-MoE)"),
+        (kind == "lora" and bool(options.attention), "attention",
+         "a LoRA-MoE already mixes every module its adapters target ('attention' is for FFT-MoE)"),
     ]
     n_experts = n_models + (options.base_expert == "routed")
     checks += [
@@ -132,6 +138,10 @@ def _validate(kind: str, n_models: int, n_layers: int, options: MoeOptions, prom
     for failed, field, message in checks:
         if failed:
             raise KnowstackError(message, field=field)
+    if kind == "fft":
+        from knowstack.combine.moe_fft import check_attention
+
+        check_attention(options.attention)
 
 
 def _routers(kind: str, base: FullModel, options: MoeOptions, prompts: Sequence[Sequence[str]] | None,
@@ -156,17 +166,52 @@ def _routers(kind: str, base: FullModel, options: MoeOptions, prompts: Sequence[
     return prompt_routers(means, base_index)
 
 
+def _attention_routers(base: FullModel, options: MoeOptions, routers: dict[int, Router] | None,
+                       n_models: int) -> dict[tuple[int, str], Router] | None:
+    """A router per (mixed layer, attention projection), made as that layer's MLP router is: from
+    prompts, the same rows (moetify uses a layer's hidden states for all its modules' routers); random,
+    draws of their own, seeded by (seed, layer, projection). Each reads its projection's input."""
+    if routers is None or not options.attention:
+        return None
+    base_index = 0 if options.base_expert == "routed" else None
+    init_range = float(base.config.get("initializer_range", 0.02))
+    result: dict[tuple[int, str], Router] = {}
+    for name in options.attention:
+        for layer, router in routers.items():
+            in_features = _projection_inputs(base, layer, name)
+            if options.router != "prompts":
+                result[layer, name] = data_free_routers(
+                    options.router, [layer], n_models + (base_index is not None), in_features, init_range=init_range,
+                    seed=options.seed, base_index=base_index, site=name)[layer]
+            elif in_features == router.weight.shape[1]:
+                result[layer, name] = router
+            else:
+                raise KnowstackError(f"{name} reads {in_features} features, not the hidden size, so its router "
+                                     "cannot start from hidden-state rows: use another router init", field="attention")
+    return result
+
+
+def _projection_inputs(base: FullModel, layer: int, projection: str) -> int:
+    """The input size of the base's attention projection (o_proj's is heads x head_dim)."""
+    name = f"model.layers.{layer}.self_attn.{projection}.weight"
+    if name not in base.reader.specs:
+        raise KnowstackError(f"the base has no {name} to mix", path=base.path, field="attention")
+    return base.reader.specs[name].shape[1]
+
+
 def _build(kind: str, tmp: Path, base: FullModel, inputs: list, options: MoeOptions,
-           routers: dict[int, Router] | None, max_shard_bytes: int) -> dict[str, Any]:
+           routers: dict[int, Router] | None, max_shard_bytes: int,
+           attention_routers: dict[tuple[int, str], Router] | None = None) -> dict[str, Any]:
     common = {"kind": kind, "base": str(base.path), "models": [str(m.path) for m in inputs],
               "options": asdict(options)}
     if kind == "fft":
         from knowstack.combine.moe_fft import choose_layout, write_fft_moe
 
         layout = choose_layout(base.config, len(inputs), layers=options.layers, base_expert=options.base_expert,
-                               router_free=options.router == "none", router_bias=options.router == "base-biased")
+                               router_free=options.router == "none", router_bias=options.router == "base-biased",
+                               attention=options.attention)
         counts = write_fft_moe(tmp, base, inputs, layout, top_k=options.top_k, shared=options.shared, routers=routers,
-                               max_shard_bytes=max_shard_bytes)
+                               attention_routers=attention_routers, max_shard_bytes=max_shard_bytes)
         architecture = "MixtralForCausalLM" if layout.stock else "KnowstackMoeForCausalLM"
         return {**common, "architecture": architecture, "experts": layout.n_routed, "layers": list(layout.layers),
                 "parameters": counts}
@@ -238,13 +283,14 @@ def _save_trained_routers(kind: str, tmp: Path, model: Any) -> None:
         return
     from knowstack.combine.moe_fft import overwrite_tensors
 
-    names = {name: param for name, param in model.named_parameters()}
+    # Every router module (the MLPs' and the mixed attention projections') by its path in the model,
+    # which is its tensors' name on disk but for Mixtral's MLP router.
+    paths = {id(module): path for path, module in model.named_modules()}
+    mixtral = type(model).__name__ == "MixtralForCausalLM"
     tensors = {}
     for site in router_sites(model):
-        for suffix in ("weight", "bias"):
-            memory_name = f"model.layers.{site.layer}.mlp.gate.{suffix}"
-            if memory_name in names:
-                disk = (f"model.layers.{site.layer}.block_sparse_moe.gate.{suffix}"
-                        if type(model).__name__ == "MixtralForCausalLM" else memory_name)
-                tensors[disk] = names[memory_name]
+        for suffix, param in site.module.named_parameters():
+            memory_name = f"{paths[id(site.module)]}.{suffix}"
+            disk = memory_name.replace(".mlp.gate.", ".block_sparse_moe.gate.") if mixtral else memory_name
+            tensors[disk] = param
     overwrite_tensors(tmp, tensors)

@@ -9,8 +9,13 @@ so memory holds one tensor (an average: one accumulator and one tensor), whateve
 For a Llama/Mistral base with every layer mixed and a plain top-k router the output is a stock
 MixtralForCausalLM checkpoint (`model.layers.N.block_sparse_moe.experts.E.w1/w2/w3` = an MLP's
 gate/down/up, `block_sparse_moe.gate` = the router) that `transformers` loads as it is. The options
-Mixtral cannot express (some layers only, an always-on base expert, router-free, a router bias) give a
-`knowstack_moe` checkpoint of knowstack's own class (combine/moe_model.py) instead.
+Mixtral cannot express (some layers only, an always-on base expert, router-free, a router bias,
+attention projections as experts) give a `knowstack_moe` checkpoint of knowstack's own class
+(combine/moe_model.py) instead.
+
+With `attention` (some of q_proj, k_proj, v_proj, o_proj), each of those projections of a mixed layer
+is a mixture too: expert e is model e's weight for it (a routed base is expert 0), with its own router
+(`self_attn.<proj>.gate`), written where the base's projection was, one tensor at a time as the MLPs.
 """
 
 from __future__ import annotations
@@ -26,12 +31,14 @@ import torch
 
 from knowstack.combine.inputs import FullModel
 from knowstack.combine.merge import TOKENIZER_FILES, _check_compatible
+from knowstack.combine.moe_model import ATTENTION_PROJECTIONS
 from knowstack.combine.routers import Router
 from knowstack.combine.streaming import DTYPE_NAMES, SafetensorsReader, ShardedWriter
 from knowstack.errors import KnowstackError
 
 _MLP = re.compile(r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.(weight|bias)")
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+_ATTENTION = re.compile(rf"model\.layers\.(\d+)\.self_attn\.({'|'.join(ATTENTION_PROJECTIONS)})\.(weight|bias)")
 _MIXTRAL_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 # Llama config fields Mixtral has too; a base whose other fields differ from Mixtral's fixed
 # behaviour (attention/MLP biases) needs knowstack's own class.
@@ -54,6 +61,7 @@ class FftMoeLayout:
     always_on: bool
     router_free: bool
     router_bias: bool
+    attention: tuple[str, ...] = ()  # the mixed attention projections (knowstack_moe only)
 
     def expert(self, layer: int, expert: int, projection: str, kind: str = "weight") -> str:
         if self.stock:
@@ -68,9 +76,16 @@ class FftMoeLayout:
     def always_on_expert(self, layer: int, projection: str, kind: str = "weight") -> str:
         return f"model.layers.{layer}.mlp.base.{projection}.{kind}"
 
+    def attention_part(self, layer: int, projection: str, part: str, kind: str = "weight") -> str:
+        """A mixed attention projection's tensor: part is `experts.E`, `gate` or `base` (the module path)."""
+        return f"model.layers.{layer}.self_attn.{projection}.{part}.{kind}"
+
+
+AttentionRouters = dict[tuple[int, str], Router]  # (layer, projection) -> its router
+
 
 def choose_layout(base_config: dict, n_models: int, *, layers: Sequence[int] | None, base_expert: str,
-                  router_free: bool, router_bias: bool) -> FftMoeLayout:
+                  router_free: bool, router_bias: bool, attention: Sequence[str] = ()) -> FftMoeLayout:
     """Stock Mixtral where it can express the options, knowstack_moe where it cannot."""
     model_type = base_config.get("model_type")
     n_layers = int(base_config["num_hidden_layers"])
@@ -79,25 +94,41 @@ def choose_layout(base_config: dict, n_models: int, *, layers: Sequence[int] | N
         raise KnowstackError(f"layers to mix must be in 0..{n_layers - 1}, got {list(mixed)}", field="layers")
     if not mixed:
         raise KnowstackError("name at least one layer to mix", field="layers")
+    check_attention(attention)
     plain = (len(mixed) == n_layers and base_expert != "always-on" and not router_free and not router_bias
-             and not base_config.get("attention_bias") and not base_config.get("mlp_bias"))
+             and not attention and not base_config.get("attention_bias") and not base_config.get("mlp_bias"))
     stock = model_type in ("llama", "mistral") and plain
     if not stock and model_type != "llama":
         raise KnowstackError(f"FFT-MoE of a '{model_type}' base: only Llama and Mistral bases are supported "
-                             "(and only Llama with layers / always-on / router-free / base-biased options)")
+                             "(and only Llama with layers / always-on / router-free / base-biased / attention "
+                             "options)")
     return FftMoeLayout(stock=stock, layers=mixed, n_routed=n_models + (base_expert == "routed"),
                         base_routed=base_expert == "routed", always_on=base_expert == "always-on",
-                        router_free=router_free, router_bias=router_bias)
+                        router_free=router_free, router_bias=router_bias,
+                        attention=tuple(p for p in ATTENTION_PROJECTIONS if p in attention))
+
+
+def check_attention(attention: Sequence[str]) -> None:
+    """The attention projections to mix: known names, each once."""
+    unknown = [name for name in attention if name not in ATTENTION_PROJECTIONS]
+    if unknown or len(set(attention)) != len(attention):
+        raise KnowstackError(f"attention names projections to mix, each once, of {', '.join(ATTENTION_PROJECTIONS)}"
+                             + (f" (unknown: {', '.join(map(str, unknown))})" if unknown else ""), field="attention")
 
 
 def write_fft_moe(tmp: Path, base: FullModel, models: Sequence[FullModel], layout: FftMoeLayout, *,
                   top_k: int, shared: str, routers: dict[int, Router] | None,
+                  attention_routers: AttentionRouters | None = None,
                   max_shard_bytes: int = 5 * 2**30) -> dict[str, int]:
-    """Streams the FFT-MoE checkpoint into `tmp` (weights, config, tokenizer); returns parameter counts."""
+    """Streams the FFT-MoE checkpoint into `tmp` (weights, config, tokenizer); returns parameter counts.
+    attention_routers: one per (mixed layer, projection in layout.attention), unless router-free."""
     _check_compatible(base, list(models))
     if not layout.router_free and (routers is None or set(routers) != set(layout.layers)):
         raise AssertionError("a router per mixed layer is needed")
-    plan = _tensor_plan(base, models, layout, shared, routers or {})
+    wanted = {(layer, name) for layer in layout.layers for name in layout.attention}
+    if not layout.router_free and set(attention_routers or {}) != wanted:
+        raise AssertionError("a router per mixed layer and attention projection is needed")
+    plan = _tensor_plan(base, models, layout, shared, routers or {}, attention_routers or {})
     writer = ShardedWriter(tmp, [(name, dtype, shape) for name, dtype, shape, _ in plan], max_shard_bytes)
     for name, dtype, _, fetch in plan:
         tensor = fetch()
@@ -115,12 +146,14 @@ PlanItem = tuple[str, torch.dtype, tuple[int, ...], Fetch]
 
 
 def _tensor_plan(base: FullModel, models: Sequence[FullModel], layout: FftMoeLayout, shared: str,
-                 routers: dict[int, Router]) -> list[PlanItem]:
+                 routers: dict[int, Router], attention_routers: AttentionRouters | None = None) -> list[PlanItem]:
     """Every output tensor in write order (the base's on-disk order, a mixed layer's MoE block where its
-    MLP was), with the function that reads it; nothing is read yet."""
+    MLP was, a mixed attention projection's experts where it was), with the function that reads it;
+    nothing is read yet."""
     specs = base.reader.specs
     plan: list[PlanItem] = []
     done_blocks: set[int] = set()
+    done_attention: set[tuple[int, str]] = set()
     for name in base.reader.names():
         match = _MLP.fullmatch(name)
         layer = int(match.group(1)) if match else None
@@ -129,12 +162,30 @@ def _tensor_plan(base: FullModel, models: Sequence[FullModel], layout: FftMoeLay
                 plan += _block_plan(base, models, layout, layer, routers.get(layer))
                 done_blocks.add(layer)
             continue
+        site = _mixed_attention(name, layout)
+        if site is not None:
+            if site not in done_attention:  # at its weight or bias, whichever comes first on disk
+                plan += _attention_plan(base, models, layout, *site, (attention_routers or {}).get(site))
+                done_attention.add(site)
+            continue
         plan.append((name, specs[name].torch_dtype, specs[name].shape, _shared_fetch(base, models, name, shared)))
     missing = set(layout.layers) - done_blocks
     if missing:
         raise KnowstackError(f"the base has no Llama MLP (mlp.gate_proj/up_proj/down_proj) in layers {sorted(missing)}",
                              path=base.path)
+    missing_attention = {(layer, p) for layer in layout.layers for p in layout.attention} - done_attention
+    if missing_attention:
+        raise KnowstackError(f"the base has no self_attn projection for (layer, projection) "
+                             f"{sorted(missing_attention)}", path=base.path, field="attention")
     return plan
+
+
+def _mixed_attention(name: str, layout: FftMoeLayout) -> tuple[int, str] | None:
+    """(layer, projection) when `name` is a tensor of an attention projection that is mixed."""
+    match = _ATTENTION.fullmatch(name)
+    if match is None or int(match.group(1)) not in layout.layers or match.group(2) not in layout.attention:
+        return None
+    return int(match.group(1)), match.group(2)
 
 
 def _block_plan(base: FullModel, models: Sequence[FullModel], layout: FftMoeLayout, layer: int,
@@ -161,6 +212,33 @@ def _block_plan(base: FullModel, models: Sequence[FullModel], layout: FftMoeLayo
                 original = f"model.layers.{layer}.mlp.{projection}.{kind}"
                 plan.append((layout.always_on_expert(layer, projection, kind), dtype, specs[original].shape,
                              lambda n=original: base.reader.read(n)))
+    return plan
+
+
+def _attention_plan(base: FullModel, models: Sequence[FullModel], layout: FftMoeLayout, layer: int,
+                    projection: str, router: Router | None) -> list[PlanItem]:
+    """One attention projection as a mixture: its router, one linear expert per source, the base."""
+    specs = base.reader.specs
+    original = f"model.layers.{layer}.self_attn.{projection}"
+    kinds = [k for k in ("weight", "bias") if f"{original}.{k}" in specs]
+    dtype = specs[f"{original}.weight"].torch_dtype
+    plan: list[PlanItem] = []
+    if router is not None:
+        plan.append((layout.attention_part(layer, projection, "gate"), dtype, tuple(router.weight.shape),
+                     lambda r=router: r.weight))
+        if layout.router_bias:
+            bias = router.bias if router.bias is not None else torch.zeros(router.weight.shape[0])
+            plan.append((layout.attention_part(layer, projection, "gate", "bias"), dtype, tuple(bias.shape),
+                         lambda b=bias: b))
+    sources = ([base] if layout.base_routed else []) + list(models)
+    for expert, source in enumerate(sources):
+        for kind in kinds:
+            plan.append((layout.attention_part(layer, projection, f"experts.{expert}", kind), dtype,
+                         specs[f"{original}.{kind}"].shape, lambda s=source, n=f"{original}.{kind}": s.reader.read(n)))
+    if layout.always_on:
+        for kind in kinds:
+            plan.append((layout.attention_part(layer, projection, "base", kind), dtype, specs[f"{original}.{kind}"].shape,
+                         lambda n=f"{original}.{kind}": base.reader.read(n)))
     return plan
 
 
@@ -196,14 +274,16 @@ def _write_config(tmp: Path, base: FullModel, layout: FftMoeLayout, top_k: int) 
         config = KnowstackMoeConfig(
             **fields, num_local_experts=layout.n_routed, num_experts_per_tok=top_k,
             moe_layers=None if len(layout.layers) == fields["num_hidden_layers"] else list(layout.layers),
-            always_on_base=layout.always_on, router_free=layout.router_free, router_bias=layout.router_bias)
+            always_on_base=layout.always_on, router_free=layout.router_free, router_bias=layout.router_bias,
+            moe_attention=list(layout.attention) or None)
         config.architectures = ["KnowstackMoeForCausalLM"]
     config.save_pretrained(str(tmp))
 
 
 def _parameter_counts(plan: list[PlanItem], layout: FftMoeLayout, top_k: int) -> dict[str, int]:
     """Total parameters, and those active per token: all but the routed experts, plus k of them
-    (all of them without a router)."""
+    (all of them without a router). Mixed attention projections' experts (`self_attn.P.experts.E`) are
+    routed experts too, chosen k of n per token like the MLPs; their routers count as routers."""
     def numel(shape: tuple[int, ...]) -> int:
         count = 1
         for size in shape:

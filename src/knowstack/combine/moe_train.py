@@ -1,13 +1,17 @@
-"""Routers of a built MoE at work: expert load per layer, and training of the routers alone.
+"""Routers of a built MoE at work: expert load per router, and training of the routers alone.
 
 Works on all three kinds of MoE the same way, through the router modules of each mixed layer
-(Mixtral's `mlp.gate`, knowstack's `KnowstackMoeBlock.gate`, a LoRA-MoE's per-layer router): a
-forward hook reads the router logits, and top-k is recomputed from them exactly as the model does.
+(Mixtral's `mlp.gate`, knowstack's `KnowstackMoeBlock.gate` and the `gate` of each mixed attention
+projection, `KnowstackMoeLinear`; a LoRA-MoE's per-layer router): a forward hook reads the router
+logits, and top-k is recomputed from them exactly as the model does. Each router is a site keyed
+`"<layer>"` (the MLP's or the LoRA-MoE's router) or `"<layer>.self_attn.<projection>"`, and so are the
+expert loads.
 
 Router training updates the router weights (and biases) and nothing else, on a small mixed set,
 with the answer-only LM loss plus `aux_loss_coef` x the load-balancing loss of Switch/Mixtral,
-averaged over the mixed layers:  E * sum_e f_e * P_e,  f_e the share of the k routing slots given to
-expert e, P_e the mean router probability of e, over the batch's tokens.
+averaged over all routers (a mixed attention projection's weighing as much as an MLP's):
+E * sum_e f_e * P_e,  f_e the share of the k routing slots given to expert e, P_e the mean router
+probability of e, over the batch's tokens.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class RouterSite:
     layer: int
     module: nn.Module  # its forward returns the logits (or a tuple whose first item they are)
     top_k: int
+    key: str  # "<layer>" for a layer's MLP (or LoRA-MoE) router, "<layer>.self_attn.<projection>"
 
 
 @dataclass(frozen=True)
@@ -44,35 +49,42 @@ class RouterTraining:
 
 
 def router_sites(model: nn.Module) -> list[RouterSite]:
-    """The router of every mixed layer of an FFT-MoE (Mixtral or knowstack_moe) or a LoRA-MoE model."""
+    """Every router of an FFT-MoE (Mixtral or knowstack_moe, mixed attention projections included) or a
+    LoRA-MoE model, layer by layer."""
     from knowstack.combine.moe_lora import LayerRouting
-    from knowstack.combine.moe_model import KnowstackMoeBlock
+    from knowstack.combine.moe_model import ATTENTION_PROJECTIONS, KnowstackMoeBlock, KnowstackMoeLinear
 
     sites = []
     for index, layer in enumerate(decoder_layers(model)):
         routing = getattr(layer, LayerRouting.ATTRIBUTE, None)
         block = getattr(layer, "mlp", None)
         if isinstance(routing, LayerRouting) and routing.router is not None:
-            sites.append(RouterSite(index, routing.router, routing.top_k))
+            sites.append(RouterSite(index, routing.router, routing.top_k, str(index)))
         elif (isinstance(block, KnowstackMoeBlock) and block.gate is not None
               or type(block).__name__ == "MixtralSparseMoeBlock"):
-            sites.append(RouterSite(index, block.gate, block.top_k))
+            sites.append(RouterSite(index, block.gate, block.top_k, str(index)))
+        attention = getattr(layer, "self_attn", None)
+        for name in ATTENTION_PROJECTIONS:
+            linear = getattr(attention, name, None)
+            if isinstance(linear, KnowstackMoeLinear) and linear.gate is not None:
+                sites.append(RouterSite(index, linear.gate, linear.top_k, f"{index}.self_attn.{name}"))
     return sites
 
 
 @contextmanager
-def recording(sites: Sequence[RouterSite]) -> Iterator[dict[int, torch.Tensor]]:
-    """Yields a dict that holds, after each forward pass, every mixed layer's logits (tokens x experts)."""
-    logits: dict[int, torch.Tensor] = {}
+def recording(sites: Sequence[RouterSite]) -> Iterator[dict[str, torch.Tensor]]:
+    """Yields a dict that holds, after each forward pass, every router's logits (tokens x experts) by
+    its site's key."""
+    logits: dict[str, torch.Tensor] = {}
 
-    def hook_for(layer: int):
+    def hook_for(key: str):
         def hook(module: nn.Module, inputs: tuple, output) -> None:
             value = output[0] if isinstance(output, tuple) else output
-            logits[layer] = value.reshape(-1, value.shape[-1])
+            logits[key] = value.reshape(-1, value.shape[-1])
 
         return hook
 
-    handles = [site.module.register_forward_hook(hook_for(site.layer)) for site in sites]
+    handles = [site.module.register_forward_hook(hook_for(site.key)) for site in sites]
     try:
         yield logits
     finally:
@@ -89,12 +101,12 @@ def slot_shares(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.T
     return counts / chosen.numel(), probs.mean(dim=0)
 
 
-def load_balancing_loss(logits: dict[int, torch.Tensor], sites: Sequence[RouterSite]) -> torch.Tensor:
-    """Switch/Mixtral's auxiliary loss, E * sum_e f_e * P_e, averaged over the mixed layers (1 when
+def load_balancing_loss(logits: dict[str, torch.Tensor], sites: Sequence[RouterSite]) -> torch.Tensor:
+    """Switch/Mixtral's auxiliary loss, E * sum_e f_e * P_e, averaged over the routers (1 when
     balanced). f_e carries no gradient (it comes from top-k); P_e does."""
     losses = []
     for site in sites:
-        shares, mean_probs = slot_shares(logits[site.layer], site.top_k)
+        shares, mean_probs = slot_shares(logits[site.key], site.top_k)
         losses.append(mean_probs.numel() * (shares.detach() * mean_probs).sum())
     return torch.stack(losses).mean()
 
@@ -106,23 +118,24 @@ def _rows(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: 
 @torch.no_grad()
 def expert_loads(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
                  max_length: int = 512) -> dict[str, list[float]]:
-    """Per mixed layer, the share of routing slots each expert receives on `texts` (sums to 1)."""
+    """Per router (its site's key: the layer, or layer.self_attn.projection), the share of routing slots
+    each expert receives on `texts` (sums to 1)."""
     sites = router_sites(model)
     if not sites or not texts:
         return {}
     device = next(model.parameters()).device
-    totals = {site.layer: None for site in sites}
-    counts = {site.layer: 0 for site in sites}
+    totals = {site.key: None for site in sites}
+    counts = {site.key: 0 for site in sites}
     with recording(sites) as logits, packed_attention(model):
         for input_ids, position_ids, _ in _rows(tokenizer, texts, max_length):
             model(input_ids=input_ids.to(device), position_ids=position_ids.to(device), use_cache=False)
             for site in sites:
-                shares, _ = slot_shares(logits[site.layer], site.top_k)
-                tokens = logits[site.layer].shape[0]
-                previous = totals[site.layer]
-                totals[site.layer] = shares * tokens if previous is None else previous + shares * tokens
-                counts[site.layer] += tokens
-    return {str(layer): [round(v, 4) for v in (totals[layer] / counts[layer]).tolist()] for layer in totals}
+                shares, _ = slot_shares(logits[site.key], site.top_k)
+                tokens = logits[site.key].shape[0]
+                previous = totals[site.key]
+                totals[site.key] = shares * tokens if previous is None else previous + shares * tokens
+                counts[site.key] += tokens
+    return {key: [round(v, 4) for v in (totals[key] / counts[key]).tolist()] for key in totals}
 
 
 def train_routers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example],

@@ -1,4 +1,5 @@
-"""The routers of an MoE built from one-round models: one linear router per mixed layer.
+"""The routers of an MoE built from one-round models: one linear router per mixed layer (and, for an
+FFT-MoE with `attention`, one per mixed attention projection of that layer).
 
 Without data:
 - random: every row drawn from N(0, initializer_range), as a fresh Mixtral router;
@@ -16,7 +17,10 @@ tokens, then over prompts). A routed base expert, which has no prompts, gets a z
 
 The router's input is captured exactly where the MoE's router reads it: the MLP's input (the
 output of post_attention_layernorm) for FFT-MoE, the layer's attention input (the output of
-input_layernorm) for LoRA-MoE, which routes once per layer for all its modules.
+input_layernorm) for LoRA-MoE, which routes once per layer for all its modules. A mixed attention
+projection's router reads the projection's own input; it starts as its layer's MLP router does: from
+prompts with the same rows (as moetify, which inits every module's router of a layer from the layer's
+hidden states), data-free with draws of its own (`site` = the projection).
 """
 
 from __future__ import annotations
@@ -57,15 +61,18 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def _generator(seed: int, layer: int) -> torch.Generator:
-    # Seeded per layer from (seed, layer): the same routers whatever the order they are made in.
-    digest = hashlib.sha256(f"router:{seed}:{layer}".encode()).digest()
+def _generator(seed: int, layer: int, site: str = "mlp") -> torch.Generator:
+    # Seeded per router from (seed, layer, site): the same routers whatever the order they are made in.
+    # The MLP router keeps the key it always had, so existing seeds give the same routers.
+    key = f"router:{seed}:{layer}" if site == "mlp" else f"router:{seed}:{layer}:{site}"
+    digest = hashlib.sha256(key.encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 def data_free_routers(kind: str, layers: Sequence[int], n_experts: int, hidden: int, *, init_range: float,
-                      seed: int, base_index: int | None = None) -> dict[int, Router]:
-    """Routers of `kind` random, uniform or base-biased for each layer in `layers`."""
+                      seed: int, base_index: int | None = None, site: str = "mlp") -> dict[int, Router]:
+    """Routers of `kind` random, uniform or base-biased for each layer in `layers`, reading `hidden`
+    features; site: which router of the layer (`mlp`, or an attention projection's name)."""
     if kind == "base-biased" and base_index is None:
         raise KnowstackError("the base-biased router needs the base as a routed expert (base_expert: routed)",
                              field="router")
@@ -74,7 +81,7 @@ def data_free_routers(kind: str, layers: Sequence[int], n_experts: int, hidden: 
         if kind == "uniform":
             weight = torch.zeros(n_experts, hidden)
         else:
-            weight = torch.randn(n_experts, hidden, generator=_generator(seed, layer)) * init_range
+            weight = torch.randn(n_experts, hidden, generator=_generator(seed, layer, site)) * init_range
         bias = None
         if kind == "base-biased":
             bias = torch.zeros(n_experts)

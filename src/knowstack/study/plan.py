@@ -353,7 +353,11 @@ class PlanBuilder:
                                  "top_k = the number of experts, router_training, or router: none",
                                  field="methods.moe.router")
         trained = [self.train_step(self.base, task, experts) for task in tasks]
-        options = moe.model_dump(mode="json", exclude={"experts", "tasks", "seed"})
+        # what the mixture is made with; the sweep itself and an unset `attention` (an option added later) are
+        # left out, so that the key of a mixture made before they existed stays its key
+        options = moe.model_dump(mode="json", exclude={"experts", "tasks", "seed", "sweep", "points"})
+        if options.get("attention") is None:
+            options.pop("attention", None)
         if experts == "lora":
             options["shared"] = "base"  # an FFT-MoE option: a LoRA-MoE keeps the base's weights
         params = {

@@ -212,13 +212,22 @@ def cpu_estimate(what: str, params: int, host_bytes: int) -> Estimate:
 
 # --- per step --------------------------------------------------------------------------------------
 def _moe_shape(arch: Architecture, step: Step) -> tuple[int, int, int]:
-    """(experts, mixed layers, router parameters) of the MoE a `moe` step builds."""
+    """(experts, mixed layers, router parameters) of the MoE a `moe` step builds: a router per mixed layer's
+    MLP and one per attention projection mixed (o_proj's reads the attention output, hidden wide too)."""
     options = step.params.get("options", {})
     experts = len(step.params.get("models", [])) + (options.get("base_expert") == "routed")
     layers = options.get("layers")
     mixed = arch.layers if layers is None else len(layers)
-    routers = 0 if options.get("router") == "none" else mixed * experts * arch.hidden
+    per_layer = 1 + len(options.get("attention") or ())
+    routers = 0 if options.get("router") == "none" else mixed * per_layer * experts * arch.hidden
     return experts, mixed, routers
+
+
+def _expert_params(arch: Architecture, attention: list[str]) -> int:
+    """Parameters of one expert in one mixed layer: its MLP and the attention projections mixed."""
+    h, kv = arch.hidden, arch.kv_dim
+    projections = {"q_proj": h * h, "k_proj": h * kv, "v_proj": h * kv, "o_proj": h * h}
+    return arch.mlp_params + sum(projections[name] for name in attention)
 
 
 def moe_params(arch: Architecture, step: Step, config: StudyConfig) -> tuple[int, int]:
@@ -230,7 +239,8 @@ def moe_params(arch: Architecture, step: Step, config: StudyConfig) -> tuple[int
         return arch.params + experts * arch.lora_params(lora.r, lora.target_modules) + routers, 1
     top_k = experts if options.get("router") == "none" else min(int(options.get("top_k", 2)), experts)
     always_on = options.get("base_expert") == "always-on"
-    return arch.params + mixed * (experts - 1 + always_on) * arch.mlp_params + routers, top_k + always_on
+    expert = _expert_params(arch, list(options.get("attention") or ()))
+    return arch.params + mixed * (experts - 1 + always_on) * expert + routers, top_k + always_on
 
 
 _FINETUNE_NAMES = {"fft": "FFT", "lora": "LoRA"}

@@ -206,7 +206,7 @@ def run_moe(step: Step, ctx: StudyContext, out: Path) -> None:
         out,
         options=MoeOptions(top_k=options["top_k"], layers=tuple(layers) if layers is not None else None,
                            shared=options["shared"], base_expert=options["base_expert"], router=options["router"],
-                           seed=params["seed"]),
+                           seed=params["seed"], attention=tuple(options.get("attention") or ())),
         prompts=prompts, train_examples=examples, training=training, tokenizer_path=ctx.config.base.tokenizer,
     )
 
