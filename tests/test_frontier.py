@@ -157,7 +157,7 @@ def test_cli_advise(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     printed = capsys.readouterr().out
     best = advise(points, 2.0, "semi").best
     assert "Within a 2% old-knowledge loss (semi-cooperative" in printed
-    assert f"use:       {best.run.label}" in printed and f"{best.new_gain:+.1f}%" in printed
+    assert f"use:       {best.run.method_label} ({best.setting})" in printed and f"{best.new_gain:+.1f}%" in printed
     assert main(["advise", str(out), "--max-old-loss", "2", "--setting", "full"]) == 0
     assert "use:       joint LoRA" in capsys.readouterr().out
     assert main(["advise", str(out), "--max-old-loss", "0.001%"]) == 0

@@ -110,3 +110,31 @@ def test_kill_minus_nine_then_resume_gives_the_same_results(tmp_path: Path) -> N
     assert not (out / "results.csv").exists()
     assert main(["study", str(config), "--out", str(out)]) == 0
     assert (out / "results.csv").read_text() == (reference / "results.csv").read_text()
+
+
+def test_a_sweep_study_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A learning-rate sweep on two of the built-in tasks: sweep points as rows, the frontier drawn, advice given."""
+    config = yaml.safe_load(tiny_study(tmp_path, {
+        "sequential": {"finetune": ["fft", "lora"], "sweep": {"lr_of_pretrain_peak": [0.1, 0.4]}},
+        "replay": {"finetune": ["lora"], "sweep": {"fraction": [0.5]}},
+    }).read_text())
+    config["tasks"] = {"builtin": ["code", "simplify"]}  # the base scores above 0 on both: gains are defined
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    out = tmp_path / "run"
+    assert main(["study", str(path), "--out", str(out)]) == 0
+    rows = read_rows(out / "results.csv")
+    assert {r["task"] for r in rows if r["kind"] == "new"} == {"code", "simplify"}
+    points = {(r["method"], r["finetune"], r["point"], r["lr_of_pretrain_peak"], r["fraction"]) for r in rows
+              if r["method"] != "base"}
+    assert points == {("sequential", "fft", "", "", ""), ("sequential", "fft", "lr_of_pretrain_peak=0.4", "0.4", ""),
+                      ("sequential", "lora", "", "", ""), ("sequential", "lora", "lr_of_pretrain_peak=0.4", "0.4", ""),
+                      ("replay", "lora", "", "", ""), ("replay", "lora", "fraction=0.5", "", "0.5")}
+    assert (out / "figures" / "frontier_old.png").is_file()
+    frontier = read_rows(out / "tables" / "frontier.csv")
+    assert len(frontier) == 6 and {r["method"] for r in frontier} == {"sequential/fft", "sequential/lora",
+                                                                       "replay/lora"}
+    capsys.readouterr()
+    assert main(["advise", str(out), "--max-old-loss", "100%", "--setting", "full"]) == 0
+    printed = capsys.readouterr().out
+    assert "Within a 100% old-knowledge loss (fully cooperative" in printed and "use:" in printed

@@ -46,7 +46,7 @@ def advise(points: list[TradeOff], max_old_loss: float, setting: str) -> Advice:
 def describe(point: TradeOff, scores: Scores) -> str:
     averages = run_averages(scores, point.run)
     recent = f", recent knowledge (mean BWT) {point.bwt:+.1f}%" if point.bwt is not None else ""
-    return (f"{point.run.label} ({point.setting}): new knowledge {point.new_gain:+.1f}% (AVnew {averages['AVnew']:.3f}), "
+    return (f"{point.run.method_label} ({point.setting}): new knowledge {point.new_gain:+.1f}% (AVnew {averages['AVnew']:.3f}), "
             f"old knowledge {point.old_change:+.1f}% (AVE {averages['AVE']:.3f}){recent}, AVall {averages['AVall']:.3f}")
 
 
@@ -75,11 +75,11 @@ def advice_table(points: list[TradeOff]) -> Table:
             advice = advise(points, limit, setting)
             cells = [setting, f"{limit:g}%"]
             for point in (advice.best, advice.runner_up):
-                cells += [f"{point.run.label} ({point.setting})", point.new_gain, point.old_change] if point else \
+                cells += [f"{point.run.method_label} ({point.setting})", point.new_gain, point.old_change] if point else \
                     ["none meets the limit", None, None]
             rows.append(TableRow(f"{setting} ≤{limit:g}%", cells, ["text", "text", "text", "percent", "percent",
                                                                   "text", "percent", "percent"], f"{setting}-{limit:g}"))
-    header = ["limit", "setting", "max old-knowledge loss", "use", "new gain", "old change", "runner-up",
+    header = ["case", "setting", "max old-knowledge loss", "use", "new gain", "old change", "runner-up",
               "new gain", "old change"]
     caption = ("Which method to use: for each limit on old-knowledge loss (AVE, % of the base's), the measured "
                "point with the most new knowledge (AVnew gain from base) within it, and the best point of another "

@@ -43,10 +43,9 @@ class TradeOff:
 
     @property
     def setting(self) -> str:
-        """What sets this point apart within its family: 'λ=0.5, lr=0.001', or 'own setting'."""
-        parts = [f"λ={self.run.variant.replace('_', ',')}"] if self.run.method == "olora" else []
-        parts += [self.run.point.replace(",", ", ")] if self.run.point else []
-        return ", ".join(parts) or "own setting"
+        """The sweep point that sets this run apart ('lr=0.001, rank=16'), or 'own setting' (O-LoRA's lambda
+        is in the run's label already)."""
+        return self.run.point.replace(",", ", ") if self.run.point else "own setting"
 
 
 def frontier_family(run: Run) -> str:

@@ -65,10 +65,11 @@ class Run:
     def label(self) -> str:
         if self.method == "base":
             return "base"
-        return f"{self._method_label} @ {self.point}" if self.point else self._method_label
+        return f"{self.method_label} @ {self.point}" if self.point else self.method_label
 
     @property
-    def _method_label(self) -> str:
+    def method_label(self) -> str:
+        """The label without the sweep point: 'sequential FFT', 'O-LoRA λ=0.5'."""
         ft = finetune_name(self.finetune)
         if self.method == "olora":
             return f"O-LoRA λ={self.variant.replace('_', ',')}"
