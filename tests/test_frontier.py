@@ -172,3 +172,18 @@ def test_old_knowledge_fixture_is_what_the_advice_reads() -> None:
     _, points = measured_points(swept_study(), TASKS)
     merge = next(p for p in points if p.run.key == "merge/fft/average")
     assert merge.old_change == pytest.approx(-1.5, abs=0.05) and len(OLD) == 3
+
+
+def frontier_text(rows: list[Row]) -> str:
+    sections = build_report(rows, title="t", task_order=TASKS)
+    frontier = next(s for s in sections if s.id == "frontier")
+    return " ".join(b for b in frontier.blocks if isinstance(b, str))
+
+
+def test_the_frontier_section_says_why_it_is_thin() -> None:
+    unswept = [r for r in swept_study() if not r.point]
+    assert "No sweeps in this study" in frontier_text(unswept)
+    assert "No sweeps" not in frontier_text(swept_study())
+    zero_base = [Row(**{**r.__dict__, "value": 0.0}) if r.model == "base" and r.kind == "new" else r
+                 for r in unswept]
+    assert "undefined where the base's AVnew or AVE is 0" in frontier_text(zero_base)

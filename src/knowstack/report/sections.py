@@ -263,7 +263,8 @@ def frontier_section(ctx: Context) -> Section:
     section = Section("frontier", "The learn/forget frontier: each method across its settings")
     swept = {frontier_family(p.run) for p in ctx.points if p.run.point or p.run.method == "olora"}
     if not ctx.points:
-        section.blocks.append(not_measured("trained run"))
+        section.blocks.append("Not measured: no complete trained run with both averages' gains defined (gains are "
+                              "percent of the base's scores, undefined where the base's AVnew or AVE is 0).")
         return section
     if not swept:
         section.blocks.append("No sweeps in this study: each method was measured at one setting, so its front is one "
