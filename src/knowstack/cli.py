@@ -229,6 +229,45 @@ def cmd_build_world(args: argparse.Namespace) -> None:
     print(f"built-in world: {path}")
 
 
+def cmd_registry_init(args: argparse.Namespace) -> None:
+    from knowstack.registry.base import init_registry
+
+    if args.include_path and not args.old_knowledge:
+        raise KnowstackError("--include-path is where --old-knowledge tasks live: give the tasks too")
+    base = init_registry(args.registry, args.base, old_tasks=args.old_knowledge or (),
+                         include_path=args.include_path, batch_size=args.batch_size, limit=args.limit)
+    for score in base["scores"]:
+        print(f"old knowledge: {score['task']} {score['metric']} = {score['value']:.4f}")
+    print(f"registry: {Path(args.registry).resolve()}  base {base['content_hash'][:12]}")
+
+
+def cmd_registry_list(args: argparse.Namespace) -> None:
+    from knowstack.registry.core import Registry
+    from knowstack.registry.listing import format_listing
+
+    with Registry.open(args.registry) as reg:
+        print(json.dumps(reg.versions(), indent=2) if args.json else format_listing(reg))
+
+
+def cmd_registry_verify(args: argparse.Namespace) -> None:
+    from knowstack.registry.core import Registry
+
+    with Registry.open(args.registry) as reg:
+        count = reg.verify(args.names or None)
+    print(f"verified: {count} objects match their hashes")
+
+
+def cmd_contribute(args: argparse.Namespace) -> None:
+    from knowstack.registry.contribute import contribute
+
+    record = contribute(args.registry, args.name, task=args.task, adapter=args.adapter, model=args.model,
+                        metric=args.metric, keep_data=args.keep_data, author=args.author,
+                        training_config=args.training_config, batch_size=args.batch_size)
+    score = next(s for s in record["scores"] if s["kind"] == "new")
+    print(f"contributed: {record['name']} ({record['kind']}, {record['content_hash'][:12]}) "
+          f"{record['task']} {score['metric']} = {score['value']:.4f}")
+
+
 def _add_task_args(parser: argparse.ArgumentParser, *, metric_required: bool) -> None:
     parser.add_argument("--task", help="a TRACE-layout task dir (train.json, eval.json, test.json)")
     parser.add_argument("--format", choices=["trace", "math"], default="trace")
@@ -354,6 +393,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_build_world)
+
+    p = sub.add_parser("registry", help="a collaborative registry of one base and many contributions")
+    registry = p.add_subparsers(dest="registry_command", required=True)
+    r = registry.add_parser("init", help="create a registry for a base model (and record its old-knowledge scores)")
+    r.add_argument("registry", help="the registry dir to create (new or empty)")
+    r.add_argument("--base", required=True, help="the base model: a local HF model dir with safetensors weights")
+    r.add_argument("--old-knowledge", nargs="+", metavar="TASK", help="lm-eval tasks to score the base on")
+    r.add_argument("--include-path", help="a dir of lm-eval task YAMLs (the built-in world's: WORLD/old_knowledge)")
+    r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--limit", type=int, help="at most this many examples per old-knowledge task")
+    r.set_defaults(func=cmd_registry_init)
+    r = registry.add_parser("list", help="the base and the contributions, with their scores")
+    r.add_argument("registry")
+    r.add_argument("--json", action="store_true", help="every record as JSON")
+    r.set_defaults(func=cmd_registry_list)
+    r = registry.add_parser("verify", help="re-hash the objects of all (or the named) versions")
+    r.add_argument("registry")
+    r.add_argument("names", nargs="*", help="versions to check (default: all)")
+    r.set_defaults(func=cmd_registry_verify)
+
+    p = sub.add_parser("contribute", help="add a LoRA adapter or fine-tuned model of the registry's base, "
+                                          "scored on its own task")
+    p.add_argument("registry")
+    p.add_argument("--name", required=True, help="a unique name: letters, digits, '_', '.', '-' (at most 64)")
+    weights = p.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--adapter", help="a PEFT LoRA adapter dir (adapter_model.safetensors)")
+    weights.add_argument("--model", help="a fine-tuned model dir (safetensors weights)")
+    p.add_argument("--task", required=True, help="its task: a TRACE-layout dir (test.json, eval.json, train.json)")
+    p.add_argument("--metric", default="accuracy", choices=["accuracy", "rouge_l", "edit_similarity", "sari", "math"])
+    p.add_argument("--keep-data", action="store_true", help="also store the task's train split (default: only "
+                                                             "eval and test)")
+    p.add_argument("--author")
+    p.add_argument("--training-config", help="a file of the training settings, stored as given")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_contribute)
     return parser
 
 

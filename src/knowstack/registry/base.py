@@ -1,0 +1,161 @@
+"""`knowstack registry init`: a new registry holding its base model, and the base's old-knowledge scores.
+
+The base's files (config, safetensors weights, tokenizer) are stored as objects like every other model,
+so contributions are checked and scored against exactly the base the registry recorded, and a later
+compose needs nothing outside the registry. The registry is built in a temporary dir beside its final
+path and renamed into place, so an interrupted init leaves nothing that looks like a registry.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from knowstack.combine.inputs import FullModel
+from knowstack.combine.merge import TOKENIZER_FILES
+from knowstack.combine.streaming import INDEX_FILE, weight_files
+from knowstack.errors import KnowstackError
+from knowstack.registry import db
+from knowstack.registry.core import BASE_NAME, Registry
+from knowstack.registry.store import ObjectStore, content_hash, file_sha256
+
+# The config fields that decide whether two checkpoints are the same network (and what a reader wants to see).
+ARCHITECTURE_FIELDS = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
+                       "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+                       "max_position_embeddings", "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling",
+                       "tie_word_embeddings", "num_local_experts", "num_experts_per_tok")
+
+
+def model_files(model: FullModel, *, with_tokenizer: bool) -> tuple[dict[str, Path], list[str]]:
+    """The files that make `model` loadable ({name: path}) and the names its content hash covers
+    (config.json and the safetensors weights: what decides the network, not how it is tokenized)."""
+    weights = weight_files(model.path)  # refuses a dir with only pickled weights, naming them
+    hashed = ["config.json", *(file.name for file in weights)]
+    extras = [INDEX_FILE, "generation_config.json", *(TOKENIZER_FILES if with_tokenizer else ())]
+    files = {name: model.path / name for name in hashed}
+    files.update({name: model.path / name for name in extras if (model.path / name).is_file()})
+    return files, hashed
+
+
+def weights_hash(model: FullModel) -> str:
+    """The content hash a registry records for a model dir, computed from the dir itself."""
+    _, hashed = model_files(model, with_tokenizer=False)
+    return content_hash({name: file_sha256(model.path / name) for name in hashed})
+
+
+def store_files(store: ObjectStore, files: dict[str, Path]) -> tuple[dict[str, str], dict[str, int]]:
+    """Store every file; returns ({name: sha256}, {sha256: size})."""
+    names, sizes = {}, {}
+    for name, path in sorted(files.items()):
+        sha, size = store.put_file(path)
+        names[name], sizes[sha] = sha, size
+    return names, sizes
+
+
+def architecture(model: FullModel) -> dict[str, Any]:
+    arch = {key: model.config[key] for key in ARCHITECTURE_FIELDS if key in model.config}
+    arch["parameters"] = sum(_numel(spec.shape) for spec in model.reader.specs.values())
+    arch["tensors"] = len(model.reader.specs)
+    return arch
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _check_free(root: Path) -> None:
+    if (root / db.DB_FILE).exists():
+        raise KnowstackError("a registry already exists here: init refuses to touch it", path=root)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise KnowstackError("exists and is not an empty directory: a registry needs a new or empty dir", path=root)
+
+
+def init_registry(
+    root: str | Path,
+    base: str | Path,
+    *,
+    old_tasks: Sequence[str] = (),
+    include_path: str | Path | None = None,
+    batch_size: int = 32,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Create the registry `root` for the base model dir `base`; returns the base's record."""
+    root = Path(root).expanduser()
+    _check_free(root)
+    model = FullModel(Path(base).expanduser())
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.init-", dir=root.parent))
+    try:
+        _build(tmp, model, list(old_tasks), include_path, batch_size, limit)
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a registry is shared like any new dir
+        try:
+            # rename() onto an existing non-empty dir fails: of two racing inits exactly one wins.
+            os.rename(tmp, root)
+        except OSError:
+            raise KnowstackError("a registry already exists here: init refuses to touch it", path=root) from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    with Registry.open(root) as reg:
+        return reg.base()
+
+
+def _build(tmp: Path, model: FullModel, old_tasks: list[str], include_path: str | Path | None,
+           batch_size: int, limit: int | None) -> None:
+    store = ObjectStore(tmp)
+    files, hashed = model_files(model, with_tokenizer=True)
+    names, sizes = store_files(store, files)
+    settings: dict[str, Any] = {"source": str(model.path.resolve()), "architecture": architecture(model)}
+    scores: list[dict[str, Any]] = []
+    if old_tasks:
+        include = Path(include_path).expanduser() if include_path else None
+        if include is not None and not include.is_dir():
+            raise KnowstackError("lm-eval include path not found", path=include, field="include_path")
+        settings["old_knowledge"] = {"tasks": old_tasks, "include_path": str(include) if include else None,
+                                     "files": {}}
+        if include is not None:
+            # The task YAMLs and their data travel with the registry, for re-measuring composed models later.
+            task_files = {str(p.relative_to(include)): p for p in sorted(include.rglob("*")) if p.is_file()}
+            settings["old_knowledge"]["files"], task_sizes = store_files(store, task_files)
+            sizes.update(task_sizes)
+        with store.view(names) as model_dir:
+            scores = old_knowledge_scores(model_dir, old_tasks, include, batch_size, limit)
+    conn = db.connect(tmp / db.DB_FILE, create=True)
+    try:
+        db.create_schema(conn)
+        db.insert_version(conn, db.NewVersion(
+            name=BASE_NAME, kind="base", method="base", files=names,
+            content_hash=content_hash({name: names[name] for name in hashed}), objects=sizes, settings=settings,
+            scores=scores), tmp / db.DB_FILE)
+    finally:
+        conn.close()
+
+
+def old_knowledge_scores(model_dir: Path, tasks: list[str], include_path: Path | None, batch_size: int,
+                         limit: int | None) -> list[dict[str, Any]]:
+    """The model's lm-eval scores as score rows, through knowstack's own harness bridge."""
+    from knowstack.evaluate.old_knowledge import evaluate_old_knowledge
+    from knowstack.modelio import load_model, load_tokenizer
+
+    model = load_model(model_dir, dtype="float32")
+    tokenizer = load_tokenizer(model_dir)
+    results = evaluate_old_knowledge(model, tokenizer, tasks, include_path=include_path, batch_size=batch_size,
+                                     limit=limit)
+    missing = [task for task in tasks if task not in results]
+    if missing:
+        raise KnowstackError(f"lm-eval returned no scores for {', '.join(missing)}", field="old_knowledge")
+    return [{"task": task, "kind": "old", "metric": metric, "value": value, "n": None}
+            for task in tasks for metric, value in sorted(results[task].items())]

@@ -1,0 +1,187 @@
+"""`knowstack contribute`: add one contributor's LoRA adapter or fine-tuned model to a registry.
+
+Order matters for what others can see: everything is checked first (name, task, that the weights are a
+fine-tune of the registry's base), then the objects are stored, then the contribution is scored from the
+stored copies (so its score is the score of exactly what the registry holds), and only then is its
+record committed in one transaction. A contribution that fails at any point leaves no record; objects it
+stored before failing are complete files no record points to, harmless and shared with any later retry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from knowstack.combine.inputs import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    FullModel,
+    LoraAdapter,
+    config_differences,
+    read_json,
+)
+from knowstack.combine.merge import _check_compatible
+from knowstack.data.formats import load_trace_split, trace_split_path
+from knowstack.errors import KnowstackError
+from knowstack.registry import db
+from knowstack.registry.base import model_files, store_files, weights_hash
+from knowstack.registry.core import BASE_NAME, Registry, check_name
+from knowstack.registry.store import content_hash
+
+METRICS = ("accuracy", "rouge_l", "edit_similarity", "sari", "math")
+
+
+@dataclass(frozen=True)
+class TaskFiles:
+    """A TRACE task dir's splits to store: test always, eval when present, train only when data is kept."""
+
+    name: str
+    splits: dict[str, Path]
+    counts: dict[str, int]
+
+
+def read_task(task_dir: str | Path, *, keep_data: bool) -> TaskFiles:
+    task_dir = Path(task_dir).expanduser()
+    # split -> required; without --keep-data the train split is neither read nor stored
+    wanted = {"test": True, "eval": False, **({"train": True} if keep_data else {})}
+    splits, counts = {}, {}
+    for split, required in wanted.items():
+        try:
+            path = trace_split_path(task_dir, split)
+        except KnowstackError:
+            if required:
+                raise
+            continue
+        examples = load_trace_split(path)  # validates every item before anything is stored
+        if not examples:
+            raise KnowstackError(f"the {split} split is empty", path=path)
+        splits[split], counts[split] = path, len(examples)
+    return TaskFiles(task_dir.resolve().name, splits, counts)
+
+
+def open_contribution(adapter: str | Path | None, model: str | Path | None) -> FullModel | LoraAdapter:
+    if (adapter is None) == (model is None):
+        raise KnowstackError("give exactly one of --adapter (a PEFT LoRA dir) or --model (a fine-tuned model dir)")
+    path = Path(adapter if adapter is not None else model).expanduser()  # type: ignore[arg-type]
+    if not path.is_dir():
+        raise KnowstackError("contribution dir not found", path=path)
+    if adapter is not None:
+        if not (path / ADAPTER_CONFIG).is_file():
+            raise KnowstackError(f"not a PEFT adapter dir (no {ADAPTER_CONFIG})", path=path)
+        return LoraAdapter(path)  # refuses pickled-only adapters and non-plain LoRA
+    if (path / ADAPTER_CONFIG).is_file():
+        raise KnowstackError("this is a LoRA adapter dir: contribute it with --adapter", path=path)
+    return FullModel(path)  # refuses a dir with only pickled weights
+
+
+def check_trained_from(base: FullModel, base_hash: str, contribution: FullModel | LoraAdapter) -> None:
+    """One clear error unless `contribution` is a fine-tune (or adapter) of `base` (content hash `base_hash`):
+    its recorded base's config and hash where that is a local dir, then merge's own shape checks."""
+    if isinstance(contribution, LoraAdapter):
+        claimed = contribution.base_model_path()
+        claimed_config = Path(claimed).expanduser() / "config.json" if claimed else None
+        if claimed_config is not None and claimed_config.is_file():
+            differences = config_differences(base.config, read_json(claimed_config))
+            if differences:
+                raise KnowstackError(f"the adapter was trained from {claimed}, whose config differs from the "
+                                     f"registry's base ({', '.join(differences[:4])})",
+                                     path=contribution.path / ADAPTER_CONFIG, field="base_model_name_or_path")
+        _check_claimed_hash(base_hash, contribution, Path(claimed).expanduser() if claimed else None)
+    _check_compatible(base, [contribution])
+
+
+def _check_claimed_hash(base_hash: str, adapter: LoraAdapter, claimed: Path | None) -> None:
+    """An adapter whose recorded base is a local model dir must name exactly the registry's base (same hash):
+    a sibling model of the same architecture would pass every shape check and still be the wrong base."""
+    if claimed is None or not (claimed / "config.json").is_file():
+        return  # a hub id or a dir gone since: the shapes are all there is to check
+    try:
+        theirs = weights_hash(FullModel(claimed))
+    except KnowstackError:
+        return  # not a readable safetensors model dir; shapes decide
+    if theirs != base_hash:
+        raise KnowstackError(f"the adapter was trained from {claimed}, whose weights (hash {theirs[:12]}) are not "
+                             "the registry's base", path=adapter.path / ADAPTER_CONFIG, field="base_model_name_or_path")
+
+
+def contribution_files(contribution: FullModel | LoraAdapter) -> tuple[dict[str, Path], list[str]]:
+    if isinstance(contribution, LoraAdapter):
+        names = [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+        return {name: contribution.path / name for name in names}, names
+    return model_files(contribution, with_tokenizer=False)
+
+
+def contribute(
+    root: str | Path,
+    name: str,
+    *,
+    task: str | Path,
+    adapter: str | Path | None = None,
+    model: str | Path | None = None,
+    metric: str = "accuracy",
+    keep_data: bool = False,
+    author: str | None = None,
+    training_config: str | Path | None = None,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """Check, store, score and record one contribution; returns its record as `Registry.version` gives it."""
+    check_name(name)
+    if metric not in METRICS:
+        raise KnowstackError(f"unknown metric '{metric}' (known: {', '.join(METRICS)})", field="metric")
+    config_path = Path(training_config).expanduser() if training_config is not None else None
+    if config_path is not None and not config_path.is_file():
+        raise KnowstackError("training config file not found", path=config_path)
+    with Registry.open(root) as reg:
+        if db.name_taken(reg.conn, name):  # early, before any work; the commit checks again
+            raise KnowstackError(f"the name '{name}' is taken in this registry: choose another",
+                                 path=reg.db_path, field="name")
+        task_files = read_task(task, keep_data=keep_data)
+        contribution = open_contribution(adapter, model)
+        with reg.view(BASE_NAME) as base_dir:
+            check_trained_from(FullModel(base_dir), reg.base()["content_hash"], contribution)
+            new = _store(reg, name, contribution, task_files, metric, keep_data, author, config_path)
+            new.scores = [_score(reg, base_dir, new, task_files.name, metric, batch_size)]
+        db.insert_version(reg.conn, new, reg.db_path)
+        return reg.version(name)
+
+
+def _store(reg: Registry, name: str, contribution: FullModel | LoraAdapter, task: TaskFiles, metric: str,
+           keep_data: bool, author: str | None, config_path: Path | None) -> db.NewVersion:
+    files, hashed = contribution_files(contribution)
+    names, sizes = store_files(reg.store, files)
+    split_shas, split_sizes = store_files(reg.store, task.splits)
+    sizes.update(split_sizes)
+    recorded_config = None
+    if config_path is not None:
+        sha, size = reg.store.put_file(config_path)
+        sizes[sha] = size
+        recorded_config = {"file": config_path.name, "sha256": sha}
+    task_record = {split: {"file": path.name, "sha256": split_shas[split], "n": task.counts[split]}
+                   for split, path in task.splits.items()}
+    return db.NewVersion(
+        name=name, kind="adapter" if isinstance(contribution, LoraAdapter) else "model", method="contribution",
+        files=names, content_hash=content_hash({n: names[n] for n in hashed}), objects=sizes,
+        settings={"source": str(contribution.path.resolve())}, author=author, parents=[BASE_NAME],
+        contribution={"task": task.name, "task_format": "trace", "metric": metric, "task_files": task_record,
+                      "keep_data": keep_data, "training_config": recorded_config})
+
+
+def _score(reg: Registry, base_dir: Path, new: db.NewVersion, task: str, metric: str,
+           batch_size: int) -> dict[str, Any]:
+    """The contribution's score on its own task's test split, from the stored (verified) copies."""
+    from knowstack.evaluate.new_knowledge import evaluate_task
+    from knowstack.modelio import load_model, load_tokenizer
+
+    assert new.contribution is not None
+    test = new.contribution["task_files"]["test"]
+    with reg.store.view({test["file"]: test["sha256"]}) as split_dir, reg.store.view(new.files) as weights_dir:
+        examples = load_trace_split(split_dir / test["file"])  # by its own name: .json or .jsonl
+        if new.kind == "adapter":
+            loaded = load_model(base_dir, weights_dir, dtype="float32")
+        else:
+            loaded = load_model(weights_dir, dtype="float32")
+        scores = evaluate_task(loaded, load_tokenizer(base_dir), examples, metric, batch_size=batch_size).scores
+    # math reports em_direct and em_cot; the registry's one score per task is the chain-of-thought one.
+    key = "em_cot" if metric == "math" else metric
+    return {"task": task, "kind": "new", "metric": key, "value": scores[key], "n": len(examples)}
