@@ -13,6 +13,7 @@ options, total and active parameters, the expert load per layer (before and afte
 from __future__ import annotations
 
 import gc
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -230,15 +231,9 @@ def _lora_parameters(tmp: Path, base: FullModel, config: dict) -> dict[str, int]
     from knowstack.combine.streaming import SafetensorsReader
 
     shapes = {name: spec.shape for name, spec in SafetensorsReader([tmp / WEIGHTS_FILE]).specs.items()}
-    base_parameters = sum(_numel(spec.shape) for spec in base.reader.specs.values())
+    base_parameters = sum(math.prod(spec.shape) for spec in base.reader.specs.values())
     return parameter_counts(config, base_parameters, shapes)
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def load_moe(kind: str, moe_dir: Path, base: Path) -> Any:

@@ -20,6 +20,7 @@ is a mixture too: expert e is model e's weight for it (a routed base is expert 0
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import struct
@@ -284,15 +285,9 @@ def _parameter_counts(plan: list[PlanItem], layout: FftMoeLayout, top_k: int) ->
     """Total parameters, and those active per token: all but the routed experts, plus k of them
     (all of them without a router). Mixed attention projections' experts (`self_attn.P.experts.E`) are
     routed experts too, chosen k of n per token like the MLPs; their routers count as routers."""
-    def numel(shape: tuple[int, ...]) -> int:
-        count = 1
-        for size in shape:
-            count *= size
-        return count
-
-    routed = sum(numel(shape) for name, _, shape, _ in plan if ".experts." in name)
-    routers = sum(numel(shape) for name, _, shape, _ in plan if name.endswith((".gate.weight", ".gate.bias")))
-    total = sum(numel(shape) for _, _, shape, _ in plan)
+    routed = sum(math.prod(shape) for name, _, shape, _ in plan if ".experts." in name)
+    routers = sum(math.prod(shape) for name, _, shape, _ in plan if name.endswith((".gate.weight", ".gate.bias")))
+    total = sum(math.prod(shape) for _, _, shape, _ in plan)
     share = 1.0 if layout.router_free else min(1.0, top_k / layout.n_routed)
     return {"total": total, "active": total - routed + round(routed * share), "experts": routed,
             "routers": routers, "shared": total - routed - routers}

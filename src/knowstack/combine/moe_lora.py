@@ -23,6 +23,7 @@ than gathering tokens per expert.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -273,15 +274,9 @@ def save_routers(path: Path, routers: dict[int, Router]) -> None:
 def parameter_counts(config: dict, base_parameters: int, tensors: dict[str, tuple[int, ...]]) -> dict[str, int]:
     """Total parameters (base + experts + routers) and those active per token (base, routers, and the
     k chosen experts' ranks of each module)."""
-    routers = sum(_numel(shape) for name, shape in tensors.items() if name.startswith("routers."))
-    experts = sum(_numel(shape) for name, shape in tensors.items() if not name.startswith("routers."))
+    routers = sum(math.prod(shape) for name, shape in tensors.items() if name.startswith("routers."))
+    experts = sum(math.prod(shape) for name, shape in tensors.items() if not name.startswith("routers."))
     active_share = 1.0 if config["router"] == "none" else min(1.0, config["top_k"] / config["num_experts"])
     return {"total": base_parameters + experts + routers, "active": base_parameters + routers + round(experts * active_share),
             "experts": experts, "routers": routers, "shared": base_parameters}
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count

@@ -8,6 +8,7 @@ path and renamed into place, so an interrupted init leaves nothing that looks li
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -58,16 +59,10 @@ def store_files(store: ObjectStore, files: dict[str, Path]) -> tuple[dict[str, s
 
 def architecture(model: FullModel) -> dict[str, Any]:
     arch = {key: model.config[key] for key in ARCHITECTURE_FIELDS if key in model.config}
-    arch["parameters"] = sum(_numel(spec.shape) for spec in model.reader.specs.values())
+    arch["parameters"] = sum(math.prod(spec.shape) for spec in model.reader.specs.values())
     arch["tensors"] = len(model.reader.specs)
     return arch
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
 
 
 def _umask() -> int:
