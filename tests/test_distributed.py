@@ -1,20 +1,28 @@
-"""Training across processes: a real 2-process `accelerate launch` on CPU (gloo DDP) against 1 process."""
+"""Training across processes: a real 2-process `accelerate launch` on CPU (gloo DDP) against 1 process,
+for fine-tuning and for an MoE's router training."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import perturbed
 from safetensors.torch import load_file
 
-from knowstack.config import LaunchConfig, parse_config
+from knowstack.combine.moe import MoeOptions, mix_models
+from knowstack.combine.moe_train import RouterTraining
+from knowstack.combine.router_job import RouterJob, launch_router_job
+from knowstack.config import LaunchConfig, LaunchSettings, parse_config
+from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
 from knowstack.train import SUMMARY_FILE, TrainSettings
 from knowstack.train.launch import (
+    LaunchSpec,
     TrainJob,
     accelerate_config_path,
     free_port,
@@ -159,3 +167,67 @@ def test_launch_section_of_the_config(tmp_path: Path) -> None:
         with pytest.raises(KnowstackError) as err:
             parse_config({**raw, "launch": bad})
         assert err.value.field == field
+
+
+# --- MoE router training ------------------------------------------------------------------------------
+# 3 steps of 5 examples: 2 processes get unequal shares (3 and 2) of every batch.
+ROUTER_TRAINING = RouterTraining(steps=3, batch_size=5, lr=0.05, max_length=64)
+
+
+@pytest.fixture(scope="module")
+def experts(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
+    """Two stand-in one-round models (FFT) and adapters (LoRA) to mix."""
+    from test_moe import TOKENIZER_AND_CONFIG, make_adapter
+
+    root = tmp_path_factory.mktemp("experts")
+    return {"fft": [perturbed(tiny_model_dir, root / f"m{i}", seed=i, scale=0.05, copy=TOKENIZER_AND_CONFIG)
+                    for i in range(2)],
+            "lora": [make_adapter(tiny_model_dir, root / f"a{i}", seed=i) for i in range(2)]}
+
+
+def _mix(tiny_model_dir: Path, models: list[Path], out: Path, launch: LaunchSpec | None, training: bool = True) -> dict:
+    return mix_models(tiny_model_dir, models, out, options=MoeOptions(top_k=1, router="random"),
+                      train_examples=[Example(p, a) for p, a in EXAMPLES[:12]],
+                      training=ROUTER_TRAINING if training else None, launch=launch)
+
+
+def _routers(moe_dir: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in _weights(moe_dir).items() if k.startswith("routers.") or ".gate." in k}
+
+
+@pytest.mark.parametrize("kind", ["fft", "lora"])
+def test_router_training_on_two_cpu_processes_gives_the_one_process_routers(
+    tiny_model_dir: Path, tmp_path: Path, kind: str, experts: dict[str, list[Path]]
+) -> None:
+    one = _mix(tiny_model_dir, experts[kind], tmp_path / "one", launch=None)
+    two = _mix(tiny_model_dir, experts[kind], tmp_path / "two",
+               launch=LaunchSpec(num_processes=2, cpu=True, mixed_precision="no"))
+
+    difference = max_weight_difference(tmp_path / "one", tmp_path / "two")  # routers, and all else unchanged
+    print(f"{kind}-MoE: max |router_1proc - router_2proc| = {difference:.3g}")
+    assert difference < TOLERANCE
+    _mix(tiny_model_dir, experts[kind], tmp_path / "untrained", launch=None, training=False)
+    before, after = _routers(tmp_path / "untrained"), _routers(tmp_path / "two")
+    assert before.keys() == after.keys() and before
+    assert max(float((before[k] - after[k]).abs().max()) for k in before) > 100 * TOLERANCE  # they trained
+    curves = [[value for point in record["router_training"]["curve"] for value in point.values()] for record in (one, two)]
+    assert len(curves[0]) == 2 * 3 and curves[0] == pytest.approx(curves[1], abs=2e-4)  # rounded to 4 decimals
+    assert one["loads"]["before_training"] == two["loads"]["before_training"]
+    assert json.loads((tmp_path / "two" / "moe.json").read_text())["router_training"] == two["router_training"]
+    # the launch's job folder is gone: nothing but the three MoE dirs is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two", "untrained"]
+
+
+def test_router_training_launch_settings(tmp_path: Path) -> None:
+    """FFT-MoE router training is launched as FFT training, LoRA-MoE's as LoRA's; FSDP and DeepSpeed are
+    refused on CPU, as for training."""
+    config = LaunchConfig(num_processes=4, accelerate_config="fsdp", cpu=True, lora=LaunchSettings(num_processes=2))
+    assert LaunchSpec.from_config(config, "fft") == LaunchSpec(4, "fsdp", cpu=True)
+    assert LaunchSpec.from_config(config, "lora") == LaunchSpec(2, None, cpu=True)
+    assert LaunchSpec.from_config(LaunchConfig(), "fft") is None
+    job = RouterJob(kind="fft", moe_dir=str(tmp_path / "moe"), base_dir="unused", tokenizer_path="unused",
+                    training=asdict(ROUTER_TRAINING), examples=EXAMPLES[:1], probe=[])
+    assert RouterJob.load(job.save(tmp_path / "job")) == job
+    for name in ("fsdp", "deepspeed-zero2", "deepspeed-zero3"):
+        with pytest.raises(KnowstackError, match="only on GPUs"):
+            launch_router_job(job, LaunchSpec(2, name, cpu=True))

@@ -152,6 +152,10 @@ def test_ray_task_resources(tmp_path: Path) -> None:
     # merges stream on the CPU; an evaluation takes a GPU where its model fits one, else the CPU
     assert step_resources(merge, config).gpus == 0
     assert step_resources(Step("eval", "e", {}), config).gpus == 1
+    # an MoE is built on the CPU; its router training is launched as its experts' training is
+    trained = {"router_training": {"steps": 2}}
+    assert step_resources(Step("moe", "m", {"experts": "lora", "options": trained}), config) == StepResources(cpus=2.0, gpus=2)
+    assert step_resources(Step("moe", "m", {"experts": "fft", "options": {"router_training": None}}), config).gpus == 0
     too_big = Estimate("eval", 40 * 10**9, 160 * GiB, 0, 0, 40 * GiB, gpus=3)
     assert step_resources(Step("eval", "e", {}), config, too_big).gpus == 0
     gpu_cluster = {"CPU": 64.0, "GPU": 8.0, "max_node_memory": 1e12}

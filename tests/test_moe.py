@@ -439,6 +439,30 @@ def test_moe_step_passes_attention_through(tmp_path: Path, tiny_model_dir: Path,
     assert seen["options"].attention == ("v_proj", "q_proj")
 
 
+def test_moe_step_launches_router_training_as_its_experts_training(tmp_path: Path, tiny_model_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import knowstack.combine.moe as moe_module
+    from knowstack.config import parse_config
+    from knowstack.study.plan import build_plan
+    from knowstack.study.steps import StudyContext, run_moe
+    from knowstack.train.launch import LaunchSpec
+
+    raw = study_config(tmp_path, tiny_model_dir, {"experts": ["fft", "lora"], "router_training": {"steps": 2}})
+    seen: dict[str, LaunchSpec | None] = {}
+    monkeypatch.setattr(moe_module, "mix_models", lambda base, models, out, **kwargs: seen.update({out.name: kwargs["launch"]}))
+    keys = []
+    for launch in (None, {"num_processes": 4, "cpu": True, "lora": {"num_processes": 2, "mixed_precision": "no"}}):
+        config = parse_config({**raw, "launch": launch} if launch else raw)
+        steps = [s for s in build_plan(config).ordered() if s.kind == "moe"]
+        keys.append([s.key for s in steps])
+        for step in steps:
+            run_moe(step, StudyContext(out=tmp_path / "study", config=config), tmp_path / step.params["experts"])
+        if launch is None:
+            assert seen == {"fft": None, "lora": None}
+    assert seen == {"fft": LaunchSpec(4, cpu=True), "lora": LaunchSpec(2, cpu=True, mixed_precision="no")}
+    assert keys[0] == keys[1]  # how it runs is not part of what it makes
+
+
 @pytest.mark.parametrize("attention", [(), ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj")])
 def test_dry_run_parameter_estimate_is_the_built_mixture(attention: tuple[str, ...], tiny_model_dir: Path,
                                                          models: list[Path], tmp_path: Path) -> None:

@@ -5,9 +5,10 @@
 
 Full model dirs give an FFT-MoE (a Mixtral or knowstack_moe checkpoint, moe_fft.py); PEFT LoRA adapter
 dirs give a LoRA-MoE dir loaded onto the base (moe_lora.py). Routers are built without data or from a
-few prompts per expert (routers.py); optionally they alone are then trained (moe_train.py). The output
-dir is written under a temporary name and renamed when complete, with moe.json: what was mixed, the
-options, total and active parameters, the expert load per layer (before and after router training).
+few prompts per expert (routers.py); optionally they alone are then trained (moe_train.py), here or
+under `accelerate launch` (router_job.py). The output dir is written under a temporary name and renamed
+when complete, with moe.json: what was mixed, the options, total and active parameters, the expert load
+per layer (before and after router training).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any
 
 from knowstack.atomic import atomic_dir, atomic_write_json
 from knowstack.combine.inputs import FullModel, LoraAdapter, open_input
-from knowstack.combine.moe_train import RouterTraining, expert_loads, train_routers
+from knowstack.combine.moe_train import RouterTraining
+from knowstack.combine.router_job import RouterJob, launch_router_job, run_router_job
 from knowstack.combine.routers import (
     ROUTER_KINDS,
     Router,
@@ -31,6 +33,7 @@ from knowstack.combine.routers import (
 )
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
+from knowstack.train.launch import LaunchSpec
 
 MOE_FILE = "moe.json"
 BASE_EXPERTS = ("none", "routed", "always-on")
@@ -65,11 +68,14 @@ def mix_models(
     training: RouterTraining | None = None,
     tokenizer_path: str | Path | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    launch: LaunchSpec | None = None,
 ) -> dict[str, Any]:
     """Builds the MoE of `models` (all model dirs, or all adapter dirs) on `base` into `out`.
 
     prompts: a few prompts per model (in order), for the router init `prompts` and to measure the
-    expert load; train_examples + training: router training on a small mixed set. Returns moe.json.
+    expert load; train_examples + training: router training on a small mixed set, in this process or,
+    with `launch`, as `accelerate launch` of launch.num_processes processes (router_job.py; the same
+    routers either way). Returns moe.json.
     """
     options = options or MoeOptions()
     base_model = FullModel(Path(base).expanduser())
@@ -81,7 +87,7 @@ def mix_models(
     if out.resolve() in {p.resolve() for p in [base_model.path, *(m.path for m in inputs)]}:
         raise KnowstackError("the output dir is one of the inputs (it would be replaced)", path=out)
     tokenizer = None
-    if prompts is not None or training is not None:
+    if options.router == "prompts":  # the router init's; the router job loads its own
         from knowstack.modelio import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_path or base_model.path)
@@ -90,7 +96,8 @@ def mix_models(
     with atomic_dir(out) as tmp:
         record = _build(kind, tmp, base_model, inputs, options, routers, max_shard_bytes, attention_routers)
         if options.router != "none" and (prompts or training):
-            record.update(_routers_at_work(kind, tmp, base_model, tokenizer, prompts, train_examples, training))
+            job = _router_job(kind, tmp, base_model, tokenizer_path, prompts, train_examples, training)
+            record.update(launch_router_job(job, launch) if launch and training else run_router_job(job))
         atomic_write_json(tmp / MOE_FILE, record)
     return record
 
@@ -247,25 +254,19 @@ def load_moe(kind: str, moe_dir: Path, base: Path) -> Any:
     return apply_lora_moe(load_model(base, dtype="auto"), moe_dir)
 
 
-def _routers_at_work(kind: str, tmp: Path, base: FullModel, tokenizer: Any, prompts: Sequence[Sequence[str]] | None,
-                     train_examples: Sequence[Example] | None, training: RouterTraining | None) -> dict[str, Any]:
-    """Expert load per layer on the probe texts, and router training (then the load again, and the
-    trained routers written into the output)."""
-    model = load_moe(kind, tmp, base.path)
+def _router_job(kind: str, tmp: Path, base: FullModel, tokenizer_path: str | Path | None,
+                prompts: Sequence[Sequence[str]] | None, train_examples: Sequence[Example] | None,
+                training: RouterTraining | None) -> RouterJob:
+    """The expert load per layer on the probe texts, and router training (then the load again, and the
+    trained routers written into the output), as a job (router_job.py)."""
     if training is not None:
         probe, probe_name = [ex.prompt + ex.answer for ex in train_examples or []], "router training set"
     else:
         probe, probe_name = [p for group in prompts or [] for p in group], "prompts"
-    record: dict[str, Any] = {"loads": {"measured_on": f"{probe_name} ({len(probe)} texts)",
-                                        "before_training": expert_loads(model, tokenizer, probe)}}
-    if training is not None:
-        record["router_training"] = {"settings": asdict(training), **train_routers(model, tokenizer, train_examples or [],
-                                                                                   training)}
-        record["loads"]["after_training"] = expert_loads(model, tokenizer, probe)
-        _save_trained_routers(kind, tmp, model)
-    del model
-    gc.collect()
-    return record
+    return RouterJob(kind=kind, moe_dir=str(tmp), base_dir=str(base.path), tokenizer_path=str(tokenizer_path or base.path),
+                     training=None if training is None else asdict(training),
+                     examples=[(ex.prompt, ex.answer) for ex in train_examples or []] if training else [],
+                     probe=probe, probe_name=probe_name)
 
 
 def _save_trained_routers(kind: str, tmp: Path, model: Any) -> None:

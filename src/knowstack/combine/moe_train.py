@@ -12,16 +12,23 @@ with the answer-only LM loss plus `aux_loss_coef` x the load-balancing loss of S
 averaged over all routers (a mixed attention projection's weighing as much as an MLP's):
 E * sum_e f_e * P_e,  f_e the share of the k routing slots given to expert e, P_e the mean router
 probability of e, over the batch's tokens.
+
+Training runs unchanged in one process or under `accelerate launch` (combine/router_job.py starts it):
+every process takes a strided share of each batch, as train/loop.py does, and both losses are split
+into per-process parts that add up to the whole batch's: the LM loss over the batch's answer-token
+count, and the balancing loss with f_e and the token count summed over the processes (f_e carries no
+gradient, so E * sum_e f_e * P_e is linear in each process's router probabilities).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -95,20 +102,40 @@ def recording(sites: Sequence[RouterSite]) -> Iterator[dict[str, torch.Tensor]]:
 def slot_shares(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(share of the top-k slots each expert got, mean router probability of each expert)."""
     probs = F.softmax(logits.float(), dim=-1)
-    chosen = torch.topk(probs, top_k, dim=-1).indices
-    counts = torch.zeros(probs.shape[-1], device=probs.device).index_add_(
-        0, chosen.reshape(-1), torch.ones(chosen.numel(), device=probs.device))
-    return counts / chosen.numel(), probs.mean(dim=0)
+    return _slot_counts(probs, top_k) / (probs.shape[0] * top_k), probs.mean(dim=0)
 
 
-def load_balancing_loss(logits: dict[str, torch.Tensor], sites: Sequence[RouterSite]) -> torch.Tensor:
+def load_balancing_loss(logits: dict[str, torch.Tensor], sites: Sequence[RouterSite], *,
+                        total: Callable[[torch.Tensor], torch.Tensor] | None = None, weight: float = 1.0) -> torch.Tensor:
     """Switch/Mixtral's auxiliary loss, E * sum_e f_e * P_e, averaged over the routers (1 when
-    balanced). f_e carries no gradient (it comes from top-k); P_e does."""
-    losses = []
-    for site in sites:
-        shares, mean_probs = slot_shares(logits[site.key], site.top_k)
-        losses.append(mean_probs.numel() * (shares.detach() * mean_probs).sum())
+    balanced). f_e carries no gradient (it comes from top-k); P_e does.
+
+    When a batch's tokens are spread over processes, `total` sums a tensor over them, and this returns
+    this process's part: f_e and the token count are the whole batch's, P_e's sum only this process's
+    tokens, so the parts of all processes add up to the whole batch's loss. weight 0: a process without
+    a share of the batch (its tokens count for nothing)."""
+    if not sites:
+        raise KnowstackError("this MoE has no router to train (router-free)", field="router_training")
+    probs = {site.key: F.softmax(logits[site.key].float(), dim=-1) for site in sites}
+    counts = [_slot_counts(probs[site.key], site.top_k) * weight for site in sites]
+    tokens = torch.full((1,), probs[sites[0].key].shape[0] * weight, device=counts[0].device)
+    # one reduction for every router's counts: each sees every token of the row
+    summed = torch.cat([*counts, tokens])
+    summed = total(summed) if total is not None else summed
+    n_tokens = summed[-1].clamp_min(1.0)
+    losses, start = [], 0
+    for site, count in zip(sites, counts, strict=True):
+        shares = summed[start:start + count.numel()] / (n_tokens * site.top_k)
+        start += count.numel()
+        prob_sums = probs[site.key].sum(dim=0) * weight
+        losses.append(count.numel() * (shares.detach() * prob_sums).sum() / n_tokens)
     return torch.stack(losses).mean()
+
+
+def _slot_counts(probs: torch.Tensor, top_k: int) -> torch.Tensor:
+    chosen = torch.topk(probs, top_k, dim=-1).indices
+    return torch.zeros(probs.shape[-1], device=probs.device).index_add_(
+        0, chosen.reshape(-1), torch.ones(chosen.numel(), device=probs.device))
 
 
 def _rows(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int):
@@ -138,36 +165,67 @@ def expert_loads(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tex
     return {key: [round(v, 4) for v in (totals[key] / counts[key]).tolist()] for key in totals}
 
 
-def train_routers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example],
-                  settings: RouterTraining) -> dict:
-    """Trains the routers only (everything else frozen) for settings.steps steps; returns the loss curve."""
-    from knowstack.train.batches import batch_order, pack, tokenize_examples
-
+def prepare_router_training(model: PreTrainedModel, settings: RouterTraining,
+                            accelerator: Accelerator) -> tuple[nn.Module, torch.optim.Optimizer, list[RouterSite]]:
+    """Freezes everything but the routers and prepares model and optimizer with `accelerator` (DDP under
+    a launch); returns them and the router sites (modules of the unwrapped model)."""
     sites = router_sites(model)
     if not sites:
         raise KnowstackError("this MoE has no router to train (router-free)", field="router_training")
-    if not examples:
-        raise KnowstackError("router training needs examples", field="router_training")
     router_params = [p for site in sites for p in site.module.parameters()]
     for param in model.parameters():
         param.requires_grad_(False)
     for param in router_params:
         param.requires_grad_(True)
+    # made before prepare: accelerate swaps its parameters where it shards them (FSDP)
     optimizer = torch.optim.AdamW(router_params, lr=settings.lr, weight_decay=0.0)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    return prepared, optimizer, sites
+
+
+def train_routers(model: nn.Module, optimizer: torch.optim.Optimizer, sites: Sequence[RouterSite],
+                  tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], settings: RouterTraining,
+                  accelerator: Accelerator) -> dict:
+    """Trains the routers only for settings.steps steps of settings.batch_size examples (the whole batch,
+    over all processes); model and optimizer as prepare_router_training returns them. Returns the loss
+    curve (the same in every process)."""
+    from knowstack.train.batches import batch_order, tokenize_examples
+
+    if not examples:
+        raise KnowstackError("router training needs examples", field="router_training")
     tokenized = tokenize_examples(tokenizer, examples, settings.max_length)
     order = batch_order(len(tokenized), settings.batch_size, 1.0, settings.steps, settings.seed)
-    device = next(model.parameters()).device
+    unwrapped = accelerator.unwrap_model(model)
+    device = next(unwrapped.parameters()).device
     curve = []
-    with recording(sites) as logits, packed_attention(model):
+    with recording(sites) as logits, packed_attention(unwrapped):
         for indices in order:
-            batch = {k: v.to(device) for k, v in pack([tokenized[i] for i in indices]).items()}
-            lm_loss = model(**batch, use_cache=False).loss
-            aux = load_balancing_loss(logits, sites)
-            loss = lm_loss + settings.aux_loss_coef * aux
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            curve.append({"lm_loss": round(lm_loss.item(), 4), "aux_loss": round(aux.item(), 4)})
-    for param in router_params:
-        param.requires_grad_(False)
+            curve.append(_router_step(accelerator, model, optimizer, sites, logits, tokenized, indices,
+                                      settings.aux_loss_coef, device))
+    for site in sites:
+        site.module.requires_grad_(False)
     return {"steps": len(order), "first": curve[0], "last": curve[-1], "curve": curve}
+
+
+def _router_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 sites: Sequence[RouterSite], logits: dict[str, torch.Tensor], tokenized: list,
+                 indices: list[int], aux_loss_coef: float, device: torch.device) -> dict[str, float]:
+    """One optimizer step on this process's share of the batch `indices`; returns the batch's losses."""
+    from knowstack.train.batches import pack, shard
+    from knowstack.train.loop import answer_loss_sum
+
+    world = accelerator.num_processes
+    batch_tokens = max(sum(tokenized[i].answer_tokens for i in indices), 1)
+    mine = shard(indices, accelerator.process_index, world)
+    # As train/loop.py: a process with no share of a small last batch runs a zero-weighted pass, so
+    # that every process joins the gradient all-reduce (and the count reductions).
+    weight = 1.0 if mine else 0.0
+    inputs = {k: v.to(device) for k, v in pack([tokenized[i] for i in mine or indices[:1]]).items()}
+    ce_sum = answer_loss_sum(model, inputs) * weight
+    aux = load_balancing_loss(logits, sites, total=lambda t: accelerator.reduce(t, reduction="sum"), weight=weight)
+    # Each process's part of the whole batch's loss; DDP averages gradients, hence x world for their sum.
+    accelerator.backward((ce_sum / batch_tokens + aux_loss_coef * aux) * world)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    lm_sum, aux_value = accelerator.reduce(torch.stack([ce_sum.detach(), aux.detach()]), reduction="sum").tolist()
+    return {"lm_loss": round(lm_sum / batch_tokens, 4), "aux_loss": round(aux_value, 4)}

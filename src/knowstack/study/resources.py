@@ -316,11 +316,12 @@ class StepResources:
 def step_resources(step: Step, config: StudyConfig, estimate: Estimate | None = None) -> StepResources:
     """Training runs on GPUs where the cluster has them, one per launched process (accelerate moves the
     model there); an evaluation on one GPU where its model fits one (steps.on_gpu_if_it_fits), else on
-    the CPU; merges and MoE building on the CPU. Host memory: on GPUs, the float32 weights each process
-    loads; on the CPU, the whole estimate."""
+    the CPU; merges and MoE building on the CPU, but an MoE's router training under a launch section on
+    its processes' GPUs, as a training. Host memory: on GPUs, the float32 weights each process loads; on
+    the CPU, the whole estimate."""
     processes, gpus = 1, 0
-    if step.kind == "train":
-        launch = config.launch.for_finetune(step.params["finetune"])
+    launch = _launch_of(step, config)
+    if launch is not None and (step.kind == "train" or launch.launched):
         processes = launch.num_processes if launch.launched else 1
         gpus = 0 if config.launch.cpu else processes
     elif step.kind == "eval" and (estimate is None or estimate.gpus == 1):
@@ -329,6 +330,16 @@ def step_resources(step: Step, config: StudyConfig, estimate: Estimate | None = 
         return StepResources(cpus=float(processes), gpus=gpus)
     return StepResources(cpus=float(processes), gpus=gpus, memory=processes * FLOAT32 * estimate.params,
                          cpu_memory=processes * estimate.total)
+
+
+def _launch_of(step: Step, config: StudyConfig) -> LaunchSettings | None:
+    """The launch settings of a step that trains: a train step, or an MoE step that trains its routers
+    (steps.run_moe launches that as the training of its experts)."""
+    if step.kind == "train":
+        return config.launch.for_finetune(step.params["finetune"])
+    if step.kind == "moe" and step.params["options"].get("router_training"):
+        return config.launch.for_finetune(step.params["experts"])
+    return None
 
 
 def as_launched(step: Step, estimate: Estimate, config: StudyConfig) -> tuple[int, int] | None:

@@ -185,9 +185,11 @@ def run_merge(step: Step, ctx: StudyContext, out: Path) -> None:
 def run_moe(step: Step, ctx: StudyContext, out: Path) -> None:
     """The one-round models (or adapters) of the mixed tasks as the experts of one MoE, written to `out`.
     The few prompts per expert (router init, expert load) and the router-training set are the first
-    examples of each task's training split."""
+    examples of each task's training split. Router training is launched as the config's launch section
+    launches the training of the experts (its `lora` settings for a LoRA-MoE), in this process otherwise."""
     from knowstack.combine.moe import MoeOptions, mix_models
     from knowstack.combine.moe_train import RouterTraining
+    from knowstack.train.launch import LaunchSpec
 
     params, options = step.params, step.params["options"]
     train_splits = {task["name"]: ctx.tasks()[task["name"]].load("train") for task in params["tasks"]}
@@ -208,6 +210,7 @@ def run_moe(step: Step, ctx: StudyContext, out: Path) -> None:
                            shared=options["shared"], base_expert=options["base_expert"], router=options["router"],
                            seed=params["seed"], attention=tuple(options.get("attention") or ())),
         prompts=prompts, train_examples=examples, training=training, tokenizer_path=ctx.config.base.tokenizer,
+        launch=LaunchSpec.from_config(ctx.config.launch, params["experts"]),
     )
 
 

@@ -1,11 +1,12 @@
 """One training run as a job that runs in this process or under `accelerate launch` with N processes.
 
-A study's train step becomes a `TrainJob` (plain data: model, examples, settings, O-LoRA inputs).
-`run_job` runs it here; `launch_job` writes it to a folder and starts
-`accelerate launch --config_file <cfg> --num_processes N -m knowstack.train.launch job.json`, whose
-processes each run `run_job` on the same job: `train()` shards every effective batch over them and
-the main process alone writes the checkpoint, atomically. Both paths run the very same code, so a
-2-process run gives the 1-process weights (tested on CPU with gloo).
+A study's train step becomes a `TrainJob` (plain data: model, examples, settings, O-LoRA inputs), and
+an MoE's router training a `RouterJob` (combine/router_job.py), which job.json names by its job_kind.
+`run_job` (`run_router_job`) runs it here; `launch_job` (`launch_router_job`) writes it to a folder
+and starts `accelerate launch --config_file <cfg> --num_processes N -m knowstack.train.launch job.json`,
+whose processes each run the same job: `train()` (`train_routers()`) shards every effective batch over
+them and the main process alone writes the checkpoint (the trained routers), atomically. Both paths
+run the very same code, so a 2-process run gives the 1-process weights (tested on CPU with gloo).
 
 On CPU the processes are started with accelerate's multi-GPU launcher (torchrun) and
 ACCELERATE_USE_CPU=1: accelerate 1.x starts only one process for `--cpu` without MPI, and picks
@@ -20,18 +21,21 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from knowstack.config import ACCELERATE_CONFIGS
+from knowstack.config import ACCELERATE_CONFIGS, LaunchConfig
 from knowstack.errors import KnowstackError
 
 ACCELERATE_DIR = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
 JOB_FILE = "job.json"
 EXAMPLES_FILE = "examples.jsonl"
+# job.json of a TrainJob has no job_kind (as before there were other jobs); a router job names its kind
+ROUTER_JOB_KIND = "router"
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,24 @@ def launch_command(
     return [*command, "-m", "knowstack.train.launch", str(job_file)]
 
 
+@dataclass(frozen=True)
+class LaunchSpec:
+    """How a job is launched (launch_job's arguments), as a study config's launch section gives them."""
+
+    num_processes: int
+    accelerate_config: str | None = None
+    cpu: bool = False
+    mixed_precision: str | None = None
+
+    @classmethod
+    def from_config(cls, launch: LaunchConfig, finetune: str) -> LaunchSpec | None:
+        """The launch of `finetune`'s steps (fft, or lora with its own settings); None: in-process."""
+        settings = launch.for_finetune(finetune)
+        if not settings.launched:
+            return None
+        return cls(settings.num_processes, settings.accelerate_config, launch.cpu, settings.mixed_precision)
+
+
 def launch_job(
     job: TrainJob,
     *,
@@ -164,6 +186,18 @@ def launch_job(
     port: int | None = None,
 ) -> None:
     """Run `job` as `accelerate launch` with num_processes processes; returns when the checkpoint is written."""
+    config_path = checked_config(accelerate_config, cpu)
+    if job.olora is not None and shards_parameters(config_path):
+        raise KnowstackError("O-LoRA's penalty needs whole LoRA A matrices in every process: use ddp or "
+                             "deepspeed-zero2, not a config that shards parameters", field="launch.accelerate_config")
+    run_launch(job.save, Path(job.out_dir), config_path, num_processes, cpu=cpu, mixed_precision=mixed_precision,
+               port=port, max_grad_norm=job.settings.get("max_grad_norm"))
+    if not Path(job.out_dir).is_dir():
+        raise KnowstackError("accelerate launch finished without writing the checkpoint", path=job.out_dir)
+
+
+def checked_config(accelerate_config: str | None, cpu: bool) -> Path:
+    """The accelerate config's path, refused where accelerate would not do what it says."""
     config_path = accelerate_config_path(accelerate_config)
     kind = distributed_type(config_path)
     if cpu and kind in ("FSDP", "DEEPSPEED"):
@@ -171,22 +205,47 @@ def launch_job(
         # CPU, which would not be what the config says.
         raise KnowstackError(f"accelerate runs {kind} only on GPUs; on CPU use the ddp config",
                              field="launch.accelerate_config")
-    if job.olora is not None and shards_parameters(config_path):
-        raise KnowstackError("O-LoRA's penalty needs whole LoRA A matrices in every process: use ddp or "
-                             "deepspeed-zero2, not a config that shards parameters", field="launch.accelerate_config")
+    return config_path
+
+
+def run_launch(
+    save: Callable[[Path], Path],
+    output: Path,
+    config_path: Path,
+    num_processes: int,
+    *,
+    cpu: bool,
+    mixed_precision: str | None,
+    port: int | None,
+    max_grad_norm: float | None = None,
+    on_success: Callable[[Path], None] | None = None,
+) -> None:
+    """`accelerate launch` of the job that save(folder) writes as folder/job.json, in a temporary folder
+    beside `output` (what the job writes, named in the error); returns when all processes have ended.
+    on_success(folder) reads what the job left in the folder, before it is removed."""
     env = dict(os.environ)
     if cpu:
         env["ACCELERATE_USE_CPU"] = "1"
-    with tempfile.TemporaryDirectory(prefix=".launch-", dir=Path(job.out_dir).parent) as folder:
-        job_file = job.save(Path(folder))
-        command = launch_command(job_file, config_path, num_processes, port=port or free_port(),
-                                 mixed_precision=mixed_precision, max_grad_norm=job.settings.get("max_grad_norm"))
+    with tempfile.TemporaryDirectory(prefix=".launch-", dir=output.parent) as folder:
+        command = launch_command(save(Path(folder)), config_path, num_processes, port=port or free_port(),
+                                 mixed_precision=mixed_precision, max_grad_norm=max_grad_norm)
         result = subprocess.run(command, env=env, check=False)
-    if result.returncode != 0:
-        raise KnowstackError(f"accelerate launch of {num_processes} processes failed (exit {result.returncode})",
-                             path=job.out_dir)
-    if not Path(job.out_dir).is_dir():
-        raise KnowstackError("accelerate launch finished without writing the checkpoint", path=job.out_dir)
+        if result.returncode != 0:
+            raise KnowstackError(f"accelerate launch of {num_processes} processes failed (exit {result.returncode})",
+                                 path=output)
+        if on_success is not None:
+            on_success(Path(folder))
+
+
+def run_job_file(path: Path) -> None:
+    """Run the job in job.json: a training run (TrainJob), or MoE router training (its job_kind says so)."""
+    header = json.loads(Path(path).read_text(encoding="utf-8"))
+    if header.get("job_kind") == ROUTER_JOB_KIND:
+        from knowstack.combine.router_job import RouterJob, run_router_job
+
+        run_router_job(RouterJob.load(path))
+    else:
+        run_job(TrainJob.load(path))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        run_job(TrainJob.load(Path(args[0])))
+        run_job_file(Path(args[0]))
     except KnowstackError as err:  # the user's mistake: one line, not a traceback per process
         print(f"error: {err}", file=sys.stderr)
         return 2

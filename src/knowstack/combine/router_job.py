@@ -1,0 +1,141 @@
+"""An MoE's routers at work as a job that runs in this process or under `accelerate launch`.
+
+mix_models builds the MoE into its temporary output dir, then hands that dir to a `RouterJob` (plain
+data: the kind, the dirs, the training set, the RouterTraining settings, the probe texts): the expert
+load per router on the probe texts and, with training settings, router training and the load again.
+`run_router_job` runs it here; `launch_router_job` starts it as `accelerate launch ... -m
+knowstack.train.launch job.json` (job.json says job_kind "router"), whose processes each load the MoE,
+train the routers on their share of every batch (moe_train.py), and of which the main process alone
+writes the trained routers into the MoE dir and the record (loads, loss curve) beside the job. Both
+paths run the very same code, so 2 processes give the 1-process routers (tested on CPU with gloo).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from knowstack.atomic import atomic_write_json
+from knowstack.errors import KnowstackError
+from knowstack.train.launch import JOB_FILE, ROUTER_JOB_KIND, LaunchSpec, checked_config, run_launch
+
+RECORD_FILE = "record.json"
+
+
+@dataclass(frozen=True)
+class RouterJob:
+    """Everything router training needs, as JSON-able values (it crosses a process boundary)."""
+
+    kind: str  # "fft" or "lora"
+    moe_dir: str  # the MoE being built (mix_models' temporary output dir); trained routers go there
+    base_dir: str
+    tokenizer_path: str
+    training: dict[str, Any] | None  # RouterTraining's fields; None: measure the expert load only
+    examples: list[tuple[str, str]] = field(repr=False)
+    probe: list[str] = field(repr=False)  # the texts the expert load is measured on
+    probe_name: str = "prompts"
+    # Launched processes each take their own device (a GPU each); in this process the MoE stays where it
+    # is loaded, on the CPU, as it always did (a large FFT-MoE may fit no single GPU).
+    place_on_device: bool = False
+    record_file: str | None = None  # where the main process writes the record (a launch's way back)
+
+    def save(self, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / JOB_FILE, {"job_kind": ROUTER_JOB_KIND, **asdict(self)})
+        return folder / JOB_FILE
+
+    @classmethod
+    def load(cls, path: Path) -> RouterJob:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data.pop("job_kind")
+        return cls(**{**data, "examples": [tuple(pair) for pair in data["examples"]]})
+
+
+def run_router_job(job: RouterJob) -> dict[str, Any]:
+    """The expert load (and router training) of the MoE in job.moe_dir, in every process of a launch;
+    returns moe.json's part: {"loads": ..., "router_training": ...}."""
+    from accelerate import Accelerator
+
+    from knowstack.combine.moe import load_moe
+    from knowstack.modelio import load_tokenizer
+
+    accelerator = Accelerator(device_placement=job.place_on_device)
+    tokenizer = load_tokenizer(job.tokenizer_path)
+    model = load_moe(job.kind, Path(job.moe_dir), Path(job.base_dir))
+    if job.training is None:
+        record = _measured(job, model, tokenizer)
+    else:
+        record = _trained(job, accelerator, model, tokenizer)
+    if job.record_file is not None and accelerator.is_main_process:
+        atomic_write_json(Path(job.record_file), record)
+    accelerator.wait_for_everyone()
+    # In this process, the MoE (held by the accelerator too, in reference cycles) goes now, not later.
+    del model, accelerator
+    gc.collect()
+    return record
+
+
+def _measured(job: RouterJob, model: Any, tokenizer: Any) -> dict[str, Any]:
+    from knowstack.combine.moe_train import expert_loads
+
+    return {"loads": {"measured_on": f"{job.probe_name} ({len(job.probe)} texts)",
+                      "before_training": expert_loads(model, tokenizer, job.probe)}}
+
+
+def _trained(job: RouterJob, accelerator: Any, model: Any, tokenizer: Any) -> dict[str, Any]:
+    """Loads before, training, loads after (every process, on the prepared model: under FSDP each
+    forward is collective), then the main process writes the trained routers."""
+    from knowstack.combine.moe import _save_trained_routers
+    from knowstack.combine.moe_train import RouterTraining, prepare_router_training, train_routers
+    from knowstack.data.formats import Example
+
+    settings = RouterTraining(**job.training or {})
+    prepared, optimizer, sites = prepare_router_training(model, settings, accelerator)
+    unwrapped = accelerator.unwrap_model(prepared)
+    record = _measured(job, unwrapped, tokenizer)
+    examples = [Example(prompt, answer) for prompt, answer in job.examples]
+    summary = train_routers(prepared, optimizer, sites, tokenizer, examples, settings, accelerator)
+    record["router_training"] = {"settings": asdict(settings), **summary}
+    record["loads"]["after_training"] = _measured(job, unwrapped, tokenizer)["loads"]["before_training"]
+    _gather_routers(sites)
+    if accelerator.is_main_process:
+        _save_trained_routers(job.kind, Path(job.moe_dir), unwrapped)
+    return record
+
+
+def _gather_routers(sites: list) -> None:
+    """Where parameters are sharded (FSDP2's DTensors), every process gathers the routers' whole
+    tensors (collective), so that the main process writes whole routers; a no-op otherwise. Done
+    after the last forward: the routers are plain tensors from here on."""
+    from torch import nn
+
+    for site in sites:
+        for name, param in list(site.module.named_parameters()):
+            if hasattr(param, "full_tensor"):
+                owner_name, _, leaf = name.rpartition(".")
+                owner = site.module.get_submodule(owner_name) if owner_name else site.module
+                setattr(owner, leaf, nn.Parameter(param.full_tensor().detach(), requires_grad=False))
+
+
+def launch_router_job(job: RouterJob, launch: LaunchSpec, *, port: int | None = None) -> dict[str, Any]:
+    """Run `job` as `accelerate launch` of launch.num_processes processes; returns its record once the
+    trained routers are written."""
+    config_path = checked_config(launch.accelerate_config, launch.cpu)
+    record: dict[str, Any] = {}
+
+    def save(folder: Path) -> Path:
+        return replace(job, place_on_device=True, record_file=str(folder / RECORD_FILE)).save(folder)
+
+    def read_record(folder: Path) -> None:
+        path = folder / RECORD_FILE
+        if not path.is_file():
+            raise KnowstackError("accelerate launch finished without writing the router training record",
+                                 path=job.moe_dir)
+        record.update(json.loads(path.read_text(encoding="utf-8")))
+
+    run_launch(save, Path(job.moe_dir), config_path, launch.num_processes, cpu=launch.cpu,
+               mixed_precision=launch.mixed_precision, port=port, on_success=read_record)
+    return record
