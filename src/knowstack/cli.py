@@ -76,12 +76,21 @@ def _percent(text: str) -> float:
 
 
 def cmd_advise(args: argparse.Namespace) -> None:
+    from knowstack.registry.db import DB_FILE
+
+    if (Path(args.dir) / DB_FILE).is_file():
+        from knowstack.registry.advice import registry_advice
+        from knowstack.registry.core import Registry
+
+        with Registry.open(args.dir) as reg:
+            print(registry_advice(reg, args.max_old_loss, args.setting))
+        return
     from knowstack.report.advice import advice_text, advise
     from knowstack.report.build import measured_points
 
     plan, rows = _study_results(args.dir)
     scores, points = measured_points(rows, plan.task_names, plan.config.old_knowledge.metric)
-    print(advice_text(advise(points, args.max_old_loss, args.setting), scores))
+    print(advice_text(advise(points, args.max_old_loss, args.setting or "semi"), scores))
 
 
 def _task_from_args(args: argparse.Namespace):
@@ -261,11 +270,104 @@ def cmd_contribute(args: argparse.Namespace) -> None:
     from knowstack.registry.contribute import contribute
 
     record = contribute(args.registry, args.name, task=args.task, adapter=args.adapter, model=args.model,
-                        metric=args.metric, keep_data=args.keep_data, author=args.author,
+                        metric=args.metric, keep_data=args.keep_data, task_format=args.format, author=args.author,
                         training_config=args.training_config, batch_size=args.batch_size)
     score = next(s for s in record["scores"] if s["kind"] == "new")
     print(f"contributed: {record['name']} ({record['kind']}, {record['content_hash'][:12]}) "
           f"{record['task']} {score['metric']} = {score['value']:.4f}")
+
+
+def cmd_compose(args: argparse.Namespace) -> None:
+    from knowstack.registry.compose import compose, options_from
+
+    record = compose(args.registry, args.method, contributions=args.contributions, name=args.name,
+                     options=options_from(vars(args)), gate_old=args.gate_old, gate_task=args.gate_task,
+                     author=args.author, batch_size=args.batch_size,
+                     say=lambda message: console.print(f"compose: {message}", highlight=False))
+    gate = record["settings"]["gate"]
+    for failure in gate["failed"]:
+        print(f"gate: {failure}")
+    if gate.get("note"):
+        print(f"gate: {gate['note']}")
+    print(f"{record['name']}: {record['status']} ({record['method']} of {len(record['parents'])} contributions)")
+
+
+def cmd_log(args: argparse.Namespace) -> None:
+    from knowstack.registry.core import Registry
+    from knowstack.registry.history import format_log
+
+    with Registry.open(args.registry) as reg:
+        print(format_log(reg))
+
+
+def cmd_show(args: argparse.Namespace) -> None:
+    from knowstack.registry.core import Registry
+    from knowstack.registry.history import format_show
+
+    with Registry.open(args.registry) as reg:
+        print(json.dumps(reg.version(args.version), indent=2) if args.json else format_show(reg, args.version))
+
+
+def cmd_diff(args: argparse.Namespace) -> None:
+    from knowstack.registry.core import Registry
+    from knowstack.registry.history import format_diff
+
+    with Registry.open(args.registry) as reg:
+        print(format_diff(reg, args.first, args.second))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from knowstack.registry.export import export_version
+
+    info = export_version(args.registry, args.version, args.out, with_base=args.with_base)
+    print(f"exported {info['version']} ({info['kind']}, {info['method']}) to {Path(args.out).resolve()}\n"
+          f"load: {info['load']}")
+
+
+def _add_compose_args(p: argparse.ArgumentParser) -> None:
+    from knowstack.registry.compose import METHODS, ComposeOptions
+
+    d = ComposeOptions()
+    p.add_argument("registry")
+    p.add_argument("--method", required=True, choices=list(METHODS),
+                   help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
+    p.add_argument("--contributions", nargs="+", metavar="NAME", help="the contributions to compose, in order "
+                                                                       "(default: all, in the order contributed)")
+    p.add_argument("--name", help="the new version's name (default: v1, v2, ...)")
+    p.add_argument("--gate-old", type=_percent, default=2.0, metavar="PCT",
+                   help="reject if old-knowledge AVE falls more than this below the base or the previous release "
+                        "(default 2%%)")
+    p.add_argument("--gate-task", type=_percent, default=10.0, metavar="PCT",
+                   help="reject if any registered task's score falls more than this below its best release "
+                        "(default 10%%)")
+    p.add_argument("--author")
+    p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
+    g = p.add_argument_group("merge-* options")
+    g.add_argument("--density", type=float, help=f"TIES: fraction of each task vector kept (default {d.density})")
+    g.add_argument("--drop-rate", type=float, help=f"DARE: drop probability (default {d.drop_rate})")
+    g.add_argument("--lambda", dest="lam", type=float, help=f"scale of the merged task vector (default {d.lam})")
+    g = p.add_argument_group("moe-* options")
+    g.add_argument("--top-k", type=int, help=f"experts per token (default {d.top_k})")
+    g.add_argument("--router", choices=["prompts", "random", "uniform", "base-biased", "none"],
+                   help=f"router init (default {d.router}: from each task's eval prompts)")
+    g.add_argument("--prompts-per-expert", type=int, help=f"default {d.prompts_per_expert}")
+    g.add_argument("--router-steps", type=int, help="router-only training steps on the kept training data "
+                                                     f"(default {d.router_steps})")
+    g.add_argument("--router-lr", type=float, help=f"default {d.router_lr}")
+    g = p.add_argument_group("training options (sequential, olora, replay, joint)")
+    g.add_argument("--finetune", choices=["lora", "fft"], help=f"default {d.finetune}")
+    g.add_argument("--lr", type=float, help=f"constant learning rate (default {d.lr})")
+    g.add_argument("--epochs", type=float, help=f"default {d.epochs}")
+    g.add_argument("--train-batch-size", dest="train_batch_size", type=int,
+                   help=f"examples per optimizer step (default {d.train_batch_size})")
+    g.add_argument("--micro-batch-size", type=int, help=f"default {d.micro_batch_size}")
+    g.add_argument("--max-length", type=int, help=f"default {d.max_length}")
+    g.add_argument("--lora-r", type=int, help=f"default {d.lora_r}")
+    g.add_argument("--lora-alpha", type=int, help=f"default {d.lora_alpha}")
+    g.add_argument("--olora-lambda", type=float, help=f"default {d.olora_lambda}")
+    g.add_argument("--replay-fraction", type=float, help=f"default {d.replay_fraction}")
+    g.add_argument("--joint-sampling", choices=["uniform", "proportional"], help=f"default {d.joint_sampling}")
+    p.add_argument("--seed", type=int, help=f"DARE drops, random routers, training order (default {d.seed})")
 
 
 def _add_task_args(parser: argparse.ArgumentParser, *, metric_required: bool) -> None:
@@ -308,11 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("advise", help="which method to use: the measured setting that learns the most within a "
                                       "limit on old-knowledge loss")
-    p.add_argument("dir", help="a study dir")
+    p.add_argument("dir", help="a study dir, or a registry (advice for its next version, from its history)")
     p.add_argument("--max-old-loss", type=_percent, default=2.0,
                    help="how far old knowledge (AVE) may fall below the base's, in percent (default 2%%)")
-    p.add_argument("--setting", choices=["semi", "full"], default="semi",
-                   help="semi: the contributors share models only; full: their training data too (default semi)")
+    p.add_argument("--setting", choices=["semi", "full"],
+                   help="semi: the contributors share models only; full: their training data too (default: semi; "
+                        "a registry: full when every contribution kept its data)")
     p.set_defaults(func=cmd_advise)
 
     p = sub.add_parser("train", help="one training run: FFT (full model out) or LoRA (PEFT adapter out)")
@@ -422,12 +525,38 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--model", help="a fine-tuned model dir (safetensors weights)")
     p.add_argument("--task", required=True, help="its task: a TRACE-layout dir (test.json, eval.json, train.json)")
     p.add_argument("--metric", default="accuracy", choices=["accuracy", "rouge_l", "edit_similarity", "sari", "math"])
+    p.add_argument("--format", choices=["trace", "math"], default="trace",
+                   help="math: MetaMathQA-format train.json, GSM8K-format eval/test (use with --metric math)")
     p.add_argument("--keep-data", action="store_true", help="also store the task's train split (default: only "
                                                              "eval and test)")
     p.add_argument("--author")
     p.add_argument("--training-config", help="a file of the training settings, stored as given")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=cmd_contribute)
+
+    p = sub.add_parser("compose", help="build the registry's next version from contributions by one method, "
+                                       "score it, and release it only if the forgetting gate passes")
+    _add_compose_args(p)
+    p.set_defaults(func=cmd_compose)
+    p = sub.add_parser("log", help="the registry's versions, newest first: lineage, method, key scores, gate")
+    p.add_argument("registry")
+    p.set_defaults(func=cmd_log)
+    p = sub.add_parser("show", help="one version in full: settings, gate checks, every score")
+    p.add_argument("registry")
+    p.add_argument("version")
+    p.add_argument("--json", action="store_true", help="the record as JSON")
+    p.set_defaults(func=cmd_show)
+    p = sub.add_parser("diff", help="two versions task by task")
+    p.add_argument("registry")
+    p.add_argument("first")
+    p.add_argument("second")
+    p.set_defaults(func=cmd_diff)
+    p = sub.add_parser("export", help="a version as a plain HF model dir or PEFT / LoRA-MoE dir")
+    p.add_argument("registry")
+    p.add_argument("version")
+    p.add_argument("--out", required=True, help="a new dir")
+    p.add_argument("--with-base", action="store_true", help="adapters: copy the base model into OUT/base too")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -16,9 +16,11 @@ from knowstack.errors import KnowstackError
 
 
 def _check_exists(path: str | Path, what: str) -> None:
-    # A hub id (org/name) is passed through to transformers; a local-looking path must exist.
+    # A hub id (org/name) is passed through to transformers; a local-looking path must exist. "world/base"
+    # looks like a hub id, but not when "world" is a dir here: then it is a mistyped local path.
     text = str(path)
-    looks_local = text.startswith((".", "/", "~")) or Path(text).exists() or text.count("/") != 1
+    looks_local = (text.startswith((".", "/", "~")) or Path(text).exists() or text.count("/") != 1
+                   or Path(text.split("/")[0]).is_dir())
     if looks_local and not Path(text).expanduser().exists():
         raise KnowstackError(f"{what} not found", path=path)
 

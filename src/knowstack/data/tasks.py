@@ -27,7 +27,7 @@ class TaskSpec:
         path = {"train": self.train_path, "eval": self.eval_path, "test": self.test_path}[split]
         if path is None:
             raise KnowstackError(f"task '{self.name}' has no {split} split")
-        examples = _read(self.format, split, path)
+        examples = read_split(self.format, split, path)
         if not examples:
             raise KnowstackError(f"the {split} split of task '{self.name}' is empty", path=path)
         cap = self.max_train if split == "train" else self.max_test
@@ -42,7 +42,8 @@ class TaskSpec:
         return digest.hexdigest()
 
 
-def _read(fmt: str, split: str, path: Path) -> list[Example]:
+def read_split(fmt: str, split: str, path: Path) -> list[Example]:
+    """A split of a task in `fmt`: "trace" (every split), or "math" (MetaMathQA train, GSM8K eval/test)."""
     if fmt == "trace":
         return load_trace_split(path)
     return load_metamath(path) if split == "train" else load_gsm8k(path)

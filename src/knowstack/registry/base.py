@@ -120,7 +120,7 @@ def _build(tmp: Path, model: FullModel, old_tasks: list[str], include_path: str 
         if include is not None and not include.is_dir():
             raise KnowstackError("lm-eval include path not found", path=include, field="include_path")
         settings["old_knowledge"] = {"tasks": old_tasks, "include_path": str(include) if include else None,
-                                     "files": {}}
+                                     "limit": limit, "files": {}}
         if include is not None:
             # The task YAMLs and their data travel with the registry, for re-measuring composed models later.
             task_files = {str(p.relative_to(include)): p for p in sorted(include.rglob("*")) if p.is_file()}
@@ -141,16 +141,8 @@ def _build(tmp: Path, model: FullModel, old_tasks: list[str], include_path: str 
 
 def old_knowledge_scores(model_dir: Path, tasks: list[str], include_path: Path | None, batch_size: int,
                          limit: int | None) -> list[dict[str, Any]]:
-    """The model's lm-eval scores as score rows, through knowstack's own harness bridge."""
-    from knowstack.evaluate.old_knowledge import evaluate_old_knowledge
     from knowstack.modelio import load_model, load_tokenizer
+    from knowstack.registry.evaluate import old_knowledge_rows
 
-    model = load_model(model_dir, dtype="float32")
-    tokenizer = load_tokenizer(model_dir)
-    results = evaluate_old_knowledge(model, tokenizer, tasks, include_path=include_path, batch_size=batch_size,
-                                     limit=limit)
-    missing = [task for task in tasks if task not in results]
-    if missing:
-        raise KnowstackError(f"lm-eval returned no scores for {', '.join(missing)}", field="old_knowledge")
-    return [{"task": task, "kind": "old", "metric": metric, "value": value, "n": None}
-            for task in tasks for metric, value in sorted(results[task].items())]
+    return old_knowledge_rows(load_model(model_dir, dtype="float32"), load_tokenizer(model_dir), tasks,
+                              include_path, batch_size, limit)

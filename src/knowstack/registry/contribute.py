@@ -22,14 +22,17 @@ from knowstack.combine.inputs import (
     read_json,
 )
 from knowstack.combine.merge import _check_compatible
-from knowstack.data.formats import load_trace_split, trace_split_path
+from knowstack.data.formats import trace_split_path
+from knowstack.data.tasks import read_split
 from knowstack.errors import KnowstackError
 from knowstack.registry import db
 from knowstack.registry.base import model_files, store_files, weights_hash
 from knowstack.registry.core import BASE_NAME, Registry, check_name
+from knowstack.registry.evaluate import RegisteredTask, score_task
 from knowstack.registry.store import content_hash
 
 METRICS = ("accuracy", "rouge_l", "edit_similarity", "sari", "math")
+TASK_FORMATS = ("trace", "math")
 
 
 @dataclass(frozen=True)
@@ -37,11 +40,16 @@ class TaskFiles:
     """A TRACE task dir's splits to store: test always, eval when present, train only when data is kept."""
 
     name: str
+    task_format: str
     splits: dict[str, Path]
     counts: dict[str, int]
 
 
-def read_task(task_dir: str | Path, *, keep_data: bool) -> TaskFiles:
+def read_task(task_dir: str | Path, *, keep_data: bool, task_format: str = "trace") -> TaskFiles:
+    """trace: TRACE's train/eval/test JSON; math: MetaMathQA-format train, GSM8K-format eval/test (same names)."""
+    if task_format not in TASK_FORMATS:
+        raise KnowstackError(f"unknown task format '{task_format}' (known: {', '.join(TASK_FORMATS)})",
+                             field="task_format")
     task_dir = Path(task_dir).expanduser()
     # split -> required; without --keep-data the train split is neither read nor stored
     wanted = {"test": True, "eval": False, **({"train": True} if keep_data else {})}
@@ -53,11 +61,11 @@ def read_task(task_dir: str | Path, *, keep_data: bool) -> TaskFiles:
             if required:
                 raise
             continue
-        examples = load_trace_split(path)  # validates every item before anything is stored
+        examples = read_split(task_format, split, path)  # validates every item before anything is stored
         if not examples:
             raise KnowstackError(f"the {split} split is empty", path=path)
         splits[split], counts[split] = path, len(examples)
-    return TaskFiles(task_dir.resolve().name, splits, counts)
+    return TaskFiles(task_dir.resolve().name, task_format, splits, counts)
 
 
 def open_contribution(adapter: str | Path | None, model: str | Path | None) -> FullModel | LoraAdapter:
@@ -121,6 +129,7 @@ def contribute(
     model: str | Path | None = None,
     metric: str = "accuracy",
     keep_data: bool = False,
+    task_format: str = "trace",
     author: str | None = None,
     training_config: str | Path | None = None,
     batch_size: int = 32,
@@ -136,12 +145,12 @@ def contribute(
         if db.name_taken(reg.conn, name):  # early, before any work; the commit checks again
             raise KnowstackError(f"the name '{name}' is taken in this registry: choose another",
                                  path=reg.db_path, field="name")
-        task_files = read_task(task, keep_data=keep_data)
+        task_files = read_task(task, keep_data=keep_data, task_format=task_format)
         contribution = open_contribution(adapter, model)
         with reg.view(BASE_NAME) as base_dir:
             check_trained_from(FullModel(base_dir), reg.base()["content_hash"], contribution)
             new = _store(reg, name, contribution, task_files, metric, keep_data, author, config_path)
-            new.scores = [_score(reg, base_dir, new, task_files.name, metric, batch_size)]
+            new.scores = [_score(reg, base_dir, new, batch_size)]
         db.insert_version(reg.conn, new, reg.db_path)
         return reg.version(name)
 
@@ -163,25 +172,18 @@ def _store(reg: Registry, name: str, contribution: FullModel | LoraAdapter, task
         name=name, kind="adapter" if isinstance(contribution, LoraAdapter) else "model", method="contribution",
         files=names, content_hash=content_hash({n: names[n] for n in hashed}), objects=sizes,
         settings={"source": str(contribution.path.resolve())}, author=author, parents=[BASE_NAME],
-        contribution={"task": task.name, "task_format": "trace", "metric": metric, "task_files": task_record,
+        contribution={"task": task.name, "task_format": task.task_format, "metric": metric, "task_files": task_record,
                       "keep_data": keep_data, "training_config": recorded_config})
 
 
-def _score(reg: Registry, base_dir: Path, new: db.NewVersion, task: str, metric: str,
-           batch_size: int) -> dict[str, Any]:
+def _score(reg: Registry, base_dir: Path, new: db.NewVersion, batch_size: int) -> dict[str, Any]:
     """The contribution's score on its own task's test split, from the stored (verified) copies."""
-    from knowstack.evaluate.new_knowledge import evaluate_task
     from knowstack.modelio import load_model, load_tokenizer
 
     assert new.contribution is not None
-    test = new.contribution["task_files"]["test"]
-    with reg.store.view({test["file"]: test["sha256"]}) as split_dir, reg.store.view(new.files) as weights_dir:
-        examples = load_trace_split(split_dir / test["file"])  # by its own name: .json or .jsonl
-        if new.kind == "adapter":
-            loaded = load_model(base_dir, weights_dir, dtype="float32")
-        else:
-            loaded = load_model(weights_dir, dtype="float32")
-        scores = evaluate_task(loaded, load_tokenizer(base_dir), examples, metric, batch_size=batch_size).scores
-    # math reports em_direct and em_cot; the registry's one score per task is the chain-of-thought one.
-    key = "em_cot" if metric == "math" else metric
-    return {"task": task, "kind": "new", "metric": key, "value": scores[key], "n": len(examples)}
+    task = RegisteredTask(new.contribution["task"], new.contribution["task_format"], new.contribution["metric"],
+                          new.contribution["task_files"], new.name)
+    with reg.store.view(new.files) as weights_dir:
+        adapter = weights_dir if new.kind == "adapter" else None
+        model = load_model(base_dir if adapter else weights_dir, adapter, dtype="float32")
+        return score_task(model, load_tokenizer(base_dir), reg.store, task, batch_size)

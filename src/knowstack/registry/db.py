@@ -216,3 +216,14 @@ def versions(conn: sqlite3.Connection) -> list[dict[str, Any]]:
         record["scores"] = scores.get(row["id"], [])
         out.append(record)
     return out
+
+
+def add_scores(conn: sqlite3.Connection, name: str, scores: list[dict[str, Any]]) -> None:
+    """Scores measured later for an existing version (the base on a task contributed since init); a score
+    already recorded is kept, so two composes measuring the same thing at once agree on one."""
+    stamp = now()
+    with transaction(conn):
+        conn.executemany(
+            "INSERT OR IGNORE INTO scores (version_id, task, kind, metric, value, n, measured_at) "
+            "SELECT id, ?, ?, ?, ?, ?, ? FROM versions WHERE name = ?",
+            [(s["task"], s["kind"], s["metric"], float(s["value"]), s.get("n"), stamp, name) for s in scores])

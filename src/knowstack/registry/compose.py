@@ -1,0 +1,460 @@
+"""`knowstack compose`: the next version of the shared model, built from contributions by one method,
+measured on every registered task and on old knowledge, and released only if the forgetting gate passes.
+
+    compose("reg", "moe-lora")                                  # every contribution, MoE of LoRA adapters
+    compose("reg", "merge-ties", contributions=["stance", "code"], gate_old=2.0, gate_task=10.0)
+
+Methods that combine weights (merge-*, moe-*) use what contributors handed in; methods that train
+(sequential, olora, replay, joint) use their training data, so they are open only for contributions
+registered with --keep-data: the paper's semi- vs fully-cooperative settings.
+
+A compose works in `REG/.compose/<key>/`, keyed by the method, its settings and the exact inputs: each
+finished piece (the built model, each training round, each task's score) is kept there as it is done,
+so a compose that is killed resumes where it stopped when run again; the version's record is one
+transaction at the very end, so there is never a half version. The work dir is removed once recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from knowstack.atomic import atomic_write_json
+from knowstack.errors import KnowstackError
+from knowstack.registry import db
+from knowstack.registry.core import BASE_NAME, Registry, check_name
+from knowstack.registry.evaluate import (
+    RegisteredTask,
+    new_scores,
+    old_average,
+    old_knowledge_of,
+    registered_tasks,
+    score_task,
+    task_of,
+)
+from knowstack.registry.gate import Released, gate_checks, gate_record
+from knowstack.registry.store import content_hash
+
+WORK_DIR = ".compose"
+MODEL_DIR = "model"
+SCORES_DIR = "scores"
+
+
+@dataclass(frozen=True)
+class ComposeOptions:
+    """Every knob of every method; each method records (and is keyed by) only the ones it reads."""
+
+    # merges (TIES, DARE)
+    density: float = 0.2
+    drop_rate: float = 0.9
+    lam: float = 1.0
+    # MoE: experts per token, router init, and optional router-only training
+    top_k: int = 2
+    router: str = "prompts"
+    prompts_per_expert: int = 8
+    router_steps: int = 0
+    router_lr: float = 1e-3
+    router_examples_per_task: int = 16
+    # training methods (the paper's recipe: one constant learning rate)
+    finetune: str = "lora"
+    lr: float = 2e-5
+    epochs: float = 1.0
+    train_batch_size: int = 16
+    micro_batch_size: int = 16
+    max_length: int = 512
+    lora_r: int = 8
+    lora_alpha: int = 16
+    olora_lambda: float = 0.5
+    replay_fraction: float = 0.1
+    joint_sampling: str = "uniform"
+    seed: int = 0
+
+
+MERGE_KNOBS = {"average": (), "ties": ("density", "lam"), "ties-dare": ("density", "drop_rate", "lam", "seed")}
+MOE_KNOBS = ("top_k", "router", "prompts_per_expert", "router_steps", "router_lr", "router_examples_per_task",
+             "max_length", "seed")
+TRAIN_KNOBS = ("finetune", "lr", "epochs", "train_batch_size", "micro_batch_size", "max_length", "lora_r", "lora_alpha",
+               "seed")
+
+
+@dataclass(frozen=True)
+class Build:
+    """What a method builds from: the base and the chosen contributions as loadable dirs, and their tasks."""
+
+    reg: Registry
+    base_dir: Path
+    inputs: list[Path]
+    names: list[str]
+    tasks: list[RegisteredTask]
+    options: ComposeOptions
+    work: Path
+    say: Callable[[str], None]
+
+    @property
+    def out(self) -> Path:
+        return self.work / MODEL_DIR
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    needs_data: bool
+    kinds: tuple[str, ...]  # contribution kinds it combines (weight methods); () for training methods
+    knobs: tuple[str, ...]
+    build: Callable[[Build], None]
+    summary: str = field(default="")
+
+    def settings(self, options: ComposeOptions) -> dict[str, Any]:
+        return {knob: getattr(options, knob) for knob in self.knobs}
+
+
+# --- builders -------------------------------------------------------------------------------------
+def _merge_builder(method: str) -> Callable[[Build], None]:
+    def build(b: Build) -> None:
+        from knowstack.combine.merge import merge_models
+        from knowstack.combine.merge_methods import MergeOptions
+
+        o = b.options
+        merge_models(method, b.inputs, b.out, base=b.base_dir, seed=o.seed,
+                     options=MergeOptions(density=o.density, drop_rate=o.drop_rate, lam=o.lam))
+    return build
+
+
+def _router_prompts(b: Build) -> list[list[str]]:
+    """A few prompts per expert from its task's eval split (train split where there is no eval split)."""
+    groups = []
+    for name, task in zip(b.names, b.tasks, strict=True):
+        split = "eval" if task.has("eval") else "train"
+        if not task.has(split):
+            raise KnowstackError(f"routers from prompts need an eval split (or kept training data) for '{name}': "
+                                 "contribute its task with eval.json, or use --router uniform|random", field="router")
+        groups.append([ex.prompt for ex in task.load(b.reg.store, split)[: b.options.prompts_per_expert]])
+    return groups
+
+
+def _moe(b: Build) -> None:
+    from knowstack.combine.moe import MoeOptions, mix_models
+    from knowstack.combine.moe_train import RouterTraining
+
+    o = b.options
+    prompts = _router_prompts(b) if o.router == "prompts" else None
+    training, examples = None, None
+    if o.router_steps > 0:
+        examples = [ex for task in b.tasks for ex in task.load(b.reg.store, "train")[: o.router_examples_per_task]]
+        training = RouterTraining(steps=o.router_steps, lr=o.router_lr, max_length=o.max_length, seed=o.seed)
+    mix_models(b.base_dir, b.inputs, b.out, options=MoeOptions(top_k=o.top_k, router=o.router, seed=o.seed),
+               prompts=prompts, train_examples=examples, training=training, tokenizer_path=b.base_dir)
+
+
+def _train_settings(o: ComposeOptions) -> dict[str, Any]:
+    from knowstack.train.settings import TrainSettings
+
+    return TrainSettings(finetune=o.finetune, lr=o.lr, epochs=o.epochs, batch_size=o.train_batch_size,
+                         micro_batch_size=o.micro_batch_size, max_length=o.max_length, lora_r=o.lora_r,
+                         lora_alpha=o.lora_alpha, seed=o.seed).to_dict()
+
+
+def _train(b: Build, model: Path, examples: list, out: Path, desc: str, olora: dict | None = None,
+           mixture: dict | None = None) -> None:
+    """One training run through the study's own job path; skipped when its output is already there."""
+    from knowstack.train.launch import TrainJob, run_job
+
+    if out.is_dir():
+        b.say(f"{desc}: done before, kept")
+        return
+    b.say(desc)
+    run_job(TrainJob(model_path=str(model), out_dir=str(out), settings=_train_settings(b.options),
+                     examples=[(ex.prompt, ex.answer) for ex in examples], progress_desc=desc, olora=olora))
+    if mixture is not None:
+        atomic_write_json(out / "mixture.json", mixture)
+
+
+def _rounds_builder(kind: str) -> Callable[[Build], None]:
+    """sequential / olora / replay: one round per contribution's task, in order, each from the last round's model
+    (a LoRA round's adapter is merged in first, as the study does)."""
+
+    def build(b: Build) -> None:
+        from knowstack.data.sampling import replay_mixture
+        from knowstack.train import merge_adapter
+
+        store, model, adapters = b.reg.store, b.base_dir, []
+        splits = [(task.name, task.load(store, "train")) for task in b.tasks]
+        for i, (name, (task_name, examples)) in enumerate(zip(b.names, splits, strict=True), start=1):
+            round_dir = b.work / "rounds" / f"{i:02d}-{name}"
+            mixture = None
+            if kind == "replay" and i > 1:
+                examples, mixture = replay_mixture((task_name, examples), splits[: i - 1], b.options.replay_fraction,
+                                                   b.options.seed)
+            olora = ({"previous": [str(a) for a in adapters], "lambda": b.options.olora_lambda}
+                     if kind == "olora" and adapters else None)
+            trained = round_dir / "trained"
+            _train(b, model, examples, trained, f"round {i}/{len(splits)}: {name} ({task_name})", olora, mixture)
+            if b.options.finetune == "lora":
+                adapters.append(trained)
+                merged = round_dir / "merged"
+                if not merged.is_dir():
+                    merge_adapter(model, trained, merged)
+                model = merged
+            else:
+                model = trained
+        os.replace(model, b.out)  # the last round's model is the version
+    return build
+
+
+def _joint(b: Build) -> None:
+    from knowstack.data.sampling import joint_mixture
+
+    examples, mixture = joint_mixture([(task.name, task.load(b.reg.store, "train")) for task in b.tasks],
+                                      b.options.joint_sampling, b.options.seed)
+    _train(b, b.base_dir, examples, b.out, f"joint training on {len(b.tasks)} tasks", mixture=mixture)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("merge-average", False, ("adapter", "model"), MERGE_KNOBS["average"], _merge_builder("average"),
+           "the plain average of the contributions (models and/or adapters)"),
+    Method("merge-ties", False, ("adapter", "model"), MERGE_KNOBS["ties"], _merge_builder("ties"),
+           "TIES: trim each task vector, elect signs, merge the agreeing entries"),
+    Method("merge-ties-dare", False, ("adapter", "model"), MERGE_KNOBS["ties-dare"], _merge_builder("ties-dare"),
+           "DARE's random drop and rescale, then TIES"),
+    Method("moe-lora", False, ("adapter",), MOE_KNOBS, _moe, "the LoRA adapters as experts of one LoRA-MoE"),
+    Method("moe-fft", False, ("model",), MOE_KNOBS, _moe, "the fine-tuned models' MLPs as experts of one MoE"),
+    Method("sequential", True, (), TRAIN_KNOBS, _rounds_builder("sequential"),
+           "train on each contribution's data in turn"),
+    Method("olora", True, (), (*TRAIN_KNOBS, "olora_lambda"), _rounds_builder("olora"),
+           "sequential LoRA, each adapter kept orthogonal to the earlier ones"),
+    Method("replay", True, (), (*TRAIN_KNOBS, "replay_fraction"), _rounds_builder("replay"),
+           "sequential, replaying a fraction of every earlier task"),
+    Method("joint", True, (), (*TRAIN_KNOBS, "joint_sampling"), _joint, "one training on all the data at once"),
+]}
+
+
+# --- choosing and checking the inputs -----------------------------------------------------------------
+def choose_contributions(records: Sequence[dict[str, Any]], names: Sequence[str] | None,
+                         method: Method) -> list[dict[str, Any]]:
+    """The named contributions, in the order named; by default every contribution the method can combine
+    (a MoE of adapters leaves full models out), in the order contributed."""
+    contributions = {r["name"]: r for r in records if r["method"] == "contribution"}
+    if names is None:
+        usable = [r for r in contributions.values() if method.needs_data or r["kind"] in method.kinds]
+        if not usable:
+            what = f"{' or '.join(method.kinds)} contributions" if contributions else "contributions"
+            raise KnowstackError(f"this registry has no {what} yet for '{method.name}': add some with "
+                                 "`knowstack contribute`", field="contributions")
+        return usable
+    if len(set(names)) != len(names):
+        raise KnowstackError("a contribution is named twice", field="contributions")
+    known = {r["name"] for r in records}
+    for name in names:
+        if name not in contributions:
+            what = "is a composed version, not a contribution" if name in known else "is not in this registry"
+            raise KnowstackError(f"'{name}' {what}", field="contributions")
+    if not names:
+        raise KnowstackError("give at least one contribution", field="contributions")
+    return [contributions[name] for name in names]
+
+
+def check_inputs(method: Method, chosen: Sequence[dict[str, Any]], options: ComposeOptions) -> None:
+    """One clear error, naming the contributions and the reason, for every input the method cannot use."""
+    if method.needs_data:
+        without = [r["name"] for r in chosen if not r["keep_data"]]
+        if without:
+            raise KnowstackError(f"'{method.name}' trains on the contributions' data, and {', '.join(without)} "
+                                 "were registered without it (--keep-data): use a merge or MoE method, or "
+                                 "leave them out with --contributions", field="method")
+        if method.name == "olora" and options.finetune != "lora":
+            raise KnowstackError("O-LoRA trains LoRA adapters: it needs --finetune lora", field="finetune")
+        return
+    wrong = [f"{r['name']} ({r['kind']})" for r in chosen if r["kind"] not in method.kinds]
+    if wrong:
+        raise KnowstackError(f"'{method.name}' combines {' or '.join(method.kinds)} contributions, not "
+                             f"{', '.join(wrong)}", field="contributions")
+    if method.name.startswith("moe") and options.router_steps > 0:
+        without = [r["name"] for r in chosen if not r["keep_data"]]
+        if without:
+            raise KnowstackError(f"router training trains on the contributions' data, and {', '.join(without)} were "
+                                 "registered without it (--keep-data): use --router-steps 0", field="router_steps")
+
+
+def compose_key(method: Method, settings: dict[str, Any], base_hash: str, chosen: Sequence[dict[str, Any]]) -> str:
+    """What decides the result: method, settings, base and each input's content (and, for training, its data)."""
+    inputs = [{"name": r["name"], "content": r["content_hash"], "task_files": r["task_files"]} for r in chosen]
+    text = json.dumps({"method": method.name, "settings": settings, "base": base_hash, "inputs": inputs},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def next_version_name(records: Sequence[dict[str, Any]]) -> str:
+    taken = {r["name"] for r in records}
+    number = 1 + sum(r["method"] not in ("base", "contribution") for r in records)
+    while f"v{number}" in taken:
+        number += 1
+    return f"v{number}"
+
+
+# --- the shared model's line, for the gate ---------------------------------------------------------------
+def composed(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if r["method"] not in ("base", "contribution")]
+
+
+def released_line(records: Sequence[dict[str, Any]], tasks: dict[str, RegisteredTask]) -> list[Released]:
+    """The base, then every released composed version, oldest first."""
+    line = [r for r in records if r["kind"] == "base"] + [r for r in composed(records) if r["status"] == "released"]
+    return [Released(r["name"], old_average(r["scores"]), new_scores(r["scores"], tasks)) for r in line]
+
+
+# --- compose ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _exclusive(work: Path) -> Iterator[None]:
+    """One compose of the same inputs at a time; a second one is told, not left to collide."""
+    work.parent.mkdir(parents=True, exist_ok=True)
+    lock = work.parent / f"{work.name}.lock"
+    with lock.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise KnowstackError("another compose of the same inputs and settings is running", path=work) from None
+        try:
+            yield
+            # Removed only by its holder: a compose that finds it gone makes a new one and then sees the
+            # version already recorded (the check runs under the lock).
+            lock.unlink(missing_ok=True)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _scored(path: Path, measure: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Score rows kept in `path` as soon as measured, so a killed compose does not measure them again."""
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    rows = measure()
+    atomic_write_json(path, rows)
+    return rows
+
+
+def _score_base_on_new_tasks(reg: Registry, base_dir: Path, tasks: dict[str, RegisteredTask], batch_size: int,
+                             say: Callable[[str], None]) -> None:
+    """The base's score on every registered task it was not scored on yet: the gate's first reference."""
+    from knowstack.modelio import load_model, load_tokenizer
+
+    missing = [task for name, task in tasks.items() if name not in new_scores(reg.base()["scores"], tasks)]
+    if not missing:
+        return
+    model, tokenizer = load_model(base_dir, dtype="float32"), load_tokenizer(base_dir)
+    for task in missing:
+        say(f"scoring the base on {task.name}")
+        db.add_scores(reg.conn, BASE_NAME, [score_task(model, tokenizer, reg.store, task, batch_size)])
+
+
+def _evaluate(b: Build, tasks: dict[str, RegisteredTask], batch_size: int) -> list[dict[str, Any]]:
+    from knowstack.modelio import load_model, load_tokenizer
+
+    scores_dir = b.work / SCORES_DIR
+    adapter = b.out if not (b.out / "config.json").is_file() else None
+    model = load_model(b.base_dir if adapter else b.out, adapter, dtype="float32")
+    tokenizer = load_tokenizer(b.base_dir)
+    rows = []
+    for name, task in tasks.items():
+        rows += _scored(scores_dir / f"new-{name}.json",
+                        lambda task=task: [score_task(model, tokenizer, b.reg.store, task, batch_size)])
+        b.say(f"scored on {name}: {rows[-1]['metric']} {rows[-1]['value']:.4f}")
+    rows += _scored(scores_dir / "old.json", lambda: old_knowledge_of(b.reg, model, tokenizer, batch_size))
+    return rows
+
+
+def _version_files(out: Path) -> tuple[dict[str, Path], list[str]]:
+    """Every file of the built dir, and the ones its content hash covers (configs and weights)."""
+    files = {str(p.relative_to(out)): p for p in sorted(out.rglob("*")) if p.is_file()}
+    hashed = [name for name in files if name.endswith(".safetensors") or Path(name).name.endswith("config.json")]
+    return files, hashed or list(files)
+
+
+def compose(
+    root: str | Path,
+    method: str,
+    *,
+    contributions: Sequence[str] | None = None,
+    name: str | None = None,
+    options: ComposeOptions | None = None,
+    gate_old: float = 2.0,
+    gate_task: float = 10.0,
+    author: str | None = None,
+    batch_size: int = 32,
+    say: Callable[[str], None] = lambda message: None,
+) -> dict[str, Any]:
+    """Build, score, gate and record the next version; returns its record (released or rejected)."""
+    from knowstack.registry.base import store_files
+
+    if method not in METHODS:
+        raise KnowstackError(f"unknown compose method '{method}' (known: {', '.join(METHODS)})", field="method")
+    spec, options = METHODS[method], options or ComposeOptions()
+    if name is not None:
+        check_name(name)
+    with Registry.open(root) as reg:
+        records = reg.versions()
+        chosen = choose_contributions(records, contributions, spec)
+        left_out = [r["name"] for r in records if r["method"] == "contribution" and r not in chosen]
+        if contributions is None and left_out:
+            say(f"left out (not {' or '.join(spec.kinds)}): {', '.join(left_out)}")
+        check_inputs(spec, chosen, options)
+        settings = spec.settings(options)
+        key = compose_key(spec, settings, reg.base()["content_hash"], chosen)
+        work = reg.root / WORK_DIR / key
+        with _exclusive(work):
+            records = reg.versions()
+            done = next((r for r in composed(records) if r["settings"].get("compose_key") == key), None)
+            if done is not None:
+                say(f"already composed as '{done['name']}' ({done['status']}): nothing to do")
+                shutil.rmtree(work, ignore_errors=True)
+                return done
+            version_name = name or next_version_name(records)
+            if db.name_taken(reg.conn, version_name):
+                raise KnowstackError(f"the name '{version_name}' is taken in this registry: choose another",
+                                     path=reg.db_path, field="name")
+            tasks = registered_tasks(records)
+            with contextlib.ExitStack() as stack:
+                base_dir = stack.enter_context(reg.view(BASE_NAME))
+                inputs = [stack.enter_context(reg.view(r["name"])) for r in chosen]
+                build = Build(reg, base_dir, inputs, [r["name"] for r in chosen], [task_of(r) for r in chosen],
+                              options, work, say)
+                if build.out.is_dir():
+                    say(f"{method}: built before, kept ({build.out})")
+                else:
+                    say(f"{method}: building from {', '.join(build.names)}")
+                    spec.build(build)
+                _score_base_on_new_tasks(reg, base_dir, tasks, batch_size, say)
+                scores = _evaluate(build, tasks, batch_size)
+            records = reg.versions()  # the line may have grown while this one was built
+            line = released_line(records, tasks)
+            previous = line[-1] if len(line) > 1 else None
+            checks = gate_checks(old_average(scores), new_scores(scores, tasks), line[0], previous, line,
+                                 gate_old, gate_task)
+            gate = gate_record(checks, gate_old, gate_task)
+            if old_average(scores) is None:
+                gate["note"] = "no old-knowledge tasks registered (registry init --old-knowledge): AVE not gated"
+            files, hashed = _version_files(build.out)
+            names, sizes = store_files(reg.store, files)
+            new = db.NewVersion(
+                name=version_name, kind="adapter" if not (build.out / "config.json").is_file() else "model",
+                method=method, files=names, content_hash=content_hash({n: names[n] for n in hashed}), objects=sizes,
+                settings={"compose_key": key, "options": settings, "previous": previous.name if previous else None,
+                          "gate": gate},
+                author=author, parents=[r["name"] for r in chosen], scores=scores,
+                status="released" if gate["passed"] else "rejected")
+            db.insert_version(reg.conn, new, reg.db_path)
+            shutil.rmtree(work, ignore_errors=True)
+            return reg.version(version_name)
+
+
+def options_from(values: dict[str, Any]) -> ComposeOptions:
+    """ComposeOptions from a mapping that may hold other keys too (e.g. parsed CLI arguments)."""
+    known = {f.name for f in fields(ComposeOptions)}
+    return ComposeOptions(**{k: v for k, v in values.items() if k in known and v is not None})
+
