@@ -266,6 +266,17 @@ def cmd_registry_verify(args: argparse.Namespace) -> None:
     print(f"verified: {count} objects match their hashes")
 
 
+def cmd_registry_gc(args: argparse.Namespace) -> None:
+    from knowstack.registry.core import Registry
+
+    with Registry.open(args.registry) as reg:
+        removed = reg.collect_garbage(grace_seconds=args.grace_hours * 3600, dry_run=args.dry_run)
+    size = sum(path.stat().st_size for path in removed) if args.dry_run else None
+    for path in removed:
+        print(f"{'would remove' if args.dry_run else 'removed'}: {path}")
+    print(f"{len(removed)} unreferenced files" + (f" ({size / 2**20:.1f} MiB)" if size is not None else ""))
+
+
 def cmd_contribute(args: argparse.Namespace) -> None:
     from knowstack.registry.contribute import contribute
 
@@ -515,6 +526,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("registry")
     r.add_argument("names", nargs="*", help="versions to check (default: all)")
     r.set_defaults(func=cmd_registry_verify)
+    r = registry.add_parser("gc", help="delete stored files no record points to (from failed contributions)")
+    r.add_argument("registry")
+    r.add_argument("--grace-hours", type=float, default=1.0,
+                   help="keep files younger than this: a contribution in progress has not recorded them yet "
+                        "(default 1)")
+    r.add_argument("--dry-run", action="store_true", help="list what would be removed")
+    r.set_defaults(func=cmd_registry_gc)
 
     p = sub.add_parser("contribute", help="add a LoRA adapter or fine-tuned model of the registry's base, "
                                           "scored on its own task")

@@ -11,6 +11,7 @@ import contextlib
 import json
 import re
 import sqlite3
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,24 @@ class Registry:
         for sha in sorted(shas):
             self.store.verified_path(sha)
         return len(shas)
+
+
+    def collect_garbage(self, *, grace_seconds: float = 3600.0, dry_run: bool = False) -> list[Path]:
+        """Delete object files no record points to (left by contributions or composes that failed before their
+        commit), and leftover temporary files, once older than `grace_seconds`: a contributor storing objects
+        right now has not committed its record yet, and its files must survive. Returns what was (or would be)
+        removed."""
+        referenced = {row["sha256"] for row in self.conn.execute("SELECT sha256 FROM objects")}
+        referenced |= {sha for record in self.versions() for sha in _record_objects(record)}
+        cutoff = time.time() - grace_seconds
+        removed = []
+        for path in sorted(self.store.root.glob("*/*")):
+            if path.name in referenced or not path.is_file() or path.stat().st_mtime > cutoff:
+                continue
+            removed.append(path)
+            if not dry_run:
+                path.unlink()
+        return removed
 
 
 def _record_objects(record: Mapping[str, Any]) -> Iterator[str]:

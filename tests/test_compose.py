@@ -1,0 +1,249 @@
+"""Composing a registry's next version: the built weights are exactly what the method makes from the stored
+contributions, every registered task and old knowledge is scored, the gate decides release with its numbers
+recorded, data-needing methods are refused without kept data, a killed compose resumes, and log / show /
+diff / export / advise read it all back."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_registry import make_adapter, make_finetune, make_task, write_mc_task
+
+from knowstack.cli import main
+from knowstack.combine.merge import merge_models
+from knowstack.combine.merge_methods import MergeOptions
+from knowstack.errors import KnowstackError
+from knowstack.registry import Registry, init_registry
+from knowstack.registry import compose as compose_module
+from knowstack.registry.compose import METHODS, ComposeOptions, compose
+from knowstack.registry.contribute import contribute
+from knowstack.registry.gate import Released, gate_checks, gate_record
+
+TINY_TRAINING = ComposeOptions(lr=1e-3, epochs=1, train_batch_size=2, micro_batch_size=2, max_length=64, lora_r=2,
+                               lora_alpha=4, prompts_per_expert=2)
+
+
+def write_math_task(root: Path) -> Path:
+    """A task in the math format: MetaMathQA-style train, GSM8K-style eval and test."""
+    task = root / "Math"
+    task.mkdir(parents=True)
+    train = [{"query": f"What is {i} plus {i}?", "response": f"{i} + {i} = {2 * i}. The answer is: {2 * i}"}
+             for i in range(3)]
+    (task / "train.json").write_text(json.dumps(train))
+    for split in ("eval", "test"):
+        items = [{"question": f"What is {i} times 3?", "answer": f"{i} * 3 = {3 * i}\n#### {3 * i}"} for i in range(3)]
+        (task / f"{split}.json").write_text(json.dumps(items))
+    return task
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v for path in sorted(folder.glob("*.safetensors")) for k, v in load_file(path).items()}
+
+
+@pytest.fixture()
+def registry(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """A registry with old knowledge, two LoRA contributions with their data, one fine-tune without, one math task."""
+    write_mc_task(tmp_path / "old")
+    reg = tmp_path / "reg"
+    init_registry(reg, tiny_model_dir, old_tasks=["ks_toy"], include_path=tmp_path / "old")
+    for i, name in enumerate(["Stance", "Notes"], start=1):
+        contribute(reg, name.lower(), adapter=make_adapter(tiny_model_dir, tmp_path / f"a{i}", seed=i),
+                   task=make_task(tmp_path / "tasks", name), keep_data=True)
+    contribute(reg, "quiz-ft", model=make_finetune(tiny_model_dir, tmp_path / "ft", seed=3),
+               task=make_task(tmp_path / "tasks", "Quiz"))
+    contribute(reg, "math", adapter=make_adapter(tiny_model_dir, tmp_path / "a3", seed=4),
+               task=write_math_task(tmp_path / "tasks"), metric="math", task_format="math", keep_data=True)
+    return reg
+
+
+def test_a_ties_version_is_the_ties_merge_of_the_stored_contributions(registry: Path, tmp_path: Path,
+                                                                      tiny_model_dir: Path) -> None:
+    record = compose(registry, "merge-ties", contributions=["stance", "quiz-ft"], options=ComposeOptions(density=0.5))
+    assert record["name"] == "v1" and record["kind"] == "model" and record["parents"] == ["stance", "quiz-ft"]
+    assert record["settings"]["options"] == {"density": 0.5, "lam": 1.0}
+    # the oracle: the same merge run directly on the files the contributors handed in
+    direct = merge_models("ties", [tmp_path / "a1", tmp_path / "ft"], tmp_path / "direct", base=tiny_model_dir,
+                          options=MergeOptions(density=0.5))
+    with Registry.open(registry) as reg, reg.view("v1") as stored:
+        mine, theirs = tensors(stored), tensors(direct)
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+        assert not (registry / ".compose").exists() or not any((registry / ".compose").iterdir())
+        assert reg.verify(["v1"]) == len(record["files"])
+        base = reg.base()
+    scored = {(s["task"], s["kind"], s["metric"]) for s in record["scores"]}
+    assert scored == {("Stance", "new", "accuracy"), ("Notes", "new", "accuracy"), ("Quiz", "new", "accuracy"),
+                      ("Math", "new", "em_cot"), ("ks_toy", "old", "acc")}
+    # the base is scored on every registered task: the gate's first reference
+    assert {s["task"] for s in base["scores"] if s["kind"] == "new"} == {"Stance", "Notes", "Quiz", "Math"}
+    gate = record["settings"]["gate"]
+    assert record["status"] == ("released" if gate["passed"] else "rejected")
+    assert gate["passed"] == all(check["passed"] for check in gate["checks"])
+    assert {c["what"] for c in gate["checks"]} == {"old AVE", "task Stance", "task Notes", "task Quiz", "task Math"}
+
+
+def test_gate_checks_old_knowledge_against_base_and_previous_and_tasks_against_their_best_release() -> None:
+    base = Released("base", 0.90, {"a": 0.10, "b": 0.0})
+    v1 = Released("v1", 0.95, {"a": 0.50, "b": 0.30})
+    v2 = Released("v2", 0.80, {"a": 0.40, "b": 0.35})  # released with a looser gate, say
+    checks = gate_checks(0.882, {"a": 0.45, "b": 0.20}, base, v2, [base, v1, v2], old_limit=2.0, task_limit=10.0)
+    by_what = {(c.what, c.reference_version): c for c in checks}
+    assert by_what[("old AVE", "base")].passed  # 0.882 is exactly 2% below 0.90
+    assert by_what[("old AVE", "v2")].passed
+    assert by_what[("task a", "v1")].passed  # best release of a is v1's 0.50; 0.45 is exactly 10% below
+    failed = by_what[("task b", "v2")]  # best of b is v2's 0.35; 0.20 is 43% below
+    assert not failed.passed and failed.floor == pytest.approx(0.315)
+    record = gate_record(checks, 2.0, 10.0)
+    assert not record["passed"] and record["failed"] == [failed.describe()]
+    assert failed.describe() == "task b 0.200 vs v2 0.350 (-42.9%; floor 0.315 at -10%): FAILS"
+    below = gate_checks(0.8819, {}, base, None, [base], old_limit=2.0, task_limit=10.0)
+    assert [c.passed for c in below] == [False]
+    # a task whose best release scores 0 cannot fall below it
+    assert gate_checks(None, {"b": 0.0}, base, None, [base], 2.0, 10.0)[0].passed
+
+
+def test_methods_that_need_data_are_refused_for_contributions_without_it(registry: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(KnowstackError, match=r"'sequential' trains on the contributions' data, and quiz-ft were "
+                                             r"registered without it \(--keep-data\)"):
+        compose(registry, "sequential")
+    assert main(["compose", str(registry), "--method", "replay", "--contributions", "stance", "quiz-ft"]) == 2
+    err = capsys.readouterr().err
+    assert "quiz-ft" in err and "--keep-data" in err and "Traceback" not in err
+    with pytest.raises(KnowstackError, match=r"'moe-lora' combines adapter contributions, not quiz-ft \(model\)"):
+        compose(registry, "moe-lora", contributions=["stance", "quiz-ft"])
+    with pytest.raises(KnowstackError, match="router training trains on the contributions' data"):
+        compose(registry, "moe-fft", contributions=["quiz-ft"], options=ComposeOptions(router_steps=2))
+    with pytest.raises(KnowstackError, match="O-LoRA trains LoRA adapters"):
+        compose(registry, "olora", contributions=["stance"], options=ComposeOptions(finetune="fft"))
+    with pytest.raises(KnowstackError, match="'nope' is not in this registry"):
+        compose(registry, "merge-average", contributions=["nope"])
+    with pytest.raises(KnowstackError, match="invalid name"):
+        compose(registry, "merge-average", name="../evil")
+    with Registry.open(registry) as reg:
+        assert [r["name"] for r in reg.versions() if r["method"] not in ("base", "contribution")] == []
+
+
+def test_moe_lora_by_default_mixes_every_adapter_and_says_what_it_left_out(registry: Path) -> None:
+    said: list[str] = []
+    record = compose(registry, "moe-lora", options=TINY_TRAINING, say=said.append)
+    assert record["kind"] == "adapter" and record["parents"] == ["stance", "notes", "math"]
+    assert "left out (not adapter): quiz-ft" in said
+    assert {"lora_moe.json", "lora_moe.safetensors", "moe.json"} <= set(record["files"])
+    # composing the very same thing again records nothing new
+    again = compose(registry, "moe-lora", options=TINY_TRAINING, say=said.append)
+    assert again["name"] == record["name"] and "already composed" in said[-1]
+
+
+def test_training_methods_train_on_the_kept_data(registry: Path) -> None:
+    said: list[str] = []
+    sequential = compose(registry, "sequential", contributions=["stance", "math"], options=TINY_TRAINING,
+                         say=said.append)
+    assert sequential["kind"] == "model" and sequential["parents"] == ["stance", "math"]
+    assert [m for m in said if m.startswith("round")] == ["round 1/2: stance (Stance)", "round 2/2: math (Math)"]
+    joint = compose(registry, "joint", contributions=["stance", "notes"], options=TINY_TRAINING)
+    assert joint["kind"] == "adapter" and "adapter_model.safetensors" in joint["files"]
+    with Registry.open(registry) as reg, reg.view(joint["name"]) as folder:
+        mixture = json.loads((folder / "mixture.json").read_text())
+    assert mixture["kind"] == "joint" and [s["task"] for s in mixture["sources"]] == ["Stance", "Notes"]
+    olora = compose(registry, "olora", contributions=["stance", "notes"], options=TINY_TRAINING)
+    assert olora["settings"]["options"]["olora_lambda"] == 0.5 and olora["kind"] == "model"
+
+
+def test_a_compose_that_dies_midway_leaves_no_version_and_resumes(registry: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    real_score = compose_module.score_task
+    calls = {"n": 0}
+
+    def dies_on_the_third_task(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3 + 4:  # 4 base scores first, then the candidate's: die on its third task
+            raise KeyboardInterrupt
+        return real_score(*args, **kwargs)
+
+    monkeypatch.setattr(compose_module, "score_task", dies_on_the_third_task)
+    with pytest.raises(KeyboardInterrupt):
+        compose(registry, "merge-average", contributions=["stance", "notes"])
+    with Registry.open(registry) as reg:
+        assert not [r for r in reg.versions() if r["method"] == "merge-average"]
+    [work] = [p for p in (registry / ".compose").iterdir() if p.is_dir()]
+    assert tensors(work / "model")
+    assert sorted(p.name for p in (work / "scores").iterdir()) == ["new-Notes.json", "new-Stance.json"]
+
+    def must_not_rebuild(build) -> None:
+        raise AssertionError("the finished build was redone")
+
+    monkeypatch.setitem(METHODS, "merge-average", dataclasses.replace(METHODS["merge-average"], build=must_not_rebuild))
+    monkeypatch.setattr(compose_module, "score_task", real_score)
+    said: list[str] = []
+    record = compose(registry, "merge-average", contributions=["stance", "notes"], say=said.append)
+    assert any("built before, kept" in m for m in said)
+    assert sum(m.startswith("scored on") for m in said) == 4  # kept scores are reported, not re-measured
+    assert record["name"] == "v1" and not work.exists()
+
+
+def test_log_show_diff_export_and_advise_read_the_history(registry: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compose", str(registry), "--method", "merge-average", "--contributions", "stance", "notes"]) == 0
+    assert main(["compose", str(registry), "--method", "merge-ties", "--name", "ties-all", "--gate-old", "100%",
+                 "--gate-task", "100%"]) == 0
+    printed = capsys.readouterr().out
+    assert "v1: " in printed and "ties-all: released (merge-ties of 4 contributions)" in printed
+    assert main(["log", str(registry)]) == 0
+    log = capsys.readouterr().out
+    assert log.index("ties-all") < log.index("v1  [") < log.index("stance  [") < log.index("base  [")
+    assert "from 4: stance, notes, quiz-ft, math" in log
+    assert main(["show", str(registry), "ties-all"]) == 0
+    shown = capsys.readouterr().out
+    assert "gate:     passed (old -100%, tasks -100%)" in shown and "new Math" in shown and "old ks_toy" in shown
+    assert main(["diff", str(registry), "v1", "ties-all"]) == 0
+    diff = capsys.readouterr().out
+    assert "contributions: +quiz-ft, +math; - none" in diff and "AVE" in diff and "new Quiz" in diff
+
+    assert main(["export", str(registry), "ties-all", "--out", str(tmp_path / "exported")]) == 0
+    info = json.loads((tmp_path / "exported" / "knowstack-export.json").read_text())
+    assert info["kind"] == "model" and info["parents"] == ["stance", "notes", "quiz-ft", "math"]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    with Registry.open(registry) as reg, reg.view("ties-all") as stored:
+        assert torch.equal(tensors(stored)["lm_head.weight"], model.lm_head.weight)
+    assert main(["export", str(registry), "stance", "--out", str(tmp_path / "adapter"), "--with-base"]) == 0
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert tensors(tmp_path / "adapter" / "base").keys() == tensors(tmp_path / "exported").keys()
+    assert main(["export", str(registry), "stance", "--out", str(tmp_path / "adapter")]) == 2
+    assert "the export dir exists" in capsys.readouterr().err
+
+    assert main(["advise", str(registry), "--max-old-loss", "100%"]) == 0
+    advice = capsys.readouterr().out
+    assert "fully cooperative" not in advice  # quiz-ft kept no data: replay and joint are not open
+    assert "use:" in advice and "not yet measured here:" in advice and "moe-lora" in advice
+
+
+def test_gc_removes_only_what_no_record_points_to(registry: Path, tmp_path: Path, tiny_model_dir: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from knowstack.registry import contribute as contribute_module
+
+    def scoring_fails(*args, **kwargs):
+        raise KnowstackError("the evaluation died")
+
+    before = {p.name for p in (registry / "objects").rglob("*") if p.is_file()}
+    monkeypatch.setattr(contribute_module, "_score", scoring_fails)
+    with pytest.raises(KnowstackError, match="the evaluation died"):
+        contribute(registry, "late", adapter=make_adapter(tiny_model_dir, tmp_path / "late", seed=9),
+                   task=make_task(tmp_path / "tasks", "Late"))
+    orphans = {p.name for p in (registry / "objects").rglob("*") if p.is_file()} - before
+    assert orphans  # the adapter's weights and the task's splits were stored before scoring failed
+    assert main(["registry", "gc", str(registry)]) == 0  # all younger than the grace period: kept
+    assert "0 unreferenced files" in capsys.readouterr().out
+    assert main(["registry", "gc", str(registry), "--grace-hours", "0", "--dry-run"]) == 0
+    assert f"{len(orphans)} unreferenced files" in capsys.readouterr().out
+    with Registry.open(registry) as reg:
+        removed = reg.collect_garbage(grace_seconds=0)
+        assert {p.name for p in removed} == orphans
+        assert reg.verify() == len(before)  # every record's objects are still there and intact
