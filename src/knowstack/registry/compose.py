@@ -342,23 +342,23 @@ def _scored(path: Path, measure: Callable[[], list[dict[str, Any]]]) -> list[dic
 def _score_base_on_new_tasks(reg: Registry, base_dir: Path, tasks: dict[str, RegisteredTask], batch_size: int,
                              say: Callable[[str], None]) -> None:
     """The base's score on every registered task it was not scored on yet: the gate's first reference."""
-    from knowstack.modelio import load_model, load_tokenizer
+    from knowstack.modelio import load_model, load_tokenizer, on_gpu_if_it_fits
 
     missing = [task for name, task in tasks.items() if name not in new_scores(reg.base()["scores"], tasks)]
     if not missing:
         return
-    model, tokenizer = load_model(base_dir, dtype="float32"), load_tokenizer(base_dir)
+    model, tokenizer = on_gpu_if_it_fits(load_model(base_dir, dtype="float32")), load_tokenizer(base_dir)
     for task in missing:
         say(f"scoring the base on {task.name}")
         db.add_scores(reg.conn, BASE_NAME, [score_task(model, tokenizer, reg.store, task, batch_size)])
 
 
 def _evaluate(b: Build, tasks: dict[str, RegisteredTask], batch_size: int) -> list[dict[str, Any]]:
-    from knowstack.modelio import load_model, load_tokenizer
+    from knowstack.modelio import load_model, load_tokenizer, on_gpu_if_it_fits
 
     scores_dir = b.work / SCORES_DIR
     adapter = b.out if not (b.out / "config.json").is_file() else None
-    model = load_model(b.base_dir if adapter else b.out, adapter, dtype="float32")
+    model = on_gpu_if_it_fits(load_model(b.base_dir if adapter else b.out, adapter, dtype="float32"))
     tokenizer = load_tokenizer(b.base_dir)
     rows = []
     for name, task in tasks.items():

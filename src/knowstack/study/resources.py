@@ -315,7 +315,7 @@ class StepResources:
 
 def step_resources(step: Step, config: StudyConfig, estimate: Estimate | None = None) -> StepResources:
     """Training runs on GPUs where the cluster has them, one per launched process (accelerate moves the
-    model there); an evaluation on one GPU where its model fits one (steps.on_gpu_if_it_fits), else on
+    model there); an evaluation on one GPU where its model fits one (modelio.on_gpu_if_it_fits), else on
     the CPU; merges and MoE building on the CPU, but an MoE's router training under a launch section on
     its processes' GPUs, as a training. Host memory: on GPUs, the float32 weights each process loads; on
     the CPU, the whole estimate."""

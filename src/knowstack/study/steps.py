@@ -240,7 +240,7 @@ def run_eval(step: Step, ctx: StudyContext, out: Path) -> None:
     """
     from knowstack.evaluate.new_knowledge import evaluate_task
     from knowstack.evaluate.old_knowledge import evaluate_old_knowledge
-    from knowstack.modelio import load_model, load_tokenizer
+    from knowstack.modelio import load_model, load_tokenizer, on_gpu_if_it_fits
 
     partial = ctx.artifacts / ".partial" / step.key
     partial.mkdir(parents=True, exist_ok=True)
@@ -277,19 +277,6 @@ def run_eval(step: Step, ctx: StudyContext, out: Path) -> None:
     for item in sorted(partial.iterdir()):
         shutil.copy2(item, out / item.name)
     shutil.rmtree(partial)
-
-
-def on_gpu_if_it_fits(model: Any) -> Any:
-    """Evaluation on this process's GPU (a Ray task's, or this machine's) when the model fits in its free
-    memory with half as much again for activations; otherwise on the CPU, where models are loaded.
-    Generation and lm-eval follow the model's device."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return model
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    free, _ = torch.cuda.mem_get_info()
-    return model.to("cuda") if 1.5 * size < free else model
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
