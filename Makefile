@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.knowstack-installed
 RAY_STAMP := $(VENV)/.knowstack-ray-installed
 
-.PHONY: demo test test-slow lint bench browser clean
+.PHONY: demo registry-demo test test-slow lint bench browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ $(RAY_STAMP): $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/knowstack demo   # its last line: the path of runs/demo/report.html
+
+# The collaborative registry's scenario (examples/registry-scenario.sh) on the quick built-in world.
+registry-demo: $(STAMP)
+	KNOWSTACK=$(BIN)/knowstack PYTHON=$(BIN)/python examples/registry-scenario.sh runs/registry-scenario quick
 
 test: $(RAY_STAMP) browser
 	$(BIN)/python -m pytest -q

@@ -6,20 +6,22 @@
 #   rejects the version that takes in the harmful contribution; log and diff show the lineage.
 #
 #   examples/registry-scenario.sh [OUT_DIR] [PRESET]      (defaults: runs/registry-scenario, quick)
+#   make registry-demo                                      (the same, with the project's .venv)
 #
 # Everything is the knowstack CLI: each command below is what a contributor or maintainer types.
 set -euo pipefail
 OUT=${1:-runs/registry-scenario}
 PRESET=${2:-quick}
 KS=${KNOWSTACK:-knowstack}
+PY=${PYTHON:-python3}
 rm -rf "$OUT" && mkdir -p "$OUT"
 WORLD=$OUT/world REG=$OUT/registry
 
 $KS build-world --preset "$PRESET" --out "$WORLD"
 # The built-in recipe (configs/builtin-quick.yaml): a constant rate of 1/3 of the base's pretraining peak.
-PEAK=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['pretrain']['peak_lr'])" "$WORLD/world.json")
-LR=$(python3 -c "print(0.33 * $PEAK)")
-HARMFUL_LR=$(python3 -c "print(10 * $PEAK)")   # 30x the recipe's rate: what wipes old knowledge
+PEAK=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['pretrain']['peak_lr'])" "$WORLD/world.json")
+LR=$($PY -c "print(0.33 * $PEAK)")
+HARMFUL_LR=$($PY -c "print(10 * $PEAK)")   # 30x the recipe's rate: what wipes old knowledge
 
 $KS registry init "$REG" --base "$WORLD/model" --include-path "$WORLD/old_knowledge" \
     --old-knowledge ks_country_code ks_subdivision ks_language_code ks_unicode_name
@@ -46,8 +48,11 @@ GOOD="stance notes summary code quiz simplify math"
 $KS compose "$REG" --method moe-lora --name v1-moe               # the 7 adapters (a full model is left out)
 $KS compose "$REG" --method merge-ties --name v2-ties --contributions $GOOD
 $KS compose "$REG" --method merge-ties --name v3-ties-all       # all 8: the gate decides
+# The built-in study's MoE recipe (configs/builtin.yaml): routers also trained, 50 steps on 16 examples a task.
+$KS compose "$REG" --method moe-lora --name v4-moe-trained --router-steps 50
 $KS log "$REG"
 $KS diff "$REG" v1-moe v2-ties
 $KS diff "$REG" v2-ties v3-ties-all
+$KS diff "$REG" v1-moe v4-moe-trained
 $KS export "$REG" v1-moe --out "$OUT/export/v1-moe" --with-base
 $KS advise "$REG" --max-old-loss 2%

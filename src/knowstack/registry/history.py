@@ -8,6 +8,7 @@ from typing import Any
 
 from knowstack.registry.core import Registry
 from knowstack.registry.evaluate import RegisteredTask, new_average, new_scores, old_average, registered_tasks
+from knowstack.registry.listing import text_table
 
 
 def _number(value: float | None) -> str:
@@ -19,12 +20,6 @@ def _change(value: float | None, reference: float | None) -> str:
         return "-"
     relative = f" ({100 * (value - reference) / reference:+.1f}%)" if reference else ""
     return f"{value - reference:+.3f}{relative}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    return ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-            for row in [header, *rows]]
 
 
 def _averages(record: dict[str, Any], tasks: dict[str, RegisteredTask]) -> tuple[float | None, float | None]:
@@ -76,7 +71,8 @@ def _score_rows(record: dict[str, Any], base: dict[str, Any], tasks: dict[str, R
     rows = []
     for name, task in tasks.items():
         value, specialist = mine.get(name), specialists.get(name)
-        kept = f"{100 * value / specialist:.0f}%" if value is not None and specialist else "-"
+        kept = "-" if value is None or not specialist else (
+            f"{100 * value / specialist:.0f}%" if value <= 10 * specialist else ">10x")
         rows.append((f"new {name}", task.score_metric, _number(value), _number(theirs.get(name)),
                      _change(value, theirs.get(name)), _number(specialist), kept))
     base_old = {(s["task"], s["metric"]): s["value"] for s in base["scores"] if s["kind"] == "old"}
@@ -122,7 +118,7 @@ def format_show(reg: Registry, name: str) -> str:
     lines.append(f"  scores:   AVE {_number(ave)}, AVnew {_number(avnew)}")
     rows = _score_rows(record, base, tasks, specialist_scores(records, tasks))
     if rows:
-        lines += _table(("score", "metric", "value", "base", "vs base", "specialist", "kept"), rows)
+        lines += text_table(("score", "metric", "value", "base", "vs base", "specialist", "kept"), rows)
     lines.append(f"  files:    {len(record['files'])} ({', '.join(sorted(record['files'])[:6])}"
                  f"{', ...' if len(record['files']) > 6 else ''})")
     return "\n".join(lines)
@@ -158,5 +154,5 @@ def format_diff(reg: Registry, first: str, second: str) -> str:
                if options_a.get(k) != options_b.get(k)]
     if changed and a["method"] == b["method"]:
         lines.append("  settings: " + "; ".join(changed))
-    lines += _table(("score", "metric", first, second, f"{second} - {first}"), diff_rows(a, b, tasks))
+    lines += text_table(("score", "metric", first, second, f"{second} - {first}"), diff_rows(a, b, tasks))
     return "\n".join(lines)

@@ -1,12 +1,14 @@
-"""`knowstack registry list`: the base and the contributions, read back from the records alone."""
+"""`knowstack registry list`: the base, the contributions and the composed versions, from the records alone."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from knowstack.registry.core import Registry
 
 COLUMNS = ("name", "kind", "task", "metric", "score", "keep-data", "author", "hash")
+VERSION_COLUMNS = ("name", "status", "method", "kind", "from", "AVE", "AVnew")
 
 
 def _base_lines(base: dict[str, Any]) -> list[str]:
@@ -28,13 +30,32 @@ def contribution_row(record: dict[str, Any]) -> tuple[str, ...]:
             record["author"] or "-", record["content_hash"][:12])
 
 
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned columns, two spaces apart, each line indented by two."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            for row in [header, *rows]]
+
+
+def version_row(record: dict[str, Any], tasks: dict) -> tuple[str, ...]:
+    from knowstack.registry.evaluate import new_average, old_average
+
+    ave, avnew = old_average(record["scores"]), new_average(record["scores"], tasks)
+    return (record["name"], record["status"], record["method"], record["kind"], str(len(record["parents"])),
+            f"{ave:.3f}" if ave is not None else "-", f"{avnew:.3f}" if avnew is not None else "-")
+
+
 def format_listing(reg: Registry) -> str:
+    from knowstack.registry.evaluate import registered_tasks
+
     records = reg.versions()
     base = reg.base()
     rows = [contribution_row(r) for r in records if r["method"] == "contribution"]
     lines = [f"registry: {reg.root}", *_base_lines(base), f"contributions: {len(rows)}"]
     if rows:
-        widths = [max(len(row[i]) for row in [COLUMNS, *rows]) for i in range(len(COLUMNS))]
-        for row in [COLUMNS, *rows]:
-            lines.append("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        lines += text_table(COLUMNS, rows)
+    tasks = registered_tasks(records)
+    versions = [version_row(r, tasks) for r in records if r["method"] not in ("base", "contribution")]
+    if versions:
+        lines += [f"composed versions: {len(versions)}", *text_table(VERSION_COLUMNS, versions)]
     return "\n".join(lines)
