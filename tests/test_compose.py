@@ -20,7 +20,7 @@ from knowstack.combine.merge_methods import MergeOptions
 from knowstack.errors import KnowstackError
 from knowstack.registry import Registry, init_registry
 from knowstack.registry import compose as compose_module
-from knowstack.registry.compose import METHODS, ComposeOptions, compose
+from knowstack.registry.compose import METHODS, ComposeOptions, check_start, compose
 from knowstack.registry.contribute import contribute
 from knowstack.registry.gate import Released, gate_checks, gate_record
 
@@ -247,3 +247,33 @@ def test_gc_removes_only_what_no_record_points_to(registry: Path, tmp_path: Path
         removed = reg.collect_garbage(grace_seconds=0)
         assert {p.name for p in removed} == orphans
         assert reg.verify() == len(before)  # every record's objects are still there and intact
+
+
+def test_building_on_a_release_equals_composing_it_all_at_once(registry: Path) -> None:
+    """Round after round: v1 = sequential on stance; v2 = v1 --from, trained on notes. The same training as one
+    sequential compose of stance then notes, so the same weights."""
+    no_gate = {"gate_old": 100.0, "gate_task": 100.0}
+    at_once = compose(registry, "sequential", contributions=["stance", "notes"], options=TINY_TRAINING, **no_gate)
+    first = compose(registry, "sequential", contributions=["stance"], options=TINY_TRAINING, **no_gate)
+    second = compose(registry, "sequential", contributions=["notes"], start=first["name"], options=TINY_TRAINING,
+                     **no_gate)
+    assert second["parents"] == [first["name"], "notes"]
+    with Registry.open(registry) as reg, reg.view(at_once["name"]) as a, reg.view(second["name"]) as b:
+        mine, theirs = tensors(b), tensors(a)
+        assert mine.keys() == theirs.keys()
+        assert max((mine[k] - theirs[k]).abs().max().item() for k in mine) < 1e-6
+        with reg.view(first["name"]) as one_round:
+            after_one = tensors(one_round)  # each round did train: the two rounds' weights differ
+            assert max((mine[k] - after_one[k]).abs().max().item() for k in mine) > 1e-4
+    merged = compose(registry, "merge-average", contributions=["math"], start=second["name"], **no_gate)
+    assert merged["parents"] == [second["name"], "math"]
+    with pytest.raises(KnowstackError, match="an MoE is built from contributions on the base"):
+        compose(registry, "moe-lora", start=first["name"])
+    with pytest.raises(KnowstackError, match="no version named 'v9'"):
+        compose(registry, "sequential", contributions=["notes"], start="v9", options=TINY_TRAINING)
+    rejected = {"name": "r1", "kind": "model", "status": "rejected", "files": {}}
+    with pytest.raises(KnowstackError, match="'r1' was rejected by the gate: build on a released version"):
+        check_start([rejected], "r1", METHODS["sequential"])
+    lora_moe = {"name": "m1", "kind": "adapter", "status": "released", "files": {"lora_moe.json": "0" * 64}}
+    with pytest.raises(KnowstackError, match="'m1' is a LoRA-MoE"):
+        check_start([lora_moe], "m1", METHODS["merge-ties"])

@@ -292,7 +292,7 @@ def cmd_contribute(args: argparse.Namespace) -> None:
 def cmd_compose(args: argparse.Namespace) -> None:
     from knowstack.registry.compose import compose, options_from
 
-    record = compose(args.registry, args.method, contributions=args.contributions, name=args.name,
+    record = compose(args.registry, args.method, contributions=args.contributions, start=args.start, name=args.name,
                      options=options_from(vars(args)), gate_old=args.gate_old, gate_task=args.gate_task,
                      author=args.author, batch_size=args.batch_size,
                      say=lambda message: console.print(f"compose: {message}", highlight=False))
@@ -345,6 +345,9 @@ def _add_compose_args(p: argparse.ArgumentParser) -> None:
                    help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
     p.add_argument("--contributions", nargs="+", metavar="NAME", help="the contributions to compose, in order "
                                                                        "(default: all, in the order contributed)")
+    p.add_argument("--from", dest="start", metavar="VERSION",
+                   help="build on this released version: merges take it as one more input, training methods start "
+                        "from it (the previous release plus the new contributions)")
     p.add_argument("--name", help="the new version's name (default: v1, v2, ...)")
     p.add_argument("--gate-old", type=_percent, default=2.0, metavar="PCT",
                    help="reject if old-knowledge AVE falls more than this below the base or the previous release "

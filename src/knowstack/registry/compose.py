@@ -97,10 +97,30 @@ class Build:
     options: ComposeOptions
     work: Path
     say: Callable[[str], None]
+    start: Path | None = None  # --from: the version built upon, as its dir (a model, or a plain LoRA adapter)
+    start_is_adapter: bool = False
+    replayed: tuple[RegisteredTask, ...] = ()  # --from with replay: the start's tasks whose data is kept
 
     @property
     def out(self) -> Path:
         return self.work / MODEL_DIR
+
+    def merge_inputs(self) -> list[Path]:
+        return [self.start, *self.inputs] if self.start is not None else list(self.inputs)
+
+    def start_model(self) -> Path:
+        """The full model training begins from: the base, the --from model, or the base with the --from adapter
+        merged in (kept in the work dir, so a resumed compose does not merge it again)."""
+        if self.start is None:
+            return self.base_dir
+        if not self.start_is_adapter:
+            return self.start
+        merged = self.work / "start"
+        if not merged.is_dir():
+            from knowstack.train import merge_adapter
+
+            merge_adapter(self.base_dir, self.start, merged)
+        return merged
 
 
 @dataclass(frozen=True)
@@ -123,7 +143,7 @@ def _merge_builder(method: str) -> Callable[[Build], None]:
         from knowstack.combine.merge_methods import MergeOptions
 
         o = b.options
-        merge_models(method, b.inputs, b.out, base=b.base_dir, seed=o.seed,
+        merge_models(method, b.merge_inputs(), b.out, base=b.base_dir, seed=o.seed,
                      options=MergeOptions(density=o.density, drop_rate=o.drop_rate, lam=o.lam))
     return build
 
@@ -185,13 +205,14 @@ def _rounds_builder(kind: str) -> Callable[[Build], None]:
         from knowstack.data.sampling import replay_mixture
         from knowstack.train import merge_adapter
 
-        store, model, adapters = b.reg.store, b.base_dir, []
+        store, model, adapters = b.reg.store, b.start_model(), []
         splits = [(task.name, task.load(store, "train")) for task in b.tasks]
+        before = [(task.name, task.load(store, "train")) for task in b.replayed]
         for i, (name, (task_name, examples)) in enumerate(zip(b.names, splits, strict=True), start=1):
             round_dir = b.work / "rounds" / f"{i:02d}-{name}"
-            mixture = None
-            if kind == "replay" and i > 1:
-                examples, mixture = replay_mixture((task_name, examples), splits[: i - 1], b.options.replay_fraction,
+            mixture, earlier = None, before + splits[: i - 1]
+            if kind == "replay" and earlier:
+                examples, mixture = replay_mixture((task_name, examples), earlier, b.options.replay_fraction,
                                                    b.options.seed)
             olora = ({"previous": [str(a) for a in adapters], "lambda": b.options.olora_lambda}
                      if kind == "olora" and adapters else None)
@@ -214,7 +235,7 @@ def _joint(b: Build) -> None:
 
     examples, mixture = joint_mixture([(task.name, task.load(b.reg.store, "train")) for task in b.tasks],
                                       b.options.joint_sampling, b.options.seed)
-    _train(b, b.base_dir, examples, b.out, f"joint training on {len(b.tasks)} tasks", mixture=mixture)
+    _train(b, b.start_model(), examples, b.out, f"joint training on {len(b.tasks)} tasks", mixture=mixture)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
@@ -283,11 +304,47 @@ def check_inputs(method: Method, chosen: Sequence[dict[str, Any]], options: Comp
                                  "registered without it (--keep-data): use --router-steps 0", field="router_steps")
 
 
-def compose_key(method: Method, settings: dict[str, Any], base_hash: str, chosen: Sequence[dict[str, Any]]) -> str:
-    """What decides the result: method, settings, base and each input's content (and, for training, its data)."""
+def check_start(records: Sequence[dict[str, Any]], name: str, method: Method) -> dict[str, Any]:
+    """The version --from names, if a method can build on it: a released model, or a released plain LoRA adapter."""
+    record = next((r for r in records if r["name"] == name), None)
+    if record is None:
+        raise KnowstackError(f"no version named '{name}' in this registry", field="from")
+    if method.name.startswith("moe"):
+        raise KnowstackError("an MoE is built from contributions on the base: --from is for merges and training",
+                             field="from")
+    if record["kind"] == "base":
+        raise KnowstackError("--from base is what compose does without --from", field="from")
+    if record["status"] != "released":
+        raise KnowstackError(f"'{name}' was rejected by the gate: build on a released version", field="from")
+    if "lora_moe.json" in record["files"]:
+        raise KnowstackError(f"'{name}' is a LoRA-MoE: it cannot be merged or trained further", field="from")
+    return record
+
+
+def ancestor_contributions(records: Sequence[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """The contributions a version was built from, directly or through the versions it was built on, in order."""
+    by_name = {r["name"]: r for r in records}
+    found: dict[str, dict[str, Any]] = {}
+
+    def visit(current: str) -> None:
+        record = by_name[current]
+        if record["method"] == "contribution":
+            found.setdefault(current, record)
+            return
+        for parent in record["parents"]:
+            visit(parent)
+
+    visit(name)
+    return list(found.values())
+
+
+def compose_key(method: Method, settings: dict[str, Any], base_hash: str, chosen: Sequence[dict[str, Any]],
+                start: dict[str, Any] | None = None) -> str:
+    """What decides the result: method, settings, base, the version built upon and each input's content (and,
+    for training, its data)."""
     inputs = [{"name": r["name"], "content": r["content_hash"], "task_files": r["task_files"]} for r in chosen]
-    text = json.dumps({"method": method.name, "settings": settings, "base": base_hash, "inputs": inputs},
-                      sort_keys=True)
+    text = json.dumps({"method": method.name, "settings": settings, "base": base_hash, "inputs": inputs,
+                       **({"from": start["content_hash"]} if start else {})}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -381,6 +438,7 @@ def compose(
     method: str,
     *,
     contributions: Sequence[str] | None = None,
+    start: str | None = None,
     name: str | None = None,
     options: ComposeOptions | None = None,
     gate_old: float = 2.0,
@@ -389,9 +447,10 @@ def compose(
     batch_size: int = 32,
     say: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
-    """Build, score, gate and record the next version; returns its record (released or rejected)."""
-    from knowstack.registry.base import store_files
+    """Build, score, gate and record the next version; returns its record (released or rejected).
 
+    start: a released version to build on (--from): merges take it as one more input, training methods
+    begin from it, so a version can be the previous release plus the new contributions."""
     if method not in METHODS:
         raise KnowstackError(f"unknown compose method '{method}' (known: {', '.join(METHODS)})", field="method")
     spec, options = METHODS[method], options or ComposeOptions()
@@ -404,8 +463,9 @@ def compose(
         if contributions is None and left_out:
             say(f"left out (not {' or '.join(spec.kinds)}): {', '.join(left_out)}")
         check_inputs(spec, chosen, options)
+        start_record = check_start(records, start, spec) if start is not None else None
         settings = spec.settings(options)
-        key = compose_key(spec, settings, reg.base()["content_hash"], chosen)
+        key = compose_key(spec, settings, reg.base()["content_hash"], chosen, start_record)
         work = reg.root / WORK_DIR / key
         with _exclusive(work):
             records = reg.versions()
@@ -420,37 +480,64 @@ def compose(
                                      path=reg.db_path, field="name")
             tasks = registered_tasks(records)
             with contextlib.ExitStack() as stack:
-                base_dir = stack.enter_context(reg.view(BASE_NAME))
-                inputs = [stack.enter_context(reg.view(r["name"])) for r in chosen]
-                build = Build(reg, base_dir, inputs, [r["name"] for r in chosen], [task_of(r) for r in chosen],
-                              options, work, say)
+                build = _open_build(stack, reg, records, spec, chosen, start_record, options, work, say)
                 if build.out.is_dir():
                     say(f"{method}: built before, kept ({build.out})")
                 else:
-                    say(f"{method}: building from {', '.join(build.names)}")
+                    say(f"{method}: building from {', '.join(build.names)}"
+                        + (f", on {start_record['name']}" if start_record else ""))
                     spec.build(build)
-                _score_base_on_new_tasks(reg, base_dir, tasks, batch_size, say)
+                _score_base_on_new_tasks(reg, build.base_dir, tasks, batch_size, say)
                 scores = _evaluate(build, tasks, batch_size)
-            records = reg.versions()  # the line may have grown while this one was built
-            line = released_line(records, tasks)
-            previous = line[-1] if len(line) > 1 else None
-            checks = gate_checks(old_average(scores), new_scores(scores, tasks), line[0], previous, line,
-                                 gate_old, gate_task)
-            gate = gate_record(checks, gate_old, gate_task)
-            if old_average(scores) is None:
-                gate["note"] = "no old-knowledge tasks registered (registry init --old-knowledge): AVE not gated"
-            files, hashed = _version_files(build.out)
-            names, sizes = store_files(reg.store, files)
-            new = db.NewVersion(
-                name=version_name, kind="adapter" if not (build.out / "config.json").is_file() else "model",
-                method=method, files=names, content_hash=content_hash({n: names[n] for n in hashed}), objects=sizes,
-                settings={"compose_key": key, "options": settings, "previous": previous.name if previous else None,
-                          "gate": gate},
-                author=author, parents=[r["name"] for r in chosen], scores=scores,
-                status="released" if gate["passed"] else "rejected")
+            parents = ([start_record["name"]] if start_record else []) + [r["name"] for r in chosen]
+            new = _gated_version(reg, version_name, spec, settings, key, build.out, scores, tasks, parents,
+                                 gate_old, gate_task, author)
             db.insert_version(reg.conn, new, reg.db_path)
             shutil.rmtree(work, ignore_errors=True)
             return reg.version(version_name)
+
+
+def _open_build(stack: contextlib.ExitStack, reg: Registry, records: Sequence[dict[str, Any]], spec: Method,
+                chosen: Sequence[dict[str, Any]], start: dict[str, Any] | None, options: ComposeOptions, work: Path,
+                say: Callable[[str], None]) -> Build:
+    """The base, the inputs and the --from version as verified dirs (open while `stack` is)."""
+    base_dir = stack.enter_context(reg.view(BASE_NAME))
+    inputs = [stack.enter_context(reg.view(r["name"])) for r in chosen]
+    replayed: tuple[RegisteredTask, ...] = ()
+    start_dir = None
+    if start is not None:
+        start_dir = stack.enter_context(reg.view(start["name"]))
+        if spec.name == "replay":
+            earlier = ancestor_contributions(records, start["name"])
+            replayed = tuple(task_of(r) for r in earlier if r["keep_data"])
+            unreplayed = [r["name"] for r in earlier if not r["keep_data"]]
+            if unreplayed:
+                say(f"not replayed (registered without their data): {', '.join(unreplayed)}")
+    return Build(reg, base_dir, inputs, [r["name"] for r in chosen], [task_of(r) for r in chosen], options, work,
+                 say, start_dir, start is not None and start["kind"] == "adapter", replayed)
+
+
+def _gated_version(reg: Registry, name: str, spec: Method, settings: dict[str, Any], key: str, out: Path,
+                   scores: list[dict[str, Any]], tasks: dict[str, RegisteredTask], parents: list[str],
+                   gate_old: float, gate_task: float, author: str | None) -> db.NewVersion:
+    """The version to record: its files stored, and released or rejected by the gate against the line as it
+    is now (it may have grown while this one was built)."""
+    from knowstack.registry.base import store_files
+
+    line = released_line(reg.versions(), tasks)
+    previous = line[-1] if len(line) > 1 else None
+    checks = gate_checks(old_average(scores), new_scores(scores, tasks), line[0], previous, line, gate_old, gate_task)
+    gate = gate_record(checks, gate_old, gate_task)
+    if old_average(scores) is None:
+        gate["note"] = "no old-knowledge tasks registered (registry init --old-knowledge): AVE not gated"
+    files, hashed = _version_files(out)
+    names, sizes = store_files(reg.store, files)
+    return db.NewVersion(
+        name=name, kind="model" if (out / "config.json").is_file() else "adapter", method=spec.name, files=names,
+        content_hash=content_hash({n: names[n] for n in hashed}), objects=sizes,
+        settings={"compose_key": key, "options": settings, "previous": previous.name if previous else None,
+                  "gate": gate},
+        author=author, parents=parents, scores=scores, status="released" if gate["passed"] else "rejected")
 
 
 def options_from(values: dict[str, Any]) -> ComposeOptions:
