@@ -277,3 +277,33 @@ def test_building_on_a_release_equals_composing_it_all_at_once(registry: Path) -
     lora_moe = {"name": "m1", "kind": "adapter", "status": "released", "files": {"lora_moe.json": "0" * 64}}
     with pytest.raises(KnowstackError, match="'m1' is a LoRA-MoE"):
         check_start([lora_moe], "m1", METHODS["merge-ties"])
+
+
+@pytest.mark.slow
+def test_kill_minus_nine_midway_then_the_same_command_resumes(registry: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "knowstack.cli", "compose", str(registry), "--method", "merge-average",
+               "--contributions", "stance", "notes"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    built = []
+    while time.monotonic() < deadline and process.poll() is None and not built:
+        built = list((registry / ".compose").glob("*/model/config.json")) if (registry / ".compose").exists() else []
+        time.sleep(0.01)
+    assert process.poll() is None, "the compose finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)  # the model is built; scoring is under way
+    process.wait()
+    with Registry.open(registry) as reg:
+        assert not [r for r in reg.versions() if r["method"] == "merge-average"]  # no half version
+    said: list[str] = []
+    record = compose(registry, "merge-average", contributions=["stance", "notes"], say=said.append)
+    assert any("built before, kept" in m for m in said)
+    with Registry.open(registry) as reg:
+        assert [r["name"] for r in reg.versions() if r["method"] == "merge-average"] == [record["name"]]
+        assert reg.verify([record["name"]]) == len(record["files"])
+    assert not any(p.is_dir() for p in (registry / ".compose").iterdir())

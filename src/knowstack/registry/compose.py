@@ -189,11 +189,11 @@ def _train(b: Build, model: Path, examples: list, out: Path, desc: str, olora: d
 
     if out.is_dir():
         b.say(f"{desc}: done before, kept")
-        return
-    b.say(desc)
-    run_job(TrainJob(model_path=str(model), out_dir=str(out), settings=_train_settings(b.options),
-                     examples=[(ex.prompt, ex.answer) for ex in examples], progress_desc=desc, olora=olora))
-    if mixture is not None:
+    else:
+        b.say(desc)
+        run_job(TrainJob(model_path=str(model), out_dir=str(out), settings=_train_settings(b.options),
+                         examples=[(ex.prompt, ex.answer) for ex in examples], progress_desc=desc, olora=olora))
+    if mixture is not None and not (out / "mixture.json").is_file():  # also after a kill right after training
         atomic_write_json(out / "mixture.json", mixture)
 
 
