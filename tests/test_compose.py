@@ -307,3 +307,37 @@ def test_kill_minus_nine_midway_then_the_same_command_resumes(registry: Path) ->
         assert [r["name"] for r in reg.versions() if r["method"] == "merge-average"] == [record["name"]]
         assert reg.verify([record["name"]]) == len(record["files"])
     assert not any(p.is_dir() for p in (registry / ".compose").iterdir())
+
+
+def test_compose_training_launched_on_two_processes_gives_the_in_process_version(tmp_path: Path,
+                                                                                 registry: Path) -> None:
+    """Training launched as 2 gloo processes (the same global batch): the same weights, and the same version key,
+    so a launched re-run of an in-process compose finds it done."""
+    options = dataclasses.replace(TINY_TRAINING, finetune="fft", train_batch_size=2, micro_batch_size=1)
+    here = compose(registry, "sequential", contributions=["stance"], options=options, gate_old=100.0,
+                   gate_task=100.0)
+    copy = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(registry, copy)
+    assert main(["compose", str(copy), "--method", "sequential", "--contributions", "stance", "--finetune", "fft",
+                 "--lr", str(options.lr), "--epochs", "1", "--train-batch-size", "2", "--micro-batch-size", "1",
+                 "--max-length", "64", "--lora-r", "2", "--lora-alpha", "4", "--prompts-per-expert", "2"]) == 0
+    # the copy already holds that version: nothing is trained again, launched or not
+    with Registry.open(copy) as reg:
+        assert [r["name"] for r in reg.versions() if r["method"] == "sequential"] == [here["name"]]
+    launched_reg = tmp_path / "launched"
+    shutil.copytree(registry, launched_reg)
+    with Registry.open(launched_reg) as reg:  # forget the version: compose it again, launched
+        reg.conn.execute("DELETE FROM scores WHERE version_id IN (SELECT id FROM versions WHERE method='sequential')")
+        reg.conn.execute("DELETE FROM parents WHERE version_id IN (SELECT id FROM versions WHERE method='sequential')")
+        reg.conn.execute("DELETE FROM versions WHERE method = 'sequential'")
+    from knowstack.train.launch import LaunchSpec
+
+    launched = compose(launched_reg, "sequential", contributions=["stance"], options=options, gate_old=100.0,
+                       gate_task=100.0, launch=LaunchSpec(2, cpu=True, mixed_precision="no"))
+    with Registry.open(registry) as a, Registry.open(launched_reg) as b, a.view(here["name"]) as one, \
+            b.view(launched["name"]) as two:
+        mine, theirs = tensors(two), tensors(one)
+        assert max((mine[k] - theirs[k]).abs().max().item() for k in mine) < 1e-5
+    assert launched["settings"]["compose_key"] == here["settings"]["compose_key"]

@@ -291,10 +291,14 @@ def cmd_contribute(args: argparse.Namespace) -> None:
 
 def cmd_compose(args: argparse.Namespace) -> None:
     from knowstack.registry.compose import compose, options_from
+    from knowstack.train.launch import LaunchSpec
 
+    launch = None
+    if args.num_processes > 1 or args.accelerate_config:
+        launch = LaunchSpec(args.num_processes, args.accelerate_config, args.cpu, args.mixed_precision)
     record = compose(args.registry, args.method, contributions=args.contributions, start=args.start, name=args.name,
                      options=options_from(vars(args)), gate_old=args.gate_old, gate_task=args.gate_task,
-                     author=args.author, batch_size=args.batch_size,
+                     author=args.author, batch_size=args.batch_size, launch=launch,
                      say=lambda message: console.print(f"compose: {message}", highlight=False))
     gate = record["settings"]["gate"]
     for failure in gate["failed"]:
@@ -383,6 +387,11 @@ def _add_compose_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--replay-fraction", type=float, help=f"default {d.replay_fraction}")
     g.add_argument("--joint-sampling", choices=["uniform", "proportional"], help=f"default {d.joint_sampling}")
     p.add_argument("--seed", type=int, help=f"DARE drops, random routers, training order (default {d.seed})")
+    g = p.add_argument_group("launching training (and router training) as accelerate launch of N processes")
+    g.add_argument("--num-processes", type=int, default=1, help="processes (default 1: in this process)")
+    g.add_argument("--accelerate-config", help="ddp, fsdp, deepspeed-zero2, deepspeed-zero3 or a config file")
+    g.add_argument("--cpu", action="store_true", help="processes on the CPU (gloo), e.g. to test without GPUs")
+    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
 
 
 def _add_task_args(parser: argparse.ArgumentParser, *, metric_required: bool) -> None:

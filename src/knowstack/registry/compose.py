@@ -25,7 +25,7 @@ import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from knowstack.atomic import atomic_write_json
 from knowstack.errors import KnowstackError
@@ -42,6 +42,9 @@ from knowstack.registry.evaluate import (
 )
 from knowstack.registry.gate import Released, gate_checks, gate_record
 from knowstack.registry.store import content_hash
+
+if TYPE_CHECKING:
+    from knowstack.train.launch import LaunchSpec
 
 WORK_DIR = ".compose"
 MODEL_DIR = "model"
@@ -77,6 +80,12 @@ class ComposeOptions:
     joint_sampling: str = "uniform"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # epochs=1 and epochs=1.0 are one setting: the same version key either way.
+        for option in fields(self):
+            if option.type == "float":
+                object.__setattr__(self, option.name, float(getattr(self, option.name)))
+
 
 MERGE_KNOBS = {"average": (), "ties": ("density", "lam"), "ties-dare": ("density", "drop_rate", "lam", "seed")}
 MOE_KNOBS = ("top_k", "router", "prompts_per_expert", "router_steps", "router_lr", "router_examples_per_task",
@@ -100,6 +109,7 @@ class Build:
     start: Path | None = None  # --from: the version built upon, as its dir (a model, or a plain LoRA adapter)
     start_is_adapter: bool = False
     replayed: tuple[RegisteredTask, ...] = ()  # --from with replay: the start's tasks whose data is kept
+    launch: LaunchSpec | None = None  # training and router training as `accelerate launch` of N processes
 
     @property
     def out(self) -> Path:
@@ -171,7 +181,8 @@ def _moe(b: Build) -> None:
         examples = [ex for task in b.tasks for ex in task.load(b.reg.store, "train")[: o.router_examples_per_task]]
         training = RouterTraining(steps=o.router_steps, lr=o.router_lr, max_length=o.max_length, seed=o.seed)
     mix_models(b.base_dir, b.inputs, b.out, options=MoeOptions(top_k=o.top_k, router=o.router, seed=o.seed),
-               prompts=prompts, train_examples=examples, training=training, tokenizer_path=b.base_dir)
+               prompts=prompts, train_examples=examples, training=training, tokenizer_path=b.base_dir,
+               launch=b.launch if training is not None else None)
 
 
 def _train_settings(o: ComposeOptions) -> dict[str, Any]:
@@ -184,15 +195,21 @@ def _train_settings(o: ComposeOptions) -> dict[str, Any]:
 
 def _train(b: Build, model: Path, examples: list, out: Path, desc: str, olora: dict | None = None,
            mixture: dict | None = None) -> None:
-    """One training run through the study's own job path; skipped when its output is already there."""
-    from knowstack.train.launch import TrainJob, run_job
+    """One training run through the study's own job path (here, or launched like a study step); skipped when
+    its output is already there."""
+    from knowstack.train.launch import TrainJob, launch_job, run_job
 
     if out.is_dir():
         b.say(f"{desc}: done before, kept")
     else:
         b.say(desc)
-        run_job(TrainJob(model_path=str(model), out_dir=str(out), settings=_train_settings(b.options),
-                         examples=[(ex.prompt, ex.answer) for ex in examples], progress_desc=desc, olora=olora))
+        job = TrainJob(model_path=str(model), out_dir=str(out), settings=_train_settings(b.options),
+                       examples=[(ex.prompt, ex.answer) for ex in examples], progress_desc=desc, olora=olora)
+        if b.launch is None:
+            run_job(job)
+        else:
+            launch_job(job, num_processes=b.launch.num_processes, accelerate_config=b.launch.accelerate_config,
+                       cpu=b.launch.cpu, mixed_precision=b.launch.mixed_precision)
     if mixture is not None and not (out / "mixture.json").is_file():  # also after a kill right after training
         atomic_write_json(out / "mixture.json", mixture)
 
@@ -445,12 +462,15 @@ def compose(
     gate_task: float = 10.0,
     author: str | None = None,
     batch_size: int = 32,
+    launch: LaunchSpec | None = None,
     say: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
     """Build, score, gate and record the next version; returns its record (released or rejected).
 
     start: a released version to build on (--from): merges take it as one more input, training methods
-    begin from it, so a version can be the previous release plus the new contributions."""
+    begin from it, so a version can be the previous release plus the new contributions. launch: run the
+    training (and router training) as `accelerate launch` of N processes; the result does not depend on it,
+    so it is not part of the version's key."""
     if method not in METHODS:
         raise KnowstackError(f"unknown compose method '{method}' (known: {', '.join(METHODS)})", field="method")
     spec, options = METHODS[method], options or ComposeOptions()
@@ -480,7 +500,7 @@ def compose(
                                      path=reg.db_path, field="name")
             tasks = registered_tasks(records)
             with contextlib.ExitStack() as stack:
-                build = _open_build(stack, reg, records, spec, chosen, start_record, options, work, say)
+                build = _open_build(stack, reg, records, spec, chosen, start_record, options, work, say, launch)
                 if build.out.is_dir():
                     say(f"{method}: built before, kept ({build.out})")
                 else:
@@ -499,7 +519,7 @@ def compose(
 
 def _open_build(stack: contextlib.ExitStack, reg: Registry, records: Sequence[dict[str, Any]], spec: Method,
                 chosen: Sequence[dict[str, Any]], start: dict[str, Any] | None, options: ComposeOptions, work: Path,
-                say: Callable[[str], None]) -> Build:
+                say: Callable[[str], None], launch: LaunchSpec | None) -> Build:
     """The base, the inputs and the --from version as verified dirs (open while `stack` is)."""
     base_dir = stack.enter_context(reg.view(BASE_NAME))
     inputs = [stack.enter_context(reg.view(r["name"])) for r in chosen]
@@ -514,7 +534,7 @@ def _open_build(stack: contextlib.ExitStack, reg: Registry, records: Sequence[di
             if unreplayed:
                 say(f"not replayed (registered without their data): {', '.join(unreplayed)}")
     return Build(reg, base_dir, inputs, [r["name"] for r in chosen], [task_of(r) for r in chosen], options, work,
-                 say, start_dir, start is not None and start["kind"] == "adapter", replayed)
+                 say, start_dir, start is not None and start["kind"] == "adapter", replayed, launch)
 
 
 def _gated_version(reg: Registry, name: str, spec: Method, settings: dict[str, Any], key: str, out: Path,

@@ -226,6 +226,7 @@ def run_launch(
     env = dict(os.environ)
     if cpu:
         env["ACCELERATE_USE_CPU"] = "1"
+    output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".launch-", dir=output.parent) as folder:
         command = launch_command(save(Path(folder)), config_path, num_processes, port=port or free_port(),
                                  mixed_precision=mixed_precision, max_grad_norm=max_grad_norm)
