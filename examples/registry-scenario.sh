@@ -50,7 +50,7 @@ $KS compose "$REG" --method merge-ties --name v2-ties --contributions $GOOD
 $KS compose "$REG" --method merge-ties --name v3-ties-all       # all 8: the gate decides
 # The built-in study's MoE recipe (configs/builtin.yaml): routers also trained, 50 steps on 16 examples a task.
 $KS compose "$REG" --method moe-lora --name v4-moe-trained --router-steps 50
-$KS log "$REG"
+$KS log "$REG" --plot "$OUT/versions.png"
 $KS diff "$REG" v1-moe v2-ties
 $KS diff "$REG" v2-ties v3-ties-all
 $KS diff "$REG" v1-moe v4-moe-trained

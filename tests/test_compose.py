@@ -193,8 +193,9 @@ def test_log_show_diff_export_and_advise_read_the_history(registry: Path, tmp_pa
                  "--gate-task", "100%"]) == 0
     printed = capsys.readouterr().out
     assert "v1: " in printed and "ties-all: released (merge-ties of 4 contributions)" in printed
-    assert main(["log", str(registry)]) == 0
+    assert main(["log", str(registry), "--plot", str(tmp_path / "versions.png")]) == 0
     log = capsys.readouterr().out
+    assert "(2 versions)" in log and (tmp_path / "versions.png").read_bytes().startswith(b"\x89PNG")
     assert log.index("ties-all") < log.index("v1  [") < log.index("stance  [") < log.index("base  [")
     assert "from 4: stance, notes, quiz-ft, math" in log
     assert main(["show", str(registry), "ties-all"]) == 0

@@ -60,3 +60,4 @@ def test_the_registry_scenario_end_to_end(tmp_path: Path) -> None:
     info = json.loads((out / "export" / "v1-moe" / "knowstack-export.json").read_text())
     assert info["kind"] == "adapter" and (out / "export" / "v1-moe" / "base" / "config.json").is_file()
     assert "Next version, within a 2% old-knowledge loss (semi-cooperative" in printed
+    assert "(4 versions)" in printed and (out / "versions.png").read_bytes().startswith(b"\x89PNG")

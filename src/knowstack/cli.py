@@ -314,6 +314,11 @@ def cmd_log(args: argparse.Namespace) -> None:
 
     with Registry.open(args.registry) as reg:
         print(format_log(reg))
+        if args.plot:
+            from knowstack.registry.plot import plot_versions
+
+            points = plot_versions(reg, Path(args.plot))
+            print(f"plot: {Path(args.plot).resolve()} ({len(points)} versions)")
 
 
 def cmd_show(args: argparse.Namespace) -> None:
@@ -571,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compose)
     p = sub.add_parser("log", help="the registry's versions, newest first: lineage, method, key scores, gate")
     p.add_argument("registry")
+    p.add_argument("--plot", metavar="PNG", help="also draw the versions on the learn/forget plane into this PNG")
     p.set_defaults(func=cmd_log)
     p = sub.add_parser("show", help="one version in full: settings, gate checks, every score")
     p.add_argument("registry")

@@ -48,7 +48,7 @@ class FigureSpec:
     path: Path | None = None  # set once drawn
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: plt.Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
     os.close(fd)
@@ -129,7 +129,7 @@ def grouped_bars(spec: FigureSpec, path: Path) -> Path | None:
     ax.grid(axis="y", alpha=0.3)
     # Beside the axes, not below: below it would collide with rotated tick labels.
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def heatmap(spec: FigureSpec, path: Path) -> Path | None:
@@ -151,7 +151,7 @@ def heatmap(spec: FigureSpec, path: Path) -> Path | None:
     ax.set_ylabel("model after stage (trained on)")
     ax.set_title(spec.title)
     fig.colorbar(image, ax=ax, shrink=0.85, label=spec.ylabel)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def scatter(spec: FigureSpec, path: Path) -> Path | None:
@@ -177,7 +177,7 @@ def _finish_plane(fig: plt.Figure, ax: plt.Axes, spec: FigureSpec, path: Path) -
     ax.set_title(spec.title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def family_style(families: list[str]) -> dict[str, dict]:
