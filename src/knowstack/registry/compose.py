@@ -87,7 +87,13 @@ class ComposeOptions:
                 object.__setattr__(self, option.name, float(getattr(self, option.name)))
 
 
-MERGE_KNOBS = {"average": (), "ties": ("density", "lam"), "ties-dare": ("density", "drop_rate", "lam", "seed")}
+def merge_knobs(method: str) -> tuple[str, ...]:
+    """The options a merge method reads: the study's own list (config.MERGE_METHOD_OPTIONS), in our names."""
+    from knowstack.config import MERGE_METHOD_OPTIONS
+
+    return tuple("lam" if option == "lambda" else option for option in MERGE_METHOD_OPTIONS[method])
+
+
 MOE_KNOBS = ("top_k", "router", "prompts_per_expert", "router_steps", "router_lr", "router_examples_per_task",
              "max_length", "seed")
 TRAIN_KNOBS = ("finetune", "lr", "epochs", "train_batch_size", "micro_batch_size", "max_length", "lora_r", "lora_alpha",
@@ -256,11 +262,11 @@ def _joint(b: Build) -> None:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("merge-average", False, ("adapter", "model"), MERGE_KNOBS["average"], _merge_builder("average"),
+    Method("merge-average", False, ("adapter", "model"), merge_knobs("average"), _merge_builder("average"),
            "the plain average of the contributions (models and/or adapters)"),
-    Method("merge-ties", False, ("adapter", "model"), MERGE_KNOBS["ties"], _merge_builder("ties"),
+    Method("merge-ties", False, ("adapter", "model"), merge_knobs("ties"), _merge_builder("ties"),
            "TIES: trim each task vector, elect signs, merge the agreeing entries"),
-    Method("merge-ties-dare", False, ("adapter", "model"), MERGE_KNOBS["ties-dare"], _merge_builder("ties-dare"),
+    Method("merge-ties-dare", False, ("adapter", "model"), merge_knobs("ties-dare"), _merge_builder("ties-dare"),
            "DARE's random drop and rescale, then TIES"),
     Method("moe-lora", False, ("adapter",), MOE_KNOBS, _moe, "the LoRA adapters as experts of one LoRA-MoE"),
     Method("moe-fft", False, ("model",), MOE_KNOBS, _moe, "the fine-tuned models' MLPs as experts of one MoE"),
