@@ -203,19 +203,15 @@ def _train(b: Build, model: Path, examples: list, out: Path, desc: str, olora: d
            mixture: dict | None = None) -> None:
     """One training run through the study's own job path (here, or launched like a study step); skipped when
     its output is already there."""
-    from knowstack.train.launch import TrainJob, launch_job, run_job
+    from knowstack.train.launch import TrainJob, run_or_launch
 
     if out.is_dir():
         b.say(f"{desc}: done before, kept")
     else:
         b.say(desc)
-        job = TrainJob(model_path=str(model), out_dir=str(out), settings=_train_settings(b.options),
-                       examples=[(ex.prompt, ex.answer) for ex in examples], progress_desc=desc, olora=olora)
-        if b.launch is None:
-            run_job(job)
-        else:
-            launch_job(job, num_processes=b.launch.num_processes, accelerate_config=b.launch.accelerate_config,
-                       cpu=b.launch.cpu, mixed_precision=b.launch.mixed_precision)
+        run_or_launch(TrainJob(model_path=str(model), out_dir=str(out), settings=_train_settings(b.options),
+                               examples=[(ex.prompt, ex.answer) for ex in examples], progress_desc=desc, olora=olora),
+                      b.launch)
     if mixture is not None and not (out / "mixture.json").is_file():  # also after a kill right after training
         atomic_write_json(out / "mixture.json", mixture)
 

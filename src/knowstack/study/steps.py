@@ -112,7 +112,7 @@ MIXTURE_FILE = "mixture.json"
 def run_train(step: Step, ctx: StudyContext, out: Path) -> None:
     """Here, or under `accelerate launch` when the config's launch section asks for processes: the
     same job either way (train/launch.py), so the artifact does not depend on how it was run."""
-    from knowstack.train.launch import TrainJob, launch_job, run_job
+    from knowstack.train.launch import LaunchSpec, TrainJob, run_or_launch
 
     params = step.params
     examples, mixture = training_examples(ctx, params)
@@ -121,12 +121,7 @@ def run_train(step: Step, ctx: StudyContext, out: Path) -> None:
         settings=train_settings(ctx, params).to_dict(), examples=[(ex.prompt, ex.answer) for ex in examples],
         progress_desc=step.label, olora=_olora_spec(ctx, params),
     )
-    launch = ctx.config.launch.for_finetune(params["finetune"])
-    if launch.launched:
-        launch_job(job, num_processes=launch.num_processes, accelerate_config=launch.accelerate_config,
-                   cpu=ctx.config.launch.cpu, mixed_precision=launch.mixed_precision)
-    else:
-        run_job(job)
+    run_or_launch(job, LaunchSpec.from_config(ctx.config.launch, params["finetune"]))
     if mixture is not None:
         # What was replayed / mixed, index by index into each task's train split, beside the model.
         atomic_write_json(out / MIXTURE_FILE, mixture)

@@ -196,6 +196,15 @@ def launch_job(
         raise KnowstackError("accelerate launch finished without writing the checkpoint", path=job.out_dir)
 
 
+def run_or_launch(job: TrainJob, launch: LaunchSpec | None) -> None:
+    """`job` in this process (launch None), or as `accelerate launch` the way `launch` says: one job either way."""
+    if launch is None:
+        run_job(job)
+    else:
+        launch_job(job, num_processes=launch.num_processes, accelerate_config=launch.accelerate_config,
+                   cpu=launch.cpu, mixed_precision=launch.mixed_precision)
+
+
 def checked_config(accelerate_config: str | None, cpu: bool) -> Path:
     """The accelerate config's path, refused where accelerate would not do what it says."""
     config_path = accelerate_config_path(accelerate_config)
