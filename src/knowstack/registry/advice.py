@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from knowstack.registry.compose import METHODS, composed
-from knowstack.registry.core import Registry
+from knowstack.registry.compose import METHODS
+from knowstack.registry.core import Registry, composed
 from knowstack.registry.evaluate import new_average, old_average, registered_tasks
 
 FULLY_COOPERATIVE_ONLY = ("replay", "joint")

@@ -141,8 +141,8 @@ def _build(tmp: Path, model: FullModel, old_tasks: list[str], include_path: str 
 
 def old_knowledge_scores(model_dir: Path, tasks: list[str], include_path: Path | None, batch_size: int,
                          limit: int | None) -> list[dict[str, Any]]:
-    from knowstack.modelio import load_model, load_tokenizer, on_gpu_if_it_fits
-    from knowstack.registry.evaluate import old_knowledge_rows
+    from knowstack.modelio import load_tokenizer
+    from knowstack.registry.evaluate import load_for_scoring, old_knowledge_rows
 
-    return old_knowledge_rows(on_gpu_if_it_fits(load_model(model_dir, dtype="float32")), load_tokenizer(model_dir), tasks,
-                              include_path, batch_size, limit)
+    return old_knowledge_rows(load_for_scoring(model_dir), load_tokenizer(model_dir), tasks, include_path, batch_size,
+                              limit)

@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING, Any
 from knowstack.atomic import atomic_write_json
 from knowstack.errors import KnowstackError
 from knowstack.registry import db
-from knowstack.registry.core import BASE_NAME, Registry, check_name
+from knowstack.registry.core import BASE_NAME, Registry, check_name, composed
 from knowstack.registry.evaluate import (
     RegisteredTask,
+    load_for_scoring,
     new_scores,
     old_average,
     old_knowledge_of,
@@ -303,8 +304,8 @@ def choose_contributions(records: Sequence[dict[str, Any]], names: Sequence[str]
 
 def check_inputs(method: Method, chosen: Sequence[dict[str, Any]], options: ComposeOptions) -> None:
     """One clear error, naming the contributions and the reason, for every input the method cannot use."""
+    without = [r["name"] for r in chosen if not r["keep_data"]]
     if method.needs_data:
-        without = [r["name"] for r in chosen if not r["keep_data"]]
         if without:
             raise KnowstackError(f"'{method.name}' trains on the contributions' data, and {', '.join(without)} "
                                  "were registered without it (--keep-data): use a merge or MoE method, or "
@@ -316,11 +317,9 @@ def check_inputs(method: Method, chosen: Sequence[dict[str, Any]], options: Comp
     if wrong:
         raise KnowstackError(f"'{method.name}' combines {' or '.join(method.kinds)} contributions, not "
                              f"{', '.join(wrong)}", field="contributions")
-    if method.name.startswith("moe") and options.router_steps > 0:
-        without = [r["name"] for r in chosen if not r["keep_data"]]
-        if without:
-            raise KnowstackError(f"router training trains on the contributions' data, and {', '.join(without)} were "
-                                 "registered without it (--keep-data): use --router-steps 0", field="router_steps")
+    if method.name.startswith("moe") and options.router_steps > 0 and without:
+        raise KnowstackError(f"router training trains on the contributions' data, and {', '.join(without)} were "
+                             "registered without it (--keep-data): use --router-steps 0", field="router_steps")
 
 
 def check_start(records: Sequence[dict[str, Any]], name: str, method: Method) -> dict[str, Any]:
@@ -369,17 +368,13 @@ def compose_key(method: Method, settings: dict[str, Any], base_hash: str, chosen
 
 def next_version_name(records: Sequence[dict[str, Any]]) -> str:
     taken = {r["name"] for r in records}
-    number = 1 + sum(r["method"] not in ("base", "contribution") for r in records)
+    number = 1 + len(composed(records))
     while f"v{number}" in taken:
         number += 1
     return f"v{number}"
 
 
 # --- the shared model's line, for the gate ---------------------------------------------------------------
-def composed(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in records if r["method"] not in ("base", "contribution")]
-
-
 def released_line(records: Sequence[dict[str, Any]], tasks: dict[str, RegisteredTask]) -> list[Released]:
     """The base, then every released composed version, oldest first."""
     line = [r for r in records if r["kind"] == "base"] + [r for r in composed(records) if r["status"] == "released"]
@@ -418,23 +413,22 @@ def _scored(path: Path, measure: Callable[[], list[dict[str, Any]]]) -> list[dic
 def _score_base_on_new_tasks(reg: Registry, base_dir: Path, tasks: dict[str, RegisteredTask], batch_size: int,
                              say: Callable[[str], None]) -> None:
     """The base's score on every registered task it was not scored on yet: the gate's first reference."""
-    from knowstack.modelio import load_model, load_tokenizer, on_gpu_if_it_fits
+    from knowstack.modelio import load_tokenizer
 
     missing = [task for name, task in tasks.items() if name not in new_scores(reg.base()["scores"], tasks)]
     if not missing:
         return
-    model, tokenizer = on_gpu_if_it_fits(load_model(base_dir, dtype="float32")), load_tokenizer(base_dir)
+    model, tokenizer = load_for_scoring(base_dir), load_tokenizer(base_dir)
     for task in missing:
         say(f"scoring the base on {task.name}")
         db.add_scores(reg.conn, BASE_NAME, [score_task(model, tokenizer, reg.store, task, batch_size)])
 
 
 def _evaluate(b: Build, tasks: dict[str, RegisteredTask], batch_size: int) -> list[dict[str, Any]]:
-    from knowstack.modelio import load_model, load_tokenizer, on_gpu_if_it_fits
+    from knowstack.modelio import load_tokenizer
 
     scores_dir = b.work / SCORES_DIR
-    adapter = b.out if not (b.out / "config.json").is_file() else None
-    model = on_gpu_if_it_fits(load_model(b.base_dir if adapter else b.out, adapter, dtype="float32"))
+    model = load_for_scoring(b.out, b.base_dir if built_kind(b.out) == "adapter" else None)
     tokenizer = load_tokenizer(b.base_dir)
     rows = []
     for name, task in tasks.items():
@@ -443,6 +437,11 @@ def _evaluate(b: Build, tasks: dict[str, RegisteredTask], batch_size: int) -> li
         b.say(f"scored on {name}: {rows[-1]['metric']} {rows[-1]['value']:.4f}")
     rows += _scored(scores_dir / "old.json", lambda: old_knowledge_of(b.reg, model, tokenizer, batch_size))
     return rows
+
+
+def built_kind(out: Path) -> str:
+    """"model" for a full model dir; "adapter" for what goes on the base (a PEFT adapter, a LoRA-MoE)."""
+    return "model" if (out / "config.json").is_file() else "adapter"
 
 
 def _version_files(out: Path) -> tuple[dict[str, Path], list[str]]:
@@ -555,7 +554,7 @@ def _gated_version(reg: Registry, name: str, spec: Method, settings: dict[str, A
     files, hashed = _version_files(out)
     names, sizes = store_files(reg.store, files)
     return db.NewVersion(
-        name=name, kind="model" if (out / "config.json").is_file() else "adapter", method=spec.name, files=names,
+        name=name, kind=built_kind(out), method=spec.name, files=names,
         content_hash=content_hash({n: names[n] for n in hashed}), objects=sizes,
         settings={"compose_key": key, "options": settings, "previous": previous.name if previous else None,
                   "gate": gate},

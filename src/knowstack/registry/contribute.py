@@ -28,7 +28,7 @@ from knowstack.errors import KnowstackError
 from knowstack.registry import db
 from knowstack.registry.base import model_files, store_files, weights_hash
 from knowstack.registry.core import BASE_NAME, Registry, check_name
-from knowstack.registry.evaluate import RegisteredTask, score_task
+from knowstack.registry.evaluate import RegisteredTask, load_for_scoring, score_task
 from knowstack.registry.store import content_hash
 
 METRICS = ("accuracy", "rouge_l", "edit_similarity", "sari", "math")
@@ -178,12 +178,11 @@ def _store(reg: Registry, name: str, contribution: FullModel | LoraAdapter, task
 
 def _score(reg: Registry, base_dir: Path, new: db.NewVersion, batch_size: int) -> dict[str, Any]:
     """The contribution's score on its own task's test split, from the stored (verified) copies."""
-    from knowstack.modelio import load_model, load_tokenizer, on_gpu_if_it_fits
+    from knowstack.modelio import load_tokenizer
 
     assert new.contribution is not None
     task = RegisteredTask(new.contribution["task"], new.contribution["task_format"], new.contribution["metric"],
                           new.contribution["task_files"], new.name)
     with reg.store.view(new.files) as weights_dir:
-        adapter = weights_dir if new.kind == "adapter" else None
-        model = on_gpu_if_it_fits(load_model(base_dir if adapter else weights_dir, adapter, dtype="float32"))
+        model = load_for_scoring(weights_dir, base_dir if new.kind == "adapter" else None)
         return score_task(model, load_tokenizer(base_dir), reg.store, task, batch_size)

@@ -12,7 +12,7 @@ import json
 import re
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +112,11 @@ class Registry:
             if not dry_run:
                 path.unlink()
         return removed
+
+
+def composed(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The versions compose made (neither the base nor a contribution), oldest first."""
+    return [r for r in records if r["method"] not in ("base", "contribution")]
 
 
 def _record_objects(record: Mapping[str, Any]) -> Iterator[str]:

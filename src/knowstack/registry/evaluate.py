@@ -8,7 +8,7 @@ its one score is the metric it was registered with (math: chain-of-thought exact
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,17 +100,19 @@ def old_knowledge_of(reg: Registry, model: Any, tokenizer: Any, batch_size: int)
         return old_knowledge_rows(model, tokenizer, old["tasks"], include, batch_size, old.get("limit"))
 
 
-@contextlib.contextmanager
-def loaded_version(reg: Registry, name: str, base_dir: Path) -> Iterator[Any]:
-    """Version `name` loaded for evaluation: a full model, or the base with its adapter / LoRA-MoE applied."""
-    from knowstack.modelio import load_model
+def load_for_scoring(model_dir: Path, base_dir: Path | None = None) -> Any:
+    """A model to score, in float32, on the GPU where it fits: the full model in `model_dir`, or, with `base_dir`,
+    the base with the adapter or LoRA-MoE in `model_dir` applied."""
+    from knowstack.modelio import load_model, on_gpu_if_it_fits
 
-    record = reg.version(name)
-    with reg.view(name) as folder:
-        if record["kind"] == "adapter":  # a PEFT adapter or a LoRA-MoE dir: both go on the base
-            yield load_model(base_dir, folder, dtype="float32")
-        else:
-            yield load_model(folder, dtype="float32")
+    if base_dir is None:
+        return on_gpu_if_it_fits(load_model(model_dir, dtype="float32"))
+    return on_gpu_if_it_fits(load_model(base_dir, model_dir, dtype="float32"))
+
+
+def old_scores(scores: Sequence[dict[str, Any]]) -> dict[tuple[str, str], float]:
+    """{(task, metric): value} of the old-knowledge rows."""
+    return {(row["task"], row["metric"]): row["value"] for row in scores if row["kind"] == "old"}
 
 
 def average(values: Sequence[float]) -> float | None:
@@ -120,9 +122,8 @@ def average(values: Sequence[float]) -> float | None:
 def old_average(scores: Sequence[dict[str, Any]]) -> float | None:
     """AVE: the mean old-knowledge score over tasks (acc where a task reports it, else its one metric)."""
     by_task: dict[str, dict[str, float]] = {}
-    for row in scores:
-        if row["kind"] == "old":
-            by_task.setdefault(row["task"], {})[row["metric"]] = row["value"]
+    for (task, metric), value in old_scores(scores).items():
+        by_task.setdefault(task, {})[metric] = value
     return average([metrics.get(OLD_METRIC, next(iter(metrics.values()))) for metrics in by_task.values()])
 
 

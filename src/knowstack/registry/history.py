@@ -7,7 +7,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from knowstack.registry.core import Registry
-from knowstack.registry.evaluate import RegisteredTask, new_average, new_scores, old_average, registered_tasks
+from knowstack.registry.evaluate import (
+    RegisteredTask,
+    new_average,
+    new_scores,
+    old_average,
+    old_scores,
+    registered_tasks,
+)
 from knowstack.registry.listing import text_table
 
 
@@ -75,11 +82,10 @@ def _score_rows(record: dict[str, Any], base: dict[str, Any], tasks: dict[str, R
             f"{100 * value / specialist:.0f}%" if value <= 10 * specialist else ">10x")
         rows.append((f"new {name}", task.score_metric, _number(value), _number(theirs.get(name)),
                      _change(value, theirs.get(name)), _number(specialist), kept))
-    base_old = {(s["task"], s["metric"]): s["value"] for s in base["scores"] if s["kind"] == "old"}
-    for score in (s for s in record["scores"] if s["kind"] == "old"):
-        reference = base_old.get((score["task"], score["metric"]))
-        rows.append((f"old {score['task']}", score["metric"], _number(score["value"]), _number(reference),
-                     _change(score["value"], reference), "", ""))
+    base_old = old_scores(base["scores"])
+    for (task, metric), value in old_scores(record["scores"]).items():
+        reference = base_old.get((task, metric))
+        rows.append((f"old {task}", metric, _number(value), _number(reference), _change(value, reference), "", ""))
     return rows
 
 
@@ -131,8 +137,7 @@ def diff_rows(a: dict[str, Any], b: dict[str, Any], tasks: dict[str, RegisteredT
              _change(new_b.get(name), new_a.get(name))) for name, task in tasks.items()]
     (ave_a, avnew_a), (ave_b, avnew_b) = _averages(a, tasks), _averages(b, tasks)
     rows.append(("AVnew", "", _number(avnew_a), _number(avnew_b), _change(avnew_b, avnew_a)))
-    old_a = {(s["task"], s["metric"]): s["value"] for s in a["scores"] if s["kind"] == "old"}
-    old_b = {(s["task"], s["metric"]): s["value"] for s in b["scores"] if s["kind"] == "old"}
+    old_a, old_b = old_scores(a["scores"]), old_scores(b["scores"])
     for task, metric in sorted(set(old_a) | set(old_b)):
         va, vb = old_a.get((task, metric)), old_b.get((task, metric))
         rows.append((f"old {task}", metric, _number(va), _number(vb), _change(vb, va)))

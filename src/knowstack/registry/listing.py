@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from knowstack.registry.core import Registry
+from knowstack.registry.core import Registry, composed
 
 COLUMNS = ("name", "kind", "task", "metric", "score", "keep-data", "author", "hash")
 VERSION_COLUMNS = ("name", "status", "method", "kind", "from", "AVE", "AVnew")
@@ -55,7 +55,7 @@ def format_listing(reg: Registry) -> str:
     if rows:
         lines += text_table(COLUMNS, rows)
     tasks = registered_tasks(records)
-    versions = [version_row(r, tasks) for r in records if r["method"] not in ("base", "contribution")]
+    versions = [version_row(r, tasks) for r in composed(records)]
     if versions:
         lines += [f"composed versions: {len(versions)}", *text_table(VERSION_COLUMNS, versions)]
     return "\n".join(lines)

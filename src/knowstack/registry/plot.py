@@ -7,8 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from knowstack.registry.advice import Measured, measured_versions
-from knowstack.registry.compose import composed
-from knowstack.registry.core import Registry
+from knowstack.registry.core import Registry, composed
 
 STATUS_STYLE = {"released": {"color": "#3b7d3b", "marker": "o"}, "rejected": {"color": "#c0392b", "marker": "X"}}
 
