@@ -28,7 +28,7 @@ from knowstack.errors import KnowstackError
 from knowstack.registry import db
 from knowstack.registry.base import model_files, store_files, weights_hash
 from knowstack.registry.core import BASE_NAME, Registry, check_name
-from knowstack.registry.evaluate import RegisteredTask, load_for_scoring, score_task
+from knowstack.registry.evaluate import load_for_scoring, score_task, task_of
 from knowstack.registry.store import content_hash
 
 METRICS = ("accuracy", "rouge_l", "edit_similarity", "sari", "math")
@@ -181,8 +181,7 @@ def _score(reg: Registry, base_dir: Path, new: db.NewVersion, batch_size: int) -
     from knowstack.modelio import load_tokenizer
 
     assert new.contribution is not None
-    task = RegisteredTask(new.contribution["task"], new.contribution["task_format"], new.contribution["metric"],
-                          new.contribution["task_files"], new.name)
+    task = task_of({**new.contribution, "name": new.name})  # the record it is about to become
     with reg.store.view(new.files) as weights_dir:
         model = load_for_scoring(weights_dir, base_dir if new.kind == "adapter" else None)
         return score_task(model, load_tokenizer(base_dir), reg.store, task, batch_size)
