@@ -330,9 +330,9 @@ def test_compose_training_launched_on_two_processes_gives_the_in_process_version
     launched_reg = tmp_path / "launched"
     shutil.copytree(registry, launched_reg)
     with Registry.open(launched_reg) as reg:  # forget the version: compose it again, launched
-        reg.conn.execute("DELETE FROM scores WHERE version_id IN (SELECT id FROM versions WHERE method='sequential')")
-        reg.conn.execute("DELETE FROM parents WHERE version_id IN (SELECT id FROM versions WHERE method='sequential')")
-        reg.conn.execute("DELETE FROM versions WHERE method = 'sequential'")
+        reg.records.conn.execute("DELETE FROM scores WHERE version_id IN (SELECT id FROM versions WHERE method='sequential')")
+        reg.records.conn.execute("DELETE FROM parents WHERE version_id IN (SELECT id FROM versions WHERE method='sequential')")
+        reg.records.conn.execute("DELETE FROM versions WHERE method = 'sequential'")
     from knowstack.train.launch import LaunchSpec
 
     launched = compose(launched_reg, "sequential", contributions=["stance"], options=options, gate_old=100.0,

@@ -77,9 +77,10 @@ def _percent(text: str) -> float:
 
 
 def cmd_advise(args: argparse.Namespace) -> None:
+    from knowstack.registry.core import is_url
     from knowstack.registry.db import DB_FILE
 
-    if (Path(args.dir) / DB_FILE).is_file():
+    if is_url(args.dir) or (Path(args.dir) / DB_FILE).is_file():
         from knowstack.registry.advice import registry_advice
         from knowstack.registry.core import Registry
 
@@ -248,7 +249,8 @@ def cmd_registry_init(args: argparse.Namespace) -> None:
                          include_path=args.include_path, batch_size=args.batch_size, limit=args.limit)
     for score in base["scores"]:
         print(f"old knowledge: {score['task']} {score['metric']} = {score['value']:.4f}")
-    print(f"registry: {Path(args.registry).resolve()}  base {base['content_hash'][:12]}")
+    where = args.registry if "://" in args.registry else Path(args.registry).resolve()
+    print(f"registry: {where}  base {base['content_hash'][:12]}")
 
 
 def cmd_registry_list(args: argparse.Namespace) -> None:
@@ -272,9 +274,9 @@ def cmd_registry_gc(args: argparse.Namespace) -> None:
 
     with Registry.open(args.registry) as reg:
         removed = reg.collect_garbage(grace_seconds=args.grace_hours * 3600, dry_run=args.dry_run)
-    size = sum(path.stat().st_size for path in removed) if args.dry_run else None
-    for path in removed:
-        print(f"{'would remove' if args.dry_run else 'removed'}: {path}")
+    size = sum(stored.size for stored in removed) if args.dry_run else None
+    for stored in removed:
+        print(f"{'would remove' if args.dry_run else 'removed'}: {stored.location}")
     print(f"{len(removed)} unreferenced files" + (f" ({size / 2**20:.1f} MiB)" if size is not None else ""))
 
 
@@ -529,7 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("registry", help="a collaborative registry of one base and many contributions")
     registry = p.add_subparsers(dest="registry_command", required=True)
     r = registry.add_parser("init", help="create a registry for a base model (and record its old-knowledge scores)")
-    r.add_argument("registry", help="the registry dir to create (new or empty)")
+    r.add_argument("registry", help="the registry to create: a new or empty dir, or a URL fsspec reaches "
+                                    "(s3://bucket/reg, gs://..., file:///shared/reg; its objects are cached "
+                                    "under $KNOWSTACK_CACHE)")
     r.add_argument("--base", required=True, help="the base model: a local HF model dir with safetensors weights")
     r.add_argument("--old-knowledge", nargs="+", metavar="TASK", help="lm-eval tasks to score the base on")
     r.add_argument("--include-path", help="a dir of lm-eval task YAMLs (the built-in world's: WORLD/old_knowledge)")

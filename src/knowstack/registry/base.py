@@ -2,8 +2,10 @@
 
 The base's files (config, safetensors weights, tokenizer) are stored as objects like every other model,
 so contributions are checked and scored against exactly the base the registry recorded, and a later
-compose needs nothing outside the registry. The registry is built in a temporary dir beside its final
-path and renamed into place, so an interrupted init leaves nothing that looks like a registry.
+compose needs nothing outside the registry. A local registry is built in a temporary dir beside its final
+path and renamed into place; a remote one (a URL) is built in a local temporary dir, its objects are
+uploaded, and it exists from the moment its first log entry is created. Either way an interrupted init
+leaves nothing that looks like a registry.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from knowstack.combine.merge import TOKENIZER_FILES
 from knowstack.combine.streaming import INDEX_FILE, weight_files
 from knowstack.errors import KnowstackError
 from knowstack.registry import db
-from knowstack.registry.core import BASE_NAME, Registry
-from knowstack.registry.store import ObjectStore, content_hash, file_sha256
+from knowstack.registry.core import BASE_NAME, Registry, cache_dir, is_url, remote_fs
+from knowstack.registry.records import LOG_DIR, check_exclusive_create, create_log
+from knowstack.registry.store import OBJECTS_DIR, ObjectStore, RemoteObjectStore, content_hash, file_sha256
 
 # The config fields that decide whether two checkpoints are the same network (and what a reader wants to see).
 ARCHITECTURE_FIELDS = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -87,14 +90,19 @@ def init_registry(
     batch_size: int = 32,
     limit: int | None = None,
 ) -> dict[str, Any]:
-    """Create the registry `root` for the base model dir `base`; returns the base's record."""
+    """Create the registry `root` (a path, or a URL fsspec reaches) for the base model dir `base`; returns the
+    base's record."""
+    model = FullModel(Path(base).expanduser())
+    if is_url(root):
+        return _init_remote(str(root).rstrip("/"), model, list(old_tasks), include_path, batch_size, limit)
     root = Path(root).expanduser()
     _check_free(root)
-    model = FullModel(Path(base).expanduser())
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.init-", dir=root.parent))
     try:
-        _build(tmp, model, list(old_tasks), include_path, batch_size, limit)
+        store = ObjectStore(tmp)
+        new = _base_version(store, model, list(old_tasks), include_path, batch_size, limit)
+        _write_database(tmp / db.DB_FILE, new)
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a registry is shared like any new dir
         try:
             # rename() onto an existing non-empty dir fails: of two racing inits exactly one wins.
@@ -108,9 +116,53 @@ def init_registry(
         return reg.base()
 
 
-def _build(tmp: Path, model: FullModel, old_tasks: list[str], include_path: str | Path | None,
-           batch_size: int, limit: int | None) -> None:
-    store = ObjectStore(tmp)
+def _init_remote(url: str, model: FullModel, old_tasks: list[str], include_path: str | Path | None,
+                 batch_size: int, limit: int | None) -> dict[str, Any]:
+    fs, path = remote_fs(url)
+    _check_free_remote(fs, path, url)
+    fs.makedirs(f"{path}/{LOG_DIR}", exist_ok=True)
+    check_exclusive_create(fs, f"{path}/{LOG_DIR}", url)
+    with tempfile.TemporaryDirectory(prefix="knowstack-init-") as tmp:
+        # Everything that can fail (hashing, the old-knowledge evaluation) happens before the first upload.
+        local = ObjectStore(Path(tmp))
+        new = _base_version(local, model, old_tasks, include_path, batch_size, limit)
+        remote = RemoteObjectStore(fs, path, cache_dir(url), url)
+        for sha in sorted(new.objects):
+            remote.put_file(local.path(sha))
+    if not create_log(fs, path, url, new):
+        raise KnowstackError("a registry already exists here: init refuses to touch it", path=url)
+    with Registry.open(url) as reg:
+        return reg.base()
+
+
+def _check_free_remote(fs: Any, path: str, url: str) -> None:
+    """A new registry goes where nothing is, or where an interrupted init left only objects and an empty log."""
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return
+    if not fs.isdir(path):
+        raise KnowstackError("exists and is not a directory: a registry needs a new or empty location", path=url)
+    names = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)}
+    if LOG_DIR in names and any(not n.rsplit("/", 1)[-1].startswith(".") for n in fs.ls(f"{path}/{LOG_DIR}",
+                                                                                         detail=False)):
+        raise KnowstackError("a registry already exists here: init refuses to touch it", path=url)
+    if names - {LOG_DIR, OBJECTS_DIR}:
+        raise KnowstackError(f"holds files that are not a registry's ({', '.join(sorted(names)[:3])}...): a "
+                             "registry needs a new or empty location", path=url)
+
+
+def _write_database(path: Path, new: db.NewVersion) -> None:
+    conn = db.connect(path, create=True)
+    try:
+        db.create_schema(conn)
+        db.insert_version(conn, new, path)
+    finally:
+        conn.close()
+
+
+def _base_version(store: ObjectStore, model: FullModel, old_tasks: list[str], include_path: str | Path | None,
+                  batch_size: int, limit: int | None) -> db.NewVersion:
+    """The base's record, its files stored in `store` and its old knowledge measured."""
     files, hashed = model_files(model, with_tokenizer=True)
     names, sizes = store_files(store, files)
     settings: dict[str, Any] = {"source": str(model.path.resolve()), "architecture": architecture(model)}
@@ -128,15 +180,9 @@ def _build(tmp: Path, model: FullModel, old_tasks: list[str], include_path: str 
             sizes.update(task_sizes)
         with store.view(names) as model_dir:
             scores = old_knowledge_scores(model_dir, old_tasks, include, batch_size, limit)
-    conn = db.connect(tmp / db.DB_FILE, create=True)
-    try:
-        db.create_schema(conn)
-        db.insert_version(conn, db.NewVersion(
-            name=BASE_NAME, kind="base", method="base", files=names,
-            content_hash=content_hash({name: names[name] for name in hashed}), objects=sizes, settings=settings,
-            scores=scores), tmp / db.DB_FILE)
-    finally:
-        conn.close()
+    return db.NewVersion(name=BASE_NAME, kind="base", method="base", files=names,
+                         content_hash=content_hash({name: names[name] for name in hashed}), objects=sizes,
+                         settings=settings, scores=scores)
 
 
 def old_knowledge_scores(model_dir: Path, tasks: list[str], include_path: Path | None, batch_size: int,

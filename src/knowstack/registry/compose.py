@@ -421,7 +421,7 @@ def _score_base_on_new_tasks(reg: Registry, base_dir: Path, tasks: dict[str, Reg
     model, tokenizer = load_for_scoring(base_dir), load_tokenizer(base_dir)
     for task in missing:
         say(f"scoring the base on {task.name}")
-        db.add_scores(reg.conn, BASE_NAME, [score_task(model, tokenizer, reg.store, task, batch_size)])
+        reg.add_scores(BASE_NAME, [score_task(model, tokenizer, reg.store, task, batch_size)])
 
 
 def _evaluate(b: Build, tasks: dict[str, RegisteredTask], batch_size: int) -> list[dict[str, Any]]:
@@ -487,7 +487,7 @@ def compose(
         start_record = check_start(records, start, spec) if start is not None else None
         settings = spec.settings(options)
         key = compose_key(spec, settings, reg.base()["content_hash"], chosen, start_record)
-        work = reg.root / WORK_DIR / key
+        work = reg.work_dir / WORK_DIR / key
         with _exclusive(work):
             records = reg.versions()
             done = next((r for r in composed(records) if r["settings"].get("compose_key") == key), None)
@@ -496,9 +496,9 @@ def compose(
                 shutil.rmtree(work, ignore_errors=True)
                 return done
             version_name = name or next_version_name(records)
-            if db.name_taken(reg.conn, version_name):
+            if reg.name_taken(version_name):
                 raise KnowstackError(f"the name '{version_name}' is taken in this registry: choose another",
-                                     path=reg.db_path, field="name")
+                                     path=reg.where, field="name")
             tasks = registered_tasks(records)
             with contextlib.ExitStack() as stack:
                 build = _open_build(stack, reg, records, spec, chosen, start_record, options, work, say, launch)
@@ -513,7 +513,7 @@ def compose(
             parents = ([start_record["name"]] if start_record else []) + [r["name"] for r in chosen]
             new = _gated_version(reg, version_name, spec, settings, key, build.out, scores, tasks, parents,
                                  gate_old, gate_task, author)
-            db.insert_version(reg.conn, new, reg.db_path)
+            reg.record(new)
             shutil.rmtree(work, ignore_errors=True)
             return reg.version(version_name)
 

@@ -142,16 +142,16 @@ def contribute(
     if config_path is not None and not config_path.is_file():
         raise KnowstackError("training config file not found", path=config_path)
     with Registry.open(root) as reg:
-        if db.name_taken(reg.conn, name):  # early, before any work; the commit checks again
+        if reg.name_taken(name):  # early, before any work; the commit checks again
             raise KnowstackError(f"the name '{name}' is taken in this registry: choose another",
-                                 path=reg.db_path, field="name")
+                                 path=reg.where, field="name")
         task_files = read_task(task, keep_data=keep_data, task_format=task_format)
         contribution = open_contribution(adapter, model)
         with reg.view(BASE_NAME) as base_dir:
             check_trained_from(FullModel(base_dir), reg.base()["content_hash"], contribution)
             new = _store(reg, name, contribution, task_files, metric, keep_data, author, config_path)
             new.scores = [_score(reg, base_dir, new, batch_size)]
-        db.insert_version(reg.conn, new, reg.db_path)
+        reg.record(new)
         return reg.version(name)
 
 

@@ -1,6 +1,10 @@
-"""A registry on disk: `registry.sqlite` (the records) beside `objects/` (the bytes they point to).
+"""A registry: records (what each version is, its parents, its scores) beside `objects/` (the bytes they point to).
 
-    reg = Registry.open(path)
+At a local path the records are `registry.sqlite`; at a URL fsspec reaches (`s3://bucket/team-reg`, `gs://...`,
+`file:///mnt/shared/reg`) they are an append-only log (records.py) and objects are read through a local cache.
+Everything above this module is the same for both.
+
+    reg = Registry.open(path_or_url)
     reg.versions()            # every version, oldest first, with scores
     with reg.view("base") as model_dir: ...   # a loadable dir of verified objects
 """
@@ -8,9 +12,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
 import re
-import sqlite3
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,7 +24,8 @@ from typing import Any
 
 from knowstack.errors import KnowstackError
 from knowstack.registry import db
-from knowstack.registry.store import ObjectStore
+from knowstack.registry.records import LogRecords, SqliteRecords
+from knowstack.registry.store import ObjectStore, RemoteObjectStore, StoredFile
 
 BASE_NAME = "base"
 # A name becomes part of messages, file names of exports and CLI arguments: keep it plain.
@@ -33,26 +39,60 @@ def check_name(name: str) -> str:
     return name
 
 
+def is_url(root: str | Path) -> bool:
+    """A registry root with a protocol (`s3://`, `file://`, ...) is opened through fsspec; a plain path is local."""
+    return isinstance(root, str) and "://" in root
+
+
+def cache_dir(url: str) -> Path:
+    """Where a remote registry's objects are cached and its composes build: `$KNOWSTACK_CACHE` (default
+    ~/.cache/knowstack)/registries/<hash of the URL>. Deleting it loses nothing but downloads."""
+    base = Path(os.environ.get("KNOWSTACK_CACHE") or "~/.cache/knowstack").expanduser()
+    return base / "registries" / hashlib.sha256(url.rstrip("/").encode("utf-8")).hexdigest()[:16]
+
+
+def remote_fs(url: str) -> tuple[Any, str]:
+    """The fsspec file system and path for `url`; a missing backend (e.g. s3fs) is one clear error."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as err:
+        raise KnowstackError(f"cannot open this registry URL: {err}", path=url) from None
+
+
 @dataclass
 class Registry:
-    root: Path
-    conn: sqlite3.Connection
+    label: str  # the path or URL, as messages name it
+    records: SqliteRecords
     store: ObjectStore
+    work_dir: Path  # local scratch: compose keeps its build and scores here until the version is recorded
 
     @classmethod
     def open(cls, root: str | Path) -> Registry:
+        if is_url(root):
+            url = str(root).rstrip("/")
+            fs, path = remote_fs(url)
+            cache = cache_dir(url)
+            return cls(url, LogRecords(fs, path, url), RemoteObjectStore(fs, path, cache, url), cache)
         root = Path(root).expanduser()
         path = root / db.DB_FILE
         conn = db.connect(path)
         db.check_schema(conn, path)
-        return cls(root, conn, ObjectStore(root))
+        return cls(str(root), SqliteRecords(conn, path), ObjectStore(root), root)
 
     @property
-    def db_path(self) -> Path:
-        return self.root / db.DB_FILE
+    def name(self) -> str:
+        """The registry's last path part, for titles."""
+        return self.label.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def where(self) -> object:
+        """What an error about the records names: the database file, or the log."""
+        return self.records.where
 
     def close(self) -> None:
-        self.conn.close()
+        self.records.close()
 
     def __enter__(self) -> Registry:
         return self
@@ -60,20 +100,30 @@ class Registry:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def name_taken(self, name: str) -> bool:
+        return self.records.name_taken(name)
+
+    def record(self, new: db.NewVersion) -> None:
+        """Commit `new` (its objects already stored): all of it becomes visible at once, or nothing does."""
+        self.records.insert(new)
+
+    def add_scores(self, name: str, scores: list[dict[str, Any]]) -> None:
+        self.records.add_scores(name, scores)
+
     def versions(self) -> list[dict[str, Any]]:
-        return db.versions(self.conn)
+        return self.records.versions()
 
     def version(self, name: str) -> dict[str, Any]:
         for record in self.versions():
             if record["name"] == name:
                 return record
-        raise KnowstackError(f"no version named '{name}' in this registry", path=self.root, field="name")
+        raise KnowstackError(f"no version named '{name}' in this registry", path=self.label, field="name")
 
     def base(self) -> dict[str, Any]:
         for record in self.versions():
             if record["kind"] == "base":
                 return record
-        raise KnowstackError("registry has no base model record", path=self.db_path)
+        raise KnowstackError("registry has no base model record", path=self.where)
 
     @contextlib.contextmanager
     def view(self, name: str) -> Iterator[Path]:
@@ -89,28 +139,26 @@ class Registry:
         records = [r for r in self.versions() if names is None or r["name"] in names]
         missing = set(names or ()) - {r["name"] for r in records}
         if missing:
-            raise KnowstackError(f"no version named '{sorted(missing)[0]}' in this registry", path=self.root)
+            raise KnowstackError(f"no version named '{sorted(missing)[0]}' in this registry", path=self.label)
         shas = {sha for record in records for sha in _record_objects(record)}
         for sha in sorted(shas):
             self.store.verified_path(sha)
         return len(shas)
 
 
-    def collect_garbage(self, *, grace_seconds: float = 3600.0, dry_run: bool = False) -> list[Path]:
+    def collect_garbage(self, *, grace_seconds: float = 3600.0, dry_run: bool = False) -> list[StoredFile]:
         """Delete object files no record points to (left by contributions or composes that failed before their
         commit), and leftover temporary files, once older than `grace_seconds`: a contributor storing objects
         right now has not committed its record yet, and its files must survive. Returns what was (or would be)
         removed."""
-        referenced = {row["sha256"] for row in self.conn.execute("SELECT sha256 FROM objects")}
+        referenced = self.records.object_shas()
         referenced |= {sha for record in self.versions() for sha in _record_objects(record)}
         cutoff = time.time() - grace_seconds
-        removed = []
-        for path in sorted(self.store.root.glob("*/*")):
-            if path.name in referenced or not path.is_file() or path.stat().st_mtime > cutoff:
-                continue
-            removed.append(path)
-            if not dry_run:
-                path.unlink()
+        removed = [stored for stored in self.store.stored_files()
+                   if stored.name not in referenced and stored.modified <= cutoff]
+        if not dry_run:
+            for stored in removed:
+                self.store.remove(stored)
         return removed
 
 

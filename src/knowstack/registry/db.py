@@ -111,14 +111,14 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("COMMIT")
 
 
-def create_schema(conn: sqlite3.Connection) -> None:
+def create_schema(conn: sqlite3.Connection, created_at: str | None = None) -> None:
     conn.execute("PRAGMA journal_mode = WAL")  # persistent: stored in the database file
     with transaction(conn):
         for statement in SCHEMA.split(";"):
             if statement.strip():
                 conn.execute(statement)
         conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
-                         [("schema_version", str(SCHEMA_VERSION)), ("created_at", now())])
+                         [("schema_version", str(SCHEMA_VERSION)), ("created_at", created_at or now())])
 
 
 def check_schema(conn: sqlite3.Connection, path: Path) -> None:
@@ -154,9 +154,9 @@ def name_taken(conn: sqlite3.Connection, name: str) -> bool:
     return conn.execute("SELECT 1 FROM versions WHERE name = ?", (name,)).fetchone() is not None
 
 
-def insert_version(conn: sqlite3.Connection, new: NewVersion, db_path: Path) -> int:
+def insert_version(conn: sqlite3.Connection, new: NewVersion, db_path: object, stamp: str | None = None) -> int:
     """Record `new` in one transaction: nothing of it is visible until all of it is."""
-    stamp = now()
+    stamp = stamp or now()
     try:
         with transaction(conn):
             conn.executemany("INSERT OR IGNORE INTO objects (sha256, size) VALUES (?, ?)", sorted(new.objects.items()))
@@ -191,6 +191,10 @@ def insert_version(conn: sqlite3.Connection, new: NewVersion, db_path: Path) -> 
     return version_id
 
 
+def object_shas(conn: sqlite3.Connection) -> set[str]:
+    return {row["sha256"] for row in conn.execute("SELECT sha256 FROM objects")}
+
+
 def versions(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     """Every version, oldest first, with its contribution fields, parents and scores."""
     rows = conn.execute(
@@ -218,10 +222,10 @@ def versions(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     return out
 
 
-def add_scores(conn: sqlite3.Connection, name: str, scores: list[dict[str, Any]]) -> None:
+def add_scores(conn: sqlite3.Connection, name: str, scores: list[dict[str, Any]], stamp: str | None = None) -> None:
     """Scores measured later for an existing version (the base on a task contributed since init); a score
     already recorded is kept, so two composes measuring the same thing at once agree on one."""
-    stamp = now()
+    stamp = stamp or now()
     with transaction(conn):
         conn.executemany(
             "INSERT OR IGNORE INTO scores (version_id, task, kind, metric, value, n, measured_at) "

@@ -51,7 +51,7 @@ def format_listing(reg: Registry) -> str:
     records = reg.versions()
     base = reg.base()
     rows = [contribution_row(r) for r in records if r["method"] == "contribution"]
-    lines = [f"registry: {reg.root}", *_base_lines(base), f"contributions: {len(rows)}"]
+    lines = [f"registry: {reg.label}", *_base_lines(base), f"contributions: {len(rows)}"]
     if rows:
         lines += text_table(COLUMNS, rows)
     tasks = registered_tasks(records)

@@ -35,7 +35,7 @@ def plot_versions(reg: Registry, path: Path) -> list[Measured]:
     ax.axvline(0, color="black", linewidth=0.6)
     ax.set_xlabel("old knowledge: AVE change from the base (%)")
     ax.set_ylabel("new knowledge: AVnew gain from the base (%)")
-    ax.set_title(f"Versions of {reg.root.name}: what each learned and what it forgot")
+    ax.set_title(f"Versions of {reg.name}: what each learned and what it forgot")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     save_figure(fig, Path(path))

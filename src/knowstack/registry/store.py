@@ -13,8 +13,11 @@ import hashlib
 import os
 import re
 import tempfile
+import uuid
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from knowstack.errors import KnowstackError
 
@@ -47,6 +50,16 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A file under `objects/` as `registry gc` sees it: its name (a sha256, or a leftover temporary name)."""
+
+    name: str
+    location: str
+    size: int
+    modified: float  # seconds since the epoch
 
 
 class ObjectStore:
@@ -107,6 +120,13 @@ class ObjectStore:
     def read_bytes(self, sha: str) -> bytes:
         return self.verified_path(sha).read_bytes()
 
+    def stored_files(self) -> list[StoredFile]:
+        return [StoredFile(path.name, str(path), stat.st_size, stat.st_mtime)
+                for path in sorted(self.root.glob("*/*")) if path.is_file() for stat in [path.stat()]]
+
+    def remove(self, stored: StoredFile) -> None:
+        Path(stored.location).unlink(missing_ok=True)
+
     @contextlib.contextmanager
     def view(self, files: Mapping[str, str]) -> Iterator[Path]:
         """A temporary dir holding `files` ({name: sha256}) as links to verified objects, e.g. a loadable model dir.
@@ -126,3 +146,78 @@ def safe_relative(name: str) -> Path:
     if not name or path.is_absolute() or any(part in ("", ".", "..") for part in path.parts) or "\\" in name:
         raise KnowstackError(f"unsafe file name {name!r} in a registry record")
     return path
+
+
+class RemoteObjectStore(ObjectStore):
+    """The same store on any file system fsspec reaches (`s3://bucket/reg`, `gs://...`, `file://...`), read
+    through a local cache laid out like a local store.
+
+    An object is uploaded under a temporary name and moved into place (on object stores a copy, which
+    appears whole or not at all); it is downloaded into the cache, hashed, and renamed there only if it
+    matches: a tampered remote object is refused naming its URL, and every read of the cached copy
+    re-hashes it exactly as a local store does."""
+
+    def __init__(self, fs: Any, root: str, cache_root: Path, label: str):
+        super().__init__(cache_root)
+        self.fs, self.remote_root, self.label = fs, f"{root.rstrip('/')}/{OBJECTS_DIR}", label.rstrip("/")
+
+    def remote_path(self, sha: str) -> str:
+        self.path(sha)  # validates the id
+        return f"{self.remote_root}/{sha[:2]}/{sha}"
+
+    def url(self, sha: str) -> str:
+        return f"{self.label}/{OBJECTS_DIR}/{sha[:2]}/{sha}"
+
+    def put_file(self, source: Path) -> tuple[str, int]:
+        # Into the cache first, hashed while copied: what is uploaded is a read-only copy that cannot change
+        # under us, and the writer's later reads need no download.
+        sha, size = super().put_file(source)
+        final = self.remote_path(sha)
+        self.fs.invalidate_cache(final.rsplit("/", 1)[0])
+        if self.fs.exists(final):
+            return sha, size
+        tmp = f"{final.rsplit('/', 1)[0]}/.{sha[:12]}.tmp-{uuid.uuid4().hex}"
+        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        try:
+            self.fs.put_file(str(self.path(sha)), tmp)
+            self.fs.mv(tmp, final)  # a racing writer of the same object moves the same bytes
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self.fs.rm_file(tmp)
+            raise
+        return sha, size
+
+    def verified_path(self, sha: str) -> Path:
+        cached = self.path(sha)
+        if not cached.is_file():
+            self._download(sha, cached)
+        return super().verified_path(sha)
+
+    def _download(self, sha: str, cached: Path) -> None:
+        if not self.fs.exists(self.remote_path(sha)):
+            raise KnowstackError("registry object is missing", path=self.url(sha))
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{sha[:12]}.tmp-", dir=cached.parent)
+        os.close(fd)
+        try:
+            self.fs.get_file(self.remote_path(sha), tmp)
+            actual = file_sha256(Path(tmp))
+            if actual != sha:
+                raise KnowstackError(f"registry object is corrupt or was tampered with (its sha256 is "
+                                     f"{actual[:12]}..., expected {sha[:12]}...)", path=self.url(sha))
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, cached)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def stored_files(self) -> list[StoredFile]:
+        self.fs.invalidate_cache(self.remote_root)
+        found = self.fs.find(self.remote_root, detail=True) if self.fs.exists(self.remote_root) else {}
+        return [StoredFile(path.rsplit("/", 1)[-1], path, int(info.get("size") or 0),
+                           self.fs.modified(path).timestamp())
+                for path, info in sorted(found.items()) if info.get("type") == "file"]
+
+    def remove(self, stored: StoredFile) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(stored.location)
