@@ -115,6 +115,7 @@ class Build:
     say: Callable[[str], None]
     start: Path | None = None  # --from: the version built upon, as its dir (a model, or a plain LoRA adapter)
     start_is_adapter: bool = False
+    start_name: str | None = None
     replayed: tuple[RegisteredTask, ...] = ()  # --from with replay: the start's tasks whose data is kept
     launch: LaunchSpec | None = None  # training and router training as `accelerate launch` of N processes
 
@@ -508,6 +509,7 @@ def compose(
                     say(f"{method}: building from {', '.join(build.names)}"
                         + (f", on {start_record['name']}" if start_record else ""))
                     spec.build(build)
+                name_inputs_by_version(build)
                 _score_base_on_new_tasks(reg, build.base_dir, tasks, batch_size, say)
                 scores = _evaluate(build, tasks, batch_size)
             parents = ([start_record["name"]] if start_record else []) + [r["name"] for r in chosen]
@@ -516,6 +518,35 @@ def compose(
             reg.record(new)
             shutil.rmtree(work, ignore_errors=True)
             return reg.version(version_name)
+
+
+def name_inputs_by_version(b: Build) -> None:
+    """Built files record their inputs' paths (merge.json, moe.json, an adapter's base): here those are temporary
+    views. Naming them by version instead keeps a version's bytes a function of its inputs, so composing the
+    same thing twice, or in two registries, stores the same objects."""
+    names = {str(b.base_dir): BASE_NAME, str(b.work): "."}
+    names.update({str(path): name for path, name in zip(b.inputs, b.names, strict=True)})
+    if b.start is not None and b.start_name is not None:
+        names[str(b.start)] = b.start_name
+    names.update({str(Path(path).resolve()): name for path, name in list(names.items())})
+
+    def renamed(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: renamed(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [renamed(item) for item in value]
+        if isinstance(value, str):
+            for path, name in names.items():
+                if value == path or value.startswith(path + "/"):
+                    return name + value[len(path):]
+        return value
+
+    for path in sorted(b.out.rglob("*.json")):
+        if path.stat().st_size > 1 << 20:  # tokenizer.json and the like: no paths, and costly to rewrite
+            continue
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if renamed(data) != data:
+            atomic_write_json(path, renamed(data))
 
 
 def _open_build(stack: contextlib.ExitStack, reg: Registry, records: Sequence[dict[str, Any]], spec: Method,
@@ -535,7 +566,8 @@ def _open_build(stack: contextlib.ExitStack, reg: Registry, records: Sequence[di
             if unreplayed:
                 say(f"not replayed (registered without their data): {', '.join(unreplayed)}")
     return Build(reg, base_dir, inputs, [r["name"] for r in chosen], [task_of(r) for r in chosen], options, work,
-                 say, start_dir, start is not None and start["kind"] == "adapter", replayed, launch)
+                 say, start_dir, start is not None and start["kind"] == "adapter", start and start["name"], replayed,
+                 launch)
 
 
 def _gated_version(reg: Registry, name: str, spec: Method, settings: dict[str, Any], key: str, out: Path,
