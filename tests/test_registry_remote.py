@@ -117,6 +117,10 @@ def test_tampering_is_refused_at_the_store_and_in_the_cache(tmp_path: Path, tiny
     fs.pipe_file(remote, good)
     with Registry.open(url) as reg:
         assert reg.verify(["victim"]) == len(record["files"]) + 2  # its files, its eval and test splits
+    with Registry.open(url) as reg, reg.view("victim"):
+        assert cached.is_file()  # reading fills the cache again
+    fs.pipe_file(remote, good[:-1] + bytes([good[-1] ^ 0xFF]))  # verify checks the store, not the good cached copy
+    assert main(["registry", "verify", url, "victim"]) == 2
 
 
 def test_a_stale_writer_replays_and_never_doubles_a_name(tiny_model_dir: Path, inputs: dict[str, Path],

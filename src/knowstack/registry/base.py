@@ -142,13 +142,16 @@ def _check_free_remote(fs: Any, path: str, url: str) -> None:
         return
     if not fs.isdir(path):
         raise KnowstackError("exists and is not a directory: a registry needs a new or empty location", path=url)
-    names = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)}
-    if LOG_DIR in names and any(not n.rsplit("/", 1)[-1].startswith(".") for n in fs.ls(f"{path}/{LOG_DIR}",
-                                                                                         detail=False)):
+    names = {_last_part(entry) for entry in fs.ls(path, detail=False)}
+    if LOG_DIR in names and any(not _last_part(e).startswith(".") for e in fs.ls(f"{path}/{LOG_DIR}", detail=False)):
         raise KnowstackError("a registry already exists here: init refuses to touch it", path=url)
     if names - {LOG_DIR, OBJECTS_DIR}:
         raise KnowstackError(f"holds files that are not a registry's ({', '.join(sorted(names)[:3])}...): a "
                              "registry needs a new or empty location", path=url)
+
+
+def _last_part(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _write_database(path: Path, new: db.NewVersion) -> None:

@@ -135,16 +135,16 @@ class Registry:
         return json.loads(self.store.read_bytes(sha).decode("utf-8"))
 
     def verify(self, names: list[str] | None = None) -> int:
-        """Re-hash every object the named versions (default: all) point to; returns how many were checked."""
+        """Re-hash every object the named versions (default: all) point to, where it is stored (and, for a remote
+        registry, in the local cache too); returns how many were checked."""
         records = [r for r in self.versions() if names is None or r["name"] in names]
         missing = set(names or ()) - {r["name"] for r in records}
         if missing:
             raise KnowstackError(f"no version named '{sorted(missing)[0]}' in this registry", path=self.label)
         shas = {sha for record in records for sha in _record_objects(record)}
         for sha in sorted(shas):
-            self.store.verified_path(sha)
+            self.store.check(sha)
         return len(shas)
-
 
     def collect_garbage(self, *, grace_seconds: float = 3600.0, dry_run: bool = False) -> list[StoredFile]:
         """Delete object files no record points to (left by contributions or composes that failed before their

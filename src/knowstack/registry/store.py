@@ -27,11 +27,21 @@ _HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(_BLOCK), b""):
-            digest.update(block)
+        return stream_sha256(handle)
+
+
+def stream_sha256(handle: Any) -> str:
+    digest = hashlib.sha256()
+    for block in iter(lambda: handle.read(_BLOCK), b""):
+        digest.update(block)
     return digest.hexdigest()
+
+
+def refuse_mismatch(actual: str, sha: str, where: object) -> None:
+    if actual != sha:
+        raise KnowstackError(f"registry object is corrupt or was tampered with (its sha256 is {actual[:12]}..., "
+                             f"expected {sha[:12]}...)", path=where)
 
 
 def content_hash(files: Mapping[str, str]) -> str:
@@ -111,14 +121,15 @@ class ObjectStore:
         path = self.path(sha)
         if not path.is_file():
             raise KnowstackError("registry object is missing", path=path)
-        actual = file_sha256(path)
-        if actual != sha:
-            raise KnowstackError(f"registry object is corrupt or was tampered with (its sha256 is {actual[:12]}..., "
-                                 f"expected {sha[:12]}...)", path=path)
+        refuse_mismatch(file_sha256(path), sha, path)
         return path
 
     def read_bytes(self, sha: str) -> bytes:
         return self.verified_path(sha).read_bytes()
+
+    def check(self, sha: str) -> None:
+        """Re-hash the stored object (what `registry verify` does)."""
+        self.verified_path(sha)
 
     def stored_files(self) -> list[StoredFile]:
         return [StoredFile(path.name, str(path), stat.st_size, stat.st_mtime)
@@ -193,18 +204,28 @@ class RemoteObjectStore(ObjectStore):
             self._download(sha, cached)
         return super().verified_path(sha)
 
-    def _download(self, sha: str, cached: Path) -> None:
+    def check(self, sha: str) -> None:
+        """Re-hash the object at the store, streamed (a cached copy says nothing about the store's), then the
+        cached copy if there is one."""
+        self._require_stored(sha)
+        with self.fs.open(self.remote_path(sha), "rb") as handle:
+            refuse_mismatch(stream_sha256(handle), sha, self.url(sha))
+        if self.path(sha).is_file():
+            super().verified_path(sha)
+
+    def _require_stored(self, sha: str) -> None:
+        self.fs.invalidate_cache(self.remote_path(sha).rsplit("/", 1)[0])
         if not self.fs.exists(self.remote_path(sha)):
             raise KnowstackError("registry object is missing", path=self.url(sha))
+
+    def _download(self, sha: str, cached: Path) -> None:
+        self._require_stored(sha)
         cached.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{sha[:12]}.tmp-", dir=cached.parent)
         os.close(fd)
         try:
             self.fs.get_file(self.remote_path(sha), tmp)
-            actual = file_sha256(Path(tmp))
-            if actual != sha:
-                raise KnowstackError(f"registry object is corrupt or was tampered with (its sha256 is "
-                                     f"{actual[:12]}..., expected {sha[:12]}...)", path=self.url(sha))
+            refuse_mismatch(file_sha256(Path(tmp)), sha, self.url(sha))
             os.chmod(tmp, 0o444)
             os.replace(tmp, cached)
         finally:
