@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/generation.py
 	$(BIN)/python benchmarks/merge.py   # creates mergekit's own venv on first use
 	$(BIN)/python benchmarks/olora_overhead.py
+	$(BIN)/python benchmarks/registry_records.py
 
 clean:
 	rm -rf $(VENV) runs
