@@ -5,7 +5,9 @@
 #   wipes old knowledge; the maintainer composes versions by MoE-LoRA and by TIES, the forgetting gate
 #   rejects the version that takes in the harmful contribution; log and diff show the lineage.
 #
-#   examples/registry-scenario.sh [OUT_DIR] [PRESET]      (defaults: runs/registry-scenario, quick)
+#   examples/registry-scenario.sh [OUT_DIR] [PRESET] [REGISTRY]
+#       defaults: runs/registry-scenario, quick, OUT_DIR/registry; REGISTRY may be a URL fsspec reaches
+#       (file:///mnt/shared/reg, s3://bucket/reg), which must not hold a registry yet
 #   make registry-demo                                      (the same, with the project's .venv)
 #
 # Everything is the knowstack CLI: each command below is what a contributor or maintainer types.
@@ -15,7 +17,7 @@ PRESET=${2:-quick}
 KS=${KNOWSTACK:-knowstack}
 PY=${PYTHON:-python3}
 rm -rf "$OUT" && mkdir -p "$OUT"
-WORLD=$OUT/world REG=$OUT/registry
+WORLD=$OUT/world REG=${3:-$OUT/registry}
 
 $KS build-world --preset "$PRESET" --out "$WORLD"
 # The built-in recipe (configs/builtin-quick.yaml): a constant rate of 1/3 of the base's pretraining peak.

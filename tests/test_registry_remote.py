@@ -94,6 +94,13 @@ def test_a_remote_registry_records_what_a_local_one_does(tmp_path: Path, tiny_mo
     with Registry.open(tmp_path / "local") as local, local.view("v1") as b:
         assert tensors(tmp_path / "exported").keys() == tensors(b).keys()
     assert main(["advise", url]) == 0
+    # a file no record points to (as a failed contribution leaves): kept while young, then collected
+    (tmp_path / "orphan.bin").write_bytes(b"left behind")
+    with Registry.open(url) as reg:
+        orphan, _ = reg.store.put_file(tmp_path / "orphan.bin")
+        assert reg.collect_garbage() == []
+        assert [stored.name for stored in reg.collect_garbage(grace_seconds=0)] == [orphan]
+        assert not fs.exists(f"{root}/objects/{orphan[:2]}/{orphan}") and reg.verify() > 0
 
 
 def test_tampering_is_refused_at_the_store_and_in_the_cache(tmp_path: Path, tiny_model_dir: Path,
@@ -147,7 +154,7 @@ def test_a_stale_writer_replays_and_never_doubles_a_name(tiny_model_dir: Path, i
         with pytest.raises(KnowstackError, match="'first' is taken"):
             slow.record(NewVersion(name="first", **twin))
         calls.clear()
-        slow.record(NewVersion(name="second", **twin))  # a free name lands after the replay, at the next number
+        slow.record(NewVersion(name="second", **twin))  # a free name lands, at the next number
         monkeypatch.setattr(records_module.LogRecords, "refresh", refresh)
         assert [r["name"] for r in fast.versions()] == ["base", "first", "second"]
 

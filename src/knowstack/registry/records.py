@@ -66,7 +66,7 @@ def entry_name(seq: int) -> str:
 def create_log(fs: Any, root: str, label: str, base: db.NewVersion) -> bool:
     """Write the first log entry (schema version and the base's record); False if a registry was there first."""
     entry = {"op": "init", "at": db.now(), "schema_version": db.SCHEMA_VERSION, "version": asdict(base)}
-    apply_entry(sqlite3.connect(":memory:", isolation_level=None), entry, label)  # the check every reader makes
+    apply_entry(_memory_db(), entry, label)  # the check every reader makes
     return create_exclusive(fs, f"{root.rstrip('/')}/{LOG_DIR}/{entry_name(1)}",
                             json.dumps(entry, sort_keys=True).encode("utf-8"))
 
@@ -96,8 +96,7 @@ class LogRecords(SqliteRecords):
 
     def __init__(self, fs: Any, root: str, label: str):
         self.fs, self.log_dir, self.label = fs, f"{root.rstrip('/')}/{LOG_DIR}", label.rstrip("/")
-        super().__init__(sqlite3.connect(":memory:", isolation_level=None), f"{self.label}/{LOG_DIR}")
-        self.conn.row_factory = sqlite3.Row
+        super().__init__(_memory_db(), f"{self.label}/{LOG_DIR}")
         self.applied = 0
         self.refresh()
         if self.applied == 0:
@@ -121,7 +120,9 @@ class LogRecords(SqliteRecords):
         # One call for all new entries: async stores (s3fs, gcsfs) fetch them concurrently, not one round trip each.
         fetched = self.fs.cat([self.entry_path(seq) for seq in new]) if len(new) > 1 else {}
         for seq in new:
-            entry = _parsed(fetched.get(self.entry_path(seq))) or self._read_entry(seq)
+            entry = _parsed(fetched.get(self.entry_path(seq)))
+            if entry is None:  # absent from the bulk read, or a local writer's entry still being written
+                entry = self._read_entry(seq)
             apply_entry(self.conn, entry, f"{self.label}/{LOG_DIR}/{entry_name(seq)}")
             self.applied = seq
 
@@ -136,13 +137,11 @@ class LogRecords(SqliteRecords):
                                      "or it was edited)", path=f"{self.label}/{LOG_DIR}/{entry_name(seq)}")
             time.sleep(0.05)
 
-    def _reset(self) -> None:
-        """Forget the in-memory state (after a failed or lost claim it may hold an entry that is not in the log)."""
-        self.conn.close()
-        self.conn = sqlite3.connect(":memory:", isolation_level=None)
-        self.conn.row_factory = sqlite3.Row
-        self.applied = 0
-        self.refresh()
+    def _trial_copy(self) -> sqlite3.Connection:
+        """A copy of the replayed state to try an entry on: a claim that fails leaves the replay untouched."""
+        trial = _memory_db()
+        self.conn.backup(trial)
+        return trial
 
     def versions(self) -> list[dict[str, Any]]:
         self.refresh()
@@ -166,21 +165,27 @@ class LogRecords(SqliteRecords):
         """Check `entry` against everything recorded so far, then claim the next log number for it."""
         for _ in range(_CLAIM_ATTEMPTS):
             self.refresh()
-            claimed = {**entry, "at": db.now()}
-            seq = self.applied + 1
+            claimed, seq, trial = {**entry, "at": db.now()}, self.applied + 1, self._trial_copy()
             try:
-                apply_entry(self.conn, claimed, self.label)  # raises (e.g. name taken) before anything is written
+                apply_entry(trial, claimed, self.label)  # raises (e.g. name taken) before anything is written
                 won = create_exclusive(self.fs, self.entry_path(seq), json.dumps(claimed, sort_keys=True).encode())
             except BaseException:
-                self._reset()
+                trial.close()
                 raise
             if won:
-                self.applied = seq
+                self.conn.close()
+                self.conn, self.applied = trial, seq
                 return
-            self._reset()  # another writer took `seq`: replay it and check again
+            trial.close()  # another writer took `seq`: replay it and check again
             time.sleep(random.uniform(0.01, 0.1))
         raise KnowstackError(f"could not record after {_CLAIM_ATTEMPTS} attempts: too many writers at once",
                              path=self.where)
+
+
+def _memory_db() -> sqlite3.Connection:
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    return conn
 
 
 def _parsed(blob: bytes | None) -> dict[str, Any] | None:

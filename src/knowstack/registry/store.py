@@ -235,9 +235,18 @@ class RemoteObjectStore(ObjectStore):
     def stored_files(self) -> list[StoredFile]:
         self.fs.invalidate_cache(self.remote_root)
         found = self.fs.find(self.remote_root, detail=True) if self.fs.exists(self.remote_root) else {}
-        return [StoredFile(path.rsplit("/", 1)[-1], path, int(info.get("size") or 0),
-                           self.fs.modified(path).timestamp())
+        return [StoredFile(path.rsplit("/", 1)[-1], path, int(info.get("size") or 0), self._modified(path, info))
                 for path, info in sorted(found.items()) if info.get("type") == "file"]
+
+    def _modified(self, path: str, info: Mapping[str, Any]) -> float:
+        # The listing usually says (S3 LastModified, local mtime); asking per file is one request each.
+        for key in ("LastModified", "mtime", "updated", "last_modified"):
+            value = info.get(key)
+            if isinstance(value, (int, float)):
+                return float(value)
+            if hasattr(value, "timestamp"):
+                return value.timestamp()
+        return self.fs.modified(path).timestamp()
 
     def remove(self, stored: StoredFile) -> None:
         with contextlib.suppress(FileNotFoundError):
