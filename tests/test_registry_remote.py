@@ -196,6 +196,19 @@ def test_init_refuses_an_existing_registry_and_foreign_files_and_a_broken_log(ti
         Registry.open(url)
 
 
+def test_an_unreachable_registry_url_is_one_clear_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["registry", "list", "nosuchproto://team/reg"]) == 2
+    assert "cannot open this registry URL" in capsys.readouterr().err
+    assert main(["log", f"memory://missing-{uuid.uuid4().hex}"]) == 2
+    assert "not a registry" in capsys.readouterr().err
+    # a store that fails (here: the first log entry is a directory, unreadable) is named, with no traceback
+    broken = tmp_path / "broken"
+    (broken / "log" / "00000001.json").mkdir(parents=True)
+    assert main(["registry", "list", f"file://{broken}"]) == 2
+    err = "".join(capsys.readouterr().err.split())  # the console wraps long lines
+    assert f"file://{broken}:theregistry'sstorefailed" in err
+
+
 def test_eight_contributors_at_once_on_a_shared_file_url(tmp_path: Path, tiny_model_dir: Path,
                                                          inputs: dict[str, Path]) -> None:
     """Four distinct names and four processes racing for one name: the four and exactly one of the rest land."""

@@ -627,6 +627,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `knowstack log REG | head`: the reader is gone, which is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as err:
+        where = getattr(args, "registry", None) or getattr(args, "dir", None)
+        if not (isinstance(where, str) and "://" in where):
+            raise
+        # A remote store's failures (credentials, no such bucket, network) are the user's to fix, not a bug.
+        console.print(f"[red]error:[/red] {where}: the registry's store failed: {err!r}", highlight=False)
+        return 2
     return 0
 
 
