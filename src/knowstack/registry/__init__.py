@@ -1,5 +1,6 @@
 """The collaborative registry: one shared base model, many contributors' adapters and fine-tunes, every
-one stored by content hash, checked against the base, scored on its own task and recorded in SQLite.
+one stored by content hash, checked against the base, scored on its own task and recorded: in SQLite in a
+local dir, or in an append-only log at a URL fsspec reaches (`s3://bucket/reg`; see records.py).
 
     init_registry("reg", "base-model-dir", old_tasks=["ks_country_code"], include_path="world/old_knowledge")
     from knowstack.registry.contribute import contribute

@@ -4,6 +4,7 @@ A file is hashed first, then copied under a temporary name in its final director
 so an object either is complete or is absent; one already present is never rewritten (same name, same
 bytes), which is what lets many contributors store the same weights at once. Every read goes through
 `verified_path`, which re-hashes the file: a tampered or truncated object is one clear error naming it.
+`RemoteObjectStore` keeps the same layout at a URL fsspec reaches, read through a local cache.
 """
 
 from __future__ import annotations
