@@ -106,6 +106,18 @@ def test_gate_checks_old_knowledge_against_base_and_previous_and_tasks_against_t
     assert gate_checks(None, {"b": 0.0}, base, None, [base], 2.0, 10.0)[0].passed
 
 
+def test_an_absolute_slack_lets_a_near_zero_task_move_by_one_example() -> None:
+    base = Released("base", None, {"math": 0.006, "stance": 0.50})
+    strict = gate_checks(None, {"math": 0.0, "stance": 0.44}, base, None, [base], 2.0, 10.0)
+    assert [c.passed for c in strict] == [False, False]  # 0.006 -> 0 is -100%; 0.44 is 12% below 0.50
+    loose = gate_checks(None, {"math": 0.0, "stance": 0.44}, base, None, [base], 2.0, 10.0, task_slack=0.02)
+    math, stance = loose
+    assert math.passed and math.floor == pytest.approx(-0.014)  # the points allowance is the larger here
+    assert not stance.passed and stance.floor == pytest.approx(0.45)  # and the relative one here (0.45 < 0.48)
+    assert stance.describe() == "task stance 0.440 vs base 0.500 (-12.0%; floor 0.450 at -10% or -0.02 points): FAILS"
+    assert gate_record(loose, 2.0, 10.0, 0.02)["task_slack"] == 0.02
+
+
 def test_methods_that_need_data_are_refused_for_contributions_without_it(registry: Path,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(KnowstackError, match=r"'sequential' trains on the contributions' data, and quiz-ft were "
@@ -190,7 +202,7 @@ def test_log_show_diff_export_and_advise_read_the_history(registry: Path, tmp_pa
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["compose", str(registry), "--method", "merge-average", "--contributions", "stance", "notes"]) == 0
     assert main(["compose", str(registry), "--method", "merge-ties", "--name", "ties-all", "--gate-old", "100%",
-                 "--gate-task", "100%"]) == 0
+                 "--gate-task", "100%", "--gate-task-points", "0.05"]) == 0
     printed = capsys.readouterr().out
     assert "v1: " in printed and "ties-all: released (merge-ties of 4 contributions)" in printed
     assert main(["log", str(registry), "--plot", str(tmp_path / "versions.png")]) == 0
@@ -200,7 +212,7 @@ def test_log_show_diff_export_and_advise_read_the_history(registry: Path, tmp_pa
     assert "from 4: stance, notes, quiz-ft, math" in log
     assert main(["show", str(registry), "ties-all"]) == 0
     shown = capsys.readouterr().out
-    assert "gate:     passed (old -100%, tasks -100%)" in shown and "new Math" in shown and "old ks_toy" in shown
+    assert "gate:     passed (old -100%, tasks -100% or -0.05 points)" in shown and "new Math" in shown and "old ks_toy" in shown
     assert main(["diff", str(registry), "v1", "ties-all"]) == 0
     diff = capsys.readouterr().out
     assert "contributions: +quiz-ft, +math; - none" in diff and "AVE" in diff and "new Quiz" in diff

@@ -66,6 +66,16 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"markdown: {path.with_name('report.md').resolve()}\nreport:   {path.resolve()}")
 
 
+def _points(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of score points: {text!r} (e.g. 0.02)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("an allowance is not negative")
+    return value
+
+
 def _percent(text: str) -> float:
     try:
         value = float(text.strip().removesuffix("%"))
@@ -300,6 +310,7 @@ def cmd_compose(args: argparse.Namespace) -> None:
         launch = LaunchSpec(args.num_processes, args.accelerate_config, args.cpu, args.mixed_precision)
     record = compose(args.registry, args.method, contributions=args.contributions, start=args.start, name=args.name,
                      options=options_from(vars(args)), gate_old=args.gate_old, gate_task=args.gate_task,
+                     gate_task_points=args.gate_task_points,
                      author=args.author, batch_size=args.batch_size, launch=launch,
                      say=lambda message: console.print(f"compose: {message}", highlight=False))
     gate = record["settings"]["gate"]
@@ -366,6 +377,9 @@ def _add_compose_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate-task", type=_percent, default=10.0, metavar="PCT",
                    help="reject if any registered task's score falls more than this below its best release "
                         "(default 10%%)")
+    p.add_argument("--gate-task-points", type=_points, default=0.0, metavar="POINTS",
+                   help="also allow each task to fall this many score points (e.g. 0.02), whichever allowance is "
+                        "larger: a task scored near zero would otherwise fail on one example (default 0)")
     p.add_argument("--author")
     p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
     g = p.add_argument_group("merge-* options")

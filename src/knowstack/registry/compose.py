@@ -462,6 +462,7 @@ def compose(
     options: ComposeOptions | None = None,
     gate_old: float = 2.0,
     gate_task: float = 10.0,
+    gate_task_points: float = 0.0,
     author: str | None = None,
     batch_size: int = 32,
     launch: LaunchSpec | None = None,
@@ -514,7 +515,7 @@ def compose(
                 scores = _evaluate(build, tasks, batch_size)
             parents = ([start_record["name"]] if start_record else []) + [r["name"] for r in chosen]
             new = _gated_version(reg, version_name, spec, settings, key, build.out, scores, tasks, parents,
-                                 gate_old, gate_task, author)
+                                 (gate_old, gate_task, gate_task_points), author)
             reg.record(new)
             shutil.rmtree(work, ignore_errors=True)
             return reg.version(version_name)
@@ -572,15 +573,15 @@ def _open_build(stack: contextlib.ExitStack, reg: Registry, records: Sequence[di
 
 def _gated_version(reg: Registry, name: str, spec: Method, settings: dict[str, Any], key: str, out: Path,
                    scores: list[dict[str, Any]], tasks: dict[str, RegisteredTask], parents: list[str],
-                   gate_old: float, gate_task: float, author: str | None) -> db.NewVersion:
+                   limits: tuple[float, float, float], author: str | None) -> db.NewVersion:
     """The version to record: its files stored, and released or rejected by the gate against the line as it
     is now (it may have grown while this one was built)."""
     from knowstack.registry.base import store_files
 
     line = released_line(reg.versions(), tasks)
     previous = line[-1] if len(line) > 1 else None
-    checks = gate_checks(old_average(scores), new_scores(scores, tasks), line[0], previous, line, gate_old, gate_task)
-    gate = gate_record(checks, gate_old, gate_task)
+    checks = gate_checks(old_average(scores), new_scores(scores, tasks), line[0], previous, line, *limits)
+    gate = gate_record(checks, *limits)
     if old_average(scores) is None:
         gate["note"] = "no old-knowledge tasks registered (registry init --old-knowledge): AVE not gated"
     files, hashed = _version_files(out)

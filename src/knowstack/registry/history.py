@@ -115,7 +115,8 @@ def format_show(reg: Registry, name: str) -> str:
     gate = settings.get("gate")
     if gate:
         verdict = "passed" if gate["passed"] else "FAILED"
-        lines.append(f"  gate:     {verdict} (old -{gate['old_limit_pct']:g}%, tasks -{gate['task_limit_pct']:g}%)")
+        slack = f" or -{gate['task_slack']:g} points" if gate.get("task_slack") else ""
+        lines.append(f"  gate:     {verdict} (old -{gate['old_limit_pct']:g}%, tasks -{gate['task_limit_pct']:g}%{slack})")
         lines += [f"    {'ok   ' if c['passed'] else 'FAIL '}{c['what']}: {c['value']:.3f} vs {c['reference_version']} "
                   f"{c['reference']:.3f} (floor {c['floor']:.3f})" for c in gate["checks"]]
         if gate.get("note"):
