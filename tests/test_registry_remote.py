@@ -5,6 +5,7 @@ the whole cycle runs against an S3 server (moto) through s3fs, as it would again
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -25,8 +26,9 @@ from test_registry import flip_last_byte, make_adapter, make_finetune, make_task
 from knowstack.cli import main
 from knowstack.errors import KnowstackError
 from knowstack.registry import Registry, init_registry
+from knowstack.registry import compose as compose_module
 from knowstack.registry import records as records_module
-from knowstack.registry.compose import ComposeOptions, compose
+from knowstack.registry.compose import METHODS, ComposeOptions, compose
 from knowstack.registry.contribute import contribute
 from knowstack.registry.core import cache_dir
 
@@ -101,6 +103,39 @@ def test_a_remote_registry_records_what_a_local_one_does(tmp_path: Path, tiny_mo
         assert reg.collect_garbage() == []
         assert [stored.name for stored in reg.collect_garbage(grace_seconds=0)] == [orphan]
         assert not fs.exists(f"{root}/objects/{orphan[:2]}/{orphan}") and reg.verify() > 0
+
+
+def test_a_remote_compose_that_dies_midway_resumes_from_its_local_work_dir(
+        tiny_model_dir: Path, inputs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"memory://reg-{uuid.uuid4().hex}"
+    init_registry(url, tiny_model_dir, old_tasks=["ks_toy"], include_path=inputs["old"])
+    contribute(url, "stance", adapter=inputs["adapter"], task=inputs["stance"])
+    contribute(url, "quiz-ft", model=inputs["finetune"], task=inputs["quiz"])
+    real_score, calls = compose_module.score_task, []
+
+    def dies_on_the_candidates_second_task(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 2 + 2:  # the base on the 2 new tasks first, then the candidate's 2nd task
+            raise KeyboardInterrupt
+        return real_score(*args, **kwargs)
+
+    monkeypatch.setattr(compose_module, "score_task", dies_on_the_candidates_second_task)
+    with pytest.raises(KeyboardInterrupt):
+        compose(url, "merge-ties", options=ComposeOptions(density=0.5))
+    with Registry.open(url) as reg:
+        assert [r["name"] for r in reg.versions()] == ["base", "stance", "quiz-ft"]
+        assert {s["task"] for s in reg.base()["scores"]} == {"ks_toy", "Stance", "Quiz"}  # recorded as measured
+    [work] = [p for p in (cache_dir(url) / ".compose").iterdir() if p.is_dir()]
+    assert (work / "model" / "config.json").is_file() and len(list((work / "scores").iterdir())) == 1
+
+    def must_not_rebuild(build: object) -> None:
+        raise AssertionError("the finished build was redone")
+
+    monkeypatch.setitem(METHODS, "merge-ties", dataclasses.replace(METHODS["merge-ties"], build=must_not_rebuild))
+    monkeypatch.setattr(compose_module, "score_task", real_score)
+    said: list[str] = []
+    record = compose(url, "merge-ties", options=ComposeOptions(density=0.5), say=said.append)
+    assert any("built before, kept" in m for m in said) and record["name"] == "v1" and not work.exists()
 
 
 def test_tampering_is_refused_at_the_store_and_in_the_cache(tmp_path: Path, tiny_model_dir: Path,
