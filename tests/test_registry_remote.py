@@ -219,7 +219,7 @@ def test_init_refuses_an_existing_registry_and_foreign_files_and_a_broken_log(ti
     fs, root = fsspec.filesystem("memory"), url.removeprefix("memory://")
     other = f"memory://other-{uuid.uuid4().hex}"
     fs.pipe_file(f"{other.removeprefix('memory://')}/notes.txt", b"mine")
-    with pytest.raises(KnowstackError, match="not a registry's"):
+    with pytest.raises(KnowstackError, match=r"not a registry's \(notes.txt\)"):
         init_registry(other, tiny_model_dir)
     with pytest.raises(KnowstackError, match="not a registry"):
         Registry.open(other)

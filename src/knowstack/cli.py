@@ -259,7 +259,9 @@ def cmd_registry_init(args: argparse.Namespace) -> None:
                          include_path=args.include_path, batch_size=args.batch_size, limit=args.limit)
     for score in base["scores"]:
         print(f"old knowledge: {score['task']} {score['metric']} = {score['value']:.4f}")
-    where = args.registry if "://" in args.registry else Path(args.registry).resolve()
+    from knowstack.registry.core import is_url
+
+    where = args.registry if is_url(args.registry) else Path(args.registry).resolve()
     print(f"registry: {where}  base {base['content_hash'][:12]}")
 
 
@@ -642,8 +644,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as err:
+        from knowstack.registry.core import is_url
+
         where = getattr(args, "registry", None) or getattr(args, "dir", None)
-        if not (isinstance(where, str) and "://" in where):
+        if not (isinstance(where, str) and is_url(where)):
             raise
         # A remote store's failures (credentials, no such bucket, network) are the user's to fix, not a bug.
         console.print(f"[red]error:[/red] {where}: the registry's store failed: {err!r}", highlight=False)

@@ -145,9 +145,11 @@ def _check_free_remote(fs: Any, path: str, url: str) -> None:
     names = {_last_part(entry) for entry in fs.ls(path, detail=False)}
     if LOG_DIR in names and any(not _last_part(e).startswith(".") for e in fs.ls(f"{path}/{LOG_DIR}", detail=False)):
         raise KnowstackError("a registry already exists here: init refuses to touch it", path=url)
-    if names - {LOG_DIR, OBJECTS_DIR}:
-        raise KnowstackError(f"holds files that are not a registry's ({', '.join(sorted(names)[:3])}...): a "
-                             "registry needs a new or empty location", path=url)
+    foreign = sorted(names - {LOG_DIR, OBJECTS_DIR})
+    if foreign:
+        raise KnowstackError(f"holds files that are not a registry's ({', '.join(foreign[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}): a registry needs a new or empty location",
+                             path=url)
 
 
 def _last_part(path: str) -> str:
