@@ -20,7 +20,7 @@ import fsspec
 import pytest
 import torch
 from fsspec.implementations.memory import MemoryFileSystem
-from safetensors.torch import load_file
+from test_compose import tensors
 from test_registry import flip_last_byte, make_adapter, make_finetune, make_task, write_mc_task
 
 from knowstack.cli import main
@@ -31,10 +31,6 @@ from knowstack.registry import records as records_module
 from knowstack.registry.compose import METHODS, ComposeOptions, compose
 from knowstack.registry.contribute import contribute
 from knowstack.registry.core import cache_dir
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    return {k: v for path in sorted(folder.glob("*.safetensors")) for k, v in load_file(path).items()}
 
 
 def comparable(records: list[dict]) -> list[dict]:

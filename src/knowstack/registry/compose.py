@@ -546,8 +546,9 @@ def name_inputs_by_version(b: Build) -> None:
         if path.stat().st_size > 1 << 20:  # tokenizer.json and the like: no paths, and costly to rewrite
             continue
         data = json.loads(path.read_text(encoding="utf-8"))
-        if renamed(data) != data:
-            atomic_write_json(path, renamed(data))
+        named = renamed(data)
+        if named != data:
+            atomic_write_json(path, named)
 
 
 def _open_build(stack: contextlib.ExitStack, reg: Registry, records: Sequence[dict[str, Any]], spec: Method,

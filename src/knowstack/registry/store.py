@@ -185,11 +185,12 @@ class RemoteObjectStore(ObjectStore):
         # under us, and the writer's later reads need no download.
         sha, size = super().put_file(source)
         final = self.remote_path(sha)
-        self.fs.invalidate_cache(final.rsplit("/", 1)[0])
+        folder = final.rsplit("/", 1)[0]
+        self.fs.invalidate_cache(folder)
         if self.fs.exists(final):
             return sha, size
-        tmp = f"{final.rsplit('/', 1)[0]}/.{sha[:12]}.tmp-{uuid.uuid4().hex}"
-        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        tmp = f"{folder}/.{sha[:12]}.tmp-{uuid.uuid4().hex}"
+        self.fs.makedirs(folder, exist_ok=True)
         try:
             self.fs.put_file(str(self.path(sha)), tmp)
             self.fs.mv(tmp, final)  # a racing writer of the same object moves the same bytes
@@ -202,7 +203,8 @@ class RemoteObjectStore(ObjectStore):
     def verified_path(self, sha: str) -> Path:
         cached = self.path(sha)
         if not cached.is_file():
-            self._download(sha, cached)
+            self._download(sha, cached)  # hashed on the way in: no second pass over a copy just checked
+            return cached
         return super().verified_path(sha)
 
     def check(self, sha: str) -> None:
