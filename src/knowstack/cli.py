@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 
 from knowstack.errors import KnowstackError
+from knowstack.logs import library_messages_to
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # soft_wrap: a message is one line whatever the terminal (or none) is, so logs and tests can grep it;
@@ -703,7 +704,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
-        args.func(args)
+        # Library warnings stay off the console (a study step writes them to its log: knowstack.logs).
+        with library_messages_to(None):
+            args.func(args)
     except KnowstackError as err:
         console.print(f"[red]error:[/red] {err}", highlight=False)
         return 2
