@@ -434,3 +434,30 @@ def test_a_config_error_is_one_line_at_any_width(tmp_path: Path, monkeypatch: py
         err = capsys.readouterr().err
         assert err == f"error: {config}: field 'methods.bagging': unknown field\n"
     assert not (tmp_path / "run").exists()
+
+
+def test_library_warnings_go_to_the_step_log_not_the_console(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+    import warnings
+
+    from knowstack.study import steps
+    from knowstack.study.plan import Step
+
+    def noisy(step: Step, ctx: steps.StudyContext, out: Path) -> None:
+        warnings.warn_explicit("`old_api` is deprecated", FutureWarning, "/venv/site-packages/transformers/x.py", 7)
+        logging.getLogger("transformers.modeling_utils").warning("some weights were not initialized")
+        out.mkdir()
+
+    monkeypatch.setitem(steps.EXECUTORS, "world", noisy)
+    step = Step(kind="world", label="world", params={"preset": "test", "seed": 0})
+    ctx = steps.StudyContext(out=tmp_path / "study", config=None)  # type: ignore[arg-type]
+    library = logging.getLogger("transformers")
+    before = (list(library.handlers), library.propagate, library.level)
+    steps.execute(step, ctx)
+    captured = capsys.readouterr()
+    assert "deprecated" not in captured.err + captured.out and "initialized" not in captured.err + captured.out
+    log = steps.step_log(ctx, step).read_text()
+    assert "FutureWarning: `old_api` is deprecated" in log and "some weights were not initialized" in log
+    assert ctx.artifact(step.key).is_dir()
+    assert (list(library.handlers), library.propagate, library.level) == before  # as it was outside the step
