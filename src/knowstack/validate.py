@@ -421,13 +421,36 @@ def check_old_tasks(tasks: Sequence[str], include_path: str | Path | None, *,
         include = str(resolve_relative_data_files(folder))
     if not tasks:
         return problems
-    from knowstack.evaluate.old_knowledge import _manager_for
+    from knowstack.evaluate.old_knowledge import _task_manager
 
-    manager = _manager_for(list(tasks), include)
-    unknown = [task for task in tasks if task not in manager.all_tasks]
+    local = set(_task_manager(include, include_defaults=False).all_tasks) if include else set()
+    unknown = [task for task in tasks if task not in local]
+    if unknown:
+        stock = stock_task_names()
+        unknown = [task for task in unknown if task not in stock]
     where = f" nor in {include_path}" if include_path is not None else ""
     return [Problem(str(include_path) if include_path else None, f"unknown lm-eval task '{name}' (not in "
                     f"lm-eval's tasks{where})", field=f"{field}.tasks") for name in unknown]
+
+
+def stock_task_names() -> set[str]:
+    """The names of lm-eval's own tasks. Indexing its thousands of YAMLs takes ~10 s, so the names are
+    kept in the temp dir per lm-eval version: a dry run checks a config's task names in milliseconds."""
+    import tempfile
+    from importlib.metadata import version
+
+    from knowstack.atomic import atomic_write_text
+
+    cache = Path(tempfile.gettempdir()) / f"knowstack-lm-eval-task-names-{version('lm_eval')}.json"
+    try:
+        return set(json.loads(cache.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        pass
+    from knowstack.evaluate.old_knowledge import _task_manager
+
+    names = sorted(_task_manager(None).all_tasks)
+    atomic_write_text(cache, json.dumps(names))
+    return set(names)
 
 
 def _check_task_yamls(folder: Path) -> list[Problem]:
