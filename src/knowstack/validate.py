@@ -246,8 +246,8 @@ def check_task_config(cfg: Any, *, splits: Sequence[str] = ("train", "test"), fi
 
 # --- weights -------------------------------------------------------------------------------------
 def check_safetensors_file(path: str | Path) -> list[Problem]:
-    """A safetensors file whose header reads and whose size is what the header says (a cut-off copy or
-    download is caught here, not as a library traceback in the middle of a step)."""
+    """A safetensors file whose header reads and whose size is exactly what the header says (a cut-off copy
+    or download is caught here, not as a library traceback in the middle of a step)."""
     from knowstack.combine.streaming import read_header
 
     path = Path(path)
@@ -265,6 +265,8 @@ def check_safetensors_file(path: str | Path) -> list[Problem]:
     if actual < expected:
         return [Problem(str(path), f"truncated: {actual} bytes, its header describes {expected} (copy or download "
                                    "it again)")]
+    if actual > expected:  # safetensors refuses a file its tensors do not exactly cover
+        return [Problem(str(path), f"{actual - expected} bytes past the end of its tensors (a damaged copy?)")]
     return []
 
 
@@ -313,8 +315,9 @@ def check_model_dir(path: str | Path, *, tokenizer: str | Path | bool = True,
     A hub id passes: it is resolved when it is loaded."""
     local, problems = _is_local(path, "model")
     if not local:
-        return problems
-    from knowstack.combine.streaming import weight_files
+        given = not isinstance(tokenizer, bool)
+        return problems + (check_tokenizer(tokenizer, trust_remote_code=trust_remote_code) if given else [])
+    from knowstack.combine.streaming import INDEX_FILE, weight_files
 
     folder = Path(str(path)).expanduser()
     if not folder.is_dir():
@@ -323,7 +326,8 @@ def check_model_dir(path: str | Path, *, tokenizer: str | Path | bool = True,
     files: list[Path] = []
     pickled = _pickled(folder)
     weights = problems_of(lambda: files.extend(weight_files(folder)))
-    if weights and pickled:
+    safetensors = any(folder.glob("*.safetensors")) or (folder / INDEX_FILE).exists()
+    if weights and pickled and not safetensors:
         problems.append(Problem(str(folder), f"only pickled weights ({', '.join(pickled)}): knowstack reads "
                                              "safetensors only and never unpickles; save the model with "
                                              "save_pretrained(..., safe_serialization=True)"))
@@ -400,6 +404,7 @@ def _check_json_object(path: Path) -> list[Problem]:
 
 # --- lm-eval tasks, accelerate configs, other files ----------------------------------------------
 # data_files lines of an lm-eval task YAML: the local files it reads (evaluate/old_knowledge.py).
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt", ".parquet", ".arrow", ".gz", ".zst")
 _DATA_FILE = re.compile(r"^\s+(?:test|train|validation|data_files)\s*:\s*([^\s#'\"{}\[\]]+)\s*$", re.M)
 
 
@@ -465,7 +470,9 @@ def _check_task_yamls(folder: Path) -> list[Problem]:
             problems.append(Problem(str(path), f"not UTF-8 text (byte {err.start})"))
             continue
         for value in _DATA_FILE.findall(text):
-            if "://" in value or any(c in value for c in "*?") or value in ("null", "None"):
+            # a local file (a path, or a name with a data file's suffix), not a URL, glob or split name
+            looks_like_file = "/" in value or Path(value).suffix in DATA_SUFFIXES
+            if not looks_like_file or "://" in value or any(c in value for c in "*?"):
                 continue
             if not (path.parent / value).exists() and not Path(value).expanduser().exists():
                 problems.append(Problem(str(path), f"data file not found: {value}", field="data_files"))
