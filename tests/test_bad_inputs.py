@@ -141,6 +141,7 @@ MAKERS: dict[str, Callable[[Path, Inputs], Path]] = {
     "many-bad-items": lambda w, g: task_with(w, content=items(*[{"prompt": "p"}] * 20)),
     "no-train-split": lambda w, g: task_with(w),
     "no-task-dir": lambda w, g: w,
+    "brackets-in-path": lambda w, g: task_with(w.parent / "data[v2]"),  # not rich markup: printed as is
     "bad-test-split": lambda w, g: task_with(w, "test.json", items({"prompt": 1, "answer": "a"}), splits=("train",)),
     "gsm8k-no-final": lambda w, g: math_task(w, [{"query": "q", "response": "r"}],
                                              [{"question": "q", "answer": "4 + 4 = 8"}]),
@@ -205,6 +206,7 @@ CASES = [
     Case("train-many-bad-items", "many-bad-items", TRAIN, ("train.json", "and 15 more problems"), problems=6),
     Case("train-no-train-split", "no-train-split", TRAIN, ("no train.json",)),
     Case("train-no-task-dir", "no-task-dir", TRAIN, ("task directory not found",)),
+    Case("train-brackets-in-path", "brackets-in-path", TRAIN, ("data[v2]", "no train.json")),
     Case("train-replay-missing-field", "missing-field", TRAIN.replace("{bad}", "{task}") + " --replay {bad}",
          ("train.json", "item 2", "field 'answer'", "missing")),
     # model dirs and adapters, through train

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from knowstack.errors import KnowstackError
 from knowstack.logs import library_messages_to
@@ -708,7 +709,8 @@ def main(argv: list[str] | None = None) -> int:
         with library_messages_to(None):
             args.func(args)
     except KnowstackError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        # escaped: a path or value in the message (`data/[v2]/train.json`) is text, not rich markup
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted: finished steps are kept; run the same command again to resume")
