@@ -238,6 +238,8 @@ CASES = [
     Case("eval-include-missing-data", "include-missing-data",
          "eval --model {model} --old-tasks ks_toy --include-path {bad} --out {out}",
          ("ks_toy.yaml", "field 'data_files'", "ks_toy.jsonl")),
+    Case("eval-unknown-old-task", "nothing", "eval --model {model} --old-tasks ks_no_such_task --out {out}",
+         ("unknown lm-eval task 'ks_no_such_task'", "field '--old-tasks'")),
     # merge and mix
     Case("merge-pickle-only", "pickle-only", "merge --method average --models {model} {bad} --out {out}",
          ("pytorch_model.bin", "never unpickles")),
@@ -274,7 +276,7 @@ CASES = [
     Case("registry-init-pickle-only", "pickle-only", "registry init {out} --base {bad}",
          ("pytorch_model.bin", "never unpickles")),
     Case("registry-init-include-missing", "include-missing", "registry init {out} --base {model} "
-         "--old-knowledge ks_toy --include-path {bad}", ("lm-eval include path not found",)),
+         "--old-knowledge ks_toy --include-path {bad}", ("lm-eval include path not found", "field '--include-path'")),
     # a study over the earlier study's dir: found before the first step, the earlier results untouched
     Case("study-task-not-utf8", "not-utf8", STUDY, ("train.json", "not UTF-8"), SECOND_TASK),
     Case("study-task-missing-field", "missing-field", STUDY, ("train.json", "item 2", "field 'answer'"), SECOND_TASK),

@@ -202,7 +202,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.task or args.test_file:
         problems += _task_arg_problems(args, "test")
     if args.old_tasks or args.include_path:
-        problems += check_old_tasks(args.old_tasks, args.include_path, field="--old-tasks")
+        problems += check_old_tasks(args.old_tasks, args.include_path, field="--old-tasks",
+                                    include_field="--include-path")
     raise_problems(problems)
     model = load_model(args.model, args.adapter, dtype="float32")
     tokenizer = load_tokenizer(args.model)
@@ -310,7 +311,8 @@ def cmd_registry_init(args: argparse.Namespace) -> None:
 
     problems = check_model_dir(args.base)
     if args.old_knowledge:
-        problems += check_old_tasks(args.old_knowledge, args.include_path, field="--old-knowledge")
+        problems += check_old_tasks(args.old_knowledge, args.include_path, field="--old-knowledge",
+                                    include_field="--include-path")
     raise_problems(problems)
     base = init_registry(args.registry, args.base, old_tasks=args.old_knowledge or (),
                          include_path=args.include_path, batch_size=args.batch_size, limit=args.limit)

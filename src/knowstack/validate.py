@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from knowstack.errors import KnowstackError
+from knowstack.errors import KnowstackError, located
 
 # At most this many problems are listed per file: a 100k-item file with one field misnamed is one mistake.
 MAX_PER_FILE = 5
@@ -46,12 +46,7 @@ class Problem:
     item: int | None = None
 
     def __str__(self) -> str:
-        parts = [self.path] if self.path else []
-        if self.item is not None:
-            parts.append(f"item {self.item}")
-        if self.field:
-            parts.append(f"field '{self.field}'")
-        return ": ".join([*parts, self.message])
+        return located(self.message, self.path, self.field, self.item)
 
 
 class InputProblems(KnowstackError):
@@ -68,6 +63,7 @@ class InputProblems(KnowstackError):
         first = self.problems[0] if self.problems else None
         self.path = first.path if first else None
         self.field = first.field if first else None
+        self.item = first.item if first else None
 
 
 def raise_problems(problems: Iterable[Problem]) -> None:
@@ -408,8 +404,8 @@ DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt", ".parquet", ".arrow"
 _DATA_FILE = re.compile(r"^\s+(?:test|train|validation|data_files)\s*:\s*([^\s#'\"{}\[\]]+)\s*$", re.M)
 
 
-def check_old_tasks(tasks: Sequence[str], include_path: str | Path | None, *,
-                    field: str = "old_knowledge") -> list[Problem]:
+def check_old_tasks(tasks: Sequence[str], include_path: str | Path | None, *, field: str = "old_knowledge.tasks",
+                    include_field: str = "old_knowledge.include_path") -> list[Problem]:
     """lm-eval task names known to lm-eval or to the include path's YAMLs, whose local data files exist."""
     problems: list[Problem] = []
     include = None
@@ -417,7 +413,7 @@ def check_old_tasks(tasks: Sequence[str], include_path: str | Path | None, *,
         folder = Path(include_path).expanduser()
         if not folder.is_dir():
             return [Problem(str(folder), "lm-eval include path not found (a dir of task YAMLs)",
-                            field=f"{field}.include_path")]
+                            field=include_field)]
         problems += _check_task_yamls(folder)
         if problems:
             return problems
@@ -435,7 +431,7 @@ def check_old_tasks(tasks: Sequence[str], include_path: str | Path | None, *,
         unknown = [task for task in unknown if task not in stock]
     where = f" nor in {include_path}" if include_path is not None else ""
     return [Problem(str(include_path) if include_path else None, f"unknown lm-eval task '{name}' (not in "
-                    f"lm-eval's tasks{where})", field=f"{field}.tasks") for name in unknown]
+                    f"lm-eval's tasks{where})", field=field) for name in unknown]
 
 
 def stock_task_names() -> set[str]:
