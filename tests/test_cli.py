@@ -10,6 +10,13 @@ import pytest
 from knowstack.cli import main
 
 
+@pytest.fixture(autouse=True)
+def narrow_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages never depend on the terminal's width: these run as in a 40-column one, and off a terminal
+    (capsys); test_bad_inputs.py runs the CLI with COLUMNS unset too, in process and as a subprocess."""
+    monkeypatch.setenv("COLUMNS", "40")
+
+
 def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     code = main(args)
     return code, capsys.readouterr().err

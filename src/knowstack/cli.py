@@ -9,11 +9,15 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from knowstack.errors import KnowstackError
+from knowstack.logs import library_messages_to
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-console = Console(stderr=True)
+# soft_wrap: a message is one line whatever the terminal (or none) is, so logs and tests can grep it;
+# only tables, meant for the eye, take the terminal's width.
+console = Console(stderr=True, soft_wrap=True)
 
 
 def cmd_study(args: argparse.Namespace) -> None:
@@ -123,15 +127,40 @@ def _task_from_args(args: argparse.Namespace):
         raise KnowstackError(str(err).splitlines()[-1] if str(err) else "bad task arguments") from None
 
 
+def _task_arg_problems(args: argparse.Namespace, split: str) -> list:  # -> list[Problem]
+    """The task a train (split "train") or eval (split "test") command reads: the split it uses, item by
+    item, and the other split a task dir must have."""
+    from knowstack.data.formats import trace_split_path
+    from knowstack.validate import check_split_file, check_task_dir, problems_of
+
+    if args.task:
+        other = "test" if split == "train" else "train"
+        given = args.test_file if split == "test" else args.train_file
+        problems = check_split_file(given, args.format, split) if given else \
+            check_task_dir(args.task, args.format, required=(split,), optional=())
+        if not (args.test_file if other == "test" else args.train_file) and Path(args.task).is_dir():
+            problems += problems_of(lambda: trace_split_path(Path(args.task), other))
+        return problems
+    given = args.train_file if split == "train" else args.test_file
+    return check_split_file(given, args.format, split) if given else []
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     """One round of training, as a study step does it: plain, with replay of earlier tasks, or O-LoRA."""
     from knowstack.atomic import atomic_write_json
     from knowstack.data.sampling import replay_mixture
     from knowstack.train import TrainSettings
     from knowstack.train.launch import TrainJob, run_job
+    from knowstack.validate import check_adapter_dir, check_model_dir, check_task_dir, raise_problems
 
     if args.olora_previous and args.finetune != "lora":
         raise KnowstackError("--olora-previous is O-LoRA: it needs --finetune lora")
+    problems = check_model_dir(args.model) + _task_arg_problems(args, "train")
+    for path in args.replay or []:
+        problems += check_task_dir(path, required=("train",), optional=())
+    for path in args.olora_previous or []:
+        problems += check_adapter_dir(path)
+    raise_problems(problems)
     task = _task_from_args(args)
     examples, mixture = task.load("train"), None
     if args.replay:
@@ -167,7 +196,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from knowstack.evaluate.new_knowledge import evaluate_task
     from knowstack.evaluate.old_knowledge import evaluate_old_knowledge
     from knowstack.modelio import load_model, load_tokenizer
+    from knowstack.validate import check_adapter_dir, check_model_dir, check_old_tasks, raise_problems
 
+    problems = check_model_dir(args.model) + (check_adapter_dir(args.adapter) if args.adapter else [])
+    if args.task or args.test_file:
+        problems += _task_arg_problems(args, "test")
+    if args.old_tasks or args.include_path:
+        problems += check_old_tasks(args.old_tasks, args.include_path, field="--old-tasks",
+                                    include_field="--include-path")
+    raise_problems(problems)
     model = load_model(args.model, args.adapter, dtype="float32")
     tokenizer = load_tokenizer(args.model)
     result: dict[str, object] = {}
@@ -192,7 +229,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     from knowstack.combine.merge import merge_models
     from knowstack.combine.merge_methods import MergeOptions
+    from knowstack.validate import check_model_dir, check_weights_dir, raise_problems
 
+    problems = check_model_dir(args.base, tokenizer=False) if args.base else []
+    raise_problems(problems + [p for path in args.models for p in check_weights_dir(path)])
     given = {"density": args.density, "drop_rate": args.drop_rate, "lam": args.lam}
     options = MergeOptions(**{name: value for name, value in given.items() if value is not None})
     out = merge_models(args.method, args.models, Path(args.out), base=args.base, weights=args.weights,
@@ -219,7 +259,19 @@ def cmd_mix(args: argparse.Namespace) -> None:
     from knowstack.combine.moe import MoeOptions, mix_models
     from knowstack.combine.moe_train import RouterTraining
     from knowstack.data.formats import load_trace_split
+    from knowstack.validate import (
+        check_model_dir,
+        check_prompt_file,
+        check_split_file,
+        check_weights_dir,
+        raise_problems,
+    )
 
+    problems = check_model_dir(args.base, tokenizer=bool(args.prompts or args.train_data))
+    problems += [p for path in args.models for p in check_weights_dir(path)]
+    problems += [p for path in args.prompts or [] for p in check_prompt_file(path)]
+    problems += [p for path in args.train_data or [] for p in check_split_file(path, "trace", "train")]
+    raise_problems(problems)
     prompts = [p[: args.prompts_per_expert] for p in _prompt_lists(args.prompts)] if args.prompts else None
     router = args.router or ("prompts" if prompts else "random")
     if args.train_data and not args.train_steps:
@@ -255,6 +307,13 @@ def cmd_registry_init(args: argparse.Namespace) -> None:
 
     if args.include_path and not args.old_knowledge:
         raise KnowstackError("--include-path is where --old-knowledge tasks live: give the tasks too")
+    from knowstack.validate import check_model_dir, check_old_tasks, raise_problems
+
+    problems = check_model_dir(args.base)
+    if args.old_knowledge:
+        problems += check_old_tasks(args.old_knowledge, args.include_path, field="--old-knowledge",
+                                    include_field="--include-path")
+    raise_problems(problems)
     base = init_registry(args.registry, args.base, old_tasks=args.old_knowledge or (),
                          include_path=args.include_path, batch_size=args.batch_size, limit=args.limit)
     for score in base["scores"]:
@@ -294,7 +353,20 @@ def cmd_registry_gc(args: argparse.Namespace) -> None:
 
 def cmd_contribute(args: argparse.Namespace) -> None:
     from knowstack.registry.contribute import contribute
+    from knowstack.validate import (
+        check_adapter_dir,
+        check_file,
+        check_model_dir,
+        check_task_dir,
+        raise_problems,
+    )
 
+    problems = check_adapter_dir(args.adapter) if args.adapter else check_model_dir(args.model, tokenizer=False)
+    problems += check_task_dir(args.task, args.format, required=("test", "train") if args.keep_data else ("test",),
+                               optional=("eval",))
+    if args.training_config:
+        problems += check_file(args.training_config, "training config")
+    raise_problems(problems)
     record = contribute(args.registry, args.name, task=args.task, adapter=args.adapter, model=args.model,
                         metric=args.metric, keep_data=args.keep_data, task_format=args.format, author=args.author,
                         training_config=args.training_config, batch_size=args.batch_size)
@@ -306,7 +378,9 @@ def cmd_contribute(args: argparse.Namespace) -> None:
 def cmd_compose(args: argparse.Namespace) -> None:
     from knowstack.registry.compose import compose, options_from
     from knowstack.train.launch import LaunchSpec
+    from knowstack.validate import check_accelerate_config, raise_problems
 
+    raise_problems(check_accelerate_config(args.accelerate_config, cpu=args.cpu, field="--accelerate-config"))
     launch = None
     if args.num_processes > 1 or args.accelerate_config:
         launch = LaunchSpec(args.num_processes, args.accelerate_config, args.cpu, args.mixed_precision)
@@ -633,9 +707,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
-        args.func(args)
+        # Library warnings stay off the console (a study step writes them to its log: knowstack.logs).
+        with library_messages_to(None):
+            args.func(args)
     except KnowstackError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        # escaped: a path or value in the message (`data/[v2]/train.json`) is text, not rich markup
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted: finished steps are kept; run the same command again to resume")

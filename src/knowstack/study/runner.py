@@ -20,6 +20,7 @@ from knowstack.study.executors import Executor, LocalExecutor
 from knowstack.study.plan import Plan, Step, build_plan
 from knowstack.study.results import collect_rows, write_csv, write_sqlite
 from knowstack.study.steps import StudyContext
+from knowstack.validate import check_study, raise_problems
 
 if TYPE_CHECKING:
     from knowstack.study.resources import Estimate
@@ -119,8 +120,11 @@ def run_study(config: StudyConfig, out: Path, *, dry_run: bool = False, console:
               gpu_memory: int | None = None) -> StudyOutcome | None:
     """executor: where the steps run (default: here, in plan order); gpu_memory: bytes per GPU for
     the dry run's estimate of how many GPUs each step needs."""
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)
     out = Path(out)
+    # Every input the steps will read, checked before the plan reads any of them and before the first
+    # step runs (or the out dir is made): a bad task file is found now, not hours into the study.
+    raise_problems(check_study(config))
     plan = build_plan(config)
     if dry_run:
         describe_plan(plan, out, console)

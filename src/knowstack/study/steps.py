@@ -15,6 +15,7 @@ from knowstack.data.formats import Example
 from knowstack.data.sampling import joint_mixture, replay_mixture
 from knowstack.data.tasks import TaskSpec
 from knowstack.errors import KnowstackError
+from knowstack.logs import library_messages_to
 from knowstack.study.plan import Step, resolve_task_specs
 
 
@@ -290,6 +291,11 @@ EXECUTORS: dict[str, Callable[[Step, StudyContext, Path], None]] = {
 }
 
 
+def step_log(ctx: StudyContext, step: Step) -> Path:
+    """Where a step's library warnings go (knowstack.logs): beside the artifacts, kept across attempts."""
+    return ctx.out / "logs" / f"{step.key}.log"
+
+
 def execute(step: Step, ctx: StudyContext) -> Path:
     """Run a step into a temporary dir that becomes its artifact only when it completes."""
     final = ctx.artifact(step.key)
@@ -302,7 +308,8 @@ def execute(step: Step, ctx: StudyContext) -> Path:
     with atomic_dir(final) as tmp:
         # Executors that write atomically themselves get a path that does not exist yet.
         target = tmp / "out"
-        executor(step, ctx, target if step.kind in ("world", "train", "merge-adapter", "merge", "moe") else tmp)
+        with library_messages_to(step_log(ctx, step)):
+            executor(step, ctx, target if step.kind in ("world", "train", "merge-adapter", "merge", "moe") else tmp)
         if target.exists():
             for item in target.iterdir():
                 item.rename(tmp / item.name)
