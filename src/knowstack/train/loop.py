@@ -35,6 +35,15 @@ from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, g
 from knowstack.atomic import atomic_dir, atomic_write_json
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
+from knowstack.modelcard import (
+    STUDY_SCORES_NOTE,
+    ModelCardInfo,
+    examples_sha256,
+    hub_name,
+    model_input,
+    training_card,
+    write_model_card,
+)
 from knowstack.modelio import load_model, load_tokenizer, save_model
 from knowstack.train import attention
 from knowstack.train.batches import (
@@ -99,7 +108,12 @@ def train(
                        model_path, adapter_init)
     if restore_attention is not None:
         _base_model(accelerator.unwrap_model(model)).set_attn_implementation(restore_attention)
-    _save(accelerator, model, tokenizer, Path(out_dir), settings, model_path, summary)
+    data_sha = examples_sha256((ex.prompt, ex.answer) for ex in examples)
+
+    def card() -> ModelCardInfo:  # built on the main process only: it hashes the base's files
+        return training_card(settings.to_dict(), model_path, adapter_init, summary, data_sha)
+
+    _save(accelerator, model, tokenizer, Path(out_dir), settings, model_path, summary, card)
     return summary
 
 
@@ -294,6 +308,7 @@ def _save(
     settings: TrainSettings,
     model_path: str | Path,
     summary: dict[str, Any],
+    card: Callable[[], ModelCardInfo],
 ) -> None:
     accelerator.wait_for_everyone()
     # A collective under FSDP/DeepSpeed (gathers shards), so every process calls it.
@@ -307,6 +322,7 @@ def _save(
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             atomic_write_json(tmp / SUMMARY_FILE, summary)
+            write_model_card(tmp, card())
     accelerator.wait_for_everyone()
 
 
@@ -325,4 +341,8 @@ def merge_adapter(model_path: str | Path, adapter_path: str | Path, out_dir: str
     """Base + LoRA adapter folded into one full model dir (sequential LoRA's next base)."""
     model = load_model(model_path, adapter_path, dtype="auto", merge_adapter=True)
     tokenizer_source = adapter_path if (Path(adapter_path) / "tokenizer_config.json").is_file() else model_path
-    return save_model(model, load_tokenizer(tokenizer_source), Path(out_dir))
+    card = ModelCardInfo(title=f"{hub_name(model_path)} with a LoRA adapter merged in", base_model=hub_name(model_path),
+                         relation="finetune", library_name="transformers", method="LoRA adapter merged into the base",
+                         inputs=[model_input(model_path, "base model"), model_input(adapter_path, "adapter")],
+                         scores_note=STUDY_SCORES_NOTE, how_to_load="AutoModelForCausalLM.from_pretrained(DIR)")
+    return save_model(model, load_tokenizer(tokenizer_source), Path(out_dir), card=card)
