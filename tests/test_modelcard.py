@@ -79,8 +79,8 @@ def test_an_exported_version_carries_its_lineage_and_scores(tmp_path: Path, tiny
                         task=make_task(tmp_path / "tasks", "Stance"))
     export_version(reg, "stance", tmp_path / "out")
     text = check(tmp_path / "out", "adapter", "peft", str(tiny_model_dir.resolve()))
-    assert "## Lineage" in text and "stance [released] (contribution, task Stance" in text
-    assert "  base [released] (base" in text  # the contribution's parent, indented under it
+    assert "## Lineage" in text and "- stance [released] (contribution, task Stance" in text
+    assert "\n  - base [released] (base" in text  # the contribution's parent, indented under it
     assert record["content_hash"][:16] in text
     score = next(s for s in record["scores"] if s["kind"] == "new")
     low, high = wilson_interval(score["value"], score["n"])

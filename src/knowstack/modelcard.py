@@ -134,7 +134,7 @@ def render(info: ModelCardInfo) -> str:
     if info.how_to_load:
         lines += ["", f"Load: `{info.how_to_load}`"]
     if info.lineage:
-        lines += ["", "## Lineage", "", *(f"- {step}" for step in info.lineage)]
+        lines += ["", "## Lineage", "", *info.lineage]
     if info.inputs:
         lines += ["", "## Inputs", "", "| role | name | sha256 |", "|---|---|---|"]
         lines += [f"| {i.role} | `{i.name}` | {f'`{i.sha256}`' if i.sha256 else '-'} |" for i in info.inputs]
@@ -252,12 +252,12 @@ def registry_card(record: Mapping[str, Any], base: Mapping[str, Any], records: S
 
 
 def lineage_lines(name: str, by_name: Mapping[str, Mapping[str, Any]], depth: int = 0) -> list[str]:
-    """`name` and, indented under it, what it was made from, back to the base (a contribution's parent is the base)."""
+    """A markdown list: `name` and, nested under it, what it was made from, back to the base (a contribution's parent is the base)."""
     record = by_name.get(name)
     if record is None:
-        return [f"{'  ' * depth}{name} (not in this registry)"]
+        return [f"{'  ' * depth}- {name} (not in this registry)"]
     what = record["method"] + (f", task {record['task']}" if record.get("task") else "")
-    line = f"{'  ' * depth}{name} [{record['status']}] ({what}; sha256 `{record['content_hash'][:16]}`)"
+    line = f"{'  ' * depth}- {name} [{record['status']}] ({what}; sha256 `{record['content_hash'][:16]}`)"
     parents = list(record["parents"])
     previous = (record.get("settings") or {}).get("previous")
     if previous and previous not in parents:
