@@ -56,6 +56,8 @@ from knowstack.train.batches import (
     tokenize_examples,
 )
 from knowstack.train.settings import TrainSettings
+from knowstack.train import tracking as trackers
+from knowstack.train.tracking import Tracking
 
 ExtraLoss = Callable[[torch.nn.Module], torch.Tensor]
 SUMMARY_FILE = "train_summary.json"
@@ -72,17 +74,20 @@ def train(
     adapter_init: str | Path | None = None,
     progress_desc: str = "train",
     extra_loss: ExtraLoss | None = None,
+    tracking: Tracking | None = None,
 ) -> dict[str, Any]:
     """Fine-tune `model_path` on `examples`; write a full model (FFT) or a PEFT adapter (LoRA) to out_dir.
 
     adapter_init: a PEFT adapter to start from; LoRA continues training it, FFT merges it into the
     weights first. extra_loss(model) is added once per optimizer step (e.g. O-LoRA's orthogonality
-    penalty); it receives the unwrapped (PEFT) model. Returns the train_summary.json contents.
+    penalty); it receives the unwrapped (PEFT) model. tracking: experiment trackers to log each step to
+    (train/tracking.py); their files end up in out_dir/tracking. Returns the train_summary.json contents.
     """
     examples = list(examples)
     if not examples:
         raise KnowstackError("no training examples", path=out_dir)
-    accelerator = Accelerator()
+    logging_dir = trackers.staging_dir(out_dir)
+    accelerator = Accelerator(**trackers.accelerator_kwargs(tracking, logging_dir))
     set_seed(settings.seed)  # before the LoRA init, which draws random A matrices
     tokenizer = load_tokenizer(model_path)
     model = _load_trainable(model_path, settings, adapter_init)
@@ -101,11 +106,13 @@ def train(
     # step, which assumes a prepared DataLoader; ours steps once per optimizer step.
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    trackers.start(accelerator, tracking, settings.to_dict(), logging_dir)
 
     record = _run_steps(accelerator, model, optimizer, scheduler, tokenized, plan, settings, tokenizer,
                         extra_loss, progress_desc)
     summary = _summary(settings, examples, tokenized, plan, record, accelerator.num_processes,
                        model_path, adapter_init)
+    trackers.finish(accelerator, tracking)
     if restore_attention is not None:
         _base_model(accelerator.unwrap_model(model)).set_attn_implementation(restore_attention)
     data_sha = examples_sha256((ex.prompt, ex.answer) for ex in examples)
@@ -113,7 +120,7 @@ def train(
     def card() -> ModelCardInfo:  # built on the main process only: it hashes the base's files
         return training_card(settings.to_dict(), model_path, adapter_init, summary, data_sha)
 
-    _save(accelerator, model, tokenizer, Path(out_dir), settings, model_path, summary, card)
+    _save(accelerator, model, tokenizer, Path(out_dir), settings, model_path, summary, card, logging_dir)
     return summary
 
 
@@ -205,14 +212,28 @@ def _run_steps(
     start = time.perf_counter()
     for batch in bar:
         lrs.append(scheduler.get_last_lr()[0])
+        step_start = time.perf_counter()
         loss, extra = _optimizer_step(accelerator, model, optimizer, tokenized, batch, settings,
                                       tokenizer.pad_token_id, extra_loss)
         scheduler.step()
         losses.append(loss)
         if extra is not None:
             extras.append(extra)
+        _log_step(accelerator, len(losses), loss, lrs[-1], extra,
+                  sum(len(tokenized[i]) for i in batch) / (time.perf_counter() - step_start))
         bar.set_postfix(loss=f"{loss:.4f}")
     return {"losses": losses, "extras": extras, "lrs": lrs, "seconds": time.perf_counter() - start}
+
+
+def _log_step(accelerator: Accelerator, step: int, loss: float, lr: float, extra: float | None,
+              tokens_per_second: float) -> None:
+    """One optimizer step to the trackers (train/tracking.py); nothing happens without any."""
+    if not accelerator.trackers:
+        return
+    values = {"train/loss": loss, "train/lr": lr, "train/tokens_per_second": tokens_per_second}
+    if extra is not None:
+        values["train/olora_penalty"] = extra
+    accelerator.log(values, step=step)
 
 
 def _optimizer_step(
@@ -309,6 +330,7 @@ def _save(
     model_path: str | Path,
     summary: dict[str, Any],
     card: Callable[[], ModelCardInfo],
+    logging_dir: Path,
 ) -> None:
     accelerator.wait_for_everyone()
     # A collective under FSDP/DeepSpeed (gathers shards), so every process calls it.
@@ -323,6 +345,7 @@ def _save(
             tokenizer.save_pretrained(tmp)
             atomic_write_json(tmp / SUMMARY_FILE, summary)
             write_model_card(tmp, card())
+            trackers.move_into(logging_dir, tmp)
     accelerator.wait_for_everyone()
 
 
