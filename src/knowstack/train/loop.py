@@ -46,6 +46,7 @@ from knowstack.modelcard import (
 )
 from knowstack.modelio import load_model, load_tokenizer, save_model
 from knowstack.train import attention
+from knowstack.train import tracking as trackers
 from knowstack.train.batches import (
     TokenizedExample,
     batch_order,
@@ -56,7 +57,6 @@ from knowstack.train.batches import (
     tokenize_examples,
 )
 from knowstack.train.settings import TrainSettings
-from knowstack.train import tracking as trackers
 from knowstack.train.tracking import Tracking
 
 ExtraLoss = Callable[[torch.nn.Module], torch.Tensor]
