@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm import tqdm
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from knowstack.atomic import atomic_dir, atomic_write_json
@@ -45,6 +44,7 @@ from knowstack.modelcard import (
     write_model_card,
 )
 from knowstack.modelio import load_model, load_tokenizer, save_model
+from knowstack.progress import step_bar
 from knowstack.train import attention
 from knowstack.train import tracking as trackers
 from knowstack.train.batches import (
@@ -208,7 +208,7 @@ def _run_steps(
     losses: list[float] = []
     extras: list[float] = []
     lrs: list[float] = []
-    bar = tqdm(plan, desc=progress_desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    bar = step_bar(plan, progress_desc, disable=not accelerator.is_local_main_process, unit="step")
     start = time.perf_counter()
     for batch in bar:
         lrs.append(scheduler.get_last_lr()[0])
