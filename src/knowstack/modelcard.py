@@ -236,9 +236,6 @@ def registry_card(record: Mapping[str, Any], base: Mapping[str, Any], records: S
         library = "transformers"
     inputs = [CardInput(base_name, "registry base", base["content_hash"])]
     inputs += [CardInput(p, "parent", by_name[p]["content_hash"] if p in by_name else None) for p in record["parents"]]
-    previous = (record.get("settings") or {}).get("previous")
-    if previous and previous not in record["parents"]:
-        inputs.append(CardInput(previous, "previous release", by_name.get(previous, {}).get("content_hash")))
     settings = {k: v for k, v in (record.get("settings") or {}).items() if k in ("options", "gate", "previous")}
     if record.get("task"):
         settings["task"] = {"name": record["task"], "metric": record.get("metric"), "format": record.get("task_format")}
@@ -258,8 +255,4 @@ def lineage_lines(name: str, by_name: Mapping[str, Mapping[str, Any]], depth: in
         return [f"{'  ' * depth}- {name} (not in this registry)"]
     what = record["method"] + (f", task {record['task']}" if record.get("task") else "")
     line = f"{'  ' * depth}- {name} [{record['status']}] ({what}; sha256 `{record['content_hash'][:16]}`)"
-    parents = list(record["parents"])
-    previous = (record.get("settings") or {}).get("previous")
-    if previous and previous not in parents:
-        parents.append(previous)
-    return [line, *(sub for parent in parents for sub in lineage_lines(parent, by_name, depth + 1))]
+    return [line, *(sub for parent in record["parents"] for sub in lineage_lines(parent, by_name, depth + 1))]

@@ -114,25 +114,20 @@ def _node_kind(record: dict[str, Any]) -> str:
 
 
 def lineage_layers(records: Sequence[dict[str, Any]]) -> dict[str, int]:
-    """Each version's column: the base 0, then one more than its furthest parent (or previous release)."""
+    """Each version's column: the base 0, then one more than its furthest parent."""
     by_name = {r["name"]: r for r in records}
     layer: dict[str, int] = {}
 
     def depth(name: str) -> int:
         if name not in layer:
             record = by_name[name]
-            sources = [p for p in _sources(record) if p in by_name]
+            sources = [p for p in record["parents"] if p in by_name]
             layer[name] = 1 + max((depth(p) for p in sources), default=-1)
         return layer[name]
 
     for record in records:
         depth(record["name"])
     return layer
-
-
-def _sources(record: dict[str, Any]) -> list[str]:
-    previous = (record.get("settings") or {}).get("previous")
-    return list(record["parents"]) + ([previous] if previous and previous not in record["parents"] else [])
 
 
 def _lineage_svg(records: Sequence[dict[str, Any]]) -> str:
@@ -151,14 +146,10 @@ def _lineage_svg(records: Sequence[dict[str, Any]]) -> str:
     edges, nodes = [], []
     for record in records:
         x, y = where[record["name"]]
-        previous = (record.get("settings") or {}).get("previous")
-        for source in _sources(record):
-            if source not in where:
-                continue
+        for source in (p for p in record["parents"] if p in where):
             sx, sy = where[source]
-            dash = ' stroke-dasharray="5 3"' if source == previous and source not in record["parents"] else ""
             edges.append(f'<line x1="{sx + _NODE_W:.0f}" y1="{sy + _NODE_H / 2:.0f}" x2="{x:.0f}" '
-                         f'y2="{y + _NODE_H / 2:.0f}" stroke="#888" stroke-width="1.2" marker-end="url(#arrow)"{dash}/>')
+                         f'y2="{y + _NODE_H / 2:.0f}" stroke="#888" stroke-width="1.2" marker-end="url(#arrow)"/>')
         colour = STATUS_COLOUR.get(record["status"], "#333")
         detail = record["method"] + (f" · {record['task']}" if record.get("task") else "")
         nodes.append(f'<g class="node" data-version="{escape(record["name"])}"><title>{escape(record["name"])}: '
@@ -174,7 +165,8 @@ def _lineage_svg(records: Sequence[dict[str, Any]]) -> str:
            f'viewBox="0 0 {width} {height}" role="img" aria-label="lineage graph">{marker}{"".join(edges)}'
            f'{"".join(nodes)}</svg>')
     note = ("Left to right: the base, the contributions (each a child of the base), then each composed version, "
-            "with an arrow from every contribution it was made from and a dashed one from the release it built on. "
+            "with an arrow from everything it was made from (its contributions, and the release it was built on with "
+            "--from). "
             "Border: green released, red rejected.")
     return f'<figure><div class="scroll">{svg}</div><figcaption>{escape(note)}</figcaption></figure>'
 
@@ -250,7 +242,7 @@ def _version_html(record: dict[str, Any], base: dict[str, Any], tasks: dict[str,
                   specialists: dict[str, float]) -> str:
     settings = record["settings"]
     options = ", ".join(f"{k}={v}" for k, v in (settings.get("options") or {}).items()) or "defaults"
-    previous = f"; built on {settings['previous']}" if settings.get("previous") else ""
+    previous = f"; gated against the previous release {settings['previous']}" if settings.get("previous") else ""
     head = (f"<p>From {escape(', '.join(record['parents']))}{escape(previous)}; settings: {escape(options)}; "
             f"by {escape(record['author'] or '-')} at {escape(record['created_at'])}.</p>")
     return (head + "<h3>Gate</h3>" + _gate_html(settings.get("gate")) + "<h3>Scores</h3>"
