@@ -10,6 +10,24 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# The Python API (api.py, docs/api.md), imported on first use: `import knowstack` stays cheap. `train` and
+# `evaluate` are only in knowstack.api: the subpackages of those names would shadow them here once imported.
+_API = ("PlannedStep", "StudyResults", "TaskScores", "compose", "contribute", "dry_run", "history",
+        "init_registry", "load_study", "merge", "mix", "open_registry", "rows_frame", "run_study", "score",
+        "study_results")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from knowstack import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'knowstack' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])
+
 
 def _register_model_classes() -> None:
     """knowstack's own model classes (the FFT-MoE options stock Mixtral lacks) join the Auto classes,

@@ -351,6 +351,12 @@ def cmd_registry_gc(args: argparse.Namespace) -> None:
     print(f"{len(removed)} unreferenced files" + (f" ({size / 2**20:.1f} MiB)" if size is not None else ""))
 
 
+def cmd_registry_report(args: argparse.Namespace) -> None:
+    from knowstack.registry.page import write_registry_page
+
+    print(f"report: {write_registry_page(args.registry, Path(args.out)).resolve()}")
+
+
 def cmd_contribute(args: argparse.Namespace) -> None:
     from knowstack.registry.contribute import contribute
     from knowstack.validate import (
@@ -645,6 +651,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 1)")
     r.add_argument("--dry-run", action="store_true", help="list what would be removed")
     r.set_defaults(func=cmd_registry_gc)
+    r = registry.add_parser("report", help="one self-contained HTML page: lineage, the learn/forget plane, every "
+                                           "version's scores against the base and the specialists, every gate check")
+    r.add_argument("registry")
+    r.add_argument("--out", required=True, help="the dir to write registry.html into")
+    r.set_defaults(func=cmd_registry_report)
 
     p = sub.add_parser("contribute", help="add a LoRA adapter or fine-tuned model of the registry's base, "
                                           "scored on its own task")

@@ -105,6 +105,8 @@ class TrainingConfig(Strict):
     max_grad_norm: float = Field(default=1.0, gt=0)
     pack: bool = True
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    # experiment trackers (train/tracking.py); not part of any step's cache key
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _one_lr(self) -> TrainingConfig:

@@ -7,12 +7,16 @@ user turns it on, and every save goes to a temporary directory that is renamed w
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from knowstack.atomic import atomic_dir
 from knowstack.errors import KnowstackError
+
+if TYPE_CHECKING:
+    from knowstack.modelcard import ModelCardInfo
 
 
 def _check_exists(path: str | Path, what: str) -> None:
@@ -62,12 +66,17 @@ def load_model(
     return model
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: Path) -> Path:
-    """Save a full model (safetensors) and its tokenizer atomically."""
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: Path,
+               card: ModelCardInfo | None = None) -> Path:
+    """Save a full model (safetensors), its tokenizer and its model card atomically."""
     with atomic_dir(Path(out_dir)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if card is not None:
+            from knowstack.modelcard import write_model_card
+
+            write_model_card(tmp, card)
     return Path(out_dir)
 
 

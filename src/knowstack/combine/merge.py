@@ -75,13 +75,28 @@ def merge_models(
         adapter = representable(method, inputs)
         if adapter:
             write_sum_adapter(tmp / ADAPTER_DIR, method, inputs, weight_tensor, options.lam, str(base))
-        atomic_write_json(tmp / MERGE_FILE, {
+        record = {
             "method": method, "base": str(base) if base is not None else None,
             "models": [str(m.path) for m in inputs], "kinds": [m.kind for m in inputs],
             "weights": weight_tensor.tolist(), "density": options.density, "drop_rate": options.drop_rate,
             "lambda": options.lam, "seed": seed, "adapter": ADAPTER_DIR if adapter else None,
-        })
+        }
+        atomic_write_json(tmp / MERGE_FILE, record)
+        _write_cards(tmp, method, base, [m.path for m in inputs], record)
     return out
+
+
+def _write_cards(tmp: Path, method: str, base: str | Path | None, models: list[Path], record: dict) -> None:
+    """README.md with Hub metadata for the merged model, and for its exact PEFT adapter where there is one."""
+    from knowstack.modelcard import merge_card, write_model_card
+
+    settings = {k: v for k, v in record.items() if k not in ("base", "models", "adapter")}
+    write_model_card(tmp, merge_card(method, base, models, settings))
+    if record["adapter"]:
+        card = merge_card(method, base, models, settings)
+        card.relation, card.library_name, card.title = "adapter", "peft", f"{card.title}, as one LoRA adapter"
+        card.how_to_load = "peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), DIR)"
+        write_model_card(tmp / ADAPTER_DIR, card)
 
 
 def _write_merged(tmp: Path, method: MergeMethod, reference: FullModel, base: FullModel | None, inputs: list[Input],

@@ -99,6 +99,10 @@ def mix_models(
             job = _router_job(kind, tmp, base_model, tokenizer_path, prompts, train_examples, training)
             record.update(launch_router_job(job, launch) if launch and training else run_router_job(job))
         atomic_write_json(tmp / MOE_FILE, record)
+        from knowstack.modelcard import moe_card, write_model_card
+
+        settings = {k: v for k, v in record.items() if k not in ("base", "models", "loads")}
+        write_model_card(tmp, moe_card(kind, base_model.path, [m.path for m in inputs], settings))
     return record
 
 

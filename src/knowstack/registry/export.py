@@ -49,6 +49,9 @@ def export_version(root: str | Path, name: str, out: str | Path, *, with_base: b
                     "load": _how_to_load(record, with_base),
                     "scores": [{k: s[k] for k in ("task", "kind", "metric", "value", "n")} for s in record["scores"]]}
             atomic_write_json(tmp / EXPORT_FILE, info)
+            from knowstack.modelcard import registry_card, write_model_card
+
+            write_model_card(tmp, registry_card(record, base, reg.versions(), reg.label, info["load"]))
         return info
 
 

@@ -58,18 +58,29 @@ class LocalExecutor:
     name = "local"
 
     def run(self, steps: Sequence[Step], ctx: StudyContext, console: Console) -> Progress:
+        from knowstack.study.progress import StudyProgress, step_sizes
+
         progress = Progress()
-        for index, step in enumerate(steps, start=1):
-            if is_done(step, ctx):
-                progress.skipped += 1
-                continue
-            console.print(f"[bold]step {index}/{len(steps)}[/bold] {step.kind}: {step.label}")
-            started = time.monotonic()
-            clear_stale(step, ctx)
-            execute(step, ctx)
-            progress.ran += 1
-            console.print(f"  done in {time.monotonic() - started:.1f} s")
+        with StudyProgress(steps, console, step_sizes(steps, _estimates_or_none(ctx))) as shown:
+            for index, step in enumerate(steps, start=1):
+                if is_done(step, ctx):
+                    progress.skipped += 1
+                    shown.skip(step)
+                    continue
+                shown.start(step, index)
+                clear_stale(step, ctx)
+                execute(step, ctx)
+                progress.ran += 1
+                shown.finish(step)
         return progress
+
+
+def _estimates_or_none(ctx: StudyContext) -> dict[str, Any]:
+    """The dry run's per-step estimates, for the time left; none where the model's shape is unknown."""
+    try:
+        return estimate_plan_by_key(ctx)
+    except Exception:  # an estimate is a nicety: a study runs without one
+        return {}
 
 
 def run_step_task(step: Step, ctx: StudyContext, threads: int) -> float:

@@ -393,6 +393,7 @@ def lambda_tag(lambdas: float | list[float]) -> str:
 
 def training_params(training: TrainingConfig, finetune: str) -> dict[str, Any]:
     params = training.model_dump(mode="json")
+    params.pop("report_to")  # where training is reported to does not change what it computes
     if finetune != "lora":
         params.pop("lora")
     return params

@@ -130,6 +130,9 @@ def run_study(config: StudyConfig, out: Path, *, dry_run: bool = False, console:
         describe_plan(plan, out, console)
         describe_resources(plan, console, gpu_memory)
         return None
+    from knowstack.train.tracking import check_trackers
+
+    check_trackers(config.training.report_to)  # before any step: a tracker not installed is the user's to fix
     with study_lock(out):
         if config_text is not None:
             atomic_write_text(out / "config.yaml", config_text)

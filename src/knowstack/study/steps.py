@@ -120,12 +120,19 @@ def run_train(step: Step, ctx: StudyContext, out: Path) -> None:
     job = TrainJob(
         model_path=ctx.resolve(params["init"]["model"]), out_dir=str(out),
         settings=train_settings(ctx, params).to_dict(), examples=[(ex.prompt, ex.answer) for ex in examples],
-        progress_desc=step.label, olora=_olora_spec(ctx, params),
+        progress_desc=step.label, olora=_olora_spec(ctx, params), tracking=_tracking(step, ctx),
     )
     run_or_launch(job, LaunchSpec.from_config(ctx.config.launch, params["finetune"]))
     if mixture is not None:
         # What was replayed / mixed, index by index into each task's train split, beside the model.
         atomic_write_json(out / MIXTURE_FILE, mixture)
+
+
+def _tracking(step: Step, ctx: StudyContext) -> dict[str, Any] | None:
+    from knowstack.study.tracking import step_tracking
+
+    tracking = step_tracking(step, ctx)
+    return tracking.to_dict() if tracking else None
 
 
 def training_examples(ctx: StudyContext, params: dict[str, Any]) -> tuple[list[Example], dict[str, Any] | None]:
@@ -270,9 +277,29 @@ def run_eval(step: Step, ctx: StudyContext, out: Path) -> None:
             num_fewshot=old.num_fewshot,
         )
         atomic_write_json(old_done, scores)
+    _log_scores(step, ctx, partial, out)
     for item in sorted(partial.iterdir()):
         shutil.copy2(item, out / item.name)
     shutil.rmtree(partial)
+
+
+def _log_scores(step: Step, ctx: StudyContext, partial: Path, out: Path) -> None:
+    """The evaluation's scores to the study's trackers, as `new/<task>/<metric>` and `old/<task>/<metric>`."""
+    if not ctx.config.training.report_to:
+        return
+    from knowstack.study.tracking import step_tracking
+    from knowstack.train.tracking import log_scores
+
+    scores = {}
+    for done in sorted(partial.glob("new-*.json")):
+        record = json.loads(done.read_text())
+        scores.update({f"new/{record['task']}/{metric}": value for metric, value in record["scores"].items()
+                       if isinstance(value, (int, float))})
+    for task, values in json.loads((partial / "old.json").read_text()).items():
+        if isinstance(values, dict):
+            scores.update({f"old/{task}/{metric}": value for metric, value in values.items()
+                           if isinstance(value, (int, float))})
+    log_scores(step_tracking(step, ctx), out, scores)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -50,6 +50,8 @@ class TrainJob:
     progress_desc: str = "train"
     # O-LoRA: the earlier rounds' adapter dirs and the penalty weight
     olora: dict[str, Any] | None = None
+    # experiment trackers (train/tracking.py Tracking.to_dict()): not a setting, never in a cache key
+    tracking: dict[str, Any] | None = None
 
     def save(self, folder: Path) -> Path:
         """job.json plus the examples as JSON Lines beside it (they can be large)."""
@@ -75,11 +77,13 @@ def run_job(job: TrainJob) -> dict[str, Any]:
     from knowstack.data.formats import Example
     from knowstack.train.loop import train
     from knowstack.train.settings import TrainSettings
+    from knowstack.train.tracking import Tracking
 
     penalty = _penalty(job.olora)
     summary = train(job.model_path, [Example(p, a) for p, a in job.examples], job.out_dir,
                     TrainSettings.from_dict(job.settings), adapter_init=job.adapter_init,
-                    progress_desc=job.progress_desc, extra_loss=penalty)
+                    progress_desc=job.progress_desc, extra_loss=penalty,
+                    tracking=Tracking(**job.tracking) if job.tracking else None)
     if penalty is not None and PartialState().is_main_process:
         _record_olora(Path(job.out_dir), penalty)
     return summary

@@ -29,14 +29,24 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm import tqdm
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from knowstack.atomic import atomic_dir, atomic_write_json
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
+from knowstack.modelcard import (
+    STUDY_SCORES_NOTE,
+    ModelCardInfo,
+    examples_sha256,
+    hub_name,
+    model_input,
+    training_card,
+    write_model_card,
+)
 from knowstack.modelio import load_model, load_tokenizer, save_model
+from knowstack.progress import step_bar
 from knowstack.train import attention
+from knowstack.train import tracking as trackers
 from knowstack.train.batches import (
     TokenizedExample,
     batch_order,
@@ -47,6 +57,7 @@ from knowstack.train.batches import (
     tokenize_examples,
 )
 from knowstack.train.settings import TrainSettings
+from knowstack.train.tracking import Tracking
 
 ExtraLoss = Callable[[torch.nn.Module], torch.Tensor]
 SUMMARY_FILE = "train_summary.json"
@@ -63,17 +74,20 @@ def train(
     adapter_init: str | Path | None = None,
     progress_desc: str = "train",
     extra_loss: ExtraLoss | None = None,
+    tracking: Tracking | None = None,
 ) -> dict[str, Any]:
     """Fine-tune `model_path` on `examples`; write a full model (FFT) or a PEFT adapter (LoRA) to out_dir.
 
     adapter_init: a PEFT adapter to start from; LoRA continues training it, FFT merges it into the
     weights first. extra_loss(model) is added once per optimizer step (e.g. O-LoRA's orthogonality
-    penalty); it receives the unwrapped (PEFT) model. Returns the train_summary.json contents.
+    penalty); it receives the unwrapped (PEFT) model. tracking: experiment trackers to log each step to
+    (train/tracking.py); their files end up in out_dir/tracking. Returns the train_summary.json contents.
     """
     examples = list(examples)
     if not examples:
         raise KnowstackError("no training examples", path=out_dir)
-    accelerator = Accelerator()
+    logging_dir = trackers.staging_dir(out_dir)
+    accelerator = Accelerator(**trackers.accelerator_kwargs(tracking, logging_dir))
     set_seed(settings.seed)  # before the LoRA init, which draws random A matrices
     tokenizer = load_tokenizer(model_path)
     model = _load_trainable(model_path, settings, adapter_init)
@@ -92,14 +106,21 @@ def train(
     # step, which assumes a prepared DataLoader; ours steps once per optimizer step.
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    trackers.start(accelerator, tracking, settings.to_dict(), logging_dir)
 
     record = _run_steps(accelerator, model, optimizer, scheduler, tokenized, plan, settings, tokenizer,
                         extra_loss, progress_desc)
     summary = _summary(settings, examples, tokenized, plan, record, accelerator.num_processes,
                        model_path, adapter_init)
+    trackers.finish(accelerator, tracking)
     if restore_attention is not None:
         _base_model(accelerator.unwrap_model(model)).set_attn_implementation(restore_attention)
-    _save(accelerator, model, tokenizer, Path(out_dir), settings, model_path, summary)
+    data_sha = examples_sha256((ex.prompt, ex.answer) for ex in examples)
+
+    def card() -> ModelCardInfo:  # built on the main process only: it hashes the base's files
+        return training_card(settings.to_dict(), model_path, adapter_init, summary, data_sha)
+
+    _save(accelerator, model, tokenizer, Path(out_dir), settings, model_path, summary, card, logging_dir)
     return summary
 
 
@@ -187,18 +208,32 @@ def _run_steps(
     losses: list[float] = []
     extras: list[float] = []
     lrs: list[float] = []
-    bar = tqdm(plan, desc=progress_desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    bar = step_bar(plan, progress_desc, disable=not accelerator.is_local_main_process, unit="step")
     start = time.perf_counter()
     for batch in bar:
         lrs.append(scheduler.get_last_lr()[0])
+        step_start = time.perf_counter()
         loss, extra = _optimizer_step(accelerator, model, optimizer, tokenized, batch, settings,
                                       tokenizer.pad_token_id, extra_loss)
         scheduler.step()
         losses.append(loss)
         if extra is not None:
             extras.append(extra)
+        _log_step(accelerator, len(losses), loss, lrs[-1], extra,
+                  sum(len(tokenized[i]) for i in batch) / (time.perf_counter() - step_start))
         bar.set_postfix(loss=f"{loss:.4f}")
     return {"losses": losses, "extras": extras, "lrs": lrs, "seconds": time.perf_counter() - start}
+
+
+def _log_step(accelerator: Accelerator, step: int, loss: float, lr: float, extra: float | None,
+              tokens_per_second: float) -> None:
+    """One optimizer step to the trackers (train/tracking.py); nothing happens without any."""
+    if not accelerator.trackers:
+        return
+    values = {"train/loss": loss, "train/lr": lr, "train/tokens_per_second": tokens_per_second}
+    if extra is not None:
+        values["train/olora_penalty"] = extra
+    accelerator.log(values, step=step)
 
 
 def _optimizer_step(
@@ -294,6 +329,8 @@ def _save(
     settings: TrainSettings,
     model_path: str | Path,
     summary: dict[str, Any],
+    card: Callable[[], ModelCardInfo],
+    logging_dir: Path,
 ) -> None:
     accelerator.wait_for_everyone()
     # A collective under FSDP/DeepSpeed (gathers shards), so every process calls it.
@@ -307,6 +344,8 @@ def _save(
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             atomic_write_json(tmp / SUMMARY_FILE, summary)
+            write_model_card(tmp, card())
+            trackers.move_into(logging_dir, tmp)
     accelerator.wait_for_everyone()
 
 
@@ -325,4 +364,8 @@ def merge_adapter(model_path: str | Path, adapter_path: str | Path, out_dir: str
     """Base + LoRA adapter folded into one full model dir (sequential LoRA's next base)."""
     model = load_model(model_path, adapter_path, dtype="auto", merge_adapter=True)
     tokenizer_source = adapter_path if (Path(adapter_path) / "tokenizer_config.json").is_file() else model_path
-    return save_model(model, load_tokenizer(tokenizer_source), Path(out_dir))
+    card = ModelCardInfo(title=f"{hub_name(model_path)} with a LoRA adapter merged in", base_model=hub_name(model_path),
+                         relation="finetune", library_name="transformers", method="LoRA adapter merged into the base",
+                         inputs=[model_input(model_path, "base model"), model_input(adapter_path, "adapter")],
+                         scores_note=STUDY_SCORES_NOTE, how_to_load="AutoModelForCausalLM.from_pretrained(DIR)")
+    return save_model(model, load_tokenizer(tokenizer_source), Path(out_dir), card=card)

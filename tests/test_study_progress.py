@@ -1,0 +1,55 @@
+"""The study's own progress line: step N of M and the time left, estimated from the steps finished (seconds per
+parameter, per kind of step) and the dry run's per-step sizes; the running step's training bar is a row under it."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+from knowstack import progress as bars
+from knowstack.study import progress as study_progress
+from knowstack.study.plan import Step
+from knowstack.study.progress import StudyProgress, TimeLeft, format_seconds
+
+
+def steps() -> list[Step]:
+    return [Step("eval", "base", {"n": 0}), Step("train", "a", {"n": 1}), Step("train", "b", {"n": 2}),
+            Step("eval", "a", {"n": 3}), Step("merge", "ab", {"n": 4})]
+
+
+def test_time_left_scales_each_kinds_measured_rate_by_step_size() -> None:
+    s = steps()
+    left = TimeLeft({s[1].key: 100.0, s[2].key: 300.0, s[3].key: 100.0, s[4].key: 50.0})
+    assert left.left(s[2:]) is None  # nothing measured yet: no estimate
+    left.record(s[1], 20.0)  # train: 0.2 s per parameter
+    assert left.left([s[2]]) == pytest.approx(60.0)
+    # eval and merge are not measured yet: they take the mean rate of what is
+    assert left.left(s[2:]) == pytest.approx(0.2 * (300 + 100 + 50))
+    left.record(s[3], 5.0)  # eval: 0.05 s per parameter; the mean over all runs is now 25 s / 200
+    assert left.left([s[3]]) == pytest.approx(5.0) and left.left([s[4]]) == pytest.approx(50 * 25 / 200)
+    assert format_seconds(3725.4) == "1:02:05"
+
+
+def test_the_study_line_counts_steps_and_hosts_the_steps_bar(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = iter([0.0, 40.0])
+    monkeypatch.setattr(study_progress.time, "monotonic", lambda: next(clock))
+    s = steps()
+    sizes = {step.key: 10.0 for step in s}
+    console = Console(file=io.StringIO(), width=120)
+    with StudyProgress(s, console, sizes) as shown:
+        study = shown.progress.tasks[0]
+        shown.skip(s[0])
+        assert study.completed == 1 and study.description == "study: step 2 of 5"
+        shown.start(s[1], 2)
+        bar = bars.step_bar(range(3), "train a")  # what the training loop asks for while a study runs
+        rows = [t.description.strip() for t in shown.progress.tasks]
+        assert rows == ["study: step 2 of 5", "train a", "train a"] and shown.progress.tasks[2].total == 3
+        assert list(bar) == [0, 1, 2]
+        shown.finish(s[1])
+        assert study.completed == 2 and study.fields["left"] == f"left: ~{format_seconds(3 * 40.0)}"
+        assert [t.description for t in shown.progress.tasks] == ["study: step 3 of 5"]
+    assert bars._sink is None  # a training run after the study gets tqdm again
+    text = console.file.getvalue()
+    assert "step 2/5 train: a" in text and "done in 40.0 s" in text
