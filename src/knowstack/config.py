@@ -43,7 +43,10 @@ class BaseModelConfig(Strict):
 
 
 class TaskConfig(Strict):
-    """A new-knowledge task: a TRACE-layout dir, or math as MetaMathQA train + GSM8K test files."""
+    """A new-knowledge task: a TRACE-layout dir, or math as MetaMathQA train + GSM8K test files.
+    epochs / max_steps: this task's training budget, in place of the training recipe's, in every round that
+    trains on it (one-round, sequential, O-LoRA, replay, and so merge and MoE); a joint run, on all tasks at
+    once, keeps the recipe's. A sweep point that sets epochs or max_steps overrides it."""
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
     format: Literal["trace", "math"] = "trace"
@@ -54,12 +57,24 @@ class TaskConfig(Strict):
     metric: Literal["accuracy", "rouge_l", "edit_similarity", "sari", "math"]
     max_train: int | None = Field(default=None, gt=0)
     max_test: int | None = Field(default=None, gt=0)
+    epochs: float | None = Field(default=None, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _has_data(self) -> TaskConfig:
         if self.path is None and (self.train_file is None or self.test_file is None):
             raise ValueError("give 'path' (a task dir) or both 'train_file' and 'test_file'")
+        if self.epochs is not None and self.max_steps is not None:
+            raise ValueError("give a task's budget as 'epochs' or 'max_steps', not both")
         return self
+
+    def budget(self) -> dict[str, Any]:
+        """The training settings this task's budget replaces ({} when it has none)."""
+        if self.epochs is not None:
+            return {"epochs": self.epochs, "max_steps": None}
+        if self.max_steps is not None:
+            return {"max_steps": self.max_steps}
+        return {}
 
 
 class BuiltinTasks(Strict):
@@ -73,13 +88,54 @@ class BuiltinTasks(Strict):
         return _each_once(value, "name each built-in task once, at least one")
 
 
+OldMetric = str | dict[str, str]
+DEFAULT_OLD_METRIC = "acc"
+
+
 class OldKnowledgeConfig(Strict):
+    """metric: the lm-eval metric reported for every old-knowledge task (acc), or a mapping task -> metric
+    (e.g. acc_norm for arc_challenge, as the paper reports it), where a task not named reports acc."""
+
     tasks: Literal["builtin"] | list[str] = "builtin"
     include_path: Path | None = None
-    metric: str = "acc"
+    metric: OldMetric = DEFAULT_OLD_METRIC
     limit: int | None = Field(default=None, gt=0)
     num_fewshot: int | None = Field(default=None, ge=0)
     batch_size: int = Field(default=32, gt=0)
+
+    @field_validator("metric")
+    @classmethod
+    def _metric_names(cls, value: OldMetric) -> OldMetric:
+        names = [value] if isinstance(value, str) else list(value.values())
+        if isinstance(value, dict) and not value:
+            raise ValueError("name a metric, or map at least one task to its metric")
+        if any(not name.strip() for name in names):
+            raise ValueError("a metric name must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _mapped_tasks_are_evaluated(self) -> OldKnowledgeConfig:
+        if isinstance(self.metric, dict) and isinstance(self.tasks, list):
+            unknown = [task for task in self.metric if task not in self.tasks]
+            if unknown:
+                raise ValueError(f"metric is given for '{unknown[0]}', which is not one of the old-knowledge tasks")
+        return self
+
+
+def old_metric_of(metric: OldMetric, task: str) -> str:
+    """The metric reported for one old-knowledge task."""
+    return metric if isinstance(metric, str) else metric.get(task, DEFAULT_OLD_METRIC)
+
+
+def describe_old_metric(metric: OldMetric) -> str:
+    """'acc', or 'acc_norm for arc_challenge, piqa; acc elsewhere' (a report's words for it)."""
+    if isinstance(metric, str):
+        return metric
+    by_metric: dict[str, list[str]] = {}
+    for task, name in metric.items():
+        by_metric.setdefault(name, []).append(task)
+    parts = [f"{name} for {', '.join(tasks)}" for name, tasks in by_metric.items() if name != DEFAULT_OLD_METRIC]
+    return "; ".join(parts + [f"{DEFAULT_OLD_METRIC} elsewhere"])
 
 
 class LoraConfig(Strict):

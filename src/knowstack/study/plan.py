@@ -151,6 +151,7 @@ class PlanBuilder:
         self.base = self._base_model()
         self.tasks = self._tasks()
         self.plan.task_names = [task["name"] for task in self.tasks]
+        self.budgets = {} if config.builtin_tasks else {cfg.name: cfg.budget() for cfg in config.tasks}
 
     # --- the base and the tasks -------------------------------------------------------------
     def _base_model(self) -> ModelRef:
@@ -225,11 +226,19 @@ class PlanBuilder:
             "init": init.to_dict(),
             "task": task,
             "finetune": finetune,
-            "training": training_params(self.training, finetune),
+            "training": training_params(self._training_for(task), finetune),
             "seed": self.config.seed,
             **(extra or {}),
         }
         return self.plan.add(Step("train", label, params, ref_deps(init) + deps))
+
+    def _training_for(self, task: dict) -> TrainingConfig:
+        """The recipe with the task's own budget (epochs or max_steps), unless the sweep point sets one: a task
+        without a budget trains, and so hashes, exactly as before budgets existed."""
+        budget = self.budgets.get(task["name"], {})
+        if not budget or self.point.get("epochs") is not None or self.point.get("max_steps") is not None:
+            return self.training
+        return self.training.model_copy(update=budget)
 
     def joint_train_step(self, init: ModelRef, finetune: str, sampling: str) -> Step:
         """One run on all tasks at once; the executor draws the mixture from `tasks` and the seed."""
