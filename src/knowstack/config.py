@@ -290,6 +290,7 @@ class ReplayConfig(MethodConfig):
 
 
 MergeMethodName = Literal["average", "task-average", "ties", "dare", "ties-dare"]
+LoraSpace = Literal["delta", "factors"]
 # The merge settings each method reads: only these are part of its step's key, so that changing
 # TIES' density does not redo the average.
 MERGE_METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
@@ -304,21 +305,36 @@ MERGE_METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
 class MergeConfig(MethodConfig):
     """Merging the one-round models (FFT) / adapters (LoRA) of all tasks into one model, once per
     method in `methods`. density: the fraction of each task vector TIES keeps; drop_rate: DARE's p;
-    lambda: the scale of the merged task vector; seed: DARE's draws (default: the study's seed)."""
+    lambda: the scale of the merged task vector; seed: DARE's draws (default: the study's seed);
+    lora_space: the LoRA merges of the deltas s B A (delta) or of the A and B factors apart, as PEFT's
+    add_weighted_adapter (factors: the paper's LoRA TIES / DARE-TIES, combine/merge_factors.py), for every
+    method or per method ({ties: factors}: the others stay delta). methods may be given per finetune
+    ({fft: [average], lora: [average, ties]})."""
 
     SWEEPABLE: ClassVar[tuple[str, ...]] = ("density", "drop_rate", "lambda")
-    methods: list[MergeMethodName] = Field(default_factory=lambda: ["average", "ties", "ties-dare"])
+    methods: list[MergeMethodName] | dict[Finetune, list[MergeMethodName]] = Field(
+        default_factory=lambda: ["average", "ties", "ties-dare"])
     density: float = Field(default=0.2, gt=0, le=1)
     drop_rate: float = Field(default=0.9, ge=0, lt=1)
     lam: float = Field(default=1.0, gt=0, alias="lambda")
     seed: int | None = None
+    lora_space: LoraSpace | dict[MergeMethodName, LoraSpace] = "delta"
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     @field_validator("methods")
     @classmethod
-    def _methods(cls, value: list[str]) -> list[str]:
-        return _each_once(value, "name each merge method once, at least one")
+    def _methods(cls, value: list[str] | dict[str, list[str]]) -> list[str] | dict[str, list[str]]:
+        for listed in value.values() if isinstance(value, dict) else [value]:
+            _each_once(listed, "name each merge method once, at least one")
+        return value
+
+    def methods_for(self, finetune: str) -> list[str]:
+        """The merge methods run on this finetune's models (a finetune a mapping leaves out runs none)."""
+        return list(self.methods.get(finetune, [])) if isinstance(self.methods, dict) else list(self.methods)
+
+    def lora_space_of(self, method: str) -> str:
+        return self.lora_space if isinstance(self.lora_space, str) else self.lora_space.get(method, "delta")
 
 
 class RouterTrainingConfig(Strict):
@@ -335,7 +351,8 @@ class RouterTrainingConfig(Strict):
 
 class MoeConfig(Sweepable):
     """Mixing the one-round models (experts: fft, a Mixtral-style FFT-MoE) or adapters (lora, a LoRA-MoE)
-    of all tasks, or of `tasks`, into one mixture of experts, one per entry of `experts`.
+    of all tasks, or of `tasks` (a list, or per kind of expert: {fft: [...]} mixes those for the FFT-MoE and all
+    tasks for the LoRA-MoE), into one mixture of experts, one per entry of `experts`.
     top_k: experts per token; layers: the layers to mix (default all); shared: attention, norms,
     embeddings from the base or the average of the models (FFT only); base_expert: the base as a routed
     expert, or always on (FFT only); router: random | uniform | base-biased | prompts (each expert's row
@@ -346,7 +363,7 @@ class MoeConfig(Sweepable):
 
     SWEEPABLE: ClassVar[tuple[str, ...]] = ("top_k",)
     experts: list[Finetune] = Field(default_factory=lambda: ["fft", "lora"])
-    tasks: list[str] | None = None
+    tasks: list[str] | dict[Finetune, list[str]] | None = None
     top_k: int = Field(default=2, ge=1)
     layers: list[Annotated[int, Field(ge=0)]] | None = None
     shared: Literal["base", "average"] = "base"
@@ -371,8 +388,9 @@ class MoeConfig(Sweepable):
 
     @model_validator(mode="after")
     def _consistent(self) -> MoeConfig:
-        if self.tasks is not None and (not self.tasks or len(set(self.tasks)) != len(self.tasks)):
-            raise ValueError("'tasks' names each task to mix once, at least one")
+        for listed in self.tasks.values() if isinstance(self.tasks, dict) else [self.tasks]:
+            if listed is not None and (not listed or len(set(listed)) != len(listed)):
+                raise ValueError("'tasks' names each task to mix once, at least one")
         if self.router == "base-biased" and self.base_expert != "routed":
             raise ValueError("the base-biased router needs 'base_expert: routed'")
         if self.base_expert == "always-on" and "lora" in self.experts:
