@@ -108,3 +108,16 @@ def test_lora_space_and_moe_tasks_per_kind(tmp_path) -> None:
     assert keys and keys == [s.key for s in build_plan(parse_config(plain)).ordered() if s.kind == "merge"]
     plain["methods"]["merge"]["lora_space"] = "factors"
     assert not set(keys) & {s.key for s in build_plan(parse_config(plain)).ordered() if s.kind == "merge"}
+
+
+def test_metamath_prompts_are_the_papers() -> None:
+    """RhuiDih/cl do_finetuning.py: PROMPT_DICT, with a query's first line as the instruction, the rest as input."""
+    from knowstack.data.formats import alpaca_prompt
+
+    head = "Below is an instruction that describes a task"
+    tail = " Write a response that appropriately completes the request.\n\n### Instruction:\n"
+    assert alpaca_prompt("What is 2+2?") == f"{head}.{tail}What is 2+2?\n\n### Response:"
+    assert alpaca_prompt("Solve for x.\nx+1=2\nx?") == (
+        f"{head}, paired with an input that provides further context.{tail}Solve for x.\n\n### Input:\nx+1=2\nx?"
+        "\n\n### Response:")
+    assert alpaca_prompt("Trailing newline\n") == f"{head}.{tail}Trailing newline\n\n### Response:"
