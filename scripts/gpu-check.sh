@@ -83,7 +83,7 @@ evaluation: {batch_size: 32, max_test: 16}
 launch:
   num_processes: $PROCESSES
   accelerate_config: $accelerate
-  mixed_precision: $precision
+  mixed_precision: "$precision"   # quoted: YAML reads a bare no as false
   cpu: $([ "$CPU" = 1 ] && echo true || echo false)
 methods:
   one-round: {finetune: [fft, lora]}

@@ -163,3 +163,16 @@ def test_factor_space_refuses_full_models_and_unknown_spaces(tiny_model_dir: Pat
     with pytest.raises(KnowstackError, match="lora_space"):
         MergeOptions(lora_space="both")
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_merges_in_factor_space(tiny_model_dir: Path, adapters: list[Path], tmp_path: Path) -> None:
+    import json
+
+    from knowstack.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["merge", "--method", "ties-dare", "--base", str(tiny_model_dir), "--models", *map(str, adapters),
+                 "--drop-rate", "0.8", "--lora-space", "factors", "--out", str(out)]) == 0
+    record = json.loads((out / "merge.json").read_text())
+    assert record["lora_space"] == "factors" and record["drop_rate"] == 0.8 and record["adapter"] == "adapter"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
