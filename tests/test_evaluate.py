@@ -57,15 +57,21 @@ def test_stop_strings_cut_and_stop_early(model_and_tokenizer) -> None:
     assert len(calls) < 16
 
 
-def test_overlong_prompts_keep_their_end(model_and_tokenizer) -> None:
+def test_overlong_prompts_lose_their_middle_and_are_counted(model_and_tokenizer) -> None:
     model, tokenizer = model_and_tokenizer
     long_prompt = " ".join(PROMPTS) * 20
     ids = tokenizer(long_prompt)["input_ids"]
     room = model.config.max_position_embeddings - 8
     assert len(ids) > room
-    expected = one_at_a_time(model, tokenizer, tokenizer.decode(ids[-room:]), 8)
-    assert tokenizer(tokenizer.decode(ids[-room:]))["input_ids"] == ids[-room:]
-    assert generate(model, tokenizer, [long_prompt, PROMPTS[0]], max_new_tokens=8)[0] == expected
+    kept = torch.tensor([ids[: room // 2] + ids[len(ids) - (room - room // 2):]])  # training's cut (batches.py)
+    out = model.generate(input_ids=kept, attention_mask=torch.ones_like(kept), max_new_tokens=8, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    expected = tokenizer.decode(out[0, kept.shape[1]:], skip_special_tokens=True)
+    stats: dict = {}
+    assert generate(model, tokenizer, [long_prompt, PROMPTS[0]], max_new_tokens=8, stats=stats)[0] == expected
+    assert stats == {"prompts_truncated": 1}
+    generate(model, tokenizer, PROMPTS[:2], max_new_tokens=2, stats=stats)
+    assert stats == {"prompts_truncated": 0}
 
 
 def test_math_scores_with_and_without_chain_of_thought(monkeypatch) -> None:

@@ -81,9 +81,11 @@ def test_bos_added_when_the_tokenizer_adds_one() -> None:
     assert tokenized.labels[0] == IGNORE
 
 
-def test_truncation_is_on_the_right(tokenizer) -> None:
-    [tokenized] = tokenize_examples(tokenizer, [EXAMPLES[0]], 8)
-    assert len(tokenized) == 8 and tokenized.answer_tokens == 0
+def test_an_overlong_prompt_loses_its_middle_not_its_answer(tokenizer) -> None:
+    answer_ids = tokenizer(EXAMPLES[0].answer, add_special_tokens=False)["input_ids"]
+    limit = len(answer_ids) + 4  # tests/test_truncation.py has the details
+    [tokenized] = tokenize_examples(tokenizer, [EXAMPLES[0]], limit)
+    assert len(tokenized) == limit and tokenized.answer_tokens == len(answer_ids) + 1
 
 
 def test_packed_logits_and_loss_equal_per_example(tiny_model_dir: Path, tokenizer) -> None:

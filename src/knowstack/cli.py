@@ -233,7 +233,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
     problems = check_model_dir(args.base, tokenizer=False) if args.base else []
     raise_problems(problems + [p for path in args.models for p in check_weights_dir(path)])
-    given = {"density": args.density, "drop_rate": args.drop_rate, "lam": args.lam}
+    given = {"density": args.density, "drop_rate": args.drop_rate, "lam": args.lam, "lora_space": args.lora_space}
     options = MergeOptions(**{name: value for name, value in given.items() if value is not None})
     out = merge_models(args.method, args.models, Path(args.out), base=args.base, weights=args.weights,
                        options=options, seed=args.seed, max_shard_bytes=int(args.max_shard_gb * 2**30),
@@ -588,6 +588,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-rate", type=float, help="dare, ties-dare: probability of dropping (default 0.9)")
     p.add_argument("--lambda", dest="lam", type=float, help="scale of the merged task vector (default 1)")
     p.add_argument("--seed", type=int, default=0, help="dare, ties-dare: the random drops")
+    p.add_argument("--lora-space", choices=("delta", "factors"),
+                   help="LoRA adapters: merge their deltas s*B@A (delta, the default) or their A and B apart as PEFT's "
+                        "add_weighted_adapter does (factors: the paper's LoRA TIES / DARE-TIES; weights are PEFT's, "
+                        "1 each by default)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output shard")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_merge)

@@ -43,7 +43,10 @@ class BaseModelConfig(Strict):
 
 
 class TaskConfig(Strict):
-    """A new-knowledge task: a TRACE-layout dir, or math as MetaMathQA train + GSM8K test files."""
+    """A new-knowledge task: a TRACE-layout dir, or math as MetaMathQA train + GSM8K test files.
+    epochs / max_steps: this task's training budget, in place of the training recipe's, in every round that
+    trains on it (one-round, sequential, O-LoRA, replay, and so merge and MoE); a joint run, on all tasks at
+    once, keeps the recipe's. A sweep point that sets epochs or max_steps overrides it."""
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
     format: Literal["trace", "math"] = "trace"
@@ -54,12 +57,24 @@ class TaskConfig(Strict):
     metric: Literal["accuracy", "rouge_l", "edit_similarity", "sari", "math"]
     max_train: int | None = Field(default=None, gt=0)
     max_test: int | None = Field(default=None, gt=0)
+    epochs: float | None = Field(default=None, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _has_data(self) -> TaskConfig:
         if self.path is None and (self.train_file is None or self.test_file is None):
             raise ValueError("give 'path' (a task dir) or both 'train_file' and 'test_file'")
+        if self.epochs is not None and self.max_steps is not None:
+            raise ValueError("give a task's budget as 'epochs' or 'max_steps', not both")
         return self
+
+    def budget(self) -> dict[str, Any]:
+        """The training settings this task's budget replaces ({} when it has none)."""
+        if self.epochs is not None:
+            return {"epochs": self.epochs, "max_steps": None}
+        if self.max_steps is not None:
+            return {"max_steps": self.max_steps}
+        return {}
 
 
 class BuiltinTasks(Strict):
@@ -73,13 +88,54 @@ class BuiltinTasks(Strict):
         return _each_once(value, "name each built-in task once, at least one")
 
 
+OldMetric = str | dict[str, str]
+DEFAULT_OLD_METRIC = "acc"
+
+
 class OldKnowledgeConfig(Strict):
+    """metric: the lm-eval metric reported for every old-knowledge task (acc), or a mapping task -> metric
+    (e.g. acc_norm for arc_challenge, as the paper reports it), where a task not named reports acc."""
+
     tasks: Literal["builtin"] | list[str] = "builtin"
     include_path: Path | None = None
-    metric: str = "acc"
+    metric: OldMetric = DEFAULT_OLD_METRIC
     limit: int | None = Field(default=None, gt=0)
     num_fewshot: int | None = Field(default=None, ge=0)
     batch_size: int = Field(default=32, gt=0)
+
+    @field_validator("metric")
+    @classmethod
+    def _metric_names(cls, value: OldMetric) -> OldMetric:
+        names = [value] if isinstance(value, str) else list(value.values())
+        if isinstance(value, dict) and not value:
+            raise ValueError("name a metric, or map at least one task to its metric")
+        if any(not name.strip() for name in names):
+            raise ValueError("a metric name must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _mapped_tasks_are_evaluated(self) -> OldKnowledgeConfig:
+        if isinstance(self.metric, dict) and isinstance(self.tasks, list):
+            unknown = [task for task in self.metric if task not in self.tasks]
+            if unknown:
+                raise ValueError(f"metric is given for '{unknown[0]}', which is not one of the old-knowledge tasks")
+        return self
+
+
+def old_metric_of(metric: OldMetric, task: str) -> str:
+    """The metric reported for one old-knowledge task."""
+    return metric if isinstance(metric, str) else metric.get(task, DEFAULT_OLD_METRIC)
+
+
+def describe_old_metric(metric: OldMetric) -> str:
+    """'acc', or 'acc_norm for arc_challenge, piqa; acc elsewhere' (a report's words for it)."""
+    if isinstance(metric, str):
+        return metric
+    by_metric: dict[str, list[str]] = {}
+    for task, name in metric.items():
+        by_metric.setdefault(name, []).append(task)
+    parts = [f"{name} for {', '.join(tasks)}" for name, tasks in by_metric.items() if name != DEFAULT_OLD_METRIC]
+    return "; ".join(parts + [f"{DEFAULT_OLD_METRIC} elsewhere"])
 
 
 class LoraConfig(Strict):
@@ -236,6 +292,7 @@ class ReplayConfig(MethodConfig):
 
 
 MergeMethodName = Literal["average", "task-average", "ties", "dare", "ties-dare"]
+LoraSpace = Literal["delta", "factors"]
 # The merge settings each method reads: only these are part of its step's key, so that changing
 # TIES' density does not redo the average.
 MERGE_METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
@@ -250,21 +307,36 @@ MERGE_METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
 class MergeConfig(MethodConfig):
     """Merging the one-round models (FFT) / adapters (LoRA) of all tasks into one model, once per
     method in `methods`. density: the fraction of each task vector TIES keeps; drop_rate: DARE's p;
-    lambda: the scale of the merged task vector; seed: DARE's draws (default: the study's seed)."""
+    lambda: the scale of the merged task vector; seed: DARE's draws (default: the study's seed);
+    lora_space: the LoRA merges of the deltas s B A (delta) or of the A and B factors apart, as PEFT's
+    add_weighted_adapter (factors: the paper's LoRA TIES / DARE-TIES, combine/merge_factors.py), for every
+    method or per method ({ties: factors}: the others stay delta). methods may be given per finetune
+    ({fft: [average], lora: [average, ties]})."""
 
     SWEEPABLE: ClassVar[tuple[str, ...]] = ("density", "drop_rate", "lambda")
-    methods: list[MergeMethodName] = Field(default_factory=lambda: ["average", "ties", "ties-dare"])
+    methods: list[MergeMethodName] | dict[Finetune, list[MergeMethodName]] = Field(
+        default_factory=lambda: ["average", "ties", "ties-dare"])
     density: float = Field(default=0.2, gt=0, le=1)
     drop_rate: float = Field(default=0.9, ge=0, lt=1)
     lam: float = Field(default=1.0, gt=0, alias="lambda")
     seed: int | None = None
+    lora_space: LoraSpace | dict[MergeMethodName, LoraSpace] = "delta"
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     @field_validator("methods")
     @classmethod
-    def _methods(cls, value: list[str]) -> list[str]:
-        return _each_once(value, "name each merge method once, at least one")
+    def _methods(cls, value: list[str] | dict[str, list[str]]) -> list[str] | dict[str, list[str]]:
+        for listed in value.values() if isinstance(value, dict) else [value]:
+            _each_once(listed, "name each merge method once, at least one")
+        return value
+
+    def methods_for(self, finetune: str) -> list[str]:
+        """The merge methods run on this finetune's models (a finetune a mapping leaves out runs none)."""
+        return list(self.methods.get(finetune, [])) if isinstance(self.methods, dict) else list(self.methods)
+
+    def lora_space_of(self, method: str) -> str:
+        return self.lora_space if isinstance(self.lora_space, str) else self.lora_space.get(method, "delta")
 
 
 class RouterTrainingConfig(Strict):
@@ -281,7 +353,8 @@ class RouterTrainingConfig(Strict):
 
 class MoeConfig(Sweepable):
     """Mixing the one-round models (experts: fft, a Mixtral-style FFT-MoE) or adapters (lora, a LoRA-MoE)
-    of all tasks, or of `tasks`, into one mixture of experts, one per entry of `experts`.
+    of all tasks, or of `tasks` (a list, or per kind of expert: {fft: [...]} mixes those for the FFT-MoE and all
+    tasks for the LoRA-MoE), into one mixture of experts, one per entry of `experts`.
     top_k: experts per token; layers: the layers to mix (default all); shared: attention, norms,
     embeddings from the base or the average of the models (FFT only); base_expert: the base as a routed
     expert, or always on (FFT only); router: random | uniform | base-biased | prompts (each expert's row
@@ -292,7 +365,7 @@ class MoeConfig(Sweepable):
 
     SWEEPABLE: ClassVar[tuple[str, ...]] = ("top_k",)
     experts: list[Finetune] = Field(default_factory=lambda: ["fft", "lora"])
-    tasks: list[str] | None = None
+    tasks: list[str] | dict[Finetune, list[str]] | None = None
     top_k: int = Field(default=2, ge=1)
     layers: list[Annotated[int, Field(ge=0)]] | None = None
     shared: Literal["base", "average"] = "base"
@@ -317,8 +390,9 @@ class MoeConfig(Sweepable):
 
     @model_validator(mode="after")
     def _consistent(self) -> MoeConfig:
-        if self.tasks is not None and (not self.tasks or len(set(self.tasks)) != len(self.tasks)):
-            raise ValueError("'tasks' names each task to mix once, at least one")
+        for listed in self.tasks.values() if isinstance(self.tasks, dict) else [self.tasks]:
+            if listed is not None and (not listed or len(set(listed)) != len(listed)):
+                raise ValueError("'tasks' names each task to mix once, at least one")
         if self.router == "base-biased" and self.base_expert != "routed":
             raise ValueError("the base-biased router needs 'base_expert: routed'")
         if self.base_expert == "always-on" and "lora" in self.experts:

@@ -51,6 +51,12 @@ def write_sum_adapter(folder: Path, method: str, adapters: Sequence[LoraAdapter]
         tensors[f"base_model.model.{module}.lora_A.weight"] = torch.cat(a_parts, dim=0).contiguous()
         tensors[f"base_model.model.{module}.lora_B.weight"] = torch.cat(b_parts, dim=1).contiguous()
         ranks[module] = sum(a.shape[0] for a in a_parts)
+    return save_adapter(folder, tensors, ranks, bool(adapters[0].config.get("fan_in_fan_out")), base)
+
+
+def save_adapter(folder: Path, tensors: dict[str, torch.Tensor], ranks: dict[str, int], fan_in_fan_out: bool,
+                 base: str) -> Path:
+    """A PEFT LoRA adapter dir of `tensors` (lora_A / lora_B per module) at scale 1 (lora_alpha = r)."""
     common = max(set(ranks.values()), key=list(ranks.values()).count)
     differing = {module: r for module, r in ranks.items() if r != common}
     folder.mkdir(parents=True, exist_ok=True)
@@ -60,7 +66,7 @@ def write_sum_adapter(folder: Path, method: str, adapters: Sequence[LoraAdapter]
         # scale 1 everywhere: lora_alpha = r, per module where a module's rank differs
         "r": common, "lora_alpha": common, "rank_pattern": differing, "alpha_pattern": dict(differing),
         "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": bool(adapters[0].config.get("fan_in_fan_out")), "use_rslora": False, "use_dora": False,
+        "fan_in_fan_out": fan_in_fan_out, "use_rslora": False, "use_dora": False,
         "init_lora_weights": True, "modules_to_save": None,
     })
     return folder

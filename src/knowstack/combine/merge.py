@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from knowstack.atomic import atomic_dir, atomic_write_json
 from knowstack.combine.inputs import FullModel, LoraAdapter, config_differences, open_input, read_json
-from knowstack.combine.lora_sum import ADAPTER_DIR, representable, write_sum_adapter
+from knowstack.combine.lora_sum import ADAPTER_DIR, representable, save_adapter, write_sum_adapter
+from knowstack.combine.merge_factors import get_factor_method, merge_lora_factors
 from knowstack.combine.merge_methods import MergeMethod, MergeOptions, get_method
 from knowstack.combine.streaming import ShardedWriter
 from knowstack.errors import KnowstackError
@@ -54,8 +55,14 @@ def merge_models(
     inputs = [open_input(path) for path in models]
     if not inputs:
         raise KnowstackError("give at least one model to merge", field="models")
+    factors = options.lora_space == "factors"
+    if factors:
+        get_factor_method(method)
+        full = next((m for m in inputs if not isinstance(m, LoraAdapter)), None)
+        if full is not None:
+            raise KnowstackError("lora_space 'factors' merges LoRA adapters only; this is a full model", path=full.path)
     weight_tensor = _weights(weights, len(inputs))
-    in_delta_space = chosen.uses_base or any(isinstance(m, LoraAdapter) for m in inputs)
+    in_delta_space = chosen.uses_base or factors or any(isinstance(m, LoraAdapter) for m in inputs)
     if in_delta_space and base is None:
         raise KnowstackError(f"'{method}' on {'LoRA adapters' if not chosen.uses_base else 'task vectors'} "
                              "needs the base model (--base)", field="base")
@@ -69,17 +76,21 @@ def merge_models(
     if out.resolve() in {path.resolve() for path in sources}:
         raise KnowstackError("the output dir is one of the inputs (it would be replaced)", path=out)
     with atomic_dir(out) as tmp:
+        merged_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if factors else None
         _write_merged(tmp, chosen, reference, base_model if in_delta_space else None, inputs, weight_tensor,
-                      options, seed, max_shard_bytes, progress)
+                      options, seed, max_shard_bytes, progress, merged_factors)
         _copy_model_files(reference.path, tmp)
-        adapter = representable(method, inputs)
-        if adapter:
+        adapter = factors or representable(method, inputs)
+        if merged_factors is not None:
+            write_factor_adapter(tmp / ADAPTER_DIR, merged_factors, inputs, str(base))
+        elif adapter:
             write_sum_adapter(tmp / ADAPTER_DIR, method, inputs, weight_tensor, options.lam, str(base))
         record = {
             "method": method, "base": str(base) if base is not None else None,
             "models": [str(m.path) for m in inputs], "kinds": [m.kind for m in inputs],
             "weights": weight_tensor.tolist(), "density": options.density, "drop_rate": options.drop_rate,
             "lambda": options.lam, "seed": seed, "adapter": ADAPTER_DIR if adapter else None,
+            "lora_space": options.lora_space if any(isinstance(m, LoraAdapter) for m in inputs) else None,
         }
         atomic_write_json(tmp / MERGE_FILE, record)
         _write_cards(tmp, method, base, [m.path for m in inputs], record)
@@ -101,15 +112,19 @@ def _write_cards(tmp: Path, method: str, base: str | Path | None, models: list[P
 
 def _write_merged(tmp: Path, method: MergeMethod, reference: FullModel, base: FullModel | None, inputs: list[Input],
                   weights: torch.Tensor, options: MergeOptions, seed: int, max_shard_bytes: int,
-                  progress: bool) -> None:
+                  progress: bool, merged_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None) -> None:
     """Every tensor of `reference`, in its on-disk order, merged and streamed into shards in `tmp`.
-    With a `base`, the method works on task vectors (and LoRA deltas); without, on the full weights."""
+    With a `base`, the method works on task vectors (and LoRA deltas); without, on the full weights.
+    merged_factors: given for a merge in LoRA factor space, and filled with each module's merged (A, B)."""
     specs = reference.reader.specs
     order = reference.reader.names()
     writer = ShardedWriter(tmp, [(name, specs[name].torch_dtype, specs[name].shape) for name in order],
                            max_shard_bytes)
     for name in tqdm(order, desc=f"merge {method.name}", unit="tensor", disable=not progress):
-        if base is not None:
+        if merged_factors is not None:
+            assert base is not None
+            merged = _merge_factors(method.name, name, base, inputs, weights, options, seed, merged_factors)
+        elif base is not None:
             merged = _merge_deltas(method, name, base, inputs, weights, options, seed)
         else:
             merged = _merge_full(method, name, inputs, weights, options, seed)
@@ -155,6 +170,45 @@ def _merge_deltas(method: MergeMethod, name: str, base: FullModel, inputs: list[
     taus = [d if d is not None else torch.zeros_like(base_tensor) for d in deltas]
     merged = method.fn(taus, weights, options, _generator(seed, name) if method.random else None)
     return merged.add_(base_tensor)
+
+
+def _merge_factors(method: str, name: str, base: FullModel, inputs: list[Input], weights: torch.Tensor,
+                   options: MergeOptions, seed: int, merged: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The base's weight plus B'A', the product of the adapters' A and B merged apart (PEFT's way; every input is
+    a LoraAdapter here). The adapters that do not target this weight take no part in it, as in PEFT."""
+    base_tensor = base.reader.read(name)
+    targeting = [(m, float(w)) for m, w in zip(inputs, weights.tolist(), strict=True)
+                 if isinstance(m, LoraAdapter) and name in m.modules]
+    if not targeting or not base_tensor.is_floating_point():
+        return base_tensor
+    factors = []
+    for adapter, _ in targeting:
+        a_name, b_name, scale = adapter.modules[name]
+        factors.append((adapter.reader.read(a_name).float(), adapter.reader.read(b_name).float(), scale))
+    generator = _generator(seed, name) if get_factor_method(method).random else None
+    merged_a, merged_b = merge_lora_factors(method, factors, [w for _, w in targeting], options, generator)
+    merged[name] = (merged_a, merged_b)
+    delta = merged_b @ merged_a
+    if targeting[0][0].config.get("fan_in_fan_out"):
+        delta = delta.T
+    if delta.shape != base_tensor.shape:
+        raise KnowstackError(f"merged LoRA delta of '{name}' has shape {tuple(delta.shape)}, the base's weight "
+                             f"{tuple(base_tensor.shape)}", path=targeting[0][0].path)
+    return delta.add_(base_tensor.float())
+
+
+def write_factor_adapter(folder: Path, merged: dict[str, tuple[torch.Tensor, torch.Tensor]], inputs: list[Input],
+                         base: str) -> Path:
+    """The factor-space merge as the PEFT adapter it is (A', B' at scale 1), beside the full model."""
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for name, (merged_a, merged_b) in merged.items():
+        module = name.removesuffix(".weight")
+        tensors[f"base_model.model.{module}.lora_A.weight"] = merged_a.contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = merged_b.contiguous()
+        ranks[module] = merged_a.shape[0]
+    fan_in_fan_out = any(bool(m.config.get("fan_in_fan_out")) for m in inputs if isinstance(m, LoraAdapter))
+    return save_adapter(folder, tensors, ranks, fan_in_fan_out, base)
 
 
 def _same_everywhere(name: str, tensors: list[torch.Tensor], inputs: list[Input]) -> torch.Tensor:

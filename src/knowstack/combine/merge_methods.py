@@ -48,8 +48,13 @@ class MergeOptions:
     density: float = 0.2  # TIES: fraction of each task vector kept, by magnitude, per tensor
     drop_rate: float = 0.9  # DARE: probability that an entry of a task vector is dropped
     lam: float = 1.0  # scale of the merged task vector (lambda in the TIES and DARE papers)
+    # LoRA adapters: merge their deltas s B A (delta), or their A and B factors apart as PEFT does (factors:
+    # merge_factors.py, the paper's LoRA TIES / DARE-TIES)
+    lora_space: str = "delta"
 
     def __post_init__(self) -> None:
+        if self.lora_space not in ("delta", "factors"):
+            raise KnowstackError(f"lora_space must be delta or factors, got {self.lora_space!r}", field="lora_space")
         if not 0 < self.density <= 1:
             raise KnowstackError(f"density must be in (0, 1], got {self.density}", field="density")
         if not 0 <= self.drop_rate < 1:

@@ -13,10 +13,18 @@ from pathlib import Path
 
 from knowstack.errors import KnowstackError
 
+# The paper's MetaMath prompts, as its code has them (RhuiDih/cl, do_finetuning.py, PROMPT_DICT and
+# SupervisedDataset): a query's first line is the instruction and any further lines the input; the response
+# follows "### Response:" directly (no newline: the answer is tokenized apart and appended).
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+ALPACA_INPUT_TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
 )
 # Without chain of thought the response is primed with the answer phrase MetaMath ends on,
 # so the model's first generated number is its answer.
@@ -79,7 +87,10 @@ def trace_split_path(task_dir: Path, split: str) -> Path:
     raise KnowstackError(f"task directory has no {split}.json", path=task_dir)
 
 
-def alpaca_prompt(instruction: str) -> str:
+def alpaca_prompt(query: str) -> str:
+    instruction, _, rest = query.partition("\n")
+    if rest:
+        return ALPACA_INPUT_TEMPLATE.format(instruction=instruction, input=rest)
     return ALPACA_TEMPLATE.format(instruction=instruction)
 
 

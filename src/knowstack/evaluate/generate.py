@@ -7,19 +7,17 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
+from knowstack.data.truncation import truncate_middle
 
-def _encode(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_prompt: int) -> list[list[int]]:
-    # Same ids as training sees (the tokenizer's default special tokens); overlong prompts keep their end
-    # (where the question and the answer cue are), and their BOS if the tokenizer adds one.
+
+def _encode(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_prompt: int) -> tuple[list[list[int]], int]:
+    # Same ids as training sees (the tokenizer's default special tokens); an overlong prompt loses its middle,
+    # as in training (data/truncation.py), keeping its start (the instruction, and its BOS if the tokenizer adds
+    # one) and its end (the question and the answer cue). Returns the ids and how many prompts were cut.
     encoded = tokenizer(list(prompts))["input_ids"]
     bos = tokenizer.bos_token_id
-    return [_truncate_left(ids, max_prompt, keep_first=bos is not None and ids[:1] == [bos]) for ids in encoded]
-
-
-def _truncate_left(ids: list[int], limit: int, *, keep_first: bool) -> list[int]:
-    if len(ids) <= limit:
-        return ids
-    return ids[:1] + ids[len(ids) - limit + 1 :] if keep_first and limit > 1 else ids[len(ids) - limit :]
+    fitted = [truncate_middle(ids, max_prompt, keep_first=int(bos is not None and ids[:1] == [bos])) for ids in encoded]
+    return fitted, sum(len(ids) > max_prompt for ids in encoded)
 
 
 class _StopOnStrings(StoppingCriteria):
@@ -67,17 +65,23 @@ def generate(
     max_new_tokens: int,
     batch_size: int = 32,
     stop_strings: Sequence[str] | None = None,
+    stats: dict | None = None,
 ) -> list[str]:
     """Greedy continuations of `prompts` (without the prompt, special tokens dropped), in input order.
 
     A row stops at EOS, after `max_new_tokens`, or once its continuation contains one of
-    `stop_strings`; the continuation is then cut before the stop string.
+    `stop_strings`; the continuation is then cut before the stop string. A prompt longer than the model's
+    context less `max_new_tokens` loses its middle; stats, when given, gets "prompts_truncated" (how many).
     """
+    if stats is not None:
+        stats["prompts_truncated"] = 0
     if not prompts:
         return []
     stop_strings = [s for s in stop_strings or () if s]
     limit = getattr(model.config, "max_position_embeddings", 4096)
-    encoded = _encode(tokenizer, prompts, max(1, limit - max_new_tokens))
+    encoded, truncated = _encode(tokenizer, prompts, max(1, limit - max_new_tokens))
+    if stats is not None:
+        stats["prompts_truncated"] = truncated
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # Sorting by length keeps each batch's padding small; results go back to input order.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from knowstack.atomic import atomic_write_text
+from knowstack.config import OldMetric, describe_old_metric
 from knowstack.report.claims import evaluate_claims, evaluate_matched_claims
 from knowstack.report.coverage import coverage
 from knowstack.report.figures import FigureSpec, draw
@@ -27,13 +28,13 @@ def planned_rows(evaluations: Iterable) -> list[Row]:
                 value=0.0, n=None, trained_on=e.trained_on) for e in evaluations]
 
 
-def measured_points(rows: list[Row], task_order: list[str], old_metric: str = "acc") -> tuple[Scores, list[TradeOff]]:
+def measured_points(rows: list[Row], task_order: list[str], old_metric: OldMetric = "acc") -> tuple[Scores, list[TradeOff]]:
     """The scores, and every run at every setting measured as a learn/forget point (what advice reads)."""
     scores = Scores.from_rows(rows, task_order, old_metric)
     return scores, trade_offs(scores, find_runs(scores), len(task_order))
 
 
-def build_report(rows: list[Row], *, title: str, task_order: list[str], old_metric: str = "acc",
+def build_report(rows: list[Row], *, title: str, task_order: list[str], old_metric: OldMetric = "acc",
                  penalties: dict[str, dict] | None = None, planned: list[Row] | None = None) -> list[Section]:
     """The report's section tree; figures are specified but not drawn yet."""
     scores = Scores.from_rows(rows, task_order, old_metric)
@@ -41,7 +42,7 @@ def build_report(rows: list[Row], *, title: str, task_order: list[str], old_metr
     runs = [r for r in every if not r.point]  # each method at its own setting: compared at equal settings
     points = trade_offs(scores, every, len(task_order))
     swept = len(runs) < len(every)
-    ctx = Context(scores=scores, runs=runs, rounds=len(task_order), old_metric=old_metric,
+    ctx = Context(scores=scores, runs=runs, rounds=len(task_order), old_metric=describe_old_metric(old_metric),
                   penalties=penalties or {}, verdicts=evaluate_claims(scores, runs),
                   coverage=coverage(every, planned, task_order), points=points,
                   matched=evaluate_matched_claims(scores, points) if swept else None)
@@ -71,7 +72,7 @@ def draw_figures(sections: list[Section], out: Path) -> list[Path]:
     return drawn
 
 
-def write_report(rows: list[Row], out: Path, *, title: str, task_order: list[str], old_metric: str = "acc",
+def write_report(rows: list[Row], out: Path, *, title: str, task_order: list[str], old_metric: OldMetric = "acc",
                  penalties: dict[str, dict] | None = None, planned: list[Row] | None = None) -> Path:
     """Writes the whole report into `out` and returns the path of report.html."""
     out = Path(out)

@@ -33,7 +33,7 @@ def render_markdown(sections: list[Section], *, title: str, out: Path) -> str:
     return f"# knowstack study: {title}\n\n{body}\n"
 
 
-def render_report(rows: list, *, title: str, task_order: list[str], old_metric: str = "acc",
+def render_report(rows: list, *, title: str, task_order: list[str], old_metric: str | dict[str, str] = "acc",
                   penalties: dict[str, dict] | None = None) -> str:
     """report.md's text without drawing figures (quick, for tests and scripts)."""
     from knowstack.report.build import build_report

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from statistics import mean
 
+from knowstack.config import OldMetric, old_metric_of
 from knowstack.study.results import Row
 
 Column = tuple[str, str, str]  # (kind, task, metric)
@@ -28,11 +29,13 @@ class Scores:
     old_columns: list[Column]
 
     @classmethod
-    def from_rows(cls, rows: list[Row], task_order: Sequence[str], old_metric: str = "acc") -> Scores:
+    def from_rows(cls, rows: list[Row], task_order: Sequence[str], old_metric: OldMetric = "acc") -> Scores:
+        """old_metric: the metric reported for every old task, or a mapping task -> metric (acc where unnamed)."""
         rank = {task: i for i, task in enumerate(task_order)}
         new = _unique((r.kind, r.task, r.metric) for r in rows if r.kind == "new")
         new.sort(key=lambda c: rank.get(c[1], len(rank)))
-        old = sorted(_unique((r.kind, r.task, r.metric) for r in rows if r.kind == "old" and r.metric == old_metric))
+        old = sorted(_unique((r.kind, r.task, r.metric) for r in rows if r.kind == "old"
+                                and r.metric == old_metric_of(old_metric, r.task)))
         return cls(rows, new, old)
 
     def __post_init__(self) -> None:

@@ -31,8 +31,9 @@ from knowstack.config import (
 from knowstack.data.tasks import TaskSpec, task_from_config
 from knowstack.errors import KnowstackError
 
-# Bump when what a kind of step writes changes, so stale artifacts are not reused.
-STEP_VERSIONS = {"world": 1, "train": 1, "merge-adapter": 1, "eval": 1, "merge": 1, "moe": 1}
+# Bump when what a kind of step writes changes, so stale artifacts are not reused. train, moe and eval 2: an
+# overlong example loses the middle of its prompt, not the end of its answer (data/truncation.py).
+STEP_VERSIONS = {"world": 1, "train": 2, "merge-adapter": 1, "eval": 2, "merge": 1, "moe": 2}
 
 
 def _digest(obj: Any) -> str:
@@ -151,6 +152,7 @@ class PlanBuilder:
         self.base = self._base_model()
         self.tasks = self._tasks()
         self.plan.task_names = [task["name"] for task in self.tasks]
+        self.budgets = {} if config.builtin_tasks else {cfg.name: cfg.budget() for cfg in config.tasks}
 
     # --- the base and the tasks -------------------------------------------------------------
     def _base_model(self) -> ModelRef:
@@ -225,11 +227,19 @@ class PlanBuilder:
             "init": init.to_dict(),
             "task": task,
             "finetune": finetune,
-            "training": training_params(self.training, finetune),
+            "training": training_params(self._training_for(task), finetune),
             "seed": self.config.seed,
             **(extra or {}),
         }
         return self.plan.add(Step("train", label, params, ref_deps(init) + deps))
+
+    def _training_for(self, task: dict) -> TrainingConfig:
+        """The recipe with the task's own budget (epochs or max_steps), unless the sweep point sets one: a task
+        without a budget trains, and so hashes, exactly as before budgets existed."""
+        budget = self.budgets.get(task["name"], {})
+        if not budget or self.point.get("epochs") is not None or self.point.get("max_steps") is not None:
+            return self.training
+        return self.training.model_copy(update=budget)
 
     def joint_train_step(self, init: ModelRef, finetune: str, sampling: str) -> Step:
         """One run on all tasks at once; the executor draws the mixture from `tasks` and the seed."""
@@ -335,8 +345,12 @@ class PlanBuilder:
             "models": [step_ref(step) for step in trained],
             "options": {name: settings[name] for name in MERGE_METHOD_OPTIONS[method]},
         }
+        if finetune == "lora" and merge.lora_space_of(method) != "delta":
+            # only where it is set: the key of a delta-space merge stays what it was before factors existed
+            params["options"]["lora_space"] = merge.lora_space_of(method)
         deps = ref_deps(self.base) + tuple(step.key for step in trained)
-        step = self.plan.add(Step("merge", f"{method}-{finetune}", params, deps))
+        label = f"{method}-{finetune}" + ("-factors" if "lora_space" in params["options"] else "")
+        step = self.plan.add(Step("merge", label, params, deps))
         trained_on = "+".join(task["name"] for task in self.tasks)
         self.evaluate(ModelRef(step_ref(step)), f"merge-{method}-{finetune}", "merge", finetune, None, trained_on)
 
@@ -344,7 +358,7 @@ class PlanBuilder:
         """One mixture of experts of the one-round models (FFT) or adapters (LoRA) of every task, or of
         `moe.tasks`, built with no data but a few prompts per expert. The one-round train steps are the
         one-round method's own, so they run once."""
-        tasks = self._moe_tasks(moe)
+        tasks = self._moe_tasks(moe, experts)
         n_experts = len(tasks) + (moe.base_expert == "routed")
         if moe.router != "none" and moe.top_k > n_experts:
             raise KnowstackError(f"top_k is {moe.top_k} but there are {n_experts} experts", field="methods.moe.top_k")
@@ -374,15 +388,16 @@ class PlanBuilder:
         ref = ModelRef(step_ref(step)) if experts == "fft" else ModelRef(self.base.model, step_ref(step))
         self.evaluate(ref, f"moe-{experts}", "moe", experts, None, "+".join(task["name"] for task in tasks))
 
-    def _moe_tasks(self, moe: MoeConfig) -> list[dict]:
-        if moe.tasks is None:
+    def _moe_tasks(self, moe: MoeConfig, experts: str) -> list[dict]:
+        listed = moe.tasks.get(experts) if isinstance(moe.tasks, dict) else moe.tasks
+        if listed is None:
             return self.tasks
         known = {task["name"]: task for task in self.tasks}
-        unknown = [name for name in moe.tasks if name not in known]
+        unknown = [name for name in listed if name not in known]
         if unknown:
-            raise KnowstackError(f"unknown task '{unknown[0]}' (the study's tasks: {', '.join(known)})",
-                                 field="methods.moe.tasks")
-        return [known[name] for name in moe.tasks]
+            field = "methods.moe.tasks" + (f".{experts}" if isinstance(moe.tasks, dict) else "")
+            raise KnowstackError(f"unknown task '{unknown[0]}' (the study's tasks: {', '.join(known)})", field=field)
+        return [known[name] for name in listed]
 
 
 def lambda_tag(lambdas: float | list[float]) -> str:
@@ -430,7 +445,7 @@ def build_plan(config: StudyConfig) -> Plan:
             with builder.at(point, field_name="methods.replay"):
                 builder.add_replay(finetune, point.get("fraction", methods.replay.fraction))
     for finetune in methods.merge.finetune if methods.merge else []:
-        for method in methods.merge.methods:
+        for method in methods.merge.methods_for(finetune):
             # a point changing only what this merge method does not read would be the same model again
             seen: list[Point] = []
             for point in points("merge", finetune):

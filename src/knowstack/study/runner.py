@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from knowstack.atomic import atomic_write_json, atomic_write_text
-from knowstack.config import StudyConfig
+from knowstack.config import StudyConfig, old_metric_of
 from knowstack.errors import KnowstackError
 from knowstack.study.executors import Executor, LocalExecutor
 from knowstack.study.plan import Plan, Step, build_plan
@@ -54,14 +54,36 @@ def context_for(plan: Plan, out: Path) -> StudyContext:
 
 def describe_plan(plan: Plan, out: Path, console: Console) -> None:
     table = Table(title=f"plan of study '{plan.config.name}' in {out}")
-    for column in ("#", "step", "kind", "status"):
+    for column in ("#", "step", "kind", "settings", "status"):
         table.add_column(column)
     for index, step in enumerate(plan.ordered(), start=1):
         done = (out / "artifacts" / step.key).is_dir()
-        table.add_row(str(index), step.key, step.kind, "[green]done[/green]" if done else "to do")
-    console.print(table)
+        table.add_row(str(index), step.key, step.kind, step_settings(step), "[green]done[/green]" if done else "to do")
+    # wide enough for every column even where stderr is not a terminal (80 columns by default)
+    Console(file=console.file, width=max(console.width, 150)).print(table)
     done = sum((out / "artifacts" / s.key).is_dir() for s in plan.ordered())
     console.print(f"{len(plan.steps)} steps, {done} done, {len(plan.evaluations)} models evaluated")
+    old = plan.config.old_knowledge
+    if isinstance(old.tasks, list):
+        console.print("old knowledge: " + ", ".join(f"{task} ({old_metric_of(old.metric, task)})" for task in old.tasks),
+                      soft_wrap=True)
+
+
+def step_settings(step: Step) -> str:
+    """What a step is set to where it matters at a glance: a train step's budget, a merge's options, an MoE's
+    experts and routing."""
+    params = step.params
+    if step.kind == "train":
+        training = params["training"]
+        budget = f"max_steps {training['max_steps']}" if training["max_steps"] else f"epochs {training['epochs']:g}"
+        return f"{budget}, batch {training['batch_size']}"
+    if step.kind == "merge":
+        return ", ".join(f"{name} {value}" for name, value in params["options"].items() if name != "seed")
+    if step.kind == "moe":
+        options = params["options"]
+        return (f"{len(params['models'])} {params['experts']} experts, top-{options['top_k']}, "
+                f"router {options['router']}")
+    return ""
 
 
 def describe_resources(plan: Plan, console: Console, gpu_memory: int | None = None) -> None:

@@ -180,7 +180,8 @@ def run_merge(step: Step, ctx: StudyContext, out: Path) -> None:
         base=_local_model_dir(ctx.resolve(params["base"]["model"])),
         options=MergeOptions(density=options.get("density", defaults.density),
                              drop_rate=options.get("drop_rate", defaults.drop_rate),
-                             lam=options.get("lambda", defaults.lam)),
+                             lam=options.get("lambda", defaults.lam),
+                             lora_space=options.get("lora_space", defaults.lora_space)),
         seed=options.get("seed", 0),
     )
 

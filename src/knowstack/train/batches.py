@@ -21,6 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from knowstack.data.formats import Example
+from knowstack.data.truncation import truncate_middle
 
 IGNORE = -100
 
@@ -50,9 +51,18 @@ def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 def tokenize_examples(
-    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    max_length: int,
+    *,
+    counts: dict[str, int] | None = None,
 ) -> list[TokenizedExample]:
-    """Answer-only-labelled token ids for each example, truncated on the right to max_length."""
+    """Answer-only-labelled token ids for each example that fits in max_length, in order.
+
+    An overlong example keeps its answer: the middle of its prompt is cut (data/truncation.py, as the paper's
+    collator does). One whose answer + eos (+ bos) leaves no room for a single prompt token is dropped: it could
+    only teach an answer to no question. counts, when given, gets "truncated" and "dropped" (how many of each).
+    """
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token; training needs one to end answers")
     prefix = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
@@ -60,12 +70,20 @@ def tokenize_examples(
     prompts = tokenizer([ex.prompt for ex in examples], add_special_tokens=False)["input_ids"]
     answers = tokenizer([ex.answer for ex in examples], add_special_tokens=False)["input_ids"]
     out = []
+    truncated = dropped = 0
     for prompt_ids, answer_ids in zip(prompts, answers, strict=True):
-        context = prefix + list(prompt_ids)
         target = list(answer_ids) + eos
-        ids = (context + target)[:max_length]
-        labels = ([IGNORE] * len(context) + target)[:max_length]
-        out.append(TokenizedExample(tuple(ids), tuple(labels)))
+        room = max_length - len(prefix) - len(target)  # what is left of the window for the prompt
+        if room < 1:
+            dropped += 1
+            continue
+        if len(prompt_ids) > room:
+            truncated += 1
+            prompt_ids = truncate_middle(prompt_ids, room)
+        context = prefix + list(prompt_ids)
+        out.append(TokenizedExample(tuple(context + target), tuple([IGNORE] * len(context) + target)))
+    if counts is not None:
+        counts.update(truncated=truncated, dropped=dropped)
     return out
 
 

@@ -21,6 +21,7 @@ accelerate 1.15 only picks multi-CPU DDP when told to use the CPU, and `accelera
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -92,8 +93,14 @@ def train(
     tokenizer = load_tokenizer(model_path)
     model = _load_trainable(model_path, settings, adapter_init)
     restore_attention = _use_segment_attention(model) if settings.pack else None
-    tokenized = tokenize_examples(tokenizer, examples, settings.max_length)
-    plan = batch_order(len(examples), settings.batch_size, settings.epochs, settings.max_steps, settings.seed)
+    fitted: dict[str, int] = {}
+    tokenized = tokenize_examples(tokenizer, examples, settings.max_length, counts=fitted)
+    if accelerator.is_main_process:
+        _warn_overlong(progress_desc, fitted, len(examples), settings.max_length)
+    if not tokenized:
+        raise KnowstackError(f"every training example's answer is longer than max_length ({settings.max_length} "
+                             "tokens)", path=out_dir, field="max_length")
+    plan = batch_order(len(tokenized), settings.batch_size, settings.epochs, settings.max_steps, settings.seed)
 
     optimizer = _make_optimizer(model, settings)
     scheduler = get_scheduler(
@@ -111,7 +118,7 @@ def train(
     record = _run_steps(accelerator, model, optimizer, scheduler, tokenized, plan, settings, tokenizer,
                         extra_loss, progress_desc)
     summary = _summary(settings, examples, tokenized, plan, record, accelerator.num_processes,
-                       model_path, adapter_init)
+                       model_path, adapter_init, fitted)
     trackers.finish(accelerator, tracking)
     if restore_attention is not None:
         _base_model(accelerator.unwrap_model(model)).set_attn_implementation(restore_attention)
@@ -122,6 +129,15 @@ def train(
 
     _save(accelerator, model, tokenizer, Path(out_dir), settings, model_path, summary, card, logging_dir)
     return summary
+
+
+def _warn_overlong(desc: str, fitted: dict[str, int], n_examples: int, max_length: int) -> None:
+    """One line per training run (a task's step) that says how many examples did not fit, if any."""
+    if fitted["truncated"] or fitted["dropped"]:
+        overlong = fitted["truncated"] + fitted["dropped"]
+        print(f"warning: {desc}: {overlong} of {n_examples} training examples are longer than max_length "
+              f"({max_length} tokens): {fitted['truncated']} had the middle of their prompt cut (answer kept), "
+              f"{fitted['dropped']} were dropped (answer alone too long)", file=sys.stderr, flush=True)
 
 
 def _load_trainable(
@@ -294,6 +310,7 @@ def _summary(
     world_size: int,
     model_path: str | Path,
     adapter_init: str | Path | None,
+    fitted: dict[str, int],
 ) -> dict[str, Any]:
     drawn = [i for batch in plan for i in batch]
     total_tokens = sum(len(tokenized[i]) for i in drawn)
@@ -304,8 +321,10 @@ def _summary(
         "adapter_init": str(adapter_init) if adapter_init is not None else None,
         "steps": len(plan),
         "examples": len(drawn),
-        "unique_examples": len(examples),
-        "truncated_examples": sum(1 for ex in tokenized if len(ex) >= settings.max_length),
+        "unique_examples": len(tokenized),
+        # overlong examples: prompts cut in the middle (answer kept), and those whose answer alone did not fit
+        "truncated_examples": fitted["truncated"],
+        "dropped_examples": fitted["dropped"],
         "answer_tokens": sum(tokenized[i].answer_tokens for i in drawn),
         "total_tokens": total_tokens,
         "seconds": round(seconds, 3),

@@ -25,7 +25,7 @@ class TrainSettings:
     # Examples per forward pass (per process); the rest is accumulation. With packing and per-example
     # attention, bigger rows are faster on CPU (measured on the built-in model: 16 > 8 > 4).
     micro_batch_size: int = 16
-    max_length: int = 512  # tokens per example (prompt + answer + eos), truncated on the right
+    max_length: int = 512  # tokens per example (prompt + answer + eos); an overlong prompt loses its middle
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
