@@ -16,8 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatch
 
-from knowstack.stats import interval_of
-
 from knowstack.report.frontier import (
     TradeOff,
     best_setting,
@@ -28,6 +26,7 @@ from knowstack.report.frontier import (
 )
 from knowstack.report.runs import Run, acquisition, backward_transfer, mean_defined, run_averages
 from knowstack.report.tables import AVERAGES, Scores, Table, TableRow
+from knowstack.stats import interval_of
 
 HOLDS, FAILS, UNMEASURED, INCONCLUSIVE = "holds", "does not hold", "not measured", "inconclusive"
 SIMILAR = 0.10  # "similar": within 10% of the larger of the two values

@@ -10,6 +10,7 @@ import csv
 import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+
 from knowstack.stats import Estimate, column_estimate, interval_of, mean_of
 from knowstack.study.results import ItemKey, Row
 

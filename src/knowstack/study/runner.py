@@ -18,7 +18,14 @@ from knowstack.config import StudyConfig
 from knowstack.errors import KnowstackError
 from knowstack.study.executors import Executor, LocalExecutor
 from knowstack.study.plan import Plan, Step, build_plan
-from knowstack.study.results import PER_EXAMPLE, collect_items, collect_rows, write_csv, write_items, write_sqlite
+from knowstack.study.results import (
+    PER_EXAMPLE,
+    collect_items,
+    collect_rows,
+    write_csv,
+    write_items,
+    write_sqlite,
+)
 from knowstack.study.steps import StudyContext
 
 if TYPE_CHECKING:
