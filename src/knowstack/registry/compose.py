@@ -394,22 +394,29 @@ BASE_ITEMS_DIR = "item-scores"  # the local cache of the base's per-item scores 
 
 def _base_items(reg: Registry, base_dir: Path, tasks: dict[str, RegisteredTask], batch_size: int,
                 say: Callable[[str], None]) -> dict[str, list[float]]:
-    """The base's per-item scores on every registered task and on old knowledge: the ones its record kept (old
-    knowledge, from init), else measured on the stored items once and kept in this machine's cache (the
-    same model on the same stored items: the same scores)."""
+    """The base's score on every registered task it was not scored on yet (the gate's first reference), and its
+    per-item scores on them and on old knowledge: the ones its record kept (old knowledge, from init), else
+    measured on the stored items once and kept in this machine's cache (the same model on the same stored items
+    gives the same scores)."""
     from knowstack.modelio import load_tokenizer
 
     base = reg.base()
     cache = reg.work_dir / BASE_ITEMS_DIR / f"{base['content_hash']}.json"
     items = {**(json.loads(cache.read_text(encoding="utf-8")) if cache.is_file() else {}),
              **base["settings"].get(ITEMS, {})}
+    recorded = new_scores(base["scores"], tasks)
+    missing = [task for name, task in tasks.items() if name not in recorded or f"new/{name}" not in items]
     old_tasks = (base["settings"].get("old_knowledge") or {}).get("tasks") or []
-    missing = [task for name, task in tasks.items() if f"new/{name}" not in items]
     old_missing = any(f"old/{task}" not in items for task in old_tasks)
     if not missing and not old_missing:
         return items
     model, tokenizer = load_for_scoring(base_dir), load_tokenizer(base_dir)
-    rows = [score_task(model, tokenizer, reg.store, task, batch_size) for task in missing]
+    rows = []
+    for task in missing:
+        say(f"scoring the base on {task.name}")
+        rows.append(score_task(model, tokenizer, reg.store, task, batch_size))
+        if task.name not in recorded:
+            reg.add_scores(BASE_NAME, without_items(rows[-1:]))
     if old_missing:
         say("scoring the base's old knowledge item by item (for the gate's intervals)")
         rows += old_knowledge_of(reg, model, tokenizer, batch_size)
@@ -446,20 +453,6 @@ def _scored(path: Path, measure: Callable[[], list[dict[str, Any]]]) -> list[dic
     rows = measure()
     atomic_write_json(path, rows)
     return rows
-
-
-def _score_base_on_new_tasks(reg: Registry, base_dir: Path, tasks: dict[str, RegisteredTask], batch_size: int,
-                             say: Callable[[str], None]) -> None:
-    """The base's score on every registered task it was not scored on yet: the gate's first reference."""
-    from knowstack.modelio import load_tokenizer
-
-    missing = [task for name, task in tasks.items() if name not in new_scores(reg.base()["scores"], tasks)]
-    if not missing:
-        return
-    model, tokenizer = load_for_scoring(base_dir), load_tokenizer(base_dir)
-    for task in missing:
-        say(f"scoring the base on {task.name}")
-        reg.add_scores(BASE_NAME, without_items([score_task(model, tokenizer, reg.store, task, batch_size)]))
 
 
 def _evaluate(b: Build, tasks: dict[str, RegisteredTask], batch_size: int) -> list[dict[str, Any]]:
@@ -548,7 +541,6 @@ def compose(
                         + (f", on {start_record['name']}" if start_record else ""))
                     spec.build(build)
                 name_inputs_by_version(build)
-                _score_base_on_new_tasks(reg, build.base_dir, tasks, batch_size, say)
                 base_items = _base_items(reg, build.base_dir, tasks, batch_size, say)
                 scores = _evaluate(build, tasks, batch_size)
             parents = ([start_record["name"]] if start_record else []) + [r["name"] for r in chosen]
