@@ -243,6 +243,8 @@ def test_log_show_diff_export_and_advise_read_the_history(registry: Path, tmp_pa
     advice = capsys.readouterr().out
     assert "fully cooperative" not in advice  # quiz-ft kept no data: replay and joint are not open
     assert "use:" in advice and "not yet measured here:" in advice and "moe-lora" in advice
+    [versus] = [line for line in advice.splitlines() if "first choice vs runner-up" in line]
+    assert " [" in versus and "distinguishable" in versus  # the paired interval of the two versions' AVnew gains
 
 
 def test_gc_removes_only_what_no_record_points_to(registry: Path, tmp_path: Path, tiny_model_dir: Path,
