@@ -19,7 +19,7 @@ from knowstack.report.run_tables import (
     summary_table,
 )
 from knowstack.report.runs import Run, average_gains, finetune_name, run_averages, stages_done
-from knowstack.report.tables import AVERAGES, Table, TableRow
+from knowstack.report.tables import AVERAGES, Table, TableRow, fmt_percent, fmt_score
 
 NEW_UNIT = "score (0-1, each task's own metric)"
 GAIN_UNIT = "gain from base (%)"
@@ -65,8 +65,8 @@ def highlights(ctx: Context) -> list[str]:
         if valued:
             run, value = best(valued, key=lambda p: p[1])
             gain = average_gains(ctx.scores, run)[average]
-            change = "" if gain is None else f", {gain:+.0f}% vs base"
-            lines.append(f"{text}: {ctx.label(run)} ({average} {value:.3f}{change}).")
+            change = "" if gain is None else f", {fmt_percent(gain)} vs base"
+            lines.append(f"{text}: {ctx.label(run)} ({average} {fmt_score(value)}{change}).")
     return lines or ["No trained model has results yet."]
 
 
