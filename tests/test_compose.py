@@ -84,6 +84,11 @@ def test_a_ties_version_is_the_ties_merge_of_the_stored_contributions(registry: 
     assert record["status"] == ("released" if gate["passed"] else "rejected")
     assert gate["passed"] == all(check["passed"] for check in gate["checks"])
     assert {c["what"] for c in gate["checks"]} == {"old AVE", "task Stance", "task Notes", "task Quiz", "task Math"}
+    # every check carries the paired interval of version - reference, from the per-item scores both kept
+    assert set(record["settings"]["item_scores"]) == {"new/Stance", "new/Notes", "new/Quiz", "new/Math", "old/ks_toy"}
+    assert set(base["settings"]["item_scores"]) == {"old/ks_toy"}  # from init; its new tasks' are in the cache
+    assert all(c["ci_low"] <= c["value"] - c["reference"] <= c["ci_high"] for c in gate["checks"])
+    assert all("items" not in s for s in record["scores"])  # the records keep means; the items are apart
 
 
 def test_gate_checks_old_knowledge_against_base_and_previous_and_tasks_against_their_best_release() -> None:
@@ -213,6 +218,9 @@ def test_log_show_diff_export_and_advise_read_the_history(registry: Path, tmp_pa
     assert main(["show", str(registry), "ties-all"]) == 0
     shown = capsys.readouterr().out
     assert "gate:     passed (old -100%, tasks -100% or -0.05 points)" in shown and "new Math" in shown and "old ks_toy" in shown
+    assert "paired 95% interval" in log and " [" in log.split("ties-all", 1)[1].split("\n\n")[0]
+    ave_line = next(line for line in shown.splitlines() if "old AVE: " in line)
+    assert "difference " in ave_line and " [" in ave_line  # each check with its interval
     assert main(["diff", str(registry), "v1", "ties-all"]) == 0
     diff = capsys.readouterr().out
     assert "contributions: +quiz-ft, +math; - none" in diff and "AVE" in diff and "new Quiz" in diff
@@ -235,6 +243,8 @@ def test_log_show_diff_export_and_advise_read_the_history(registry: Path, tmp_pa
     advice = capsys.readouterr().out
     assert "fully cooperative" not in advice  # quiz-ft kept no data: replay and joint are not open
     assert "use:" in advice and "not yet measured here:" in advice and "moe-lora" in advice
+    [versus] = [line for line in advice.splitlines() if "first choice vs runner-up" in line]
+    assert " [" in versus and "distinguishable" in versus  # the paired interval of the two versions' AVnew gains
 
 
 def test_gc_removes_only_what_no_record_points_to(registry: Path, tmp_path: Path, tiny_model_dir: Path,

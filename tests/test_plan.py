@@ -190,3 +190,20 @@ def test_olora_replay_joint_steps_run_and_record_their_data(tiny_model_dir: Path
     assert again["seed"] != mixture["seed"]  # each round draws its own sample
     joint = json.loads((trains["lora-joint-uniform"] / "mixture.json").read_text())
     assert [s["count"] for s in joint["sources"]] == [4, 4, 4] and joint["sampling"] == "uniform"
+
+
+def test_seeds_repeat_every_trained_model_and_keep_the_keys_of_one_seed(tmp_path: Path) -> None:
+    raw = user_config(tmp_path, **{"one-round": {"finetune": ["lora"]}, "sequential": {"finetune": ["fft"]},
+                                   "merge": {"finetune": ["lora"], "methods": ["ties"]}})
+    single = build_plan(parse_config(raw))
+    seeded = build_plan(parse_config({**raw, "seeds": [0, 1, 2]}))
+    assert {s.key for s in single.ordered()} <= {s.key for s in seeded.ordered()}  # seed 0 is the one-seed run
+    trained = [s for s in seeded.ordered() if s.kind in ("train", "merge")]
+    assert {s.params["seed"] for s in trained if s.kind == "train"} == {0, 1, 2}
+    assert len(trained) == 3 * len([s for s in single.ordered() if s.kind in ("train", "merge")])
+    names = [(e.model, e.seed) for e in seeded.evaluations]
+    assert names.count(("base", None)) == 1 and ("sequential-fft-3", 2) in names
+    assert len(names) == 1 + 3 * (len(single.evaluations) - 1)
+    assert {e.seed for e in single.evaluations} == {None}  # no seed column without `seeds`
+    with pytest.raises(Exception, match="seeds"):
+        parse_config({**raw, "seeds": [1, 1]})

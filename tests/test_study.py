@@ -64,6 +64,10 @@ def test_results_have_every_model_task_and_metric(finished_study: Path) -> None:
     assert {r["stage"] for r in seq} == {"3"} and {r["trained_on"] for r in seq} == {"summary"}
     assert {r["finetune"] for r in rows if r["model"] == "base"} == {""}
     assert all(0.0 <= float(r["value"]) <= 1.0 for r in rows)
+    # every row with its items' 95% interval, from the per-item scores kept beside the results
+    assert all(float(r["ci_low"]) <= float(r["value"]) + 1e-9 and float(r["value"]) <= float(r["ci_high"]) + 1e-9
+               for r in rows)
+    assert {r["seed"] for r in rows} == {""}  # no `seeds` in the config: no seed column values
 
 
 def test_report_and_artifacts(finished_study: Path) -> None:
@@ -71,6 +75,7 @@ def test_report_and_artifacts(finished_study: Path) -> None:
     for heading in ("## Base model", "## One-round training", "## Sequential FFT", "## Sequential LoRA"):
         assert heading in report
     assert report.count("| BWT") == 2
+    assert (finished_study / "per_example.jsonl").is_file() and " [" in report.split("## Base model", 1)[1]
     assert (finished_study / "results.sqlite").is_file()
     artifacts = finished_study / "artifacts"
     adapters = [p for p in artifacts.iterdir() if p.name.startswith("train-lora-")]

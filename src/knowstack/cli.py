@@ -102,10 +102,11 @@ def cmd_advise(args: argparse.Namespace) -> None:
             print(registry_advice(reg, args.max_old_loss, args.setting))
         return
     from knowstack.report.advice import advice_text, advise
-    from knowstack.report.build import measured_points
+    from knowstack.report.build import measured_points, study_items
 
     plan, rows = _study_results(args.dir)
-    scores, points = measured_points(rows, plan.task_names, plan.config.old_knowledge.metric)
+    scores, points = measured_points(rows, plan.task_names, plan.config.old_knowledge.metric,
+                                     study_items(plan, Path(args.dir)))
     print(advice_text(advise(points, args.max_old_loss, args.setting or "semi"), scores))
 
 

@@ -463,6 +463,9 @@ class LaunchConfig(LaunchSettings):
 class StudyConfig(Strict):
     name: str
     seed: int = 0
+    # Repeat every trained model once per seed (the world stays the one `seed` builds): intervals then cover
+    # seed variance too. None: one run, at `seed`.
+    seeds: list[int] | None = None
     base: BaseModelConfig
     tasks: Literal["builtin"] | BuiltinTasks | list[TaskConfig] = "builtin"
     old_knowledge: OldKnowledgeConfig = Field(default_factory=OldKnowledgeConfig)
@@ -482,6 +485,8 @@ class StudyConfig(Strict):
             raise ValueError("'training.lr_of_pretrain_peak' needs 'base.builtin'; give 'training.lr'")
         if builtin and self.training.lr is None and self.training.lr_of_pretrain_peak is None:
             raise ValueError("give 'training.lr' or 'training.lr_of_pretrain_peak'")
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ValueError("'seeds' must list at least one seed, each once")
         if isinstance(self.tasks, list):
             names = [task.name for task in self.tasks]
             if len(set(names)) != len(names):

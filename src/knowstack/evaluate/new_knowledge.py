@@ -21,6 +21,16 @@ DIRECT_MAX_NEW_TOKENS = 12
 class TaskScore:
     scores: dict[str, float]
     predictions: list[dict] = field(default_factory=list)
+    per_example: dict[str, list[float]] = field(default_factory=dict)  # metric -> one score per test item
+
+
+def _per_item(metric, predictions: list[str], references: list[str], sources: list[str]) -> list[float]:
+    # Every metric is a mean over examples, so the metric of one example is that example's score.
+    return [metric([p], [r], [s]) for p, r, s in zip(predictions, references, sources, strict=True)]
+
+
+def _with_scores(rows: list[dict], per_example: dict[str, list[float]]) -> list[dict]:
+    return [{**row, "scores": {m: v[i] for m, v in per_example.items()}} for i, row in enumerate(rows)]
 
 
 def _first_line(text: str) -> str:
@@ -51,7 +61,8 @@ def evaluate_task(
     predictions = [o.strip() for o in outputs]
     value = METRICS[metric](predictions, references, prompts)
     rows = [{"prompt": p, "reference": r, "prediction": o} for p, r, o in zip(prompts, references, predictions, strict=True)]
-    return TaskScore({metric: value}, rows)
+    per_example = {metric: _per_item(METRICS[metric], predictions, references, prompts)}
+    return TaskScore({metric: value}, _with_scores(rows, per_example), per_example)
 
 
 def _evaluate_math(
@@ -75,4 +86,6 @@ def _evaluate_math(
         {"prompt": p, "reference": r, "prediction": c, "answer_cot": ca, "prediction_direct": d, "answer_direct": da}
         for p, r, c, ca, d, da in zip(prompts, references, cot, cot_answers, direct, direct_answers, strict=True)
     ]
-    return TaskScore(scores, rows)
+    per_example = {"em_direct": _per_item(number_em, direct_answers, references, prompts),
+                   "em_cot": _per_item(number_em, cot_answers, references, prompts)}
+    return TaskScore(scores, _with_scores(rows, per_example), per_example)

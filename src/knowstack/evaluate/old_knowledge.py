@@ -173,6 +173,30 @@ def evaluate_old_knowledge(
 
     Metric names lose the harness's ',none' filter suffix; standard errors are dropped.
     """
+    return evaluate_old_knowledge_items(model, tokenizer, tasks, include_path=include_path, batch_size=batch_size,
+                                        limit=limit, num_fewshot=num_fewshot)[0]
+
+
+def per_doc_scores(samples: list[dict], metrics: dict[str, float]) -> dict[str, list[float]]:
+    """{metric: [score of each document, in doc_id order]} from the harness's logged samples, for the metrics
+    the task reports (a document's acc is 0 or 1; their mean is the task's acc)."""
+    ordered = sorted(samples, key=lambda sample: sample["doc_id"])
+    return {metric: [float(sample[metric]) for sample in ordered] for metric in metrics
+            if ordered and all(isinstance(sample.get(metric), int | float) for sample in ordered)}
+
+
+def evaluate_old_knowledge_items(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: list[str],
+    *,
+    include_path: Path | None = None,
+    batch_size: int = 32,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[float]]]]:
+    """The scores of `evaluate_old_knowledge`, and each task's per-document scores {task: {metric: [...]}} from
+    the harness's logged samples (a group such as mmlu has none of its own: its subtasks have them)."""
     import lm_eval
 
     _quiet_harness()
@@ -190,9 +214,12 @@ def evaluate_old_knowledge(
             num_fewshot=num_fewshot,
             limit=limit,
             task_manager=manager,
-            log_samples=False,
+            log_samples=True,
         )
     model.train(was_training)
     # A group (mmlu) may be reported among the groups rather than the results, depending on its config.
     results = {**output.get("groups", {}), **output["results"]}
-    return {task: _strip(results[task]) for task in tasks if task in results}
+    scores = {task: _strip(results[task]) for task in tasks if task in results}
+    samples = output.get("samples") or {}
+    items = {task: per_doc_scores(samples[task], scores[task]) for task in scores if samples.get(task)}
+    return scores, items

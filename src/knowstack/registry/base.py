@@ -185,6 +185,10 @@ def _base_version(store: ObjectStore, model: FullModel, old_tasks: list[str], in
             sizes.update(task_sizes)
         with store.view(names) as model_dir:
             scores = old_knowledge_scores(model_dir, old_tasks, include, batch_size, limit)
+        # Kept for the gate's paired intervals; the score rows keep the means.
+        from knowstack.registry.evaluate import item_scores, without_items
+
+        settings["item_scores"], scores = item_scores(scores, {}), without_items(scores)
     return db.NewVersion(name=BASE_NAME, kind="base", method="base", files=names,
                          content_hash=content_hash({name: names[name] for name in hashed}), objects=sizes,
                          settings=settings, scores=scores)

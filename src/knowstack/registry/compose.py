@@ -33,6 +33,7 @@ from knowstack.registry import db
 from knowstack.registry.core import BASE_NAME, Registry, check_name, composed
 from knowstack.registry.evaluate import (
     RegisteredTask,
+    item_scores,
     load_for_scoring,
     new_scores,
     old_average,
@@ -40,6 +41,7 @@ from knowstack.registry.evaluate import (
     registered_tasks,
     score_task,
     task_of,
+    without_items,
 )
 from knowstack.registry.gate import Released, gate_checks, gate_record
 from knowstack.registry.store import content_hash
@@ -376,10 +378,52 @@ def next_version_name(records: Sequence[dict[str, Any]]) -> str:
 
 
 # --- the shared model's line, for the gate ---------------------------------------------------------------
-def released_line(records: Sequence[dict[str, Any]], tasks: dict[str, RegisteredTask]) -> list[Released]:
-    """The base, then every released composed version, oldest first."""
+def released_line(records: Sequence[dict[str, Any]], tasks: dict[str, RegisteredTask],
+                  base_items: dict[str, list[float]] | None = None) -> list[Released]:
+    """The base, then every released composed version, oldest first, with the per-item scores each kept (the
+    base's: `base_items` where given)."""
     line = [r for r in records if r["kind"] == "base"] + [r for r in composed(records) if r["status"] == "released"]
-    return [Released(r["name"], old_average(r["scores"]), new_scores(r["scores"], tasks)) for r in line]
+    return [Released(r["name"], old_average(r["scores"]), new_scores(r["scores"], tasks),
+                     {**r["settings"].get(ITEMS, {}), **((base_items or {}) if r["kind"] == "base" else {})})
+            for r in line]
+
+
+ITEMS = "item_scores"  # a version's settings key: its per-item scores, {"old/<task>" | "new/<task>": [...]}
+BASE_ITEMS_DIR = "item-scores"  # the local cache of the base's per-item scores on registered tasks
+
+
+def _base_items(reg: Registry, base_dir: Path, tasks: dict[str, RegisteredTask], batch_size: int,
+                say: Callable[[str], None]) -> dict[str, list[float]]:
+    """The base's score on every registered task it was not scored on yet (the gate's first reference), and its
+    per-item scores on them and on old knowledge: the ones its record kept (old knowledge, from init), else
+    measured on the stored items once and kept in this machine's cache (the same model on the same stored items
+    gives the same scores)."""
+    from knowstack.modelio import load_tokenizer
+
+    base = reg.base()
+    cache = reg.work_dir / BASE_ITEMS_DIR / f"{base['content_hash']}.json"
+    items = {**(json.loads(cache.read_text(encoding="utf-8")) if cache.is_file() else {}),
+             **base["settings"].get(ITEMS, {})}
+    recorded = new_scores(base["scores"], tasks)
+    missing = [task for name, task in tasks.items() if name not in recorded or f"new/{name}" not in items]
+    old_tasks = (base["settings"].get("old_knowledge") or {}).get("tasks") or []
+    old_missing = any(f"old/{task}" not in items for task in old_tasks)
+    if not missing and not old_missing:
+        return items
+    model, tokenizer = load_for_scoring(base_dir), load_tokenizer(base_dir)
+    rows = []
+    for task in missing:
+        say(f"scoring the base on {task.name}")
+        rows.append(score_task(model, tokenizer, reg.store, task, batch_size))
+        if task.name not in recorded:
+            reg.add_scores(BASE_NAME, without_items(rows[-1:]))
+    if old_missing:
+        say("scoring the base's old knowledge item by item (for the gate's intervals)")
+        rows += old_knowledge_of(reg, model, tokenizer, batch_size)
+    items.update(item_scores(rows, tasks))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(cache, items)
+    return items
 
 
 # --- compose ---------------------------------------------------------------------------------------------
@@ -409,20 +453,6 @@ def _scored(path: Path, measure: Callable[[], list[dict[str, Any]]]) -> list[dic
     rows = measure()
     atomic_write_json(path, rows)
     return rows
-
-
-def _score_base_on_new_tasks(reg: Registry, base_dir: Path, tasks: dict[str, RegisteredTask], batch_size: int,
-                             say: Callable[[str], None]) -> None:
-    """The base's score on every registered task it was not scored on yet: the gate's first reference."""
-    from knowstack.modelio import load_tokenizer
-
-    missing = [task for name, task in tasks.items() if name not in new_scores(reg.base()["scores"], tasks)]
-    if not missing:
-        return
-    model, tokenizer = load_for_scoring(base_dir), load_tokenizer(base_dir)
-    for task in missing:
-        say(f"scoring the base on {task.name}")
-        reg.add_scores(BASE_NAME, [score_task(model, tokenizer, reg.store, task, batch_size)])
 
 
 def _evaluate(b: Build, tasks: dict[str, RegisteredTask], batch_size: int) -> list[dict[str, Any]]:
@@ -511,11 +541,11 @@ def compose(
                         + (f", on {start_record['name']}" if start_record else ""))
                     spec.build(build)
                 name_inputs_by_version(build)
-                _score_base_on_new_tasks(reg, build.base_dir, tasks, batch_size, say)
+                base_items = _base_items(reg, build.base_dir, tasks, batch_size, say)
                 scores = _evaluate(build, tasks, batch_size)
             parents = ([start_record["name"]] if start_record else []) + [r["name"] for r in chosen]
             new = _gated_version(reg, version_name, spec, settings, key, build.out, scores, tasks, parents,
-                                 (gate_old, gate_task, gate_task_points), author)
+                                 (gate_old, gate_task, gate_task_points), author, base_items)
             reg.record(new)
             shutil.rmtree(work, ignore_errors=True)
             return reg.version(version_name)
@@ -574,14 +604,17 @@ def _open_build(stack: contextlib.ExitStack, reg: Registry, records: Sequence[di
 
 def _gated_version(reg: Registry, name: str, spec: Method, settings: dict[str, Any], key: str, out: Path,
                    scores: list[dict[str, Any]], tasks: dict[str, RegisteredTask], parents: list[str],
-                   limits: tuple[float, float, float], author: str | None) -> db.NewVersion:
+                   limits: tuple[float, float, float], author: str | None,
+                   base_items: dict[str, list[float]] | None = None) -> db.NewVersion:
     """The version to record: its files stored, and released or rejected by the gate against the line as it
     is now (it may have grown while this one was built)."""
     from knowstack.registry.base import store_files
 
-    line = released_line(reg.versions(), tasks)
+    line = released_line(reg.versions(), tasks, base_items)
     previous = line[-1] if len(line) > 1 else None
-    checks = gate_checks(old_average(scores), new_scores(scores, tasks), line[0], previous, line, *limits)
+    items = item_scores(scores, tasks)
+    checks = gate_checks(old_average(scores), new_scores(scores, tasks), line[0], previous, line, *limits,
+                         items=items)
     gate = gate_record(checks, *limits)
     if old_average(scores) is None:
         gate["note"] = "no old-knowledge tasks registered (registry init --old-knowledge): AVE not gated"
@@ -591,8 +624,9 @@ def _gated_version(reg: Registry, name: str, spec: Method, settings: dict[str, A
         name=name, kind=built_kind(out), method=spec.name, files=names,
         content_hash=content_hash({n: names[n] for n in hashed}), objects=sizes,
         settings={"compose_key": key, "options": settings, "previous": previous.name if previous else None,
-                  "gate": gate},
-        author=author, parents=parents, scores=scores, status="released" if gate["passed"] else "rejected")
+                  "gate": gate, ITEMS: items},
+        author=author, parents=parents, scores=without_items(scores),
+        status="released" if gate["passed"] else "rejected")
 
 
 def options_from(values: dict[str, Any]) -> ComposeOptions:

@@ -28,7 +28,7 @@ from knowstack.errors import KnowstackError
 from knowstack.registry import db
 from knowstack.registry.base import model_files, store_files, weights_hash
 from knowstack.registry.core import BASE_NAME, Registry, check_name
-from knowstack.registry.evaluate import load_for_scoring, score_task, task_of
+from knowstack.registry.evaluate import load_for_scoring, score_task, task_of, without_items
 from knowstack.registry.store import content_hash
 
 METRICS = ("accuracy", "rouge_l", "edit_similarity", "sari", "math")
@@ -150,7 +150,7 @@ def contribute(
         with reg.view(BASE_NAME) as base_dir:
             check_trained_from(FullModel(base_dir), reg.base()["content_hash"], contribution)
             new = _store(reg, name, contribution, task_files, metric, keep_data, author, config_path)
-            new.scores = [_score(reg, base_dir, new, batch_size)]
+            new.scores = without_items([_score(reg, base_dir, new, batch_size)])
         reg.record(new)
         return reg.version(name)
 

@@ -69,23 +69,48 @@ def score_task(model: Any, tokenizer: Any, store: ObjectStore, task: RegisteredT
     from knowstack.evaluate.new_knowledge import evaluate_task
 
     examples = task.load(store, "test")
-    scores = evaluate_task(model, tokenizer, examples, task.metric, batch_size=batch_size).scores
-    return {"task": task.name, "kind": "new", "metric": task.score_metric, "value": scores[task.score_metric],
-            "n": len(examples)}
+    score = evaluate_task(model, tokenizer, examples, task.metric, batch_size=batch_size)
+    return {"task": task.name, "kind": "new", "metric": task.score_metric, "value": score.scores[task.score_metric],
+            "n": len(examples), "items": score.per_example[task.score_metric]}
 
 
 def old_knowledge_rows(model: Any, tokenizer: Any, tasks: Sequence[str], include_path: Path | None,
                        batch_size: int, limit: int | None) -> list[dict[str, Any]]:
-    """The model's lm-eval scores as score rows, through knowstack's own harness bridge."""
-    from knowstack.evaluate.old_knowledge import evaluate_old_knowledge
+    """The model's lm-eval scores as score rows, through knowstack's own harness bridge, each with its per-document
+    scores ("items") where the harness logged them."""
+    from knowstack.evaluate.old_knowledge import evaluate_old_knowledge_items
 
-    results = evaluate_old_knowledge(model, tokenizer, list(tasks), include_path=include_path,
-                                     batch_size=batch_size, limit=limit)
+    results, per_doc = evaluate_old_knowledge_items(model, tokenizer, list(tasks), include_path=include_path,
+                                                    batch_size=batch_size, limit=limit)
     missing = [task for task in tasks if task not in results]
     if missing:
         raise KnowstackError(f"lm-eval returned no scores for {', '.join(missing)}", field="old_knowledge")
-    return [{"task": task, "kind": "old", "metric": metric, "value": value, "n": None}
+    return [{"task": task, "kind": "old", "metric": metric, "value": value, "n": None,
+             **({"items": per_doc[task][metric]} if metric in per_doc.get(task, {}) else {})}
             for task in tasks for metric, value in sorted(results[task].items())]
+
+
+def item_scores(scores: Sequence[dict[str, Any]], tasks: dict[str, RegisteredTask]) -> dict[str, list[float]]:
+    """The per-item scores the gate compares: "old/<task>" (the metric AVE reads) and "new/<task>" (each registered
+    task's one score), of the rows that carry them."""
+    out: dict[str, list[float]] = {}
+    old_metric: dict[str, str] = {}
+    for row in scores:
+        if row["kind"] == "old" and (row["task"] not in old_metric or row["metric"] == OLD_METRIC):
+            old_metric[row["task"]] = row["metric"]
+    for row in scores:
+        if "items" not in row:
+            continue
+        if row["kind"] == "old" and old_metric.get(row["task"]) == row["metric"]:
+            out[f"old/{row['task']}"] = row["items"]
+        elif row["kind"] == "new" and row["task"] in tasks and row["metric"] == tasks[row["task"]].score_metric:
+            out[f"new/{row['task']}"] = row["items"]
+    return out
+
+
+def without_items(scores: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Score rows as the records keep them (per-item scores are kept apart, in the version's settings)."""
+    return [{k: v for k, v in row.items() if k != "items"} for row in scores]
 
 
 def old_knowledge_of(reg: Registry, model: Any, tokenizer: Any, batch_size: int) -> list[dict[str, Any]]:

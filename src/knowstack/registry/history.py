@@ -29,6 +29,14 @@ def _change(value: float | None, reference: float | None) -> str:
     return f"{value - reference:+.3f}{relative}"
 
 
+def _check_interval(check: dict[str, Any]) -> str:
+    """A gate check's difference (version - reference) and its paired 95% interval, as recorded."""
+    difference = check["value"] - check["reference"]
+    if check.get("ci_low") is None or check.get("ci_high") is None:
+        return f"difference {difference:+.3f}, no interval"
+    return f"difference {difference:+.3f} [{check['ci_low']:+.3f}, {check['ci_high']:+.3f}]"
+
+
 def _averages(record: dict[str, Any], tasks: dict[str, RegisteredTask]) -> tuple[float | None, float | None]:
     return old_average(record["scores"]), new_average(record["scores"], tasks)
 
@@ -68,6 +76,13 @@ def format_log(reg: Registry) -> str:
             gate = record["settings"].get("gate") or {}
             for failure in gate.get("failed", []):
                 lines.append(f"    gate: {failure}")
+            for noise in gate.get("within_noise", []):
+                lines.append(f"    gate: {noise}")
+            intervals = [c for c in gate.get("checks", []) if c.get("ci_low") is not None]
+            if intervals and not gate.get("failed") and not gate.get("within_noise"):
+                widest = max(intervals, key=lambda c: c["ci_high"] - c["ci_low"])
+                lines.append(f"    gate: passed; {len(intervals)} of {len(gate['checks'])} checks with a paired 95% "
+                             f"interval, the widest {_check_interval(widest)} ({widest['what']})")
         lines.append("")
     return "\n".join(lines).rstrip()
 
@@ -118,7 +133,9 @@ def format_show(reg: Registry, name: str) -> str:
         slack = f" or -{gate['task_slack']:g} points" if gate.get("task_slack") else ""
         lines.append(f"  gate:     {verdict} (old -{gate['old_limit_pct']:g}%, tasks -{gate['task_limit_pct']:g}%{slack})")
         lines += [f"    {'ok   ' if c['passed'] else 'FAIL '}{c['what']}: {c['value']:.3f} vs {c['reference_version']} "
-                  f"{c['reference']:.3f} (floor {c['floor']:.3f})" for c in gate["checks"]]
+                  f"{c['reference']:.3f} (floor {c['floor']:.3f}; {_check_interval(c)})"
+                  + (" below the floor within the noise" if c["passed"] and c["value"] < c["floor"] - 1e-9 else "")
+                  for c in gate["checks"]]
         if gate.get("note"):
             lines.append(f"    {gate['note']}")
     ave, avnew = _averages(record, tasks)

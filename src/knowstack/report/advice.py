@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from knowstack.report.frontier import FULLY_COOPERATIVE, SEMI_COOPERATIVE, TradeOff
 from knowstack.report.runs import run_averages
 from knowstack.report.tables import Scores, Table, TableRow
+from knowstack.stats import interval_of
 
 SETTING_METHODS = {"semi": SEMI_COOPERATIVE, "full": FULLY_COOPERATIVE}
 SETTING_TEXT = {"semi": "semi-cooperative: the contributors share their models, not their data",
@@ -26,6 +27,34 @@ class Advice:
     best: TradeOff | None
     runner_up: TradeOff | None  # the best point of another method
     candidates: list[TradeOff]
+
+    @property
+    def margin(self) -> tuple[float, tuple[float, float] | None] | None:
+        """How much more new knowledge the first choice gains than the runner-up (AVnew gain, percent points),
+        with the paired 95% interval of that difference (None without per-item scores)."""
+        if self.best is None or self.runner_up is None:
+            return None
+        difference = self.best.new_gain - self.runner_up.new_gain
+        return float(difference), interval_of(difference)
+
+    @property
+    def distinguishable(self) -> bool | None:
+        """Whether the first choice learns more than the runner-up beyond noise: its difference's interval is
+        above 0. None where there is no runner-up or no interval."""
+        margin = self.margin
+        if margin is None or margin[1] is None:
+            return None
+        return margin[1][0] > 0
+
+    def margin_text(self) -> str:
+        margin = self.margin
+        if margin is None:
+            return "—"
+        difference, ci = margin
+        if ci is None:
+            return f"{difference:+.1f} points (no interval)"
+        verdict = "distinguishable" if self.distinguishable else "not distinguishable"
+        return f"{verdict}: {difference:+.1f} points [{ci[0]:+.1f}, {ci[1]:+.1f}]"
 
     @property
     def least_loss(self) -> TradeOff | None:
@@ -62,6 +91,9 @@ def advice_text(advice: Advice, scores: Scores) -> str:
     lines = [head, f"  use:       {describe(advice.best, scores)}"]
     if advice.runner_up is not None:
         lines.append(f"  runner-up: {describe(advice.runner_up, scores)}")
+        lines.append(f"  first choice vs runner-up, AVnew gain: {advice.margin_text()}")
+        if advice.distinguishable is False:
+            lines.append("  (the two are not distinguishable on these test items: either is as good a choice)")
     else:
         lines.append("  runner-up: no point of another method meets the limit")
     return "\n".join(lines)
@@ -77,12 +109,15 @@ def advice_table(points: list[TradeOff]) -> Table:
             for point in (advice.best, advice.runner_up):
                 cells += [f"{point.run.method_label} ({point.setting})", point.new_gain, point.old_change] if point else \
                     ["none meets the limit", None, None]
+            cells.append(advice.margin_text())
             rows.append(TableRow(f"{setting} ≤{limit:g}%", cells, ["text", "text", "text", "percent", "percent",
-                                                                  "text", "percent", "percent"], f"{setting}-{limit:g}"))
+                                                                  "text", "percent", "percent", "text"],
+                                 f"{setting}-{limit:g}"))
     header = ["case", "setting", "max old-knowledge loss", "use", "new gain", "old change", "runner-up",
-              "new gain", "old change"]
+              "new gain", "old change", "use vs runner-up (new gain, 95% interval)"]
     caption = ("Which method to use: for each limit on old-knowledge loss (AVE, % of the base's), the measured "
                "point with the most new knowledge (AVnew gain from base) within it, and the best point of another "
                "method. semi: the contributors share models only (sequential, O-LoRA, merging, MoE); full: their "
-               "data too (adds replay and joint training). `knowstack advise DIR --max-old-loss 2%` prints it.")
+               "data too (adds replay and joint training); the last column says whether the first choice learns more than "
+               "the runner-up beyond the paired 95% interval. `knowstack advise DIR --max-old-loss 2%` prints it.")
     return Table("advice", caption, header, rows)

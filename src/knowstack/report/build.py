@@ -19,7 +19,18 @@ from knowstack.report.runs import find_runs
 from knowstack.report.sections import Section, build_sections
 from knowstack.report.tables import Scores, Table
 from knowstack.study.plan import Plan
-from knowstack.study.results import Row, collect_rows, olora_penalties, read_csv
+from knowstack.study.results import (
+    PER_EXAMPLE,
+    ItemKey,
+    Row,
+    collect_items,
+    collect_rows,
+    olora_penalties,
+    read_csv,
+    read_items,
+)
+
+Items = dict[ItemKey, dict[int | None, list[float]]]
 
 
 def planned_rows(evaluations: Iterable) -> list[Row]:
@@ -28,16 +39,18 @@ def planned_rows(evaluations: Iterable) -> list[Row]:
                 value=0.0, n=None, trained_on=e.trained_on) for e in evaluations]
 
 
-def measured_points(rows: list[Row], task_order: list[str], old_metric: OldMetric = "acc") -> tuple[Scores, list[TradeOff]]:
+def measured_points(rows: list[Row], task_order: list[str], old_metric: OldMetric = "acc",
+                    items: Items | None = None) -> tuple[Scores, list[TradeOff]]:
     """The scores, and every run at every setting measured as a learn/forget point (what advice reads)."""
-    scores = Scores.from_rows(rows, task_order, old_metric)
+    scores = Scores.from_rows(rows, task_order, old_metric, items)
     return scores, trade_offs(scores, find_runs(scores), len(task_order))
 
 
 def build_report(rows: list[Row], *, title: str, task_order: list[str], old_metric: OldMetric = "acc",
-                 penalties: dict[str, dict] | None = None, planned: list[Row] | None = None) -> list[Section]:
-    """The report's section tree; figures are specified but not drawn yet."""
-    scores = Scores.from_rows(rows, task_order, old_metric)
+                 penalties: dict[str, dict] | None = None, planned: list[Row] | None = None,
+                 items: Items | None = None) -> list[Section]:
+    """The report's section tree; figures are specified but not drawn yet. items: per-item scores, for intervals."""
+    scores = Scores.from_rows(rows, task_order, old_metric, items)
     every = find_runs(scores)
     runs = [r for r in every if not r.point]  # each method at its own setting: compared at equal settings
     points = trade_offs(scores, every, len(task_order))
@@ -73,11 +86,12 @@ def draw_figures(sections: list[Section], out: Path) -> list[Path]:
 
 
 def write_report(rows: list[Row], out: Path, *, title: str, task_order: list[str], old_metric: OldMetric = "acc",
-                 penalties: dict[str, dict] | None = None, planned: list[Row] | None = None) -> Path:
+                 penalties: dict[str, dict] | None = None, planned: list[Row] | None = None,
+                 items: Items | None = None) -> Path:
     """Writes the whole report into `out` and returns the path of report.html."""
     out = Path(out)
     sections = build_report(rows, title=title, task_order=task_order, old_metric=old_metric, penalties=penalties,
-                            planned=planned)
+                            planned=planned, items=items)
     draw_figures(sections, out)
     write_tables(sections, out)
     atomic_write_text(out / "report.md", render_markdown(sections, title=title, out=out))
@@ -94,9 +108,16 @@ def study_rows(plan: Plan, out: Path) -> list[Row]:
     return live if len(live) > len(written) else written
 
 
+def study_items(plan: Plan, out: Path) -> Items:
+    """A study dir's per-item scores: per_example.jsonl (written with results.csv), or the finished evaluations'."""
+    written = read_items(out / PER_EXAMPLE)
+    live = collect_items(plan, out / "artifacts") if (out / "artifacts").is_dir() else {}
+    return live if len(live) > len(written) else written
+
+
 def write_study_report(plan: Plan, out: Path, rows: list[Row]) -> Path:
     """The report of a study dir, knowing its plan: what is missing, and O-LoRA's penalties."""
     config = plan.config
     return write_report(rows, out, title=config.name, task_order=plan.task_names,
                         old_metric=config.old_knowledge.metric, penalties=olora_penalties(plan, out / "artifacts"),
-                        planned=planned_rows(plan.evaluations))
+                        planned=planned_rows(plan.evaluations), items=study_items(plan, out))

@@ -1,7 +1,11 @@
 """The paper's findings as data, each with the comparison that tests it on this study's numbers.
 
-A verdict is computed from the results every time: "holds", "does not hold", or "not measured" (a
-method the comparison needs is not in the study). Runs are selected by their key `method/finetune/variant`
+A verdict is computed from the results every time, from the difference of the two sides and its paired 95%
+bootstrap interval (stats.py; items, and seeds where the study has several): "holds" where the interval
+supports the claim, "does not hold" where it supports the opposite, "inconclusive" where it covers both, or
+"not measured" (a method the comparison needs is not in the study). A "similar" claim is an equivalence test:
+it holds where the whole interval of the difference lies within the margin, fails where it lies outside.
+Without per-item scores (results from before they were kept) a check compares the point estimates. Runs are selected by their key `method/finetune/variant`
 with shell-style wildcards: `olora/*` is every O-LoRA run, `merge/*/ties` the TIES merges of FFT and LoRA.
 """
 
@@ -22,8 +26,9 @@ from knowstack.report.frontier import (
 )
 from knowstack.report.runs import Run, acquisition, backward_transfer, mean_defined, run_averages
 from knowstack.report.tables import AVERAGES, Scores, Table, TableRow
+from knowstack.stats import interval_of
 
-HOLDS, FAILS, UNMEASURED = "holds", "does not hold", "not measured"
+HOLDS, FAILS, UNMEASURED, INCONCLUSIVE = "holds", "does not hold", "not measured", "inconclusive"
 SIMILAR = 0.10  # "similar": within 10% of the larger of the two values
 
 
@@ -126,6 +131,29 @@ OPERATORS: dict[str, Callable[[float, float], bool]] = {
 }
 
 
+def check_verdict(op: str, left: float, right: float) -> str:
+    """holds / does not hold / inconclusive, from the difference left - right and its interval (the two sides'
+    replicates are paired, so the difference's replicates are too); the point comparison where it has none."""
+    difference = left - right
+    ci = interval_of(difference)
+    if ci is None:
+        return HOLDS if OPERATORS[op](left, right) else FAILS
+    low, high = ci
+    if op == "~":
+        margin = SIMILAR * max(abs(left), abs(right))
+        if -margin <= low and high <= margin:
+            return HOLDS
+        return FAILS if low > margin or high < -margin else INCONCLUSIVE
+    if op in (">", ">="):
+        low, high = -high, -low  # "left > right" is "right - left < 0"
+    # now the claim is "difference < 0" (or <= 0)
+    if high < 0 or (op in ("<=", ">=") and high <= 0):
+        return HOLDS
+    if low > 0 or (op in ("<", ">") and low >= 0):
+        return FAILS
+    return INCONCLUSIVE
+
+
 @dataclass
 class Outcome:
     """What one check found: both sides' numbers (None: not measured) and the text behind them."""
@@ -140,8 +168,16 @@ class Outcome:
         return self.left is not None and self.right is not None
 
     @property
+    def difference(self) -> float | None:
+        return self.left - self.right if self.measured else None
+
+    @property
+    def verdict(self) -> str:
+        return check_verdict(self.check.op, self.left, self.right) if self.measured else UNMEASURED
+
+    @property
     def holds(self) -> bool:
-        return self.measured and OPERATORS[self.check.op](self.left, self.right)
+        return self.verdict == HOLDS
 
 
 @dataclass
@@ -155,12 +191,16 @@ class Verdict:
 
     @property
     def verdict(self) -> str:
+        """all: holds when every measured check holds, fails when one fails; most: holds when more than half hold,
+        fails when more than half cannot; inconclusive otherwise."""
         measured = self.measured
         if not measured:
             return UNMEASURED
-        held = sum(o.holds for o in measured)
-        ok = held == len(measured) if self.claim.need == "all" else held * 2 > len(measured)
-        return HOLDS if ok else FAILS
+        found = [o.verdict for o in measured]
+        held, failed = found.count(HOLDS), found.count(FAILS)
+        if self.claim.need == "all":
+            return HOLDS if held == len(found) else FAILS if failed else INCONCLUSIVE
+        return HOLDS if held * 2 > len(found) else FAILS if failed * 2 >= len(found) else INCONCLUSIVE
 
 
 def run_stat(scores: Scores, run: Run, stat: str) -> float | None:
@@ -204,9 +244,24 @@ def evaluate_check(check: Check, runs: list[Run], scores: Scores) -> Outcome:
         return Outcome(check, None, None, f"only one run ({left_runs[0].label}): nothing to compare")
     if left is None or right is None:
         return Outcome(check, None, None, left_text if left is None else right_text)
-    mark = "✓" if OPERATORS[check.op](left, right) else "✗"
     op = "≈" if check.op == "~" else check.op
-    return Outcome(check, left, right, f"{left_text} {op} {right_text} {mark}")
+    return Outcome(check, left, right, f"{left_text} {op} {right_text}: {difference_text(check, left, right)}")
+
+
+MARKS = {HOLDS: "✓", FAILS: "✗", INCONCLUSIVE: "?"}
+
+
+def difference_text(check: Check, left: float, right: float) -> str:
+    """'difference +0.021 [-0.010, +0.050] ?': the difference, its 95% interval and what it says; a similar
+    claim also names its margin."""
+    difference = left - right
+    ci = interval_of(difference)
+    percent = check.stat == "BWT"
+    number = (lambda v: f"{v:+.1f}%") if percent else (lambda v: f"{v:+.3f}")
+    text = f"difference {number(difference)}" + (f" [{number(ci[0])}, {number(ci[1])}]" if ci else " (no interval)")
+    if check.op == "~":
+        text += f", margin ±{number(SIMILAR * max(abs(left), abs(right))).lstrip('+')}"
+    return f"{text} {MARKS[check_verdict(check.op, left, right)]}"
 
 
 def evaluate_claims(scores: Scores, runs: list[Run], claims: tuple[Claim, ...] = CLAIMS) -> list[Verdict]:
@@ -248,8 +303,7 @@ def evaluate_matched(check: Check, scores: Scores, points: list[TradeOff]) -> Ou
         level = f"AVnew gain {matched.level:+.1f}%" if check.stat == "AVE" else f"AVE change {matched.level:+.1f}%"
         text = (f"at {level}: {check.stat} {lv:.3f} ({matched.left:+.1f}%) vs {rv:.3f} ({matched.right:+.1f}%), "
                 f"fronts of {len(fronts[0])} and {len(fronts[1])} points")
-    mark = "✓" if OPERATORS[check.op](lv, rv) else "✗"
-    return Outcome(check, lv, rv, f"{text} {mark}")
+    return Outcome(check, lv, rv, f"{text}: {difference_text(check, lv, rv)}")
 
 
 def evaluate_matched_claims(scores: Scores, points: list[TradeOff],
@@ -272,9 +326,12 @@ def claims_table(verdicts: list[Verdict], matched: dict[str, Verdict] | None = N
             along = matched.get(v.claim.id)
             cells += ["; ".join(o.evidence for o in along.outcomes), along.verdict] if along else ["—", "—"]
         rows.append(TableRow(v.claim.id, cells, unit="text", key=v.claim.id))
-    caption = ("Each finding of the paper, the comparison that tests it, and the verdict on this study's numbers "
-               "(a check with a method missing is not measured; 'most' claims need more than half of their "
-               "measured checks to hold).")
+    caption = ("Each finding of the paper, the comparison that tests it, and the verdict on this study's numbers: "
+               "each check gives the difference of its two sides with its paired 95% bootstrap interval, and holds "
+               "(✓) where the interval supports the finding, does not hold (✗) where it supports the opposite, and "
+               f"is inconclusive (?) otherwise; 'similar' is an equivalence test within ±{SIMILAR:.0%} of the larger "
+               "value. A check with a method missing is not measured; 'most' claims need more than half of their "
+               "measured checks to hold.")
     if matched is not None:
         caption += (" Along the fronts: each FFT-vs-LoRA check again, over all settings swept: AVE at the largest "
                     "new-knowledge gain both fronts reach, AVnew at the largest old-knowledge loss both reach, "
@@ -288,7 +345,7 @@ def _comparison_text(claim: Claim) -> str:
 
 
 def verdict_counts(verdicts: list[Verdict]) -> dict[str, int]:
-    counts = {HOLDS: 0, FAILS: 0, UNMEASURED: 0}
+    counts = {HOLDS: 0, FAILS: 0, INCONCLUSIVE: 0, UNMEASURED: 0}
     for v in verdicts:
         counts[v.verdict] += 1
     return counts

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from knowstack.report.tables import GAIN_SUFFIX, Table, TableRow  # noqa: E402
+from knowstack.stats import interval_of  # noqa: E402
 
 # The paper's colour convention: FFT red, LoRA blue, base grey. A figure with several FFT (or LoRA)
 # series walks down that finetune's shades; one-round models, the upper bound, take the lightest.
@@ -94,6 +95,17 @@ def _number(cell: object) -> float:
     return float(cell) if isinstance(cell, float | int) else math.nan
 
 
+def _errors(cells: list[object]) -> np.ndarray | None:
+    """(2, n) distances from each value down and up to its 95% interval, for matplotlib's xerr/yerr; None where
+    no cell has an interval (a cell without one gets no bar)."""
+    intervals = [interval_of(c) for c in cells]
+    if not any(intervals):
+        return None
+    values = [_number(c) for c in cells]
+    return np.array([[max(0.0, v - ci[0]) if ci else 0.0 for v, ci in zip(values, intervals, strict=True)],
+                     [max(0.0, ci[1] - v) if ci else 0.0 for v, ci in zip(values, intervals, strict=True)]])
+
+
 def plotted_rows(spec: FigureSpec) -> list[TableRow]:
     columns = _column_indexes(spec)
     return [r for r in spec.table.rows if all(r.units[i] == spec.unit for i in columns)]
@@ -119,7 +131,7 @@ def grouped_bars(spec: FigureSpec, path: Path) -> Path | None:
     for i, (row, style) in enumerate(zip(rows, series_style(rows), strict=True)):
         heights = [_number(row.cells[j]) for j in columns]
         ax.bar(x + (i - (len(rows) - 1) / 2) * width, heights, width, label=legend_label(row), edgecolor="white",
-               linewidth=0.4, **style)
+               linewidth=0.4, yerr=_errors([row.cells[j] for j in columns]), error_kw=ERROR_STYLE, **style)
     ax.set_xticks(x, groups, rotation=20, ha="right")
     ax.set_xlabel(spec.xlabel)
     ax.set_ylabel(spec.ylabel)
@@ -142,8 +154,10 @@ def heatmap(spec: FigureSpec, path: Path) -> Path | None:
     image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=max(1e-9, top), aspect="auto")
     for (i, j), value in np.ndenumerate(matrix):
         if np.isfinite(value):
-            # Dark text on the bright end of viridis, light text on the dark end.
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+            # Dark text on the bright end of viridis, light text on the dark end; the 95% interval below the value.
+            ci = interval_of(rows[i].cells[columns[j]])
+            text = f"{value:.2f}" + (f"\n[{ci[0]:.2f},{ci[1]:.2f}]" if ci else "")
+            ax.text(j, i, text, ha="center", va="center", fontsize=7 if ci is None else 5.5,
                     color="black" if value > 0.6 * top else "white")
     ax.set_xticks(range(len(columns)), [spec.table.header[1 + j] for j in columns], rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), [r.label for r in rows])
@@ -162,10 +176,23 @@ def scatter(spec: FigureSpec, path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(8.5, 5.0))
     for row, style in zip(rows, series_style(rows), strict=True):
-        ax.scatter(_number(row.cells[columns[0]]), _number(row.cells[columns[1]]), s=70, label=row.label,
+        x, y = row.cells[columns[0]], row.cells[columns[1]]
+        ax.scatter(_number(x), _number(y), s=70, label=row.label,
                    color=style["color"], marker=MARKERS.get(row.key.partition("/")[0], "o"), edgecolors="black",
                    linewidths=0.5, zorder=3)
+        _interval_bars(ax, [x], [y], style["color"])
     return _finish_plane(fig, ax, spec, path)
+
+
+ERROR_STYLE = {"elinewidth": 0.8, "capsize": 2, "ecolor": "#333333"}
+
+
+def _interval_bars(ax: plt.Axes, xs: list[object], ys: list[object], colour: str) -> None:
+    """Each point's 95% intervals on both axes, where its cells have them."""
+    xerr, yerr = _errors(xs), _errors(ys)
+    if xerr is not None or yerr is not None:
+        ax.errorbar([_number(x) for x in xs], [_number(y) for y in ys], xerr=xerr, yerr=yerr, fmt="none",
+                    ecolor=colour, elinewidth=0.8, capsize=2, alpha=0.7, zorder=2)
 
 
 def _finish_plane(fig: plt.Figure, ax: plt.Axes, spec: FigureSpec, path: Path) -> Path:
@@ -211,6 +238,7 @@ def frontier(spec: FigureSpec, path: Path) -> Path | None:
         xs, ys = [_number(r.cells[x_col]) for r in members], [_number(r.cells[y_col]) for r in members]
         ax.scatter(xs, ys, s=55, color=style["color"], marker=style["marker"], edgecolors="black", linewidths=0.5,
                    zorder=3, label=family)
+        _interval_bars(ax, [r.cells[x_col] for r in members], [r.cells[y_col] for r in members], style["color"])
         front = sorted((_number(r.cells[y_col]), _number(r.cells[x_col])) for r in members
                        if r.cells[front_col] and _number(r.cells[y_col]) > 0)
         if front:

@@ -19,7 +19,7 @@ from knowstack.report.run_tables import (
     summary_table,
 )
 from knowstack.report.runs import Run, average_gains, finetune_name, run_averages, stages_done
-from knowstack.report.tables import AVERAGES, Table, TableRow
+from knowstack.report.tables import AVERAGES, Table, TableRow, fmt_percent, fmt_score
 
 NEW_UNIT = "score (0-1, each task's own metric)"
 GAIN_UNIT = "gain from base (%)"
@@ -31,7 +31,11 @@ NOTE = (
     "round. AVE averages the old-knowledge columns, AVnew the new-knowledge columns (math with and "
     "without chain of thought are two columns), AVall all of them together; all are computed from "
     "the per-task values. A one-round run scores each task with the model trained on it and averages "
-    "old knowledge over those models (the paper's upper bound). Verdicts compare point estimates."
+    "old knowledge over those models (the paper's upper bound). Numbers in brackets are 95% intervals: a seeded "
+    "percentile bootstrap over the test items (with several training seeds, seeds are drawn first, then items, so "
+    "the interval covers both); two numbers on the same items are resampled together (paired), so a difference, a "
+    "gain from base or a BWT has its own interval. A verdict holds only where the interval of its difference supports "
+    "it."
 )
 
 
@@ -61,8 +65,8 @@ def highlights(ctx: Context) -> list[str]:
         if valued:
             run, value = best(valued, key=lambda p: p[1])
             gain = average_gains(ctx.scores, run)[average]
-            change = "" if gain is None else f", {gain:+.0f}% vs base"
-            lines.append(f"{text}: {ctx.label(run)} ({average} {value:.3f}{change}).")
+            change = "" if gain is None else f", {fmt_percent(gain)} vs base"
+            lines.append(f"{text}: {ctx.label(run)} ({average} {fmt_score(value)}{change}).")
     return lines or ["No trained model has results yet."]
 
 
@@ -72,9 +76,13 @@ def summary_section(ctx: Context, title: str) -> Section:
     intro = (f"Study '{title}': {len(scores.models)} models evaluated in {len(ctx.runs)} runs, on "
              f"{len({c[1] for c in scores.new_columns})} new-knowledge tasks ({len(scores.new_columns)} columns) "
              f"and {len(scores.old_columns)} old-knowledge tasks ({ctx.old_metric}).")
+    if scores.seeds > 1:
+        intro += (f" Each trained model was trained with {scores.seeds} seeds: its numbers are means over them, with "
+                  "intervals covering seed and item variance.")
     blocks: list = [intro, highlights(ctx),
                     f"The paper's {len(ctx.verdicts)} findings on this study: {counts['holds']} hold, "
-                    f"{counts['does not hold']} do not hold, {counts['not measured']} not measured."]
+                    f"{counts['does not hold']} do not hold, {counts['inconclusive']} inconclusive (the 95% interval "
+                    f"of the difference covers both), {counts['not measured']} not measured."]
     if ctx.coverage.unfinished:
         blocks.append("Partial study, still to come: " + "; ".join(ctx.coverage.unfinished) + ".")
     if ctx.coverage.absent:

@@ -10,10 +10,10 @@ import csv
 import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from statistics import mean
 
 from knowstack.config import OldMetric, old_metric_of
-from knowstack.study.results import Row
+from knowstack.stats import Estimate, column_estimate, interval_of, mean_of
+from knowstack.study.results import ItemKey, Row
 
 Column = tuple[str, str, str]  # (kind, task, metric)
 Values = dict[Column, "float | None"]
@@ -27,20 +27,41 @@ class Scores:
     rows: list[Row]
     new_columns: list[Column]
     old_columns: list[Column]
+    items: dict[ItemKey, dict[int | None, list[float]]] = field(default_factory=dict)
 
     @classmethod
-    def from_rows(cls, rows: list[Row], task_order: Sequence[str], old_metric: OldMetric = "acc") -> Scores:
-        """old_metric: the metric reported for every old task, or a mapping task -> metric (acc where unnamed)."""
+    def from_rows(cls, rows: list[Row], task_order: Sequence[str], old_metric: OldMetric = "acc",
+                  items: dict[ItemKey, dict[int | None, list[float]]] | None = None) -> Scores:
+        """old_metric: the metric reported for every old task, or a mapping task -> metric (acc where
+        unnamed). items: per-item scores (model, kind, task, metric) -> {seed: scores}; with them every value carries
+        its bootstrap replicates (stats.py) and every number computed from it an interval."""
         rank = {task: i for i, task in enumerate(task_order)}
         new = _unique((r.kind, r.task, r.metric) for r in rows if r.kind == "new")
         new.sort(key=lambda c: rank.get(c[1], len(rank)))
         old = sorted(_unique((r.kind, r.task, r.metric) for r in rows if r.kind == "old"
-                                and r.metric == old_metric_of(old_metric, r.task)))
-        return cls(rows, new, old)
+                            and r.metric == old_metric_of(old_metric, r.task)))
+        return cls(rows, new, old, items or {})
 
     def __post_init__(self) -> None:
-        self._index = {(r.model, r.kind, r.task, r.metric): r.value for r in self.rows}
+        # A model repeated over seeds has one row per seed: its value is their mean.
+        by_key: dict[ItemKey, list[float]] = {}
+        for r in self.rows:
+            by_key.setdefault((r.model, r.kind, r.task, r.metric), []).append(r.value)
+        self._index = {key: self._estimate(key, values) for key, values in by_key.items()}
         self._models = _unique(r.model for r in self.rows)
+        self.seeds = max((len({r.seed for r in self.rows if r.model == m}) for m in self._models), default=1)
+
+    def _estimate(self, key: ItemKey, values: list[float]) -> float:
+        by_seed = self.items.get(key)
+        if not by_seed or len(by_seed) != len(values) or len({len(s) for s in by_seed.values()}) != 1:
+            return sum(values) / len(values)
+        # Items are resampled per task: the columns of one task (math's two) share their indices.
+        return column_estimate([by_seed[seed] for seed in sorted(by_seed, key=lambda s: (s is None, s))],
+                               f"{key[1]}/{key[2]}")
+
+    @property
+    def with_intervals(self) -> bool:
+        return any(isinstance(v, Estimate) and v.draws is not None for v in self._index.values())
 
     @property
     def models(self) -> list[str]:
@@ -91,7 +112,7 @@ def _unique(items: Iterable) -> list:
 def mean_or_none(values: Sequence[float | None]) -> float | None:
     """The mean, or None when any value is missing: an average over fewer columns would mislead."""
     present = [v for v in values if v is not None]
-    return mean(present) if present and len(present) == len(values) else None
+    return mean_of(present) if present and len(present) == len(values) else None
 
 
 def percent_change(before: float | None, after: float | None) -> float | None:
@@ -107,11 +128,17 @@ def bwt(own_round: float | None, final: float | None) -> float | None:
 
 
 def fmt_score(value: float | None) -> str:
-    return "—" if value is None else f"{value:.4f}"
+    if value is None:
+        return "—"
+    ci = interval_of(value)
+    return f"{value:.4f}" if ci is None else f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def fmt_percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:+.0f}%"
+    if value is None:
+        return "n/a"
+    ci = interval_of(value)
+    return f"{value:+.0f}%" if ci is None else f"{value:+.0f}% [{ci[0]:+.0f}, {ci[1]:+.0f}]"
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
@@ -164,11 +191,16 @@ class Table:
         return markdown_table(self.header, ([r.label, *r.formatted()] for r in self.rows))
 
     def to_csv(self) -> str:
-        """Numbers at full precision (percent rows as percent numbers); text cells as written."""
+        """Numbers at full precision (percent rows as percent numbers); text cells as written. Where numbers carry
+        intervals, each numeric column's 95% interval follows in '<column> ci_low' and '<column> ci_high'."""
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow([*self.header, "unit"])
+        ranged = [i for i in range(len(self.header) - 1) if any(interval_of(r.cells[i]) for r in self.rows)]
+        writer.writerow([*self.header, "unit", *(f"{self.header[1 + i]} {end}" for i in ranged
+                                                for end in ("ci_low", "ci_high"))])
         for row in self.rows:
             cells = ["" if c is None else (c if isinstance(c, str) else repr(float(c))) for c in row.cells]
-            writer.writerow([row.label, *cells, row.unit if isinstance(row.unit, str) else "mixed"])
+            bounds = [("" if (ci := interval_of(row.cells[i])) is None else repr(ci[end])) for i in ranged
+                      for end in (0, 1)]
+            writer.writerow([row.label, *cells, row.unit if isinstance(row.unit, str) else "mixed", *bounds])
         return buffer.getvalue()

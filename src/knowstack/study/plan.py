@@ -31,9 +31,10 @@ from knowstack.config import (
 from knowstack.data.tasks import TaskSpec, task_from_config
 from knowstack.errors import KnowstackError
 
-# Bump when what a kind of step writes changes, so stale artifacts are not reused. train, moe and eval 2: an
-# overlong example loses the middle of its prompt, not the end of its answer (data/truncation.py).
-STEP_VERSIONS = {"world": 1, "train": 2, "merge-adapter": 1, "eval": 2, "merge": 1, "moe": 2}
+# Bump when what a kind of step writes changes, so stale artifacts are not reused. train and moe 2: an
+# overlong example loses the middle of its prompt, not the end of its answer (data/truncation.py); eval 3:
+# that, and every evaluation keeps its per-item scores.
+STEP_VERSIONS = {"world": 1, "train": 2, "merge-adapter": 1, "eval": 3, "merge": 1, "moe": 2}
 
 
 def _digest(obj: Any) -> str:
@@ -107,6 +108,7 @@ class Evaluation:
     trained_on: str = ""
     point: str = ""
     settings: tuple[tuple[str, float], ...] = ()
+    seed: int | None = None  # the training seed, where the config repeats its models over `seeds`
 
 
 @dataclass
@@ -148,6 +150,7 @@ class PlanBuilder:
         self.plan = Plan(config)
         self.world: Step | None = None
         self.point = Point()
+        self.seed = config.seed  # the training seed of the models added now (the world's is config.seed)
         self.training = config.training
         self.base = self._base_model()
         self.tasks = self._tasks()
@@ -228,7 +231,7 @@ class PlanBuilder:
             "task": task,
             "finetune": finetune,
             "training": training_params(self._training_for(task), finetune),
-            "seed": self.config.seed,
+            "seed": self.seed,
             **(extra or {}),
         }
         return self.plan.add(Step("train", label, params, ref_deps(init) + deps))
@@ -249,7 +252,7 @@ class PlanBuilder:
             "mixture": {"kind": "joint", "sampling": sampling},
             "finetune": finetune,
             "training": training_params(self.training, finetune),
-            "seed": self.config.seed,
+            "seed": self.seed,
         }
         return self.plan.add(Step("train", f"{finetune}-joint-{sampling}", params, ref_deps(init)))
 
@@ -265,8 +268,9 @@ class PlanBuilder:
         params = {"model": ref.to_dict(), **self._eval_params()}
         step = self.plan.add(Step("eval", self.label_of(ref), params, ref_deps(ref)))
         columns = Point.of({**(settings or {}), **dict(self.point.values)}).values
+        seed = self.seed if self.config.seeds is not None and method != "base" else None
         self.plan.evaluations.append(Evaluation(self.point.named(name), method, finetune, stage, step.key, trained_on,
-                                                self.point.name, columns))
+                                                self.point.name, columns, seed))
 
     # --- methods -------------------------------------------------------------------------------
     def add_base(self) -> None:
@@ -336,7 +340,7 @@ class PlanBuilder:
         """One model merged from the one-round models (FFT) or adapters (LoRA) of every task, with
         no data. The one-round train steps are the one-round method's own, so they run once."""
         trained = [self.train_step(self.base, task, finetune) for task in self.tasks]
-        seed = self.config.seed if merge.seed is None else merge.seed
+        seed = self.seed if merge.seed is None else merge.seed
         settings = {"density": merge.density, "drop_rate": merge.drop_rate, "lambda": merge.lam, "seed": seed}
         params = {
             "method": method,
@@ -380,7 +384,7 @@ class PlanBuilder:
             "models": [step_ref(step) for step in trained],
             "tasks": tasks,
             "options": options,
-            "seed": self.config.seed if moe.seed is None else moe.seed,
+            "seed": self.seed if moe.seed is None else moe.seed,
             "max_length": self.config.training.max_length,
         }
         deps = ref_deps(self.base) + tuple(step.key for step in trained)
@@ -420,6 +424,15 @@ def build_plan(config: StudyConfig) -> Plan:
     methods = config.methods
     if all(getattr(methods, name) is None for name in type(methods).model_fields):
         raise KnowstackError("no methods to run", field="methods")
+    for seed in config.seeds if config.seeds is not None else [config.seed]:
+        builder.seed = seed
+        add_methods(builder, config)
+    return builder.plan
+
+
+def add_methods(builder: PlanBuilder, config: StudyConfig) -> None:
+    """Every method's models at the builder's seed."""
+    methods = config.methods
 
     def points(name: str, finetune: str) -> list[Point]:
         return sweep_points(getattr(methods, name), finetune, own_settings(config, getattr(methods, name)))
@@ -461,7 +474,6 @@ def build_plan(config: StudyConfig) -> Plan:
             moe = methods.moe.model_copy(update={k: int(v) for k, v in point.values})
             with builder.at(point, field_name="methods.moe", trains=False):
                 builder.add_moe(experts, moe)
-    return builder.plan
 
 
 def own_settings(config: StudyConfig, method: Sweepable) -> dict[str, float | None]:

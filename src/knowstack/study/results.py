@@ -1,7 +1,9 @@
 """The results store: one row per model x task x metric, as CSV and as SQLite.
 
 The column names are a public interface (users' scripts read them): model, method, finetune,
-stage, task, kind, metric, value, n, trained_on, then point (a sweep point's name, '' for a method's own
+stage, task, kind, metric, value, ci_low, ci_high (the value's 95% interval: a seeded percentile bootstrap over
+the test items, empty where no per-item scores exist), n, trained_on, seed (the training seed, where the config
+repeats models over `seeds`), then point (a sweep point's name, '' for a method's own
 setting) and one column per setting a sweep can change (lr, rank, lambda, ...: filled where the model's
 point sets it, and with O-LoRA's lambda).
 """
@@ -21,8 +23,9 @@ from knowstack.atomic import atomic_write_text
 from knowstack.config import SWEEP_COLUMNS
 from knowstack.study.plan import Plan
 
-COLUMNS = ("model", "method", "finetune", "stage", "task", "kind", "metric", "value", "n", "trained_on", "point",
-           *SWEEP_COLUMNS)
+COLUMNS = ("model", "method", "finetune", "stage", "task", "kind", "metric", "value", "ci_low", "ci_high", "n",
+           "trained_on", "seed", "point", *SWEEP_COLUMNS)
+PER_EXAMPLE = "per_example.jsonl"  # beside results.csv: every row's per-item scores
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,9 @@ class Row:
     trained_on: str
     point: str = ""
     settings: tuple[tuple[str, float], ...] = ()
+    ci_low: float | None = None
+    ci_high: float | None = None
+    seed: int | None = None
 
     def record(self) -> dict[str, object]:
         """The row as results columns (None where empty)."""
@@ -47,23 +53,77 @@ class Row:
 
 
 def collect_rows(plan: Plan, artifacts: Path) -> list[Row]:
-    """Rows for every evaluation whose step has finished, in plan order."""
+    """Rows for every evaluation whose step has finished, in plan order, each with its items' interval."""
     rows: list[Row] = []
     for ev in plan.evaluations:
         out = artifacts / ev.step
         if not out.is_dir():
             continue
         common = {"model": ev.model, "method": ev.method, "finetune": ev.finetune, "stage": ev.stage,
-                  "trained_on": ev.trained_on, "point": ev.point, "settings": ev.settings}
+                  "trained_on": ev.trained_on, "point": ev.point, "settings": ev.settings, "seed": ev.seed}
+        items = _step_items(out)
         for task in plan.task_names:
             record = json.loads((out / f"new-{task}.json").read_text())
             for metric, value in record["scores"].items():
-                rows.append(Row(task=task, kind="new", metric=metric, value=value, n=record["n"], **common))
+                ci = _interval(items, "new", task, metric)
+                rows.append(Row(task=task, kind="new", metric=metric, value=value, n=record["n"], **ci, **common))
         old = json.loads((out / "old.json").read_text())
         for task, metrics in old.items():
             for metric, value in metrics.items():
-                rows.append(Row(task=task, kind="old", metric=metric, value=value, n=None, **common))
+                ci = _interval(items, "old", task, metric)
+                rows.append(Row(task=task, kind="old", metric=metric, value=value, n=None, **ci, **common))
     return rows
+
+
+def _step_items(out: Path) -> dict:
+    from knowstack.study.steps import PER_EXAMPLE_FILE
+
+    path = out / PER_EXAMPLE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _interval(items: dict, kind: str, task: str, metric: str) -> dict[str, float | None]:
+    from knowstack.stats import mean_interval
+
+    scores = items.get(kind, {}).get(task, {}).get(metric)
+    ci = mean_interval(scores, f"{kind}/{task}") if scores else None
+    return {"ci_low": ci[0], "ci_high": ci[1]} if ci else {"ci_low": None, "ci_high": None}
+
+
+ItemKey = tuple[str, str, str, str]  # (model, kind, task, metric)
+
+
+def collect_items(plan: Plan, artifacts: Path) -> dict[ItemKey, dict[int | None, list[float]]]:
+    """(model, kind, task, metric) -> {seed: per-item scores in test order} of every finished evaluation."""
+    found: dict[ItemKey, dict[int | None, list[float]]] = {}
+    for ev in plan.evaluations:
+        out = artifacts / ev.step
+        if not out.is_dir():
+            continue
+        for kind, tasks in _step_items(out).items():
+            for task, metrics in tasks.items():
+                for metric, scores in metrics.items():
+                    found.setdefault((ev.model, kind, task, metric), {})[ev.seed] = scores
+    return found
+
+
+def write_items(items: dict[ItemKey, dict[int | None, list[float]]], path: Path) -> None:
+    """One JSON line per results row: model, seed, kind, task, metric and its per-item scores."""
+    lines = [json.dumps({"model": key[0], "seed": seed, "kind": key[1], "task": key[2], "metric": key[3],
+                         "scores": scores}) + "\n"
+             for key, by_seed in items.items() for seed, scores in by_seed.items()]
+    atomic_write_text(path, "".join(lines))
+
+
+def read_items(path: Path) -> dict[ItemKey, dict[int | None, list[float]]]:
+    items: dict[ItemKey, dict[int | None, list[float]]] = {}
+    if not path.is_file():
+        return items
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            r = json.loads(line)
+            items.setdefault((r["model"], r["kind"], r["task"], r["metric"]), {})[r["seed"]] = r["scores"]
+    return items
 
 
 def write_csv(rows: list[Row], path: Path) -> None:
@@ -83,7 +143,8 @@ def write_sqlite(rows: list[Row], path: Path) -> None:
         with sqlite3.connect(tmp) as db:
             db.execute(
                 "CREATE TABLE results (model TEXT, method TEXT, finetune TEXT, stage INTEGER, task TEXT, "
-                "kind TEXT, metric TEXT, value REAL, n INTEGER, trained_on TEXT, point TEXT, "
+                "kind TEXT, metric TEXT, value REAL, ci_low REAL, ci_high REAL, n INTEGER, trained_on TEXT, "
+                "seed INTEGER, point TEXT, "
                 + ", ".join(f"{c} REAL" for c in SWEEP_COLUMNS) + ")"
             )
             db.executemany(
@@ -105,6 +166,9 @@ def read_csv(path: Path) -> list[Row]:
                 metric=r["metric"], value=float(r["value"]), n=int(r["n"]) if r["n"] else None,
                 trained_on=r.get("trained_on", ""), point=r.get("point") or "",
                 settings=tuple((c, float(r[c])) for c in SWEEP_COLUMNS if r.get(c)),
+                ci_low=float(r["ci_low"]) if r.get("ci_low") else None,
+                ci_high=float(r["ci_high"]) if r.get("ci_high") else None,
+                seed=int(r["seed"]) if r.get("seed") else None,
             )
             for r in csv.DictReader(handle)
         ]

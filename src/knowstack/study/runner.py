@@ -18,7 +18,14 @@ from knowstack.config import StudyConfig, old_metric_of
 from knowstack.errors import KnowstackError
 from knowstack.study.executors import Executor, LocalExecutor
 from knowstack.study.plan import Plan, Step, build_plan
-from knowstack.study.results import collect_rows, write_csv, write_sqlite
+from knowstack.study.results import (
+    PER_EXAMPLE,
+    collect_items,
+    collect_rows,
+    write_csv,
+    write_items,
+    write_sqlite,
+)
 from knowstack.study.steps import StudyContext
 from knowstack.validate import check_study, raise_problems
 
@@ -134,6 +141,7 @@ def write_outputs(plan: Plan, out: Path) -> tuple[Path, Path]:
     rows = collect_rows(plan, out / "artifacts")
     write_csv(rows, out / "results.csv")
     write_sqlite(rows, out / "results.sqlite")
+    write_items(collect_items(plan, out / "artifacts"), out / PER_EXAMPLE)
     return out / "results.csv", write_study_report(plan, out, rows)
 
 

@@ -243,7 +243,7 @@ def run_eval(step: Step, ctx: StudyContext, out: Path) -> None:
     of a large model resumes at the next task instead of starting again.
     """
     from knowstack.evaluate.new_knowledge import evaluate_task
-    from knowstack.evaluate.old_knowledge import evaluate_old_knowledge
+    from knowstack.evaluate.old_knowledge import evaluate_old_knowledge_items
     from knowstack.modelio import load_model, load_tokenizer, on_gpu_if_it_fits
 
     partial = ctx.artifacts / ".partial" / step.key
@@ -263,12 +263,13 @@ def run_eval(step: Step, ctx: StudyContext, out: Path) -> None:
             model, tokenizer, task.load("test"), task.metric, batch_size=batch_size, **_max_new_tokens(ctx, task)
         )
         _write_jsonl(partial / f"predictions-{name}.jsonl", score.predictions)
-        atomic_write_json(done, {"task": name, "n": len(score.predictions), "scores": score.scores})
+        atomic_write_json(done, {"task": name, "n": len(score.predictions), "scores": score.scores,
+                                 "per_example": score.per_example})
     old_done = partial / "old.json"
     if not old_done.exists():
         old_tasks, include_path = ctx.old_task_setup()
         old = ctx.config.old_knowledge
-        scores = evaluate_old_knowledge(
+        scores, items = evaluate_old_knowledge_items(
             model,
             tokenizer,
             old_tasks,
@@ -277,7 +278,9 @@ def run_eval(step: Step, ctx: StudyContext, out: Path) -> None:
             limit=old.limit,
             num_fewshot=old.num_fewshot,
         )
+        atomic_write_json(partial / "old-per-example.json", items)
         atomic_write_json(old_done, scores)
+    _write_per_example(partial)
     _log_scores(step, ctx, partial, out)
     for item in sorted(partial.iterdir()):
         shutil.copy2(item, out / item.name)
@@ -301,6 +304,20 @@ def _log_scores(step: Step, ctx: StudyContext, partial: Path, out: Path) -> None
             scores.update({f"old/{task}/{metric}": value for metric, value in values.items()
                            if isinstance(value, (int, float))})
     log_scores(step_tracking(step, ctx), out, scores)
+
+
+PER_EXAMPLE_FILE = "per_example.json"
+
+
+def _write_per_example(partial: Path) -> None:
+    """Every item's score, {"new"|"old": {task: {metric: [score per test item, in test order]}}}: what the
+    intervals of the study's numbers are bootstrapped from."""
+    new = {}
+    for path in sorted(partial.glob("new-*.json")):
+        record = json.loads(path.read_text())
+        new[record["task"]] = record["per_example"]
+    old = json.loads((partial / "old-per-example.json").read_text())
+    atomic_write_json(partial / PER_EXAMPLE_FILE, {"new": new, "old": old})
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
