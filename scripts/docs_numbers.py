@@ -8,7 +8,8 @@ A figure lives in a marked block of a markdown file:
 
 and each block's name says what generates it from which results dir (BLOCKS below). Run
 
-    python scripts/docs_numbers.py --demo runs/demo --registry runs/registry-scenario/registry
+    python scripts/docs_numbers.py --demo runs/demo --registry runs/registry-scenario/registry \
+        [--quick-all runs/quick-all] [--spread runs/world-1-thread runs/world-2-threads]
 
 (`make docs-numbers`) to rewrite the blocks whose results dir is given; the other blocks are left as
 they are and listed. A results dir that is missing or lacks what its blocks read is one clear error
@@ -149,6 +150,24 @@ def registry_scenario(path: Path) -> str:
     return f"`knowstack log` of the scenario's registry (`{path}`):\n\n```\n{log}\n```"
 
 
+def world_spread(studies: list[Study]) -> str:
+    """The same world built under other thread counts (or machines): its hashes and the base's old knowledge."""
+    tasks = sorted({r.task for study in studies for r in rows_of(study, "base", "old", "acc")})
+    header = ["threads", "Python", "fingerprint", "weights", *(OLD_TASK_NAMES.get(t, t) for t in tasks), "AVE"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for study in studies:
+        env, old = study.world.get("environment", {}), {r.task: r for r in rows_of(study, "base", "old", "acc")}
+        cells = [str(env.get("torch_threads", "?")), str(env.get("python", "?")), f"`{study.world.get('fingerprint')}`",
+                 f"`{study.world.get('hashes', {}).get('weights', '?')[:12]}`",
+                 *(with_interval(old[t]) if t in old else "n/a" for t in tasks),
+                 number(study.scores.averages("base")["AVE"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    same = len({study.world.get("hashes", {}).get("corpus") for study in studies}) == 1
+    return (f"The built-in world `{studies[0].world['preset']}` built {len(studies)} times "
+            f"({', '.join(f'`{s.path.name}`' for s in studies)}; corpus {'identical' if same else 'different'}):\n\n"
+            + "\n".join(lines))
+
+
 @dataclass(frozen=True)
 class Generator:
     source: str  # the option naming the results dir it reads
@@ -160,12 +179,16 @@ BLOCKS: dict[str, Generator] = {
     "demo-time": Generator("demo", demo_time),
     "demo-study": Generator("demo", demo_study),
     "quick-all": Generator("quick_all", demo_study),
+    "full": Generator("full", demo_study),
     "registry-scenario": Generator("registry", registry_scenario),
+    "world-spread": Generator("spread", world_spread),
 }
 READERS: dict[str, Callable[[Path, str], object]] = {
     "demo": lambda p, o: Study.read(p, o),
     "quick_all": lambda p, o: Study.read(p, o),
+    "full": lambda p, o: Study.read(p, o),
     "registry": lambda p, o: p,
+    "spread": lambda ps, o: [Study.read(p, o) for p in ps],
 }
 
 
@@ -191,20 +214,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", type=Path, help="the demo's study dir (runs/demo)")
     parser.add_argument("--quick-all", type=Path, help="configs/builtin-quick-all.yaml's study dir")
+    parser.add_argument("--full", type=Path, help="configs/builtin.yaml's study dir (the full world)")
     parser.add_argument("--registry", type=Path, help="the registry scenario's registry (runs/registry-scenario/registry)")
+    parser.add_argument("--spread", type=Path, nargs="+", help="study dirs of one built-in world built under "
+                        "different thread counts or machines, each with its base evaluated")
     parser.add_argument("--root", type=Path, default=ROOT, help="the checkout whose README.md and docs/ to rewrite")
     parser.add_argument("--check", action="store_true", help="rewrite nothing; exit 1 if a block would change")
     args = parser.parse_args(argv)
     try:
         inputs = {}
         for option in READERS:
-            path = getattr(args, option)
-            if path is not None:
+            given, flag = getattr(args, option), f"--{option.replace('_', '-')}"
+            if given is None:
+                continue
+            for path in given if isinstance(given, list) else [given]:
                 if not path.is_dir():
-                    raise KnowstackError("no such results dir", path=path, field=f"--{option.replace('_', '-')}")
-                inputs[option] = READERS[option](path, f"--{option.replace('_', '-')}")
+                    raise KnowstackError("no such results dir", path=path, field=flag)
+            inputs[option] = READERS[option](given, flag)
         if not inputs:
-            raise KnowstackError("no results dir given (--demo, --quick-all, --registry)")
+            raise KnowstackError("no results dir given (--demo, --quick-all, --full, --registry, --spread)")
         changed = {}
         for name in DOCS:
             doc = args.root / name

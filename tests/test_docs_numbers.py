@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,18 @@ def test_an_unknown_block_is_an_error(checkout: Path, demo: Path, capsys: pytest
     assert load_script().main(["--demo", str(demo), "--root", str(checkout)]) == 2
     assert "unknown numbers block 'typo'" in capsys.readouterr().err
     assert (checkout / "README.md").read_text() == README  # README's block was generated, but not written
+
+
+def test_the_spread_of_one_world_over_thread_counts(checkout: Path, demo: Path, tmp_path: Path) -> None:
+    other = tmp_path / "demo-1-thread"
+    shutil.copytree(demo, other)
+    manifest_path = next((other / "artifacts").glob("world-*/world.json"))
+    manifest = json.loads(manifest_path.read_text())
+    manifest["environment"]["torch_threads"] = 1
+    manifest["fingerprint"] = "0ther0ther0ther0"
+    manifest_path.write_text(json.dumps(manifest))
+    (checkout / "docs" / "design.md").write_text("<!-- numbers:world-spread -->\n<!-- /numbers -->\n")
+    assert load_script().main(["--spread", str(demo), str(other), "--root", str(checkout)]) == 0
+    table = (checkout / "docs" / "design.md").read_text()
+    assert "| 2 | 3.11.7 | `f00dfeedf00dfeed`" in table and "| 1 | 3.11.7 | `0ther0ther0ther0`" in table
+    assert f"{OLD['ks_country']:.2f}" in table
