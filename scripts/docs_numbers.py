@@ -170,21 +170,22 @@ def world_spread(studies: list[Study]) -> str:
 
 @dataclass(frozen=True)
 class Generator:
-    source: str  # the option naming the results dir it reads
+    sources: tuple[str, ...]  # the options naming the results dir it may read, the first given wins
     make: Callable[[object], str]
 
 
 BLOCKS: dict[str, Generator] = {
-    "demo-base": Generator("demo", demo_base),
-    "demo-time": Generator("demo", demo_time),
-    "demo-study": Generator("demo", demo_study),
-    "quick-all": Generator("quick_all", demo_study),
-    "full": Generator("full", demo_study),
-    "registry-scenario": Generator("registry", registry_scenario),
-    "world-spread": Generator("spread", world_spread),
+    "demo-base": Generator(("base", "demo"), demo_base),
+    "demo-time": Generator(("demo",), demo_time),
+    "demo-study": Generator(("demo",), demo_study),
+    "quick-all": Generator(("quick_all",), demo_study),
+    "full": Generator(("full",), demo_study),
+    "registry-scenario": Generator(("registry",), registry_scenario),
+    "world-spread": Generator(("spread",), world_spread),
 }
 READERS: dict[str, Callable[[Path, str], object]] = {
     "demo": lambda p, o: Study.read(p, o),
+    "base": lambda p, o: Study.read(p, o),
     "quick_all": lambda p, o: Study.read(p, o),
     "full": lambda p, o: Study.read(p, o),
     "registry": lambda p, o: p,
@@ -200,12 +201,12 @@ def rewrite(text: str, inputs: dict[str, object], where: Path) -> tuple[str, lis
         name = match["name"]
         if name not in BLOCKS:
             raise KnowstackError(f"unknown numbers block '{name}' (known: {', '.join(BLOCKS)})", path=where)
-        generator = BLOCKS[name]
-        if generator.source not in inputs:
+        source = next((option for option in BLOCKS[name].sources if option in inputs), None)
+        if source is None:
             kept.append(name)
             return match[0]
         written.append(name)
-        return f"{match[1]}{generator.make(inputs[generator.source]).rstrip()}\n{match[4]}"
+        return f"{match[1]}{BLOCKS[name].make(inputs[source]).rstrip()}\n{match[4]}"
 
     return BLOCK.sub(block, text), written, kept
 
@@ -213,6 +214,8 @@ def rewrite(text: str, inputs: dict[str, object], where: Path) -> tuple[str, lis
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", type=Path, help="the demo's study dir (runs/demo)")
+    parser.add_argument("--base", type=Path, help="a study dir of the demo's world with its base evaluated, for "
+                        "the base's block alone (default: --demo)")
     parser.add_argument("--quick-all", type=Path, help="configs/builtin-quick-all.yaml's study dir")
     parser.add_argument("--full", type=Path, help="configs/builtin.yaml's study dir (the full world)")
     parser.add_argument("--registry", type=Path, help="the registry scenario's registry (runs/registry-scenario/registry)")
@@ -232,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise KnowstackError("no such results dir", path=path, field=flag)
             inputs[option] = READERS[option](given, flag)
         if not inputs:
-            raise KnowstackError("no results dir given (--demo, --quick-all, --full, --registry, --spread)")
+            raise KnowstackError("no results dir given (--demo, --base, --quick-all, --full, --registry, --spread)")
         changed = {}
         for name in DOCS:
             doc = args.root / name

@@ -125,3 +125,11 @@ def test_the_spread_of_one_world_over_thread_counts(checkout: Path, demo: Path, 
     table = (checkout / "docs" / "design.md").read_text()
     assert "| 2 | 3.11.7 | `f00dfeedf00dfeed`" in table and "| 1 | 3.11.7 | `0ther0ther0ther0`" in table
     assert f"{OLD['ks_country']:.2f}" in table
+
+
+def test_base_alone_writes_only_the_base_block(checkout: Path, demo: Path, capsys: pytest.CaptureFixture) -> None:
+    assert load_script().main(["--base", str(demo), "--root", str(checkout)]) == 0
+    assert "f00dfeedf00dfeed" in (checkout / "README.md").read_text()
+    assert (checkout / "docs" / "design.md").read_text() == DESIGN  # demo-study needs --demo
+    out = capsys.readouterr().out
+    assert "README.md: rewrote demo-base; kept registry-scenario" in out and "docs/design.md: rewrote nothing" in out
