@@ -28,9 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from knowstack.atomic import atomic_write_text
+from knowstack.config import load_config
 from knowstack.errors import KnowstackError
+from knowstack.report.build import study_rows
 from knowstack.report.runs import backward_transfer, find_runs, mean_defined, run_averages
 from knowstack.report.tables import Scores, fmt_percent
+from knowstack.study.plan import build_plan
 from knowstack.study.results import Row, read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +42,20 @@ BLOCK = re.compile(r"(<!-- numbers:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!--
 OLD_TASK_NAMES = {"ks_country_code": "country codes", "ks_language_code": "language codes",
                   "ks_subdivision": "subdivisions", "ks_unicode_name": "Unicode names"}
 TASK_ORDER = ["stance", "notes", "summary", "code", "quiz", "simplify", "math"]
+
+
+def study_results(path: Path, option: str) -> list[Row]:
+    """A study dir's rows as `knowstack report` reads them: results.csv, or the evaluations finished so far."""
+    if (path / "config.yaml").is_file():
+        rows = study_rows(build_plan(load_config(path / "config.yaml"), path), path)
+    elif (path / "results.csv").is_file():
+        rows = read_csv(path / "results.csv")
+    else:
+        raise KnowstackError("not a study's results dir (no config.yaml or results.csv): run the study it names "
+                             "first (`make demo` for runs/demo)", path=path, field=option)
+    if not rows:
+        raise KnowstackError("no results yet: no evaluation of this study has finished", path=path, field=option)
+    return rows
 
 
 @dataclass(frozen=True)
@@ -50,13 +67,11 @@ class Study:
     world: dict
     steps: int
     seconds: float
+    finished: float  # when its last artifact was written (a POSIX time)
 
     @classmethod
     def read(cls, path: Path, option: str) -> Study:
-        results = path / "results.csv"
-        if not results.is_file():
-            raise KnowstackError("not a study's results dir (no results.csv): run the study it names first "
-                                 "(`make demo` for runs/demo)", path=path, field=option)
+        rows = study_results(path, option)
         worlds = sorted((path / "artifacts").glob("world-*/world.json"))
         if len(worlds) != 1:
             raise KnowstackError(f"expected the one built-in world the docs describe, found {len(worlds)} under "
@@ -66,7 +81,7 @@ class Study:
         # From the world's start (its manifest's mtime less its build time) to the last artifact written.
         start = worlds[0].stat().st_mtime - world.get("build_seconds", 0)
         end = max(p.stat().st_mtime for p in artifacts)
-        return cls(path, read_csv(results), world, len(artifacts), end - start)
+        return cls(path, rows, world, len(artifacts), end - start, end)
 
     @property
     def scores(self) -> Scores:
@@ -74,7 +89,7 @@ class Study:
 
     def provenance(self) -> str:
         env = self.world.get("environment", {})
-        day = dt.datetime.fromtimestamp((self.path / "results.csv").stat().st_mtime, dt.timezone.utc).date()
+        day = dt.datetime.fromtimestamp(self.finished, dt.timezone.utc).date()
         return (f"measured on {day} in `{self.path.name}` (built-in world `{self.world['preset']}`, fingerprint "
                 f"`{self.world.get('fingerprint', '?')}`, Python {env.get('python', '?')}, torch {env.get('torch', '?')}, "
                 f"{env.get('torch_threads', '?')} threads)")

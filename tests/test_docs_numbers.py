@@ -101,7 +101,7 @@ def test_a_dir_without_results_names_what_to_run(checkout: Path, demo: Path, cap
     script = load_script()
     (demo / "results.csv").unlink()
     assert script.main(["--demo", str(demo), "--root", str(checkout)]) == 2
-    assert "no results.csv" in capsys.readouterr().err
+    assert "no config.yaml or results.csv" in capsys.readouterr().err
     assert (checkout / "README.md").read_text() == README
 
 
