@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.knowstack-installed
 RAY_STAMP := $(VENV)/.knowstack-ray-installed
 
-.PHONY: demo registry-demo test test-slow lint bench browser clean
+.PHONY: demo registry-demo test test-slow lint bench browser clean docs-numbers
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ demo: $(STAMP)
 # The collaborative registry's scenario (examples/registry-scenario.sh) on the quick built-in world.
 registry-demo: $(STAMP)
 	KNOWSTACK=$(BIN)/knowstack PYTHON=$(BIN)/python examples/registry-scenario.sh runs/registry-scenario quick
+
+# The figures README.md and docs/ quote, rewritten in their marked blocks from the runs that measured them
+# (after `make demo` and `make registry-demo`); a results dir that is missing is an error.
+DOCS_RUNS ?= --demo runs/demo --registry runs/registry-scenario/registry
+docs-numbers: $(STAMP)
+	$(BIN)/python scripts/docs_numbers.py $(DOCS_RUNS)
 
 test: $(RAY_STAMP) browser
 	$(BIN)/python -m pytest -q

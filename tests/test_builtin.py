@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from knowstack.builtin import sources
 from knowstack.builtin.corpus import build_corpus, doc_use, source_use
 from knowstack.builtin.world import BUILTIN_TASKS, PRESETS, build_world
+from knowstack.config import parse_config
 from knowstack.data.formats import load_gsm8k, load_metamath, load_trace_split
 from knowstack.errors import KnowstackError
 
@@ -102,3 +105,61 @@ def test_held_out_texts_are_never_in_any_corpus() -> None:
 def test_unknown_preset() -> None:
     with pytest.raises(KnowstackError, match="unknown preset"):
         build_world(Path("/nonexistent/never"), "huge")
+
+
+def test_fresh_processes_build_the_same_world(tmp_path: Path, worlds: tuple[Path, Path]) -> None:
+    """Two `build-world` processes started from nothing, and this process (transformers, torch and
+    pytest imported), give one world: the same corpus, tokenizer, weights and tasks."""
+    command = [sys.executable, "-m", "knowstack.cli", "build-world", "--preset", "test", "--out"]
+    runs = [subprocess.Popen([*command, str(tmp_path / name)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for name in ("a", "b")]
+    for run in runs:
+        _, err = run.communicate(timeout=900)
+        assert run.returncode == 0, err
+    manifests = [json.loads((tmp_path / name / "world.json").read_text()) for name in ("a", "b")]
+    manifests.append(json.loads((worlds[0] / "world.json").read_text()))
+    assert set(manifests[0]["hashes"]) == {"corpus", "tokenizer", "weights", "tasks"}
+    for manifest in manifests[1:]:
+        assert manifest["hashes"] == manifests[0]["hashes"]
+        assert manifest["fingerprint"] == manifests[0]["fingerprint"]
+    assert manifests[0]["environment"]["torch_threads"] >= 1 and manifests[0]["environment"]["python"]
+    assert tree_digest(tmp_path / "a") == tree_digest(worlds[0])
+
+
+def test_sources_are_the_recorded_ones() -> None:
+    check = sources.source_check()
+    assert check["sources"] == len(sources.recorded()["sources"]) > 250
+    if check["here"]["python"] != check["recorded_on"]["python"]:
+        pytest.skip(f"the sources were recorded on Python {check['recorded_on']['python']}; on "
+                    f"{check['here']['python']} some may differ (then named in world.json)")
+    assert check["differ"] == []
+
+
+def test_a_missing_source_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sources, "DOC_MODULES", [*sources.DOC_MODULES, "no_such_module_anywhere"])
+    with pytest.raises(KnowstackError, match="'no_such_module_anywhere', which does not import"):
+        sources._docs_by_module.__wrapped__()
+    lock = sources.recorded()
+    monkeypatch.setattr(sources, "recorded", lambda: lock | {"sources": {**lock["sources"], "file:gone.py": "0"}})
+    with pytest.raises(KnowstackError, match="source file 'gone.py', absent from"):
+        sources.stdlib_source_files.__wrapped__()
+
+
+def test_the_world_fingerprint_is_in_every_later_key(tmp_path: Path) -> None:
+    from knowstack.study.plan import build_plan
+
+    config = parse_config({"name": "w", "base": {"builtin": "test"}, "tasks": "builtin",
+                           "old_knowledge": {"tasks": "builtin"}, "training": {"lr": 1e-3},
+                           "methods": {"one-round": {"finetune": ["fft", "lora"]}, "sequential": {"finetune": ["lora"]}}})
+    pending = build_plan(config, tmp_path)
+    assert pending.world_pending and pending.world_fingerprint is None
+    world = next(step for step in pending.ordered() if step.kind == "world")
+    keys = {}
+    for fingerprint in ("aaaa", "bbbb"):
+        (tmp_path / "artifacts" / world.key).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "artifacts" / world.key / "world.json").write_text(json.dumps({"fingerprint": fingerprint}))
+        plan = build_plan(config, tmp_path)
+        assert not plan.world_pending and plan.world_fingerprint == fingerprint
+        keys[fingerprint] = [step.key for step in plan.ordered()]
+    assert keys["aaaa"][0] == keys["bbbb"][0] == world.key  # the world itself: same preset, seed, version
+    assert len(keys["aaaa"]) > 10 and not set(keys["aaaa"][1:]) & set(keys["bbbb"][1:])

@@ -55,7 +55,7 @@ def _study_results(directory: str):  # -> tuple[Plan, list[Row]]
     if not (out / "config.yaml").is_file():
         raise KnowstackError("not a study dir (no config.yaml): run `knowstack study CONFIG --out DIR` first",
                              path=out)
-    plan = build_plan(load_config(out / "config.yaml"))
+    plan = build_plan(load_config(out / "config.yaml"), out)
     rows = study_rows(plan, out)
     if not rows:
         raise KnowstackError("no results yet: no evaluation of this study has finished", path=out)

@@ -51,6 +51,14 @@ class Corpus:
     documents: list[str]
     facts: dict[str, list[Fact]]
 
+    def digest(self) -> str:
+        """sha256 of the documents, in order, each length-prefixed (no two corpora share it)."""
+        sha = hashlib.sha256()
+        for document in self.documents:
+            data = document.encode("utf-8")
+            sha.update(len(data).to_bytes(8, "little") + data)
+        return sha.hexdigest()
+
 
 def fact_paragraphs(family: FactFamily, facts: list[Fact], repeats: int, rng: random.Random) -> list[str]:
     """Each fact in every phrasing, `repeats` times over, in shuffled paragraphs of a few facts."""

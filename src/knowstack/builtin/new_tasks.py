@@ -9,12 +9,9 @@ new to the base. Math is procedural, but its arithmetic is in the corpus (as it 
 
 from __future__ import annotations
 
-import gettext
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import pycountry
 
 from knowstack.builtin import sources
 from knowstack.builtin.corpus import doc_use, pool_lines, pool_text, source_use
@@ -59,14 +56,8 @@ NEUTRAL = ["liegt auf der Karte dort, wo es liegt", "wurde heute in den Nachrich
 OPENERS = ["Ehrlich gesagt:", "Ich finde,", "Meiner Meinung nach", "Heute habe ich gelesen:", "Kurz gesagt:", ""]
 
 
-def _german_names() -> list[str]:
-    german = gettext.translation("iso3166-1", pycountry.LOCALES_DIR, languages=["de"])
-    names = {german.gettext(c.name) for c in sources.countries()}
-    return sorted(n for n in names if "," not in n and "(" not in n)
-
-
 def stance_items(count: int, rng: random.Random) -> list[Item]:
-    names = _german_names()
+    names = list(sources.german_country_names())
     items = []
     for index in range(count):
         label = ("favor", "against", "none")[index % 3]

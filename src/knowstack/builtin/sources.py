@@ -1,21 +1,34 @@
 """Real text and reference data that ship with Python and with pycountry: the built-in world's raw material.
 
-Everything is gathered in a fixed, sorted order so that the world is the same on every machine
-with the same Python and pycountry versions.
+The sources are a fixed list, recorded with a hash of what each contributes in `sources.lock.json`
+(written by `python -m knowstack.builtin.sources` on the reference interpreter): a source missing
+on this interpreter (a module that does not import, a file that is absent) is an error, never a
+silent change of the corpus, and a source whose text differs from the recorded one (another Python
+version's documentation) is named in the world's manifest, whose fingerprint then differs too.
+Everything is gathered in a fixed, sorted order.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
+import gettext
+import hashlib
+import importlib.metadata
+import json
+import platform
+import subprocess
+import sys
 import sysconfig
 import unicodedata
-import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import astuple, dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import pycountry
+
+from knowstack.errors import KnowstackError
+
+LOCK_FILE = Path(__file__).with_name("sources.lock.json")
 
 # Standard-library modules whose documentation and sources feed the world (sorted, fixed).
 DOC_MODULES = sorted([
@@ -44,52 +57,81 @@ class Doc:
     text: str  # the cleaned docstring
 
 
-def _kind(obj: object, in_class: bool) -> str | None:
-    if inspect.isclass(obj):
-        return None if in_class else "class"
-    if inspect.isfunction(obj) or inspect.isbuiltin(obj) or inspect.ismethoddescriptor(obj):
-        return "method" if in_class else "function"
-    return None
+@lru_cache(maxsize=1)
+def recorded() -> dict:
+    """The fixed source list and each source's hash, as recorded on the reference interpreter."""
+    return json.loads(LOCK_FILE.read_text(encoding="utf-8"))
+
+
+def _missing(what: str, detail: str) -> KnowstackError:
+    reference = recorded()["recorded_on"]["python"]
+    return KnowstackError(
+        f"the built-in world's corpus needs {what}, {detail} on Python {platform.python_version()}; its sources "
+        f"are a fixed list (recorded on Python {reference}), so a missing one is an error rather than a "
+        "different world: run knowstack on a Python that has it", path=LOCK_FILE)
+
+
+@lru_cache(maxsize=1)
+def _docs_by_module() -> dict[str, tuple[Doc, ...]]:
+    """Each documented module's docstrings, collected by stdlib_docs.py in a clean interpreter."""
+    script = Path(__file__).with_name("stdlib_docs.py")
+    done = subprocess.run([sys.executable, "-I", str(script), *DOC_MODULES], capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        raise KnowstackError(f"collecting the standard library's docstrings failed: {done.stderr.strip()}",
+                             path=script)
+    collected = json.loads(done.stdout)
+    for name, error in collected["missing"].items():
+        raise _missing(f"the standard-library module '{name}'", f"which does not import ({error})")
+    return {name: tuple(Doc(*row) for row in rows) for name, rows in collected["docs"].items()}
+
+
+def module_docs(module_name: str) -> tuple[Doc, ...]:
+    """Docstrings of one module's public functions, classes, exceptions and methods (not deduplicated)."""
+    return _docs_by_module()[module_name]
 
 
 @lru_cache(maxsize=1)
 def stdlib_docs() -> tuple[Doc, ...]:
-    """Docstrings of public functions, classes, exceptions and methods, deduplicated by text."""
+    """Docstrings of every documented module, in module order, deduplicated by text."""
     seen: set[str] = set()
     docs: list[Doc] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for module_name in DOC_MODULES:
-            try:
-                module = importlib.import_module(module_name)
-            except Exception:  # noqa: BLE001 - a module missing on this platform is simply skipped
-                continue
-            for name, obj in sorted(vars(module).items()):
-                if name.startswith("_") or getattr(obj, "__module__", module_name) not in (module_name, None):
-                    continue
-                _collect(f"{module_name}.{name}", obj, docs, seen, in_class=False)
-                if inspect.isclass(obj):
-                    for member, value in sorted(vars(obj).items()):
-                        if not member.startswith("_"):
-                            _collect(f"{module_name}.{name}.{member}", value, docs, seen, in_class=True)
+    for module_name in DOC_MODULES:
+        for doc in module_docs(module_name):
+            if doc.text not in seen:
+                seen.add(doc.text)
+                docs.append(doc)
     return tuple(docs)
 
 
-def _collect(qualname: str, obj: object, docs: list[Doc], seen: set[str], *, in_class: bool) -> None:
-    kind = _kind(obj, in_class)
-    text = inspect.getdoc(obj) if kind else None
-    if not text or text in seen or len(text) < 20 or not text.isascii():
-        return
-    seen.add(text)
-    docs.append(Doc(qualname, kind, text))
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+# Modules Python 3.12 and 3.13 removed (PEP 594 and earlier deprecations): never sources, so that the
+# same list is present on every supported Python.
+REMOVED_MODULES = frozenset({
+    "aifc", "asynchat", "asyncore", "cgi", "cgitb", "chunk", "crypt", "imghdr", "imp", "mailcap", "nntplib",
+    "pipes", "smtpd", "sndhdr", "sunau", "telnetlib", "uu", "xdrlib",
+})
+
+
+def discover_source_files() -> list[str]:
+    """The rule the fixed list was made by: the standard library's own top-level pure-Python modules
+    that every supported Python has."""
+    return sorted(p.name for p in stdlib_root().glob("*.py") if not p.name.startswith("_")
+                  and p.stem not in REMOVED_MODULES and p.stat().st_size < 200_000)
 
 
 @lru_cache(maxsize=1)
 def stdlib_source_files() -> tuple[Path, ...]:
-    """The standard library's own pure-Python modules (top level), sorted by name."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in root.glob("*.py") if not p.name.startswith("_") and p.stat().st_size < 200_000]
-    return tuple(sorted(files, key=lambda p: p.name))
+    """The recorded standard-library source files (top-level pure-Python modules), sorted by name."""
+    names = sorted(name.removeprefix("file:") for name in recorded()["sources"] if name.startswith("file:"))
+    paths = tuple(stdlib_root() / name for name in names)
+    for path in paths:
+        if not path.is_file():
+            raise _missing(f"the standard library's source file '{path.name}'", f"absent from {path.parent}")
+    return paths
 
 
 @dataclass(frozen=True)
@@ -154,3 +196,68 @@ def reference_topics() -> tuple[str, ...]:
         paragraphs = [p for p in topics[name].split("\n\n") if "in version" not in p and p.strip()]
         texts.append("\n\n".join(paragraphs))
     return tuple(texts)
+
+
+@lru_cache(maxsize=1)
+def german_country_names() -> tuple[str, ...]:
+    """pycountry's German names of the countries (its iso3166-1 translation), sorted."""
+    german = gettext.translation("iso3166-1", pycountry.LOCALES_DIR, languages=["de"])
+    names = {german.gettext(c.name) for c in countries()}
+    return tuple(sorted(n for n in names if "," not in n and "(" not in n))
+
+
+def _digest_of(value: object) -> str:
+    data = value if isinstance(value, bytes) else json.dumps(value, ensure_ascii=False, default=astuple).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+# The sources that are not standard-library modules or files: what each contributes, by name.
+DATA_SOURCES: dict[str, Callable[[], object]] = {
+    "python:reference_topics": lambda: reference_topics(),
+    "python:unicode_letters": lambda: unicode_letters(),
+    "pycountry:countries": lambda: countries(),
+    "pycountry:subdivisions": lambda: subdivisions(),
+    "pycountry:languages": lambda: languages(),
+    "pycountry:german_country_names": lambda: german_country_names(),
+}
+
+
+def source_hashes(file_names: list[str] | None = None) -> dict[str, str]:
+    """sha256 of what each source contributes on this interpreter: 'doc:<module>' (its docstrings),
+    'file:<name>' (the file's bytes), and the data sources. file_names: the files to hash (default:
+    the recorded list)."""
+    hashes = {f"doc:{name}": _digest_of([[d.qualname, d.kind, d.text] for d in module_docs(name)])
+              for name in DOC_MODULES}
+    paths = [stdlib_root() / n for n in file_names] if file_names is not None else stdlib_source_files()
+    hashes |= {f"file:{path.name}": _digest_of(path.read_bytes()) for path in paths}
+    hashes |= {name: _digest_of(make()) for name, make in DATA_SOURCES.items()}
+    return dict(sorted(hashes.items()))
+
+
+def environment() -> dict[str, str]:
+    """The interpreter and the versions of the packages the sources come from."""
+    return {"python": platform.python_version(), "pycountry": importlib.metadata.version("pycountry")}
+
+
+@lru_cache(maxsize=1)
+def source_check() -> dict:
+    """This interpreter's sources against the recorded ones: the sources whose text differs (every
+    recorded source is present, or an error has been raised), and where the record was made."""
+    lock = recorded()
+    here = source_hashes()
+    differ = sorted(name for name, digest in lock["sources"].items() if here.get(name) != digest)
+    return {"recorded_on": lock["recorded_on"], "here": environment(), "sources": len(lock["sources"]),
+            "differ": differ}
+
+
+def write_lock(path: Path = LOCK_FILE) -> None:
+    """Record the source list and hashes on this interpreter (when the list changes on purpose: then
+    also bump world.WORLD_VERSION)."""
+    lock = {"recorded_on": environment(), "sources": source_hashes(discover_source_files())}
+    path.write_text(json.dumps(lock, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    write_lock()
+    print(f"wrote {LOCK_FILE} ({len(recorded.__wrapped__()['sources'])} sources, Python {platform.python_version()})",
+          file=sys.stderr)

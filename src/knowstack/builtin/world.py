@@ -1,23 +1,34 @@
 """The built-in world: a tiny pretrained Llama, its tokenizer, its old-knowledge tests and 7 new tasks.
 
-`build_world` is deterministic in (preset, seed) and writes, atomically:
+`build_world` is deterministic in (preset, seed), given the recorded sources (sources.py), the
+package versions and the number of threads torch uses (CPU kernels split their sums by it), and
+writes, atomically:
     model/                 the base (LlamaForCausalLM, safetensors) and its tokenizer
     tasks/<Dir>/           TRACE layout (train.json, eval.json, test.json); Math in MetaMathQA/GSM8K fields
     old_knowledge/         lm-evaluation-harness task YAMLs + JSONL data (ks_*)
-    world.json             the manifest the study reads
+    world.json             the manifest the study reads, with the world's `fingerprint`: a hash of
+                           the hashes of its corpus, tokenizer, weights and tasks (`hashes`), which
+                           the study puts in the key of every step made from the world
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import importlib.metadata
 import json
 import random
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+import knowstack
 from knowstack.atomic import atomic_dir
+from knowstack.builtin import sources
 from knowstack.builtin.corpus import build_corpus
 from knowstack.builtin.new_tasks import BUILTIN_TASKS, TRACE_BUILDERS, math_test_records, math_train_records
 from knowstack.builtin.old_tasks import FAMILIES, multiple_choice_items, write_lm_eval_task
@@ -26,7 +37,7 @@ from knowstack.builtin.tokenizer import train_tokenizer
 from knowstack.errors import KnowstackError
 
 # Bump when anything the world contains changes: the study hashes it into every cache key.
-WORLD_VERSION = 4
+WORLD_VERSION = 5
 __all__ = ["BUILTIN_TASKS", "PRESETS", "WORLD_VERSION", "WorldPreset", "build_world"]
 
 
@@ -85,6 +96,59 @@ def write_tasks(root: Path, preset: WorldPreset, seed: int, old_subjects: set[st
             _write_json(root / task.dir / f"{split}.json", rows)
 
 
+def tree_digest(root: Path, parts: tuple[str, ...]) -> str:
+    """sha256 over the relative path and sha256 of every file under root/part, in sorted order."""
+    files = [path for part in parts
+             for path in ([root / part] if (root / part).is_file() else sorted((root / part).rglob("*")))]
+    lines = [f"{path.relative_to(root).as_posix()}\t{hashlib.sha256(path.read_bytes()).hexdigest()}"
+             for path in files if path.is_file()]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def world_hashes(root: Path, corpus_digest: str) -> dict[str, str]:
+    """The hashes a world's fingerprint is made of."""
+    model = root / "model"
+    weights = [p.name for p in sorted(model.glob("*.safetensors"))] + ["config.json"]
+    tokenizer = [p.name for p in sorted(model.iterdir()) if p.name.startswith(("tokenizer", "special_tokens"))]
+    return {
+        "corpus": corpus_digest,
+        "tokenizer": tree_digest(model, tuple(tokenizer)),
+        "weights": tree_digest(model, tuple(weights)),
+        "tasks": tree_digest(root, ("tasks", "old_knowledge")),
+    }
+
+
+def fingerprint_of(hashes: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_environment() -> dict[str, object]:
+    """What a world's numbers depend on besides its preset and seed (recorded, not part of the key)."""
+    packages = {name: importlib.metadata.version(name) for name in ("torch", "transformers", "tokenizers", "pycountry")}
+    return {"knowstack": knowstack.__version__, "python": sys.version.split()[0], **packages,
+            "torch_threads": torch.get_num_threads(), "deterministic_algorithms": True}
+
+
+@contextlib.contextmanager
+def deterministic_torch() -> Iterator[None]:
+    """torch's deterministic algorithms while the world is built (an op without one is an error, not
+    noise), restored afterwards: a study runs its other steps in the same process."""
+    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+def _warn_if_sources_differ(check: dict) -> None:
+    if check["differ"]:
+        shown = ", ".join(check["differ"][:8]) + (", ..." if len(check["differ"]) > 8 else "")
+        print(f"knowstack: {len(check['differ'])} of the built-in world's {check['sources']} sources differ from "
+              f"those recorded on Python {check['recorded_on']['python']} ({shown}): this world differs from the "
+              "reference one, and its fingerprint says so", file=sys.stderr)
+
+
 def build_world(out_dir: Path, preset: str = "quick", seed: int = 0) -> Path:
     """Build the world into `out_dir` (replacing nothing until it is complete); returns `out_dir`."""
     if preset not in PRESETS:
@@ -92,8 +156,10 @@ def build_world(out_dir: Path, preset: str = "quick", seed: int = 0) -> Path:
     settings = PRESETS[preset]
     out_dir = Path(out_dir)
     started = time.monotonic()
+    check = sources.source_check()  # before anything is built: a missing source is an error
+    _warn_if_sources_differ(check)
     torch.manual_seed(seed)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp, deterministic_torch():
         corpus = build_corpus(settings.facts_per_family, settings.fact_repeats, settings.arithmetic_repeats,
                               settings.text_chars, seed)
         tokenizer = train_tokenizer(corpus.documents, settings.vocab_size)
@@ -113,6 +179,7 @@ def build_world(out_dir: Path, preset: str = "quick", seed: int = 0) -> Path:
         old_subjects = {f.subject for f in corpus.facts["ks_country_code"]}
         write_tasks(tmp / "tasks", settings, seed, old_subjects)
 
+        hashes = world_hashes(tmp, corpus.digest())
         manifest = {
             "preset": preset,
             "seed": seed,
@@ -125,6 +192,10 @@ def build_world(out_dir: Path, preset: str = "quick", seed: int = 0) -> Path:
             "tasks": [task.as_dict() for task in BUILTIN_TASKS],
             "old_tasks": [family.task for family in FAMILIES],
             "old_include_path": "old_knowledge",
+            "fingerprint": fingerprint_of(hashes),
+            "hashes": hashes,
+            "environment": build_environment(),
+            "sources": check,
             "build_seconds": round(time.monotonic() - started, 1),
         }
         _write_json(tmp / "world.json", manifest)

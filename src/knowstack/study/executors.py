@@ -176,7 +176,7 @@ def estimate_plan_by_key(ctx: StudyContext) -> dict[str, Any]:
     from knowstack.study.plan import build_plan
     from knowstack.study.resources import estimate_plan
 
-    estimates, _ = estimate_plan(build_plan(ctx.config))
+    estimates, _ = estimate_plan(build_plan(ctx.config, ctx.out))
     return {step.key: estimate for step, estimate in estimates}
 
 

@@ -60,13 +60,17 @@ class Step:
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A model to load: a full model (a step's output or a path/hub id) and optionally an adapter."""
+    """A model to load: a full model (a step's output or a path/hub id) and optionally an adapter.
+    world: the built-in world's fingerprint when the model is its base, so that it is in the key of
+    every step made from the world (a step made from another's output has that step's key in its own)."""
 
     model: str
     adapter: str | None = None
+    world: str | None = None
 
     def to_dict(self) -> dict[str, str | None]:
-        return {"model": self.model, "adapter": self.adapter}
+        ref = {"model": self.model, "adapter": self.adapter}
+        return ref | {"world": self.world} if self.world else ref
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,10 @@ class Plan:
     steps: dict[str, Step] = field(default_factory=dict)
     evaluations: list[Evaluation] = field(default_factory=list)
     task_names: list[str] = field(default_factory=list)
+    # The built-in world's fingerprint (world.json), once it is built; until then every later step's key
+    # is provisional (`world_pending`), and the runner builds the world and plans again.
+    world_fingerprint: str | None = None
+    world_pending: bool = False
 
     def add(self, step: Step) -> Step:
         for dep in step.deps:
@@ -145,8 +153,9 @@ def ref_deps(ref: ModelRef) -> tuple[str, ...]:
 class PlanBuilder:
     """Turns a config into steps; one small method per study method."""
 
-    def __init__(self, config: StudyConfig):
+    def __init__(self, config: StudyConfig, out: Path | None = None):
         self.config = config
+        self.out = out
         self.plan = Plan(config)
         self.world: Step | None = None
         self.point = Point()
@@ -166,7 +175,9 @@ class PlanBuilder:
             self.world = self.plan.add(
                 Step("world", base.builtin, {"preset": base.builtin, "seed": self.config.seed, "version": WORLD_VERSION})
             )
-            return ModelRef(step_ref(self.world, "model"))
+            fingerprint = built_world_fingerprint(self.out / "artifacts" / self.world.key) if self.out else None
+            self.plan.world_fingerprint, self.plan.world_pending = fingerprint, fingerprint is None
+            return ModelRef(step_ref(self.world, "model"), world=fingerprint or "pending")
         return ModelRef(base.model)
 
     def _tasks(self) -> list[dict]:
@@ -418,8 +429,16 @@ def training_params(training: TrainingConfig, finetune: str) -> dict[str, Any]:
     return params
 
 
-def build_plan(config: StudyConfig) -> Plan:
-    builder = PlanBuilder(config)
+def built_world_fingerprint(world_dir: Path) -> str | None:
+    """The fingerprint a built world's manifest records; None while it is not built."""
+    manifest = world_dir / "world.json"
+    return json.loads(manifest.read_text())["fingerprint"] if manifest.is_file() else None
+
+
+def build_plan(config: StudyConfig, out: Path | None = None) -> Plan:
+    """out: the study dir, where a built-in world already built gives its fingerprint to every later
+    step's key (without it, or before the world is built, those keys are provisional: `world_pending`)."""
+    builder = PlanBuilder(config, out)
     builder.add_base()
     methods = config.methods
     if all(getattr(methods, name) is None for name in type(methods).model_fields):

@@ -155,22 +155,32 @@ def run_study(config: StudyConfig, out: Path, *, dry_run: bool = False, console:
     # Every input the steps will read, checked before the plan reads any of them and before the first
     # step runs (or the out dir is made): a bad task file is found now, not hours into the study.
     raise_problems(check_study(config))
-    plan = build_plan(config)
+    plan = build_plan(config, out)
     if dry_run:
         describe_plan(plan, out, console)
+        if plan.world_pending:
+            console.print("the built-in world is not built yet: the keys of the steps after it include its "
+                          "fingerprint, known once it is built, so they are provisional here")
         describe_resources(plan, console, gpu_memory)
         return None
     from knowstack.train.tracking import check_trackers
 
     check_trackers(config.training.report_to)  # before any step: a tracker not installed is the user's to fix
+    executor = executor or LocalExecutor()
     with study_lock(out):
         if config_text is not None:
             atomic_write_text(out / "config.yaml", config_text)
+        started = time.monotonic()
+        world_built = 0
+        if plan.world_pending:  # the world first: its fingerprint is part of every later step's key
+            world_step = next(step for step in plan.ordered() if step.kind == "world")
+            world_built = executor.run([world_step], context_for(plan, out), console).ran
+            plan = build_plan(config, out)
         atomic_write_json(out / "plan.json", [{"key": s.key, "kind": s.kind, "deps": s.deps} for s in plan.ordered()])
         ctx = context_for(plan, out)
-        started = time.monotonic()
-        progress = (executor or LocalExecutor()).run(plan.ordered(), ctx, console)
-        ran, skipped = progress.ran, progress.skipped
+        progress = executor.run(plan.ordered(), ctx, console)
+        # the world, built first, is counted once, as run
+        ran, skipped = progress.ran + world_built, progress.skipped - world_built
         results, report = write_outputs(plan, out)
         console.print(
             f"study '{config.name}': {ran} steps run, {skipped} already done, "

@@ -1,0 +1,274 @@
+"""Writes every figure the README and docs quote from the runs that measured it, so that none can drift.
+
+A figure lives in a marked block of a markdown file:
+
+    <!-- numbers:demo-base -->
+    ...generated text...
+    <!-- /numbers -->
+
+and each block's name says what generates it from which results dir (BLOCKS below). Run
+
+    python scripts/docs_numbers.py --demo runs/demo --registry runs/registry-scenario/registry \
+        [--quick-all runs/quick-all] [--spread runs/world-1-thread runs/world-2-threads]
+
+(`make docs-numbers`) to rewrite the blocks whose results dir is given; the other blocks are left as
+they are and listed. A results dir that is missing or lacks what its blocks read is one clear error
+(exit 2) and nothing is written; `--check` rewrites nothing and exits 1 when a block would change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from knowstack.atomic import atomic_write_text
+from knowstack.config import load_config
+from knowstack.errors import KnowstackError
+from knowstack.report.build import study_rows
+from knowstack.report.runs import backward_transfer, find_runs, mean_defined, run_averages
+from knowstack.report.tables import Scores, fmt_percent
+from knowstack.study.plan import build_plan
+from knowstack.study.results import Row, read_csv
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ("README.md", "docs/design.md")
+BLOCK = re.compile(r"(<!-- numbers:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /numbers -->)", re.S)
+OLD_TASK_NAMES = {"ks_country_code": "country codes", "ks_language_code": "language codes",
+                  "ks_subdivision": "subdivisions", "ks_unicode_name": "Unicode names"}
+TASK_ORDER = ["stance", "notes", "summary", "code", "quiz", "simplify", "math"]
+
+
+def study_results(path: Path, option: str) -> list[Row]:
+    """A study dir's rows as `knowstack report` reads them: results.csv, or the evaluations finished so far."""
+    if (path / "config.yaml").is_file():
+        rows = study_rows(build_plan(load_config(path / "config.yaml"), path), path)
+    elif (path / "results.csv").is_file():
+        rows = read_csv(path / "results.csv")
+    else:
+        raise KnowstackError("not a study's results dir (no config.yaml or results.csv): run the study it names "
+                             "first (`make demo` for runs/demo)", path=path, field=option)
+    if not rows:
+        raise KnowstackError("no results yet: no evaluation of this study has finished", path=path, field=option)
+    return rows
+
+
+@dataclass(frozen=True)
+class Study:
+    """A study's results dir: its rows, its built-in world's manifest, and when its steps ran."""
+
+    path: Path
+    rows: list[Row]
+    world: dict
+    steps: int
+    seconds: float
+    finished: float  # when its last artifact was written (a POSIX time)
+
+    @classmethod
+    def read(cls, path: Path, option: str) -> Study:
+        rows = study_results(path, option)
+        worlds = sorted((path / "artifacts").glob("world-*/world.json"))
+        if len(worlds) != 1:
+            raise KnowstackError(f"expected the one built-in world the docs describe, found {len(worlds)} under "
+                                 "artifacts/", path=path, field=option)
+        world = json.loads(worlds[0].read_text())
+        artifacts = [p for p in (path / "artifacts").iterdir() if p.is_dir() and not p.name.startswith(".")]
+        # From the world's start (its manifest's mtime less its build time) to the last artifact written.
+        start = worlds[0].stat().st_mtime - world.get("build_seconds", 0)
+        end = max(p.stat().st_mtime for p in artifacts)
+        return cls(path, rows, world, len(artifacts), end - start, end)
+
+    @property
+    def scores(self) -> Scores:
+        return Scores.from_rows(self.rows, TASK_ORDER)
+
+    def provenance(self) -> str:
+        env = self.world.get("environment", {})
+        day = dt.datetime.fromtimestamp(self.finished, dt.timezone.utc).date()
+        return (f"measured on {day} in `{self.path.name}` (built-in world `{self.world['preset']}`, fingerprint "
+                f"`{self.world.get('fingerprint', '?')}`, Python {env.get('python', '?')}, torch {env.get('torch', '?')}, "
+                f"{env.get('torch_threads', '?')} threads)")
+
+
+def number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def with_interval(row: Row) -> str:
+    """A score and, where the results carry one, its 95% interval."""
+    low, high = getattr(row, "ci_low", None), getattr(row, "ci_high", None)
+    return number(row.value) + (f" [{number(low)}, {number(high)}]" if low is not None and high is not None else "")
+
+
+def rows_of(study: Study, model: str, kind: str, metric: str | None = None) -> list[Row]:
+    return [r for r in study.rows if r.model == model and r.kind == kind and (metric is None or r.metric == metric)]
+
+
+def demo_base(study: Study) -> str:
+    old = {r.task: r for r in rows_of(study, "base", "old", "acc")}
+    if not old:
+        raise KnowstackError("no old-knowledge rows of the base (model 'base', metric 'acc')",
+                             path=study.path / "results.csv")
+    listed = ", ".join(f"{with_interval(old[t])} ({OLD_TASK_NAMES.get(t, t)})" for t in sorted(old))
+    new = ", ".join(f"{r.task} {with_interval(r)} ({r.metric})" for r in rows_of(study, "base", "new"))
+    ave = study.scores.averages("base")["AVE"]
+    return (f"Base old knowledge, {study.provenance()}: {listed} on its {len(old)} lm-eval tasks (chance 0.25), "
+            f"AVE {number(ave)}" + (f"; on the new tasks before any training: {new}." if new else "."))
+
+
+def demo_time(study: Study) -> str:
+    env = study.world.get("environment", {})
+    return (f"Last measured: {study.seconds / 60:.1f} minutes for its {study.steps} steps, install not included "
+            f"({study.provenance().removeprefix('measured ')}; torch used {env.get('torch_threads', '?')} threads).")
+
+
+def demo_study(study: Study) -> str:
+    """What each method's runs keep and learn: AVE and AVnew per run, one-round FFT per task, mean BWT."""
+    scores = study.scores
+    lines = [f"The study's runs, {study.provenance()}; {study.steps} steps in {study.seconds / 60:.1f} minutes "
+             "(from the world's start to the last step's end):", ""]
+    base = scores.averages("base")
+    lines.append(f"- base: AVE {number(base['AVE'])}, AVnew {number(base['AVnew'])}")
+    for run in find_runs(scores):
+        if run.method == "base" or run.point:
+            continue
+        averages = run_averages(scores, run)
+        text = f"- {run.label}: AVE {number(averages['AVE'])}, AVnew {number(averages['AVnew'])}"
+        if run.staged:
+            bwt = mean_defined(list(backward_transfer(scores, run).values()))
+            text += f" after {len(run.models)} rounds, mean BWT {fmt_percent(bwt)}"
+        lines.append(text)
+    one_round = [r for r in study.rows if r.method == "one-round" and r.finetune == "fft" and r.kind == "new"
+                 and r.task == r.trained_on]
+    base_new = {(r.task, r.metric): r.value for r in rows_of(study, "base", "new")}
+    if one_round:
+        learned = ", ".join(f"{r.task} {number(base_new.get((r.task, r.metric)))} -> {number(r.value)} ({r.metric})"
+                            for r in one_round)
+        lines += ["", f"One round of FFT on each task, from the base: {learned}."]
+    return "\n".join(lines)
+
+
+def registry_scenario(path: Path) -> str:
+    from knowstack.registry.core import Registry
+    from knowstack.registry.history import format_log
+
+    if not (path / "registry.sqlite").is_file():
+        raise KnowstackError("not a registry (no registry.sqlite): run `make registry-demo` first",
+                             path=path, field="--registry")
+    with Registry.open(path) as reg:
+        log = format_log(reg)
+    return f"`knowstack log` of the scenario's registry (`{path}`):\n\n```\n{log}\n```"
+
+
+def world_spread(studies: list[Study]) -> str:
+    """The same world built under other thread counts (or machines): its hashes and the base's old knowledge."""
+    tasks = sorted({r.task for study in studies for r in rows_of(study, "base", "old", "acc")})
+    header = ["threads", "Python", "fingerprint", "weights", *(OLD_TASK_NAMES.get(t, t) for t in tasks), "AVE"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for study in studies:
+        env, old = study.world.get("environment", {}), {r.task: r for r in rows_of(study, "base", "old", "acc")}
+        cells = [str(env.get("torch_threads", "?")), str(env.get("python", "?")), f"`{study.world.get('fingerprint')}`",
+                 f"`{study.world.get('hashes', {}).get('weights', '?')[:12]}`",
+                 *(with_interval(old[t]) if t in old else "n/a" for t in tasks),
+                 number(study.scores.averages("base")["AVE"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    same = len({study.world.get("hashes", {}).get("corpus") for study in studies}) == 1
+    return (f"The built-in world `{studies[0].world['preset']}` built {len(studies)} times "
+            f"({', '.join(f'`{s.path.name}`' for s in studies)}; corpus {'identical' if same else 'different'}):\n\n"
+            + "\n".join(lines))
+
+
+@dataclass(frozen=True)
+class Generator:
+    sources: tuple[str, ...]  # the options naming the results dir it may read, the first given wins
+    make: Callable[[object], str]
+
+
+BLOCKS: dict[str, Generator] = {
+    "demo-base": Generator(("base", "demo"), demo_base),
+    "demo-time": Generator(("demo",), demo_time),
+    "demo-study": Generator(("demo",), demo_study),
+    "quick-all": Generator(("quick_all",), demo_study),
+    "full": Generator(("full",), demo_study),
+    "registry-scenario": Generator(("registry",), registry_scenario),
+    "world-spread": Generator(("spread",), world_spread),
+}
+READERS: dict[str, Callable[[Path, str], object]] = {
+    "demo": lambda p, o: Study.read(p, o),
+    "base": lambda p, o: Study.read(p, o),
+    "quick_all": lambda p, o: Study.read(p, o),
+    "full": lambda p, o: Study.read(p, o),
+    "registry": lambda p, o: p,
+    "spread": lambda ps, o: [Study.read(p, o) for p in ps],
+}
+
+
+def rewrite(text: str, inputs: dict[str, object], where: Path) -> tuple[str, list[str], list[str]]:
+    """The text with every block whose input is given regenerated; the names rewritten and kept."""
+    written, kept = [], []
+
+    def block(match: re.Match) -> str:
+        name = match["name"]
+        if name not in BLOCKS:
+            raise KnowstackError(f"unknown numbers block '{name}' (known: {', '.join(BLOCKS)})", path=where)
+        source = next((option for option in BLOCKS[name].sources if option in inputs), None)
+        if source is None:
+            kept.append(name)
+            return match[0]
+        written.append(name)
+        return f"{match[1]}{BLOCKS[name].make(inputs[source]).rstrip()}\n{match[4]}"
+
+    return BLOCK.sub(block, text), written, kept
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--demo", type=Path, help="the demo's study dir (runs/demo)")
+    parser.add_argument("--base", type=Path, help="a study dir of the demo's world with its base evaluated, for "
+                        "the base's block alone (default: --demo)")
+    parser.add_argument("--quick-all", type=Path, help="configs/builtin-quick-all.yaml's study dir")
+    parser.add_argument("--full", type=Path, help="configs/builtin.yaml's study dir (the full world)")
+    parser.add_argument("--registry", type=Path, help="the registry scenario's registry (runs/registry-scenario/registry)")
+    parser.add_argument("--spread", type=Path, nargs="+", help="study dirs of one built-in world built under "
+                        "different thread counts or machines, each with its base evaluated")
+    parser.add_argument("--root", type=Path, default=ROOT, help="the checkout whose README.md and docs/ to rewrite")
+    parser.add_argument("--check", action="store_true", help="rewrite nothing; exit 1 if a block would change")
+    args = parser.parse_args(argv)
+    try:
+        inputs = {}
+        for option in READERS:
+            given, flag = getattr(args, option), f"--{option.replace('_', '-')}"
+            if given is None:
+                continue
+            for path in given if isinstance(given, list) else [given]:
+                if not path.is_dir():
+                    raise KnowstackError("no such results dir", path=path, field=flag)
+            inputs[option] = READERS[option](given, flag)
+        if not inputs:
+            raise KnowstackError("no results dir given (--demo, --base, --quick-all, --full, --registry, --spread)")
+        changed = {}
+        for name in DOCS:
+            doc = args.root / name
+            text = doc.read_text(encoding="utf-8")
+            new, written, kept = rewrite(text, inputs, doc)
+            print(f"{name}: rewrote {', '.join(written) or 'nothing'}" + (f"; kept {', '.join(kept)}" if kept else ""))
+            if new != text:
+                changed[doc] = new
+    except KnowstackError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.check:
+        print("changed: " + (", ".join(str(p) for p in changed) or "none"))
+        return 1 if changed else 0
+    for doc, text in changed.items():  # only once every block is generated: nothing half-written
+        atomic_write_text(doc, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""scripts/docs_numbers.py: the docs' figures are rewritten from results dirs, and a missing one is a clear error."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from knowstack.study.results import write_csv
+from tests.report_rows import OLD, synthetic_study
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "docs_numbers.py"
+README = """# project
+
+Intro, with a number that is not a figure: Python 3.10+.
+
+<!-- numbers:demo-base -->
+stale: the base scores 0.99 everywhere
+<!-- /numbers -->
+
+Between the blocks.
+
+<!-- numbers:registry-scenario -->
+a registry table nobody regenerated here
+<!-- /numbers -->
+"""
+DESIGN = """# design
+
+<!-- numbers:demo-study -->
+old
+<!-- /numbers -->
+"""
+
+
+def load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("docs_numbers", SCRIPT)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture()
+def checkout(tmp_path: Path) -> Path:
+    root = tmp_path / "checkout"
+    (root / "docs").mkdir(parents=True)
+    (root / "README.md").write_text(README)
+    (root / "docs" / "design.md").write_text(DESIGN)
+    return root
+
+
+@pytest.fixture()
+def demo(tmp_path: Path) -> Path:
+    run = tmp_path / "demo"
+    world = run / "artifacts" / "world-quick-0123456789ab"
+    world.mkdir(parents=True)
+    (run / "artifacts" / "eval-base-0123456789ab").mkdir()
+    manifest = {"preset": "quick", "fingerprint": "f00dfeedf00dfeed", "build_seconds": 1.5,
+                "environment": {"python": "3.11.7", "torch": "2.13.0", "torch_threads": 2}}
+    (world / "world.json").write_text(json.dumps(manifest))
+    write_csv(synthetic_study(("base", "one-round", "sequential")), run / "results.csv")
+    return run
+
+
+def test_blocks_are_rewritten_from_the_results(checkout: Path, demo: Path, capsys: pytest.CaptureFixture) -> None:
+    script = load_script()
+    assert script.main(["--demo", str(demo), "--root", str(checkout)]) == 0
+    readme = (checkout / "README.md").read_text()
+    base_block = readme.split("<!-- numbers:demo-base -->\n")[1].split("<!-- /numbers -->")[0]
+    assert "0.99" not in base_block and "f00dfeedf00dfeed" in base_block and "2 threads" in base_block
+    for task, value in OLD.items():
+        assert f"{value:.2f} ({task})" in base_block
+    # text outside the blocks, and the block whose results dir was not given, are left as they were
+    assert readme.replace(base_block, "stale: the base scores 0.99 everywhere\n") == README
+    design = (checkout / "docs" / "design.md").read_text()
+    assert "sequential FFT: AVE" in design and "mean BWT" in design and "One round of FFT on each task" in design
+    assert "kept registry-scenario" in capsys.readouterr().out
+    # generated once, the docs are up to date: a check finds nothing to change
+    assert script.main(["--demo", str(demo), "--root", str(checkout), "--check"]) == 0
+    (checkout / "README.md").write_text(readme.replace(base_block, "drifted\n"))
+    assert script.main(["--demo", str(demo), "--root", str(checkout), "--check"]) == 1
+
+
+def test_a_missing_results_dir_is_one_clear_error(checkout: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "runs" / "demo"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--demo", str(missing), "--root", str(checkout)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == f"error: {missing}: field '--demo': no such results dir"
+    assert (checkout / "README.md").read_text() == README  # nothing written
+
+
+def test_a_dir_without_results_names_what_to_run(checkout: Path, demo: Path, capsys: pytest.CaptureFixture) -> None:
+    script = load_script()
+    (demo / "results.csv").unlink()
+    assert script.main(["--demo", str(demo), "--root", str(checkout)]) == 2
+    assert "no config.yaml or results.csv" in capsys.readouterr().err
+    assert (checkout / "README.md").read_text() == README
+
+
+def test_an_unknown_block_is_an_error(checkout: Path, demo: Path, capsys: pytest.CaptureFixture) -> None:
+    (checkout / "docs" / "design.md").write_text(DESIGN + "<!-- numbers:typo -->\nx\n<!-- /numbers -->\n")
+    assert load_script().main(["--demo", str(demo), "--root", str(checkout)]) == 2
+    assert "unknown numbers block 'typo'" in capsys.readouterr().err
+    assert (checkout / "README.md").read_text() == README  # README's block was generated, but not written
+
+
+def test_the_spread_of_one_world_over_thread_counts(checkout: Path, demo: Path, tmp_path: Path) -> None:
+    other = tmp_path / "demo-1-thread"
+    shutil.copytree(demo, other)
+    manifest_path = next((other / "artifacts").glob("world-*/world.json"))
+    manifest = json.loads(manifest_path.read_text())
+    manifest["environment"]["torch_threads"] = 1
+    manifest["fingerprint"] = "0ther0ther0ther0"
+    manifest_path.write_text(json.dumps(manifest))
+    (checkout / "docs" / "design.md").write_text("<!-- numbers:world-spread -->\n<!-- /numbers -->\n")
+    assert load_script().main(["--spread", str(demo), str(other), "--root", str(checkout)]) == 0
+    table = (checkout / "docs" / "design.md").read_text()
+    assert "| 2 | 3.11.7 | `f00dfeedf00dfeed`" in table and "| 1 | 3.11.7 | `0ther0ther0ther0`" in table
+    assert f"{OLD['ks_country']:.2f}" in table
+
+
+def test_base_alone_writes_only_the_base_block(checkout: Path, demo: Path, capsys: pytest.CaptureFixture) -> None:
+    assert load_script().main(["--base", str(demo), "--root", str(checkout)]) == 0
+    assert "f00dfeedf00dfeed" in (checkout / "README.md").read_text()
+    assert (checkout / "docs" / "design.md").read_text() == DESIGN  # demo-study needs --demo
+    out = capsys.readouterr().out
+    assert "README.md: rewrote demo-base; kept registry-scenario" in out and "docs/design.md: rewrote nothing" in out
