@@ -67,6 +67,7 @@ def generate(
     max_new_tokens: int,
     batch_size: int = 32,
     stop_strings: Sequence[str] | None = None,
+    stats: dict | None = None,
 ) -> list[str]:
     """Greedy continuations of `prompts` (without the prompt, special tokens dropped), in input order.
 

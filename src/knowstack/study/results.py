@@ -3,7 +3,8 @@
 The column names are a public interface (users' scripts read them): model, method, finetune,
 stage, task, kind, metric, value, n, trained_on, then point (a sweep point's name, '' for a method's own
 setting) and one column per setting a sweep can change (lr, rank, lambda, ...: filled where the model's
-point sets it, and with O-LoRA's lambda).
+point sets it, and with O-LoRA's lambda), then protocol: how the value was scored (a new-knowledge
+task's protocol, `builtin` or `paper`; `lm-eval` for old knowledge).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from knowstack.config import SWEEP_COLUMNS
 from knowstack.study.plan import Plan
 
 COLUMNS = ("model", "method", "finetune", "stage", "task", "kind", "metric", "value", "n", "trained_on", "point",
-           *SWEEP_COLUMNS)
+           *SWEEP_COLUMNS, "protocol")
+OLD_PROTOCOL = "lm-eval"
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,12 @@ class Row:
     trained_on: str
     point: str = ""
     settings: tuple[tuple[str, float], ...] = ()
+    protocol: str = ""
 
     def record(self) -> dict[str, object]:
-        """The row as results columns (None where empty)."""
-        record: dict[str, object] = {c: getattr(self, c) for c in COLUMNS if c not in SWEEP_COLUMNS}
-        return {**record, **{c: None for c in SWEEP_COLUMNS}, **dict(self.settings)}
+        """The row as results columns (None where empty), in COLUMNS order."""
+        values: dict[str, object] = {**{c: None for c in SWEEP_COLUMNS}, **dict(self.settings)}
+        return {c: values[c] if c in SWEEP_COLUMNS else getattr(self, c) for c in COLUMNS}
 
 
 def collect_rows(plan: Plan, artifacts: Path) -> list[Row]:
@@ -57,12 +60,16 @@ def collect_rows(plan: Plan, artifacts: Path) -> list[Row]:
                   "trained_on": ev.trained_on, "point": ev.point, "settings": ev.settings}
         for task in plan.task_names:
             record = json.loads((out / f"new-{task}.json").read_text())
+            # An evaluation made before protocols were recorded was scored the built-in way.
+            protocol = record.get("protocol", "builtin")
             for metric, value in record["scores"].items():
-                rows.append(Row(task=task, kind="new", metric=metric, value=value, n=record["n"], **common))
+                rows.append(Row(task=task, kind="new", metric=metric, value=value, n=record["n"], protocol=protocol,
+                                **common))
         old = json.loads((out / "old.json").read_text())
         for task, metrics in old.items():
             for metric, value in metrics.items():
-                rows.append(Row(task=task, kind="old", metric=metric, value=value, n=None, **common))
+                rows.append(Row(task=task, kind="old", metric=metric, value=value, n=None, protocol=OLD_PROTOCOL,
+                                **common))
     return rows
 
 
@@ -84,7 +91,7 @@ def write_sqlite(rows: list[Row], path: Path) -> None:
             db.execute(
                 "CREATE TABLE results (model TEXT, method TEXT, finetune TEXT, stage INTEGER, task TEXT, "
                 "kind TEXT, metric TEXT, value REAL, n INTEGER, trained_on TEXT, point TEXT, "
-                + ", ".join(f"{c} REAL" for c in SWEEP_COLUMNS) + ")"
+                + ", ".join(f"{c} REAL" for c in SWEEP_COLUMNS) + ", protocol TEXT)"
             )
             db.executemany(
                 f"INSERT INTO results VALUES ({', '.join('?' for _ in COLUMNS)})",
@@ -105,6 +112,7 @@ def read_csv(path: Path) -> list[Row]:
                 metric=r["metric"], value=float(r["value"]), n=int(r["n"]) if r["n"] else None,
                 trained_on=r.get("trained_on", ""), point=r.get("point") or "",
                 settings=tuple((c, float(r[c])) for c in SWEEP_COLUMNS if r.get(c)),
+                protocol=r.get("protocol") or "",
             )
             for r in csv.DictReader(handle)
         ]
