@@ -28,7 +28,8 @@ class TaskSpec:
         path = {"train": self.train_path, "eval": self.eval_path, "test": self.test_path}[split]
         if path is None:
             raise KnowstackError(f"task '{self.name}' has no {split} split ({split}.json)"
-                                 + (": it can be evaluated, not trained on" if split == "train" else ""))
+                                 + (": it can be evaluated, not trained on" if split == "train" else ""),
+                                 path=self.test_path.parent)
         examples = read_split(self.format, split, path)
         if not examples:
             raise KnowstackError(f"the {split} split of task '{self.name}' is empty", path=path)
@@ -78,7 +79,11 @@ def task_from_config(cfg: TaskConfig, *, max_test: int | None = None) -> TaskSpe
     if cfg.path is not None:
         # A task dir without train.json is a task to evaluate on, not to train on.
         train = cfg.train_file or _optional_split(cfg.path, "train")
-        test = cfg.test_file or trace_split_path(cfg.path, "test")
+        test = cfg.test_file or _optional_split(cfg.path, "test")
+        if test is None:
+            missing = "test.json" if train else "train.json or test.json"
+            trace_split_path(cfg.path, "test")  # a dir that is not there: that error first
+            raise KnowstackError(f"task directory has no {missing}", path=cfg.path)
         evaluation = cfg.eval_file or _optional_split(cfg.path, "eval")
     else:
         train, test, evaluation = cfg.train_file, cfg.test_file, cfg.eval_file
