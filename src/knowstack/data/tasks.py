@@ -81,8 +81,9 @@ def task_from_config(cfg: TaskConfig, *, max_test: int | None = None) -> TaskSpe
         train = cfg.train_file or _optional_split(cfg.path, "train")
         test = cfg.test_file or _optional_split(cfg.path, "test")
         if test is None:
+            if not Path(cfg.path).is_dir():
+                raise KnowstackError("task directory not found", path=cfg.path)
             missing = "test.json" if train else "train.json or test.json"
-            trace_split_path(cfg.path, "test")  # a dir that is not there: that error first
             raise KnowstackError(f"task directory has no {missing}", path=cfg.path)
         evaluation = cfg.eval_file or _optional_split(cfg.path, "eval")
     else:
