@@ -206,3 +206,59 @@ def test_math_predictions_are_scored_by_each_protocol(capsys: pytest.CaptureFixt
     assert main(["score", str(test_file), "--format", "math", "--predictions", str(file), "--protocol", "paper",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"gsm8k": 1.0, "gsm8k_cot": 1.0}
+
+
+def test_a_long_label_gets_the_budget_it_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from knowstack.data.formats import Example
+    from knowstack.evaluate import new_knowledge
+
+    budgets: list[int] = []
+
+    def fake_generate(model, tokenizer, prompts, *, max_new_tokens, batch_size, stop_strings=None, stats=None):
+        budgets.append(max_new_tokens)
+        if stats is not None:
+            stats["prompts_truncated"] = 1
+        return ["iso8859_10", "utf_8"]
+
+    class CharTokenizer:
+        def __call__(self, texts, add_special_tokens=True):
+            return {"input_ids": [list(text) for text in texts]}
+
+    monkeypatch.setattr(new_knowledge, "generate", fake_generate)
+    examples = [Example("latin6 ->", "iso8859_10"), Example("u8 ->", "utf_8")]
+    score = new_knowledge.evaluate_task(None, CharTokenizer(), examples, "accuracy")
+    assert budgets == [14] and score.scores == {"accuracy": 1.0}  # 10 characters as tokens, + 4
+    assert score.max_new_tokens == {"accuracy": 14} and score.references_over_budget == {"accuracy": 0}
+    assert score.prompts_truncated == 1 and score.record()["protocol"] == "builtin"
+
+
+def test_results_rows_keep_their_protocol(tmp_path: Path) -> None:
+    import sqlite3
+
+    from knowstack.study.results import Row, read_csv, write_csv, write_sqlite
+
+    rows = [Row("base", "base", "", None, "ScienceQA", "new", "accuracy", 0.5, 4, "", protocol="paper"),
+            Row("base", "base", "", None, "ks_country", "old", "acc", 0.9, None, "", protocol="lm-eval")]
+    write_csv(rows, tmp_path / "results.csv")
+    assert [r.protocol for r in read_csv(tmp_path / "results.csv")] == ["paper", "lm-eval"]
+    write_sqlite(rows, tmp_path / "results.sqlite")
+    with sqlite3.connect(tmp_path / "results.sqlite") as db:
+        assert db.execute("SELECT protocol FROM results ORDER BY kind").fetchall() == [("paper",), ("lm-eval",)]
+
+
+def test_a_tasks_own_protocol_keys_its_evaluations_not_its_training(tmp_path: Path) -> None:
+    from knowstack.config import parse_config
+    from knowstack.study.plan import build_plan
+
+    def plan(task_protocol: str | None):
+        task = {"name": "FOMC", "path": str(FIXTURES / "FOMC"), "metric": "accuracy"}
+        if task_protocol:
+            task["protocol"] = task_protocol
+        raw = {"name": "t", "base": {"model": "some/model"}, "tasks": [task],
+               "old_knowledge": {"tasks": ["arc_easy"]}, "training": {"lr": 1e-4},
+               "evaluation": {"protocol": "paper"}, "methods": {"one-round": {"finetune": ["lora"]}}}
+        steps = build_plan(parse_config(raw)).ordered()
+        return {s.key for s in steps if s.kind == "train"}, {s.key for s in steps if s.kind == "eval"}
+
+    (train_a, eval_a), (train_b, eval_b) = plan(None), plan("builtin")
+    assert train_a == train_b and not eval_a & eval_b
