@@ -262,3 +262,18 @@ def test_a_tasks_own_protocol_keys_its_evaluations_not_its_training(tmp_path: Pa
 
     (train_a, eval_a), (train_b, eval_b) = plan(None), plan("builtin")
     assert train_a == train_b and not eval_a & eval_b
+
+
+@pytest.mark.slow
+def test_gsm8k_through_the_harness_agrees_with_offline_scoring(tiny_model_dir: Path) -> None:
+    from knowstack.evaluate.gsm8k import evaluate_gsm8k, score_offline
+    from knowstack.modelio import load_model, load_tokenizer
+
+    model, tokenizer = load_model(tiny_model_dir, dtype="float32"), load_tokenizer(tiny_model_dir)
+    test_file = FIXTURES / "math" / "gsm8k_test.jsonl"
+    finals = [json.loads(line)["answer"].split("####")[-1].strip() for line in test_file.read_text().splitlines()]
+    for task, fewshot in (("gsm8k", FIXTURES / "math" / "gsm8k_train.json"), ("gsm8k_cot", None)):
+        run = evaluate_gsm8k(model, tokenizer, task, test_file, fewshot=fewshot, limit=2, batch_size=2, max_gen_toks=12)
+        assert len(run.generations) == 2 and run.max_gen_toks == 12
+        answers, scores = score_offline(task, run.generations, finals[:2])
+        assert answers == run.answers and scores == run.scores

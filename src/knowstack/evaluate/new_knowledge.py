@@ -94,7 +94,7 @@ def _score_generations(
     prompts: list[str], references: list[str], batch_size: int, override: int | None, truncated: list[int],
 ) -> None:
     reference_tokens = [len(ids) for ids in tokenizer(references, add_special_tokens=False)["input_ids"]]
-    budget = budget_for(scoring, reference_tokens, override)
+    budget = _within_context(model, budget_for(scoring, reference_tokens, override))
     stats: dict = {}
     outputs = generate(model, tokenizer, [p + scoring.prompt_suffix for p in prompts], max_new_tokens=budget,
                        batch_size=batch_size, stop_strings=scoring.stop or None, stats=stats)
@@ -104,6 +104,13 @@ def _score_generations(
     _record(result, scoring, outputs, answers, each)
     result.max_new_tokens[scoring.metric] = budget
     result.references_over_budget[scoring.metric] = sum(n > budget for n in reference_tokens)
+
+
+def _within_context(model: PreTrainedModel | None, budget: int) -> int:
+    """A budget the model's context can hold beside a prompt: at most half of it (the paper's 512 tokens on a
+    small model would leave no room for the question). The budget used is recorded with the scores."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return min(budget, context // 2) if isinstance(context, int) and context > 1 else budget
 
 
 def _record(result: TaskScore, scoring: Scoring, outputs: Sequence[str], answers: Sequence[str],
