@@ -74,19 +74,29 @@ def test_overlong_prompts_lose_their_middle_and_are_counted(model_and_tokenizer)
     assert stats == {"prompts_truncated": 0}
 
 
+class CountingTokenizer:
+    """Counts characters as tokens: enough for the budget rules, which only measure references."""
+
+    def __call__(self, texts, add_special_tokens=True):
+        return {"input_ids": [list(text) for text in texts]}
+
+
 def test_math_scores_with_and_without_chain_of_thought(monkeypatch) -> None:
     seen: list[list[str]] = []
 
-    def fake_generate(model, tokenizer, prompts, *, max_new_tokens, batch_size):
+    def fake_generate(model, tokenizer, prompts, *, max_new_tokens, batch_size, stop_strings=None, stats=None):
         seen.append(list(prompts))
         direct = prompts[0].endswith(DIRECT_ANSWER_PRIMER)
         return ["7 apples", "12"] if direct else ["3 + 4 = 7. The answer is: 7", "so 1,2 #### 13"]
 
     monkeypatch.setattr(new_knowledge, "generate", fake_generate)
-    score = evaluate_task(None, None, [Example("Q1", "7"), Example("Q2", "12")], "math")
+    score = evaluate_task(None, CountingTokenizer(), [Example("Q1", "7"), Example("Q2", "12")], "math")
     assert score.scores == {"em_direct": 1.0, "em_cot": 0.5}
-    assert seen == [["Q1", "Q2"], ["Q1" + DIRECT_ANSWER_PRIMER, "Q2" + DIRECT_ANSWER_PRIMER]]
-    assert score.predictions[1]["answer_cot"] == "13" and score.predictions[1]["answer_direct"] == "12"
+    assert score.per_example == {"em_direct": [1.0, 1.0], "em_cot": [1.0, 0.0]}
+    assert seen == [["Q1" + DIRECT_ANSWER_PRIMER, "Q2" + DIRECT_ANSWER_PRIMER], ["Q1", "Q2"]]
+    assert score.predictions[1]["answer_em_cot"] == "13" and score.predictions[1]["answer"] == "12"
+    assert score.predictions[1]["scores"] == {"em_direct": 1.0, "em_cot": 0.0}
+    assert score.max_new_tokens == {"em_direct": 12, "em_cot": 96}
     with pytest.raises(KnowstackError, match="unknown metric"):
         evaluate_task(None, None, [Example("Q", "A")], "bleu")
 

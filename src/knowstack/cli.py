@@ -193,6 +193,13 @@ def _replay_task(path: Path):  # -> TaskSpec
     return task_from_config(TaskConfig(name=path.name, path=path, metric="accuracy"))
 
 
+def _harness_data(task, limit: int | None):  # -> HarnessData | None
+    """For math, the GSM8K files lm-eval reads under the paper's protocol (the eval split: few-shot examples)."""
+    from knowstack.evaluate.new_knowledge import HarnessData
+
+    return HarnessData(test=task.test_path, fewshot=task.eval_path, limit=limit) if task.format == "math" else None
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from knowstack.evaluate.new_knowledge import evaluate_task
     from knowstack.evaluate.old_knowledge import evaluate_old_knowledge
@@ -212,7 +219,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.task or args.test_file:
         task = _task_from_args(args)
         examples = task.load("test")[: args.limit] if args.limit else task.load("test")
-        result[task.name] = evaluate_task(model, tokenizer, examples, task.metric, batch_size=args.batch_size).scores
+        result[task.name] = evaluate_task(model, tokenizer, examples, task.metric, batch_size=args.batch_size,
+                                          protocol=args.protocol, harness=_harness_data(task, args.limit)).scores
     if args.old_tasks:
         include = Path(args.include_path) if args.include_path else None
         result.update(evaluate_old_knowledge(model, tokenizer, args.old_tasks, include_path=include,
@@ -225,6 +233,44 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
         atomic_write_text(Path(args.out), text + "\n")
     print(text)
+
+
+def _score_task(args: argparse.Namespace):  # -> TaskSpec
+    """The task `knowstack score` scores: a TRACE task dir, or (--format math) a GSM8K-format test file."""
+    from knowstack.config import TaskConfig
+    from knowstack.data.tasks import task_from_config
+    from knowstack.evaluate.protocols import TRACE_TASK_METRICS
+
+    where = Path(args.task)
+    metric = args.metric or ("math" if args.format == "math" else TRACE_TASK_METRICS.get(where.name))
+    if metric is None:
+        raise KnowstackError(f"give --metric: '{where.name}' is not a TRACE task name "
+                             f"({', '.join(TRACE_TASK_METRICS)})", path=where)
+    fields = {"path": where} if args.format == "trace" else {"test_file": where}
+    return task_from_config(TaskConfig(name="task", format=args.format, metric=metric, **fields))
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    """Scores of predictions made elsewhere, with the same reading and metrics as a study's evaluation."""
+    from knowstack.evaluate.new_knowledge import score_given_predictions
+    from knowstack.evaluate.predictions import read_predictions
+
+    task = _score_task(args)
+    examples = task.load("test")
+    predictions = read_predictions(Path(args.predictions), len(examples))
+    score = score_given_predictions(examples, predictions, task.metric, args.protocol)
+    if args.out:
+        from knowstack.atomic import atomic_write_text
+
+        atomic_write_text(Path(args.out), "".join(json.dumps(row, ensure_ascii=False) + "\n"
+                                                  for row in score.predictions))
+    if args.json:
+        print(json.dumps(score.scores))
+        return
+    for metric, value in score.scores.items():
+        print(f"{metric}: {value:.4f}  (n={len(examples)}, protocol {args.protocol})")
+    if args.out:
+        print(f"written: {args.out}")
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -498,13 +544,15 @@ def _add_compose_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
 
 
+METRIC_CHOICES = ("accuracy", "exact_match", "rouge_l", "edit_similarity", "sari", "math")
+
+
 def _add_task_args(parser: argparse.ArgumentParser, *, metric_required: bool) -> None:
     parser.add_argument("--task", help="a TRACE-layout task dir (train.json, eval.json, test.json)")
     parser.add_argument("--format", choices=["trace", "math"], default="trace")
     parser.add_argument("--train-file", help="math: a MetaMathQA-format JSON file")
     parser.add_argument("--test-file", help="math: a GSM8K-format JSON/JSONL file")
-    parser.add_argument("--metric", default="accuracy", required=metric_required,
-                        choices=["accuracy", "rouge_l", "edit_similarity", "sari", "math"])
+    parser.add_argument("--metric", default="accuracy", required=metric_required, choices=list(METRIC_CHOICES))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -577,8 +625,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-path", help="a dir of lm-eval task YAMLs")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int)
+    p.add_argument("--protocol", choices=["builtin", "paper"], default="builtin",
+                   help="how answers are read and scored (default builtin; paper: the paper's TRACE/GSM8K scoring)")
     p.add_argument("--out", help="write the scores as JSON here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("score", help="score predictions made elsewhere (vLLM, another harness) on a task's test "
+                                     "split, with the same reading and metrics as `eval`")
+    p.add_argument("task", help="a TRACE task dir (its test.json), or with --format math a GSM8K-format test file")
+    p.add_argument("--predictions", required=True,
+                   help='JSON Lines of {"prediction": ...} in test order, or a JSON list of strings')
+    p.add_argument("--format", choices=["trace", "math"], default="trace")
+    p.add_argument("--metric", choices=list(METRIC_CHOICES),
+                   help="default: the TRACE task's own metric, from the dir name (e.g. MeetingBank: rouge_l)")
+    p.add_argument("--protocol", choices=["builtin", "paper"], default="builtin")
+    p.add_argument("--json", action="store_true", help="print one JSON object {metric: value}")
+    p.add_argument("--out", help="write one JSON line per test item (prompt, reference, prediction, answer, scores)")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("merge", help="merge fine-tuned models and/or LoRA adapters of one base into one model")
     p.add_argument("--method", required=True, choices=get_args(MergeMethodName))

@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from knowstack.errors import KnowstackError
 
 Finetune = Literal["fft", "lora"]
-METRICS = ("accuracy", "rouge_l", "edit_similarity", "sari", "math")
+METRICS = ("accuracy", "exact_match", "rouge_l", "edit_similarity", "sari", "math")
+Protocol = Literal["builtin", "paper"]
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -54,16 +55,17 @@ class TaskConfig(Strict):
     train_file: Path | None = None
     eval_file: Path | None = None
     test_file: Path | None = None
-    metric: Literal["accuracy", "rouge_l", "edit_similarity", "sari", "math"]
+    metric: Literal["accuracy", "exact_match", "rouge_l", "edit_similarity", "sari", "math"]
     max_train: int | None = Field(default=None, gt=0)
     max_test: int | None = Field(default=None, gt=0)
     epochs: float | None = Field(default=None, gt=0)
     max_steps: int | None = Field(default=None, gt=0)
+    protocol: Protocol | None = None  # this task's scoring protocol, where it differs from evaluation.protocol
 
     @model_validator(mode="after")
     def _has_data(self) -> TaskConfig:
-        if self.path is None and (self.train_file is None or self.test_file is None):
-            raise ValueError("give 'path' (a task dir) or both 'train_file' and 'test_file'")
+        if self.path is None and self.test_file is None:
+            raise ValueError("give 'path' (a task dir) or 'test_file' (and 'train_file' to train on it)")
         if self.epochs is not None and self.max_steps is not None:
             raise ValueError("give a task's budget as 'epochs' or 'max_steps', not both")
         return self
@@ -174,6 +176,8 @@ class TrainingConfig(Strict):
 
 
 class EvaluationConfig(Strict):
+    # How new-knowledge tasks are scored (evaluate/protocols.py): the paper's scoring, or the built-in world's.
+    protocol: Protocol = "builtin"
     batch_size: int = Field(default=32, gt=0)
     max_test: int | None = Field(default=None, gt=0)
     max_new_tokens: dict[str, int] = Field(default_factory=dict)

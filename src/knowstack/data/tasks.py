@@ -16,17 +16,20 @@ class TaskSpec:
     name: str
     format: str  # "trace" or "math"
     metric: str
-    train_path: Path
+    train_path: Path | None  # None: a task that is only evaluated
     test_path: Path
     eval_path: Path | None = None
     max_train: int | None = None
     max_test: int | None = None
+    protocol: str | None = None  # the task's own scoring protocol, if it overrides the study's
 
     def load(self, split: str) -> list[Example]:
         """A split's examples, capped at max_train / max_test (the first N, in file order)."""
         path = {"train": self.train_path, "eval": self.eval_path, "test": self.test_path}[split]
         if path is None:
-            raise KnowstackError(f"task '{self.name}' has no {split} split")
+            raise KnowstackError(f"task '{self.name}' has no {split} split ({split}.json)"
+                                 + (": it can be evaluated, not trained on" if split == "train" else ""),
+                                 path=self.test_path.parent)
         examples = read_split(self.format, split, path)
         if not examples:
             raise KnowstackError(f"the {split} split of task '{self.name}' is empty", path=path)
@@ -74,8 +77,14 @@ def _optional_split(task_dir: Path, split: str) -> Path | None:
 def task_from_config(cfg: TaskConfig, *, max_test: int | None = None) -> TaskSpec:
     """Resolve a config entry to concrete files; a missing file is an error naming the task's field."""
     if cfg.path is not None:
-        train = cfg.train_file or trace_split_path(cfg.path, "train")
-        test = cfg.test_file or trace_split_path(cfg.path, "test")
+        # A task dir without train.json is a task to evaluate on, not to train on.
+        train = cfg.train_file or _optional_split(cfg.path, "train")
+        test = cfg.test_file or _optional_split(cfg.path, "test")
+        if test is None:
+            if not Path(cfg.path).is_dir():
+                raise KnowstackError("task directory not found", path=cfg.path)
+            missing = "test.json" if train else "train.json or test.json"
+            raise KnowstackError(f"task directory has no {missing}", path=cfg.path)
         evaluation = cfg.eval_file or _optional_split(cfg.path, "eval")
     else:
         train, test, evaluation = cfg.train_file, cfg.test_file, cfg.eval_file
@@ -86,11 +95,12 @@ def task_from_config(cfg: TaskConfig, *, max_test: int | None = None) -> TaskSpe
         name=cfg.name,
         format=cfg.format,
         metric=cfg.metric,
-        train_path=Path(train),
+        train_path=Path(train) if train else None,
         test_path=Path(test),
         eval_path=Path(evaluation) if evaluation else None,
         max_train=cfg.max_train,
         max_test=cfg.max_test or max_test,
+        protocol=cfg.protocol,
     )
 
 

@@ -2,8 +2,11 @@
 
 TRACE's metrics: accuracy for classification and multiple choice, ROUGE-L for summarization,
 edit similarity for code completion, SARI for simplification; exact match of the final number
-for math. Every metric is `(predictions, references, sources) -> float`, the mean over examples;
-`sources` (the prompts) only matter to SARI.
+for math. Every metric is registered per example, `(predictions, references, sources) -> list[float]`
+(PER_EXAMPLE), and as the mean over examples (METRICS); `sources` (the prompts) only matter to SARI.
+The paper's own implementations (TRACE's and RhuiDih/cl's scoring: first character, rouge==1.0.1,
+fuzzywuzzy's rounded ratio) are registered beside knowstack's; evaluate/protocols.py says which a
+task uses.
 
 Scales: papers quote ROUGE-L, edit similarity and SARI on 0..100; knowstack keeps every score
 on 0..1 (multiply by 100 to compare with TRACE's or EASSE's figures).
@@ -11,6 +14,7 @@ on 0..1 (multiply by 100 to compare with TRACE's or EASSE's figures).
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -20,24 +24,41 @@ from rapidfuzz import fuzz
 from knowstack.data.formats import final_number, normalize_number
 
 Metric = Callable[[Sequence[str], Sequence[str], Sequence[str]], float]
+PerExample = Callable[[Sequence[str], Sequence[str], Sequence[str]], list[float]]
 METRICS: dict[str, Metric] = {}
-
-
-def register(name: str) -> Callable[[Metric], Metric]:
-    def decorate(fn: Metric) -> Metric:
-        METRICS[name] = fn
-        return fn
-
-    return decorate
+PER_EXAMPLE: dict[str, PerExample] = {}
 
 
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def register(name: str) -> Callable[[PerExample], PerExample]:
+    """Registers a per-example metric under `name`, and its mean over examples in METRICS."""
+    def decorate(fn: PerExample) -> PerExample:
+        PER_EXAMPLE[name] = fn
+        METRICS[name] = lambda predictions, references, sources=(): _mean(fn(predictions, references, sources))
+        return fn
+
+    return decorate
+
+
 @register("accuracy")
-def accuracy(predictions: Sequence[str], references: Sequence[str], sources: Sequence[str] = ()) -> float:
-    return _mean([float(p.strip() == r.strip()) for p, r in zip(predictions, references, strict=True)])
+def accuracy_each(predictions: Sequence[str], references: Sequence[str], sources: Sequence[str] = ()) -> list[float]:
+    return [float(p.strip() == r.strip()) for p, r in zip(predictions, references, strict=True)]
+
+
+@register("equal")
+def equal_each(predictions: Sequence[str], references: Sequence[str], sources: Sequence[str] = ()) -> list[float]:
+    """1 where the (already read) prediction equals the (already read) reference: the paper's first-character
+    accuracy once both are cut to their first character (RhuiDih/cl print_traceeval.py)."""
+    return [float(p == r) for p, r in zip(predictions, references, strict=True)]
+
+
+@register("exact_match")
+def exact_match_each(predictions: Sequence[str], references: Sequence[str], sources: Sequence[str] = ()) -> list[float]:
+    """TRACE's caculate_accuracy (NumGLUE): equal strings, an empty prediction or reference counting 0."""
+    return [float(bool(p) and bool(r) and p == r) for p, r in zip(predictions, references, strict=True)]
 
 
 # rouge-score's default tokenizer: lowercase, non-alphanumerics become spaces, split on spaces.
@@ -70,8 +91,31 @@ def rouge_l_f1(prediction: str, reference: str) -> float:
 
 
 @register("rouge_l")
-def rouge_l(predictions: Sequence[str], references: Sequence[str], sources: Sequence[str] = ()) -> float:
-    return _mean([rouge_l_f1(p, r) for p, r in zip(predictions, references, strict=True)])
+def rouge_l_each(predictions: Sequence[str], references: Sequence[str], sources: Sequence[str] = ()) -> list[float]:
+    return [rouge_l_f1(p, r) for p, r in zip(predictions, references, strict=True)]
+
+
+def rouge_l_trace_one(prediction: str, reference: str) -> float:
+    """TRACE's ROUGE-L (metrics.py, and RhuiDih/cl's print_traceeval.py): the pinned `rouge==1.0.1` package's
+    summary-level ROUGE-L F (sentences split on '.', union LCS over sets of words, case kept), called as they
+    call it, `get_scores(reference, prediction)`; an empty text scores 0, and so does a pair the package cannot
+    score (RhuiDih/cl catches its errors: deep recursion on very long sentences, no sentence at all).
+
+    The package itself computes it: the paper's number is defined by that code, quirks included.
+    """
+    from rouge import Rouge
+
+    if prediction == "" or reference == "":
+        return 0.0
+    try:
+        return float(Rouge(metrics=["rouge-l"]).get_scores(reference, prediction, avg=True)["rouge-l"]["f"])
+    except (ValueError, RecursionError):
+        return 0.0
+
+
+@register("rouge_l_trace")
+def rouge_l_trace_each(predictions: Sequence[str], references: Sequence[str], sources: Sequence[str] = ()) -> list[float]:
+    return [rouge_l_trace_one(p, r) for p, r in zip(predictions, references, strict=True)]
 
 
 # Py150's literal placeholders, which TRACE's scorer replaces (in both texts) before comparing.
@@ -90,9 +134,27 @@ def edit_similarity_one(prediction: str, reference: str) -> float:
 
 
 @register("edit_similarity")
-def edit_similarity(predictions: Sequence[str], references: Sequence[str], sources: Sequence[str] = ()) -> float:
-    """TRACE's Py150 metric: the Levenshtein ratio of prediction and reference (fuzz.ratio / 100)."""
-    return _mean([edit_similarity_one(p, r) for p, r in zip(predictions, references, strict=True)])
+def edit_similarity_each(predictions: Sequence[str], references: Sequence[str], sources: Sequence[str] = ()) -> list[float]:
+    """knowstack's Py150 metric: the Levenshtein ratio of the stripped prediction and reference (rapidfuzz)."""
+    return [edit_similarity_one(p, r) for p, r in zip(predictions, references, strict=True)]
+
+
+def edit_similarity_trace_one(prediction: str, reference: str) -> float:
+    """TRACE's / RhuiDih/cl's Py150 score of one pair: literals restored in both texts, nothing stripped, an
+    empty text 0, else fuzzywuzzy's fuzz.ratio / 100. TRACE installs fuzzywuzzy without python-Levenshtein,
+    so that ratio is difflib's SequenceMatcher ratio, rounded to a whole percent (equal strings: 100)."""
+    prediction, reference = restore_literals(prediction), restore_literals(reference)
+    if prediction == "" or reference == "":
+        return 0.0
+    if prediction == reference:
+        return 1.0
+    return int(round(100 * difflib.SequenceMatcher(None, prediction, reference).ratio())) / 100
+
+
+@register("edit_similarity_trace")
+def edit_similarity_trace_each(predictions: Sequence[str], references: Sequence[str],
+                               sources: Sequence[str] = ()) -> list[float]:
+    return [edit_similarity_trace_one(p, r) for p, r in zip(predictions, references, strict=True)]
 
 
 # --- SARI (Xu et al. 2016), as in EASSE / TRACE / HF evaluate ----------------------------------------
@@ -169,22 +231,22 @@ def sari_sentence(source: str, prediction: str, references: Sequence[str]) -> fl
 
 
 @register("sari")
-def sari(predictions: Sequence[str], references: Sequence[str], sources: Sequence[str] = ()) -> float:
-    """Sentence SARI averaged over examples (HF evaluate's `sari`, which TRACE calls), one reference each.
+def sari_each(predictions: Sequence[str], references: Sequence[str], sources: Sequence[str] = ()) -> list[float]:
+    """Sentence SARI of each example (HF evaluate's `sari`, which TRACE calls, is their mean), one reference each.
 
     The source is what the caller passes: TRACE passes the whole prompt, and so does knowstack.
     """
-    return _mean([sari_sentence(s, p, [r]) for p, r, s in zip(predictions, references, sources, strict=True)])
+    return [sari_sentence(s, p, [r]) for p, r, s in zip(predictions, references, sources, strict=True)]
 
 
 @register("number_em")
-def number_em(predictions: Sequence[str], references: Sequence[str], sources: Sequence[str] = ()) -> float:
+def number_em_each(predictions: Sequence[str], references: Sequence[str], sources: Sequence[str] = ()) -> list[float]:
     """Exact match of extracted final numbers (predictions are already extracted, '' for none)."""
-    return _mean([float(bool(p) and p == normalize_number(r)) for p, r in zip(predictions, references, strict=True)])
+    return [float(bool(p) and p == normalize_number(r)) for p, r in zip(predictions, references, strict=True)]
 
 
 @register("math")
-def math_final_number(predictions: Sequence[str], references: Sequence[str], sources: Sequence[str] = ()) -> float:
+def math_final_number_each(predictions: Sequence[str], references: Sequence[str],
+                           sources: Sequence[str] = ()) -> list[float]:
     """Exact match of the final number of a raw generation ('The answer is', '####', else the last number)."""
-    extracted = [final_number(p) or "" for p in predictions]
-    return number_em(extracted, references)
+    return number_em_each([final_number(p) or "" for p in predictions], references)

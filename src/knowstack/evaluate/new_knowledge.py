@@ -1,41 +1,61 @@
-"""Scoring a model on one new-knowledge task: generate answers to the test prompts, apply the metric."""
+"""Scoring a model on one new-knowledge task: generate answers to the test prompts, read them, apply the metric,
+each step as the task's protocol declares it (evaluate/protocols.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from knowstack.data.formats import DIRECT_ANSWER_PRIMER, Example, final_number, first_number
+from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
 from knowstack.evaluate.generate import generate
-from knowstack.evaluate.metrics import METRICS, number_em
-
-# Generation budgets per metric, sized to the answers each kind of task expects.
-DEFAULT_MAX_NEW_TOKENS = {"accuracy": 6, "rouge_l": 40, "edit_similarity": 32, "sari": 40, "math": 96}
-DIRECT_MAX_NEW_TOKENS = 12
+from knowstack.evaluate.metrics import PER_EXAMPLE
+from knowstack.evaluate.protocols import Scoring, budget_for, read_all, scorings
 
 
 @dataclass
 class TaskScore:
+    """A task's scores: the mean of each metric, and per metric the score of each test item (in test order)."""
+
     scores: dict[str, float]
-    predictions: list[dict] = field(default_factory=list)
-    per_example: dict[str, list[float]] = field(default_factory=dict)  # metric -> one score per test item
+    predictions: list[dict] = field(default_factory=list)  # one row per test item, with its "scores"
+    per_example: dict[str, list[float]] = field(default_factory=dict)
+    protocol: str = "builtin"
+    max_new_tokens: dict[str, int] = field(default_factory=dict)  # the generation budget of each metric
+    references_over_budget: dict[str, int] = field(default_factory=dict)  # references longer than the budget
+    prompts_truncated: int | None = None  # prompts cut to fit the context (when generation reports it)
+
+    def record(self) -> dict:
+        """What a study keeps of the score beside the predictions (new-<task>.json)."""
+        return {"n": len(self.predictions), "scores": self.scores, "protocol": self.protocol,
+                "max_new_tokens": self.max_new_tokens, "references_over_budget": self.references_over_budget,
+                "prompts_truncated": self.prompts_truncated}
 
 
-def _per_item(metric, predictions: list[str], references: list[str], sources: list[str]) -> list[float]:
-    # Every metric is a mean over examples, so the metric of one example is that example's score.
-    return [metric([p], [r], [s]) for p, r, s in zip(predictions, references, sources, strict=True)]
+@dataclass(frozen=True)
+class HarnessData:
+    """The files lm-eval reads for a harness-scored task (GSM8K): the test file, and a file to draw few-shot
+    examples from (None: the test file itself, each item never its own example)."""
+
+    test: Path
+    fewshot: Path | None = None
+    limit: int | None = None
 
 
-def _with_scores(rows: list[dict], per_example: dict[str, list[float]]) -> list[dict]:
-    return [{**row, "scores": {m: v[i] for m, v in per_example.items()}} for i, row in enumerate(rows)]
+def score_predictions(
+    scoring: Scoring, predictions: Sequence[str], references: Sequence[str], sources: Sequence[str]
+) -> tuple[list[str], list[float]]:
+    """Generations read as the scoring declares, and each one's score against its reference."""
+    answers = read_all(scoring.reader, predictions)
+    refs = read_all(scoring.reference_reader, references)
+    return answers, PER_EXAMPLE[scoring.implementation](answers, refs, sources)
 
 
-def _first_line(text: str) -> str:
-    # Code completion predicts one line; everything after the first newline is not part of it.
-    return text.strip("\n").split("\n", 1)[0] if text.strip() else ""
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
 
 
 def evaluate_task(
@@ -46,46 +66,103 @@ def evaluate_task(
     *,
     batch_size: int = 32,
     max_new_tokens: int | None = None,
+    protocol: str = "builtin",
+    harness: HarnessData | None = None,
 ) -> TaskScore:
-    """{'accuracy'|'rouge_l'|'edit_similarity'|'sari': x}, or for math {'em_direct': x, 'em_cot': y}."""
-    if metric not in DEFAULT_MAX_NEW_TOKENS:
-        raise KnowstackError(f"unknown metric '{metric}' (known: {', '.join(DEFAULT_MAX_NEW_TOKENS)})", field="metric")
-    budget = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[metric]
+    """Each of the task's scores under `protocol`, e.g. {'accuracy': x}, or for math {'em_direct', 'em_cot'}
+    (builtin) / {'gsm8k', 'gsm8k_cot'} (paper). `max_new_tokens` overrides the budget of every scoring that
+    takes an override (all but builtin math's direct answer, whose budget is part of its definition)."""
+    declared = scorings(protocol, metric)
     prompts = [e.prompt for e in examples]
     references = [e.answer for e in examples]
-    if metric == "math":
-        return _evaluate_math(model, tokenizer, prompts, references, batch_size=batch_size, budget=budget)
-    outputs = generate(model, tokenizer, prompts, max_new_tokens=budget, batch_size=batch_size)
-    if metric == "edit_similarity":
-        outputs = [_first_line(o) for o in outputs]
-    predictions = [o.strip() for o in outputs]
-    value = METRICS[metric](predictions, references, prompts)
-    rows = [{"prompt": p, "reference": r, "prediction": o} for p, r, o in zip(prompts, references, predictions, strict=True)]
-    per_example = {metric: _per_item(METRICS[metric], predictions, references, prompts)}
-    return TaskScore({metric: value}, _with_scores(rows, per_example), per_example)
+    result = TaskScore({}, [{"prompt": p, "reference": r, "scores": {}} for p, r in zip(prompts, references,
+                                                                                           strict=True)],
+                       protocol=protocol)
+    truncated: list[int] = []
+    for scoring in declared:
+        override = max_new_tokens if scoring.takes_budget_override else None
+        if scoring.harness_task is not None:
+            _score_with_harness(result, scoring, model, tokenizer, harness, batch_size, override)
+        else:
+            _score_generations(result, scoring, model, tokenizer, prompts, references, batch_size, override, truncated)
+    result.prompts_truncated = max(truncated) if truncated else None
+    return result
 
 
-def _evaluate_math(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
-    references: list[str],
-    *,
-    batch_size: int,
-    budget: int,
-) -> TaskScore:
-    # With chain of thought the model writes its solution and the final number counts; without, the
-    # prompt ends on the answer phrase and the first number generated is the answer.
-    cot = generate(model, tokenizer, prompts, max_new_tokens=budget, batch_size=batch_size)
-    direct_prompts = [p + DIRECT_ANSWER_PRIMER for p in prompts]
-    direct = generate(model, tokenizer, direct_prompts, max_new_tokens=DIRECT_MAX_NEW_TOKENS, batch_size=batch_size)
-    cot_answers = [final_number(o) or "" for o in cot]
-    direct_answers = [first_number(o) or "" for o in direct]
-    scores = {"em_direct": number_em(direct_answers, references), "em_cot": number_em(cot_answers, references)}
-    rows = [
-        {"prompt": p, "reference": r, "prediction": c, "answer_cot": ca, "prediction_direct": d, "answer_direct": da}
-        for p, r, c, ca, d, da in zip(prompts, references, cot, cot_answers, direct, direct_answers, strict=True)
-    ]
-    per_example = {"em_direct": _per_item(number_em, direct_answers, references, prompts),
-                   "em_cot": _per_item(number_em, cot_answers, references, prompts)}
-    return TaskScore(scores, _with_scores(rows, per_example), per_example)
+def _score_generations(
+    result: TaskScore, scoring: Scoring, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str], references: list[str], batch_size: int, override: int | None, truncated: list[int],
+) -> None:
+    reference_tokens = [len(ids) for ids in tokenizer(references, add_special_tokens=False)["input_ids"]]
+    budget = _within_context(model, budget_for(scoring, reference_tokens, override))
+    stats: dict = {}
+    outputs = generate(model, tokenizer, [p + scoring.prompt_suffix for p in prompts], max_new_tokens=budget,
+                       batch_size=batch_size, stop_strings=scoring.stop or None, stats=stats)
+    if "prompts_truncated" in stats:
+        truncated.append(int(stats["prompts_truncated"]))
+    answers, each = score_predictions(scoring, outputs, references, prompts)
+    _record(result, scoring, outputs, answers, each)
+    result.max_new_tokens[scoring.metric] = budget
+    result.references_over_budget[scoring.metric] = sum(n > budget for n in reference_tokens)
+
+
+def _within_context(model: PreTrainedModel | None, budget: int) -> int:
+    """A budget the model's context can hold beside a prompt: at most half of it (the paper's 512 tokens on a
+    small model would leave no room for the question). The budget used is recorded with the scores."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return min(budget, context // 2) if isinstance(context, int) and context > 1 else budget
+
+
+def _record(result: TaskScore, scoring: Scoring, outputs: Sequence[str], answers: Sequence[str],
+            each: list[float]) -> None:
+    # The first scoring's generation is the row's "prediction"; a further one's is "prediction_<metric>".
+    suffix = f"_{scoring.metric}" if result.scores else ""
+    for row, output, answer, value in zip(result.predictions, outputs, answers, each, strict=True):
+        row[f"prediction{suffix}"] = output
+        row[f"answer{suffix}"] = answer
+        row["scores"][scoring.metric] = value
+    result.per_example[scoring.metric] = list(each)
+    result.scores[scoring.metric] = _mean(each)
+
+
+def _score_with_harness(
+    result: TaskScore, scoring: Scoring, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+    harness: HarnessData | None, batch_size: int, override: int | None,
+) -> None:
+    from knowstack.evaluate.gsm8k import evaluate_gsm8k
+
+    if harness is None:
+        raise KnowstackError(f"the '{scoring.metric}' score runs lm-eval's {scoring.harness_task} task on a GSM8K-format "
+                             "test file; this task has none (give the math task's test_file)", field="test_file")
+    run = evaluate_gsm8k(model, tokenizer, scoring.harness_task, harness.test, fewshot=harness.fewshot,
+                         limit=harness.limit, batch_size=batch_size, max_gen_toks=override)
+    if len(run.generations) != len(result.predictions):
+        raise KnowstackError(f"lm-eval scored {len(run.generations)} items of {harness.test}, expected "
+                             f"{len(result.predictions)}", path=harness.test)
+    _record(result, scoring, run.generations, run.answers, run.scores)
+    result.max_new_tokens[scoring.metric] = run.max_gen_toks
+    result.references_over_budget[scoring.metric] = 0
+
+
+def score_given_predictions(examples: Sequence[Example], predictions: Sequence[str], metric: str,
+                            protocol: str = "builtin") -> TaskScore:
+    """Scores of generations made elsewhere (one per test item, in order), read and scored as `protocol`
+    declares for `metric`. A scoring that needs a generation of its own (builtin math's direct answer, primed
+    by its own prompt suffix) cannot be computed from them and is left out; a harness task's reading and
+    exact match are applied offline, from its installed YAML."""
+    from knowstack.evaluate.gsm8k import score_offline
+
+    prompts = [e.prompt for e in examples]
+    references = [e.answer for e in examples]
+    result = TaskScore({}, [{"prompt": p, "reference": r, "scores": {}} for p, r in zip(prompts, references,
+                                                                                           strict=True)],
+                       protocol=protocol)
+    for scoring in scorings(protocol, metric):
+        if scoring.prompt_suffix:
+            continue
+        if scoring.harness_task is not None:
+            answers, each = score_offline(scoring.harness_task, list(predictions), references)
+        else:
+            answers, each = score_predictions(scoring, predictions, references, prompts)
+        _record(result, scoring, predictions, answers, each)
+    return result

@@ -19,7 +19,7 @@ from knowstack.report.run_tables import (
     summary_table,
 )
 from knowstack.report.runs import Run, average_gains, finetune_name, run_averages, stages_done
-from knowstack.report.tables import AVERAGES, Table, TableRow, fmt_percent, fmt_score
+from knowstack.report.tables import AVERAGES, Scores, Table, TableRow, fmt_percent, fmt_score
 
 NEW_UNIT = "score (0-1, each task's own metric)"
 GAIN_UNIT = "gain from base (%)"
@@ -70,6 +70,19 @@ def highlights(ctx: Context) -> list[str]:
     return lines or ["No trained model has results yet."]
 
 
+PROTOCOL_TEXT = {"paper": "the paper's scoring: TRACE's and RhuiDih/cl's answer reading and metrics, lm-eval's gsm8k "
+                          "and gsm8k_cot", "builtin": "knowstack's built-in scoring"}
+
+
+def protocol_note(scores: Scores) -> str:
+    """Which evaluation protocol produced the new-knowledge scores (results' protocol column)."""
+    used = sorted({r.protocol for r in scores.rows if r.kind == "new" and r.protocol})
+    if not used:
+        return ""
+    named = "; ".join(f"{name} ({PROTOCOL_TEXT.get(name, name)})" for name in used)
+    return f" New-knowledge scores by protocol: {named}." if len(used) > 1 else f" New-knowledge protocol: {named}."
+
+
 def summary_section(ctx: Context, title: str) -> Section:
     scores = ctx.scores
     counts = verdict_counts(ctx.verdicts)
@@ -79,7 +92,7 @@ def summary_section(ctx: Context, title: str) -> Section:
     if scores.seeds > 1:
         intro += (f" Each trained model was trained with {scores.seeds} seeds: its numbers are means over them, with "
                   "intervals covering seed and item variance.")
-    blocks: list = [intro, highlights(ctx),
+    blocks: list = [intro + protocol_note(scores), highlights(ctx),
                     f"The paper's {len(ctx.verdicts)} findings on this study: {counts['holds']} hold, "
                     f"{counts['does not hold']} do not hold, {counts['inconclusive']} inconclusive (the 95% interval "
                     f"of the difference covers both), {counts['not measured']} not measured."]

@@ -196,11 +196,14 @@ class PlanBuilder:
 
     def _eval_params(self) -> dict[str, Any]:
         cfg = self.config
-        return {
+        params = {
             "tasks": self.tasks,
             "old": cfg.old_knowledge.model_dump(mode="json"),
             "evaluation": cfg.evaluation.model_dump(mode="json"),
         }
+        # A task's own scoring protocol changes its scores, not its training: it keys the evaluations only.
+        own = {task.name: task.protocol for task in cfg.tasks if task.protocol} if isinstance(cfg.tasks, list) else {}
+        return {**params, "protocols": own} if own else params
 
     # --- sweep points ---------------------------------------------------------------------------
     @contextmanager

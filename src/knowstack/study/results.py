@@ -5,7 +5,8 @@ stage, task, kind, metric, value, ci_low, ci_high (the value's 95% interval: a s
 the test items, empty where no per-item scores exist), n, trained_on, seed (the training seed, where the config
 repeats models over `seeds`), then point (a sweep point's name, '' for a method's own
 setting) and one column per setting a sweep can change (lr, rank, lambda, ...: filled where the model's
-point sets it, and with O-LoRA's lambda).
+point sets it, and with O-LoRA's lambda), then protocol: how the value was scored (a new-knowledge
+task's protocol, `builtin` or `paper`; `lm-eval` for old knowledge).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from knowstack.config import SWEEP_COLUMNS
 from knowstack.study.plan import Plan
 
 COLUMNS = ("model", "method", "finetune", "stage", "task", "kind", "metric", "value", "ci_low", "ci_high", "n",
-           "trained_on", "seed", "point", *SWEEP_COLUMNS)
+           "trained_on", "seed", "point", *SWEEP_COLUMNS, "protocol")
 PER_EXAMPLE = "per_example.jsonl"  # beside results.csv: every row's per-item scores
+OLD_PROTOCOL = "lm-eval"
 
 
 @dataclass(frozen=True)
@@ -45,11 +47,12 @@ class Row:
     ci_low: float | None = None
     ci_high: float | None = None
     seed: int | None = None
+    protocol: str = ""
 
     def record(self) -> dict[str, object]:
-        """The row as results columns (None where empty)."""
-        record: dict[str, object] = {c: getattr(self, c) for c in COLUMNS if c not in SWEEP_COLUMNS}
-        return {**record, **{c: None for c in SWEEP_COLUMNS}, **dict(self.settings)}
+        """The row as results columns (None where empty), in COLUMNS order."""
+        values: dict[str, object] = {**{c: None for c in SWEEP_COLUMNS}, **dict(self.settings)}
+        return {c: values[c] if c in SWEEP_COLUMNS else getattr(self, c) for c in COLUMNS}
 
 
 def collect_rows(plan: Plan, artifacts: Path) -> list[Row]:
@@ -64,14 +67,18 @@ def collect_rows(plan: Plan, artifacts: Path) -> list[Row]:
         items = _step_items(out)
         for task in plan.task_names:
             record = json.loads((out / f"new-{task}.json").read_text())
+            # An evaluation made before protocols were recorded was scored the built-in way.
+            protocol = record.get("protocol", "builtin")
             for metric, value in record["scores"].items():
                 ci = _interval(items, "new", task, metric)
-                rows.append(Row(task=task, kind="new", metric=metric, value=value, n=record["n"], **ci, **common))
+                rows.append(Row(task=task, kind="new", metric=metric, value=value, n=record["n"], protocol=protocol,
+                                **ci, **common))
         old = json.loads((out / "old.json").read_text())
         for task, metrics in old.items():
             for metric, value in metrics.items():
                 ci = _interval(items, "old", task, metric)
-                rows.append(Row(task=task, kind="old", metric=metric, value=value, n=None, **ci, **common))
+                rows.append(Row(task=task, kind="old", metric=metric, value=value, n=None, protocol=OLD_PROTOCOL,
+                                **ci, **common))
     return rows
 
 
@@ -145,7 +152,7 @@ def write_sqlite(rows: list[Row], path: Path) -> None:
                 "CREATE TABLE results (model TEXT, method TEXT, finetune TEXT, stage INTEGER, task TEXT, "
                 "kind TEXT, metric TEXT, value REAL, ci_low REAL, ci_high REAL, n INTEGER, trained_on TEXT, "
                 "seed INTEGER, point TEXT, "
-                + ", ".join(f"{c} REAL" for c in SWEEP_COLUMNS) + ")"
+                + ", ".join(f"{c} REAL" for c in SWEEP_COLUMNS) + ", protocol TEXT)"
             )
             db.executemany(
                 f"INSERT INTO results VALUES ({', '.join('?' for _ in COLUMNS)})",
@@ -169,6 +176,7 @@ def read_csv(path: Path) -> list[Row]:
                 ci_low=float(r["ci_low"]) if r.get("ci_low") else None,
                 ci_high=float(r["ci_high"]) if r.get("ci_high") else None,
                 seed=int(r["seed"]) if r.get("seed") else None,
+                protocol=r.get("protocol") or "",
             )
             for r in csv.DictReader(handle)
         ]

@@ -236,6 +236,16 @@ def _max_new_tokens(ctx: StudyContext, task: TaskSpec) -> dict[str, int]:
     return {}
 
 
+def _scoring_settings(ctx: StudyContext, task: TaskSpec) -> dict[str, Any]:
+    """The task's protocol (its own, else the study's) and, for math, the GSM8K files the harness reads."""
+    from knowstack.evaluate.new_knowledge import HarnessData
+
+    settings: dict[str, Any] = {"protocol": task.protocol or ctx.config.evaluation.protocol}
+    if task.format == "math":
+        settings["harness"] = HarnessData(test=task.test_path, fewshot=task.eval_path, limit=task.max_test)
+    return settings
+
+
 def run_eval(step: Step, ctx: StudyContext, out: Path) -> None:
     """Scores one model on every new task and on old knowledge.
 
@@ -260,11 +270,11 @@ def run_eval(step: Step, ctx: StudyContext, out: Path) -> None:
         if done.exists():
             continue
         score = evaluate_task(
-            model, tokenizer, task.load("test"), task.metric, batch_size=batch_size, **_max_new_tokens(ctx, task)
+            model, tokenizer, task.load("test"), task.metric, batch_size=batch_size, **_max_new_tokens(ctx, task),
+            **_scoring_settings(ctx, task),
         )
         _write_jsonl(partial / f"predictions-{name}.jsonl", score.predictions)
-        atomic_write_json(done, {"task": name, "n": len(score.predictions), "scores": score.scores,
-                                 "per_example": score.per_example})
+        atomic_write_json(done, {"task": name, **score.record(), "per_example": score.per_example})
     old_done = partial / "old.json"
     if not old_done.exists():
         old_tasks, include_path = ctx.old_task_setup()
