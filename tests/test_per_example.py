@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from knowstack.evaluate.metrics import METRICS
-from knowstack.evaluate.new_knowledge import _per_item
+from knowstack.evaluate.metrics import METRICS, PER_EXAMPLE
 from knowstack.evaluate.old_knowledge import per_doc_scores
 
 PREDICTIONS = ["yes", "The cat sat on the mat", "def f(x): return x + 1", "a simple sentence here", "42"]
@@ -15,7 +14,7 @@ SOURCES = ["q1", "q2", "q3", "a complicated sentence here indeed", "q5"]
 
 @pytest.mark.parametrize("metric", ["accuracy", "rouge_l", "edit_similarity", "sari", "number_em", "math"])
 def test_the_mean_of_per_item_scores_is_the_metric(metric: str) -> None:
-    items = _per_item(METRICS[metric], PREDICTIONS, REFERENCES, SOURCES)
+    items = PER_EXAMPLE[metric](PREDICTIONS, REFERENCES, SOURCES)
     assert len(items) == len(PREDICTIONS)
     assert sum(items) / len(items) == pytest.approx(METRICS[metric](PREDICTIONS, REFERENCES, SOURCES))
 
