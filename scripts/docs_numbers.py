@@ -92,7 +92,7 @@ class Study:
         day = dt.datetime.fromtimestamp(self.finished, dt.timezone.utc).date()
         return (f"measured on {day} in `{self.path.name}` (built-in world `{self.world['preset']}`, fingerprint "
                 f"`{self.world.get('fingerprint', '?')}`, Python {env.get('python', '?')}, torch {env.get('torch', '?')}, "
-                f"{env.get('torch_threads', '?')} threads)")
+                f"torch threads: {env.get('torch_threads', '?')})")
 
 
 def number(value: float | None) -> str:
@@ -122,9 +122,8 @@ def demo_base(study: Study) -> str:
 
 
 def demo_time(study: Study) -> str:
-    env = study.world.get("environment", {})
     return (f"Last measured: {study.seconds / 60:.1f} minutes for its {study.steps} steps, install not included "
-            f"({study.provenance().removeprefix('measured ')}; torch used {env.get('torch_threads', '?')} threads).")
+            f"({study.provenance().removeprefix('measured ')}).")
 
 
 def demo_study(study: Study) -> str:

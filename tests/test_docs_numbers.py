@@ -74,7 +74,7 @@ def test_blocks_are_rewritten_from_the_results(checkout: Path, demo: Path, capsy
     assert script.main(["--demo", str(demo), "--root", str(checkout)]) == 0
     readme = (checkout / "README.md").read_text()
     base_block = readme.split("<!-- numbers:demo-base -->\n")[1].split("<!-- /numbers -->")[0]
-    assert "0.99" not in base_block and "f00dfeedf00dfeed" in base_block and "2 threads" in base_block
+    assert "0.99" not in base_block and "f00dfeedf00dfeed" in base_block and "torch threads: 2" in base_block
     for task, value in OLD.items():
         assert f"{value:.2f} ({task})" in base_block
     # text outside the blocks, and the block whose results dir was not given, are left as they were
