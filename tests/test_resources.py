@@ -61,9 +61,10 @@ def _model(finetune: str):
 
 def _full_batch() -> dict[str, torch.Tensor]:
     tokenizer = build_tiny_tokenizer()
-    examples = [Example(f"Q{i}: " + TEXT[:100], " A: " + TEXT[:600]) for i in range(MICRO)]
+    # Overlong prompts: each row is cut to LENGTH in the middle of its prompt, its answer kept whole.
+    examples = [Example(f"Q{i}: " + TEXT[:600], " A: " + TEXT[:100]) for i in range(MICRO)]
     tokenized = tokenize_examples(tokenizer, examples, LENGTH)
-    assert all(len(ex) == LENGTH for ex in tokenized)  # every row full, as the estimate assumes
+    assert len(tokenized) == MICRO and all(len(ex) == LENGTH for ex in tokenized)  # every row full, as the estimate assumes
     return collate(tokenized, pack_rows=True, pad_token_id=tokenizer.pad_token_id)
 
 

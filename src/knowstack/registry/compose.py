@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from knowstack.atomic import atomic_write_json
+from knowstack.atomic import atomic_write_json, atomic_write_text
 from knowstack.errors import KnowstackError
 from knowstack.registry import db
 from knowstack.registry.core import BASE_NAME, Registry, check_name, composed
@@ -579,6 +579,14 @@ def name_inputs_by_version(b: Build) -> None:
         named = renamed(data)
         if named != data:
             atomic_write_json(path, named)
+    # Model cards (README.md) name their inputs by path in prose: the same renaming, as text, longest path first.
+    for card in sorted(b.out.rglob("README.md")):
+        text = card.read_text(encoding="utf-8")
+        named_text = text
+        for path, name in sorted(names.items(), key=lambda item: -len(item[0])):
+            named_text = named_text.replace(path, name)
+        if named_text != text:
+            atomic_write_text(card, named_text)
 
 
 def _open_build(stack: contextlib.ExitStack, reg: Registry, records: Sequence[dict[str, Any]], spec: Method,
