@@ -68,7 +68,7 @@ def dry_run(config: PathLike | Mapping[str, Any] | StudyConfig, out: PathLike,
     from knowstack.study.plan import build_plan
     from knowstack.study.resources import GiB, estimate_plan
 
-    plan = build_plan(load_study(config))
+    plan = build_plan(load_study(config), Path(out))
     estimates = dict((step.key, est) for step, est in estimate_plan(plan, int(gpu_memory_gib * GiB))[0])
     return [PlannedStep(i, s.key, s.kind, s.label, (Path(out) / "artifacts" / s.key).is_dir(), estimates.get(s.key))
             for i, s in enumerate(plan.ordered(), start=1)]
@@ -130,7 +130,7 @@ def study_results(out: PathLike, config: PathLike | Mapping[str, Any] | StudyCon
         if not (out / "config.yaml").is_file():
             raise KnowstackError("not a study dir (no config.yaml): pass the config too", path=out)
         config = out / "config.yaml"
-    return StudyResults(out, study_rows(build_plan(load_study(config)), out))
+    return StudyResults(out, study_rows(build_plan(load_study(config), out), out))
 
 
 # --- one model at a time ---------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ def step_tracking(step: Step, ctx: StudyContext, plan: Plan | None = None) -> Tr
     report_to = ctx.config.training.report_to
     if not report_to:
         return None
-    plan = plan or build_plan(ctx.config)
+    plan = plan or build_plan(ctx.config, ctx.out)
     return Tracking(tuple(report_to), project=ctx.config.name, run=step.label, tags=step_tags(step, plan),
                     mlflow_dir=str(ctx.out / MLRUNS_DIR))
 
