@@ -25,7 +25,7 @@ def test_the_registry_scenario_end_to_end(tmp_path: Path) -> None:
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "KNOWSTACK": str(bin_dir / "knowstack"), "PYTHON": sys.executable}
     run = subprocess.run([str(ROOT / "examples" / "registry-scenario.sh"), str(out), "quick"], env=env,
-                         capture_output=True, text=True, timeout=1800)
+                         capture_output=True, text=True, timeout=3600)
     assert run.returncode == 0, run.stderr[-3000:]
     printed = run.stdout
 
