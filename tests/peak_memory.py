@@ -34,8 +34,8 @@ def main(finetune: str, out: Path) -> dict[str, int]:
     tokenizer.save_pretrained(out / "base")
     arch = _from_hf_config(model.config)
     del model
-    # long examples: every packed row is full, as the estimate assumes
-    examples = [Example(f"Q{i}: " + TEXT[:200], " A: " + TEXT[:900]) for i in range(16)]
+    # long prompts: each is cut in its middle to max_length, so every packed row is full, as the estimate assumes
+    examples = [Example(f"Q{i}: " + TEXT[:900], " A: " + TEXT[:200]) for i in range(16)]
     config = parse_config({"name": "peak", "base": {"builtin": "test"},
                            "training": {**TRAINING, "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}})
     settings = TrainSettings(finetune=finetune, lora_dropout=0.0, **TRAINING)
