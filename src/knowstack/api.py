@@ -186,9 +186,9 @@ def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *, prompts: S
     """A mixture of experts of model dirs (FFT-MoE) or adapter dirs (LoRA-MoE), as `knowstack mix`; options are
     combine/moe.py MoeOptions fields (top_k, layers, shared, base_expert, router, seed, attention). Router
     default: `prompts` when prompts are given, else random. Returns moe.json."""
-    from knowstack.combine.moe import MoeOptions, mix_models
+    from knowstack.combine.moe import MoeOptions, default_router, mix_models
 
-    options.setdefault("router", "prompts" if prompts else "random")
+    options.setdefault("router", default_router(bool(prompts)))
     return mix_models(base, list(models), Path(out), options=MoeOptions(**options), prompts=prompts)
 
 

@@ -7,10 +7,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 
+from knowstack.config import METRICS
 from knowstack.errors import KnowstackError
 from knowstack.logs import library_messages_to
 
@@ -167,20 +169,43 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.replay:
         earlier = [(path.name, _replay_task(path).load("train")) for path in map(Path, args.replay)]
         examples, mixture = replay_mixture((task.name, examples), earlier, args.replay_fraction, args.seed)
-    settings = TrainSettings(
-        finetune=args.finetune, lr=args.lr, schedule=args.schedule, epochs=args.epochs, max_steps=args.max_steps,
-        batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, max_length=args.max_length,
-        seed=args.seed, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-    )
+    settings = TrainSettings.from_config(training_from_args(args), finetune=args.finetune, seed=args.seed)
     olora = {"previous": args.olora_previous, "lambda": args.olora_lambda} if args.olora_previous else None
     job = TrainJob(model_path=args.model, out_dir=args.out, settings=settings.to_dict(),
                    examples=[(ex.prompt, ex.answer) for ex in examples], progress_desc=f"train {task.name}",
-                   olora=olora)
+                   olora=olora, tokenizer=args.tokenizer, trust_remote_code=args.trust_remote_code)
     summary = run_job(job)
     if mixture is not None:
         atomic_write_json(Path(args.out) / "mixture.json", mixture)
     print(json.dumps({k: summary[k] for k in ("steps", "examples") if k in summary}))
     print(f"written: {args.out}")
+
+
+# The recipe's settings `knowstack train` and `compose` take as options (lr_of_pretrain_peak needs a built-in world,
+# report_to is a study's); LoRA's are --lora-r, --lora-alpha, ...
+TRAINING_OPTIONS = ("lr", "schedule", "warmup_steps", "epochs", "max_steps", "batch_size", "micro_batch_size",
+                    "max_length", "weight_decay", "max_grad_norm", "pack")
+TRAINING_HELP = {"lr": "learning rate (default 2e-05, the paper's)", "batch_size": "examples per optimizer step",
+                 "micro_batch_size": "examples per forward pass", "max_length": "tokens per example"}
+
+
+def add_training_options(parser: Any, *, only: tuple[str, ...] = TRAINING_OPTIONS) -> None:
+    """The training recipe's options, from config.py's TrainingConfig and LoraConfig (their defaults, their checks)."""
+    from knowstack.cli_options import add_model_options
+    from knowstack.config import LoraConfig, TrainingConfig
+
+    add_model_options(parser, TrainingConfig, only=only, helps=TRAINING_HELP)
+    add_model_options(parser, LoraConfig, prefix="lora_")
+
+
+def training_from_args(args: argparse.Namespace, **fixed: Any):  # -> TrainingConfig
+    """The recipe the options give; `fixed`: settings given another way (compose's --train-batch-size)."""
+    from knowstack.cli_options import given_options, model_from_args
+    from knowstack.config import LoraConfig, TrainingConfig
+
+    lora = model_from_args(LoraConfig, given_options(args, LoraConfig, prefix="lora_"), prefix="lora_")
+    given = {k: v for k, v in given_options(args, TrainingConfig).items() if k in TRAINING_OPTIONS}
+    return model_from_args(TrainingConfig, {**given, **{k: v for k, v in fixed.items() if v is not None}, "lora": lora})
 
 
 def _replay_task(path: Path):  # -> TaskSpec
@@ -303,7 +328,7 @@ def _prompt_lists(files: list[str]) -> list[list[str]]:
 
 
 def cmd_mix(args: argparse.Namespace) -> None:
-    from knowstack.combine.moe import MoeOptions, mix_models
+    from knowstack.combine.moe import MoeOptions, default_router, mix_models
     from knowstack.combine.moe_train import RouterTraining
     from knowstack.data.formats import load_trace_split
     from knowstack.validate import (
@@ -320,7 +345,7 @@ def cmd_mix(args: argparse.Namespace) -> None:
     problems += [p for path in args.train_data or [] for p in check_split_file(path, "trace", "train")]
     raise_problems(problems)
     prompts = [p[: args.prompts_per_expert] for p in _prompt_lists(args.prompts)] if args.prompts else None
-    router = args.router or ("prompts" if prompts else "random")
+    router = args.router or default_router(bool(prompts))
     if args.train_data and not args.train_steps:
         raise KnowstackError("--train-data is for router training: give --train-steps too")
     examples = [ex for file in args.train_data or [] for ex in load_trace_split(Path(file))]
@@ -544,21 +569,27 @@ def _add_compose_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
 
 
-METRIC_CHOICES = ("accuracy", "exact_match", "rouge_l", "edit_similarity", "sari", "math")
-
-
 def _add_task_args(parser: argparse.ArgumentParser, *, metric_required: bool) -> None:
     parser.add_argument("--task", help="a TRACE-layout task dir (train.json, eval.json, test.json)")
     parser.add_argument("--format", choices=["trace", "math"], default="trace")
     parser.add_argument("--train-file", help="math: a MetaMathQA-format JSON file")
     parser.add_argument("--test-file", help="math: a GSM8K-format JSON/JSONL file")
-    parser.add_argument("--metric", default="accuracy", required=metric_required, choices=list(METRIC_CHOICES))
+    parser.add_argument("--metric", default="accuracy", required=metric_required, choices=list(METRICS))
 
 
 def build_parser() -> argparse.ArgumentParser:
     from typing import get_args
 
-    from knowstack.config import MergeMethodName
+    from knowstack.config import (
+        MergeConfig,
+        MergeMethodName,
+        MoeConfig,
+        OLoraConfig,
+        ReplayConfig,
+        RouterTrainingConfig,
+    )
+
+    merge, moe, routers = MergeConfig(), MoeConfig(), RouterTrainingConfig()
 
     parser = argparse.ArgumentParser(prog="knowstack", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -598,21 +629,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="HF model dir or hub id to start from")
     _add_task_args(p, metric_required=False)
     p.add_argument("--finetune", choices=["fft", "lora"], default="lora")
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--schedule", choices=["constant", "linear", "cosine"], default="constant")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--micro-batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16)
+    p.add_argument("--tokenizer", help="the tokenizer, where it is not the model dir's (as a study's base.tokenizer)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
+    add_training_options(p)
     p.add_argument("--replay", nargs="+", metavar="TASKDIR",
                    help="replay: earlier tasks' dirs; each adds --replay-fraction x |task| of its examples")
-    p.add_argument("--replay-fraction", type=float, default=0.1, help="replay: the fraction (default 0.1)")
+    p.add_argument("--replay-fraction", type=float, default=ReplayConfig().fraction,
+                   help=f"replay: the fraction (default {ReplayConfig().fraction})")
     p.add_argument("--olora-previous", nargs="+", metavar="ADAPTER",
                    help="O-LoRA: the earlier rounds' LoRA adapter dirs, penalised against (needs --finetune lora)")
-    p.add_argument("--olora-lambda", type=float, default=0.5, help="O-LoRA: the penalty's weight (default 0.5)")
+    p.add_argument("--olora-lambda", type=float, default=OLoraConfig().lambdas[0],
+                   help=f"O-LoRA: the penalty's weight (default {OLoraConfig().lambdas[0]}, the paper's first run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_train)
@@ -636,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", required=True,
                    help='JSON Lines of {"prediction": ...} in test order, or a JSON list of strings')
     p.add_argument("--format", choices=["trace", "math"], default="trace")
-    p.add_argument("--metric", choices=list(METRIC_CHOICES),
+    p.add_argument("--metric", choices=list(METRICS),
                    help="default: the TRACE task's own metric, from the dir name (e.g. MeetingBank: rouge_l)")
     p.add_argument("--protocol", choices=["builtin", "paper"], default="builtin")
     p.add_argument("--json", action="store_true", help="print one JSON object {metric: value}")
@@ -648,9 +675,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="the base model dir (needed by all methods but a plain average of full models)")
     p.add_argument("--models", nargs="+", required=True, help="model dirs and/or PEFT LoRA adapter dirs")
     p.add_argument("--weights", nargs="+", type=float, help="one positive weight per model (default: equal)")
-    p.add_argument("--density", type=float, help="ties: fraction of each task vector kept (default 0.2)")
-    p.add_argument("--drop-rate", type=float, help="dare, ties-dare: probability of dropping (default 0.9)")
-    p.add_argument("--lambda", dest="lam", type=float, help="scale of the merged task vector (default 1)")
+    p.add_argument("--density", type=float, help=f"ties: fraction of each task vector kept (default {merge.density})")
+    p.add_argument("--drop-rate", type=float,
+                   help=f"dare, ties-dare: probability of dropping (default {merge.drop_rate})")
+    p.add_argument("--lambda", dest="lam", type=float, help=f"scale of the merged task vector (default {merge.lam})")
     p.add_argument("--seed", type=int, default=0, help="dare, ties-dare: the random drops")
     p.add_argument("--lora-space", choices=("delta", "factors"),
                    help="LoRA adapters: merge their deltas s*B@A (delta, the default) or their A and B apart as PEFT's "
@@ -664,23 +692,25 @@ def build_parser() -> argparse.ArgumentParser:
                                    "into a mixture of experts")
     p.add_argument("--base", required=True, help="the base model dir")
     p.add_argument("--models", nargs="+", required=True, help="model dirs (FFT-MoE) or PEFT LoRA adapter dirs")
-    p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    p.add_argument("--top-k", type=int, default=moe.top_k, help=f"experts per token (default {moe.top_k})")
     p.add_argument("--layers", nargs="+", type=int, help="the layers to mix (default: all)")
-    p.add_argument("--shared", choices=["base", "average"], default="base",
+    p.add_argument("--shared", choices=["base", "average"], default=moe.shared,
                    help="FFT-MoE: attention, norms and embeddings from the base or the models' average")
-    p.add_argument("--base-expert", choices=["none", "routed", "always-on"], default="none",
+    p.add_argument("--base-expert", choices=["none", "routed", "always-on"], default=moe.base_expert,
                    help="the base as a routed expert, or always active (FFT-MoE)")
     p.add_argument("--attention", nargs="+", choices=["q_proj", "k_proj", "v_proj", "o_proj"],
                    help="FFT-MoE: these self-attention projections are experts too, each with its own router")
     p.add_argument("--router", choices=["random", "uniform", "base-biased", "prompts", "none"],
                    help="router init (default: prompts if --prompts is given, else random); none: router-free")
     p.add_argument("--prompts", nargs="+", help="one JSON/JSONL file of prompts per model, in order")
-    p.add_argument("--prompts-per-expert", type=int, default=8, help="prompts used from each file (default 8)")
+    p.add_argument("--prompts-per-expert", type=int, default=moe.prompts_per_expert,
+                   help=f"prompts used from each file (default {moe.prompts_per_expert})")
     p.add_argument("--train-data", nargs="+", help="router training: TRACE-format files of prompt/answer items")
     p.add_argument("--train-steps", type=int, default=0, help="router training steps (default 0: none)")
-    p.add_argument("--train-lr", type=float, default=1e-3)
-    p.add_argument("--train-batch-size", type=int, default=8)
-    p.add_argument("--aux-loss-coef", type=float, default=0.01, help="weight of the load-balancing loss")
+    p.add_argument("--train-lr", type=float, default=routers.lr, help=f"default {routers.lr}")
+    p.add_argument("--train-batch-size", type=int, default=routers.batch_size, help=f"default {routers.batch_size}")
+    p.add_argument("--aux-loss-coef", type=float, default=routers.aux_loss_coef,
+                   help=f"weight of the load-balancing loss (default {routers.aux_loss_coef})")
     p.add_argument("--seed", type=int, default=0, help="random routers and the training order")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output shard (FFT-MoE)")
     p.add_argument("--out", required=True)
@@ -733,7 +763,7 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--adapter", help="a PEFT LoRA adapter dir (adapter_model.safetensors)")
     weights.add_argument("--model", help="a fine-tuned model dir (safetensors weights)")
     p.add_argument("--task", required=True, help="its task: a TRACE-layout dir (test.json, eval.json, train.json)")
-    p.add_argument("--metric", default="accuracy", choices=["accuracy", "rouge_l", "edit_similarity", "sari", "math"])
+    p.add_argument("--metric", default="accuracy", choices=list(METRICS))
     p.add_argument("--format", choices=["trace", "math"], default="trace",
                    help="math: MetaMathQA-format train.json, GSM8K-format eval/test (use with --metric math)")
     p.add_argument("--keep-data", action="store_true", help="also store the task's train split (default: only "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -12,7 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from knowstack.errors import KnowstackError
 
 Finetune = Literal["fft", "lora"]
-METRICS = ("accuracy", "exact_match", "rouge_l", "edit_similarity", "sari", "math")
+# The metrics a new-knowledge task is scored by (evaluate/protocols.py says how each is read and computed).
+TaskMetric = Literal["accuracy", "exact_match", "rouge_l", "edit_similarity", "sari", "math"]
+METRICS: tuple[str, ...] = get_args(TaskMetric)
+# The paper's learning rate (constant, FFT and LoRA alike): the default where a config gives none.
+PAPER_LR = 2e-5
 Protocol = Literal["builtin", "paper"]
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -55,7 +59,7 @@ class TaskConfig(Strict):
     train_file: Path | None = None
     eval_file: Path | None = None
     test_file: Path | None = None
-    metric: Literal["accuracy", "exact_match", "rouge_l", "edit_similarity", "sari", "math"]
+    metric: TaskMetric
     max_train: int | None = Field(default=None, gt=0)
     max_test: int | None = Field(default=None, gt=0)
     epochs: float | None = Field(default=None, gt=0)
@@ -148,7 +152,9 @@ class LoraConfig(Strict):
 
 
 class TrainingConfig(Strict):
-    """The paper's recipe by default: constant lr 2e-5, effective batch 16, answer-only loss, packing."""
+    """The paper's recipe by default: constant lr 2e-5, effective batch 16, answer-only loss, packing. The one
+    declaration of every training setting and its default: a study, `knowstack train`, a registry compose and
+    the API all build their runs from it (train/settings.py TrainSettings.from_config)."""
 
     lr: float | None = Field(default=None, gt=0)
     lr_of_pretrain_peak: float | None = Field(default=None, gt=0)
@@ -170,9 +176,22 @@ class TrainingConfig(Strict):
     def _one_lr(self) -> TrainingConfig:
         if self.lr is not None and self.lr_of_pretrain_peak is not None:
             raise ValueError("give 'lr' or 'lr_of_pretrain_peak', not both")
-        if self.batch_size % self.micro_batch_size:
+        # a micro batch larger than the batch is the whole batch in one pass
+        if self.micro_batch_size < self.batch_size and self.batch_size % self.micro_batch_size:
             raise ValueError("batch_size must be a multiple of micro_batch_size")
         return self
+
+    def learning_rate(self, pretrain_peak: float | None = None) -> float:
+        """The rate a run trains at: `lr`, else `lr_of_pretrain_peak` x the built-in base's pretraining peak, else
+        the paper's 2e-5."""
+        if self.lr is not None:
+            return self.lr
+        if self.lr_of_pretrain_peak is not None:
+            if pretrain_peak is None:
+                raise KnowstackError("'lr_of_pretrain_peak' needs a built-in base (its pretraining peak rate); give "
+                                     "'lr'", field="training.lr_of_pretrain_peak")
+            return self.lr_of_pretrain_peak * pretrain_peak
+        return PAPER_LR
 
 
 class EvaluationConfig(Strict):

@@ -38,16 +38,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from knowstack.config import MergeConfig
 from knowstack.errors import KnowstackError
+
+_DECLARED = MergeConfig()
 
 
 @dataclass(frozen=True)
 class MergeOptions:
     """The knobs of all methods; each method reads the ones it needs."""
 
-    density: float = 0.2  # TIES: fraction of each task vector kept, by magnitude, per tensor
-    drop_rate: float = 0.9  # DARE: probability that an entry of a task vector is dropped
-    lam: float = 1.0  # scale of the merged task vector (lambda in the TIES and DARE papers)
+    # the defaults are config.py MergeConfig's (the one declaration)
+    density: float = _DECLARED.density  # TIES: fraction of each task vector kept, by magnitude, per tensor
+    drop_rate: float = _DECLARED.drop_rate  # DARE: probability that an entry of a task vector is dropped
+    lam: float = _DECLARED.lam  # scale of the merged task vector (lambda in the TIES and DARE papers)
     # LoRA adapters: merge their deltas s B A (delta), or their A and B factors apart as PEFT does (factors:
     # merge_factors.py, the paper's LoRA TIES / DARE-TIES)
     lora_space: str = "delta"

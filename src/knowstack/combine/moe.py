@@ -31,6 +31,7 @@ from knowstack.combine.routers import (
     mean_router_inputs,
     prompt_routers,
 )
+from knowstack.config import MoeConfig
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
 from knowstack.train.launch import LaunchSpec
@@ -38,6 +39,15 @@ from knowstack.train.launch import LaunchSpec
 MOE_FILE = "moe.json"
 BASE_EXPERTS = ("none", "routed", "always-on")
 SHARED = ("base", "average")
+
+
+_DECLARED = MoeConfig()  # the one declaration of the MoE settings' defaults
+
+
+def default_router(has_prompts: bool) -> str:
+    """The router a mixture gets when none is named: the study's (`prompts`, MoeConfig's default), where there are
+    prompts to build it from; random otherwise."""
+    return _DECLARED.router if has_prompts else "random"
 
 
 @dataclass(frozen=True)
@@ -48,10 +58,11 @@ class MoeOptions:
     attention: self-attention projections (q_proj, k_proj, v_proj, o_proj) that are experts too in every
     mixed layer, each with its own router (FFT only: a LoRA-MoE mixes every module its adapters target)."""
 
-    top_k: int = 2
+    top_k: int = _DECLARED.top_k
     layers: tuple[int, ...] | None = None
-    shared: str = "base"
-    base_expert: str = "none"
+    shared: str = _DECLARED.shared
+    base_expert: str = _DECLARED.base_expert
+    # A library call without prompts has none to build a router from: `default_router` says which applies.
     router: str = "random"
     seed: int = 0
     attention: tuple[str, ...] = ()

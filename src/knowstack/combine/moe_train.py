@@ -33,6 +33,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from knowstack.combine.routers import decoder_layers, packed_attention, packed_rows
+from knowstack.config import RouterTrainingConfig, TrainingConfig
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
 
@@ -45,13 +46,17 @@ class RouterSite:
     key: str  # "<layer>" for a layer's MLP (or LoRA-MoE) router, "<layer>.self_attn.<projection>"
 
 
+_DECLARED = RouterTrainingConfig(steps=1)
+
+
 @dataclass(frozen=True)
 class RouterTraining:
+    # the defaults are config.py RouterTrainingConfig's and the training recipe's max_length (one declaration)
     steps: int
-    lr: float = 1e-3
-    batch_size: int = 8
-    aux_loss_coef: float = 0.01
-    max_length: int = 512
+    lr: float = _DECLARED.lr
+    batch_size: int = _DECLARED.batch_size
+    aux_loss_coef: float = _DECLARED.aux_loss_coef
+    max_length: int = TrainingConfig().max_length
     seed: int = 0
 
 

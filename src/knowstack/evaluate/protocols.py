@@ -21,11 +21,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from knowstack.config import METRICS
 from knowstack.data.formats import DIRECT_ANSWER_PRIMER, final_number, first_number
 from knowstack.errors import KnowstackError
 
 PROTOCOL_NAMES = ("builtin", "paper")
-TASK_METRICS = ("accuracy", "exact_match", "rouge_l", "edit_similarity", "sari", "math")
+TASK_METRICS = METRICS  # config.py declares them
 
 
 @dataclass(frozen=True)

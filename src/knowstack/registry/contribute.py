@@ -22,6 +22,7 @@ from knowstack.combine.inputs import (
     read_json,
 )
 from knowstack.combine.merge import _check_compatible
+from knowstack.config import METRICS
 from knowstack.data.formats import trace_split_path
 from knowstack.data.tasks import read_split
 from knowstack.errors import KnowstackError
@@ -31,7 +32,6 @@ from knowstack.registry.core import BASE_NAME, Registry, check_name
 from knowstack.registry.evaluate import load_for_scoring, score_task, task_of, without_items
 from knowstack.registry.store import content_hash
 
-METRICS = ("accuracy", "rouge_l", "edit_similarity", "sari", "math")
 TASK_FORMATS = ("trace", "math")
 
 

@@ -70,41 +70,14 @@ def run_world(step: Step, ctx: StudyContext, out: Path) -> None:
     build_world(out, preset=step.params["preset"], seed=step.params["seed"])
 
 
-def _learning_rate(ctx: StudyContext, training: dict[str, Any]) -> float:
-    if training.get("lr") is not None:
-        return float(training["lr"])
-    peak = ctx.world_manifest()["pretrain"]["peak_lr"]
-    return float(training["lr_of_pretrain_peak"]) * float(peak)
-
-
 def train_settings(ctx: StudyContext, params: dict[str, Any]):  # -> TrainSettings
+    """A train step's run settings: its recipe (the step's `training`, as the plan hashed it) resolved."""
+    from knowstack.config import TrainingConfig
     from knowstack.train import TrainSettings
 
-    training = params["training"]
-    lora = training.get("lora") or {}
-    kwargs: dict[str, Any] = {
-        "finetune": params["finetune"],
-        "lr": _learning_rate(ctx, training),
-        "schedule": training["schedule"],
-        "warmup_steps": training["warmup_steps"],
-        "epochs": training["epochs"],
-        "max_steps": training["max_steps"],
-        "batch_size": training["batch_size"],
-        "micro_batch_size": training["micro_batch_size"],
-        "max_length": training["max_length"],
-        "weight_decay": training["weight_decay"],
-        "max_grad_norm": training["max_grad_norm"],
-        "pack": training["pack"],
-        "seed": params["seed"],
-    }
-    if lora:
-        kwargs.update(
-            lora_r=lora["r"],
-            lora_alpha=lora["alpha"],
-            lora_dropout=lora["dropout"],
-            target_modules=tuple(lora["target_modules"]),
-        )
-    return TrainSettings(**kwargs)
+    pretrain = ctx.world_manifest().get("pretrain") or {}
+    return TrainSettings.from_config(TrainingConfig.model_validate(params["training"]), finetune=params["finetune"],
+                                     seed=params["seed"], pretrain_peak=pretrain.get("peak_lr"))
 
 
 MIXTURE_FILE = "mixture.json"
@@ -121,6 +94,7 @@ def run_train(step: Step, ctx: StudyContext, out: Path) -> None:
         model_path=ctx.resolve(params["init"]["model"]), out_dir=str(out),
         settings=train_settings(ctx, params).to_dict(), examples=[(ex.prompt, ex.answer) for ex in examples],
         progress_desc=step.label, olora=_olora_spec(ctx, params), tracking=_tracking(step, ctx),
+        tokenizer=ctx.config.base.tokenizer, trust_remote_code=ctx.config.base.trust_remote_code,
     )
     run_or_launch(job, LaunchSpec.from_config(ctx.config.launch, params["finetune"]))
     if mixture is not None:
@@ -162,7 +136,8 @@ def _olora_spec(ctx: StudyContext, params: dict[str, Any]) -> dict[str, Any] | N
 def run_merge_adapter(step: Step, ctx: StudyContext, out: Path) -> None:
     from knowstack.train import merge_adapter
 
-    merge_adapter(ctx.resolve(step.params["init"]["model"]), ctx.resolve(step.params["adapter"]), out)
+    merge_adapter(ctx.resolve(step.params["init"]["model"]), ctx.resolve(step.params["adapter"]), out,
+                  trust_remote_code=ctx.config.base.trust_remote_code)
 
 
 def run_merge(step: Step, ctx: StudyContext, out: Path) -> None:

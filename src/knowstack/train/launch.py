@@ -52,6 +52,9 @@ class TrainJob:
     olora: dict[str, Any] | None = None
     # experiment trackers (train/tracking.py Tracking.to_dict()): not a setting, never in a cache key
     tracking: dict[str, Any] | None = None
+    # the base's own options, as evaluation honours them: a tokenizer other than the model dir's, remote code
+    tokenizer: str | None = None
+    trust_remote_code: bool = False
 
     def save(self, folder: Path) -> Path:
         """job.json plus the examples as JSON Lines beside it (they can be large)."""
@@ -83,7 +86,8 @@ def run_job(job: TrainJob) -> dict[str, Any]:
     summary = train(job.model_path, [Example(p, a) for p, a in job.examples], job.out_dir,
                     TrainSettings.from_dict(job.settings), adapter_init=job.adapter_init,
                     progress_desc=job.progress_desc, extra_loss=penalty,
-                    tracking=Tracking(**job.tracking) if job.tracking else None)
+                    tracking=Tracking(**job.tracking) if job.tracking else None, tokenizer_path=job.tokenizer,
+                    trust_remote_code=job.trust_remote_code)
     if penalty is not None and PartialState().is_main_process:
         _record_olora(Path(job.out_dir), penalty)
     return summary

@@ -76,13 +76,16 @@ def train(
     progress_desc: str = "train",
     extra_loss: ExtraLoss | None = None,
     tracking: Tracking | None = None,
+    tokenizer_path: str | Path | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune `model_path` on `examples`; write a full model (FFT) or a PEFT adapter (LoRA) to out_dir.
 
     adapter_init: a PEFT adapter to start from; LoRA continues training it, FFT merges it into the
     weights first. extra_loss(model) is added once per optimizer step (e.g. O-LoRA's orthogonality
     penalty); it receives the unwrapped (PEFT) model. tracking: experiment trackers to log each step to
-    (train/tracking.py); their files end up in out_dir/tracking. Returns the train_summary.json contents.
+    (train/tracking.py); their files end up in out_dir/tracking. tokenizer_path: the tokenizer, where it is not
+    the model dir's (a study's base.tokenizer). Returns the train_summary.json contents.
     """
     examples = list(examples)
     if not examples:
@@ -90,8 +93,8 @@ def train(
     logging_dir = trackers.staging_dir(out_dir)
     accelerator = Accelerator(**trackers.accelerator_kwargs(tracking, logging_dir))
     set_seed(settings.seed)  # before the LoRA init, which draws random A matrices
-    tokenizer = load_tokenizer(model_path)
-    model = _load_trainable(model_path, settings, adapter_init)
+    tokenizer = load_tokenizer(tokenizer_path or model_path, trust_remote_code=trust_remote_code)
+    model = _load_trainable(model_path, settings, adapter_init, trust_remote_code)
     restore_attention = _use_segment_attention(model) if settings.pack else None
     fitted: dict[str, int] = {}
     tokenized = tokenize_examples(tokenizer, examples, settings.max_length, counts=fitted)
@@ -141,17 +144,18 @@ def _warn_overlong(desc: str, fitted: dict[str, int], n_examples: int, max_lengt
 
 
 def _load_trainable(
-    model_path: str | Path, settings: TrainSettings, adapter_init: str | Path | None
+    model_path: str | Path, settings: TrainSettings, adapter_init: str | Path | None, trust_remote_code: bool = False
 ) -> torch.nn.Module:
     # float32 master weights: on CPU there is no faster dtype to train in, and mixed precision on
     # accelerators is accelerate's job (`--mixed_precision bf16`), which autocasts the forward.
     if settings.finetune == "fft":
-        model = load_model(model_path, adapter_init, dtype=torch.float32, merge_adapter=True)
+        model = load_model(model_path, adapter_init, dtype=torch.float32, merge_adapter=True,
+                           trust_remote_code=trust_remote_code)
         model.requires_grad_(True)
         return model
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    base = load_model(model_path, dtype=torch.float32)
+    base = load_model(model_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if adapter_init is not None:
         return PeftModel.from_pretrained(base, str(adapter_init), is_trainable=True)
     config = LoraConfig(
@@ -379,12 +383,14 @@ def _cast_to_base_dtype(
     return {k: v.to(base_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
-def merge_adapter(model_path: str | Path, adapter_path: str | Path, out_dir: str | Path) -> Path:
+def merge_adapter(model_path: str | Path, adapter_path: str | Path, out_dir: str | Path, *,
+                  trust_remote_code: bool = False) -> Path:
     """Base + LoRA adapter folded into one full model dir (sequential LoRA's next base)."""
-    model = load_model(model_path, adapter_path, dtype="auto", merge_adapter=True)
+    model = load_model(model_path, adapter_path, dtype="auto", merge_adapter=True, trust_remote_code=trust_remote_code)
     tokenizer_source = adapter_path if (Path(adapter_path) / "tokenizer_config.json").is_file() else model_path
     card = ModelCardInfo(title=f"{hub_name(model_path)} with a LoRA adapter merged in", base_model=hub_name(model_path),
                          relation="finetune", library_name="transformers", method="LoRA adapter merged into the base",
                          inputs=[model_input(model_path, "base model"), model_input(adapter_path, "adapter")],
                          scores_note=STUDY_SCORES_NOTE, how_to_load="AutoModelForCausalLM.from_pretrained(DIR)")
-    return save_model(model, load_tokenizer(tokenizer_source), Path(out_dir), card=card)
+    return save_model(model, load_tokenizer(tokenizer_source, trust_remote_code=trust_remote_code), Path(out_dir),
+                      card=card)

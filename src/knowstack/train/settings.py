@@ -1,71 +1,82 @@
-"""The settings of one training run: everything that changes the weights it produces."""
+"""The settings of one training run: everything that changes the weights it produces.
+
+Every default and every limit is config.py's TrainingConfig's (the one declaration); a run's settings are that
+recipe with its learning rate resolved and its finetune and seed chosen (`TrainSettings.from_config`)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
+from knowstack.config import LLAMA_LINEAR, PAPER_LR, LoraConfig, TrainingConfig
 from knowstack.errors import KnowstackError
 
 # Every linear layer of a Llama block: the paper's LoRA targets attention and MLP alike.
-LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LLAMA_LINEAR_MODULES = LLAMA_LINEAR
 FINETUNES = ("fft", "lora")
-SCHEDULES = ("constant", "linear", "cosine")
+_RECIPE = TrainingConfig()  # the declared defaults
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     finetune: str = "fft"
-    lr: float = 2e-5
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    epochs: float = 1.0
-    max_steps: int | None = None
-    batch_size: int = 16  # effective batch: examples per optimizer step, over all processes
+    lr: float = PAPER_LR
+    schedule: str = _RECIPE.schedule
+    warmup_steps: int = _RECIPE.warmup_steps
+    epochs: float = _RECIPE.epochs
+    max_steps: int | None = _RECIPE.max_steps
+    batch_size: int = _RECIPE.batch_size  # effective batch: examples per optimizer step, over all processes
     # Examples per forward pass (per process); the rest is accumulation. With packing and per-example
     # attention, bigger rows are faster on CPU (measured on the built-in model: 16 > 8 > 4).
-    micro_batch_size: int = 16
-    max_length: int = 512  # tokens per example (prompt + answer + eos); an overlong prompt loses its middle
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    micro_batch_size: int = _RECIPE.micro_batch_size
+    max_length: int = _RECIPE.max_length  # tokens per example (prompt + answer + eos); an overlong prompt loses its middle
+    weight_decay: float = _RECIPE.weight_decay
+    max_grad_norm: float = _RECIPE.max_grad_norm
     seed: int = 0
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] = LLAMA_LINEAR_MODULES
-    pack: bool = True
+    lora_r: int = _RECIPE.lora.r
+    lora_alpha: float = _RECIPE.lora.alpha
+    lora_dropout: float = _RECIPE.lora.dropout
+    target_modules: tuple[str, ...] = tuple(_RECIPE.lora.target_modules)
+    pack: bool = _RECIPE.pack
 
     def __post_init__(self) -> None:
         # A list from YAML/JSON becomes a tuple, so settings stay hashable and compare equal.
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
         self.validate()
 
+    @classmethod
+    def from_config(cls, training: TrainingConfig, *, finetune: str, seed: int,
+                    pretrain_peak: float | None = None) -> TrainSettings:
+        """The one way a run's settings are made from a recipe (a study step, `knowstack train`, a compose)."""
+        lora = training.lora
+        return cls(finetune=finetune, lr=training.learning_rate(pretrain_peak), schedule=training.schedule,
+                   warmup_steps=training.warmup_steps, epochs=training.epochs, max_steps=training.max_steps,
+                   batch_size=training.batch_size, micro_batch_size=training.micro_batch_size,
+                   max_length=training.max_length, weight_decay=training.weight_decay,
+                   max_grad_norm=training.max_grad_norm, seed=seed, lora_r=lora.r, lora_alpha=lora.alpha,
+                   lora_dropout=lora.dropout, target_modules=tuple(lora.target_modules), pack=training.pack)
+
     def validate(self) -> None:
+        """TrainingConfig's own checks, on these values (one declaration of every limit)."""
         if self.finetune not in FINETUNES:
             raise KnowstackError(f"must be one of {', '.join(FINETUNES)}", field="finetune")
-        if self.schedule not in SCHEDULES:
-            raise KnowstackError(f"must be one of {', '.join(SCHEDULES)}", field="schedule")
-        positive = {
-            "lr": self.lr,
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "micro_batch_size": self.micro_batch_size,
-            "max_length": self.max_length,
-            "lora_r": self.lora_r,
-        }
-        for name, value in positive.items():
-            if not value > 0:
-                raise KnowstackError("must be positive", field=name)
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise KnowstackError("must be positive (or null for epochs)", field="max_steps")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise KnowstackError("warmup_steps, weight_decay and max_grad_norm must not be negative")
-        if not 0 <= self.lora_dropout < 1:
-            raise KnowstackError("must be in [0, 1)", field="lora_dropout")
-        if self.max_length < 2:
-            raise KnowstackError("must be at least 2 tokens", field="max_length")
-        if not self.target_modules:
-            raise KnowstackError("must name at least one module", field="target_modules")
+        if not self.lr > 0:
+            raise KnowstackError("must be positive", field="lr")
+        try:
+            TrainingConfig(lr=self.lr, schedule=self.schedule, warmup_steps=self.warmup_steps, epochs=self.epochs,
+                           max_steps=self.max_steps, batch_size=self.batch_size,
+                           micro_batch_size=self.micro_batch_size, max_length=self.max_length,
+                           weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm, pack=self.pack,
+                           lora=LoraConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                                           target_modules=list(self.target_modules)))
+        except ValidationError as err:
+            first = err.errors()[0]
+            location = [str(part) for part in first["loc"]]
+            field = f"lora_{location[-1]}" if location[:1] == ["lora"] and location[-1] != "target_modules" \
+                else location[-1] if location else None
+            raise KnowstackError(first["msg"].removeprefix("Value error, "), field=field) from None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values, in a fixed order, for hashing and for train_summary.json."""
