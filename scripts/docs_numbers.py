@@ -1,6 +1,6 @@
 """Writes every figure the README and docs quote from the runs that measured it, so that none can drift.
 
-A figure lives in a marked block of a markdown file:
+A figure lives in a marked block of a markdown file, README.md or any page docs/*.md:
 
     <!-- numbers:demo-base -->
     ...generated text...
@@ -37,11 +37,15 @@ from knowstack.study.plan import build_plan
 from knowstack.study.results import Row, read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ("README.md", "docs/design.md")
 BLOCK = re.compile(r"(<!-- numbers:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /numbers -->)", re.S)
 OLD_TASK_NAMES = {"ks_country_code": "country codes", "ks_language_code": "language codes",
                   "ks_subdivision": "subdivisions", "ks_unicode_name": "Unicode names"}
 TASK_ORDER = ["stance", "notes", "summary", "code", "quiz", "simplify", "math"]
+
+
+def doc_files(root: Path) -> list[str]:
+    """README.md and every docs/*.md page, relative to the checkout: a block is found wherever it was moved."""
+    return ["README.md", *sorted(page.relative_to(root).as_posix() for page in (root / "docs").glob("*.md"))]
 
 
 def study_results(path: Path, option: str) -> list[Row]:
@@ -251,11 +255,12 @@ def main(argv: list[str] | None = None) -> int:
         if not inputs:
             raise KnowstackError("no results dir given (--demo, --base, --quick-all, --full, --registry, --spread)")
         changed = {}
-        for name in DOCS:
+        for name in doc_files(args.root):
             doc = args.root / name
             text = doc.read_text(encoding="utf-8")
             new, written, kept = rewrite(text, inputs, doc)
-            print(f"{name}: rewrote {', '.join(written) or 'nothing'}" + (f"; kept {', '.join(kept)}" if kept else ""))
+            if written or kept:  # pages without a block are not worth a line
+                print(f"{name}: rewrote {', '.join(written) or 'nothing'}" + (f"; kept {', '.join(kept)}" if kept else ""))
             if new != text:
                 changed[doc] = new
     except KnowstackError as error:

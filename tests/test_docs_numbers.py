@@ -133,3 +133,27 @@ def test_base_alone_writes_only_the_base_block(checkout: Path, demo: Path, capsy
     assert (checkout / "docs" / "design.md").read_text() == DESIGN  # demo-study needs --demo
     out = capsys.readouterr().out
     assert "README.md: rewrote demo-base; kept registry-scenario" in out and "docs/design.md: rewrote nothing" in out
+
+
+def test_a_block_on_any_docs_page_is_rewritten(checkout: Path, demo: Path, capsys: pytest.CaptureFixture) -> None:
+    (checkout / "docs" / "builtin-world.md").write_text("# world\n\n<!-- numbers:demo-time -->\nstale\n<!-- /numbers -->\n")
+    (checkout / "docs" / "index.md").write_text("# pages, no block\n")
+    assert load_script().main(["--demo", str(demo), "--root", str(checkout)]) == 0
+    page = (checkout / "docs" / "builtin-world.md").read_text()
+    assert "stale" not in page and "for its 2 steps" in page and "f00dfeedf00dfeed" in page
+    out = capsys.readouterr().out
+    assert "docs/builtin-world.md: rewrote demo-time" in out and "index.md" not in out
+
+
+def test_every_block_of_the_checkout_is_found_once() -> None:
+    """The README and docs pages of this checkout: each block the docs quote sits in exactly one page the script reads."""
+    script = load_script()
+    found: dict[str, list[str]] = {}
+    for name in script.doc_files(script.ROOT):
+        for match in script.BLOCK.finditer((script.ROOT / name).read_text(encoding="utf-8")):
+            found.setdefault(match["name"], []).append(name)
+    assert set(found) <= set(script.BLOCKS), found
+    expected = {"demo-time", "demo-base", "demo-study", "quick-all", "world-spread", "registry-scenario"}
+    assert expected <= set(found), f"blocks lost: {expected - set(found)}"
+    assert all(len(pages) == 1 for pages in found.values()), found
+    assert found["demo-time"] == ["README.md"]

@@ -1,4 +1,4 @@
-"""The README's registry scenario, run as a user runs it (examples/registry-scenario.sh on the quick built-in
+"""The registry scenario of docs/registry.md, run as a user runs it (examples/registry-scenario.sh on the quick built-in
 world): 7 one-round LoRA contributions and one harmful fine-tune; MoE-LoRA and TIES versions; the version
 that takes in the harmful contribution is rejected by the forgetting gate, with its numbers; log and diff
 show the lineage."""
