@@ -161,12 +161,16 @@ def test_training_methods_train_on_the_kept_data(registry: Path) -> None:
     sequential = compose(registry, "sequential", contributions=["stance", "math"], options=TINY_TRAINING,
                          say=said.append)
     assert sequential["kind"] == "model" and sequential["parents"] == ["stance", "math"]
-    assert [m for m in said if m.startswith("round")] == ["round 1/2: stance (Stance)", "round 2/2: math (Math)"]
+    # the study's own steps, in order: train on stance, fold the adapter in, train on math from that model, fold in
+    assert [m for m in said if m.startswith("step")] == [
+        "step 1/4 train: lora-stance", "step 2/4 merge-adapter: lora-stance",
+        "step 3/4 train: lora-math", "step 4/4 merge-adapter: lora-math"]
     joint = compose(registry, "joint", contributions=["stance", "notes"], options=TINY_TRAINING)
     assert joint["kind"] == "adapter" and "adapter_model.safetensors" in joint["files"]
     with Registry.open(registry) as reg, reg.view(joint["name"]) as folder:
         mixture = json.loads((folder / "mixture.json").read_text())
-    assert mixture["kind"] == "joint" and [s["task"] for s in mixture["sources"]] == ["Stance", "Notes"]
+    # each source is a contribution's data, named by the contribution
+    assert mixture["kind"] == "joint" and [s["task"] for s in mixture["sources"]] == ["stance", "notes"]
     olora = compose(registry, "olora", contributions=["stance", "notes"], options=TINY_TRAINING)
     assert olora["settings"]["options"]["olora_lambda"] == 0.5 and olora["kind"] == "model"
 

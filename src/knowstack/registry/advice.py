@@ -18,8 +18,8 @@ from knowstack.registry.compose import METHODS
 from knowstack.registry.core import Registry, composed
 from knowstack.registry.evaluate import new_average, old_average, registered_tasks
 from knowstack.stats import Estimate, column_estimate, mean_of
+from knowstack.study.methods import CATALOG
 
-FULLY_COOPERATIVE_ONLY = ("replay", "joint")
 SETTING_TEXT = {"semi": "semi-cooperative: merges, MoE, sequential and O-LoRA",
                 "full": "fully cooperative: also replay and joint training"}
 
@@ -93,7 +93,7 @@ def _distinguishable(first: Measured, second: Measured, tasks: list[str]) -> str
 def registry_advice(reg: Registry, max_old_loss: float, setting: str | None = None) -> str:
     records = reg.versions()
     setting = setting or open_setting(records)
-    allowed = [m for m in METHODS if setting == "full" or m not in FULLY_COOPERATIVE_ONLY]
+    allowed = [m for m in METHODS if setting == "full" or CATALOG[METHODS[m].catalog].setting == "semi"]
     measured = [m for m in measured_versions(records) if m.method in allowed]
     within = sorted((m for m in measured if m.old_change >= -max_old_loss), key=lambda m: m.new_gain, reverse=True)
     lines = [f"Next version, within a {max_old_loss:g}% old-knowledge loss ({SETTING_TEXT[setting]}; "

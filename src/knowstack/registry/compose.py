@@ -20,7 +20,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
@@ -28,6 +27,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from knowstack.atomic import atomic_write_json, atomic_write_text
+from knowstack.config import (
+    PAPER_LR,
+    JointConfig,
+    MergeConfig,
+    MoeConfig,
+    OLoraConfig,
+    ReplayConfig,
+    RouterTrainingConfig,
+    TrainingConfig,
+)
 from knowstack.errors import KnowstackError
 from knowstack.registry import db
 from knowstack.registry.core import BASE_NAME, Registry, check_name, composed
@@ -45,42 +54,49 @@ from knowstack.registry.evaluate import (
 )
 from knowstack.registry.gate import Released, gate_checks, gate_record
 from knowstack.registry.store import content_hash
+from knowstack.study.methods import ComposeVariant, compose_variants
 
 if TYPE_CHECKING:
     from knowstack.train.launch import LaunchSpec
 
 WORK_DIR = ".compose"
 MODEL_DIR = "model"
+VIEWS_DIR = "views"
 SCORES_DIR = "scores"
+
+
+_TRAINING, _MERGE, _MOE, _ROUTERS = TrainingConfig(), MergeConfig(), MoeConfig(), RouterTrainingConfig()
 
 
 @dataclass(frozen=True)
 class ComposeOptions:
-    """Every knob of every method; each method records (and is keyed by) only the ones it reads."""
+    """Every knob of every method, flat as the command line gives them; each method records (and is keyed by) only the
+    ones it reads, and they become its config section (study/methods/). Every default is the study config's own
+    declaration (config.py), so a compose and a study with the same settings build the same model."""
 
     # merges (TIES, DARE)
-    density: float = 0.2
-    drop_rate: float = 0.9
-    lam: float = 1.0
-    # MoE: experts per token, router init, and optional router-only training
-    top_k: int = 2
-    router: str = "prompts"
-    prompts_per_expert: int = 8
+    density: float = _MERGE.density
+    drop_rate: float = _MERGE.drop_rate
+    lam: float = _MERGE.lam
+    # MoE: experts per token, router init, and optional router-only training (0 steps: none)
+    top_k: int = _MOE.top_k
+    router: str = _MOE.router
+    prompts_per_expert: int = _MOE.prompts_per_expert
     router_steps: int = 0
-    router_lr: float = 1e-3
-    router_examples_per_task: int = 16
+    router_lr: float = _ROUTERS.lr
+    router_examples_per_task: int = _ROUTERS.examples_per_task
     # training methods (the paper's recipe: one constant learning rate)
     finetune: str = "lora"
-    lr: float = 2e-5
-    epochs: float = 1.0
-    train_batch_size: int = 16
-    micro_batch_size: int = 16
-    max_length: int = 512
-    lora_r: int = 8
-    lora_alpha: int = 16
-    olora_lambda: float = 0.5
-    replay_fraction: float = 0.1
-    joint_sampling: str = "uniform"
+    lr: float = PAPER_LR
+    epochs: float = _TRAINING.epochs
+    train_batch_size: int = _TRAINING.batch_size
+    micro_batch_size: int = _TRAINING.micro_batch_size
+    max_length: int = _TRAINING.max_length
+    lora_r: int = _TRAINING.lora.r
+    lora_alpha: float = _TRAINING.lora.alpha
+    olora_lambda: float = OLoraConfig().lambdas[0]
+    replay_fraction: float = ReplayConfig().fraction
+    joint_sampling: str = JointConfig().sampling
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -88,19 +104,6 @@ class ComposeOptions:
         for option in fields(self):
             if option.type == "float":
                 object.__setattr__(self, option.name, float(getattr(self, option.name)))
-
-
-def merge_knobs(method: str) -> tuple[str, ...]:
-    """The options a merge method reads: the study's own list (config.MERGE_METHOD_OPTIONS), in our names."""
-    from knowstack.config import MERGE_METHOD_OPTIONS
-
-    return tuple("lam" if option == "lambda" else option for option in MERGE_METHOD_OPTIONS[method])
-
-
-MOE_KNOBS = ("top_k", "router", "prompts_per_expert", "router_steps", "router_lr", "router_examples_per_task",
-             "max_length", "seed")
-TRAIN_KNOBS = ("finetune", "lr", "epochs", "train_batch_size", "micro_batch_size", "max_length", "lora_r", "lora_alpha",
-               "seed")
 
 
 @dataclass(frozen=True)
@@ -125,159 +128,37 @@ class Build:
     def out(self) -> Path:
         return self.work / MODEL_DIR
 
-    def merge_inputs(self) -> list[Path]:
-        return [self.start, *self.inputs] if self.start is not None else list(self.inputs)
-
-    def start_model(self) -> Path:
-        """The full model training begins from: the base, the --from model, or the base with the --from adapter
-        merged in (kept in the work dir, so a resumed compose does not merge it again)."""
-        if self.start is None:
-            return self.base_dir
-        if not self.start_is_adapter:
-            return self.start
-        merged = self.work / "start"
-        if not merged.is_dir():
-            from knowstack.train import merge_adapter
-
-            merge_adapter(self.base_dir, self.start, merged)
-        return merged
-
 
 @dataclass(frozen=True)
 class Method:
+    """A registry compose method: a variant of one method of the study's catalog (study/methods/), built by running
+    that method's plan on the contributions (registry/compose_plan.py)."""
+
     name: str
     needs_data: bool
     kinds: tuple[str, ...]  # contribution kinds it combines (weight methods); () for training methods
     knobs: tuple[str, ...]
     build: Callable[[Build], None]
     summary: str = field(default="")
+    catalog: str = ""  # the catalog method it runs
 
     def settings(self, options: ComposeOptions) -> dict[str, Any]:
         return {knob: getattr(options, knob) for knob in self.knobs}
 
 
-# --- builders -------------------------------------------------------------------------------------
-def _merge_builder(method: str) -> Callable[[Build], None]:
+def _catalog_build(catalog: str, variant: ComposeVariant) -> Callable[[Build], None]:
     def build(b: Build) -> None:
-        from knowstack.combine.merge import merge_models
-        from knowstack.combine.merge_methods import MergeOptions
+        from knowstack.registry.compose_plan import run_compose_plan
 
-        o = b.options
-        merge_models(method, b.merge_inputs(), b.out, base=b.base_dir, seed=o.seed,
-                     options=MergeOptions(density=o.density, drop_rate=o.drop_rate, lam=o.lam))
+        run_compose_plan(b, catalog, variant)
     return build
 
 
-def _router_prompts(b: Build) -> list[list[str]]:
-    """A few prompts per expert from its task's eval split (train split where there is no eval split)."""
-    groups = []
-    for name, task in zip(b.names, b.tasks, strict=True):
-        split = "eval" if task.has("eval") else "train"
-        if not task.has(split):
-            raise KnowstackError(f"routers from prompts need an eval split (or kept training data) for '{name}': "
-                                 "contribute its task with eval.json, or use --router uniform|random", field="router")
-        groups.append([ex.prompt for ex in task.load(b.reg.store, split)[: b.options.prompts_per_expert]])
-    return groups
-
-
-def _moe(b: Build) -> None:
-    from knowstack.combine.moe import MoeOptions, mix_models
-    from knowstack.combine.moe_train import RouterTraining
-
-    o = b.options
-    prompts = _router_prompts(b) if o.router == "prompts" else None
-    training, examples = None, None
-    if o.router_steps > 0:
-        examples = [ex for task in b.tasks for ex in task.load(b.reg.store, "train")[: o.router_examples_per_task]]
-        training = RouterTraining(steps=o.router_steps, lr=o.router_lr, max_length=o.max_length, seed=o.seed)
-    mix_models(b.base_dir, b.inputs, b.out, options=MoeOptions(top_k=o.top_k, router=o.router, seed=o.seed),
-               prompts=prompts, train_examples=examples, training=training, tokenizer_path=b.base_dir,
-               launch=b.launch if training is not None else None)
-
-
-def _train_settings(o: ComposeOptions) -> dict[str, Any]:
-    from knowstack.train.settings import TrainSettings
-
-    return TrainSettings(finetune=o.finetune, lr=o.lr, epochs=o.epochs, batch_size=o.train_batch_size,
-                         micro_batch_size=o.micro_batch_size, max_length=o.max_length, lora_r=o.lora_r,
-                         lora_alpha=o.lora_alpha, seed=o.seed).to_dict()
-
-
-def _train(b: Build, model: Path, examples: list, out: Path, desc: str, olora: dict | None = None,
-           mixture: dict | None = None) -> None:
-    """One training run through the study's own job path (here, or launched like a study step); skipped when
-    its output is already there."""
-    from knowstack.train.launch import TrainJob, run_or_launch
-
-    if out.is_dir():
-        b.say(f"{desc}: done before, kept")
-    else:
-        b.say(desc)
-        run_or_launch(TrainJob(model_path=str(model), out_dir=str(out), settings=_train_settings(b.options),
-                               examples=[(ex.prompt, ex.answer) for ex in examples], progress_desc=desc, olora=olora),
-                      b.launch)
-    if mixture is not None and not (out / "mixture.json").is_file():  # also after a kill right after training
-        atomic_write_json(out / "mixture.json", mixture)
-
-
-def _rounds_builder(kind: str) -> Callable[[Build], None]:
-    """sequential / olora / replay: one round per contribution's task, in order, each from the last round's model
-    (a LoRA round's adapter is merged in first, as the study does)."""
-
-    def build(b: Build) -> None:
-        from knowstack.data.sampling import replay_mixture
-        from knowstack.train import merge_adapter
-
-        store, model, adapters = b.reg.store, b.start_model(), []
-        splits = [(task.name, task.load(store, "train")) for task in b.tasks]
-        before = [(task.name, task.load(store, "train")) for task in b.replayed]
-        for i, (name, (task_name, examples)) in enumerate(zip(b.names, splits, strict=True), start=1):
-            round_dir = b.work / "rounds" / f"{i:02d}-{name}"
-            mixture, earlier = None, before + splits[: i - 1]
-            if kind == "replay" and earlier:
-                examples, mixture = replay_mixture((task_name, examples), earlier, b.options.replay_fraction,
-                                                   b.options.seed)
-            olora = ({"previous": [str(a) for a in adapters], "lambda": b.options.olora_lambda}
-                     if kind == "olora" and adapters else None)
-            trained = round_dir / "trained"
-            _train(b, model, examples, trained, f"round {i}/{len(splits)}: {name} ({task_name})", olora, mixture)
-            if b.options.finetune == "lora":
-                adapters.append(trained)
-                merged = round_dir / "merged"
-                if not merged.is_dir():
-                    merge_adapter(model, trained, merged)
-                model = merged
-            else:
-                model = trained
-        os.replace(model, b.out)  # the last round's model is the version
-    return build
-
-
-def _joint(b: Build) -> None:
-    from knowstack.data.sampling import joint_mixture
-
-    examples, mixture = joint_mixture([(task.name, task.load(b.reg.store, "train")) for task in b.tasks],
-                                      b.options.joint_sampling, b.options.seed)
-    _train(b, b.start_model(), examples, b.out, f"joint training on {len(b.tasks)} tasks", mixture=mixture)
-
-
-METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("merge-average", False, ("adapter", "model"), merge_knobs("average"), _merge_builder("average"),
-           "the plain average of the contributions (models and/or adapters)"),
-    Method("merge-ties", False, ("adapter", "model"), merge_knobs("ties"), _merge_builder("ties"),
-           "TIES: trim each task vector, elect signs, merge the agreeing entries"),
-    Method("merge-ties-dare", False, ("adapter", "model"), merge_knobs("ties-dare"), _merge_builder("ties-dare"),
-           "DARE's random drop and rescale, then TIES"),
-    Method("moe-lora", False, ("adapter",), MOE_KNOBS, _moe, "the LoRA adapters as experts of one LoRA-MoE"),
-    Method("moe-fft", False, ("model",), MOE_KNOBS, _moe, "the fine-tuned models' MLPs as experts of one MoE"),
-    Method("sequential", True, (), TRAIN_KNOBS, _rounds_builder("sequential"),
-           "train on each contribution's data in turn"),
-    Method("olora", True, (), (*TRAIN_KNOBS, "olora_lambda"), _rounds_builder("olora"),
-           "sequential LoRA, each adapter kept orthogonal to the earlier ones"),
-    Method("replay", True, (), (*TRAIN_KNOBS, "replay_fraction"), _rounds_builder("replay"),
-           "sequential, replaying a fraction of every earlier task"),
-    Method("joint", True, (), (*TRAIN_KNOBS, "joint_sampling"), _joint, "one training on all the data at once"),
-]}
+METHODS: dict[str, Method] = {
+    name: Method(name, variant.needs_data, variant.kinds, variant.knobs, _catalog_build(method.name, variant),
+                 variant.summary, method.name)
+    for name, (method, variant) in compose_variants().items()
+}
 
 
 # --- choosing and checking the inputs -----------------------------------------------------------------
@@ -323,6 +204,12 @@ def check_inputs(method: Method, chosen: Sequence[dict[str, Any]], options: Comp
     if method.name.startswith("moe") and options.router_steps > 0 and without:
         raise KnowstackError(f"router training trains on the contributions' data, and {', '.join(without)} were "
                              "registered without it (--keep-data): use --router-steps 0", field="router_steps")
+    if method.name.startswith("moe") and options.router == "prompts":
+        promptless = [r["name"] for r in chosen if not {"eval", "train"} & set(r["task_files"])]
+        if promptless:
+            raise KnowstackError(f"routers from prompts need an eval split (or kept training data) for "
+                                 f"'{promptless[0]}': contribute its task with eval.json, or use --router uniform|random",
+                                 field="router")
 
 
 def check_start(records: Sequence[dict[str, Any]], name: str, method: Method) -> dict[str, Any]:
@@ -561,6 +448,9 @@ def name_inputs_by_version(b: Build) -> None:
         names[str(b.start)] = b.start_name
     names.update({str(Path(path).resolve()): name for path, name in list(names.items())})
 
+    # the most specific path first: the inputs' views lie inside the work dir
+    names = dict(sorted(names.items(), key=lambda item: -len(item[0])))
+
     def renamed(value: Any) -> Any:
         if isinstance(value, dict):
             return {key: renamed(item) for key, item in value.items()}
@@ -592,13 +482,18 @@ def name_inputs_by_version(b: Build) -> None:
 def _open_build(stack: contextlib.ExitStack, reg: Registry, records: Sequence[dict[str, Any]], spec: Method,
                 chosen: Sequence[dict[str, Any]], start: dict[str, Any] | None, options: ComposeOptions, work: Path,
                 say: Callable[[str], None], launch: LaunchSpec | None) -> Build:
-    """The base, the inputs and the --from version as verified dirs (open while `stack` is)."""
-    base_dir = stack.enter_context(reg.view(BASE_NAME))
-    inputs = [stack.enter_context(reg.view(r["name"])) for r in chosen]
+    """The base, the inputs and the --from version as verified dirs at paths that stay the same in this work dir
+    (the plan's step keys name them, so that a killed compose finds its finished steps again)."""
+
+    def view(name: str) -> Path:
+        return reg.store.lay_out(reg.version(name)["files"], work / VIEWS_DIR / name)
+
+    base_dir = view(BASE_NAME)
+    inputs = [view(r["name"]) for r in chosen]
     replayed: tuple[RegisteredTask, ...] = ()
     start_dir = None
     if start is not None:
-        start_dir = stack.enter_context(reg.view(start["name"]))
+        start_dir = view(start["name"])
         if spec.name == "replay":
             earlier = ancestor_contributions(records, start["name"])
             replayed = tuple(task_of(r) for r in earlier if r["keep_data"])

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
@@ -145,11 +146,21 @@ class ObjectStore:
 
         Links, not copies: a view of a large model costs one hash pass, no second copy on disk."""
         with tempfile.TemporaryDirectory(prefix="knowstack-view-") as tmp:
-            for name, sha in files.items():
-                target = Path(tmp) / safe_relative(name)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.symlink_to(self.verified_path(sha).resolve())
-            yield Path(tmp)
+            yield self.lay_out(files, Path(tmp))
+
+    def lay_out(self, files: Mapping[str, str], folder: Path) -> Path:
+        """`files` ({name: sha256}) as links to verified objects in `folder` (made, or replaced if it exists): a view
+        at a path that stays the same, e.g. for a compose whose step keys name it."""
+        if folder.is_symlink() or folder.is_file():
+            folder.unlink()
+        elif folder.is_dir():
+            shutil.rmtree(folder)
+        for name, sha in files.items():
+            target = folder / safe_relative(name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(self.verified_path(sha).resolve())
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
 
 
 def safe_relative(name: str) -> Path:

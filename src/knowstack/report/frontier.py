@@ -20,12 +20,13 @@ from knowstack.report.runs import (
     stages_done,
 )
 from knowstack.report.tables import Scores
+from knowstack.study.methods import methods_in
 
 # Runs that are one model holding every task's knowledge (a one-round run is a model per task: the upper
 # bound, not a candidate), by what they need: semi-cooperative methods need only the contributed models
 # (sequential training passes a model from contributor to contributor), fully-cooperative ones all data.
-SEMI_COOPERATIVE = ("sequential", "olora", "merge", "moe")
-FULLY_COOPERATIVE = (*SEMI_COOPERATIVE, "replay", "joint")
+SEMI_COOPERATIVE = methods_in("semi")  # the catalog's (study/methods/)
+FULLY_COOPERATIVE = methods_in("full")
 
 
 @dataclass(frozen=True)

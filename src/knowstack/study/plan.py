@@ -1,157 +1,51 @@
-"""A study as a graph of steps: build the base, train, merge adapters, evaluate.
+"""A study as a graph of steps (study/graph.py): the catalog of methods (study/methods/) applied to a config.
 
-Each step is data (a kind, its parameters, the keys of the steps it reads), so the plan can be
-printed, hashed and executed by any executor. A step's key is a hash of what it is made from:
-the same training on the same model and data is one step however many methods need it (round 1
-of a sequential run *is* the one-round model of the first task), and a finished step is never
-redone.
+PlanBuilder holds what every method plans with: the base, the tasks, the training recipe at the current sweep
+point and seed, and the steps every method shares (train, merge an adapter in, evaluate). A registry compose
+builds on the same builder, with the contributions standing in for the one-round models.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from knowstack.config import (
     LORA_ONLY_SWEEP,
-    MERGE_METHOD_OPTIONS,
-    SWEEP_COLUMNS,
     MergeConfig,
-    MoeConfig,
     StudyConfig,
     Sweepable,
     TrainingConfig,
 )
 from knowstack.data.tasks import TaskSpec, task_from_config
 from knowstack.errors import KnowstackError
+from knowstack.study.graph import (
+    STEP_VERSIONS,
+    Evaluation,
+    ModelRef,
+    Plan,
+    Point,
+    Step,
+    lambda_tag,
+    ref_deps,
+    step_ref,
+)
 
-# Bump when what a kind of step writes changes, so stale artifacts are not reused. train and moe 2: an
-# overlong example loses the middle of its prompt, not the end of its answer (data/truncation.py); eval 3:
-# that, and every evaluation keeps its per-item scores.
-STEP_VERSIONS = {"world": 1, "train": 2, "merge-adapter": 1, "eval": 3, "merge": 1, "moe": 2}
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-@dataclass(frozen=True)
-class Step:
-    """A unit of work. Its label is derived from content too (never from which method asked for
-    it), so that adding a method to a config never renames, and so never redoes, existing work."""
-
-    kind: str
-    label: str
-    params: dict[str, Any]
-    deps: tuple[str, ...] = ()
-    key: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        version = STEP_VERSIONS[self.kind]
-        digest = _digest({"kind": self.kind, "v": version, "params": self.params, "deps": self.deps})
-        object.__setattr__(self, "key", f"{self.kind}-{self.label}-{digest}")
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A model to load: a full model (a step's output or a path/hub id) and optionally an adapter.
-    world: the built-in world's fingerprint when the model is its base, so that it is in the key of
-    every step made from the world (a step made from another's output has that step's key in its own)."""
-
-    model: str
-    adapter: str | None = None
-    world: str | None = None
-
-    def to_dict(self) -> dict[str, str | None]:
-        ref = {"model": self.model, "adapter": self.adapter}
-        return ref | {"world": self.world} if self.world else ref
-
-
-@dataclass(frozen=True)
-class Point:
-    """One setting of a method in a sweep: the values it changes from the method's own setting (none: the
-    method's own run, the one compared 'at equal settings')."""
-
-    values: tuple[tuple[str, float], ...] = ()
-
-    @classmethod
-    def of(cls, settings: dict[str, float]) -> Point:
-        order = {name: i for i, name in enumerate(SWEEP_COLUMNS)}
-        return cls(tuple(sorted(((k, float(v)) for k, v in settings.items()), key=lambda kv: order[kv[0]])))
-
-    @property
-    def name(self) -> str:
-        """'lr=0.001,rank=16'; '' for the method's own setting."""
-        return ",".join(f"{name}={value:g}" for name, value in self.values)
-
-    def named(self, model: str) -> str:
-        """A model's name at this point: 'one-round-fft-stance@lr=0.001'."""
-        return f"{model}@{self.name}" if self.values else model
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return dict(self.values).get(name, default)
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """One named model of the study and the eval step that scores it: the rows of results.csv.
-    point: the sweep point's name ('' for the method's own setting); settings: the values it sets, and
-    O-LoRA's lambda (the results' setting columns)."""
-
-    model: str
-    method: str
-    finetune: str
-    stage: int | None
-    step: str
-    trained_on: str = ""
-    point: str = ""
-    settings: tuple[tuple[str, float], ...] = ()
-    seed: int | None = None  # the training seed, where the config repeats its models over `seeds`
-
-
-@dataclass
-class Plan:
-    config: StudyConfig
-    steps: dict[str, Step] = field(default_factory=dict)
-    evaluations: list[Evaluation] = field(default_factory=list)
-    task_names: list[str] = field(default_factory=list)
-    # The built-in world's fingerprint (world.json), once it is built; until then every later step's key
-    # is provisional (`world_pending`), and the runner builds the world and plans again.
-    world_fingerprint: str | None = None
-    world_pending: bool = False
-
-    def add(self, step: Step) -> Step:
-        for dep in step.deps:
-            if dep not in self.steps:
-                raise AssertionError(f"step {step.key} depends on unknown step {dep}")
-        self.steps.setdefault(step.key, step)
-        return self.steps[step.key]
-
-    def ordered(self) -> list[Step]:
-        return list(self.steps.values())  # insertion order is a topological order by construction
-
-
-def step_ref(step: Step, sub: str = "") -> str:
-    """A reference to a step's output dir, resolved by the runner: '@<key>' or '@<key>/<sub>'."""
-    return f"@{step.key}/{sub}" if sub else f"@{step.key}"
-
-
-def ref_deps(ref: ModelRef) -> tuple[str, ...]:
-    keys = []
-    for value in (ref.model, ref.adapter):
-        if value and value.startswith("@"):
-            keys.append(value[1:].split("/", 1)[0])
-    return tuple(keys)
+__all__ = ["STEP_VERSIONS", "Evaluation", "ModelRef", "Plan", "PlanBuilder", "Point", "Step", "build_plan",
+           "lambda_tag", "ref_deps", "step_ref"]
 
 
 class PlanBuilder:
-    """Turns a config into steps; one small method per study method."""
+    """What the catalog's methods plan with (study/methods/): the base, the tasks, the recipe, the shared steps.
+
+    A registry compose sets what a study has no need of: `provided` (task name -> the contributed model or adapter
+    that stands in for the one-round model), `start` (the model training begins from, when not the base),
+    `merge_with` (models merged in before the one-round ones), `replayed` (tasks replayed from before round 1) and
+    `router_prompts_from` ("eval": a MoE's router prompts from each task's eval split where it has one)."""
 
     def __init__(self, config: StudyConfig, out: Path | None = None):
         self.config = config
@@ -165,6 +59,11 @@ class PlanBuilder:
         self.tasks = self._tasks()
         self.plan.task_names = [task["name"] for task in self.tasks]
         self.budgets = {} if config.builtin_tasks else {cfg.name: cfg.budget() for cfg in config.tasks}
+        self.start = self.base
+        self.provided: dict[str, str] = {}
+        self.merge_with: list[str] = []
+        self.replayed: list[dict] = []
+        self.router_prompts_from: str | None = None
 
     # --- the base and the tasks -------------------------------------------------------------
     def _base_model(self) -> ModelRef:
@@ -270,9 +169,28 @@ class PlanBuilder:
         }
         return self.plan.add(Step("train", f"{finetune}-joint-{sampling}", params, ref_deps(init)))
 
-    def merge_adapter_step(self, init: ModelRef, adapter: Step) -> Step:
-        params = {"init": init.to_dict(), "adapter": step_ref(adapter)}
-        return self.plan.add(Step("merge-adapter", adapter.label, params, ref_deps(init) + (adapter.key,)))
+    def merge_adapter_step(self, init: ModelRef, adapter: str, deps: tuple[str, ...], label: str) -> Step:
+        """`init` with the adapter `adapter` (a step's ref, or a path) folded into its weights."""
+        params = {"init": init.to_dict(), "adapter": adapter}
+        return self.plan.add(Step("merge-adapter", label, params, ref_deps(init) + deps))
+
+    def add_step(self, kind: str, label: str, params: dict[str, Any], deps: tuple[str, ...]) -> Step:
+        return self.plan.add(Step(kind, label, params, deps))
+
+    def base_deps(self) -> tuple[str, ...]:
+        return ref_deps(self.base)
+
+    def one_round_input(self, task: dict, finetune: str) -> tuple[str, tuple[str, ...]]:
+        """What a merge or MoE combines for `task`: its one-round model (FFT) or adapter (LoRA), as a ref and the
+        keys of the steps it needs: the one-round method's own train step, or what a contributor provided."""
+        if task["name"] in self.provided:
+            return self.provided[task["name"]], ()
+        step = self.train_step(self.base, task, finetune)
+        return step_ref(step), (step.key,)
+
+    def points_of(self, section: Sweepable, finetune: str) -> list[Point]:
+        """The method's own setting first, then each point of its sweep."""
+        return sweep_points(section, finetune, own_settings(self.config, section))
 
     def evaluate(
         self, ref: ModelRef, name: str, method: str, finetune: str, stage: int | None, trained_on: str = "",
@@ -286,142 +204,8 @@ class PlanBuilder:
         self.plan.evaluations.append(Evaluation(self.point.named(name), method, finetune, stage, step.key, trained_on,
                                                 self.point.name, columns, seed))
 
-    # --- methods -------------------------------------------------------------------------------
     def add_base(self) -> None:
         self.evaluate(self.base, "base", "base", "", None)
-
-    def add_one_round(self, finetune: str) -> None:
-        for task in self.tasks:
-            name = f"one-round-{finetune}-{task['name']}"
-            step = self.train_step(self.base, task, finetune)
-            ref = ModelRef(step_ref(step)) if finetune == "fft" else ModelRef(self.base.model, step_ref(step))
-            self.evaluate(ref, name, "one-round", finetune, None, task["name"])
-
-    def add_sequential(self, finetune: str) -> None:
-        current = self.base
-        for stage, task in enumerate(self.tasks, start=1):
-            name = f"sequential-{finetune}-{stage}"
-            step = self.train_step(current, task, finetune)
-            if finetune == "lora":
-                step = self.merge_adapter_step(current, step)
-            current = ModelRef(step_ref(step))
-            self.evaluate(current, name, "sequential", finetune, stage, task["name"])
-
-    def add_olora(self, lambdas: float | list[float]) -> None:
-        """Sequential LoRA (each adapter merged before the next round) plus the orthogonality penalty
-        against all earlier rounds' adapters. Round 1 has nothing to be orthogonal to, so it is
-        sequential LoRA's round 1, shared."""
-        tag = lambda_tag(lambdas)
-        current, adapters = self.base, []
-        for stage, (task, lam) in enumerate(zip(self.tasks, self._round_lambdas(lambdas), strict=True), start=1):
-            olora = {"olora": {"lambda": lam, "previous": [step_ref(a) for a in adapters]}} if adapters else None
-            step = self.train_step(current, task, "lora", extra=olora, label_suffix=f"olora{tag}" if olora else "",
-                                   deps=tuple(a.key for a in adapters))
-            adapters.append(step)
-            current = ModelRef(step_ref(self.merge_adapter_step(current, step)))
-            scalar = {} if isinstance(lambdas, list) else {"lambda": float(lambdas)}
-            self.evaluate(current, f"olora-lora-{tag}-{stage}", "olora", "lora", stage, task["name"], scalar)
-
-    def _round_lambdas(self, lambdas: float | list[float]) -> list[float]:
-        if not isinstance(lambdas, list):
-            return [float(lambdas)] * len(self.tasks)
-        if len(lambdas) != len(self.tasks):
-            index = self.config.methods.olora.lambdas.index(lambdas) if self.config.methods.olora else 0
-            raise KnowstackError(f"a per-round list needs one lambda per round ({len(self.tasks)}), "
-                                 f"not {len(lambdas)}", field=f"methods.olora.lambdas[{index}]")
-        return [float(v) for v in lambdas]
-
-    def add_joint(self, finetune: str, sampling: str) -> None:
-        step = self.joint_train_step(self.base, finetune, sampling)
-        ref = ModelRef(step_ref(step)) if finetune == "fft" else ModelRef(self.base.model, step_ref(step))
-        trained_on = "+".join(task["name"] for task in self.tasks)
-        self.evaluate(ref, f"joint-{finetune}", "joint", finetune, None, trained_on)
-
-    def add_replay(self, finetune: str, fraction: float) -> None:
-        """Sequential training where round t also trains on a sample of every earlier task. Round 1
-        has no earlier task, so it is sequential training's round 1, shared."""
-        current = self.base
-        for stage, task in enumerate(self.tasks, start=1):
-            earlier = self.tasks[: stage - 1]
-            mixture = {"mixture": {"kind": "replay", "fraction": fraction, "earlier": earlier}} if earlier else None
-            step = self.train_step(current, task, finetune, extra=mixture, label_suffix="replay" if earlier else "")
-            if finetune == "lora":
-                step = self.merge_adapter_step(current, step)
-            current = ModelRef(step_ref(step))
-            self.evaluate(current, f"replay-{finetune}-{stage}", "replay", finetune, stage, task["name"])
-
-    def add_merge(self, finetune: str, method: str, merge: MergeConfig) -> None:
-        """One model merged from the one-round models (FFT) or adapters (LoRA) of every task, with
-        no data. The one-round train steps are the one-round method's own, so they run once."""
-        trained = [self.train_step(self.base, task, finetune) for task in self.tasks]
-        seed = self.seed if merge.seed is None else merge.seed
-        settings = {"density": merge.density, "drop_rate": merge.drop_rate, "lambda": merge.lam, "seed": seed}
-        params = {
-            "method": method,
-            "finetune": finetune,
-            "base": self.base.to_dict(),
-            "models": [step_ref(step) for step in trained],
-            "options": {name: settings[name] for name in MERGE_METHOD_OPTIONS[method]},
-        }
-        if finetune == "lora" and merge.lora_space_of(method) != "delta":
-            # only where it is set: the key of a delta-space merge stays what it was before factors existed
-            params["options"]["lora_space"] = merge.lora_space_of(method)
-        deps = ref_deps(self.base) + tuple(step.key for step in trained)
-        label = f"{method}-{finetune}" + ("-factors" if "lora_space" in params["options"] else "")
-        step = self.plan.add(Step("merge", label, params, deps))
-        trained_on = "+".join(task["name"] for task in self.tasks)
-        self.evaluate(ModelRef(step_ref(step)), f"merge-{method}-{finetune}", "merge", finetune, None, trained_on)
-
-    def add_moe(self, experts: str, moe: MoeConfig) -> None:
-        """One mixture of experts of the one-round models (FFT) or adapters (LoRA) of every task, or of
-        `moe.tasks`, built with no data but a few prompts per expert. The one-round train steps are the
-        one-round method's own, so they run once."""
-        tasks = self._moe_tasks(moe, experts)
-        n_experts = len(tasks) + (moe.base_expert == "routed")
-        if moe.router != "none" and moe.top_k > n_experts:
-            raise KnowstackError(f"top_k is {moe.top_k} but there are {n_experts} experts", field="methods.moe.top_k")
-        if moe.router == "uniform" and moe.top_k < n_experts and moe.router_training is None:
-            raise KnowstackError("a uniform router ties every expert, so top-k would always pick the first k: use "
-                                 "top_k = the number of experts, router_training, or router: none",
-                                 field="methods.moe.router")
-        trained = [self.train_step(self.base, task, experts) for task in tasks]
-        # what the mixture is made with; the sweep itself and an unset `attention` (an option added later) are
-        # left out, so that the key of a mixture made before they existed stays its key
-        options = moe.model_dump(mode="json", exclude={"experts", "tasks", "seed", "sweep", "points"})
-        if options.get("attention") is None:
-            options.pop("attention", None)
-        if experts == "lora":
-            options["shared"] = "base"  # an FFT-MoE option: a LoRA-MoE keeps the base's weights
-        params = {
-            "experts": experts,
-            "base": self.base.to_dict(),
-            "models": [step_ref(step) for step in trained],
-            "tasks": tasks,
-            "options": options,
-            "seed": self.seed if moe.seed is None else moe.seed,
-            "max_length": self.config.training.max_length,
-        }
-        deps = ref_deps(self.base) + tuple(step.key for step in trained)
-        step = self.plan.add(Step("moe", f"{experts}-{moe.router}", params, deps))
-        ref = ModelRef(step_ref(step)) if experts == "fft" else ModelRef(self.base.model, step_ref(step))
-        self.evaluate(ref, f"moe-{experts}", "moe", experts, None, "+".join(task["name"] for task in tasks))
-
-    def _moe_tasks(self, moe: MoeConfig, experts: str) -> list[dict]:
-        listed = moe.tasks.get(experts) if isinstance(moe.tasks, dict) else moe.tasks
-        if listed is None:
-            return self.tasks
-        known = {task["name"]: task for task in self.tasks}
-        unknown = [name for name in listed if name not in known]
-        if unknown:
-            field = "methods.moe.tasks" + (f".{experts}" if isinstance(moe.tasks, dict) else "")
-            raise KnowstackError(f"unknown task '{unknown[0]}' (the study's tasks: {', '.join(known)})", field=field)
-        return [known[name] for name in listed]
-
-
-def lambda_tag(lambdas: float | list[float]) -> str:
-    """How an O-LoRA run is named: '0.5', or '0_0.5_5' for one lambda per round."""
-    values = lambdas if isinstance(lambdas, list) else [lambdas]
-    return "_".join(f"{float(v):g}" for v in values)
 
 
 def training_params(training: TrainingConfig, finetune: str) -> dict[str, Any]:
@@ -439,63 +223,22 @@ def built_world_fingerprint(world_dir: Path) -> str | None:
 
 
 def build_plan(config: StudyConfig, out: Path | None = None) -> Plan:
-    """out: the study dir, where a built-in world already built gives its fingerprint to every later
-    step's key (without it, or before the world is built, those keys are provisional: `world_pending`)."""
+    """The catalog applied to a config: the base's evaluation, then every configured method at every seed. out: the
+    study dir, where a built-in world already built gives its fingerprint to every later step's key (without it, or
+    before the world is built, those keys are provisional: `world_pending`)."""
+    from knowstack.study.methods import CATALOG
+
     builder = PlanBuilder(config, out)
     builder.add_base()
-    methods = config.methods
-    if all(getattr(methods, name) is None for name in type(methods).model_fields):
+    sections = [(method, getattr(config.methods, method.field)) for method in CATALOG.values()]
+    if all(section is None for _, section in sections):
         raise KnowstackError("no methods to run", field="methods")
     for seed in config.seeds if config.seeds is not None else [config.seed]:
         builder.seed = seed
-        add_methods(builder, config)
+        for method, section in sections:
+            if section is not None:
+                method.plan(builder, section)
     return builder.plan
-
-
-def add_methods(builder: PlanBuilder, config: StudyConfig) -> None:
-    """Every method's models at the builder's seed."""
-    methods = config.methods
-
-    def points(name: str, finetune: str) -> list[Point]:
-        return sweep_points(getattr(methods, name), finetune, own_settings(config, getattr(methods, name)))
-
-    for finetune in methods.one_round.finetune if methods.one_round else []:
-        for point in points("one_round", finetune):
-            with builder.at(point, field_name="methods.one-round"):
-                builder.add_one_round(finetune)
-    for finetune in methods.sequential.finetune if methods.sequential else []:
-        for point in points("sequential", finetune):
-            with builder.at(point, field_name="methods.sequential"):
-                builder.add_sequential(finetune)
-    for point in points("olora", "lora") if methods.olora else []:
-        for lambdas in methods.olora.lambdas:
-            with builder.at(point, field_name="methods.olora"):
-                builder.add_olora(lambdas)
-    for finetune in methods.joint.finetune if methods.joint else []:
-        for point in points("joint", finetune):
-            with builder.at(point, field_name="methods.joint"):
-                builder.add_joint(finetune, methods.joint.sampling)
-    for finetune in methods.replay.finetune if methods.replay else []:
-        for point in points("replay", finetune):
-            with builder.at(point, field_name="methods.replay"):
-                builder.add_replay(finetune, point.get("fraction", methods.replay.fraction))
-    for finetune in methods.merge.finetune if methods.merge else []:
-        for method in methods.merge.methods_for(finetune):
-            # a point changing only what this merge method does not read would be the same model again
-            seen: list[Point] = []
-            for point in points("merge", finetune):
-                point = Point.of({k: v for k, v in point.values if k in MERGE_METHOD_OPTIONS[method]})
-                if point in seen:
-                    continue
-                seen.append(point)
-                merge = methods.merge.model_copy(update={("lam" if k == "lambda" else k): v for k, v in point.values})
-                with builder.at(point, field_name="methods.merge", trains=False):
-                    builder.add_merge(finetune, method, merge)
-    for experts in methods.moe.experts if methods.moe else []:
-        for point in points("moe", experts):
-            moe = methods.moe.model_copy(update={k: int(v) for k, v in point.values})
-            with builder.at(point, field_name="methods.moe", trains=False):
-                builder.add_moe(experts, moe)
 
 
 def own_settings(config: StudyConfig, method: Sweepable) -> dict[str, float | None]:

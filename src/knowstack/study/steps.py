@@ -164,19 +164,20 @@ def run_merge(step: Step, ctx: StudyContext, out: Path) -> None:
 def run_moe(step: Step, ctx: StudyContext, out: Path) -> None:
     """The one-round models (or adapters) of the mixed tasks as the experts of one MoE, written to `out`.
     The few prompts per expert (router init, expert load) and the router-training set are the first
-    examples of each task's training split. Router training is launched as the config's launch section
+    examples of each task's training split (prompts: see _prompt_split). Router training is launched as the config's launch section
     launches the training of the experts (its `lora` settings for a LoRA-MoE), in this process otherwise."""
     from knowstack.combine.moe import MoeOptions, mix_models
     from knowstack.combine.moe_train import RouterTraining
     from knowstack.train.launch import LaunchSpec
 
     params, options = step.params, step.params["options"]
-    train_splits = {task["name"]: ctx.tasks()[task["name"]].load("train") for task in params["tasks"]}
-    prompts = [[ex.prompt for ex in split[: options["prompts_per_expert"]]] for split in train_splits.values()]
+    specs = [ctx.tasks()[task["name"]] for task in params["tasks"]]
+    prompts = [[ex.prompt for ex in spec.load(_prompt_split(spec, params))[: options["prompts_per_expert"]]]
+               for spec in specs]
     training, examples = None, None
     if options["router_training"]:
         settings = options["router_training"]
-        examples = [ex for split in train_splits.values() for ex in split[: settings["examples_per_task"]]]
+        examples = [ex for spec in specs for ex in spec.load("train")[: settings["examples_per_task"]]]
         training = RouterTraining(steps=settings["steps"], lr=settings["lr"], batch_size=settings["batch_size"],
                                   aux_loss_coef=settings["aux_loss_coef"], max_length=params["max_length"],
                                   seed=params["seed"])
@@ -191,6 +192,12 @@ def run_moe(step: Step, ctx: StudyContext, out: Path) -> None:
         prompts=prompts, train_examples=examples, training=training, tokenizer_path=ctx.config.base.tokenizer,
         launch=LaunchSpec.from_config(ctx.config.launch, params["experts"]),
     )
+
+
+def _prompt_split(spec: TaskSpec, params: dict[str, Any]) -> str:
+    """Where an expert's router prompts come from: its task's training split; a registry compose's (prompts_from
+    "eval") from the eval split where the task has one, since a contribution may not share its training data."""
+    return "eval" if params.get("prompts_from") == "eval" and spec.eval_path is not None else "train"
 
 
 def _local_model_dir(model: str) -> str:

@@ -1,0 +1,89 @@
+"""Mixing: the one-round models (FFT-MoE, Mixtral-style) or adapters (LoRA-MoE, routed per token) of every task, or
+of `tasks`, as the experts of one mixture, its routers built with no data but a few prompts per expert, and
+optionally trained alone (combine/moe.py)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from knowstack.config import MoeConfig
+from knowstack.errors import KnowstackError
+from knowstack.study.graph import ModelRef, step_ref
+from knowstack.study.methods.base import ComposeVariant, Method
+
+if TYPE_CHECKING:
+    from knowstack.study.plan import PlanBuilder
+
+
+def add_moe(builder: PlanBuilder, experts: str, moe: MoeConfig) -> None:
+    """The one-round train steps are the one-round method's own, so they run once."""
+    tasks = moe_tasks(builder, moe, experts)
+    n_experts = len(tasks) + (moe.base_expert == "routed")
+    if moe.router != "none" and moe.top_k > n_experts:
+        raise KnowstackError(f"top_k is {moe.top_k} but there are {n_experts} experts", field="methods.moe.top_k")
+    if moe.router == "uniform" and moe.top_k < n_experts and moe.router_training is None:
+        raise KnowstackError("a uniform router ties every expert, so top-k would always pick the first k: use "
+                             "top_k = the number of experts, router_training, or router: none",
+                             field="methods.moe.router")
+    inputs = [builder.one_round_input(task, experts) for task in tasks]
+    # what the mixture is made with; the sweep itself and an unset `attention` (an option added later) are
+    # left out, so that the key of a mixture made before they existed stays its key
+    options = moe.model_dump(mode="json", exclude={"experts", "tasks", "seed", "sweep", "points"})
+    if options.get("attention") is None:
+        options.pop("attention", None)
+    if experts == "lora":
+        options["shared"] = "base"  # an FFT-MoE option: a LoRA-MoE keeps the base's weights
+    params = {
+        "experts": experts,
+        "base": builder.base.to_dict(),
+        "models": [ref for ref, _ in inputs],
+        "tasks": tasks,
+        "options": options,
+        "seed": builder.seed if moe.seed is None else moe.seed,
+        "max_length": builder.config.training.max_length,
+        **({"prompts_from": builder.router_prompts_from} if builder.router_prompts_from else {}),
+    }
+    deps = builder.base_deps() + tuple(key for _, keys in inputs for key in keys)
+    step = builder.add_step("moe", f"{experts}-{moe.router}", params, deps)
+    ref = ModelRef(step_ref(step)) if experts == "fft" else ModelRef(builder.base.model, step_ref(step))
+    builder.evaluate(ref, f"moe-{experts}", "moe", experts, None, "+".join(task["name"] for task in tasks))
+
+
+def moe_tasks(builder: PlanBuilder, moe: MoeConfig, experts: str) -> list[dict]:
+    listed = moe.tasks.get(experts) if isinstance(moe.tasks, dict) else moe.tasks
+    if listed is None:
+        return builder.tasks
+    known = {task["name"]: task for task in builder.tasks}
+    unknown = [name for name in listed if name not in known]
+    if unknown:
+        field = "methods.moe.tasks" + (f".{experts}" if isinstance(moe.tasks, dict) else "")
+        raise KnowstackError(f"unknown task '{unknown[0]}' (the study's tasks: {', '.join(known)})", field=field)
+    return [known[name] for name in listed]
+
+
+def plan(builder: PlanBuilder, section: MoeConfig) -> None:
+    for experts in section.experts:
+        for point in builder.points_of(section, experts):
+            moe = section.model_copy(update={k: int(v) for k, v in point.values})
+            with builder.at(point, field_name="methods.moe", trains=False):
+                add_moe(builder, experts, moe)
+
+
+def _variant(experts: str, kind: str, summary: str) -> ComposeVariant:
+    def section(options: Any, kinds: list[str]) -> dict[str, Any]:
+        training = None
+        if options.router_steps > 0:
+            training = {"steps": options.router_steps, "lr": options.router_lr,
+                        "examples_per_task": options.router_examples_per_task}
+        return {"experts": [experts], "top_k": options.top_k, "router": options.router,
+                "prompts_per_expert": options.prompts_per_expert, "router_training": training}
+
+    knobs = ("top_k", "router", "prompts_per_expert", "router_steps", "router_lr", "router_examples_per_task",
+             "max_length", "seed")
+    return ComposeVariant(f"moe-{experts}", summary, kinds=(kind,), knobs=knobs, section=section)
+
+
+METHOD = Method("moe", "moe", "semi", plan, "the one-round models or adapters as the experts of one mixture", (
+    _variant("lora", "adapter", "the LoRA adapters as experts of one LoRA-MoE"),
+    _variant("fft", "model", "the fine-tuned models' MLPs as experts of one MoE"),
+))
