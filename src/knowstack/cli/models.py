@@ -50,10 +50,7 @@ def _task_arg_problems(args: argparse.Namespace, split: str) -> list:  # -> list
 
 def cmd_train(args: argparse.Namespace) -> None:
     """One round of training, as a study step does it: plain, with replay of earlier tasks, or O-LoRA."""
-    from knowstack.atomic import atomic_write_json
-    from knowstack.data.sampling import replay_mixture
-    from knowstack.train import TrainSettings
-    from knowstack.train.launch import TrainJob, run_job
+    from knowstack import api
     from knowstack.validate import check_adapter_dir, check_model_dir, check_task_dir, raise_problems
 
     if args.olora_previous and args.finetune != "lora":
@@ -64,45 +61,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     for path in args.olora_previous or []:
         problems += check_adapter_dir(path)
     raise_problems(problems)
-    task = _task_from_args(args)
-    examples, mixture = task.load("train"), None
-    if args.replay:
-        earlier = [(path.name, _replay_task(path).load("train")) for path in map(Path, args.replay)]
-        examples, mixture = replay_mixture((task.name, examples), earlier, args.replay_fraction, args.seed)
-    settings = TrainSettings.from_config(training_from_args(args), finetune=args.finetune, seed=args.seed)
-    olora = {"previous": args.olora_previous, "lambda": args.olora_lambda} if args.olora_previous else None
-    job = TrainJob(model_path=args.model, out_dir=args.out, settings=settings.to_dict(),
-                   examples=[(ex.prompt, ex.answer) for ex in examples], progress_desc=f"train {task.name}",
-                   olora=olora, tokenizer=args.tokenizer, trust_remote_code=args.trust_remote_code)
-    summary = run_job(job)
-    if mixture is not None:
-        atomic_write_json(Path(args.out) / "mixture.json", mixture)
+    summary = api.train(args.model, _task_from_args(args), args.out, finetune=args.finetune,
+                        training=training_from_args(args), seed=args.seed, replay=args.replay or (),
+                        replay_fraction=args.replay_fraction, olora_previous=args.olora_previous or (),
+                        olora_lambda=args.olora_lambda, tokenizer=args.tokenizer,
+                        trust_remote_code=args.trust_remote_code)
     print(json.dumps({k: summary[k] for k in ("steps", "examples") if k in summary}))
     print(f"written: {args.out}")
 
 
-
-def _replay_task(path: Path):  # -> TaskSpec
-    """An earlier task to replay: a TRACE task dir (its train split)."""
-    from knowstack.config import TaskConfig
-    from knowstack.data.tasks import task_from_config
-
-    if not path.is_dir():
-        raise KnowstackError("--replay takes earlier tasks' dirs (TRACE layout: train.json)", path=path)
-    return task_from_config(TaskConfig(name=path.name, path=path, metric="accuracy"))
-
-
-def _harness_data(task, limit: int | None):  # -> HarnessData | None
-    """For math, the GSM8K files lm-eval reads under the paper's protocol (the eval split: few-shot examples)."""
-    from knowstack.evaluate.new_knowledge import HarnessData
-
-    return HarnessData(test=task.test_path, fewshot=task.eval_path, limit=limit) if task.format == "math" else None
-
-
 def cmd_eval(args: argparse.Namespace) -> None:
-    from knowstack.evaluate.new_knowledge import evaluate_task
-    from knowstack.evaluate.old_knowledge import evaluate_old_knowledge
-    from knowstack.modelio import load_model, load_tokenizer
+    from knowstack import api
     from knowstack.validate import check_adapter_dir, check_model_dir, check_old_tasks, raise_problems
 
     problems = check_model_dir(args.model) + (check_adapter_dir(args.adapter) if args.adapter else [])
@@ -112,20 +81,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
         problems += check_old_tasks(args.old_tasks, args.include_path, field="--old-tasks",
                                     include_field="--include-path")
     raise_problems(problems)
-    model = load_model(args.model, args.adapter, dtype="float32")
-    tokenizer = load_tokenizer(args.model)
-    result: dict[str, object] = {}
-    if args.task or args.test_file:
-        task = _task_from_args(args)
-        examples = task.load("test")[: args.limit] if args.limit else task.load("test")
-        result[task.name] = evaluate_task(model, tokenizer, examples, task.metric, batch_size=args.batch_size,
-                                          protocol=args.protocol, harness=_harness_data(task, args.limit)).scores
-    if args.old_tasks:
-        include = Path(args.include_path) if args.include_path else None
-        result.update(evaluate_old_knowledge(model, tokenizer, args.old_tasks, include_path=include,
-                                             batch_size=args.batch_size, limit=args.limit))
-    if not result:
+    if not (args.task or args.test_file or args.old_tasks):
         raise KnowstackError("nothing to evaluate: give --task/--test-file or --old-tasks")
+    task = _task_from_args(args) if args.task or args.test_file else None
+    result = api.evaluate(args.model, adapter=args.adapter, tasks={task.name: task} if task else None,
+                          old_tasks=args.old_tasks, include_path=args.include_path, limit=args.limit,
+                          batch_size=args.batch_size, protocol=args.protocol)
     text = json.dumps(result, indent=2)
     if args.out:
         from knowstack.atomic import atomic_write_text
@@ -134,30 +95,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(text)
 
 
-def _score_task(args: argparse.Namespace):  # -> TaskSpec
-    """The task `knowstack score` scores: a TRACE task dir, or (--format math) a GSM8K-format test file."""
-    from knowstack.config import TaskConfig
-    from knowstack.data.tasks import task_from_config
+def cmd_score(args: argparse.Namespace) -> None:
+    """Scores of predictions made elsewhere, with the same reading and metrics as a study's evaluation."""
+    from knowstack import api
     from knowstack.evaluate.protocols import TRACE_TASK_METRICS
 
     where = Path(args.task)
-    metric = args.metric or ("math" if args.format == "math" else TRACE_TASK_METRICS.get(where.name))
-    if metric is None:
+    if args.metric is None and args.format == "trace" and where.name not in TRACE_TASK_METRICS:
         raise KnowstackError(f"give --metric: '{where.name}' is not a TRACE task name "
                              f"({', '.join(TRACE_TASK_METRICS)})", path=where)
-    fields = {"path": where} if args.format == "trace" else {"test_file": where}
-    return task_from_config(TaskConfig(name="task", format=args.format, metric=metric, **fields))
-
-
-def cmd_score(args: argparse.Namespace) -> None:
-    """Scores of predictions made elsewhere, with the same reading and metrics as a study's evaluation."""
-    from knowstack.evaluate.new_knowledge import score_given_predictions
-    from knowstack.evaluate.predictions import read_predictions
-
-    task = _score_task(args)
-    examples = task.load("test")
-    predictions = read_predictions(Path(args.predictions), len(examples))
-    score = score_given_predictions(examples, predictions, task.metric, args.protocol)
+    score = api.score_predictions(where, Path(args.predictions), metric=args.metric, task_format=args.format,
+                                  protocol=args.protocol)
     if args.out:
         from knowstack.atomic import atomic_write_text
 
@@ -167,44 +115,25 @@ def cmd_score(args: argparse.Namespace) -> None:
         print(json.dumps(score.scores))
         return
     for metric, value in score.scores.items():
-        print(f"{metric}: {value:.4f}  (n={len(examples)}, protocol {args.protocol})")
+        print(f"{metric}: {value:.4f}  (n={score.n}, protocol {args.protocol})")
     if args.out:
         print(f"written: {args.out}")
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from knowstack.combine.merge import merge_models
-    from knowstack.combine.merge_methods import MergeOptions
+    from knowstack import api
     from knowstack.validate import check_model_dir, check_weights_dir, raise_problems
 
     problems = check_model_dir(args.base, tokenizer=False) if args.base else []
     raise_problems(problems + [p for path in args.models for p in check_weights_dir(path)])
-    given = {"density": args.density, "drop_rate": args.drop_rate, "lam": args.lam, "lora_space": args.lora_space}
-    options = MergeOptions(**{name: value for name, value in given.items() if value is not None})
-    out = merge_models(args.method, args.models, Path(args.out), base=args.base, weights=args.weights,
-                       options=options, seed=args.seed, max_shard_bytes=int(args.max_shard_gb * 2**30),
-                       progress=True)
+    out = api.merge(args.method, args.models, args.out, base=args.base, weights=args.weights, density=args.density,
+                    drop_rate=args.drop_rate, lam=args.lam, lora_space=args.lora_space, seed=args.seed,
+                    max_shard_gb=args.max_shard_gb, progress=True)
     print(f"merged model: {out}")
 
 
-def _prompt_lists(files: list[str]) -> list[list[str]]:
-    """Each file: a JSON list / JSONL of prompts, as strings or as objects with a "prompt" (a TRACE split)."""
-    from knowstack.data.formats import read_records
-
-    lists = []
-    for file in files:
-        prompts = [item if isinstance(item, str) else item.get("prompt") if isinstance(item, dict) else None
-                   for item in read_records(Path(file))]
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise KnowstackError("expected a non-empty list of prompts (strings or {\"prompt\": ...})", path=file)
-        lists.append(prompts)
-    return lists
-
-
 def cmd_mix(args: argparse.Namespace) -> None:
-    from knowstack.combine.moe import MoeOptions, default_router, mix_models
-    from knowstack.combine.moe_train import RouterTraining
-    from knowstack.data.formats import load_trace_split
+    from knowstack import api
     from knowstack.validate import (
         check_model_dir,
         check_prompt_file,
@@ -218,20 +147,14 @@ def cmd_mix(args: argparse.Namespace) -> None:
     problems += [p for path in args.prompts or [] for p in check_prompt_file(path)]
     problems += [p for path in args.train_data or [] for p in check_split_file(path, "trace", "train")]
     raise_problems(problems)
-    prompts = [p[: args.prompts_per_expert] for p in _prompt_lists(args.prompts)] if args.prompts else None
-    router = args.router or default_router(bool(prompts))
     if args.train_data and not args.train_steps:
         raise KnowstackError("--train-data is for router training: give --train-steps too")
-    examples = [ex for file in args.train_data or [] for ex in load_trace_split(Path(file))]
-    training = None
-    if args.train_steps:
-        training = RouterTraining(steps=args.train_steps, lr=args.train_lr, batch_size=args.train_batch_size,
-                                  aux_loss_coef=args.aux_loss_coef, seed=args.seed)
-    options = MoeOptions(top_k=args.top_k, layers=tuple(args.layers) if args.layers else None, shared=args.shared,
-                         base_expert=args.base_expert, router=router, seed=args.seed,
-                         attention=tuple(args.attention or ()))
-    record = mix_models(args.base, args.models, Path(args.out), options=options, prompts=prompts,
-                        train_examples=examples, training=training, max_shard_bytes=int(args.max_shard_gb * 2**30))
+    record = api.mix(args.base, args.models, args.out, prompts=args.prompts, prompts_per_expert=args.prompts_per_expert,
+                     train_data=args.train_data or (), train_steps=args.train_steps, train_lr=args.train_lr,
+                     train_batch_size=args.train_batch_size, aux_loss_coef=args.aux_loss_coef,
+                     max_shard_gb=args.max_shard_gb, top_k=args.top_k, layers=args.layers, shared=args.shared,
+                     base_expert=args.base_expert, router=args.router, seed=args.seed,
+                     attention=args.attention or ())
     counts = record["parameters"]
     print(f"{record['architecture']}: {record['experts']} experts in layers {record['layers']}, "
           f"{counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active per token")
@@ -254,7 +177,6 @@ def _add_task_args(parser: argparse.ArgumentParser, *, metric_required: bool) ->
     parser.add_argument("--train-file", help="math: a MetaMathQA-format JSON file")
     parser.add_argument("--test-file", help="math: a GSM8K-format JSON/JSONL file")
     parser.add_argument("--metric", default="accuracy", required=metric_required, choices=list(METRICS))
-
 
 
 def add_commands(sub: Any) -> None:

@@ -15,7 +15,7 @@ from knowstack.errors import KnowstackError
 
 
 def cmd_registry_init(args: argparse.Namespace) -> None:
-    from knowstack.registry.base import init_registry
+    from knowstack import api
 
     if args.include_path and not args.old_knowledge:
         raise KnowstackError("--include-path is where --old-knowledge tasks live: give the tasks too")
@@ -26,8 +26,8 @@ def cmd_registry_init(args: argparse.Namespace) -> None:
         problems += check_old_tasks(args.old_knowledge, args.include_path, field="--old-knowledge",
                                     include_field="--include-path")
     raise_problems(problems)
-    base = init_registry(args.registry, args.base, old_tasks=args.old_knowledge or (),
-                         include_path=args.include_path, batch_size=args.batch_size, limit=args.limit)
+    base = api.init_registry(args.registry, args.base, old_tasks=args.old_knowledge or (),
+                             include_path=args.include_path, batch_size=args.batch_size, limit=args.limit)
     for score in base["scores"]:
         print(f"old knowledge: {score['task']} {score['metric']} = {score['value']:.4f}")
     from knowstack.registry.core import is_url
@@ -37,25 +37,25 @@ def cmd_registry_init(args: argparse.Namespace) -> None:
 
 
 def cmd_registry_list(args: argparse.Namespace) -> None:
-    from knowstack.registry.core import Registry
+    from knowstack import api
     from knowstack.registry.listing import format_listing
 
-    with Registry.open(args.registry) as reg:
+    with api.open_registry(args.registry) as reg:
         print(json.dumps(reg.versions(), indent=2) if args.json else format_listing(reg))
 
 
 def cmd_registry_verify(args: argparse.Namespace) -> None:
-    from knowstack.registry.core import Registry
+    from knowstack import api
 
-    with Registry.open(args.registry) as reg:
+    with api.open_registry(args.registry) as reg:
         count = reg.verify(args.names or None)
     print(f"verified: {count} objects match their hashes")
 
 
 def cmd_registry_gc(args: argparse.Namespace) -> None:
-    from knowstack.registry.core import Registry
+    from knowstack import api
 
-    with Registry.open(args.registry) as reg:
+    with api.open_registry(args.registry) as reg:
         removed = reg.collect_garbage(grace_seconds=args.grace_hours * 3600, dry_run=args.dry_run)
     size = sum(stored.size for stored in removed) if args.dry_run else None
     for stored in removed:
@@ -70,7 +70,7 @@ def cmd_registry_report(args: argparse.Namespace) -> None:
 
 
 def cmd_contribute(args: argparse.Namespace) -> None:
-    from knowstack.registry.contribute import contribute
+    from knowstack import api
     from knowstack.validate import (
         check_adapter_dir,
         check_file,
@@ -85,9 +85,9 @@ def cmd_contribute(args: argparse.Namespace) -> None:
     if args.training_config:
         problems += check_file(args.training_config, "training config")
     raise_problems(problems)
-    record = contribute(args.registry, args.name, task=args.task, adapter=args.adapter, model=args.model,
-                        metric=args.metric, keep_data=args.keep_data, task_format=args.format, author=args.author,
-                        training_config=args.training_config, batch_size=args.batch_size)
+    record = api.contribute(args.registry, args.name, task=args.task, adapter=args.adapter, model=args.model,
+                            metric=args.metric, keep_data=args.keep_data, task_format=args.format,
+                            author=args.author, training_config=args.training_config, batch_size=args.batch_size)
     score = next(s for s in record["scores"] if s["kind"] == "new")
     print(f"contributed: {record['name']} ({record['kind']}, {record['content_hash'][:12]}) "
           f"{record['task']} {score['metric']} = {score['value']:.4f}")
@@ -116,10 +116,10 @@ def cmd_compose(args: argparse.Namespace) -> None:
 
 
 def cmd_log(args: argparse.Namespace) -> None:
-    from knowstack.registry.core import Registry
+    from knowstack import api
     from knowstack.registry.history import format_log
 
-    with Registry.open(args.registry) as reg:
+    with api.open_registry(args.registry) as reg:
         print(format_log(reg))
         if args.plot:
             from knowstack.registry.plot import plot_versions
@@ -129,25 +129,25 @@ def cmd_log(args: argparse.Namespace) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-    from knowstack.registry.core import Registry
+    from knowstack import api
     from knowstack.registry.history import format_show
 
-    with Registry.open(args.registry) as reg:
+    with api.open_registry(args.registry) as reg:
         print(json.dumps(reg.version(args.version), indent=2) if args.json else format_show(reg, args.version))
 
 
 def cmd_diff(args: argparse.Namespace) -> None:
-    from knowstack.registry.core import Registry
+    from knowstack import api
     from knowstack.registry.history import format_diff
 
-    with Registry.open(args.registry) as reg:
+    with api.open_registry(args.registry) as reg:
         print(format_diff(reg, args.first, args.second))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from knowstack.registry.export import export_version
+    from knowstack import api
 
-    info = export_version(args.registry, args.version, args.out, with_base=args.with_base)
+    info = api.export(args.registry, args.version, args.out, with_base=args.with_base)
     print(f"exported {info['version']} ({info['kind']}, {info['method']}) to {Path(args.out).resolve()}\n"
           f"load: {info['load']}")
 

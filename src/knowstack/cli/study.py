@@ -13,22 +13,16 @@ CONFIG_DIR = Path(__file__).parent.parent / "configs"
 
 
 def cmd_study(args: argparse.Namespace) -> None:
-    from knowstack.config import load_config
-    from knowstack.study.runner import run_study
+    from knowstack import api
 
-    config = load_config(args.config)
-    executor = None
-    if not args.dry_run:
-        from knowstack.study.executors import make_executor
-
-        # `demo` reaches here too, without the study command's executor options
-        executor = make_executor(getattr(args, "executor", "local"), getattr(args, "address", None))
-    outcome = run_study(config, Path(args.out), dry_run=args.dry_run, console=console,
-                        config_text=Path(args.config).read_text(encoding="utf-8"), executor=executor,
-                        gpu_memory=int(getattr(args, "gpu_memory", 80.0) * 2**30))
-    if outcome is not None:
-        # The page last: `make demo` ends with the path to open.
-        print(f"results: {outcome.results_csv.resolve()}\nreport:  {outcome.report.resolve()}")
+    if args.dry_run:
+        api.dry_run(args.config, args.out, gpu_memory_gib=args.gpu_memory, console=console)
+        return
+    # `demo` reaches here too, without the study command's executor options
+    results = api.run_study(args.config, args.out, executor=getattr(args, "executor", "local"),
+                            address=getattr(args, "address", None), console=console)
+    # The page last: `make demo` ends with the path to open.
+    print(f"results: {results.results_csv.resolve()}\nreport:  {results.report.resolve()}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -37,50 +31,44 @@ def cmd_demo(args: argparse.Namespace) -> None:
     cmd_study(args)
 
 
-def _study_results(directory: str):  # -> tuple[Plan, list[Row]]
+def _study_results(directory: str):  # -> api.StudyResults
     """A study dir's plan and its results so far; one clear error when it is not a study dir or has none."""
-    from knowstack.config import load_config
-    from knowstack.report.build import study_rows
-    from knowstack.study.plan import build_plan
+    from knowstack import api
 
     out = Path(directory)
     if not (out / "config.yaml").is_file():
         raise KnowstackError("not a study dir (no config.yaml): run `knowstack study CONFIG --out DIR` first",
                              path=out)
-    plan = build_plan(load_config(out / "config.yaml"), out)
-    rows = study_rows(plan, out)
-    if not rows:
+    results = api.study_results(out)
+    if not results.rows:
         raise KnowstackError("no results yet: no evaluation of this study has finished", path=out)
-    return plan, rows
+    return results
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from knowstack.report.build import write_study_report
-
-    plan, rows = _study_results(args.dir)
-    path = write_study_report(plan, Path(args.dir), rows)
+    path = _study_results(args.dir).write_report()
     print(f"markdown: {path.with_name('report.md').resolve()}\nreport:   {path.resolve()}")
 
 
 def cmd_advise(args: argparse.Namespace) -> None:
+    from knowstack import api
     from knowstack.registry.core import is_url
     from knowstack.registry.db import DB_FILE
 
     if is_url(args.dir) or (Path(args.dir) / DB_FILE).is_file():
         from knowstack.registry.advice import registry_advice
-        from knowstack.registry.core import Registry
 
-        with Registry.open(args.dir) as reg:
+        with api.open_registry(args.dir) as reg:
             print(registry_advice(reg, args.max_old_loss, args.setting))
         return
     from knowstack.report.advice import advice_text, advise
     from knowstack.report.build import measured_points, study_items
 
-    plan, rows = _study_results(args.dir)
-    scores, points = measured_points(rows, plan.task_names, plan.config.old_knowledge.metric,
+    results = _study_results(args.dir)
+    plan = results.plan
+    scores, points = measured_points(results.rows, plan.task_names, plan.config.old_knowledge.metric,
                                      study_items(plan, Path(args.dir)))
     print(advice_text(advise(points, args.max_old_loss, args.setting or "semi"), scores))
-
 
 
 def add_commands(sub: Any) -> None:
