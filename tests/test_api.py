@@ -99,3 +99,75 @@ def test_import_knowstack_stays_cheap_and_re_exports_lazily() -> None:
     code = ("import sys, knowstack; assert 'torch' not in sys.modules and 'knowstack.api' not in sys.modules; "
             "assert knowstack.merge is __import__('knowstack.api').api.merge; print('ok')")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "ok\n"
+
+
+class ApiReached(Exception):
+    """Raised by a stand-in for an API function: the command got past its checks and called the API."""
+
+
+@pytest.mark.parametrize("command, function, expected", [
+    (["train", "--model", "{model}", "--task", "{task}", "--replay", "{other}", "--replay-fraction", "0.5",
+      "--lr", "1e-3", "--out", "{out}"], "train", {"replay": ["{other}"], "replay_fraction": 0.5, "seed": 0}),
+    (["eval", "--model", "{model}", "--task", "{task}", "--protocol", "paper"], "evaluate", {"protocol": "paper"}),
+    (["score", "{trace}/ScienceQA", "--predictions", "{predictions}"], "score_predictions", {"protocol": "builtin"}),
+    (["merge", "--method", "ties", "--base", "{model}", "--models", "{adapter}", "{adapter}", "--lora-space",
+      "factors", "--max-shard-gb", "1", "--out", "{out}"], "merge", {"lora_space": "factors", "max_shard_gb": 1.0}),
+    (["mix", "--base", "{model}", "--models", "{adapter}", "{adapter}", "--train-data", "{task}/train.json",
+      "--train-steps", "2", "--out", "{out}"], "mix", {"train_steps": 2, "train_data": ["{task}/train.json"]}),
+    (["study", "{config}", "--out", "{out}", "--dry-run", "--gpu-memory", "40"], "dry_run", {"gpu_memory_gib": 40.0}),
+    (["study", "{config}", "--out", "{out}"], "run_study", {"executor": "local"}),
+    (["registry", "init", "{out}", "--base", "{model}"], "init_registry", {"old_tasks": ()}),
+    (["contribute", "{out}", "--name", "a", "--adapter", "{adapter}", "--task", "{task}"], "contribute",
+     {"keep_data": False}),
+    (["export", "{out}", "v1", "--out", "{out}/export"], "export", {"with_base": False}),
+])
+def test_each_command_is_built_on_the_api(command: list[str], function: str, expected: dict, tmp_path: Path,
+                                          tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command checks its arguments, then calls the API function with them (no second implementation)."""
+    from test_protocols import FIXTURES, write_predictions
+
+    adapter = tmp_path / "adapter"
+    if "{adapter}" in command:
+        make_adapter(tiny_model_dir, adapter, seed=1)
+    names = {"model": tiny_model_dir, "task": make_task(tmp_path, "Stance"), "other": make_task(tmp_path, "Notes"),
+             "adapter": adapter, "out": tmp_path / "out", "trace": FIXTURES,
+             "predictions": write_predictions(tmp_path / "p.json", ["A"] * 4, jsonl=False),
+             "config": tiny_study(tmp_path, tiny_model_dir, [])}
+    fill = {f"{{{name}}}": str(value) for name, value in names.items()}
+
+    def filled(text: str) -> str:
+        for key, value in fill.items():
+            text = text.replace(key, value)
+        return text
+
+    calls = []
+
+    def stand_in(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise ApiReached
+
+    monkeypatch.setattr(ks, function, stand_in)
+    with pytest.raises(ApiReached):
+        main([filled(part) for part in command])
+    (args, kwargs), = calls
+    for name, value in expected.items():
+        given = kwargs[name]
+        assert (list(map(str, given)) if isinstance(value, list) else given) == \
+            ([filled(v) for v in value] if isinstance(value, list) else value), name
+
+
+def test_predictions_made_elsewhere_are_scored_as_the_cli_scores_them(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from test_protocols import FIXTURES, write_predictions
+
+    task = FIXTURES / "ScienceQA"
+    references = [r["answer"] for r in json.loads((task / "test.json").read_text())]
+    predictions = [references[0][0], "Z", references[2], references[3][:1] + " and more"]
+    given = ks.score_predictions(task, predictions, protocol="paper")
+    assert (given.task, given.n, given.scores) == ("ScienceQA", 4, {"accuracy": 0.75})
+    assert ks.score_predictions(task, write_predictions(tmp_path / "p.jsonl", predictions), protocol="paper") == given
+    assert main(["score", str(task), "--predictions", str(tmp_path / "p.jsonl"), "--protocol", "paper",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == given.scores
+    with pytest.raises(KnowstackError, match="3 predictions for 4 test items"):
+        ks.score_predictions(task, predictions[:3])

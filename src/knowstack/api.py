@@ -24,16 +24,18 @@ from knowstack.errors import KnowstackError
 if TYPE_CHECKING:
     import pandas
 
-    from knowstack.config import StudyConfig
+    from knowstack.config import StudyConfig, TrainingConfig
+    from knowstack.data.tasks import TaskSpec
     from knowstack.registry.core import Registry
+    from knowstack.study.plan import Plan
     from knowstack.study.results import Row
 
 PathLike = str | Path
 
 __all__ = [
-    "PlannedStep", "StudyResults", "TaskScores", "compose", "contribute", "dry_run", "evaluate", "history",
-    "init_registry", "load_study", "merge", "mix", "open_registry", "rows_frame", "run_study", "score",
-    "study_results", "train",
+    "PlannedStep", "StudyResults", "TaskScores", "compose", "contribute", "dry_run", "evaluate", "export",
+    "history", "init_registry", "load_study", "merge", "mix", "open_registry", "rows_frame", "run_study", "score",
+    "score_predictions", "study_results", "train",
 ]
 
 
@@ -62,13 +64,22 @@ class PlannedStep:
     estimate: Any = None
 
 
-def dry_run(config: PathLike | Mapping[str, Any] | StudyConfig, out: PathLike,
-            gpu_memory_gib: float = 80.0) -> list[PlannedStep]:
-    """The plan of a study in `out`: every step, whether it is done, and its memory estimate; runs nothing."""
+def dry_run(config: PathLike | Mapping[str, Any] | StudyConfig, out: PathLike, gpu_memory_gib: float = 80.0, *,
+            console: Any = None) -> list[PlannedStep]:
+    """The plan of a study in `out`: every step, whether it is done, and its memory estimate; runs nothing.
+    Every input the study reads is checked first. console: a rich Console to also print the plan and the
+    estimates table to, as `knowstack study CONFIG --out OUT --dry-run` does (gpu_memory_gib: GiB per GPU)."""
     from knowstack.study.plan import build_plan
     from knowstack.study.resources import GiB, estimate_plan
+    from knowstack.study.runner import run_study as run
+    from knowstack.validate import check_study, raise_problems
 
-    plan = build_plan(load_study(config), Path(out))
+    study = load_study(config)
+    if console is None:
+        raise_problems(check_study(study))
+    else:  # the runner's dry run checks the same inputs, then prints
+        run(study, Path(out), dry_run=True, console=console, gpu_memory=int(gpu_memory_gib * GiB))
+    plan = build_plan(study, Path(out))
     estimates = dict((step.key, est) for step, est in estimate_plan(plan, int(gpu_memory_gib * GiB))[0])
     return [PlannedStep(i, s.key, s.kind, s.label, (Path(out) / "artifacts" / s.key).is_dir(), estimates.get(s.key))
             for i, s in enumerate(plan.ordered(), start=1)]
@@ -76,9 +87,11 @@ def dry_run(config: PathLike | Mapping[str, Any] | StudyConfig, out: PathLike,
 
 @dataclass
 class StudyResults:
-    """A study dir's results: one Row per (model, task, metric) (study/results.py), its results.csv and report."""
+    """A study dir's results: one Row per (model, task, metric) (study/results.py), its results.csv and report;
+    plan: the study's plan (study/plan.py: its config, tasks and steps)."""
 
     out: Path
+    plan: Plan = field(repr=False)
     rows: list[Row] = field(default_factory=list)
 
     @property
@@ -95,6 +108,13 @@ class StudyResults:
 
     def dataframe(self) -> pandas.DataFrame:
         return rows_frame(self.rows)
+
+    def write_report(self) -> Path:
+        """Write the study's report from these rows (report.html, report.md, figures/, tables/), as `knowstack
+        report` does; returns report.html."""
+        from knowstack.report.build import write_study_report
+
+        return write_study_report(self.plan, self.out, self.rows)
 
 
 def rows_frame(rows: Sequence[Row]) -> pandas.DataFrame:
@@ -113,8 +133,8 @@ def run_study(config: PathLike | Mapping[str, Any] | StudyConfig, out: PathLike,
     from knowstack.study.executors import make_executor
     from knowstack.study.runner import run_study as run
 
+    study = load_study(config)  # first: a config file that is not there is one clear error
     text = Path(config).read_text(encoding="utf-8") if isinstance(config, (str, Path)) else None
-    study = load_study(config)
     run(study, Path(out), console=console, config_text=text, executor=make_executor(executor, address))
     return study_results(out, study)
 
@@ -130,7 +150,8 @@ def study_results(out: PathLike, config: PathLike | Mapping[str, Any] | StudyCon
         if not (out / "config.yaml").is_file():
             raise KnowstackError("not a study dir (no config.yaml): pass the config too", path=out)
         config = out / "config.yaml"
-    return StudyResults(out, study_rows(build_plan(load_study(config), out), out))
+    plan = build_plan(load_study(config), out)
+    return StudyResults(out, plan, study_rows(plan, out))
 
 
 # --- one model at a time ---------------------------------------------------------------------------------
@@ -145,51 +166,143 @@ def _task(task: PathLike, metric: str, task_format: str = "trace"):  # -> TaskSp
         raise KnowstackError(str(err).splitlines()[-1], path=path) from None
 
 
-def train(model: PathLike, data: PathLike | Sequence[tuple[str, str]], out: PathLike, *, finetune: str = "lora",
-          metric: str = "accuracy", report_to: Sequence[str] = (), olora_previous: Sequence[PathLike] = (),
-          olora_lambda: float = 0.5, **settings: Any) -> dict[str, Any]:
-    """One training run, as `knowstack train`: `data` is a TRACE task dir (its train split) or (prompt, answer)
-    pairs; settings are train/settings.py TrainSettings fields (lr, epochs, max_steps, batch_size, lora_r, ...).
-    Writes a full model (fft) or a PEFT adapter (lora) with its model card to `out`; returns train_summary.json."""
+def _task_spec(task: PathLike | TaskSpec, metric: str, task_format: str = "trace") -> TaskSpec:
+    """A task given as a dir, or already built (knowstack.data.tasks.TaskSpec: e.g. math's two files)."""
+    from knowstack.data.tasks import TaskSpec
+
+    return task if isinstance(task, TaskSpec) else _task(task, metric, task_format)
+
+
+def _replay_examples(current: tuple[str, list[tuple[str, str]]], earlier: Sequence[PathLike], fraction: float | None,
+                     seed: int) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    """A replay round's examples: the current task whole, plus fraction x its size from each earlier task dir
+    (its train split; default fraction: config.py ReplayConfig's), and the record of what was drawn."""
+    from knowstack.config import ReplayConfig
+    from knowstack.data.sampling import replay_mixture
+
+    named = []
+    for path in map(Path, earlier):
+        if not path.is_dir():
+            raise KnowstackError("replay takes earlier tasks' dirs (TRACE layout: train.json)", path=path)
+        named.append((path.name, [(ex.prompt, ex.answer) for ex in _task(path, "accuracy").load("train")]))
+    return replay_mixture(current, named, ReplayConfig().fraction if fraction is None else fraction, seed)
+
+
+def train(model: PathLike, data: PathLike | TaskSpec | Sequence[tuple[str, str]], out: PathLike, *,
+          finetune: str = "lora", metric: str = "accuracy", training: TrainingConfig | None = None, seed: int = 0,
+          replay: Sequence[PathLike] = (), replay_fraction: float | None = None,
+          olora_previous: Sequence[PathLike] = (), olora_lambda: float | None = None,
+          tokenizer: PathLike | None = None, trust_remote_code: bool = False, report_to: Sequence[str] = (),
+          **settings: Any) -> dict[str, Any]:
+    """One training run, as `knowstack train` and a study's round: `data` is a TRACE task dir (its train split),
+    a TaskSpec (knowstack.data.tasks: e.g. math's MetaMathQA file) or (prompt, answer) pairs. The recipe is
+    `training` (a config.py TrainingConfig, as a study's `training:`) or else `settings`, train/settings.py
+    TrainSettings fields (lr, epochs, max_steps, batch_size, lora_r, ...); each default is TrainingConfig's.
+    replay: earlier tasks' dirs, each adding replay_fraction x |task| of its train examples (default: the config's
+    ReplayConfig fraction; what was drawn is written to out/mixture.json). olora_previous: the earlier rounds'
+    LoRA adapters, penalised against with weight olora_lambda (default: the paper's first run, OLoraConfig's).
+    tokenizer / trust_remote_code: as a study's base options. Writes a full model (fft) or a PEFT adapter (lora)
+    with its model card to `out`; returns train_summary.json."""
+    from knowstack.atomic import atomic_write_json
+    from knowstack.config import OLoraConfig
     from knowstack.train import TrainSettings
     from knowstack.train.launch import TrainJob, run_job
     from knowstack.train.tracking import Tracking
 
-    if isinstance(data, (str, Path)):
-        pairs = [(ex.prompt, ex.answer) for ex in _task(data, metric).load("train")]
-    else:
-        pairs = [(str(prompt), str(answer)) for prompt, answer in data]
     if olora_previous and finetune != "lora":
         raise KnowstackError("O-LoRA (olora_previous) needs finetune='lora'", field="olora_previous")
-    job = TrainJob(model_path=str(model), out_dir=str(out), examples=pairs,
-                   settings=TrainSettings(finetune=finetune, **settings).to_dict(),
-                   olora={"previous": [str(p) for p in olora_previous], "lambda": olora_lambda}
-                   if olora_previous else None,
-                   tracking=Tracking(tuple(report_to), run=Path(out).name).to_dict() if report_to else None)
-    return run_job(job)
+    if training is not None and settings:
+        raise KnowstackError(f"give the recipe as training or as settings, not both ({', '.join(settings)})",
+                             field="training")
+    if isinstance(data, (str, Path)) or not isinstance(data, Sequence):
+        spec = _task_spec(data, metric)
+        name, pairs = spec.name, [(ex.prompt, ex.answer) for ex in spec.load("train")]
+    else:
+        name, pairs = Path(out).name, [(str(prompt), str(answer)) for prompt, answer in data]
+    mixture = None
+    if replay:
+        pairs, mixture = _replay_examples((name, pairs), replay, replay_fraction, seed)
+    run_settings = TrainSettings.from_config(training, finetune=finetune, seed=seed) if training is not None \
+        else TrainSettings(finetune=finetune, seed=seed, **settings)
+    lam = OLoraConfig().lambdas[0] if olora_lambda is None else olora_lambda
+    trackers = tuple(report_to) or tuple(training.report_to if training is not None else ())
+    job = TrainJob(model_path=str(model), out_dir=str(out), settings=run_settings.to_dict(), examples=pairs,
+                   progress_desc=f"train {name}",
+                   olora={"previous": [str(p) for p in olora_previous], "lambda": lam} if olora_previous else None,
+                   tracking=Tracking(trackers, run=Path(out).name).to_dict() if trackers else None,
+                   tokenizer=str(tokenizer) if tokenizer else None, trust_remote_code=trust_remote_code)
+    summary = run_job(job)
+    if mixture is not None:
+        atomic_write_json(Path(out) / "mixture.json", mixture)
+    return summary
 
 
 def merge(method: str, models: Sequence[PathLike], out: PathLike, *, base: PathLike | None = None,
           weights: Sequence[float] | None = None, density: float | None = None, drop_rate: float | None = None,
-          lam: float | None = None, seed: int = 0) -> Path:
-    """Merge model dirs and/or LoRA adapter dirs of one base, as `knowstack merge`; returns the merged model dir."""
+          lam: float | None = None, lora_space: str | None = None, seed: int = 0, max_shard_gb: float = 5.0,
+          progress: bool = False) -> Path:
+    """Merge model dirs and/or LoRA adapter dirs of one base, as `knowstack merge`; returns the merged model dir.
+    density / drop_rate / lam default to config.py MergeConfig's; lora_space: LoRA adapters merged as deltas
+    ("delta", the default) or factor by factor ("factors", PEFT's add_weighted_adapter); max_shard_gb: the
+    largest output shard; progress: a progress bar on stderr."""
     from knowstack.combine.merge import merge_models
     from knowstack.combine.merge_methods import MergeOptions
 
-    given = {"density": density, "drop_rate": drop_rate, "lam": lam}
+    given = {"density": density, "drop_rate": drop_rate, "lam": lam, "lora_space": lora_space}
     options = MergeOptions(**{name: value for name, value in given.items() if value is not None})
-    return merge_models(method, list(models), Path(out), base=base, weights=weights, options=options, seed=seed)
+    return merge_models(method, list(models), Path(out), base=base, weights=weights, options=options, seed=seed,
+                        max_shard_bytes=int(max_shard_gb * 2**30), progress=progress)
 
 
-def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *, prompts: Sequence[Sequence[str]] | None = None,
+def _prompt_list(prompts: Sequence[str] | PathLike) -> list[str]:
+    """One expert's prompts: the strings, or a JSON list / JSONL file of them, as strings or as objects with a
+    "prompt" (a TRACE split)."""
+    from knowstack.data.formats import read_records
+
+    if not isinstance(prompts, (str, Path)):
+        return [str(prompt) for prompt in prompts]
+    found = [item if isinstance(item, str) else item.get("prompt") if isinstance(item, dict) else None
+             for item in read_records(Path(prompts))]
+    if not found or not all(isinstance(p, str) for p in found):
+        raise KnowstackError("expected a non-empty list of prompts (strings or {\"prompt\": ...})", path=prompts)
+    return found
+
+
+def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
+        prompts: Sequence[Sequence[str] | PathLike] | None = None, prompts_per_expert: int | None = None,
+        train_data: Sequence[PathLike] = (), train_steps: int = 0, train_lr: float | None = None,
+        train_batch_size: int | None = None, aux_loss_coef: float | None = None, max_shard_gb: float = 5.0,
         **options: Any) -> dict[str, Any]:
     """A mixture of experts of model dirs (FFT-MoE) or adapter dirs (LoRA-MoE), as `knowstack mix`; options are
-    combine/moe.py MoeOptions fields (top_k, layers, shared, base_expert, router, seed, attention). Router
-    default: `prompts` when prompts are given, else random. Returns moe.json."""
+    combine/moe.py MoeOptions fields (top_k, layers, shared, base_expert, router, seed, attention). prompts: per
+    model, its prompts or a JSON/JSONL file of them, the first prompts_per_expert used (default: config.py
+    MoeConfig's); router (None or not given): `prompts` when prompts are given, else random. Router training: train_steps
+    steps on the TRACE-format files train_data (train_lr, train_batch_size, aux_loss_coef default to
+    RouterTrainingConfig's; the order is drawn from options' seed). max_shard_gb: the largest output shard
+    (FFT-MoE). Returns moe.json."""
     from knowstack.combine.moe import MoeOptions, default_router, mix_models
+    from knowstack.combine.moe_train import RouterTraining
+    from knowstack.config import MoeConfig
+    from knowstack.data.formats import load_trace_split
 
-    options.setdefault("router", default_router(bool(prompts)))
-    return mix_models(base, list(models), Path(out), options=MoeOptions(**options), prompts=prompts)
+    if train_data and not train_steps:
+        raise KnowstackError("train_data is for router training: give train_steps too", field="train_steps")
+    if prompts:
+        keep = MoeConfig().prompts_per_expert if prompts_per_expert is None else prompts_per_expert
+        prompts = [_prompt_list(given)[:keep] for given in prompts]
+    if options.get("router") is None:
+        options["router"] = default_router(bool(prompts))
+    for name in ("layers", "attention"):  # tuples, as MoeOptions declares them
+        if options.get(name) is not None:
+            options[name] = tuple(options[name])
+    training = None
+    if train_steps:
+        given = {"lr": train_lr, "batch_size": train_batch_size, "aux_loss_coef": aux_loss_coef}
+        training = RouterTraining(steps=train_steps, seed=options.get("seed", 0),
+                                  **{name: value for name, value in given.items() if value is not None})
+    examples = [example for file in train_data for example in load_trace_split(Path(file))]
+    return mix_models(base, list(models), Path(out), options=MoeOptions(**options), prompts=prompts,
+                      train_examples=examples, training=training, max_shard_bytes=int(max_shard_gb * 2**30))
 
 
 @dataclass(frozen=True)
@@ -208,48 +321,88 @@ def _load(model: PathLike, adapter: PathLike | None):  # -> (model, tokenizer)
     return on_gpu_if_it_fits(load_model(model, adapter, dtype="float32")), load_tokenizer(model)
 
 
-def score(model: PathLike, task: PathLike, *, metric: str = "accuracy", adapter: PathLike | None = None,
-          task_format: str = "trace", limit: int | None = None, batch_size: int = 32,
-          max_new_tokens: int | None = None) -> TaskScores:
-    """A model (+ adapter) on one task's test split, as `knowstack eval --task` (evaluate/new_knowledge.py)."""
-    from knowstack.evaluate.new_knowledge import evaluate_task
+def _scores(loaded: Any, tokenizer: Any, spec: TaskSpec, *, limit: int | None, batch_size: int, protocol: str,
+            max_new_tokens: int | None = None) -> TaskScores:
+    """A loaded model on a task's test split (its first `limit` items); math: lm-eval reads the GSM8K files
+    under the paper's protocol, with the eval split as its few-shot examples."""
+    from knowstack.evaluate.new_knowledge import HarnessData, evaluate_task
 
-    spec = _task(task, metric, task_format)
     examples = spec.load("test")[:limit] if limit else spec.load("test")
-    loaded, tokenizer = _load(model, adapter)
+    harness = HarnessData(test=spec.test_path, fewshot=spec.eval_path, limit=limit) if spec.format == "math" else None
     result = evaluate_task(loaded, tokenizer, examples, spec.metric, batch_size=batch_size,
-                           max_new_tokens=max_new_tokens)
+                           max_new_tokens=max_new_tokens, protocol=protocol, harness=harness)
     return TaskScores(spec.name, len(examples), result.scores, result.predictions)
 
 
-def evaluate(model: PathLike, *, adapter: PathLike | None = None, tasks: Mapping[str, PathLike] | None = None,
+def score(model: PathLike, task: PathLike | TaskSpec, *, metric: str = "accuracy", adapter: PathLike | None = None,
+          task_format: str = "trace", limit: int | None = None, batch_size: int = 32,
+          max_new_tokens: int | None = None, protocol: str = "builtin") -> TaskScores:
+    """A model (+ adapter) on one task's test split, as `knowstack eval --task` (evaluate/new_knowledge.py);
+    protocol: how answers are read and scored (builtin, or paper: the paper's TRACE/GSM8K scoring)."""
+    spec = _task_spec(task, metric, task_format)
+    loaded, tokenizer = _load(model, adapter)
+    return _scores(loaded, tokenizer, spec, limit=limit, batch_size=batch_size, protocol=protocol,
+                   max_new_tokens=max_new_tokens)
+
+
+def evaluate(model: PathLike, *, adapter: PathLike | None = None, tasks: Mapping[str, PathLike | TaskSpec] | None = None,
              metric: str = "accuracy", old_tasks: Sequence[str] = (), include_path: PathLike | None = None,
-             limit: int | None = None, batch_size: int = 32) -> dict[str, dict[str, float]]:
-    """`knowstack eval` for several tasks at once: {task: {metric: value}} for each new task (tasks: {name: dir},
-    all scored with `metric`) and each lm-eval old-knowledge task; the model is loaded once."""
-    from knowstack.evaluate.new_knowledge import evaluate_task
+             limit: int | None = None, batch_size: int = 32, protocol: str = "builtin") -> dict[str, dict[str, float]]:
+    """`knowstack eval` for several tasks at once: {task: {metric: value}} for each new task (tasks: {name: dir
+    scored with `metric`, or a TaskSpec}) and each lm-eval old-knowledge task; the model is loaded once."""
     from knowstack.evaluate.old_knowledge import evaluate_old_knowledge
 
     if not tasks and not old_tasks:
         raise KnowstackError("nothing to evaluate: give tasks and/or old_tasks")
+    specs = {name: _task_spec(path, metric) for name, path in (tasks or {}).items()}
     loaded, tokenizer = _load(model, adapter)
-    result: dict[str, dict[str, float]] = {}
-    for name, path in (tasks or {}).items():
-        spec = _task(path, metric)
-        examples = spec.load("test")[:limit] if limit else spec.load("test")
-        result[name] = evaluate_task(loaded, tokenizer, examples, spec.metric, batch_size=batch_size).scores
+    result: dict[str, dict[str, float]] = {
+        name: _scores(loaded, tokenizer, spec, limit=limit, batch_size=batch_size, protocol=protocol).scores
+        for name, spec in specs.items()}
     if old_tasks:
         result.update(evaluate_old_knowledge(loaded, tokenizer, list(old_tasks), batch_size=batch_size, limit=limit,
                                              include_path=Path(include_path) if include_path else None))
     return result
 
 
+def score_predictions(task: PathLike, predictions: PathLike | Sequence[str], *, metric: str | None = None,
+                      task_format: str = "trace", protocol: str = "builtin") -> TaskScores:
+    """Predictions made elsewhere (vLLM, another harness) scored on a task's test split with the same reading
+    and metrics as an evaluation, as `knowstack score`: task is a TRACE task dir or, with task_format="math", a
+    GSM8K-format test file; predictions one per test item, in order: the strings, or a file (JSON Lines of
+    {"prediction": ...}, or a JSON list of strings); metric: default the TRACE task's own, from the dir name."""
+    from knowstack.config import TaskConfig
+    from knowstack.data.tasks import task_from_config
+    from knowstack.evaluate.new_knowledge import score_given_predictions
+    from knowstack.evaluate.predictions import read_predictions
+    from knowstack.evaluate.protocols import TRACE_TASK_METRICS
+
+    where = Path(task)
+    metric = metric or ("math" if task_format == "math" else TRACE_TASK_METRICS.get(where.name))
+    if metric is None:
+        raise KnowstackError(f"give the metric: '{where.name}' is not a TRACE task name "
+                             f"({', '.join(TRACE_TASK_METRICS)})", path=where)
+    fields = {"path": where} if task_format == "trace" else {"test_file": where}
+    examples = task_from_config(TaskConfig(name="task", format=task_format, metric=metric, **fields)).load("test")
+    if isinstance(predictions, (str, Path)):
+        given = read_predictions(Path(predictions), len(examples))
+    elif len(predictions) != len(examples):
+        raise KnowstackError(f"{len(predictions)} predictions for {len(examples)} test items", field="predictions")
+    else:
+        given = [str(prediction) for prediction in predictions]
+    result = score_given_predictions(examples, given, metric, protocol)
+    return TaskScores(where.name, len(examples), result.scores, result.predictions)
+
+
 # --- registries ----------------------------------------------------------------------------------------
-def init_registry(root: PathLike, base: PathLike, **kwargs: Any) -> dict[str, Any]:
-    """Create a registry for `base`, as `knowstack registry init` (registry/base.py init_registry)."""
+def init_registry(root: PathLike, base: PathLike, *, old_tasks: Sequence[str] = (),
+                  include_path: PathLike | None = None, batch_size: int = 32, limit: int | None = None) -> dict[str, Any]:
+    """Create a registry (a new or empty dir, or a URL fsspec reaches) for the base model dir `base`, scored on
+    the lm-eval tasks old_tasks (include_path: a dir of their YAMLs; limit: items per task), as `knowstack
+    registry init` (registry/base.py); returns the base's record."""
     from knowstack.registry.base import init_registry as init
 
-    return init(root, base, **kwargs)
+    return init(root, base, old_tasks=old_tasks, include_path=include_path, batch_size=batch_size, limit=limit)
 
 
 def open_registry(root: PathLike) -> Registry:
@@ -259,11 +412,17 @@ def open_registry(root: PathLike) -> Registry:
     return Registry.open(root)
 
 
-def contribute(root: PathLike, name: str, **kwargs: Any) -> dict[str, Any]:
-    """Add an adapter or fine-tuned model, as `knowstack contribute` (registry/contribute.py); returns its record."""
+def contribute(root: PathLike, name: str, *, task: PathLike, adapter: PathLike | None = None,
+               model: PathLike | None = None, metric: str = "accuracy", keep_data: bool = False,
+               task_format: str = "trace", author: str | None = None, training_config: PathLike | None = None,
+               batch_size: int = 32) -> dict[str, Any]:
+    """Add a LoRA adapter dir or a fine-tuned model dir of the registry's base, scored on its task (a TRACE-layout
+    dir; keep_data: store its train split too), as `knowstack contribute` (registry/contribute.py); returns its
+    record."""
     from knowstack.registry.contribute import contribute as add
 
-    return add(root, name, **kwargs)
+    return add(root, name, task=task, adapter=adapter, model=model, metric=metric, keep_data=keep_data,
+               task_format=task_format, author=author, training_config=training_config, batch_size=batch_size)
 
 
 def compose(root: PathLike, method: str, *, options: Mapping[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
@@ -279,3 +438,12 @@ def history(root: PathLike) -> list[dict[str, Any]]:
     """Every version's record, newest first, as `knowstack log` lists them (scores, parents, gate)."""
     with open_registry(root) as reg:
         return list(reversed(reg.versions()))
+
+
+def export(root: PathLike, version: str, out: PathLike, *, with_base: bool = False) -> dict[str, Any]:
+    """A version as a plain HF model dir or PEFT / LoRA-MoE dir in the new dir `out`, with its model card, as
+    `knowstack export` (registry/export.py); with_base: adapters get the base model in out/base too. Returns the
+    export record (version, kind, method, how to load it)."""
+    from knowstack.registry.export import export_version
+
+    return export_version(root, version, out, with_base=with_base)

@@ -88,3 +88,29 @@ def model_from_args(model: type[BaseModel], values: dict[str, Any], *, prefix: s
         location = [str(part) for part in first["loc"] if not isinstance(part, int)]
         option = _flag(prefix, location[-1]) if location else None
         raise KnowstackError(first["msg"].removeprefix("Value error, "), field=option) from None
+
+
+# The recipe's settings `knowstack train` and `compose` take as options (lr_of_pretrain_peak needs a built-in world,
+# report_to is a study's); LoRA's are --lora-r, --lora-alpha, ...
+TRAINING_OPTIONS = ("lr", "schedule", "warmup_steps", "epochs", "max_steps", "batch_size", "micro_batch_size",
+                    "max_length", "weight_decay", "max_grad_norm", "pack")
+TRAINING_HELP = {"lr": "learning rate (default 2e-05, the paper's)", "batch_size": "examples per optimizer step",
+                 "micro_batch_size": "examples per forward pass", "max_length": "tokens per example"}
+
+
+def add_training_options(parser: Any, *, only: tuple[str, ...] = TRAINING_OPTIONS) -> None:
+    """The training recipe's options, from config.py's TrainingConfig and LoraConfig (their defaults, their checks)."""
+    from knowstack.config import LoraConfig, TrainingConfig
+
+    add_model_options(parser, TrainingConfig, only=only, helps=TRAINING_HELP)
+    add_model_options(parser, LoraConfig, prefix="lora_")
+
+
+def training_from_args(args: argparse.Namespace, **fixed: Any):  # -> TrainingConfig
+    """The recipe the options give; `fixed`: settings given another way (compose's --train-batch-size)."""
+    from knowstack.config import LoraConfig, TrainingConfig
+
+    lora = model_from_args(LoraConfig, given_options(args, LoraConfig, prefix="lora_"), prefix="lora_")
+    given = {k: v for k, v in given_options(args, TrainingConfig).items() if k in TRAINING_OPTIONS}
+    return model_from_args(TrainingConfig, {**given, **{k: v for k, v in fixed.items() if v is not None}, "lora": lora})
+

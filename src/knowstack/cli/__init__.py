@@ -1,0 +1,66 @@
+"""`knowstack ...`: run a study, or one step of it (train, eval, build-world), or rebuild a report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from rich.markup import escape
+
+from knowstack.cli import models, registry, study
+from knowstack.cli.common import console
+from knowstack.errors import KnowstackError
+from knowstack.logs import library_messages_to
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="knowstack", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    # in this order in `knowstack --help`
+    study.add_commands(sub)
+    models.add_commands(sub)
+    registry.add_commands(sub)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Per-file loading/saving bars of transformers and datasets drown the study's own progress."""
+    import os
+
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        # Library warnings stay off the console (a study step writes them to its log: knowstack.logs).
+        with library_messages_to(None):
+            args.func(args)
+    except KnowstackError as err:
+        # escaped: a path or value in the message (`data/[v2]/train.json`) is text, not rich markup
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted: finished steps are kept; run the same command again to resume")
+        return 130
+    except BrokenPipeError:  # `knowstack log REG | head`: the reader is gone, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as err:
+        from knowstack.registry.core import is_url
+
+        where = getattr(args, "registry", None) or getattr(args, "dir", None)
+        if not (isinstance(where, str) and is_url(where)):
+            raise
+        # A remote store's failures (credentials, no such bucket, network) are the user's to fix, not a bug.
+        console.print(f"[red]error:[/red] {where}: the registry's store failed: {err!r}", highlight=False)
+        return 2
+    return 0
+

@@ -1,0 +1,288 @@
+"""Commands of a registry: registry init/list/verify/gc/report, contribute, compose, log, show, diff, export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from knowstack.cli.common import console
+from knowstack.cli.common import percent as _percent  # the names _add_compose_args uses
+from knowstack.cli.common import points as _points
+from knowstack.config import METRICS
+from knowstack.errors import KnowstackError
+
+
+def cmd_registry_init(args: argparse.Namespace) -> None:
+    from knowstack import api
+
+    if args.include_path and not args.old_knowledge:
+        raise KnowstackError("--include-path is where --old-knowledge tasks live: give the tasks too")
+    from knowstack.validate import check_model_dir, check_old_tasks, raise_problems
+
+    problems = check_model_dir(args.base)
+    if args.old_knowledge:
+        problems += check_old_tasks(args.old_knowledge, args.include_path, field="--old-knowledge",
+                                    include_field="--include-path")
+    raise_problems(problems)
+    base = api.init_registry(args.registry, args.base, old_tasks=args.old_knowledge or (),
+                             include_path=args.include_path, batch_size=args.batch_size, limit=args.limit)
+    for score in base["scores"]:
+        print(f"old knowledge: {score['task']} {score['metric']} = {score['value']:.4f}")
+    from knowstack.registry.core import is_url
+
+    where = args.registry if is_url(args.registry) else Path(args.registry).resolve()
+    print(f"registry: {where}  base {base['content_hash'][:12]}")
+
+
+def cmd_registry_list(args: argparse.Namespace) -> None:
+    from knowstack import api
+    from knowstack.registry.listing import format_listing
+
+    with api.open_registry(args.registry) as reg:
+        print(json.dumps(reg.versions(), indent=2) if args.json else format_listing(reg))
+
+
+def cmd_registry_verify(args: argparse.Namespace) -> None:
+    from knowstack import api
+
+    with api.open_registry(args.registry) as reg:
+        count = reg.verify(args.names or None)
+    print(f"verified: {count} objects match their hashes")
+
+
+def cmd_registry_gc(args: argparse.Namespace) -> None:
+    from knowstack import api
+
+    with api.open_registry(args.registry) as reg:
+        removed = reg.collect_garbage(grace_seconds=args.grace_hours * 3600, dry_run=args.dry_run)
+    size = sum(stored.size for stored in removed) if args.dry_run else None
+    for stored in removed:
+        print(f"{'would remove' if args.dry_run else 'removed'}: {stored.location}")
+    print(f"{len(removed)} unreferenced files" + (f" ({size / 2**20:.1f} MiB)" if size is not None else ""))
+
+
+def cmd_registry_report(args: argparse.Namespace) -> None:
+    from knowstack.registry.page import write_registry_page
+
+    print(f"report: {write_registry_page(args.registry, Path(args.out)).resolve()}")
+
+
+def cmd_contribute(args: argparse.Namespace) -> None:
+    from knowstack import api
+    from knowstack.validate import (
+        check_adapter_dir,
+        check_file,
+        check_model_dir,
+        check_task_dir,
+        raise_problems,
+    )
+
+    problems = check_adapter_dir(args.adapter) if args.adapter else check_model_dir(args.model, tokenizer=False)
+    problems += check_task_dir(args.task, args.format, required=("test", "train") if args.keep_data else ("test",),
+                               optional=("eval",))
+    if args.training_config:
+        problems += check_file(args.training_config, "training config")
+    raise_problems(problems)
+    record = api.contribute(args.registry, args.name, task=args.task, adapter=args.adapter, model=args.model,
+                            metric=args.metric, keep_data=args.keep_data, task_format=args.format,
+                            author=args.author, training_config=args.training_config, batch_size=args.batch_size)
+    score = next(s for s in record["scores"] if s["kind"] == "new")
+    print(f"contributed: {record['name']} ({record['kind']}, {record['content_hash'][:12]}) "
+          f"{record['task']} {score['metric']} = {score['value']:.4f}")
+
+
+def cmd_compose(args: argparse.Namespace) -> None:
+    from knowstack.registry.compose import compose, options_from
+    from knowstack.train.launch import LaunchSpec
+    from knowstack.validate import check_accelerate_config, raise_problems
+
+    raise_problems(check_accelerate_config(args.accelerate_config, cpu=args.cpu, field="--accelerate-config"))
+    launch = None
+    if args.num_processes > 1 or args.accelerate_config:
+        launch = LaunchSpec(args.num_processes, args.accelerate_config, args.cpu, args.mixed_precision)
+    record = compose(args.registry, args.method, contributions=args.contributions, start=args.start, name=args.name,
+                     options=options_from(vars(args)), gate_old=args.gate_old, gate_task=args.gate_task,
+                     gate_task_points=args.gate_task_points,
+                     author=args.author, batch_size=args.batch_size, launch=launch,
+                     say=lambda message: console.print(f"compose: {message}", highlight=False))
+    gate = record["settings"]["gate"]
+    for failure in gate["failed"]:
+        print(f"gate: {failure}")
+    if gate.get("note"):
+        print(f"gate: {gate['note']}")
+    print(f"{record['name']}: {record['status']} ({record['method']} of {len(record['parents'])} contributions)")
+
+
+def cmd_log(args: argparse.Namespace) -> None:
+    from knowstack import api
+    from knowstack.registry.history import format_log
+
+    with api.open_registry(args.registry) as reg:
+        print(format_log(reg))
+        if args.plot:
+            from knowstack.registry.plot import plot_versions
+
+            points = plot_versions(reg, Path(args.plot))
+            print(f"plot: {Path(args.plot).resolve()} ({len(points)} versions)")
+
+
+def cmd_show(args: argparse.Namespace) -> None:
+    from knowstack import api
+    from knowstack.registry.history import format_show
+
+    with api.open_registry(args.registry) as reg:
+        print(json.dumps(reg.version(args.version), indent=2) if args.json else format_show(reg, args.version))
+
+
+def cmd_diff(args: argparse.Namespace) -> None:
+    from knowstack import api
+    from knowstack.registry.history import format_diff
+
+    with api.open_registry(args.registry) as reg:
+        print(format_diff(reg, args.first, args.second))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from knowstack import api
+
+    info = api.export(args.registry, args.version, args.out, with_base=args.with_base)
+    print(f"exported {info['version']} ({info['kind']}, {info['method']}) to {Path(args.out).resolve()}\n"
+          f"load: {info['load']}")
+
+
+def _add_compose_args(p: argparse.ArgumentParser) -> None:
+    from knowstack.registry.compose import METHODS, ComposeOptions
+
+    d = ComposeOptions()
+    p.add_argument("registry")
+    p.add_argument("--method", required=True, choices=list(METHODS),
+                   help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
+    p.add_argument("--contributions", nargs="+", metavar="NAME", help="the contributions to compose, in order "
+                                                                       "(default: all, in the order contributed)")
+    p.add_argument("--from", dest="start", metavar="VERSION",
+                   help="build on this released version: merges take it as one more input, training methods start "
+                        "from it (the previous release plus the new contributions)")
+    p.add_argument("--name", help="the new version's name (default: v1, v2, ...)")
+    p.add_argument("--gate-old", type=_percent, default=2.0, metavar="PCT",
+                   help="reject if old-knowledge AVE falls more than this below the base or the previous release "
+                        "(default 2%%)")
+    p.add_argument("--gate-task", type=_percent, default=10.0, metavar="PCT",
+                   help="reject if any registered task's score falls more than this below its best release "
+                        "(default 10%%)")
+    p.add_argument("--gate-task-points", type=_points, default=0.0, metavar="POINTS",
+                   help="also allow each task to fall this many score points (e.g. 0.02), whichever allowance is "
+                        "larger: a task scored near zero would otherwise fail on one example (default 0)")
+    p.add_argument("--author")
+    p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
+    g = p.add_argument_group("merge-* options")
+    g.add_argument("--density", type=float, help=f"TIES: fraction of each task vector kept (default {d.density})")
+    g.add_argument("--drop-rate", type=float, help=f"DARE: drop probability (default {d.drop_rate})")
+    g.add_argument("--lambda", dest="lam", type=float, help=f"scale of the merged task vector (default {d.lam})")
+    g = p.add_argument_group("moe-* options")
+    g.add_argument("--top-k", type=int, help=f"experts per token (default {d.top_k})")
+    g.add_argument("--router", choices=["prompts", "random", "uniform", "base-biased", "none"],
+                   help=f"router init (default {d.router}: from each task's eval prompts)")
+    g.add_argument("--prompts-per-expert", type=int, help=f"default {d.prompts_per_expert}")
+    g.add_argument("--router-steps", type=int, help="router-only training steps on the kept training data "
+                                                     f"(default {d.router_steps})")
+    g.add_argument("--router-lr", type=float, help=f"default {d.router_lr}")
+    g = p.add_argument_group("training options (sequential, olora, replay, joint)")
+    g.add_argument("--finetune", choices=["lora", "fft"], help=f"default {d.finetune}")
+    g.add_argument("--lr", type=float, help=f"constant learning rate (default {d.lr})")
+    g.add_argument("--epochs", type=float, help=f"default {d.epochs}")
+    g.add_argument("--train-batch-size", dest="train_batch_size", type=int,
+                   help=f"examples per optimizer step (default {d.train_batch_size})")
+    g.add_argument("--micro-batch-size", type=int, help=f"default {d.micro_batch_size}")
+    g.add_argument("--max-length", type=int, help=f"default {d.max_length}")
+    g.add_argument("--lora-r", type=int, help=f"default {d.lora_r}")
+    g.add_argument("--lora-alpha", type=int, help=f"default {d.lora_alpha}")
+    g.add_argument("--olora-lambda", type=float, help=f"default {d.olora_lambda}")
+    g.add_argument("--replay-fraction", type=float, help=f"default {d.replay_fraction}")
+    g.add_argument("--joint-sampling", choices=["uniform", "proportional"], help=f"default {d.joint_sampling}")
+    p.add_argument("--seed", type=int, help=f"DARE drops, random routers, training order (default {d.seed})")
+    g = p.add_argument_group("launching training (and router training) as accelerate launch of N processes")
+    g.add_argument("--num-processes", type=int, default=1, help="processes (default 1: in this process)")
+    g.add_argument("--accelerate-config", help="ddp, fsdp, deepspeed-zero2, deepspeed-zero3 or a config file")
+    g.add_argument("--cpu", action="store_true", help="processes on the CPU (gloo), e.g. to test without GPUs")
+    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+
+
+
+def add_commands(sub: Any) -> None:
+    p = sub.add_parser("registry", help="a collaborative registry of one base and many contributions")
+    registry = p.add_subparsers(dest="registry_command", required=True)
+    r = registry.add_parser("init", help="create a registry for a base model (and record its old-knowledge scores)")
+    r.add_argument("registry", help="the registry to create: a new or empty dir, or a URL fsspec reaches "
+                                    "(s3://bucket/reg, gs://..., file:///shared/reg; its objects are cached "
+                                    "under $KNOWSTACK_CACHE)")
+    r.add_argument("--base", required=True, help="the base model: a local HF model dir with safetensors weights")
+    r.add_argument("--old-knowledge", nargs="+", metavar="TASK", help="lm-eval tasks to score the base on")
+    r.add_argument("--include-path", help="a dir of lm-eval task YAMLs (the built-in world's: WORLD/old_knowledge)")
+    r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--limit", type=int, help="at most this many examples per old-knowledge task")
+    r.set_defaults(func=cmd_registry_init)
+    r = registry.add_parser("list", help="the base and the contributions, with their scores")
+    r.add_argument("registry")
+    r.add_argument("--json", action="store_true", help="every record as JSON")
+    r.set_defaults(func=cmd_registry_list)
+    r = registry.add_parser("verify", help="re-hash the objects of all (or the named) versions")
+    r.add_argument("registry")
+    r.add_argument("names", nargs="*", help="versions to check (default: all)")
+    r.set_defaults(func=cmd_registry_verify)
+    r = registry.add_parser("gc", help="delete stored files no record points to (from failed contributions)")
+    r.add_argument("registry")
+    r.add_argument("--grace-hours", type=float, default=1.0,
+                   help="keep files younger than this: a contribution in progress has not recorded them yet "
+                        "(default 1)")
+    r.add_argument("--dry-run", action="store_true", help="list what would be removed")
+    r.set_defaults(func=cmd_registry_gc)
+    r = registry.add_parser("report", help="one self-contained HTML page: lineage, the learn/forget plane, every "
+                                           "version's scores against the base and the specialists, every gate check")
+    r.add_argument("registry")
+    r.add_argument("--out", required=True, help="the dir to write registry.html into")
+    r.set_defaults(func=cmd_registry_report)
+
+    p = sub.add_parser("contribute", help="add a LoRA adapter or fine-tuned model of the registry's base, "
+                                          "scored on its own task")
+    p.add_argument("registry")
+    p.add_argument("--name", required=True, help="a unique name: letters, digits, '_', '.', '-' (at most 64)")
+    weights = p.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--adapter", help="a PEFT LoRA adapter dir (adapter_model.safetensors)")
+    weights.add_argument("--model", help="a fine-tuned model dir (safetensors weights)")
+    p.add_argument("--task", required=True, help="its task: a TRACE-layout dir (test.json, eval.json, train.json)")
+    p.add_argument("--metric", default="accuracy", choices=list(METRICS))
+    p.add_argument("--format", choices=["trace", "math"], default="trace",
+                   help="math: MetaMathQA-format train.json, GSM8K-format eval/test (use with --metric math)")
+    p.add_argument("--keep-data", action="store_true", help="also store the task's train split (default: only "
+                                                             "eval and test)")
+    p.add_argument("--author")
+    p.add_argument("--training-config", help="a file of the training settings, stored as given")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_contribute)
+
+    p = sub.add_parser("compose", help="build the registry's next version from contributions by one method, "
+                                       "score it, and release it only if the forgetting gate passes")
+    _add_compose_args(p)
+    p.set_defaults(func=cmd_compose)
+    p = sub.add_parser("log", help="the registry's versions, newest first: lineage, method, key scores, gate")
+    p.add_argument("registry")
+    p.add_argument("--plot", metavar="PNG", help="also draw the versions on the learn/forget plane into this PNG")
+    p.set_defaults(func=cmd_log)
+    p = sub.add_parser("show", help="one version in full: settings, gate checks, every score")
+    p.add_argument("registry")
+    p.add_argument("version")
+    p.add_argument("--json", action="store_true", help="the record as JSON")
+    p.set_defaults(func=cmd_show)
+    p = sub.add_parser("diff", help="two versions task by task")
+    p.add_argument("registry")
+    p.add_argument("first")
+    p.add_argument("second")
+    p.set_defaults(func=cmd_diff)
+    p = sub.add_parser("export", help="a version as a plain HF model dir or PEFT / LoRA-MoE dir")
+    p.add_argument("registry")
+    p.add_argument("version")
+    p.add_argument("--out", required=True, help="a new dir")
+    p.add_argument("--with-base", action="store_true", help="adapters: copy the base model into OUT/base too")
+    p.set_defaults(func=cmd_export)

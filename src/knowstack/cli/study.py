@@ -1,0 +1,105 @@
+"""Commands of a whole study: study, demo, report, advise."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from knowstack.cli.common import console, percent
+from knowstack.errors import KnowstackError
+
+CONFIG_DIR = Path(__file__).parent.parent / "configs"
+
+
+def cmd_study(args: argparse.Namespace) -> None:
+    from knowstack import api
+
+    if args.dry_run:
+        api.dry_run(args.config, args.out, gpu_memory_gib=args.gpu_memory, console=console)
+        return
+    # `demo` reaches here too, without the study command's executor options
+    results = api.run_study(args.config, args.out, executor=getattr(args, "executor", "local"),
+                            address=getattr(args, "address", None), console=console)
+    # The page last: `make demo` ends with the path to open.
+    print(f"results: {results.results_csv.resolve()}\nreport:  {results.report.resolve()}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    args.config = str(CONFIG_DIR / "builtin-quick.yaml")
+    args.dry_run = False
+    cmd_study(args)
+
+
+def _study_results(directory: str):  # -> api.StudyResults
+    """A study dir's plan and its results so far; one clear error when it is not a study dir or has none."""
+    from knowstack import api
+
+    out = Path(directory)
+    if not (out / "config.yaml").is_file():
+        raise KnowstackError("not a study dir (no config.yaml): run `knowstack study CONFIG --out DIR` first",
+                             path=out)
+    results = api.study_results(out)
+    if not results.rows:
+        raise KnowstackError("no results yet: no evaluation of this study has finished", path=out)
+    return results
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    path = _study_results(args.dir).write_report()
+    print(f"markdown: {path.with_name('report.md').resolve()}\nreport:   {path.resolve()}")
+
+
+def cmd_advise(args: argparse.Namespace) -> None:
+    from knowstack import api
+    from knowstack.registry.core import is_url
+    from knowstack.registry.db import DB_FILE
+
+    if is_url(args.dir) or (Path(args.dir) / DB_FILE).is_file():
+        from knowstack.registry.advice import registry_advice
+
+        with api.open_registry(args.dir) as reg:
+            print(registry_advice(reg, args.max_old_loss, args.setting))
+        return
+    from knowstack.report.advice import advice_text, advise
+    from knowstack.report.build import measured_points, study_items
+
+    results = _study_results(args.dir)
+    plan = results.plan
+    scores, points = measured_points(results.rows, plan.task_names, plan.config.old_knowledge.metric,
+                                     study_items(plan, Path(args.dir)))
+    print(advice_text(advise(points, args.max_old_loss, args.setting or "semi"), scores))
+
+
+def add_commands(sub: Any) -> None:
+    p = sub.add_parser("study", help="run a study from a YAML config (resumes where it stopped)")
+    p.add_argument("config")
+    p.add_argument("--out", required=True, help="the study dir (artifacts, results.csv, report.html)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan, which steps are done, and each step's estimated GPU memory and GPUs")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where steps run: here in plan order (local), or as Ray tasks, each ready step at once (ray)")
+    p.add_argument("--address", help="ray: the cluster to join ('auto', 'HOST:6379', 'ray://HOST:10001'); "
+                                     "default: start a local Ray")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="dry run: GiB per GPU (default 80)")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("demo", help="the quick built-in study (configs/builtin-quick.yaml)")
+    p.add_argument("--out", default="runs/demo")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("report", help="write a study dir's report (report.html, report.md, figures/, tables/) "
+                                      "from its results; a study still running reports what has finished")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("advise", help="which method to use: the measured setting that learns the most within a "
+                                      "limit on old-knowledge loss")
+    p.add_argument("dir", help="a study dir, or a registry (advice for its next version, from its history)")
+    p.add_argument("--max-old-loss", type=percent, default=2.0,
+                   help="how far old knowledge (AVE) may fall below the base's, in percent (default 2%%)")
+    p.add_argument("--setting", choices=["semi", "full"],
+                   help="semi: the contributors share models only; full: their training data too (default: semi; "
+                        "a registry: full when every contribution kept its data)")
+    p.set_defaults(func=cmd_advise)
+
