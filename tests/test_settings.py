@@ -33,7 +33,7 @@ def parsed_train(*options: str):
 
 
 def test_a_run_with_no_settings_is_the_declared_recipe() -> None:
-    from knowstack.cli import training_from_args
+    from knowstack.cli.options import training_from_args
 
     recipe = TrainingConfig()
     assert TrainSettings() == TrainSettings.from_config(recipe, finetune="fft", seed=0)
@@ -43,7 +43,7 @@ def test_a_run_with_no_settings_is_the_declared_recipe() -> None:
 
 
 def test_cli_training_options_are_checked_by_the_declaration() -> None:
-    from knowstack.cli import training_from_args
+    from knowstack.cli.options import training_from_args
 
     given = training_from_args(parsed_train("--lr", "1e-3", "--max-length", "64", "--lora-alpha", "8", "--no-pack"))
     assert (given.lr, given.max_length, given.lora.alpha, given.pack) == (1e-3, 64, 8.0, False)

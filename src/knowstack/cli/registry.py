@@ -197,7 +197,7 @@ def _add_compose_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--micro-batch-size", type=int, help=f"default {d.micro_batch_size}")
     g.add_argument("--max-length", type=int, help=f"default {d.max_length}")
     g.add_argument("--lora-r", type=int, help=f"default {d.lora_r}")
-    g.add_argument("--lora-alpha", type=int, help=f"default {d.lora_alpha}")
+    g.add_argument("--lora-alpha", type=float, help=f"default {d.lora_alpha}")
     g.add_argument("--olora-lambda", type=float, help=f"default {d.olora_lambda}")
     g.add_argument("--replay-fraction", type=float, help=f"default {d.replay_fraction}")
     g.add_argument("--joint-sampling", choices=["uniform", "proportional"], help=f"default {d.joint_sampling}")
