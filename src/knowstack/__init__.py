@@ -8,7 +8,7 @@ import sys
 import warnings
 from typing import Any
 
-__version__ = "0.1.0"
+from knowstack.version import __version__ as __version__
 
 # The Python API (api.py, docs/api.md), imported on first use: `import knowstack` stays cheap. `train` and
 # `evaluate` are only in knowstack.api: the subpackages of those names would shadow them here once imported.

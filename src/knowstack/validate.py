@@ -273,9 +273,9 @@ def _pickled(folder: Path) -> list[str]:
 def _is_local(path: str | Path, what: str) -> tuple[bool, list[Problem]]:
     """Whether the path is a local one (else a hub id, resolved when loaded), and a problem if it is
     local but missing: the same rule as loading (modelio)."""
-    from knowstack.modelio import _check_exists
+    from knowstack.modelio import check_exists
 
-    problems = problems_of(lambda: _check_exists(path, what))
+    problems = problems_of(lambda: check_exists(path, what))
     return (not problems and Path(str(path)).expanduser().exists()), problems
 
 
@@ -422,9 +422,9 @@ def check_old_tasks(tasks: Sequence[str], include_path: str | Path | None, *, fi
         include = str(resolve_relative_data_files(folder))
     if not tasks:
         return problems
-    from knowstack.evaluate.old_knowledge import _task_manager
+    from knowstack.evaluate.old_knowledge import task_manager
 
-    local = set(_task_manager(include, include_defaults=False).all_tasks) if include else set()
+    local = set(task_manager(include, include_defaults=False).all_tasks) if include else set()
     unknown = [task for task in tasks if task not in local]
     if unknown:
         stock = stock_task_names()
@@ -447,9 +447,9 @@ def stock_task_names() -> set[str]:
         return set(json.loads(cache.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
         pass
-    from knowstack.evaluate.old_knowledge import _task_manager
+    from knowstack.evaluate.old_knowledge import task_manager
 
-    names = sorted(_task_manager(None).all_tasks)
+    names = sorted(task_manager(None).all_tasks)
     atomic_write_text(cache, json.dumps(names))
     return set(names)
 

@@ -69,7 +69,7 @@ def merge_models(
     base_model = FullModel(Path(base).expanduser()) if base is not None else None
     reference = base_model or inputs[0]
     assert isinstance(reference, FullModel)
-    _check_compatible(reference, inputs)
+    check_compatible(reference, inputs)
 
     out = Path(out).expanduser()
     sources = [m.path for m in inputs] + ([base_model.path] if base_model else [])
@@ -218,7 +218,7 @@ def _same_everywhere(name: str, tensors: list[torch.Tensor], inputs: list[Input]
     return tensors[0]
 
 
-def _check_compatible(reference: FullModel, inputs: list[Input]) -> None:
+def check_compatible(reference: FullModel, inputs: list[Input]) -> None:
     """One clear error for inputs that cannot be merged with the base (or with each other)."""
     names = reference.names()
     for model in inputs:

@@ -227,10 +227,10 @@ def _build(kind: str, tmp: Path, base: FullModel, inputs: list, options: MoeOpti
         architecture = "MixtralForCausalLM" if layout.stock else "KnowstackMoeForCausalLM"
         return {**common, "architecture": architecture, "experts": layout.n_routed, "layers": list(layout.layers),
                 "parameters": counts}
-    from knowstack.combine.merge import _check_compatible
+    from knowstack.combine.merge import check_compatible
     from knowstack.combine.moe_lora import write_lora_moe
 
-    _check_compatible(base, inputs)
+    check_compatible(base, inputs)
     config = write_lora_moe(tmp, base, inputs, top_k=options.top_k, layers=options.layers,
                             base_expert=options.base_expert == "routed", router=options.router, routers=routers)
     return {**common, "architecture": "lora-moe", "experts": config["num_experts"], "layers": config["layers"],

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from knowstack.combine.inputs import FullModel
-from knowstack.combine.merge import TOKENIZER_FILES, _check_compatible
+from knowstack.combine.merge import TOKENIZER_FILES, check_compatible
 from knowstack.combine.moe_model import ATTENTION_PROJECTIONS
 from knowstack.combine.routers import Router
 from knowstack.combine.streaming import DTYPE_NAMES, SafetensorsReader, ShardedWriter
@@ -123,7 +123,7 @@ def write_fft_moe(tmp: Path, base: FullModel, models: Sequence[FullModel], layou
                   max_shard_bytes: int = 5 * 2**30) -> dict[str, int]:
     """Streams the FFT-MoE checkpoint into `tmp` (weights, config, tokenizer); returns parameter counts.
     attention_routers: one per (mixed layer, projection in layout.attention), unless router-free."""
-    _check_compatible(base, list(models))
+    check_compatible(base, list(models))
     if not layout.router_free and (routers is None or set(routers) != set(layout.layers)):
         raise AssertionError("a router per mixed layer is needed")
     wanted = {(layer, name) for layer in layout.layers for name in layout.attention}

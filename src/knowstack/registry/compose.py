@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from knowstack.atomic import atomic_write_json, atomic_write_text
 from knowstack.errors import KnowstackError
+from knowstack.hashing import content_hash
 from knowstack.registry import db
 from knowstack.registry.core import BASE_NAME, Registry, check_name, composed
 from knowstack.registry.evaluate import (
@@ -44,7 +45,6 @@ from knowstack.registry.evaluate import (
     without_items,
 )
 from knowstack.registry.gate import Released, gate_checks, gate_record
-from knowstack.registry.store import content_hash
 
 if TYPE_CHECKING:
     from knowstack.train.launch import LaunchSpec

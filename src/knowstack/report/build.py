@@ -62,6 +62,13 @@ def build_report(rows: list[Row], *, title: str, task_order: list[str], old_metr
     return build_sections(ctx, title)
 
 
+def render_report(rows: list[Row], *, title: str, task_order: list[str], old_metric: OldMetric = "acc",
+                  penalties: dict[str, dict] | None = None) -> str:
+    """report.md's text without drawing figures (quick, for tests and scripts)."""
+    sections = build_report(rows, title=title, task_order=task_order, old_metric=old_metric, penalties=penalties)
+    return render_markdown(sections, title=title, out=Path("."))
+
+
 def _blocks(sections: list[Section], kind: type) -> list:
     return [b for s in sections for b in [s, *s.walk()] if isinstance(b, kind)]
 

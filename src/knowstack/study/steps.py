@@ -131,7 +131,7 @@ def run_train(step: Step, ctx: StudyContext, out: Path) -> None:
 def _tracking(step: Step, ctx: StudyContext) -> dict[str, Any] | None:
     from knowstack.study.tracking import step_tracking
 
-    tracking = step_tracking(step, ctx)
+    tracking = step_tracking(step, ctx.config, ctx.out)
     return tracking.to_dict() if tracking else None
 
 
@@ -313,7 +313,7 @@ def _log_scores(step: Step, ctx: StudyContext, partial: Path, out: Path) -> None
         if isinstance(values, dict):
             scores.update({f"old/{task}/{metric}": value for metric, value in values.items()
                            if isinstance(value, (int, float))})
-    log_scores(step_tracking(step, ctx), out, scores)
+    log_scores(step_tracking(step, ctx.config, ctx.out), out, scores)
 
 
 PER_EXAMPLE_FILE = "per_example.json"
