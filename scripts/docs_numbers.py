@@ -34,7 +34,7 @@ from knowstack.report.build import study_rows
 from knowstack.report.runs import backward_transfer, find_runs, mean_defined, run_averages
 from knowstack.report.tables import Scores, fmt_percent
 from knowstack.study.plan import build_plan
-from knowstack.study.results import Row, read_csv
+from knowstack.results import Row, read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "docs/design.md")

@@ -19,8 +19,8 @@ from knowstack.report.html import render_html
 from knowstack.report.runs import find_runs
 from knowstack.report.sections import Section
 from knowstack.report.tables import Scores, Table, bwt, percent_change
+from knowstack.results import Row, read_csv, write_csv, write_sqlite
 from knowstack.study.plan import Evaluation
-from knowstack.study.results import Row, read_csv, write_csv, write_sqlite
 
 TASKS = ["a", "math"]
 

@@ -33,7 +33,7 @@ def _register_model_classes() -> None:
     """knowstack's own model classes (the FFT-MoE options stock Mixtral lacks) join the Auto classes,
     so that AutoModelForCausalLM loads their checkpoints without remote code."""
     try:
-        from knowstack.combine.moe_model import register
+        from knowstack.modeling.moe_model import register
 
         register()
     except Exception as err:  # never let this break the user's import of transformers

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from knowstack.config import StudyConfig
     from knowstack.registry.core import Registry
-    from knowstack.study.results import Row
+    from knowstack.results import Row
 
 PathLike = str | Path
 
@@ -76,7 +76,7 @@ def dry_run(config: PathLike | Mapping[str, Any] | StudyConfig, out: PathLike,
 
 @dataclass
 class StudyResults:
-    """A study dir's results: one Row per (model, task, metric) (study/results.py), its results.csv and report."""
+    """A study dir's results: one Row per (model, task, metric) (results.py), its results.csv and report."""
 
     out: Path
     rows: list[Row] = field(default_factory=list)
@@ -110,12 +110,15 @@ def run_study(config: PathLike | Mapping[str, Any] | StudyConfig, out: PathLike,
               address: str | None = None, console: Any = None) -> StudyResults:
     """Run (or resume) a study into `out`, as `knowstack study CONFIG --out OUT` does; returns its results.
     console: a rich Console for progress (default: stderr)."""
+    from knowstack.report.build import write_study_report
     from knowstack.study.executors import make_executor
     from knowstack.study.runner import run_study as run
 
     text = Path(config).read_text(encoding="utf-8") if isinstance(config, (str, Path)) else None
     study = load_study(config)
-    run(study, Path(out), console=console, config_text=text, executor=make_executor(executor, address))
+    outcome = run(study, Path(out), console=console, config_text=text, executor=make_executor(executor, address))
+    if outcome is not None:
+        write_study_report(outcome.plan, outcome.out, outcome.rows)
     return study_results(out, study)
 
 

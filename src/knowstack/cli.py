@@ -35,8 +35,11 @@ def cmd_study(args: argparse.Namespace) -> None:
                         config_text=Path(args.config).read_text(encoding="utf-8"), executor=executor,
                         gpu_memory=int(getattr(args, "gpu_memory", 80.0) * 2**30))
     if outcome is not None:
+        from knowstack.report.build import write_study_report
+
+        report = write_study_report(outcome.plan, outcome.out, outcome.rows)
         # The page last: `make demo` ends with the path to open.
-        print(f"results: {outcome.results_csv.resolve()}\nreport:  {outcome.report.resolve()}")
+        print(f"results: {outcome.results_csv.resolve()}\nreport:  {report.resolve()}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -304,8 +307,8 @@ def _prompt_lists(files: list[str]) -> list[list[str]]:
 
 def cmd_mix(args: argparse.Namespace) -> None:
     from knowstack.combine.moe import MoeOptions, mix_models
-    from knowstack.combine.moe_train import RouterTraining
     from knowstack.data.formats import load_trace_split
+    from knowstack.train.router_training import RouterTraining
     from knowstack.validate import (
         check_model_dir,
         check_prompt_file,

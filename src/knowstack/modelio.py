@@ -52,7 +52,7 @@ def load_model(
     )
     if adapter_path is not None and (Path(adapter_path) / "lora_moe.json").is_file():
         # A LoRA-MoE dir: its adapters are routed per token, so there is nothing to merge.
-        from knowstack.combine.moe_lora import apply_lora_moe
+        from knowstack.modeling.lora_moe import apply_lora_moe
 
         model = apply_lora_moe(model, adapter_path)
     elif adapter_path is not None:

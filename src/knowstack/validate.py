@@ -4,7 +4,7 @@ Each `check_*` function reads one kind of input and returns the `Problem`s it fo
 when the input is good); nothing here trains, evaluates or writes to an output dir. A command
 gathers the problems of all its inputs and calls `raise_problems`, so a user fixes everything in one
 go instead of finding a bad task file hours into a study. The checks read what the steps will read
-(the same readers and helpers where they exist: data/formats.py, combine/streaming.py,
+(the same readers and helpers where they exist: data/formats.py, modeling/streaming.py,
 train/launch.py, evaluate/old_knowledge.py) and refuse what the steps would refuse, pickled weights
 included, which are named but never opened.
 """
@@ -244,7 +244,7 @@ def check_task_config(cfg: Any, *, splits: Sequence[str] = ("train", "test"), fi
 def check_safetensors_file(path: str | Path) -> list[Problem]:
     """A safetensors file whose header reads and whose size is exactly what the header says (a cut-off copy
     or download is caught here, not as a library traceback in the middle of a step)."""
-    from knowstack.combine.streaming import read_header
+    from knowstack.modeling.streaming import read_header
 
     path = Path(path)
     try:
@@ -313,7 +313,7 @@ def check_model_dir(path: str | Path, *, tokenizer: str | Path | bool = True,
     if not local:
         given = not isinstance(tokenizer, bool)
         return problems + (check_tokenizer(tokenizer, trust_remote_code=trust_remote_code) if given else [])
-    from knowstack.combine.streaming import INDEX_FILE, weight_files
+    from knowstack.modeling.streaming import INDEX_FILE, weight_files
 
     folder = Path(str(path)).expanduser()
     if not folder.is_dir():
@@ -354,7 +354,7 @@ def _check_model_config(folder: Path, trust_remote_code: bool) -> list[Problem]:
 def check_adapter_dir(path: str | Path) -> list[Problem]:
     """A PEFT adapter dir (adapter_config.json + adapter_model.safetensors), or a LoRA-MoE dir."""
     from knowstack.combine.inputs import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-    from knowstack.combine.moe_lora import CONFIG_FILE as LORA_MOE_CONFIG
+    from knowstack.modeling.lora_moe import CONFIG_FILE as LORA_MOE_CONFIG
 
     folder = Path(path).expanduser()
     if not folder.is_dir():

@@ -25,8 +25,8 @@ from knowstack.combine.inputs import FullModel, LoraAdapter, config_differences,
 from knowstack.combine.lora_sum import ADAPTER_DIR, representable, save_adapter, write_sum_adapter
 from knowstack.combine.merge_factors import get_factor_method, merge_lora_factors
 from knowstack.combine.merge_methods import MergeMethod, MergeOptions, get_method
-from knowstack.combine.streaming import ShardedWriter
 from knowstack.errors import KnowstackError
+from knowstack.modeling.streaming import ShardedWriter
 
 # Files besides the weights that make the output a loadable model; copied from the base.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

@@ -182,7 +182,7 @@ def _router_prompts(b: Build) -> list[list[str]]:
 
 def _moe(b: Build) -> None:
     from knowstack.combine.moe import MoeOptions, mix_models
-    from knowstack.combine.moe_train import RouterTraining
+    from knowstack.train.router_training import RouterTraining
 
     o = b.options
     prompts = _router_prompts(b) if o.router == "prompts" else None

@@ -18,17 +18,9 @@ from knowstack.report.run_tables import Context
 from knowstack.report.runs import find_runs
 from knowstack.report.sections import Section, build_sections
 from knowstack.report.tables import Scores, Table
+from knowstack.results import PER_EXAMPLE, ItemKey, Row, read_csv, read_items
 from knowstack.study.plan import Plan
-from knowstack.study.results import (
-    PER_EXAMPLE,
-    ItemKey,
-    Row,
-    collect_items,
-    collect_rows,
-    olora_penalties,
-    read_csv,
-    read_items,
-)
+from knowstack.study.results import collect_items, collect_rows, olora_penalties
 
 Items = dict[ItemKey, dict[int | None, list[float]]]
 

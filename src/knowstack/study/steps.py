@@ -192,8 +192,8 @@ def run_moe(step: Step, ctx: StudyContext, out: Path) -> None:
     examples of each task's training split. Router training is launched as the config's launch section
     launches the training of the experts (its `lora` settings for a LoRA-MoE), in this process otherwise."""
     from knowstack.combine.moe import MoeOptions, mix_models
-    from knowstack.combine.moe_train import RouterTraining
     from knowstack.train.launch import LaunchSpec
+    from knowstack.train.router_training import RouterTraining
 
     params, options = step.params, step.params["options"]
     train_splits = {task["name"]: ctx.tasks()[task["name"]].load("train") for task in params["tasks"]}
