@@ -1,10 +1,13 @@
 """The house has layers and no circles (docs/design.md, "Layers").
 
 Every module under src/knowstack is parsed with `ast`: its imports at module level and inside functions
-(the code imports lazily, to keep start-up cheap) and under TYPE_CHECKING alike, since each is a
-dependency all the same. The test fails naming the importing file, its line and the imported module for
-(a) an import of a higher layer, or of a sibling in the same layer;
-(b) a cycle of imports between modules, lazy ones included: a circle is a circle whenever it is closed;
+(the code imports lazily, to keep start-up cheap) and under `if TYPE_CHECKING:`. The test fails naming the
+importing file, its line and the imported module for
+(a) an import of a higher layer, or of a sibling in the same layer, type-only ones included: a low module
+    does not even name a higher one's types;
+(b) a cycle of imports between modules, lazy ones included: a circle is a circle whenever it is closed at
+    run time. An import under TYPE_CHECKING never runs, so it closes none (a callback's parameter typed with
+    its caller's class, as a method module names the plan builder that calls it, is not a circle);
 (c) another module's private name (`_x`), imported (`from knowstack.m import _x`) or read (`m._x`).
 
 Importing `knowstack.p.m` runs the package `knowstack/p/__init__.py` first, so it counts as importing that
@@ -54,6 +57,7 @@ class Import:
     target: str  # the imported module
     names: tuple[str, ...] = ()  # the names a from-import takes from the target (not submodules)
     implied: bool = False  # the package whose __init__ an import of its submodule runs
+    typing_only: bool = False  # under `if TYPE_CHECKING:`: never run
 
     def where(self) -> str:
         return f"{self.file}:{self.line}"
@@ -84,19 +88,23 @@ def imports_of(module: str, path: Path, known: dict[str, Path], package: str = P
     """Every import of a module of `package` by `module`, wherever in the file it is."""
     found: list[Import] = []
     file = _shown(module, path)
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    typing_only = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node.test)
+                   for statement in node.body for inner in ast.walk(statement)}
 
-    def add(target: str, line: int, names: tuple[str, ...] = ()) -> None:
-        found.append(Import(module, file, line, target, names))
+    def add(node: ast.stmt, target: str, names: tuple[str, ...] = ()) -> None:
+        hidden = id(node) in typing_only
+        found.append(Import(module, file, node.lineno, target, names, typing_only=hidden))
         parent = target.rpartition(".")[0]
         while parent and parent != package and not (module + ".").startswith(parent + "."):
-            found.append(Import(module, file, line, parent, implied=True))
+            found.append(Import(module, file, node.lineno, parent, implied=True, typing_only=hidden))
             parent = parent.rpartition(".")[0]
 
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name == package or alias.name.startswith(package + "."):
-                    add(alias.name, node.lineno)
+                    add(node, alias.name)
         elif isinstance(node, ast.ImportFrom):
             target = _resolve(module, path, node)
             if target != package and not target.startswith(package + "."):
@@ -104,12 +112,17 @@ def imports_of(module: str, path: Path, known: dict[str, Path], package: str = P
             names = []
             for alias in node.names:
                 if f"{target}.{alias.name}" in known:  # a submodule: an import of that module
-                    add(f"{target}.{alias.name}", node.lineno, (alias.name,) if _private(alias.name) else ())
+                    add(node, f"{target}.{alias.name}", (alias.name,) if _private(alias.name) else ())
                 else:
                     names.append(alias.name)
             if names:
-                add(target, node.lineno, tuple(names))
+                add(node, target, tuple(names))
     return found
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def _private(name: str) -> bool:
@@ -163,10 +176,11 @@ def private_imports(imports: Sequence[Import]) -> list[str]:
 
 
 def cycles(imports: Sequence[Import]) -> list[str]:
-    """The shortest circle through each module that is on one (as its imports, file:line each), each circle once."""
+    """The shortest circle through each module that is on one (as its imports, file:line each), each circle once;
+    imports that never run (under TYPE_CHECKING) close none."""
     edges: dict[str, dict[str, Import]] = {}
     for imp in imports:
-        if imp.target != imp.source:
+        if imp.target != imp.source and not imp.typing_only:
             edges.setdefault(imp.source, {}).setdefault(imp.target, imp)
     found: dict[frozenset[str], str] = {}
     for group in _strongly_connected(edges):
@@ -304,6 +318,17 @@ def test_the_checker_finds_an_upward_import_a_lazy_circle_and_a_private_name(tmp
     assert private_imports(imports) == ["pkg/high.py:2 imports _secret from pkg.low, a private name of another module"]
     reads = private_reads("pkg.high", src / "pkg" / "high.py", known, "pkg")
     assert reads == ["pkg/high.py:5 reads pkg.low._hidden, a private name of another module"]
+
+
+def test_a_type_only_import_closes_no_circle_but_keeps_to_the_layers(tmp_path: Path) -> None:
+    src = _package(tmp_path, {
+        "low.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.high import Caller\n",
+        "high.py": "from pkg.low import f\n",
+    })
+    _, imports = all_imports(src, "pkg")
+    assert cycles(imports) == []
+    assert layer_violations(imports, (("low",), ("high",)), "pkg") == [
+        "pkg/low.py:3 imports pkg.high: high is a higher layer than low (layer 1 may import layers 1..0 only)"]
 
 
 def test_importing_a_submodule_runs_its_package(tmp_path: Path) -> None:
