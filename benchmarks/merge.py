@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from knowstack.combine.streaming import SafetensorsReader
+from knowstack.modeling.streaming import SafetensorsReader
 
 TORCH_PIN = "torch==2.13.0"
 DEFAULT_VENV = Path.home() / ".cache" / "knowstack" / "mergekit-venv"

@@ -34,7 +34,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from knowstack.combine.moe import MoeOptions, mix_models
-from knowstack.combine.streaming import ShardedWriter
+from knowstack.modeling.streaming import ShardedWriter
 from knowstack.modelio import load_model
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -160,7 +160,7 @@ def memory(args: argparse.Namespace, root: Path) -> None:
     argv = ["mix", "--base", str(root / "base"), "--models", *map(str, inputs), "--router", "random", "--top-k", "2",
             "--out", str(root / "fft-moe")]
     mix = f"import sys\nfrom knowstack.cli import main\nif main({argv!r}) != 0: sys.exit(1)"  # `knowstack mix`
-    imports = ("import knowstack.cli, knowstack.combine.moe, knowstack.combine.moe_fft, knowstack.combine.moe_model\n"
+    imports = ("import knowstack.cli, knowstack.combine.moe, knowstack.combine.moe_fft, knowstack.modeling.moe_model\n"
                "import transformers.models.mixtral.modeling_mixtral")
     # Every weight read once: a loaded checkpoint may be mapped, not yet resident, until it is used.
     load_one = (f"import transformers\nmodel = transformers.AutoModelForCausalLM.from_pretrained({str(inputs[0])!r}, "

@@ -33,8 +33,8 @@ from knowstack.errors import KnowstackError
 from knowstack.report.build import study_rows
 from knowstack.report.runs import backward_transfer, find_runs, mean_defined, run_averages
 from knowstack.report.tables import Scores, fmt_percent
+from knowstack.results import Row, read_csv
 from knowstack.study.plan import build_plan
-from knowstack.study.results import Row, read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"(<!-- numbers:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /numbers -->)", re.S)

@@ -6,7 +6,7 @@ Each method is a small simulation: a round raises its task toward 1 by `learn`, 
 
 from __future__ import annotations
 
-from knowstack.study.results import Row
+from knowstack.results import Row
 
 TASKS = ["stance", "notes", "summary", "code", "quiz", "simplify", "math"]
 METRICS = {"stance": ["accuracy"], "notes": ["accuracy"], "summary": ["rouge_l"], "code": ["edit_similarity"],

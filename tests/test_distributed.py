@@ -15,8 +15,6 @@ from checkpoints import perturbed
 from safetensors.torch import load_file
 
 from knowstack.combine.moe import MoeOptions, mix_models
-from knowstack.combine.moe_train import RouterTraining
-from knowstack.combine.router_job import RouterJob, launch_router_job
 from knowstack.config import LaunchConfig, LaunchSettings, parse_config
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
@@ -30,6 +28,8 @@ from knowstack.train.launch import (
     launch_job,
     run_job,
 )
+from knowstack.train.router_job import RouterJob, launch_router_job
+from knowstack.train.router_training import RouterTraining
 
 # 25 examples in batches of 8: micro-batches of 2 make every process accumulate (no_sync) before the
 # all-reduce, and the last batch has 1 example, so one process of two runs a zero-weighted pass.
@@ -146,7 +146,7 @@ def test_launch_command_and_shipped_configs(tmp_path: Path) -> None:
     assert "-m accelerate.commands.launch --config_file" in text and "deepspeed-zero3.yaml" in text
     assert "--num_processes 8" in text and "--main_process_port 29501" in text
     assert "--gradient_clipping 1.0" in text  # DeepSpeed clips in its engine, with knowstack's setting
-    assert command[-3:] == ["-m", "knowstack.train.launch", str(tmp_path / "job.json")]
+    assert command[-3:] == ["-m", "knowstack.train.jobs", str(tmp_path / "job.json")]
     ddp = " ".join(launch_command(tmp_path / "j.json", accelerate_config_path("ddp"), 2, port=1, max_grad_norm=1.0))
     assert "--gradient_clipping" not in ddp
     with pytest.raises(KnowstackError, match="accelerate config not found"):

@@ -12,7 +12,7 @@ from types import ModuleType
 
 import pytest
 
-from knowstack.study.results import write_csv
+from knowstack.results import write_csv
 from tests.report_rows import OLD, synthetic_study
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "docs_numbers.py"

@@ -20,7 +20,7 @@ from knowstack.report.frontier import (
 )
 from knowstack.report.runs import Run
 from knowstack.report.tables import Table
-from knowstack.study.results import Row, write_csv
+from knowstack.results import Row, write_csv
 from tests.report_rows import OLD, TASKS, base_state, rows_of, staged
 from tests.report_rows import combined as combined_state
 

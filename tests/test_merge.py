@@ -369,8 +369,8 @@ def test_merge_step_runs_on_one_round_artifacts(tmp_path: Path, tiny_model_dir: 
 
 
 def test_report_has_a_merge_section() -> None:
-    from knowstack.report.markdown import render_report
-    from knowstack.study.results import Row
+    from knowstack.report.build import render_report
+    from knowstack.results import Row
 
     def rows(model: str, method: str, finetune: str, trained_on: str, a: float, b: float, old: float) -> list[Row]:
         common = {"model": model, "method": method, "finetune": finetune, "stage": None, "trained_on": trained_on}

@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from knowstack.combine.moe import MoeOptions, mix_models
-from knowstack.combine.moe_train import RouterTraining, expert_loads
 from knowstack.config import parse_config
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
 from knowstack.modelio import load_model, load_tokenizer
+from knowstack.train.router_training import RouterTraining, expert_loads
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 IDS = torch.tensor([[3, 17, 42, 8, 99, 5, 61], [12, 7, 7, 250, 31, 2, 140]])

@@ -10,8 +10,8 @@ from knowstack.cli import main
 from knowstack.config import describe_old_metric, load_config, parse_config
 from knowstack.errors import KnowstackError
 from knowstack.report.tables import Scores
+from knowstack.results import Row
 from knowstack.study.plan import build_plan
-from knowstack.study.results import Row
 
 
 def test_paper_dry_run_shows_moe_budgets_and_acc_norm(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -235,7 +235,7 @@ def test_a_long_label_gets_the_budget_it_needs(monkeypatch: pytest.MonkeyPatch) 
 def test_results_rows_keep_their_protocol(tmp_path: Path) -> None:
     import sqlite3
 
-    from knowstack.study.results import Row, read_csv, write_csv, write_sqlite
+    from knowstack.results import Row, read_csv, write_csv, write_sqlite
 
     rows = [Row("base", "base", "", None, "ScienceQA", "new", "accuracy", 0.5, 4, "", protocol="paper"),
             Row("base", "base", "", None, "ks_country", "old", "acc", 0.9, None, "", protocol="lm-eval")]

@@ -13,7 +13,7 @@ import pytest
 from report_rows import TASKS, synthetic_study
 
 from knowstack.report.build import write_report
-from knowstack.study.results import Row
+from knowstack.results import Row
 
 INSTALL = "install it with `apt-get install -y chromium chromium-driver` (`make test` does so where apt-get works)"
 

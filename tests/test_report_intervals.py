@@ -16,8 +16,8 @@ from knowstack.report.claims import FAILS, HOLDS, INCONCLUSIVE, Check, _s, check
 from knowstack.report.figures import FigureSpec, _column_indexes, _errors, plotted_rows
 from knowstack.report.runs import find_runs
 from knowstack.report.tables import Scores, Table
+from knowstack.results import Row, read_csv, read_items, write_csv, write_items
 from knowstack.stats import Estimate, column_estimate, interval_of
-from knowstack.study.results import Row, read_csv, read_items, write_csv, write_items
 
 N_NEW, N_OLD = 50, 120
 

@@ -12,7 +12,6 @@ import pytest
 from knowstack.cli import build_parser, main
 from knowstack.combine.merge_methods import MergeOptions
 from knowstack.combine.moe import MoeOptions, default_router
-from knowstack.combine.moe_train import RouterTraining
 from knowstack.config import (
     PAPER_LR,
     JointConfig,
@@ -25,6 +24,7 @@ from knowstack.config import (
 )
 from knowstack.errors import KnowstackError
 from knowstack.registry.compose import ComposeOptions
+from knowstack.train.router_training import RouterTraining
 from knowstack.train.settings import TrainSettings
 
 

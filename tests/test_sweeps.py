@@ -10,8 +10,8 @@ import pytest
 
 from knowstack.config import parse_config
 from knowstack.errors import KnowstackError
+from knowstack.results import COLUMNS, Row, read_csv, write_csv, write_sqlite
 from knowstack.study.plan import build_plan
-from knowstack.study.results import COLUMNS, Row, read_csv, write_csv, write_sqlite
 from tests.test_plan import user_config
 
 

@@ -8,7 +8,7 @@ import sys
 import warnings
 from typing import Any
 
-__version__ = "0.1.0"
+from knowstack.version import __version__ as __version__
 
 # The Python API (api.py, docs/api.md), imported on first use: `import knowstack` stays cheap. `train` and
 # `evaluate` are only in knowstack.api: the subpackages of those names would shadow them here once imported.
@@ -33,7 +33,7 @@ def _register_model_classes() -> None:
     """knowstack's own model classes (the FFT-MoE options stock Mixtral lacks) join the Auto classes,
     so that AutoModelForCausalLM loads their checkpoints without remote code."""
     try:
-        from knowstack.combine.moe_model import register
+        from knowstack.modeling.moe_model import register
 
         register()
     except Exception as err:  # never let this break the user's import of transformers

@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     from knowstack.config import StudyConfig, TrainingConfig
     from knowstack.data.tasks import TaskSpec
     from knowstack.registry.core import Registry
+    from knowstack.results import Row
     from knowstack.study.plan import Plan
-    from knowstack.study.results import Row
 
 PathLike = str | Path
 
@@ -87,7 +87,7 @@ def dry_run(config: PathLike | Mapping[str, Any] | StudyConfig, out: PathLike, g
 
 @dataclass
 class StudyResults:
-    """A study dir's results: one Row per (model, task, metric) (study/results.py), its results.csv and report;
+    """A study dir's results: one Row per (model, task, metric) (results.py), its results.csv and report;
     plan: the study's plan (study/plan.py: its config, tasks and steps)."""
 
     out: Path
@@ -130,12 +130,15 @@ def run_study(config: PathLike | Mapping[str, Any] | StudyConfig, out: PathLike,
               address: str | None = None, console: Any = None) -> StudyResults:
     """Run (or resume) a study into `out`, as `knowstack study CONFIG --out OUT` does; returns its results.
     console: a rich Console for progress (default: stderr)."""
+    from knowstack.report.build import write_study_report
     from knowstack.study.executors import make_executor
     from knowstack.study.runner import run_study as run
 
     study = load_study(config)  # first: a config file that is not there is one clear error
     text = Path(config).read_text(encoding="utf-8") if isinstance(config, (str, Path)) else None
-    run(study, Path(out), console=console, config_text=text, executor=make_executor(executor, address))
+    outcome = run(study, Path(out), console=console, config_text=text, executor=make_executor(executor, address))
+    if outcome is not None:
+        write_study_report(outcome.plan, outcome.out, outcome.rows)
     return study_results(out, study)
 
 
@@ -281,9 +284,9 @@ def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
     RouterTrainingConfig's; the order is drawn from options' seed). max_shard_gb: the largest output shard
     (FFT-MoE). Returns moe.json."""
     from knowstack.combine.moe import MoeOptions, default_router, mix_models
-    from knowstack.combine.moe_train import RouterTraining
     from knowstack.config import MoeConfig
     from knowstack.data.formats import load_trace_split
+    from knowstack.train.router_training import RouterTraining
 
     if train_data and not train_steps:
         raise KnowstackError("train_data is for router training: give train_steps too", field="train_steps")

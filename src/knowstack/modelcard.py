@@ -87,7 +87,7 @@ def hub_name(model: str | Path) -> str:
 def dir_sha256(model_dir: str | Path) -> str | None:
     """A model dir's content hash: sha256 over `name<TAB>sha256` lines of its weight and config files, in name
     order (the registry's content-hash scheme); None for what is not a local dir (a hub id)."""
-    from knowstack.registry.store import content_hash, file_sha256
+    from knowstack.hashing import content_hash, file_sha256
 
     folder = Path(model_dir).expanduser()
     if not folder.is_dir():

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from knowstack.modelcard import ModelCardInfo
 
 
-def _check_exists(path: str | Path, what: str) -> None:
+def check_exists(path: str | Path, what: str) -> None:
     # A hub id (org/name) is passed through to transformers; a local-looking path must exist. "world/base"
     # looks like a hub id, but not when "world" is a dir here: then it is a mistyped local path.
     text = str(path)
@@ -30,7 +30,7 @@ def _check_exists(path: str | Path, what: str) -> None:
 
 
 def load_tokenizer(model_path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    _check_exists(model_path, "model")
+    check_exists(model_path, "model")
     tokenizer = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -46,19 +46,19 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """A causal LM from a HF model dir (or hub id), with a PEFT adapter (or a LoRA-MoE dir) applied on top."""
-    _check_exists(model_path, "model")
+    check_exists(model_path, "model")
     model = AutoModelForCausalLM.from_pretrained(
         str(model_path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
     )
     if adapter_path is not None and (Path(adapter_path) / "lora_moe.json").is_file():
         # A LoRA-MoE dir: its adapters are routed per token, so there is nothing to merge.
-        from knowstack.combine.moe_lora import apply_lora_moe
+        from knowstack.modeling.lora_moe import apply_lora_moe
 
         model = apply_lora_moe(model, adapter_path)
     elif adapter_path is not None:
         from peft import PeftModel
 
-        _check_exists(adapter_path, "adapter")
+        check_exists(adapter_path, "adapter")
         model = PeftModel.from_pretrained(model, str(adapter_path))
         if merge_adapter:
             model = model.merge_and_unload()

@@ -4,7 +4,7 @@ Each `check_*` function reads one kind of input and returns the `Problem`s it fo
 when the input is good); nothing here trains, evaluates or writes to an output dir. A command
 gathers the problems of all its inputs and calls `raise_problems`, so a user fixes everything in one
 go instead of finding a bad task file hours into a study. The checks read what the steps will read
-(the same readers and helpers where they exist: data/formats.py, combine/streaming.py,
+(the same readers and helpers where they exist: data/formats.py, modeling/streaming.py,
 train/launch.py, evaluate/old_knowledge.py) and refuse what the steps would refuse, pickled weights
 included, which are named but never opened.
 """
@@ -244,7 +244,7 @@ def check_task_config(cfg: Any, *, splits: Sequence[str] = ("train", "test"), fi
 def check_safetensors_file(path: str | Path) -> list[Problem]:
     """A safetensors file whose header reads and whose size is exactly what the header says (a cut-off copy
     or download is caught here, not as a library traceback in the middle of a step)."""
-    from knowstack.combine.streaming import read_header
+    from knowstack.modeling.streaming import read_header
 
     path = Path(path)
     try:
@@ -273,9 +273,9 @@ def _pickled(folder: Path) -> list[str]:
 def _is_local(path: str | Path, what: str) -> tuple[bool, list[Problem]]:
     """Whether the path is a local one (else a hub id, resolved when loaded), and a problem if it is
     local but missing: the same rule as loading (modelio)."""
-    from knowstack.modelio import _check_exists
+    from knowstack.modelio import check_exists
 
-    problems = problems_of(lambda: _check_exists(path, what))
+    problems = problems_of(lambda: check_exists(path, what))
     return (not problems and Path(str(path)).expanduser().exists()), problems
 
 
@@ -313,7 +313,7 @@ def check_model_dir(path: str | Path, *, tokenizer: str | Path | bool = True,
     if not local:
         given = not isinstance(tokenizer, bool)
         return problems + (check_tokenizer(tokenizer, trust_remote_code=trust_remote_code) if given else [])
-    from knowstack.combine.streaming import INDEX_FILE, weight_files
+    from knowstack.modeling.streaming import INDEX_FILE, weight_files
 
     folder = Path(str(path)).expanduser()
     if not folder.is_dir():
@@ -354,7 +354,7 @@ def _check_model_config(folder: Path, trust_remote_code: bool) -> list[Problem]:
 def check_adapter_dir(path: str | Path) -> list[Problem]:
     """A PEFT adapter dir (adapter_config.json + adapter_model.safetensors), or a LoRA-MoE dir."""
     from knowstack.combine.inputs import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-    from knowstack.combine.moe_lora import CONFIG_FILE as LORA_MOE_CONFIG
+    from knowstack.modeling.lora_moe import CONFIG_FILE as LORA_MOE_CONFIG
 
     folder = Path(path).expanduser()
     if not folder.is_dir():
@@ -422,9 +422,9 @@ def check_old_tasks(tasks: Sequence[str], include_path: str | Path | None, *, fi
         include = str(resolve_relative_data_files(folder))
     if not tasks:
         return problems
-    from knowstack.evaluate.old_knowledge import _task_manager
+    from knowstack.evaluate.old_knowledge import task_manager
 
-    local = set(_task_manager(include, include_defaults=False).all_tasks) if include else set()
+    local = set(task_manager(include, include_defaults=False).all_tasks) if include else set()
     unknown = [task for task in tasks if task not in local]
     if unknown:
         stock = stock_task_names()
@@ -447,9 +447,9 @@ def stock_task_names() -> set[str]:
         return set(json.loads(cache.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
         pass
-    from knowstack.evaluate.old_knowledge import _task_manager
+    from knowstack.evaluate.old_knowledge import task_manager
 
-    names = sorted(_task_manager(None).all_tasks)
+    names = sorted(task_manager(None).all_tasks)
     atomic_write_text(cache, json.dumps(names))
     return set(names)
 

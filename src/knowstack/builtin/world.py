@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 
-import knowstack
 from knowstack.atomic import atomic_dir
 from knowstack.builtin import sources
 from knowstack.builtin.corpus import build_corpus
@@ -35,6 +34,7 @@ from knowstack.builtin.old_tasks import FAMILIES, multiple_choice_items, write_l
 from knowstack.builtin.pretrain import ModelShape, PretrainSettings, make_model, pretrain, token_stream
 from knowstack.builtin.tokenizer import train_tokenizer
 from knowstack.errors import KnowstackError
+from knowstack.version import __version__
 
 # Bump when anything the world contains changes: the study hashes it into every cache key.
 WORLD_VERSION = 5
@@ -125,7 +125,7 @@ def fingerprint_of(hashes: dict[str, str]) -> str:
 def build_environment() -> dict[str, object]:
     """What a world's numbers depend on besides its preset and seed (recorded, not part of the key)."""
     packages = {name: importlib.metadata.version(name) for name in ("torch", "transformers", "tokenizers", "pycountry")}
-    return {"knowstack": knowstack.__version__, "python": sys.version.split()[0], **packages,
+    return {"knowstack": __version__, "python": sys.version.split()[0], **packages,
             "torch_threads": torch.get_num_threads(), "deterministic_algorithms": True}
 
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from knowstack.combine.streaming import SafetensorsReader
 from knowstack.errors import KnowstackError
+from knowstack.modeling.streaming import SafetensorsReader
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -25,8 +25,8 @@ from knowstack.combine.inputs import FullModel, LoraAdapter, config_differences,
 from knowstack.combine.lora_sum import ADAPTER_DIR, representable, save_adapter, write_sum_adapter
 from knowstack.combine.merge_factors import get_factor_method, merge_lora_factors
 from knowstack.combine.merge_methods import MergeMethod, MergeOptions, get_method
-from knowstack.combine.streaming import ShardedWriter
 from knowstack.errors import KnowstackError
+from knowstack.modeling.streaming import ShardedWriter
 
 # Files besides the weights that make the output a loadable model; copied from the base.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -69,7 +69,7 @@ def merge_models(
     base_model = FullModel(Path(base).expanduser()) if base is not None else None
     reference = base_model or inputs[0]
     assert isinstance(reference, FullModel)
-    _check_compatible(reference, inputs)
+    check_compatible(reference, inputs)
 
     out = Path(out).expanduser()
     sources = [m.path for m in inputs] + ([base_model.path] if base_model else [])
@@ -218,7 +218,7 @@ def _same_everywhere(name: str, tensors: list[torch.Tensor], inputs: list[Input]
     return tensors[0]
 
 
-def _check_compatible(reference: FullModel, inputs: list[Input]) -> None:
+def check_compatible(reference: FullModel, inputs: list[Input]) -> None:
     """One clear error for inputs that cannot be merged with the base (or with each other)."""
     names = reference.names()
     for model in inputs:

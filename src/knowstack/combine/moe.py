@@ -5,10 +5,10 @@
 
 Full model dirs give an FFT-MoE (a Mixtral or knowstack_moe checkpoint, moe_fft.py); PEFT LoRA adapter
 dirs give a LoRA-MoE dir loaded onto the base (moe_lora.py). Routers are built without data or from a
-few prompts per expert (routers.py); optionally they alone are then trained (moe_train.py), here or
-under `accelerate launch` (router_job.py). The output dir is written under a temporary name and renamed
-when complete, with moe.json: what was mixed, the options, total and active parameters, the expert load
-per layer (before and after router training).
+few prompts per expert (routers.py); optionally they alone are then trained (train/router_training.py),
+here or under `accelerate launch` (train/router_job.py). The output dir is written under a temporary
+name and renamed when complete, with moe.json: what was mixed, the options, total and active
+parameters, the expert load per layer (before and after router training).
 """
 
 from __future__ import annotations
@@ -22,19 +22,14 @@ from typing import Any
 
 from knowstack.atomic import atomic_dir, atomic_write_json
 from knowstack.combine.inputs import FullModel, LoraAdapter, open_input
-from knowstack.combine.moe_train import RouterTraining
-from knowstack.combine.router_job import RouterJob, launch_router_job, run_router_job
-from knowstack.combine.routers import (
-    ROUTER_KINDS,
-    Router,
-    data_free_routers,
-    mean_router_inputs,
-    prompt_routers,
-)
+from knowstack.combine.routers import ROUTER_KINDS, data_free_routers, mean_router_inputs, prompt_routers
 from knowstack.config import MoeConfig
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
+from knowstack.modeling.routing import Router
 from knowstack.train.launch import LaunchSpec
+from knowstack.train.router_job import RouterJob, launch_router_job, run_router_job
+from knowstack.train.router_training import RouterTraining
 
 MOE_FILE = "moe.json"
 BASE_EXPERTS = ("none", "routed", "always-on")
@@ -85,7 +80,7 @@ def mix_models(
 
     prompts: a few prompts per model (in order), for the router init `prompts` and to measure the
     expert load; train_examples + training: router training on a small mixed set, in this process or,
-    with `launch`, as `accelerate launch` of launch.num_processes processes (router_job.py; the same
+    with `launch`, as `accelerate launch` of launch.num_processes processes (train/router_job.py; the same
     routers either way). Returns moe.json.
     """
     options = options or MoeOptions()
@@ -238,10 +233,10 @@ def _build(kind: str, tmp: Path, base: FullModel, inputs: list, options: MoeOpti
         architecture = "MixtralForCausalLM" if layout.stock else "KnowstackMoeForCausalLM"
         return {**common, "architecture": architecture, "experts": layout.n_routed, "layers": list(layout.layers),
                 "parameters": counts}
-    from knowstack.combine.merge import _check_compatible
+    from knowstack.combine.merge import check_compatible
     from knowstack.combine.moe_lora import write_lora_moe
 
-    _check_compatible(base, inputs)
+    check_compatible(base, inputs)
     config = write_lora_moe(tmp, base, inputs, top_k=options.top_k, layers=options.layers,
                             base_expert=options.base_expert == "routed", router=options.router, routers=routers)
     return {**common, "architecture": "lora-moe", "experts": config["num_experts"], "layers": config["layers"],
@@ -249,31 +244,20 @@ def _build(kind: str, tmp: Path, base: FullModel, inputs: list, options: MoeOpti
 
 
 def _lora_parameters(tmp: Path, base: FullModel, config: dict) -> dict[str, int]:
-    from knowstack.combine.moe_lora import WEIGHTS_FILE, parameter_counts
-    from knowstack.combine.streaming import SafetensorsReader
+    from knowstack.combine.moe_lora import parameter_counts
+    from knowstack.modeling.lora_moe import WEIGHTS_FILE
+    from knowstack.modeling.streaming import SafetensorsReader
 
     shapes = {name: spec.shape for name, spec in SafetensorsReader([tmp / WEIGHTS_FILE]).specs.items()}
     base_parameters = sum(math.prod(spec.shape) for spec in base.reader.specs.values())
     return parameter_counts(config, base_parameters, shapes)
 
 
-
-def load_moe(kind: str, moe_dir: Path, base: Path) -> Any:
-    """The built MoE as a model in memory: the checkpoint (FFT), or the base with the LoRA-MoE on it."""
-    from knowstack.modelio import load_model
-
-    if kind == "fft":
-        return load_model(moe_dir, dtype="auto")
-    from knowstack.combine.moe_lora import apply_lora_moe
-
-    return apply_lora_moe(load_model(base, dtype="auto"), moe_dir)
-
-
 def _router_job(kind: str, tmp: Path, base: FullModel, tokenizer_path: str | Path | None,
                 prompts: Sequence[Sequence[str]] | None, train_examples: Sequence[Example] | None,
                 training: RouterTraining | None) -> RouterJob:
     """The expert load per layer on the probe texts, and router training (then the load again, and the
-    trained routers written into the output), as a job (router_job.py)."""
+    trained routers written into the output), as a job (train/router_job.py)."""
     if training is not None:
         probe, probe_name = [ex.prompt + ex.answer for ex in train_examples or []], "router training set"
     else:
@@ -282,26 +266,3 @@ def _router_job(kind: str, tmp: Path, base: FullModel, tokenizer_path: str | Pat
                      training=None if training is None else asdict(training),
                      examples=[(ex.prompt, ex.answer) for ex in train_examples or []] if training else [],
                      probe=probe, probe_name=probe_name)
-
-
-def _save_trained_routers(kind: str, tmp: Path, model: Any) -> None:
-    from knowstack.combine.moe_train import router_sites
-
-    if kind == "lora":
-        from knowstack.combine.moe_lora import lora_moe_routers, save_routers
-
-        save_routers(tmp, lora_moe_routers(model))
-        return
-    from knowstack.combine.moe_fft import overwrite_tensors
-
-    # Every router module (the MLPs' and the mixed attention projections') by its path in the model,
-    # which is its tensors' name on disk but for Mixtral's MLP router.
-    paths = {id(module): path for path, module in model.named_modules()}
-    mixtral = type(model).__name__ == "MixtralForCausalLM"
-    tensors = {}
-    for site in router_sites(model):
-        for suffix, param in site.module.named_parameters():
-            memory_name = f"{paths[id(site.module)]}.{suffix}"
-            disk = memory_name.replace(".mlp.gate.", ".block_sparse_moe.gate.") if mixtral else memory_name
-            tensors[disk] = param
-    overwrite_tensors(tmp, tensors)

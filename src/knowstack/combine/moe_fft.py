@@ -11,7 +11,7 @@ MixtralForCausalLM checkpoint (`model.layers.N.block_sparse_moe.experts.E.w1/w2/
 gate/down/up, `block_sparse_moe.gate` = the router) that `transformers` loads as it is. The options
 Mixtral cannot express (some layers only, an always-on base expert, router-free, a router bias,
 attention projections as experts) give a `knowstack_moe` checkpoint of knowstack's own class
-(combine/moe_model.py) instead.
+(modeling/moe_model.py) instead.
 
 With `attention` (some of q_proj, k_proj, v_proj, o_proj), each of those projections of a mixed layer
 is a mixture too: expert e is model e's weight for it (a routed base is expert 0), with its own router
@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import re
 import shutil
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +30,11 @@ from pathlib import Path
 import torch
 
 from knowstack.combine.inputs import FullModel
-from knowstack.combine.merge import TOKENIZER_FILES, _check_compatible
-from knowstack.combine.moe_model import ATTENTION_PROJECTIONS
-from knowstack.combine.routers import Router
-from knowstack.combine.streaming import DTYPE_NAMES, SafetensorsReader, ShardedWriter
+from knowstack.combine.merge import TOKENIZER_FILES, check_compatible
 from knowstack.errors import KnowstackError
+from knowstack.modeling.moe_model import ATTENTION_PROJECTIONS
+from knowstack.modeling.routing import Router
+from knowstack.modeling.streaming import ShardedWriter
 
 _MLP = re.compile(r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.(weight|bias)")
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -123,7 +122,7 @@ def write_fft_moe(tmp: Path, base: FullModel, models: Sequence[FullModel], layou
                   max_shard_bytes: int = 5 * 2**30) -> dict[str, int]:
     """Streams the FFT-MoE checkpoint into `tmp` (weights, config, tokenizer); returns parameter counts.
     attention_routers: one per (mixed layer, projection in layout.attention), unless router-free."""
-    _check_compatible(base, list(models))
+    check_compatible(base, list(models))
     if not layout.router_free and (routers is None or set(routers) != set(layout.layers)):
         raise AssertionError("a router per mixed layer is needed")
     wanted = {(layer, name) for layer in layout.layers for name in layout.attention}
@@ -262,7 +261,7 @@ def _shared_fetch(base: FullModel, models: Sequence[FullModel], name: str, share
 def _write_config(tmp: Path, base: FullModel, layout: FftMoeLayout, top_k: int) -> None:
     from transformers import AutoConfig, MixtralConfig
 
-    from knowstack.combine.moe_model import KnowstackMoeConfig
+    from knowstack.modeling.moe_model import KnowstackMoeConfig
 
     fields = AutoConfig.from_pretrained(str(base.path)).to_dict()
     if layout.stock:
@@ -291,18 +290,3 @@ def _parameter_counts(plan: list[PlanItem], layout: FftMoeLayout, top_k: int) ->
     share = 1.0 if layout.router_free else min(1.0, top_k / layout.n_routed)
     return {"total": total, "active": total - routed + round(routed * share), "experts": routed,
             "routers": routers, "shared": total - routed - routers}
-
-
-def overwrite_tensors(model_dir: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Writes new values of existing tensors (same dtype and shape) into their bytes in the shards,
-    in place: router training changes a few small tensors of a checkpoint that may be very large."""
-    reader = SafetensorsReader.from_dir(model_dir)
-    for name, tensor in tensors.items():
-        spec = reader.specs[name]
-        value = tensor.detach().to(spec.torch_dtype).contiguous().cpu()
-        if tuple(value.shape) != spec.shape or DTYPE_NAMES[value.dtype] != spec.dtype:
-            raise AssertionError(f"{name}: {tuple(value.shape)} does not fit {spec.shape}")
-        with spec.file.open("r+b") as handle:
-            (header_length,) = struct.unpack("<Q", handle.read(8))
-            handle.seek(8 + header_length + spec.offset)
-            handle.write(memoryview(value.reshape(-1).view(torch.uint8).numpy()))

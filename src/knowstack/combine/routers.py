@@ -26,9 +26,7 @@ hidden states), data-free with draws of its own (`site` = the projection).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -36,29 +34,14 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from knowstack.errors import KnowstackError
+from knowstack.modeling.routing import Router, decoder_layers
+from knowstack.train.attention import packed_attention
+from knowstack.train.batches import packed_rows
 
 RouterKind = Literal["random", "uniform", "base-biased", "prompts", "none"]
 ROUTER_KINDS: tuple[str, ...] = ("random", "uniform", "base-biased", "prompts", "none")
 Site = Literal["mlp", "attention"]
 BASE_BIAS = 2.0
-PACKED_TOKENS = 2048  # tokens per forward pass when reading hidden states
-
-
-@dataclass
-class Router:
-    """One layer's router: logits = weight @ x (+ bias); rows are experts in MoE order."""
-
-    weight: torch.Tensor  # (experts, hidden)
-    bias: torch.Tensor | None = None
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a Llama-family causal LM (model.model.layers)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise KnowstackError(f"{type(model).__name__} has no model.layers: MoE mixing supports Llama-family models")
-    return layers
 
 
 def _generator(seed: int, layer: int, site: str = "mlp") -> torch.Generator:
@@ -105,42 +88,6 @@ def prompt_routers(means: dict[int, torch.Tensor], base_index: int | None = None
 
 def _site_module(layer: nn.Module, site: Site) -> nn.Module:
     return layer.post_attention_layernorm if site == "mlp" else layer.input_layernorm
-
-
-def packed_rows(token_lists: Sequence[Sequence[int]], max_tokens: int = PACKED_TOKENS
-                ) -> list[tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]]:
-    """Sequences laid end to end in rows of about max_tokens (position ids restart per sequence, so
-    no sequence attends to another): (input_ids, position_ids, [start, end) of each sequence)."""
-    rows, ids, positions, bounds = [], [], [], []
-    for tokens in token_lists:
-        if ids and len(ids) + len(tokens) > max_tokens:
-            rows.append((ids, positions, bounds))
-            ids, positions, bounds = [], [], []
-        bounds.append((len(ids), len(ids) + len(tokens)))
-        ids = ids + list(tokens)
-        positions = positions + list(range(len(tokens)))
-    if ids:
-        rows.append((ids, positions, bounds))
-    return [(torch.tensor([i]), torch.tensor([p]), b) for i, p, b in rows]
-
-
-@contextmanager
-def packed_attention(model: PreTrainedModel) -> Iterator[None]:
-    """Within the block, SDPA/eager models run knowstack's segment attention (the training loop's): each
-    sequence of a packed row attends to itself alone, at the cost of its own length squared. Stock
-    attention isolates packed sequences only when called without a cache (a block-diagonal mask over the
-    whole row); this does not depend on that. Flash/flex attention handle packed rows already."""
-    from knowstack.train import attention
-
-    current = model.config._attn_implementation
-    if current not in ("sdpa", "eager"):
-        yield
-        return
-    model.set_attn_implementation(attention.NAME)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(current)
 
 
 @torch.no_grad()

@@ -83,23 +83,23 @@ def evaluate_gsm8k(
     import lm_eval
 
     from knowstack.evaluate.old_knowledge import (
-        _lean_harness,
-        _preserved_rng,
-        _quiet_harness,
-        _quiet_hflm,
-        _task_manager,
+        lean_harness,
+        preserved_rng,
+        quiet_harness,
+        quiet_hflm,
+        task_manager,
     )
 
     if task not in STOCK_YAML:
         raise KnowstackError(f"unknown harness task '{task}' (known: {', '.join(STOCK_YAML)})")
-    _quiet_harness()
+    quiet_harness()
     root, name = _task_dir(task, Path(test), Path(fewshot) if fewshot else None)
-    manager = _task_manager(str(root), include_defaults=False)
+    manager = task_manager(str(root), include_defaults=False)
     was_training = model.training
-    lm = _quiet_hflm(model, tokenizer, batch_size)
+    lm = quiet_hflm(model, tokenizer, batch_size)
     # A model whose context cannot hold the harness's budget gets half its context (recorded as the budget).
     budget = max_gen_toks or min(HARNESS_MAX_GEN_TOKS, lm.max_length // 2)
-    with _lean_harness(), _preserved_rng():
+    with lean_harness(), preserved_rng():
         output = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=manager, limit=limit,
                                          log_samples=True, gen_kwargs={"max_gen_toks": budget})
     model.train(was_training)

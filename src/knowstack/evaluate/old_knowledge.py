@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -60,8 +61,9 @@ def resolve_relative_data_files(include_path: Path) -> Path:
 
 
 @lru_cache(maxsize=8)
-def _task_manager(include_path: str | None, include_defaults: bool = True):
-    # Indexing the harness's thousands of stock task YAMLs takes ~10 s; a study evaluates dozens of models.
+def task_manager(include_path: str | None, include_defaults: bool = True) -> Any:  # lm_eval's TaskManager
+    """The harness's task index for an include path (and its stock tasks unless told not to), cached:
+    indexing the harness's thousands of stock task YAMLs takes ~10 s; a study evaluates dozens of models."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=include_path, include_defaults=include_defaults)
@@ -74,19 +76,20 @@ def _manager_for(tasks: list[str], include_path: str | None):
     milliseconds instead of the ~10 s the stock index costs each new process.
     """
     if include_path is not None:
-        local = _task_manager(include_path, include_defaults=False)
+        local = task_manager(include_path, include_defaults=False)
         if all(t in local.all_tasks for t in tasks):
             return local
-    return _task_manager(include_path)
+    return task_manager(include_path)
 
 
-def _quiet_harness() -> None:
+def quiet_harness() -> None:
+    """The harness's own loggers down to errors: knowstack reports what matters."""
     for name in ("lm_eval", "lm-eval", "lm_eval.evaluator", "lm_eval.api", "lm_eval.models"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @contextmanager
-def _lean_harness() -> Iterator[None]:
+def lean_harness() -> Iterator[None]:
     """simple_evaluate without its per-call extras that knowstack never reads.
 
     After scoring, simple_evaluate collects environment info (torch's collect_env runs pip and
@@ -114,7 +117,7 @@ def _lean_harness() -> Iterator[None]:
 
 
 @contextmanager
-def _preserved_rng() -> Iterator[None]:
+def preserved_rng() -> Iterator[None]:
     """simple_evaluate reseeds Python's, NumPy's and torch's global generators; the caller's state
     comes back afterwards, so whether an evaluation ran (or was a cache hit) never changes what follows."""
     import numpy as np
@@ -131,7 +134,8 @@ def _preserved_rng() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda)
 
 
-def _quiet_hflm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int):
+def quiet_hflm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> Any:
+    """The harness's HFLM on the in-memory model, without its request progress bars."""
     from lm_eval.models.huggingface import HFLM
 
     class QuietHFLM(HFLM):
@@ -199,15 +203,15 @@ def evaluate_old_knowledge_items(
     the harness's logged samples (a group such as mmlu has none of its own: its subtasks have them)."""
     import lm_eval
 
-    _quiet_harness()
+    quiet_harness()
     include = str(resolve_relative_data_files(include_path)) if include_path else None
     manager = _manager_for(list(tasks), include)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise KnowstackError(f"unknown lm-eval task(s): {', '.join(unknown)}", path=include_path, field="old_knowledge.tasks")
     was_training = model.training  # the harness switches the model to eval mode
-    lm = _quiet_hflm(model, tokenizer, batch_size)
-    with _lean_harness(), _preserved_rng():
+    lm = quiet_hflm(model, tokenizer, batch_size)
+    with lean_harness(), preserved_rng():
         output = lm_eval.simple_evaluate(
             model=lm,
             tasks=list(tasks),

@@ -20,12 +20,13 @@ from typing import Any
 
 from knowstack.combine.inputs import FullModel
 from knowstack.combine.merge import TOKENIZER_FILES
-from knowstack.combine.streaming import INDEX_FILE, weight_files
 from knowstack.errors import KnowstackError
+from knowstack.hashing import content_hash, file_sha256
+from knowstack.modeling.streaming import INDEX_FILE, weight_files
 from knowstack.registry import db
 from knowstack.registry.core import BASE_NAME, Registry, cache_dir, is_url, remote_fs
 from knowstack.registry.records import LOG_DIR, check_exclusive_create, create_log
-from knowstack.registry.store import OBJECTS_DIR, ObjectStore, RemoteObjectStore, content_hash, file_sha256
+from knowstack.registry.store import OBJECTS_DIR, ObjectStore, RemoteObjectStore
 
 # The config fields that decide whether two checkpoints are the same network (and what a reader wants to see).
 ARCHITECTURE_FIELDS = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",

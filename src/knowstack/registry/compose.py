@@ -38,6 +38,7 @@ from knowstack.config import (
     TrainingConfig,
 )
 from knowstack.errors import KnowstackError
+from knowstack.hashing import content_hash
 from knowstack.registry import db
 from knowstack.registry.core import BASE_NAME, Registry, check_name, composed
 from knowstack.registry.evaluate import (
@@ -53,7 +54,6 @@ from knowstack.registry.evaluate import (
     without_items,
 )
 from knowstack.registry.gate import Released, gate_checks, gate_record
-from knowstack.registry.store import content_hash
 from knowstack.study.methods import ComposeVariant, compose_variants
 
 if TYPE_CHECKING:

@@ -21,16 +21,16 @@ from knowstack.combine.inputs import (
     config_differences,
     read_json,
 )
-from knowstack.combine.merge import _check_compatible
+from knowstack.combine.merge import check_compatible
 from knowstack.config import METRICS
 from knowstack.data.formats import trace_split_path
 from knowstack.data.tasks import read_split
 from knowstack.errors import KnowstackError
+from knowstack.hashing import content_hash
 from knowstack.registry import db
 from knowstack.registry.base import model_files, store_files, weights_hash
 from knowstack.registry.core import BASE_NAME, Registry, check_name
 from knowstack.registry.evaluate import load_for_scoring, score_task, task_of, without_items
-from knowstack.registry.store import content_hash
 
 TASK_FORMATS = ("trace", "math")
 
@@ -96,7 +96,7 @@ def check_trained_from(base: FullModel, base_hash: str, contribution: FullModel 
                                      f"registry's base ({', '.join(differences[:4])})",
                                      path=contribution.path / ADAPTER_CONFIG, field="base_model_name_or_path")
         _check_claimed_hash(base_hash, contribution, Path(claimed).expanduser() if claimed else None)
-    _check_compatible(base, [contribution])
+    check_compatible(base, [contribution])
 
 
 def _check_claimed_hash(base_hash: str, adapter: LoraAdapter, claimed: Path | None) -> None:

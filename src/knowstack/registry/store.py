@@ -22,37 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from knowstack.errors import KnowstackError
+from knowstack.hashing import BLOCK_BYTES, file_sha256, stream_sha256
 
 OBJECTS_DIR = "objects"
-_BLOCK = 1 << 20
 _HEX = re.compile(r"^[0-9a-f]{64}$")
-
-
-def file_sha256(path: Path) -> str:
-    with Path(path).open("rb") as handle:
-        return stream_sha256(handle)
-
-
-def stream_sha256(handle: Any) -> str:
-    digest = hashlib.sha256()
-    for block in iter(lambda: handle.read(_BLOCK), b""):
-        digest.update(block)
-    return digest.hexdigest()
 
 
 def refuse_mismatch(actual: str, sha: str, where: object) -> None:
     if actual != sha:
         raise KnowstackError(f"registry object is corrupt or was tampered with (its sha256 is {actual[:12]}..., "
                              f"expected {sha[:12]}...)", path=where)
-
-
-def content_hash(files: Mapping[str, str]) -> str:
-    """One hash for a set of files: sha256 over "name<TAB>sha256-of-file" lines in sorted name order.
-
-    Hashing each file's digest with its name (rather than the raw bytes run together) keeps file
-    boundaries unambiguous and costs nothing: every stored file is hashed anyway."""
-    lines = "".join(f"{name}\t{files[name]}\n" for name in sorted(files))
-    return hashlib.sha256(lines.encode("utf-8")).hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -111,7 +90,7 @@ class ObjectStore:
     def _copy_hashing(source: Path, fd: int) -> str:
         digest = hashlib.sha256()
         with source.open("rb") as src, os.fdopen(fd, "wb") as dst:
-            for block in iter(lambda: src.read(_BLOCK), b""):
+            for block in iter(lambda: src.read(BLOCK_BYTES), b""):
                 digest.update(block)
                 dst.write(block)
             dst.flush()

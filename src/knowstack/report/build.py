@@ -18,17 +18,9 @@ from knowstack.report.run_tables import Context
 from knowstack.report.runs import find_runs
 from knowstack.report.sections import Section, build_sections
 from knowstack.report.tables import Scores, Table
+from knowstack.results import PER_EXAMPLE, ItemKey, Row, read_csv, read_items
 from knowstack.study.plan import Plan
-from knowstack.study.results import (
-    PER_EXAMPLE,
-    ItemKey,
-    Row,
-    collect_items,
-    collect_rows,
-    olora_penalties,
-    read_csv,
-    read_items,
-)
+from knowstack.study.results import collect_items, collect_rows, olora_penalties
 
 Items = dict[ItemKey, dict[int | None, list[float]]]
 
@@ -60,6 +52,13 @@ def build_report(rows: list[Row], *, title: str, task_order: list[str], old_metr
                   coverage=coverage(every, planned, task_order), points=points,
                   matched=evaluate_matched_claims(scores, points) if swept else None)
     return build_sections(ctx, title)
+
+
+def render_report(rows: list[Row], *, title: str, task_order: list[str], old_metric: OldMetric = "acc",
+                  penalties: dict[str, dict] | None = None) -> str:
+    """report.md's text without drawing figures (quick, for tests and scripts)."""
+    sections = build_report(rows, title=title, task_order=task_order, old_metric=old_metric, penalties=penalties)
+    return render_markdown(sections, title=title, out=Path("."))
 
 
 def _blocks(sections: list[Section], kind: type) -> list:

@@ -8,7 +8,7 @@ from fnmatch import fnmatch
 
 from knowstack.report.runs import Run, find_runs, stages_done
 from knowstack.report.tables import Scores, Table, TableRow
-from knowstack.study.results import Row
+from knowstack.results import Row
 
 # The paper's runs, as run-key patterns, with the name the report gives each.
 PAPER_RUNS: tuple[tuple[str, str], ...] = (

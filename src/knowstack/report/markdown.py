@@ -31,19 +31,3 @@ def section_markdown(section: Section, depth: int, out: Path) -> str:
 def render_markdown(sections: list[Section], *, title: str, out: Path) -> str:
     body = "\n\n".join(section_markdown(s, 2, Path(out)) for s in sections)
     return f"# knowstack study: {title}\n\n{body}\n"
-
-
-def render_report(rows: list, *, title: str, task_order: list[str], old_metric: str | dict[str, str] = "acc",
-                  penalties: dict[str, dict] | None = None) -> str:
-    """report.md's text without drawing figures (quick, for tests and scripts)."""
-    from knowstack.report.build import build_report
-
-    sections = build_report(rows, title=title, task_order=task_order, old_metric=old_metric, penalties=penalties)
-    return render_markdown(sections, title=title, out=Path("."))
-
-
-def write_report(rows: list, out: Path, **kwargs: object) -> Path:
-    """The whole report (report.html, report.md, figures, tables); see knowstack.report.build."""
-    from knowstack.report.build import write_report as write
-
-    return write(rows, out, **kwargs)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from knowstack.report.tables import Column, Scores, Values, bwt, mean_or_none, percent_change
-from knowstack.study.results import Row
+from knowstack.results import Row
 
 # The paper's two settings, plus the reference points; sequential training is semi-cooperative in the
 # paper, but the report gives it its own section as the paper does (Section 4.3, Tables 1-4).

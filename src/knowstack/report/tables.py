@@ -12,8 +12,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from knowstack.config import OldMetric, old_metric_of
+from knowstack.results import ItemKey, Row
 from knowstack.stats import Estimate, column_estimate, interval_of, mean_of
-from knowstack.study.results import ItemKey, Row
 
 Column = tuple[str, str, str]  # (kind, task, metric)
 Values = dict[Column, "float | None"]

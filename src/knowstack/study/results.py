@@ -1,58 +1,13 @@
-"""The results store: one row per model x task x metric, as CSV and as SQLite.
-
-The column names are a public interface (users' scripts read them): model, method, finetune,
-stage, task, kind, metric, value, ci_low, ci_high (the value's 95% interval: a seeded percentile bootstrap over
-the test items, empty where no per-item scores exist), n, trained_on, seed (the training seed, where the config
-repeats models over `seeds`), then point (a sweep point's name, '' for a method's own
-setting) and one column per setting a sweep can change (lr, rank, lambda, ...: filled where the model's
-point sets it, and with O-LoRA's lambda), then protocol: how the value was scored (a new-knowledge
-task's protocol, `builtin` or `paper`; `lm-eval` for old knowledge).
-"""
+"""A study's results as rows (results.py's schema), read from its finished evaluation steps' artifacts:
+the rows and their intervals, the per-item scores, and O-LoRA's logged penalties."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import os
-import sqlite3
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-from knowstack.atomic import atomic_write_text
-from knowstack.config import SWEEP_COLUMNS
+from knowstack.results import OLD_PROTOCOL, ItemKey, Row
 from knowstack.study.plan import Plan
-
-COLUMNS = ("model", "method", "finetune", "stage", "task", "kind", "metric", "value", "ci_low", "ci_high", "n",
-           "trained_on", "seed", "point", *SWEEP_COLUMNS, "protocol")
-PER_EXAMPLE = "per_example.jsonl"  # beside results.csv: every row's per-item scores
-OLD_PROTOCOL = "lm-eval"
-
-
-@dataclass(frozen=True)
-class Row:
-    model: str
-    method: str
-    finetune: str
-    stage: int | None
-    task: str
-    kind: str  # "new" or "old"
-    metric: str
-    value: float
-    n: int | None
-    trained_on: str
-    point: str = ""
-    settings: tuple[tuple[str, float], ...] = ()
-    ci_low: float | None = None
-    ci_high: float | None = None
-    seed: int | None = None
-    protocol: str = ""
-
-    def record(self) -> dict[str, object]:
-        """The row as results columns (None where empty), in COLUMNS order."""
-        values: dict[str, object] = {**{c: None for c in SWEEP_COLUMNS}, **dict(self.settings)}
-        return {c: values[c] if c in SWEEP_COLUMNS else getattr(self, c) for c in COLUMNS}
 
 
 def collect_rows(plan: Plan, artifacts: Path) -> list[Row]:
@@ -97,9 +52,6 @@ def _interval(items: dict, kind: str, task: str, metric: str) -> dict[str, float
     return {"ci_low": ci[0], "ci_high": ci[1]} if ci else {"ci_low": None, "ci_high": None}
 
 
-ItemKey = tuple[str, str, str, str]  # (model, kind, task, metric)
-
-
 def collect_items(plan: Plan, artifacts: Path) -> dict[ItemKey, dict[int | None, list[float]]]:
     """(model, kind, task, metric) -> {seed: per-item scores in test order} of every finished evaluation."""
     found: dict[ItemKey, dict[int | None, list[float]]] = {}
@@ -112,74 +64,6 @@ def collect_items(plan: Plan, artifacts: Path) -> dict[ItemKey, dict[int | None,
                 for metric, scores in metrics.items():
                     found.setdefault((ev.model, kind, task, metric), {})[ev.seed] = scores
     return found
-
-
-def write_items(items: dict[ItemKey, dict[int | None, list[float]]], path: Path) -> None:
-    """One JSON line per results row: model, seed, kind, task, metric and its per-item scores."""
-    lines = [json.dumps({"model": key[0], "seed": seed, "kind": key[1], "task": key[2], "metric": key[3],
-                         "scores": scores}) + "\n"
-             for key, by_seed in items.items() for seed, scores in by_seed.items()]
-    atomic_write_text(path, "".join(lines))
-
-
-def read_items(path: Path) -> dict[ItemKey, dict[int | None, list[float]]]:
-    items: dict[ItemKey, dict[int | None, list[float]]] = {}
-    if not path.is_file():
-        return items
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            r = json.loads(line)
-            items.setdefault((r["model"], r["kind"], r["task"], r["metric"]), {})[r["seed"]] = r["scores"]
-    return items
-
-
-def write_csv(rows: list[Row], path: Path) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({c: "" if v is None else f"{v:g}" if c in SWEEP_COLUMNS else v
-                         for c, v in row.record().items()})
-    atomic_write_text(path, buffer.getvalue())
-
-
-def write_sqlite(rows: list[Row], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        with sqlite3.connect(tmp) as db:
-            db.execute(
-                "CREATE TABLE results (model TEXT, method TEXT, finetune TEXT, stage INTEGER, task TEXT, "
-                "kind TEXT, metric TEXT, value REAL, ci_low REAL, ci_high REAL, n INTEGER, trained_on TEXT, "
-                "seed INTEGER, point TEXT, "
-                + ", ".join(f"{c} REAL" for c in SWEEP_COLUMNS) + ", protocol TEXT)"
-            )
-            db.executemany(
-                f"INSERT INTO results VALUES ({', '.join('?' for _ in COLUMNS)})",
-                [tuple(row.record()[c] for c in COLUMNS) for row in rows],
-            )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def read_csv(path: Path) -> list[Row]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        return [
-            Row(
-                model=r["model"], method=r["method"], finetune=r["finetune"],
-                stage=int(r["stage"]) if r["stage"] else None, task=r["task"], kind=r["kind"],
-                metric=r["metric"], value=float(r["value"]), n=int(r["n"]) if r["n"] else None,
-                trained_on=r.get("trained_on", ""), point=r.get("point") or "",
-                settings=tuple((c, float(r[c])) for c in SWEEP_COLUMNS if r.get(c)),
-                ci_low=float(r["ci_low"]) if r.get("ci_low") else None,
-                ci_high=float(r["ci_high"]) if r.get("ci_high") else None,
-                seed=int(r["seed"]) if r.get("seed") else None,
-                protocol=r.get("protocol") or "",
-            )
-            for r in csv.DictReader(handle)
-        ]
 
 
 def olora_penalties(plan: Plan, artifacts: Path) -> dict[str, dict]:

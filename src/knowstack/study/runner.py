@@ -1,4 +1,7 @@
-"""Runs a study's plan: skips finished steps, resumes cut-off ones, then writes results and report."""
+"""Runs a study's plan: skips finished steps, resumes cut-off ones, then writes the results.
+
+The report is its caller's to write (report/ sits above study/): `knowstack study` and `knowstack.api.run_study`
+write it from the outcome's plan and rows, with report.build.write_study_report."""
 
 from __future__ import annotations
 
@@ -16,16 +19,10 @@ from rich.table import Table
 from knowstack.atomic import atomic_write_json, atomic_write_text
 from knowstack.config import StudyConfig, old_metric_of
 from knowstack.errors import KnowstackError
+from knowstack.results import PER_EXAMPLE, Row, write_csv, write_items, write_sqlite
 from knowstack.study.executors import Executor, LocalExecutor
 from knowstack.study.plan import Plan, Step, build_plan
-from knowstack.study.results import (
-    PER_EXAMPLE,
-    collect_items,
-    collect_rows,
-    write_csv,
-    write_items,
-    write_sqlite,
-)
+from knowstack.study.results import collect_items, collect_rows
 from knowstack.study.steps import StudyContext
 from knowstack.validate import check_study, raise_problems
 
@@ -35,9 +32,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class StudyOutcome:
+    """A finished run: where its results are, and the plan and rows its report is written from."""
+
     out: Path
     results_csv: Path
-    report: Path
+    plan: Plan
+    rows: list[Row]
     steps_run: int
     steps_skipped: int
 
@@ -135,14 +135,13 @@ def _resource_row(step: Step, est: Estimate, config: StudyConfig, gpu_memory: in
     return [step.label, est.what, params, *sizes, gpus, as_run], fits
 
 
-def write_outputs(plan: Plan, out: Path) -> tuple[Path, Path]:
-    from knowstack.report.build import write_study_report
-
+def write_results(plan: Plan, out: Path) -> list[Row]:
+    """results.csv, results.sqlite and the per-item scores of every finished evaluation; returns the rows."""
     rows = collect_rows(plan, out / "artifacts")
     write_csv(rows, out / "results.csv")
     write_sqlite(rows, out / "results.sqlite")
     write_items(collect_items(plan, out / "artifacts"), out / PER_EXAMPLE)
-    return out / "results.csv", write_study_report(plan, out, rows)
+    return rows
 
 
 def run_study(config: StudyConfig, out: Path, *, dry_run: bool = False, console: Console | None = None,
@@ -181,9 +180,9 @@ def run_study(config: StudyConfig, out: Path, *, dry_run: bool = False, console:
         progress = executor.run(plan.ordered(), ctx, console)
         # the world, built first, is counted once, as run
         ran, skipped = progress.ran + world_built, progress.skipped - world_built
-        results, report = write_outputs(plan, out)
+        rows = write_results(plan, out)
         console.print(
             f"study '{config.name}': {ran} steps run, {skipped} already done, "
             f"{time.monotonic() - started:.0f} s"
         )
-    return StudyOutcome(out, results, report, ran, skipped)
+    return StudyOutcome(out, out / "results.csv", plan, rows, ran, skipped)

@@ -105,7 +105,7 @@ def run_train(step: Step, ctx: StudyContext, out: Path) -> None:
 def _tracking(step: Step, ctx: StudyContext) -> dict[str, Any] | None:
     from knowstack.study.tracking import step_tracking
 
-    tracking = step_tracking(step, ctx)
+    tracking = step_tracking(step, ctx.config, ctx.out)
     return tracking.to_dict() if tracking else None
 
 
@@ -167,8 +167,8 @@ def run_moe(step: Step, ctx: StudyContext, out: Path) -> None:
     examples of each task's training split (prompts: see _prompt_split). Router training is launched as the config's launch section
     launches the training of the experts (its `lora` settings for a LoRA-MoE), in this process otherwise."""
     from knowstack.combine.moe import MoeOptions, mix_models
-    from knowstack.combine.moe_train import RouterTraining
     from knowstack.train.launch import LaunchSpec
+    from knowstack.train.router_training import RouterTraining
 
     params, options = step.params, step.params["options"]
     specs = [ctx.tasks()[task["name"]] for task in params["tasks"]]
@@ -295,7 +295,7 @@ def _log_scores(step: Step, ctx: StudyContext, partial: Path, out: Path) -> None
         if isinstance(values, dict):
             scores.update({f"old/{task}/{metric}": value for metric, value in values.items()
                            if isinstance(value, (int, float))})
-    log_scores(step_tracking(step, ctx), out, scores)
+    log_scores(step_tracking(step, ctx.config, ctx.out), out, scores)
 
 
 PER_EXAMPLE_FILE = "per_example.json"

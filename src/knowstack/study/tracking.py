@@ -3,23 +3,25 @@ the methods, tasks and rounds of the models it makes or scores, found in the pla
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from knowstack.config import StudyConfig
 from knowstack.study.plan import Plan, Step, build_plan
-from knowstack.study.steps import StudyContext
 from knowstack.train.tracking import Tracking
 
 MLRUNS_DIR = "mlruns"
 
 
-def step_tracking(step: Step, ctx: StudyContext, plan: Plan | None = None) -> Tracking | None:
-    """None when the study reports to no tracker."""
-    report_to = ctx.config.training.report_to
+def step_tracking(step: Step, config: StudyConfig, out: Path, plan: Plan | None = None) -> Tracking | None:
+    """The tracker run of `step` of the study `config` in the study dir `out`; None when the study reports to no
+    tracker."""
+    report_to = config.training.report_to
     if not report_to:
         return None
-    plan = plan or build_plan(ctx.config, ctx.out)
-    return Tracking(tuple(report_to), project=ctx.config.name, run=step.label, tags=step_tags(step, plan),
-                    mlflow_dir=str(ctx.out / MLRUNS_DIR))
+    plan = plan or build_plan(config, out)
+    return Tracking(tuple(report_to), project=config.name, run=step.label, tags=step_tags(step, plan),
+                    mlflow_dir=str(out / MLRUNS_DIR))
 
 
 def step_tags(step: Step, plan: Plan) -> dict[str, str]:

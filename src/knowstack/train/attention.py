@@ -10,8 +10,11 @@ packed row (padding with an attention mask, several rows) go to the stock SDPA p
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -65,3 +68,20 @@ def _mask(*args, **kwargs) -> torch.Tensor | None:
 
 AttentionInterface.register(NAME, segment_attention_forward)
 AttentionMaskInterface.register(NAME, _mask)
+
+
+@contextmanager
+def packed_attention(model: PreTrainedModel) -> Iterator[None]:
+    """Within the block, SDPA/eager models run knowstack's segment attention (the training loop's): each
+    sequence of a packed row attends to itself alone, at the cost of its own length squared. Stock
+    attention isolates packed sequences only when called without a cache (a block-diagonal mask over the
+    whole row); this does not depend on that. Flash/flex attention handle packed rows already."""
+    current = model.config._attn_implementation
+    if current not in ("sdpa", "eager"):
+        yield
+        return
+    model.set_attn_implementation(NAME)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(current)

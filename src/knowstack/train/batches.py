@@ -24,6 +24,7 @@ from knowstack.data.formats import Example
 from knowstack.data.truncation import truncate_middle
 
 IGNORE = -100
+PACKED_TOKENS = 2048  # tokens per forward pass when reading hidden states or router logits (no training)
 
 
 @dataclass(frozen=True)
@@ -177,3 +178,20 @@ def shard(batch: Sequence[int], rank: int, world_size: int) -> list[int]:
 
 def micro_batches(indices: Sequence[int], micro_batch_size: int) -> list[list[int]]:
     return [list(indices[i : i + micro_batch_size]) for i in range(0, len(indices), micro_batch_size)]
+
+
+def packed_rows(token_lists: Sequence[Sequence[int]], max_tokens: int = PACKED_TOKENS
+                ) -> list[tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]]:
+    """Sequences laid end to end in rows of about max_tokens (position ids restart per sequence, so
+    no sequence attends to another): (input_ids, position_ids, [start, end) of each sequence)."""
+    rows, ids, positions, bounds = [], [], [], []
+    for tokens in token_lists:
+        if ids and len(ids) + len(tokens) > max_tokens:
+            rows.append((ids, positions, bounds))
+            ids, positions, bounds = [], [], []
+        bounds.append((len(ids), len(ids) + len(tokens)))
+        ids = ids + list(tokens)
+        positions = positions + list(range(len(tokens)))
+    if ids:
+        rows.append((ids, positions, bounds))
+    return [(torch.tensor([i]), torch.tensor([p]), b) for i, p, b in rows]

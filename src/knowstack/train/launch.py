@@ -1,9 +1,9 @@
 """One training run as a job that runs in this process or under `accelerate launch` with N processes.
 
 A study's train step becomes a `TrainJob` (plain data: model, examples, settings, O-LoRA inputs), and
-an MoE's router training a `RouterJob` (combine/router_job.py), which job.json names by its job_kind.
+an MoE's router training a `RouterJob` (train/router_job.py), which job.json names by its job_kind.
 `run_job` (`run_router_job`) runs it here; `launch_job` (`launch_router_job`) writes it to a folder
-and starts `accelerate launch --config_file <cfg> --num_processes N -m knowstack.train.launch job.json`,
+and starts `accelerate launch --config_file <cfg> --num_processes N -m knowstack.train.jobs job.json`,
 whose processes each run the same job: `train()` (`train_routers()`) shards every effective batch over
 them and the main process alone writes the checkpoint (the trained routers), atomically. Both paths
 run the very same code, so a 2-process run gives the 1-process weights (tested on CPU with gloo).
@@ -163,7 +163,7 @@ def launch_command(
     if max_grad_norm is not None and distributed_type(config_path) == "DEEPSPEED":
         # DeepSpeed clips inside its engine step (accelerate's clip_grad_norm_ is a no-op there).
         command += ["--gradient_clipping", str(max_grad_norm)]
-    return [*command, "-m", "knowstack.train.launch", str(job_file)]
+    return [*command, "-m", "knowstack.train.jobs", str(job_file)]
 
 
 @dataclass(frozen=True)
@@ -253,33 +253,3 @@ def run_launch(
                                  path=output)
         if on_success is not None:
             on_success(Path(folder))
-
-
-def run_job_file(path: Path) -> None:
-    """Run the job in job.json: a training run (TrainJob), or MoE router training (its job_kind says so)."""
-    header = json.loads(Path(path).read_text(encoding="utf-8"))
-    if header.get("job_kind") == ROUTER_JOB_KIND:
-        from knowstack.combine.router_job import RouterJob, run_router_job
-
-        run_router_job(RouterJob.load(path))
-    else:
-        run_job(TrainJob.load(path))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of every launched process: `python -m knowstack.train.launch job.json`."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m knowstack.train.launch JOB.json", file=sys.stderr)
-        return 2
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        run_job_file(Path(args[0]))
-    except KnowstackError as err:  # the user's mistake: one line, not a traceback per process
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

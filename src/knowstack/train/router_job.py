@@ -1,11 +1,11 @@
-"""An MoE's routers at work as a job that runs in this process or under `accelerate launch`.
+"""An MoE's routers at work as a training job that runs in this process or under `accelerate launch`.
 
-mix_models builds the MoE into its temporary output dir, then hands that dir to a `RouterJob` (plain
-data: the kind, the dirs, the training set, the RouterTraining settings, the probe texts): the expert
-load per router on the probe texts and, with training settings, router training and the load again.
-`run_router_job` runs it here; `launch_router_job` starts it as `accelerate launch ... -m
-knowstack.train.launch job.json` (job.json says job_kind "router"), whose processes each load the MoE,
-train the routers on their share of every batch (moe_train.py), and of which the main process alone
+mix_models (combine/moe.py) builds the MoE into its temporary output dir, then hands that dir to a
+`RouterJob` (plain data: the kind, the dirs, the training set, the RouterTraining settings, the probe
+texts): the expert load per router on the probe texts and, with training settings, router training and
+the load again. `run_router_job` runs it here; `launch_router_job` starts it as `accelerate launch ... -m
+knowstack.train.jobs job.json` (job.json says job_kind "router"), whose processes each load the MoE,
+train the routers on their share of every batch (router_training.py), and of which the main process alone
 writes the trained routers into the MoE dir and the record (loads, loss curve) beside the job. Both
 paths run the very same code, so 2 processes give the 1-process routers (tested on CPU with gloo).
 """
@@ -21,6 +21,7 @@ from typing import Any
 from knowstack.atomic import atomic_write_json
 from knowstack.errors import KnowstackError
 from knowstack.train.launch import JOB_FILE, ROUTER_JOB_KIND, LaunchSpec, checked_config, run_launch
+from knowstack.train.router_training import router_sites
 
 RECORD_FILE = "record.json"
 
@@ -59,7 +60,6 @@ def run_router_job(job: RouterJob) -> dict[str, Any]:
     returns moe.json's part: {"loads": ..., "router_training": ...}."""
     from accelerate import Accelerator
 
-    from knowstack.combine.moe import load_moe
     from knowstack.modelio import load_tokenizer
 
     accelerator = Accelerator(device_placement=job.place_on_device)
@@ -79,7 +79,7 @@ def run_router_job(job: RouterJob) -> dict[str, Any]:
 
 
 def _measured(job: RouterJob, model: Any, tokenizer: Any) -> dict[str, Any]:
-    from knowstack.combine.moe_train import expert_loads
+    from knowstack.train.router_training import expert_loads
 
     return {"loads": {"measured_on": f"{job.probe_name} ({len(job.probe)} texts)",
                       "before_training": expert_loads(model, tokenizer, job.probe)}}
@@ -88,9 +88,8 @@ def _measured(job: RouterJob, model: Any, tokenizer: Any) -> dict[str, Any]:
 def _trained(job: RouterJob, accelerator: Any, model: Any, tokenizer: Any) -> dict[str, Any]:
     """Loads before, training, loads after (every process, on the prepared model: under FSDP each
     forward is collective), then the main process writes the trained routers."""
-    from knowstack.combine.moe import _save_trained_routers
-    from knowstack.combine.moe_train import RouterTraining, prepare_router_training, train_routers
     from knowstack.data.formats import Example
+    from knowstack.train.router_training import RouterTraining, prepare_router_training, train_routers
 
     settings = RouterTraining(**job.training or {})
     prepared, optimizer, sites = prepare_router_training(model, settings, accelerator)
@@ -102,8 +101,41 @@ def _trained(job: RouterJob, accelerator: Any, model: Any, tokenizer: Any) -> di
     record["loads"]["after_training"] = _measured(job, unwrapped, tokenizer)["loads"]["before_training"]
     _gather_routers(sites)
     if accelerator.is_main_process:
-        _save_trained_routers(job.kind, Path(job.moe_dir), unwrapped)
+        save_trained_routers(job.kind, Path(job.moe_dir), unwrapped)
     return record
+
+
+def load_moe(kind: str, moe_dir: Path, base: Path) -> Any:
+    """The built MoE as a model in memory: the checkpoint (FFT), or the base with the LoRA-MoE on it."""
+    from knowstack.modelio import load_model
+
+    if kind == "fft":
+        return load_model(moe_dir, dtype="auto")
+    from knowstack.modeling.lora_moe import apply_lora_moe
+
+    return apply_lora_moe(load_model(base, dtype="auto"), moe_dir)
+
+
+def save_trained_routers(kind: str, moe_dir: Path, model: Any) -> None:
+    """The routers of `model` (trained) written into the MoE dir it was loaded from, in place."""
+    if kind == "lora":
+        from knowstack.modeling.lora_moe import lora_moe_routers, save_routers
+
+        save_routers(moe_dir, lora_moe_routers(model))
+        return
+    from knowstack.modeling.streaming import overwrite_tensors
+
+    # Every router module (the MLPs' and the mixed attention projections') by its path in the model,
+    # which is its tensors' name on disk but for Mixtral's MLP router.
+    paths = {id(module): path for path, module in model.named_modules()}
+    mixtral = type(model).__name__ == "MixtralForCausalLM"
+    tensors = {}
+    for site in router_sites(model):
+        for suffix, param in site.module.named_parameters():
+            memory_name = f"{paths[id(site.module)]}.{suffix}"
+            disk = memory_name.replace(".mlp.gate.", ".block_sparse_moe.gate.") if mixtral else memory_name
+            tensors[disk] = param
+    overwrite_tensors(moe_dir, tensors)
 
 
 def _gather_routers(sites: list) -> None:

@@ -203,3 +203,18 @@ def _header_bytes(shard: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> byte
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes with trailing spaces
     return struct.pack("<Q", len(encoded)) + encoded
+
+
+def overwrite_tensors(model_dir: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Writes new values of existing tensors (same dtype and shape) into their bytes in the shards,
+    in place: router training changes a few small tensors of a checkpoint that may be very large."""
+    reader = SafetensorsReader.from_dir(model_dir)
+    for name, tensor in tensors.items():
+        spec = reader.specs[name]
+        value = tensor.detach().to(spec.torch_dtype).contiguous().cpu()
+        if tuple(value.shape) != spec.shape or DTYPE_NAMES[value.dtype] != spec.dtype:
+            raise AssertionError(f"{name}: {tuple(value.shape)} does not fit {spec.shape}")
+        with spec.file.open("r+b") as handle:
+            (header_length,) = struct.unpack("<Q", handle.read(8))
+            handle.seek(8 + header_length + spec.offset)
+            handle.write(memoryview(value.reshape(-1).view(torch.uint8).numpy()))

@@ -13,7 +13,7 @@ averaged over all routers (a mixed attention projection's weighing as much as an
 E * sum_e f_e * P_e,  f_e the share of the k routing slots given to expert e, P_e the mean router
 probability of e, over the batch's tokens.
 
-Training runs unchanged in one process or under `accelerate launch` (combine/router_job.py starts it):
+Training runs unchanged in one process or under `accelerate launch` (train/router_job.py starts it):
 every process takes a strided share of each batch, as train/loop.py does, and both losses are split
 into per-process parts that add up to the whole batch's: the LM loss over the batch's answer-token
 count, and the balancing loss with f_e and the token count summed over the processes (f_e carries no
@@ -32,10 +32,14 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from knowstack.combine.routers import decoder_layers, packed_attention, packed_rows
 from knowstack.config import RouterTrainingConfig, TrainingConfig
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
+from knowstack.modeling.lora_moe import LayerRouting
+from knowstack.modeling.moe_model import ATTENTION_PROJECTIONS, KnowstackMoeBlock, KnowstackMoeLinear
+from knowstack.modeling.routing import decoder_layers
+from knowstack.train.attention import packed_attention
+from knowstack.train.batches import batch_order, pack, packed_rows, shard, tokenize_examples
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,6 @@ class RouterTraining:
 def router_sites(model: nn.Module) -> list[RouterSite]:
     """Every router of an FFT-MoE (Mixtral or knowstack_moe, mixed attention projections included) or a
     LoRA-MoE model, layer by layer."""
-    from knowstack.combine.moe_lora import LayerRouting
-    from knowstack.combine.moe_model import ATTENTION_PROJECTIONS, KnowstackMoeBlock, KnowstackMoeLinear
-
     sites = []
     for index, layer in enumerate(decoder_layers(model)):
         routing = getattr(layer, LayerRouting.ATTRIBUTE, None)
@@ -194,8 +195,6 @@ def train_routers(model: nn.Module, optimizer: torch.optim.Optimizer, sites: Seq
     """Trains the routers only for settings.steps steps of settings.batch_size examples (the whole batch,
     over all processes); model and optimizer as prepare_router_training returns them. Returns the loss
     curve (the same in every process)."""
-    from knowstack.train.batches import batch_order, tokenize_examples
-
     if not examples:
         raise KnowstackError("router training needs examples", field="router_training")
     tokenized = tokenize_examples(tokenizer, examples, settings.max_length)
@@ -216,7 +215,6 @@ def _router_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.op
                  sites: Sequence[RouterSite], logits: dict[str, torch.Tensor], tokenized: list,
                  indices: list[int], aux_loss_coef: float, device: torch.device) -> dict[str, float]:
     """One optimizer step on this process's share of the batch `indices`; returns the batch's losses."""
-    from knowstack.train.batches import pack, shard
     from knowstack.train.loop import answer_loss_sum
 
     world = accelerator.num_processes

@@ -1,0 +1,205 @@
+"""LoRA-MoE: each contributed LoRA adapter is an expert on every module it targets; a router per
+decoder layer picks the top-k adapters per token, and each targeted module adds their weighted deltas:
+
+    y = W x + sum_{e in top-k(x)} w_e(x) * scale_e * B_e A_e x
+
+The base stays as it is. The routing is decided once per layer from the layer's attention input (the
+output of input_layernorm) and used by all its targeted modules. Softmax, top-k and renormalisation
+over the k are Mixtral's, so with one adapter and k=1 this is exactly base + adapter. A routed base
+expert is a "null" adapter (no delta): a token that routes to it keeps more of the base.
+
+Saved as a directory knowstack loads onto the base (`load_model(base, adapter=DIR)` or
+`apply_lora_moe`):
+    lora_moe.json           what was mixed and how (format, experts, top_k, layers, per-module layout)
+    lora_moe.safetensors    per module: `<module>.lora_A` (sum of ranks x in, the experts' A stacked)
+                            and `<module>.lora_B` (out x sum of ranks, each expert's scale folded in);
+                            per mixed layer: `routers.<layer>.weight` (+ `.bias`)
+
+Compute is dense over the stacked ranks (one x @ A^T and one @ B^T per module, the gates zero for
+experts a token did not choose), which is exact and, with LoRA ranks of a few dozen in total, cheaper
+than gathering tokens per expert.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from knowstack.errors import KnowstackError
+from knowstack.modeling.routing import Router, decoder_layers
+
+CONFIG_FILE = "lora_moe.json"
+WEIGHTS_FILE = "lora_moe.safetensors"
+FORMAT = "knowstack-lora-moe"
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def is_lora_moe_dir(path: str | Path | None) -> bool:
+    return path is not None and (Path(path) / CONFIG_FILE).is_file()
+
+
+def layer_of(module: str) -> int | None:
+    match = _LAYER.search(module)
+    return int(match.group(1)) if match else None
+
+
+class LayerRouting(nn.Module):
+    """One layer's routing: the gates of every expert for every token of the current forward pass,
+    set by a hook on the layer's input_layernorm and read by the layer's LoraMoeLinear modules."""
+
+    ATTRIBUTE = "lora_moe_routing"
+
+    def __init__(self, hidden: int, n_experts: int, top_k: int, *, routed: bool, bias: bool):
+        super().__init__()
+        self.n_experts, self.top_k = n_experts, top_k
+        self.router = nn.Linear(hidden, n_experts, bias=bias) if routed else None
+        self._gates: torch.Tensor | None = None
+        self._by_layout: dict[str, torch.Tensor] = {}
+
+    def route(self, normed: torch.Tensor) -> None:
+        if self.router is None:
+            gates = torch.full((*normed.shape[:-1], self.n_experts), 1.0 / self.n_experts, dtype=normed.dtype,
+                               device=normed.device)
+        else:
+            # The softmax over the k largest logits is the full softmax renormalised over those k (Mixtral's
+            # weights), in fewer operations: this runs once per layer and generated token.
+            top, chosen = torch.topk(self.router(normed), self.top_k, dim=-1)
+            weights = F.softmax(top.float(), dim=-1).to(normed.dtype)
+            gates = torch.zeros(*normed.shape[:-1], self.n_experts, dtype=normed.dtype, device=normed.device)
+            gates = gates.scatter(-1, chosen, weights)
+        self._gates, self._by_layout = gates, {}
+
+    def slot_gates(self, layout: str, slot_experts: torch.Tensor) -> torch.Tensor:
+        """The gates per rank slot (tokens x sum of ranks), computed once per layout and forward pass."""
+        if self._gates is None:
+            raise RuntimeError("LoRA-MoE module called before its layer's routing was computed")
+        if layout not in self._by_layout:
+            self._by_layout[layout] = self._gates.index_select(-1, slot_experts)
+        return self._by_layout[layout]
+
+
+class LoraMoeLinear(nn.Module):
+    """A base Linear plus the gated deltas of its experts' LoRA pairs, stacked along the rank."""
+
+    def __init__(self, base_layer: nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                 slot_experts: torch.Tensor, routing: LayerRouting):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = nn.Parameter(lora_a, requires_grad=False)
+        self.lora_B = nn.Parameter(lora_b, requires_grad=False)
+        self.register_buffer("slot_experts", slot_experts, persistent=False)
+        self.layout = ",".join(map(str, slot_experts.tolist()))
+        self._routing = [routing]  # a list, so the routing is not registered twice as a submodule
+
+    @property
+    def weight(self) -> torch.Tensor:  # callers that inspect a Linear's weight see the base's
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gates = self._routing[0].slot_gates(self.layout, self.slot_experts)
+        hidden = F.linear(x, self.lora_A)
+        if torch.is_grad_enabled():  # router training: out of place, autograd needs the operands
+            return self.base_layer(x) + F.linear(hidden * gates, self.lora_B)
+        # Inference (generation): in place, so each module adds no more tensor allocations than needed.
+        out = self.base_layer(x)
+        hidden.mul_(gates)
+        return out.view(-1, out.shape[-1]).addmm_(hidden.view(-1, hidden.shape[-1]), self.lora_B.T).view(out.shape)
+
+
+def apply_lora_moe(model: nn.Module, path: str | Path) -> nn.Module:
+    """Installs the LoRA-MoE in `path` onto `model` (its base), in place; returns the model."""
+    path = Path(path)
+    config = _read_config(path)
+    layers = decoder_layers(model)
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    routed = config["router"] != "none"
+    routings: dict[int, LayerRouting] = {}
+    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as weights:
+        for layer in config["layers"]:
+            routing = LayerRouting(config["hidden_size"], config["num_experts"], config["top_k"], routed=routed,
+                                   bias=config.get("router_bias", False)).to(device)
+            if routed:
+                _load_router(routing, weights, layer, path)
+            layers[layer].add_module(LayerRouting.ATTRIBUTE, routing)
+            layers[layer].input_layernorm.register_forward_hook(_route_hook(routing))
+            routings[layer] = routing
+        for module, layout in config["modules"].items():
+            slots = torch.tensor([e for e, r in zip(layout["experts"], layout["ranks"], strict=True)
+                                  for _ in range(r)], device=device)
+            lora_a = weights.get_tensor(f"{module}.lora_A").to(device=device, dtype=dtype)
+            lora_b = weights.get_tensor(f"{module}.lora_B").to(device=device, dtype=dtype)
+            parent, child, linear = _linear(model, module)
+            setattr(parent, child, LoraMoeLinear(linear, lora_a, lora_b, slots, routings[layer_of(module)]))
+    return model
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise KnowstackError(f"cannot read the LoRA-MoE config: {err}", path=path / CONFIG_FILE) from None
+    if config.get("format") != FORMAT:
+        raise KnowstackError(f"not a {FORMAT} config", path=path / CONFIG_FILE)
+    return config
+
+
+def _load_router(routing: LayerRouting, weights, layer: int, path: Path) -> None:
+    assert routing.router is not None
+    with torch.no_grad():
+        routing.router.weight.copy_(weights.get_tensor(f"routers.{layer}.weight"))
+        if routing.router.bias is not None:
+            routing.router.bias.copy_(weights.get_tensor(f"routers.{layer}.bias"))
+
+
+def _route_hook(routing: LayerRouting):
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        routing.route(output)
+
+    return hook
+
+
+def _linear(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Linear]:
+    """The parent module, attribute name and Linear layer of the base's module `name`."""
+    parent_name, _, child = name.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name)
+    except AttributeError:
+        raise KnowstackError(f"the base has no module '{name}': it is not the base of this LoRA-MoE") from None
+    current = getattr(parent, child, None)
+    if not isinstance(current, nn.Linear):
+        raise KnowstackError(f"'{name}' of the base is a {type(current).__name__}, not a Linear layer")
+    return parent, child, current
+
+
+def lora_moe_routers(model: nn.Module) -> dict[int, Router]:
+    """The current routers of a model with a LoRA-MoE applied (e.g. after router training)."""
+    routers = {}
+    for index, layer in enumerate(decoder_layers(model)):
+        routing = getattr(layer, LayerRouting.ATTRIBUTE, None)
+        if routing is not None and routing.router is not None:
+            bias = routing.router.bias
+            routers[index] = Router(routing.router.weight.detach().float().cpu(),
+                                    None if bias is None else bias.detach().float().cpu())
+    return routers
+
+
+def save_routers(path: Path, routers: dict[int, Router]) -> None:
+    """Replaces the router tensors of the LoRA-MoE dir `path` (the file is small: rewritten whole)."""
+    weights = path / WEIGHTS_FILE
+    with safe_open(str(weights), framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
+    for layer, router in routers.items():
+        tensors[f"routers.{layer}.weight"] = router.weight.float().contiguous()
+        if router.bias is not None:
+            tensors[f"routers.{layer}.bias"] = router.bias.float().contiguous()
+    tmp = weights.with_name(f".{WEIGHTS_FILE}.tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(weights)
