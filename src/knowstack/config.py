@@ -362,6 +362,18 @@ class MergeConfig(MethodConfig):
         return self.lora_space if isinstance(self.lora_space, str) else self.lora_space.get(method, "delta")
 
 
+class ContinualMergeConfig(MergeConfig):
+    """Continual merging: round by round, the running model merges the next task's one-round model (FFT) or adapter
+    (LoRA) with each merge method in `methods` (no data, one model kept), evaluated after every round like
+    sequential training (R[stage][task], BWT). weighting: running (the running model weighs as the t-1 tasks it
+    holds, so a linear merge after round t is the average of all t one-round models) or equal (each merge halves
+    the running model's share: earlier tasks fade geometrically)."""
+
+    methods: list[MergeMethodName] | dict[Finetune, list[MergeMethodName]] = Field(
+        default_factory=lambda: ["average", "ties"])
+    weighting: Literal["running", "equal"] = "running"
+
+
 class RouterTrainingConfig(Strict):
     """Training of the MoE's routers alone (experts and everything else frozen): `steps` optimizer steps
     of `batch_size` examples drawn from the first `examples_per_task` training examples of each mixed
@@ -438,6 +450,7 @@ class MethodsConfig(Strict):
     replay: ReplayConfig | None = None
     merge: MergeConfig | None = None
     moe: MoeConfig | None = None
+    continual_merge: ContinualMergeConfig | None = Field(default=None, alias="continual-merge")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -11,16 +11,14 @@ from dataclasses import dataclass, field
 
 from knowstack.report.tables import Column, Scores, Values, bwt, mean_or_none, percent_change
 from knowstack.results import Row
+from knowstack.study.methods import CATALOG
 
 # The paper's two settings, plus the reference points; sequential training is semi-cooperative in the
 # paper, but the report gives it its own section as the paper does (Section 4.3, Tables 1-4).
-SETTINGS = {
-    "base": "base", "one-round": "one-round", "sequential": "sequential", "olora": "semi-cooperative",
-    "merge": "semi-cooperative", "moe": "semi-cooperative", "replay": "fully cooperative",
-    "joint": "fully cooperative",
-}
+# Each method's section is the catalog's (study/methods/).
+SETTINGS = {"base": "base", **{name: method.section for name, method in CATALOG.items()}}
 SETTING_ORDER = ["base", "one-round", "sequential", "semi-cooperative", "fully cooperative", "other"]
-METHOD_ORDER = ["base", "one-round", "sequential", "olora", "merge", "moe", "replay", "joint"]
+METHOD_ORDER = ["base", *sorted(CATALOG, key=lambda name: SETTING_ORDER.index(SETTINGS[name]))]
 MERGE_NAMES = {"average": "average", "task-average": "task-average", "ties": "TIES", "dare": "DARE",
                "ties-dare": "TIES-DARE"}
 

@@ -18,7 +18,15 @@ from knowstack.report.run_tables import (
     stage_table,
     summary_table,
 )
-from knowstack.report.runs import Run, average_gains, finetune_name, run_averages, stages_done
+from knowstack.report.runs import (
+    METHOD_ORDER,
+    SETTINGS,
+    Run,
+    average_gains,
+    finetune_name,
+    run_averages,
+    stages_done,
+)
 from knowstack.report.tables import AVERAGES, Scores, Table, TableRow, fmt_percent, fmt_score
 
 NEW_UNIT = "score (0-1, each task's own metric)"
@@ -184,7 +192,7 @@ def sequential_section(ctx: Context) -> Section:
 def semi_cooperative_section(ctx: Context) -> Section:
     section = Section("semi-cooperative", "Semi-cooperative: O-LoRA, merging and MoE mixing (models kept, data "
                       "gone)")
-    runs = ctx.of("olora", "merge", "moe")
+    runs = ctx.of(*[name for name in METHOD_ORDER if SETTINGS[name] == "semi-cooperative"])
     if not runs:
         section.blocks.append(not_measured("O-LoRA, merge or MoE"))
         return section

@@ -141,7 +141,8 @@ def run_merge_adapter(step: Step, ctx: StudyContext, out: Path) -> None:
 
 
 def run_merge(step: Step, ctx: StudyContext, out: Path) -> None:
-    """The one-round models (or adapters) of every task merged into one model, streamed to `out`."""
+    """Models (or adapters) merged into one model, streamed to `out`: every task's one-round model (merge), or the
+    running model and the next one (continual merging)."""
     from knowstack.combine.merge import merge_models
     from knowstack.combine.merge_methods import MergeOptions
 
@@ -158,6 +159,7 @@ def run_merge(step: Step, ctx: StudyContext, out: Path) -> None:
                              lam=options.get("lambda", defaults.lam),
                              lora_space=options.get("lora_space", defaults.lora_space)),
         seed=options.get("seed", 0),
+        weights=params.get("weights"),  # continual merging: the running model weighs as the models it holds
     )
 
 

@@ -29,7 +29,7 @@ class Method:
     """name: its key under `methods:` (and the results' `method` column); field: MethodsConfig's attribute;
     setting: the cooperative setting it is open to (semi: contributors share models; full: their data too);
     plan(builder, section): adds its steps and evaluations, for every finetune / variant and sweep point, at the
-    builder's seed; compose: the registry compose methods it provides."""
+    builder's seed; compose: the registry compose methods it provides; section: where the report shows it."""
 
     name: str
     field: str
@@ -37,3 +37,6 @@ class Method:
     plan: Callable[[PlanBuilder, Any], None]
     summary: str
     compose: tuple[ComposeVariant, ...] = ()
+    # the report's section that shows it (report/runs.py SETTINGS): one-round, sequential, semi-cooperative or
+    # fully cooperative
+    section: str = "semi-cooperative"

@@ -34,4 +34,4 @@ def compose_section(options: Any, kinds: list[str]) -> dict[str, Any]:
 
 METHOD = Method("joint", "joint", "full", plan, "one training on all the data at once",
                 (ComposeVariant("joint", "one training on all the data at once", needs_data=True,
-                                knobs=(*TRAIN_KNOBS, "joint_sampling"), section=compose_section),))
+                                knobs=(*TRAIN_KNOBS, "joint_sampling"), section=compose_section),), section="fully cooperative")

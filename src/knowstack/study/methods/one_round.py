@@ -27,4 +27,4 @@ def plan(builder: PlanBuilder, section: MethodConfig) -> None:
                 add_one_round(builder, finetune)
 
 
-METHOD = Method("one-round", "one_round", "semi", plan, "each task's own fine-tune of the base")
+METHOD = Method("one-round", "one_round", "semi", plan, "each task's own fine-tune of the base", section="one-round")

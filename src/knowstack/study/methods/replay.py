@@ -41,4 +41,4 @@ def compose_section(options: Any, kinds: list[str]) -> dict[str, Any]:
 
 METHOD = Method("replay", "replay", "full", plan, "sequential, replaying a fraction of every earlier task",
                 (ComposeVariant("replay", "sequential, replaying a fraction of every earlier task", needs_data=True,
-                                knobs=(*TRAIN_KNOBS, "replay_fraction"), section=compose_section),))
+                                knobs=(*TRAIN_KNOBS, "replay_fraction"), section=compose_section),), section="fully cooperative")

@@ -38,4 +38,4 @@ TRAIN_KNOBS = ("finetune", "lr", "epochs", "train_batch_size", "micro_batch_size
                "lora_alpha", "seed")
 METHOD = Method("sequential", "sequential", "semi", plan, "each task in turn, from the last round's model",
                 (ComposeVariant("sequential", "train on each contribution's data in turn", needs_data=True,
-                                knobs=TRAIN_KNOBS, section=training_section),))
+                                knobs=TRAIN_KNOBS, section=training_section),), section="sequential")
