@@ -40,6 +40,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from knowstack.combine.streaming import SafetensorsReader
 
 TORCH_PIN = "torch==2.13.0"
+MERGEKIT_PIN = "mergekit==0.1.5"  # the version the oracle tests (tests/test_merge_oracle.py) compare with
 DEFAULT_VENV = Path.home() / ".cache" / "knowstack" / "mergekit-venv"
 KNOWSTACK = Path(sys.executable).with_name("knowstack")
 
@@ -53,7 +54,7 @@ def ensure_mergekit(venv: Path) -> Path | None:
     print(f"creating mergekit's venv in {venv} (torch pinned first, then mergekit) ...", file=sys.stderr)
     steps = [[sys.executable, "-m", "venv", str(venv)],
              [str(venv / "bin" / "pip"), "install", "--quiet", TORCH_PIN],
-             [str(venv / "bin" / "pip"), "install", "--quiet", "mergekit"]]
+             [str(venv / "bin" / "pip"), "install", "--quiet", MERGEKIT_PIN]]
     for command in steps:
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:

@@ -1,11 +1,14 @@
 """Merging: the one-round models (FFT) or adapters (LoRA) of every task into one model, with no data, once per
-merge method (average, task-average, TIES, DARE, TIES-DARE; combine/merge_methods.py)."""
+merge method (average, task-average, TIES, DARE, TIES-DARE, task arithmetic, breadcrumbs, DELLA, SLERP, ...;
+combine/merges/, one module per method, each declaring the settings it reads)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from knowstack.config import MERGE_METHOD_OPTIONS, MergeConfig
+from knowstack.combine.merges import MERGE_METHOD_OPTIONS, METHODS, MergeOptions
+from knowstack.config import MergeConfig
+from knowstack.errors import KnowstackError
 from knowstack.study.graph import ModelRef, Point, step_ref
 from knowstack.study.methods.base import ComposeVariant, Method
 
@@ -17,7 +20,10 @@ def add_merge(builder: PlanBuilder, finetune: str, method: str, merge: MergeConf
     """The one-round train steps are the one-round method's own, so they run once."""
     inputs = [builder.one_round_input(task, finetune) for task in builder.tasks]
     seed = builder.seed if merge.seed is None else merge.seed
-    settings = {"density": merge.density, "drop_rate": merge.drop_rate, "lambda": merge.lam, "seed": seed}
+    settings = {"density": merge.density, "drop_rate": merge.drop_rate, "lambda": merge.lam, "seed": seed,
+                "t": merge.t, "gamma": merge.gamma, "epsilon": merge.epsilon, "max_iter": merge.max_iter,
+                "tol": merge.tol}
+    _check(method, len(builder.merge_with) + len(inputs), merge)
     params = {
         "method": method,
         "finetune": finetune,
@@ -35,6 +41,20 @@ def add_merge(builder: PlanBuilder, finetune: str, method: str, merge: MergeConf
     builder.evaluate(ModelRef(step_ref(step)), f"merge-{method}-{finetune}", "merge", finetune, None, trained_on)
 
 
+def _check(method: str, models: int, merge: MergeConfig) -> None:
+    """The method's own checks (how many models it merges, options it cannot run with) at plan time, before any
+    step runs, naming the config field."""
+    options = MergeOptions(**{name: getattr(merge, name) for name in ("density", "drop_rate", "lam", "t", "gamma",
+                                                                       "epsilon", "max_iter", "tol")})
+    try:
+        METHODS[method].check_inputs(models)
+        METHODS[method].check_options(options)
+    except KnowstackError as error:  # the same problem, named by the study config's field
+        message = str(error).removeprefix(f"field '{error.field}': ")
+        field = "methods" if error.field in ("models", "weights") else error.field
+        raise KnowstackError(f"{message} (this study merges {models} models)", field=f"methods.merge.{field}") from None
+
+
 def plan(builder: PlanBuilder, section: MergeConfig) -> None:
     for finetune in section.finetune:
         for method in section.methods_for(finetune):
@@ -50,19 +70,22 @@ def plan(builder: PlanBuilder, section: MergeConfig) -> None:
                     add_merge(builder, finetune, method, merge)
 
 
-def _variant(method: str, summary: str) -> ComposeVariant:
-    def section(options: Any, kinds: list[str]) -> dict[str, Any]:
+_CONFIG_NAMES = {"lambda": "lam"}  # the config's field for a compose option of another name
+
+
+def _variant(method: str) -> ComposeVariant:
+    """The registry compose method merge-METHOD: the flat compose options it reads are the method's own."""
+    options = tuple(option for option in MERGE_METHOD_OPTIONS[method] if option != "seed")
+
+    def section(given: Any, kinds: list[str]) -> dict[str, Any]:
         return {"finetune": ["lora" if set(kinds) == {"adapter"} else "fft"], "methods": [method],
-                "density": options.density, "drop_rate": options.drop_rate, "lambda": options.lam}
+                "density": given.density, "drop_rate": given.drop_rate, "lambda": given.lam,
+                **{option: getattr(given, _CONFIG_NAMES.get(option, option)) for option in options}}
 
-    knobs = tuple("lam" if option == "lambda" else option for option in MERGE_METHOD_OPTIONS[method])
-    return ComposeVariant(f"merge-{method}", summary, kinds=("adapter", "model"), knobs=knobs, section=section)
+    knobs = tuple(_CONFIG_NAMES.get(option, option) for option in MERGE_METHOD_OPTIONS[method])
+    return ComposeVariant(f"merge-{method}", METHODS[method].summary, kinds=("adapter", "model"), knobs=knobs,
+                          section=section)
 
 
-METHOD = Method("merge", "merge", "semi", plan, "the one-round models or adapters merged into one, without data", (
-    _variant("average", "the plain average of the contributions (models and/or adapters)"),
-    _variant("task-average", "the average of the contributions' task vectors, scaled by lambda"),
-    _variant("ties", "TIES: trim each task vector, elect signs, merge the agreeing entries"),
-    _variant("dare", "DARE: drop each task vector's entries at random and rescale, then average"),
-    _variant("ties-dare", "DARE's random drop and rescale, then TIES"),
-))
+METHOD = Method("merge", "merge", "semi", plan, "the one-round models or adapters merged into one, without data",
+                tuple(_variant(name) for name in METHODS))
