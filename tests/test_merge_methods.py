@@ -188,14 +188,3 @@ def test_density_sweeps_reach_the_new_methods_that_read_it(tmp_path: Path, tiny_
     assert labels.count("breadcrumbs-fft") == 3  # its own setting and the two points
     assert labels.count("slerp-fft") == 1  # density is not SLERP's: one model
 
-
-def test_library_merge_takes_the_new_settings(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from checkpoints import perturbed
-
-    from knowstack import api
-
-    models = [perturbed(tiny_model_dir, tmp_path / f"m{i}", seed=i, scale=0.02) for i in range(2)]
-    out = api.merge("slerp", models, tmp_path / "out", t=0.3)
-    assert json.loads((out / "merge.json").read_text())["t"] == 0.3
-    with pytest.raises(KnowstackError, match="unknown merge option 'beta'"):
-        api.merge("slerp", models, tmp_path / "bad", beta=0.3)

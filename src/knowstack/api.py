@@ -171,14 +171,13 @@ def train(model: PathLike, data: PathLike | Sequence[tuple[str, str]], out: Path
 
 def merge(method: str, models: Sequence[PathLike], out: PathLike, *, base: PathLike | None = None,
           weights: Sequence[float] | None = None, density: float | None = None, drop_rate: float | None = None,
-          lam: float | None = None, seed: int = 0, **settings: float) -> Path:
-    """Merge model dirs and/or LoRA adapter dirs of one base, as `knowstack merge`; returns the merged model dir.
-    settings: the other methods' (t, gamma, epsilon, max_iter, tol; docs/methods.md#merge-methods)."""
+          lam: float | None = None, seed: int = 0) -> Path:
+    """Merge model dirs and/or LoRA adapter dirs of one base, as `knowstack merge`; returns the merged model dir."""
     from knowstack.combine.merge import merge_models
     from knowstack.combine.merge_methods import MergeOptions
 
-    given = {"density": density, "drop_rate": drop_rate, "lam": lam, **settings}
-    options = MergeOptions.from_settings({name: value for name, value in given.items() if value is not None})
+    given = {"density": density, "drop_rate": drop_rate, "lam": lam}
+    options = MergeOptions(**{name: value for name, value in given.items() if value is not None})
     return merge_models(method, list(models), Path(out), base=base, weights=weights, options=options, seed=seed)
 
 
