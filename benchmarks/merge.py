@@ -6,6 +6,8 @@ then runs the same merges with both tools, each as its own command-line process:
 
     linear / average   mergekit `linear` (weights 1, normalize)  vs  `knowstack merge --method average`
     TIES               mergekit `ties` (density d, weights 1)   vs  `knowstack merge --method ties`
+    and with --methods any other method mergekit has (task-arithmetic, slerp, breadcrumbs, model-stock, ...:
+    MERGEKIT_EQUIVALENTS below)
 
 and prints, per method, the largest absolute difference over every tensor, how many entries differ,
 the wall-time ratio (knowstack / mergekit, best of `--repeats`, inputs already in the page cache) and
@@ -37,9 +39,11 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from knowstack.combine.merges import MERGE_METHOD_OPTIONS, get_method
 from knowstack.modeling.streaming import SafetensorsReader
 
 TORCH_PIN = "torch==2.13.0"
+MERGEKIT_PIN = "mergekit==0.1.5"  # the version the oracle tests (tests/test_merge_oracle.py) compare with
 DEFAULT_VENV = Path.home() / ".cache" / "knowstack" / "mergekit-venv"
 KNOWSTACK = Path(sys.executable).with_name("knowstack")
 
@@ -47,20 +51,39 @@ KNOWSTACK = Path(sys.executable).with_name("knowstack")
 # --- mergekit's own environment -------------------------------------------------------------------
 def ensure_mergekit(venv: Path) -> Path | None:
     """mergekit-yaml in its own venv, created if missing; None (with the reason printed) if it cannot be."""
+    exe, problem = install_mergekit(venv)
+    if problem:
+        print(problem)
+    return exe
+
+
+# pip's words for an index it cannot reach (no network, or no PyPI behind the configured index)
+UNREACHABLE = ("NewConnectionError", "Failed to establish a new connection", "Network is unreachable",
+               "Temporary failure in name resolution", "No matching distribution found", "Could not find a version")
+
+
+def install_mergekit(venv: Path) -> tuple[Path | None, str]:
+    """(mergekit-yaml of mergekit 0.1.5 in its own venv, created or brought to the pin if needed; "") or (None,
+    why not: pip's command and output)."""
     exe = venv / "bin" / "mergekit-yaml"
-    if exe.is_file():
-        return exe
+    if exe.is_file() and _installed_version(venv) == MERGEKIT_PIN.split("==")[1]:
+        return exe, ""
     print(f"creating mergekit's venv in {venv} (torch pinned first, then mergekit) ...", file=sys.stderr)
     steps = [[sys.executable, "-m", "venv", str(venv)],
              [str(venv / "bin" / "pip"), "install", "--quiet", TORCH_PIN],
-             [str(venv / "bin" / "pip"), "install", "--quiet", "mergekit"]]
+             [str(venv / "bin" / "pip"), "install", "--quiet", MERGEKIT_PIN]]
     for command in steps:
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
-            print(f"mergekit could not be installed: `{' '.join(command)}` exited {result.returncode}:\n"
-                  f"{result.stderr.strip()[-2000:]}")
-            return None
-    return exe if exe.is_file() else None
+            return None, (f"mergekit could not be installed: `{' '.join(command)}` exited {result.returncode}:\n"
+                          f"{result.stderr.strip()[-2000:]}")
+    return (exe, "") if exe.is_file() else (None, f"pip installed {MERGEKIT_PIN} but left no {exe}")
+
+
+def _installed_version(venv: Path) -> str | None:
+    result = subprocess.run([str(venv / "bin" / "python"), "-c",
+                             "import importlib.metadata as m; print(m.version('mergekit'))"], capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else None
 
 
 # --- synthetic checkpoints ------------------------------------------------------------------------
@@ -130,16 +153,55 @@ def timed(command: list[str]) -> tuple[float, int]:
     return wall, usage.ru_maxrss * 1024
 
 
-def mergekit_config(method: str, base: Path, models: list[Path], density: float) -> str:
+# knowstack's merge methods and mergekit 0.1.5's equivalents: (mergekit's name, its global parameters). Methods left
+# out have none (dare and ties-dare: mergekit's dare_linear / dare_ties rescale to the L1 norm, not by 1/(1-p)).
+MERGEKIT_EQUIVALENTS: dict[str, tuple[str, dict]] = {
+    "average": ("linear", {"normalize": True}),
+    "task-average": ("task_arithmetic", {"normalize": True}),
+    "ties": ("ties", {"normalize": True}),
+    "task-arithmetic": ("task_arithmetic", {}),
+    "breadcrumbs": ("breadcrumbs", {}),
+    "breadcrumbs-ties": ("breadcrumbs_ties", {}),
+    "della": ("della", {}),
+    "della-linear": ("della_linear", {}),
+    "slerp": ("slerp", {}),
+    "multislerp": ("multislerp", {}),
+    "karcher": ("karcher", {}),
+    "model-stock": ("model_stock", {}),
+}
+# the ones a merge of whole checkpoints can compare (the others draw at random: tests/test_merge_oracle.py compares
+# them with the same draws, a tensor at a time)
+DETERMINISTIC = [m for m in MERGEKIT_EQUIVALENTS if not m.startswith("della")]
+# the knowstack options each mergekit method reads, per model (tensor parameters) or for the merge
+_PER_MODEL = {"density": "density", "gamma": "gamma", "epsilon": "epsilon"}
+_GLOBAL = {"lambda": "lambda", "t": "t", "max_iter": "max_iter", "tol": "tol"}
+
+
+def mergekit_config(method: str, base: Path | str, models: list[Path | str], weights: list[float] | None = None,
+                    options: dict | None = None) -> str:
+    """mergekit's YAML for knowstack's `method` on the same inputs and settings. options: knowstack's option names
+    and values (knowstack's defaults for the ones not given); weights: one per model (default 1). slerp's first
+    model is mergekit's base_model (t = 0 gives it); average and karcher take no base."""
+    from knowstack.combine.merges import MERGE_METHOD_OPTIONS, MergeOptions, get_method
+
+    name, parameters = MERGEKIT_EQUIVALENTS[method]
+    chosen = get_method(method)
+    settings = MergeOptions.from_settings(options or {})
+    read = MERGE_METHOD_OPTIONS[method]
+    weights = list(weights) if weights is not None else [1.0] * len(models)
     entries = []
-    for model in models:
-        params = {"weight": 1.0} if method == "linear" else {"weight": 1.0, "density": density}
-        entries.append({"model": str(model), "parameters": params})
-    config: dict = {"merge_method": method, "models": entries, "dtype": "float32", "out_dtype": "float32"}
-    if method == "ties":
-        config.update(base_model=str(base), parameters={"normalize": True})
-    else:
-        config["parameters"] = {"normalize": True}
+    for model, weight in zip(models, weights, strict=True):
+        params = {mk: settings.value(ours) for ours, mk in _PER_MODEL.items() if ours in read}
+        if chosen.weighted and method != "karcher":  # mergekit's karcher weighs equally and reads no weight
+            params["weight"] = weight
+        entries.append({"model": str(model), "parameters": params} if params else {"model": str(model)})
+    config: dict = {"merge_method": name, "models": entries, "dtype": "float32", "out_dtype": "float32",
+                    "parameters": {**parameters, **{mk: settings.value(ours) for ours, mk in _GLOBAL.items()
+                                                     if ours in read}}}
+    if method == "slerp":
+        config["base_model"] = str(models[0])
+    elif chosen.uses_base:
+        config["base_model"] = str(base)
     return json.dumps(config)  # JSON is YAML
 
 
@@ -175,6 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=20, help="decoder layers (20: 1.15 GB in float32)")
     parser.add_argument("--density", type=float, default=0.2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", default=["average", "ties"], choices=DETERMINISTIC,
+                        help="knowstack merge methods to compare with their mergekit equivalents (default and knowstack "
+                             "option defaults for the options the command line does not set)")
     parser.add_argument("--mergekit-venv", type=Path, default=DEFAULT_VENV)
     parser.add_argument("--workdir", type=Path, help="where checkpoints go (default: a temporary dir)")
     args = parser.parse_args(argv)
@@ -204,18 +269,22 @@ def run_benchmark(args: argparse.Namespace, mergekit: Path | None, workdir: Path
           f"torch threads {torch.get_num_threads()}")
     warm([base, *models])
 
-    runs = {
-        "linear": ([str(KNOWSTACK), "merge", "--method", "average", "--models", *map(str, models)], "linear"),
-        "ties": ([str(KNOWSTACK), "merge", "--method", "ties", "--base", str(base), "--models", *map(str, models),
-                  "--density", str(args.density)], "ties"),
-    }
+    runs = {}
+    for method in args.methods:
+        inputs = models[:2] if method == "slerp" else models
+        command = [str(KNOWSTACK), "merge", "--method", method, "--models", *map(str, inputs)]
+        if get_method(method).uses_base:
+            command += ["--base", str(base)]
+        if "density" in MERGE_METHOD_OPTIONS[method]:
+            command += ["--density", str(args.density)]
+        runs[method] = (command, inputs)
     print(f"{'method':7} {'knowstack s':>11} {'mergekit s':>10} {'ratio':>6} {'max|diff|':>10} {'differing':>14} "
           f"{'RSS/ckpt ks':>11} {'RSS/ckpt mk':>11}")
-    for label, (ours_cmd, mk_method) in runs.items():
+    for label, (ours_cmd, inputs) in runs.items():
         best = {"ks": (float("inf"), 0), "mk": (float("inf"), 0)}
         ours_out, theirs_out = workdir / f"ks-{label}", workdir / f"mk-{label}"
         mk_yaml = workdir / f"mergekit-{label}.yml"
-        mk_yaml.write_text(mergekit_config(mk_method, base, models, args.density))
+        mk_yaml.write_text(mergekit_config(label, base, inputs, options={"density": args.density}))
         for _ in range(args.repeats):
             shutil.rmtree(ours_out, ignore_errors=True)
             wall, rss = timed([*ours_cmd, "--out", str(ours_out)])

@@ -18,10 +18,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from knowstack.cli import main
-from knowstack.combine import merge_methods
 from knowstack.combine.merge import merge_models
-from knowstack.combine.merge_methods import METHODS, MergeOptions, get_method
-from knowstack.config import MERGE_METHOD_OPTIONS, MergeMethodName, parse_config
+from knowstack.combine.merges import MERGE_METHOD_OPTIONS, METHODS, MergeOptions, blocks, get_method
+from knowstack.config import MergeMethodName, parse_config
 from knowstack.errors import KnowstackError
 from knowstack.study.plan import build_plan
 
@@ -63,7 +62,7 @@ def direct_dare(taus: list[torch.Tensor], p: float, seed: int) -> list[torch.Ten
 
 
 def test_registry_matches_the_config_schema() -> None:
-    assert set(METHODS) == set(get_args(MergeMethodName)) == set(MERGE_METHOD_OPTIONS)
+    assert list(METHODS) == list(get_args(MergeMethodName)) == list(MERGE_METHOD_OPTIONS)
     for name, method in METHODS.items():
         assert ("seed" in MERGE_METHOD_OPTIONS[name]) == method.random
 
@@ -79,7 +78,7 @@ def test_ties_direct(monkeypatch: pytest.MonkeyPatch) -> None:
     taus, w = random_taus(4), [1.0, 0.5, 2.0, 1.0]
     expected = 1.3 * direct_disjoint_mean([direct_trim(t, 0.3) for t in taus], w)
     torch.testing.assert_close(run("ties", taus, w, density=0.3, lam=1.3), expected)
-    monkeypatch.setattr(merge_methods, "CHUNK", 7)  # slices that do not divide the tensor
+    monkeypatch.setattr(blocks, "CHUNK", 7)  # slices that do not divide the tensor
     torch.testing.assert_close(run("ties", taus, w, density=0.3, lam=1.3), expected)
     kept = run("ties", taus[:1], [1.0], density=0.3)
     assert int((kept != 0).sum()) == int(0.3 * taus[0].numel())  # the top 30% by magnitude, no more
@@ -157,7 +156,7 @@ def test_streamed_merge_loads_and_equals_direct(tiny_model_dir: Path, finetunes:
     assert torch.isfinite(model(torch.tensor([[1, 5, 9]])).logits).all()
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if METHODS[m].min_models == 1))
 def test_merging_one_model_gives_that_model(method: str, tiny_model_dir: Path, finetunes: list[Path],
                                             tmp_path: Path) -> None:
     out = merge_models(method, finetunes[:1], tmp_path / method, base=tiny_model_dir,
@@ -270,7 +269,12 @@ def test_bad_inputs_are_clear_errors(tiny_model_dir: Path, finetunes: list[Path]
 
     expect_error("needs the base", out, "ties", finetunes)
     expect_error("3 weights for 2 models", out, "average", finetunes[:2], weights=[1, 2, 3])
-    expect_error("unknown merge method 'slerp'", out, "slerp", finetunes)
+    expect_error("unknown merge method 'nuslerp'", out, "nuslerp", finetunes)
+    expect_error("'slerp' merges exactly 2 models, got 3", out, "slerp", finetunes)
+    expect_error("'model-stock' reads no per-model weights", out, "model-stock", finetunes, base=tiny_model_dir,
+                 weights=[1, 2, 1])
+    expect_error("density \\+- epsilon", out, "della", finetunes, base=tiny_model_dir,
+                 options=MergeOptions(density=0.1, epsilon=0.15))
     expect_error("not found", out, "average", [tmp_path / "nowhere"])
     with pytest.raises(KnowstackError, match="output dir is one of the inputs"):
         merge_models("ties", finetunes, tiny_model_dir, base=tiny_model_dir)
@@ -318,7 +322,7 @@ def study_config(tmp_path: Path, base: Path, merge: dict) -> dict:
 
 
 def test_merge_config_is_validated(tmp_path: Path, tiny_model_dir: Path) -> None:
-    raw = study_config(tmp_path, tiny_model_dir, {"methods": ["ties", "slerp"]})
+    raw = study_config(tmp_path, tiny_model_dir, {"methods": ["ties", "nuslerp"]})
     with pytest.raises(KnowstackError, match=r"field 'methods\.merge\.methods\[1\]'"):
         parse_config(raw)
     raw["methods"]["merge"] = {"density": 1.5}

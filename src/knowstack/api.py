@@ -243,16 +243,17 @@ def train(model: PathLike, data: PathLike | TaskSpec | Sequence[tuple[str, str]]
 def merge(method: str, models: Sequence[PathLike], out: PathLike, *, base: PathLike | None = None,
           weights: Sequence[float] | None = None, density: float | None = None, drop_rate: float | None = None,
           lam: float | None = None, lora_space: str | None = None, seed: int = 0, max_shard_gb: float = 5.0,
-          progress: bool = False) -> Path:
+          progress: bool = False, **settings: float) -> Path:
     """Merge model dirs and/or LoRA adapter dirs of one base, as `knowstack merge`; returns the merged model dir.
     density / drop_rate / lam default to config.py MergeConfig's; lora_space: LoRA adapters merged as deltas
     ("delta", the default) or factor by factor ("factors", PEFT's add_weighted_adapter); max_shard_gb: the
-    largest output shard; progress: a progress bar on stderr."""
+    largest output shard; progress: a progress bar on stderr; settings: the other methods' own (t for slerp, gamma
+    for breadcrumbs, epsilon for della, max_iter and tol for karcher; combine/merges/), an unknown one an error."""
     from knowstack.combine.merge import merge_models
     from knowstack.combine.merge_methods import MergeOptions
 
-    given = {"density": density, "drop_rate": drop_rate, "lam": lam, "lora_space": lora_space}
-    options = MergeOptions(**{name: value for name, value in given.items() if value is not None})
+    given = {"density": density, "drop_rate": drop_rate, "lam": lam, "lora_space": lora_space, **settings}
+    options = MergeOptions.from_settings({name: value for name, value in given.items() if value is not None})
     return merge_models(method, list(models), Path(out), base=base, weights=weights, options=options, seed=seed,
                         max_shard_bytes=int(max_shard_gb * 2**30), progress=progress)
 

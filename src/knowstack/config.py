@@ -314,17 +314,11 @@ class ReplayConfig(MethodConfig):
     fraction: float = Field(default=0.1, gt=0, le=1)
 
 
-MergeMethodName = Literal["average", "task-average", "ties", "dare", "ties-dare"]
+# The merge methods, in combine/merges/ order; each method's module declares the settings it reads (only these
+# enter its step's key, so that changing TIES' density does not redo the average). A test checks the two agree.
+MergeMethodName = Literal["average", "task-average", "ties", "dare", "ties-dare", "task-arithmetic", "breadcrumbs",
+                          "breadcrumbs-ties", "della", "della-linear", "slerp", "multislerp", "karcher", "model-stock"]
 LoraSpace = Literal["delta", "factors"]
-# The merge settings each method reads: only these are part of its step's key, so that changing
-# TIES' density does not redo the average.
-MERGE_METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
-    "average": (),
-    "task-average": ("lambda",),
-    "ties": ("density", "lambda"),
-    "dare": ("drop_rate", "lambda", "seed"),
-    "ties-dare": ("drop_rate", "lambda", "seed"),
-}
 
 
 class MergeConfig(MethodConfig):
@@ -334,7 +328,10 @@ class MergeConfig(MethodConfig):
     lora_space: the LoRA merges of the deltas s B A (delta) or of the A and B factors apart, as PEFT's
     add_weighted_adapter (factors: the paper's LoRA TIES / DARE-TIES, combine/merge_factors.py), for every
     method or per method ({ties: factors}: the others stay delta). methods may be given per finetune
-    ({fft: [average], lora: [average, ties]})."""
+    ({fft: [average], lora: [average, ties]}). The other methods' settings, with mergekit's defaults where it has
+    one: t (SLERP's position between the two models; mergekit requires it), gamma (breadcrumbs: the fraction of
+    largest-magnitude entries dropped), epsilon (DELLA: keep probabilities spread over density +- epsilon),
+    max_iter and tol (the Karcher mean's iterations). The definitions: docs/methods.md, combine/merges/."""
 
     SWEEPABLE: ClassVar[tuple[str, ...]] = ("density", "drop_rate", "lambda")
     methods: list[MergeMethodName] | dict[Finetune, list[MergeMethodName]] = Field(
@@ -342,6 +339,11 @@ class MergeConfig(MethodConfig):
     density: float = Field(default=0.2, gt=0, le=1)
     drop_rate: float = Field(default=0.9, ge=0, lt=1)
     lam: float = Field(default=1.0, gt=0, alias="lambda")
+    t: float = Field(default=0.5, ge=0, le=1)
+    gamma: float = Field(default=0.01, ge=0, lt=1)
+    epsilon: float = Field(default=0.15, ge=0, lt=0.5)
+    max_iter: int = Field(default=10, gt=0)
+    tol: float = Field(default=1e-5, gt=0)
     seed: int | None = None
     lora_space: LoraSpace | dict[MergeMethodName, LoraSpace] = "delta"
 

@@ -7,7 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from knowstack.cli.options import add_training_options, training_from_args
+from knowstack.cli.options import (
+    MERGE_ONLY_OPTIONS,
+    add_merge_options,
+    add_training_options,
+    training_from_args,
+)
 from knowstack.config import METRICS
 from knowstack.errors import KnowstackError
 
@@ -128,7 +133,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
     raise_problems(problems + [p for path in args.models for p in check_weights_dir(path)])
     out = api.merge(args.method, args.models, args.out, base=args.base, weights=args.weights, density=args.density,
                     drop_rate=args.drop_rate, lam=args.lam, lora_space=args.lora_space, seed=args.seed,
-                    max_shard_gb=args.max_shard_gb, progress=True)
+                    max_shard_gb=args.max_shard_gb, progress=True,
+                    **{name: getattr(args, name) for name in MERGE_ONLY_OPTIONS if getattr(args, name) is not None})
     print(f"merged model: {out}")
 
 
@@ -247,7 +253,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--drop-rate", type=float,
                    help=f"dare, ties-dare: probability of dropping (default {merge.drop_rate})")
     p.add_argument("--lambda", dest="lam", type=float, help=f"scale of the merged task vector (default {merge.lam})")
-    p.add_argument("--seed", type=int, default=0, help="dare, ties-dare: the random drops")
+    add_merge_options(p)
+    p.add_argument("--seed", type=int, default=0, help="dare, ties-dare, della: the random drops")
     p.add_argument("--lora-space", choices=("delta", "factors"),
                    help="LoRA adapters: merge their deltas s*B@A (delta, the default) or their A and B apart as PEFT's "
                         "add_weighted_adapter does (factors: the paper's LoRA TIES / DARE-TIES; weights are PEFT's, "

@@ -114,3 +114,17 @@ def training_from_args(args: argparse.Namespace, **fixed: Any):  # -> TrainingCo
     given = {k: v for k, v in given_options(args, TrainingConfig).items() if k in TRAINING_OPTIONS}
     return model_from_args(TrainingConfig, {**given, **{k: v for k, v in fixed.items() if v is not None}, "lora": lora})
 
+
+
+# The settings of the merge methods beyond TIES and DARE (`knowstack merge` and `compose`), with MergeConfig's
+# defaults and checks.
+MERGE_ONLY_OPTIONS = ("t", "gamma", "epsilon", "max_iter", "tol")
+MERGE_HELP = {"t": "slerp: the position between the two models", "gamma": "breadcrumbs: fraction of the "
+              "largest-magnitude entries dropped", "epsilon": "della: keep probabilities spread over density +- "
+              "epsilon", "max_iter": "karcher: iterations", "tol": "karcher: convergence tolerance"}
+
+
+def add_merge_options(parser: Any) -> None:
+    from knowstack.config import MergeConfig
+
+    add_model_options(parser, MergeConfig, only=MERGE_ONLY_OPTIONS, helps=MERGE_HELP)

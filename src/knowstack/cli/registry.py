@@ -10,6 +10,7 @@ from typing import Any
 from knowstack.cli.common import console
 from knowstack.cli.common import percent as _percent  # the names _add_compose_args uses
 from knowstack.cli.common import points as _points
+from knowstack.cli.options import add_merge_options
 from knowstack.config import METRICS
 from knowstack.errors import KnowstackError
 
@@ -180,6 +181,7 @@ def _add_compose_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--density", type=float, help=f"TIES: fraction of each task vector kept (default {d.density})")
     g.add_argument("--drop-rate", type=float, help=f"DARE: drop probability (default {d.drop_rate})")
     g.add_argument("--lambda", dest="lam", type=float, help=f"scale of the merged task vector (default {d.lam})")
+    add_merge_options(g)
     g = p.add_argument_group("moe-* options")
     g.add_argument("--top-k", type=int, help=f"experts per token (default {d.top_k})")
     g.add_argument("--router", choices=["prompts", "random", "uniform", "base-biased", "none"],

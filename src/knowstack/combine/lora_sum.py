@@ -1,10 +1,10 @@
 """A linear merge of LoRA adapters as one PEFT LoRA adapter, exactly.
 
-An average (or task average) of LoRA deltas is sum_i c_i s_i B_i A_i, with c_i the normalised weight (times
-lambda) and s_i adapter i's scale. That is itself a LoRA of rank sum_i r_i: A = [A_1; ...; A_n] (rows stacked)
+A linear merge (average, task average, task arithmetic) of LoRA deltas is sum_i c_i s_i B_i A_i, with c_i the
+coefficient the method declares (its normalised weight, times lambda for the task merges) and s_i adapter i's scale. That is itself a LoRA of rank sum_i r_i: A = [A_1; ...; A_n] (rows stacked)
 and B = [c_1 s_1 B_1, ..., c_n s_n B_n] (columns side by side), at scale 1 (lora_alpha = r). So the merge can
 be kept as a small adapter beside the full model, loaded by PEFT onto the base, and equal to the full model
-up to float rounding. TIES and DARE trim or drop entries of the full deltas, which are no longer low rank:
+up to float rounding. TIES, DARE and the other nonlinear merges trim or drop entries of the full deltas, which are no longer low rank:
 they have no exact adapter, and none is written.
 """
 
@@ -18,25 +18,22 @@ from safetensors.torch import save_file
 
 from knowstack.atomic import atomic_write_json
 from knowstack.combine.inputs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter
+from knowstack.combine.merges import MergeMethod
 
-EXACT_METHODS = ("average", "task-average")
 ADAPTER_DIR = "adapter"
 
 
-def representable(method: str, inputs: Sequence[object]) -> bool:
-    """Whether the merge is exactly a LoRA adapter: a linear method, on LoRA adapters alike in layout."""
+def representable(method: MergeMethod, inputs: Sequence[object]) -> bool:
+    """Whether the merge is exactly a LoRA adapter: a linear method (one that declares its coefficients), on LoRA
+    adapters alike in layout."""
     adapters = [m for m in inputs if isinstance(m, LoraAdapter)]
-    return (method in EXACT_METHODS and len(adapters) == len(inputs) > 0
+    return (method.coefficients is not None and len(adapters) == len(inputs) > 0
             and len({bool(a.config.get("fan_in_fan_out")) for a in adapters}) == 1)
 
 
-def write_sum_adapter(folder: Path, method: str, adapters: Sequence[LoraAdapter], weights: torch.Tensor,
-                      lam: float, base: str) -> Path:
-    """The merged adapter (adapter_config.json + adapter_model.safetensors) in `folder`, which is inside the
-    merge's temporary output dir (so it appears whole or not at all)."""
-    factors = (weights / weights.sum()).tolist()
-    if method == "task-average":
-        factors = [lam * f for f in factors]
+def write_sum_adapter(folder: Path, factors: Sequence[float], adapters: Sequence[LoraAdapter], base: str) -> Path:
+    """The merged adapter sum_i factors_i s_i B_i A_i (adapter_config.json + adapter_model.safetensors) in `folder`,
+    which is inside the merge's temporary output dir (so it appears whole or not at all)."""
     modules = sorted({name for adapter in adapters for name in adapter.modules})
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}

@@ -24,7 +24,7 @@ from knowstack.atomic import atomic_dir, atomic_write_json
 from knowstack.combine.inputs import FullModel, LoraAdapter, config_differences, open_input, read_json
 from knowstack.combine.lora_sum import ADAPTER_DIR, representable, save_adapter, write_sum_adapter
 from knowstack.combine.merge_factors import get_factor_method, merge_lora_factors
-from knowstack.combine.merge_methods import MergeMethod, MergeOptions, get_method
+from knowstack.combine.merges import MergeMethod, MergeOptions, get_method
 from knowstack.errors import KnowstackError
 from knowstack.modeling.streaming import ShardedWriter
 
@@ -61,6 +61,8 @@ def merge_models(
         full = next((m for m in inputs if not isinstance(m, LoraAdapter)), None)
         if full is not None:
             raise KnowstackError("lora_space 'factors' merges LoRA adapters only; this is a full model", path=full.path)
+    chosen.check_inputs(len(inputs), weights)
+    chosen.check_options(options)
     weight_tensor = _weights(weights, len(inputs))
     in_delta_space = chosen.uses_base or factors or any(isinstance(m, LoraAdapter) for m in inputs)
     if in_delta_space and base is None:
@@ -80,11 +82,13 @@ def merge_models(
         _write_merged(tmp, chosen, reference, base_model if in_delta_space else None, inputs, weight_tensor,
                       options, seed, max_shard_bytes, progress, merged_factors)
         _copy_model_files(reference.path, tmp)
-        adapter = factors or representable(method, inputs)
+        adapter = factors or representable(chosen, inputs)
         if merged_factors is not None:
             write_factor_adapter(tmp / ADAPTER_DIR, merged_factors, inputs, str(base))
         elif adapter:
-            write_sum_adapter(tmp / ADAPTER_DIR, method, inputs, weight_tensor, options.lam, str(base))
+            assert chosen.coefficients is not None
+            write_sum_adapter(tmp / ADAPTER_DIR, chosen.coefficients(weight_tensor.tolist(), options), inputs,
+                              str(base))
         record = {
             "method": method, "base": str(base) if base is not None else None,
             "models": [str(m.path) for m in inputs], "kinds": [m.kind for m in inputs],
@@ -92,6 +96,8 @@ def merge_models(
             "lambda": options.lam, "seed": seed, "adapter": ADAPTER_DIR if adapter else None,
             "lora_space": options.lora_space if any(isinstance(m, LoraAdapter) for m in inputs) else None,
         }
+        # the settings of the other methods, where this method reads them
+        record.update({name: options.value(name) for name in chosen.options if name not in (*record, "seed")})
         atomic_write_json(tmp / MERGE_FILE, record)
         _write_cards(tmp, method, base, [m.path for m in inputs], record)
     return out
@@ -168,6 +174,10 @@ def _merge_deltas(method: MergeMethod, name: str, base: FullModel, inputs: list[
     if all(d is None for d in deltas):
         return base_tensor  # no adapter touches this weight
     taus = [d if d is not None else torch.zeros_like(base_tensor) for d in deltas]
+    if not method.uses_base and method.coefficients is None:
+        # a nonlinear method of the full weights (slerp, karcher): each input's own weight, the base's plus its delta
+        return method.fn([tau.add_(base_tensor) for tau in taus], weights, options,
+                         _generator(seed, name) if method.random else None)
     merged = method.fn(taus, weights, options, _generator(seed, name) if method.random else None)
     return merged.add_(base_tensor)
 

@@ -1,7 +1,7 @@
 """LoRA adapters merged in factor space, as PEFT's `add_weighted_adapter` does it (the paper's LoRA TIES and
 DARE-TIES: RhuiDih/cl, model_merge_seq_ties.py, weights 1.0 each, density 0.2).
 
-The default (`lora_space: delta`, merge_methods.py) merges each adapter's delta tau_i = s_i B_i A_i. PEFT instead
+The default (`lora_space: delta`, merges/) merges each adapter's delta tau_i = s_i B_i A_i. PEFT instead
 merges the A matrices among themselves and the B matrices among themselves, and the merged adapter is B' A' at
 scale 1. For adapter i with weight w_i and scale s_i (alpha / r), c_i = w_i s_i, and each factor is weighted by
 sqrt(|c_i|) (A carries the sign of c_i):
@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from knowstack.combine.merge_methods import MergeOptions, drop_and_rescale, trim_by_magnitude
+from knowstack.combine.merges import MergeOptions
+from knowstack.combine.merges.blocks import drop_and_rescale, trim_by_magnitude
 from knowstack.errors import KnowstackError
 
 LORA_SPACES = ("delta", "factors")

@@ -78,6 +78,11 @@ class ComposeOptions:
     density: float = _MERGE.density
     drop_rate: float = _MERGE.drop_rate
     lam: float = _MERGE.lam
+    t: float = _MERGE.t  # slerp
+    gamma: float = _MERGE.gamma  # breadcrumbs
+    epsilon: float = _MERGE.epsilon  # della
+    max_iter: int = _MERGE.max_iter  # karcher
+    tol: float = _MERGE.tol
     # MoE: experts per token, router init, and optional router-only training (0 steps: none)
     top_k: int = _MOE.top_k
     router: str = _MOE.router

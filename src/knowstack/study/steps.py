@@ -144,20 +144,16 @@ def run_merge(step: Step, ctx: StudyContext, out: Path) -> None:
     """Models (or adapters) merged into one model, streamed to `out`: every task's one-round model (merge), or the
     running model and the next one (continual merging)."""
     from knowstack.combine.merge import merge_models
-    from knowstack.combine.merge_methods import MergeOptions
+    from knowstack.combine.merges import MergeOptions
 
     params = step.params
     options = params["options"]
-    defaults = MergeOptions()
     merge_models(
         params["method"],
         [ctx.resolve(ref) for ref in params["models"]],
         out,
         base=_local_model_dir(ctx.resolve(params["base"]["model"])),
-        options=MergeOptions(density=options.get("density", defaults.density),
-                             drop_rate=options.get("drop_rate", defaults.drop_rate),
-                             lam=options.get("lambda", defaults.lam),
-                             lora_space=options.get("lora_space", defaults.lora_space)),
+        options=MergeOptions.from_settings(options),  # the settings the method reads; the rest keep their defaults
         seed=options.get("seed", 0),
         weights=params.get("weights"),  # continual merging: the running model weighs as the models it holds
     )

@@ -4,11 +4,12 @@ one-round model itself."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from knowstack.config import MERGE_METHOD_OPTIONS, ContinualMergeConfig
-from knowstack.study.graph import ModelRef, Point, step_ref
-from knowstack.study.methods.base import ComposeVariant, Method
+from knowstack.config import ContinualMergeConfig
+from knowstack.study.graph import ModelRef, step_ref
+from knowstack.study.methods.base import Method
+from knowstack.study.methods.merge import check_merge, compose_variant, each_merge, step_options
 
 if TYPE_CHECKING:
     from knowstack.study.plan import PlanBuilder
@@ -17,9 +18,8 @@ NAME = "continual-merge"
 
 
 def add_continual_merge(builder: PlanBuilder, finetune: str, method: str, merge: ContinualMergeConfig) -> None:
-    seed = builder.seed if merge.seed is None else merge.seed
-    settings = {"density": merge.density, "drop_rate": merge.drop_rate, "lambda": merge.lam, "seed": seed}
-    options = {name: settings[name] for name in MERGE_METHOD_OPTIONS[method]}
+    check_merge(method, 2, merge, f"methods.{NAME}")
+    options = step_options(builder, method, merge)
     # the running model and how many models it holds (a compose --from starts from the released version, as one)
     running, held = (builder.merge_with[0], 1) if builder.merge_with else (None, 0)
     running_deps: tuple[str, ...] = ()
@@ -45,29 +45,11 @@ def add_continual_merge(builder: PlanBuilder, finetune: str, method: str, merge:
 
 
 def plan(builder: PlanBuilder, section: ContinualMergeConfig) -> None:
-    for finetune in section.finetune:
-        for method in section.methods_for(finetune):
-            seen: list[Point] = []
-            for point in builder.points_of(section, finetune):
-                point = Point.of({k: v for k, v in point.values if k in MERGE_METHOD_OPTIONS[method]})
-                if point in seen:
-                    continue
-                seen.append(point)
-                merge = section.model_copy(update={("lam" if k == "lambda" else k): v for k, v in point.values})
-                with builder.at(point, field_name=f"methods.{NAME}", trains=False):
-                    add_continual_merge(builder, finetune, method, merge)
-
-
-def _variant(method: str) -> ComposeVariant:
-    def section(options: Any, kinds: list[str]) -> dict[str, Any]:
-        return {"finetune": ["lora" if set(kinds) == {"adapter"} else "fft"], "methods": [method],
-                "density": options.density, "drop_rate": options.drop_rate, "lambda": options.lam}
-
-    knobs = tuple("lam" if option == "lambda" else option for option in MERGE_METHOD_OPTIONS[method])
-    return ComposeVariant(f"{NAME}-{method}", f"merge the contributions one at a time into the running model "
-                          f"({method}, each weighted as the tasks it holds)", kinds=("adapter", "model"),
-                          knobs=knobs, section=section)
+    for finetune, method, merge in each_merge(builder, section, f"methods.{NAME}"):
+        add_continual_merge(builder, finetune, method, merge)
 
 
 METHOD = Method(NAME, "continual_merge", "semi", plan, "the running model merges each task's model in turn",
-                tuple(_variant(m) for m in ("average", "ties")), section="semi-cooperative")
+                tuple(compose_variant(f"{NAME}-{method}", method, f"merge the contributions one at a time into the "
+                                      f"running model ({method}, each weighted as the models it holds)")
+                      for method in ("average", "ties")))

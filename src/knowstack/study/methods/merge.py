@@ -1,11 +1,15 @@
 """Merging: the one-round models (FFT) or adapters (LoRA) of every task into one model, with no data, once per
-merge method (average, task-average, TIES, DARE, TIES-DARE; combine/merge_methods.py)."""
+merge method (average, task-average, TIES, DARE, TIES-DARE, task arithmetic, breadcrumbs, DELLA, SLERP, ...;
+combine/merges/, one module per method, each declaring the settings it reads)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from knowstack.config import MERGE_METHOD_OPTIONS, MergeConfig
+from knowstack.combine.merges import MERGE_METHOD_OPTIONS, METHODS, MergeOptions
+from knowstack.config import MergeConfig
+from knowstack.errors import KnowstackError
 from knowstack.study.graph import ModelRef, Point, step_ref
 from knowstack.study.methods.base import ComposeVariant, Method
 
@@ -16,14 +20,13 @@ if TYPE_CHECKING:
 def add_merge(builder: PlanBuilder, finetune: str, method: str, merge: MergeConfig) -> None:
     """The one-round train steps are the one-round method's own, so they run once."""
     inputs = [builder.one_round_input(task, finetune) for task in builder.tasks]
-    seed = builder.seed if merge.seed is None else merge.seed
-    settings = {"density": merge.density, "drop_rate": merge.drop_rate, "lambda": merge.lam, "seed": seed}
+    check_merge(method, len(builder.merge_with) + len(inputs), merge)
     params = {
         "method": method,
         "finetune": finetune,
         "base": builder.base.to_dict(),
         "models": [*builder.merge_with, *(ref for ref, _ in inputs)],
-        "options": {name: settings[name] for name in MERGE_METHOD_OPTIONS[method]},
+        "options": step_options(builder, method, merge),
     }
     if finetune == "lora" and merge.lora_space_of(method) != "delta":
         # only where it is set: the key of a delta-space merge stays what it was before factors existed
@@ -35,7 +38,34 @@ def add_merge(builder: PlanBuilder, finetune: str, method: str, merge: MergeConf
     builder.evaluate(ModelRef(step_ref(step)), f"merge-{method}-{finetune}", "merge", finetune, None, trained_on)
 
 
-def plan(builder: PlanBuilder, section: MergeConfig) -> None:
+def step_options(builder: PlanBuilder, method: str, merge: MergeConfig) -> dict[str, Any]:
+    """The settings a merge step of `method` is made with: only those the method reads, so that changing TIES'
+    density does not redo the average."""
+    seed = builder.seed if merge.seed is None else merge.seed
+    settings = {"density": merge.density, "drop_rate": merge.drop_rate, "lambda": merge.lam, "seed": seed,
+                "t": merge.t, "gamma": merge.gamma, "epsilon": merge.epsilon, "max_iter": merge.max_iter,
+                "tol": merge.tol}
+    return {name: settings[name] for name in MERGE_METHOD_OPTIONS[method]}
+
+
+def check_merge(method: str, models: int, merge: MergeConfig, field: str = "methods.merge") -> None:
+    """The method's own checks (how many models it merges, options it cannot run with) at plan time, before any
+    step runs, naming the config field."""
+    options = MergeOptions(**{name: getattr(merge, name) for name in ("density", "drop_rate", "lam", "t", "gamma",
+                                                                       "epsilon", "max_iter", "tol")})
+    try:
+        METHODS[method].check_inputs(models)
+        METHODS[method].check_options(options)
+    except KnowstackError as error:  # the same problem, named by the study config's field
+        prefix = field
+        message = str(error).removeprefix(f"field '{error.field}': ")
+        field = "methods" if error.field in ("models", "weights") else error.field
+        raise KnowstackError(f"{message} (this study merges {models} models)", field=f"{prefix}.{field}") from None
+
+
+def each_merge(builder: PlanBuilder, section: MergeConfig, field_name: str) -> Iterator[tuple[str, str, MergeConfig]]:
+    """(finetune, merge method, its settings at a sweep point) for every merge the section asks for, inside the
+    builder's context of that point."""
     for finetune in section.finetune:
         for method in section.methods_for(finetune):
             # a point changing only what this merge method does not read would be the same model again
@@ -46,23 +76,29 @@ def plan(builder: PlanBuilder, section: MergeConfig) -> None:
                     continue
                 seen.append(point)
                 merge = section.model_copy(update={("lam" if k == "lambda" else k): v for k, v in point.values})
-                with builder.at(point, field_name="methods.merge", trains=False):
-                    add_merge(builder, finetune, method, merge)
+                with builder.at(point, field_name=field_name, trains=False):
+                    yield finetune, method, merge
 
 
-def _variant(method: str, summary: str) -> ComposeVariant:
-    def section(options: Any, kinds: list[str]) -> dict[str, Any]:
+def plan(builder: PlanBuilder, section: MergeConfig) -> None:
+    for finetune, method, merge in each_merge(builder, section, "methods.merge"):
+        add_merge(builder, finetune, method, merge)
+
+
+_CONFIG_NAMES = {"lambda": "lam"}  # the config's field for a compose option of another name
+
+
+def compose_variant(name: str, method: str, summary: str) -> ComposeVariant:
+    """A registry compose method running `method`: the flat compose options it reads are the method's own."""
+    options = tuple(option for option in MERGE_METHOD_OPTIONS[method] if option != "seed")
+
+    def section(given: Any, kinds: list[str]) -> dict[str, Any]:
         return {"finetune": ["lora" if set(kinds) == {"adapter"} else "fft"], "methods": [method],
-                "density": options.density, "drop_rate": options.drop_rate, "lambda": options.lam}
+                **{option: getattr(given, _CONFIG_NAMES.get(option, option)) for option in options}}
 
-    knobs = tuple("lam" if option == "lambda" else option for option in MERGE_METHOD_OPTIONS[method])
-    return ComposeVariant(f"merge-{method}", summary, kinds=("adapter", "model"), knobs=knobs, section=section)
+    knobs = tuple(_CONFIG_NAMES.get(option, option) for option in MERGE_METHOD_OPTIONS[method])
+    return ComposeVariant(name, summary, kinds=("adapter", "model"), knobs=knobs, section=section)
 
 
-METHOD = Method("merge", "merge", "semi", plan, "the one-round models or adapters merged into one, without data", (
-    _variant("average", "the plain average of the contributions (models and/or adapters)"),
-    _variant("task-average", "the average of the contributions' task vectors, scaled by lambda"),
-    _variant("ties", "TIES: trim each task vector, elect signs, merge the agreeing entries"),
-    _variant("dare", "DARE: drop each task vector's entries at random and rescale, then average"),
-    _variant("ties-dare", "DARE's random drop and rescale, then TIES"),
-))
+METHOD = Method("merge", "merge", "semi", plan, "the one-round models or adapters merged into one, without data",
+                tuple(compose_variant(f"merge-{name}", name, METHODS[name].summary) for name in METHODS))
