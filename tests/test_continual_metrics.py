@@ -105,3 +105,16 @@ def test_maximum_of_keeps_replicates_only_when_all_have_them() -> None:
     assert float(best) == 0.6 and list(best.draws) == [0.65, 0.7]
     plain = maximum_of([a, 0.55])
     assert plain == 0.55 and interval_of(plain) is None
+
+
+def test_report_shows_fwt_and_forgetting_beside_bwt() -> None:
+    from knowstack.report.build import build_report, render_report
+
+    text = render_report(rows(BASE, R), title="t", task_order=TASKS)
+    lines = text.splitlines()
+    assert next(line for line in lines if line.startswith("| FWT")) == "| FWT | — | +0.0500 | +0.1000 |  |"
+    assert next(line for line in lines if line.startswith("| forgetting")) == "| forgetting | +0.2000 | +0.2000 | — |  |"
+    continual = next(b for s in build_report(rows(BASE, R), title="t", task_order=TASKS) for b in s.walk()
+                     if getattr(b, "key", "") == "continual")
+    row = continual.rows[0]
+    assert row.label == "sequential LoRA" and row.cells[2] == pytest.approx(0.075) and row.cells[3] == pytest.approx(0.2)

@@ -83,6 +83,34 @@ def test_report_and_artifacts(finished_study: Path) -> None:
     assert not list(artifacts.glob(".*tmp*"))  # nothing half-written left behind
 
 
+def test_costs_of_every_model_along_its_lineage(finished_study: Path) -> None:
+    """costs.csv: one row per model, each stage of a sequential run counting its rounds and merges so far, and the
+    report's cost table reading it."""
+    costs = {r["model"]: r for r in read_rows(finished_study / "costs.csv")}
+    results = {r["model"] for r in read_rows(finished_study / "results.csv")}
+    assert set(costs) == results
+    assert costs["base"]["steps"] == "0" and costs["base"]["disk_bytes"] == ""
+    one_round = costs["one-round-lora-stance"]
+    assert one_round["steps"] == "1" and float(one_round["seconds"]) > 0 and int(one_round["disk_bytes"]) > 0
+    assert one_round["peak_gpu_bytes"] == ""  # CPU only: no GPU was used
+    assert int(one_round["peak_host_bytes"]) > 10 * 2**20 and one_round["peak_host_scope"] == "step"
+    for finetune in ("fft", "lora"):
+        stages = [costs[f"sequential-{finetune}-{s}"] for s in range(1, 8)]
+        # LoRA: a train and a merge of its adapter per round; FFT: a train per round
+        per_round = 2 if finetune == "lora" else 1
+        assert [int(c["steps"]) for c in stages] == [per_round * s for s in range(1, 8)]
+        examples = [int(c["examples"]) for c in stages]
+        seconds = [float(c["seconds"]) for c in stages]
+        assert all(b > a for a, b in zip(examples, examples[1:], strict=False))
+        assert all(b > a for a, b in zip(seconds, seconds[1:], strict=False))
+    # round 1 of sequential LoRA is the one-round LoRA model of the first task: the same training
+    assert costs["sequential-lora-1"]["examples"] == one_round["examples"]
+    report = (finished_study / "report.md").read_text()
+    cost_lines = [line for line in report.splitlines() if line.startswith("| sequential LoRA | sequential/lora |")]
+    assert cost_lines and "not measured" not in cost_lines[-1]
+    assert (finished_study / "tables" / "cost.csv").is_file() and (finished_study / "tables" / "continual.csv").is_file()
+
+
 def test_rerun_skips_everything(finished_study: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = (finished_study / "results.csv").read_text()
     assert main(["study", str(finished_study / "config.yaml"), "--out", str(finished_study)]) == 0
