@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,6 +111,26 @@ def test_costs_of_every_model_along_its_lineage(finished_study: Path) -> None:
     cost_lines = [line for line in report.splitlines() if line.startswith("| sequential LoRA | sequential/lora |")]
     assert cost_lines and "not measured" not in cost_lines[-1]
     assert (finished_study / "tables" / "cost.csv").is_file() and (finished_study / "tables" / "continual.csv").is_file()
+
+
+def test_a_study_made_before_costs_were_recorded_reports_them_not_measured(finished_study: Path,
+                                                                        tmp_path: Path) -> None:
+    """Artifacts of an older knowstack have no cost in step.json and no peaks in train_summary.json: the report says
+    'not measured' for what is missing and still shows what is there (training seconds, examples)."""
+    old = tmp_path / "old"
+    shutil.copytree(finished_study, old)
+    for path in (old / "artifacts").rglob("step.json"):
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "cost"}))
+    for path in (old / "artifacts").rglob("train_summary.json"):
+        summary = json.loads(path.read_text())
+        path.write_text(json.dumps({k: v for k, v in summary.items() if not k.startswith("peak_")}))
+    (old / "costs.csv").unlink()
+    assert main(["report", str(old)]) == 0
+    line = [line for line in (old / "report.md").read_text().splitlines()  # the continual table's, then the cost's
+            if line.startswith("| sequential LoRA | sequential/lora |")][-1]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[2] == "14" and float(cells[3]) > 0 and cells[4] == "not measured" and int(cells[5]) > 0
+    assert cells[6:8] == ["not measured", "not measured"] and float(cells[8]) > 0
 
 
 def test_rerun_skips_everything(finished_study: Path, capsys: pytest.CaptureFixture[str]) -> None:

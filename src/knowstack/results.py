@@ -139,7 +139,7 @@ COST_COLUMNS = ("model", "method", "finetune", "stage", "trained_on", "seed", "p
 @dataclass(frozen=True)
 class Cost:
     """steps: the model-making steps behind the model (train, merge-adapter, merge, moe); train_seconds: their
-    optimizer loops (train_summary.json); seconds: their wall time (each step's cost.json); examples: training
+    optimizer loops (train_summary.json); seconds: their wall time (each step's step.json, "cost"); examples: training
     examples drawn, summed; peak_host_bytes / peak_gpu_bytes: the largest over those steps; peak_host_scope:
     'step' or, where the peak could not be reset between steps of one process, 'process' (an upper bound);
     disk_bytes: the artifact the model is evaluated from (its adapter where it is one on the base)."""

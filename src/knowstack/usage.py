@@ -1,5 +1,5 @@
 """What a piece of work cost: wall seconds, peak host memory (RSS) and peak GPU memory of this process, and the
-disk size of what it wrote. Train steps record it in train_summary.json, every study step in its cost.json.
+disk size of what it wrote. Train steps record it in train_summary.json, every study step in its step.json ("cost").
 
 Peak host memory is the kernel's high-water mark (VmHWM), reset at the start (Linux: /proc/self/clear_refs "5")
 so that a process that ran earlier steps reports this step's peak; where it cannot be reset (another OS, a

@@ -1,5 +1,5 @@
 """What each evaluated model cost to make (results.py's Cost, costs.csv): its steps' seconds, examples, peak
-memory and disk, read from the finished steps' cost.json and train_summary.json and summed along the model's
+memory and disk, read from the finished steps' step.json ("cost") and train_summary.json and summed along the model's
 lineage (every step it was made from, back to the base)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 from knowstack.results import Cost
 from knowstack.study.plan import Evaluation, Plan
-from knowstack.study.steps import COST_FILE
+from knowstack.study.steps import STEP_FILE
 from knowstack.usage import dir_bytes
 
 # The steps that make a model; the world (the built-in base) and evaluations are not part of any model's cost.
@@ -37,7 +37,7 @@ def collect_costs(plan: Plan, artifacts: Path) -> list[Cost]:
 
 def model_cost(plan: Plan, artifacts: Path, ev: Evaluation) -> Cost:
     steps = lineage(plan, ev.step)
-    costs = [_read(artifacts / key / COST_FILE) for key in steps]
+    costs = [(_read(artifacts / key / STEP_FILE) or {}).get("cost") for key in steps]
     summaries = [_read(artifacts / key / SUMMARY_FILE) for key in steps if plan.steps[key].kind == "train"]
     measured = all(c is not None for c in costs)
     peaks = [c.get("peak_host_bytes") for c in costs if c] + [s.get("peak_host_bytes") for s in summaries if s]

@@ -300,7 +300,7 @@ def _log_scores(step: Step, ctx: StudyContext, partial: Path, out: Path) -> None
 
 
 PER_EXAMPLE_FILE = "per_example.json"
-COST_FILE = "cost.json"  # every step's seconds, peak memory and disk (knowstack.usage)
+STEP_FILE = "step.json"  # every step's key, params and cost (seconds, peak memory, disk: knowstack.usage)
 
 
 def _write_per_example(partial: Path) -> None:
@@ -353,7 +353,8 @@ def execute(step: Step, ctx: StudyContext) -> Path:
             for item in target.iterdir():
                 item.rename(tmp / item.name)
             target.rmdir()
-        # What the step cost, in this process (a launched training's own peaks are in its train_summary.json).
-        atomic_write_json(tmp / COST_FILE, {**usage.record(), "disk_bytes": dir_bytes(tmp)})
-        atomic_write_json(tmp / "step.json", {"key": step.key, "kind": step.kind, "params": step.params})
+        # What the step cost, in this process (a launched training's own peaks are in its train_summary.json):
+        # in step.json, which is the step's record, not part of the model it made (a registry leaves it out).
+        cost = {**usage.record(), "disk_bytes": dir_bytes(tmp)}
+        atomic_write_json(tmp / STEP_FILE, {"key": step.key, "kind": step.kind, "params": step.params, "cost": cost})
     return final
