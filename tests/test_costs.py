@@ -4,6 +4,7 @@ where a study's artifacts predate cost records."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,39 @@ def test_dir_bytes_counts_files(tmp_path: Path) -> None:
     (tmp_path / "a.bin").write_bytes(b"x" * 10)
     (tmp_path / "sub" / "b.bin").write_bytes(b"y" * 5)
     assert dir_bytes(tmp_path) == 15 and dir_bytes(tmp_path / "a.bin") == 10
+
+
+def test_usage_reads_torchs_gpu_peak_where_a_gpu_was_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU here: a stand-in torch.cuda checks the wiring (reset at the start, max_memory_allocated at the end);
+    a CPU process, which never initialised CUDA, reports none."""
+    calls: list[str] = []
+
+    class Cuda:
+        @staticmethod
+        def is_available() -> bool:
+            return True
+
+        @staticmethod
+        def is_initialized() -> bool:
+            return True
+
+        @staticmethod
+        def reset_peak_memory_stats() -> None:
+            calls.append("reset")
+
+        @staticmethod
+        def max_memory_allocated() -> int:
+            calls.append("peak")
+            return 123 * MIB
+
+    class Torch:
+        cuda = Cuda
+
+    monkeypatch.setitem(sys.modules, "torch", Torch)
+    with Usage() as usage:
+        pass
+    assert usage.record()["peak_gpu_bytes"] == 123 * MIB and calls == ["reset", "peak"]
+    monkeypatch.setattr(Cuda, "is_initialized", staticmethod(lambda: False))
+    with Usage() as cpu:
+        pass
+    assert cpu.record()["peak_gpu_bytes"] is None
