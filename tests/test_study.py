@@ -107,10 +107,16 @@ def test_costs_of_every_model_along_its_lineage(finished_study: Path) -> None:
         assert all(b > a for a, b in zip(seconds, seconds[1:], strict=False))
     # round 1 of sequential LoRA is the one-round LoRA model of the first task: the same training
     assert costs["sequential-lora-1"]["examples"] == one_round["examples"]
-    report = (finished_study / "report.md").read_text()
-    cost_lines = [line for line in report.splitlines() if line.startswith("| sequential LoRA | sequential/lora |")]
-    assert cost_lines and "not measured" not in cost_lines[-1]
-    assert (finished_study / "tables" / "cost.csv").is_file() and (finished_study / "tables" / "continual.csv").is_file()
+    table = {r["run"]: r for r in read_rows(finished_study / "tables" / "cost.csv")}
+    assert set(table) == {"one-round LoRA", "sequential FFT", "sequential LoRA"}
+    last = costs["sequential-lora-7"]
+    assert float(table["sequential LoRA"]["steps"]) == 14
+    assert float(table["sequential LoRA"]["examples seen"]) == int(last["examples"])
+    assert float(table["sequential LoRA"]["wall seconds"]) == pytest.approx(float(last["seconds"]), abs=0.06)
+    assert table["sequential LoRA"]["peak GPU memory (MiB)"] == "no GPU"
+    assert "not measured" not in table["sequential LoRA"].values()
+    continual = {r["run"]: r for r in read_rows(finished_study / "tables" / "continual.csv")}
+    assert set(continual) == {"sequential FFT", "sequential LoRA"} and continual["sequential LoRA"]["mean FWT"]
 
 
 def test_a_study_made_before_costs_were_recorded_reports_them_not_measured(finished_study: Path,
@@ -126,11 +132,11 @@ def test_a_study_made_before_costs_were_recorded_reports_them_not_measured(finis
         path.write_text(json.dumps({k: v for k, v in summary.items() if not k.startswith("peak_")}))
     (old / "costs.csv").unlink()
     assert main(["report", str(old)]) == 0
-    line = [line for line in (old / "report.md").read_text().splitlines()  # the continual table's, then the cost's
-            if line.startswith("| sequential LoRA | sequential/lora |")][-1]
-    cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[2] == "14" and float(cells[3]) > 0 and cells[4] == "not measured" and int(cells[5]) > 0
-    assert cells[6:8] == ["not measured", "not measured"] and float(cells[8]) > 0
+    row = next(r for r in read_rows(old / "tables" / "cost.csv") if r["run"] == "sequential LoRA")
+    assert float(row["steps"]) == 14 and float(row["train seconds"]) > 0 and float(row["examples seen"]) > 0
+    assert row["wall seconds"] == row["peak host memory (MiB)"] == row["peak GPU memory (MiB)"] == "not measured"
+    assert float(row["disk (MiB)"]) > 0
+    assert "| not measured |" in (old / "report.md").read_text()
 
 
 def test_rerun_skips_everything(finished_study: Path, capsys: pytest.CaptureFixture[str]) -> None:
