@@ -24,13 +24,13 @@ from types import ModuleType
 import pytest
 import torch
 from checkpoints import perturbed
-from knowstack.modeling.streaming import SafetensorsReader
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from knowstack.combine.merge import merge_models
 from knowstack.combine.merges import MergeOptions, get_method
+from knowstack.modeling.streaming import SafetensorsReader
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,6 +83,60 @@ def test_report_and_artifacts(finished_study: Path) -> None:
     adapters = [p for p in artifacts.iterdir() if p.name.startswith("train-lora-")]
     assert adapters and all((p / "adapter_config.json").is_file() for p in adapters)
     assert not list(artifacts.glob(".*tmp*"))  # nothing half-written left behind
+
+
+def test_costs_of_every_model_along_its_lineage(finished_study: Path) -> None:
+    """costs.csv: one row per model, each stage of a sequential run counting its rounds and merges so far, and the
+    report's cost table reading it."""
+    costs = {r["model"]: r for r in read_rows(finished_study / "costs.csv")}
+    results = {r["model"] for r in read_rows(finished_study / "results.csv")}
+    assert set(costs) == results
+    assert costs["base"]["steps"] == "0" and costs["base"]["disk_bytes"] == ""
+    one_round = costs["one-round-lora-stance"]
+    assert one_round["steps"] == "1" and float(one_round["seconds"]) > 0 and int(one_round["disk_bytes"]) > 0
+    assert one_round["peak_gpu_bytes"] == ""  # CPU only: no GPU was used
+    assert int(one_round["peak_host_bytes"]) > 10 * 2**20 and one_round["peak_host_scope"] == "step"
+    for finetune in ("fft", "lora"):
+        stages = [costs[f"sequential-{finetune}-{s}"] for s in range(1, 8)]
+        # LoRA: a train and a merge of its adapter per round; FFT: a train per round
+        per_round = 2 if finetune == "lora" else 1
+        assert [int(c["steps"]) for c in stages] == [per_round * s for s in range(1, 8)]
+        examples = [int(c["examples"]) for c in stages]
+        seconds = [float(c["seconds"]) for c in stages]
+        assert all(b > a for a, b in zip(examples, examples[1:], strict=False))
+        assert all(b > a for a, b in zip(seconds, seconds[1:], strict=False))
+    # round 1 of sequential LoRA is the one-round LoRA model of the first task: the same training
+    assert costs["sequential-lora-1"]["examples"] == one_round["examples"]
+    table = {r["run"]: r for r in read_rows(finished_study / "tables" / "cost.csv")}
+    assert set(table) == {"one-round LoRA", "sequential FFT", "sequential LoRA"}
+    last = costs["sequential-lora-7"]
+    assert float(table["sequential LoRA"]["steps"]) == 14
+    assert float(table["sequential LoRA"]["examples seen"]) == int(last["examples"])
+    assert float(table["sequential LoRA"]["wall seconds"]) == pytest.approx(float(last["seconds"]), abs=0.06)
+    assert table["sequential LoRA"]["peak GPU memory (MiB)"] == "no GPU"
+    assert "not measured" not in table["sequential LoRA"].values()
+    continual = {r["run"]: r for r in read_rows(finished_study / "tables" / "continual.csv")}
+    assert set(continual) == {"sequential FFT", "sequential LoRA"} and continual["sequential LoRA"]["mean FWT"]
+
+
+def test_a_study_made_before_costs_were_recorded_reports_them_not_measured(finished_study: Path,
+                                                                        tmp_path: Path) -> None:
+    """Artifacts of an older knowstack have no cost in step.json and no peaks in train_summary.json: the report says
+    'not measured' for what is missing and still shows what is there (training seconds, examples)."""
+    old = tmp_path / "old"
+    shutil.copytree(finished_study, old)
+    for path in (old / "artifacts").rglob("step.json"):
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "cost"}))
+    for path in (old / "artifacts").rglob("train_summary.json"):
+        summary = json.loads(path.read_text())
+        path.write_text(json.dumps({k: v for k, v in summary.items() if not k.startswith("peak_")}))
+    (old / "costs.csv").unlink()
+    assert main(["report", str(old)]) == 0
+    row = next(r for r in read_rows(old / "tables" / "cost.csv") if r["run"] == "sequential LoRA")
+    assert float(row["steps"]) == 14 and float(row["train seconds"]) > 0 and float(row["examples seen"]) > 0
+    assert row["wall seconds"] == row["peak host memory (MiB)"] == row["peak GPU memory (MiB)"] == "not measured"
+    assert float(row["disk (MiB)"]) > 0
+    assert "| not measured |" in (old / "report.md").read_text()
 
 
 def test_rerun_skips_everything(finished_study: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -124,3 +124,65 @@ def read_csv(path: Path) -> list[Row]:
             )
             for r in csv.DictReader(handle)
         ]
+
+
+# costs.csv, beside results.csv: one row per model (and seed), what it took to make it from the base along its
+# steps (a sequential stage: its rounds and merges so far; a merge: its one-round models' training too). Cost is
+# a property of a model, not of a score, so it is a file of its own rather than columns repeated on every results
+# row. Empty where not measured (artifacts made before knowstack measured them) or, for GPU memory, where no GPU
+# was used.
+COSTS_CSV = "costs.csv"
+COST_COLUMNS = ("model", "method", "finetune", "stage", "trained_on", "seed", "point", "steps", "train_seconds",
+                "seconds", "examples", "peak_host_bytes", "peak_host_scope", "peak_gpu_bytes", "disk_bytes")
+
+
+@dataclass(frozen=True)
+class Cost:
+    """steps: the model-making steps behind the model (train, merge-adapter, merge, moe); train_seconds: their
+    optimizer loops (train_summary.json); seconds: their wall time (each step's step.json, "cost"); examples: training
+    examples drawn, summed; peak_host_bytes / peak_gpu_bytes: the largest over those steps; peak_host_scope:
+    'step' or, where the peak could not be reset between steps of one process, 'process' (an upper bound);
+    disk_bytes: the artifact the model is evaluated from (its adapter where it is one on the base)."""
+
+    model: str
+    method: str
+    finetune: str
+    stage: int | None
+    trained_on: str
+    seed: int | None
+    point: str
+    steps: int
+    train_seconds: float | None
+    seconds: float | None
+    examples: int | None
+    peak_host_bytes: int | None
+    peak_host_scope: str
+    peak_gpu_bytes: int | None
+    disk_bytes: int | None
+
+
+def write_costs_csv(costs: list[Cost], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COST_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for cost in costs:
+        writer.writerow({c: "" if (v := getattr(cost, c)) is None else v for c in COST_COLUMNS})
+    atomic_write_text(path, buffer.getvalue())
+
+
+def read_costs_csv(path: Path) -> list[Cost]:
+    """The costs of a study dir; [] where it has none (a study run before costs were recorded)."""
+    if not path.is_file():
+        return []
+
+    def number(text: str, kind: type) -> float | int | None:
+        return kind(float(text)) if kind is int and text else kind(text) if text else None
+
+    with path.open(newline="", encoding="utf-8") as handle:
+        return [Cost(model=r["model"], method=r["method"], finetune=r["finetune"], stage=number(r["stage"], int),
+                     trained_on=r["trained_on"], seed=number(r["seed"], int), point=r["point"],
+                     steps=int(r["steps"]), train_seconds=number(r["train_seconds"], float),
+                     seconds=number(r["seconds"], float), examples=number(r["examples"], int),
+                     peak_host_bytes=number(r["peak_host_bytes"], int), peak_host_scope=r["peak_host_scope"],
+                     peak_gpu_bytes=number(r["peak_gpu_bytes"], int), disk_bytes=number(r["disk_bytes"], int))
+                for r in csv.DictReader(handle)]

@@ -168,3 +168,13 @@ def mean_of(values: Sequence[float]) -> float:
     for value in values:
         total = total + value
     return total / len(values)
+
+
+def maximum_of(values: Sequence[float]) -> float:
+    """The largest value, keeping replicates: each replicate's maximum over the values' replicates (the paired
+    bootstrap of a maximum, as forgetting's best earlier score needs); a plain float where any value has none."""
+    best = max(values, key=float)
+    draws = [getattr(v, "draws", None) for v in values]
+    if any(d is None for d in draws):
+        return float(best)
+    return Estimate(float(best), np.max(np.stack(draws), axis=0))

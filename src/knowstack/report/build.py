@@ -18,7 +18,8 @@ from knowstack.report.run_tables import Context
 from knowstack.report.runs import find_runs
 from knowstack.report.sections import Section, build_sections
 from knowstack.report.tables import Scores, Table
-from knowstack.results import PER_EXAMPLE, ItemKey, Row, read_csv, read_items
+from knowstack.results import COSTS_CSV, PER_EXAMPLE, Cost, ItemKey, Row, read_costs_csv, read_csv, read_items
+from knowstack.study.costs import collect_costs
 from knowstack.study.plan import Plan
 from knowstack.study.results import collect_items, collect_rows, olora_penalties
 
@@ -40,8 +41,9 @@ def measured_points(rows: list[Row], task_order: list[str], old_metric: OldMetri
 
 def build_report(rows: list[Row], *, title: str, task_order: list[str], old_metric: OldMetric = "acc",
                  penalties: dict[str, dict] | None = None, planned: list[Row] | None = None,
-                 items: Items | None = None) -> list[Section]:
-    """The report's section tree; figures are specified but not drawn yet. items: per-item scores, for intervals."""
+                 items: Items | None = None, costs: list[Cost] | None = None) -> list[Section]:
+    """The report's section tree; figures are specified but not drawn yet. items: per-item scores, for intervals;
+    costs: what each model cost to make (costs.csv), where measured."""
     scores = Scores.from_rows(rows, task_order, old_metric, items)
     every = find_runs(scores)
     runs = [r for r in every if not r.point]  # each method at its own setting: compared at equal settings
@@ -50,7 +52,7 @@ def build_report(rows: list[Row], *, title: str, task_order: list[str], old_metr
     ctx = Context(scores=scores, runs=runs, rounds=len(task_order), old_metric=describe_old_metric(old_metric),
                   penalties=penalties or {}, verdicts=evaluate_claims(scores, runs),
                   coverage=coverage(every, planned, task_order), points=points,
-                  matched=evaluate_matched_claims(scores, points) if swept else None)
+                  matched=evaluate_matched_claims(scores, points) if swept else None, costs=costs or [])
     return build_sections(ctx, title)
 
 
@@ -86,11 +88,11 @@ def draw_figures(sections: list[Section], out: Path) -> list[Path]:
 
 def write_report(rows: list[Row], out: Path, *, title: str, task_order: list[str], old_metric: OldMetric = "acc",
                  penalties: dict[str, dict] | None = None, planned: list[Row] | None = None,
-                 items: Items | None = None) -> Path:
+                 items: Items | None = None, costs: list[Cost] | None = None) -> Path:
     """Writes the whole report into `out` and returns the path of report.html."""
     out = Path(out)
     sections = build_report(rows, title=title, task_order=task_order, old_metric=old_metric, penalties=penalties,
-                            planned=planned, items=items)
+                            planned=planned, items=items, costs=costs)
     draw_figures(sections, out)
     write_tables(sections, out)
     atomic_write_text(out / "report.md", render_markdown(sections, title=title, out=out))
@@ -114,9 +116,17 @@ def study_items(plan: Plan, out: Path) -> Items:
     return live if len(live) > len(written) else written
 
 
+def study_costs(plan: Plan, out: Path) -> list[Cost]:
+    """A study dir's costs: costs.csv (written with results.csv), or the finished steps' while it runs."""
+    written = read_costs_csv(out / COSTS_CSV)
+    live = collect_costs(plan, out / "artifacts") if (out / "artifacts").is_dir() else []
+    return live if len(live) > len(written) else written
+
+
 def write_study_report(plan: Plan, out: Path, rows: list[Row]) -> Path:
     """The report of a study dir, knowing its plan: what is missing, and O-LoRA's penalties."""
     config = plan.config
     return write_report(rows, out, title=config.name, task_order=plan.task_names,
                         old_metric=config.old_knowledge.metric, penalties=olora_penalties(plan, out / "artifacts"),
-                        planned=planned_rows(plan.evaluations), items=study_items(plan, out))
+                        planned=planned_rows(plan.evaluations), items=study_items(plan, out),
+                        costs=study_costs(plan, out))

@@ -37,7 +37,7 @@ def _cell(text: str, unit: str, value: object) -> str:
     classes = []
     if text in VERDICT_CLASS:
         classes.append(VERDICT_CLASS[text])
-    elif unit in ("score", "percent"):
+    elif unit in ("score", "percent", "delta"):
         classes.append("num")
         if unit == "percent" and isinstance(value, float | int) and value:
             classes.append("neg" if value < 0 else "pos")

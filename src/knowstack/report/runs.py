@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from knowstack.report.tables import Column, Scores, Values, bwt, mean_or_none, percent_change
 from knowstack.results import Row
+from knowstack.stats import maximum_of
 from knowstack.study.methods import CATALOG
 
 # The paper's two settings, plus the reference points; sequential training is semi-cooperative in the
@@ -172,6 +173,57 @@ def backward_transfer(scores: Scores, run: Run) -> dict[Column, float | str | No
         out[column] = "—" if model is None or model == final else bwt(scores.value(model, column),
                                                                         scores.value(final, column))
     return out
+
+
+def _trained_at(run: Run) -> dict[str, int]:
+    """task -> the 0-based index in run.models of the round that trained on it (the i of R[i][task])."""
+    return {r.trained_on: i for i, r in enumerate(run.models)}
+
+
+def forward_transfer(scores: Scores, run: Run) -> dict[Column, float | str | None]:
+    """FWT per new column (Lopez-Paz & Ranzato 2017, GEM): the task's score just before its own round (after the
+    round before it) minus the base's score on it, in score units. "—" for the first round's task (its model
+    before is the base: 0 by definition, GEM's sum starts at the second task) and for tasks not trained."""
+    at, base = _trained_at(run), scores.values("base")
+    out: dict[Column, float | str | None] = {}
+    for column in scores.new_columns:
+        i = at.get(column[1])
+        if i is None or i == 0:
+            out[column] = "—"
+            continue
+        before, reference = scores.value(run.models[i - 1].model, column), base.get(column)
+        out[column] = None if before is None or reference is None else before - reference
+    return out
+
+
+def forgetting(scores: Scores, run: Run) -> dict[Column, float | str | None]:
+    """Forgetting per new column (Chaudhry et al. 2018): the task's best score after any round before the last
+    minus its score after the last, in score units (negative where the last round scores it higher than any
+    earlier). Unlike BWT it starts from the best earlier score, not the score right after the task's own round.
+    "—" for the last round's task and tasks not trained."""
+    at, final = _trained_at(run), run.final.model
+    out: dict[Column, float | str | None] = {}
+    for column in scores.new_columns:
+        i = at.get(column[1])
+        if i is None or i == len(run.models) - 1:
+            out[column] = "—"
+            continue
+        earlier = [scores.value(m.model, column) for m in run.models[:-1]]
+        last = scores.value(final, column)
+        out[column] = None if last is None or any(v is None for v in earlier) else maximum_of(earlier) - last
+    return out
+
+
+def average_incremental(scores: Scores, run: Run) -> float | None:
+    """Average incremental score (Rebuffi et al. 2017's average incremental accuracy, on each task's own
+    metric): after each round t, the mean over the columns of the tasks trained in rounds 1..t; then the mean
+    over rounds. Missing when any of those scores is."""
+    at = _trained_at(run)
+    per_round = []
+    for t, model in enumerate(run.models):
+        columns = [c for c in scores.new_columns if at.get(c[1], len(run.models)) <= t]
+        per_round.append(mean_or_none([scores.value(model.model, c) for c in columns]) if columns else None)
+    return mean_or_none(per_round) if per_round else None
 
 
 def mean_defined(values: list[float | str | None]) -> float | None:

@@ -12,6 +12,8 @@ from knowstack.report.figures import FigureSpec
 from knowstack.report.frontier import families, frontier_family, pareto_front
 from knowstack.report.run_tables import (
     Context,
+    continual_table,
+    cost_table,
     diagonal_table,
     penalty_table,
     runs_table,
@@ -36,7 +38,8 @@ OLD_AXIS = "old-knowledge task; average"
 NOTE = (
     "Gain from base is the percent change from the base model; it is n/a where the base scores 0. "
     "BWT is the percent change of a task's score from right after its own round to after the last "
-    "round. AVE averages the old-knowledge columns, AVnew the new-knowledge columns (math with and "
+    "round; FWT (forward transfer) is a task's score just before its own round minus the base's, forgetting its best "
+    "score after any round before the last minus its score after the last, both in score units. AVE averages the old-knowledge columns, AVnew the new-knowledge columns (math with and "
     "without chain of thought are two columns), AVall all of them together; all are computed from "
     "the per-task values. A one-round run scores each task with the model trained on it and averages "
     "old knowledge over those models (the paper's upper bound). Numbers in brackets are 95% intervals: a seeded "
@@ -115,6 +118,9 @@ def summary_section(ctx: Context, title: str) -> Section:
                                  "new knowledge: AVnew gain from base (%)", kind="scatter", unit="percent",
                                  columns=["AVE gain", "AVnew gain"],
                                  xlabel="old knowledge: AVE gain from base (%)")]
+    continual = continual_table(ctx)
+    blocks.append(continual if continual.rows else not_measured("staged (sequential, O-LoRA, replay)"))
+    blocks.append(cost_table(ctx))
     return Section("summary", "Summary", blocks)
 
 

@@ -134,6 +134,14 @@ def fmt_score(value: float | None) -> str:
     return f"{value:.4f}" if ci is None else f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def fmt_delta(value: float | None) -> str:
+    """A signed difference of scores (FWT, forgetting), in score units."""
+    if value is None:
+        return "n/a"
+    ci = interval_of(value)
+    return f"{value:+.4f}" if ci is None else f"{value:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
 def fmt_percent(value: float | None) -> str:
     if value is None:
         return "n/a"
@@ -154,7 +162,7 @@ class TableRow:
 
     label: str
     cells: list[Cell]
-    unit: str | list[str] = "score"  # "score" | "percent" | "text"
+    unit: str | list[str] = "score"  # "score" | "percent" | "delta" (a difference of scores) | "text"
     key: str = ""  # the run (method/finetune/variant) or model the row is about: colours, HTML ids, tests
 
     @property
@@ -170,6 +178,8 @@ def format_cell(cell: Cell, unit: str) -> str:
         return cell
     if unit == "percent":
         return fmt_percent(cell)
+    if unit == "delta":
+        return fmt_delta(cell)
     if unit == "text":
         return "" if cell is None else str(cell)
     return fmt_score(cell)

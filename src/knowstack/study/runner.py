@@ -19,7 +19,16 @@ from rich.table import Table
 from knowstack.atomic import atomic_write_json, atomic_write_text
 from knowstack.config import StudyConfig, old_metric_of
 from knowstack.errors import KnowstackError
-from knowstack.results import PER_EXAMPLE, Row, write_csv, write_items, write_sqlite
+from knowstack.results import (
+    COSTS_CSV,
+    PER_EXAMPLE,
+    Row,
+    write_costs_csv,
+    write_csv,
+    write_items,
+    write_sqlite,
+)
+from knowstack.study.costs import collect_costs
 from knowstack.study.executors import Executor, LocalExecutor
 from knowstack.study.plan import Plan, Step, build_plan
 from knowstack.study.results import collect_items, collect_rows
@@ -136,11 +145,13 @@ def _resource_row(step: Step, est: Estimate, config: StudyConfig, gpu_memory: in
 
 
 def write_results(plan: Plan, out: Path) -> list[Row]:
-    """results.csv, results.sqlite and the per-item scores of every finished evaluation; returns the rows."""
+    """results.csv, results.sqlite, the per-item scores and costs.csv of every finished evaluation; returns the
+    rows."""
     rows = collect_rows(plan, out / "artifacts")
     write_csv(rows, out / "results.csv")
     write_sqlite(rows, out / "results.sqlite")
     write_items(collect_items(plan, out / "artifacts"), out / PER_EXAMPLE)
+    write_costs_csv(collect_costs(plan, out / "artifacts"), out / COSTS_CSV)
     return rows
 
 

@@ -17,6 +17,7 @@ from knowstack.data.tasks import TaskSpec
 from knowstack.errors import KnowstackError
 from knowstack.logs import library_messages_to
 from knowstack.study.plan import Step, resolve_task_specs
+from knowstack.usage import Usage, dir_bytes
 
 
 @dataclass
@@ -297,6 +298,7 @@ def _log_scores(step: Step, ctx: StudyContext, partial: Path, out: Path) -> None
 
 
 PER_EXAMPLE_FILE = "per_example.json"
+STEP_FILE = "step.json"  # every step's key, params and cost (seconds, peak memory, disk: knowstack.usage)
 
 
 def _write_per_example(partial: Path) -> None:
@@ -343,11 +345,14 @@ def execute(step: Step, ctx: StudyContext) -> Path:
     with atomic_dir(final) as tmp:
         # Executors that write atomically themselves get a path that does not exist yet.
         target = tmp / "out"
-        with library_messages_to(step_log(ctx, step)):
+        with library_messages_to(step_log(ctx, step)), Usage() as usage:
             executor(step, ctx, target if step.kind in ("world", "train", "merge-adapter", "merge", "moe") else tmp)
         if target.exists():
             for item in target.iterdir():
                 item.rename(tmp / item.name)
             target.rmdir()
-        atomic_write_json(tmp / "step.json", {"key": step.key, "kind": step.kind, "params": step.params})
+        # What the step cost, in this process (a launched training's own peaks are in its train_summary.json):
+        # in step.json, which is the step's record, not part of the model it made (a registry leaves it out).
+        cost = {**usage.record(), "disk_bytes": dir_bytes(tmp)}
+        atomic_write_json(tmp / STEP_FILE, {"key": step.key, "kind": step.kind, "params": step.params, "cost": cost})
     return final

@@ -59,6 +59,7 @@ from knowstack.train.batches import (
 )
 from knowstack.train.settings import TrainSettings
 from knowstack.train.tracking import Tracking
+from knowstack.usage import Usage
 
 ExtraLoss = Callable[[torch.nn.Module], torch.Tensor]
 SUMMARY_FILE = "train_summary.json"
@@ -90,6 +91,7 @@ def train(
     examples = list(examples)
     if not examples:
         raise KnowstackError("no training examples", path=out_dir)
+    usage = Usage.start()  # peak memory of loading and training, in the process that trains
     logging_dir = trackers.staging_dir(out_dir)
     accelerator = Accelerator(**trackers.accelerator_kwargs(tracking, logging_dir))
     set_seed(settings.seed)  # before the LoRA init, which draws random A matrices
@@ -122,6 +124,7 @@ def train(
                         extra_loss, progress_desc)
     summary = _summary(settings, examples, tokenized, plan, record, accelerator.num_processes,
                        model_path, adapter_init, fitted)
+    summary.update({k: v for k, v in usage.record().items() if k != "seconds"})
     trackers.finish(accelerator, tracking)
     if restore_attention is not None:
         _base_model(accelerator.unwrap_model(model)).set_attn_implementation(restore_attention)
