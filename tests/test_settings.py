@@ -99,3 +99,11 @@ def test_training_uses_the_tokenizer_it_is_given(tmp_path: Path, tiny_model_dir:
     assert main(["train", "--model", str(tiny_model_dir), "--tokenizer", str(tokenizer), "--task", str(task),
                  "--lr", "1e-3", "--batch-size", "4", "--max-steps", "1", "--out", str(out)]) == 0
     assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 4321
+
+
+def test_mix_takes_router_training_by_compose_s_names_too() -> None:
+    args = build_parser().parse_args(["mix", "--base", "b", "--models", "m", "--out", "o", "--router-steps", "3",
+                                      "--router-lr", "0.01"])
+    assert (args.train_steps, args.train_lr) == (3, 0.01)
+    assert build_parser().parse_args(["mix", "--base", "b", "--models", "m", "--out", "o"]).train_lr == \
+        RouterTrainingConfig().lr

@@ -281,8 +281,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--prompts-per-expert", type=int, default=moe.prompts_per_expert,
                    help=f"prompts used from each file (default {moe.prompts_per_expert})")
     p.add_argument("--train-data", nargs="+", help="router training: TRACE-format files of prompt/answer items")
-    p.add_argument("--train-steps", type=int, default=0, help="router training steps (default 0: none)")
-    p.add_argument("--train-lr", type=float, default=routers.lr, help=f"default {routers.lr}")
+    # --router-steps / --router-lr: the names `compose` gives the same settings
+    p.add_argument("--train-steps", "--router-steps", type=int, default=0,
+                   help="router training steps (default 0: none)")
+    p.add_argument("--train-lr", "--router-lr", type=float, default=routers.lr,
+                   help=f"router training's learning rate (default {routers.lr})")
     p.add_argument("--train-batch-size", type=int, default=routers.batch_size, help=f"default {routers.batch_size}")
     p.add_argument("--aux-loss-coef", type=float, default=routers.aux_loss_coef,
                    help=f"weight of the load-balancing loss (default {routers.aux_loss_coef})")
