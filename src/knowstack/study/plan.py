@@ -188,6 +188,14 @@ class PlanBuilder:
         step = self.train_step(self.base, task, finetune)
         return step_ref(step), (step.key,)
 
+    def each_point(self, section: Any, field_name: str) -> Iterator[tuple[str, Point]]:
+        """(finetune, sweep point) for every finetune the section names and every point of its sweep, each inside
+        `at(point)`: the loop of every trained method's plan."""
+        for finetune in section.finetune:
+            for point in self.points_of(section, finetune):
+                with self.at(point, field_name=field_name):
+                    yield finetune, point
+
     def points_of(self, section: Sweepable, finetune: str) -> list[Point]:
         """The method's own setting first, then each point of its sweep."""
         return sweep_points(section, finetune, own_settings(self.config, section))

@@ -22,10 +22,8 @@ def add_joint(builder: PlanBuilder, finetune: str, sampling: str) -> None:
 
 
 def plan(builder: PlanBuilder, section: JointConfig) -> None:
-    for finetune in section.finetune:
-        for point in builder.points_of(section, finetune):
-            with builder.at(point, field_name="methods.joint"):
-                add_joint(builder, finetune, section.sampling)
+    for finetune, _ in builder.each_point(section, "methods.joint"):
+        add_joint(builder, finetune, section.sampling)
 
 
 def compose_section(options: Any, kinds: list[str]) -> dict[str, Any]:

@@ -21,10 +21,8 @@ def add_one_round(builder: PlanBuilder, finetune: str) -> None:
 
 
 def plan(builder: PlanBuilder, section: MethodConfig) -> None:
-    for finetune in section.finetune:
-        for point in builder.points_of(section, finetune):
-            with builder.at(point, field_name="methods.one-round"):
-                add_one_round(builder, finetune)
+    for finetune, _ in builder.each_point(section, "methods.one-round"):
+        add_one_round(builder, finetune)
 
 
 METHOD = Method("one-round", "one_round", "semi", plan, "each task's own fine-tune of the base", section="one-round")

@@ -29,10 +29,8 @@ def add_replay(builder: PlanBuilder, finetune: str, fraction: float) -> None:
 
 
 def plan(builder: PlanBuilder, section: ReplayConfig) -> None:
-    for finetune in section.finetune:
-        for point in builder.points_of(section, finetune):
-            with builder.at(point, field_name="methods.replay"):
-                add_replay(builder, finetune, point.get("fraction", section.fraction))
+    for finetune, point in builder.each_point(section, "methods.replay"):
+        add_replay(builder, finetune, point.get("fraction", section.fraction))
 
 
 def compose_section(options: Any, kinds: list[str]) -> dict[str, Any]:

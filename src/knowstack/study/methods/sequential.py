@@ -24,10 +24,8 @@ def add_sequential(builder: PlanBuilder, finetune: str) -> None:
 
 
 def plan(builder: PlanBuilder, section: MethodConfig) -> None:
-    for finetune in section.finetune:
-        for point in builder.points_of(section, finetune):
-            with builder.at(point, field_name="methods.sequential"):
-                add_sequential(builder, finetune)
+    for finetune, _ in builder.each_point(section, "methods.sequential"):
+        add_sequential(builder, finetune)
 
 
 def training_section(options: Any, kinds: list[str]) -> dict[str, Any]:
