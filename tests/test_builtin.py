@@ -145,6 +145,24 @@ def test_a_missing_source_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
         sources.stdlib_source_files.__wrapped__()
 
 
+def test_a_source_file_that_became_a_package_is_read_from_the_package(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # Python 3.12 made zipfile a package, 3.13 pathlib and sysconfig: the recorded file is then the package's
+    # __init__.py (its text differs, so the world's manifest names it), not a missing source.
+    (tmp_path / "plain.py").write_text("x = 1\n")
+    (tmp_path / "grown").mkdir()
+    (tmp_path / "grown" / "__init__.py").write_text("y = 2\n")
+    monkeypatch.setattr(sources, "stdlib_root", lambda: tmp_path)
+    monkeypatch.setattr(sources, "recorded", lambda: {"recorded_on": {"python": "3.11.7"},
+                                                     "sources": {"file:plain.py": "0", "file:grown.py": "0"}})
+    files = sources.stdlib_source_files.__wrapped__()
+    assert [(f.name, f.stem, f.path) for f in files] == [("grown.py", "grown", tmp_path / "grown" / "__init__.py"),
+                                                         ("plain.py", "plain", tmp_path / "plain.py")]
+    assert files[0].read_text() == "y = 2\n"
+    with pytest.raises(KnowstackError, match="source file 'gone.py', absent from .* \(as a module and as a package\)"):
+        sources.stdlib_file("gone.py")
+
+
 def test_the_world_fingerprint_is_in_every_later_key(tmp_path: Path) -> None:
     from knowstack.study.plan import build_plan
 

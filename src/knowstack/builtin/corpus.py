@@ -14,7 +14,6 @@ import hashlib
 import random
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 from knowstack.builtin import sources
 from knowstack.builtin.old_tasks import FAMILIES, Fact, FactFamily, chosen_facts
@@ -34,7 +33,7 @@ def doc_use(doc: sources.Doc) -> str:
     return "corpus"
 
 
-def source_use(path: Path) -> str:
+def source_use(path: sources.StdlibFile) -> str:
     """'code' (the code-completion task), 'corpus', or 'none' for each standard-library source file.
 
     The sources of documented modules are kept out of the corpus: they contain the docstrings

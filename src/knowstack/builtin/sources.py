@@ -123,15 +123,42 @@ def discover_source_files() -> list[str]:
                   and p.stem not in REMOVED_MODULES and p.stat().st_size < 200_000)
 
 
+@dataclass(frozen=True)
+class StdlibFile:
+    """A recorded standard-library source file: `name` as recorded (e.g. 'zipfile.py'), `path` where this
+    interpreter has it, the module's own file or, where a later Python made the module a package (zipfile in
+    3.12, pathlib and sysconfig in 3.13), the package's __init__.py, whose different text then differs from the
+    record and is named in the world's manifest like any other changed source."""
+
+    name: str
+    path: Path
+
+    @property
+    def stem(self) -> str:
+        return Path(self.name).stem
+
+    def read_bytes(self) -> bytes:
+        return self.path.read_bytes()
+
+    def read_text(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return self.path.read_text(encoding=encoding, errors=errors)
+
+
+def stdlib_file(name: str) -> StdlibFile:
+    """The recorded source file `name` on this interpreter (module or package), or the error naming it."""
+    module, package = stdlib_root() / name, stdlib_root() / Path(name).stem / "__init__.py"
+    for path in (module, package):
+        if path.is_file():
+            return StdlibFile(name, path)
+    raise _missing(f"the standard library's source file '{name}'", f"absent from {module.parent} (as a module and as a "
+                   "package)")
+
+
 @lru_cache(maxsize=1)
-def stdlib_source_files() -> tuple[Path, ...]:
+def stdlib_source_files() -> tuple[StdlibFile, ...]:
     """The recorded standard-library source files (top-level pure-Python modules), sorted by name."""
     names = sorted(name.removeprefix("file:") for name in recorded()["sources"] if name.startswith("file:"))
-    paths = tuple(stdlib_root() / name for name in names)
-    for path in paths:
-        if not path.is_file():
-            raise _missing(f"the standard library's source file '{path.name}'", f"absent from {path.parent}")
-    return paths
+    return tuple(stdlib_file(name) for name in names)
 
 
 @dataclass(frozen=True)
@@ -228,8 +255,8 @@ def source_hashes(file_names: list[str] | None = None) -> dict[str, str]:
     the recorded list)."""
     hashes = {f"doc:{name}": _digest_of([[d.qualname, d.kind, d.text] for d in module_docs(name)])
               for name in DOC_MODULES}
-    paths = [stdlib_root() / n for n in file_names] if file_names is not None else stdlib_source_files()
-    hashes |= {f"file:{path.name}": _digest_of(path.read_bytes()) for path in paths}
+    files = [stdlib_file(n) for n in file_names] if file_names is not None else stdlib_source_files()
+    hashes |= {f"file:{file.name}": _digest_of(file.read_bytes()) for file in files}
     hashes |= {name: _digest_of(make()) for name, make in DATA_SOURCES.items()}
     return dict(sorted(hashes.items()))
 
