@@ -27,6 +27,7 @@ from knowstack.train.launch import (
     launch_command,
     launch_job,
     run_job,
+    run_launch,
 )
 from knowstack.train.router_job import RouterJob, launch_router_job
 from knowstack.train.router_training import RouterTraining
@@ -231,3 +232,15 @@ def test_router_training_launch_settings(tmp_path: Path) -> None:
     for name in ("fsdp", "deepspeed-zero2", "deepspeed-zero3"):
         with pytest.raises(KnowstackError, match="only on GPUs"):
             launch_router_job(job, LaunchSpec(2, name, cpu=True))
+
+
+@pytest.mark.parametrize("cpu", [True, False])
+def test_a_cpu_launch_hides_the_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu: bool) -> None:
+    # Found on a 1-GPU machine: two "CPU" processes asked for cuda:0 and cuda:1, and process 1 failed.
+    seen: list[dict[str, str]] = []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setattr(subprocess, "run", lambda command, env, check: seen.append(env) or subprocess.CompletedProcess(command, 0))
+    run_launch(lambda folder: folder / "job.json", tmp_path / "out", Path("cfg.yaml"), 2, cpu=cpu, mixed_precision="no",
+               port=12345)
+    assert seen[0]["CUDA_VISIBLE_DEVICES"] == ("" if cpu else "0")
+    assert (seen[0].get("ACCELERATE_USE_CPU") == "1") == cpu

@@ -243,6 +243,8 @@ def run_launch(
     env = dict(os.environ)
     if cpu:
         env["ACCELERATE_USE_CPU"] = "1"
+        # on a machine with GPUs, a CPU launch must not see them: process 1 would otherwise ask for cuda:1
+        env["CUDA_VISIBLE_DEVICES"] = ""
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".launch-", dir=output.parent) as folder:
         command = launch_command(save(Path(folder)), config_path, num_processes, port=port or free_port(),
