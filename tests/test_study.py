@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -115,6 +116,15 @@ def test_costs_of_every_model_along_its_lineage(finished_study: Path) -> None:
     assert float(table["sequential LoRA"]["wall seconds"]) == pytest.approx(float(last["seconds"]), abs=0.06)
     assert table["sequential LoRA"]["peak GPU memory (MiB)"] == "no GPU"
     assert "not measured" not in table["sequential LoRA"].values()
+    # the same costs in results.sqlite (joinable with the scores) and from the API
+    with sqlite3.connect(finished_study / "results.sqlite") as db:
+        joined = db.execute("SELECT c.examples, c.seconds FROM costs c JOIN results r ON r.model = c.model "
+                            "WHERE c.model = 'sequential-lora-7' AND r.kind = 'new' LIMIT 1").fetchone()
+    assert joined == (int(last["examples"]), pytest.approx(float(last["seconds"])))
+    from knowstack import api
+
+    by_model = {c.model: c for c in api.study_results(finished_study).costs}
+    assert set(by_model) == results and by_model["sequential-lora-7"].examples == int(last["examples"])
     continual = {r["run"]: r for r in read_rows(finished_study / "tables" / "continual.csv")}
     assert set(continual) == {"sequential FFT", "sequential LoRA"} and continual["sequential LoRA"]["mean FWT"]
 

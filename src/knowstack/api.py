@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from knowstack.config import StudyConfig, TrainingConfig
     from knowstack.data.tasks import TaskSpec
     from knowstack.registry.core import Registry
-    from knowstack.results import Row
+    from knowstack.results import Cost, Row
     from knowstack.study.plan import Plan
 
 PathLike = str | Path
@@ -108,6 +108,14 @@ class StudyResults:
 
     def dataframe(self) -> pandas.DataFrame:
         return rows_frame(self.rows)
+
+    @property
+    def costs(self) -> list[Cost]:
+        """What each model cost along its lineage (costs.csv: steps, seconds, examples, peak memory, disk); [] for a
+        study run before costs were recorded."""
+        from knowstack.results import COSTS_CSV, read_costs_csv
+
+        return read_costs_csv(self.out / COSTS_CSV)
 
     def write_report(self) -> Path:
         """Write the study's report from these rows (report.html, report.md, figures/, tables/), as `knowstack

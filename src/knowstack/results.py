@@ -18,6 +18,7 @@ import json
 import os
 import sqlite3
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +88,9 @@ def write_csv(rows: list[Row], path: Path) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
-def write_sqlite(rows: list[Row], path: Path) -> None:
+def write_sqlite(rows: list[Row], path: Path, costs: Sequence[Cost] = ()) -> None:
+    """Table `results` (results.csv's columns) and table `costs` (costs.csv's: one row per model), so that one
+    query can join what a model learned and forgot with what it cost."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
     try:
@@ -102,6 +105,9 @@ def write_sqlite(rows: list[Row], path: Path) -> None:
                 f"INSERT INTO results VALUES ({', '.join('?' for _ in COLUMNS)})",
                 [tuple(row.record()[c] for c in COLUMNS) for row in rows],
             )
+            db.execute(f"CREATE TABLE costs ({', '.join(f'{c} {COST_TYPES[c]}' for c in COST_COLUMNS)})")
+            db.executemany(f"INSERT INTO costs VALUES ({', '.join('?' for _ in COST_COLUMNS)})",
+                           [tuple(getattr(cost, c) for c in COST_COLUMNS) for cost in costs])
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -134,6 +140,9 @@ def read_csv(path: Path) -> list[Row]:
 COSTS_CSV = "costs.csv"
 COST_COLUMNS = ("model", "method", "finetune", "stage", "trained_on", "seed", "point", "steps", "train_seconds",
                 "seconds", "examples", "peak_host_bytes", "peak_host_scope", "peak_gpu_bytes", "disk_bytes")
+COST_TYPES = {c: "TEXT" for c in ("model", "method", "finetune", "trained_on", "point", "peak_host_scope")} | {
+    c: "INTEGER" for c in ("stage", "seed", "steps", "examples", "peak_host_bytes", "peak_gpu_bytes", "disk_bytes")} | {
+    c: "REAL" for c in ("train_seconds", "seconds")}
 
 
 @dataclass(frozen=True)

@@ -149,9 +149,10 @@ def write_results(plan: Plan, out: Path) -> list[Row]:
     rows."""
     rows = collect_rows(plan, out / "artifacts")
     write_csv(rows, out / "results.csv")
-    write_sqlite(rows, out / "results.sqlite")
+    costs = collect_costs(plan, out / "artifacts")
+    write_sqlite(rows, out / "results.sqlite", costs)
     write_items(collect_items(plan, out / "artifacts"), out / PER_EXAMPLE)
-    write_costs_csv(collect_costs(plan, out / "artifacts"), out / COSTS_CSV)
+    write_costs_csv(costs, out / COSTS_CSV)
     return rows
 
 
