@@ -5,11 +5,13 @@ mismatched statistics."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from checkpoints import perturbed
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
@@ -19,8 +21,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from knowstack.combine.merge import merge_models
 from knowstack.combine.merges import MergeOptions, get_method
 from knowstack.combine.statistics import compute_statistics
+from knowstack.config import load_config, parse_config
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
+from knowstack.study.plan import build_plan
 from knowstack.train.batches import tokenize_examples
 
 EXAMPLES = [Example(prompt=f"Question: what is {a} plus {b}? Answer:", answer=f" {a + b}")
@@ -245,3 +249,56 @@ def test_missing_or_mismatched_statistics_are_one_clear_error(contributors: list
     with pytest.raises(KnowstackError, match="need its base model"):
         compute_statistics(adapter, EXAMPLES, tmp_path / "nobase")
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+# --- studies: a statistics step per one-round model, feeding the merge --------------------------------------------
+def _study(tmp_path: Path, model: Path, merge: dict) -> Path:
+    from test_registry import make_task, write_mc_task
+
+    write_mc_task(tmp_path / "old")
+    tasks = [{"name": name, "path": str(make_task(tmp_path / "tasks", name, n=4)), "metric": "accuracy"}
+             for name in ("Stance", "Notes")]
+    config = {"name": "datamerge", "base": {"model": str(model)}, "tasks": tasks,
+              "old_knowledge": {"tasks": ["ks_toy"], "include_path": str(tmp_path / "old")},
+              "training": {"lr": 1e-3, "batch_size": 2, "micro_batch_size": 2, "max_length": 32,
+                           "lora": {"r": 2, "alpha": 4}},
+              "evaluation": {"batch_size": 4, "max_new_tokens": {"accuracy": 4}},
+              "methods": {"merge": merge}}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_the_plan_computes_each_models_statistics_once_for_its_merges(tmp_path: Path, tiny_model_dir: Path) -> None:
+    merge = {"finetune": ["fft", "lora"], "methods": ["average", "regmean", "fisher"], "statistics_examples": 3}
+    plan = build_plan(load_config(_study(tmp_path, tiny_model_dir, merge)))
+    statistics = [s for s in plan.steps.values() if s.kind == "statistics"]
+    assert sorted(s.label for s in statistics) == sorted(f"{kind}-{finetune}-{task}" for kind in ("gram", "fisher")
+                                                         for finetune in ("fft", "lora") for task in ("Stance", "Notes"))
+    trains = {s.key: s for s in plan.steps.values() if s.kind == "train"}
+    for step in statistics:
+        assert step.params["examples"] == 3 and step.params["max_length"] == 32
+        (made_by,) = [trains[key] for key in step.deps if key in trains]  # its own task's one-round model
+        assert made_by.params["task"]["name"] == step.params["task"]["name"]
+    merges = {s.label: s for s in plan.steps.values() if s.kind == "merge"}
+    assert merges["regmean-fft"].params["options"] == {"regmean_alpha": 0.6}
+    assert "statistics" not in merges["average-fft"].params  # a merge without data keeps its key
+    assert all(ref[1:].split("/")[0] in merges["fisher-lora"].deps for ref in merges["fisher-lora"].params["statistics"])
+    raw = yaml.safe_load((tmp_path / "study.yaml").read_text())
+    raw["methods"] = {"continual-merge": {"finetune": ["fft"], "methods": ["regmean"]}}
+    with pytest.raises(KnowstackError, match=r"field 'methods\.continual-merge\.methods'.*reads statistics"):
+        build_plan(parse_config(raw))
+
+
+def test_a_study_merges_with_regmean_and_fisher(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from knowstack.study.runner import run_study
+
+    path = _study(tmp_path, tiny_model_dir, {"finetune": ["fft", "lora"], "methods": ["regmean", "fisher"],
+                                             "statistics_examples": 4})
+    run_study(load_config(path), tmp_path / "run", console=None)
+    rows = {row["model"] for row in csv.DictReader((tmp_path / "run" / "results.csv").open())}
+    assert {f"merge-{m}-{f}" for m in ("regmean", "fisher") for f in ("fft", "lora")} <= rows
+    for record in (tmp_path / "run" / "artifacts").glob("merge-*/merge.json"):
+        merged = json.loads(record.read_text())
+        assert len(merged["statistics"]) == 2 and all(Path(p, "statistics.json").is_file()
+                                                      for p in merged["statistics"])

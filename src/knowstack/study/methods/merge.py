@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from knowstack.combine.merges import MERGE_METHOD_OPTIONS, METHODS, MergeOptions
 from knowstack.config import MergeConfig
 from knowstack.errors import KnowstackError
-from knowstack.study.graph import ModelRef, Point, step_ref
+from knowstack.study.graph import ModelRef, Point, Step, step_ref
 from knowstack.study.methods.base import ComposeVariant, Method
 
 if TYPE_CHECKING:
@@ -28,14 +28,38 @@ def add_merge(builder: PlanBuilder, finetune: str, method: str, merge: MergeConf
         "models": [*builder.merge_with, *(ref for ref, _ in inputs)],
         "options": step_options(builder, method, merge),
     }
+    if METHODS[method].statistics is not None:
+        # only where the method reads them: every other merge's key stays what it was
+        steps = statistics_steps(builder, finetune, METHODS[method].statistics, inputs, merge)
+        params["statistics"] = [step_ref(step) for step in steps]
+        statistics_keys = tuple(step.key for step in steps)
+    else:
+        statistics_keys = ()
     if finetune == "lora" and merge.lora_space_of(method) != "delta":
         # only where it is set: the key of a delta-space merge stays what it was before factors existed
         params["options"]["lora_space"] = merge.lora_space_of(method)
-    deps = builder.base_deps() + tuple(key for _, keys in inputs for key in keys)
+    deps = builder.base_deps() + tuple(key for _, keys in inputs for key in keys) + statistics_keys
     label = f"{method}-{finetune}" + ("-factors" if "lora_space" in params["options"] else "")
     step = builder.add_step("merge", label, params, deps)
     trained_on = "+".join(task["name"] for task in builder.tasks)
     builder.evaluate(ModelRef(step_ref(step)), f"merge-{method}-{finetune}", "merge", finetune, None, trained_on)
+
+
+def statistics_steps(builder: PlanBuilder, finetune: str, kind: str, inputs: list[tuple[str, tuple[str, ...]]],
+                     merge: MergeConfig) -> list[Step]:
+    """One step per one-round model computing its `kind` statistics (combine/statistics.py) on the first
+    statistics_examples of its own task's training split, as its contributor would on their own data; shared by
+    every merge that reads them."""
+    if builder.merge_with or builder.provided:
+        raise KnowstackError("a merge that reads statistics of each model's data cannot use contributed models yet",
+                             field="methods.merge.methods")
+    steps = []
+    for task, (ref, deps) in zip(builder.tasks, inputs, strict=True):
+        params = {"kind": kind, "finetune": finetune, "model": ref, "base": builder.base.to_dict(), "task": task,
+                  "examples": merge.statistics_examples, "max_length": builder.training.max_length}
+        label = f"{kind}-{finetune}-{task['name']}"
+        steps.append(builder.add_step("statistics", label, params, builder.base_deps() + deps))
+    return steps
 
 
 def step_options(builder: PlanBuilder, method: str, merge: MergeConfig) -> dict[str, Any]:
@@ -44,7 +68,7 @@ def step_options(builder: PlanBuilder, method: str, merge: MergeConfig) -> dict[
     seed = builder.seed if merge.seed is None else merge.seed
     settings = {"density": merge.density, "drop_rate": merge.drop_rate, "lambda": merge.lam, "seed": seed,
                 "t": merge.t, "gamma": merge.gamma, "epsilon": merge.epsilon, "max_iter": merge.max_iter,
-                "tol": merge.tol}
+                "tol": merge.tol, "regmean_alpha": merge.regmean_alpha, "fisher_floor": merge.fisher_floor}
     return {name: settings[name] for name in MERGE_METHOD_OPTIONS[method]}
 
 
@@ -52,7 +76,8 @@ def check_merge(method: str, models: int, merge: MergeConfig, field: str = "meth
     """The method's own checks (how many models it merges, options it cannot run with) at plan time, before any
     step runs, naming the config field."""
     options = MergeOptions(**{name: getattr(merge, name) for name in ("density", "drop_rate", "lam", "t", "gamma",
-                                                                       "epsilon", "max_iter", "tol")})
+                                                                       "epsilon", "max_iter", "tol", "regmean_alpha",
+                                                                       "fisher_floor")})
     try:
         METHODS[method].check_inputs(models)
         METHODS[method].check_options(options)
@@ -100,5 +125,7 @@ def compose_variant(name: str, method: str, summary: str) -> ComposeVariant:
     return ComposeVariant(name, summary, kinds=("adapter", "model"), knobs=knobs, section=section)
 
 
+# The merges that read statistics of each model's data have no compose variant yet: a registry stores no statistics.
 METHOD = Method("merge", "merge", "semi", plan, "the one-round models or adapters merged into one, without data",
-                tuple(compose_variant(f"merge-{name}", name, METHODS[name].summary) for name in METHODS))
+                tuple(compose_variant(f"merge-{name}", name, METHODS[name].summary) for name in METHODS
+                      if METHODS[name].statistics is None))
