@@ -156,7 +156,8 @@ def test_regmean_merge_solves_each_layer_on_the_contributors_inputs(contributors
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         layer = model.get_submodule(name.removesuffix(".weight"))
         seen: list[torch.Tensor] = []
-        handle = layer.register_forward_hook(lambda _m, i, _o: seen.append(i[0].reshape(-1, i[0].shape[-1])))
+        handle = layer.register_forward_hook(
+            lambda _m, i, _o, seen=seen: seen.append(i[0].reshape(-1, i[0].shape[-1])))
         with torch.no_grad():
             for ex in _tokenized(model_dir, data):
                 model(input_ids=torch.tensor([ex.input_ids]))
