@@ -22,8 +22,9 @@ from knowstack.combine.merge import merge_models
 from knowstack.combine.merges import MergeOptions, get_method
 from knowstack.combine.statistics import compute_statistics
 from knowstack.config import load_config, parse_config
-from knowstack.data.formats import Example
+from knowstack.data.formats import Example, load_trace_split
 from knowstack.errors import KnowstackError
+from knowstack.registry.compose import ComposeOptions
 from knowstack.study.plan import build_plan
 from knowstack.train.batches import tokenize_examples
 
@@ -303,3 +304,47 @@ def test_a_study_merges_with_regmean_and_fisher(tmp_path: Path, tiny_model_dir: 
         merged = json.loads(record.read_text())
         assert len(merged["statistics"]) == 2 and all(Path(p, "statistics.json").is_file()
                                                       for p in merged["statistics"])
+
+
+# --- the registry: statistics contributed beside the weights, read by compose merge-regmean / merge-fisher ------
+def test_a_regmean_version_is_the_regmean_merge_of_the_contributed_statistics(tiny_model_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    from test_registry import make_adapter, make_task, write_mc_task
+
+    from knowstack.registry import Registry, init_registry
+    from knowstack.registry.compose import compose
+    from knowstack.registry.contribute import contribute
+
+    write_mc_task(tmp_path / "old")
+    reg = tmp_path / "reg"
+    init_registry(reg, tiny_model_dir, old_tasks=["ks_toy"], include_path=tmp_path / "old")
+    adapters, stats = [], []
+    for i, name in enumerate(["Stance", "Notes"], start=1):
+        adapters.append(make_adapter(tiny_model_dir, tmp_path / f"a{i}", seed=i))
+        task = make_task(tmp_path / "tasks", name)
+        # the contributor's own statistics, on its own training data, which it does not hand in
+        stats.append(compute_statistics(adapters[-1], load_trace_split(task / "train.json"), tmp_path / f"s{i}",
+                                        base=tiny_model_dir, kinds=["gram"], max_length=64))
+        contribute(reg, name.lower(), adapter=adapters[-1], task=task, statistics=stats[-1] if i == 1 else None)
+    with pytest.raises(KnowstackError, match=r"reads each contribution's gram statistics, and notes were contributed "
+                                             r"without them"):
+        compose(reg, "merge-regmean")
+    contribute(reg, "notes2", adapter=adapters[1], task=make_task(tmp_path / "more", "Notes2"), statistics=stats[1])
+    record = compose(reg, "merge-regmean", contributions=["stance", "notes2"],
+                     options=ComposeOptions(regmean_alpha=0.8))
+    assert record["settings"]["options"] == {"regmean_alpha": 0.8}
+    direct = merge_models("regmean", adapters, tmp_path / "direct", base=tiny_model_dir, statistics=stats,
+                          options=MergeOptions(regmean_alpha=0.8))
+    with Registry.open(reg) as opened, opened.view(record["name"]) as stored:
+        mine, theirs = merged_tensors(stored), merged_tensors(direct)
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+        opened.collect_garbage(grace_seconds=0)
+        stance = opened.version("stance")
+        # weights (2 files), test split, and the statistics (statistics.json, gram.safetensors): kept, verified
+        assert len(stance["settings"]["statistics"]) == 2
+        assert opened.verify(["stance"]) == len(stance["files"]) + len(stance["task_files"]) + 2
+    with pytest.raises(KnowstackError, match=r"not a statistics dir"):
+        contribute(reg, "bad", adapter=adapters[0], task=make_task(tmp_path / "bad", "Bad"),
+                   statistics=tmp_path / "nowhere")
+    with pytest.raises(KnowstackError, match=r"merge-fisher' reads each contribution's fisher statistics"):
+        compose(reg, "merge-fisher", contributions=["stance", "notes2"])

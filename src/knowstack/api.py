@@ -442,14 +442,15 @@ def open_registry(root: PathLike) -> Registry:
 def contribute(root: PathLike, name: str, *, task: PathLike, adapter: PathLike | None = None,
                model: PathLike | None = None, metric: str = "accuracy", keep_data: bool = False,
                task_format: str = "trace", author: str | None = None, training_config: PathLike | None = None,
-               batch_size: int = 32) -> dict[str, Any]:
+               batch_size: int = 32, statistics: PathLike | None = None) -> dict[str, Any]:
     """Add a LoRA adapter dir or a fine-tuned model dir of the registry's base, scored on its task (a TRACE-layout
     dir; keep_data: store its train split too), as `knowstack contribute` (registry/contribute.py); returns its
-    record."""
+    record. statistics: its statistics dir (`statistics`), for the merge-regmean / merge-fisher composes."""
     from knowstack.registry.contribute import contribute as add
 
     return add(root, name, task=task, adapter=adapter, model=model, metric=metric, keep_data=keep_data,
-               task_format=task_format, author=author, training_config=training_config, batch_size=batch_size)
+               task_format=task_format, author=author, training_config=training_config, batch_size=batch_size,
+               statistics=statistics)
 
 
 def compose(root: PathLike, method: str, *, options: Mapping[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:

@@ -214,18 +214,26 @@ class Statistics:
         return value.div_(self.tokens) if self.kind == "gram" else value
 
 
+def read_record(path: str | Path) -> dict[str, Any]:
+    """A statistics dir's statistics.json; one clear error naming the dir where it is not one."""
+    record_path = Path(path).expanduser() / STATISTICS_FILE
+    if not record_path.is_file():
+        raise KnowstackError(f"not a statistics dir (no {STATISTICS_FILE}); make one with `knowstack statistics`",
+                             path=record_path.parent)
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        if not isinstance(record.get("statistics"), dict):
+            raise ValueError("no 'statistics' mapping")
+    except (ValueError, AttributeError) as err:
+        raise KnowstackError(f"cannot read: {err}", path=record_path) from None
+    return record
+
+
 def open_statistics(path: str | Path, kind: str, *, verify: bool = True) -> Statistics:
     """A statistics dir's `kind`, checked (present, its file's content hash); one clear error naming the dir."""
     path = Path(path).expanduser()
-    record_path = path / STATISTICS_FILE
-    if not record_path.is_file():
-        raise KnowstackError(f"not a statistics dir (no {STATISTICS_FILE}); make one with `knowstack statistics`",
-                             path=path)
-    try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-        entry = record["statistics"][kind] if kind in record.get("statistics", {}) else None
-    except (ValueError, TypeError, KeyError, AttributeError) as err:
-        raise KnowstackError(f"cannot read: {err}", path=record_path) from None
+    record = read_record(path)
+    entry = record["statistics"].get(kind)
     if entry is None:
         have = ", ".join(record.get("statistics", {})) or "none"
         raise KnowstackError(f"has no '{kind}' statistics (it has: {have}); compute them with `knowstack statistics "

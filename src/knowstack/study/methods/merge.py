@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from knowstack.combine.merges import MERGE_METHOD_OPTIONS, METHODS, MergeOptions
 from knowstack.config import MergeConfig
 from knowstack.errors import KnowstackError
-from knowstack.study.graph import ModelRef, Point, Step, step_ref
+from knowstack.study.graph import ModelRef, Point, step_ref
 from knowstack.study.methods.base import ComposeVariant, Method
 
 if TYPE_CHECKING:
@@ -28,13 +28,11 @@ def add_merge(builder: PlanBuilder, finetune: str, method: str, merge: MergeConf
         "models": [*builder.merge_with, *(ref for ref, _ in inputs)],
         "options": step_options(builder, method, merge),
     }
+    statistics_keys: tuple[str, ...] = ()
     if METHODS[method].statistics is not None:
         # only where the method reads them: every other merge's key stays what it was
-        steps = statistics_steps(builder, finetune, METHODS[method].statistics, inputs, merge)
-        params["statistics"] = [step_ref(step) for step in steps]
-        statistics_keys = tuple(step.key for step in steps)
-    else:
-        statistics_keys = ()
+        params["statistics"], statistics_keys = statistics_inputs(builder, finetune, METHODS[method].statistics,
+                                                                  inputs, merge)
     if finetune == "lora" and merge.lora_space_of(method) != "delta":
         # only where it is set: the key of a delta-space merge stays what it was before factors existed
         params["options"]["lora_space"] = merge.lora_space_of(method)
@@ -45,21 +43,28 @@ def add_merge(builder: PlanBuilder, finetune: str, method: str, merge: MergeConf
     builder.evaluate(ModelRef(step_ref(step)), f"merge-{method}-{finetune}", "merge", finetune, None, trained_on)
 
 
-def statistics_steps(builder: PlanBuilder, finetune: str, kind: str, inputs: list[tuple[str, tuple[str, ...]]],
-                     merge: MergeConfig) -> list[Step]:
-    """One step per one-round model computing its `kind` statistics (combine/statistics.py) on the first
-    statistics_examples of its own task's training split, as its contributor would on their own data; shared by
-    every merge that reads them."""
-    if builder.merge_with or builder.provided:
-        raise KnowstackError("a merge that reads statistics of each model's data cannot use contributed models yet",
-                             field="methods.merge.methods")
+def statistics_inputs(builder: PlanBuilder, finetune: str, kind: str, inputs: list[tuple[str, tuple[str, ...]]],
+                      merge: MergeConfig) -> tuple[list[str], tuple[str, ...]]:
+    """Each merged model's statistics dir and the keys of the steps that make them: in a study, one step per
+    one-round model computing its `kind` statistics (combine/statistics.py) on the first statistics_examples of its
+    own task's training split, as its contributor would on their own data, shared by every merge that reads them;
+    in a registry compose, the statistics each contributor contributed."""
+    if builder.merge_with:
+        raise KnowstackError("a merge that reads statistics of each model's data cannot take a composed version "
+                             "as an input (it has no statistics)", field="methods.merge.methods")
+    if builder.provided:
+        lacking = [task["name"] for task in builder.tasks if task["name"] not in builder.provided_statistics]
+        if lacking:
+            raise KnowstackError(f"no {kind} statistics were contributed for {', '.join(lacking)}",
+                                 field="methods.merge.methods")
+        return [builder.provided_statistics[task["name"]] for task in builder.tasks], ()
     steps = []
     for task, (ref, deps) in zip(builder.tasks, inputs, strict=True):
         params = {"kind": kind, "finetune": finetune, "model": ref, "base": builder.base.to_dict(), "task": task,
                   "examples": merge.statistics_examples, "max_length": builder.training.max_length}
         label = f"{kind}-{finetune}-{task['name']}"
         steps.append(builder.add_step("statistics", label, params, builder.base_deps() + deps))
-    return steps
+    return [step_ref(step) for step in steps], tuple(step.key for step in steps)
 
 
 def step_options(builder: PlanBuilder, method: str, merge: MergeConfig) -> dict[str, Any]:
@@ -125,7 +130,5 @@ def compose_variant(name: str, method: str, summary: str) -> ComposeVariant:
     return ComposeVariant(name, summary, kinds=("adapter", "model"), knobs=knobs, section=section)
 
 
-# The merges that read statistics of each model's data have no compose variant yet: a registry stores no statistics.
 METHOD = Method("merge", "merge", "semi", plan, "the one-round models or adapters merged into one, without data",
-                tuple(compose_variant(f"merge-{name}", name, METHODS[name].summary) for name in METHODS
-                      if METHODS[name].statistics is None))
+                tuple(compose_variant(f"merge-{name}", name, METHODS[name].summary) for name in METHODS))
