@@ -74,6 +74,7 @@ def compute_statistics(model: str | Path, examples: Sequence[Example], out: str 
     adapter = source.path if isinstance(source, LoraAdapter) else None
     network = load_model(base if adapter is not None else model, adapter, dtype=torch.float32,
                          merge_adapter=True, trust_remote_code=trust_remote_code)
+    network = _on_gpu_if_it_fits(network, "fisher" in kinds)
     wanted = _wanted_weights(network, source)
     record: dict[str, Any] = {
         "version": STATISTICS_VERSION, "model": str(model), "base": str(base) if base is not None else None,
@@ -88,6 +89,16 @@ def compute_statistics(model: str | Path, examples: Sequence[Example], out: str 
             record["statistics"][kind] = _save(tmp, kind, tensors, examples=len(tokenized), tokens=tokens)
         atomic_write_json(tmp / STATISTICS_FILE, record)
     return out
+
+
+def _on_gpu_if_it_fits(network: torch.nn.Module, gradients: bool) -> torch.nn.Module:
+    """On this process's GPU where the float32 model fits in its free memory with room for activations (and, for the
+    Fisher, for a gradient of every parameter); on the CPU otherwise. The sums are kept on the CPU in float64."""
+    if not torch.cuda.is_available():
+        return network
+    size = sum(p.numel() * p.element_size() for p in network.parameters())
+    free, _ = torch.cuda.mem_get_info()
+    return network.to("cuda") if (2.5 if gradients else 1.5) * size < free else network
 
 
 def _checked_kinds(kinds: Sequence[str]) -> list[str]:
@@ -234,6 +245,8 @@ def open_statistics(path: str | Path, kind: str, *, verify: bool = True) -> Stat
     path = Path(path).expanduser()
     record = read_record(path)
     entry = record["statistics"].get(kind)
+    if entry is not None and not isinstance(entry, dict):
+        raise KnowstackError(f"'{kind}' is not an object", path=path / STATISTICS_FILE, field=kind)
     if entry is None:
         have = ", ".join(record.get("statistics", {})) or "none"
         raise KnowstackError(f"has no '{kind}' statistics (it has: {have}); compute them with `knowstack statistics "
