@@ -348,3 +348,15 @@ def test_a_regmean_version_is_the_regmean_merge_of_the_contributed_statistics(ti
                    statistics=tmp_path / "nowhere")
     with pytest.raises(KnowstackError, match=r"merge-fisher' reads each contribution's fisher statistics"):
         compose(reg, "merge-fisher", contributions=["stance", "notes2"])
+
+
+def test_the_builtin_test_preset_plans_statistics_for_its_tasks(tmp_path: Path) -> None:
+    from test_study import tiny_study
+
+    path = tiny_study(tmp_path, {"merge": {"finetune": ["lora"], "methods": ["regmean", "fisher"]}})
+    plan = build_plan(load_config(path))
+    statistics = [s for s in plan.steps.values() if s.kind == "statistics"]
+    tasks = plan.task_names
+    assert len(tasks) >= 2 and sorted(s.label for s in statistics) == sorted(
+        f"{kind}-lora-{task}" for kind in ("gram", "fisher") for task in tasks)
+    assert {s.params["examples"] for s in statistics} == {256}  # config.py's declared default
