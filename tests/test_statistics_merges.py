@@ -360,3 +360,24 @@ def test_the_builtin_test_preset_plans_statistics_for_its_tasks(tmp_path: Path) 
     assert len(tasks) >= 2 and sorted(s.label for s in statistics) == sorted(
         f"{kind}-lora-{task}" for kind in ("gram", "fisher") for task in tasks)
     assert {s.params["examples"] for s in statistics} == {256}  # config.py's declared default
+
+
+def test_the_commands_compute_statistics_and_merge_with_them(contributors: list[tuple[Path, Path]], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from knowstack.cli import main
+
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([{"prompt": ex.prompt, "answer": ex.answer} for ex in SPLITS[0]]))
+    (model, given), (other, other_stats) = contributors
+    assert main(["statistics", str(model), "--data", str(data), "--examples", "6", "--max-length", "64",
+                 "--out", str(tmp_path / "stats")]) == 0
+    assert "gram: 6 examples" in capsys.readouterr().out
+    for kind in ("gram", "fisher"):  # the same data, the same statistics as the fixture's (from the API)
+        ours, theirs = load_file(tmp_path / "stats" / f"{kind}.safetensors"), load_file(given / f"{kind}.safetensors")
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert main(["merge", "--method", "regmean", "--models", str(model), str(other), "--statistics",
+                 str(tmp_path / "stats"), str(other_stats), "--regmean-alpha", "0.9", "--out", str(tmp_path / "m")]) == 0
+    direct = merge_models("regmean", [model, other], tmp_path / "direct", statistics=[given, other_stats],
+                          options=MergeOptions(regmean_alpha=0.9))
+    mine, theirs = merged_tensors(tmp_path / "m"), merged_tensors(direct)
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
