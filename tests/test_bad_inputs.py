@@ -119,6 +119,13 @@ def write(where: Path, text: str) -> Path:
     return where
 
 
+def gram_only_statistics(where: Path, good: Inputs) -> Path:
+    """A contributor's statistics with RegMean's Gram matrices but no Fisher."""
+    from knowstack.api import statistics
+
+    return statistics(good.model, good.task / "train.json", where, kinds=["gram"], max_length=32)
+
+
 def include_missing_data(where: Path, good: Inputs) -> Path:
     shutil.copytree(good.old, where)
     (where / "ks_toy.jsonl").unlink()
@@ -171,6 +178,8 @@ MAKERS: dict[str, Callable[[Path, Inputs], Path]] = {
     "prompts-not-strings": lambda w, g: write(w.with_suffix(".json"), "[1, 2]"),
     "missing-file": lambda w, g: w.with_suffix(".yaml"),
     "nothing": lambda w, g: w,  # the case's command is bad on its own (e.g. FSDP on CPU)
+    # statistics of a contributor's data (regmean, fisher)
+    "gram-only-statistics": gram_only_statistics,
 }
 
 
@@ -249,6 +258,16 @@ CASES = [
          "{adapter} --out {out}", ("adapter_model.bin", "never unpickled")),
     Case("merge-no-model", "no-model", "merge --method average --models {model} {bad} --out {out}",
          ("model or adapter dir not found",)),
+    Case("merge-regmean-no-statistics", "nothing", "merge --method regmean --models {model} {model} --out {out}",
+         ("needs the gram statistics of every model", "got 0 for 2 models", "field 'statistics'")),
+    Case("merge-fisher-missing-kind", "gram-only-statistics", "merge --method fisher --models {model} {model} "
+         "--statistics {bad} {bad} --out {out}", ("bad", "has no 'fisher' statistics (it has: gram)")),
+    Case("merge-statistics-not-a-dir-of-them", "no-model", "merge --method regmean --models {model} {model} "
+         "--statistics {bad} {bad} --out {out}", ("bad", "not a statistics dir")),
+    Case("statistics-missing-field", "missing-field", "statistics {model} --data {bad}/train.json --out {out}",
+         ("train.json", "item 2", "field 'answer'")),
+    Case("statistics-adapter-without-base", "nothing", "statistics {adapter} --data {task}/train.json --out {out}",
+         ("adapter", "need its base model", "field 'base'")),
     Case("mix-truncated-base", "truncated-model", "mix --base {bad} --models {adapter} {adapter} --out {out}",
          ("model.safetensors", "truncated")),
     Case("mix-adapter-truncated", "adapter-truncated", "mix --base {model} --models {adapter} {bad} --out {out}",
@@ -387,7 +406,7 @@ def check_message(err: str, case: Case) -> None:
 def test_cases_cover_every_command_and_input_kind() -> None:
     assert len(CASES) >= 40 and len({case.id for case in CASES}) == len(CASES)
     commands = {case.argv.split()[0] for case in CASES}
-    assert commands >= {"study", "train", "eval", "merge", "mix", "contribute", "compose", "registry"}
+    assert commands >= {"study", "train", "eval", "merge", "mix", "contribute", "compose", "registry", "statistics"}
     assert any("--dry-run" in case.argv for case in CASES)
     assert {case.make for case in CASES} >= set(MAKERS) - {"nothing"}
 

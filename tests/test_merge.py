@@ -156,7 +156,8 @@ def test_streamed_merge_loads_and_equals_direct(tiny_model_dir: Path, finetunes:
     assert torch.isfinite(model(torch.tensor([[1, 5, 9]])).logits).all()
 
 
-@pytest.mark.parametrize("method", sorted(m for m in METHODS if METHODS[m].min_models == 1))
+# (the methods that read statistics of each model's data: tests/test_statistics_merges.py)
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if METHODS[m].min_models == 1 and not METHODS[m].statistics))
 def test_merging_one_model_gives_that_model(method: str, tiny_model_dir: Path, finetunes: list[Path],
                                             tmp_path: Path) -> None:
     out = merge_models(method, finetunes[:1], tmp_path / method, base=tiny_model_dir,

@@ -119,7 +119,8 @@ def test_declarations_are_consistent() -> None:
     for name, method in METHODS.items():
         assert method.random == (name in ("dare", "ties-dare", "della", "della-linear"))
         assert set(method.options) <= {"density", "drop_rate", "lambda", "seed", "t", "gamma", "epsilon", "max_iter",
-                                        "tol"}
+                                        "tol", "regmean_alpha", "fisher_floor"}
+        assert method.statistics == {"regmean": "gram", "fisher": "fisher"}.get(name)
         assert method.summary
     assert [m for m, method in METHODS.items() if method.coefficients] == ["average", "task-average",
                                                                            "task-arithmetic"]

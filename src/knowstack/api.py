@@ -35,7 +35,7 @@ PathLike = str | Path
 __all__ = [
     "PlannedStep", "StudyResults", "TaskScores", "compose", "contribute", "dry_run", "evaluate", "export",
     "history", "init_registry", "load_study", "merge", "mix", "open_registry", "rows_frame", "run_study", "score",
-    "score_predictions", "study_results", "train",
+    "score_predictions", "study_results", "train", "statistics",
 ]
 
 
@@ -251,19 +251,42 @@ def train(model: PathLike, data: PathLike | TaskSpec | Sequence[tuple[str, str]]
 def merge(method: str, models: Sequence[PathLike], out: PathLike, *, base: PathLike | None = None,
           weights: Sequence[float] | None = None, density: float | None = None, drop_rate: float | None = None,
           lam: float | None = None, lora_space: str | None = None, seed: int = 0, max_shard_gb: float = 5.0,
-          progress: bool = False, **settings: float) -> Path:
+          progress: bool = False, statistics: Sequence[PathLike] | None = None, **settings: float) -> Path:
     """Merge model dirs and/or LoRA adapter dirs of one base, as `knowstack merge`; returns the merged model dir.
     density / drop_rate / lam default to config.py MergeConfig's; lora_space: LoRA adapters merged as deltas
     ("delta", the default) or factor by factor ("factors", PEFT's add_weighted_adapter); max_shard_gb: the
     largest output shard; progress: a progress bar on stderr; settings: the other methods' own (t for slerp, gamma
-    for breadcrumbs, epsilon for della, max_iter and tol for karcher; combine/merges/), an unknown one an error."""
+    for breadcrumbs, epsilon for della, max_iter and tol for karcher, regmean_alpha for regmean, fisher_floor for
+    fisher; combine/merges/), an unknown one an error. statistics: for regmean and fisher, one statistics dir per
+    model, in order (`statistics`)."""
     from knowstack.combine.merge import merge_models
     from knowstack.combine.merge_methods import MergeOptions
 
     given = {"density": density, "drop_rate": drop_rate, "lam": lam, "lora_space": lora_space, **settings}
     options = MergeOptions.from_settings({name: value for name, value in given.items() if value is not None})
     return merge_models(method, list(models), Path(out), base=base, weights=weights, options=options, seed=seed,
-                        max_shard_bytes=int(max_shard_gb * 2**30), progress=progress)
+                        max_shard_bytes=int(max_shard_gb * 2**30), progress=progress, statistics=statistics)
+
+
+def statistics(model: PathLike, data: PathLike, out: PathLike, *, base: PathLike | None = None,
+               kinds: Sequence[str] = ("gram", "fisher"), examples: int | None = None, max_length: int | None = None,
+               tokenizer: PathLike | None = None, trust_remote_code: bool = False) -> Path:
+    """The statistics of a model's (or, on `base`, a LoRA adapter's) training data that the regmean and fisher merges
+    read, as `knowstack statistics`: `kinds` of "gram" (RegMean's input Gram matrices) and "fisher" (the diagonal
+    Fisher) on the first `examples` (default config.py MergeConfig's statistics_examples) of the TRACE-format file
+    `data`, tokenized as training does with max_length (default TrainingConfig's). Returns the statistics dir."""
+    from knowstack.combine.statistics import compute_statistics
+    from knowstack.config import MergeConfig, TrainingConfig
+    from knowstack.data.formats import load_trace_split
+
+    if examples is not None and examples < 1:
+        raise KnowstackError("must be at least 1", field="examples")
+    if max_length is not None and max_length < 2:
+        raise KnowstackError("must be at least 2", field="max_length")
+    return compute_statistics(model, load_trace_split(Path(data)), Path(out), base=base, kinds=kinds,
+                              max_examples=MergeConfig().statistics_examples if examples is None else examples,
+                              max_length=TrainingConfig().max_length if max_length is None else max_length,
+                              tokenizer=tokenizer, trust_remote_code=trust_remote_code)
 
 
 def _prompt_list(prompts: Sequence[str] | PathLike) -> list[str]:
@@ -427,14 +450,15 @@ def open_registry(root: PathLike) -> Registry:
 def contribute(root: PathLike, name: str, *, task: PathLike, adapter: PathLike | None = None,
                model: PathLike | None = None, metric: str = "accuracy", keep_data: bool = False,
                task_format: str = "trace", author: str | None = None, training_config: PathLike | None = None,
-               batch_size: int = 32) -> dict[str, Any]:
+               batch_size: int = 32, statistics: PathLike | None = None) -> dict[str, Any]:
     """Add a LoRA adapter dir or a fine-tuned model dir of the registry's base, scored on its task (a TRACE-layout
     dir; keep_data: store its train split too), as `knowstack contribute` (registry/contribute.py); returns its
-    record."""
+    record. statistics: its statistics dir (`statistics`), for the merge-regmean / merge-fisher composes."""
     from knowstack.registry.contribute import contribute as add
 
     return add(root, name, task=task, adapter=adapter, model=model, metric=metric, keep_data=keep_data,
-               task_format=task_format, author=author, training_config=training_config, batch_size=batch_size)
+               task_format=task_format, author=author, training_config=training_config, batch_size=batch_size,
+               statistics=statistics)
 
 
 def compose(root: PathLike, method: str, *, options: Mapping[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:

@@ -317,7 +317,8 @@ class ReplayConfig(MethodConfig):
 # The merge methods, in combine/merges/ order; each method's module declares the settings it reads (only these
 # enter its step's key, so that changing TIES' density does not redo the average). A test checks the two agree.
 MergeMethodName = Literal["average", "task-average", "ties", "dare", "ties-dare", "task-arithmetic", "breadcrumbs",
-                          "breadcrumbs-ties", "della", "della-linear", "slerp", "multislerp", "karcher", "model-stock"]
+                          "breadcrumbs-ties", "della", "della-linear", "slerp", "multislerp", "karcher", "model-stock",
+                          "regmean", "fisher"]
 LoraSpace = Literal["delta", "factors"]
 
 
@@ -331,7 +332,11 @@ class MergeConfig(MethodConfig):
     ({fft: [average], lora: [average, ties]}). The other methods' settings, with mergekit's defaults where it has
     one: t (SLERP's position between the two models; mergekit requires it), gamma (breadcrumbs: the fraction of
     largest-magnitude entries dropped), epsilon (DELLA: keep probabilities spread over density +- epsilon),
-    max_iter and tol (the Karcher mean's iterations). The definitions: docs/methods.md, combine/merges/."""
+    max_iter and tol (the Karcher mean's iterations), regmean_alpha (RegMean: the factor on the off-diagonal entries
+    of each Gram matrix; 1 is the exact least-squares merge), fisher_floor (Fisher merging: added to every Fisher
+    entry, so that an entry no model's data moves is a plain average), statistics_examples (RegMean and Fisher: the
+    first training examples of each task its statistics are computed on). The definitions: docs/methods.md,
+    combine/merges/."""
 
     SWEEPABLE: ClassVar[tuple[str, ...]] = ("density", "drop_rate", "lambda")
     methods: list[MergeMethodName] | dict[Finetune, list[MergeMethodName]] = Field(
@@ -344,6 +349,11 @@ class MergeConfig(MethodConfig):
     epsilon: float = Field(default=0.15, ge=0, lt=0.5)
     max_iter: int = Field(default=10, gt=0)
     tol: float = Field(default=1e-5, gt=0)
+    # FusionBench's RegMean for GPT-2 (config/method/regmean/gpt2_regmean.yaml: reduce_non_diagonal_ratio 0.6) and
+    # Fisher merging (fisher_merging.yaml: minimal_fisher_weight 1e-6, num_fisher_examples 256)
+    regmean_alpha: float = Field(default=0.6, ge=0, le=1)
+    fisher_floor: float = Field(default=1e-6, gt=0)
+    statistics_examples: int = Field(default=256, gt=0)
     seed: int | None = None
     lora_space: LoraSpace | dict[MergeMethodName, LoraSpace] = "delta"
 

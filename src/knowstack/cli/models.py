@@ -1,4 +1,4 @@
-"""Commands of one model at a time: train, eval, score, merge, mix, build-world."""
+"""Commands of one model at a time: train, eval, score, merge, statistics, mix, build-world."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from typing import Any
 
 from knowstack.cli.options import (
     MERGE_ONLY_OPTIONS,
+    STATISTICS_MERGE_OPTIONS,
     add_merge_options,
+    add_statistics_merge_options,
     add_training_options,
     training_from_args,
 )
@@ -133,9 +135,22 @@ def cmd_merge(args: argparse.Namespace) -> None:
     raise_problems(problems + [p for path in args.models for p in check_weights_dir(path)])
     out = api.merge(args.method, args.models, args.out, base=args.base, weights=args.weights, density=args.density,
                     drop_rate=args.drop_rate, lam=args.lam, lora_space=args.lora_space, seed=args.seed,
-                    max_shard_gb=args.max_shard_gb, progress=True,
-                    **{name: getattr(args, name) for name in MERGE_ONLY_OPTIONS if getattr(args, name) is not None})
+                    max_shard_gb=args.max_shard_gb, progress=True, statistics=args.statistics,
+                    **{name: getattr(args, name) for name in MERGE_ONLY_OPTIONS + STATISTICS_MERGE_OPTIONS
+                       if getattr(args, name) is not None})
     print(f"merged model: {out}")
+
+
+def cmd_statistics(args: argparse.Namespace) -> None:
+    from knowstack import api
+
+    out = api.statistics(args.model, args.data, args.out, base=args.base, kinds=args.kind, examples=args.examples,
+                         max_length=args.max_length, tokenizer=args.tokenizer,
+                         trust_remote_code=args.trust_remote_code)
+    record = json.loads((out / "statistics.json").read_text(encoding="utf-8"))
+    for kind, entry in record["statistics"].items():
+        print(f"{kind}: {entry['examples']} examples, {entry['tokens']} tokens")
+    print(f"statistics: {out}")
 
 
 def cmd_mix(args: argparse.Namespace) -> None:
@@ -195,6 +210,7 @@ def add_commands(sub: Any) -> None:
         OLoraConfig,
         ReplayConfig,
         RouterTrainingConfig,
+        TrainingConfig,
     )
 
     merge, moe, routers = MergeConfig(), MoeConfig(), RouterTrainingConfig()
@@ -254,6 +270,9 @@ def add_commands(sub: Any) -> None:
                    help=f"dare, ties-dare: probability of dropping (default {merge.drop_rate})")
     p.add_argument("--lambda", dest="lam", type=float, help=f"scale of the merged task vector (default {merge.lam})")
     add_merge_options(p)
+    add_statistics_merge_options(p)
+    p.add_argument("--statistics", nargs="+", metavar="DIR",
+                   help="regmean, fisher: one statistics dir per model, in the models' order (`knowstack statistics`)")
     p.add_argument("--seed", type=int, default=0, help="dare, ties-dare, della: the random drops")
     p.add_argument("--lora-space", choices=("delta", "factors"),
                    help="LoRA adapters: merge their deltas s*B@A (delta, the default) or their A and B apart as PEFT's "
@@ -262,6 +281,21 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output shard")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("statistics", help="statistics of a model's (or adapter's) training data for the regmean and "
+                                          "fisher merges, shared instead of the data")
+    p.add_argument("model", help="a model dir (FFT) or a PEFT LoRA adapter dir (give --base)")
+    p.add_argument("--data", required=True, help="its training data: a TRACE-format file of prompt/answer items")
+    p.add_argument("--base", help="the base model dir, for an adapter")
+    p.add_argument("--kind", nargs="+", choices=["gram", "fisher"], default=["gram", "fisher"],
+                   help="gram: RegMean's input Gram matrices; fisher: the diagonal Fisher (default both)")
+    p.add_argument("--examples", type=int, help=f"the first examples used (default {merge.statistics_examples})")
+    p.add_argument("--max-length", type=int, help="tokens per example, as training's max_length (default "
+                                                  f"{TrainingConfig().max_length})")
+    p.add_argument("--tokenizer", help="the tokenizer, where it is not the model's (or the base's, for an adapter)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
+    p.add_argument("--out", required=True, help="the statistics dir to write")
+    p.set_defaults(func=cmd_statistics)
 
     p = sub.add_parser("mix", help="mix fine-tuned models (FFT-MoE) or LoRA adapters (LoRA-MoE) of one base "
                                    "into a mixture of experts")

@@ -128,3 +128,16 @@ def add_merge_options(parser: Any) -> None:
     from knowstack.config import MergeConfig
 
     add_model_options(parser, MergeConfig, only=MERGE_ONLY_OPTIONS, helps=MERGE_HELP)
+
+
+# The settings of the merges that read statistics of each model's data (`knowstack merge` only: a registry stores no
+# statistics yet), with MergeConfig's defaults and checks.
+STATISTICS_MERGE_OPTIONS = ("regmean_alpha", "fisher_floor")
+STATISTICS_MERGE_HELP = {"regmean_alpha": "regmean: factor on the off-diagonal entries of each Gram matrix (1: the "
+                         "exact least-squares merge)", "fisher_floor": "fisher: added to every Fisher entry"}
+
+
+def add_statistics_merge_options(parser: Any) -> None:
+    from knowstack.config import MergeConfig
+
+    add_model_options(parser, MergeConfig, only=STATISTICS_MERGE_OPTIONS, helps=STATISTICS_MERGE_HELP)

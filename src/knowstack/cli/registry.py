@@ -10,7 +10,7 @@ from typing import Any
 from knowstack.cli.common import console
 from knowstack.cli.common import percent as _percent  # the names _add_compose_args uses
 from knowstack.cli.common import points as _points
-from knowstack.cli.options import add_merge_options
+from knowstack.cli.options import add_merge_options, add_statistics_merge_options
 from knowstack.config import METRICS
 from knowstack.errors import KnowstackError
 
@@ -88,7 +88,8 @@ def cmd_contribute(args: argparse.Namespace) -> None:
     raise_problems(problems)
     record = api.contribute(args.registry, args.name, task=args.task, adapter=args.adapter, model=args.model,
                             metric=args.metric, keep_data=args.keep_data, task_format=args.format,
-                            author=args.author, training_config=args.training_config, batch_size=args.batch_size)
+                            author=args.author, training_config=args.training_config, batch_size=args.batch_size,
+                            statistics=args.statistics)
     score = next(s for s in record["scores"] if s["kind"] == "new")
     print(f"contributed: {record['name']} ({record['kind']}, {record['content_hash'][:12]}) "
           f"{record['task']} {score['metric']} = {score['value']:.4f}")
@@ -182,6 +183,7 @@ def _add_compose_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--drop-rate", type=float, help=f"DARE: drop probability (default {d.drop_rate})")
     g.add_argument("--lambda", dest="lam", type=float, help=f"scale of the merged task vector (default {d.lam})")
     add_merge_options(g)
+    add_statistics_merge_options(g)
     g = p.add_argument_group("moe-* options")
     g.add_argument("--top-k", type=int, help=f"experts per token (default {d.top_k})")
     g.add_argument("--router", choices=["prompts", "random", "uniform", "base-biased", "none"],
@@ -262,6 +264,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--author")
     p.add_argument("--training-config", help="a file of the training settings, stored as given")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--statistics", metavar="DIR", help="its statistics on its own training data (`knowstack "
+                                                       "statistics`), for compose merge-regmean / merge-fisher")
     p.set_defaults(func=cmd_contribute)
 
     p = sub.add_parser("compose", help="build the registry's next version from contributions by one method, "

@@ -24,7 +24,8 @@ from knowstack.atomic import atomic_dir, atomic_write_json
 from knowstack.combine.inputs import FullModel, LoraAdapter, config_differences, open_input, read_json
 from knowstack.combine.lora_sum import ADAPTER_DIR, representable, save_adapter, write_sum_adapter
 from knowstack.combine.merge_factors import get_factor_method, merge_lora_factors
-from knowstack.combine.merges import MergeMethod, MergeOptions, get_method
+from knowstack.combine.merges import METHODS, MergeMethod, MergeOptions, get_method
+from knowstack.combine.statistics import Statistics, check_statistics, open_statistics
 from knowstack.errors import KnowstackError
 from knowstack.modeling.streaming import ShardedWriter
 
@@ -48,8 +49,11 @@ def merge_models(
     seed: int = 0,
     max_shard_bytes: int = 5 * 2**30,
     progress: bool = False,
+    statistics: Sequence[str | Path] | None = None,
 ) -> Path:
-    """Merge `models` (model dirs and/or LoRA adapter dirs) with `method` into the model dir `out`."""
+    """Merge `models` (model dirs and/or LoRA adapter dirs) with `method` into the model dir `out`. statistics: for
+    a method that reads statistics of each model's data (regmean, fisher), one statistics dir per model, in the
+    models' order (combine/statistics.py)."""
     chosen = get_method(method)
     options = options or MergeOptions()
     inputs = [open_input(path) for path in models]
@@ -72,6 +76,7 @@ def merge_models(
     reference = base_model or inputs[0]
     assert isinstance(reference, FullModel)
     check_compatible(reference, inputs)
+    contributed = _statistics(chosen, statistics, inputs, reference)
 
     out = Path(out).expanduser()
     sources = [m.path for m in inputs] + ([base_model.path] if base_model else [])
@@ -80,7 +85,7 @@ def merge_models(
     with atomic_dir(out) as tmp:
         merged_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if factors else None
         _write_merged(tmp, chosen, reference, base_model if in_delta_space else None, inputs, weight_tensor,
-                      options, seed, max_shard_bytes, progress, merged_factors)
+                      options, seed, max_shard_bytes, progress, merged_factors, contributed)
         _copy_model_files(reference.path, tmp)
         adapter = factors or representable(chosen, inputs)
         if merged_factors is not None:
@@ -96,6 +101,8 @@ def merge_models(
             "lambda": options.lam, "seed": seed, "adapter": ADAPTER_DIR if adapter else None,
             "lora_space": options.lora_space if any(isinstance(m, LoraAdapter) for m in inputs) else None,
         }
+        if contributed is not None:
+            record["statistics"] = [str(stats.path) for stats in contributed]
         # the settings of the other methods, where this method reads them
         record.update({name: options.value(name) for name in chosen.options if name not in (*record, "seed")})
         atomic_write_json(tmp / MERGE_FILE, record)
@@ -118,16 +125,20 @@ def _write_cards(tmp: Path, method: str, base: str | Path | None, models: list[P
 
 def _write_merged(tmp: Path, method: MergeMethod, reference: FullModel, base: FullModel | None, inputs: list[Input],
                   weights: torch.Tensor, options: MergeOptions, seed: int, max_shard_bytes: int,
-                  progress: bool, merged_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+                  progress: bool, merged_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None,
+                  statistics: list[Statistics] | None = None) -> None:
     """Every tensor of `reference`, in its on-disk order, merged and streamed into shards in `tmp`.
     With a `base`, the method works on task vectors (and LoRA deltas); without, on the full weights.
-    merged_factors: given for a merge in LoRA factor space, and filled with each module's merged (A, B)."""
+    merged_factors: given for a merge in LoRA factor space, and filled with each module's merged (A, B).
+    statistics: each input's, for a method that reads them."""
     specs = reference.reader.specs
     order = reference.reader.names()
     writer = ShardedWriter(tmp, [(name, specs[name].torch_dtype, specs[name].shape) for name in order],
                            max_shard_bytes)
     for name in tqdm(order, desc=f"merge {method.name}", unit="tensor", disable=not progress):
-        if merged_factors is not None:
+        if statistics is not None:
+            merged = _merge_with_statistics(method, name, base, inputs, weights, options, statistics)
+        elif merged_factors is not None:
             assert base is not None
             merged = _merge_factors(method.name, name, base, inputs, weights, options, seed, merged_factors)
         elif base is not None:
@@ -180,6 +191,70 @@ def _merge_deltas(method: MergeMethod, name: str, base: FullModel, inputs: list[
                          _generator(seed, name) if method.random else None)
     merged = method.fn(taus, weights, options, _generator(seed, name) if method.random else None)
     return merged.add_(base_tensor)
+
+
+def _statistics(method: MergeMethod, given: Sequence[str | Path] | None, inputs: list[Input],
+                reference: FullModel) -> list[Statistics] | None:
+    """Each input's statistics, opened and checked against the model's weights before any tensor is merged."""
+    if method.statistics is None:
+        if given:
+            raise KnowstackError(f"'{method.name}' reads no statistics; --statistics is for "
+                                 f"{', '.join(n for n, m in METHODS.items() if m.statistics)}", field="statistics")
+        return None
+    given = list(given or [])
+    if len(given) != len(inputs):
+        missing = inputs[len(given)].path if len(given) < len(inputs) else None
+        detail = f": none for {missing}" if missing is not None else ""
+        raise KnowstackError(f"'{method.name}' needs the {method.statistics} statistics of every model, one "
+                             f"statistics dir per model in their order; got {len(given)} for {len(inputs)} models"
+                             f"{detail}", field="statistics")
+    shapes = {name: tuple(spec.shape) for name, spec in reference.reader.specs.items()}
+    opened = [open_statistics(path, method.statistics) for path in given]
+    for stats, model in zip(opened, inputs, strict=True):
+        check_statistics(stats, shapes)
+        if isinstance(model, LoraAdapter) and not stats.names() <= model.names():
+            outside = sorted(stats.names() - model.names())[0]
+            raise KnowstackError(f"statistics for '{outside}', which the adapter {model.path} does not target: "
+                                 "these are another model's statistics", path=stats.path)
+    covered = set.union(*(stats.names() for stats in opened))
+    for stats in opened:
+        if stats.names() != covered:
+            lacking = sorted(covered - stats.names())[0]
+            raise KnowstackError(f"no '{method.statistics}' statistics for '{lacking}', which the other models' "
+                                 "statistics have: every model needs statistics of the same weights (adapters "
+                                 "targeting the same modules, or all full models)", path=stats.path)
+    return opened
+
+
+def _merge_with_statistics(method: MergeMethod, name: str, base: FullModel | None, inputs: list[Input],
+                           weights: torch.Tensor, options: MergeOptions, statistics: list[Statistics]) -> torch.Tensor:
+    """A method of the full weights that reads each model's statistics of this weight; a weight no model has
+    statistics for (RegMean: all but the linear layers) is their weighted average, as the methods' papers do."""
+    from knowstack.combine.merges.blocks import weighted_mean
+
+    if base is not None:
+        raw = base.reader.read(name)
+        if not raw.is_floating_point():
+            return _same_everywhere(name, [raw] + [m.full(name) for m in inputs if isinstance(m, FullModel)], inputs)
+        base_tensor = raw.float()
+        if all(isinstance(m, LoraAdapter) and name not in m.modules for m in inputs):
+            return base_tensor  # no adapter touches this weight
+        # a full model's own weight; an adapter's, the base's plus its delta
+        tensors = [m.full(name) if isinstance(m, FullModel) else
+                   _or_base(m.delta(name, base_tensor), base_tensor) for m in inputs]
+    else:
+        tensors = [m.full(name) for m in inputs if isinstance(m, FullModel)]
+        if not tensors[0].is_floating_point():
+            return _same_everywhere(name, tensors, inputs)
+    found = [stats.tensor(name) for stats in statistics]
+    if all(value is None for value in found):
+        return weighted_mean(tensors, weights)
+    assert all(value is not None for value in found), "_statistics checks that all cover the same weights"
+    return method.fn(tensors, weights, options, None, found)  # type: ignore[call-arg]
+
+
+def _or_base(delta: torch.Tensor | None, base: torch.Tensor) -> torch.Tensor:
+    return base.clone() if delta is None else delta.add_(base)
 
 
 def _merge_factors(method: str, name: str, base: FullModel, inputs: list[Input], weights: torch.Tensor,

@@ -40,7 +40,7 @@ from knowstack.config import (
 from knowstack.errors import KnowstackError
 from knowstack.hashing import content_hash
 from knowstack.registry import db
-from knowstack.registry.core import BASE_NAME, Registry, check_name, composed
+from knowstack.registry.core import BASE_NAME, STATISTICS, Registry, check_name, composed
 from knowstack.registry.evaluate import (
     RegisteredTask,
     item_scores,
@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 WORK_DIR = ".compose"
 MODEL_DIR = "model"
 VIEWS_DIR = "views"
+STATISTICS_DIR = "statistics"  # the inputs' contributed statistics, laid out
 SCORES_DIR = "scores"
 
 
@@ -83,6 +84,8 @@ class ComposeOptions:
     epsilon: float = _MERGE.epsilon  # della
     max_iter: int = _MERGE.max_iter  # karcher
     tol: float = _MERGE.tol
+    regmean_alpha: float = _MERGE.regmean_alpha  # regmean (from the contributions' statistics)
+    fisher_floor: float = _MERGE.fisher_floor  # fisher (idem)
     # MoE: experts per token, router init, and optional router-only training (0 steps: none)
     top_k: int = _MOE.top_k
     router: str = _MOE.router
@@ -128,6 +131,7 @@ class Build:
     start_name: str | None = None
     replayed: tuple[RegisteredTask, ...] = ()  # --from with replay: the start's tasks whose data is kept
     launch: LaunchSpec | None = None  # training and router training as `accelerate launch` of N processes
+    statistics: tuple[Path | None, ...] = ()  # each input's contributed statistics dir, where it has one
 
     @property
     def out(self) -> Path:
@@ -149,6 +153,14 @@ class Method:
 
     def settings(self, options: ComposeOptions) -> dict[str, Any]:
         return {knob: getattr(options, knob) for knob in self.knobs}
+
+    @property
+    def statistics(self) -> str | None:
+        """The kind of the contributions' statistics it reads (merge-regmean: gram, merge-fisher: fisher)."""
+        from knowstack.combine.merges import METHODS as MERGES
+
+        merge = MERGES.get(self.name.removeprefix("merge-")) if self.catalog == "merge" else None
+        return merge.statistics if merge is not None else None
 
 
 def _catalog_build(catalog: str, variant: ComposeVariant) -> Callable[[Build], None]:
@@ -206,6 +218,12 @@ def check_inputs(method: Method, chosen: Sequence[dict[str, Any]], options: Comp
     if wrong:
         raise KnowstackError(f"'{method.name}' combines {' or '.join(method.kinds)} contributions, not "
                              f"{', '.join(wrong)}", field="contributions")
+    if method.statistics is not None:
+        lacking = [r["name"] for r in chosen if method.statistics not in _statistics_kinds(r)]
+        if lacking:
+            raise KnowstackError(f"'{method.name}' reads each contribution's {method.statistics} statistics, and "
+                                 f"{', '.join(lacking)} were contributed without them (contribute --statistics DIR, "
+                                 "made by `knowstack statistics`)", field="contributions")
     if method.name.startswith("moe") and options.router_steps > 0 and without:
         raise KnowstackError(f"router training trains on the contributions' data, and {', '.join(without)} were "
                              "registered without it (--keep-data): use --router-steps 0", field="router_steps")
@@ -217,11 +235,22 @@ def check_inputs(method: Method, chosen: Sequence[dict[str, Any]], options: Comp
                                  field="router")
 
 
+def _statistics_kinds(record: dict[str, Any]) -> set[str]:
+    """The kinds of statistics a contribution was contributed with (its statistics files, by name)."""
+    from knowstack.combine.statistics import KINDS
+
+    files = record["settings"].get(STATISTICS) or {}
+    return {kind for kind in KINDS if f"{kind}.safetensors" in files}
+
+
 def check_start(records: Sequence[dict[str, Any]], name: str, method: Method) -> dict[str, Any]:
     """The version --from names, if a method can build on it: a released model, or a released plain LoRA adapter."""
     record = next((r for r in records if r["name"] == name), None)
     if record is None:
         raise KnowstackError(f"no version named '{name}' in this registry", field="from")
+    if method.statistics is not None:
+        raise KnowstackError(f"'{method.name}' reads each input's statistics of its data, which a composed version "
+                             "has not: compose it from contributions alone", field="from")
     if method.name.startswith("moe"):
         raise KnowstackError("an MoE is built from contributions on the base: --from is for merges and training",
                              field="from")
@@ -255,7 +284,9 @@ def compose_key(method: Method, settings: dict[str, Any], base_hash: str, chosen
                 start: dict[str, Any] | None = None) -> str:
     """What decides the result: method, settings, base, the version built upon and each input's content (and,
     for training, its data)."""
-    inputs = [{"name": r["name"], "content": r["content_hash"], "task_files": r["task_files"]} for r in chosen]
+    inputs = [{"name": r["name"], "content": r["content_hash"], "task_files": r["task_files"],
+               # the statistics a method reads are an input too (only then: every other key stays what it was)
+               **({"statistics": r["settings"].get(STATISTICS)} if method.statistics else {})} for r in chosen]
     text = json.dumps({"method": method.name, "settings": settings, "base": base_hash, "inputs": inputs,
                        **({"from": start["content_hash"]} if start else {})}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
@@ -449,6 +480,8 @@ def name_inputs_by_version(b: Build) -> None:
     same thing twice, or in two registries, stores the same objects."""
     names = {str(b.base_dir): BASE_NAME, str(b.work): "."}
     names.update({str(path): name for path, name in zip(b.inputs, b.names, strict=True)})
+    names.update({str(path): f"{name}/statistics" for path, name in zip(b.statistics, b.names, strict=True)
+                  if path is not None})
     if b.start is not None and b.start_name is not None:
         names[str(b.start)] = b.start_name
     names.update({str(Path(path).resolve()): name for path, name in list(names.items())})
@@ -505,9 +538,11 @@ def _open_build(stack: contextlib.ExitStack, reg: Registry, records: Sequence[di
             unreplayed = [r["name"] for r in earlier if not r["keep_data"]]
             if unreplayed:
                 say(f"not replayed (registered without their data): {', '.join(unreplayed)}")
+    statistics = tuple(reg.store.lay_out(r["settings"][STATISTICS], work / STATISTICS_DIR / r["name"])
+                       if r["settings"].get(STATISTICS) else None for r in chosen)
     return Build(reg, base_dir, inputs, [r["name"] for r in chosen], [task_of(r) for r in chosen], options, work,
                  say, start_dir, start is not None and start["kind"] == "adapter", start and start["name"], replayed,
-                 launch)
+                 launch, statistics)
 
 
 def _gated_version(reg: Registry, name: str, spec: Method, settings: dict[str, Any], key: str, out: Path,

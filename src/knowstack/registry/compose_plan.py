@@ -67,6 +67,8 @@ def compose_plan(b: Build, catalog: str, config: StudyConfig) -> tuple[Plan, dic
     builder.tasks = [task for task in builder.tasks if task["name"] in chosen]
     builder.plan.task_names = [task["name"] for task in builder.tasks]
     builder.provided = {name: str(path) for name, path in zip(b.names, b.inputs, strict=True)}
+    builder.provided_statistics = {name: str(path) for name, path in zip(b.names, b.statistics, strict=True)
+                                   if path is not None}
     builder.router_prompts_from = "eval"
     if b.start is not None:
         if b.start_is_adapter:  # training begins from the base with the released adapter folded in

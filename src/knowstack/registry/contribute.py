@@ -29,7 +29,7 @@ from knowstack.errors import KnowstackError
 from knowstack.hashing import content_hash
 from knowstack.registry import db
 from knowstack.registry.base import model_files, store_files, weights_hash
-from knowstack.registry.core import BASE_NAME, Registry, check_name
+from knowstack.registry.core import BASE_NAME, STATISTICS, Registry, check_name
 from knowstack.registry.evaluate import load_for_scoring, score_task, task_of, without_items
 
 TASK_FORMATS = ("trace", "math")
@@ -133,8 +133,11 @@ def contribute(
     author: str | None = None,
     training_config: str | Path | None = None,
     batch_size: int = 32,
+    statistics: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Check, store, score and record one contribution; returns its record as `Registry.version` gives it."""
+    """Check, store, score and record one contribution; returns its record as `Registry.version` gives it.
+    statistics: a statistics dir of the contribution on its own training data (`knowstack statistics`), stored
+    beside its weights for the composes that read them (merge-regmean, merge-fisher) instead of the data."""
     check_name(name)
     if metric not in METRICS:
         raise KnowstackError(f"unknown metric '{metric}' (known: {', '.join(METRICS)})", field="metric")
@@ -149,16 +152,48 @@ def contribute(
         contribution = open_contribution(adapter, model)
         with reg.view(BASE_NAME) as base_dir:
             check_trained_from(FullModel(base_dir), reg.base()["content_hash"], contribution)
-            new = _store(reg, name, contribution, task_files, metric, keep_data, author, config_path)
+            stats_files = statistics_files(statistics, FullModel(base_dir), contribution)
+            new = _store(reg, name, contribution, task_files, metric, keep_data, author, config_path, stats_files)
             new.scores = without_items([_score(reg, base_dir, new, batch_size)])
         reg.record(new)
         return reg.version(name)
 
 
+def statistics_files(folder: str | Path | None, base: FullModel,
+                     contribution: FullModel | LoraAdapter) -> dict[str, Path] | None:
+    """A contributed statistics dir's files, each kind checked (its hash, that it is statistics of this model's
+    weights) before anything is stored."""
+    from knowstack.combine.statistics import STATISTICS_FILE, check_statistics, open_statistics, read_record
+
+    if folder is None:
+        return None
+    folder = Path(folder).expanduser()
+    kinds = list(read_record(folder)["statistics"])
+    if not kinds:
+        raise KnowstackError("the statistics dir holds no statistics", path=folder / STATISTICS_FILE)
+    shapes = {name: tuple(spec.shape) for name, spec in base.reader.specs.items()}
+    files = {STATISTICS_FILE: folder / STATISTICS_FILE}
+    for kind in kinds:
+        stats = open_statistics(folder, kind)
+        check_statistics(stats, shapes)
+        if isinstance(contribution, LoraAdapter) and not stats.names() <= contribution.names():
+            raise KnowstackError(f"'{kind}' statistics of weights the adapter does not target: these are another "
+                                 "model's statistics", path=folder)
+        entry = stats.record["statistics"][kind]
+        files[entry["file"]] = folder / entry["file"]
+    return files
+
+
 def _store(reg: Registry, name: str, contribution: FullModel | LoraAdapter, task: TaskFiles, metric: str,
-           keep_data: bool, author: str | None, config_path: Path | None) -> db.NewVersion:
+           keep_data: bool, author: str | None, config_path: Path | None,
+           stats_files: dict[str, Path] | None = None) -> db.NewVersion:
     files, hashed = contribution_files(contribution)
     names, sizes = store_files(reg.store, files)
+    settings: dict[str, Any] = {"source": str(contribution.path.resolve())}
+    if stats_files is not None:  # in the version's settings, its objects kept with the version's
+        stats_names, stats_sizes = store_files(reg.store, stats_files)
+        sizes.update(stats_sizes)
+        settings[STATISTICS] = stats_names
     split_shas, split_sizes = store_files(reg.store, task.splits)
     sizes.update(split_sizes)
     recorded_config = None
@@ -171,7 +206,7 @@ def _store(reg: Registry, name: str, contribution: FullModel | LoraAdapter, task
     return db.NewVersion(
         name=name, kind="adapter" if isinstance(contribution, LoraAdapter) else "model", method="contribution",
         files=names, content_hash=content_hash({n: names[n] for n in hashed}), objects=sizes,
-        settings={"source": str(contribution.path.resolve())}, author=author, parents=[BASE_NAME],
+        settings=settings, author=author, parents=[BASE_NAME],
         contribution={"task": task.name, "task_format": task.task_format, "metric": metric, "task_files": task_record,
                       "keep_data": keep_data, "training_config": recorded_config})
 

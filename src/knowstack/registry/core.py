@@ -167,6 +167,9 @@ def composed(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r["method"] not in ("base", "contribution")]
 
 
+STATISTICS = "statistics"  # a contribution's settings key: its statistics dir's files, {name: sha256}
+
+
 def _record_objects(record: Mapping[str, Any]) -> Iterator[str]:
     yield from record["files"].values()
     for entry in (record.get("task_files") or {}).values():
@@ -174,3 +177,4 @@ def _record_objects(record: Mapping[str, Any]) -> Iterator[str]:
     if record.get("training_config"):
         yield record["training_config"]["sha256"]
     yield from (record["settings"].get("old_knowledge") or {}).get("files", {}).values()
+    yield from (record["settings"].get(STATISTICS) or {}).values()

@@ -61,6 +61,7 @@ class PlanBuilder:
         self.budgets = {} if config.builtin_tasks else {cfg.name: cfg.budget() for cfg in config.tasks}
         self.start = self.base
         self.provided: dict[str, str] = {}
+        self.provided_statistics: dict[str, str] = {}  # task name -> the statistics dir its contributor gave
         self.merge_with: list[str] = []
         self.replayed: list[dict] = []
         self.router_prompts_from: str | None = None

@@ -99,6 +99,8 @@ def step_settings(step: Step) -> str:
         options = params["options"]
         return (f"{len(params['models'])} {params['experts']} experts, top-{options['top_k']}, "
                 f"router {options['router']}")
+    if step.kind == "statistics":
+        return f"{params['kind']}, {params['examples']} examples"
     return ""
 
 

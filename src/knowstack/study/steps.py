@@ -157,7 +157,21 @@ def run_merge(step: Step, ctx: StudyContext, out: Path) -> None:
         options=MergeOptions.from_settings(options),  # the settings the method reads; the rest keep their defaults
         seed=options.get("seed", 0),
         weights=params.get("weights"),  # continual merging: the running model weighs as the models it holds
+        statistics=[ctx.resolve(ref) for ref in params["statistics"]] if "statistics" in params else None,
     )
+
+
+def run_statistics(step: Step, ctx: StudyContext, out: Path) -> None:
+    """A one-round model's (FFT) or adapter's (LoRA) statistics of one kind (combine/statistics.py) on the first
+    examples of its own task's training split, written to `out`."""
+    from knowstack.combine.statistics import compute_statistics
+
+    params = step.params
+    base = _local_model_dir(ctx.resolve(params["base"]["model"]))
+    compute_statistics(ctx.resolve(params["model"]), ctx.tasks()[params["task"]["name"]].load("train"), out,
+                       base=base if params["finetune"] == "lora" else None, kinds=[params["kind"]],
+                       max_examples=params["examples"], max_length=params["max_length"],
+                       tokenizer=ctx.config.base.tokenizer or base, trust_remote_code=ctx.config.base.trust_remote_code)
 
 
 def run_moe(step: Step, ctx: StudyContext, out: Path) -> None:
@@ -325,6 +339,7 @@ EXECUTORS: dict[str, Callable[[Step, StudyContext, Path], None]] = {
     "eval": run_eval,
     "merge": run_merge,
     "moe": run_moe,
+    "statistics": run_statistics,
 }
 
 
@@ -346,7 +361,8 @@ def execute(step: Step, ctx: StudyContext) -> Path:
         # Executors that write atomically themselves get a path that does not exist yet.
         target = tmp / "out"
         with library_messages_to(step_log(ctx, step)), Usage() as usage:
-            executor(step, ctx, target if step.kind in ("world", "train", "merge-adapter", "merge", "moe") else tmp)
+            executor(step, ctx, target if step.kind in ("world", "train", "merge-adapter", "merge", "moe",
+                                                         "statistics") else tmp)
         if target.exists():
             for item in target.iterdir():
                 item.rename(tmp / item.name)

@@ -36,6 +36,8 @@ class MergeOptions:
     epsilon: float = _DECLARED.epsilon  # DELLA: keep probabilities spread over density +- epsilon by magnitude rank
     max_iter: int = _DECLARED.max_iter  # Karcher mean: iterations at most
     tol: float = _DECLARED.tol  # Karcher mean: convergence tolerance
+    regmean_alpha: float = _DECLARED.regmean_alpha  # RegMean: factor on the Gram matrices' off-diagonal entries
+    fisher_floor: float = _DECLARED.fisher_floor  # Fisher merging: added to every Fisher entry
     # LoRA adapters: merge their deltas s B A (delta), or their A and B factors apart as PEFT does (factors:
     # merge_factors.py, the paper's LoRA TIES / DARE-TIES)
     lora_space: str = "delta"
@@ -55,6 +57,10 @@ class MergeOptions:
             raise KnowstackError(f"epsilon must be in [0, 0.5), got {self.epsilon}", field="epsilon")
         if self.max_iter < 1 or self.tol <= 0:
             raise KnowstackError("max_iter must be at least 1 and tol positive", field="max_iter")
+        if not 0 <= self.regmean_alpha <= 1:
+            raise KnowstackError(f"regmean_alpha must be in [0, 1], got {self.regmean_alpha}", field="regmean_alpha")
+        if not self.fisher_floor > 0:
+            raise KnowstackError(f"fisher_floor must be positive, got {self.fisher_floor}", field="fisher_floor")
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> MergeOptions:
@@ -73,6 +79,10 @@ class MergeOptions:
 
 
 MergeFn = Callable[[list["Tensor"], "Tensor", MergeOptions, "torch.Generator | None"], "Tensor"]
+# A method that reads statistics of each model's data (RegMean: Gram matrices, Fisher: a diagonal Fisher) gets,
+# after the generator, one statistics tensor per model for this parameter (combine/statistics.py)
+StatisticsMergeFn = Callable[[list["Tensor"], "Tensor", MergeOptions, "torch.Generator | None", list["Tensor"]],
+                             "Tensor"]
 Coefficients = Callable[[list[float], MergeOptions], list[float]]
 
 
@@ -89,6 +99,8 @@ class MergeMethod:
     max_models: int | None
     coefficients: Coefficients | None  # linear methods: merged = sum_i c_i x_i (an exact LoRA adapter)
     check: Callable[[MergeOptions], None] | None  # options this method cannot run with, beyond each one's range
+    # the statistics of each model's data it reads (combine/statistics.py: "gram" or "fisher"); None: no data
+    statistics: str | None = None
 
     def check_inputs(self, n: int, weights: Sequence[float] | None = None) -> None:
         """One clear error for a number of models or weights this method does not take."""
@@ -111,11 +123,13 @@ METHODS: dict[str, MergeMethod] = {}
 
 def register(name: str, *, options: tuple[str, ...], summary: str, uses_base: bool = True, weighted: bool = True,
              models: tuple[int, int | None] = (1, None), coefficients: Coefficients | None = None,
-             check: Callable[[MergeOptions], None] | None = None) -> Callable[[MergeFn], MergeFn]:
-    """Register a merge function under `name` with what it declares (random: it reads the seed)."""
+             check: Callable[[MergeOptions], None] | None = None,
+             statistics: str | None = None) -> Callable[[MergeFn], MergeFn]:
+    """Register a merge function under `name` with what it declares (random: it reads the seed; statistics: the
+    kind of statistics of each model's data it reads, passed as its fifth argument)."""
     def wrap(fn: MergeFn) -> MergeFn:
         METHODS[name] = MergeMethod(name, fn, options, summary, uses_base, "seed" in options, weighted, models[0],
-                                    models[1], coefficients, check)
+                                    models[1], coefficients, check, statistics)
         return fn
 
     return wrap

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from knowstack.combine.merges import METHODS
 from knowstack.config import ContinualMergeConfig
+from knowstack.errors import KnowstackError
 from knowstack.study.graph import ModelRef, step_ref
 from knowstack.study.methods.base import Method
 from knowstack.study.methods.merge import check_merge, compose_variant, each_merge, step_options
@@ -19,6 +21,9 @@ NAME = "continual-merge"
 
 def add_continual_merge(builder: PlanBuilder, finetune: str, method: str, merge: ContinualMergeConfig) -> None:
     check_merge(method, 2, merge, f"methods.{NAME}")
+    if METHODS[method].statistics is not None:
+        raise KnowstackError(f"'{method}' reads statistics of each model's data, which the running model has not: "
+                             "continual merging takes the merges without data", field=f"methods.{NAME}.methods")
     options = step_options(builder, method, merge)
     # the running model and how many models it holds (a compose --from starts from the released version, as one)
     running, held = (builder.merge_with[0], 1) if builder.merge_with else (None, 0)

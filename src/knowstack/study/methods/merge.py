@@ -28,14 +28,43 @@ def add_merge(builder: PlanBuilder, finetune: str, method: str, merge: MergeConf
         "models": [*builder.merge_with, *(ref for ref, _ in inputs)],
         "options": step_options(builder, method, merge),
     }
+    statistics_keys: tuple[str, ...] = ()
+    if METHODS[method].statistics is not None:
+        # only where the method reads them: every other merge's key stays what it was
+        params["statistics"], statistics_keys = statistics_inputs(builder, finetune, METHODS[method].statistics,
+                                                                  inputs, merge)
     if finetune == "lora" and merge.lora_space_of(method) != "delta":
         # only where it is set: the key of a delta-space merge stays what it was before factors existed
         params["options"]["lora_space"] = merge.lora_space_of(method)
-    deps = builder.base_deps() + tuple(key for _, keys in inputs for key in keys)
+    deps = builder.base_deps() + tuple(key for _, keys in inputs for key in keys) + statistics_keys
     label = f"{method}-{finetune}" + ("-factors" if "lora_space" in params["options"] else "")
     step = builder.add_step("merge", label, params, deps)
     trained_on = "+".join(task["name"] for task in builder.tasks)
     builder.evaluate(ModelRef(step_ref(step)), f"merge-{method}-{finetune}", "merge", finetune, None, trained_on)
+
+
+def statistics_inputs(builder: PlanBuilder, finetune: str, kind: str, inputs: list[tuple[str, tuple[str, ...]]],
+                      merge: MergeConfig) -> tuple[list[str], tuple[str, ...]]:
+    """Each merged model's statistics dir and the keys of the steps that make them: in a study, one step per
+    one-round model computing its `kind` statistics (combine/statistics.py) on the first statistics_examples of its
+    own task's training split, as its contributor would on their own data, shared by every merge that reads them;
+    in a registry compose, the statistics each contributor contributed."""
+    if builder.merge_with:
+        raise KnowstackError("a merge that reads statistics of each model's data cannot take a composed version "
+                             "as an input (it has no statistics)", field="methods.merge.methods")
+    if builder.provided:
+        lacking = [task["name"] for task in builder.tasks if task["name"] not in builder.provided_statistics]
+        if lacking:
+            raise KnowstackError(f"no {kind} statistics were contributed for {', '.join(lacking)}",
+                                 field="methods.merge.methods")
+        return [builder.provided_statistics[task["name"]] for task in builder.tasks], ()
+    steps = []
+    for task, (ref, deps) in zip(builder.tasks, inputs, strict=True):
+        params = {"kind": kind, "finetune": finetune, "model": ref, "base": builder.base.to_dict(), "task": task,
+                  "examples": merge.statistics_examples, "max_length": builder.training.max_length}
+        label = f"{kind}-{finetune}-{task['name']}"
+        steps.append(builder.add_step("statistics", label, params, builder.base_deps() + deps))
+    return [step_ref(step) for step in steps], tuple(step.key for step in steps)
 
 
 def step_options(builder: PlanBuilder, method: str, merge: MergeConfig) -> dict[str, Any]:
@@ -44,7 +73,7 @@ def step_options(builder: PlanBuilder, method: str, merge: MergeConfig) -> dict[
     seed = builder.seed if merge.seed is None else merge.seed
     settings = {"density": merge.density, "drop_rate": merge.drop_rate, "lambda": merge.lam, "seed": seed,
                 "t": merge.t, "gamma": merge.gamma, "epsilon": merge.epsilon, "max_iter": merge.max_iter,
-                "tol": merge.tol}
+                "tol": merge.tol, "regmean_alpha": merge.regmean_alpha, "fisher_floor": merge.fisher_floor}
     return {name: settings[name] for name in MERGE_METHOD_OPTIONS[method]}
 
 
@@ -52,7 +81,8 @@ def check_merge(method: str, models: int, merge: MergeConfig, field: str = "meth
     """The method's own checks (how many models it merges, options it cannot run with) at plan time, before any
     step runs, naming the config field."""
     options = MergeOptions(**{name: getattr(merge, name) for name in ("density", "drop_rate", "lam", "t", "gamma",
-                                                                       "epsilon", "max_iter", "tol")})
+                                                                       "epsilon", "max_iter", "tol", "regmean_alpha",
+                                                                       "fisher_floor")})
     try:
         METHODS[method].check_inputs(models)
         METHODS[method].check_options(options)
