@@ -278,7 +278,8 @@ def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
         train_batch_size: int | None = None, aux_loss_coef: float | None = None, max_shard_gb: float = 5.0,
         **options: Any) -> dict[str, Any]:
     """A mixture of experts of model dirs (FFT-MoE) or adapter dirs (LoRA-MoE), as `knowstack mix`; options are
-    combine/moe.py MoeOptions fields (top_k, layers, shared, base_expert, router, seed, attention). prompts: per
+    combine/moe.py MoeOptions fields (top_k, layers, shared, base_expert, router, seed, attention, routing,
+    temperature; None: the default). prompts: per
     model, its prompts or a JSON/JSONL file of them, the first prompts_per_expert used (default: config.py
     MoeConfig's); router (None or not given): `prompts` when prompts are given, else random. Router training: train_steps
     steps on the TRACE-format files train_data (train_lr, train_batch_size, aux_loss_coef default to
@@ -296,6 +297,9 @@ def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
         prompts = [_prompt_list(given)[:keep] for given in prompts]
     if options.get("router") is None:
         options["router"] = default_router(bool(prompts))
+    for name in ("routing", "temperature"):  # not given: MoeOptions' defaults
+        if name in options and options[name] is None:
+            del options[name]
     for name in ("layers", "attention"):  # tuples, as MoeOptions declares them
         if options.get(name) is not None:
             options[name] = tuple(options[name])

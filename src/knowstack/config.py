@@ -388,6 +388,23 @@ class RouterTrainingConfig(Strict):
     aux_loss_coef: float = Field(default=0.01, ge=0)
 
 
+# Every router init of an MoE, with its one line for `knowstack mix --help` (definitions: combine/routers.py).
+MOE_ROUTERS: dict[str, str] = {
+    "random": "rows drawn from N(0, initializer_range), a fresh Mixtral router",
+    "uniform": "zero rows: every expert equally likely (top_k = the number of experts, or router training)",
+    "base-biased": "random rows plus a logit bias for the routed base expert (needs base_expert: routed)",
+    "prompts": "each expert's row: the base's normalised mean router input on a few of its prompts (moetify)",
+    "none": "no router: every expert with equal weight",
+    "arrow": "LoRA-MoE, training-free: per module, each adapter's top right singular vector of its B A; scores "
+             "|row . x| / temperature (Arrow; PEFT's ArrowConfig)",
+    "hidden": "mergekit-moe's gate_mode hidden: last-token hidden states on an expert's prompts minus those on the "
+              "other experts' prompts, normalised",
+    "cheap-embed": "mergekit-moe's gate_mode cheap_embed: the normalised sum of the prompts' token embeddings "
+                   "(minus the other experts'), the same in every layer",
+}
+MoeRouter = Literal["random", "uniform", "base-biased", "prompts", "none", "arrow", "hidden", "cheap-embed"]
+
+
 class MoeConfig(Sweepable):
     """Mixing the one-round models (experts: fft, a Mixtral-style FFT-MoE) or adapters (lora, a LoRA-MoE)
     of all tasks, or of `tasks` (a list, or per kind of expert: {fft: [...]} mixes those for the FFT-MoE and all
@@ -396,9 +413,15 @@ class MoeConfig(Sweepable):
     embeddings from the base or the average of the models (FFT only); base_expert: the base as a routed
     expert, or always on (FFT only); router: random | uniform | base-biased | prompts (each expert's row
     from the base's hidden states on the first `prompts_per_expert` training prompts of its task) |
-    none (router-free: all experts with equal weight); seed: random routers (default: the study's);
+    none (router-free: all experts with equal weight) | arrow (LoRA only, training-free: per module, each
+    adapter's top right singular vector of B A, PEFT's Arrow) | hidden (mergekit-moe's gate_mode hidden:
+    an expert's prompts against the other experts' as negative prompts) | cheap-embed (mergekit-moe's
+    cheap_embed); seed: random routers (default: the study's);
     attention: self-attention projections (q_proj, k_proj, v_proj, o_proj) that are experts too, each
-    with its own router (FFT only: a LoRA-MoE already mixes every module its adapters target)."""
+    with its own router (FFT only: a LoRA-MoE already mixes every module its adapters target);
+    routing (LoRA only): a router per layer, or per module, each reading its module's input (moetify's
+    per-module routers; unset: per module for arrow, per layer otherwise); temperature: arrow's softmax
+    temperature (unset: 1)."""
 
     SWEEPABLE: ClassVar[tuple[str, ...]] = ("top_k",)
     experts: list[Finetune] = Field(default_factory=lambda: ["fft", "lora"])
@@ -407,11 +430,13 @@ class MoeConfig(Sweepable):
     layers: list[Annotated[int, Field(ge=0)]] | None = None
     shared: Literal["base", "average"] = "base"
     base_expert: Literal["none", "routed", "always-on"] = "none"
-    router: Literal["random", "uniform", "base-biased", "prompts", "none"] = "prompts"
+    router: MoeRouter = "prompts"
     prompts_per_expert: int = Field(default=8, gt=0)
     router_training: RouterTrainingConfig | None = None
     seed: int | None = None
     attention: list[Literal["q_proj", "k_proj", "v_proj", "o_proj"]] | None = None
+    routing: Literal["layer", "module"] | None = None
+    temperature: float | None = Field(default=None, gt=0)
 
     @field_validator("experts")
     @classmethod
@@ -439,6 +464,20 @@ class MoeConfig(Sweepable):
                              "its adapters target")
         if self.router == "none" and self.router_training is not None:
             raise ValueError("a router-free MoE ('router: none') has no router to train")
+        if self.routing is not None and "fft" in self.experts:
+            raise ValueError("'routing' is for LoRA-MoE (experts: [lora]): an FFT-MoE routes each mixed MLP")
+        if self.router == "arrow":
+            if "fft" in self.experts:
+                raise ValueError("the arrow router is built from LoRA adapters: use experts: [lora]")
+            if self.routing == "layer":
+                raise ValueError("the arrow router is per module: leave 'routing' unset or 'module'")
+            if self.base_expert == "routed" or self.router_training is not None:
+                raise ValueError("the arrow router is training-free and has no prototype for the base: no "
+                                 "router_training, base_expert: none")
+        elif self.temperature is not None:
+            raise ValueError("'temperature' is the arrow router's")
+        if self.router in ("hidden", "cheap-embed") and self.routing == "module":
+            raise ValueError(f"the {self.router} router is one row per layer: leave 'routing' unset or 'layer'")
         return self
 
 

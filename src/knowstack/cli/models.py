@@ -13,7 +13,7 @@ from knowstack.cli.options import (
     add_training_options,
     training_from_args,
 )
-from knowstack.config import METRICS
+from knowstack.config import METRICS, MOE_ROUTERS
 from knowstack.errors import KnowstackError
 
 
@@ -160,7 +160,7 @@ def cmd_mix(args: argparse.Namespace) -> None:
                      train_batch_size=args.train_batch_size, aux_loss_coef=args.aux_loss_coef,
                      max_shard_gb=args.max_shard_gb, top_k=args.top_k, layers=args.layers, shared=args.shared,
                      base_expert=args.base_expert, router=args.router, seed=args.seed,
-                     attention=args.attention or ())
+                     attention=args.attention or (), routing=args.routing, temperature=args.temperature)
     counts = record["parameters"]
     print(f"{record['architecture']}: {record['experts']} experts in layers {record['layers']}, "
           f"{counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active per token")
@@ -264,7 +264,9 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("mix", help="mix fine-tuned models (FFT-MoE) or LoRA adapters (LoRA-MoE) of one base "
-                                   "into a mixture of experts")
+                                   "into a mixture of experts", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="routers (--router):\n" + "\n".join(f"  {name:<12} {line}"
+                                                                   for name, line in MOE_ROUTERS.items()))
     p.add_argument("--base", required=True, help="the base model dir")
     p.add_argument("--models", nargs="+", required=True, help="model dirs (FFT-MoE) or PEFT LoRA adapter dirs")
     p.add_argument("--top-k", type=int, default=moe.top_k, help=f"experts per token (default {moe.top_k})")
@@ -275,8 +277,12 @@ def add_commands(sub: Any) -> None:
                    help="the base as a routed expert, or always active (FFT-MoE)")
     p.add_argument("--attention", nargs="+", choices=["q_proj", "k_proj", "v_proj", "o_proj"],
                    help="FFT-MoE: these self-attention projections are experts too, each with its own router")
-    p.add_argument("--router", choices=["random", "uniform", "base-biased", "prompts", "none"],
-                   help="router init (default: prompts if --prompts is given, else random); none: router-free")
+    p.add_argument("--router", choices=list(MOE_ROUTERS),
+                   help="router init (default: prompts if --prompts is given, else random); each is listed below")
+    p.add_argument("--routing", choices=["layer", "module"],
+                   help="LoRA-MoE: a router per layer, or per module reading the module's input (default: module "
+                        "for arrow, layer otherwise)")
+    p.add_argument("--temperature", type=float, help="the arrow router's softmax temperature (default 1)")
     p.add_argument("--prompts", nargs="+", help="one JSON/JSONL file of prompts per model, in order")
     p.add_argument("--prompts-per-expert", type=int, default=moe.prompts_per_expert,
                    help=f"prompts used from each file (default {moe.prompts_per_expert})")

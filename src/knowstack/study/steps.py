@@ -187,7 +187,8 @@ def run_moe(step: Step, ctx: StudyContext, out: Path) -> None:
         out,
         options=MoeOptions(top_k=options["top_k"], layers=tuple(layers) if layers is not None else None,
                            shared=options["shared"], base_expert=options["base_expert"], router=options["router"],
-                           seed=params["seed"], attention=tuple(options.get("attention") or ())),
+                           seed=params["seed"], attention=tuple(options.get("attention") or ()),
+                           routing=options.get("routing"), temperature=options.get("temperature") or 1.0),
         prompts=prompts, train_examples=examples, training=training, tokenizer_path=ctx.config.base.tokenizer,
         launch=LaunchSpec.from_config(ctx.config.launch, params["experts"]),
     )

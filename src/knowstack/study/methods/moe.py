@@ -29,8 +29,9 @@ def add_moe(builder: PlanBuilder, experts: str, moe: MoeConfig) -> None:
     # what the mixture is made with; the sweep itself and an unset `attention` (an option added later) are
     # left out, so that the key of a mixture made before they existed stays its key
     options = moe.model_dump(mode="json", exclude={"experts", "tasks", "seed", "sweep", "points"})
-    if options.get("attention") is None:
-        options.pop("attention", None)
+    for later in ("attention", "routing", "temperature"):  # options added later: left out when unset
+        if options.get(later) is None:
+            options.pop(later, None)
     if experts == "lora":
         options["shared"] = "base"  # an FFT-MoE option: a LoRA-MoE keeps the base's weights
     params = {
