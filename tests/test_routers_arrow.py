@@ -157,3 +157,73 @@ def test_arrow_errors(tiny_model_dir: Path, adapters: list[Path], tmp_path: Path
     assert not (tmp_path / "x").exists()
 
 
+
+
+# --- the CLI, the config and the study -------------------------------------------------------------------
+def test_cli_mix_arrow_and_help(tiny_model_dir: Path, adapters: list[Path], tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    from knowstack.cli import main
+    from knowstack.config import MOE_ROUTERS
+
+    out = tmp_path / "cli"
+    assert main(["mix", "--base", str(tiny_model_dir), "--models", *map(str, adapters), "--router", "arrow",
+                 "--temperature", "0.5", "--top-k", "2", "--out", str(out)]) == 0
+    config = json.loads((out / "lora_moe.json").read_text())
+    assert config["router"] == "arrow" and config["temperature"] == 0.5 and config["routing"] == "module"
+    assert main(["mix", "--base", str(tiny_model_dir), "--models", *map(str, adapters), "--router", "random",
+                 "--temperature", "0.5", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "field 'temperature'" in err and "Traceback" not in err and not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit):
+        main(["mix", "--help"])
+    shown = capsys.readouterr().out
+    assert all(f"  {name} " in shown for name in MOE_ROUTERS)
+
+
+def test_moe_config_validates_the_new_routers(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from test_moe import study_config
+
+    from knowstack.config import parse_config
+
+    bad = [({"router": "arrow"}, "experts: \\[lora\\]"),
+           ({"experts": ["lora"], "router": "arrow", "routing": "layer"}, "per module"),
+           ({"experts": ["lora"], "router": "arrow", "router_training": {}}, "training-free"),
+           ({"experts": ["lora"], "router": "prompts", "temperature": 0.5}, "arrow router's"),
+           ({"routing": "module"}, "'routing' is for LoRA-MoE"),
+           ({"experts": ["lora"], "router": "hidden", "routing": "module"}, "one row per layer"),
+           ({"experts": ["lora"], "router": "arrow", "temperature": 0}, "temperature")]
+    for moe, message in bad:
+        with pytest.raises(KnowstackError, match=message):
+            parse_config(study_config(tmp_path, tiny_model_dir, moe))
+
+
+@pytest.mark.parametrize("moe", [{"router": "arrow", "temperature": 0.5}, {"router": "hidden"},
+                                 {"router": "random", "routing": "module"}, {"router": "prompts"}])
+def test_moe_step_passes_the_router_options_through(moe: dict, tmp_path: Path, tiny_model_dir: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_moe import study_config
+
+    import knowstack.combine.moe as moe_module
+    from knowstack.config import parse_config
+    from knowstack.study.plan import build_plan
+    from knowstack.study.steps import StudyContext, run_moe
+
+    config = parse_config(study_config(tmp_path, tiny_model_dir, {"experts": ["lora"], **moe}))
+    step = next(s for s in build_plan(config).ordered() if s.kind == "moe")
+    # unset, the new options are not among the step's params: the keys of earlier studies' moe steps stay
+    assert {"routing", "temperature"} & set(step.params["options"]) == {"routing", "temperature"} & set(moe)
+    seen = {}
+    monkeypatch.setattr(moe_module, "mix_models", lambda *args, **kwargs: seen.update(kwargs))
+    run_moe(step, StudyContext(out=tmp_path / "study", config=config), tmp_path / "out")
+    options = seen["options"]
+    assert (options.router, options.routing, options.temperature) == (
+        moe["router"], moe.get("routing"), moe.get("temperature", 1.0))
+
+
+@pytest.mark.parametrize("router", ["hidden", "cheap-embed"])
+def test_lora_moe_with_mergekit_gates(router: str, tiny_model_dir: Path, adapters: list[Path], tmp_path: Path) -> None:
+    record = mix_models(tiny_model_dir, adapters, tmp_path / "moe", options=MoeOptions(top_k=2, router=router),
+                        prompts=FAMILIES)
+    assert set(record["loads"]["before_training"]) == {"0", "1"}  # one router per layer
+    model = load_model(tiny_model_dir, tmp_path / "moe", dtype="float32")
+    assert torch.isfinite(logits(model)).all()
