@@ -403,6 +403,12 @@ MOE_ROUTERS: dict[str, str] = {
                    "(minus the other experts'), the same in every layer",
 }
 MoeRouter = Literal["random", "uniform", "base-biased", "prompts", "none", "arrow", "hidden", "cheap-embed"]
+# Named settings of a mixture (`preset: NAME` in the moe section, `knowstack mix --preset NAME`); the section's own
+# settings win. btx: Branch-Train-MiX (Sukhbaatar et al. 2024): the one-round models' MLPs as experts, every
+# other weight their average, a fresh router trained top-2 with the Switch load-balancing loss (coefficient 0.01).
+MOE_PRESETS: dict[str, dict[str, Any]] = {
+    "btx": {"experts": ["fft"], "shared": "average", "top_k": 2, "router": "random", "router_training": {}},
+}
 
 
 class MoeConfig(Sweepable):
@@ -421,7 +427,8 @@ class MoeConfig(Sweepable):
     with its own router (FFT only: a LoRA-MoE already mixes every module its adapters target);
     routing (LoRA only): a router per layer, or per module, each reading its module's input (moetify's
     per-module routers; unset: per module for arrow, per layer otherwise); temperature: arrow's softmax
-    temperature (unset: 1)."""
+    temperature (unset: 1); preset: named settings (MOE_PRESETS; btx: Branch-Train-MiX), the section's own
+    settings on top."""
 
     SWEEPABLE: ClassVar[tuple[str, ...]] = ("top_k",)
     experts: list[Finetune] = Field(default_factory=lambda: ["fft", "lora"])
@@ -437,6 +444,18 @@ class MoeConfig(Sweepable):
     attention: list[Literal["q_proj", "k_proj", "v_proj", "o_proj"]] | None = None
     routing: Literal["layer", "module"] | None = None
     temperature: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        """`preset: NAME` expands to MOE_PRESETS[NAME] under the section's own settings (and is then gone: a
+        mixture is the same step whether its settings came from a preset or were written out)."""
+        if not isinstance(data, dict) or "preset" not in data:
+            return data
+        name = data["preset"]
+        if name not in MOE_PRESETS:
+            raise ValueError(f"unknown preset {name!r} (presets: {', '.join(MOE_PRESETS)})")
+        return {**MOE_PRESETS[name], **{k: v for k, v in data.items() if k != "preset"}}
 
     @field_validator("experts")
     @classmethod

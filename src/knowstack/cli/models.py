@@ -13,7 +13,7 @@ from knowstack.cli.options import (
     add_training_options,
     training_from_args,
 )
-from knowstack.config import METRICS, MOE_ROUTERS
+from knowstack.config import METRICS, MOE_PRESETS, MOE_ROUTERS, RouterTrainingConfig
 from knowstack.errors import KnowstackError
 
 
@@ -153,13 +153,21 @@ def cmd_mix(args: argparse.Namespace) -> None:
     problems += [p for path in args.prompts or [] for p in check_prompt_file(path)]
     problems += [p for path in args.train_data or [] for p in check_split_file(path, "trace", "train")]
     raise_problems(problems)
-    if args.train_data and not args.train_steps:
+    shared, router, train_steps = args.shared, args.router, args.train_steps
+    if args.preset is not None:  # the preset's settings where the command line leaves them open
+        preset = MOE_PRESETS[args.preset]
+        shared, router = preset["shared"], router or preset["router"]
+        if "router_training" in preset:
+            if not args.train_data:
+                raise KnowstackError(f"--preset {args.preset} trains the routers: give --train-data", field="train_data")
+            train_steps = train_steps or RouterTrainingConfig().steps
+    if args.train_data and not train_steps:
         raise KnowstackError("--train-data is for router training: give --train-steps too")
     record = api.mix(args.base, args.models, args.out, prompts=args.prompts, prompts_per_expert=args.prompts_per_expert,
-                     train_data=args.train_data or (), train_steps=args.train_steps, train_lr=args.train_lr,
+                     train_data=args.train_data or (), train_steps=train_steps, train_lr=args.train_lr,
                      train_batch_size=args.train_batch_size, aux_loss_coef=args.aux_loss_coef,
-                     max_shard_gb=args.max_shard_gb, top_k=args.top_k, layers=args.layers, shared=args.shared,
-                     base_expert=args.base_expert, router=args.router, seed=args.seed,
+                     max_shard_gb=args.max_shard_gb, top_k=args.top_k, layers=args.layers, shared=shared,
+                     base_expert=args.base_expert, router=router, seed=args.seed,
                      attention=args.attention or (), routing=args.routing, temperature=args.temperature)
     counts = record["parameters"]
     print(f"{record['architecture']}: {record['experts']} experts in layers {record['layers']}, "
@@ -279,6 +287,10 @@ def add_commands(sub: Any) -> None:
                    help="FFT-MoE: these self-attention projections are experts too, each with its own router")
     p.add_argument("--router", choices=list(MOE_ROUTERS),
                    help="router init (default: prompts if --prompts is given, else random); each is listed below")
+    p.add_argument("--preset", choices=list(MOE_PRESETS),
+                   help="btx: Branch-Train-MiX (FFT-MoE, --shared average, a random router trained top-k with the "
+                        "load-balancing loss on --train-data, --train-steps default "
+                        f"{RouterTrainingConfig().steps})")
     p.add_argument("--routing", choices=["layer", "module"],
                    help="LoRA-MoE: a router per layer, or per module reading the module's input (default: module "
                         "for arrow, layer otherwise)")
