@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_compose import registry  # noqa: F401 (the fixture a compose test reads)
 from test_moe import FAMILIES, logits, make_adapter
 
 from knowstack.combine.inputs import LoraAdapter
@@ -227,3 +228,17 @@ def test_lora_moe_with_mergekit_gates(router: str, tiny_model_dir: Path, adapter
     assert set(record["loads"]["before_training"]) == {"0", "1"}  # one router per layer
     model = load_model(tiny_model_dir, tmp_path / "moe", dtype="float32")
     assert torch.isfinite(logits(model)).all()
+
+
+def test_registry_compose_mixes_with_arrow(registry: Path) -> None:  # noqa: F811 (the fixture)
+    import dataclasses
+
+    from test_compose import TINY_TRAINING
+
+    from knowstack.registry.compose import compose
+
+    record = compose(registry, "moe-lora", options=dataclasses.replace(TINY_TRAINING, router="arrow"))
+    assert record["kind"] == "adapter" and "lora_moe.json" in record["files"]
+    with pytest.raises(KnowstackError, match="arrow router is built from LoRA adapters"):
+        compose(registry, "moe-fft", contributions=["quiz-ft"],
+                options=dataclasses.replace(TINY_TRAINING, router="arrow"))
