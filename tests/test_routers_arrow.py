@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_compose import registry  # noqa: F401 (the fixture a compose test reads)
 from test_moe import FAMILIES, logits, make_adapter
 
@@ -129,6 +130,13 @@ def test_per_module_routers_train_and_reload(router: str, tiny_model_dir: Path, 
                         options=MoeOptions(top_k=2, router=router, routing="module"), prompts=FAMILIES,
                         train_examples=examples, training=RouterTraining(steps=2, lr=0.05, batch_size=4))
     assert record["router_training"]["steps"] == 2
+    untrained = mix_models(tiny_model_dir, adapters, tmp_path / "untrained",
+                           options=MoeOptions(top_k=2, router=router, routing="module"), prompts=FAMILIES)
+    assert "router_training" not in untrained
+    saved = load_file(tmp_path / "moe" / "lora_moe.safetensors")
+    initial = load_file(tmp_path / "untrained" / "lora_moe.safetensors")
+    routers = [name for name in saved if name.startswith("routers.")]
+    assert len(routers) == 14 and all(not torch.equal(saved[name], initial[name]) for name in routers)
     model = load_model(tiny_model_dir, tmp_path / "moe", dtype="float32")
     assert len(router_sites(model)) == 14
     before = load_model(tiny_model_dir, dtype="float32")
