@@ -313,6 +313,26 @@ def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
                       train_examples=examples, training=training, max_shard_bytes=int(max_shard_gb * 2**30))
 
 
+def gate(base: PathLike, adapter: PathLike, train_data: Sequence[PathLike], *, steps: int | None = None,
+         lr: float | None = None, batch_size: int | None = None, max_length: int | None = None,
+         seed: int = 0) -> dict[str, Any]:
+    """A contributor's gates for their LoRA adapter (PHATGOOSE), as `knowstack gate`: one vector per module the
+    adapter targets, trained on the TRACE-format files train_data with base and adapter frozen, written into
+    the adapter dir (train/gate_training.py GATES_FILE) for the `gates` router; steps, lr, batch_size default to
+    GateTraining's (100, 1e-3, 8), max_length to the training recipe's. Returns a summary with the loss curve."""
+    from dataclasses import replace
+
+    from knowstack.config import TrainingConfig
+    from knowstack.data.formats import load_trace_split
+    from knowstack.train.gate_training import GateTraining, gate_adapter
+
+    given = {"steps": steps, "lr": lr, "batch_size": batch_size}
+    settings = replace(GateTraining(max_length=max_length or TrainingConfig().max_length, seed=seed),
+                       **{name: value for name, value in given.items() if value is not None})
+    examples = [example for file in train_data for example in load_trace_split(Path(file))]
+    return gate_adapter(base, adapter, examples, settings)
+
+
 @dataclass(frozen=True)
 class TaskScores:
     """One task's scores of one model: {metric: value} on n test examples, with the predictions."""

@@ -388,6 +388,17 @@ class RouterTrainingConfig(Strict):
     aux_loss_coef: float = Field(default=0.01, ge=0)
 
 
+class GateTrainingConfig(Strict):
+    """Per-contributor gates (router: gates, PHATGOOSE): each one-round adapter's gate vectors trained on its own
+    task's first `examples_per_task` training examples (None: all), base and adapter frozen, for `steps` steps of
+    `batch_size` at `lr` (PHATGOOSE's 100 steps at 1e-3)."""
+
+    steps: int = Field(default=100, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    examples_per_task: int | None = Field(default=None, gt=0)
+
+
 # Every router init of an MoE, with its one line for `knowstack mix --help` (definitions: combine/routers.py).
 MOE_ROUTERS: dict[str, str] = {
     "random": "rows drawn from N(0, initializer_range), a fresh Mixtral router",
@@ -401,8 +412,10 @@ MOE_ROUTERS: dict[str, str] = {
               "other experts' prompts, normalised",
     "cheap-embed": "mergekit-moe's gate_mode cheap_embed: the normalised sum of the prompts' token embeddings "
                    "(minus the other experts'), the same in every layer",
+    "gates": "LoRA-MoE, per module: the gate vector each contributor trained for their own adapter on their own "
+             "data (`knowstack gate`), standardized (PHATGOOSE)",
 }
-MoeRouter = Literal["random", "uniform", "base-biased", "prompts", "none", "arrow", "hidden", "cheap-embed"]
+MoeRouter = Literal["random", "uniform", "base-biased", "prompts", "none", "arrow", "hidden", "cheap-embed", "gates"]
 # Named settings of a mixture (`preset: NAME` in the moe section, `knowstack mix --preset NAME`); the section's own
 # settings win. btx: Branch-Train-MiX (Sukhbaatar et al. 2024): the one-round models' MLPs as experts, every
 # other weight their average, a fresh router trained top-2 with the Switch load-balancing loss (coefficient 0.01).
@@ -427,7 +440,8 @@ class MoeConfig(Sweepable):
     with its own router (FFT only: a LoRA-MoE already mixes every module its adapters target);
     routing (LoRA only): a router per layer, or per module, each reading its module's input (moetify's
     per-module routers; unset: per module for arrow, per layer otherwise); temperature: arrow's softmax
-    temperature (unset: 1); preset: named settings (MOE_PRESETS; btx: Branch-Train-MiX), the section's own
+    temperature (unset: 1); gate_training: how each one-round adapter's gates are trained for router gates
+    (unset: GateTrainingConfig's defaults); preset: named settings (MOE_PRESETS; btx: Branch-Train-MiX), the section's own
     settings on top."""
 
     SWEEPABLE: ClassVar[tuple[str, ...]] = ("top_k",)
@@ -444,6 +458,7 @@ class MoeConfig(Sweepable):
     attention: list[Literal["q_proj", "k_proj", "v_proj", "o_proj"]] | None = None
     routing: Literal["layer", "module"] | None = None
     temperature: float | None = Field(default=None, gt=0)
+    gate_training: GateTrainingConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -485,15 +500,17 @@ class MoeConfig(Sweepable):
             raise ValueError("a router-free MoE ('router: none') has no router to train")
         if self.routing is not None and "fft" in self.experts:
             raise ValueError("'routing' is for LoRA-MoE (experts: [lora]): an FFT-MoE routes each mixed MLP")
-        if self.router == "arrow":
+        if self.router in ("arrow", "gates"):
             if "fft" in self.experts:
-                raise ValueError("the arrow router is built from LoRA adapters: use experts: [lora]")
+                raise ValueError(f"the {self.router} router is built from LoRA adapters: use experts: [lora]")
             if self.routing == "layer":
-                raise ValueError("the arrow router is per module: leave 'routing' unset or 'module'")
+                raise ValueError(f"the {self.router} router is per module: leave 'routing' unset or 'module'")
             if self.base_expert == "routed" or self.router_training is not None:
-                raise ValueError("the arrow router is training-free and has no prototype for the base: no "
+                raise ValueError(f"the {self.router} router is training-free and has no row for the base: no "
                                  "router_training, base_expert: none")
-        elif self.temperature is not None:
+        if self.router != "gates" and self.gate_training is not None:
+            raise ValueError("'gate_training' is the gates router's (router: gates)")
+        if self.router != "arrow" and self.temperature is not None:
             raise ValueError("'temperature' is the arrow router's")
         if self.router in ("hidden", "cheap-embed") and self.routing == "module":
             raise ValueError(f"the {self.router} router is one row per layer: leave 'routing' unset or 'layer'")

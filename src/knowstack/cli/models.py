@@ -178,6 +178,19 @@ def cmd_mix(args: argparse.Namespace) -> None:
     print(f"mixture of experts: {args.out}")
 
 
+def cmd_gate(args: argparse.Namespace) -> None:
+    from knowstack import api
+    from knowstack.validate import check_model_dir, check_split_file, check_weights_dir, raise_problems
+
+    problems = check_model_dir(args.base, tokenizer=True) + check_weights_dir(args.adapter)
+    problems += [p for path in args.train_data for p in check_split_file(path, "trace", "train")]
+    raise_problems(problems)
+    summary = api.gate(args.base, args.adapter, args.train_data, steps=args.steps, lr=args.lr,
+                       batch_size=args.batch_size, max_length=args.max_length, seed=args.seed)
+    print(f"gates of {summary['modules']} modules, loss {summary['first']} -> {summary['last']} in "
+          f"{summary['steps']} steps: {summary['file']}")
+
+
 def cmd_build_world(args: argparse.Namespace) -> None:
     from knowstack.builtin.world import build_world
 
@@ -311,6 +324,18 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output shard (FFT-MoE)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_mix)
+
+    p = sub.add_parser("gate", help="train the gates of your LoRA adapter on your data (PHATGOOSE), written into "
+                                    "the adapter dir for `mix --router gates`")
+    p.add_argument("--base", required=True, help="the base model dir")
+    p.add_argument("--adapter", required=True, help="your PEFT LoRA adapter dir (the gates are written into it)")
+    p.add_argument("--train-data", nargs="+", required=True, help="TRACE-format files of prompt/answer items")
+    p.add_argument("--steps", type=int, help="default 100")
+    p.add_argument("--lr", type=float, help="default 1e-3")
+    p.add_argument("--batch-size", type=int, help="default 8")
+    p.add_argument("--max-length", type=int, help="default: the training recipe's")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_gate)
 
     p = sub.add_parser("build-world", help="build the built-in world (base model, tokenizer, tasks)")
     p.add_argument("--preset", choices=["test", "quick", "full"], default="quick")

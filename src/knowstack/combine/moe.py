@@ -41,6 +41,7 @@ MOE_FILE = "moe.json"
 BASE_EXPERTS = ("none", "routed", "always-on")
 SHARED = ("base", "average")
 ROUTINGS = ("layer", "module")
+PER_MODULE_ROUTERS = ("arrow", "gates")  # built per module from each adapter, training-free
 
 
 _DECLARED = MoeConfig()  # the one declaration of the MoE settings' defaults
@@ -74,7 +75,7 @@ class MoeOptions:
     temperature: float = 1.0
 
     def effective_routing(self) -> str:
-        return self.routing or ("module" if self.router == "arrow" else "layer")
+        return self.routing or ("module" if self.router in PER_MODULE_ROUTERS else "layer")
 
 
 def mix_models(
@@ -161,14 +162,15 @@ def _validate(kind: str, n_models: int, n_layers: int, options: MoeOptions, prom
          f"routing must be one of {', '.join(ROUTINGS)}"),
         (kind == "fft" and options.routing is not None, "routing",
          "'routing' is for LoRA-MoE (an FFT-MoE routes each mixed MLP, and each mixed attention projection)"),
-        (options.router == "arrow" and kind != "lora", "router",
-         "the arrow router is built from LoRA adapters' deltas: mix LoRA adapters (a LoRA-MoE)"),
-        (options.router == "arrow" and options.effective_routing() != "module", "routing",
-         "the arrow router is per module (each module's prototypes): routing must be 'module'"),
-        (options.router == "arrow" and options.base_expert == "routed", "base_expert",
-         "the arrow router has no prototype for the base (a null adapter has no delta): base_expert must be none"),
-        (options.router == "arrow" and training is not None, "router_training",
-         "the arrow router is training-free (its rows are the adapters' prototypes): leave router training out"),
+        (options.router in PER_MODULE_ROUTERS and kind != "lora", "router",
+         f"the {options.router} router is built from LoRA adapters: mix LoRA adapters (a LoRA-MoE)"),
+        (options.router in PER_MODULE_ROUTERS and options.effective_routing() != "module", "routing",
+         f"the {options.router} router is per module: routing must be 'module'"),
+        (options.router in PER_MODULE_ROUTERS and options.base_expert == "routed", "base_expert",
+         f"the {options.router} router has no row for the base (a null adapter): base_expert must be none"),
+        (options.router in PER_MODULE_ROUTERS and training is not None, "router_training",
+         f"the {options.router} router is training-free (its rows come from the adapters): leave router training "
+         "out"),
         (not options.temperature > 0, "temperature", "temperature must be > 0"),
         (options.temperature != 1.0 and options.router != "arrow", "temperature", "temperature is the arrow router's"),
         (options.router in ("hidden", "cheap-embed") and options.effective_routing() == "module", "routing",
@@ -284,7 +286,7 @@ def _build(kind: str, tmp: Path, base: FullModel, inputs: list, options: MoeOpti
     config = write_lora_moe(tmp, base, inputs, top_k=options.top_k, layers=options.layers,
                             base_expert=options.base_expert == "routed", router=options.router, routers=routers,
                             routing=options.effective_routing(),
-                            router_score="arrow" if options.router == "arrow" else "linear",
+                            router_score={"arrow": "arrow", "gates": "phatgoose"}.get(options.router, "linear"),
                             temperature=options.temperature)
     return {**common, "architecture": "lora-moe", "experts": config["num_experts"], "layers": config["layers"],
             "parameters": _lora_parameters(tmp, base, config)}

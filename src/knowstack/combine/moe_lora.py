@@ -62,7 +62,9 @@ def write_lora_moe(out: Path, base: FullModel, adapters: Sequence[LoraAdapter], 
     if routing != "layer":
         config["routing"] = routing
     if router_score != "linear":
-        config.update(router_score=router_score, temperature=temperature)
+        config["router_score"] = router_score
+    if router_score == "arrow":
+        config["temperature"] = temperature
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     atomic_write_json(out / CONFIG_FILE, config)
     return config
@@ -123,6 +125,10 @@ def module_routers(base: FullModel, adapters: Sequence[LoraAdapter], options, pr
                 prototypes[module][index + offset] = arrow_prototype(adapters[index].reader.read(a_name),
                                                                      adapters[index].reader.read(b_name))
         return arrow_routers(prototypes, in_features, n_experts)
+    if options.router == "gates":
+        from knowstack.combine.routers import gate_routers
+
+        return gate_routers([_contributed_gates(adapter) for adapter in adapters], modules, in_features, offset)
     if options.router == "prompts":
         from knowstack.combine.routers import mean_module_inputs
         from knowstack.modelio import load_model
@@ -138,3 +144,16 @@ def module_routers(base: FullModel, adapters: Sequence[LoraAdapter], options, pr
                                       init_range=init_range, seed=options.seed, base_index=base_index,
                                       site=module)[layer_of(module)]
             for module in modules}
+
+
+def _contributed_gates(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+    """The gate vectors a contributor trained for their adapter (train/gate_training.py), by module."""
+    from knowstack.train.gate_training import GATES_FILE
+
+    path = adapter.path / GATES_FILE
+    if not path.is_file():
+        raise KnowstackError(f"the gates router needs each adapter's {GATES_FILE}: train it with `knowstack gate`",
+                             path=adapter.path, field="router")
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

@@ -32,6 +32,11 @@ Training-free from the adapters themselves:
   iterations from a random start); the scores are |row . x| / temperature (modeling/lora_moe.py). An
   expert that does not target the module (and a routed base) gets a zero row: score 0.
 
+- gates (PHATGOOSE, Muqeeth et al. 2024): per module, row e is contributor e's gate vector for the module
+  (trained by the contributor on their own data, train/gate_training.py), standardized (mean 0, variance 1
+  over its features, as microsoft/mttl's PHATGOOSE router); the scores standardize the input the same way
+  and divide by sqrt(d) (modeling/lora_moe.py).
+
 From prompts, as mergekit-moe's gates (mergekit 0.1.5, mergekit/moe/router.py):
 - hidden (`gate_mode: hidden`): per layer, the base's hidden state at the layer's input (the residual
   stream, `output_hidden_states[layer]`) at the last token of each prompt (the bos token prepended),
@@ -276,3 +281,25 @@ def cheap_embed_routers(embed: torch.Tensor, tokenizer: PreTrainedTokenizerBase,
         rows.append(row - _cheap_embedding(embed, tokenizer, others, max_length) if others else row)
     stacked = torch.stack(rows)
     return prompt_routers({layer: stacked.clone() for layer in layers}, base_index)
+
+
+def standardized(vector: torch.Tensor) -> torch.Tensor:
+    """Mean 0 and variance 1 over the last dimension (a LayerNorm without affine, eps 1e-5, as mttl's)."""
+    return torch.nn.functional.layer_norm(vector.float(), (vector.shape[-1],), eps=1e-5)
+
+
+def gate_routers(gates: Sequence[dict[str, torch.Tensor]], modules: dict[str, list[int]],
+                 in_features: dict[str, int], offset: int = 0) -> dict[str, Router]:
+    """Per module, row (index + offset) = adapter index's standardized gate vector for the module (`gates`: one
+    dict per adapter, by module name); a zero row where an adapter has no gate (or does not target it)."""
+    routers = {}
+    n_experts = len(gates) + offset
+    for module, owners in modules.items():
+        weight = torch.zeros(n_experts, in_features[module])
+        for index in owners:
+            vector = gates[index].get(module)
+            if vector is None:
+                raise KnowstackError(f"adapter {index + 1}'s gates have no vector for {module}", field="router")
+            weight[index + offset] = standardized(vector)
+        routers[module] = Router(weight)
+    return routers

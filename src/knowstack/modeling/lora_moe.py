@@ -12,7 +12,8 @@ delta): a token that routes to it keeps more of the base.
 
 A router's scores are `weight @ x (+ bias)` (a linear router), or with `router_score: arrow` (Arrow,
 Ostapenko et al. 2024, PEFT's ArrowConfig) |weight @ x| / temperature, each row an expert's prototype:
-the softmax over the k largest scores is then PEFT's Arrow coefficients.
+the softmax over the k largest scores is then PEFT's Arrow coefficients; or with `router_score:
+phatgoose` (PHATGOOSE) standardize(x) @ weight / sqrt(d), each row a contributor's standardized gate.
 
 Saved as a directory knowstack loads onto the base (`load_model(base, adapter=DIR)` or
 `apply_lora_moe`):
@@ -71,11 +72,34 @@ class ArrowScores(nn.Module):
         return F.linear(x, self.weight).abs() / self.temperature
 
 
+class PhatgooseScores(nn.Module):
+    """PHATGOOSE's routing scores (as microsoft/mttl's PhatgooseSelector): standardize(x) . row / sqrt(d), the
+    rows the contributors' standardized gate vectors, standardize = subtract the mean over the d features and
+    divide by their standard deviation (a LayerNorm without affine, eps 1e-5)."""
+
+    def __init__(self, in_features: int, n_experts: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n_experts, in_features))
+        self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        standardized = F.layer_norm(x.float(), (x.shape[-1],), eps=1e-5)
+        return (F.linear(standardized, self.weight.float()) / x.shape[-1] ** 0.5).to(x.dtype)
+
+
+ROUTER_SCORES = ("linear", "arrow", "phatgoose")
+
+
 def router_module(in_features: int, n_experts: int, *, bias: bool, score: str = "linear",
                   temperature: float = 1.0) -> nn.Module:
-    """The module that turns a router's input into its scores: a Linear, or Arrow's |W x| / T."""
+    """The module that turns a router's input into its scores: a Linear, Arrow's |W x| / T, or PHATGOOSE's."""
+    if score not in ROUTER_SCORES:
+        raise KnowstackError(f"unknown router_score {score!r} (knowstack knows {', '.join(ROUTER_SCORES)})",
+                             field="router_score")
     if score == "arrow":
         return ArrowScores(in_features, n_experts, temperature)
+    if score == "phatgoose":
+        return PhatgooseScores(in_features, n_experts)
     return nn.Linear(in_features, n_experts, bias=bias)
 
 
