@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -152,3 +153,32 @@ def test_study_trains_each_adapters_gates_then_mixes(tmp_path: Path, tiny_model_
     # without router gates the plan has no gate step (and the moe keys of other configs stay as they were)
     plain = build_plan(parse_config(study_config(tmp_path, tiny_model_dir, {"experts": ["lora"]})))
     assert not [s for s in plain.ordered() if s.kind == "gate"]
+
+
+def test_registry_stores_the_gates_with_the_adapter_and_composes_with_them(tiny_model_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    from test_compose import TINY_TRAINING
+    from test_registry import make_task, write_mc_task
+
+    from knowstack.registry import Registry, init_registry
+    from knowstack.registry.compose import compose
+    from knowstack.registry.contribute import contribute
+
+    write_mc_task(tmp_path / "old")
+    reg = tmp_path / "reg"
+    init_registry(reg, tiny_model_dir, old_tasks=["ks_toy"], include_path=tmp_path / "old")
+    for i, name in enumerate(["Stance", "Notes"]):
+        adapter = make_adapter(tiny_model_dir, tmp_path / f"a{i}", seed=50 + i)
+        gate_adapter(tiny_model_dir, adapter, examples(i), GateTraining(steps=2, batch_size=2, lr=0.05))
+        contribute(reg, name.lower(), adapter=adapter, task=make_task(tmp_path / "tasks", name))
+    bare = make_adapter(tiny_model_dir, tmp_path / "bare", seed=60)
+    contribute(reg, "bare", adapter=bare, task=make_task(tmp_path / "tasks", "Quiz"))
+    with Registry.open(reg) as opened:
+        assert GATES_FILE in opened.version("stance")["files"] and GATES_FILE not in opened.version("bare")["files"]
+    record = compose(reg, "moe-lora", contributions=["stance", "notes"],
+                     options=dataclasses.replace(TINY_TRAINING, router="gates"))
+    with Registry.open(reg) as opened, opened.view(record["name"]) as stored:
+        assert json.loads((stored / "lora_moe.json").read_text())["router"] == "gates"
+    with pytest.raises(KnowstackError, match="bare were contributed without"):
+        compose(reg, "moe-lora", contributions=["stance", "bare"], options=dataclasses.replace(TINY_TRAINING,
+                                                                                               router="gates"))

@@ -26,8 +26,10 @@ def add_moe(builder: PlanBuilder, experts: str, moe: MoeConfig) -> None:
                              "top_k = the number of experts, router_training, or router: none",
                              field="methods.moe.router")
     inputs = [builder.one_round_input(task, experts) for task in tasks]
-    if moe.router == "gates":  # each adapter with the gates its contributor trains on its own task
-        inputs = [_gated(builder, task, ref, keys, moe) for task, (ref, keys) in zip(tasks, inputs, strict=True)]
+    if moe.router == "gates":  # each adapter the study trains gets the gates its contributor trains on its task;
+        # a provided adapter (a registry contribution) comes with the gates its contributor trained
+        inputs = [_gated(builder, task, ref, keys, moe) if keys else (ref, keys)
+                  for task, (ref, keys) in zip(tasks, inputs, strict=True)]
     # what the mixture is made with; the sweep itself and an unset `attention` (an option added later) are
     # left out, so that the key of a mixture made before they existed stays its key
     options = moe.model_dump(mode="json", exclude={"experts", "tasks", "seed", "sweep", "points"})
