@@ -150,6 +150,11 @@ def test_study_trains_each_adapters_gates_then_mixes(tmp_path: Path, tiny_model_
         assert (artifact / GATES_FILE).is_file() and (artifact / "adapter_model.safetensors").is_file()
     record = json.loads((execute(moe_step, ctx) / "moe.json").read_text())
     assert record["options"]["router"] == "gates" and len(record["loads"]["before_training"]) == 14
+    from knowstack.study.resources import estimate_plan, step_resources
+
+    estimates = [(step, estimate) for step, estimate in estimate_plan(plan)[0] if step.kind == "gate"]
+    assert len(estimates) == 3 and all(estimate.params > 0 for _, estimate in estimates)
+    assert all(step_resources(step, config, estimate).gpus == 1 for step, estimate in estimates)
     # without router gates the plan has no gate step (and the moe keys of other configs stay as they were)
     plain = build_plan(parse_config(study_config(tmp_path, tiny_model_dir, {"experts": ["lora"]})))
     assert not [s for s in plain.ordered() if s.kind == "gate"]

@@ -119,10 +119,11 @@ def gate_adapter(base: str | Path, adapter: str | Path, examples: Sequence[Examp
                  tokenizer_path: str | Path | None = None) -> dict:
     """Loads the base with `adapter` (PEFT), trains its gates on `examples`, writes them into the adapter dir;
     returns a summary (modules, the loss curve, the file)."""
-    from knowstack.modelio import load_model, load_tokenizer
+    from knowstack.modelio import load_model, load_tokenizer, on_gpu_if_it_fits
 
     torch.manual_seed(settings.seed)
-    model = load_model(base, adapter, dtype="float32", merge_adapter=False)
+    # float32: the gates are small and trained briefly; on this process's GPU where the model fits
+    model = on_gpu_if_it_fits(load_model(base, adapter, dtype="float32", merge_adapter=False))
     tokenizer = load_tokenizer(tokenizer_path or base)
     gates, summary = train_gates(model, tokenizer, examples, settings)
     path = save_gates(Path(adapter), gates)
