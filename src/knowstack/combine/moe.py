@@ -267,7 +267,7 @@ def _build(kind: str, tmp: Path, base: FullModel, inputs: list, options: MoeOpti
            routers: dict[int, Router] | None, max_shard_bytes: int,
            attention_routers: dict[tuple[int, str], Router] | None = None) -> dict[str, Any]:
     common = {"kind": kind, "base": str(base.path), "models": [str(m.path) for m in inputs],
-              "options": asdict(options)}
+              "options": _recorded_options(options)}
     if kind == "fft":
         from knowstack.combine.moe_fft import choose_layout, write_fft_moe
 
@@ -290,6 +290,17 @@ def _build(kind: str, tmp: Path, base: FullModel, inputs: list, options: MoeOpti
                             temperature=options.temperature)
     return {**common, "architecture": "lora-moe", "experts": config["num_experts"], "layers": config["layers"],
             "parameters": _lora_parameters(tmp, base, config)}
+
+
+def _recorded_options(options: MoeOptions) -> dict[str, Any]:
+    """The options moe.json records; routing and temperature (added later) only where they are set, so that
+    a mixture made without them records what it always did."""
+    recorded = asdict(options)
+    if recorded["routing"] is None:
+        del recorded["routing"]
+    if options.router != "arrow":
+        del recorded["temperature"]
+    return recorded
 
 
 def _lora_parameters(tmp: Path, base: FullModel, config: dict) -> dict[str, int]:
