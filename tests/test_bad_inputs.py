@@ -276,6 +276,10 @@ CASES = [
          "--prompts {bad} {bad} --out {out}", ("item 0", "expected an object, found a number"), problems=2),
     Case("mix-train-data-missing-field", "missing-field", "mix --base {model} --models {adapter} {adapter} "
          "--train-data {bad}/train.json --train-steps 1 --out {out}", ("train.json", "item 2", "field 'answer'")),
+    Case("gate-train-data-missing-field", "missing-field", "gate --base {model} --adapter {adapter} "
+         "--train-data {bad}/train.json", ("train.json", "item 2", "field 'answer'")),
+    Case("gate-adapter-truncated", "adapter-truncated", "gate --base {model} --adapter {bad} "
+         "--train-data {task}/train.json", ("adapter_model.safetensors", "truncated")),
     # contribute, compose, registry init
     Case("contribute-task-not-utf8", "not-utf8", "contribute {registry} --name c --adapter {adapter} --task {bad} "
          "--keep-data", ("train.json", "not UTF-8")),

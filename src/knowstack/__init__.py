@@ -14,7 +14,7 @@ from knowstack.version import __version__ as __version__
 # `evaluate` are only in knowstack.api: the subpackages of those names would shadow them here once imported.
 _API = ("PlannedStep", "StudyResults", "TaskScores", "compose", "contribute", "dry_run", "history",
         "init_registry", "load_study", "merge", "mix", "open_registry", "rows_frame", "run_study", "score",
-        "study_results", "statistics")
+        "study_results", "statistics", "gate")
 
 
 def __getattr__(name: str) -> Any:

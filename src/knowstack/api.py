@@ -35,7 +35,7 @@ PathLike = str | Path
 __all__ = [
     "PlannedStep", "StudyResults", "TaskScores", "compose", "contribute", "dry_run", "evaluate", "export",
     "history", "init_registry", "load_study", "merge", "mix", "open_registry", "rows_frame", "run_study", "score",
-    "score_predictions", "study_results", "train", "statistics",
+    "score_predictions", "study_results", "train", "statistics", "gate",
 ]
 
 
@@ -309,7 +309,8 @@ def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
         train_batch_size: int | None = None, aux_loss_coef: float | None = None, max_shard_gb: float = 5.0,
         **options: Any) -> dict[str, Any]:
     """A mixture of experts of model dirs (FFT-MoE) or adapter dirs (LoRA-MoE), as `knowstack mix`; options are
-    combine/moe.py MoeOptions fields (top_k, layers, shared, base_expert, router, seed, attention). prompts: per
+    combine/moe.py MoeOptions fields (top_k, layers, shared, base_expert, router, seed, attention, routing,
+    temperature; None: the default). prompts: per
     model, its prompts or a JSON/JSONL file of them, the first prompts_per_expert used (default: config.py
     MoeConfig's); router (None or not given): `prompts` when prompts are given, else random. Router training: train_steps
     steps on the TRACE-format files train_data (train_lr, train_batch_size, aux_loss_coef default to
@@ -327,6 +328,9 @@ def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
         prompts = [_prompt_list(given)[:keep] for given in prompts]
     if options.get("router") is None:
         options["router"] = default_router(bool(prompts))
+    for name in ("routing", "temperature"):  # not given: MoeOptions' defaults
+        if name in options and options[name] is None:
+            del options[name]
     for name in ("layers", "attention"):  # tuples, as MoeOptions declares them
         if options.get(name) is not None:
             options[name] = tuple(options[name])
@@ -338,6 +342,26 @@ def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
     examples = [example for file in train_data for example in load_trace_split(Path(file))]
     return mix_models(base, list(models), Path(out), options=MoeOptions(**options), prompts=prompts,
                       train_examples=examples, training=training, max_shard_bytes=int(max_shard_gb * 2**30))
+
+
+def gate(base: PathLike, adapter: PathLike, train_data: Sequence[PathLike], *, steps: int | None = None,
+         lr: float | None = None, batch_size: int | None = None, max_length: int | None = None,
+         seed: int = 0) -> dict[str, Any]:
+    """A contributor's gates for their LoRA adapter (PHATGOOSE), as `knowstack gate`: one vector per module the
+    adapter targets, trained on the TRACE-format files train_data with base and adapter frozen, written into
+    the adapter dir (train/gate_training.py GATES_FILE) for the `gates` router; steps, lr, batch_size default to
+    GateTraining's (100, 1e-3, 8), max_length to the training recipe's. Returns a summary with the loss curve."""
+    from dataclasses import replace
+
+    from knowstack.config import TrainingConfig
+    from knowstack.data.formats import load_trace_split
+    from knowstack.train.gate_training import GateTraining, gate_adapter
+
+    given = {"steps": steps, "lr": lr, "batch_size": batch_size}
+    settings = replace(GateTraining(max_length=max_length or TrainingConfig().max_length, seed=seed),
+                       **{name: value for name, value in given.items() if value is not None})
+    examples = [example for file in train_data for example in load_trace_split(Path(file))]
+    return gate_adapter(base, adapter, examples, settings)
 
 
 @dataclass(frozen=True)

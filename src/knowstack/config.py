@@ -398,6 +398,42 @@ class RouterTrainingConfig(Strict):
     aux_loss_coef: float = Field(default=0.01, ge=0)
 
 
+class GateTrainingConfig(Strict):
+    """Per-contributor gates (router: gates, PHATGOOSE): each one-round adapter's gate vectors trained on its own
+    task's first `examples_per_task` training examples (None: all), base and adapter frozen, for `steps` steps of
+    `batch_size` at `lr` (PHATGOOSE's 100 steps at 1e-3)."""
+
+    steps: int = Field(default=100, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    examples_per_task: int | None = Field(default=None, gt=0)
+
+
+# Every router init of an MoE, with its one line for `knowstack mix --help` (definitions: combine/routers.py).
+MOE_ROUTERS: dict[str, str] = {
+    "random": "rows drawn from N(0, initializer_range), a fresh Mixtral router",
+    "uniform": "zero rows: every expert equally likely (top_k = the number of experts, or router training)",
+    "base-biased": "random rows plus a logit bias for the routed base expert (needs base_expert: routed)",
+    "prompts": "each expert's row: the base's normalised mean router input on a few of its prompts (moetify)",
+    "none": "no router: every expert with equal weight",
+    "arrow": "LoRA-MoE, training-free: per module, each adapter's top right singular vector of its B A; scores "
+             "|row . x| / temperature (Arrow; PEFT's ArrowConfig)",
+    "hidden": "mergekit-moe's gate_mode hidden: last-token hidden states on an expert's prompts minus those on the "
+              "other experts' prompts, normalised",
+    "cheap-embed": "mergekit-moe's gate_mode cheap_embed: the normalised sum of the prompts' token embeddings "
+                   "(minus the other experts'), the same in every layer",
+    "gates": "LoRA-MoE, per module: the gate vector each contributor trained for their own adapter on their own "
+             "data (`knowstack gate`), standardized (PHATGOOSE)",
+}
+MoeRouter = Literal["random", "uniform", "base-biased", "prompts", "none", "arrow", "hidden", "cheap-embed", "gates"]
+# Named settings of a mixture (`preset: NAME` in the moe section, `knowstack mix --preset NAME`); the section's own
+# settings win. btx: Branch-Train-MiX (Sukhbaatar et al. 2024): the one-round models' MLPs as experts, every
+# other weight their average, a fresh router trained top-2 with the Switch load-balancing loss (coefficient 0.01).
+MOE_PRESETS: dict[str, dict[str, Any]] = {
+    "btx": {"experts": ["fft"], "shared": "average", "top_k": 2, "router": "random", "router_training": {}},
+}
+
+
 class MoeConfig(Sweepable):
     """Mixing the one-round models (experts: fft, a Mixtral-style FFT-MoE) or adapters (lora, a LoRA-MoE)
     of all tasks, or of `tasks` (a list, or per kind of expert: {fft: [...]} mixes those for the FFT-MoE and all
@@ -406,9 +442,17 @@ class MoeConfig(Sweepable):
     embeddings from the base or the average of the models (FFT only); base_expert: the base as a routed
     expert, or always on (FFT only); router: random | uniform | base-biased | prompts (each expert's row
     from the base's hidden states on the first `prompts_per_expert` training prompts of its task) |
-    none (router-free: all experts with equal weight); seed: random routers (default: the study's);
+    none (router-free: all experts with equal weight) | arrow (LoRA only, training-free: per module, each
+    adapter's top right singular vector of B A, PEFT's Arrow) | hidden (mergekit-moe's gate_mode hidden:
+    an expert's prompts against the other experts' as negative prompts) | cheap-embed (mergekit-moe's
+    cheap_embed); seed: random routers (default: the study's);
     attention: self-attention projections (q_proj, k_proj, v_proj, o_proj) that are experts too, each
-    with its own router (FFT only: a LoRA-MoE already mixes every module its adapters target)."""
+    with its own router (FFT only: a LoRA-MoE already mixes every module its adapters target);
+    routing (LoRA only): a router per layer, or per module, each reading its module's input (moetify's
+    per-module routers; unset: per module for arrow, per layer otherwise); temperature: arrow's softmax
+    temperature (unset: 1); gate_training: how each one-round adapter's gates are trained for router gates
+    (unset: GateTrainingConfig's defaults); preset: named settings (MOE_PRESETS; btx: Branch-Train-MiX), the section's own
+    settings on top."""
 
     SWEEPABLE: ClassVar[tuple[str, ...]] = ("top_k",)
     experts: list[Finetune] = Field(default_factory=lambda: ["fft", "lora"])
@@ -417,11 +461,26 @@ class MoeConfig(Sweepable):
     layers: list[Annotated[int, Field(ge=0)]] | None = None
     shared: Literal["base", "average"] = "base"
     base_expert: Literal["none", "routed", "always-on"] = "none"
-    router: Literal["random", "uniform", "base-biased", "prompts", "none"] = "prompts"
+    router: MoeRouter = "prompts"
     prompts_per_expert: int = Field(default=8, gt=0)
     router_training: RouterTrainingConfig | None = None
     seed: int | None = None
     attention: list[Literal["q_proj", "k_proj", "v_proj", "o_proj"]] | None = None
+    routing: Literal["layer", "module"] | None = None
+    temperature: float | None = Field(default=None, gt=0)
+    gate_training: GateTrainingConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        """`preset: NAME` expands to MOE_PRESETS[NAME] under the section's own settings (and is then gone: a
+        mixture is the same step whether its settings came from a preset or were written out)."""
+        if not isinstance(data, dict) or "preset" not in data:
+            return data
+        name = data["preset"]
+        if name not in MOE_PRESETS:
+            raise ValueError(f"unknown preset {name!r} (presets: {', '.join(MOE_PRESETS)})")
+        return {**MOE_PRESETS[name], **{k: v for k, v in data.items() if k != "preset"}}
 
     @field_validator("experts")
     @classmethod
@@ -449,6 +508,22 @@ class MoeConfig(Sweepable):
                              "its adapters target")
         if self.router == "none" and self.router_training is not None:
             raise ValueError("a router-free MoE ('router: none') has no router to train")
+        if self.routing is not None and "fft" in self.experts:
+            raise ValueError("'routing' is for LoRA-MoE (experts: [lora]): an FFT-MoE routes each mixed MLP")
+        if self.router in ("arrow", "gates"):
+            if "fft" in self.experts:
+                raise ValueError(f"the {self.router} router is built from LoRA adapters: use experts: [lora]")
+            if self.routing == "layer":
+                raise ValueError(f"the {self.router} router is per module: leave 'routing' unset or 'module'")
+            if self.base_expert == "routed" or self.router_training is not None:
+                raise ValueError(f"the {self.router} router is training-free and has no row for the base: no "
+                                 "router_training, base_expert: none")
+        if self.router != "gates" and self.gate_training is not None:
+            raise ValueError("'gate_training' is the gates router's (router: gates)")
+        if self.router != "arrow" and self.temperature is not None:
+            raise ValueError("'temperature' is the arrow router's")
+        if self.router in ("hidden", "cheap-embed") and self.routing == "module":
+            raise ValueError(f"the {self.router} router is one row per layer: leave 'routing' unset or 'layer'")
         return self
 
 

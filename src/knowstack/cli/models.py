@@ -15,7 +15,7 @@ from knowstack.cli.options import (
     add_training_options,
     training_from_args,
 )
-from knowstack.config import METRICS
+from knowstack.config import METRICS, MOE_PRESETS, MOE_ROUTERS, RouterTrainingConfig
 from knowstack.errors import KnowstackError
 
 
@@ -168,14 +168,22 @@ def cmd_mix(args: argparse.Namespace) -> None:
     problems += [p for path in args.prompts or [] for p in check_prompt_file(path)]
     problems += [p for path in args.train_data or [] for p in check_split_file(path, "trace", "train")]
     raise_problems(problems)
-    if args.train_data and not args.train_steps:
+    shared, router, train_steps = args.shared, args.router, args.train_steps
+    if args.preset is not None:  # the preset's settings where the command line leaves them open
+        preset = MOE_PRESETS[args.preset]
+        shared, router = preset["shared"], router or preset["router"]
+        if "router_training" in preset:
+            if not args.train_data:
+                raise KnowstackError(f"--preset {args.preset} trains the routers: give --train-data", field="train_data")
+            train_steps = train_steps or RouterTrainingConfig().steps
+    if args.train_data and not train_steps:
         raise KnowstackError("--train-data is for router training: give --train-steps too")
     record = api.mix(args.base, args.models, args.out, prompts=args.prompts, prompts_per_expert=args.prompts_per_expert,
-                     train_data=args.train_data or (), train_steps=args.train_steps, train_lr=args.train_lr,
+                     train_data=args.train_data or (), train_steps=train_steps, train_lr=args.train_lr,
                      train_batch_size=args.train_batch_size, aux_loss_coef=args.aux_loss_coef,
-                     max_shard_gb=args.max_shard_gb, top_k=args.top_k, layers=args.layers, shared=args.shared,
-                     base_expert=args.base_expert, router=args.router, seed=args.seed,
-                     attention=args.attention or ())
+                     max_shard_gb=args.max_shard_gb, top_k=args.top_k, layers=args.layers, shared=shared,
+                     base_expert=args.base_expert, router=router, seed=args.seed,
+                     attention=args.attention or (), routing=args.routing, temperature=args.temperature)
     counts = record["parameters"]
     print(f"{record['architecture']}: {record['experts']} experts in layers {record['layers']}, "
           f"{counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active per token")
@@ -183,6 +191,19 @@ def cmd_mix(args: argparse.Namespace) -> None:
         if when != "measured_on":
             print(f"expert load per layer {when.replace('_', ' ')}: {json.dumps(loads)}")
     print(f"mixture of experts: {args.out}")
+
+
+def cmd_gate(args: argparse.Namespace) -> None:
+    from knowstack import api
+    from knowstack.validate import check_model_dir, check_split_file, check_weights_dir, raise_problems
+
+    problems = check_model_dir(args.base, tokenizer=True) + check_weights_dir(args.adapter)
+    problems += [p for path in args.train_data for p in check_split_file(path, "trace", "train")]
+    raise_problems(problems)
+    summary = api.gate(args.base, args.adapter, args.train_data, steps=args.steps, lr=args.lr,
+                       batch_size=args.batch_size, max_length=args.max_length, seed=args.seed)
+    print(f"gates of {summary['modules']} modules, loss {summary['first']} -> {summary['last']} in "
+          f"{summary['steps']} steps: {summary['file']}")
 
 
 def cmd_build_world(args: argparse.Namespace) -> None:
@@ -298,7 +319,9 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_statistics)
 
     p = sub.add_parser("mix", help="mix fine-tuned models (FFT-MoE) or LoRA adapters (LoRA-MoE) of one base "
-                                   "into a mixture of experts")
+                                   "into a mixture of experts", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="routers (--router):\n" + "\n".join(f"  {name:<12} {line}"
+                                                                   for name, line in MOE_ROUTERS.items()))
     p.add_argument("--base", required=True, help="the base model dir")
     p.add_argument("--models", nargs="+", required=True, help="model dirs (FFT-MoE) or PEFT LoRA adapter dirs")
     p.add_argument("--top-k", type=int, default=moe.top_k, help=f"experts per token (default {moe.top_k})")
@@ -309,8 +332,16 @@ def add_commands(sub: Any) -> None:
                    help="the base as a routed expert, or always active (FFT-MoE)")
     p.add_argument("--attention", nargs="+", choices=["q_proj", "k_proj", "v_proj", "o_proj"],
                    help="FFT-MoE: these self-attention projections are experts too, each with its own router")
-    p.add_argument("--router", choices=["random", "uniform", "base-biased", "prompts", "none"],
-                   help="router init (default: prompts if --prompts is given, else random); none: router-free")
+    p.add_argument("--router", choices=list(MOE_ROUTERS),
+                   help="router init (default: prompts if --prompts is given, else random); each is listed below")
+    p.add_argument("--preset", choices=list(MOE_PRESETS),
+                   help="btx: Branch-Train-MiX (FFT-MoE, --shared average, a random router trained top-k with the "
+                        "load-balancing loss on --train-data, --train-steps default "
+                        f"{RouterTrainingConfig().steps})")
+    p.add_argument("--routing", choices=["layer", "module"],
+                   help="LoRA-MoE: a router per layer, or per module reading the module's input (default: module "
+                        "for arrow, layer otherwise)")
+    p.add_argument("--temperature", type=float, help="the arrow router's softmax temperature (default 1)")
     p.add_argument("--prompts", nargs="+", help="one JSON/JSONL file of prompts per model, in order")
     p.add_argument("--prompts-per-expert", type=int, default=moe.prompts_per_expert,
                    help=f"prompts used from each file (default {moe.prompts_per_expert})")
@@ -327,6 +358,18 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output shard (FFT-MoE)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_mix)
+
+    p = sub.add_parser("gate", help="train the gates of your LoRA adapter on your data (PHATGOOSE), written into "
+                                    "the adapter dir for `mix --router gates`")
+    p.add_argument("--base", required=True, help="the base model dir")
+    p.add_argument("--adapter", required=True, help="your PEFT LoRA adapter dir (the gates are written into it)")
+    p.add_argument("--train-data", nargs="+", required=True, help="TRACE-format files of prompt/answer items")
+    p.add_argument("--steps", type=int, help="default 100")
+    p.add_argument("--lr", type=float, help="default 1e-3")
+    p.add_argument("--batch-size", type=int, help="default 8")
+    p.add_argument("--max-length", type=int, help="default: the training recipe's")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_gate)
 
     p = sub.add_parser("build-world", help="build the built-in world (base model, tokenizer, tasks)")
     p.add_argument("--preset", choices=["test", "quick", "full"], default="quick")

@@ -11,7 +11,7 @@ from knowstack.cli.common import console
 from knowstack.cli.common import percent as _percent  # the names _add_compose_args uses
 from knowstack.cli.common import points as _points
 from knowstack.cli.options import add_merge_options, add_statistics_merge_options
-from knowstack.config import METRICS
+from knowstack.config import METRICS, MOE_ROUTERS
 from knowstack.errors import KnowstackError
 
 
@@ -186,8 +186,9 @@ def _add_compose_args(p: argparse.ArgumentParser) -> None:
     add_statistics_merge_options(g)
     g = p.add_argument_group("moe-* options")
     g.add_argument("--top-k", type=int, help=f"experts per token (default {d.top_k})")
-    g.add_argument("--router", choices=["prompts", "random", "uniform", "base-biased", "none"],
-                   help=f"router init (default {d.router}: from each task's eval prompts)")
+    g.add_argument("--router", choices=list(MOE_ROUTERS),
+                   help=f"router init (default {d.router}: from each task's eval prompts; every router: knowstack mix "
+                        "--help)")
     g.add_argument("--prompts-per-expert", type=int, help=f"default {d.prompts_per_expert}")
     g.add_argument("--router-steps", type=int, help="router-only training steps on the kept training data "
                                                      f"(default {d.router_steps})")

@@ -22,7 +22,13 @@ from typing import Any
 
 from knowstack.atomic import atomic_dir, atomic_write_json
 from knowstack.combine.inputs import FullModel, LoraAdapter, open_input
-from knowstack.combine.routers import ROUTER_KINDS, data_free_routers, mean_router_inputs, prompt_routers
+from knowstack.combine.routers import (
+    PROMPT_ROUTERS,
+    ROUTER_KINDS,
+    data_free_routers,
+    mean_router_inputs,
+    prompt_routers,
+)
 from knowstack.config import MoeConfig
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
@@ -34,6 +40,8 @@ from knowstack.train.router_training import RouterTraining
 MOE_FILE = "moe.json"
 BASE_EXPERTS = ("none", "routed", "always-on")
 SHARED = ("base", "average")
+ROUTINGS = ("layer", "module")
+PER_MODULE_ROUTERS = ("arrow", "gates")  # built per module from each adapter, training-free
 
 
 _DECLARED = MoeConfig()  # the one declaration of the MoE settings' defaults
@@ -51,7 +59,9 @@ class MoeOptions:
     embeddings and unmixed MLPs come from (FFT only); base_expert: the base's MLP (FFT) / a null adapter
     (LoRA) as a routed expert, or always on (FFT only); router: see routers.py; seed: random routers;
     attention: self-attention projections (q_proj, k_proj, v_proj, o_proj) that are experts too in every
-    mixed layer, each with its own router (FFT only: a LoRA-MoE mixes every module its adapters target)."""
+    mixed layer, each with its own router (FFT only: a LoRA-MoE mixes every module its adapters target);
+    routing (LoRA-MoE): one router per layer, or per module (each reading its module's input; None: per
+    module for arrow, per layer otherwise); temperature: Arrow's softmax temperature."""
 
     top_k: int = _DECLARED.top_k
     layers: tuple[int, ...] | None = None
@@ -61,6 +71,11 @@ class MoeOptions:
     router: str = "random"
     seed: int = 0
     attention: tuple[str, ...] = ()
+    routing: str | None = None
+    temperature: float = 1.0
+
+    def effective_routing(self) -> str:
+        return self.routing or ("module" if self.router in PER_MODULE_ROUTERS else "layer")
 
 
 def mix_models(
@@ -93,11 +108,16 @@ def mix_models(
     if out.resolve() in {p.resolve() for p in [base_model.path, *(m.path for m in inputs)]}:
         raise KnowstackError("the output dir is one of the inputs (it would be replaced)", path=out)
     tokenizer = None
-    if options.router == "prompts":  # the router init's; the router job loads its own
+    if options.router in PROMPT_ROUTERS:  # the router init's; the router job loads its own
         from knowstack.modelio import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_path or base_model.path)
-    routers = _routers(kind, base_model, options, prompts, tokenizer, len(inputs))
+    if kind == "lora" and options.effective_routing() == "module":
+        from knowstack.combine.moe_lora import module_routers
+
+        routers = module_routers(base_model, inputs, options, prompts, tokenizer)
+    else:
+        routers = _routers(kind, base_model, options, prompts, tokenizer, len(inputs))
     attention_routers = _attention_routers(base_model, options, routers, len(inputs))
     with atomic_dir(out) as tmp:
         record = _build(kind, tmp, base_model, inputs, options, routers, max_shard_bytes, attention_routers)
@@ -138,6 +158,23 @@ def _validate(kind: str, n_models: int, n_layers: int, options: MoeOptions, prom
          "a LoRA-MoE keeps the base's own weights ('shared' is for FFT-MoE)"),
         (kind == "lora" and bool(options.attention), "attention",
          "a LoRA-MoE already mixes every module its adapters target ('attention' is for FFT-MoE)"),
+        (options.routing is not None and options.routing not in ROUTINGS, "routing",
+         f"routing must be one of {', '.join(ROUTINGS)}"),
+        (kind == "fft" and options.routing is not None, "routing",
+         "'routing' is for LoRA-MoE (an FFT-MoE routes each mixed MLP, and each mixed attention projection)"),
+        (options.router in PER_MODULE_ROUTERS and kind != "lora", "router",
+         f"the {options.router} router is built from LoRA adapters: mix LoRA adapters (a LoRA-MoE)"),
+        (options.router in PER_MODULE_ROUTERS and options.effective_routing() != "module", "routing",
+         f"the {options.router} router is per module: routing must be 'module'"),
+        (options.router in PER_MODULE_ROUTERS and options.base_expert == "routed", "base_expert",
+         f"the {options.router} router has no row for the base (a null adapter): base_expert must be none"),
+        (options.router in PER_MODULE_ROUTERS and training is not None, "router_training",
+         f"the {options.router} router is training-free (its rows come from the adapters): leave router training "
+         "out"),
+        (not options.temperature > 0, "temperature", "temperature must be > 0"),
+        (options.temperature != 1.0 and options.router != "arrow", "temperature", "temperature is the arrow router's"),
+        (options.router in ("hidden", "cheap-embed") and options.effective_routing() == "module", "routing",
+         f"the {options.router} router builds one row per layer from hidden states: use routing 'layer'"),
     ]
     n_experts = n_models + (options.base_expert == "routed")
     checks += [
@@ -145,7 +182,7 @@ def _validate(kind: str, n_models: int, n_layers: int, options: MoeOptions, prom
          f"top_k must be between 1 and the number of experts ({n_experts})"),
         (options.router == "base-biased" and options.base_expert != "routed", "router",
          "the base-biased router needs the base as a routed expert (base_expert: routed)"),
-        (options.router == "prompts" and (prompts is None or len(prompts) != n_models), "prompts",
+        (options.router in PROMPT_ROUTERS and (prompts is None or len(prompts) != n_models), "prompts",
          f"the router init from prompts needs a list of prompts for each of the {n_models} models"),
         (options.router == "uniform" and options.top_k < n_experts and training is None, "router",
          "a uniform router ties every expert, so top-k would always pick the first k: use top_k = the number "
@@ -169,7 +206,12 @@ def _routers(kind: str, base: FullModel, options: MoeOptions, prompts: Sequence[
     n_layers = int(base.config["num_hidden_layers"])
     layers = list(range(n_layers)) if options.layers is None else sorted(set(options.layers))
     base_index = 0 if options.base_expert == "routed" else None
-    if options.router != "prompts":
+    if options.router == "cheap-embed":
+        from knowstack.combine.routers import cheap_embed_routers
+
+        return cheap_embed_routers(base.reader.read("model.embed_tokens.weight"), tokenizer, prompts or [], layers,
+                                   base_index)
+    if options.router not in PROMPT_ROUTERS:
         return data_free_routers(options.router, layers, n_models + (base_index is not None),
                                  int(base.config["hidden_size"]), init_range=float(base.config.get("initializer_range", 0.02)),
                                  seed=options.seed, base_index=base_index)
@@ -177,6 +219,10 @@ def _routers(kind: str, base: FullModel, options: MoeOptions, prompts: Sequence[
 
     model = load_model(base.path, dtype="float32")
     try:
+        if options.router == "hidden":
+            from knowstack.combine.routers import hidden_routers
+
+            return hidden_routers(model, tokenizer, prompts or [], layers, base_index)
         means = mean_router_inputs(model, tokenizer, prompts or [], layers, "mlp" if kind == "fft" else "attention")
     finally:
         del model
@@ -197,7 +243,7 @@ def _attention_routers(base: FullModel, options: MoeOptions, routers: dict[int, 
     for name in options.attention:
         for layer, router in routers.items():
             in_features = _projection_inputs(base, layer, name)
-            if options.router != "prompts":
+            if options.router not in PROMPT_ROUTERS:
                 result[layer, name] = data_free_routers(
                     options.router, [layer], n_models + (base_index is not None), in_features, init_range=init_range,
                     seed=options.seed, base_index=base_index, site=name)[layer]
@@ -221,7 +267,7 @@ def _build(kind: str, tmp: Path, base: FullModel, inputs: list, options: MoeOpti
            routers: dict[int, Router] | None, max_shard_bytes: int,
            attention_routers: dict[tuple[int, str], Router] | None = None) -> dict[str, Any]:
     common = {"kind": kind, "base": str(base.path), "models": [str(m.path) for m in inputs],
-              "options": asdict(options)}
+              "options": _recorded_options(options)}
     if kind == "fft":
         from knowstack.combine.moe_fft import choose_layout, write_fft_moe
 
@@ -238,9 +284,23 @@ def _build(kind: str, tmp: Path, base: FullModel, inputs: list, options: MoeOpti
 
     check_compatible(base, inputs)
     config = write_lora_moe(tmp, base, inputs, top_k=options.top_k, layers=options.layers,
-                            base_expert=options.base_expert == "routed", router=options.router, routers=routers)
+                            base_expert=options.base_expert == "routed", router=options.router, routers=routers,
+                            routing=options.effective_routing(),
+                            router_score={"arrow": "arrow", "gates": "phatgoose"}.get(options.router, "linear"),
+                            temperature=options.temperature)
     return {**common, "architecture": "lora-moe", "experts": config["num_experts"], "layers": config["layers"],
             "parameters": _lora_parameters(tmp, base, config)}
+
+
+def _recorded_options(options: MoeOptions) -> dict[str, Any]:
+    """The options moe.json records; routing and temperature (added later) only where they are set, so that
+    a mixture made without them records what it always did."""
+    recorded = asdict(options)
+    if recorded["routing"] is None:
+        del recorded["routing"]
+    if options.router != "arrow":
+        del recorded["temperature"]
+    return recorded
 
 
 def _lora_parameters(tmp: Path, base: FullModel, config: dict) -> dict[str, int]:

@@ -21,13 +21,16 @@ from knowstack.modeling.routing import Router
 
 def write_lora_moe(out: Path, base: FullModel, adapters: Sequence[LoraAdapter], *, top_k: int,
                    layers: Sequence[int] | None, base_expert: bool, router: str,
-                   routers: dict[int, Router] | None) -> dict:
+                   routers: dict[int, Router] | dict[str, Router] | None, routing: str = "layer",
+                   router_score: str = "linear", temperature: float = 1.0) -> dict:
     """Writes lora_moe.json + lora_moe.safetensors into the dir `out`; returns the config written.
 
-    Expert order: the null base expert first when `base_expert`, then the adapters in order."""
+    Expert order: the null base expert first when `base_expert`, then the adapters in order.
+    routers: by mixed layer (routing "layer") or by module name (routing "module"); router_score
+    "arrow" (with its temperature) for Arrow's |W x| / T scores."""
     offset = 1 if base_expert else 0
     n_experts = len(adapters) + offset
-    modules = _module_layout(adapters, layers)
+    modules = module_layout(adapters, layers)
     tensors: dict[str, torch.Tensor] = {}
     layout = {}
     for module, owners in modules.items():
@@ -43,10 +46,11 @@ def write_lora_moe(out: Path, base: FullModel, adapters: Sequence[LoraAdapter], 
         tensors[f"{module}.lora_B"] = torch.cat(b_parts, dim=1).contiguous()
         layout[module] = {"experts": [index + offset for index in owners], "ranks": ranks}
     mixed = sorted({layer_of(module) for module in modules})
-    for layer in mixed if routers is not None else []:
-        tensors[f"routers.{layer}.weight"] = routers[layer].weight.float().contiguous()
-        if routers[layer].bias is not None:
-            tensors[f"routers.{layer}.bias"] = routers[layer].bias.float().contiguous()
+    keys = list(modules) if routing == "module" else mixed
+    for key in keys if routers is not None else []:
+        tensors[f"routers.{key}.weight"] = routers[key].weight.float().contiguous()
+        if routers[key].bias is not None:
+            tensors[f"routers.{key}.bias"] = routers[key].bias.float().contiguous()
     config = {
         "format": FORMAT, "version": 1, "base_model": str(base.path),
         "experts": (["base"] if base_expert else []) + [str(a.path) for a in adapters],
@@ -54,12 +58,19 @@ def write_lora_moe(out: Path, base: FullModel, adapters: Sequence[LoraAdapter], 
             r.bias is not None for r in (routers or {}).values()),
         "hidden_size": base.config.get("hidden_size"), "layers": mixed, "modules": layout,
     }
+    # written only where they differ from the defaults, so a LoRA-MoE made without them is what it was
+    if routing != "layer":
+        config["routing"] = routing
+    if router_score != "linear":
+        config["router_score"] = router_score
+    if router_score == "arrow":
+        config["temperature"] = temperature
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     atomic_write_json(out / CONFIG_FILE, config)
     return config
 
 
-def _module_layout(adapters: Sequence[LoraAdapter], layers: Sequence[int] | None) -> dict[str, list[int]]:
+def module_layout(adapters: Sequence[LoraAdapter], layers: Sequence[int] | None) -> dict[str, list[int]]:
     """Module name -> indices of the adapters that target it, for the modules of the mixed layers."""
     owners: dict[str, list[int]] = {}
     for index, adapter in enumerate(adapters):
@@ -88,3 +99,61 @@ def parameter_counts(config: dict, base_parameters: int, tensors: dict[str, tupl
     return {"total": base_parameters + experts + routers, "active": base_parameters + routers + round(experts * active_share),
             "experts": experts, "routers": routers, "shared": base_parameters}
 
+
+
+def module_routers(base: FullModel, adapters: Sequence[LoraAdapter], options, prompts: Sequence[Sequence[str]] | None,
+                   tokenizer) -> dict[str, Router] | None:
+    """Per-module routers (routing "module"), by module name, each reading its module's input: Arrow's
+    prototypes, random / uniform / base-biased draws of their own (seeded by the module's name), or from
+    prompts the normalised mean of the module's input (options: combine/moe.py's MoeOptions)."""
+    from knowstack.combine.routers import arrow_prototype, arrow_routers, data_free_routers, prompt_routers
+
+    if options.router == "none":
+        return None
+    modules = module_layout(adapters, options.layers)
+    in_features = {module: adapters[owners[0]].reader.specs[adapters[owners[0]].modules[f"{module}.weight"][0]].shape[1]
+                   for module, owners in modules.items()}
+    base_index = 0 if options.base_expert == "routed" else None
+    offset = 1 if base_index is not None else 0
+    n_experts = len(adapters) + offset
+    if options.router == "arrow":
+        prototypes = {}
+        for module, owners in modules.items():
+            prototypes[module] = {}
+            for index in owners:
+                a_name, b_name, _ = adapters[index].modules[f"{module}.weight"]
+                prototypes[module][index + offset] = arrow_prototype(adapters[index].reader.read(a_name),
+                                                                     adapters[index].reader.read(b_name))
+        return arrow_routers(prototypes, in_features, n_experts)
+    if options.router == "gates":
+        from knowstack.combine.routers import gate_routers
+
+        return gate_routers([_contributed_gates(adapter) for adapter in adapters], modules, in_features, offset)
+    if options.router == "prompts":
+        from knowstack.combine.routers import mean_module_inputs
+        from knowstack.modelio import load_model
+
+        model = load_model(base.path, dtype="float32")
+        try:
+            means = mean_module_inputs(model, tokenizer, prompts or [], list(modules))
+        finally:
+            del model
+        return {module: router for module, router in prompt_routers(means, base_index).items()}
+    init_range = float(base.config.get("initializer_range", 0.02))
+    return {module: data_free_routers(options.router, [layer_of(module)], n_experts, in_features[module],
+                                      init_range=init_range, seed=options.seed, base_index=base_index,
+                                      site=module)[layer_of(module)]
+            for module in modules}
+
+
+def _contributed_gates(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+    """The gate vectors a contributor trained for their adapter (train/gate_training.py), by module."""
+    from knowstack.train.gate_training import GATES_FILE
+
+    path = adapter.path / GATES_FILE
+    if not path.is_file():
+        raise KnowstackError(f"the gates router needs each adapter's {GATES_FILE}: train it with `knowstack gate`",
+                             path=adapter.path, field="router")
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

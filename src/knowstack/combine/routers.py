@@ -21,6 +21,30 @@ input_layernorm) for LoRA-MoE, which routes once per layer for all its modules. 
 projection's router reads the projection's own input; it starts as its layer's MLP router does: from
 prompts with the same rows (as moetify, which inits every module's router of a layer from the layer's
 hidden states), data-free with draws of its own (`site` = the projection).
+
+Per-module routers of a LoRA-MoE (`routing: module`, moetify's non-global routers) each read their
+module's own input: random draws of their own (`site` = the module), or from prompts the mean of that
+module's input (`mean_module_inputs`), since a down_proj or o_proj reads no hidden-sized vector.
+
+Training-free from the adapters themselves:
+- arrow (Ostapenko et al. 2024, PEFT's ArrowConfig): per module, expert e's row is its prototype, the
+  top right singular vector of its delta B_e A_e (exact, from an SVD; PEFT approximates it by 15 power
+  iterations from a random start); the scores are |row . x| / temperature (modeling/lora_moe.py). An
+  expert that does not target the module (and a routed base) gets a zero row: score 0.
+
+- gates (PHATGOOSE, Muqeeth et al. 2024): per module, row e is contributor e's gate vector for the module
+  (trained by the contributor on their own data, train/gate_training.py), standardized (mean 0, variance 1
+  over its features, as microsoft/mttl's PHATGOOSE router); the scores standardize the input the same way
+  and divide by sqrt(d) (modeling/lora_moe.py).
+
+From prompts, as mergekit-moe's gates (mergekit 0.1.5, mergekit/moe/router.py):
+- hidden (`gate_mode: hidden`): per layer, the base's hidden state at the layer's input (the residual
+  stream, `output_hidden_states[layer]`) at the last token of each prompt (the bos token prepended),
+  averaged over the expert's prompts, minus the same average over its negative prompts (in knowstack:
+  the other experts' prompts), L2-normalised;
+- cheap-embed (`gate_mode: cheap_embed`): the L2-normalised sum of the token embeddings of the
+  expert's prompts (bos included), the same row in every layer; with negative prompts that row minus
+  theirs, normalised again.
 """
 
 from __future__ import annotations
@@ -33,13 +57,15 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from knowstack.config import MOE_ROUTERS, MoeRouter
 from knowstack.errors import KnowstackError
 from knowstack.modeling.routing import Router, decoder_layers
 from knowstack.train.attention import packed_attention
 from knowstack.train.batches import packed_rows
 
-RouterKind = Literal["random", "uniform", "base-biased", "prompts", "none"]
-ROUTER_KINDS: tuple[str, ...] = ("random", "uniform", "base-biased", "prompts", "none")
+RouterKind = MoeRouter
+ROUTER_KINDS: tuple[str, ...] = tuple(MOE_ROUTERS)
+PROMPT_ROUTERS = ("prompts", "hidden", "cheap-embed")  # the routers built from prompts
 Site = Literal["mlp", "attention"]
 BASE_BIAS = 2.0
 
@@ -127,3 +153,153 @@ def _capture(store: dict[int, torch.Tensor], layer: int):
         store[layer] = output.detach()
 
     return hook
+
+
+def arrow_prototype(lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    """The top right singular vector of B A (unit length, in the module's input space), without forming
+    B A: with B = Q R, B A = Q (R A) has R A's right singular vectors. Its sign is arbitrary (Arrow's
+    scores are sign-agnostic); fixed here so that its largest component is positive, for reproducibility."""
+    a, b = lora_a.float(), lora_b.float()
+    _, r = torch.linalg.qr(b)
+    vector = torch.linalg.svd(r @ a, full_matrices=False).Vh[0]
+    return vector if vector[vector.abs().argmax()] >= 0 else -vector
+
+
+def arrow_routers(prototypes: dict[str, dict[int, torch.Tensor]], in_features: dict[str, int],
+                  n_experts: int) -> dict[str, Router]:
+    """Per module, a router whose row e is expert e's prototype (`prototypes[module][e]`), a zero row for
+    an expert without one (a routed base, an adapter that does not target the module)."""
+    routers = {}
+    for module, by_expert in prototypes.items():
+        weight = torch.zeros(n_experts, in_features[module])
+        for expert, vector in by_expert.items():
+            weight[expert] = vector
+        routers[module] = Router(weight)
+    return routers
+
+
+@torch.no_grad()
+def mean_module_inputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                       prompts_per_expert: Sequence[Sequence[str]], modules: Sequence[str],
+                       max_length: int = 512) -> dict[str, torch.Tensor]:
+    """For each named module (a Linear of `model`), one row per expert: the mean over that expert's prompts
+    of the mean over the prompt's tokens of the module's input, on `model` (the base)."""
+    if any(not prompts for prompts in prompts_per_expert):
+        raise KnowstackError("every expert needs at least one prompt for the router init", field="prompts")
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            captured[name] = inputs[0].detach()
+
+        return hook
+
+    hooks = [model.get_submodule(name).register_forward_hook(capture(name)) for name in modules]
+    device = next(model.parameters()).device
+    try:
+        rows: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+        for prompts in prompts_per_expert:
+            sums = {name: torch.zeros(model.get_submodule(name).in_features) for name in modules}
+            encoded = [ids[-max_length:] for ids in tokenizer(list(prompts))["input_ids"]]
+            for input_ids, position_ids, bounds in packed_rows(encoded):
+                with packed_attention(model):
+                    model(input_ids=input_ids.to(device), position_ids=position_ids.to(device), use_cache=False)
+                for name in modules:
+                    states = captured[name][0].float().cpu()
+                    for start, end in bounds:
+                        sums[name] += states[start:end].mean(dim=0)
+            for name in modules:
+                rows[name].append(sums[name] / len(prompts))
+        return {name: torch.stack(rows[name]) for name in modules}
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _mergekit_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, max_length: int) -> list[int]:
+    # mergekit prepends the bos token's text and adds no special tokens of its own
+    return tokenizer((tokenizer.bos_token or "") + prompt, add_special_tokens=False)["input_ids"][-max_length:]
+
+
+@torch.no_grad()
+def last_token_hidden_states(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                             layers: Sequence[int], max_length: int = 512) -> dict[int, torch.Tensor]:
+    """Per layer, the mean over `prompts` of the hidden state at the layer's input (the residual stream,
+    output_hidden_states[layer]) at each prompt's last token; each prompt runs alone (no padding)."""
+    device = next(model.parameters()).device
+    sums = {layer: torch.zeros(model.config.hidden_size) for layer in layers}
+    for prompt in prompts:
+        ids = torch.tensor([_mergekit_ids(tokenizer, prompt, max_length)], device=device)
+        states = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+        for layer in layers:
+            sums[layer] += states[layer][0, -1].float().cpu()
+    return {layer: total / len(prompts) for layer, total in sums.items()}
+
+
+def _others(prompts_per_expert: Sequence[Sequence[str]], expert: int) -> list[str]:
+    """An expert's negative prompts: every other expert's prompts, in expert order."""
+    return [p for other, group in enumerate(prompts_per_expert) if other != expert for p in group]
+
+
+def hidden_routers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                   prompts_per_expert: Sequence[Sequence[str]], layers: Sequence[int],
+                   base_index: int | None = None) -> dict[int, Router]:
+    """mergekit-moe's `hidden` gates: per layer, row e = normalise(mean last-token hidden state over expert
+    e's prompts - the same over the other experts' prompts); a routed base gets a zero row."""
+    if any(not prompts for prompts in prompts_per_expert):
+        raise KnowstackError("every expert needs at least one prompt for the router init", field="prompts")
+    positive = [last_token_hidden_states(model, tokenizer, group, layers) for group in prompts_per_expert]
+    rows = {layer: [] for layer in layers}
+    for expert in range(len(prompts_per_expert)):
+        others = _others(prompts_per_expert, expert)
+        negative = last_token_hidden_states(model, tokenizer, others, layers) if others else None
+        for layer in layers:
+            rows[layer].append(positive[expert][layer] - (negative[layer] if negative is not None else 0.0))
+    return prompt_routers({layer: torch.stack(r) for layer, r in rows.items()}, base_index)
+
+
+def _cheap_embedding(embed: torch.Tensor, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                     max_length: int) -> torch.Tensor:
+    total = torch.zeros(embed.shape[1])
+    for prompt in prompts:
+        total += embed[_mergekit_ids(tokenizer, prompt, max_length)].float().sum(dim=0)
+    return total / total.norm().clamp_min(1e-8)
+
+
+def cheap_embed_routers(embed: torch.Tensor, tokenizer: PreTrainedTokenizerBase,
+                        prompts_per_expert: Sequence[Sequence[str]], layers: Sequence[int],
+                        base_index: int | None = None, max_length: int = 512) -> dict[int, Router]:
+    """mergekit-moe's `cheap_embed` gates from the embedding matrix `embed` (vocab x hidden): row e =
+    normalise(cheap(e's prompts) - cheap(the other experts' prompts)), cheap = the normalised sum of the
+    prompts' token embeddings; the same rows in every layer."""
+    if any(not prompts for prompts in prompts_per_expert):
+        raise KnowstackError("every expert needs at least one prompt for the router init", field="prompts")
+    rows = []
+    for expert, group in enumerate(prompts_per_expert):
+        row = _cheap_embedding(embed, tokenizer, group, max_length)
+        others = _others(prompts_per_expert, expert)
+        rows.append(row - _cheap_embedding(embed, tokenizer, others, max_length) if others else row)
+    stacked = torch.stack(rows)
+    return prompt_routers({layer: stacked.clone() for layer in layers}, base_index)
+
+
+def standardized(vector: torch.Tensor) -> torch.Tensor:
+    """Mean 0 and variance 1 over the last dimension (a LayerNorm without affine, eps 1e-5, as mttl's)."""
+    return torch.nn.functional.layer_norm(vector.float(), (vector.shape[-1],), eps=1e-5)
+
+
+def gate_routers(gates: Sequence[dict[str, torch.Tensor]], modules: dict[str, list[int]],
+                 in_features: dict[str, int], offset: int = 0) -> dict[str, Router]:
+    """Per module, row (index + offset) = adapter index's standardized gate vector for the module (`gates`: one
+    dict per adapter, by module name); a zero row where an adapter has no gate (or does not target it)."""
+    routers = {}
+    n_experts = len(gates) + offset
+    for module, owners in modules.items():
+        weight = torch.zeros(n_experts, in_features[module])
+        for index in owners:
+            vector = gates[index].get(module)
+            if vector is None:
+                raise KnowstackError(f"adapter {index + 1}'s gates have no vector for {module}", field="router")
+            weight[index + offset] = standardized(vector)
+        routers[module] = Router(weight)
+    return routers

@@ -3,17 +3,25 @@ decoder layer picks the top-k adapters per token, and each targeted module adds 
 
     y = W x + sum_{e in top-k(x)} w_e(x) * scale_e * B_e A_e x
 
-The base stays as it is. The routing is decided once per layer from the layer's attention input (the
-output of input_layernorm) and used by all its targeted modules. Softmax, top-k and renormalisation
-over the k are Mixtral's, so with one adapter and k=1 this is exactly base + adapter. A routed base
-expert is a "null" adapter (no delta): a token that routes to it keeps more of the base.
+The base stays as it is. By default (`routing: layer`) the routing is decided once per layer from the
+layer's attention input (the output of input_layernorm) and used by all its targeted modules; with
+`routing: module` (moetify's per-module routers, and Arrow's) every targeted module has a router of its
+own that reads the module's own input. Softmax, top-k and renormalisation over the k are Mixtral's, so
+with one adapter and k=1 this is exactly base + adapter. A routed base expert is a "null" adapter (no
+delta): a token that routes to it keeps more of the base.
+
+A router's scores are `weight @ x (+ bias)` (a linear router), or with `router_score: arrow` (Arrow,
+Ostapenko et al. 2024, PEFT's ArrowConfig) |weight @ x| / temperature, each row an expert's prototype:
+the softmax over the k largest scores is then PEFT's Arrow coefficients; or with `router_score:
+phatgoose` (PHATGOOSE) standardize(x) @ weight / sqrt(d), each row a contributor's standardized gate.
 
 Saved as a directory knowstack loads onto the base (`load_model(base, adapter=DIR)` or
 `apply_lora_moe`):
     lora_moe.json           what was mixed and how (format, experts, top_k, layers, per-module layout)
     lora_moe.safetensors    per module: `<module>.lora_A` (sum of ranks x in, the experts' A stacked)
                             and `<module>.lora_B` (out x sum of ranks, each expert's scale folded in);
-                            per mixed layer: `routers.<layer>.weight` (+ `.bias`)
+                            per mixed layer: `routers.<layer>.weight` (+ `.bias`); with per-module
+                            routing, per module: `routers.<module>.weight` (+ `.bias`)
 
 Compute is dense over the stacked ranks (one x @ A^T and one @ B^T per module, the gates zero for
 experts a token did not choose), which is exact and, with LoRA ranks of a few dozen in total, cheaper
@@ -50,16 +58,63 @@ def layer_of(module: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+class ArrowScores(nn.Module):
+    """Arrow's routing scores: |prototypes @ x| / temperature (sign-agnostic: a singular vector's sign
+    is arbitrary). Its output is what top-k and the softmax read, so the expert loads see Arrow's choice."""
+
+    def __init__(self, in_features: int, n_experts: int, temperature: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n_experts, in_features))
+        self.bias = None
+        self.temperature = temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight).abs() / self.temperature
+
+
+class PhatgooseScores(nn.Module):
+    """PHATGOOSE's routing scores (as microsoft/mttl's PhatgooseSelector): standardize(x) . row / sqrt(d), the
+    rows the contributors' standardized gate vectors, standardize = subtract the mean over the d features and
+    divide by their standard deviation (a LayerNorm without affine, eps 1e-5)."""
+
+    def __init__(self, in_features: int, n_experts: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n_experts, in_features))
+        self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        standardized = F.layer_norm(x.float(), (x.shape[-1],), eps=1e-5)
+        return (F.linear(standardized, self.weight.float()) / x.shape[-1] ** 0.5).to(x.dtype)
+
+
+ROUTER_SCORES = ("linear", "arrow", "phatgoose")
+
+
+def router_module(in_features: int, n_experts: int, *, bias: bool, score: str = "linear",
+                  temperature: float = 1.0) -> nn.Module:
+    """The module that turns a router's input into its scores: a Linear, Arrow's |W x| / T, or PHATGOOSE's."""
+    if score not in ROUTER_SCORES:
+        raise KnowstackError(f"unknown router_score {score!r} (knowstack knows {', '.join(ROUTER_SCORES)})",
+                             field="router_score")
+    if score == "arrow":
+        return ArrowScores(in_features, n_experts, temperature)
+    if score == "phatgoose":
+        return PhatgooseScores(in_features, n_experts)
+    return nn.Linear(in_features, n_experts, bias=bias)
+
+
 class LayerRouting(nn.Module):
-    """One layer's routing: the gates of every expert for every token of the current forward pass,
-    set by a hook on the layer's input_layernorm and read by the layer's LoraMoeLinear modules."""
+    """One router's routing: the gates of every expert for every token of the current forward pass,
+    set by a hook on the layer's input_layernorm and read by the layer's LoraMoeLinear modules (layer
+    routing), or set by its own LoraMoeLinear from the module's input (module routing)."""
 
     ATTRIBUTE = "lora_moe_routing"
 
-    def __init__(self, hidden: int, n_experts: int, top_k: int, *, routed: bool, bias: bool):
+    def __init__(self, hidden: int, n_experts: int, top_k: int, *, routed: bool, bias: bool, score: str = "linear",
+                 temperature: float = 1.0):
         super().__init__()
         self.n_experts, self.top_k = n_experts, top_k
-        self.router = nn.Linear(hidden, n_experts, bias=bias) if routed else None
+        self.router = router_module(hidden, n_experts, bias=bias, score=score, temperature=temperature) if routed else None
         self._gates: torch.Tensor | None = None
         self._by_layout: dict[str, torch.Tensor] = {}
 
@@ -89,20 +144,25 @@ class LoraMoeLinear(nn.Module):
     """A base Linear plus the gated deltas of its experts' LoRA pairs, stacked along the rank."""
 
     def __init__(self, base_layer: nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                 slot_experts: torch.Tensor, routing: LayerRouting):
+                 slot_experts: torch.Tensor, routing: LayerRouting, *, own_routing: bool = False):
         super().__init__()
         self.base_layer = base_layer
         self.lora_A = nn.Parameter(lora_a, requires_grad=False)
         self.lora_B = nn.Parameter(lora_b, requires_grad=False)
         self.register_buffer("slot_experts", slot_experts, persistent=False)
         self.layout = ",".join(map(str, slot_experts.tolist()))
-        self._routing = [routing]  # a list, so the routing is not registered twice as a submodule
+        # A layer's routing is registered on the layer (a list here, so it is not registered twice); a
+        # module's own routing (per-module routing) is this module's submodule.
+        self.own_routing = routing if own_routing else None
+        self._routing = [routing]
 
     @property
     def weight(self) -> torch.Tensor:  # callers that inspect a Linear's weight see the base's
         return self.base_layer.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.own_routing is not None:
+            self.own_routing.route(x)
         gates = self._routing[0].slot_gates(self.layout, self.slot_experts)
         hidden = F.linear(x, self.lora_A)
         if torch.is_grad_enabled():  # router training: out of place, autograd needs the operands
@@ -121,11 +181,17 @@ def apply_lora_moe(model: nn.Module, path: str | Path) -> nn.Module:
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     routed = config["router"] != "none"
+    per_module = config.get("routing", "layer") == "module"
+
+    def new_routing(in_features: int) -> LayerRouting:
+        return LayerRouting(in_features, config["num_experts"], config["top_k"], routed=routed,
+                            bias=config.get("router_bias", False), score=config.get("router_score", "linear"),
+                            temperature=config.get("temperature", 1.0)).to(device)
+
     routings: dict[int, LayerRouting] = {}
     with safe_open(str(path / WEIGHTS_FILE), framework="pt") as weights:
-        for layer in config["layers"]:
-            routing = LayerRouting(config["hidden_size"], config["num_experts"], config["top_k"], routed=routed,
-                                   bias=config.get("router_bias", False)).to(device)
+        for layer in [] if per_module else config["layers"]:
+            routing = new_routing(config["hidden_size"])
             if routed:
                 _load_router(routing, weights, layer, path)
             layers[layer].add_module(LayerRouting.ATTRIBUTE, routing)
@@ -137,7 +203,13 @@ def apply_lora_moe(model: nn.Module, path: str | Path) -> nn.Module:
             lora_a = weights.get_tensor(f"{module}.lora_A").to(device=device, dtype=dtype)
             lora_b = weights.get_tensor(f"{module}.lora_B").to(device=device, dtype=dtype)
             parent, child, linear = _linear(model, module)
-            setattr(parent, child, LoraMoeLinear(linear, lora_a, lora_b, slots, routings[layer_of(module)]))
+            if per_module:
+                routing = new_routing(linear.in_features)
+                if routed:
+                    _load_router(routing, weights, module, path)
+            else:
+                routing = routings[layer_of(module)]
+            setattr(parent, child, LoraMoeLinear(linear, lora_a, lora_b, slots, routing, own_routing=per_module))
     return model
 
 
@@ -151,12 +223,13 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def _load_router(routing: LayerRouting, weights, layer: int, path: Path) -> None:
+def _load_router(routing: LayerRouting, weights, key: int | str, path: Path) -> None:
+    """The router of a layer (key: its index) or of a module (key: its name)."""
     assert routing.router is not None
     with torch.no_grad():
-        routing.router.weight.copy_(weights.get_tensor(f"routers.{layer}.weight"))
+        routing.router.weight.copy_(weights.get_tensor(f"routers.{key}.weight"))
         if routing.router.bias is not None:
-            routing.router.bias.copy_(weights.get_tensor(f"routers.{layer}.bias"))
+            routing.router.bias.copy_(weights.get_tensor(f"routers.{key}.bias"))
 
 
 def _route_hook(routing: LayerRouting):
@@ -179,19 +252,27 @@ def _linear(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Linear]:
     return parent, child, current
 
 
-def lora_moe_routers(model: nn.Module) -> dict[int, Router]:
-    """The current routers of a model with a LoRA-MoE applied (e.g. after router training)."""
-    routers = {}
+def lora_moe_routers(model: nn.Module) -> dict[int | str, Router]:
+    """The current routers of a model with a LoRA-MoE applied (e.g. after router training): by layer
+    index (layer routing) or by module name (module routing)."""
+    routings: dict[int | str, LayerRouting] = {}
     for index, layer in enumerate(decoder_layers(model)):
         routing = getattr(layer, LayerRouting.ATTRIBUTE, None)
-        if routing is not None and routing.router is not None:
+        if routing is not None:
+            routings[index] = routing
+    for name, module in model.named_modules():
+        if isinstance(module, LoraMoeLinear) and module.own_routing is not None:
+            routings[name] = module.own_routing
+    routers: dict[int | str, Router] = {}
+    for key, routing in routings.items():
+        if routing.router is not None:
             bias = routing.router.bias
-            routers[index] = Router(routing.router.weight.detach().float().cpu(),
-                                    None if bias is None else bias.detach().float().cpu())
+            routers[key] = Router(routing.router.weight.detach().float().cpu(),
+                                  None if bias is None else bias.detach().float().cpu())
     return routers
 
 
-def save_routers(path: Path, routers: dict[int, Router]) -> None:
+def save_routers(path: Path, routers: dict[int | str, Router]) -> None:
     """Replaces the router tensors of the LoRA-MoE dir `path` (the file is small: rewritten whole)."""
     weights = path / WEIGHTS_FILE
     with safe_open(str(weights), framework="pt") as handle:

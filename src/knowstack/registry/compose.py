@@ -227,7 +227,15 @@ def check_inputs(method: Method, chosen: Sequence[dict[str, Any]], options: Comp
     if method.name.startswith("moe") and options.router_steps > 0 and without:
         raise KnowstackError(f"router training trains on the contributions' data, and {', '.join(without)} were "
                              "registered without it (--keep-data): use --router-steps 0", field="router_steps")
-    if method.name.startswith("moe") and options.router == "prompts":
+    if method.name.startswith("moe") and options.router == "gates":
+        from knowstack.train.gate_training import GATES_FILE
+
+        ungated = [r["name"] for r in chosen if GATES_FILE not in (r.get("files") or {})]
+        if ungated:
+            raise KnowstackError(f"the gates router needs each contribution's gates, and {', '.join(ungated)} were "
+                                 "contributed without (train them with `knowstack gate` before contributing)",
+                                 field="router")
+    if method.name.startswith("moe") and options.router in ("prompts", "hidden", "cheap-embed"):  # from prompts
         promptless = [r["name"] for r in chosen if not {"eval", "train"} & set(r["task_files"])]
         if promptless:
             raise KnowstackError(f"routers from prompts need an eval split (or kept training data) for "

@@ -14,7 +14,7 @@ from knowstack.study.steps import STEP_FILE
 from knowstack.usage import dir_bytes
 
 # The steps that make a model; the world (the built-in base) and evaluations are not part of any model's cost.
-MAKING = ("train", "merge-adapter", "merge", "moe", "statistics")  # statistics: what regmean / fisher read
+MAKING = ("train", "merge-adapter", "merge", "moe", "statistics", "gate")  # statistics: what regmean / fisher read
 SUMMARY_FILE = "train_summary.json"  # train/loop.py's, named here so that reading costs does not import torch
 
 

@@ -18,7 +18,7 @@ from knowstack.config import SWEEP_COLUMNS, StudyConfig
 # Bump when what a kind of step writes changes, so stale artifacts are not reused. train and moe 2: an
 # overlong example loses the middle of its prompt, not the end of its answer (data/truncation.py); eval 3:
 # that, and every evaluation keeps its per-item scores.
-STEP_VERSIONS = {"world": 1, "train": 2, "merge-adapter": 1, "eval": 3, "merge": 1, "moe": 2}
+STEP_VERSIONS = {"world": 1, "train": 2, "merge-adapter": 1, "eval": 3, "merge": 1, "moe": 2, "gate": 1}
 STEP_VERSIONS["statistics"] = 1  # a one-round model's statistics of its task's data (RegMean, Fisher merging)
 
 

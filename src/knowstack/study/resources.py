@@ -277,6 +277,8 @@ def estimate_step(step: Step, plan: Plan, arch: Architecture, gpu_memory: int = 
                                   what=f"build {label}, train routers", gpu_memory=gpu_memory)
         # written tensor by tensor; router init from prompts runs the base model once
         return cpu_estimate(f"build {label}", total, FLOAT32 * arch.params)
+    if step.kind == "gate":  # the base with a frozen adapter, a gate vector per adapted module trained
+        return train_estimate(arch, config, "lora", what="train gates")
     if step.kind == "world":  # the built-in base is pretrained on the CPU
         pretrain = train_estimate(arch, config, "fft", gpu_memory=gpu_memory)
         return cpu_estimate("build world", pretrain.params, pretrain.total)
@@ -324,7 +326,7 @@ def step_resources(step: Step, config: StudyConfig, estimate: Estimate | None = 
     if launch is not None and (step.kind == "train" or launch.launched):
         processes = launch.num_processes if launch.launched else 1
         gpus = 0 if config.launch.cpu else processes
-    elif step.kind == "eval" and (estimate is None or estimate.gpus == 1):
+    elif step.kind in ("eval", "gate") and (estimate is None or estimate.gpus == 1):
         gpus = 1
     if estimate is None:
         return StepResources(cpus=float(processes), gpus=gpus)

@@ -201,10 +201,32 @@ def run_moe(step: Step, ctx: StudyContext, out: Path) -> None:
         out,
         options=MoeOptions(top_k=options["top_k"], layers=tuple(layers) if layers is not None else None,
                            shared=options["shared"], base_expert=options["base_expert"], router=options["router"],
-                           seed=params["seed"], attention=tuple(options.get("attention") or ())),
+                           seed=params["seed"], attention=tuple(options.get("attention") or ()),
+                           routing=options.get("routing"), temperature=options.get("temperature") or 1.0),
         prompts=prompts, train_examples=examples, training=training, tokenizer_path=ctx.config.base.tokenizer,
         launch=LaunchSpec.from_config(ctx.config.launch, params["experts"]),
     )
+
+
+def run_gate(step: Step, ctx: StudyContext, out: Path) -> None:
+    """A one-round adapter with the gates its contributor trains on its own task (PHATGOOSE): the adapter's
+    files copied into `out`, then the gate vectors trained on the task's training split written beside them."""
+    import shutil
+
+    from knowstack.combine.inputs import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from knowstack.train.gate_training import GateTraining, gate_adapter
+
+    params, settings = step.params, step.params["settings"]
+    spec = ctx.tasks()[params["task"]["name"]]
+    examples = spec.load("train")[: settings["examples_per_task"]]
+    adapter = Path(ctx.resolve(params["adapter"]))
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        shutil.copy2(adapter / name, out / name)
+    gate_adapter(_local_model_dir(ctx.resolve(params["base"]["model"])), out, examples,
+                 GateTraining(steps=settings["steps"], lr=settings["lr"], batch_size=settings["batch_size"],
+                              max_length=params["max_length"], seed=params["seed"]),
+                 tokenizer_path=ctx.config.base.tokenizer)
 
 
 def _prompt_split(spec: TaskSpec, params: dict[str, Any]) -> str:
@@ -340,6 +362,7 @@ EXECUTORS: dict[str, Callable[[Step, StudyContext, Path], None]] = {
     "merge": run_merge,
     "moe": run_moe,
     "statistics": run_statistics,
+    "gate": run_gate,
 }
 
 

@@ -35,7 +35,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from knowstack.config import RouterTrainingConfig, TrainingConfig
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
-from knowstack.modeling.lora_moe import LayerRouting
+from knowstack.modeling.lora_moe import LayerRouting, LoraMoeLinear
 from knowstack.modeling.moe_model import ATTENTION_PROJECTIONS, KnowstackMoeBlock, KnowstackMoeLinear
 from knowstack.modeling.routing import decoder_layers
 from knowstack.train.attention import packed_attention
@@ -47,7 +47,8 @@ class RouterSite:
     layer: int
     module: nn.Module  # its forward returns the logits (or a tuple whose first item they are)
     top_k: int
-    key: str  # "<layer>" for a layer's MLP (or LoRA-MoE) router, "<layer>.self_attn.<projection>"
+    key: str  # "<layer>" for a layer's MLP (or LoRA-MoE) router, "<layer>.self_attn.<projection>", or a
+    # per-module LoRA-MoE router's "<layer>.<module path in the layer>" (e.g. "0.mlp.down_proj")
 
 
 _DECLARED = RouterTrainingConfig(steps=1)
@@ -66,7 +67,7 @@ class RouterTraining:
 
 def router_sites(model: nn.Module) -> list[RouterSite]:
     """Every router of an FFT-MoE (Mixtral or knowstack_moe, mixed attention projections included) or a
-    LoRA-MoE model, layer by layer."""
+    LoRA-MoE model (one per layer, or one per module), layer by layer."""
     sites = []
     for index, layer in enumerate(decoder_layers(model)):
         routing = getattr(layer, LayerRouting.ATTRIBUTE, None)
@@ -81,6 +82,10 @@ def router_sites(model: nn.Module) -> list[RouterSite]:
             linear = getattr(attention, name, None)
             if isinstance(linear, KnowstackMoeLinear) and linear.gate is not None:
                 sites.append(RouterSite(index, linear.gate, linear.top_k, f"{index}.self_attn.{name}"))
+        for name, module in layer.named_modules():
+            own = module.own_routing if isinstance(module, LoraMoeLinear) else None
+            if own is not None and own.router is not None:
+                sites.append(RouterSite(index, own.router, own.top_k, f"{index}.{name}"))
     return sites
 
 

@@ -26,11 +26,17 @@ def add_moe(builder: PlanBuilder, experts: str, moe: MoeConfig) -> None:
                              "top_k = the number of experts, router_training, or router: none",
                              field="methods.moe.router")
     inputs = [builder.one_round_input(task, experts) for task in tasks]
+    if moe.router == "gates":  # each adapter the study trains gets the gates its contributor trains on its task;
+        # a provided adapter (a registry contribution) comes with the gates its contributor trained
+        inputs = [_gated(builder, task, ref, keys, moe) if keys else (ref, keys)
+                  for task, (ref, keys) in zip(tasks, inputs, strict=True)]
     # what the mixture is made with; the sweep itself and an unset `attention` (an option added later) are
     # left out, so that the key of a mixture made before they existed stays its key
     options = moe.model_dump(mode="json", exclude={"experts", "tasks", "seed", "sweep", "points"})
-    if options.get("attention") is None:
-        options.pop("attention", None)
+    for later in ("attention", "routing", "temperature"):  # options added later: left out when unset
+        if options.get(later) is None:
+            options.pop(later, None)
+    options.pop("gate_training", None)  # the gate steps' settings, in their own keys (deps of this step)
     if experts == "lora":
         options["shared"] = "base"  # an FFT-MoE option: a LoRA-MoE keeps the base's weights
     params = {
@@ -47,6 +53,19 @@ def add_moe(builder: PlanBuilder, experts: str, moe: MoeConfig) -> None:
     step = builder.add_step("moe", f"{experts}-{moe.router}", params, deps)
     ref = ModelRef(step_ref(step)) if experts == "fft" else ModelRef(builder.base.model, step_ref(step))
     builder.evaluate(ref, f"moe-{experts}", "moe", experts, None, "+".join(task["name"] for task in tasks))
+
+
+def _gated(builder: PlanBuilder, task: dict, adapter: str, keys: tuple[str, ...], moe: MoeConfig) -> tuple[str, tuple[str, ...]]:
+    """A `gate` step: the adapter of `task` with gate vectors trained on the task's training data (PHATGOOSE's
+    per-contributor gates, train/gate_training.py); its artifact is the adapter dir plus the gates."""
+    from knowstack.config import GateTrainingConfig
+
+    settings = (moe.gate_training or GateTrainingConfig()).model_dump(mode="json")
+    params = {"base": builder.base.to_dict(), "adapter": adapter, "task": task, "settings": settings,
+              "max_length": builder.config.training.max_length,
+              "seed": builder.seed if moe.seed is None else moe.seed}
+    step = builder.add_step("gate", task["name"], params, builder.base_deps() + keys)
+    return step_ref(step), (step.key,)
 
 
 def moe_tasks(builder: PlanBuilder, moe: MoeConfig, experts: str) -> list[dict]:
