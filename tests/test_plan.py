@@ -207,3 +207,25 @@ def test_seeds_repeat_every_trained_model_and_keep_the_keys_of_one_seed(tmp_path
     assert {e.seed for e in single.evaluations} == {None}  # no seed column without `seeds`
     with pytest.raises(Exception, match="seeds"):
         parse_config({**raw, "seeds": [1, 1]})
+
+
+def test_a_list_of_mixtures_is_one_run_each_and_the_first_keeps_its_keys(tmp_path: Path) -> None:
+    from knowstack.errors import KnowstackError
+
+    config = user_config(tmp_path)
+
+    def plan_of(moe: dict | list) -> object:
+        return build_plan(parse_config({**config, "methods": {"one-round": {"finetune": ["lora", "fft"]}, "moe": moe}}))
+
+    single = {"experts": ["lora"], "router": "prompts"}
+    listed = [single, {"experts": ["lora", "fft"], "router": "hidden"},
+              {"experts": ["lora"], "router": "random", "name": "random-trained", "router_training": {"steps": 5}}]
+    one, many = plan_of(single), plan_of(listed)
+    moe_models = sorted(e.model for e in many.evaluations if e.method == "moe")
+    assert moe_models == ["moe-fft-hidden", "moe-lora-hidden", "moe-lora-prompts", "moe-lora-random-trained"]
+    # the same mixture, in a list or alone, is the same step (its name is not in what it is made from)
+    keys_of = {s.key for s in one.ordered() if s.kind == "moe"}
+    assert len(keys_of) == 1 and keys_of <= {s.key for s in many.ordered() if s.kind == "moe"}
+    with pytest.raises(KnowstackError, match="two mixtures are named 'prompts'") as error:
+        plan_of([single, {"experts": ["lora"], "router": "prompts", "top_k": 1}])
+    assert error.value.field == "methods.moe[1].name"

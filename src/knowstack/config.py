@@ -452,7 +452,8 @@ class MoeConfig(Sweepable):
     per-module routers; unset: per module for arrow, per layer otherwise); temperature: arrow's softmax
     temperature (unset: 1); gate_training: how each one-round adapter's gates are trained for router gates
     (unset: GateTrainingConfig's defaults); preset: named settings (MOE_PRESETS; btx: Branch-Train-MiX), the section's own
-    settings on top."""
+    settings on top. The section may be a list of mixtures, each reported as its own run `moe-<experts>-<name>`; name:
+    that run's name (default: its router), unique in the list."""
 
     SWEEPABLE: ClassVar[tuple[str, ...]] = ("top_k",)
     experts: list[Finetune] = Field(default_factory=lambda: ["fft", "lora"])
@@ -468,6 +469,7 @@ class MoeConfig(Sweepable):
     attention: list[Literal["q_proj", "k_proj", "v_proj", "o_proj"]] | None = None
     routing: Literal["layer", "module"] | None = None
     temperature: float | None = Field(default=None, gt=0)
+    name: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9-]*$")
     gate_training: GateTrainingConfig | None = None
 
     @model_validator(mode="before")
@@ -536,7 +538,7 @@ class MethodsConfig(Strict):
     joint: JointConfig | None = None
     replay: ReplayConfig | None = None
     merge: MergeConfig | None = None
-    moe: MoeConfig | None = None
+    moe: MoeConfig | list[MoeConfig] | None = None
     continual_merge: ContinualMergeConfig | None = Field(default=None, alias="continual-merge")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

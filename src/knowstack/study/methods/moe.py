@@ -15,16 +15,17 @@ if TYPE_CHECKING:
     from knowstack.study.plan import PlanBuilder
 
 
-def add_moe(builder: PlanBuilder, experts: str, moe: MoeConfig) -> None:
-    """The one-round train steps are the one-round method's own, so they run once."""
-    tasks = moe_tasks(builder, moe, experts)
+def add_moe(builder: PlanBuilder, experts: str, moe: MoeConfig, name: str = "", field: str = "methods.moe") -> None:
+    """The one-round train steps are the one-round method's own, so they run once. name: the mixture's name in a
+    list of mixtures (its model is then moe-<experts>-<name>); field: its config field, for errors."""
+    tasks = moe_tasks(builder, moe, experts, field)
     n_experts = len(tasks) + (moe.base_expert == "routed")
     if moe.router != "none" and moe.top_k > n_experts:
-        raise KnowstackError(f"top_k is {moe.top_k} but there are {n_experts} experts", field="methods.moe.top_k")
+        raise KnowstackError(f"top_k is {moe.top_k} but there are {n_experts} experts", field=f"{field}.top_k")
     if moe.router == "uniform" and moe.top_k < n_experts and moe.router_training is None:
         raise KnowstackError("a uniform router ties every expert, so top-k would always pick the first k: use "
                              "top_k = the number of experts, router_training, or router: none",
-                             field="methods.moe.router")
+                             field=f"{field}.router")
     inputs = [builder.one_round_input(task, experts) for task in tasks]
     if moe.router == "gates":  # each adapter the study trains gets the gates its contributor trains on its task;
         # a provided adapter (a registry contribution) comes with the gates its contributor trained
@@ -32,7 +33,7 @@ def add_moe(builder: PlanBuilder, experts: str, moe: MoeConfig) -> None:
                   for task, (ref, keys) in zip(tasks, inputs, strict=True)]
     # what the mixture is made with; the sweep itself and an unset `attention` (an option added later) are
     # left out, so that the key of a mixture made before they existed stays its key
-    options = moe.model_dump(mode="json", exclude={"experts", "tasks", "seed", "sweep", "points"})
+    options = moe.model_dump(mode="json", exclude={"experts", "tasks", "seed", "sweep", "points", "name"})
     for later in ("attention", "routing", "temperature"):  # options added later: left out when unset
         if options.get(later) is None:
             options.pop(later, None)
@@ -52,7 +53,8 @@ def add_moe(builder: PlanBuilder, experts: str, moe: MoeConfig) -> None:
     deps = builder.base_deps() + tuple(key for _, keys in inputs for key in keys)
     step = builder.add_step("moe", f"{experts}-{moe.router}", params, deps)
     ref = ModelRef(step_ref(step)) if experts == "fft" else ModelRef(builder.base.model, step_ref(step))
-    builder.evaluate(ref, f"moe-{experts}", "moe", experts, None, "+".join(task["name"] for task in tasks))
+    builder.evaluate(ref, f"moe-{experts}" + (f"-{name}" if name else ""), "moe", experts, None,
+                     "+".join(task["name"] for task in tasks))
 
 
 def _gated(builder: PlanBuilder, task: dict, adapter: str, keys: tuple[str, ...], moe: MoeConfig) -> tuple[str, tuple[str, ...]]:
@@ -68,24 +70,37 @@ def _gated(builder: PlanBuilder, task: dict, adapter: str, keys: tuple[str, ...]
     return step_ref(step), (step.key,)
 
 
-def moe_tasks(builder: PlanBuilder, moe: MoeConfig, experts: str) -> list[dict]:
+def moe_tasks(builder: PlanBuilder, moe: MoeConfig, experts: str, field: str = "methods.moe") -> list[dict]:
     listed = moe.tasks.get(experts) if isinstance(moe.tasks, dict) else moe.tasks
     if listed is None:
         return builder.tasks
     known = {task["name"]: task for task in builder.tasks}
     unknown = [name for name in listed if name not in known]
     if unknown:
-        field = "methods.moe.tasks" + (f".{experts}" if isinstance(moe.tasks, dict) else "")
+        field = f"{field}.tasks" + (f".{experts}" if isinstance(moe.tasks, dict) else "")
         raise KnowstackError(f"unknown task '{unknown[0]}' (the study's tasks: {', '.join(known)})", field=field)
     return [known[name] for name in listed]
 
 
-def plan(builder: PlanBuilder, section: MoeConfig) -> None:
+def plan(builder: PlanBuilder, section: MoeConfig | list[MoeConfig]) -> None:
+    if not isinstance(section, list):
+        plan_mixture(builder, section)
+        return
+    names = [mixture.name or mixture.router for mixture in section]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise KnowstackError(f"two mixtures are named '{name}': give each a unique name (default: its router)",
+                                 field=f"methods.moe[{i}].name")
+    for i, (mixture, name) in enumerate(zip(section, names, strict=True)):
+        plan_mixture(builder, mixture, name, f"methods.moe[{i}]")
+
+
+def plan_mixture(builder: PlanBuilder, section: MoeConfig, name: str = "", field: str = "methods.moe") -> None:
     for experts in section.experts:
         for point in builder.points_of(section, experts):
             moe = section.model_copy(update={k: int(v) for k, v in point.values})
-            with builder.at(point, field_name="methods.moe", trains=False):
-                add_moe(builder, experts, moe)
+            with builder.at(point, field_name=field, trains=False):
+                add_moe(builder, experts, moe, name, field)
 
 
 def _variant(experts: str, kind: str, summary: str) -> ComposeVariant:
