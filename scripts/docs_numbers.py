@@ -186,6 +186,58 @@ def world_spread(studies: list[Study]) -> str:
             + "\n".join(lines))
 
 
+# The paper's ways of combining one-round models, against which the catalog's others are read.
+PAPER_COMBINERS = {"merge": ("average", "ties", "ties-dare"), "moe": ("", "prompts")}
+
+
+def catalog(study: Study) -> str:
+    """configs/builtin-catalog.yaml's combinations of the one-round models on the learn/forget plane: each run's
+    AVE (old), AVnew and AVall with 95% intervals, and its AVall against the best of the paper's combinations of
+    the same finetune, as a paired difference: better / worse where the interval excludes 0, else inconclusive."""
+    from knowstack.report.build import study_items
+    from knowstack.report.runs import run_averages
+    from knowstack.stats import interval_of
+
+    plan = build_plan(load_config(study.path / "config.yaml"), study.path)
+    scores = Scores.from_rows(study.rows, TASK_ORDER, items=study_items(plan, study.path))
+    runs = [r for r in find_runs(scores) if r.method in ("merge", "moe", "continual-merge")]
+    averages = {run.key: run_averages(scores, run) for run in runs}  # a continual merge: after its last round
+
+    def paper(run: object) -> bool:
+        return not run.point and run.variant in PAPER_COMBINERS.get(run.method, ())
+
+    best = {}
+    for run in runs:
+        if paper(run) and averages[run.key]["AVall"] is not None:
+            current = best.get(run.finetune)
+            if current is None or averages[run.key]["AVall"] > averages[current.key]["AVall"]:
+                best[run.finetune] = run
+
+    def cell(value: object) -> str:
+        ci = interval_of(value)
+        return number(value) + (f" [{number(ci[0])}, {number(ci[1])}]" if ci else "")
+
+    lines = ["| run | AVE (old) | AVnew | AVall | AVall − best of the paper's (same finetune) |", "|---|---|---|---|---|"]
+    tally = {"better": 0, "worse": 0, "inconclusive": 0}
+    for run in runs:
+        a = averages[run.key]
+        reference = best.get(run.finetune)
+        if paper(run) or reference is None or a["AVall"] is None:
+            versus = "(the paper's: best)" if reference is run else "(the paper's)" if paper(run) else "n/a"
+        else:
+            difference = a["AVall"] - averages[reference.key]["AVall"]
+            ci = interval_of(difference)
+            verdict = ("inconclusive" if ci is None or ci[0] <= 0 <= ci[1] else "better" if ci[0] > 0 else "worse")
+            tally[verdict] += 1
+            interval = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
+            versus = f"{difference:+.3f}{interval} vs {reference.label}: {verdict}"
+        lines.append(f"| {run.label} | {cell(a['AVE'])} | {cell(a['AVnew'])} | {cell(a['AVall'])} | {versus} |")
+    summary = ", ".join(f"{count} {word}" for word, count in tally.items())
+    return (f"Every combination of the one-round models, {study.provenance()}. Against the best of the paper's "
+            f"combinations of the same finetune, on AVall (paired bootstrap over test items): {summary}.\n\n"
+            + "\n".join(lines))
+
+
 @dataclass(frozen=True)
 class Generator:
     sources: tuple[str, ...]  # the options naming the results dir it may read, the first given wins
@@ -200,12 +252,14 @@ BLOCKS: dict[str, Generator] = {
     "full": Generator(("full",), demo_study),
     "registry-scenario": Generator(("registry",), registry_scenario),
     "world-spread": Generator(("spread",), world_spread),
+    "catalog": Generator(("catalog",), catalog),
 }
 READERS: dict[str, Callable[[Path, str], object]] = {
     "demo": lambda p, o: Study.read(p, o),
     "base": lambda p, o: Study.read(p, o),
     "quick_all": lambda p, o: Study.read(p, o),
     "full": lambda p, o: Study.read(p, o),
+    "catalog": lambda p, o: Study.read(p, o),
     "registry": lambda p, o: p,
     "spread": lambda ps, o: [Study.read(p, o) for p in ps],
 }
@@ -236,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                         "the base's block alone (default: --demo)")
     parser.add_argument("--quick-all", type=Path, help="configs/builtin-quick-all.yaml's study dir")
     parser.add_argument("--full", type=Path, help="configs/builtin.yaml's study dir (the full world)")
+    parser.add_argument("--catalog", type=Path, help="configs/builtin-catalog.yaml's study dir")
     parser.add_argument("--registry", type=Path, help="the registry scenario's registry (runs/registry-scenario/registry)")
     parser.add_argument("--spread", type=Path, nargs="+", help="study dirs of one built-in world built under "
                         "different thread counts or machines, each with its base evaluated")
@@ -253,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise KnowstackError("no such results dir", path=path, field=flag)
             inputs[option] = READERS[option](given, flag)
         if not inputs:
-            raise KnowstackError("no results dir given (--demo, --base, --quick-all, --full, --registry, --spread)")
+            raise KnowstackError("no results dir given (--demo, --base, --quick-all, --full, --catalog, --registry, --spread)")
         changed = {}
         for name in doc_files(args.root):
             doc = args.root / name
