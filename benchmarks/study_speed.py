@@ -149,7 +149,9 @@ def add_worktree(rev: str, where: Path) -> Path:
 
 
 def remove_worktree(where: Path) -> None:
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(where)], check=False)
+    if where.exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(where)], check=False)
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], check=False)
 
 
 def study_config(config: Path, preset: str | None, workdir: Path) -> Path:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 import traceback
 from collections.abc import Sequence
@@ -122,7 +123,7 @@ def run_concurrently(steps: Sequence[Step], ctx: StudyContext, shown: Any, jobs:
     index = {step.key: i for i, step in enumerate(steps, start=1)}
     running: dict[Future[StepOutcome], tuple[Step, bool]] = {}
     spawn = multiprocessing.get_context("spawn")  # fork would copy this process's threads and torch state
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=spawn, initializer=_quiet_worker) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=spawn, initializer=_init_worker) as pool:
         while waiting or running:
             for step in [s for s in waiting if all(dep in done for dep in s.deps)]:
                 shared = shares_cores(step, ctx.config, estimates.get(step.key))
@@ -178,12 +179,26 @@ def run_step_task_reporting(step: Step, ctx: StudyContext, threads: int) -> Step
     return StepOutcome(time.monotonic() - started)
 
 
-def _quiet_worker() -> None:
-    """Steps' own bars (training steps) stay out of the study's display, which shows the steps."""
+def _init_worker() -> None:
+    """A worker dies with the study's process (a killed study must leave no step running that its resumption would
+    start again), and steps' own bars (training steps) stay out of the study's display, which shows the steps."""
     from knowstack import progress as bars
+
+    _die_with_parent()
 
     bars.set_sink(_SilentBar)
     os.environ["TQDM_DISABLE"] = "1"  # pretraining's and libraries' own tqdm bars
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent exits (prctl PR_SET_PDEATHSIG); elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 class _SilentBar:
