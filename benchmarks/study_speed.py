@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/study_speed.py [--against dd9148c] [--config configs/builtin-quick.yaml]
         [--preset test] [--rounds 1] [--workdir DIR] [--keep]
+    .venv/bin/python benchmarks/study_speed.py --table --workdir DIR    # the table of a cut-off run's finished pairs
 
 REV (default: the commit before the speed work, issue 22) is checked out in a temporary `git worktree`. Both trees
 run the same config (--preset rewrites its `base.builtin`, e.g. `test` for a check in a few minutes) with the same
@@ -186,6 +187,37 @@ def run_study(label: str, tree: Path, config: Path, workdir: Path, round_: int) 
     return StudyRun(label, wall, by_kind, steps, load, out)
 
 
+RUNS_FILE = "runs.jsonl"  # in the workdir: each finished run, so that --table can print a cut-off benchmark's table
+
+
+def record_run(workdir: Path, run: StudyRun) -> None:
+    with (workdir / RUNS_FILE).open("a") as handle:
+        handle.write(json.dumps({"label": run.label, "wall": run.wall, "load": run.load, "out": str(run.out)}) + "\n")
+
+
+def recorded_runs(workdir: Path) -> tuple[list[StudyRun], list[StudyRun]]:
+    """The new and the old runs recorded in a workdir, paired in order (an unpaired last run is left out)."""
+    runs: dict[str, list[StudyRun]] = {"new": [], "old": []}
+    for line in (workdir / RUNS_FILE).read_text().splitlines():
+        entry = json.loads(line)
+        by_kind, steps = seconds_by_kind(step_records(Path(entry["out"])))
+        runs[entry["label"]].append(StudyRun(entry["label"], entry["wall"], by_kind, steps, tuple(entry["load"]),
+                                             Path(entry["out"])))
+    pairs = min(len(runs["new"]), len(runs["old"]))
+    return runs["new"][:pairs], runs["old"][:pairs]
+
+
+def print_comparison(new_runs: list[StudyRun], old_runs: list[StudyRun]) -> int:
+    """The table and the identity check; the exit status (1 where the results differ)."""
+    print(f"\nmedian of {len(new_runs)} round(s); steps' seconds from their step.json, summed per kind "
+          "(steps run side by side share the cores: the wall time is the ratio that counts)")
+    print(format_table(ratio_table(new_runs, old_runs), "new", "old"))
+    found = differences(new_runs[-1].out, old_runs[-1].out)
+    print("\nresults: " + ("identical (world fingerprint, " + ", ".join(COMPARED_FILES) + ")" if not found
+                           else "DIFFER\n" + "\n".join(found)))
+    return 1 if found else 0
+
+
 def describe(run: StudyRun) -> str:
     load = " ".join(f"{x:.2f}" for x in run.load)
     return f"{run.label}: {run.wall:.1f} s wall, {sum(run.steps.values())} steps (load average at start {load})"
@@ -199,9 +231,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="pairs of runs, alternating new and old")
     parser.add_argument("--workdir", type=Path, help="where the studies and the old tree go (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the studies (and the workdir)")
+    parser.add_argument("--table", action="store_true",
+                        help="run nothing: print the table of the runs recorded in --workdir (e.g. cut off)")
     args = parser.parse_args(argv)
+    if args.table:
+        if args.workdir is None:
+            parser.error("--table needs --workdir")
+        new_runs, old_runs = recorded_runs(args.workdir.resolve())
+        if not new_runs:
+            parser.error(f"no pair of finished runs recorded in {args.workdir}")
+        for run in [r for pair in zip(new_runs, old_runs, strict=True) for r in pair]:
+            print(describe(run))
+        return print_comparison(new_runs, old_runs)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="knowstack-study-speed-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / RUNS_FILE).unlink(missing_ok=True)
     old_tree = workdir / "old-tree"
     remove_worktree(old_tree)
     add_worktree(args.against, old_tree)
@@ -213,14 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         for round_ in range(args.rounds):
             for label, tree, runs in (("new", ROOT, new_runs), ("old", old_tree, old_runs)):
                 runs.append(run_study(label, tree, config, workdir, round_))
+                record_run(workdir, runs[-1])
                 print(describe(runs[-1]), flush=True)
-        print(f"\nmedian of {args.rounds} round(s); steps' seconds from their step.json, summed per kind "
-              "(steps run side by side share the cores: the wall time is the ratio that counts)")
-        print(format_table(ratio_table(new_runs, old_runs), "new", "old"))
-        found = differences(new_runs[-1].out, old_runs[-1].out)
-        print("\nresults: " + ("identical (world fingerprint, " + ", ".join(COMPARED_FILES) + ")" if not found
-                               else "DIFFER\n" + "\n".join(found)))
-        return 1 if found else 0
+        return print_comparison(new_runs, old_runs)
     finally:
         remove_worktree(old_tree)
         if not args.keep and args.workdir is None:

@@ -91,3 +91,17 @@ def test_a_preset_rewrites_only_the_world(bench: ModuleType, tmp_path: Path) -> 
     assert bench.study_config(source, None, tmp_path) == source.resolve()
     written = yaml.safe_load(bench.study_config(source, "test", tmp_path).read_text())
     assert written == {"name": "demo-test", "base": {"builtin": "test"}, "tasks": "builtin", "training": {"epochs": 3}}
+
+
+def test_recorded_runs_pair_new_and_old_in_order(bench: ModuleType, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A cut-off benchmark's finished runs (runs.jsonl) give its table: pairs in order, an unpaired run left out."""
+    studies = [_study(tmp_path / name) for name in ("n0", "o0", "n1")]
+    for label, wall, study in (("new", 30.0, studies[0]), ("old", 60.0, studies[1]), ("new", 31.0, studies[2])):
+        bench.record_run(tmp_path, bench.StudyRun(label, wall, {}, {}, (2.0, 1.0, 0.5), study))
+    new, old = bench.recorded_runs(tmp_path)
+    assert [r.wall for r in new] == [30.0] and [r.wall for r in old] == [60.0]
+    assert new[0].by_kind == {"world": 10.0, "train": 10.0, "eval": 2.5} and new[0].load == (2.0, 1.0, 0.5)
+    assert bench.main(["--table", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "results: identical" in out and "0.50" in out
