@@ -74,9 +74,16 @@ class LocalExecutor:
         estimates = _estimates_or_none(ctx)
         jobs = self.jobs or resolve_jobs(ctx.config.executor.jobs)
         with StudyProgress(steps, console, step_sizes(steps, estimates), jobs) as shown:
-            if jobs > 1 and sum(not is_done(step, ctx) for step in steps) > 1:
+            if jobs > 1 and _steps_to_share(steps, ctx, estimates) > 1:
                 return run_concurrently(steps, ctx, shown, jobs, estimates)
             return run_in_order(steps, ctx, shown)
+
+
+def _steps_to_share(steps: Sequence[Step], ctx: StudyContext, estimates: dict[str, Any]) -> int:
+    """How many steps still to run could run beside others: with fewer than 2, they run one by one, here."""
+    from knowstack.study.resources import shares_cores
+
+    return sum(not is_done(step, ctx) and shares_cores(step, ctx.config, estimates.get(step.key)) for step in steps)
 
 
 def machine_cores() -> int:
