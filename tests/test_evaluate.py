@@ -182,3 +182,23 @@ def test_relative_data_files_resolve_against_the_yaml(model_and_tokenizer, tmp_p
         (tmp_path / name).rename(moved / name)
     result = evaluate_old_knowledge(model, tokenizer, ["ks_toy"], include_path=moved, batch_size=4)
     assert 0.0 <= result["ks_toy"]["acc"] <= 1.0
+
+
+def test_templates_compiled_once_render_as_the_harness_does(model_and_tokenizer, tmp_path: Path,
+                                                           monkeypatch) -> None:
+    """lean_harness compiles each Jinja template once: the same documents, requests and scores as the harness's own
+    apply_template (which compiles per document), and the harness's function is back afterwards."""
+    import lm_eval.utils
+
+    model, tokenizer = model_and_tokenizer
+    write_mc_task(tmp_path)
+    doc = {"question": "Q? ", "choices": ["a", "b"], "n": 3}
+    for template in ("{{question}}", "{{choices}}", "{{question ~ n}}\n", "{{question | regex_replace('Q', 'R')}}"):
+        assert old_knowledge._apply_compiled_template(template, doc) == lm_eval.utils.apply_template(template, doc)
+    fast = old_knowledge.evaluate_old_knowledge_items(model, tokenizer, ["ks_toy"], include_path=tmp_path,
+                                                      batch_size=4)
+    assert lm_eval.utils.apply_template.__name__ == "apply_template"  # restored after the call
+    monkeypatch.setattr(old_knowledge, "_apply_compiled_template", lm_eval.utils.apply_template)
+    harness = old_knowledge.evaluate_old_knowledge_items(model, tokenizer, ["ks_toy"], include_path=tmp_path,
+                                                         batch_size=4)
+    assert fast == harness

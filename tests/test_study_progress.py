@@ -53,3 +53,23 @@ def test_the_study_line_counts_steps_and_hosts_the_steps_bar(monkeypatch: pytest
     assert bars._sink is None  # a training run after the study gets tqdm again
     text = console.file.getvalue()
     assert "step 2/5 train: a" in text and "done in 40.0 s" in text
+
+
+def test_steps_side_by_side_each_have_a_row_and_share_the_time_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two steps running at once (the local executor's jobs): a row each, each 'done' line names its step, and the
+    time left is the remaining steps' sum over the 2 jobs."""
+    clock = iter([0.0, 1.0, 30.0, 41.0])
+    monkeypatch.setattr(study_progress.time, "monotonic", lambda: next(clock))
+    s = steps()
+    console = Console(file=io.StringIO(), width=120)
+    with StudyProgress(s, console, {step.key: 10.0 for step in s}, jobs=2) as shown:
+        study = shown.progress.tasks[0]
+        shown.start(s[1], 2)
+        shown.start(s[2], 3)
+        assert [t.description.strip() for t in shown.progress.tasks][1:] == ["train a", "train b"]
+        shown.finish(s[1])  # 30 s: 3 s per parameter; left: the 4 other steps at that rate, over 2 jobs
+        assert study.fields["left"] == f"left: ~{format_seconds(4 * 30.0 / 2)}"
+        assert [t.description.strip() for t in shown.progress.tasks][1:] == ["train b"]
+        shown.finish(s[2])
+    text = console.file.getvalue()
+    assert "done train: a in 30.0 s" in text and "done train: b in 40.0 s" in text

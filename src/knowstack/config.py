@@ -585,6 +585,18 @@ class LaunchConfig(LaunchSettings):
                               mixed_precision=self.mixed_precision)
 
 
+class ExecutorConfig(Strict):
+    """How the local executor uses this machine's cores. jobs: how many independent steps run at once, each in its
+    own process with the cores divided between them ("auto": one per core); a step too large to share the
+    machine (study/resources.py: more than `shared_params` parameters, or launched as several processes) runs
+    alone with every core. 1: one step at a time, in the study's process, with every core. Not part of any
+    step's key: the built-in model's steps give the same numbers on 1 and 2 threads (benchmarks/study_speed.py
+    checks it)."""
+
+    jobs: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
+    shared_params: int = Field(default=100_000_000, gt=0)
+
+
 class StudyConfig(Strict):
     name: str
     seed: int = 0
@@ -598,6 +610,7 @@ class StudyConfig(Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     methods: MethodsConfig = Field(default_factory=MethodsConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
 
     @model_validator(mode="after")
     def _builtin_consistency(self) -> StudyConfig:

@@ -20,7 +20,8 @@ def cmd_study(args: argparse.Namespace) -> None:
         return
     # `demo` reaches here too, without the study command's executor options
     results = api.run_study(args.config, args.out, executor=getattr(args, "executor", "local"),
-                            address=getattr(args, "address", None), console=console)
+                            address=getattr(args, "address", None), console=console,
+                            jobs=getattr(args, "jobs", None))
     # The page last: `make demo` ends with the path to open.
     print(f"results: {results.results_csv.resolve()}\nreport:  {results.report.resolve()}")
 
@@ -82,6 +83,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--address", help="ray: the cluster to join ('auto', 'HOST:6379', 'ray://HOST:10001'); "
                                      "default: start a local Ray")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="dry run: GiB per GPU (default 80)")
+    p.add_argument("--jobs", type=int, help="local: steps at once, the cores divided between them (default: the "
+                                            "config's executor.jobs, 'auto': one per core); 1: one after another")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("demo", help="the quick built-in study (configs/builtin-quick.yaml)")

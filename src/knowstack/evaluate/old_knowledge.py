@@ -88,6 +88,18 @@ def quiet_harness() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+@lru_cache(maxsize=256)
+def _compiled_template(template: str) -> Any:  # a jinja2 Template
+    import lm_eval.utils
+
+    return lm_eval.utils.env.from_string(template)
+
+
+def _apply_compiled_template(template: str, doc: dict) -> str:
+    """lm_eval.utils.apply_template, with the template compiled once."""
+    return _compiled_template(template).render(**doc)
+
+
 @contextmanager
 def lean_harness() -> Iterator[None]:
     """simple_evaluate without its per-call extras that knowstack never reads.
@@ -95,16 +107,21 @@ def lean_harness() -> Iterator[None]:
     After scoring, simple_evaluate collects environment info (torch's collect_env runs pip and
     other subprocesses: ~0.4 s a call) and the git hash; each task also draws a progress bar
     per call. These module attributes are swapped for no-ops for the call and put back after.
+    And the harness compiles a task's Jinja templates (doc_to_text, doc_to_choice, ...) anew for every
+    document, a quarter of the time of scoring the built-in tasks (profiled): each template is compiled once
+    here, in the harness's own Jinja environment, so every document renders to the same text.
     """
     from functools import partial
 
     import lm_eval.api.task as task_module
     import lm_eval.evaluator as evaluator_module
+    import lm_eval.utils as utils_module
 
     swaps = [
         (evaluator_module, "add_env_info", lambda storage: None),
         (evaluator_module, "get_git_commit_hash", lambda: None),
         (task_module, "tqdm", partial(task_module.tqdm, disable=True)),
+        (utils_module, "apply_template", _apply_compiled_template),
     ]
     saved = [(module, name, getattr(module, name)) for module, name, _ in swaps]
     try:

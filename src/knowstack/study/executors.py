@@ -13,9 +13,14 @@ retried by Ray (max_retries); an error in a step's own code is not retried and s
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import shutil
+import sys
 import time
+import traceback
 from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -53,26 +58,165 @@ def is_done(step: Step, ctx: StudyContext) -> bool:
 
 
 class LocalExecutor:
-    """The steps in plan order, in this process."""
+    """The steps on this machine. jobs 1: in plan order, in this process, on every core. jobs > 1 (executor.jobs,
+    "auto": one per core): each step whose dependencies are done runs in one of `jobs` worker processes, on its
+    share of the cores (cores // jobs threads); a step too large to share the machine (resources.shares_cores)
+    waits for the running ones and runs alone on every core. jobs None: the config's executor.jobs."""
 
     name = "local"
+
+    def __init__(self, jobs: int | None = None):
+        self.jobs = jobs
 
     def run(self, steps: Sequence[Step], ctx: StudyContext, console: Console) -> Progress:
         from knowstack.study.progress import StudyProgress, step_sizes
 
-        progress = Progress()
-        with StudyProgress(steps, console, step_sizes(steps, _estimates_or_none(ctx))) as shown:
-            for index, step in enumerate(steps, start=1):
-                if is_done(step, ctx):
-                    progress.skipped += 1
-                    shown.skip(step)
+        estimates = _estimates_or_none(ctx)
+        jobs = self.jobs or resolve_jobs(ctx.config.executor.jobs)
+        with StudyProgress(steps, console, step_sizes(steps, estimates), jobs) as shown:
+            if jobs > 1 and _steps_to_share(steps, ctx, estimates) > 1:
+                return run_concurrently(steps, ctx, shown, jobs, estimates)
+            return run_in_order(steps, ctx, shown)
+
+
+def _steps_to_share(steps: Sequence[Step], ctx: StudyContext, estimates: dict[str, Any]) -> int:
+    """How many steps still to run could run beside others: with fewer than 2, they run one by one, here."""
+    from knowstack.study.resources import shares_cores
+
+    return sum(not is_done(step, ctx) and shares_cores(step, ctx.config, estimates.get(step.key)) for step in steps)
+
+
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def resolve_jobs(jobs: int | str) -> int:
+    return machine_cores() if jobs == "auto" else int(jobs)
+
+
+def run_in_order(steps: Sequence[Step], ctx: StudyContext, shown: Any) -> Progress:
+    progress = Progress()
+    for index, step in enumerate(steps, start=1):
+        if is_done(step, ctx):
+            progress.skipped += 1
+            shown.skip(step)
+            continue
+        shown.start(step, index)
+        clear_stale(step, ctx)
+        execute(step, ctx)
+        progress.ran += 1
+        shown.finish(step)
+    return progress
+
+
+def run_concurrently(steps: Sequence[Step], ctx: StudyContext, shown: Any, jobs: int,
+                     estimates: dict[str, Any]) -> Progress:
+    """Ready steps in plan order, up to `jobs` at once in worker processes; a step that cannot share the cores
+    starts only when none runs, and none starts beside it. The first step to fail stops the study: the steps
+    running then are finished (their artifacts are complete), none is started, and the error is raised."""
+    from knowstack.study.resources import shares_cores
+
+    cores = machine_cores()
+    share = max(1, cores // jobs)
+    progress = Progress()
+    done = set()
+    for step in steps:
+        if is_done(step, ctx):
+            done.add(step.key)
+            progress.skipped += 1
+            shown.skip(step)
+    waiting = [step for step in steps if step.key not in done]
+    index = {step.key: i for i, step in enumerate(steps, start=1)}
+    running: dict[Future[StepOutcome], tuple[Step, bool]] = {}
+    spawn = multiprocessing.get_context("spawn")  # fork would copy this process's threads and torch state
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=spawn, initializer=_init_worker) as pool:
+        while waiting or running:
+            for step in [s for s in waiting if all(dep in done for dep in s.deps)]:
+                shared = shares_cores(step, ctx.config, estimates.get(step.key))
+                alone_running = any(not beside for _, beside in running.values())
+                if len(running) >= jobs or alone_running or (not shared and running):
+                    break  # plan order: a step that needs the whole machine is not overtaken
+                shown.start(step, index[step.key])
+                running[pool.submit(run_step_task_reporting, step, ctx, share if shared else cores)] = (step, shared)
+                waiting.remove(step)
+            if not running:
+                raise KnowstackError(f"steps wait on steps that are not in the plan: {[s.key for s in waiting]}")
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            failures = []
+            for future in finished:
+                step, _ = running.pop(future)
+                outcome = future.result()
+                if outcome.error is not None:
+                    failures.append((step, outcome))
                     continue
-                shown.start(step, index)
-                clear_stale(step, ctx)
-                execute(step, ctx)
+                done.add(step.key)
                 progress.ran += 1
                 shown.finish(step)
-        return progress
+            if failures:
+                wait(list(running))  # let the others complete: their artifacts are then whole
+                step, outcome = failures[0]
+                raise KnowstackError(outcome.error) if outcome.knowstack else StepFailed(step.key, outcome.error)
+    return progress
+
+
+class StepFailed(RuntimeError):
+    """A step's own code failed in a worker process: its traceback there, as the message."""
+
+    def __init__(self, key: str, trace: str):
+        super().__init__(f"step {key} failed:\n{trace}")
+
+
+@dataclass
+class StepOutcome:
+    seconds: float
+    error: str | None = None
+    knowstack: bool = False  # the error is a KnowstackError (the user's to fix), not a bug
+
+
+def run_step_task_reporting(step: Step, ctx: StudyContext, threads: int) -> StepOutcome:
+    """A worker process's task: the step on `threads` threads; its error as text (a traceback does not pickle)."""
+    started = time.monotonic()
+    try:
+        run_step_task(step, ctx, threads)
+    except KnowstackError as err:
+        return StepOutcome(time.monotonic() - started, str(err), knowstack=True)
+    except Exception:
+        return StepOutcome(time.monotonic() - started, traceback.format_exc())
+    return StepOutcome(time.monotonic() - started)
+
+
+def _init_worker() -> None:
+    """A worker dies with the study's process (a killed study must leave no step running that its resumption would
+    start again), and steps' own bars (training steps) stay out of the study's display, which shows the steps."""
+    from knowstack import progress as bars
+
+    _die_with_parent()
+
+    bars.set_sink(_SilentBar)
+    os.environ["TQDM_DISABLE"] = "1"  # pretraining's and libraries' own tqdm bars
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent exits (prctl PR_SET_PDEATHSIG); elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+class _SilentBar:
+    def __init__(self, iterable: Any, desc: str):
+        self.iterable = iterable
+
+    def __iter__(self) -> Any:
+        return iter(self.iterable)
+
+    def set_postfix(self, **values: Any) -> None:
+        pass
 
 
 def _estimates_or_none(ctx: StudyContext) -> dict[str, Any]:
@@ -197,11 +341,16 @@ def import_ray() -> Any:
     return ray
 
 
-def make_executor(name: str, address: str | None = None) -> Executor:
+def make_executor(name: str, address: str | None = None, jobs: int | None = None) -> Executor:
+    """jobs: the local executor's steps at once (None: the config's executor.jobs)."""
+    if jobs is not None and jobs < 1:
+        raise KnowstackError(f"--jobs must be 1 or more, not {jobs}")
     if name == "local":
         if address is not None:
             raise KnowstackError("--address is for the ray executor")
-        return LocalExecutor()
+        return LocalExecutor(jobs)
+    if jobs is not None:
+        raise KnowstackError("--jobs is for the local executor")
     if name == "ray":
         import_ray()
         return RayExecutor(address)

@@ -55,15 +55,18 @@ class TimeLeft:
 class StudyProgress:
     """`with StudyProgress(steps, console, sizes) as progress:` then start(step) / finish(step) / skip(step)."""
 
-    def __init__(self, steps: Sequence[Step], console: Console, sizes: dict[str, float] | None = None):
+    def __init__(self, steps: Sequence[Step], console: Console, sizes: dict[str, float] | None = None,
+                 jobs: int = 1):
         self.steps = list(steps)
+        self.jobs = jobs  # steps at once: the time left is the remaining steps' sum over them (an approximation)
         self.console = console
         self.time_left = TimeLeft(sizes or {})
         self.done: set[str] = set()
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), TextColumn("{task.fields[left]}"), console=console)
         self.study: TaskID | None = None
-        self.current: TaskID | None = None
+        self.current: dict[str, TaskID] = {}  # the running steps' rows (several where steps run side by side)
+        self.side_by_side = False  # steps have run at once: each line names its step
         self.started_at: dict[str, float] = {}
 
     def __enter__(self) -> StudyProgress:
@@ -82,24 +85,27 @@ class StudyProgress:
 
     def start(self, step: Step, index: int) -> None:
         self.started_at[step.key] = time.monotonic()
+        self.side_by_side = self.side_by_side or bool(self.current)
         self.console.print(f"[bold]step {index}/{len(self.steps)}[/bold] {step.kind}: {step.label}", soft_wrap=True)
-        self.current = self.progress.add_task(f"  {step.kind} {step.label}", total=None, left="")
+        self.current[step.key] = self.progress.add_task(f"  {step.kind} {step.label}", total=None, left="")
         self._update()
 
     def finish(self, step: Step) -> float:
         seconds = time.monotonic() - self.started_at.pop(step.key)
         self.time_left.record(step, seconds)
         self.done.add(step.key)
-        if self.current is not None:
-            self.progress.remove_task(self.current)
-            self.current = None
-        self.console.print(f"  done in {seconds:.1f} s", soft_wrap=True)
+        if step.key in self.current:
+            self.progress.remove_task(self.current.pop(step.key))
+        # beside other steps, "done" must say which
+        who = f" {step.kind}: {step.label}" if self.side_by_side else ""
+        self.console.print(f"  done{who} in {seconds:.1f} s", soft_wrap=True)
         self._update()
         return seconds
 
     def _update(self) -> None:
         remaining = [s for s in self.steps if s.key not in self.done]
         left = self.time_left.left(remaining)
+        left = None if left is None else left / max(1, min(self.jobs, len(remaining)))
         text = "" if not remaining else "left: estimating" if left is None else f"left: ~{format_seconds(left)}"
         assert self.study is not None
         self.progress.update(self.study, completed=len(self.done), left=text,

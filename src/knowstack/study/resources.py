@@ -366,3 +366,12 @@ def estimate_plan(plan: Plan, gpu_memory: int = DEFAULT_GPU_MEMORY) -> tuple[lis
 
 def gib(n: int) -> str:
     return f"{n / GiB:.2f}"
+
+
+def shares_cores(step: Step, config: StudyConfig, estimate: Estimate | None) -> bool:
+    """Whether the local executor may run this step beside others, on its share of the cores: a step of known,
+    small size (at most executor.shared_params parameters) in one process. The world is built alone, on every
+    core, as it always was: its weights' fingerprint is recorded with the thread count that made them."""
+    if step.kind == "world" or estimate is None or estimate.params > config.executor.shared_params:
+        return False
+    return step_resources(step, config, estimate).cpus == 1
