@@ -18,7 +18,8 @@ the median of each and the range of the ratios.
 
 Then it checks that both studies found the same numbers: the built-in world's fingerprint (its weights, tokenizer,
 corpus and tasks) and results.csv and per_example.jsonl byte for byte. No tolerance is applied: any difference is
-printed and the exit status is 1.
+printed and the exit status is 1. One allowance: a results.csv column this checkout adds (a setting made sweepable
+since REV) must be empty in every row, and the rows are compared on REV's columns.
 
 The machine's load (os.getloadavg) is printed with every run: on a shared machine, a ratio is only meaningful
 between runs made under like load, which is why the two alternate.
@@ -27,6 +28,7 @@ between runs made under like load, which is why the two alternate.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -130,10 +132,35 @@ def differences(new: Path, old: Path) -> list[str]:
         lines_a, lines_b = a.read_text().splitlines(), b.read_text().splitlines()
         if lines_a == lines_b:
             continue
+        if name.endswith(".csv") and lines_a and lines_b and lines_a[0] != lines_b[0]:
+            found += csv_differences(name, lines_a, lines_b)
+            continue
         if len(lines_a) != len(lines_b):
             found.append(f"{name}: {len(lines_a)} lines vs {len(lines_b)}")
         shown = [(i, x, y) for i, (x, y) in enumerate(zip(lines_a, lines_b, strict=False)) if x != y][:5]
         found += [f"{name} line {i + 1}:\n  new {x[:300]}\n  old {y[:300]}" for i, x, y in shown]
+    return found
+
+
+def csv_differences(name: str, new: list[str], old: list[str]) -> list[str]:
+    """Two CSVs whose headers differ: a column the new checkout adds (a results column for a setting added since,
+    e.g. a new sweepable setting) is allowed where it is empty in every row, and the rows are then compared on the
+    old revision's columns; a column it lost, or a value in an added one, is a difference."""
+    rows_new, rows_old = list(csv.DictReader(new)), list(csv.DictReader(old))
+    columns_new, columns_old = list(rows_new[0]) if rows_new else [], list(rows_old[0]) if rows_old else []
+    lost = [c for c in columns_old if c not in columns_new]
+    if lost:
+        return [f"{name}: columns {', '.join(lost)} missing in the new study"]
+    added = [c for c in columns_new if c not in columns_old]
+    filled = [(i, c) for i, row in enumerate(rows_new) for c in added if row[c]]
+    found = [f"{name} line {i + 2}: added column {c} = {rows_new[i][c]!r}" for i, c in filled[:5]]
+    if len(rows_new) != len(rows_old):
+        found.append(f"{name}: {len(rows_new)} rows vs {len(rows_old)}")
+    for i, (x, y) in enumerate(zip(rows_new, rows_old, strict=False)):
+        if [x[c] for c in columns_old] != [y[c] for c in columns_old]:
+            found.append(f"{name} line {i + 2} (on the old columns):\n  new {x}\n  old {y}")
+            if len(found) >= 5:
+                break
     return found
 
 

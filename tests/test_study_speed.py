@@ -85,6 +85,18 @@ def test_differences_name_the_fingerprint_and_the_line(bench: ModuleType, tmp_pa
     assert "per_example.jsonl: missing in old study" in bench.differences(new, old)
 
 
+def test_a_results_column_added_since_the_revision_is_allowed_only_empty(bench: ModuleType, tmp_path: Path) -> None:
+    old = _study(tmp_path / "old", results="model,value,protocol\nbase,0.5,builtin\n")
+    same = _study(tmp_path / "same", results="model,value,gamma,protocol\nbase,0.5,,builtin\n")
+    assert bench.differences(same, old) == []
+    filled = _study(tmp_path / "filled", results="model,value,gamma,protocol\nbase,0.5,0.1,builtin\n")
+    assert bench.differences(filled, old) == ["results.csv line 2: added column gamma = '0.1'"]
+    changed = _study(tmp_path / "changed", results="model,value,gamma,protocol\nbase,0.6,,builtin\n")
+    assert any("line 2 (on the old columns)" in item for item in bench.differences(changed, old))
+    lost = _study(tmp_path / "lost", results="model,gamma\nbase,\n")
+    assert bench.differences(lost, old) == ["results.csv: columns value, protocol missing in the new study"]
+
+
 def test_a_preset_rewrites_only_the_world(bench: ModuleType, tmp_path: Path) -> None:
     source = tmp_path / "quick.yaml"
     source.write_text("name: demo\nbase:\n  builtin: quick\ntasks: builtin\ntraining: {epochs: 3}\n")

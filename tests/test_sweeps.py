@@ -87,6 +87,25 @@ def test_merge_points_reuse_the_one_round_models_and_skip_what_a_method_does_not
     assert densities == [0.2, 0.5, 0.8]
 
 
+def test_the_merges_own_settings_t_gamma_epsilon_are_swept_and_columns(tmp_path: Path) -> None:
+    merge = {"finetune": ["fft"], "methods": ["breadcrumbs", "della"],
+             "sweep": {"gamma": [0.01, 0.05], "epsilon": [0.15, 0.05]}}
+    plan = plan_of(tmp_path, **{"one-round": {"finetune": ["fft"]}, "merge": merge})
+    names = [n for n in models(plan) if n.startswith("merge")]
+    assert names == ["merge-breadcrumbs-fft", "merge-breadcrumbs-fft@gamma=0.05", "merge-della-fft",
+                     "merge-della-fft@epsilon=0.05"]
+    options = {(s.params["method"], s.params["options"].get("gamma"), s.params["options"].get("epsilon"))
+               for s in plan.ordered() if s.kind == "merge"}
+    assert options == {("breadcrumbs", 0.01, None), ("breadcrumbs", 0.05, None), ("della", None, 0.15),
+                       ("della", None, 0.05)}
+    by_name = {e.model: e for e in plan.evaluations}
+    assert dict(by_name["merge-della-fft@epsilon=0.05"].settings)["epsilon"] == 0.05
+    assert {"t", "gamma", "epsilon"} <= set(COLUMNS)
+    with pytest.raises(KnowstackError, match="values must be below 0.5"):
+        plan_of(tmp_path / "bad", **{"one-round": {"finetune": ["fft"]},
+                                     "merge": {**merge, "sweep": {"epsilon": [0.6]}}})
+
+
 def test_replay_fraction_moe_top_k_and_olora_points(tmp_path: Path) -> None:
     plan = plan_of(tmp_path, **{
         "replay": {"finetune": ["lora"], "sweep": {"fraction": [0.1, 0.5]}},

@@ -206,7 +206,7 @@ class EvaluationConfig(Strict):
 # trained method), and each method's own. Each is also a results column, filled where a point sets it.
 TRAINING_SWEEP = ("lr", "lr_of_pretrain_peak", "epochs", "max_steps", "rank", "alpha")
 LORA_ONLY_SWEEP = ("rank", "alpha")
-SWEEP_COLUMNS = (*TRAINING_SWEEP, "lambda", "fraction", "density", "drop_rate", "top_k")
+SWEEP_COLUMNS = (*TRAINING_SWEEP, "lambda", "fraction", "density", "drop_rate", "top_k", "t", "gamma", "epsilon")
 SweepValues = list[float] | dict[Finetune, list[float]]
 
 
@@ -250,14 +250,16 @@ class Sweepable(Strict):
 
 def _positive(name: str, values: list[float]) -> None:
     integral = name in ("max_steps", "rank", "top_k")
-    if any(v < 0 or (v == 0 and name not in ("lambda", "drop_rate")) for v in values):
+    if any(v < 0 or (v == 0 and name not in ("lambda", "drop_rate", "t", "gamma", "epsilon")) for v in values):
         raise ValueError(f"sweep '{name}': values must be positive")
     if integral and any(float(v) != int(v) for v in values):
         raise ValueError(f"sweep '{name}': values must be whole numbers")
-    if name in ("fraction", "density") and any(v > 1 for v in values):
+    if name in ("fraction", "density", "t") and any(v > 1 for v in values):
         raise ValueError(f"sweep '{name}': values must be at most 1")
-    if name == "drop_rate" and any(v >= 1 for v in values):
-        raise ValueError("sweep 'drop_rate': values must be below 1")
+    if name in ("drop_rate", "gamma") and any(v >= 1 for v in values):
+        raise ValueError(f"sweep '{name}': values must be below 1")
+    if name == "epsilon" and any(v >= 0.5 for v in values):
+        raise ValueError("sweep 'epsilon': values must be below 0.5")
 
 
 class MethodConfig(Sweepable):
@@ -338,7 +340,7 @@ class MergeConfig(MethodConfig):
     first training examples of each task its statistics are computed on). The definitions: docs/methods.md,
     combine/merges/."""
 
-    SWEEPABLE: ClassVar[tuple[str, ...]] = ("density", "drop_rate", "lambda")
+    SWEEPABLE: ClassVar[tuple[str, ...]] = ("density", "drop_rate", "lambda", "t", "gamma", "epsilon")
     methods: list[MergeMethodName] | dict[Finetune, list[MergeMethodName]] = Field(
         default_factory=lambda: ["average", "ties", "ties-dare"])
     density: float = Field(default=0.2, gt=0, le=1)

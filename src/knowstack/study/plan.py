@@ -257,7 +257,7 @@ def own_settings(config: StudyConfig, method: Sweepable) -> dict[str, float | No
         "lr": training.lr, "lr_of_pretrain_peak": training.lr_of_pretrain_peak, "epochs": training.epochs,
         "max_steps": training.max_steps, "rank": training.lora.r, "alpha": training.lora.alpha,
     }
-    for name in ("fraction", "density", "drop_rate", "top_k"):
+    for name in ("fraction", "density", "drop_rate", "top_k", "t", "gamma", "epsilon"):
         if hasattr(method, name):
             own[name] = getattr(method, name)
     if isinstance(method, MergeConfig):
