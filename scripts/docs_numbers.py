@@ -186,42 +186,44 @@ def world_spread(studies: list[Study]) -> str:
             + "\n".join(lines))
 
 
-# The paper's ways of combining one-round models, against which the catalog's others are read.
+# The paper's ways of combining one-round models, against which the catalog's others are read: a merge (or a
+# continual merge: also one model of the base's size) against the paper's merges, a mixture against its MoE.
 PAPER_COMBINERS = {"merge": ("average", "ties", "ties-dare"), "moe": ("", "prompts")}
+COMPARED_WITH = {"merge": "merge", "continual-merge": "merge", "moe": "moe"}
 
 
 def catalog(study: Study) -> str:
     """configs/builtin-catalog.yaml's combinations of the one-round models on the learn/forget plane: each run's
-    AVE (old), AVnew and AVall with 95% intervals, and its AVall against the best of the paper's combinations of
-    the same finetune, as a paired difference: better / worse where the interval excludes 0, else inconclusive."""
+    AVE (old), AVnew and AVall with 95% intervals, and its AVall against the best of the paper's combinations of the
+    same kind (merges against the paper's merges, mixtures against its MoE) and finetune, as a paired difference:
+    better / worse where the interval excludes 0, else inconclusive."""
     from knowstack.report.build import study_items
-    from knowstack.report.runs import run_averages
     from knowstack.stats import interval_of
 
     plan = build_plan(load_config(study.path / "config.yaml"), study.path)
     scores = Scores.from_rows(study.rows, TASK_ORDER, items=study_items(plan, study.path))
-    runs = [r for r in find_runs(scores) if r.method in ("merge", "moe", "continual-merge")]
+    runs = [r for r in find_runs(scores) if r.method in COMPARED_WITH]
     averages = {run.key: run_averages(scores, run) for run in runs}  # a continual merge: after its last round
 
     def paper(run: object) -> bool:
         return not run.point and run.variant in PAPER_COMBINERS.get(run.method, ())
 
-    best = {}
+    best: dict[tuple[str, str], object] = {}
     for run in runs:
-        if paper(run) and averages[run.key]["AVall"] is not None:
-            current = best.get(run.finetune)
-            if current is None or averages[run.key]["AVall"] > averages[current.key]["AVall"]:
-                best[run.finetune] = run
+        group = (COMPARED_WITH[run.method], run.finetune)
+        value = averages[run.key]["AVall"]
+        if paper(run) and value is not None and (group not in best or value > averages[best[group].key]["AVall"]):
+            best[group] = run
 
     def cell(value: object) -> str:
         ci = interval_of(value)
         return number(value) + (f" [{number(ci[0])}, {number(ci[1])}]" if ci else "")
 
-    lines = ["| run | AVE (old) | AVnew | AVall | AVall − best of the paper's (same finetune) |", "|---|---|---|---|---|"]
+    lines = ["| run | AVE (old) | AVnew | AVall | AVall − the paper's best of its kind |", "|---|---|---|---|---|"]
     tally = {"better": 0, "worse": 0, "inconclusive": 0}
     for run in runs:
         a = averages[run.key]
-        reference = best.get(run.finetune)
+        reference = best.get((COMPARED_WITH[run.method], run.finetune))
         if paper(run) or reference is None or a["AVall"] is None:
             versus = "(the paper's: best)" if reference is run else "(the paper's)" if paper(run) else "n/a"
         else:
@@ -233,9 +235,9 @@ def catalog(study: Study) -> str:
             versus = f"{difference:+.3f}{interval} vs {reference.label}: {verdict}"
         lines.append(f"| {run.label} | {cell(a['AVE'])} | {cell(a['AVnew'])} | {cell(a['AVall'])} | {versus} |")
     summary = ", ".join(f"{count} {word}" for word, count in tally.items())
-    return (f"Every combination of the one-round models, {study.provenance()}. Against the best of the paper's "
-            f"combinations of the same finetune, on AVall (paired bootstrap over test items): {summary}.\n\n"
-            + "\n".join(lines))
+    return (f"Every combination of the one-round models, {study.provenance()}. On AVall, against the paper's best of "
+            "the same kind and finetune (merges and continual merges against the paper's merges, mixtures against "
+            f"its MoE; paired bootstrap over test items): {summary}.\n\n" + "\n".join(lines))
 
 
 @dataclass(frozen=True)
