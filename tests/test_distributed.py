@@ -23,6 +23,7 @@ from knowstack.train.launch import (
     LaunchSpec,
     TrainJob,
     accelerate_config_path,
+    cpu_environment,
     free_port,
     launch_command,
     launch_job,
@@ -104,7 +105,7 @@ def test_fsdp_full_shard_on_cpu_gives_the_one_process_weights(
     job_file = _job(tiny_model_dir, two, finetune).save(tmp_path / "job")
     command = launch_command(job_file, accelerate_config_path("fsdp"), 2, port=free_port(), mixed_precision="no")
     command = [*command[:-3], str(Path(__file__).parent / "fsdp_cpu_worker.py"), str(job_file)]
-    subprocess.run(command, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, check=True)
+    subprocess.run(command, env=cpu_environment(os.environ), check=True)
 
     output = capfd.readouterr().out
     assert output.count("FSDP2 sharded parameters: True") == 2, output

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,6 +225,12 @@ def checked_config(accelerate_config: str | None, cpu: bool) -> Path:
     return config_path
 
 
+def cpu_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of processes launched on the CPU: accelerate's multi-CPU mode, and no GPU in sight (on a
+    machine with GPUs, process 1 would otherwise ask for cuda:1)."""
+    return {**environ, "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
 def run_launch(
     save: Callable[[Path], Path],
     output: Path,
@@ -240,11 +246,7 @@ def run_launch(
     """`accelerate launch` of the job that save(folder) writes as folder/job.json, in a temporary folder
     beside `output` (what the job writes, named in the error); returns when all processes have ended.
     on_success(folder) reads what the job left in the folder, before it is removed."""
-    env = dict(os.environ)
-    if cpu:
-        env["ACCELERATE_USE_CPU"] = "1"
-        # on a machine with GPUs, a CPU launch must not see them: process 1 would otherwise ask for cuda:1
-        env["CUDA_VISIBLE_DEVICES"] = ""
+    env = cpu_environment(os.environ) if cpu else dict(os.environ)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".launch-", dir=output.parent) as folder:
         command = launch_command(save(Path(folder)), config_path, num_processes, port=port or free_port(),
