@@ -61,8 +61,8 @@ def _content(path: Path) -> bytes:
 
 def test_steps_side_by_side_make_the_same_files_and_results(one_at_a_time: tuple[Path, Path], tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
-    """2 steps at once on 1 thread each: the same bytes as 1 step at a time on every core (the built-in model's
-    kernels give the same sums on 1 and 2 threads; the world is built on every core either way)."""
+    """2 steps at once on 1 thread each: the same bytes as 1 step at a time on every core, on the test preset's tiny
+    model (its kernels give the same sums on 1 and 2 threads; the quick world's do not: docs/config.md)."""
     config, reference = one_at_a_time
     capsys.readouterr()
     out = tmp_path / "run"

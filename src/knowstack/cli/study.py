@@ -84,7 +84,8 @@ def add_commands(sub: Any) -> None:
                                      "default: start a local Ray")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="dry run: GiB per GPU (default 80)")
     p.add_argument("--jobs", type=int, help="local: steps at once, the cores divided between them (default: the "
-                                            "config's executor.jobs, 'auto': one per core); 1: one after another")
+                                            "config's executor.jobs, 1 unless set); 1: one after another on every core; "
+                                            "more: faster, but other float sums (docs/config.md)")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("demo", help="the quick built-in study (configs/builtin-quick.yaml)")
