@@ -159,7 +159,7 @@ def test_a_source_file_that_became_a_package_is_read_from_the_package(tmp_path: 
     assert [(f.name, f.stem, f.path) for f in files] == [("grown.py", "grown", tmp_path / "grown" / "__init__.py"),
                                                          ("plain.py", "plain", tmp_path / "plain.py")]
     assert files[0].read_text() == "y = 2\n"
-    with pytest.raises(KnowstackError, match="source file 'gone.py', absent from .* \(as a module and as a package\)"):
+    with pytest.raises(KnowstackError, match=r"source file 'gone.py', absent from .* \(as a module and as a package\)"):
         sources.stdlib_file("gone.py")
 
 
