@@ -116,43 +116,60 @@ def _site_module(layer: nn.Module, site: Site) -> nn.Module:
     return layer.post_attention_layernorm if site == "mlp" else layer.input_layernorm
 
 
-@torch.no_grad()
 def mean_router_inputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                        prompts_per_expert: Sequence[Sequence[str]], layers: Sequence[int], site: Site,
                        max_length: int = 512) -> dict[int, torch.Tensor]:
     """For each layer, one row per expert: the mean over that expert's prompts of the mean over the
-    prompt's tokens of the router input at `site`, on `model` (the base)."""
+    prompt's tokens of the router input at `site` (its norm's output), on `model` (the base)."""
+    all_layers = decoder_layers(model)
+    targets = {i: (_site_module(all_layers[i], site), model.config.hidden_size, "output") for i in layers}
+    return _mean_per_expert(model, tokenizer, prompts_per_expert, targets, max_length)
+
+
+def mean_module_inputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                       prompts_per_expert: Sequence[Sequence[str]], modules: Sequence[str],
+                       max_length: int = 512) -> dict[str, torch.Tensor]:
+    """For each named module (a Linear of `model`), one row per expert: the mean over that expert's prompts
+    of the mean over the prompt's tokens of the module's input, on `model` (the base)."""
+    targets = {name: (model.get_submodule(name), model.get_submodule(name).in_features, "input") for name in modules}
+    return _mean_per_expert(model, tokenizer, prompts_per_expert, targets, max_length)
+
+
+@torch.no_grad()
+def _mean_per_expert(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                     prompts_per_expert: Sequence[Sequence[str]], targets: dict, max_length: int) -> dict:
+    """targets: key -> (module, width, "input" | "output"): for each key, one row per expert, the mean over the
+    expert's prompts of the mean over each prompt's tokens of what the module reads or writes."""
     if any(not prompts for prompts in prompts_per_expert):
         raise KnowstackError("every expert needs at least one prompt for the router init", field="prompts")
-    all_layers = decoder_layers(model)
-    captured: dict[int, torch.Tensor] = {}
-    hooks = [_site_module(all_layers[i], site).register_forward_hook(_capture(captured, i)) for i in layers]
+    captured: dict = {}
+
+    def capture(key: object, which: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            captured[key] = (inputs[0] if which == "input" else output).detach()
+
+        return hook
+
+    hooks = [module.register_forward_hook(capture(key, which)) for key, (module, _, which) in targets.items()]
     device = next(model.parameters()).device
     try:
-        rows = {i: [] for i in layers}
+        rows: dict = {key: [] for key in targets}
         for prompts in prompts_per_expert:
-            sums = {i: torch.zeros(model.config.hidden_size) for i in layers}
+            sums = {key: torch.zeros(width) for key, (_, width, _) in targets.items()}
             encoded = [ids[-max_length:] for ids in tokenizer(list(prompts))["input_ids"]]
             for input_ids, position_ids, bounds in packed_rows(encoded):
                 with packed_attention(model):
                     model(input_ids=input_ids.to(device), position_ids=position_ids.to(device), use_cache=False)
-                for i in layers:
-                    states = captured[i][0].float().cpu()
+                for key in targets:
+                    states = captured[key][0].float().cpu()
                     for start, end in bounds:
-                        sums[i] += states[start:end].mean(dim=0)
-            for i in layers:
-                rows[i].append(sums[i] / len(prompts))
-        return {i: torch.stack(rows[i]) for i in layers}
+                        sums[key] += states[start:end].mean(dim=0)
+            for key in targets:
+                rows[key].append(sums[key] / len(prompts))
+        return {key: torch.stack(rows[key]) for key in targets}
     finally:
         for hook in hooks:
             hook.remove()
-
-
-def _capture(store: dict[int, torch.Tensor], layer: int):
-    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        store[layer] = output.detach()
-
-    return hook
 
 
 def arrow_prototype(lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
@@ -176,44 +193,6 @@ def arrow_routers(prototypes: dict[str, dict[int, torch.Tensor]], in_features: d
             weight[expert] = vector
         routers[module] = Router(weight)
     return routers
-
-
-@torch.no_grad()
-def mean_module_inputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                       prompts_per_expert: Sequence[Sequence[str]], modules: Sequence[str],
-                       max_length: int = 512) -> dict[str, torch.Tensor]:
-    """For each named module (a Linear of `model`), one row per expert: the mean over that expert's prompts
-    of the mean over the prompt's tokens of the module's input, on `model` (the base)."""
-    if any(not prompts for prompts in prompts_per_expert):
-        raise KnowstackError("every expert needs at least one prompt for the router init", field="prompts")
-    captured: dict[str, torch.Tensor] = {}
-
-    def capture(name: str):
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            captured[name] = inputs[0].detach()
-
-        return hook
-
-    hooks = [model.get_submodule(name).register_forward_hook(capture(name)) for name in modules]
-    device = next(model.parameters()).device
-    try:
-        rows: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
-        for prompts in prompts_per_expert:
-            sums = {name: torch.zeros(model.get_submodule(name).in_features) for name in modules}
-            encoded = [ids[-max_length:] for ids in tokenizer(list(prompts))["input_ids"]]
-            for input_ids, position_ids, bounds in packed_rows(encoded):
-                with packed_attention(model):
-                    model(input_ids=input_ids.to(device), position_ids=position_ids.to(device), use_cache=False)
-                for name in modules:
-                    states = captured[name][0].float().cpu()
-                    for start, end in bounds:
-                        sums[name] += states[start:end].mean(dim=0)
-            for name in modules:
-                rows[name].append(sums[name] / len(prompts))
-        return {name: torch.stack(rows[name]) for name in modules}
-    finally:
-        for hook in hooks:
-            hook.remove()
 
 
 def _mergekit_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, max_length: int) -> list[int]:
