@@ -80,12 +80,12 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
     return Path(out_dir)
 
 
-def on_gpu_if_it_fits(model: PreTrainedModel) -> PreTrainedModel:
-    """Evaluation on this process's GPU (a Ray task's, or this machine's) when the model fits in its free
-    memory with half as much again for activations; otherwise on the CPU, where models are loaded.
-    Generation and lm-eval follow the model's device."""
+def on_gpu_if_it_fits(model: PreTrainedModel, headroom: float = 1.5) -> PreTrainedModel:
+    """Evaluation on this process's GPU (a Ray task's, or this machine's) when `headroom` x the model's weights fit
+    in its free memory (the default: half as much again for activations); otherwise on the CPU, where models are
+    loaded. Generation and lm-eval follow the model's device."""
     if not torch.cuda.is_available():
         return model
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     free, _ = torch.cuda.mem_get_info()
-    return model.to("cuda") if 1.5 * size < free else model
+    return model.to("cuda") if headroom * size < free else model

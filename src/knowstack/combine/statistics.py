@@ -54,7 +54,7 @@ def compute_statistics(model: str | Path, examples: Sequence[Example], out: str 
     """The statistics `kinds` of `model` (a model dir, or a LoRA adapter dir on `base`) on the first
     `max_examples` of `examples`, written atomically to the dir `out`; returns it."""
     from knowstack.modelcard import examples_sha256
-    from knowstack.modelio import load_model, load_tokenizer
+    from knowstack.modelio import load_model, load_tokenizer, on_gpu_if_it_fits
     from knowstack.train.batches import tokenize_examples
 
     kinds = _checked_kinds(kinds)
@@ -74,7 +74,8 @@ def compute_statistics(model: str | Path, examples: Sequence[Example], out: str 
     adapter = source.path if isinstance(source, LoraAdapter) else None
     network = load_model(base if adapter is not None else model, adapter, dtype=torch.float32,
                          merge_adapter=True, trust_remote_code=trust_remote_code)
-    network = _on_gpu_if_it_fits(network, "fisher" in kinds)
+    # the Fisher needs room for a gradient of every parameter too; the sums stay on the CPU in float64
+    network = on_gpu_if_it_fits(network, headroom=2.5 if "fisher" in kinds else 1.5)
     wanted = _wanted_weights(network, source)
     record: dict[str, Any] = {
         "version": STATISTICS_VERSION, "model": str(model), "base": str(base) if base is not None else None,
@@ -89,16 +90,6 @@ def compute_statistics(model: str | Path, examples: Sequence[Example], out: str 
             record["statistics"][kind] = _save(tmp, kind, tensors, examples=len(tokenized), tokens=tokens)
         atomic_write_json(tmp / STATISTICS_FILE, record)
     return out
-
-
-def _on_gpu_if_it_fits(network: torch.nn.Module, gradients: bool) -> torch.nn.Module:
-    """On this process's GPU where the float32 model fits in its free memory with room for activations (and, for the
-    Fisher, for a gradient of every parameter); on the CPU otherwise. The sums are kept on the CPU in float64."""
-    if not torch.cuda.is_available():
-        return network
-    size = sum(p.numel() * p.element_size() for p in network.parameters())
-    free, _ = torch.cuda.mem_get_info()
-    return network.to("cuda") if (2.5 if gradients else 1.5) * size < free else network
 
 
 def _checked_kinds(kinds: Sequence[str]) -> list[str]:
