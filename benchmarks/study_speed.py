@@ -1,7 +1,7 @@
 """A study's wall time, this checkout against an earlier revision, in one run: where the time went, per kind of step.
 
     .venv/bin/python benchmarks/study_speed.py [--against dd9148c] [--config configs/builtin-quick.yaml]
-        [--preset test] [--rounds 1] [--workdir DIR] [--keep]
+        [--preset test] [--rounds 1] [--study-args "--jobs 2"] [--workdir DIR] [--keep] [--json PATH]
     .venv/bin/python benchmarks/study_speed.py --table --workdir DIR    # the table of a cut-off run's finished pairs
 
 REV (default: the commit before the speed work, issue 22) is checked out in a temporary `git worktree`. Both trees
@@ -22,7 +22,8 @@ printed and the exit status is 1. One allowance: a results.csv column this check
 since REV) must be empty in every row, and the rows are compared on REV's columns.
 
 The machine's load (os.getloadavg) is printed with every run: on a shared machine, a ratio is only meaningful
-between runs made under like load, which is why the two alternate.
+between runs made under like load, which is why the two alternate. --json writes the table, the runs (wall, load)
+and the identity check as JSON, for scripts/docs_numbers.py (`--speed`).
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ import argparse
 import csv
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,7 +197,8 @@ def study_config(config: Path, preset: str | None, workdir: Path) -> Path:
     return path
 
 
-def run_study(label: str, tree: Path, config: Path, workdir: Path, round_: int) -> StudyRun:
+def run_study(label: str, tree: Path, config: Path, workdir: Path, round_: int,
+              extra: Sequence[str] = ()) -> StudyRun:
     out = workdir / f"{label}-{round_}"
     shutil.rmtree(out, ignore_errors=True)
     caches = workdir / f"cache-{label}"
@@ -205,7 +209,7 @@ def run_study(label: str, tree: Path, config: Path, workdir: Path, round_: int) 
     load = os.getloadavg()
     started = time.perf_counter()
     with log.open("w") as handle:
-        done = subprocess.run([sys.executable, "-m", "knowstack.cli", "study", str(config), "--out", str(out)],
+        done = subprocess.run([sys.executable, "-m", "knowstack.cli", "study", str(config), "--out", str(out), *extra],
                               cwd=tree, env=env, stdout=handle, stderr=subprocess.STDOUT, check=False)
     wall = time.perf_counter() - started
     if done.returncode != 0:
@@ -234,15 +238,50 @@ def recorded_runs(workdir: Path) -> tuple[list[StudyRun], list[StudyRun]]:
     return runs["new"][:pairs], runs["old"][:pairs]
 
 
-def print_comparison(new_runs: list[StudyRun], old_runs: list[StudyRun]) -> int:
-    """The table and the identity check; the exit status (1 where the results differ)."""
+def print_comparison(new_runs: list[StudyRun], old_runs: list[StudyRun], json_path: Path | None = None,
+                     setup: dict | None = None) -> int:
+    """The table and the identity check (and, given a path, both as JSON); the exit status (1 where the results
+    differ)."""
     print(f"\nmedian of {len(new_runs)} round(s); steps' seconds from their step.json, summed per kind "
           "(steps run side by side share the cores: the wall time is the ratio that counts)")
-    print(format_table(ratio_table(new_runs, old_runs), "new", "old"))
+    rows = ratio_table(new_runs, old_runs)
+    print(format_table(rows, "new", "old"))
     found = differences(new_runs[-1].out, old_runs[-1].out)
     print("\nresults: " + ("identical (world fingerprint, " + ", ".join(COMPARED_FILES) + ")" if not found
                            else "DIFFER\n" + "\n".join(found)))
+    if json_path is not None:
+        write_json(json_path, rows, new_runs, old_runs, found, setup or {})
     return 1 if found else 0
+
+
+def write_json(path: Path, rows: list[tuple[str, int, float, float, float, str]], new_runs: list[StudyRun],
+               old_runs: list[StudyRun], found: list[str], setup: dict) -> None:
+    """The benchmark's outcome as JSON: per kind (steps, median seconds new/old, ratio, per-round ratios), each run's
+    wall time and load, whether the results were identical, and what was compared (setup)."""
+    per_round = {kind: [_seconds(n, kind) / _seconds(o, kind) if _seconds(o, kind) > 0 else None
+                        for n, o in zip(new_runs, old_runs, strict=True)] for kind, *_ in rows}
+    record = {
+        "benchmark": "study_speed",
+        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        **setup,
+        "rounds": len(new_runs),
+        "kinds": [{"kind": kind, "steps": steps, "new_seconds": new_s, "old_seconds": old_s, "ratio": ratio,
+                   "round_ratios": per_round[kind]} for kind, steps, new_s, old_s, ratio, _ in rows],
+        "runs": [{"label": run.label, "wall": run.wall, "load": list(run.load)} for pair in
+                 zip(new_runs, old_runs, strict=True) for run in pair],
+        "identical": not found,
+        "differences": found,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _revision(tree: Path) -> str:
+    """The checkout's commit, with "+changes" when its tracked files differ from it."""
+    head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(tree), "diff", "--quiet", "HEAD"], check=False).returncode != 0
+    return head.stdout.strip() + ("+changes" if dirty else "")
 
 
 def describe(run: StudyRun) -> str:
@@ -258,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="pairs of runs, alternating new and old")
     parser.add_argument("--workdir", type=Path, help="where the studies and the old tree go (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the studies (and the workdir)")
+    parser.add_argument("--study-args", default="", help="extra arguments for this checkout's `knowstack study` "
+                        "(e.g. \"--jobs 2\"); REV runs without them")
+    parser.add_argument("--json", type=Path, help="also write the outcome as JSON here")
     parser.add_argument("--table", action="store_true",
                         help="run nothing: print the table of the runs recorded in --workdir (e.g. cut off)")
     args = parser.parse_args(argv)
@@ -269,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"no pair of finished runs recorded in {args.workdir}")
         for run in [r for pair in zip(new_runs, old_runs, strict=True) for r in pair]:
             print(describe(run))
-        return print_comparison(new_runs, old_runs)
+        return print_comparison(new_runs, old_runs, args.json)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="knowstack-study-speed-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / RUNS_FILE).unlink(missing_ok=True)
@@ -283,10 +325,13 @@ def main(argv: list[str] | None = None) -> int:
         new_runs, old_runs = [], []
         for round_ in range(args.rounds):
             for label, tree, runs in (("new", ROOT, new_runs), ("old", old_tree, old_runs)):
-                runs.append(run_study(label, tree, config, workdir, round_))
+                extra = shlex.split(args.study_args) if label == "new" else []
+                runs.append(run_study(label, tree, config, workdir, round_, extra))
                 record_run(workdir, runs[-1])
                 print(describe(runs[-1]), flush=True)
-        return print_comparison(new_runs, old_runs)
+        setup = {"config": str(args.config), "preset": args.preset, "against": args.against,
+                 "new": _revision(ROOT), "study_args": args.study_args}
+        return print_comparison(new_runs, old_runs, args.json, setup)
     finally:
         remove_worktree(old_tree)
         if not args.keep and args.workdir is None:

@@ -4,6 +4,7 @@ a step too large to share the machine alone, and a killed study (its workers wit
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from test_study import tiny_study
 from knowstack.cli import main
 from knowstack.config import load_config
 from knowstack.errors import KnowstackError
-from knowstack.study.executors import make_executor, resolve_jobs
+from knowstack.study.executors import make_executor, resolve_jobs, threads_per_step, waiting_threads_sleep
 from knowstack.study.plan import Step
 from knowstack.study.resources import Estimate, shares_cores
 
@@ -129,3 +130,50 @@ def test_jobs_setting_and_option(tmp_path: Path, capsys: pytest.CaptureFixture[s
     path.write_text(path.read_text() + "executor: {jobs: 0}\n")
     assert main(["study", str(path), "--out", str(tmp_path / "run")]) == 2
     assert "executor.jobs" in capsys.readouterr().err
+
+
+def test_threads_of_a_step_beside_others() -> None:
+    assert threads_per_step("share", 8, 2) == 4 and threads_per_step("share", 2, 4) == 1
+    assert threads_per_step("all", 8, 2) == 8  # the thread count, so the sums, of jobs 1
+    assert threads_per_step(3, 8, 2) == 3
+
+
+def test_oversubscribed_workers_wait_asleep(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    with waiting_threads_sleep(True):
+        assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "OMP_WAIT_POLICY" not in os.environ
+    with waiting_threads_sleep(False):
+        assert "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice stands
+    with waiting_threads_sleep(True):
+        assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_steps_side_by_side_on_every_core_make_the_same_files(one_at_a_time: tuple[Path, Path],
+                                                              tmp_path: Path) -> None:
+    """threads: all — 2 steps at once, each on as many threads as jobs 1 uses: the same bytes as jobs 1."""
+    config, reference = one_at_a_time
+    path = tmp_path / "all.yaml"
+    path.write_text(config.read_text() + "executor: {jobs: 2, threads: all}\n")
+    out = tmp_path / "run"
+    assert main(["study", str(path), "--out", str(out)]) == 0
+    for name in ("results.csv", "per_example.jsonl"):
+        assert (out / name).read_text() == (reference / name).read_text()
+    made, expected = _made_files(out), _made_files(reference)
+    assert made.keys() == expected.keys() and [k for k in made if made[k] != expected[k]] == []
+    threads = {json.loads(p.read_text())["cost"]["torch_threads"] for p in (out / "artifacts").glob("*/step.json")}
+    assert threads == {resolve_jobs("auto")}  # every step, side by side or alone, on every core
+
+
+def test_threads_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert make_executor("local", jobs=2, threads="all").threads == "all"
+    assert make_executor("local", threads="3").threads == 3
+    with pytest.raises(KnowstackError, match="--threads must be share, all or a number"):
+        make_executor("local", threads="many")
+    with pytest.raises(KnowstackError, match="--threads is for the local executor"):
+        make_executor("ray", threads="all")
+    path = tiny_study(tmp_path)
+    assert main(["study", str(path), "--out", str(tmp_path / "run"), "--threads", "0"]) == 2
+    assert "--threads must be" in capsys.readouterr().err

@@ -117,3 +117,15 @@ def test_recorded_runs_pair_new_and_old_in_order(bench: ModuleType, tmp_path: Pa
     assert bench.main(["--table", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "results: identical" in out and "0.50" in out
+
+
+def test_the_outcome_as_json_carries_ratios_runs_and_identity(bench: ModuleType, tmp_path: Path) -> None:
+    new = [bench.StudyRun("new", 60.0, {"train": 20.0}, {"train": 2}, (1.0, 1.0, 1.0), _study(tmp_path / "n"))]
+    old = [bench.StudyRun("old", 100.0, {"train": 40.0}, {"train": 2}, (2.0, 1.0, 1.0), _study(tmp_path / "o"))]
+    target = tmp_path / "out" / "speed.json"
+    assert bench.print_comparison(new, old, target, {"config": "c.yaml", "study_args": "--jobs 2"}) == 0
+    record = json.loads(target.read_text())
+    kinds = {row["kind"]: row for row in record["kinds"]}
+    assert kinds[bench.WALL]["ratio"] == pytest.approx(0.6) and kinds["train"]["round_ratios"] == [0.5]
+    assert record["identical"] is True and record["differences"] == [] and record["study_args"] == "--jobs 2"
+    assert [run["label"] for run in record["runs"]] == ["new", "old"] and record["runs"][1]["load"][0] == 2.0

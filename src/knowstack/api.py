@@ -135,17 +135,20 @@ def rows_frame(rows: Sequence[Row]) -> pandas.DataFrame:
 
 
 def run_study(config: PathLike | Mapping[str, Any] | StudyConfig, out: PathLike, *, executor: str = "local",
-              address: str | None = None, console: Any = None, jobs: int | None = None) -> StudyResults:
+              address: str | None = None, console: Any = None, jobs: int | None = None,
+              threads: int | str | None = None) -> StudyResults:
     """Run (or resume) a study into `out`, as `knowstack study CONFIG --out OUT` does; returns its results.
     console: a rich Console for progress (default: stderr); jobs: the local executor's steps at once (default:
-    the config's executor.jobs)."""
+    the config's executor.jobs); threads: the torch threads of a step beside others (share, all or a number; default:
+    the config's executor.threads)."""
     from knowstack.report.build import write_study_report
     from knowstack.study.executors import make_executor
     from knowstack.study.runner import run_study as run
 
     study = load_study(config)  # first: a config file that is not there is one clear error
     text = Path(config).read_text(encoding="utf-8") if isinstance(config, (str, Path)) else None
-    outcome = run(study, Path(out), console=console, config_text=text, executor=make_executor(executor, address, jobs))
+    outcome = run(study, Path(out), console=console, config_text=text,
+              executor=make_executor(executor, address, jobs, threads))
     if outcome is not None:
         write_study_report(outcome.plan, outcome.out, outcome.rows)
     return study_results(out, study)

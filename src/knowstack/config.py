@@ -594,9 +594,13 @@ class ExecutorConfig(Strict):
     alone with every core. 1 (the default): one step at a time, in the study's process, with every core. Not part of
     any step's key, but not free of consequences: a step on fewer threads sums in another order, and on the quick
     world's model that changes trained weights beyond rounding, and some scores (measured on the demo against jobs 1
-    on 2 cores); on the test preset's tiny model the bytes are the same. A study is reproducible for a given jobs setting and core count."""
+    on 2 cores); on the test preset's tiny model the bytes are the same. A study is reproducible for a given jobs setting and core count.
+    threads "all" keeps the numbers of jobs 1 whatever jobs is (each step on as many threads as jobs 1 gives it)."""
 
     jobs: Literal["auto"] | Annotated[int, Field(ge=1)] = 1
+    # The torch threads of each step run beside others: "share" = cores // jobs; "all" = every core, the thread
+    # count (and so the numbers) of jobs 1, the jobs then taking turns on the cores; or a number.
+    threads: Literal["share", "all"] | Annotated[int, Field(ge=1)] = "share"
     shared_params: int = Field(default=100_000_000, gt=0)
 
 

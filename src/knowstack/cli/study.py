@@ -21,7 +21,7 @@ def cmd_study(args: argparse.Namespace) -> None:
     # `demo` reaches here too, without the study command's executor options
     results = api.run_study(args.config, args.out, executor=getattr(args, "executor", "local"),
                             address=getattr(args, "address", None), console=console,
-                            jobs=getattr(args, "jobs", None))
+                            jobs=getattr(args, "jobs", None), threads=getattr(args, "threads", None))
     # The page last: `make demo` ends with the path to open.
     print(f"results: {results.results_csv.resolve()}\nreport:  {results.report.resolve()}")
 
@@ -86,6 +86,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--jobs", type=int, help="local: steps at once, the cores divided between them (default: the "
                                             "config's executor.jobs, 1 unless set); 1: one after another on every core; "
                                             "more: faster, but other float sums (docs/config.md)")
+    p.add_argument("--threads", help="local, with --jobs above 1: torch threads of each step (default: the config's "
+                                     "executor.threads, share unless set): share (cores // jobs), all (the threads, so "
+                                     "the numbers, of --jobs 1) or a number")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("demo", help="the quick built-in study (configs/builtin-quick.yaml)")

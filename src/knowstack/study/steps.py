@@ -334,6 +334,12 @@ def _log_scores(step: Step, ctx: StudyContext, partial: Path, out: Path) -> None
 
 
 PER_EXAMPLE_FILE = "per_example.json"
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 STEP_FILE = "step.json"  # every step's key, params and cost (seconds, peak memory, disk: knowstack.usage)
 
 
@@ -392,6 +398,7 @@ def execute(step: Step, ctx: StudyContext) -> Path:
             target.rmdir()
         # What the step cost, in this process (a launched training's own peaks are in its train_summary.json):
         # in step.json, which is the step's record, not part of the model it made (a registry leaves it out).
-        cost = {**usage.record(), "disk_bytes": dir_bytes(tmp)}
+        # The torch thread count too: on some models a step's sums, so its numbers, depend on it (docs/config.md).
+        cost = {**usage.record(), "disk_bytes": dir_bytes(tmp), "torch_threads": torch_threads()}
         atomic_write_json(tmp / STEP_FILE, {"key": step.key, "kind": step.kind, "params": step.params, "cost": cost})
     return final
