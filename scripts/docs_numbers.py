@@ -240,6 +240,49 @@ def catalog(study: Study) -> str:
             f"its MoE; paired bootstrap over test items): {summary}.\n\n" + "\n".join(lines))
 
 
+def study_speed_line(record: dict) -> str:
+    """The study benchmark: this checkout's wall time over REV's, per kind, and whether the numbers stayed the same."""
+    kinds = {row["kind"]: row for row in record["kinds"]}
+    wall = kinds["wall (whole study)"]
+    spread = [r for r in wall["round_ratios"] if r is not None]
+    span = f", range {min(spread):.2f}-{max(spread):.2f}" if len(spread) > 1 else ""
+    parts = ", ".join(f"{kind} {kinds[kind]['ratio']:.2f}x" for kind in ("world", "train", "eval") if kind in kinds)
+    args = f" with `{record['study_args']}`" if record.get("study_args") else ""
+    same = "identical numbers" if record["identical"] else f"numbers that DIFFER ({len(record['differences'])} differences)"
+    loads = ", ".join(f"{run['load'][0]:.1f}" for run in record["runs"])
+    return (f"- the demo's study (`{Path(record['config']).name}`){args}: {wall['ratio']:.2f}x the wall time of "
+            f"`{record['against']}` (median of {record['rounds']} alternating round(s){span}; {parts}), "
+            f"{same}; `benchmarks/study_speed.py`, {record['measured']}, {record['cores']} cores, load average at "
+            f"each start {loads}")
+
+
+def compute_floor_line(record: dict) -> str:
+    """The floor: the share of the study's time in fp32 matmul and attention kernels that no same-numbers change can
+    remove."""
+    kinds = ", ".join(f"{kind} {values['kernel_share']:.0%}" for kind, values in record["kinds"].items())
+    return (f"- of that study's time, {record['floor_ratio']:.2f} is spent in float32 matmul and attention kernels ({kinds}; "
+            f"matmuls at up to {max(v['matmul_gflops'] for v in record['kinds'].values()) / record['sgemm_gflops']:.0%} "
+            f"of this machine's sgemm, {record['sgemm_gflops']:.0f} GFLOP/s on {record['threads']} threads): no change "
+            f"that keeps every number can take the study below {record['floor_ratio']:.2f}x of its time; "
+            f"`benchmarks/compute_floor.py`, {record['measured']}")
+
+
+SPEED_LINES: dict[str, Callable[[dict], str]] = {
+    "study_speed.json": study_speed_line,
+    "compute_floor.json": compute_floor_line,
+}
+
+
+def speed(path: Path) -> str:
+    """The benchmarks' ratios, from the JSON each wrote (--json) into one dir."""
+    found = [name for name in SPEED_LINES if (path / name).is_file()]
+    if not found:
+        raise KnowstackError(f"no benchmark output here (expected one of {', '.join(SPEED_LINES)})", path=path,
+                             field="--speed")
+    lines = [SPEED_LINES[name](json.loads((path / name).read_text())) for name in found]
+    return "Speed, as ratios measured side by side in one run on this machine:\n\n" + "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class Generator:
     sources: tuple[str, ...]  # the options naming the results dir it may read, the first given wins
@@ -255,6 +298,7 @@ BLOCKS: dict[str, Generator] = {
     "registry-scenario": Generator(("registry",), registry_scenario),
     "world-spread": Generator(("spread",), world_spread),
     "catalog": Generator(("catalog",), catalog),
+    "speed": Generator(("speed",), speed),
 }
 READERS: dict[str, Callable[[Path, str], object]] = {
     "demo": lambda p, o: Study.read(p, o),
@@ -263,6 +307,7 @@ READERS: dict[str, Callable[[Path, str], object]] = {
     "full": lambda p, o: Study.read(p, o),
     "catalog": lambda p, o: Study.read(p, o),
     "registry": lambda p, o: p,
+    "speed": lambda p, o: p,
     "spread": lambda ps, o: [Study.read(p, o) for p in ps],
 }
 
@@ -293,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick-all", type=Path, help="configs/builtin-quick-all.yaml's study dir")
     parser.add_argument("--full", type=Path, help="configs/builtin.yaml's study dir (the full world)")
     parser.add_argument("--catalog", type=Path, help="configs/builtin-catalog.yaml's study dir")
+    parser.add_argument("--speed", type=Path, help="a dir of the benchmarks' --json outputs (study_speed.json, ...)")
     parser.add_argument("--registry", type=Path, help="the registry scenario's registry (runs/registry-scenario/registry)")
     parser.add_argument("--spread", type=Path, nargs="+", help="study dirs of one built-in world built under "
                         "different thread counts or machines, each with its base evaluated")
@@ -310,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                     raise KnowstackError("no such results dir", path=path, field=flag)
             inputs[option] = READERS[option](given, flag)
         if not inputs:
-            raise KnowstackError("no results dir given (--demo, --base, --quick-all, --full, --catalog, --registry, --spread)")
+            raise KnowstackError("no results dir given (--demo, --base, --quick-all, --full, --catalog, --registry, --spread, "
+                                 "--speed)")
         changed = {}
         for name in doc_files(args.root):
             doc = args.root / name

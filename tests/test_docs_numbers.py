@@ -157,3 +157,31 @@ def test_every_block_of_the_checkout_is_found_once() -> None:
     assert expected <= set(found), f"blocks lost: {expected - set(found)}"
     assert all(len(pages) == 1 for pages in found.values()), found
     assert found["demo-time"] == ["README.md"]
+
+
+def _speed_outputs(where: Path) -> Path:
+    where.mkdir()
+    (where / "study_speed.json").write_text(json.dumps({
+        "benchmark": "study_speed", "measured": "2026-11-27 23:00 UTC", "cores": 2, "config": "configs/builtin-quick.yaml",
+        "against": "dd9148c", "study_args": "--jobs 2 --threads all", "rounds": 2,
+        "kinds": [{"kind": "world", "ratio": 1.01}, {"kind": "train", "ratio": 0.93}, {"kind": "eval", "ratio": 0.9},
+                  {"kind": "wall (whole study)", "ratio": 0.87, "round_ratios": [0.85, 0.89]}],
+        "runs": [{"label": "new", "wall": 400, "load": [0.5, 0.4, 0.3]}, {"label": "old", "wall": 460, "load": [1.2, 1, 1]}],
+        "identical": True, "differences": []}))
+    (where / "compute_floor.json").write_text(json.dumps({
+        "benchmark": "compute_floor", "measured": "2026-11-27 23:30 UTC", "threads": 2, "sgemm_gflops": 190.0,
+        "floor_ratio": 0.61, "kinds": {"world": {"kernel_share": 0.75, "matmul_gflops": 180.0},
+                                       "eval": {"kernel_share": 0.4, "matmul_gflops": 60.0}}}))
+    return where
+
+
+def test_the_speed_block_reads_the_benchmarks_outputs(checkout: Path, tmp_path: Path) -> None:
+    (checkout / "README.md").write_text("# p\n\n<!-- numbers:speed -->\nstale\n<!-- /numbers -->\n")
+    assert load_script().main(["--speed", str(_speed_outputs(tmp_path / "bench")), "--root", str(checkout)]) == 0
+    text = (checkout / "README.md").read_text()
+    assert "stale" not in text
+    assert "0.87x the wall time of `dd9148c` (median of 2 alternating round(s), range 0.85-0.89" in text
+    assert "with `--jobs 2 --threads all`" in text and "identical numbers" in text and "load average at each start 0.5, 1.2" in text
+    assert "0.61 is spent in float32 matmul and attention kernels (world 75%, eval 40%" in text and "95% of this machine" in text
+    (tmp_path / "empty").mkdir()
+    assert load_script().main(["--speed", str(tmp_path / "empty"), "--root", str(checkout)]) == 2
