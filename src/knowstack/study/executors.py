@@ -62,7 +62,7 @@ class LocalExecutor:
     """The steps on this machine. jobs 1: in plan order, in this process, on every core. jobs > 1 (executor.jobs,
     "auto": one per core): each step whose dependencies are done runs in one of `jobs` worker processes, on
     executor.threads threads (threads_per_step); a step too large to share the machine (resources.shares_cores)
-    waits for the running ones and runs alone on every core. jobs None: the config's executor.jobs."""
+    waits for the running ones and runs alone, on the threads jobs 1 gives it. jobs None: the config's executor.jobs."""
 
     name = "local"
 
@@ -107,9 +107,12 @@ def parse_threads(threads: int | str | None) -> int | str | None:
 
 
 def threads_per_step(threads: int | str, cores: int, jobs: int) -> int:
-    """Torch threads of a step that runs beside others: executor.threads resolved on this machine."""
+    """Torch threads of a step that runs beside others: executor.threads resolved on this machine ("all": torch's own
+    count in this process, the one a step of jobs 1 runs on; it may be the physical cores, fewer than `cores`)."""
     if threads == "all":
-        return cores
+        import torch
+
+        return torch.get_num_threads()
     if threads == "share":
         return max(1, cores // jobs)
     return int(threads)
@@ -154,6 +157,7 @@ def run_concurrently(steps: Sequence[Step], ctx: StudyContext, shown: Any, jobs:
 
     cores = machine_cores()
     share = threads_per_step(threads, cores, jobs)
+    alone = threads_per_step("all", cores, jobs)  # a step alone runs as jobs 1 runs it
     progress = Progress()
     done = set()
     for step in steps:
@@ -174,7 +178,7 @@ def run_concurrently(steps: Sequence[Step], ctx: StudyContext, shown: Any, jobs:
                 if len(running) >= jobs or alone_running or (not shared and running):
                     break  # plan order: a step that needs the whole machine is not overtaken
                 shown.start(step, index[step.key])
-                running[pool.submit(run_step_task_reporting, step, ctx, share if shared else cores)] = (step, shared)
+                running[pool.submit(run_step_task_reporting, step, ctx, share if shared else alone)] = (step, shared)
                 waiting.remove(step)
             if not running:
                 raise KnowstackError(f"steps wait on steps that are not in the plan: {[s.key for s in waiting]}")
