@@ -11,10 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import perturbed
 from safetensors.torch import load_file, save_file
 
 from knowstack import hashing
+from knowstack.combine.merge import merge_models
 from knowstack.errors import KnowstackError
+from knowstack.modelcard import dir_sha256
 from knowstack.modeling.streaming import INDEX_FILE, READ_BLOCK, SafetensorsReader, ShardedWriter
 
 
@@ -158,3 +161,18 @@ def test_the_writers_shards_load_back_as_written(tmp_path: Path) -> None:
         loaded.update(load_file(tmp_path / file))
     for name, tensor in tensors.items():
         assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+
+
+def test_a_merge_hashes_its_inputs_for_the_card_as_it_reads_them(tiny_model_dir: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    models = [perturbed(tiny_model_dir, tmp_path / f"m{i}", seed=i, scale=0.01) for i in range(2)]
+    expected = [dir_sha256(m) for m in models]  # read and hashed here, before the merge
+    real = hashing.file_sha256
+
+    def no_second_read(path: Path) -> str:
+        assert Path(path).suffix != ".safetensors", f"{path} read again to hash it"
+        return real(path)
+
+    monkeypatch.setattr(hashing, "file_sha256", no_second_read)
+    card = (merge_models("average", models, tmp_path / "merged") / "README.md").read_text()
+    assert all(digest is not None and digest in card for digest in expected)

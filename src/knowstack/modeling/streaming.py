@@ -160,7 +160,9 @@ class SafetensorsReader:
             return None
         running = self._hashing.get(spec.file)
         if running is None and spec.offset == 0 and spec.file not in self._hashing:
-            running = self._hashing[spec.file] = _RunningHash(spec.file, handle.read(self.data_start[spec.file]))
+            running = self._hashing[spec.file] = _RunningHash(spec.file)
+            running.update(memoryview(handle.read(self.data_start[spec.file])))
+            running.position = self.data_start[spec.file]
         if running is not None and running.position != self.data_start[spec.file] + spec.offset:
             self._hashing[spec.file] = running = None
         return running
@@ -169,11 +171,11 @@ class SafetensorsReader:
 class _RunningHash:
     """sha256 of a file's bytes read so far, in order; remembered (hashing.remember_sha256) when complete."""
 
-    def __init__(self, file: Path, header: bytes):
+    def __init__(self, file: Path):
         self.file = file
-        self.stat = os.stat(file)
-        self.digest = hashlib.sha256(header)
-        self.position = len(header)
+        self.stat = os.stat(file)  # before its first byte is read
+        self.digest = hashlib.sha256()
+        self.position = 0
 
     def update(self, block: memoryview) -> None:
         self.digest.update(block)
