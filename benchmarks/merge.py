@@ -9,30 +9,39 @@ then runs the same merges with both tools, each as its own command-line process:
     and with --methods any other method mergekit has (task-arithmetic, slerp, breadcrumbs, model-stock, ...:
     MERGEKIT_EQUIVALENTS below)
 
-and prints, per method, the largest absolute difference over every tensor, how many entries differ,
-the wall-time ratio (knowstack / mergekit, best of `--repeats`, inputs already in the page cache) and
-each process's peak RSS divided by the size of one input checkpoint. float32 throughout, so that both
-tools compute in the checkpoint's own precision and the comparison is exact; TIES can differ only
-where a task vector's magnitude ties the k-th largest exactly (mergekit keeps an arbitrary subset of
-such entries, knowstack keeps them all).
+Each method runs `--repeats` times with each tool, alternating (knowstack then mergekit, then mergekit then
+knowstack, ...: a drift of the machine's load falls on both), after one read of every input so that the inputs
+are in the page cache for every run (the share of their bytes there is measured before each run, with util-linux
+`fincore` where it exists, and printed); outputs are deleted between runs, outside the timing. It prints, per
+method, the median wall time of each tool, the median and range (min-max) of the per-repeat ratio knowstack /
+mergekit, the same ratio of CPU time (user + system, which a loaded machine disturbs less than wall time), the
+largest absolute difference over every tensor, how many entries differ, and each process's peak RSS divided by
+the size of one input checkpoint (the largest over its runs), with the machine's load average before and after.
+`--json PATH` writes the same figures for a script. float32 throughout, so that both tools compute in the
+checkpoint's own precision and the comparison is exact; TIES can differ only where a task vector's magnitude ties
+the k-th largest exactly (mergekit keeps an arbitrary subset of such entries, knowstack keeps them all).
 
 mergekit pins its own dependencies, so it gets its own virtual environment, created on first use
 (torch==2.13.0, the CPU build, is installed first so that no CUDA build is pulled; then mergekit):
 
-    .venv/bin/python benchmarks/merge.py [--models 3] [--layers 20] [--density 0.2] [--repeats 2]
-        [--mergekit-venv ~/.cache/knowstack/mergekit-venv] [--workdir DIR]
+    .venv/bin/python benchmarks/merge.py [--models 3] [--layers 20] [--density 0.2] [--repeats 3]
+        [--methods average ties] [--mergekit-venv ~/.cache/knowstack/mergekit-venv] [--workdir DIR] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -141,8 +150,21 @@ def _base_tensor(name: str, shape: tuple[int, ...], seed: int, i: int) -> torch.
 
 
 # --- running and measuring ------------------------------------------------------------------------
-def timed(command: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one child process, from its own rusage."""
+@dataclass(frozen=True)
+class Run:
+    """One timed process: wall and CPU (user + system) seconds, peak RSS in bytes, the share of the inputs' bytes in
+    the page cache just before it started (None where it cannot be measured) and the 1-minute load average then."""
+
+    wall_s: float
+    cpu_s: float
+    peak_rss: int
+    inputs_cached: float | None
+    load1: float
+
+
+def timed(command: list[str], inputs: list[Path]) -> Run:
+    """Wall and CPU seconds and peak RSS (bytes) of one child process, from its own rusage."""
+    cached, load1 = page_cache_share(inputs), os.getloadavg()[0]
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
@@ -150,7 +172,33 @@ def timed(command: list[str]) -> tuple[float, int]:
     stderr = process.stderr.read().decode() if process.stderr else ""
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"`{' '.join(command)}` failed:\n{stderr[-3000:]}")
-    return wall, usage.ru_maxrss * 1024
+    return Run(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, cached, load1)
+
+
+def ratio_summary(ours: list[float], theirs: list[float]) -> dict[str, float | int]:
+    """The per-repeat ratios ours[i] / theirs[i] (runs i of the two tools ran next to each other): their median,
+    min and max, and how many."""
+    if not ours or len(ours) != len(theirs):
+        raise ValueError(f"{len(ours)} runs against {len(theirs)}: one of each per repeat")
+    ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "n": len(ratios)}
+
+
+def page_cache_share(models: list[Path]) -> float | None:
+    """The share of the models' safetensors bytes in the page cache (util-linux fincore); None without fincore."""
+    files = [str(f) for model in models for f in sorted(model.glob("*.safetensors"))]
+    if not files or shutil.which("fincore") is None:
+        return None
+    result = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES,SIZE", *files],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        return None
+    resident = size = 0
+    for line in result.stdout.split("\n"):
+        if line.strip():
+            res, total = line.split()
+            resident, size = resident + int(res), size + int(total)
+    return min(1.0, resident / size) if size else None  # fincore counts whole pages: a file's last one is part
 
 
 # knowstack's merge methods and mergekit 0.1.5's equivalents: (mergekit's name, its global parameters). Methods left
@@ -236,24 +284,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", type=int, default=3, help="fine-tuned variants to merge")
     parser.add_argument("--layers", type=int, default=20, help="decoder layers (20: 1.15 GB in float32)")
     parser.add_argument("--density", type=float, default=0.2)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each tool per method, alternating (the "
+                                                               "ratio's median and range are over these)")
     parser.add_argument("--methods", nargs="+", default=["average", "ties"], choices=DETERMINISTIC,
                         help="knowstack merge methods to compare with their mergekit equivalents (default and knowstack "
                              "option defaults for the options the command line does not set)")
     parser.add_argument("--mergekit-venv", type=Path, default=DEFAULT_VENV)
     parser.add_argument("--workdir", type=Path, help="where checkpoints go (default: a temporary dir)")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
 
     mergekit = ensure_mergekit(args.mergekit_venv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="knowstack-merge-bench-"))
     try:
-        run_benchmark(args, mergekit, workdir)
+        results = run_benchmark(args, mergekit, workdir)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nwritten: {args.json}")
 
 
-def run_benchmark(args: argparse.Namespace, mergekit: Path | None, workdir: Path) -> None:
+def run_benchmark(args: argparse.Namespace, mergekit: Path | None, workdir: Path) -> dict:
+    load_before = os.getloadavg()
     config = llama_config(args.layers)
     tensor_shapes = shapes(config)
     base = workdir / "base"
@@ -266,8 +323,11 @@ def run_benchmark(args: argparse.Namespace, mergekit: Path | None, workdir: Path
     params = sum(torch.Size(s).numel() for s in tensor_shapes.values())
     print(f"model: Llama, {params / 1e6:.0f}M params ({args.layers} layers, hidden 1024, vocab 32000), float32, "
           f"one checkpoint {checkpoint / 1e9:.2f} GB; {args.models} fine-tuned variants + base; "
-          f"torch threads {torch.get_num_threads()}")
-    warm([base, *models])
+          f"torch threads {torch.get_num_threads()}; {os.cpu_count()} CPUs; load average before "
+          f"{_load(load_before)}")
+    print(f"page cache: every input is read once before each method's runs (warm cache; machine memory "
+          f"{_memory_gb():.0f} GB, inputs {(args.models + 1) * checkpoint / 1e9:.1f} GB); outputs are deleted "
+          "between runs, outside the timing\n")
 
     runs = {}
     for method in args.methods:
@@ -278,33 +338,97 @@ def run_benchmark(args: argparse.Namespace, mergekit: Path | None, workdir: Path
         if "density" in MERGE_METHOD_OPTIONS[method]:
             command += ["--density", str(args.density)]
         runs[method] = (command, inputs)
-    print(f"{'method':7} {'knowstack s':>11} {'mergekit s':>10} {'ratio':>6} {'max|diff|':>10} {'differing':>14} "
-          f"{'RSS/ckpt ks':>11} {'RSS/ckpt mk':>11}")
+    print(f"{'method':7} {'knowstack s':>11} {'mergekit s':>10} {'ratio [range]':>19} {'cpu ratio':>9} "
+          f"{'max|diff|':>10} {'differing':>14} {'RSS/ckpt ks':>11} {'RSS/ckpt mk':>11} {'cached':>6} {'load':>9}")
+    results = []
     for label, (ours_cmd, inputs) in runs.items():
-        best = {"ks": (float("inf"), 0), "mk": (float("inf"), 0)}
-        ours_out, theirs_out = workdir / f"ks-{label}", workdir / f"mk-{label}"
-        mk_yaml = workdir / f"mergekit-{label}.yml"
-        mk_yaml.write_text(mergekit_config(label, base, inputs, options={"density": args.density}))
-        for _ in range(args.repeats):
-            shutil.rmtree(ours_out, ignore_errors=True)
-            wall, rss = timed([*ours_cmd, "--out", str(ours_out)])
-            best["ks"] = min(best["ks"], (wall, rss))
-            if mergekit is not None:
-                shutil.rmtree(theirs_out, ignore_errors=True)
-                wall, rss = timed([str(mergekit), str(mk_yaml), str(theirs_out), "--no-copy-tokenizer",
-                                   "--no-write-model-card", "--quiet"])
-                best["mk"] = min(best["mk"], (wall, rss))
-        if mergekit is None:
-            print(f"{label:7} {best['ks'][0]:11.1f} {'—':>10} {'—':>6} {'—':>10} {'—':>14} "
-                  f"{best['ks'][1] / checkpoint:11.2f} {'—':>11}")
-            continue
-        worst, differing, total = compare(ours_out, theirs_out)
-        print(f"{label:7} {best['ks'][0]:11.1f} {best['mk'][0]:10.1f} {best['ks'][0] / best['mk'][0]:5.2f}x "
-              f"{worst:10.2e} {differing:>7}/{total / 1e6:.0f}M {best['ks'][1] / checkpoint:11.2f} "
-              f"{best['mk'][1] / checkpoint:11.2f}")
-    print("\n(ratio = knowstack / mergekit wall time, whole command, best of runs; goal <= 1.0x. RSS/ckpt = the "
-          "process's peak resident memory / one input checkpoint's size; goal <= 1.5x for knowstack. Goals for "
-          "max|diff|: <= 1e-6 for linear; TIES equal but for entries tied exactly at the k-th magnitude)")
+        theirs_cmd = None
+        if mergekit is not None:
+            mk_yaml = workdir / f"mergekit-{label}.yml"
+            mk_yaml.write_text(mergekit_config(label, base, inputs, options={"density": args.density}))
+            theirs_cmd = [str(mergekit), str(mk_yaml), "--no-copy-tokenizer", "--no-write-model-card", "--quiet"]
+        read = inputs + [base] if get_method(label).uses_base else inputs  # what both tools read
+        result = compare_method(label, ours_cmd, theirs_cmd, read, workdir, args.repeats, checkpoint)
+        results.append(result)
+        print(format_row(result))
+    print("\n(ratio = knowstack / mergekit wall time of the whole command: median of the per-repeat ratios [min-max]; "
+          "cpu ratio: the same of user + system CPU seconds; goal <= 1.0x. RSS/ckpt = the process's peak resident "
+          "memory / one input checkpoint's size, the largest over its runs; goal <= 1.5x for knowstack. cached: the "
+          "least share of the inputs' bytes in the page cache before a run. load: 1-minute load average before and "
+          "after the method's runs. Goals for max|diff|: <= 1e-6 for linear; TIES equal but for entries tied exactly "
+          "at the k-th magnitude)")
+    load_after = os.getloadavg()
+    print(f"load average after: {_load(load_after)}")
+    return {"benchmark": "merge", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory_gb": _memory_gb(),
+                        "platform": platform.platform(), "python": platform.python_version()},
+            "load_average_before": list(load_before), "load_average_after": list(load_after),
+            "settings": {"models": args.models, "layers": args.layers, "density": args.density,
+                         "repeats": args.repeats, "parameters": params, "checkpoint_bytes": checkpoint,
+                         "mergekit": MERGEKIT_PIN if mergekit is not None else None},
+            "page_cache": "inputs read once before each method's runs (warm); inputs_cached: the share of their "
+                          "bytes in the page cache before each run (fincore), null where it cannot be measured",
+            "methods": results}
+
+
+def compare_method(label: str, ours_cmd: list[str], theirs_cmd: list[str] | None, inputs: list[Path], workdir: Path,
+                   repeats: int, checkpoint: int) -> dict:
+    """`repeats` runs of each tool, alternating which goes first, on warm inputs; then the outputs compared."""
+    ours_out, theirs_out = workdir / f"ks-{label}", workdir / f"mk-{label}"
+    tools = {"knowstack": [*ours_cmd, "--out", str(ours_out)]}
+    if theirs_cmd is not None:
+        tools["mergekit"] = [theirs_cmd[0], theirs_cmd[1], str(theirs_out), *theirs_cmd[2:]]
+    outs = {"knowstack": ours_out, "mergekit": theirs_out}
+    load_before = os.getloadavg()
+    warm(inputs)
+    runs: dict[str, list[Run]] = {tool: [] for tool in tools}
+    for repeat in range(repeats):
+        order = list(tools) if repeat % 2 == 0 else list(reversed(tools))
+        for tool in order:
+            shutil.rmtree(outs[tool], ignore_errors=True)
+            runs[tool].append(timed(tools[tool], inputs))
+    result: dict = {"method": label, "mergekit_method": MERGEKIT_EQUIVALENTS[label][0] if theirs_cmd else None,
+                    "repeats": repeats, "load_average_before": list(load_before),
+                    "load_average_after": list(os.getloadavg())}
+    for tool, timings in runs.items():
+        cached = [r.inputs_cached for r in timings if r.inputs_cached is not None]
+        result[tool] = {"wall_s": [r.wall_s for r in timings], "cpu_s": [r.cpu_s for r in timings],
+                        "median_wall_s": statistics.median(r.wall_s for r in timings),
+                        "peak_rss_per_checkpoint": max(r.peak_rss for r in timings) / checkpoint,
+                        "inputs_cached": [r.inputs_cached for r in timings], "least_cached": min(cached, default=None),
+                        "load1_before_runs": [r.load1 for r in timings]}
+    if theirs_cmd is None:
+        result.update(ratio=None, cpu_ratio=None, max_abs_diff=None, entries_differing=None, entries=None)
+        return result
+    result["ratio"] = ratio_summary(result["knowstack"]["wall_s"], result["mergekit"]["wall_s"])
+    result["cpu_ratio"] = ratio_summary(result["knowstack"]["cpu_s"], result["mergekit"]["cpu_s"])
+    worst, differing, total = compare(ours_out, theirs_out)
+    result.update(max_abs_diff=worst, entries_differing=differing, entries=total)
+    return result
+
+
+def format_row(result: dict) -> str:
+    ks, mk = result["knowstack"], result.get("mergekit")
+    cached = [c for c in (ks["least_cached"], mk["least_cached"] if mk else None) if c is not None]
+    load = f"{result['load_average_before'][0]:.1f}-{result['load_average_after'][0]:.1f}"
+    cached_text = f"{min(cached):6.0%}" if cached else f"{'?':>6}"
+    if result["ratio"] is None:
+        return (f"{result['method']:7} {ks['median_wall_s']:11.1f} {'—':>10} {'—':>19} {'—':>9} {'—':>10} {'—':>14} "
+                f"{ks['peak_rss_per_checkpoint']:11.2f} {'—':>11} {cached_text} {load:>9}")
+    ratio, cpu = result["ratio"], result["cpu_ratio"]
+    spread = f"{ratio['median']:.2f}x [{ratio['min']:.2f}-{ratio['max']:.2f}]"
+    return (f"{result['method']:7} {ks['median_wall_s']:11.1f} {mk['median_wall_s']:10.1f} {spread:>19} "
+            f"{cpu['median']:8.2f}x {result['max_abs_diff']:10.2e} "
+            f"{result['entries_differing']:>7}/{result['entries'] / 1e6:.0f}M {ks['peak_rss_per_checkpoint']:11.2f} "
+            f"{mk['peak_rss_per_checkpoint']:11.2f} {cached_text} {load:>9}")
+
+
+def _load(load: tuple[float, float, float]) -> str:
+    return "/".join(f"{x:.2f}" for x in load) + " (1/5/15 min)"
+
+
+def _memory_gb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
 
 
 if __name__ == "__main__":

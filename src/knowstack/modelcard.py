@@ -87,14 +87,14 @@ def hub_name(model: str | Path) -> str:
 def dir_sha256(model_dir: str | Path) -> str | None:
     """A model dir's content hash: sha256 over `name<TAB>sha256` lines of its weight and config files, in name
     order (the registry's content-hash scheme); None for what is not a local dir (a hub id)."""
-    from knowstack.hashing import content_hash, file_sha256
+    from knowstack.hashing import content_hash, known_sha256
 
     folder = Path(model_dir).expanduser()
     if not folder.is_dir():
         return None
     files = sorted(p for p in folder.iterdir()
                    if p.is_file() and (p.suffix in _HASHED_SUFFIXES or p.name in _HASHED_NAMES))
-    return content_hash({p.name: file_sha256(p) for p in files}) if files else None
+    return content_hash({p.name: known_sha256(p) for p in files}) if files else None
 
 
 def model_input(model: str | Path, role: str = "input") -> CardInput:

@@ -77,6 +77,9 @@ def merge_models(
     assert isinstance(reference, FullModel)
     check_compatible(reference, inputs)
     contributed = _statistics(chosen, statistics, inputs, reference)
+    for model in [*inputs, base_model]:
+        if isinstance(model, FullModel):
+            model.reader.hash_files = True  # the card's content hashes, taken as the merge reads each file
 
     out = Path(out).expanduser()
     sources = [m.path for m in inputs] + ([base_model.path] if base_model else [])

@@ -1,9 +1,12 @@
 """Safetensors checkpoints read tensor by tensor and written shard by shard, never a whole model.
 
 Reading: a model dir's shards are indexed from their headers (8-byte length + JSON, the format's
-own layout) and each tensor is read on demand through `safe_open`, one handle per read, so no
-mapping of a whole input stays resident between tensors. Pickled checkpoints (`*.bin`, `*.pt`)
-are never read.
+own layout) and each tensor's bytes are read on demand with plain file reads into a tensor of its
+own, so no mapping of a whole input stays resident between tensors. (Not `safe_open` per tensor:
+its tensors are copy-on-write maps of the file, so a merge that works in place took a page fault
+per page of every tensor it changed.) Reading a file front to back can hash it on the way
+(`hash_files`), so that the merge's model card does not read every input a second time to hash it.
+Pickled checkpoints (`*.bin`, `*.pt`) are never read.
 
 Writing: every output tensor's name, dtype and shape are known before any is computed (they are
 the base's), so each shard's header is written first and each tensor's bytes are appended as soon
@@ -13,17 +16,21 @@ like `save_pretrained`'s (`model-00001-of-00002.safetensors` + `model.safetensor
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import struct
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
-from safetensors import safe_open
 
 from knowstack.errors import KnowstackError
+from knowstack.hashing import remember_sha256
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -35,6 +42,7 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+READ_BLOCK = 8 << 20  # bytes read (and hashed) at a time: a block is still in the CPU's cache when it is hashed
 
 
 @dataclass(frozen=True)
@@ -56,12 +64,17 @@ class TensorSpec:
 
 def read_header(path: Path) -> dict:
     """A safetensors file's header, without reading any tensor."""
+    return _read_header(path)[0]
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """The header and where the data starts (8 + the header's length)."""
     try:
         with path.open("rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
             if length > 100 * 2**20:
                 raise ValueError("header larger than 100 MB")
-            return json.loads(handle.read(length))
+            return json.loads(handle.read(length)), 8 + length
     except (OSError, ValueError, struct.error) as err:
         raise KnowstackError(f"not a readable safetensors file: {err}", path=path) from None
 
@@ -88,12 +101,18 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 
 class SafetensorsReader:
-    """The tensors of one or more safetensors files, by name, in file order."""
+    """The tensors of one or more safetensors files, by name, in file order. hash_files: hash each file whose
+    tensors are read front to back in its order, as they are read (hashing.remember_sha256), for
+    hashing.known_sha256."""
 
-    def __init__(self, files: list[Path]):
+    def __init__(self, files: list[Path], hash_files: bool = False):
         self.specs: dict[str, TensorSpec] = {}
+        self.data_start: dict[Path, int] = {}
+        self.hash_files = hash_files
+        self._hashing: dict[Path, _RunningHash | None] = {}  # None: read out of order, not hashed
         for file in files:
-            header = read_header(file)
+            header, self.data_start[file] = _read_header(file)
+            end = 0
             for name, entry in header.items():
                 if name == "__metadata__":
                     continue
@@ -101,12 +120,21 @@ class SafetensorsReader:
                     raise KnowstackError(f"tensor '{name}' has unsupported dtype {entry['dtype']}", path=file)
                 if name in self.specs:
                     raise KnowstackError(f"tensor '{name}' is in two shards", path=file)
-                self.specs[name] = TensorSpec(name, entry["dtype"], tuple(entry["shape"]), file,
-                                              entry["data_offsets"][0])
+                spec = TensorSpec(name, entry["dtype"], tuple(entry["shape"]), file, entry["data_offsets"][0])
+                if entry["data_offsets"][1] - spec.offset != spec.nbytes:
+                    raise KnowstackError(f"tensor '{name}' has {entry['data_offsets'][1] - spec.offset} bytes for "
+                                         f"{spec.nbytes} of its dtype and shape: not a valid safetensors file",
+                                         path=file)
+                self.specs[name] = spec
+                end = max(end, entry["data_offsets"][1])
+            size = file.stat().st_size
+            if self.data_start[file] + end != size:
+                raise KnowstackError(f"{size} bytes where the header says {self.data_start[file] + end}: "
+                                     "a truncated or not a valid safetensors file", path=file)
 
     @classmethod
-    def from_dir(cls, model_dir: Path) -> SafetensorsReader:
-        return cls(weight_files(model_dir))
+    def from_dir(cls, model_dir: Path, hash_files: bool = False) -> SafetensorsReader:
+        return cls(weight_files(model_dir), hash_files)
 
     def names(self) -> list[str]:
         """Names in the order their bytes lie on disk, so a full pass reads each file front to back."""
@@ -115,13 +143,89 @@ class SafetensorsReader:
 
     def read(self, name: str) -> torch.Tensor:
         spec = self.specs[name]
-        # One handle per read: nothing of the file stays mapped into this process between tensors.
-        with safe_open(str(spec.file), framework="pt") as handle:
-            return handle.get_tensor(name)
+        tensor = torch.empty(spec.shape, dtype=spec.torch_dtype)
+        # a file handle per read (cheap: no mapping, only a seek), so no reader holds files open
+        with spec.file.open("rb", buffering=0) as handle:
+            running = self._running_hash(spec, handle)
+            handle.seek(self.data_start[spec.file] + spec.offset)
+            _read_into(handle, tensor, spec, running)
+        if running is not None:
+            running.done_with(spec.nbytes)
+        return tensor
+
+    def _running_hash(self, spec: TensorSpec, handle: BinaryIO) -> _RunningHash | None:
+        """The file's hash so far if this tensor's bytes come next in it (started at its first tensor); None
+        (and no further hashing of the file) once a read breaks the file's order."""
+        if not self.hash_files:
+            return None
+        running = self._hashing.get(spec.file)
+        if running is None and spec.offset == 0 and spec.file not in self._hashing:
+            running = self._hashing[spec.file] = _RunningHash(spec.file)
+            running.update(memoryview(handle.read(self.data_start[spec.file])))
+            running.position = self.data_start[spec.file]
+        if running is not None and running.position != self.data_start[spec.file] + spec.offset:
+            self._hashing[spec.file] = running = None
+        return running
+
+
+class _RunningHash:
+    """sha256 of a file's bytes read so far, in order; remembered (hashing.remember_sha256) when complete."""
+
+    def __init__(self, file: Path):
+        self.file = file
+        self.stat = os.stat(file)  # before its first byte is read
+        self.digest = hashlib.sha256()
+        self.position = 0
+
+    def update(self, block: memoryview) -> None:
+        self.digest.update(block)
+
+    def done_with(self, nbytes: int) -> None:
+        self.position += nbytes
+        if self.position == self.stat.st_size:
+            remember_sha256(self.file, self.digest.hexdigest(), self.stat)
+
+
+def _read_into(handle: BinaryIO, tensor: torch.Tensor, spec: TensorSpec, running: _RunningHash | None) -> None:
+    """The tensor's bytes, read a block at a time (each block hashed while it is in the cache, if hashing)."""
+    if spec.nbytes == 0:
+        return
+    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    done = 0
+    hashing: _InBackground | None = None  # a block is hashed while the next one is read (both release the GIL)
+    while done < spec.nbytes:
+        block = view[done:done + READ_BLOCK]
+        got = handle.readinto(block)
+        if not got:
+            raise KnowstackError(f"tensor '{spec.name}' ends past the end of the file (truncated?)", path=spec.file)
+        if running is not None:
+            if hashing is not None:
+                hashing.join()
+            hashing = _InBackground("hash", running.update, block[:got])
+        done += got
+    if hashing is not None:
+        hashing.join()
+
+
+class _InBackground:
+    """fn(arg) on a worker thread of `pool` (one per kind of work, kept for the process: no thread started per
+    block); join() waits for it and raises what it raised."""
+
+    _pools: dict[str, ThreadPoolExecutor] = {}
+
+    def __init__(self, pool: str, fn: Callable[[memoryview], object], arg: memoryview):
+        if pool not in self._pools:
+            self._pools[pool] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"knowstack-{pool}")
+        self._future = self._pools[pool].submit(fn, arg)
+
+    def join(self) -> None:
+        self._future.result()
 
 
 class ShardedWriter:
-    """Writes tensors, in a fixed announced order, into shards of at most `max_shard_bytes`."""
+    """Writes tensors, in a fixed announced order, into shards of at most `max_shard_bytes`. Each tensor's bytes are
+    written in a thread while the caller computes the next one (at most one tensor in flight): a tensor given to
+    write() must not change until the next write() or close()."""
 
     def __init__(self, out_dir: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
                  max_shard_bytes: int = 5 * 2**30):
@@ -134,6 +238,7 @@ class ShardedWriter:
         self._handle: BinaryIO | None = None
         self._shard = -1
         self._shard_end = 0  # index of the first tensor past the open shard
+        self._writing: _InBackground | None = None
 
     def shard_name(self, index: int) -> str:
         return f"model-{index + 1:05d}-of-{len(self.shards):05d}.safetensors"
@@ -142,17 +247,25 @@ class ShardedWriter:
         want_name, want_dtype, want_shape = self.expected[self._next]
         if name != want_name or tensor.dtype != want_dtype or tuple(tensor.shape) != want_shape:
             raise AssertionError(f"writer expected {want_name} {want_dtype} {want_shape}, got {name}")
+        data = tensor.detach().contiguous().reshape(-1)
+        self._wait()
         if self._next == self._shard_end:
             self._open_next_shard()
         assert self._handle is not None
-        data = tensor.detach().contiguous().reshape(-1)
-        self._handle.write(memoryview(data.view(torch.uint8).numpy()))
+        self._writing = _InBackground("write", self._handle.write, memoryview(data.view(torch.uint8).numpy()))
         self._next += 1
+
+    def _wait(self) -> None:
+        """The tensor in flight is written (its error raised here)."""
+        if self._writing is not None:
+            writing, self._writing = self._writing, None
+            writing.join()
 
     def close(self) -> dict:
         """Finish the last shard and write the index; returns the index."""
         if self._next != len(self.expected):
             raise AssertionError(f"writer got {self._next} of {len(self.expected)} tensors")
+        self._wait()
         if self._handle is not None:
             self._handle.close()
             self._handle = None
