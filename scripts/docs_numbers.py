@@ -267,9 +267,26 @@ def compute_floor_line(record: dict) -> str:
             f"`benchmarks/compute_floor.py`, {record['measured']}")
 
 
+def merge_line(record: dict) -> str:
+    """knowstack's streamed merges against mergekit: wall and CPU ratios, peak memory, and how far the outputs differ."""
+    parts = []
+    for m in record["methods"]:
+        ratio, cpu = m["ratio"], m["cpu_ratio"]
+        parts.append(f"{m['method']} (mergekit `{m['mergekit_method']}`) {ratio['median']:.2f}x mergekit's wall time "
+                     f"[{ratio['min']:.2f}-{ratio['max']:.2f}] and {cpu['median']:.2f}x its CPU time, peak memory "
+                     f"{m['knowstack']['peak_rss_per_checkpoint']:.2f} checkpoints vs "
+                     f"{m['mergekit']['peak_rss_per_checkpoint']:.2f}, largest output difference "
+                     f"{m['max_abs_diff']:.2g} ({m['entries_differing']} of {m['entries']} entries differ)")
+    settings, load = record["settings"], record["load_average_before"][0]
+    return (f"- merging {settings['models']} checkpoints of {settings['parameters'] / 1e6:.0f}M parameters: "
+            + "; ".join(parts) + f" (median of {settings['repeats']} alternating runs, inputs in the page cache; "
+            f"`benchmarks/merge.py`, {record['date'][:16].replace('T', ' ')} UTC, load average {load:.1f})")
+
+
 SPEED_LINES: dict[str, Callable[[dict], str]] = {
     "study_speed.json": study_speed_line,
     "compute_floor.json": compute_floor_line,
+    "merge.json": merge_line,
 }
 
 

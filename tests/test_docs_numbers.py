@@ -172,6 +172,12 @@ def _speed_outputs(where: Path) -> Path:
         "benchmark": "compute_floor", "measured": "2026-11-27 23:30 UTC", "threads": 2, "sgemm_gflops": 190.0,
         "floor_ratio": 0.61, "kinds": {"world": {"kernel_share": 0.75, "matmul_gflops": 180.0},
                                        "eval": {"kernel_share": 0.4, "matmul_gflops": 60.0}}}))
+    merge = {"method": "average", "mergekit_method": "linear", "ratio": {"median": 1.2, "min": 1.1, "max": 1.3},
+             "cpu_ratio": {"median": 1.1}, "knowstack": {"peak_rss_per_checkpoint": 0.76},
+             "mergekit": {"peak_rss_per_checkpoint": 1.72}, "max_abs_diff": 0.0, "entries_differing": 0, "entries": 10}
+    (where / "merge.json").write_text(json.dumps({
+        "benchmark": "merge", "date": "2026-11-27T22:43:22+00:00", "load_average_before": [4.2, 4, 4],
+        "settings": {"models": 3, "parameters": 291021824, "repeats": 3}, "methods": [merge]}))
     return where
 
 
@@ -183,5 +189,7 @@ def test_the_speed_block_reads_the_benchmarks_outputs(checkout: Path, tmp_path: 
     assert "0.87x the wall time of `dd9148c` (median of 2 alternating round(s), range 0.85-0.89" in text
     assert "with `--jobs 2 --threads all`" in text and "identical numbers" in text and "load average at each start 0.5, 1.2" in text
     assert "0.61 is spent in float32 matmul and attention kernels (world 75%, eval 40%" in text and "95% of this machine" in text
+    assert ("merging 3 checkpoints of 291M parameters: average (mergekit `linear`) 1.20x mergekit's wall time [1.10-1.30] "
+            "and 1.10x its CPU time, peak memory 0.76 checkpoints vs 1.72, largest output difference 0 (0 of 10") in text
     (tmp_path / "empty").mkdir()
     assert load_script().main(["--speed", str(tmp_path / "empty"), "--root", str(checkout)]) == 2
