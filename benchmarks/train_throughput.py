@@ -3,27 +3,38 @@
 Both sides train the same random Llama of the built-in size (hidden 256, 4 layers, BPE vocab 4096)
 on the same examples (prompt + answer of 30-150 tokens, loss on the answer only), with the same
 effective batch (16), learning rate, schedule, clipping and max length, for one epoch, so both
-process exactly the same tokens. Two peers, both the standard Trainer: with DataCollatorForSeq2Seq
-padding each micro-batch to its longest example, and with DataCollatorWithFlattening (padding-free
-packing: the paper's own recipe; transformers masks each packed example from the position ids, so
-examples do not see each other). The stronger of the two is the peer. Throughput counts real (non-padding) tokens per
-second of the training loop (knowstack: the loop's own timer; Trainer: train_runtime). Each
-configuration runs `--repeats` times, alternating, and the best time is kept, because the CPU is
-shared and the best run is the one least disturbed.
+process exactly the same tokens. Two peers, both the standard Trainer with its defaults (AdamW, fused
+on CPU since torch 2.8): with DataCollatorForSeq2Seq padding each micro-batch to its longest example,
+and with DataCollatorWithFlattening (padding-free packing: the paper's own recipe). transformers builds a
+block-diagonal mask from the restarting position ids only when no cache is passed (Trainer sets
+use_cache=False); each flattening run first checks that its packed logits equal the per-example ones.
+Throughput counts real (non-padding) tokens per second of the training loop (knowstack: the loop's own
+timer; Trainer: train_runtime).
 
-    .venv/bin/python benchmarks/train_throughput.py [--examples 192] [--repeats 2]
+Each round runs every configuration once, in an order rotated from round to round (load that drifts hits all
+alike). A peer's figure in a round is its faster micro-batch size; the stronger peer is the faster of the two;
+the ratio knowstack / stronger peer is taken per round, and its median and range over the rounds are reported,
+with the load average before and after. --json PATH writes the same figures for a script.
+
+    .venv/bin/python benchmarks/train_throughput.py [--examples 192] [--repeats 3] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import json
+import os
 import random
+import shutil
+import statistics
 import sys
 import tempfile
 import time
 import warnings
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -114,25 +125,44 @@ def run_knowstack(model_dir: Path, examples: list[Example], finetune: str, micro
     return summary["seconds"]
 
 
+def check_flattening_isolates(model: torch.nn.Module, features: list[dict[str, list[int]]], n: int = 3) -> None:
+    """Raise unless a flattened row of n examples gives each example's own logits, as the model is set up now.
+
+    transformers infers the block-diagonal mask from the position ids only without a cache; a model called with
+    use_cache=True would let packed examples see each other and train on a different (cheaper) problem.
+    """
+    row = DataCollatorWithFlattening()(features[:n])
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        flat = model(input_ids=row["input_ids"], position_ids=row["position_ids"]).logits[0]
+        alone = torch.cat([model(input_ids=torch.tensor([f["input_ids"]])).logits[0] for f in features[:n]])
+    model.train(was_training)
+    if not torch.allclose(flat, alone, rtol=1e-4, atol=1e-4):
+        raise RuntimeError("the flattened Trainer peer lets packed examples attend to each other "
+                           f"(max logit difference {float((flat - alone).abs().max()):.3g})")
+
+
 def run_trainer(model_dir: Path, examples: list[Example], finetune: str, micro: int, out: Path,
                 collator_kind: str = "padded") -> float:
     """The standard recipe: pre-tokenized answer-only labels, a padding or flattening collator, Trainer."""
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, dtype=torch.float32)
+    recipe = TrainSettings(finetune=finetune)
     if finetune == "lora":
         from peft import LoraConfig, get_peft_model
 
-        defaults = TrainSettings(finetune="lora")
         model = get_peft_model(model, LoraConfig(
-            r=defaults.lora_r, lora_alpha=defaults.lora_alpha, lora_dropout=defaults.lora_dropout,
-            target_modules=list(defaults.target_modules), task_type="CAUSAL_LM",
+            r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+            target_modules=list(recipe.target_modules), bias="none", task_type="CAUSAL_LM",
         ))
     # The same token ids and labels knowstack trains on, so only the batching and the loop differ.
     features = [{"input_ids": list(ex.input_ids), "labels": list(ex.labels)}
                 for ex in tokenize_examples(tokenizer, examples, MAX_LENGTH)]
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=micro, gradient_accumulation_steps=BATCH // micro,
-        learning_rate=LR, lr_scheduler_type="constant", max_grad_norm=1.0, num_train_epochs=1,
+        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=recipe.warmup_steps,
+        weight_decay=recipe.weight_decay, max_grad_norm=recipe.max_grad_norm, num_train_epochs=1,
         save_strategy="no", report_to=[], logging_steps=10_000, use_cpu=True, dataloader_num_workers=0,
         disable_tqdm=True, seed=0,
     )
@@ -141,24 +171,67 @@ def run_trainer(model_dir: Path, examples: list[Example], finetune: str, micro: 
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=collator)
+    if collator_kind == "flattening":
+        check_flattening_isolates(trainer.model, features)  # as Trainer configured the model (use_cache off)
     return trainer.train().metrics["train_runtime"]
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def rotated(runs: list, round_: int) -> list:
+    """The round's order: each round starts one configuration later, so none always runs first or last."""
+    shift = round_ % len(runs)
+    return runs[shift:] + runs[:shift]
+
+
+def summarize(finetune: str, rows: list[dict[str, Any]], repeats: int) -> dict[str, Any]:
+    """One finetune's figures from its runs (dicts: round, name, micro, tokens_per_second)."""
+    def per_round(name: str) -> list[tuple[float, int]]:
+        best = []
+        for round_ in range(repeats):
+            runs = [r for r in rows if r["round"] == round_ and r["name"] == name]
+            fastest = max(runs, key=lambda r: r["tokens_per_second"])
+            best.append((fastest["tokens_per_second"], fastest["micro"]))
+        return best
+
+    ours = [tps for tps, _ in per_round("knowstack")]
+    peers = {kind: per_round(f"Trainer {kind}") for kind in PEERS}
+    stronger = [max(peers[kind][r][0] for kind in PEERS) for r in range(repeats)]
+    ratios = [o / s for o, s in zip(ours, stronger, strict=True)]
+    peer_medians = {kind: statistics.median(tps for tps, _ in peers[kind]) for kind in PEERS}
+    return {
+        "finetune": finetune,
+        "knowstack_tokens_per_second": {**spread(ours), "per_round": ours},
+        "peers": {kind: {"tokens_per_second": {**spread([t for t, _ in peers[kind]]),
+                                               "per_round": [t for t, _ in peers[kind]]},
+                         "micro_per_round": [m for _, m in peers[kind]]} for kind in PEERS},
+        "stronger_peer": max(peer_medians, key=peer_medians.get),
+        "ratio_vs_stronger_peer": {**spread(ratios), "per_round": ratios},
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=192, help="training examples (a multiple of 16)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of every configuration (the ratio's median)")
     parser.add_argument("--micro", type=int, default=TrainSettings().micro_batch_size,
                         help="knowstack's micro-batch size (default: its default)")
     parser.add_argument("--trainer-micro", default="4,16",
-                        help="Trainer micro-batch sizes to try; the fastest is the peer")
+                        help="Trainer micro-batch sizes to try; the fastest of each round is the peer's figure")
+    parser.add_argument("--finetunes", default="fft,lora")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     hf_logging.set_verbosity_error()
+    finetunes = args.finetunes.split(",")
+    load_before = os.getloadavg()
 
     corpus = _corpus()
     tokenizer = build_tokenizer(corpus)
     examples = make_examples(corpus, tokenizer, args.examples)
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         model_dir = tmp / "base"
@@ -175,36 +248,60 @@ def main(argv: list[str] | None = None) -> None:
               f"(median {lengths[len(lengths) // 2]}), answer tokens {sum(ex.answer_tokens for ex in tokenized)}")
         trainer_micros = [int(m) for m in args.trainer_micro.split(",")]
         print(f"recipe: effective batch {BATCH}, knowstack micro {args.micro} (packed), Trainer micro "
-              f"{'/'.join(map(str, trainer_micros))} (padded, fastest kept), lr {LR} constant, 1 epoch = "
-              f"{len(examples) // BATCH} steps, best of {args.repeats} runs\n")
+              f"{'/'.join(map(str, trainer_micros))} (fastest kept per round), lr {LR} constant, 1 epoch = "
+              f"{len(examples) // BATCH} steps, {args.repeats} rounds in rotated order, load average "
+              f"{load_before[0]:.2f}\n")
 
         def trainer_run(kind: str):
             return lambda *a: run_trainer(*a, collator_kind=kind)
 
         runs = [("knowstack", run_knowstack, args.micro)]
         runs += [(f"Trainer {kind}", trainer_run(kind), m) for kind in PEERS for m in trainer_micros]
-        best: dict[tuple[str, str], tuple[float, int]] = {}
-        for repeat in range(args.repeats):
-            for finetune in ("fft", "lora"):
-                for name, runner, micro in runs:
+        for round_ in range(args.repeats):
+            for finetune in finetunes if round_ % 2 == 0 else finetunes[::-1]:
+                for name, runner, micro in rotated(runs, round_):
                     start = time.perf_counter()
-                    seconds = runner(model_dir, examples, finetune, micro, tmp / f"{name}-{finetune}-{micro}-{repeat}")
+                    out = tmp / f"{name}-{finetune}-{micro}-{round_}"
+                    seconds = runner(model_dir, examples, finetune, micro, out)
                     wall = time.perf_counter() - start
-                    key = (finetune, name)
-                    best[key] = min(best.get(key, (float("inf"), 0)), (seconds, micro))
-                    print(f"  run {repeat + 1}: {finetune:4} {name:18} micro {micro:2} {tokens / seconds:7.0f} tokens/s "
-                          f"(loop {seconds:.1f}s, call {wall:.1f}s)", file=sys.stderr)
+                    shutil.rmtree(out, ignore_errors=True)
+                    rows.append({"round": round_, "finetune": finetune, "name": name, "micro": micro,
+                                 "seconds": seconds, "tokens_per_second": tokens / seconds,
+                                 "load_average": os.getloadavg()[0]})
+                    print(f"  round {round_ + 1}: {finetune:4} {name:18} micro {micro:2} {tokens / seconds:7.0f} "
+                          f"tokens/s (loop {seconds:.1f}s, call {wall:.1f}s, load {os.getloadavg()[0]:.2f})",
+                          file=sys.stderr)
+    load_after = os.getloadavg()
 
-    header = "".join(f"{'Trainer ' + kind + ' tok/s':>24} {'(micro)':>7}" for kind in PEERS)
-    print(f"{'finetune':8} {'knowstack tok/s':>16}{header} {'vs stronger':>12}")
-    for finetune in ("fft", "lora"):
-        ours = tokens / best[(finetune, "knowstack")][0]
-        peers = {kind: best[(finetune, f"Trainer {kind}")] for kind in PEERS}
-        cells = "".join(f"{tokens / s:24.0f} {m:7}" for s, m in peers.values())
-        strongest = tokens / min(s for s, _ in peers.values())
-        print(f"{finetune:8} {ours:16.0f}{cells} {ours / strongest:11.2f}x")
-    print("\n(ratio = knowstack / the faster Trainer (padded or flattened), real tokens per second of the "
-          "training loop; goal >= 1.2x)")
+    results = [summarize(ft, [r for r in rows if r["finetune"] == ft], args.repeats) for ft in finetunes]
+    header = "".join(f"{'Trainer ' + kind + ' tok/s':>24}" for kind in PEERS)
+    print(f"{'finetune':8} {'knowstack tok/s':>16}{header} {'vs stronger: median':>20} {'(range)':>14}")
+    for result in results:
+        cells = "".join(f"{result['peers'][kind]['tokens_per_second']['median']:24.0f}" for kind in PEERS)
+        ratio = result["ratio_vs_stronger_peer"]
+        print(f"{result['finetune']:8} {result['knowstack_tokens_per_second']['median']:16.0f}{cells} "
+              f"{ratio['median']:19.2f}x {ratio['min']:6.2f}-{ratio['max']:.2f}x")
+    print(f"\n(tokens/s: medians over {args.repeats} rounds of real tokens per second of the training loop; ratio = "
+          "knowstack / the faster Trainer of each round (padded or flattened), its median and range over the rounds; "
+          f"goal >= 1.2x; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after, on "
+          f"{os.cpu_count()} cores)")
+    if args.json:
+        report = {
+            "benchmark": "train_throughput", "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "model": {"params": n_params, "hidden": 256, "layers": 4, "vocab": 4096},
+            "data": {"examples": len(examples), "tokens": tokens, "steps": len(examples) // BATCH},
+            "recipe": {"batch": BATCH, "lr": LR, "max_length": MAX_LENGTH, "knowstack_micro": args.micro,
+                       "trainer_micro": trainer_micros},
+            "repeats": args.repeats,
+            "load_average": {"before": list(load_before), "after": list(load_after)},
+            "results": results, "runs": rows,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
 
 if __name__ == "__main__":
     main()

@@ -238,3 +238,33 @@ def test_lora_continues_from_an_adapter(lora_run: Path, tiny_model_dir: Path, tm
 def test_no_examples_is_a_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(KnowstackError, match="no training examples"):
         train(tiny_model_dir, [], tmp_path / "x", TrainSettings())
+
+
+def test_segment_attention_gradients_are_the_per_slice_ones_bit_for_bit() -> None:
+    # attention.py splits the row instead of slicing it per segment (a faster backward); the numbers must be
+    # exactly those of one causal SDPA per sliced segment, forward and backward, so trained weights do not move.
+    generator = torch.Generator().manual_seed(0)
+    lengths = [5, 17, 1, 9, 30]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    shape = (1, 2, sum(lengths), 8)  # batch, heads, tokens, head dim
+    tensors = [torch.randn(shape, generator=generator) for _ in range(3)]
+    upstream = torch.randn(1, sum(lengths), 2, 8, generator=generator)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 1
+
+    def grads(attend) -> list[torch.Tensor]:
+        q, k, v = (t.clone().requires_grad_(True) for t in tensors)
+        out = attend(q, k, v)
+        out.backward(upstream)
+        return [out.detach(), q.grad, k.grad, v.grad]
+
+    def per_slice(q, k, v):
+        bounds = attention.segment_bounds(position_ids)
+        parts = [torch.nn.functional.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e],
+                                                                  is_causal=True) for s, e in bounds]
+        return torch.cat(parts, dim=2).transpose(1, 2).contiguous()
+
+    ours = grads(lambda q, k, v: attention.segment_attention_forward(module, q, k, v, None,
+                                                                     position_ids=position_ids)[0])
+    reference = grads(per_slice)
+    assert all(torch.equal(a, b) for a, b in zip(ours, reference, strict=True))
