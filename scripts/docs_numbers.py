@@ -283,9 +283,26 @@ def merge_line(record: dict) -> str:
             f"`benchmarks/merge.py`, {record['date'][:16].replace('T', ' ')} UTC, load average {load:.1f})")
 
 
+def train_line(record: dict) -> str:
+    """knowstack's training loop against HF Trainer's stronger collator, tokens per second."""
+    parts = []
+    for r in record["results"]:
+        ratio, peer = r["ratio_vs_stronger_peer"], r["stronger_peer"]
+        parts.append(f"{r['finetune'].upper()} {ratio['median']:.2f}x the tokens per second of Trainer with its "
+                     f"{'DataCollatorWithFlattening' if peer == 'flattening' else 'padded batches'} "
+                     f"[{ratio['min']:.2f}-{ratio['max']:.2f}]")
+    load = record["load_average"]["before"][0]
+    return (f"- training ({record['model']['params'] / 1e6:.1f}M-parameter Llama, {record['data']['examples']} examples, "
+            "effective batch " + str(record["recipe"]["batch"]) + "): " + ", ".join(parts) +
+            f" (the stronger of its padded and padding-free collators in each of {record['repeats']} rotated rounds, "
+            f"median and range; `benchmarks/train_throughput.py`, {record['date'][:16].replace('T', ' ')} UTC, "
+            f"load average {load:.1f})")
+
+
 SPEED_LINES: dict[str, Callable[[dict], str]] = {
     "study_speed.json": study_speed_line,
     "compute_floor.json": compute_floor_line,
+    "train_throughput.json": train_line,
     "merge.json": merge_line,
 }
 

@@ -178,6 +178,11 @@ def _speed_outputs(where: Path) -> Path:
     (where / "merge.json").write_text(json.dumps({
         "benchmark": "merge", "date": "2026-11-27T22:43:22+00:00", "load_average_before": [4.2, 4, 4],
         "settings": {"models": 3, "parameters": 291021824, "repeats": 3}, "methods": [merge]}))
+    ratio = {"median": 1.53, "min": 1.32, "max": 1.61}
+    (where / "train_throughput.json").write_text(json.dumps({
+        "benchmark": "train_throughput", "date": "2026-11-27T23:03:05+00:00", "model": {"params": 5310720},
+        "data": {"examples": 192}, "recipe": {"batch": 16}, "repeats": 5, "load_average": {"before": [1.4, 2, 3]},
+        "results": [{"finetune": "fft", "stronger_peer": "flattening", "ratio_vs_stronger_peer": ratio}]}))
     return where
 
 
@@ -191,5 +196,6 @@ def test_the_speed_block_reads_the_benchmarks_outputs(checkout: Path, tmp_path: 
     assert "0.61 is spent in float32 matmul and attention kernels (world 75%, eval 40%" in text and "95% of this machine" in text
     assert ("merging 3 checkpoints of 291M parameters: average (mergekit `linear`) 1.20x mergekit's wall time [1.10-1.30] "
             "and 1.10x its CPU time, peak memory 0.76 checkpoints vs 1.72, largest output difference 0 (0 of 10") in text
+    assert "FFT 1.53x the tokens per second of Trainer with its DataCollatorWithFlattening [1.32-1.61]" in text
     (tmp_path / "empty").mkdir()
     assert load_script().main(["--speed", str(tmp_path / "empty"), "--root", str(checkout)]) == 2
