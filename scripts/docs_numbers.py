@@ -288,7 +288,7 @@ def train_line(record: dict) -> str:
     parts = []
     for r in record["results"]:
         ratio, peer = r["ratio_vs_stronger_peer"], r["stronger_peer"]
-        parts.append(f"{r['finetune'].upper()} {ratio['median']:.2f}x the tokens per second of Trainer with its "
+        parts.append(f"{ {'fft': 'FFT', 'lora': 'LoRA'}.get(r['finetune'], r['finetune'])} {ratio['median']:.2f}x the tokens per second of Trainer with its "
                      f"{'DataCollatorWithFlattening' if peer == 'flattening' else 'padded batches'} "
                      f"[{ratio['min']:.2f}-{ratio['max']:.2f}]")
     load = record["load_average"]["before"][0]
