@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -16,6 +19,17 @@ TEXT = (
     "Question: what is 3 plus 4? Answer: 7. The answer is: 7\n"
     "Below is an instruction that describes a task. ### Instruction: ### Response:\n"
 ) * 20
+
+
+def load_script(path: Path, name: str | None = None) -> ModuleType:
+    """A script of the checkout (benchmarks/*.py, scripts/*.py) as a module, executed afresh and registered in
+    sys.modules under `name` (default: the file's stem), where its dataclasses look their module up."""
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def build_tiny_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:

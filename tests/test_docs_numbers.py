@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from conftest import load_script as load_script_module
 
 from knowstack.results import write_csv
 from tests.report_rows import OLD, synthetic_study
@@ -39,12 +39,7 @@ old
 
 
 def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("docs_numbers", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script_module(SCRIPT)
 
 
 @pytest.fixture()

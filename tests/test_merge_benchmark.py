@@ -3,26 +3,13 @@ measurement, the row it prints and the alternation of the two tools' runs (witho
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from conftest import load_script
 
-
-def _benchmark() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "merge.py"
-    spec = importlib.util.spec_from_file_location("merge_benchmark_helpers", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-BENCH = _benchmark()
+BENCH = load_script(Path(__file__).resolve().parents[1] / "benchmarks" / "merge.py", "merge_benchmark_helpers")
 
 
 def test_ratio_summary_is_the_median_and_range_of_the_per_repeat_ratios() -> None:

@@ -13,17 +13,15 @@ The largest absolute difference of each method is printed (pytest -s) and bounde
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
-import sys
 import warnings
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 from checkpoints import perturbed
+from conftest import load_script
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -40,18 +38,8 @@ OPTIONS = {"density": 0.3, "gamma": 0.05, "lambda": 0.8, "t": 0.3, "epsilon": 0.
 WEIGHTS = [1.0, 0.5, 2.0]
 
 
-def _benchmark() -> ModuleType:
-    """benchmarks/merge.py, the one place that installs mergekit and writes its configs."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "merge.py"
-    spec = importlib.util.spec_from_file_location("merge_benchmark", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-BENCH = _benchmark()
+# benchmarks/merge.py, the one place that installs mergekit and writes its configs
+BENCH = load_script(Path(__file__).resolve().parents[1] / "benchmarks" / "merge.py", "merge_benchmark")
 
 
 @pytest.fixture(scope="session")

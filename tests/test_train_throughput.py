@@ -3,15 +3,13 @@ the flattening peer keeps packed examples apart, and the JSON it writes (on a ti
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import build_tiny_model, load_script
 from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 
 from knowstack.data.formats import Example
@@ -23,12 +21,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("train_throughput", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_throughput"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def _row(round_: int, name: str, micro: int, tps: float) -> dict:
