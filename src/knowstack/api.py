@@ -147,8 +147,8 @@ def run_study(config: PathLike | Mapping[str, Any] | StudyConfig, out: PathLike,
 
     study = load_study(config)  # first: a config file that is not there is one clear error
     text = Path(config).read_text(encoding="utf-8") if isinstance(config, (str, Path)) else None
-    outcome = run(study, Path(out), console=console, config_text=text,
-              executor=make_executor(executor, address, jobs, threads))
+    executor_ = make_executor(executor, address, jobs, threads)
+    outcome = run(study, Path(out), console=console, config_text=text, executor=executor_)
     if outcome is not None:
         write_study_report(outcome.plan, outcome.out, outcome.rows)
     return study_results(out, study)

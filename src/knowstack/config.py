@@ -598,8 +598,8 @@ class ExecutorConfig(Strict):
     threads "all" keeps the numbers of jobs 1 whatever jobs is (each step on as many threads as jobs 1 gives it)."""
 
     jobs: Literal["auto"] | Annotated[int, Field(ge=1)] = 1
-    # The torch threads of each step run beside others: "share" = cores // jobs; "all" = every core, the thread
-    # count (and so the numbers) of jobs 1, the jobs then taking turns on the cores; or a number.
+    # The torch threads of each step run beside others: "share" = cores // jobs; "all" = the thread count (and so
+    # the numbers) of jobs 1, torch's own, the jobs then taking turns on the cores; or a number.
     threads: Literal["share", "all"] | Annotated[int, Field(ge=1)] = "share"
     shared_params: int = Field(default=100_000_000, gt=0)
 

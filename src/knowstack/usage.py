@@ -77,6 +77,13 @@ def dir_bytes(path: str | os.PathLike[str]) -> int:
     return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
+def torch_threads() -> int:
+    """The torch thread count of this process: on some models a step's sums, so its numbers, depend on it."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 class Usage:
     """Measures the work in its `with` block: `record()` gives seconds, peak_host_bytes, peak_host_scope and
     peak_gpu_bytes (None where no GPU was used)."""

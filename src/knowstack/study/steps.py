@@ -17,7 +17,7 @@ from knowstack.data.tasks import TaskSpec
 from knowstack.errors import KnowstackError
 from knowstack.logs import library_messages_to
 from knowstack.study.plan import Step, resolve_task_specs
-from knowstack.usage import Usage, dir_bytes
+from knowstack.usage import Usage, dir_bytes, torch_threads
 
 
 @dataclass
@@ -334,12 +334,6 @@ def _log_scores(step: Step, ctx: StudyContext, partial: Path, out: Path) -> None
 
 
 PER_EXAMPLE_FILE = "per_example.json"
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
 STEP_FILE = "step.json"  # every step's key, params and cost (seconds, peak memory, disk: knowstack.usage)
 
 
