@@ -126,7 +126,12 @@ def pretraining_runner(study: Path, steps: int) -> tuple[Callable[[], None], flo
     from transformers import LlamaForCausalLM
 
     from knowstack.builtin.corpus import build_corpus
-    from knowstack.builtin.pretrain import PretrainSettings, token_stream
+    from knowstack.builtin.pretrain import (
+        PretrainSettings,
+        pretraining_optimizer,
+        pretraining_step,
+        token_stream,
+    )
     from knowstack.builtin.tokenizer import train_tokenizer
     from knowstack.builtin.world import PRESETS
 
@@ -140,16 +145,12 @@ def pretraining_runner(study: Path, steps: int) -> tuple[Callable[[], None], flo
     rest = time.perf_counter() - started
     model = LlamaForCausalLM.from_pretrained(world.parent / "model")
     settings = PretrainSettings(steps=manifest["pretrain"]["steps"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=settings.weight_decay)
+    optimizer = pretraining_optimizer(model, settings)
     batch = torch.randint(0, model.config.vocab_size, (settings.batch_size, settings.sequence_length))
     model.train()
 
     def one() -> None:
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        pretraining_step(model, batch, optimizer)
 
     one()  # warm
     started = time.perf_counter()

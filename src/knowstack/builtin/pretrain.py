@@ -68,12 +68,26 @@ def _lr_at(step: int, settings: PretrainSettings) -> float:
     return settings.peak_lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def pretraining_optimizer(model: LlamaForCausalLM, settings: PretrainSettings) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.parameters(), lr=settings.peak_lr, betas=(0.9, 0.95),
+                             weight_decay=settings.weight_decay)
+
+
+def pretraining_step(model: LlamaForCausalLM, batch: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """One optimizer step of next-token prediction on `batch` (clipped to norm 1); returns the loss."""
+    loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def pretrain(model: LlamaForCausalLM, stream: torch.Tensor, settings: PretrainSettings, seed: int) -> dict:
     """Trains on random windows of the stream (seeded); returns the loss curve and token count."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.peak_lr, betas=(0.9, 0.95),
-                                  weight_decay=settings.weight_decay)
+    optimizer = pretraining_optimizer(model, settings)
     length = settings.sequence_length
     starts = list(range(0, len(stream) - length - 1, length))
     model.train()
@@ -87,11 +101,7 @@ def pretrain(model: LlamaForCausalLM, stream: torch.Tensor, settings: PretrainSe
         batch = torch.stack([stream[s : s + length] for s in (order.pop() for _ in range(settings.batch_size))])
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, settings)
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = pretraining_step(model, batch, optimizer)
         losses.append(round(loss.item(), 4))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
