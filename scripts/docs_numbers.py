@@ -250,8 +250,11 @@ def study_speed_line(record: dict) -> str:
     args = f" with `{record['study_args']}`" if record.get("study_args") else ""
     same = "identical numbers" if record["identical"] else f"numbers that DIFFER ({len(record['differences'])} differences)"
     loads = ", ".join(f"{run['load'][0]:.1f}" for run in record["runs"])
-    return (f"- the demo's study (`{Path(record['config']).name}`){args}: {wall['ratio']:.2f}x the wall time of "
-            f"`{record['against']}` (median of {record['rounds']} alternating round(s){span}; {parts}), "
+    # a table printed from a cut-off run's records (--table) does not know its config or revision
+    config = f"`{Path(record['config']).name}`" if record.get("config") else "config not recorded"
+    against = f"`{record['against']}`" if record.get("against") else "the earlier revision"
+    return (f"- the demo's study ({config}){args}: {wall['ratio']:.2f}x the wall time of "
+            f"{against} (median of {record['rounds']} alternating round(s){span}; {parts}), "
             f"{same}; `benchmarks/study_speed.py`, {record['measured']}, {record['cores']} cores, load average at "
             f"each start {loads}")
 

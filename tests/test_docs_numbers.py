@@ -192,5 +192,9 @@ def test_the_speed_block_reads_the_benchmarks_outputs(checkout: Path, tmp_path: 
     assert ("merging 3 checkpoints of 291M parameters: average (mergekit `linear`) 1.20x mergekit's wall time [1.10-1.30] "
             "and 1.10x its CPU time, peak memory 0.76 checkpoints vs 1.72, largest output difference 0 (0 of 10") in text
     assert "FFT 1.53x the tokens per second of Trainer with its DataCollatorWithFlattening [1.32-1.61]" in text
+    record = json.loads((tmp_path / "bench" / "study_speed.json").read_text())
+    del record["config"], record["against"]  # as --table writes it
+    assert "(config not recorded) with `--jobs 2 --threads all`: 0.87x the wall time of the earlier revision" in \
+        load_script().study_speed_line(record)
     (tmp_path / "empty").mkdir()
     assert load_script().main(["--speed", str(tmp_path / "empty"), "--root", str(checkout)]) == 2
