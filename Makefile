@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.knowstack-installed
 RAY_STAMP := $(VENV)/.knowstack-ray-installed
 
-.PHONY: demo registry-demo test test-slow lint bench browser clean docs-numbers
+.PHONY: demo registry-demo test test-slow lint bench browser clean docs-numbers docs-families
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ registry-demo: $(STAMP)
 DOCS_RUNS ?= --demo runs/demo --registry runs/registry-scenario/registry
 docs-numbers: $(STAMP)
 	$(BIN)/python scripts/docs_numbers.py $(DOCS_RUNS)
+
+# The families x features table of docs/families.md, from a run of tests/test_families.py.
+docs-families: $(STAMP)
+	mkdir -p runs
+	KNOWSTACK_FAMILIES_JSON=runs/families.json $(BIN)/python -m pytest -q tests/test_families.py
+	$(BIN)/python scripts/docs_numbers.py --families runs/families.json
 
 test: $(RAY_STAMP) browser
 	$(BIN)/python -m pytest -q

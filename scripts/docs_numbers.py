@@ -320,6 +320,44 @@ def speed(path: Path) -> str:
     return "Speed, as ratios measured side by side in one run on this machine:\n\n" + "\n".join(lines)
 
 
+FAMILY_COLUMNS = {"train-fft": "train FFT", "train-lora": "train LoRA", "merge-average": "average merge",
+                  "merge-ties": "TIES merge", "moe-fft": "FFT-MoE", "moe-lora": "LoRA-MoE", "eval": "eval",
+                  "lm-eval": "lm-eval", "contribute": "contribute", "compose": "compose"}
+
+
+def family_cell(outcome: dict) -> str:
+    if outcome["outcome"] == "works":
+        shown = outcome.get("class") or (", ".join(outcome["targets"]) if "targets" in outcome else "")
+        return f"yes ({shown})" if shown else "yes"
+    if outcome["outcome"] == "refused":
+        return "refused before any compute"
+    return "**fails**"
+
+
+def families(path: Path) -> str:
+    """The families x features table, from the outcomes tests/test_families.py wrote (KNOWSTACK_FAMILIES_JSON)."""
+    from knowstack.modeling.families import family_of
+
+    record = json.loads(path.read_text())
+    features = [name for name in record["features"] if name in FAMILY_COLUMNS]
+    lines = ["| checkpoint | model_type | tied | " + " | ".join(FAMILY_COLUMNS[f] for f in features) + " |",
+             "|---" * (3 + len(features)) + "|"]
+    for name, row in record["families"].items():
+        cells = [family_cell(row[f]) if f in row else "not run" for f in features]
+        lines.append(f"| {name} | {row['model_type']} | {'yes' if row['tied'] else 'no'} | " + " | ".join(cells) + " |")
+    notes = []
+    for name, row in record["families"].items():
+        known = family_of(row["model_type"])
+        refused = [f"{FAMILY_COLUMNS[f]}: {row[f]['reason']}" for f in features
+                   if f in row and row[f]["outcome"] == "refused"]
+        if known is not None or refused:
+            notes.append(f"- **{name}**: " + "; ".join(([known.note] if known is not None and known.note else [])
+                                                       + refused))
+    return ("\n".join(lines) + f"\n\nFrom `tests/test_families.py` (written by `make docs-families`), "
+            f"{record['date']}, transformers {record['transformers']}. What sets each family apart, and "
+            "why a feature is refused:\n\n" + "\n".join(notes))
+
+
 @dataclass(frozen=True)
 class Generator:
     sources: tuple[str, ...]  # the options naming the results dir it may read, the first given wins
@@ -336,6 +374,7 @@ BLOCKS: dict[str, Generator] = {
     "world-spread": Generator(("spread",), world_spread),
     "catalog": Generator(("catalog",), catalog),
     "speed": Generator(("speed",), speed),
+    "families": Generator(("families",), families),
 }
 READERS: dict[str, Callable[[Path, str], object]] = {
     "demo": lambda p, o: Study.read(p, o),
@@ -345,6 +384,7 @@ READERS: dict[str, Callable[[Path, str], object]] = {
     "catalog": lambda p, o: Study.read(p, o),
     "registry": lambda p, o: p,
     "speed": lambda p, o: p,
+    "families": lambda p, o: p,
     "spread": lambda ps, o: [Study.read(p, o) for p in ps],
 }
 
@@ -379,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--registry", type=Path, help="the registry scenario's registry (runs/registry-scenario/registry)")
     parser.add_argument("--spread", type=Path, nargs="+", help="study dirs of one built-in world built under "
                         "different thread counts or machines, each with its base evaluated")
+    parser.add_argument("--families", type=Path, help="the JSON tests/test_families.py wrote (KNOWSTACK_FAMILIES_JSON)")
     parser.add_argument("--root", type=Path, default=ROOT, help="the checkout whose README.md and docs/ to rewrite")
     parser.add_argument("--check", action="store_true", help="rewrite nothing; exit 1 if a block would change")
     args = parser.parse_args(argv)
@@ -389,12 +430,14 @@ def main(argv: list[str] | None = None) -> int:
             if given is None:
                 continue
             for path in given if isinstance(given, list) else [given]:
-                if not path.is_dir():
+                if option == "families" and not path.is_file():
+                    raise KnowstackError("no such file", path=path, field=flag)
+                if option != "families" and not path.is_dir():
                     raise KnowstackError("no such results dir", path=path, field=flag)
             inputs[option] = READERS[option](given, flag)
         if not inputs:
             raise KnowstackError("no results dir given (--demo, --base, --quick-all, --full, --catalog, --registry, --spread, "
-                                 "--speed)")
+                                 "--speed, --families)")
         changed = {}
         for name in doc_files(args.root):
             doc = args.root / name
