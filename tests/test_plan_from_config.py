@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import build_tiny_tokenizer
+from conftest import build_tiny_tokenizer, load_script
 from families import FAMILIES, build_family
 from peft import LoraConfig, get_peft_model
 from test_plan import paper_config_with_data
@@ -183,3 +183,13 @@ def test_a_hub_id_whose_config_is_in_the_hugging_face_cache(tmp_path: Path, monk
     assert "Hugging Face cache" in source and str(snapshot / "config.json") in source
     arch, source = architecture_of(_study("someone/not-cached"))
     assert arch is None and "not in the Hugging Face cache" in source
+
+
+def test_the_docs_worked_example_is_what_the_code_gives_now() -> None:
+    """docs/cluster.md's memory block is scripts/docs_numbers.py's output for the Llama-3-8B config.json: a change
+    to the estimate that moves a figure fails here until `make docs-numbers` rewrites it."""
+    script = load_script(Path(__file__).resolve().parents[1] / "scripts" / "docs_numbers.py")
+    text = (script.ROOT / "docs" / "cluster.md").read_text()
+    new, written, _ = script.rewrite(text, {"memory": CONFIGS / "llama-3-8b"}, script.ROOT / "docs" / "cluster.md")
+    assert written == ["memory"] and new == text
+    assert "| train FFT | 20 | 8,030,261,248 | 29.92 | 29.92 | 59.83 |" in text

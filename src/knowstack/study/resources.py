@@ -4,7 +4,8 @@ The model's shape comes from its config alone, never its weights: a local dir's 
 that is enough), a hub id's config.json in the local Hugging Face cache (looked up offline, never downloaded), the
 built-in preset, or, for a few well-known hub ids found in neither, the published config.json values of
 FALLBACK_CONFIGS (the dry run says which). The config builds the model on the meta device (shapes, no memory), and
-its parameters are counted there: exact for every family, whatever its quirks (docs/speed.md, "Memory per step").
+its parameters are counted there: exact for every family, whatever its quirks (docs/cluster.md, "Memory per
+step", has the formula below and a worked example).
 
 Training memory follows what train/loop.py does: float32 master weights (the model is loaded in
 float32 whatever the checkpoint's dtype), float32 gradients of the trainable parameters, AdamW's two
@@ -274,6 +275,15 @@ def _precision_bytes(launch: LaunchSettings) -> int:
     return 2 if precision in ("bf16", "fp16") else FLOAT32
 
 
+def activation_terms(arch: Architecture, config: StudyConfig, finetune: str, experts_active: int = 1
+                     ) -> tuple[int, int, int]:
+    """(tokens of a micro-batch, bytes per activation element, elements saved per token) of a training step."""
+    training = config.training
+    lora_dropout = finetune == "lora" and training.lora.dropout > 0
+    return (training.micro_batch_size * training.max_length, _precision_bytes(config.launch.for_finetune(finetune)),
+            activation_bytes_per_token(arch, experts_active, lora_dropout))
+
+
 def train_estimate(arch: Architecture, config: StudyConfig, finetune: str, *, params: int | None = None,
                    trainable: int | None = None, experts_active: int = 1, what: str = "",
                    gpu_memory: int = DEFAULT_GPU_MEMORY) -> Estimate:
@@ -284,10 +294,8 @@ def train_estimate(arch: Architecture, config: StudyConfig, finetune: str, *, pa
     if trainable is None:
         trainable = total if finetune == "fft" else arch.lora_params(training.lora.r, training.lora.target_modules)
     weights = FLOAT32 * (total + (trainable if finetune == "lora" else 0))
-    tokens = training.micro_batch_size * training.max_length
-    act_bytes = _precision_bytes(config.launch.for_finetune(finetune))
-    lora_dropout = finetune == "lora" and training.lora.dropout > 0
-    activations = tokens * activation_bytes_per_token(arch, experts_active, lora_dropout) * act_bytes
+    tokens, act_bytes, per_token = activation_terms(arch, config, finetune, experts_active)
+    activations = tokens * per_token * act_bytes
     activations += tokens * arch.vocab * (act_bytes + 2 * FLOAT32)  # logits, their float32 copy, softmax grad
     grads, optimizer = FLOAT32 * trainable, 2 * FLOAT32 * trainable
     gpus = gpus_needed(weights + grads + optimizer, activations, gpu_memory)
