@@ -293,11 +293,11 @@ def check_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> lis
     try:
         AutoTokenizer.from_pretrained(str(Path(str(path)).expanduser()), trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - any failure of the library to load it is the input's problem
-        return [Problem(str(path), f"the tokenizer does not load: {_first_line(err)}")]
+        return [Problem(str(path), f"the tokenizer does not load: {error_line(err)}")]
     return []
 
 
-def _first_line(err: BaseException) -> str:
+def error_line(err: BaseException) -> str:
     """A library's error as one line (messages are never wrapped), at most 300 characters."""
     text = " ".join(str(err).split())
     text = text if len(text) <= 300 else text[:297] + "..."
@@ -381,7 +381,7 @@ def _check_model_config(folder: Path, trust_remote_code: bool) -> list[Problem]:
     try:
         AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - the library's refusal, reported as the input's problem
-        return [Problem(str(config), f"not a model config transformers reads: {_first_line(err)}")]
+        return [Problem(str(config), f"not a model config transformers reads: {error_line(err)}")]
     return []
 
 

@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from knowstack.config import LaunchSettings, StudyConfig
+from knowstack.modeling.families import family_of
 from knowstack.study.plan import Plan, Step
+from knowstack.validate import error_line, missing_model_files
 
 GiB = 2**30
 DEFAULT_GPU_MEMORY = 80 * GiB  # an A100/H100 80 GB
@@ -67,8 +69,6 @@ class Architecture:
 
     def modules(self, llama_names: Iterable[str]) -> list[str]:
         """This family's modules that hold Llama's named linear layers (Phi-3: q_proj, k_proj -> qkv_proj), once."""
-        from knowstack.modeling.families import family_of
-
         family = family_of(self.model_type)
         return list(dict.fromkeys(family.module_for(name) if family else name for name in llama_names))
 
@@ -109,7 +109,7 @@ def architecture_of(config: StudyConfig) -> tuple[Architecture | None, str]:
     try:
         hf, where = _offline_config(base.model, trust)
     except Exception as err:  # noqa: BLE001 - a config transformers cannot read: no estimate, and the reason
-        return None, f"{base.model}: its config does not load offline ({_first_line(err)})"
+        return None, f"{base.model}: its config does not load offline ({error_line(err)})"
     if hf is None:
         if base.model in FALLBACK_CONFIGS:
             from transformers import AutoConfig
@@ -121,7 +121,7 @@ def architecture_of(config: StudyConfig) -> tuple[Architecture | None, str]:
     try:
         arch = _from_hf_config(hf, trust_remote_code=trust)
     except Exception as err:  # noqa: BLE001 - a model transformers cannot build from its config
-        return None, f"{base.model}: {where}, but transformers cannot build the model from it ({_first_line(err)})"
+        return None, f"{base.model}: {where}, but transformers cannot build the model from it ({error_line(err)})"
     return arch, f"{base.model}: {where}, parameters counted on the meta device{_config_only_note(base.model)}"
 
 
@@ -145,8 +145,6 @@ def _offline_config(model: str, trust_remote_code: bool) -> tuple[Any | None, st
 
 def _config_only_note(model: str) -> str:
     """What the dry run assumed for a local dir that lacks the weights or tokenizer (a config-only base)."""
-    from knowstack.validate import missing_model_files
-
     folder = Path(model).expanduser()
     missing = missing_model_files(folder) if folder.is_dir() else []
     if not missing:
@@ -154,11 +152,6 @@ def _config_only_note(model: str) -> str:
     return (f"; the dir has no {' and no '.join(missing)}, which a plan does not need: activations assume every "
             "micro-batch row holds max_length tokens (the upper bound that packing reaches; no tokenizer counts "
             "tokens here), and a run needs the weights and tokenizer in that dir")
-
-
-def _first_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return (text[:160] + "...") if len(text) > 160 else (text or type(err).__name__)
 
 
 def _from_hf_config(hf: Any, *, trust_remote_code: bool = False, source: str = "config") -> Architecture:
