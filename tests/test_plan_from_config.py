@@ -177,7 +177,7 @@ def test_a_hub_id_whose_config_is_in_the_hugging_face_cache(tmp_path: Path, monk
     config = json.loads((CONFIGS / "llama-3.2-1b" / "config.json").read_text())
     (snapshot / "config.json").write_text(json.dumps(config))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a request would fail: the lookup must not make one
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # any request would be refused
     arch, source = architecture_of(_study("someone/llama-like"))
     assert arch is not None and arch.params == PUBLISHED["llama-3.2-1b"] and arch.tied_embeddings
     assert "Hugging Face cache" in source and str(snapshot / "config.json") in source
