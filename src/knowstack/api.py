@@ -76,7 +76,7 @@ def dry_run(config: PathLike | Mapping[str, Any] | StudyConfig, out: PathLike, g
 
     study = load_study(config)
     if console is None:
-        raise_problems(check_study(study))
+        raise_problems(check_study(study, dry_run=True))
     else:  # the runner's dry run checks the same inputs, then prints
         run(study, Path(out), dry_run=True, console=console, gpu_memory=int(gpu_memory_gib * GiB))
     plan = build_plan(study, Path(out))
