@@ -569,9 +569,39 @@ def check_study(config: Any, *, dry_run: bool = False) -> list[Problem]:
         problems += check_old_tasks(list(old.tasks), old.include_path)
     elif old.include_path is not None:
         problems += check_old_tasks([], old.include_path)
+    if base.model is not None:
+        problems += check_fft_moe_base(base.model, config.methods.moe)
     launch = config.launch
     problems += check_accelerate_config(launch.accelerate_config, cpu=launch.cpu)
     if launch.lora is not None:
         problems += check_accelerate_config(launch.lora.accelerate_config, cpu=launch.cpu,
                                             field="launch.lora.accelerate_config")
+    return problems
+
+
+def check_fft_moe_base(model: str | Path, section: Any) -> list[Problem]:
+    """Each FFT mixture of a study's `methods.moe` (one section or a list) against the base's family: the stock MoE
+    class it is written as, or the reason none fits (combine/moe_fft.py), read from the base's config.json
+    before any step runs. A base given by hub id is checked when its mixture is built (still before any compute
+    of that step)."""
+    mixtures = section if isinstance(section, list) else [] if section is None else [section]
+    folder = Path(str(model)).expanduser()
+    fft = [(i, m) for i, m in enumerate(mixtures) if "fft" in m.experts]
+    if not fft or not (folder / "config.json").is_file():
+        return []
+    try:
+        base_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        n_layers = int(base_config["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # check_model_dir reports an unreadable config
+    from knowstack.combine.moe_fft import fft_moe_class
+
+    problems = []
+    for index, mixture in fft:
+        field = f"methods.moe[{index}]" if isinstance(section, list) else "methods.moe"
+        some_layers = mixture.layers is not None and set(mixture.layers) != set(range(n_layers))
+        found = problems_of(lambda m=mixture, s=some_layers: fft_moe_class(
+            base_config, some_layers=s, base_expert=m.base_expert, router_free=m.router == "none",
+            router_bias=m.router == "base-biased", attention=m.attention or ()))
+        problems += [Problem(str(folder), problem.message, field) for problem in found]
     return problems

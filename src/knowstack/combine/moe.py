@@ -3,7 +3,7 @@
     mix_models(base, [m1, m2, m3], out, options=MoeOptions(top_k=2, router="prompts"),
                prompts=[[...], [...], [...]])
 
-Full model dirs give an FFT-MoE (a Mixtral or knowstack_moe checkpoint, moe_fft.py); PEFT LoRA adapter
+Full model dirs give an FFT-MoE (the base family's stock MoE class, e.g. Mixtral, or knowstack_moe; moe_fft.py); PEFT LoRA adapter
 dirs give a LoRA-MoE dir loaded onto the base (moe_lora.py). Routers are built without data or from a
 few prompts per expert (routers.py); optionally they alone are then trained (train/router_training.py),
 here or under `accelerate launch` (train/router_job.py). The output dir is written under a temporary
@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from knowstack.atomic import atomic_dir, atomic_write_json
 from knowstack.combine.inputs import FullModel, LoraAdapter, open_input
@@ -36,6 +36,9 @@ from knowstack.modeling.routing import Router
 from knowstack.train.launch import LaunchSpec
 from knowstack.train.router_job import RouterJob, launch_router_job, run_router_job
 from knowstack.train.router_training import RouterTraining
+
+if TYPE_CHECKING:
+    from knowstack.combine.moe_fft import FftMoeLayout
 
 MOE_FILE = "moe.json"
 BASE_EXPERTS = ("none", "routed", "always-on")
@@ -104,6 +107,7 @@ def mix_models(
     kind = _kind(inputs)
     _validate(kind, len(inputs), int(base_model.config["num_hidden_layers"]), options, prompts, train_examples,
               training)
+    layout = _fft_layout(base_model, len(inputs), options) if kind == "fft" else None  # refused before any compute
     out = Path(out).expanduser()
     if out.resolve() in {p.resolve() for p in [base_model.path, *(m.path for m in inputs)]}:
         raise KnowstackError("the output dir is one of the inputs (it would be replaced)", path=out)
@@ -120,7 +124,7 @@ def mix_models(
         routers = _routers(kind, base_model, options, prompts, tokenizer, len(inputs))
     attention_routers = _attention_routers(base_model, options, routers, len(inputs))
     with atomic_dir(out) as tmp:
-        record = _build(kind, tmp, base_model, inputs, options, routers, max_shard_bytes, attention_routers)
+        record = _build(kind, tmp, base_model, inputs, options, routers, max_shard_bytes, attention_routers, layout)
         if options.router != "none" and (prompts or training):
             job = _router_job(kind, tmp, base_model, tokenizer_path, prompts, train_examples, training)
             record.update(launch_router_job(job, launch) if launch and training else run_router_job(job))
@@ -263,22 +267,29 @@ def _projection_inputs(base: FullModel, layer: int, projection: str) -> int:
     return base.reader.specs[name].shape[1]
 
 
+def _fft_layout(base: FullModel, n_models: int, options: MoeOptions) -> FftMoeLayout:
+    """The FFT-MoE's class and tensors, from the base's config and the options (or the error why none fits)."""
+    from knowstack.combine.moe_fft import choose_layout
+
+    return choose_layout(base.config, n_models, layers=options.layers, base_expert=options.base_expert,
+                         router_free=options.router == "none", router_bias=options.router == "base-biased",
+                         attention=options.attention)
+
+
 def _build(kind: str, tmp: Path, base: FullModel, inputs: list, options: MoeOptions,
            routers: dict[int, Router] | None, max_shard_bytes: int,
-           attention_routers: dict[tuple[int, str], Router] | None = None) -> dict[str, Any]:
+           attention_routers: dict[tuple[int, str], Router] | None = None,
+           layout: FftMoeLayout | None = None) -> dict[str, Any]:
     common = {"kind": kind, "base": str(base.path), "models": [str(m.path) for m in inputs],
               "options": _recorded_options(options)}
     if kind == "fft":
-        from knowstack.combine.moe_fft import choose_layout, write_fft_moe
+        from knowstack.combine.moe_fft import write_fft_moe
 
-        layout = choose_layout(base.config, len(inputs), layers=options.layers, base_expert=options.base_expert,
-                               router_free=options.router == "none", router_bias=options.router == "base-biased",
-                               attention=options.attention)
+        layout = layout or _fft_layout(base, len(inputs), options)
         counts = write_fft_moe(tmp, base, inputs, layout, top_k=options.top_k, shared=options.shared, routers=routers,
                                attention_routers=attention_routers, max_shard_bytes=max_shard_bytes)
-        architecture = "MixtralForCausalLM" if layout.stock else "KnowstackMoeForCausalLM"
-        return {**common, "architecture": architecture, "experts": layout.n_routed, "layers": list(layout.layers),
-                "parameters": counts}
+        return {**common, "architecture": layout.architecture, "experts": layout.n_routed,
+                "layers": list(layout.layers), "parameters": counts}
     from knowstack.combine.merge import check_compatible
     from knowstack.combine.moe_lora import write_lora_moe
 
