@@ -138,7 +138,7 @@ def test_every_command_on_every_family(family: str, tmp_path: Path, old_tasks: P
 
     def moe_fft() -> dict[str, Any]:
         known = family_of(model_type)
-        stock = getattr(known, "moe_model_type", None) if known is not None else None
+        stock = known.stock_moe.model_type if known is not None and known.stock_moe is not None else None
         if stock is None:  # no stock MoE class fits this family: refused, before any compute
             with pytest.raises(KnowstackError) as refused:
                 api.mix(base, [out["fft1"], out["fft2"]], tmp_path / "moe-fft", router="uniform")

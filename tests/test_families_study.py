@@ -42,7 +42,7 @@ def test_a_study_runs_on_every_family(family: str, tmp_path: Path) -> None:
     base = build_family(family, tmp_path / family)
     model_type = AutoConfig.from_pretrained(base).model_type
     known = family_of(model_type)
-    fft_moe = getattr(known, "moe_model_type", None) is not None
+    fft_moe = known is not None and known.stock_moe is not None
     run_study(load_config(study_config(tmp_path, base, fft_moe)), tmp_path / "run", console=None)
     with (tmp_path / "run" / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
