@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from knowstack.combine.inputs import FullModel
-from knowstack.combine.merge import TOKENIZER_FILES
 from knowstack.errors import KnowstackError
 from knowstack.hashing import content_hash, file_sha256
 from knowstack.modeling.streaming import INDEX_FILE, weight_files
+from knowstack.modelio import TOKENIZER_FILES
 from knowstack.registry import db
 from knowstack.registry.core import BASE_NAME, Registry, cache_dir, is_url, remote_fs
 from knowstack.registry.records import LOG_DIR, check_exclusive_create, create_log
