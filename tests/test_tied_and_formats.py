@@ -31,6 +31,7 @@ from knowstack.train.loop import merge_adapter
 PAIRS = [("Question: what is 3 plus 4? Answer:", " 7"), ("The official currency of Japan is the", " yen")] * 2
 TOKENS = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]])
 # what every output dir carries from a tests/families.py base (the chat template is chat_template.jinja there)
+TRAIN = Path(__file__).parent / "fixtures" / "trace" / "FOMC" / "train.json"
 CARRIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
@@ -129,6 +130,11 @@ def test_a_redundant_output_layer_reads_as_tied(base, tmp_path: Path) -> None:
     tied = stand_in(base_dir, tmp_path / "tied", seed=3)
     merged = merge_models("ties", [*copies, tied], tmp_path / "ties", base=base_dir)
     assert_as_users_have_it(merged, torch.bfloat16, tied=True)
+    # statistics are taken of the model as transformers loads it (tied): they cover what the merge reads
+    grams = [api.statistics(m, TRAIN, tmp_path / f"gram-{i}", kinds=["gram"], examples=2)
+             for i, m in enumerate([*copies, tied])]
+    regmean = merge_models("regmean", [*copies, tied], tmp_path / "regmean", statistics=grams)
+    assert_as_users_have_it(regmean, torch.bfloat16, tied=True)
     mixed = api.mix(base_dir, [*copies, tied], tmp_path / "moe", router="uniform", top_k=3)
     assert mixed["architecture"] == "MixtralForCausalLM" and config(tmp_path / "moe")["tie_word_embeddings"] is True
 

@@ -63,8 +63,8 @@ def store_files(store: ObjectStore, files: dict[str, Path]) -> tuple[dict[str, s
 
 def architecture(model: FullModel) -> dict[str, Any]:
     arch = {key: model.config[key] for key in ARCHITECTURE_FIELDS if key in model.config}
-    arch["parameters"] = sum(math.prod(spec.shape) for spec in model.reader.specs.values())
-    arch["tensors"] = len(model.reader.specs)
+    arch["parameters"] = sum(math.prod(spec.shape) for spec in model.specs.values())
+    arch["tensors"] = len(model.specs)
     return arch
 
 

@@ -65,7 +65,6 @@ from knowstack.usage import Usage
 
 ExtraLoss = Callable[[torch.nn.Module], torch.Tensor]
 SUMMARY_FILE = "train_summary.json"
-GENERATION_CONFIG = "generation_config.json"
 # transformers' scheduler names; "constant" with warmup_steps=0 is the plain constant rate.
 _SCHEDULER_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
@@ -377,7 +376,8 @@ def _save(
                                       max_shard_size=MAX_SHARD_BYTES)
             if dtype is not None:
                 set_config_dtype(tmp, dtype)
-            elif not (tmp / GENERATION_CONFIG).is_file():  # an adapter dir: the base's, as a full model has it
+            elif getattr(_base_model(unwrapped), "generation_config", None) is not None:
+                # an adapter dir: the base's generation settings, as a full model dir has them
                 _base_model(unwrapped).generation_config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             atomic_write_json(tmp / SUMMARY_FILE, summary)
