@@ -23,6 +23,7 @@ from knowstack import api
 from knowstack.cli import main
 from knowstack.combine.inputs import FullModel
 from knowstack.combine.merge import merge_models
+from knowstack.errors import KnowstackError
 from knowstack.modeling.families import INPUT_EMBEDDING, OUTPUT_EMBEDDING
 from knowstack.modeling.streaming import INDEX_FILE, SafetensorsReader, weight_files
 from knowstack.modelio import TOKENIZER_FILES, load_model, save_model, set_config_dtype
@@ -239,3 +240,12 @@ def test_config_dtype_fields_follow_the_tensors(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "float32"}))
     set_config_dtype(tmp_path, torch.bfloat16)
     assert config(tmp_path) == {"model_type": "llama", "torch_dtype": "bfloat16", "dtype": "bfloat16"}
+
+
+def test_an_unknown_dtype_is_refused_before_anything_is_written(base, tmp_path: Path) -> None:
+    base_dir = base("llama3.2")
+    with pytest.raises(KnowstackError, match="dtype must be one of auto, float32, bfloat16, float16"):
+        merge_models("average", [base_dir, base_dir], tmp_path / "merged", dtype="fp8")
+    with pytest.raises(KnowstackError, match="dtype must be one of"):
+        api.mix(base_dir, [base_dir, base_dir], tmp_path / "moe", router="uniform", top_k=2, dtype="int8")
+    assert not any(tmp_path.iterdir())
