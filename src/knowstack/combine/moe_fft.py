@@ -26,20 +26,20 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from knowstack.combine.inputs import FullModel
-from knowstack.combine.merge import TOKENIZER_FILES, check_compatible
+from knowstack.combine.inputs import FullModel, common_tie
+from knowstack.combine.merge import check_compatible
 from knowstack.errors import KnowstackError
 from knowstack.modeling.families import FAMILIES, StockMoe, family_of, moe_families
 from knowstack.modeling.moe_model import ATTENTION_PROJECTIONS
 from knowstack.modeling.routing import Router
-from knowstack.modeling.streaming import ShardedWriter
+from knowstack.modeling.streaming import MAX_SHARD_BYTES, ShardedWriter
+from knowstack.modelio import copy_model_files, dtype_name
 
 _MLP = re.compile(r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.(weight|bias)")
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -149,9 +149,12 @@ def check_attention(attention: Sequence[str]) -> None:
 def write_fft_moe(tmp: Path, base: FullModel, models: Sequence[FullModel], layout: FftMoeLayout, *,
                   top_k: int, shared: str, routers: dict[int, Router] | None,
                   attention_routers: AttentionRouters | None = None,
-                  max_shard_bytes: int = 5 * 2**30) -> dict[str, int]:
-    """Streams the FFT-MoE checkpoint into `tmp` (weights, config, tokenizer); returns parameter counts.
-    attention_routers: one per (mixed layer, projection in layout.attention), unless router-free."""
+                  max_shard_bytes: int = MAX_SHARD_BYTES, dtype: torch.dtype | None = None) -> dict[str, int]:
+    """Streams the FFT-MoE checkpoint into `tmp` (weights, config, tokenizer, chat template, generation_config);
+    returns parameter counts. attention_routers: one per (mixed layer, projection in layout.attention), unless
+    router-free. dtype: the floating tensors' (None: each as the base's). Tied where the base and the models are
+    (combine/inputs.py common_tie)."""
+    tied = common_tie([base, *models])
     check_compatible(base, list(models))
     if not layout.router_free and (routers is None or set(routers) != set(layout.layers)):
         raise AssertionError("a router per mixed layer is needed")
@@ -159,16 +162,16 @@ def write_fft_moe(tmp: Path, base: FullModel, models: Sequence[FullModel], layou
     if not layout.router_free and set(attention_routers or {}) != wanted:
         raise AssertionError("a router per mixed layer and attention projection is needed")
     plan = _tensor_plan(base, models, layout, shared, routers or {}, attention_routers or {})
-    writer = ShardedWriter(tmp, [(name, dtype, shape) for name, dtype, shape, _ in plan], max_shard_bytes)
-    for name, dtype, _, fetch in plan:
+    if dtype is not None:
+        plan = [(name, dtype if kind.is_floating_point else kind, shape, fetch) for name, kind, shape, fetch in plan]
+    writer = ShardedWriter(tmp, [(name, kind, shape) for name, kind, shape, _ in plan], max_shard_bytes)
+    for name, kind, _, fetch in plan:
         tensor = fetch()
-        writer.write(name, tensor.to(dtype))
+        writer.write(name, tensor.to(kind))
         del tensor  # not alive while the next one is read
     writer.close()
-    _write_config(tmp, base, layout, top_k)
-    for file in TOKENIZER_FILES:
-        if (base.path / file).is_file():
-            shutil.copy2(base.path / file, tmp / file)
+    _write_config(tmp, base, layout, top_k, tied=tied, dtype=dtype or base.weights_dtype())
+    copy_model_files(base.path, tmp)
     return _parameter_counts(plan, layout, top_k)
 
 
@@ -180,11 +183,11 @@ def _tensor_plan(base: FullModel, models: Sequence[FullModel], layout: FftMoeLay
     """Every output tensor in write order (the base's on-disk order, a mixed layer's MoE block where its
     MLP was, a mixed attention projection's experts where it was), with the function that reads it;
     nothing is read yet."""
-    specs = base.reader.specs
+    specs = base.specs
     plan: list[PlanItem] = []
     done_blocks: set[int] = set()
     done_attention: set[tuple[int, str]] = set()
-    for name in base.reader.names():
+    for name in base.order():
         match = _MLP.fullmatch(name)
         layer = int(match.group(1)) if match else None
         if layer is not None and layer in layout.layers:
@@ -220,7 +223,7 @@ def _mixed_attention(name: str, layout: FftMoeLayout) -> tuple[int, str] | None:
 
 def _block_plan(base: FullModel, models: Sequence[FullModel], layout: FftMoeLayout, layer: int,
                 router: Router | None) -> list[PlanItem]:
-    specs = base.reader.specs
+    specs = base.specs
     kinds = [k for k in ("weight", "bias") if f"model.layers.{layer}.mlp.gate_proj.{k}" in specs]
     dtype = specs[f"model.layers.{layer}.mlp.gate_proj.weight"].torch_dtype
     plan: list[PlanItem] = []
@@ -235,13 +238,13 @@ def _block_plan(base: FullModel, models: Sequence[FullModel], layout: FftMoeLayo
             for kind in kinds:
                 original = f"model.layers.{layer}.mlp.{projection}.{kind}"
                 plan.append((layout.expert(layer, expert, projection, kind), dtype, specs[original].shape,
-                             lambda s=source, n=original: s.reader.read(n)))
+                             lambda s=source, n=original: s.read(n)))
     if layout.always_on:
         for projection in _PROJECTIONS:
             for kind in kinds:
                 original = f"model.layers.{layer}.mlp.{projection}.{kind}"
                 plan.append((layout.always_on_expert(layer, projection, kind), dtype, specs[original].shape,
-                             lambda n=original: base.reader.read(n)))
+                             lambda n=original: base.read(n)))
     if layout.stock is not None and layout.stock.shared_expert is not None:
         plan += _zero_shared_expert(layout, layer, dtype, specs[f"model.layers.{layer}.mlp.down_proj.weight"].shape[0])
     return plan
@@ -258,7 +261,7 @@ def _zero_shared_expert(layout: FftMoeLayout, layer: int, dtype: torch.dtype, hi
 def _attention_plan(base: FullModel, models: Sequence[FullModel], layout: FftMoeLayout, layer: int,
                     projection: str, router: Router | None) -> list[PlanItem]:
     """One attention projection as a mixture: its router, one linear expert per source, the base."""
-    specs = base.reader.specs
+    specs = base.specs
     original = f"model.layers.{layer}.self_attn.{projection}"
     kinds = [k for k in ("weight", "bias") if f"{original}.{k}" in specs]
     dtype = specs[f"{original}.weight"].torch_dtype
@@ -274,36 +277,39 @@ def _attention_plan(base: FullModel, models: Sequence[FullModel], layout: FftMoe
     for expert, source in enumerate(sources):
         for kind in kinds:
             plan.append((layout.attention_part(layer, projection, f"experts.{expert}", kind), dtype,
-                         specs[f"{original}.{kind}"].shape, lambda s=source, n=f"{original}.{kind}": s.reader.read(n)))
+                         specs[f"{original}.{kind}"].shape, lambda s=source, n=f"{original}.{kind}": s.read(n)))
     if layout.always_on:
         for kind in kinds:
             plan.append((layout.attention_part(layer, projection, "base", kind), dtype, specs[f"{original}.{kind}"].shape,
-                         lambda n=f"{original}.{kind}": base.reader.read(n)))
+                         lambda n=f"{original}.{kind}": base.read(n)))
     return plan
 
 
 def _shared_fetch(base: FullModel, models: Sequence[FullModel], name: str, shared: str) -> Fetch:
     if shared == "base":
-        return lambda: base.reader.read(name)
+        return lambda: base.read(name)
 
     def average() -> torch.Tensor:
-        first = models[0].reader.read(name)
+        first = models[0].read(name)
         if not first.is_floating_point():
-            return base.reader.read(name)  # integer buffers are not averaged (the merge checks they agree)
+            return base.read(name)  # integer buffers are not averaged (the merge checks they agree)
         total = first.float()
         for model in models[1:]:
-            total += model.reader.read(name).float()
+            total += model.read(name).float()
         return total / len(models)
 
     return average
 
 
-def _write_config(tmp: Path, base: FullModel, layout: FftMoeLayout, top_k: int) -> None:
+def _write_config(tmp: Path, base: FullModel, layout: FftMoeLayout, top_k: int, *, tied: bool,
+                  dtype: torch.dtype) -> None:
     from transformers import AutoConfig
 
     from knowstack.modeling.moe_model import KnowstackMoeConfig
 
-    fields = AutoConfig.from_pretrained(str(base.path)).to_dict()
+    # the base's fields, with the tie and the dtype of what was written
+    fields = {**AutoConfig.from_pretrained(str(base.path)).to_dict(), "tie_word_embeddings": tied,
+              "dtype": dtype_name(dtype)}
     if layout.stock:
         config = AutoConfig.for_model(layout.stock.model_type, **_stock_config_fields(fields, layout, top_k))
         config.architectures = [layout.stock.architecture]

@@ -16,6 +16,10 @@ from knowstack.errors import KnowstackError
 
 LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 LLAMA_MLP = ("gate_proj", "up_proj", "down_proj")
+# The output layer and the input embedding it is tied to (transformers' `_tied_weights_keys`): the same names in
+# every family here. A tied checkpoint stores only the embedding; the output layer reads it.
+OUTPUT_EMBEDDING = "lm_head.weight"
+INPUT_EMBEDDING = "model.embed_tokens.weight"
 
 
 # Config fields every stock MoE class below takes over from the base as they are (where the base has them).
