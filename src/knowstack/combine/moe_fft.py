@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from knowstack.combine.inputs import FullModel
-from knowstack.combine.merge import TOKENIZER_FILES, check_compatible
+from knowstack.combine.merge import TOKENIZER_FILES
 from knowstack.errors import KnowstackError
 from knowstack.modeling.moe_model import ATTENTION_PROJECTIONS
 from knowstack.modeling.routing import Router
@@ -121,8 +121,8 @@ def write_fft_moe(tmp: Path, base: FullModel, models: Sequence[FullModel], layou
                   attention_routers: AttentionRouters | None = None,
                   max_shard_bytes: int = 5 * 2**30) -> dict[str, int]:
     """Streams the FFT-MoE checkpoint into `tmp` (weights, config, tokenizer); returns parameter counts.
-    attention_routers: one per (mixed layer, projection in layout.attention), unless router-free."""
-    check_compatible(base, list(models))
+    attention_routers: one per (mixed layer, projection in layout.attention), unless router-free. The models are
+    checked against the base before (mix_models: combine/compatibility.py)."""
     if not layout.router_free and (routers is None or set(routers) != set(layout.layers)):
         raise AssertionError("a router per mixed layer is needed")
     wanted = {(layer, name) for layer in layout.layers for name in layout.attention}
