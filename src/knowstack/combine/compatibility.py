@@ -143,9 +143,10 @@ def model_config(folder: Path) -> dict[str, Any]:
 
 
 def config_differences(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
-    """The fields in which two configs differ, architecture and vocabulary first, then by name."""
+    """The fields in which two configs differ (a null field is one not stated), architecture and vocabulary first,
+    then by name."""
     keys = (set(ours) | set(theirs)) - IGNORED_CONFIG_KEYS
-    differing = {key for key in keys if ours.get(key, ABSENT) != theirs.get(key, ABSENT)}
+    differing = {key for key in keys if ours.get(key) != theirs.get(key)}
     return [key for key in FIRST_CONFIG_KEYS if key in differing] + sorted(differing - set(FIRST_CONFIG_KEYS))
 
 
@@ -179,7 +180,8 @@ def _tensors(ref: Reference, model: FullModel) -> Problem | None:
         count = len(missing) + len(extra)
         detail = (f"missing tensor '{missing[0]}', which {ref.name} has" if missing
                   else f"unexpected tensor '{extra[0]}', which {ref.name} has not")
-        where = model.path if missing else model.reader.specs[extra[0]].file
+        spec = None if missing else model.reader.specs.get(extra[0])
+        where = model.path if spec is None else spec.file
         return Problem(str(where), f"{detail} ({count} tensor name{'s' if count > 1 else ''} differ from "
                                    f"{ref.path}): another network")
     for name in order:
