@@ -234,17 +234,17 @@ def _targets(ref: Reference, adapter: LoraAdapter) -> Problem | None:
 
 
 # --- tokenizers ------------------------------------------------------------------------------------------------
-def tokenizer_parts(folder: Path) -> dict[str, tuple[Any, Path]]:
+def tokenizer_parts(folder: Path, files: Sequence[str] = VOCABULARY_FILES) -> dict[str, tuple[Any, Path]]:
     """The parts of the tokenizer saved in `folder` that are compared, each as (its comparable content, its file):
-    the vocabulary files it has (VOCABULARY_FILES) and its settings (tokenizer_config.json and
-    special_tokens_map.json, field by field). Empty for a dir without tokenizer files."""
+    the vocabulary files it has of `files` and its settings (tokenizer_config.json and special_tokens_map.json,
+    field by field, as "setting NAME"). Empty for a dir without tokenizer files."""
     readers: dict[str, Callable[[Path], Any]] = {
         "tokenizer.json": _tokenizer_json, "tokenizer.model": known_sha256, "vocab.json": read_json,
         "merges.txt": lambda path: [line for line in _lines(path) if not line.startswith("#version")],
         "vocab.txt": _lines,
     }
     parts = {name: (readers[name](folder / name), folder / name) for name in VOCABULARY_FILES
-             if (folder / name).is_file()}
+             if name in files and (folder / name).is_file()}
     for key, (value, path) in tokenizer_settings(folder).items():
         parts[f"setting {key}"] = (value, path)
     return parts
@@ -305,7 +305,7 @@ def _token_texts(value: Any) -> Any:
 
 
 def _tokenizer(ref: Reference, model: Input) -> Problem | None:
-    theirs = tokenizer_parts(model.path)
+    theirs = tokenizer_parts(model.path, files=[name for name in VOCABULARY_FILES if name in ref.tokenizer])
     for part, (value, path) in theirs.items():
         if part not in ref.tokenizer:
             continue  # a file or field the base has not: nothing to compare it with
