@@ -113,6 +113,28 @@ def adapter_pickle_only(where: Path, good: Inputs) -> Path:
     return where
 
 
+def edited_json(path: Path, edit: Callable[[dict], object]) -> None:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    edit(data)
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+
+
+def swap_merges(tokenizer: dict) -> None:
+    merges = tokenizer["model"]["merges"]
+    merges[3], merges[4] = merges[4], merges[3]
+
+
+def adapter_extra_token(where: Path, good: Inputs) -> Path:
+    """An adapter saved with its tokenizer, which has one token more than the base's."""
+    from transformers import AutoTokenizer
+
+    adapter_copy(where, good)
+    tokenizer = AutoTokenizer.from_pretrained(str(good.model))
+    tokenizer.add_tokens(["<|tool|>"])
+    tokenizer.save_pretrained(where)
+    return where
+
+
 def write(where: Path, text: str) -> Path:
     where.parent.mkdir(parents=True, exist_ok=True)
     where.write_text(text)
@@ -164,6 +186,11 @@ MAKERS: dict[str, Callable[[Path, Inputs], Path]] = {
     "garbage-safetensors": lambda w, g: (model_copy(w, g), write(w / "model.safetensors", "garbage"))[0],
     "no-tokenizer": lambda w, g: model_copy(w, g, drop=("tokenizer.json", "tokenizer_config.json")),
     "missing-shard": sharded_missing,
+    # a model or adapter of another base (combine/compatibility.py)
+    "other-vocab": lambda w, g: (model_copy(w, g), edited_json(w / "config.json", lambda c: c.update(vocab_size=320)))[0],
+    "changed-merge-rule": lambda w, g: (model_copy(w, g), edited_json(w / "tokenizer.json", swap_merges))[0],
+    "chat-template": lambda w, g: (model_copy(w, g), write(w / "chat_template.jinja", "{{ messages }}"))[0],
+    "adapter-extra-token": adapter_extra_token,
     # adapters
     "adapter-no-config": lambda w, g: (adapter_copy(w, g), (w / "adapter_config.json").unlink())[0],
     "adapter-pickle-only": adapter_pickle_only,
@@ -264,6 +291,10 @@ CASES = [
          "--statistics {bad} {bad} --out {out}", ("bad", "has no 'fisher' statistics (it has: gram)")),
     Case("merge-statistics-not-a-dir-of-them", "no-model", "merge --method regmean --models {model} {model} "
          "--statistics {bad} {bad} --out {out}", ("bad", "not a statistics dir")),
+    Case("merge-other-vocab", "other-vocab", "merge --method average --base {model} --models {model} {bad} "
+         "--out {out}", ("bad/config.json", "field 'vocab_size'", "320 here, 300 in the base", "another vocabulary")),
+    Case("merge-changed-merge-rule", "changed-merge-rule", "merge --method ties --base {model} --models {adapter} {bad} "
+         "--out {out}", ("bad/tokenizer.json", "field 'model.merges[3]'", "in the base", "another tokenizer")),
     Case("statistics-missing-field", "missing-field", "statistics {model} --data {bad}/train.json --out {out}",
          ("train.json", "item 2", "field 'answer'")),
     Case("statistics-adapter-without-base", "nothing", "statistics {adapter} --data {task}/train.json --out {out}",
@@ -272,6 +303,8 @@ CASES = [
          ("model.safetensors", "truncated")),
     Case("mix-adapter-truncated", "adapter-truncated", "mix --base {model} --models {adapter} {bad} --out {out}",
          ("adapter_model.safetensors", "truncated")),
+    Case("mix-adapter-extra-token", "adapter-extra-token", "mix --base {model} --models {adapter} {bad} --out {out}",
+         ("bad/tokenizer.json", "field 'added_tokens[3]'", "'<|tool|>'", "nothing in the base", "another tokenizer")),
     Case("mix-prompts-not-strings", "prompts-not-strings", "mix --base {model} --models {adapter} {adapter} "
          "--prompts {bad} {bad} --out {out}", ("item 0", "expected an object, found a number"), problems=2),
     Case("mix-train-data-missing-field", "missing-field", "mix --base {model} --models {adapter} {adapter} "
@@ -290,6 +323,8 @@ CASES = [
          "--task {task}", ("adapter_model.bin", "never unpickled")),
     Case("contribute-model-truncated", "truncated-model", "contribute {registry} --name c --model {bad} "
          "--task {task}", ("model.safetensors", "truncated")),
+    Case("contribute-chat-template", "chat-template", "contribute {registry} --name c --model {bad} --task {task}",
+         ("bad/chat_template.jinja", "a chat template here, none in the registry's base", "another chat template")),
     Case("contribute-training-config-missing", "missing-file", "contribute {registry} --name c --adapter {adapter} "
          "--task {task} --training-config {bad}", ("training config not found",)),
     Case("compose-accelerate-missing", "accelerate-missing", "compose {registry} --method sequential "

@@ -247,8 +247,9 @@ def test_bad_inputs_are_clear_errors(tiny_model_dir: Path, finetunes: list[Path]
     other = tmp_path / "other"
     shutil.copytree(finetunes[0], other)
     config = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**config, "rope_theta": 5.0}))
-    expect_error("rope_theta", out, "ties", [finetunes[1], other], base=tiny_model_dir)
+    (other / "config.json").write_text(json.dumps({**config, "rope_parameters": {**config["rope_parameters"],
+                                                                                  "rope_theta": 5.0}}))
+    expect_error("field 'rope_parameters'.*'rope_theta': 5.0", out, "ties", [finetunes[1], other], base=tiny_model_dir)
 
     missing = perturbed(tiny_model_dir, tmp_path / "missing", seed=9, scale=0.02)
     tensors = load_file(missing / "model.safetensors")

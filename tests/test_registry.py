@@ -170,7 +170,7 @@ def test_bad_contributions_are_refused_and_leave_no_record(
     make_model(AutoTokenizer.from_pretrained(str(tiny_model_dir)), ModelShape(hidden=32, layers=2, heads=4,
                kv_heads=2, intermediate=64, context=256), seed=5).save_pretrained(other)
     foreign = make_adapter(other, tmp_path / "foreign", seed=4)
-    with pytest.raises(KnowstackError, match="config differs from the registry's base"):
+    with pytest.raises(KnowstackError, match="whose config differs from the registry.s base at "):
         contribute(work["reg"], "foreign", adapter=foreign, task=work["task"])
     sibling = tmp_path / "sibling-base"  # same architecture, other weights: only the hash tells them apart
     make_model(AutoTokenizer.from_pretrained(str(tiny_model_dir)), ModelShape(hidden=64, layers=2, heads=4,

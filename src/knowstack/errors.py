@@ -1,6 +1,10 @@
-"""The one error type users see: a clear message, no traceback (the CLI prints it and exits 2)."""
+"""The one error type users see: a clear message, no traceback (the CLI prints it and exits 2); and the problems
+of a command's inputs, listed all at once in one such error (validate.py's checks, combine's compatibility checks)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 
 def located(message: str, path: object | None = None, field: str | None = None, item: int | None = None) -> str:
@@ -22,3 +26,40 @@ class KnowstackError(Exception):
         self.path = path
         self.field = field
         self.item = item
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with one input: the file, the item (index in a list or line of JSON Lines), the field."""
+
+    path: str | None
+    message: str
+    field: str | None = None
+    item: int | None = None
+
+    def __str__(self) -> str:
+        return located(self.message, self.path, self.field, self.item)
+
+
+class InputProblems(KnowstackError):
+    """All the problems found in a command's inputs; the CLI prints them and exits 2."""
+
+    def __init__(self, problems: Sequence[Problem]):
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            message = str(self.problems[0])
+        else:
+            lines = "\n".join(f"  - {problem}" for problem in self.problems)
+            message = f"{len(self.problems)} problems with the inputs; nothing was run:\n{lines}"
+        Exception.__init__(self, message)
+        first = self.problems[0] if self.problems else None
+        self.path = first.path if first else None
+        self.field = first.field if first else None
+        self.item = first.item if first else None
+
+
+def raise_problems(problems: Iterable[Problem]) -> None:
+    """Raise one error listing every problem, if there is any (each listed once, in order)."""
+    unique = list(dict.fromkeys(problems))
+    if unique:
+        raise InputProblems(unique)

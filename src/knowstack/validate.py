@@ -14,12 +14,16 @@ from __future__ import annotations
 import json
 import re
 import struct
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from knowstack.errors import KnowstackError, located
+# Problem, InputProblems and raise_problems live in errors.py, so that checks below this layer (combine's
+# compatibility checks) list problems the same way; they are re-exported here, where commands find them.
+from knowstack.errors import InputProblems as InputProblems
+from knowstack.errors import KnowstackError
+from knowstack.errors import Problem as Problem
+from knowstack.errors import raise_problems as raise_problems
 
 # At most this many problems are listed per file: a 100k-item file with one field misnamed is one mistake.
 MAX_PER_FILE = 5
@@ -34,43 +38,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # Files any of which a tokenizer is loaded from (fast, sentencepiece, BPE, WordPiece).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model", "merges.txt")
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with one input: the file, the item (index in a list or line of JSON Lines), the field."""
-
-    path: str | None
-    message: str
-    field: str | None = None
-    item: int | None = None
-
-    def __str__(self) -> str:
-        return located(self.message, self.path, self.field, self.item)
-
-
-class InputProblems(KnowstackError):
-    """All the problems found in a command's inputs; the CLI prints them and exits 2."""
-
-    def __init__(self, problems: Sequence[Problem]):
-        self.problems = list(problems)
-        if len(self.problems) == 1:
-            message = str(self.problems[0])
-        else:
-            lines = "\n".join(f"  - {problem}" for problem in self.problems)
-            message = f"{len(self.problems)} problems with the inputs; nothing was run:\n{lines}"
-        Exception.__init__(self, message)
-        first = self.problems[0] if self.problems else None
-        self.path = first.path if first else None
-        self.field = first.field if first else None
-        self.item = first.item if first else None
-
-
-def raise_problems(problems: Iterable[Problem]) -> None:
-    """Raise one error listing every problem, if there is any (each listed once, in order)."""
-    unique = list(dict.fromkeys(problems))
-    if unique:
-        raise InputProblems(unique)
 
 
 def problems_of(call: Callable[[], Any]) -> list[Problem]:

@@ -33,10 +33,6 @@ from knowstack.modelio import with_dtype, write_config
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# Config fields that say nothing about the weights: where the model came from, how it was saved. (And the tie:
-# FullModel reads it from the tensors, and the tensors each model presents are compared.)
-IGNORED_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache",
-                       "_attn_implementation", "_attn_implementation_autoset", "_commit_hash", "tie_word_embeddings"}
 ROW_LOOK = 4096  # elements of the output layer and the embedding compared before comparing them whole
 
 
@@ -48,11 +44,6 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise KnowstackError("not a JSON object", path=path)
     return value
-
-
-def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    keys = (set(a) | set(b)) - IGNORED_CONFIG_KEYS
-    return sorted(k for k in keys if a.get(k) != b.get(k))
 
 
 class FullModel:

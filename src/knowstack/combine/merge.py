@@ -21,13 +21,12 @@ import torch
 from tqdm.auto import tqdm
 
 from knowstack.atomic import atomic_dir, atomic_write_json
+from knowstack.combine.compatibility import check_compatible
 from knowstack.combine.inputs import (
     FullModel,
     LoraAdapter,
     common_tie,
-    config_differences,
     open_input,
-    read_json,
     write_output_config,
 )
 from knowstack.combine.lora_sum import ADAPTER_DIR, representable, save_adapter, write_sum_adapter
@@ -89,7 +88,7 @@ def merge_models(
     reference = base_model or inputs[0]
     assert isinstance(reference, FullModel)
     tied = common_tie([m for m in [base_model, *inputs] if isinstance(m, FullModel)])
-    check_compatible(reference, inputs)
+    check_compatible(reference, inputs, name="the base" if base_model is not None else "the first model")
     contributed = _statistics(chosen, statistics, inputs, reference)
     for model in [*inputs, base_model]:
         if isinstance(model, FullModel):
@@ -324,58 +323,4 @@ def _same_everywhere(name: str, tensors: list[torch.Tensor], inputs: list[Input]
         raise KnowstackError(f"non-float tensor '{name}' differs between the models", path=inputs[0].path)
     return tensors[0]
 
-
-def check_compatible(reference: FullModel, inputs: list[Input]) -> None:
-    """One clear error for inputs that cannot be merged with the base (or with each other)."""
-    names = reference.names()
-    for model in inputs:
-        if isinstance(model, FullModel):
-            _check_same_config(reference, model.config, model.path)
-            _check_same_tensors(reference, model)
-        else:
-            _check_adapter(reference, model, names)
-
-
-def _check_same_config(reference: FullModel, config: dict, path: Path, what: str = "its config") -> None:
-    differences = config_differences(reference.config, config)
-    if differences:
-        shown = ", ".join(f"{k}: {config.get(k)!r} vs {reference.config.get(k)!r}" for k in differences[:4])
-        raise KnowstackError(f"{what} differs from that of {reference.path} ({shown}): merged models must be "
-                             "fine-tunes of one base", path=path)
-
-
-def _check_same_tensors(reference: FullModel, model: FullModel) -> None:
-    ours, theirs = reference.specs, model.specs
-    missing = sorted(set(ours) - set(theirs))
-    extra = sorted(set(theirs) - set(ours))
-    if missing or extra:
-        detail = f"missing tensor '{missing[0]}'" if missing else f"unexpected tensor '{extra[0]}'"
-        count = len(missing) + len(extra)
-        raise KnowstackError(f"{detail} ({count} tensor{'s' if count > 1 else ''} differ from {reference.path})",
-                             path=model.path)
-    for name, spec in ours.items():
-        if theirs[name].shape != spec.shape:
-            raise KnowstackError(f"tensor '{name}' has shape {list(theirs[name].shape)}, the base's is "
-                                 f"{list(spec.shape)}", path=model.path)
-
-
-def _check_adapter(reference: FullModel, adapter: LoraAdapter, names: set[str]) -> None:
-    unknown = sorted(adapter.names() - names)
-    if unknown:
-        raise KnowstackError(f"adapter targets '{unknown[0]}', which the base has not: the base is not this "
-                             "adapter's base", path=adapter.path)
-    for name, (a_name, b_name, _) in adapter.modules.items():
-        out_features = adapter.reader.specs[b_name].shape[0]
-        in_features = adapter.reader.specs[a_name].shape[1]
-        shape = reference.specs[name].shape
-        if adapter.config.get("fan_in_fan_out"):
-            shape = shape[::-1]
-        if (out_features, in_features) != shape:
-            raise KnowstackError(f"adapter for '{name}' is {out_features}x{in_features}, the base's weight is "
-                                 f"{'x'.join(map(str, shape))}: the base is not this adapter's base",
-                                 path=adapter.path)
-    trained_on = adapter.base_model_path()
-    if trained_on and (Path(trained_on) / "config.json").is_file():
-        what = f"the config of the model it was trained on ({trained_on})"
-        _check_same_config(reference, read_json(Path(trained_on) / "config.json"), adapter.path, what)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from knowstack.atomic import atomic_dir, atomic_write_json
+from knowstack.combine.compatibility import check_compatible
 from knowstack.combine.inputs import FullModel, LoraAdapter, open_input
 from knowstack.combine.routers import (
     PROMPT_ROUTERS,
@@ -112,6 +113,7 @@ def mix_models(
     _validate(kind, len(inputs), int(base_model.config["num_hidden_layers"]), options, prompts, train_examples,
               training)
     layout = _fft_layout(base_model, len(inputs), options) if kind == "fft" else None  # refused before any compute
+    check_compatible(base_model, inputs)  # before any router is built or tensor read
     out = Path(out).expanduser()
     if out.resolve() in {p.resolve() for p in [base_model.path, *(m.path for m in inputs)]}:
         raise KnowstackError("the output dir is one of the inputs (it would be replaced)", path=out)
@@ -296,10 +298,8 @@ def _build(kind: str, tmp: Path, base: FullModel, inputs: list, options: MoeOpti
                                attention_routers=attention_routers, max_shard_bytes=max_shard_bytes, dtype=cast)
         return {**common, "architecture": layout.architecture, "experts": layout.n_routed,
                 "layers": list(layout.layers), "parameters": counts, "dtype": dtype_name(cast or base.weights_dtype())}
-    from knowstack.combine.merge import check_compatible
     from knowstack.combine.moe_lora import write_lora_moe
 
-    check_compatible(base, inputs)
     config = write_lora_moe(tmp, base, inputs, top_k=options.top_k, layers=options.layers,
                             base_expert=options.base_expert == "routed", router=options.router, routers=routers,
                             routing=options.effective_routing(),

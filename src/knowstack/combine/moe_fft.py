@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 
 from knowstack.combine.inputs import FullModel, common_tie
-from knowstack.combine.merge import check_compatible
 from knowstack.errors import KnowstackError
 from knowstack.modeling.families import FAMILIES, StockMoe, family_of, moe_families
 from knowstack.modeling.moe_model import ATTENTION_PROJECTIONS
@@ -153,9 +152,9 @@ def write_fft_moe(tmp: Path, base: FullModel, models: Sequence[FullModel], layou
     """Streams the FFT-MoE checkpoint into `tmp` (weights, config, tokenizer, chat template, generation_config);
     returns parameter counts. attention_routers: one per (mixed layer, projection in layout.attention), unless
     router-free. dtype: the floating tensors' (None: each as the base's). Tied where the base and the models are
-    (combine/inputs.py common_tie)."""
+    (combine/inputs.py common_tie). The models are checked against the base before (mix_models:
+    combine/compatibility.py)."""
     tied = common_tie([base, *models])
-    check_compatible(base, list(models))
     if not layout.router_free and (routers is None or set(routers) != set(layout.layers)):
         raise AssertionError("a router per mixed layer is needed")
     wanted = {(layer, name) for layer in layout.layers for name in layout.attention}

@@ -243,6 +243,24 @@ def check_inputs(method: Method, chosen: Sequence[dict[str, Any]], options: Comp
                                  field="router")
 
 
+def check_combinable(b: Build, method: Method) -> None:
+    """The weights the method reads (the contributions a merge or MoE combines, and the --from version) checked against
+    the registry's base before anything is built (combine/compatibility.py; contributions were checked when they were
+    contributed, so this finds those of a registry made before a check existed). On a difference the work dir, which
+    then holds only the inputs' views, is removed, and the error lists every input's first difference."""
+    from knowstack.combine.compatibility import check_compatible
+    from knowstack.combine.inputs import FullModel, open_input
+
+    weights = [] if method.needs_data else list(b.inputs)
+    if b.start is not None:
+        weights.append(b.start)
+    try:
+        check_compatible(FullModel(b.base_dir), [open_input(path) for path in weights], name="the registry's base")
+    except KnowstackError:
+        shutil.rmtree(b.work, ignore_errors=True)
+        raise
+
+
 def _statistics_kinds(record: dict[str, Any]) -> set[str]:
     """The kinds of statistics a contribution was contributed with (its statistics files, by name)."""
     from knowstack.combine.statistics import KINDS
@@ -468,6 +486,7 @@ def compose(
                 if build.out.is_dir():
                     say(f"{method}: built before, kept ({build.out})")
                 else:
+                    check_combinable(build, spec)
                     say(f"{method}: building from {', '.join(build.names)}"
                         + (f", on {start_record['name']}" if start_record else ""))
                     spec.build(build)

@@ -13,15 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from knowstack.combine.inputs import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    FullModel,
-    LoraAdapter,
-    config_differences,
-    read_json,
-)
-from knowstack.combine.merge import check_compatible
+from knowstack.combine.compatibility import check_compatible
+from knowstack.combine.inputs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FullModel, LoraAdapter
 from knowstack.config import METRICS
 from knowstack.data.formats import trace_split_path
 from knowstack.data.tasks import read_split
@@ -84,19 +77,13 @@ def open_contribution(adapter: str | Path | None, model: str | Path | None) -> F
 
 
 def check_trained_from(base: FullModel, base_hash: str, contribution: FullModel | LoraAdapter) -> None:
-    """One clear error unless `contribution` is a fine-tune (or adapter) of `base` (content hash `base_hash`):
-    its recorded base's config and hash where that is a local dir, then merge's own shape checks."""
+    """One clear error unless `contribution` is a fine-tune (or adapter) of `base` (content hash `base_hash`): the
+    compatibility checks of every combination (combine/compatibility.py: config, tensors or targets, tokenizer, chat
+    template), then, for an adapter whose recorded base is a local dir, that dir's hash."""
+    check_compatible(base, [contribution], name="the registry's base")
     if isinstance(contribution, LoraAdapter):
         claimed = contribution.base_model_path()
-        claimed_config = Path(claimed).expanduser() / "config.json" if claimed else None
-        if claimed_config is not None and claimed_config.is_file():
-            differences = config_differences(base.config, read_json(claimed_config))
-            if differences:
-                raise KnowstackError(f"the adapter was trained from {claimed}, whose config differs from the "
-                                     f"registry's base ({', '.join(differences[:4])})",
-                                     path=contribution.path / ADAPTER_CONFIG, field="base_model_name_or_path")
         _check_claimed_hash(base_hash, contribution, Path(claimed).expanduser() if claimed else None)
-    check_compatible(base, [contribution])
 
 
 def _check_claimed_hash(base_hash: str, adapter: LoraAdapter, claimed: Path | None) -> None:
