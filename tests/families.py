@@ -86,6 +86,19 @@ def build_tokenizer(family: str, vocab_size: int = 320) -> PreTrainedTokenizerFa
     return tokenizer
 
 
+def family_tokenizer(family: str, out: Path) -> Any:
+    """The tokenizer as the family's own tokenizer class loads and saves it (a Qwen2 dir's tokenizer becomes a
+    Qwen2Tokenizer, which adds its <|endoftext|>), as a Hub checkpoint's is: saved once more by any tool, its files
+    stay the same."""
+    from transformers import AutoTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    built = build_tokenizer(family)
+    built.save_pretrained(out)
+    family_config(family, len(built)).save_pretrained(out)  # AutoTokenizer picks the class from config.json's model_type
+    return AutoTokenizer.from_pretrained(out)
+
+
 def family_config(family: str, vocab_size: int) -> Any:
     spec = dict(SPECS[family])
     model_type = spec.pop("model_type")
@@ -104,7 +117,8 @@ def build_family(family: str, out: Path, *, seed: int = 0, dtype: torch.dtype = 
     """A random-initialised checkpoint of `family` saved to `out` as the Hub saves one: `dtype` weights in
     sharded safetensors with model.safetensors.index.json, config.json, generation_config.json, tokenizer files
     and its chat template."""
-    tokenizer = build_tokenizer(family)
+    out = Path(out)
+    tokenizer = family_tokenizer(family, out)
     config = family_config(family, len(tokenizer))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -119,7 +133,6 @@ def build_family(family: str, out: Path, *, seed: int = 0, dtype: torch.dtype = 
             else:
                 param.normal_(0.0, 0.02)
     model = model.to(dtype)
-    out = Path(out)
     model.save_pretrained(out, max_shard_size=SHARD)
     tokenizer.save_pretrained(out)
     return out
