@@ -35,6 +35,7 @@ from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, g
 from knowstack.atomic import atomic_dir, atomic_write_json
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
+from knowstack.modeling.families import checked_lora_targets
 from knowstack.modelcard import (
     STUDY_SCORES_NOTE,
     ModelCardInfo,
@@ -165,11 +166,20 @@ def _load_trainable(
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
-        target_modules=list(settings.target_modules),
+        target_modules=model_lora_targets(base, settings.target_modules, path=model_path),
         bias="none",
         task_type="CAUSAL_LM",
     )
     return get_peft_model(base, config)
+
+
+def model_lora_targets(model: PreTrainedModel, names: Sequence[str], path: object | None = None) -> list[str]:
+    """The modules of `model` that LoRA adapts for the target `names` (Llama's names resolved to the family's
+    own: every linear layer of attention and MLP by default, fused ones included); one clear error where a name
+    matches no module, before anything is trained (PEFT refuses only when none matches)."""
+    modules = dict(model.named_modules())
+    linear = [name.rpartition(".")[2] for name, module in modules.items() if isinstance(module, torch.nn.Linear)]
+    return checked_lora_targets(getattr(model.config, "model_type", None), list(names), modules, linear, path=path)
 
 
 def _base_model(model: torch.nn.Module) -> PreTrainedModel:
