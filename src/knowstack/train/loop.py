@@ -35,7 +35,6 @@ from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, g
 from knowstack.atomic import atomic_dir, atomic_write_json
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
-from knowstack.modeling.families import checked_lora_targets
 from knowstack.modelcard import (
     STUDY_SCORES_NOTE,
     ModelCardInfo,
@@ -45,6 +44,7 @@ from knowstack.modelcard import (
     training_card,
     write_model_card,
 )
+from knowstack.modeling.families import checked_lora_targets
 from knowstack.modelio import load_model, load_tokenizer, save_model
 from knowstack.progress import step_bar
 from knowstack.train import attention
