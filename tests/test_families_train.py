@@ -6,11 +6,12 @@ generation one prompt at a time, the log-likelihoods of the choices."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from families import FAMILIES, build_family
+from families import FAMILIES, TIED, build_family
 from safetensors.torch import load_file
 from test_evaluate import direct_accuracy, write_mc_task
 
@@ -161,6 +162,12 @@ def test_statistics_cover_every_adapted_weight(family: tuple[str, Path], adapter
     handle.remove()
     expected = sum(x.T @ x for x in seen)
     torch.testing.assert_close(gram[f"{first}.weight"].double(), expected, rtol=1e-4, atol=1e-3)
+    # a full model's Gram matrices: every linear layer's own weight (a tied output layer's is the embedding's)
+    full = compute_statistics(base, EXAMPLES, tmp_path / "full", kinds=["gram"], max_examples=2, max_length=64)
+    own = {name for name, _ in merged.named_parameters()}
+    linear = {f"{name}.weight" for name, module in merged.named_modules() if isinstance(module, torch.nn.Linear)}
+    assert set(load_file(str(full / "gram.safetensors"))) == linear & own
+    assert ("lm_head.weight" in own) == (name not in TIED)
 
 
 def test_lora_moe_of_one_adapter_is_base_plus_adapter(family: tuple[str, Path], adapters: list[Path],
@@ -229,3 +236,34 @@ def test_lm_eval_scores_the_choices_log_likelihoods(family: tuple[str, Path], tm
     docs = write_mc_task(tmp_path)
     result = evaluate_old_knowledge(model, tokenizer, ["ks_toy"], include_path=tmp_path, batch_size=4, limit=5)
     assert result["ks_toy"]["acc"] == pytest.approx(direct_accuracy(model, tokenizer, docs[:5]))
+
+
+# Every LoRA-MoE router, per layer and per module, with a step of router training where it trains: (router,
+# routing, base_expert, top_k).
+ROUTER_MATRIX = [("random", "layer", "none", 1), ("uniform", "layer", "none", 2), ("base-biased", "layer", "routed", 2),
+                 ("prompts", "layer", "none", 1), ("hidden", "layer", "none", 1), ("cheap-embed", "layer", "none", 1),
+                 ("none", "layer", "none", 2), ("random", "module", "none", 1), ("prompts", "module", "routed", 2),
+                 ("base-biased", "module", "routed", 1), ("arrow", "module", "none", 1), ("gates", "module", "none", 1)]
+
+
+@pytest.mark.slow
+def test_every_lora_moe_router_on_every_family(family: tuple[str, Path], adapters: list[Path], tmp_path: Path) -> None:
+    from knowstack.train.gate_training import GateTraining, gate_adapter
+
+    name, base = family
+    gated = []
+    for index, adapter in enumerate(adapters):  # PHATGOOSE's gates, trained by each contributor into a copy
+        gated.append(tmp_path / f"gated{index}")
+        shutil.copytree(adapter, gated[-1])
+        gate_adapter(base, gated[-1], EXAMPLES, GateTraining(steps=2, batch_size=4, max_length=64))
+    ids = torch.tensor([load_tokenizer(base)("Question: what is 3 plus 4? Answer: 7")["input_ids"]])
+    for router, routing, base_expert, top_k in ROUTER_MATRIX:
+        trains = router not in ("arrow", "gates", "none")
+        out = tmp_path / f"{router}-{routing}"
+        options = MoeOptions(top_k=top_k, router=router, routing=routing, base_expert=base_expert)
+        record = mix_models(base, gated, out, options=options, prompts=PROMPTS, train_examples=EXAMPLES,
+                            training=RouterTraining(steps=1, batch_size=4, lr=0.05) if trains else None)
+        assert ("router_training" in record) == trains, (router, routing)
+        with torch.no_grad():
+            logits = load_model(base, out, dtype=torch.float32)(ids).logits
+        assert torch.isfinite(logits).all(), (name, router, routing)

@@ -50,14 +50,15 @@ def segment_attention_forward(
     """The stock attention of the families knowstack knows, per packed segment: causal, within the layer's sliding
     window where it has one (Mistral; Gemma-2/3's local layers), with the attention logits soft-capped where the
     family caps them (Gemma-2: eager math, as its stock eager function; SDPA cannot cap)."""
-    if scaling is None:
-        scaling = module.head_dim ** -0.5  # as the stock functions (every family passes its own)
     position_ids = kwargs.get("position_ids")
     single_packed_row = (
         attention_mask is None and position_ids is not None and query.shape[0] == 1
         and query.shape[2] == key.shape[2] and position_ids.shape[-1] == query.shape[2]
     )
-    if not single_packed_row:  # `_mask` built SDPA's own mask: the window and any padding are in it
+    if not single_packed_row:  # `_mask` built SDPA's own mask where one is needed: the window and padding are in it
+        if attention_mask is None and (sliding_window is not None or softcap is not None):
+            # none built (`_mask` skips a single unpadded row): causal, within the window
+            attention_mask = causal_mask(query.shape[2], key.shape[2], sliding_window, query.device)
         if softcap is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, **kwargs)
@@ -78,7 +79,7 @@ def segment_attention_forward(
 
 
 def _segment(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float,
-             scaling: float, sliding_window: int | None, softcap: float | None) -> torch.Tensor:
+             scaling: float | None, sliding_window: int | None, softcap: float | None) -> torch.Tensor:
     """One example's attention, (batch, heads, length, dim) in and out, its keys and values one per query head."""
     length = query.shape[2]
     window = sliding_window if sliding_window is not None and length > sliding_window else None
@@ -101,7 +102,7 @@ def causal_mask(queries: int, keys: int, sliding_window: int | None, device: tor
 
 
 def _eager(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-           mask: torch.Tensor | None, dropout: float, scaling: float, softcap: float, *,
+           mask: torch.Tensor | None, dropout: float, scaling: float | None, softcap: float, *,
            repeated: bool = False) -> torch.Tensor:
     """Soft-capped attention in the operations and order of Gemma-2's stock eager function (scores scaled, capped
     as softcap * tanh(scores / softcap), masked, softmax in float32). mask: True where a query attends (SDPA's
@@ -109,7 +110,8 @@ def _eager(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     if not repeated:
         groups = getattr(module, "num_key_value_groups", 1)
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    # no scaling given: 1/sqrt(head dim), as SDPA's and the stock eager functions' default
+    scores = torch.matmul(query, key.transpose(2, 3)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
     scores = torch.tanh(scores / softcap) * softcap
     if mask is None:
         mask = causal_mask(query.shape[2], key.shape[2], None, query.device)
