@@ -15,9 +15,10 @@ From a few prompts per expert (moetify's positive-token init): expert e's row is
 mean of the router's input on the base model over expert e's prompts (mean over each prompt's
 tokens, then over prompts). A routed base expert, which has no prompts, gets a zero row.
 
-The router's input is captured exactly where the MoE's router reads it: the MLP's input (the
-output of post_attention_layernorm) for FFT-MoE, the layer's attention input (what self_attn reads: the output
-of input_layernorm, OLMo-2's residual stream) for LoRA-MoE, which routes once per layer for all its modules. A mixed attention
+The router's input is captured exactly where the MoE's router reads it: the MLP's input (in Llama
+the output of post_attention_layernorm, in OLMo-2 the residual stream) for FFT-MoE, the layer's attention
+input (what self_attn reads: the output of input_layernorm, OLMo-2's residual stream) for LoRA-MoE, which
+routes once per layer for all its modules. A mixed attention
 projection's router reads the projection's own input; it starts as its layer's MLP router does: from
 prompts with the same rows (as moetify, which inits every module's router of a layer from the layer's
 hidden states), data-free with draws of its own (`site` = the projection).
@@ -112,9 +113,10 @@ def prompt_routers(means: dict[int, torch.Tensor], base_index: int | None = None
     return routers
 
 
-def _site_target(layer: nn.Module, site: Site, hidden: int) -> tuple[nn.Module, int, str]:
-    # LoRA-MoE's routers read the layer's attention input (what self_attn reads, in every family)
-    return (layer.post_attention_layernorm, hidden, "output") if site == "mlp" else (layer, hidden, "attention")
+def _site_target(layer: nn.Module, site: Site) -> tuple[nn.Module, str]:
+    # an FFT-MoE's router reads what the MLP reads (OLMo-2 norms after its MLP, not before); a LoRA-MoE's what the
+    # layer's self-attention reads (`on_attention_input`: OLMo-2 has no input_layernorm)
+    return (layer.mlp, "input") if site == "mlp" else (layer, "attention")
 
 
 def mean_router_inputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
@@ -123,7 +125,10 @@ def mean_router_inputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     """For each layer, one row per expert: the mean over that expert's prompts of the mean over the
     prompt's tokens of the router input at `site` (its norm's output), on `model` (the base)."""
     all_layers = decoder_layers(model)
-    targets = {i: _site_target(all_layers[i], site, model.config.hidden_size) for i in layers}
+    targets = {}
+    for i in layers:
+        module, which = _site_target(all_layers[i], site)
+        targets[i] = (module, model.config.hidden_size, which)
     return _mean_per_expert(model, tokenizer, prompts_per_expert, targets, max_length)
 
 
