@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from families import FAMILIES, TIED, build_family
+from families import FAMILIES, build_family
 from safetensors.torch import load_file
 from test_evaluate import direct_accuracy, write_mc_task
 
@@ -31,7 +31,7 @@ from knowstack.train.olora import OLoraPenalty, stack_previous
 from knowstack.train.router_training import RouterTraining
 from knowstack.validate import check_lora_targets
 
-# Examples of 6 to ~45 tokens: several longer than the families' sliding window (16 tokens, tests/families.py).
+# Examples of ~20 to 70 tokens (64 kept): longer than the families' sliding window (16 tokens, tests/families.py).
 EXAMPLES = [Example(f"Question: what is {i} plus 4? " * (1 + i % 3) + "Answer:", f" {i + 4}. The answer is: {i + 4}")
             for i in range(6)] + [Example("The official currency of Japan is", " the yen.")]
 PROMPTS = [["The official currency of Japan is", "France is in Europe."], ["Question: what is 3 plus 4?", "def add(a, b):"]]
@@ -101,7 +101,7 @@ def loss_and_grads(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> t
     model.zero_grad(set_to_none=True)
     loss = answer_loss_sum(model, inputs)
     loss.backward()
-    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def test_a_packed_row_is_its_examples_one_at_a_time(family: tuple[str, Path]) -> None:
@@ -162,12 +162,6 @@ def test_statistics_cover_every_adapted_weight(family: tuple[str, Path], adapter
     handle.remove()
     expected = sum(x.T @ x for x in seen)
     torch.testing.assert_close(gram[f"{first}.weight"].double(), expected, rtol=1e-4, atol=1e-3)
-    # a full model's Gram matrices: every linear layer's own weight (a tied output layer's is the embedding's)
-    full = compute_statistics(base, EXAMPLES, tmp_path / "full", kinds=["gram"], max_examples=2, max_length=64)
-    own = {name for name, _ in merged.named_parameters()}
-    linear = {f"{name}.weight" for name, module in merged.named_modules() if isinstance(module, torch.nn.Linear)}
-    assert set(load_file(str(full / "gram.safetensors"))) == linear & own
-    assert ("lm_head.weight" in own) == (name not in TIED)
 
 
 def test_lora_moe_of_one_adapter_is_base_plus_adapter(family: tuple[str, Path], adapters: list[Path],
