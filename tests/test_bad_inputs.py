@@ -259,6 +259,8 @@ CASES = [
     Case("train-olora-adapter-pickle-only", "adapter-pickle-only",
          TRAIN_MODEL.replace("{bad}", "{model}").replace("{task}", "{task} --olora-previous {bad}"),
          ("adapter_model.bin", "never unpickled")),
+    Case("train-lora-target-missing", "nothing", TRAIN_MODEL.replace("{bad}", "{model}") + " --finetune lora "
+         "--lora-target-modules q_proj c_attn", ("c_attn name no module", "field 'training.lora.target_modules'")),
     # eval
     Case("eval-bad-test-split", "bad-test-split", EVAL, ("test.json", "item 0", "field 'prompt'", "found a number")),
     Case("eval-gsm8k-no-final", "gsm8k-no-final", EVAL + " --format math --metric math",
@@ -357,6 +359,9 @@ CASES = [
          {"launch": {"num_processes": 2, "cpu": True, "accelerate_config": "{bad}"}}),
     Case("study-fsdp-on-cpu", "nothing", STUDY, ("only on GPUs", "field 'launch.accelerate_config'"),
          {"launch": {"num_processes": 2, "cpu": True, "accelerate_config": "fsdp"}}),
+    Case("study-lora-target-missing", "nothing", STUDY, ("c_attn name no module", "model_type 'llama'",
+                                                        "field 'training.lora.target_modules'"),
+         {"training": {"lr": 1e-3, "max_steps": 1, "lora": {"target_modules": ["q_proj", "c_attn"]}}}),
     Case("study-two-problems", "truncated-model", STUDY, ("model.safetensors", "truncated"),
          {"base": {"model": "{bad}"}, "tasks+": {"name": "second", "path": "{task}/../absent", "metric": "accuracy"}},
          problems=2),

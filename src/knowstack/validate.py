@@ -391,6 +391,40 @@ def check_weights_dir(path: str | Path) -> list[Problem]:
     return check_model_dir(folder, tokenizer=False)
 
 
+def check_lora_targets(model_dir: str | Path, target_modules: Sequence[str]) -> list[Problem]:
+    """The LoRA target modules name modules of the checkpoint (Llama's names resolved to the family's own, as
+    training resolves them), read from its weights' names without loading it; a hub id or a dir without readable
+    weights passes here (check_model_dir says what is wrong with it)."""
+    from knowstack.modeling.families import checked_lora_targets
+    from knowstack.modeling.streaming import SafetensorsReader
+
+    folder = Path(str(model_dir)).expanduser()
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        specs = SafetensorsReader.from_dir(folder).specs
+    except (OSError, ValueError, KnowstackError):
+        return []
+    if not isinstance(config, dict):
+        return []
+    modules = {name.rpartition(".")[0] for name in specs}
+    # the layers a target can name: those with a matrix weight (the embedding's included)
+    layers = sorted({name.rpartition(".")[0].rpartition(".")[2] for name, spec in specs.items()
+                     if name.endswith(".weight") and len(spec.shape) == 2})
+    return problems_of(lambda: checked_lora_targets(config.get("model_type"), list(target_modules), modules,
+                                                    layers, path=folder))
+
+
+def _trains_lora(methods: Any) -> bool:
+    """Whether any method of a study's `methods` trains a LoRA adapter (O-LoRA always does)."""
+    for name in type(methods).model_fields:
+        value = getattr(methods, name)
+        for method in value if isinstance(value, list) else [value]:
+            finetunes = getattr(method, "finetune", None) or getattr(method, "experts", None) or []
+            if method is not None and (name == "olora" or "lora" in finetunes):
+                return True
+    return False
+
+
 def _check_json_object(path: Path) -> list[Problem]:
     try:
         value = json.loads(path.read_bytes().decode("utf-8"))
@@ -526,6 +560,8 @@ def check_study(config: Any, *, dry_run: bool = False) -> list[Problem]:
     if base.model is not None:
         problems += check_model_dir(base.model, tokenizer=base.tokenizer or True, trust_remote_code=trust,
                                     config_only=dry_run)
+        if _trains_lora(config.methods):
+            problems += check_lora_targets(base.model, config.training.lora.target_modules)
     elif base.tokenizer is not None:
         problems += check_tokenizer(base.tokenizer, trust_remote_code=trust)
     if isinstance(config.tasks, list):

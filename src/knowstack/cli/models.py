@@ -59,7 +59,13 @@ def _task_arg_problems(args: argparse.Namespace, split: str) -> list:  # -> list
 def cmd_train(args: argparse.Namespace) -> None:
     """One round of training, as a study step does it: plain, with replay of earlier tasks, or O-LoRA."""
     from knowstack import api
-    from knowstack.validate import check_adapter_dir, check_model_dir, check_task_dir, raise_problems
+    from knowstack.validate import (
+        check_adapter_dir,
+        check_lora_targets,
+        check_model_dir,
+        check_task_dir,
+        raise_problems,
+    )
 
     if args.olora_previous and args.finetune != "lora":
         raise KnowstackError("--olora-previous is O-LoRA: it needs --finetune lora")
@@ -69,8 +75,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     for path in args.olora_previous or []:
         problems += check_adapter_dir(path)
     raise_problems(problems)
+    training = training_from_args(args)
+    if args.finetune == "lora":  # read from the checked model dir's weights' names
+        raise_problems(check_lora_targets(args.model, training.lora.target_modules))
     summary = api.train(args.model, _task_from_args(args), args.out, finetune=args.finetune,
-                        training=training_from_args(args), seed=args.seed, replay=args.replay or (),
+                        training=training, seed=args.seed, replay=args.replay or (),
                         replay_fraction=args.replay_fraction, olora_previous=args.olora_previous or (),
                         olora_lambda=args.olora_lambda, tokenizer=args.tokenizer,
                         trust_remote_code=args.trust_remote_code)

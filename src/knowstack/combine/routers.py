@@ -17,8 +17,8 @@ tokens, then over prompts). A routed base expert, which has no prompts, gets a z
 
 The router's input is captured exactly where the MoE's router reads it: the MLP's input (in Llama
 the output of post_attention_layernorm, in OLMo-2 the residual stream) for FFT-MoE, the layer's attention
-input (the output of
-input_layernorm) for LoRA-MoE, which routes once per layer for all its modules. A mixed attention
+input (what self_attn reads: the output of input_layernorm, OLMo-2's residual stream) for LoRA-MoE, which
+routes once per layer for all its modules. A mixed attention
 projection's router reads the projection's own input; it starts as its layer's MLP router does: from
 prompts with the same rows (as moetify, which inits every module's router of a layer from the layer's
 hidden states), data-free with draws of its own (`site` = the projection).
@@ -60,7 +60,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from knowstack.config import MOE_ROUTERS, MoeRouter
 from knowstack.errors import KnowstackError
-from knowstack.modeling.routing import Router, decoder_layers
+from knowstack.modeling.routing import Router, decoder_layers, on_attention_input
 from knowstack.train.attention import packed_attention
 from knowstack.train.batches import packed_rows
 
@@ -114,8 +114,9 @@ def prompt_routers(means: dict[int, torch.Tensor], base_index: int | None = None
 
 
 def _site_target(layer: nn.Module, site: Site) -> tuple[nn.Module, str]:
-    # an FFT-MoE's router reads what the MLP reads (OLMo-2 norms after its MLP, not before)
-    return (layer.mlp, "input") if site == "mlp" else (layer.input_layernorm, "output")
+    # an FFT-MoE's router reads what the MLP reads (OLMo-2 norms after its MLP, not before); a LoRA-MoE's what the
+    # layer's self-attention reads (`on_attention_input`: OLMo-2 has no input_layernorm)
+    return (layer.mlp, "input") if site == "mlp" else (layer, "attention")
 
 
 def mean_router_inputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
@@ -143,8 +144,9 @@ def mean_module_inputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
 @torch.no_grad()
 def _mean_per_expert(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                      prompts_per_expert: Sequence[Sequence[str]], targets: dict, max_length: int) -> dict:
-    """targets: key -> (module, width, "input" | "output"): for each key, one row per expert, the mean over the
-    expert's prompts of the mean over each prompt's tokens of what the module reads or writes."""
+    """targets: key -> (module, width, "input" | "output" | "attention"): for each key, one row per expert, the mean
+    over the expert's prompts of the mean over each prompt's tokens of what the module reads or writes (or, for a
+    decoder layer, what its self-attention reads)."""
     if any(not prompts for prompts in prompts_per_expert):
         raise KnowstackError("every expert needs at least one prompt for the router init", field="prompts")
     captured: dict = {}
@@ -155,7 +157,12 @@ def _mean_per_expert(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 
         return hook
 
-    hooks = [module.register_forward_hook(capture(key, which)) for key, (module, _, which) in targets.items()]
+    def watch(key: object, module: nn.Module, which: str):
+        if which == "attention":
+            return on_attention_input(module, lambda states: captured.__setitem__(key, states.detach()))
+        return module.register_forward_hook(capture(key, which))
+
+    hooks = [watch(key, module, which) for key, (module, _, which) in targets.items()]
     device = next(model.parameters()).device
     try:
         rows: dict = {key: [] for key in targets}

@@ -8,7 +8,7 @@ fuses some of them (Phi-3's qkv_proj and gate_up_proj) declares which of its mod
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,3 +156,35 @@ def require_family(model_type: str | None, what: str) -> Family:
         raise KnowstackError(f"{what}: model_type {model_type!r} is not a family knowstack knows "
                              f"({', '.join(known_model_types())})", field="model_type")
     return family
+
+
+def lora_targets(model_type: str | None, names: Sequence[str]) -> list[str]:
+    """LoRA target module names for a checkpoint of `model_type`: Llama's names (the default, every linear layer
+    of attention and MLP) become the family's modules that hold them (q_proj, k_proj, v_proj -> qkv_proj on
+    Phi-3: a fused projection is adapted whole, so any of its parts asks for all of it); other names, and every
+    name for a model_type knowstack does not know, stay as given. Order kept, duplicates dropped."""
+    family = family_of(model_type)
+    return list(dict.fromkeys(family.module_for(name) if family else name for name in names))
+
+
+def unmatched_targets(module_names: Iterable[str], targets: Sequence[str]) -> list[str]:
+    """The targets that name no module, by PEFT's rule for a list of names: a module matches a target that is
+    its whole name or its last dotted parts (so 'q_proj' matches 'model.layers.0.self_attn.q_proj')."""
+    suffixes = set()
+    for name in module_names:
+        parts = name.split(".")
+        suffixes.update(".".join(parts[i:]) for i in range(len(parts)))
+    return [target for target in targets if target not in suffixes]
+
+
+def checked_lora_targets(model_type: str | None, names: Sequence[str], module_names: Iterable[str],
+                         layer_names: Sequence[str] = (), path: object | None = None) -> list[str]:
+    """`lora_targets`, with one clear error where any of them names no module of the model (PEFT itself refuses
+    only when none matches, and silently adapts the rest); layer_names: what the message offers instead."""
+    targets = lora_targets(model_type, names)
+    missing = unmatched_targets(module_names, targets)
+    if missing:
+        have = f"; its layers with a weight matrix: {', '.join(dict.fromkeys(layer_names))}" if layer_names else ""
+        raise KnowstackError(f"LoRA target module(s) {', '.join(missing)} name no module of the model (model_type "
+                             f"{model_type!r}{have})", path=path, field="training.lora.target_modules")
+    return targets

@@ -4,7 +4,8 @@ decoder layer picks the top-k adapters per token, and each targeted module adds 
     y = W x + sum_{e in top-k(x)} w_e(x) * scale_e * B_e A_e x
 
 The base stays as it is. By default (`routing: layer`) the routing is decided once per layer from the
-layer's attention input (the output of input_layernorm) and used by all its targeted modules; with
+layer's attention input (what self_attn reads: input_layernorm's output, or OLMo-2's un-normed residual
+stream) and used by all its targeted modules; with
 `routing: module` (moetify's per-module routers, and Arrow's) every targeted module has a router of its
 own that reads the module's own input. Softmax, top-k and renormalisation over the k are Mixtral's, so
 with one adapter and k=1 this is exactly base + adapter. A routed base expert is a "null" adapter (no
@@ -41,7 +42,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from knowstack.errors import KnowstackError
-from knowstack.modeling.routing import Router, decoder_layers
+from knowstack.modeling.routing import Router, decoder_layers, on_attention_input
 
 CONFIG_FILE = "lora_moe.json"
 WEIGHTS_FILE = "lora_moe.safetensors"
@@ -105,7 +106,7 @@ def router_module(in_features: int, n_experts: int, *, bias: bool, score: str = 
 
 class LayerRouting(nn.Module):
     """One router's routing: the gates of every expert for every token of the current forward pass,
-    set by a hook on the layer's input_layernorm and read by the layer's LoraMoeLinear modules (layer
+    set by a hook on the layer's attention input and read by the layer's LoraMoeLinear modules (layer
     routing), or set by its own LoraMoeLinear from the module's input (module routing)."""
 
     ATTRIBUTE = "lora_moe_routing"
@@ -125,7 +126,8 @@ class LayerRouting(nn.Module):
         else:
             # The softmax over the k largest logits is the full softmax renormalised over those k (Mixtral's
             # weights), in fewer operations: this runs once per layer and generated token.
-            top, chosen = torch.topk(self.router(normed), self.top_k, dim=-1)
+            # The router keeps its own dtype (float32, as saved and trained) on a bfloat16/float16 base.
+            top, chosen = torch.topk(self.router(normed.to(self.router.weight.dtype)), self.top_k, dim=-1)
             weights = F.softmax(top.float(), dim=-1).to(normed.dtype)
             gates = torch.zeros(*normed.shape[:-1], self.n_experts, dtype=normed.dtype, device=normed.device)
             gates = gates.scatter(-1, chosen, weights)
@@ -195,7 +197,7 @@ def apply_lora_moe(model: nn.Module, path: str | Path) -> nn.Module:
             if routed:
                 _load_router(routing, weights, layer, path)
             layers[layer].add_module(LayerRouting.ATTRIBUTE, routing)
-            layers[layer].input_layernorm.register_forward_hook(_route_hook(routing))
+            on_attention_input(layers[layer], routing.route)
             routings[layer] = routing
         for module, layout in config["modules"].items():
             slots = torch.tensor([e for e, r in zip(layout["experts"], layout["ranks"], strict=True)
@@ -230,13 +232,6 @@ def _load_router(routing: LayerRouting, weights, key: int | str, path: Path) -> 
         routing.router.weight.copy_(weights.get_tensor(f"routers.{key}.weight"))
         if routing.router.bias is not None:
             routing.router.bias.copy_(weights.get_tensor(f"routers.{key}.bias"))
-
-
-def _route_hook(routing: LayerRouting):
-    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        routing.route(output)
-
-    return hook
 
 
 def _linear(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Linear]:

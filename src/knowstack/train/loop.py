@@ -44,7 +44,7 @@ from knowstack.modelcard import (
     training_card,
     write_model_card,
 )
-from knowstack.modeling.families import INPUT_EMBEDDING, OUTPUT_EMBEDDING
+from knowstack.modeling.families import INPUT_EMBEDDING, OUTPUT_EMBEDDING, checked_lora_targets
 from knowstack.modeling.streaming import MAX_SHARD_BYTES
 from knowstack.modelio import load_model, load_tokenizer, save_model, set_config_dtype
 from knowstack.progress import step_bar
@@ -154,24 +154,42 @@ def _load_trainable(
     # float32 master weights: on CPU there is no faster dtype to train in, and mixed precision on
     # accelerators is accelerate's job (`--mixed_precision bf16`), which autocasts the forward.
     if settings.finetune == "fft":
-        model = load_model(model_path, adapter_init, dtype=torch.float32, merge_adapter=True,
-                           trust_remote_code=trust_remote_code)
-        model.requires_grad_(True)
-        return model
-    from peft import LoraConfig, PeftModel, get_peft_model
-
+        return make_trainable(load_model(model_path, adapter_init, dtype=torch.float32, merge_adapter=True,
+                                         trust_remote_code=trust_remote_code), settings)
     base = load_model(model_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if adapter_init is not None:
+        from peft import PeftModel
+
         return PeftModel.from_pretrained(base, str(adapter_init), is_trainable=True)
+    return make_trainable(base, settings)
+
+
+def make_trainable(model: PreTrainedModel, settings: TrainSettings) -> torch.nn.Module:
+    """FFT: every parameter of `model` trained; LoRA: a fresh PEFT adapter of the settings' rank, alpha, dropout and
+    target modules on it (its A matrices drawn from torch's global generator: seed that first)."""
+    if settings.finetune == "fft":
+        return model.requires_grad_(True)
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
-        target_modules=list(settings.target_modules),
+        target_modules=model_lora_targets(model, settings.target_modules),
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(base, config)
+    return get_peft_model(model, config)
+
+
+def model_lora_targets(model: PreTrainedModel, names: Sequence[str]) -> list[str]:
+    """The modules of `model` that LoRA adapts for the target `names` (Llama's names resolved to the family's
+    own: every linear layer of attention and MLP by default, fused ones included); one clear error where a name
+    matches no module, before anything is trained (PEFT refuses only when none matches)."""
+    modules = dict(model.named_modules())
+    linear = [name.rpartition(".")[2] for name, module in modules.items() if isinstance(module, torch.nn.Linear)]
+    return checked_lora_targets(getattr(model.config, "model_type", None), list(names), modules, linear,
+                                path=getattr(model.config, "_name_or_path", None) or None)
 
 
 def _base_model(model: torch.nn.Module) -> PreTrainedModel:
