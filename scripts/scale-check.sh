@@ -5,7 +5,7 @@
 # installed at another version; everything else is what is installed.
 #
 #   scripts/scale-check.sh --fetch-wheels .gpu       # where there is network: scripts/scale-check-wheels.txt's wheels
-#   scripts/scale-check.sh --wheels .gpu --out DIR   # on the GPU machine: ~5 minutes on an H100
+#   scripts/scale-check.sh --wheels .gpu --out DIR   # on the GPU machine (~5 minutes on an H100, estimated)
 #   scripts/scale-check.sh --tiny --out DIR          # the same code on the CPU, 2-layer models (under a minute)
 #   scripts/scale-check.sh --out DIR -- --parts train --steps 10     # after --: benchmarks/scale_check.py's options
 #

@@ -190,3 +190,14 @@ def test_without_a_gpu_only_tiny_runs(check: ModuleType, monkeypatch: pytest.Mon
     args = check.parse_args(["--tiny", "--steps", "3"])
     assert args.preset.steps == 3 and args.preset.batch == check.TINY.batch and args.part_names == ["train", "generate",
                                                                                                        "merge"]
+
+
+def test_a_failed_measurement_is_recorded_and_the_check_goes_on(check: ModuleType,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    def out_of_memory() -> tuple[dict, None]:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    assert check.attempt(out_of_memory, "Trainer padded") == (
+        {"error": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"}, None)
+    assert "Trainer padded: FAILED (OutOfMemoryError" in capsys.readouterr().out
+    assert check.attempt(lambda: ({"tokens": 1}, "facts"), "x") == ({"tokens": 1}, "facts")
