@@ -57,6 +57,7 @@ from transformers.utils import logging as hf_logging
 
 from knowstack.evaluate.generate import generate
 from knowstack.evaluate.protocols import scorings
+from knowstack.progress import set_sink
 from knowstack.train.batches import batch_order, tokenize_examples
 from knowstack.train.loop import make_trainable, run_steps
 from knowstack.train.settings import TrainSettings
@@ -218,6 +219,19 @@ def throughput(tokens: int, seconds: float, flops: float, peak: Any) -> dict[str
 def peak_memory() -> Any:
     peak = peak_gpu_bytes()
     return peak / GiB if peak is not None else NOT_MEASURED
+
+
+class QuietBar:
+    """The training loop's progress bar, silent: the check prints one line per run (a log, not a terminal)."""
+
+    def __init__(self, iterable: Any, desc: str) -> None:
+        self.iterable = iterable
+
+    def __iter__(self) -> Any:
+        return iter(self.iterable)
+
+    def set_postfix(self, **values: Any) -> None:
+        pass
 
 
 class StepClock(TrainerCallback):
@@ -668,6 +682,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     preset = args.preset
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore")  # the libraries' deprecation notes, not the check's business
+    set_sink(QuietBar)
     from accelerate import Accelerator
 
     cuda = torch.cuda.is_available()
