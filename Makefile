@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.knowstack-installed
 RAY_STAMP := $(VENV)/.knowstack-ray-installed
 
-.PHONY: demo registry-demo test test-slow lint bench browser clean docs-numbers
+.PHONY: demo registry-demo test test-slow lint bench browser clean docs-numbers docs-families
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,9 +29,15 @@ registry-demo: $(STAMP)
 
 # The figures README.md and docs/ quote, rewritten in their marked blocks from the runs that measured them
 # (after `make demo` and `make registry-demo`); a results dir that is missing is an error.
-DOCS_RUNS ?= --demo runs/demo --registry runs/registry-scenario/registry
+DOCS_RUNS ?= --demo runs/demo --registry runs/registry-scenario/registry --memory tests/fixtures/configs/llama-3-8b
 docs-numbers: $(STAMP)
 	$(BIN)/python scripts/docs_numbers.py $(DOCS_RUNS)
+
+# The families x features table of docs/families.md, from a run of tests/test_families.py.
+docs-families: $(STAMP)
+	mkdir -p runs
+	KNOWSTACK_FAMILIES_JSON=runs/families.json $(BIN)/python -m pytest -q tests/test_families.py
+	$(BIN)/python scripts/docs_numbers.py --families runs/families.json
 
 test: $(RAY_STAMP) browser
 	$(BIN)/python -m pytest -q

@@ -9,10 +9,11 @@ A figure lives in a marked block of a markdown file, README.md or any page docs/
 and each block's name says what generates it from which results dir (BLOCKS below). Run
 
     python scripts/docs_numbers.py --demo runs/demo --registry runs/registry-scenario/registry \
-        [--quick-all runs/quick-all] [--spread runs/world-1-thread runs/world-2-threads]
+        [--quick-all runs/quick-all] [--spread runs/world-1-thread runs/world-2-threads] \
+        [--memory tests/fixtures/configs/llama-3-8b]
 
-(`make docs-numbers`) to rewrite the blocks whose results dir is given; the other blocks are left as
-they are and listed. A results dir that is missing or lacks what its blocks read is one clear error
+(`make docs-numbers`) to rewrite the blocks whose results dir is given (--memory: a dir holding a
+config.json, which needs no run); the other blocks are left as they are and listed. A results dir that is missing or lacks what its blocks read is one clear error
 (exit 2) and nothing is written; `--check` rewrites nothing and exits 1 when a block would change.
 """
 
@@ -23,10 +24,14 @@ import datetime as dt
 import json
 import re
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
+import knowstack
 from knowstack.atomic import atomic_write_text
 from knowstack.config import load_config
 from knowstack.errors import KnowstackError
@@ -428,6 +433,120 @@ def scale(path: Path) -> str:
     return "\n".join(lines)
 
 
+FAMILY_COLUMNS = {"train-fft": "train FFT", "train-lora": "train LoRA", "merge-average": "average merge",
+                  "merge-ties": "TIES merge", "moe-fft": "FFT-MoE", "moe-lora": "LoRA-MoE", "eval": "eval",
+                  "lm-eval": "lm-eval", "contribute": "contribute", "compose": "compose"}
+
+
+def family_cell(outcome: dict) -> str:
+    if outcome["outcome"] == "works":
+        shown = outcome.get("class") or (", ".join(outcome["targets"]) if "targets" in outcome else "")
+        return f"yes ({shown})" if shown else "yes"
+    if outcome["outcome"] == "refused":
+        return "refused before any compute"
+    return "**fails**"
+
+
+def families(path: Path) -> str:
+    """The families x features table, from the outcomes tests/test_families.py wrote (KNOWSTACK_FAMILIES_JSON)."""
+    from knowstack.modeling.families import family_of
+
+    record = json.loads(path.read_text())
+    features = [name for name in record["features"] if name in FAMILY_COLUMNS]
+    lines = ["| checkpoint | model_type | tied | " + " | ".join(FAMILY_COLUMNS[f] for f in features) + " |",
+             "|---" * (3 + len(features)) + "|"]
+    for name, row in record["families"].items():
+        cells = [family_cell(row[f]) if f in row else "not run" for f in features]
+        lines.append(f"| {name} | {row['model_type']} | {'yes' if row['tied'] else 'no'} | " + " | ".join(cells) + " |")
+    notes = []
+    for name, row in record["families"].items():
+        known = family_of(row["model_type"])
+        refused = [f"{FAMILY_COLUMNS[f]}: {row[f]['reason']}" for f in features
+                   if f in row and row[f]["outcome"] == "refused"]
+        if known is not None or refused:
+            notes.append(f"- **{name}**: " + "; ".join(([known.note] if known is not None and known.note else [])
+                                                       + refused))
+    return ("\n".join(lines) + f"\n\nFrom `tests/test_families.py` (written by `make docs-families`), "
+            f"{record['date']}, transformers {record['transformers']}. What sets each family apart, and "
+            "why a feature is refused:\n\n" + "\n".join(notes))
+PAPER_CONFIG = Path(knowstack.__file__).parent / "configs" / "paper" / "llama3-8b-trace.yaml"
+TRACE_FIXTURES = ROOT / "tests" / "fixtures" / "trace"  # small files in the real TRACE, MetaMath, GSM8K shapes
+
+
+def paper_config_on(config_dir: Path, where: Path) -> Path:
+    """The paper config with its base given by `config_dir` (a config.json) and its tasks pointed at the TRACE-shaped
+    fixtures (the plan fingerprints task files; the memory estimate never reads them)."""
+    raw = yaml.safe_load(PAPER_CONFIG.read_text())
+    raw["base"]["model"] = str(config_dir.resolve())
+    for task in raw["tasks"]:
+        if task["format"] == "math":
+            task["train_file"] = str(TRACE_FIXTURES / "math" / "metamathqa_train.json")
+            task["test_file"] = str(TRACE_FIXTURES / "math" / "gsm8k_test.jsonl")
+        else:
+            task["path"] = str(TRACE_FIXTURES / Path(task["path"]).name)
+    path = where / "llama3-8b-trace.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def gib(value: int) -> str:
+    return f"{value / 2**30:.2f}"
+
+
+def memory(config_dir: Path) -> str:
+    """The dry run's memory estimate of the paper config, its base given by a config.json alone: one row per kind of
+    step, then the FFT step's terms one by one, each computed by study/resources.py."""
+    from knowstack.study.resources import (
+        DEFAULT_GPU_MEMORY,
+        FLOAT32,
+        activation_terms,
+        architecture_of,
+        as_launched,
+        estimate_plan,
+    )
+
+    if not (config_dir / "config.json").is_file():
+        raise KnowstackError("no config.json here", path=config_dir, field="--memory")
+    with tempfile.TemporaryDirectory() as where:
+        config = load_config(paper_config_on(config_dir, Path(where)))
+        estimates, _ = estimate_plan(build_plan(config))
+        arch, _ = architecture_of(config)
+    kinds: dict[tuple[str, int], list] = {}
+    for step, estimate in estimates:
+        kinds.setdefault((estimate.what, estimate.params), []).append((step, estimate))
+    lines = ["| step | steps | parameters | weights | gradients | optimizer | activations | total | GPUs | as launched |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for (what, _), found in kinds.items():
+        step, est = found[0]
+        what = f"{what} (adapter unmerged)" if what == "eval" and step.params["model"].get("adapter") else what
+        launched = as_launched(step, est, config)
+        lines.append(f"| {what} | {len(found)} | {est.params:,} | {gib(est.weights)} | {gib(est.grads)} | "
+                     f"{gib(est.optimizer)} | {gib(est.activations)} | {gib(est.total)} | "
+                     f"{ {0: 'CPU', -1: 'too big'}.get(est.gpus, est.gpus)} | "
+                     f"{'' if launched is None else f'{launched[0]} x {gib(launched[1])}'} |")
+    fft = next(est for step, est in estimates if est.what == "train FFT")
+    fft_step = next(step for step, est in estimates if est.what == "train FFT")
+    tokens, width, per_token = activation_terms(arch, config, "fft")
+    layers, logits = tokens * per_token * width, tokens * arch.vocab * (width + 2 * FLOAT32)
+    assert layers + logits == fft.activations, "the worked example must add up to the estimate"
+    processes, per_gpu = as_launched(fft_step, fft, config)
+    name = config_dir.resolve().relative_to(ROOT).as_posix() if config_dir.resolve().is_relative_to(ROOT) else config_dir
+    return "\n".join([
+        f"The paper config with its base given by a config.json alone (`{name}`, {arch.params:,} parameters counted on "
+        f"the meta device), on GPUs of {DEFAULT_GPU_MEMORY / 2**30:g} GiB, one row per kind of step (GiB; weights, "
+        "gradients, optimizer and total unsharded; GPUs: the fewest that hold the step fully sharded; as launched: "
+        "processes x GiB per GPU under the config's `launch` section):", "", *lines, "",
+        f"One FFT step, term by term: weights {FLOAT32} B x {fft.params:,} = {gib(fft.weights)} GiB; gradients the "
+        f"same, {gib(fft.grads)} GiB; AdamW's two moments {gib(fft.optimizer)} GiB; activations for "
+        f"{config.training.micro_batch_size} x {config.training.max_length} = {tokens:,} tokens: {per_token:,} "
+        f"elements per token over the {arch.layers} layers x {width} B (bf16) = {gib(layers)} GiB, plus the logits "
+        f"{tokens:,} x {arch.vocab:,} x ({width} + 8) B = {gib(logits)} GiB, {gib(fft.activations)} GiB in all; "
+        f"{gib(fft.total)} GiB unsharded, {fft.gpus} GPUs at least; under FSDP on {processes}: "
+        f"({gib(fft.weights)} + {gib(fft.grads)} + {gib(fft.optimizer)}) / {processes} + {gib(fft.activations)} = "
+        f"{gib(per_gpu)} GiB per GPU.",
+    ])
+
+
 @dataclass(frozen=True)
 class Generator:
     sources: tuple[str, ...]  # the options naming the results dir it may read, the first given wins
@@ -445,6 +564,8 @@ BLOCKS: dict[str, Generator] = {
     "catalog": Generator(("catalog",), catalog),
     "speed": Generator(("speed",), speed),
     "scale": Generator(("scale",), scale),
+    "families": Generator(("families",), families),
+    "memory": Generator(("memory",), memory),
 }
 READERS: dict[str, Callable[[Path, str], object]] = {
     "demo": lambda p, o: Study.read(p, o),
@@ -455,9 +576,11 @@ READERS: dict[str, Callable[[Path, str], object]] = {
     "registry": lambda p, o: p,
     "speed": lambda p, o: p,
     "scale": lambda p, o: p,
+    "families": lambda p, o: p,
+    "memory": lambda p, o: p,
     "spread": lambda ps, o: [Study.read(p, o) for p in ps],
 }
-FILE_OPTIONS = {"scale"}  # options naming a file, not a results dir
+FILE_OPTIONS = {"scale", "families"}  # options naming a file, not a results dir
 
 
 def rewrite(text: str, inputs: dict[str, object], where: Path) -> tuple[str, list[str], list[str]]:
@@ -489,9 +612,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speed", type=Path, help="a dir of the benchmarks' --json outputs (study_speed.json, ...)")
     parser.add_argument("--scale", type=Path, help="the GPU scale check's JSON (scripts/scale-check.sh: "
                         "scale-check.json)")
+    parser.add_argument("--memory", type=Path, help="a dir holding a config.json (tests/fixtures/configs/llama-3-8b): "
+                        "the dry run's memory estimate of the paper config with that base")
     parser.add_argument("--registry", type=Path, help="the registry scenario's registry (runs/registry-scenario/registry)")
     parser.add_argument("--spread", type=Path, nargs="+", help="study dirs of one built-in world built under "
                         "different thread counts or machines, each with its base evaluated")
+    parser.add_argument("--families", type=Path, help="the JSON tests/test_families.py wrote (KNOWSTACK_FAMILIES_JSON)")
     parser.add_argument("--root", type=Path, default=ROOT, help="the checkout whose README.md and docs/ to rewrite")
     parser.add_argument("--check", action="store_true", help="rewrite nothing; exit 1 if a block would change")
     args = parser.parse_args(argv)
@@ -509,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
             inputs[option] = READERS[option](given, flag)
         if not inputs:
             raise KnowstackError("no results dir given (--demo, --base, --quick-all, --full, --catalog, --registry, --spread, "
-                                 "--speed, --scale)")
+                                 "--speed, --memory, --families, --scale)")
         changed = {}
         for name in doc_files(args.root):
             doc = args.root / name

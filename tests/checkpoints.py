@@ -10,13 +10,19 @@ from safetensors.torch import load_file, save_file
 
 def perturbed(model_dir: Path, out: Path, seed: int, scale: float,
               copy: tuple[str, ...] = ("config.json",)) -> Path:
-    """A stand-in for a one-round FFT model: the base plus small seeded random changes everywhere,
-    with the files named in `copy` (those that exist) taken from the base."""
-    tensors = load_file(model_dir / "model.safetensors")
+    """A stand-in for a one-round FFT model: the base plus small seeded random changes everywhere (each tensor
+    in its own dtype; a sharded base's shards and index kept), with the files named in `copy` (those that exist)
+    taken from the base."""
+    from knowstack.modeling.streaming import INDEX_FILE, weight_files
+
     gen = torch.Generator().manual_seed(seed)
     out.mkdir(parents=True)
-    save_file({k: v + scale * torch.randn(v.shape, generator=gen) for k, v in tensors.items()},
-              out / "model.safetensors", metadata={"format": "pt"})
+    for file in weight_files(model_dir):
+        tensors = load_file(file)
+        save_file({k: (v + scale * torch.randn(v.shape, generator=gen)).to(v.dtype) for k, v in tensors.items()},
+                  out / file.name, metadata={"format": "pt"})
+    if (model_dir / INDEX_FILE).is_file():
+        (out / INDEX_FILE).write_bytes((model_dir / INDEX_FILE).read_bytes())
     for name in copy:
         if (model_dir / name).is_file():
             (out / name).write_bytes((model_dir / name).read_bytes())

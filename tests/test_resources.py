@@ -15,6 +15,7 @@ import torch
 import yaml
 from conftest import build_tiny_tokenizer
 from test_plan import paper_config_with_data
+from transformers import AutoConfig
 
 from knowstack.builtin.pretrain import ModelShape, make_model
 from knowstack.cli import main
@@ -22,7 +23,7 @@ from knowstack.config import LLAMA_LINEAR, load_config, parse_config
 from knowstack.data.formats import Example
 from knowstack.study.plan import build_plan
 from knowstack.study.resources import (
-    FALLBACK_ARCHITECTURES,
+    FALLBACK_CONFIGS,
     GiB,
     _from_hf_config,
     architecture_of,
@@ -74,8 +75,8 @@ def test_parameter_counts_are_the_models() -> None:
     assert arch.params == sum(p.numel() for p in model.parameters())
     lora = _model("lora")
     assert arch.lora_params(8, list(LLAMA_LINEAR)) == sum(p.numel() for p in lora.parameters() if p.requires_grad)
-    # Llama-3-8B's published parameter count, from the fallback table's architecture
-    assert FALLBACK_ARCHITECTURES["meta-llama/Meta-Llama-3-8B"].params == 8_030_261_248
+    # Llama-3-8B's published parameter count, from the fallback table's config
+    assert _from_hf_config(AutoConfig.for_model(**FALLBACK_CONFIGS["meta-llama/Meta-Llama-3-8B"])).params == 8_030_261_248
 
 
 @pytest.mark.parametrize("finetune", ["fft", "lora"])
@@ -142,7 +143,7 @@ def test_paper_config_dry_run_prints_memory_and_gpus(tmp_path: Path, capsys: pyt
     path = _paper_with_moe(tmp_path)
     assert main(["study", str(path), "--out", str(tmp_path / "run"), "--dry-run"]) == 0
     printed = " ".join(capsys.readouterr().err.split())
-    assert "AutoConfig could not load it offline" in printed and "fallback table" in printed
+    assert "not in the Hugging Face cache" in printed and "fallback table" in printed
     for text in ("train FFT", "train LoRA", "eval FFT-MoE", "eval LoRA-MoE", "merge-adapter", "as launched"):
         assert text in printed
     assert "do not fit as launched" not in printed  # the paper config's launch section fits 80 GB GPUs
@@ -164,11 +165,11 @@ def test_architecture_from_a_local_config_then_the_table_then_nothing(tiny_model
     base = {"name": "x", "tasks": [{"name": "t", "path": "t", "metric": "accuracy"}],
             "old_knowledge": {"tasks": ["piqa"]}, "training": {"lr": 1e-5}}
     arch, source = architecture_of(parse_config({**base, "base": {"model": str(tiny_model_dir)}}))
-    assert "loaded offline" in source and arch.params == sum(
+    assert "its config.json" in source and arch.params == sum(
         p.numel() for p in make_model(build_tiny_tokenizer(), ModelShape(hidden=64, layers=2, heads=4, kv_heads=2,
                                                                           intermediate=128, context=256), 0).parameters())
     arch, source = architecture_of(parse_config({**base, "base": {"model": "meta-llama/Meta-Llama-3-8B"}}))
-    assert arch is FALLBACK_ARCHITECTURES["meta-llama/Meta-Llama-3-8B"] and "fallback table" in source
+    assert arch.params == 8_030_261_248 and arch.source == "fallback table" and "fallback table" in source
     arch, source = architecture_of(parse_config({**base, "base": {"model": "someone/unknown-model"}}))
     assert arch is None and "not in the fallback table" in source
 

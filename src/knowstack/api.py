@@ -76,7 +76,7 @@ def dry_run(config: PathLike | Mapping[str, Any] | StudyConfig, out: PathLike, g
 
     study = load_study(config)
     if console is None:
-        raise_problems(check_study(study))
+        raise_problems(check_study(study, dry_run=True))
     else:  # the runner's dry run checks the same inputs, then prints
         run(study, Path(out), dry_run=True, console=console, gpu_memory=int(gpu_memory_gib * GiB))
     plan = build_plan(study, Path(out))
@@ -255,21 +255,24 @@ def train(model: PathLike, data: PathLike | TaskSpec | Sequence[tuple[str, str]]
 def merge(method: str, models: Sequence[PathLike], out: PathLike, *, base: PathLike | None = None,
           weights: Sequence[float] | None = None, density: float | None = None, drop_rate: float | None = None,
           lam: float | None = None, lora_space: str | None = None, seed: int = 0, max_shard_gb: float = 5.0,
-          progress: bool = False, statistics: Sequence[PathLike] | None = None, **settings: float) -> Path:
+          progress: bool = False, statistics: Sequence[PathLike] | None = None, dtype: str = "auto",
+          **settings: float) -> Path:
     """Merge model dirs and/or LoRA adapter dirs of one base, as `knowstack merge`; returns the merged model dir.
     density / drop_rate / lam default to config.py MergeConfig's; lora_space: LoRA adapters merged as deltas
     ("delta", the default) or factor by factor ("factors", PEFT's add_weighted_adapter); max_shard_gb: the
     largest output shard; progress: a progress bar on stderr; settings: the other methods' own (t for slerp, gamma
     for breadcrumbs, epsilon for della, max_iter and tol for karcher, regmean_alpha for regmean, fisher_floor for
     fisher; combine/merges/), an unknown one an error. statistics: for regmean and fisher, one statistics dir per
-    model, in order (`statistics`)."""
+    model, in order (`statistics`). dtype: the output's floating tensors, auto (the base's, the default), float32,
+    bfloat16 or float16."""
     from knowstack.combine.merge import merge_models
     from knowstack.combine.merge_methods import MergeOptions
 
     given = {"density": density, "drop_rate": drop_rate, "lam": lam, "lora_space": lora_space, **settings}
     options = MergeOptions.from_settings({name: value for name, value in given.items() if value is not None})
     return merge_models(method, list(models), Path(out), base=base, weights=weights, options=options, seed=seed,
-                        max_shard_bytes=int(max_shard_gb * 2**30), progress=progress, statistics=statistics)
+                        max_shard_bytes=int(max_shard_gb * 2**30), progress=progress, statistics=statistics,
+                        dtype=dtype)
 
 
 def statistics(model: PathLike, data: PathLike, out: PathLike, *, base: PathLike | None = None,
@@ -314,7 +317,7 @@ def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
         **options: Any) -> dict[str, Any]:
     """A mixture of experts of model dirs (FFT-MoE) or adapter dirs (LoRA-MoE), as `knowstack mix`; options are
     combine/moe.py MoeOptions fields (top_k, layers, shared, base_expert, router, seed, attention, routing,
-    temperature; None: the default). prompts: per
+    temperature, dtype; None: the default). prompts: per
     model, its prompts or a JSON/JSONL file of them, the first prompts_per_expert used (default: config.py
     MoeConfig's); router (None or not given): `prompts` when prompts are given, else random. Router training: train_steps
     steps on the TRACE-format files train_data (train_lr, train_batch_size, aux_loss_coef default to
@@ -332,7 +335,7 @@ def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
         prompts = [_prompt_list(given)[:keep] for given in prompts]
     if options.get("router") is None:
         options["router"] = default_router(bool(prompts))
-    for name in ("routing", "temperature"):  # not given: MoeOptions' defaults
+    for name in ("routing", "temperature", "dtype"):  # not given: MoeOptions' defaults
         if name in options and options[name] is None:
             del options[name]
     for name in ("layers", "attention"):  # tuples, as MoeOptions declares them

@@ -6,17 +6,31 @@ user turns it on, and every save goes to a temporary directory that is renamed w
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from knowstack.atomic import atomic_dir
 from knowstack.errors import KnowstackError
+from knowstack.modeling.streaming import MAX_SHARD_BYTES
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
     from knowstack.modelcard import ModelCardInfo
+
+
+# Files besides the config and the weights that make an output a model users load and chat with (tokenizer files,
+# the chat template: transformers 5 writes chat_template.jinja, older checkpoints keep it in tokenizer_config.json;
+# generation_config.json): carried from the base into every output dir.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
+# What an output's floating tensors may be written in (--dtype); "auto": as the base's.
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
 def check_exists(path: str | Path, what: str) -> None:
@@ -30,6 +44,8 @@ def check_exists(path: str | Path, what: str) -> None:
 
 
 def load_tokenizer(model_path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer  # here: the file list and dtype helpers below need no transformers
+
     check_exists(model_path, "model")
     tokenizer = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
@@ -46,6 +62,8 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """A causal LM from a HF model dir (or hub id), with a PEFT adapter (or a LoRA-MoE dir) applied on top."""
+    from transformers import AutoModelForCausalLM
+
     check_exists(model_path, "model")
     model = AutoModelForCausalLM.from_pretrained(
         str(model_path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
@@ -67,10 +85,11 @@ def load_model(
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: Path,
-               card: ModelCardInfo | None = None) -> Path:
-    """Save a full model (safetensors), its tokenizer and its model card atomically."""
+               card: ModelCardInfo | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Save a full model (safetensors, sharded with an index above max_shard_bytes; a tied model without its
+    output layer), its generation_config, tokenizer and chat template, and its model card atomically."""
     with atomic_dir(Path(out_dir)) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if card is not None:
@@ -89,3 +108,45 @@ def on_gpu_if_it_fits(model: PreTrainedModel, headroom: float = 1.5) -> PreTrain
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     free, _ = torch.cuda.mem_get_info()
     return model.to("cuda") if headroom * size < free else model
+
+
+def output_dtype(name: str) -> torch.dtype | None:
+    """The dtype named by a --dtype choice (DTYPE_CHOICES); None for "auto" (each tensor as the base's)."""
+    if name not in DTYPE_CHOICES:
+        raise KnowstackError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, not {name!r}", field="dtype")
+    return None if name == "auto" else getattr(torch, name)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16" for torch.bfloat16: the name config.json's dtype holds."""
+    return str(dtype).removeprefix("torch.")
+
+
+def copy_model_files(source: Path, dest: Path) -> None:
+    """The base's tokenizer files, chat template and generation_config (those it has) into an output dir."""
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copy2(Path(source) / name, Path(dest) / name)
+
+
+def with_dtype(config: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """config.json's fields for weights written in `dtype`: `dtype` (transformers 5's name), and `torch_dtype` where
+    the config has it (older checkpoints; older transformers read only that one, and take the weights' dtype where
+    it is absent)."""
+    updated = {**config, "dtype": dtype_name(dtype)}
+    if "torch_dtype" in config:
+        updated["torch_dtype"] = dtype_name(dtype)
+    return updated
+
+
+def write_config(folder: Path, config: dict[str, Any]) -> None:
+    """config.json as save_pretrained writes it (sorted keys, two-space indent)."""
+    (Path(folder) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def set_config_dtype(folder: Path, dtype: torch.dtype) -> None:
+    """Rewrite folder/config.json's dtype fields (with_dtype) where they do not name `dtype`: save_pretrained
+    records the dtype of the model in memory, which is not the one written when a state dict was cast."""
+    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    if with_dtype(config, dtype) != config:
+        write_config(folder, with_dtype(config, dtype))

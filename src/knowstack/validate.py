@@ -293,49 +293,83 @@ def check_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> lis
     try:
         AutoTokenizer.from_pretrained(str(Path(str(path)).expanduser()), trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - any failure of the library to load it is the input's problem
-        return [Problem(str(path), f"the tokenizer does not load: {_first_line(err)}")]
+        return [Problem(str(path), f"the tokenizer does not load: {error_line(err)}")]
     return []
 
 
-def _first_line(err: BaseException) -> str:
+def error_line(err: BaseException) -> str:
     """A library's error as one line (messages are never wrapped), at most 300 characters."""
     text = " ".join(str(err).split())
     text = text if len(text) <= 300 else text[:297] + "..."
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def check_model_dir(path: str | Path, *, tokenizer: str | Path | bool = True,
-                    trust_remote_code: bool = False) -> list[Problem]:
+def missing_model_files(folder: Path) -> list[str]:
+    """What a local model dir with a config.json lacks that only running it needs: 'weights' where it holds no
+    weight file at all (no safetensors, index or pickled file), 'tokenizer' where it holds no tokenizer file.
+    A dir lacking its weights is a config-only model: enough to plan a study (`study --dry-run`), not to run it."""
+    from knowstack.modeling.streaming import INDEX_FILE
+
+    if not (folder / "config.json").is_file():
+        return []
+    missing = []
+    if not (any(folder.glob("*.safetensors")) or (folder / INDEX_FILE).exists() or _pickled(folder)):
+        missing.append("weights")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        missing.append("tokenizer")
+    return missing
+
+
+def check_model_dir(path: str | Path, *, tokenizer: str | Path | bool = True, trust_remote_code: bool = False,
+                    config_only: bool = False) -> list[Problem]:
     """A HF model dir: config.json that transformers reads, safetensors weights that are whole (pickled
     weights are refused by name, never opened), and its tokenizer (or `tokenizer`, a path) loadable.
-    A hub id passes: it is resolved when it is loaded."""
+    A hub id passes: it is resolved when it is loaded. config_only: a dir with no weights passes, and without
+    a tokenizer too (a plan reads the config alone); otherwise such a dir is one problem naming what it lacks."""
     local, problems = _is_local(path, "model")
     if not local:
         given = not isinstance(tokenizer, bool)
         return problems + (check_tokenizer(tokenizer, trust_remote_code=trust_remote_code) if given else [])
-    from knowstack.modeling.streaming import INDEX_FILE, weight_files
-
     folder = Path(str(path)).expanduser()
     if not folder.is_dir():
         return [Problem(str(folder), "not a model dir (a file; a model is a dir of config.json and safetensors)")]
     problems = _check_model_config(folder, trust_remote_code)
-    files: list[Path] = []
-    pickled = _pickled(folder)
-    weights = problems_of(lambda: files.extend(weight_files(folder)))
-    safetensors = any(folder.glob("*.safetensors")) or (folder / INDEX_FILE).exists()
-    if weights and pickled and not safetensors:
-        problems.append(Problem(str(folder), f"only pickled weights ({', '.join(pickled)}): knowstack reads "
-                                             "safetensors only and never unpickles; save the model with "
-                                             "save_pretrained(..., safe_serialization=True)"))
-    else:
-        problems += weights
-    for file in files:
-        problems += check_safetensors_file(file)
-    if tokenizer is True:
+    missing = missing_model_files(folder)
+    if "weights" not in missing:
+        problems += _check_weights(folder)
+    elif not config_only:
+        problems.append(_config_only_problem(folder, [m for m in missing if m == "weights" or tokenizer is True]))
+    if tokenizer is True and not ("weights" in missing and "tokenizer" in missing):
         problems += check_tokenizer(folder, trust_remote_code=trust_remote_code)
-    elif tokenizer:
+    elif tokenizer and tokenizer is not True:
         problems += check_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
     return problems
+
+
+def _check_weights(folder: Path) -> list[Problem]:
+    from knowstack.modeling.streaming import INDEX_FILE, weight_files
+
+    files: list[Path] = []
+    pickled = _pickled(folder)
+    problems = problems_of(lambda: files.extend(weight_files(folder)))
+    safetensors = any(folder.glob("*.safetensors")) or (folder / INDEX_FILE).exists()
+    if problems and pickled and not safetensors:
+        problems = [Problem(str(folder), f"only pickled weights ({', '.join(pickled)}): knowstack reads "
+                                         "safetensors only and never unpickles; save the model with "
+                                         "save_pretrained(..., safe_serialization=True)")]
+    for file in files:
+        problems += check_safetensors_file(file)
+    return problems
+
+
+def _config_only_problem(folder: Path, missing: list[str]) -> Problem:
+    from knowstack.modeling.streaming import INDEX_FILE, SINGLE_FILE
+
+    lacks = " and no ".join("weights" if m == "weights" else "tokenizer" for m in missing)
+    return Problem(str(folder), f"a config-only model: config.json but no {lacks} ({SINGLE_FILE} or {INDEX_FILE} "
+                                f"and its shards{', tokenizer.json' if 'tokenizer' in missing else ''}); a dry run "
+                                "(study --dry-run) plans from the config alone, a run needs the "
+                                f"{' and '.join(missing)}: download the model into this dir")
 
 
 def _check_model_config(folder: Path, trust_remote_code: bool) -> list[Problem]:
@@ -347,7 +381,7 @@ def _check_model_config(folder: Path, trust_remote_code: bool) -> list[Problem]:
     try:
         AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - the library's refusal, reported as the input's problem
-        return [Problem(str(config), f"not a model config transformers reads: {_first_line(err)}")]
+        return [Problem(str(config), f"not a model config transformers reads: {error_line(err)}")]
     return []
 
 
@@ -515,14 +549,16 @@ def check_file(path: str | Path, what: str = "file") -> list[Problem]:
 
 
 # --- a whole study -------------------------------------------------------------------------------
-def check_study(config: Any) -> list[Problem]:
+def check_study(config: Any, *, dry_run: bool = False) -> list[Problem]:
     """Every input a study (config.StudyConfig) reads that exists before its first step: the base model and
     tokenizer, its own tasks, lm-eval tasks and include path, accelerate configs. The built-in world's
-    model and tasks are the study's own first step, so there is nothing of them to check yet."""
+    model and tasks are the study's own first step, so there is nothing of them to check yet. dry_run: the
+    plan only, which a config-only base (config.json without weights or tokenizer) is enough for."""
     problems: list[Problem] = []
     base, trust = config.base, config.base.trust_remote_code
     if base.model is not None:
-        problems += check_model_dir(base.model, tokenizer=base.tokenizer or True, trust_remote_code=trust)
+        problems += check_model_dir(base.model, tokenizer=base.tokenizer or True, trust_remote_code=trust,
+                                    config_only=dry_run)
     elif base.tokenizer is not None:
         problems += check_tokenizer(base.tokenizer, trust_remote_code=trust)
     if isinstance(config.tasks, list):
@@ -533,9 +569,39 @@ def check_study(config: Any) -> list[Problem]:
         problems += check_old_tasks(list(old.tasks), old.include_path)
     elif old.include_path is not None:
         problems += check_old_tasks([], old.include_path)
+    if base.model is not None:
+        problems += check_fft_moe_base(base.model, config.methods.moe)
     launch = config.launch
     problems += check_accelerate_config(launch.accelerate_config, cpu=launch.cpu)
     if launch.lora is not None:
         problems += check_accelerate_config(launch.lora.accelerate_config, cpu=launch.cpu,
                                             field="launch.lora.accelerate_config")
+    return problems
+
+
+def check_fft_moe_base(model: str | Path, section: Any) -> list[Problem]:
+    """Each FFT mixture of a study's `methods.moe` (one section or a list) against the base's family: the stock MoE
+    class it is written as, or the reason none fits (combine/moe_fft.py), read from the base's config.json
+    before any step runs. A base given by hub id is checked when its mixture is built (still before any compute
+    of that step)."""
+    mixtures = section if isinstance(section, list) else [] if section is None else [section]
+    folder = Path(str(model)).expanduser()
+    fft = [(i, m) for i, m in enumerate(mixtures) if "fft" in m.experts]
+    if not fft or not (folder / "config.json").is_file():
+        return []
+    try:
+        base_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        n_layers = int(base_config["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # check_model_dir reports an unreadable config
+    from knowstack.combine.moe_fft import fft_moe_class
+
+    problems = []
+    for index, mixture in fft:
+        field = f"methods.moe[{index}]" if isinstance(section, list) else "methods.moe"
+        some_layers = mixture.layers is not None and set(mixture.layers) != set(range(n_layers))
+        found = problems_of(lambda m=mixture, s=some_layers: fft_moe_class(
+            base_config, some_layers=s, base_expert=m.base_expert, router_free=m.router == "none",
+            router_bias=m.router == "base-biased", attention=m.attention or ()))
+        problems += [Problem(str(folder), problem.message, field) for problem in found]
     return problems

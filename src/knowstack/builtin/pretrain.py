@@ -33,10 +33,11 @@ class PretrainSettings:
     weight_decay: float = 0.1
 
 
-def make_model(tokenizer: PreTrainedTokenizerFast, shape: ModelShape, seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+def model_config(shape: ModelShape, vocab_size: int, **token_ids: int | None) -> LlamaConfig:
+    """The built-in base's transformers config: a Llama of `shape` (study/resources.py counts its parameters from
+    it before the world is built). token_ids: bos_token_id, eos_token_id, pad_token_id."""
+    return LlamaConfig(
+        vocab_size=vocab_size,
         hidden_size=shape.hidden,
         intermediate_size=shape.intermediate,
         num_hidden_layers=shape.layers,
@@ -44,11 +45,15 @@ def make_model(tokenizer: PreTrainedTokenizerFast, shape: ModelShape, seed: int)
         num_key_value_heads=shape.kv_heads,
         max_position_embeddings=shape.context,
         rope_theta=10000.0,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        **token_ids,
     )
+
+
+def make_model(tokenizer: PreTrainedTokenizerFast, shape: ModelShape, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = model_config(shape, len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return LlamaForCausalLM(config)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from knowstack.cli.options import (
     MERGE_ONLY_OPTIONS,
     STATISTICS_MERGE_OPTIONS,
+    add_dtype_option,
     add_merge_options,
     add_statistics_merge_options,
     add_training_options,
@@ -135,7 +136,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     raise_problems(problems + [p for path in args.models for p in check_weights_dir(path)])
     out = api.merge(args.method, args.models, args.out, base=args.base, weights=args.weights, density=args.density,
                     drop_rate=args.drop_rate, lam=args.lam, lora_space=args.lora_space, seed=args.seed,
-                    max_shard_gb=args.max_shard_gb, progress=True, statistics=args.statistics,
+                    max_shard_gb=args.max_shard_gb, progress=True, statistics=args.statistics, dtype=args.dtype,
                     **{name: getattr(args, name) for name in MERGE_ONLY_OPTIONS + STATISTICS_MERGE_OPTIONS
                        if getattr(args, name) is not None})
     print(f"merged model: {out}")
@@ -183,7 +184,8 @@ def cmd_mix(args: argparse.Namespace) -> None:
                      train_batch_size=args.train_batch_size, aux_loss_coef=args.aux_loss_coef,
                      max_shard_gb=args.max_shard_gb, top_k=args.top_k, layers=args.layers, shared=shared,
                      base_expert=args.base_expert, router=router, seed=args.seed,
-                     attention=args.attention or (), routing=args.routing, temperature=args.temperature)
+                     attention=args.attention or (), routing=args.routing, temperature=args.temperature,
+                     dtype=args.dtype)
     counts = record["parameters"]
     print(f"{record['architecture']}: {record['experts']} experts in layers {record['layers']}, "
           f"{counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active per token")
@@ -300,6 +302,7 @@ def add_commands(sub: Any) -> None:
                         "add_weighted_adapter does (factors: the paper's LoRA TIES / DARE-TIES; weights are PEFT's, "
                         "1 each by default)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output shard")
+    add_dtype_option(p, "the merged model's weights")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_merge)
 
@@ -356,6 +359,7 @@ def add_commands(sub: Any) -> None:
                    help=f"weight of the load-balancing loss (default {routers.aux_loss_coef})")
     p.add_argument("--seed", type=int, default=0, help="random routers and the training order")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output shard (FFT-MoE)")
+    add_dtype_option(p, "the mixture's weights (a LoRA-MoE's experts; auto: the adapters' own)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_mix)
 

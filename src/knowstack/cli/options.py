@@ -141,3 +141,11 @@ def add_statistics_merge_options(parser: Any) -> None:
     from knowstack.config import MergeConfig
 
     add_model_options(parser, MergeConfig, only=STATISTICS_MERGE_OPTIONS, helps=STATISTICS_MERGE_HELP)
+
+
+def add_dtype_option(parser: Any, what: str) -> None:
+    """--dtype of an output's weights (merge, mix): the base's unless another is asked for."""
+    from knowstack.modelio import DTYPE_CHOICES
+
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help=f"dtype of {what} (default auto: the base's)")

@@ -3,6 +3,13 @@
 A full model gives its weights theta (and tau = theta - base); a LoRA adapter gives, for each
 weight it targets, tau = scale * B @ A with scale = alpha / r (alpha / sqrt(r) with rsLoRA),
 exactly the delta that PEFT's merge_and_unload adds to the base.
+
+A full model is read as transformers loads it: tied (its output layer is its input embedding) when it stores no
+output layer, or one equal to its embedding (another tool's redundant copy), whatever its config says; untied when
+it stores one that differs (a tie a user broke). Tied models present no output layer, so that what a tied base
+and its fine-tunes present agrees. Where tied and untied models are combined (`common_tie`), each tied one
+presents its embedding as its output layer too, so that the untied ones' output layers are merged (or mixed)
+against it, and the output is untied.
 """
 
 from __future__ import annotations
@@ -10,19 +17,27 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from knowstack.errors import KnowstackError
-from knowstack.modeling.streaming import SafetensorsReader
+from knowstack.modeling.families import INPUT_EMBEDDING, OUTPUT_EMBEDDING
+from knowstack.modeling.streaming import SafetensorsReader, TensorSpec
+from knowstack.modelio import with_dtype, write_config
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# Config fields that say nothing about the weights: where the model came from, how it was saved.
+# Config fields that say nothing about the weights: where the model came from, how it was saved. (And the tie:
+# FullModel reads it from the tensors, and the tensors each model presents are compared.)
 IGNORED_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache",
-                       "_attn_implementation", "_attn_implementation_autoset", "_commit_hash"}
+                       "_attn_implementation", "_attn_implementation_autoset", "_commit_hash", "tie_word_embeddings"}
+ROW_LOOK = 4096  # elements of the output layer and the embedding compared before comparing them whole
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -41,7 +56,8 @@ def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 
 class FullModel:
-    """A HF model dir: config.json + safetensors weights."""
+    """A HF model dir: config.json + safetensors weights, presented tie-aware (the module's docstring): `specs`
+    are the tensors it presents, `read` reads one of them in its stored dtype."""
 
     kind = "fft"
 
@@ -51,12 +67,55 @@ class FullModel:
             raise KnowstackError("not a model dir (no config.json)", path=self.path)
         self.config = read_json(self.path / "config.json")
         self.reader = SafetensorsReader.from_dir(self.path)
+        self.tied = self._stored_tied()
+        self.specs: dict[str, TensorSpec] = {name: spec for name, spec in self.reader.specs.items()
+                                             if not (self.tied and name == OUTPUT_EMBEDDING)}
+        self._aliases: dict[str, str] = {}  # a presented name -> the stored tensor it reads
+
+    def _stored_tied(self) -> bool:
+        """Tied: an embedding and no output layer of its own, or one equal to the embedding (its first elements
+        first: an untied model's differ there, and nothing more is read)."""
+        stored = self.reader.specs
+        if INPUT_EMBEDDING not in stored:
+            return False
+        if OUTPUT_EMBEDDING not in stored:
+            return True
+        head, embedding = stored[OUTPUT_EMBEDDING], stored[INPUT_EMBEDDING]
+        if (head.shape, head.dtype) != (embedding.shape, embedding.dtype):
+            return False
+        if not torch.equal(self.reader.read_start(OUTPUT_EMBEDDING, ROW_LOOK),
+                           self.reader.read_start(INPUT_EMBEDDING, ROW_LOOK)):
+            return False
+        return torch.equal(self.reader.read(OUTPUT_EMBEDDING), self.reader.read(INPUT_EMBEDDING))
+
+    def present_output_layer(self) -> None:
+        """A tied model presents its embedding as its output layer too (to be combined with untied models)."""
+        if self.tied and OUTPUT_EMBEDDING not in self.specs:
+            self._aliases[OUTPUT_EMBEDDING] = INPUT_EMBEDDING
+            self.specs[OUTPUT_EMBEDDING] = replace(self.reader.specs[INPUT_EMBEDDING], name=OUTPUT_EMBEDDING)
 
     def names(self) -> set[str]:
-        return set(self.reader.specs)
+        return set(self.specs)
+
+    def order(self) -> list[str]:
+        """The presented names in the order their bytes lie on disk (an output layer read from the embedding
+        last, where save_pretrained puts an untied one)."""
+        return [name for name in self.reader.names() if name in self.specs and name not in self._aliases] + list(
+            self._aliases)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.reader.read(self._aliases.get(name, name))
 
     def full(self, name: str) -> torch.Tensor:
-        return self.reader.read(name).float()
+        return self.read(name).float()
+
+    def weights_dtype(self) -> torch.dtype:
+        """The dtype most of its floating parameters are stored in (what config.json's dtype names)."""
+        counts: Counter[torch.dtype] = Counter()
+        for spec in self.specs.values():
+            if spec.torch_dtype.is_floating_point:
+                counts[spec.torch_dtype] += math.prod(spec.shape)
+        return counts.most_common(1)[0][0] if counts else torch.float32
 
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
         return self.full(name).sub_(base)
@@ -138,6 +197,16 @@ class LoraAdapter:
         return delta.mul_(scale)
 
 
+def common_tie(models: Sequence[FullModel]) -> bool:
+    """Whether what combines `models` is tied: all of them are. Where some are not, the tied ones present their
+    embedding as their output layer too (FullModel.present_output_layer), so all present the same tensors."""
+    tied = all(model.tied for model in models)
+    if not tied:
+        for model in models:
+            model.present_output_layer()
+    return tied
+
+
 def open_input(path: str | Path) -> FullModel | LoraAdapter:
     path = Path(path).expanduser()
     if not path.is_dir():
@@ -145,3 +214,16 @@ def open_input(path: str | Path) -> FullModel | LoraAdapter:
     if (path / ADAPTER_CONFIG).is_file():
         return LoraAdapter(path)
     return FullModel(path)
+
+
+def write_output_config(model: FullModel, folder: Path, *, tied: bool, dtype: torch.dtype) -> None:
+    """`model`'s config.json for an output made from it whose floating weights are `dtype`, tied or not: copied as
+    it is where nothing changes; otherwise with its dtype fields (modelio.with_dtype) and tie_word_embeddings
+    (where `model` has the embedding a tie is read from) set to what was written."""
+    config = with_dtype(model.config, dtype)
+    if INPUT_EMBEDDING in model.reader.specs and model.config.get("tie_word_embeddings") is not tied:
+        config["tie_word_embeddings"] = tied
+    if config == model.config:
+        shutil.copy2(model.path / "config.json", Path(folder) / "config.json")
+    else:
+        write_config(folder, config)

@@ -4,7 +4,8 @@
 
 Inputs are full HF model dirs (one-round FFT models) or PEFT LoRA adapter dirs (one-round LoRA);
 the output is a full HF model dir that AutoModelForCausalLM loads: the base's config and tokenizer
-files, sharded safetensors and their index, and merge.json (what was merged, how); a linear merge of
+files (chat template and generation_config too), sharded safetensors and their index, in the base's dtype
+unless another is asked for, tied where the base and the models are (combine/inputs.py), and merge.json (what was merged, how); a linear merge of
 LoRA adapters is also written, exactly, as a PEFT adapter in adapter/ (lora_sum.py). It is written
 into a temporary dir renamed when complete. Memory: one tensor per input (in float32) plus the
 method's working tensors, whatever the model's size; the output is streamed to disk.
@@ -13,7 +14,6 @@ method's working tensors, whatever the model's size; the output is streamed to d
 from __future__ import annotations
 
 import hashlib
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,18 +21,28 @@ import torch
 from tqdm.auto import tqdm
 
 from knowstack.atomic import atomic_dir, atomic_write_json
-from knowstack.combine.inputs import FullModel, LoraAdapter, config_differences, open_input, read_json
+from knowstack.combine.inputs import (
+    FullModel,
+    LoraAdapter,
+    common_tie,
+    config_differences,
+    open_input,
+    read_json,
+    write_output_config,
+)
 from knowstack.combine.lora_sum import ADAPTER_DIR, representable, save_adapter, write_sum_adapter
 from knowstack.combine.merge_factors import get_factor_method, merge_lora_factors
 from knowstack.combine.merges import METHODS, MergeMethod, MergeOptions, get_method
 from knowstack.combine.statistics import Statistics, check_statistics, open_statistics
 from knowstack.errors import KnowstackError
-from knowstack.modeling.streaming import ShardedWriter
+from knowstack.modeling.streaming import MAX_SHARD_BYTES, ShardedWriter
+from knowstack.modelio import (
+    TOKENIZER_FILES,  # noqa: F401  (its home is modelio; still importable from here)
+    copy_model_files,
+    dtype_name,
+    output_dtype,
+)
 
-# Files besides the weights that make the output a loadable model; copied from the base.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
-                   "chat_template.json", "generation_config.json")
 MERGE_FILE = "merge.json"
 
 Input = FullModel | LoraAdapter
@@ -47,14 +57,17 @@ def merge_models(
     weights: Sequence[float] | None = None,
     options: MergeOptions | None = None,
     seed: int = 0,
-    max_shard_bytes: int = 5 * 2**30,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: bool = False,
     statistics: Sequence[str | Path] | None = None,
+    dtype: str = "auto",
 ) -> Path:
     """Merge `models` (model dirs and/or LoRA adapter dirs) with `method` into the model dir `out`. statistics: for
     a method that reads statistics of each model's data (regmean, fisher), one statistics dir per model, in the
-    models' order (combine/statistics.py)."""
+    models' order (combine/statistics.py). dtype: the output's floating tensors' (modelio.DTYPE_CHOICES; "auto":
+    each as the base's)."""
     chosen = get_method(method)
+    cast = output_dtype(dtype)
     options = options or MergeOptions()
     inputs = [open_input(path) for path in models]
     if not inputs:
@@ -75,6 +88,7 @@ def merge_models(
     base_model = FullModel(Path(base).expanduser()) if base is not None else None
     reference = base_model or inputs[0]
     assert isinstance(reference, FullModel)
+    tied = common_tie([m for m in [base_model, *inputs] if isinstance(m, FullModel)])
     check_compatible(reference, inputs)
     contributed = _statistics(chosen, statistics, inputs, reference)
     for model in [*inputs, base_model]:
@@ -88,8 +102,10 @@ def merge_models(
     with atomic_dir(out) as tmp:
         merged_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if factors else None
         _write_merged(tmp, chosen, reference, base_model if in_delta_space else None, inputs, weight_tensor,
-                      options, seed, max_shard_bytes, progress, merged_factors, contributed)
-        _copy_model_files(reference.path, tmp)
+                      options, seed, max_shard_bytes, progress, merged_factors, contributed, cast)
+        written = cast or reference.weights_dtype()
+        write_output_config(reference, tmp, tied=tied, dtype=written)
+        copy_model_files(reference.path, tmp)
         adapter = factors or representable(chosen, inputs)
         if merged_factors is not None:
             write_factor_adapter(tmp / ADAPTER_DIR, merged_factors, inputs, str(base))
@@ -103,6 +119,7 @@ def merge_models(
             "weights": weight_tensor.tolist(), "density": options.density, "drop_rate": options.drop_rate,
             "lambda": options.lam, "seed": seed, "adapter": ADAPTER_DIR if adapter else None,
             "lora_space": options.lora_space if any(isinstance(m, LoraAdapter) for m in inputs) else None,
+            "dtype": dtype_name(written),
         }
         if contributed is not None:
             record["statistics"] = [str(stats.path) for stats in contributed]
@@ -129,15 +146,17 @@ def _write_cards(tmp: Path, method: str, base: str | Path | None, models: list[P
 def _write_merged(tmp: Path, method: MergeMethod, reference: FullModel, base: FullModel | None, inputs: list[Input],
                   weights: torch.Tensor, options: MergeOptions, seed: int, max_shard_bytes: int,
                   progress: bool, merged_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None,
-                  statistics: list[Statistics] | None = None) -> None:
-    """Every tensor of `reference`, in its on-disk order, merged and streamed into shards in `tmp`.
+                  statistics: list[Statistics] | None = None, cast: torch.dtype | None = None) -> None:
+    """Every tensor `reference` presents, in its on-disk order, merged and streamed into shards in `tmp`.
     With a `base`, the method works on task vectors (and LoRA deltas); without, on the full weights.
     merged_factors: given for a merge in LoRA factor space, and filled with each module's merged (A, B).
-    statistics: each input's, for a method that reads them."""
-    specs = reference.reader.specs
-    order = reference.reader.names()
-    writer = ShardedWriter(tmp, [(name, specs[name].torch_dtype, specs[name].shape) for name in order],
-                           max_shard_bytes)
+    statistics: each input's, for a method that reads them. cast: the floating tensors' dtype (None: each
+    as the reference's)."""
+    specs = reference.specs
+    order = reference.order()
+    dtypes = {name: cast if cast is not None and specs[name].torch_dtype.is_floating_point
+              else specs[name].torch_dtype for name in order}
+    writer = ShardedWriter(tmp, [(name, dtypes[name], specs[name].shape) for name in order], max_shard_bytes)
     for name in tqdm(order, desc=f"merge {method.name}", unit="tensor", disable=not progress):
         if statistics is not None:
             merged = _merge_with_statistics(method, name, base, inputs, weights, options, statistics)
@@ -148,7 +167,7 @@ def _write_merged(tmp: Path, method: MergeMethod, reference: FullModel, base: Fu
             merged = _merge_deltas(method, name, base, inputs, weights, options, seed)
         else:
             merged = _merge_full(method, name, inputs, weights, options, seed)
-        writer.write(name, merged.to(specs[name].torch_dtype))
+        writer.write(name, merged.to(dtypes[name]))
         del merged  # not alive while the next tensor is merged
     writer.close()
 
@@ -180,7 +199,7 @@ def _merge_full(method: MergeMethod, name: str, inputs: list[Input], weights: to
 
 def _merge_deltas(method: MergeMethod, name: str, base: FullModel, inputs: list[Input], weights: torch.Tensor,
                   options: MergeOptions, seed: int) -> torch.Tensor:
-    raw = base.reader.read(name)
+    raw = base.read(name)
     if not raw.is_floating_point():
         return _same_everywhere(name, [raw] + [m.full(name) for m in inputs if isinstance(m, FullModel)], inputs)
     base_tensor = raw.float()
@@ -211,7 +230,7 @@ def _statistics(method: MergeMethod, given: Sequence[str | Path] | None, inputs:
         raise KnowstackError(f"'{method.name}' needs the {method.statistics} statistics of every model, one "
                              f"statistics dir per model in their order; got {len(given)} for {len(inputs)} models"
                              f"{detail}", field="statistics")
-    shapes = {name: tuple(spec.shape) for name, spec in reference.reader.specs.items()}
+    shapes = {name: tuple(spec.shape) for name, spec in reference.specs.items()}
     opened = [open_statistics(path, method.statistics) for path in given]
     for stats, model in zip(opened, inputs, strict=True):
         check_statistics(stats, shapes)
@@ -236,7 +255,7 @@ def _merge_with_statistics(method: MergeMethod, name: str, base: FullModel | Non
     from knowstack.combine.merges.blocks import weighted_mean
 
     if base is not None:
-        raw = base.reader.read(name)
+        raw = base.read(name)
         if not raw.is_floating_point():
             return _same_everywhere(name, [raw] + [m.full(name) for m in inputs if isinstance(m, FullModel)], inputs)
         base_tensor = raw.float()
@@ -264,7 +283,7 @@ def _merge_factors(method: str, name: str, base: FullModel, inputs: list[Input],
                    options: MergeOptions, seed: int, merged: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """The base's weight plus B'A', the product of the adapters' A and B merged apart (PEFT's way; every input is
     a LoraAdapter here). The adapters that do not target this weight take no part in it, as in PEFT."""
-    base_tensor = base.reader.read(name)
+    base_tensor = base.read(name)
     targeting = [(m, float(w)) for m, w in zip(inputs, weights.tolist(), strict=True)
                  if isinstance(m, LoraAdapter) and name in m.modules]
     if not targeting or not base_tensor.is_floating_point():
@@ -326,7 +345,7 @@ def _check_same_config(reference: FullModel, config: dict, path: Path, what: str
 
 
 def _check_same_tensors(reference: FullModel, model: FullModel) -> None:
-    ours, theirs = reference.reader.specs, model.reader.specs
+    ours, theirs = reference.specs, model.specs
     missing = sorted(set(ours) - set(theirs))
     extra = sorted(set(theirs) - set(ours))
     if missing or extra:
@@ -348,7 +367,7 @@ def _check_adapter(reference: FullModel, adapter: LoraAdapter, names: set[str]) 
     for name, (a_name, b_name, _) in adapter.modules.items():
         out_features = adapter.reader.specs[b_name].shape[0]
         in_features = adapter.reader.specs[a_name].shape[1]
-        shape = reference.reader.specs[name].shape
+        shape = reference.specs[name].shape
         if adapter.config.get("fan_in_fan_out"):
             shape = shape[::-1]
         if (out_features, in_features) != shape:
@@ -360,9 +379,3 @@ def _check_adapter(reference: FullModel, adapter: LoraAdapter, names: set[str]) 
         what = f"the config of the model it was trained on ({trained_on})"
         _check_same_config(reference, read_json(Path(trained_on) / "config.json"), adapter.path, what)
 
-
-def _copy_model_files(source: Path, tmp: Path) -> None:
-    shutil.copy2(source / "config.json", tmp / "config.json")
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, tmp / name)

@@ -3,7 +3,7 @@
     mix_models(base, [m1, m2, m3], out, options=MoeOptions(top_k=2, router="prompts"),
                prompts=[[...], [...], [...]])
 
-Full model dirs give an FFT-MoE (a Mixtral or knowstack_moe checkpoint, moe_fft.py); PEFT LoRA adapter
+Full model dirs give an FFT-MoE (the base family's stock MoE class, e.g. Mixtral, or knowstack_moe; moe_fft.py); PEFT LoRA adapter
 dirs give a LoRA-MoE dir loaded onto the base (moe_lora.py). Routers are built without data or from a
 few prompts per expert (routers.py); optionally they alone are then trained (train/router_training.py),
 here or under `accelerate launch` (train/router_job.py). The output dir is written under a temporary
@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from knowstack.atomic import atomic_dir, atomic_write_json
 from knowstack.combine.inputs import FullModel, LoraAdapter, open_input
@@ -33,9 +33,13 @@ from knowstack.config import MoeConfig
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
 from knowstack.modeling.routing import Router
+from knowstack.modelio import DTYPE_CHOICES, dtype_name, output_dtype
 from knowstack.train.launch import LaunchSpec
 from knowstack.train.router_job import RouterJob, launch_router_job, run_router_job
 from knowstack.train.router_training import RouterTraining
+
+if TYPE_CHECKING:
+    from knowstack.combine.moe_fft import FftMoeLayout
 
 MOE_FILE = "moe.json"
 BASE_EXPERTS = ("none", "routed", "always-on")
@@ -61,7 +65,9 @@ class MoeOptions:
     attention: self-attention projections (q_proj, k_proj, v_proj, o_proj) that are experts too in every
     mixed layer, each with its own router (FFT only: a LoRA-MoE mixes every module its adapters target);
     routing (LoRA-MoE): one router per layer, or per module (each reading its module's input; None: per
-    module for arrow, per layer otherwise); temperature: Arrow's softmax temperature."""
+    module for arrow, per layer otherwise); temperature: Arrow's softmax temperature; dtype: the output's
+    floating tensors (modelio.DTYPE_CHOICES; auto: the base's for an FFT-MoE, the adapters' own for a LoRA-MoE,
+    whose routers stay float32)."""
 
     top_k: int = _DECLARED.top_k
     layers: tuple[int, ...] | None = None
@@ -73,6 +79,7 @@ class MoeOptions:
     attention: tuple[str, ...] = ()
     routing: str | None = None
     temperature: float = 1.0
+    dtype: str = "auto"
 
     def effective_routing(self) -> str:
         return self.routing or ("module" if self.router in PER_MODULE_ROUTERS else "layer")
@@ -104,6 +111,7 @@ def mix_models(
     kind = _kind(inputs)
     _validate(kind, len(inputs), int(base_model.config["num_hidden_layers"]), options, prompts, train_examples,
               training)
+    layout = _fft_layout(base_model, len(inputs), options) if kind == "fft" else None  # refused before any compute
     out = Path(out).expanduser()
     if out.resolve() in {p.resolve() for p in [base_model.path, *(m.path for m in inputs)]}:
         raise KnowstackError("the output dir is one of the inputs (it would be replaced)", path=out)
@@ -120,7 +128,7 @@ def mix_models(
         routers = _routers(kind, base_model, options, prompts, tokenizer, len(inputs))
     attention_routers = _attention_routers(base_model, options, routers, len(inputs))
     with atomic_dir(out) as tmp:
-        record = _build(kind, tmp, base_model, inputs, options, routers, max_shard_bytes, attention_routers)
+        record = _build(kind, tmp, base_model, inputs, options, routers, max_shard_bytes, attention_routers, layout)
         if options.router != "none" and (prompts or training):
             job = _router_job(kind, tmp, base_model, tokenizer_path, prompts, train_examples, training)
             record.update(launch_router_job(job, launch) if launch and training else run_router_job(job))
@@ -172,6 +180,7 @@ def _validate(kind: str, n_models: int, n_layers: int, options: MoeOptions, prom
          f"the {options.router} router is training-free (its rows come from the adapters): leave router training "
          "out"),
         (not options.temperature > 0, "temperature", "temperature must be > 0"),
+        (options.dtype not in DTYPE_CHOICES, "dtype", f"dtype must be one of {', '.join(DTYPE_CHOICES)}"),
         (options.temperature != 1.0 and options.router != "arrow", "temperature", "temperature is the arrow router's"),
         (options.router in ("hidden", "cheap-embed") and options.effective_routing() == "module", "routing",
          f"the {options.router} router builds one row per layer from hidden states: use routing 'layer'"),
@@ -263,22 +272,30 @@ def _projection_inputs(base: FullModel, layer: int, projection: str) -> int:
     return base.reader.specs[name].shape[1]
 
 
+def _fft_layout(base: FullModel, n_models: int, options: MoeOptions) -> FftMoeLayout:
+    """The FFT-MoE's class and tensors, from the base's config and the options (or the error why none fits)."""
+    from knowstack.combine.moe_fft import choose_layout
+
+    return choose_layout(base.config, n_models, layers=options.layers, base_expert=options.base_expert,
+                         router_free=options.router == "none", router_bias=options.router == "base-biased",
+                         attention=options.attention)
+
+
 def _build(kind: str, tmp: Path, base: FullModel, inputs: list, options: MoeOptions,
            routers: dict[int, Router] | None, max_shard_bytes: int,
-           attention_routers: dict[tuple[int, str], Router] | None = None) -> dict[str, Any]:
+           attention_routers: dict[tuple[int, str], Router] | None = None,
+           layout: FftMoeLayout | None = None) -> dict[str, Any]:
     common = {"kind": kind, "base": str(base.path), "models": [str(m.path) for m in inputs],
               "options": _recorded_options(options)}
+    cast = output_dtype(options.dtype)
     if kind == "fft":
-        from knowstack.combine.moe_fft import choose_layout, write_fft_moe
+        from knowstack.combine.moe_fft import write_fft_moe
 
-        layout = choose_layout(base.config, len(inputs), layers=options.layers, base_expert=options.base_expert,
-                               router_free=options.router == "none", router_bias=options.router == "base-biased",
-                               attention=options.attention)
+        layout = layout or _fft_layout(base, len(inputs), options)
         counts = write_fft_moe(tmp, base, inputs, layout, top_k=options.top_k, shared=options.shared, routers=routers,
-                               attention_routers=attention_routers, max_shard_bytes=max_shard_bytes)
-        architecture = "MixtralForCausalLM" if layout.stock else "KnowstackMoeForCausalLM"
-        return {**common, "architecture": architecture, "experts": layout.n_routed, "layers": list(layout.layers),
-                "parameters": counts}
+                               attention_routers=attention_routers, max_shard_bytes=max_shard_bytes, dtype=cast)
+        return {**common, "architecture": layout.architecture, "experts": layout.n_routed,
+                "layers": list(layout.layers), "parameters": counts, "dtype": dtype_name(cast or base.weights_dtype())}
     from knowstack.combine.merge import check_compatible
     from knowstack.combine.moe_lora import write_lora_moe
 
@@ -287,17 +304,19 @@ def _build(kind: str, tmp: Path, base: FullModel, inputs: list, options: MoeOpti
                             base_expert=options.base_expert == "routed", router=options.router, routers=routers,
                             routing=options.effective_routing(),
                             router_score={"arrow": "arrow", "gates": "phatgoose"}.get(options.router, "linear"),
-                            temperature=options.temperature)
+                            temperature=options.temperature, dtype=cast)
     return {**common, "architecture": "lora-moe", "experts": config["num_experts"], "layers": config["layers"],
-            "parameters": _lora_parameters(tmp, base, config)}
+            "parameters": _lora_parameters(tmp, base, config), **({"dtype": options.dtype} if cast else {})}
 
 
 def _recorded_options(options: MoeOptions) -> dict[str, Any]:
-    """The options moe.json records; routing and temperature (added later) only where they are set, so that
-    a mixture made without them records what it always did."""
+    """The options moe.json records; routing, temperature and dtype (added later) only where they are set, so
+    that a mixture made without them records what it always did."""
     recorded = asdict(options)
     if recorded["routing"] is None:
         del recorded["routing"]
+    if recorded["dtype"] == "auto":
+        del recorded["dtype"]
     if options.router != "arrow":
         del recorded["temperature"]
     return recorded
@@ -309,7 +328,7 @@ def _lora_parameters(tmp: Path, base: FullModel, config: dict) -> dict[str, int]
     from knowstack.modeling.streaming import SafetensorsReader
 
     shapes = {name: spec.shape for name, spec in SafetensorsReader([tmp / WEIGHTS_FILE]).specs.items()}
-    base_parameters = sum(math.prod(spec.shape) for spec in base.reader.specs.values())
+    base_parameters = sum(math.prod(spec.shape) for spec in base.specs.values())
     return parameter_counts(config, base_parameters, shapes)
 
 

@@ -17,17 +17,20 @@ from knowstack.combine.inputs import FullModel, LoraAdapter
 from knowstack.errors import KnowstackError
 from knowstack.modeling.lora_moe import CONFIG_FILE, FORMAT, WEIGHTS_FILE, layer_of
 from knowstack.modeling.routing import Router
+from knowstack.modelio import copy_model_files
 
 
 def write_lora_moe(out: Path, base: FullModel, adapters: Sequence[LoraAdapter], *, top_k: int,
                    layers: Sequence[int] | None, base_expert: bool, router: str,
                    routers: dict[int, Router] | dict[str, Router] | None, routing: str = "layer",
-                   router_score: str = "linear", temperature: float = 1.0) -> dict:
-    """Writes lora_moe.json + lora_moe.safetensors into the dir `out`; returns the config written.
+                   router_score: str = "linear", temperature: float = 1.0, dtype: torch.dtype | None = None) -> dict:
+    """Writes lora_moe.json + lora_moe.safetensors into the dir `out`, with the base's tokenizer files, chat
+    template and generation_config (what a user chats with it by); returns the config written.
 
     Expert order: the null base expert first when `base_expert`, then the adapters in order.
     routers: by mixed layer (routing "layer") or by module name (routing "module"); router_score
-    "arrow" (with its temperature) for Arrow's |W x| / T scores."""
+    "arrow" (with its temperature) for Arrow's |W x| / T scores. dtype: the experts' A and B (None: each adapter's
+    own; routers are float32 either way, as they are trained)."""
     offset = 1 if base_expert else 0
     n_experts = len(adapters) + offset
     modules = module_layout(adapters, layers)
@@ -39,8 +42,8 @@ def write_lora_moe(out: Path, base: FullModel, adapters: Sequence[LoraAdapter], 
             adapter = adapters[index]
             a_name, b_name, scale = adapter.modules[f"{module}.weight"]
             a, b = adapter.reader.read(a_name), adapter.reader.read(b_name)
-            a_parts.append(a)
-            b_parts.append((b.float() * scale).to(b.dtype))
+            a_parts.append(a if dtype is None else a.to(dtype))
+            b_parts.append((b.float() * scale).to(b.dtype if dtype is None else dtype))
             ranks.append(a.shape[0])
         tensors[f"{module}.lora_A"] = torch.cat(a_parts, dim=0).contiguous()
         tensors[f"{module}.lora_B"] = torch.cat(b_parts, dim=1).contiguous()
@@ -67,6 +70,7 @@ def write_lora_moe(out: Path, base: FullModel, adapters: Sequence[LoraAdapter], 
         config["temperature"] = temperature
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     atomic_write_json(out / CONFIG_FILE, config)
+    copy_model_files(base.path, out)
     return config
 
 

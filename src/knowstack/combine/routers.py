@@ -15,8 +15,9 @@ From a few prompts per expert (moetify's positive-token init): expert e's row is
 mean of the router's input on the base model over expert e's prompts (mean over each prompt's
 tokens, then over prompts). A routed base expert, which has no prompts, gets a zero row.
 
-The router's input is captured exactly where the MoE's router reads it: the MLP's input (the
-output of post_attention_layernorm) for FFT-MoE, the layer's attention input (the output of
+The router's input is captured exactly where the MoE's router reads it: the MLP's input (in Llama
+the output of post_attention_layernorm, in OLMo-2 the residual stream) for FFT-MoE, the layer's attention
+input (the output of
 input_layernorm) for LoRA-MoE, which routes once per layer for all its modules. A mixed attention
 projection's router reads the projection's own input; it starts as its layer's MLP router does: from
 prompts with the same rows (as moetify, which inits every module's router of a layer from the layer's
@@ -112,8 +113,9 @@ def prompt_routers(means: dict[int, torch.Tensor], base_index: int | None = None
     return routers
 
 
-def _site_module(layer: nn.Module, site: Site) -> nn.Module:
-    return layer.post_attention_layernorm if site == "mlp" else layer.input_layernorm
+def _site_target(layer: nn.Module, site: Site) -> tuple[nn.Module, str]:
+    # an FFT-MoE's router reads what the MLP reads (OLMo-2 norms after its MLP, not before)
+    return (layer.mlp, "input") if site == "mlp" else (layer.input_layernorm, "output")
 
 
 def mean_router_inputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
@@ -122,7 +124,10 @@ def mean_router_inputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     """For each layer, one row per expert: the mean over that expert's prompts of the mean over the
     prompt's tokens of the router input at `site` (its norm's output), on `model` (the base)."""
     all_layers = decoder_layers(model)
-    targets = {i: (_site_module(all_layers[i], site), model.config.hidden_size, "output") for i in layers}
+    targets = {}
+    for i in layers:
+        module, which = _site_target(all_layers[i], site)
+        targets[i] = (module, model.config.hidden_size, which)
     return _mean_per_expert(model, tokenizer, prompts_per_expert, targets, max_length)
 
 

@@ -101,10 +101,11 @@ def _checked_kinds(kinds: Sequence[str]) -> list[str]:
 
 
 def _wanted_weights(network: torch.nn.Module, source: FullModel | LoraAdapter) -> set[str]:
-    """The parameter tensors statistics are taken for: all of a full model's, the targeted weights of an adapter."""
+    """The parameter tensors statistics are taken for: all of a full model's that it presents (an output layer equal to
+    the embedding is the embedding: combine/inputs.py), the targeted weights of an adapter."""
     names = {name for name, _ in network.named_parameters()}
     if isinstance(source, FullModel):
-        return names
+        return names & source.names()
     missing = sorted(source.names() - names)
     if missing:
         raise KnowstackError(f"adapter targets '{missing[0]}', which the base has not", path=source.path)

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -34,6 +35,9 @@ from knowstack.hashing import remember_sha256
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# The largest shard any knowstack output is written in (merges, MoEs, trained and merged models alike): the Hub's
+# long-standing 5 GB. A model smaller than that is one model.safetensors, as save_pretrained writes it.
+MAX_SHARD_BYTES = 5 * 2**30
 
 # safetensors dtype names <-> torch dtypes (the ones a causal LM checkpoint holds)
 DTYPES: dict[str, torch.dtype] = {
@@ -153,6 +157,17 @@ class SafetensorsReader:
             running.done_with(spec.nbytes)
         return tensor
 
+    def read_start(self, name: str, count: int) -> torch.Tensor:
+        """The first `count` elements of a tensor (flattened), without reading the rest: a cheap first look before
+        a whole read. Not hashed."""
+        spec = self.specs[name]
+        part = replace(spec, shape=(min(count, math.prod(spec.shape)),))
+        tensor = torch.empty(part.shape, dtype=spec.torch_dtype)
+        with spec.file.open("rb", buffering=0) as handle:
+            handle.seek(self.data_start[spec.file] + spec.offset)
+            _read_into(handle, tensor, part, None)
+        return tensor
+
     def _running_hash(self, spec: TensorSpec, handle: BinaryIO) -> _RunningHash | None:
         """The file's hash so far if this tensor's bytes come next in it (started at its first tensor); None
         (and no further hashing of the file) once a read breaks the file's order."""
@@ -228,7 +243,7 @@ class ShardedWriter:
     write() must not change until the next write() or close()."""
 
     def __init__(self, out_dir: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 max_shard_bytes: int = 5 * 2**30):
+                 max_shard_bytes: int = MAX_SHARD_BYTES):
         if sys.byteorder != "little":
             raise KnowstackError("safetensors files are little-endian; this machine is not")
         self.out_dir = out_dir
@@ -271,7 +286,10 @@ class ShardedWriter:
             self._handle = None
         weight_map = {name: self.shard_name(i) for i, shard in enumerate(self.shards) for name, _, _ in shard}
         total = sum(_nbytes(dtype, shape) for _, dtype, shape in self.expected)
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        parameters = sum(math.prod(shape) for _, _, shape in self.expected)
+        # the metadata save_pretrained writes (transformers 5): bytes and parameters of all shards together
+        index = {"metadata": {"total_parameters": parameters, "total_size": total},
+                 "weight_map": dict(sorted(weight_map.items()))}
         (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         return index
 

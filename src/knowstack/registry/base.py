@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from knowstack.combine.inputs import FullModel
-from knowstack.combine.merge import TOKENIZER_FILES
 from knowstack.errors import KnowstackError
 from knowstack.hashing import content_hash, file_sha256
 from knowstack.modeling.streaming import INDEX_FILE, weight_files
+from knowstack.modelio import TOKENIZER_FILES
 from knowstack.registry import db
 from knowstack.registry.core import BASE_NAME, Registry, cache_dir, is_url, remote_fs
 from knowstack.registry.records import LOG_DIR, check_exclusive_create, create_log
@@ -63,8 +63,8 @@ def store_files(store: ObjectStore, files: dict[str, Path]) -> tuple[dict[str, s
 
 def architecture(model: FullModel) -> dict[str, Any]:
     arch = {key: model.config[key] for key in ARCHITECTURE_FIELDS if key in model.config}
-    arch["parameters"] = sum(math.prod(spec.shape) for spec in model.reader.specs.values())
-    arch["tensors"] = len(model.reader.specs)
+    arch["parameters"] = sum(math.prod(spec.shape) for spec in model.specs.values())
+    arch["tensors"] = len(model.specs)
     return arch
 
 

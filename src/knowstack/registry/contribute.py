@@ -175,7 +175,7 @@ def statistics_files(folder: str | Path | None, base: FullModel,
     kinds = list(read_record(folder)["statistics"])
     if not kinds:
         raise KnowstackError("the statistics dir holds no statistics", path=folder / STATISTICS_FILE)
-    shapes = {name: tuple(spec.shape) for name, spec in base.reader.specs.items()}
+    shapes = {name: tuple(spec.shape) for name, spec in base.specs.items()}
     files = {STATISTICS_FILE: folder / STATISTICS_FILE}
     for kind in kinds:
         stats = open_statistics(folder, kind)

@@ -1,8 +1,11 @@
 """What each step of a study needs: estimated GPU memory and number of GPUs, before anything runs.
 
-The model's shape comes from its config (AutoConfig, offline: local dir or HF cache), from the
-built-in preset, or, for a few well-known hub ids that are not on this machine, from a table of their
-published architecture (FALLBACK_ARCHITECTURES; the dry-run says when it used it).
+The model's shape comes from its config alone, never its weights: a local dir's config.json (a dir holding just
+that is enough), a hub id's config.json in the local Hugging Face cache (looked up offline, never downloaded), the
+built-in preset, or, for a few well-known hub ids found in neither, the published config.json values of
+FALLBACK_CONFIGS (the dry run says which). The config builds the model on the meta device (shapes, no memory), and
+its parameters are counted there: exact for every family, whatever its quirks (docs/cluster.md, "Memory per
+step", has the formula below and a worked example).
 
 Training memory follows what train/loop.py does: float32 master weights (the model is loaded in
 float32 whatever the checkpoint's dtype), float32 gradients of the trainable parameters, AdamW's two
@@ -17,11 +20,15 @@ fits in `gpu_memory` with 10% left for the CUDA context and fragmentation.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from knowstack.config import LaunchSettings, StudyConfig
+from knowstack.modeling.families import family_of
 from knowstack.study.plan import Plan, Step
+from knowstack.validate import error_line, missing_model_files
 
 GiB = 2**30
 DEFAULT_GPU_MEMORY = 80 * GiB  # an A100/H100 80 GB
@@ -31,7 +38,9 @@ FLOAT32 = 4
 
 @dataclass(frozen=True)
 class Architecture:
-    """A Llama-family decoder's shape: enough to count parameters and activations."""
+    """A decoder's shape, read off the model its config builds on the meta device: enough to count parameters
+    (exactly: q/k/v biases, q/k norms, extra norms, fused projections and tied embeddings as the family has them)
+    and activations."""
 
     vocab: int
     hidden: int
@@ -39,42 +48,46 @@ class Architecture:
     intermediate: int
     heads: int
     kv_heads: int
+    head_dim: int
+    params: int  # every parameter of the model, a tied one once
+    mlp_params: int  # one layer's MLP: one FFT-MoE expert per layer
+    # the decoder layers' linear modules by (this family's) name: (in + out features summed over all layers,
+    # parameters in one layer)
+    linears: Mapping[str, tuple[int, int]]
+    norms: tuple[int, ...]  # elements per token that each of one layer's norms normalises
+    model_type: str = ""
     tied_embeddings: bool = False
     source: str = "config"
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
 
-    @property
-    def mlp_params(self) -> int:
-        """One layer's gate, up and down projections: one FFT-MoE expert per layer."""
-        return 3 * self.hidden * self.intermediate
+    def modules(self, llama_names: Iterable[str]) -> list[str]:
+        """This family's modules that hold Llama's named linear layers (Phi-3: q_proj, k_proj -> qkv_proj), once."""
+        family = family_of(self.model_type)
+        return list(dict.fromkeys(family.module_for(name) if family else name for name in llama_names))
 
-    @property
-    def params(self) -> int:
-        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_dim
-        per_layer = attention + self.mlp_params + 2 * self.hidden
-        embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
-        return self.layers * per_layer + embeddings + self.hidden
-
-    def lora_params(self, r: int, targets: list[str]) -> int:
+    def lora_params(self, r: int, targets: Iterable[str]) -> int:
         """r x (in + out) per targeted linear layer."""
-        h, kv, inter = self.hidden, self.kv_dim, self.intermediate
-        shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-                  "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
-        return self.layers * sum(r * sum(shapes[name]) for name in targets if name in shapes)
+        return r * sum(self.linears[name][0] for name in self.modules(targets) if name in self.linears)
+
+    def projection_params(self, llama_names: Iterable[str]) -> int:
+        """Parameters of the named linear layers in one decoder layer."""
+        return sum(self.linears[name][1] for name in self.modules(llama_names) if name in self.linears)
 
 
-# Published configs (config.json on the hub) of models a full-scale config names, for machines that
-# cannot fetch them: used only when AutoConfig cannot load the model offline.
-_LLAMA3_8B = Architecture(vocab=128256, hidden=4096, layers=32, intermediate=14336, heads=32, kv_heads=8,
-                          source="fallback table")
-FALLBACK_ARCHITECTURES: dict[str, Architecture] = {
+# The published config.json values (huggingface.co/meta-llama/Meta-Llama-3-8B/blob/main/config.json; every
+# field that sets a parameter's shape) of models a full-scale config names, for machines that have neither the
+# model nor its config: used only when no local dir and no Hugging Face cache holds its config.json.
+_LLAMA3_8B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False}
+FALLBACK_CONFIGS: dict[str, dict[str, Any]] = {
     "meta-llama/Meta-Llama-3-8B": _LLAMA3_8B,
     "meta-llama/Meta-Llama-3-8B-Instruct": _LLAMA3_8B,
     "meta-llama/Llama-3.1-8B": _LLAMA3_8B,
@@ -83,38 +96,123 @@ FALLBACK_ARCHITECTURES: dict[str, Architecture] = {
 
 
 def architecture_of(config: StudyConfig) -> tuple[Architecture | None, str]:
-    """The base model's shape and a sentence saying where it came from."""
+    """The base model's shape and a sentence saying where it came from (and what was assumed)."""
     base = config.base
     if base.builtin is not None:
+        from knowstack.builtin.pretrain import model_config
         from knowstack.builtin.world import PRESETS
 
         preset = PRESETS[base.builtin]
-        shape = preset.shape
-        arch = Architecture(vocab=preset.vocab_size, hidden=shape.hidden, layers=shape.layers,
-                            intermediate=shape.intermediate, heads=shape.heads, kv_heads=shape.kv_heads,
-                            source="builtin preset")
+        arch = _from_hf_config(model_config(preset.shape, preset.vocab_size), source="builtin preset")
         return arch, f"built-in preset '{base.builtin}'"
+    trust = base.trust_remote_code
     try:
-        from transformers import AutoConfig
+        hf, where = _offline_config(base.model, trust)
+    except Exception as err:  # noqa: BLE001 - a config transformers cannot read: no estimate, and the reason
+        return None, f"{base.model}: its config does not load offline ({error_line(err)})"
+    if hf is None:
+        if base.model in FALLBACK_CONFIGS:
+            from transformers import AutoConfig
 
-        hf = AutoConfig.from_pretrained(base.model, local_files_only=True, trust_remote_code=base.trust_remote_code)
-        return _from_hf_config(hf), f"{base.model}: its config (loaded offline)"
-    except Exception as err:  # not on disk, not in the HF cache, or no network: all the same here
-        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
-        if base.model in FALLBACK_ARCHITECTURES:
-            return FALLBACK_ARCHITECTURES[base.model], (
-                f"{base.model}: AutoConfig could not load it offline ({reason}); using knowstack's "
-                "fallback table of its published architecture")
-        return None, f"{base.model}: AutoConfig could not load it offline ({reason}) and it is not in the fallback table"
+            arch = _from_hf_config(AutoConfig.for_model(**FALLBACK_CONFIGS[base.model]), source="fallback table")
+            return arch, (f"{base.model}: not on this machine ({where}); using knowstack's fallback table of its "
+                          "published config.json")
+        return None, f"{base.model}: not on this machine ({where}) and not in the fallback table"
+    try:
+        arch = _from_hf_config(hf, trust_remote_code=trust)
+    except Exception as err:  # noqa: BLE001 - a model transformers cannot build from its config
+        return None, f"{base.model}: {where}, but transformers cannot build the model from it ({error_line(err)})"
+    return arch, f"{base.model}: {where}, parameters counted on the meta device{_config_only_note(base.model)}"
 
 
-def _from_hf_config(hf: Any) -> Architecture:
-    text = getattr(hf, "text_config", None) or hf  # multimodal configs nest the language model's
-    heads = int(text.num_attention_heads)
-    return Architecture(vocab=int(text.vocab_size), hidden=int(text.hidden_size), layers=int(text.num_hidden_layers),
-                        intermediate=int(text.intermediate_size), heads=heads,
-                        kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
-                        tied_embeddings=bool(getattr(text, "tie_word_embeddings", False)))
+def _offline_config(model: str, trust_remote_code: bool) -> tuple[Any | None, str]:
+    """The model's transformers config, read offline (None where this machine has none) and where it was found:
+    a local dir's config.json, or a hub id's in the local Hugging Face cache (huggingface_hub's lookup of what
+    is already downloaded: no request is made)."""
+    from transformers import AutoConfig
+
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code), "its config.json"
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model, "config.json")
+    if not isinstance(cached, str):
+        return None, "no local dir of that name, and its config.json is not in the Hugging Face cache"
+    hf = AutoConfig.from_pretrained(str(Path(cached).parent), trust_remote_code=trust_remote_code)
+    return hf, f"its config.json in the Hugging Face cache ({cached})"
+
+
+def _config_only_note(model: str) -> str:
+    """What the dry run assumed for a local dir that lacks the weights or tokenizer (a config-only base)."""
+    folder = Path(model).expanduser()
+    missing = missing_model_files(folder) if folder.is_dir() else []
+    if not missing:
+        return ""
+    return (f"; the dir has no {' and no '.join(missing)}, which a plan does not need: activations assume every "
+            "micro-batch row holds max_length tokens (the upper bound that packing reaches; no tokenizer counts "
+            "tokens here), and a run needs the weights and tokenizer in that dir")
+
+
+def _from_hf_config(hf: Any, *, trust_remote_code: bool = False, source: str = "config") -> Architecture:
+    """The shape of the model a transformers config builds, counted on the meta device (shapes only: no memory,
+    no weights; ~1 s for an 8B model, most of it importing the family's modeling code)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf, trust_remote_code=trust_remote_code)
+    text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf  # multimodal configs nest the LM's
+    hidden, heads, intermediate = int(text.hidden_size), int(text.num_attention_heads), int(text.intermediate_size)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    layers = _decoder_layers(model, int(text.num_hidden_layers))
+    mlp = getattr(layers[0], "mlp", None)
+    return Architecture(
+        vocab=int(text.vocab_size), hidden=hidden, layers=len(layers), intermediate=intermediate, heads=heads,
+        kv_heads=kv_heads, head_dim=head_dim, params=sum(p.numel() for p in model.parameters()),
+        mlp_params=sum(p.numel() for p in mlp.parameters()) if mlp is not None else 3 * hidden * intermediate,
+        linears=_linears(layers), norms=_norm_widths(layers[0], heads * head_dim, kv_heads * head_dim),
+        model_type=str(getattr(text, "model_type", "")),
+        tied_embeddings=bool(getattr(text, "tie_word_embeddings", False)), source=source)
+
+
+def _decoder_layers(model: Any, count: int) -> Any:
+    """The model's stack of decoder layers: its ModuleList of num_hidden_layers blocks."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count and count:
+            return module
+    raise ValueError(f"no list of {count} decoder layers in {type(model).__name__}")
+
+
+def _linears(layers: Any) -> dict[str, tuple[int, int]]:
+    import torch
+
+    found: dict[str, tuple[int, int]] = {}
+    for index, layer in enumerate(layers):
+        for name, module in layer.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                leaf = name.rsplit(".", 1)[-1]
+                width, params = found.get(leaf, (0, 0))
+                found[leaf] = (width + module.in_features + module.out_features,
+                               params + (sum(p.numel() for p in module.parameters()) if index == 0 else 0))
+    return found
+
+
+def _norm_widths(layer: Any, q_dim: int, kv_dim: int) -> tuple[int, ...]:
+    """Elements per token each norm of a decoder layer normalises. A norm is a leaf module holding only 1-D
+    parameters; a q/k norm (its name starts with q or k) acts on the whole projection, whatever its weight's
+    size (Qwen3's and Gemma-3's are one head wide, applied per head; OLMo-2's are the projection's width)."""
+    widths = []
+    for name, module in layer.named_modules():
+        own = list(module.parameters(recurse=False))
+        if not own or any(p.ndim != 1 for p in own) or next(module.children(), None) is not None:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        widths.append(q_dim if leaf.startswith("q") else kv_dim if leaf.startswith("k") else own[0].numel())
+    return tuple(widths)
 
 
 # --- memory ----------------------------------------------------------------------------------------
@@ -149,12 +247,12 @@ def gpus_needed(weights_grads_optimizer: int, activations: int, gpu_memory: int)
 
 def activation_bytes_per_token(arch: Architecture, experts_active: int = 1, lora_dropout: bool = False) -> int:
     """Elements saved for backward per token, summed over layers (x bytes per element by the caller):
-    norms' inputs and outputs, q, k, v and RoPE'd q, k, attention output (SDPA / flash: no score
-    matrix), the MLP's gate, up, silu(gate) and product, per active expert."""
-    h, kv, inter = arch.hidden, arch.kv_dim, arch.intermediate
-    per_layer = 7 * h + 3 * kv + 4 * inter * experts_active
-    if lora_dropout:  # PEFT applies dropout to each adapted layer's input separately
-        per_layer += 6 * h + inter
+    each norm's input and output, q, k, v and RoPE'd q, k, attention output (SDPA / flash: no score
+    matrix), the MLP's gate, up, act(gate) and product, per active expert."""
+    h, q, kv, inter = arch.hidden, arch.q_dim, arch.kv_dim, arch.intermediate
+    per_layer = 2 * sum(arch.norms) + 3 * q + 3 * kv + 4 * inter * experts_active
+    if lora_dropout:  # PEFT applies dropout to each adapted layer's input separately: q, k, v, gate, up read h
+        per_layer += 5 * h + q + inter
     return arch.layers * per_layer + 3 * h
 
 
@@ -170,6 +268,15 @@ def _precision_bytes(launch: LaunchSettings) -> int:
     return 2 if precision in ("bf16", "fp16") else FLOAT32
 
 
+def activation_terms(arch: Architecture, config: StudyConfig, finetune: str, experts_active: int = 1
+                     ) -> tuple[int, int, int]:
+    """(tokens of a micro-batch, bytes per activation element, elements saved per token) of a training step."""
+    training = config.training
+    lora_dropout = finetune == "lora" and training.lora.dropout > 0
+    return (training.micro_batch_size * training.max_length, _precision_bytes(config.launch.for_finetune(finetune)),
+            activation_bytes_per_token(arch, experts_active, lora_dropout))
+
+
 def train_estimate(arch: Architecture, config: StudyConfig, finetune: str, *, params: int | None = None,
                    trainable: int | None = None, experts_active: int = 1, what: str = "",
                    gpu_memory: int = DEFAULT_GPU_MEMORY) -> Estimate:
@@ -180,10 +287,8 @@ def train_estimate(arch: Architecture, config: StudyConfig, finetune: str, *, pa
     if trainable is None:
         trainable = total if finetune == "fft" else arch.lora_params(training.lora.r, training.lora.target_modules)
     weights = FLOAT32 * (total + (trainable if finetune == "lora" else 0))
-    tokens = training.micro_batch_size * training.max_length
-    act_bytes = _precision_bytes(config.launch.for_finetune(finetune))
-    lora_dropout = finetune == "lora" and training.lora.dropout > 0
-    activations = tokens * activation_bytes_per_token(arch, experts_active, lora_dropout) * act_bytes
+    tokens, act_bytes, per_token = activation_terms(arch, config, finetune, experts_active)
+    activations = tokens * per_token * act_bytes
     activations += tokens * arch.vocab * (act_bytes + 2 * FLOAT32)  # logits, their float32 copy, softmax grad
     grads, optimizer = FLOAT32 * trainable, 2 * FLOAT32 * trainable
     gpus = gpus_needed(weights + grads + optimizer, activations, gpu_memory)
@@ -225,9 +330,7 @@ def _moe_shape(arch: Architecture, step: Step) -> tuple[int, int, int]:
 
 def _expert_params(arch: Architecture, attention: list[str]) -> int:
     """Parameters of one expert in one mixed layer: its MLP and the attention projections mixed."""
-    h, kv = arch.hidden, arch.kv_dim
-    projections = {"q_proj": h * h, "k_proj": h * kv, "v_proj": h * kv, "o_proj": h * h}
-    return arch.mlp_params + sum(projections[name] for name in attention)
+    return arch.mlp_params + arch.projection_params(attention)
 
 
 def moe_params(arch: Architecture, step: Step, config: StudyConfig) -> tuple[int, int]:

@@ -167,7 +167,7 @@ def run_study(config: StudyConfig, out: Path, *, dry_run: bool = False, console:
     out = Path(out)
     # Every input the steps will read, checked before the plan reads any of them and before the first
     # step runs (or the out dir is made): a bad task file is found now, not hours into the study.
-    raise_problems(check_study(config))
+    raise_problems(check_study(config, dry_run=dry_run))
     plan = build_plan(config, out)
     if dry_run:
         describe_plan(plan, out, console)

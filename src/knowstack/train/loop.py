@@ -44,7 +44,9 @@ from knowstack.modelcard import (
     training_card,
     write_model_card,
 )
-from knowstack.modelio import load_model, load_tokenizer, save_model
+from knowstack.modeling.families import INPUT_EMBEDDING, OUTPUT_EMBEDDING
+from knowstack.modeling.streaming import MAX_SHARD_BYTES
+from knowstack.modelio import load_model, load_tokenizer, save_model, set_config_dtype
 from knowstack.progress import step_bar
 from knowstack.train import attention
 from knowstack.train import tracking as trackers
@@ -378,11 +380,20 @@ def _save(
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
+        dtype = None
         if settings.finetune == "fft":
-            state_dict = _cast_to_base_dtype(unwrapped, state_dict, model_path)
+            state_dict = _without_tied_copies(unwrapped, state_dict)
+            dtype = _base_dtype(model_path)
+            state_dict = _cast(state_dict, dtype)
         with atomic_dir(out_dir) as tmp:
             # FFT: a full HF model dir; LoRA: PEFT writes only adapter_model.safetensors + adapter_config.json.
-            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True,
+                                      max_shard_size=MAX_SHARD_BYTES)
+            if dtype is not None:
+                set_config_dtype(tmp, dtype)
+            elif getattr(_base_model(unwrapped), "generation_config", None) is not None:
+                # an adapter dir: the base's generation settings, as a full model dir has them
+                _base_model(unwrapped).generation_config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             atomic_write_json(tmp / SUMMARY_FILE, summary)
             write_model_card(tmp, card())
@@ -390,15 +401,28 @@ def _save(
     accelerator.wait_for_everyone()
 
 
-def _cast_to_base_dtype(
-    model: PreTrainedModel, state_dict: dict[str, torch.Tensor], model_path: str | Path
-) -> dict[str, torch.Tensor]:
-    # Trained in float32, saved in the base's own dtype: a bf16 8B base stays a 16 GB checkpoint.
+def _base_dtype(model_path: str | Path) -> torch.dtype:
+    """The dtype an FFT model is saved in: its base's (trained in float32, a bf16 8B base stays a 16 GB
+    checkpoint)."""
     base_dtype = getattr(AutoConfig.from_pretrained(str(model_path)), "dtype", None)
-    if not isinstance(base_dtype, torch.dtype) or base_dtype == torch.float32:
+    return base_dtype if isinstance(base_dtype, torch.dtype) and base_dtype.is_floating_point else torch.float32
+
+
+def _cast(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def _without_tied_copies(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict less a tied output layer (config tie_word_embeddings, and equal to the embedding), so that a
+    fine-tune of a tied base saves what the base saved. save_pretrained drops it itself only while the two share
+    storage, which a cast or a gather (FSDP, DeepSpeed) undoes."""
+    tied = getattr(_base_model(model).config.get_text_config(), "tie_word_embeddings", False)
+    head, embedding = state_dict.get(OUTPUT_EMBEDDING), state_dict.get(INPUT_EMBEDDING)
+    if not tied or head is None or embedding is None or head.shape != embedding.shape:
         return state_dict
-    model.config.dtype = base_dtype
-    return {k: v.to(base_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    if not torch.equal(head, embedding):
+        return state_dict
+    return {name: value for name, value in state_dict.items() if name != OUTPUT_EMBEDDING}
 
 
 def merge_adapter(model_path: str | Path, adapter_path: str | Path, out_dir: str | Path, *,

@@ -123,18 +123,20 @@ def save_trained_routers(kind: str, moe_dir: Path, model: Any) -> None:
 
         save_routers(moe_dir, lora_moe_routers(model))
         return
+    from knowstack.modeling.families import stock_moe_of
     from knowstack.modeling.streaming import overwrite_tensors
 
     # Every router module (the MLPs' and the mixed attention projections') by its path in the model,
-    # which is its tensors' name on disk but for Mixtral's MLP router.
+    # which is its tensors' name on disk but where a stock class names its block otherwise there (Mixtral's
+    # block_sparse_moe, loaded as mlp).
     paths = {id(module): path for path, module in model.named_modules()}
-    mixtral = type(model).__name__ == "MixtralForCausalLM"
+    stock = stock_moe_of(getattr(model.config, "model_type", None))
+    block = stock.block if stock is not None else "mlp"
     tensors = {}
     for site in router_sites(model):
         for suffix, param in site.module.named_parameters():
             memory_name = f"{paths[id(site.module)]}.{suffix}"
-            disk = memory_name.replace(".mlp.gate.", ".block_sparse_moe.gate.") if mixtral else memory_name
-            tensors[disk] = param
+            tensors[memory_name.replace(".mlp.gate.", f".{block}.gate.")] = param
     overwrite_tensors(moe_dir, tensors)
 
 

@@ -1,7 +1,8 @@
 """Routers of a built MoE at work: expert load per router, and training of the routers alone.
 
 Works on all three kinds of MoE the same way, through the router modules of each mixed layer
-(Mixtral's `mlp.gate`, knowstack's `KnowstackMoeBlock.gate` and the `gate` of each mixed attention
+(a stock MoE class's `mlp.gate`: Mixtral's, Qwen2-MoE's, Qwen3-MoE's, FlexOlmo's; knowstack's
+`KnowstackMoeBlock.gate` and the `gate` of each mixed attention
 projection, `KnowstackMoeLinear`; a LoRA-MoE's per-layer router): a forward hook reads the router
 logits, and top-k is recomputed from them exactly as the model does. Each router is a site keyed
 `"<layer>"` (the MLP's or the LoRA-MoE's router) or `"<layer>.self_attn.<projection>"`, and so are the
@@ -35,6 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from knowstack.config import RouterTrainingConfig, TrainingConfig
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
+from knowstack.modeling.families import stock_moe_blocks
 from knowstack.modeling.lora_moe import LayerRouting, LoraMoeLinear
 from knowstack.modeling.moe_model import ATTENTION_PROJECTIONS, KnowstackMoeBlock, KnowstackMoeLinear
 from knowstack.modeling.routing import decoder_layers
@@ -66,17 +68,19 @@ class RouterTraining:
 
 
 def router_sites(model: nn.Module) -> list[RouterSite]:
-    """Every router of an FFT-MoE (Mixtral or knowstack_moe, mixed attention projections included) or a
+    """Every router of an FFT-MoE (a stock MoE class or knowstack_moe, mixed attention projections included) or a
     LoRA-MoE model (one per layer, or one per module), layer by layer."""
     sites = []
+    stock_blocks = stock_moe_blocks()
     for index, layer in enumerate(decoder_layers(model)):
         routing = getattr(layer, LayerRouting.ATTRIBUTE, None)
         block = getattr(layer, "mlp", None)
         if isinstance(routing, LayerRouting) and routing.router is not None:
             sites.append(RouterSite(index, routing.router, routing.top_k, str(index)))
-        elif (isinstance(block, KnowstackMoeBlock) and block.gate is not None
-              or type(block).__name__ == "MixtralSparseMoeBlock"):
+        elif isinstance(block, KnowstackMoeBlock) and block.gate is not None:
             sites.append(RouterSite(index, block.gate, block.top_k, str(index)))
+        elif type(block).__name__ in stock_blocks:  # the router holds top_k (the Qwen blocks do not)
+            sites.append(RouterSite(index, block.gate, block.gate.top_k, str(index)))
         attention = getattr(layer, "self_attn", None)
         for name in ATTENTION_PROJECTIONS:
             linear = getattr(attention, name, None)
