@@ -40,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,9 +111,11 @@ def shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def write_checkpoint(out: Path, config: LlamaConfig, tensor_shapes: dict[str, tuple[int, ...]], seed: int,
-                     base_seed: int | None = None, shard_bytes: int = 400 * 2**20) -> int:
+                     base_seed: int | None = None, shard_bytes: int = 400 * 2**20, *,
+                     dtype: torch.dtype = torch.float32, device: str = "cpu") -> int:
     """Base (base_seed None): N(0, 0.02) weights, norms 1. Variant: the base plus N(0, 0.002) changes.
-    Written in shards with an index, like a hub checkpoint; returns the bytes of weights written."""
+    Written in shards with an index, like a hub checkpoint, in `dtype` (drawn in float32 on `device`: a GPU draws
+    an 8B model's numbers in a blink); returns the bytes of weights written."""
     out.mkdir(parents=True)
     config.save_pretrained(out)
     shard: dict[str, torch.Tensor] = {}
@@ -128,13 +131,13 @@ def write_checkpoint(out: Path, config: LlamaConfig, tensor_shapes: dict[str, tu
         shard.clear()
 
     for i, (name, shape) in enumerate(tensor_shapes.items()):
-        tensor = _base_tensor(name, shape, base_seed if base_seed is not None else seed, i)
+        tensor = _base_tensor(name, shape, base_seed if base_seed is not None else seed, i, device)
         if base_seed is not None:
-            gen = torch.Generator().manual_seed(seed * 100_003 + i)
-            tensor.add_(torch.randn(shape, generator=gen), alpha=0.002)
-        shard[name] = tensor
-        total += tensor.numel() * 4
-        if sum(t.numel() * 4 for t in shard.values()) >= shard_bytes:
+            gen = torch.Generator(device=device).manual_seed(seed * 100_003 + i)
+            tensor.add_(torch.randn(shape, generator=gen, device=device), alpha=0.002)
+        shard[name] = tensor = tensor.to(dtype).cpu()
+        total += tensor.nbytes
+        if sum(t.nbytes for t in shard.values()) >= shard_bytes:
             flush()
     if shard:
         flush()
@@ -143,10 +146,11 @@ def write_checkpoint(out: Path, config: LlamaConfig, tensor_shapes: dict[str, tu
     return total
 
 
-def _base_tensor(name: str, shape: tuple[int, ...], seed: int, i: int) -> torch.Tensor:
+def _base_tensor(name: str, shape: tuple[int, ...], seed: int, i: int, device: str = "cpu") -> torch.Tensor:
     if name.endswith("norm.weight"):
-        return torch.ones(shape)
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100_003 + i)).mul_(0.02)
+        return torch.ones(shape, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed * 100_003 + i)
+    return torch.randn(shape, generator=generator, device=device).mul_(0.02)
 
 
 # --- running and measuring ------------------------------------------------------------------------
@@ -163,16 +167,50 @@ class Run:
 
 
 def timed(command: list[str], inputs: list[Path]) -> Run:
-    """Wall and CPU seconds and peak RSS (bytes) of one child process, from its own rusage."""
+    """Wall and CPU seconds (its own rusage) and peak RSS (bytes) of one child process."""
     cached, load1 = page_cache_share(inputs), os.getloadavg()[0]
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - start
-    stderr = process.stderr.read().decode() if process.stderr else ""
+    # stderr to a file, not a pipe: a process that writes more than a pipe holds (a progress bar over a long merge)
+    # would block on the full pipe while this one waits for it to end
+    with tempfile.TemporaryFile() as errors:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
+        peak = PeakRss(process.pid)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - start
+        errors.seek(0)
+        stderr = errors.read().decode(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"`{' '.join(command)}` failed:\n{stderr[-3000:]}")
-    return Run(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, cached, load1)
+    return Run(wall, usage.ru_utime + usage.ru_stime, peak.stop() or usage.ru_maxrss * 1024, cached, load1)
+
+
+class PeakRss:
+    """A child's peak resident memory, read from its VmHWM (/proc/PID/status) every 20 ms while it runs.
+
+    Not rusage's ru_maxrss: Linux carries the parent's high-water mark into a child it spawns (fork, or vfork as
+    Python's subprocess uses, then exec), so a child of a 1.9 GB process reports 1.9 GB even for `python -c pass`.
+    VmHWM is the exec'd program's own. stop() returns None where /proc cannot be read (another OS)."""
+
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        self.path, self.interval, self.peak = Path(f"/proc/{pid}/status"), interval, None
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.done.is_set():
+            try:
+                line = next((x for x in self.path.read_text().splitlines() if x.startswith("VmHWM:")), None)
+            except OSError:
+                line = None  # not yet, or gone
+            if line is not None:
+                self.peak = max(self.peak or 0, int(line.split()[1]) * 1024)
+            self.done.wait(self.interval)
+
+    def stop(self) -> int | None:
+        self.done.set()
+        self.thread.join()
+        return self.peak
 
 
 def ratio_summary(ours: list[float], theirs: list[float]) -> dict[str, float | int]:
@@ -226,10 +264,11 @@ _GLOBAL = {"lambda": "lambda", "t": "t", "max_iter": "max_iter", "tol": "tol"}
 
 
 def mergekit_config(method: str, base: Path | str, models: list[Path | str], weights: list[float] | None = None,
-                    options: dict | None = None) -> str:
+                    options: dict | None = None, dtype: str = "float32", out_dtype: str | None = None) -> str:
     """mergekit's YAML for knowstack's `method` on the same inputs and settings. options: knowstack's option names
     and values (knowstack's defaults for the ones not given); weights: one per model (default 1). slerp's first
-    model is mergekit's base_model (t = 0 gives it); average and karcher take no base."""
+    model is mergekit's base_model (t = 0 gives it); average and karcher take no base. dtype: what mergekit computes
+    in; out_dtype: what it writes (default dtype)."""
     from knowstack.combine.merges import MERGE_METHOD_OPTIONS, MergeOptions, get_method
 
     name, parameters = MERGEKIT_EQUIVALENTS[method]
@@ -243,7 +282,7 @@ def mergekit_config(method: str, base: Path | str, models: list[Path | str], wei
         if chosen.weighted and method != "karcher":  # mergekit's karcher weighs equally and reads no weight
             params["weight"] = weight
         entries.append({"model": str(model), "parameters": params} if params else {"model": str(model)})
-    config: dict = {"merge_method": name, "models": entries, "dtype": "float32", "out_dtype": "float32",
+    config: dict = {"merge_method": name, "models": entries, "dtype": dtype, "out_dtype": out_dtype or dtype,
                     "parameters": {**parameters, **{mk: settings.value(ours) for ours, mk in _GLOBAL.items()
                                                      if ours in read}}}
     if method == "slerp":

@@ -52,7 +52,8 @@ from knowstack.builtin.pretrain import ModelShape, make_model
 from knowstack.data.formats import Example
 from knowstack.modelio import load_model, load_tokenizer
 from knowstack.train import TrainSettings, train
-from knowstack.train.batches import tokenize_examples
+from knowstack.train.batches import TokenizedExample, tokenize_examples
+from knowstack.train.loop import make_trainable
 
 BATCH = 16
 MAX_LENGTH = 256
@@ -101,18 +102,21 @@ def build_model(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     return make_model(tokenizer, shape, seed=0)
 
 
-def make_examples(corpus: list[str], tokenizer: PreTrainedTokenizerFast, n: int, seed: int = 0) -> list[Example]:
-    """Prompts of 20-110 tokens and answers of 8-40 tokens cut from the corpus: 30-150 tokens in all."""
+def make_examples(corpus: list[str], tokenizer: PreTrainedTokenizerFast, n: int, seed: int = 0, *,
+                  prompt_words: tuple[int, int] = (14, 75), answer_words: tuple[int, int] = (5, 26),
+                  tokens: tuple[int, int] = (30, 150)) -> list[Example]:
+    """Prompts and answers cut from the corpus, of so many words each (inclusive ranges) and `tokens` in all (with
+    eos). The defaults: prompts of 20-110 tokens and answers of 8-40, 30-150 tokens in all."""
     rng = random.Random(seed)
     words = " ".join(corpus).split()
     examples = []
     while len(examples) < n:
-        start = rng.randrange(len(words) - 200)
-        prompt_words, answer_words = rng.randint(14, 75), rng.randint(5, 26)
-        prompt = "Question: " + " ".join(words[start : start + prompt_words]) + "\nAnswer:"
-        answer = " " + " ".join(words[start + prompt_words : start + prompt_words + answer_words])
+        start = rng.randrange(len(words) - max(200, prompt_words[1] + answer_words[1]))
+        n_prompt, n_answer = rng.randint(*prompt_words), rng.randint(*answer_words)
+        prompt = "Question: " + " ".join(words[start : start + n_prompt]) + "\nAnswer:"
+        answer = " " + " ".join(words[start + n_prompt : start + n_prompt + n_answer])
         n_tokens = len(tokenizer(prompt + answer)["input_ids"]) + 1
-        if 30 <= n_tokens <= 150:
+        if tokens[0] <= n_tokens <= tokens[1]:
             examples.append(Example(prompt, answer))
     return examples
 
@@ -125,54 +129,73 @@ def run_knowstack(model_dir: Path, examples: list[Example], finetune: str, micro
     return summary["seconds"]
 
 
-def check_flattening_isolates(model: torch.nn.Module, features: list[dict[str, list[int]]], n: int = 3) -> None:
+def check_flattening_isolates(model: torch.nn.Module, features: list[dict[str, list[int]]], n: int = 3,
+                              tolerance: float = 1e-4) -> None:
     """Raise unless a flattened row of n examples gives each example's own logits, as the model is set up now.
 
     transformers infers the block-diagonal mask from the position ids only without a cache; a model called with
-    use_cache=True would let packed examples see each other and train on a different (cheaper) problem.
+    use_cache=True would let packed examples see each other and train on a different (cheaper) problem. tolerance:
+    relative and absolute (a GPU's attention kernels differ between the two layouts by more than a CPU's).
     """
     row = DataCollatorWithFlattening()(features[:n])
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        flat = model(input_ids=row["input_ids"], position_ids=row["position_ids"]).logits[0]
-        alone = torch.cat([model(input_ids=torch.tensor([f["input_ids"]])).logits[0] for f in features[:n]])
+        flat = model(input_ids=row["input_ids"].to(device), position_ids=row["position_ids"].to(device)).logits[0]
+        alone = torch.cat([model(input_ids=torch.tensor([f["input_ids"]], device=device)).logits[0]
+                           for f in features[:n]])
     model.train(was_training)
-    if not torch.allclose(flat, alone, rtol=1e-4, atol=1e-4):
+    if not torch.allclose(flat, alone, rtol=tolerance, atol=tolerance):
         raise RuntimeError("the flattened Trainer peer lets packed examples attend to each other "
                            f"(max logit difference {float((flat - alone).abs().max()):.3g})")
 
 
+def features_of(tokenized: list[TokenizedExample]) -> list[dict[str, list[int]]]:
+    """The same token ids and labels knowstack trains on, as a Trainer dataset: only the batching and the loop differ."""
+    return [{"input_ids": list(ex.input_ids), "labels": list(ex.labels)} for ex in tokenized]
+
+
+def peer_collator(collator_kind: str, tokenizer: PreTrainedTokenizerFast) -> Any:
+    """The peer's standard collator: padding each micro-batch to its longest example, or padding-free flattening."""
+    if collator_kind == "flattening":
+        return DataCollatorWithFlattening(return_position_ids=True)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+
+
+def make_trainer(model: torch.nn.Module, features: list[dict[str, list[int]]], tokenizer: PreTrainedTokenizerFast,
+                 recipe: TrainSettings, micro: int, out: Path, collator_kind: str = "padded", *,
+                 max_steps: int | None = None, gpu: bool = False, collator: Any = None, callbacks: list | None = None,
+                 tolerance: float = 1e-4) -> Trainer:
+    """The standard recipe: HF Trainer (its defaults: AdamW, fused where the device has it) with knowstack's lr,
+    constant schedule, warmup, weight decay, clipping and effective batch (recipe.batch_size examples a step, by
+    accumulating micro-batches), over `features` for one epoch or max_steps steps. gpu: on the GPU with bf16 autocast
+    (over the model's own weights, float32 as knowstack's), else on the CPU in float32. collator: the collator to
+    use (default peer_collator's); a flattening peer is checked to keep its packed examples apart (as Trainer set the
+    model up: use_cache off)."""
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=micro,
+        gradient_accumulation_steps=max(1, recipe.batch_size // micro), learning_rate=recipe.lr,
+        lr_scheduler_type="constant", warmup_steps=recipe.warmup_steps, weight_decay=recipe.weight_decay,
+        max_grad_norm=recipe.max_grad_norm, num_train_epochs=1, max_steps=max_steps or -1, save_strategy="no",
+        report_to=[], logging_steps=10_000, use_cpu=not gpu, bf16=gpu, dataloader_num_workers=0, disable_tqdm=True,
+        seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=features,
+                      data_collator=collator or peer_collator(collator_kind, tokenizer), callbacks=callbacks)
+    if collator_kind == "flattening":
+        check_flattening_isolates(trainer.model, features, tolerance=tolerance)
+    return trainer
+
+
 def run_trainer(model_dir: Path, examples: list[Example], finetune: str, micro: int, out: Path,
                 collator_kind: str = "padded") -> float:
-    """The standard recipe: pre-tokenized answer-only labels, a padding or flattening collator, Trainer."""
+    """The standard recipe on the CPU: pre-tokenized answer-only labels, a padding or flattening collator, Trainer."""
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, dtype=torch.float32)
-    recipe = TrainSettings(finetune=finetune)
-    if finetune == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(
-            r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
-            target_modules=list(recipe.target_modules), bias="none", task_type="CAUSAL_LM",
-        ))
-    # The same token ids and labels knowstack trains on, so only the batching and the loop differ.
-    features = [{"input_ids": list(ex.input_ids), "labels": list(ex.labels)}
-                for ex in tokenize_examples(tokenizer, examples, MAX_LENGTH)]
-    args = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=micro, gradient_accumulation_steps=BATCH // micro,
-        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=recipe.warmup_steps,
-        weight_decay=recipe.weight_decay, max_grad_norm=recipe.max_grad_norm, num_train_epochs=1,
-        save_strategy="no", report_to=[], logging_steps=10_000, use_cpu=True, dataloader_num_workers=0,
-        disable_tqdm=True, seed=0,
-    )
-    if collator_kind == "flattening":
-        collator = DataCollatorWithFlattening(return_position_ids=True)
-    else:
-        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=collator)
-    if collator_kind == "flattening":
-        check_flattening_isolates(trainer.model, features)  # as Trainer configured the model (use_cache off)
+    recipe = TrainSettings(finetune=finetune, lr=LR, batch_size=BATCH)
+    model = make_trainable(load_model(model_dir, dtype=torch.float32), recipe)  # PEFT's LoRA, as knowstack's
+    features = features_of(tokenize_examples(tokenizer, examples, MAX_LENGTH))
+    trainer = make_trainer(model, features, tokenizer, recipe, micro, out, collator_kind)
     return trainer.train().metrics["train_runtime"]
 
 

@@ -325,6 +325,114 @@ def speed(path: Path) -> str:
     return "Speed, as ratios measured side by side in one run on this machine:\n\n" + "\n".join(lines)
 
 
+def _count(n: float) -> str:
+    """1.24B, 1.1M, 598,336: a parameter count as the docs write it."""
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,.0f}"
+
+
+def _gib(value: object) -> str:
+    return f"{value:.1f} GiB" if isinstance(value, float | int) else str(value)
+
+
+def _run_cell(run: dict) -> str:
+    """One side of a training step: tokens/s and MFU, or why there is none."""
+    if "error" in run:
+        return f"failed ({run['error'][:80]})"
+    mfu = run.get("mfu")
+    mfu_text = f"MFU {mfu:.0%}" if isinstance(mfu, float) else f"MFU {mfu}"
+    return f"{run['tokens_per_second']:,.0f} tokens/s, {mfu_text}"
+
+
+def _estimate_cell(estimate: dict | None, measured: object) -> str:
+    if not estimate or "gib" not in estimate:
+        return f"failed ({(estimate or {}).get('error', 'none')[:80]})"
+    ratio = (f" ({measured / estimate['gib']:.2f}x)", f" ({measured / estimate['at_longest_row_gib']:.2f}x)") \
+        if isinstance(measured, float) else ("", "")
+    return (f"{estimate['gib']:.1f} GiB{ratio[0]}; {estimate['at_longest_row_gib']:.1f} GiB at the longest row "
+            f"({estimate['longest_row_tokens']:,} tokens){ratio[1]}")
+
+
+def _train_row(case: dict) -> str:
+    if "knowstack" not in case or "params" not in case:
+        error = case.get("error") or case.get("knowstack", {}).get("error", "?")
+        return f"| {case['name']} | failed ({error[:80]}) | | | | | |"
+    peers = case.get("peers", {})
+    ratio = case.get("ratio_vs_stronger_peer")
+    ratio_text = f"**{ratio:.2f}x** ({case['stronger_peer']})" if ratio is not None else "none"
+    ours = case["knowstack"]
+    steps = case["timed_steps"]
+    setting = (f"{_count(case['params'])} parameters, {case['batch']} examples a step, micro-batch {case['micro']}, "
+               f"{steps} timed step{'s' if steps != 1 else ''}")
+    return (f"| {case['name']} ({setting}) | {_run_cell(ours)} | {_run_cell(peers.get('padded', {'error': 'not run'}))} "
+            f"| {_run_cell(peers.get('flattening', {'error': 'not run'}))} | {ratio_text} | "
+            f"{_gib(ours.get('peak_gpu_memory_gib'))} | {_estimate_cell(case.get('estimate'), ours.get('peak_gpu_memory_gib'))} |")
+
+
+def _generation_line(gen: dict | None) -> str:
+    if not gen:
+        return "- generation: not run"
+    if "error" in gen:
+        return f"- generation: failed ({gen['error'][:120]})"
+    return (f"- greedy generation, {gen['model']} in {gen['dtype']}, {gen['prompts']} prompts in batches of {gen['batch']}, "
+            f"{gen['max_new_tokens']} new tokens (the paper protocol's budget: {gen['paper_budget']}): knowstack "
+            f"{gen['knowstack']['tokens_per_second']:,.0f} new tokens/s, HF `generate` "
+            f"{gen['hf_generate']['tokens_per_second']:,.0f}: **{gen['ratio']:.2f}x**; {gen['same_outputs']} of "
+            f"{gen['prompts']} outputs identical")
+
+
+def _merge_line(merge: dict | None) -> str:
+    if not merge:
+        return "- merge: not run"
+    if "error" in merge:
+        return f"- merge: failed ({merge['error'][:120]})"
+
+    def side(run: object) -> str:
+        if not isinstance(run, dict):
+            return str(run)
+        if "error" in run:
+            return f"failed ({run['error'][:80]})"
+        return (f"{run['wall_s']:.1f} s wall ({run['cpu_s']:.1f} s CPU, peak memory "
+                f"{run['peak_rss_per_checkpoint']:.2f} checkpoints)")
+
+    ratio = merge.get("ratio_vs_mergekit")
+    return (f"- average of {merge['models']} x {merge['model']} ({_count(merge['params'])} parameters, "
+            f"{merge['checkpoint_gb']:.3g} GB each in bf16; {merge['variant']}): knowstack {side(merge['knowstack'])}; "
+            f"mergekit {side(merge['mergekit'])}" + (f": **{ratio:.2f}x** mergekit's wall time" if ratio else ""))
+
+
+def scale(path: Path) -> str:
+    """The GPU scale check (benchmarks/scale_check.py --json): training, generation and merge at real sizes."""
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if record.get("benchmark") != "scale_check":
+        raise KnowstackError("not a scale check's output (benchmarks/scale_check.py --json)", path=path, field="--scale")
+    device, date = record["device"], record["date"][:16].replace("T", " ")
+    peak = device["peak_bf16_tflops"]
+    peak_text = f"dense bf16 peak {peak:.0f} TFLOP/s" if isinstance(peak, float | int) else f"bf16 peak {peak}"
+    what = ("the tiny preset on the CPU (2-layer models of a few MB): a check that the script runs end to end, not a "
+            "measurement" if record["preset"] == "tiny" else "random-initialised models built from their config.json, "
+            "one run of each side")
+    commit = f", commit `{record['commit']}`" if record.get("commit") else ""
+    lines = [f"Measured by `scripts/scale-check.sh` on {device['name']} ({peak_text}), {date} UTC{commit}; torch "
+             f"{device['torch']}, transformers {device['transformers']}, peft {device['peft']}; {what}.", "",
+             "| training step | knowstack | HF Trainer + PEFT, padded | HF Trainer + PEFT, padding-free | knowstack / "
+             "the stronger | peak GPU memory | dry-run estimate (measured / estimate) |", "|---|---|---|---|---|---|---|"]
+    lines += [_train_row(case) for case in record["train"]]
+    formulas = [f"{case['finetune'].upper() if case['finetune'] == 'fft' else 'LoRA'}: {case['flops_formula']}"
+                for case in record["train"] if "flops_formula" in case]
+    weights = sorted({case["weights"] for case in record["train"] if "weights" in case})
+    lines += ["", f"Tokens are real tokens (no padding) of the steps after the warm-up; MFU counts {'; '.join(formulas)}, "
+              f"the same for every side, so its ratio is that of tokens/s. Weights: {', '.join(weights)}, on every side. "
+              "The dry run's estimate assumes every row holds micro-batch x max_length tokens; beside it, the same "
+              "formula at this run's longest packed row.", ""]
+    for case in record["train"]:
+        for label, run in case.get("peers", {}).items():
+            if label not in ("padded", "flattening") and "tokens_per_second" in run:
+                lines.append(f"- {case['name']}, HF Trainer + PEFT {label}: {_run_cell(run)}, peak GPU memory "
+                             f"{_gib(run.get('peak_gpu_memory_gib'))}")
+    lines += [_generation_line(record.get("generation")), _merge_line(record.get("merge"))]
+    return "\n".join(lines)
+
+
 FAMILY_COLUMNS = {"train-fft": "train FFT", "train-lora": "train LoRA", "merge-average": "average merge",
                   "merge-ties": "TIES merge", "moe-fft": "FFT-MoE", "moe-lora": "LoRA-MoE", "eval": "eval",
                   "lm-eval": "lm-eval", "contribute": "contribute", "compose": "compose"}
@@ -455,6 +563,7 @@ BLOCKS: dict[str, Generator] = {
     "world-spread": Generator(("spread",), world_spread),
     "catalog": Generator(("catalog",), catalog),
     "speed": Generator(("speed",), speed),
+    "scale": Generator(("scale",), scale),
     "families": Generator(("families",), families),
     "memory": Generator(("memory",), memory),
 }
@@ -466,10 +575,12 @@ READERS: dict[str, Callable[[Path, str], object]] = {
     "catalog": lambda p, o: Study.read(p, o),
     "registry": lambda p, o: p,
     "speed": lambda p, o: p,
+    "scale": lambda p, o: p,
     "families": lambda p, o: p,
     "memory": lambda p, o: p,
     "spread": lambda ps, o: [Study.read(p, o) for p in ps],
 }
+FILE_OPTIONS = {"scale", "families"}  # options naming a file, not a results dir
 
 
 def rewrite(text: str, inputs: dict[str, object], where: Path) -> tuple[str, list[str], list[str]]:
@@ -499,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", type=Path, help="configs/builtin.yaml's study dir (the full world)")
     parser.add_argument("--catalog", type=Path, help="configs/builtin-catalog.yaml's study dir")
     parser.add_argument("--speed", type=Path, help="a dir of the benchmarks' --json outputs (study_speed.json, ...)")
+    parser.add_argument("--scale", type=Path, help="the GPU scale check's JSON (scripts/scale-check.sh: "
+                        "scale-check.json)")
     parser.add_argument("--memory", type=Path, help="a dir holding a config.json (tests/fixtures/configs/llama-3-8b): "
                         "the dry run's memory estimate of the paper config with that base")
     parser.add_argument("--registry", type=Path, help="the registry scenario's registry (runs/registry-scenario/registry)")
@@ -515,14 +628,14 @@ def main(argv: list[str] | None = None) -> int:
             if given is None:
                 continue
             for path in given if isinstance(given, list) else [given]:
-                if option == "families" and not path.is_file():
+                if option in FILE_OPTIONS and not path.is_file():
                     raise KnowstackError("no such file", path=path, field=flag)
-                if option != "families" and not path.is_dir():
+                if option not in FILE_OPTIONS and not path.is_dir():
                     raise KnowstackError("no such results dir", path=path, field=flag)
             inputs[option] = READERS[option](given, flag)
         if not inputs:
             raise KnowstackError("no results dir given (--demo, --base, --quick-all, --full, --catalog, --registry, --spread, "
-                                 "--speed, --memory, --families)")
+                                 "--speed, --memory, --families, --scale)")
         changed = {}
         for name in doc_files(args.root):
             doc = args.root / name

@@ -4,6 +4,8 @@ measurement, the row it prints and the alternation of the two tools' runs (witho
 from __future__ import annotations
 
 import shutil
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -59,3 +61,30 @@ def test_runs_alternate_which_tool_goes_first(tmp_path: Path, monkeypatch: pytes
     assert result["mergekit_method"] == "linear" and result["repeats"] == 3
     row = BENCH.format_row(result)
     assert "0.50x [0.50-0.50]" in row and "100%" in row
+
+
+def test_a_childs_peak_memory_is_its_own_not_the_parents() -> None:
+    """rusage would report this process's high-water mark for any child it spawns (Linux carries it over at exec)."""
+    held = bytearray(400 * 2**20)  # this process grows by 400 MB
+    held[:: 4096] = b"x" * len(held[:: 4096])
+    child = "import time\nx = bytearray(60 * 2**20)\nx[::4096] = b'x' * len(x[::4096])\ntime.sleep(0.2)"
+    run = BENCH.timed([sys.executable, "-c", child], [])
+    assert 60 * 2**20 <= run.peak_rss < 300 * 2**20
+    del held
+
+
+def test_a_child_that_writes_more_than_a_pipe_holds_is_not_stuck() -> None:
+    """A long merge's progress bar on stderr must not fill a pipe that nobody reads while the child is waited for."""
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            BENCH.timed([sys.executable, "-c", "import sys\nsys.stderr.write('.' * 200_000 + 'boom')\nsys.exit(3)"], [])
+        except SystemExit as failed:
+            outcome.append(failed)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the child blocked on its stderr"
+    assert outcome and str(outcome[0]).endswith("boom")  # the failed command's stderr ends the error

@@ -99,7 +99,6 @@ def train(
     set_seed(settings.seed)  # before the LoRA init, which draws random A matrices
     tokenizer = load_tokenizer(tokenizer_path or model_path, trust_remote_code=trust_remote_code)
     model = _load_trainable(model_path, settings, adapter_init, trust_remote_code)
-    restore_attention = _use_segment_attention(model) if settings.pack else None
     fitted: dict[str, int] = {}
     tokenized = tokenize_examples(tokenizer, examples, settings.max_length, counts=fitted)
     if accelerator.is_main_process:
@@ -108,28 +107,14 @@ def train(
         raise KnowstackError(f"every training example's answer is longer than max_length ({settings.max_length} "
                              "tokens)", path=out_dir, field="max_length")
     plan = batch_order(len(tokenized), settings.batch_size, settings.epochs, settings.max_steps, settings.seed)
-
-    optimizer = _make_optimizer(model, settings)
-    scheduler = get_scheduler(
-        _SCHEDULER_NAMES[settings.schedule],
-        optimizer,
-        num_warmup_steps=settings.warmup_steps,
-        num_training_steps=len(plan),
-    )
-    # The scheduler is deliberately not prepared: a prepared one steps num_processes times per
-    # step, which assumes a prepared DataLoader; ours steps once per optimizer step.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
     trackers.start(accelerator, tracking, settings.to_dict(), logging_dir)
 
-    record = _run_steps(accelerator, model, optimizer, scheduler, tokenized, plan, settings, tokenizer,
-                        extra_loss, progress_desc)
+    model, record = run_steps(accelerator, model, tokenized, plan, settings, tokenizer.pad_token_id,
+                              extra_loss=extra_loss, progress_desc=progress_desc)
     summary = _summary(settings, examples, tokenized, plan, record, accelerator.num_processes,
                        model_path, adapter_init, fitted)
     summary.update({k: v for k, v in usage.record().items() if k != "seconds"})
     trackers.finish(accelerator, tracking)
-    if restore_attention is not None:
-        _base_model(accelerator.unwrap_model(model)).set_attn_implementation(restore_attention)
     data_sha = examples_sha256((ex.prompt, ex.answer) for ex in examples)
 
     def card() -> ModelCardInfo:  # built on the main process only: it hashes the base's files
@@ -236,36 +221,58 @@ def answer_loss_sum(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> 
     return torch.nn.functional.cross_entropy(logits, targets.reshape(-1), reduction="sum")
 
 
-def _run_steps(
+def run_steps(
     accelerator: Accelerator,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    tokenized: list[TokenizedExample],
+    tokenized: Sequence[TokenizedExample],
     plan: list[list[int]],
     settings: TrainSettings,
-    tokenizer: PreTrainedTokenizerBase,
-    extra_loss: ExtraLoss | None,
-    progress_desc: str,
-) -> dict[str, Any]:
+    pad_token_id: int,
+    *,
+    extra_loss: ExtraLoss | None = None,
+    progress_desc: str = "train",
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The optimizer steps of `plan` (the example indices of each step: batch_order's) on a model made trainable
+    (make_trainable), on the accelerator's device and in its precision: what train() runs between loading the model
+    and saving it.
+
+    Returns the prepared model and the record: losses, extras (extra_loss of each step), lrs, seconds (the whole
+    loop) and step_seconds (each optimizer step up to its loss read back, so the device has finished it)."""
+    restore_attention = _use_segment_attention(model) if settings.pack else None
+    optimizer = _make_optimizer(model, settings)
+    scheduler = get_scheduler(
+        _SCHEDULER_NAMES[settings.schedule],
+        optimizer,
+        num_warmup_steps=settings.warmup_steps,
+        num_training_steps=len(plan),
+    )
+    # The scheduler is deliberately not prepared: a prepared one steps num_processes times per
+    # step, which assumes a prepared DataLoader; ours steps once per optimizer step.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
     losses: list[float] = []
     extras: list[float] = []
     lrs: list[float] = []
+    step_seconds: list[float] = []
     bar = step_bar(plan, progress_desc, disable=not accelerator.is_local_main_process, unit="step")
     start = time.perf_counter()
     for batch in bar:
         lrs.append(scheduler.get_last_lr()[0])
         step_start = time.perf_counter()
         loss, extra = _optimizer_step(accelerator, model, optimizer, tokenized, batch, settings,
-                                      tokenizer.pad_token_id, extra_loss)
+                                      pad_token_id, extra_loss)
+        step_seconds.append(time.perf_counter() - step_start)
         scheduler.step()
         losses.append(loss)
         if extra is not None:
             extras.append(extra)
         _log_step(accelerator, len(losses), loss, lrs[-1], extra,
-                  sum(len(tokenized[i]) for i in batch) / (time.perf_counter() - step_start))
+                  sum(len(tokenized[i]) for i in batch) / step_seconds[-1])
         bar.set_postfix(loss=f"{loss:.4f}")
-    return {"losses": losses, "extras": extras, "lrs": lrs, "seconds": time.perf_counter() - start}
+    seconds = time.perf_counter() - start
+    if restore_attention is not None:
+        _base_model(accelerator.unwrap_model(model)).set_attn_implementation(restore_attention)
+    return model, {"losses": losses, "extras": extras, "lrs": lrs, "seconds": seconds, "step_seconds": step_seconds}
 
 
 def _log_step(accelerator: Accelerator, step: int, loss: float, lr: float, extra: float | None,
@@ -283,7 +290,7 @@ def _optimizer_step(
     accelerator: Accelerator,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    tokenized: list[TokenizedExample],
+    tokenized: Sequence[TokenizedExample],
     batch: list[int],
     settings: TrainSettings,
     pad_token_id: int,
