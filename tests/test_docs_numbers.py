@@ -198,3 +198,23 @@ def test_the_speed_block_reads_the_benchmarks_outputs(checkout: Path, tmp_path: 
         load_script().study_speed_line(record)
     (tmp_path / "empty").mkdir()
     assert load_script().main(["--speed", str(tmp_path / "empty"), "--root", str(checkout)]) == 2
+
+
+def test_the_families_block_is_the_test_runs_matrix(checkout: Path, tmp_path: Path) -> None:
+    """docs/families.md's table from the JSON tests/test_families.py writes: a cell per outcome, refusals explained."""
+    record = {"features": ["train-fft", "moe-fft", "compose"], "date": "2026-12-07", "transformers": "5.25.0",
+              "families": {
+                  "qwen3": {"model_type": "qwen3", "tied": True, "train-fft": {"outcome": "works", "class": "Qwen3ForCausalLM"},
+                            "moe-fft": {"outcome": "works", "class": "Qwen3MoeForCausalLM"},
+                            "compose": {"outcome": "works"}},
+                  "phi3": {"model_type": "phi3", "tied": False, "train-fft": {"outcome": "failed", "error": "boom"},
+                           "moe-fft": {"outcome": "refused", "reason": "no MoE class fits phi3"}}}}
+    (checkout / "docs" / "families.md").write_text("# f\n\n<!-- numbers:families -->\nold\n<!-- /numbers -->\n")
+    (tmp_path / "families.json").write_text(json.dumps(record))
+    assert load_script().main(["--families", str(tmp_path / "families.json"), "--root", str(checkout)]) == 0
+    page = (checkout / "docs" / "families.md").read_text()
+    assert "| qwen3 | qwen3 | yes | yes (Qwen3ForCausalLM) | yes (Qwen3MoeForCausalLM) | yes |" in page
+    assert "| phi3 | phi3 | no | **fails** | refused before any compute | not run |" in page
+    assert "FFT-MoE: no MoE class fits phi3" in page and "fused qkv_proj and gate_up_proj" in page
+    assert "old" not in page
+    assert load_script().main(["--families", str(tmp_path / "missing.json"), "--root", str(checkout)]) == 2
