@@ -15,6 +15,7 @@ from conftest import build_tiny_tokenizer, load_script
 from families import FAMILIES, build_family
 from peft import LoraConfig, get_peft_model
 from test_plan import paper_config_with_data
+from test_resources import saved_activation_bytes
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from knowstack.cli import main
@@ -24,7 +25,6 @@ from knowstack.modeling.streaming import read_header, weight_files
 from knowstack.study.plan import build_plan
 from knowstack.study.resources import architecture_of, estimate_plan, train_estimate
 from knowstack.train.batches import collate, tokenize_examples
-from knowstack.train.loop import _use_segment_attention, answer_loss_sum
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 # Each model's parameter count as its publisher and the Hub's safetensors metadata state it (tied embeddings once).
@@ -85,25 +85,14 @@ def test_the_activation_estimate_follows_each_familys_layers(family_dir: Path) -
     (Gemma's four, q/k norms) counted, within the tolerance test_resources.py holds the built-in Llama to."""
     tokenizer = AutoTokenizer.from_pretrained(family_dir)
     model = AutoModelForCausalLM.from_pretrained(family_dir, dtype=torch.float32).requires_grad_(True)
-    _use_segment_attention(model)  # the loop's packed attention
     examples = [Example(f"Q{i}: " + TEXT[:600], " A: " + TEXT[:100]) for i in range(MICRO)]
     batch = collate(tokenize_examples(tokenizer, examples, LENGTH), pack_rows=True,
                     pad_token_id=tokenizer.pad_token_id)
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        answer_loss_sum(model.train(), batch)
+    measured = saved_activation_bytes(model, batch)
     arch, _ = architecture_of(_study(str(family_dir)))
     recipe = parse_config({"name": "m", "base": {"builtin": "test"}, "training": {
         "lr": 1e-4, "batch_size": MICRO, "micro_batch_size": MICRO, "max_length": LENGTH}})
-    estimate, measured = train_estimate(arch, recipe, "fft").activations, sum(saved.values())
+    estimate = train_estimate(arch, recipe, "fft").activations
     assert abs(measured - estimate) <= 0.25 * measured
 
 

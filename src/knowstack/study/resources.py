@@ -58,6 +58,9 @@ class Architecture:
     model_type: str = ""
     tied_embeddings: bool = False
     source: str = "config"
+    # attention computed outside SDPA's kernels (Gemma-2's soft-capping): each layer keeps its capped scores and
+    # their float32 softmax for backward, two (heads x length x length) tensors per sequence
+    scores_kept: bool = False
 
     @property
     def q_dim(self) -> int:
@@ -174,7 +177,8 @@ def _from_hf_config(hf: Any, *, trust_remote_code: bool = False, source: str = "
         mlp_params=sum(p.numel() for p in mlp.parameters()) if mlp is not None else 3 * hidden * intermediate,
         linears=_linears(layers), norms=_norm_widths(layers[0], heads * head_dim, kv_heads * head_dim),
         model_type=str(getattr(text, "model_type", "")),
-        tied_embeddings=bool(getattr(text, "tie_word_embeddings", False)), source=source)
+        tied_embeddings=bool(getattr(text, "tie_word_embeddings", False)), source=source,
+        scores_kept=getattr(text, "attn_logit_softcapping", None) is not None)
 
 
 def _decoder_layers(model: Any, count: int) -> Any:
@@ -290,6 +294,8 @@ def train_estimate(arch: Architecture, config: StudyConfig, finetune: str, *, pa
     tokens, act_bytes, per_token = activation_terms(arch, config, finetune, experts_active)
     activations = tokens * per_token * act_bytes
     activations += tokens * arch.vocab * (act_bytes + 2 * FLOAT32)  # logits, their float32 copy, softmax grad
+    if arch.scores_kept:  # at most one sequence a row of max_length tokens: the sum of squared lengths is at most
+        activations += arch.layers * arch.heads * tokens * training.max_length * 2 * FLOAT32
     grads, optimizer = FLOAT32 * trainable, 2 * FLOAT32 * trainable
     gpus = gpus_needed(weights + grads + optimizer, activations, gpu_memory)
     return Estimate(what or f"train {finetune}", total, weights, grads, optimizer, activations, gpus)
