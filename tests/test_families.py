@@ -110,6 +110,7 @@ def test_every_command_on_every_family(family: str, tmp_path: Path, old_tasks: P
     def train(finetune: str, names: tuple[str, str]) -> dict[str, Any]:
         for name, task in zip(names, tasks.values(), strict=True):
             api.train(base, task, out[name], finetune=finetune, **TINY)
+            assert (out[name] / "README.md").is_file(), "no model card"
         if finetune == "fft":
             extra = weight_names(out[names[0]]) - weight_names(base)
             assert not extra, f"an FFT of the base saves tensors the base has not: {sorted(extra)[:3]}"
@@ -122,6 +123,7 @@ def test_every_command_on_every_family(family: str, tmp_path: Path, old_tasks: P
 
     def merge(method: str, inputs: list[Path]) -> dict[str, Any]:
         merged = api.merge(method, inputs, tmp_path / f"merge-{method}", base=base)
+        assert (merged / "README.md").is_file(), "no model card"
         assert weight_names(merged) == weight_names(base), "the merge's tensors are not the base's"
         dtype = AutoConfig.from_pretrained(merged).dtype
         assert dtype == torch.bfloat16, f"a bf16 base merged into {dtype}"
