@@ -368,11 +368,17 @@ def _train_row(case: dict) -> str:
             f"{_gib(ours.get('peak_gpu_memory_gib'))} | {_estimate_cell(case.get('estimate'), ours.get('peak_gpu_memory_gib'))} |")
 
 
+def _unmeasured(what: str, record: dict | None) -> str | None:
+    """A scale-check part's line where it did not run or failed; None where it has numbers."""
+    if not record:
+        return f"- {what}: not run"
+    return f"- {what}: failed ({record['error'][:120]})" if "error" in record else None
+
+
 def _generation_line(gen: dict | None) -> str:
-    if not gen:
-        return "- generation: not run"
-    if "error" in gen:
-        return f"- generation: failed ({gen['error'][:120]})"
+    if (line := _unmeasured("generation", gen)) is not None:
+        return line
+    assert gen is not None
     return (f"- greedy generation, {gen['model']} in {gen['dtype']}, {gen['prompts']} prompts in batches of {gen['batch']}, "
             f"{gen['max_new_tokens']} new tokens (the paper protocol's budget: {gen['paper_budget']}): knowstack "
             f"{gen['knowstack']['tokens_per_second']:,.0f} new tokens/s, HF `generate` "
@@ -381,10 +387,9 @@ def _generation_line(gen: dict | None) -> str:
 
 
 def _merge_line(merge: dict | None) -> str:
-    if not merge:
-        return "- merge: not run"
-    if "error" in merge:
-        return f"- merge: failed ({merge['error'][:120]})"
+    if (line := _unmeasured("merge", merge)) is not None:
+        return line
+    assert merge is not None
 
     def side(run: object) -> str:
         if not isinstance(run, dict):

@@ -18,11 +18,13 @@ from test_evaluate import direct_accuracy, write_mc_task
 from knowstack.combine.moe import MoeOptions, mix_models
 from knowstack.combine.routers import mean_router_inputs, prompt_routers
 from knowstack.combine.statistics import compute_statistics
+from knowstack.config import LLAMA_LINEAR
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
 from knowstack.evaluate.generate import generate
 from knowstack.evaluate.old_knowledge import evaluate_old_knowledge
-from knowstack.modeling.families import LLAMA_ATTENTION, LLAMA_MLP, family_of
+from knowstack.modeling.families import family_of
+from knowstack.modeling.moe_model import ATTENTION_PROJECTIONS
 from knowstack.modelio import load_model, load_tokenizer
 from knowstack.train import TrainSettings, attention, train
 from knowstack.train.batches import collate, tokenize_examples
@@ -72,8 +74,8 @@ def test_default_lora_targets_are_every_linear_layer_of_the_family(family: tuple
     name, base = family
     model_type = json.loads((base / "config.json").read_text())["model_type"]
     expected = {f"model.layers.{layer}.{part}.{family_of(model_type).module_for(llama)}"
-                for layer in range(2) for part, names in (("self_attn", LLAMA_ATTENTION), ("mlp", LLAMA_MLP))
-                for llama in names}
+                for layer in range(2) for llama in LLAMA_LINEAR
+                for part in ["self_attn" if llama in ATTENTION_PROJECTIONS else "mlp"]}
     assert adapted_modules(adapters[0]) == expected
     linear = {f"model.layers.{layer}.{module}" for layer in range(2) for module, child in
               load_model(base).model.layers[layer].named_modules() if isinstance(child, torch.nn.Linear)}

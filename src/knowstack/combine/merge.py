@@ -35,12 +35,7 @@ from knowstack.combine.merges import METHODS, MergeMethod, MergeOptions, get_met
 from knowstack.combine.statistics import Statistics, check_statistics, open_statistics
 from knowstack.errors import KnowstackError
 from knowstack.modeling.streaming import MAX_SHARD_BYTES, ShardedWriter
-from knowstack.modelio import (
-    TOKENIZER_FILES,  # noqa: F401  (its home is modelio; still importable from here)
-    copy_model_files,
-    dtype_name,
-    output_dtype,
-)
+from knowstack.modelio import copy_model_files, dtype_name, output_dtype
 
 MERGE_FILE = "merge.json"
 

@@ -14,8 +14,6 @@ from typing import Any
 
 from knowstack.errors import KnowstackError
 
-LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-LLAMA_MLP = ("gate_proj", "up_proj", "down_proj")
 # The output layer and the input embedding it is tied to (transformers' `_tied_weights_keys`): the same names in
 # every family here. A tied checkpoint stores only the embedding; the output layer reads it.
 OUTPUT_EMBEDDING = "lm_head.weight"
@@ -130,10 +128,6 @@ def family_of(model_type: str | None) -> Family | None:
     return _BY_MODEL_TYPE.get(model_type or "")
 
 
-def known_model_types() -> list[str]:
-    return sorted(_BY_MODEL_TYPE)
-
-
 def stock_moe_of(moe_model_type: str | None) -> StockMoe | None:
     """The stock MoE class of an FFT-MoE checkpoint's `model_type` (mixtral, qwen2_moe, ...), or None."""
     return next((f.stock_moe for f in FAMILIES if f.stock_moe and f.stock_moe.model_type == moe_model_type), None)
@@ -147,15 +141,6 @@ def stock_moe_blocks() -> set[str]:
 def moe_families() -> list[str]:
     """The families an FFT-MoE can be made of."""
     return [family.name for family in FAMILIES if family.stock_moe is not None]
-
-
-def require_family(model_type: str | None, what: str) -> Family:
-    """The family, or one clear error naming the families knowstack knows."""
-    family = family_of(model_type)
-    if family is None:
-        raise KnowstackError(f"{what}: model_type {model_type!r} is not a family knowstack knows "
-                             f"({', '.join(known_model_types())})", field="model_type")
-    return family
 
 
 def lora_targets(model_type: str | None, names: Sequence[str]) -> list[str]:

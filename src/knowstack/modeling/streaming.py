@@ -36,7 +36,7 @@ from knowstack.hashing import remember_sha256
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # The largest shard any knowstack output is written in (merges, MoEs, trained and merged models alike): the Hub's
-# long-standing 5 GB. A model smaller than that is one model.safetensors, as save_pretrained writes it.
+# long-standing 5 GB. Below it save_pretrained writes one model.safetensors, ShardedWriter one shard and its index.
 MAX_SHARD_BYTES = 5 * 2**30
 
 # safetensors dtype names <-> torch dtypes (the ones a causal LM checkpoint holds)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from knowstack.config import LaunchSettings, StudyConfig
-from knowstack.modeling.families import family_of
+from knowstack.modeling.families import lora_targets
 from knowstack.study.plan import Plan, Step
 from knowstack.validate import error_line, missing_model_files
 
@@ -72,8 +72,7 @@ class Architecture:
 
     def modules(self, llama_names: Iterable[str]) -> list[str]:
         """This family's modules that hold Llama's named linear layers (Phi-3: q_proj, k_proj -> qkv_proj), once."""
-        family = family_of(self.model_type)
-        return list(dict.fromkeys(family.module_for(name) if family else name for name in llama_names))
+        return lora_targets(self.model_type, list(llama_names))
 
     def lora_params(self, r: int, targets: Iterable[str]) -> int:
         """r x (in + out) per targeted linear layer."""
