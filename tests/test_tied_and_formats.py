@@ -162,6 +162,12 @@ def test_a_tie_broken_on_purpose_merges_untied_against_the_base_embedding(base, 
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
     assert model.lm_head.weight is not model.get_input_embeddings().weight
     torch.testing.assert_close(model.lm_head.weight, out[OUTPUT_EMBEDDING].float())
+    # mixed, the same inputs give an untied FFT-MoE whose lm_head is the base's (shared: base), the tied base's
+    # embedding, as docs/commands.md says
+    api.mix(base_dir, [broken, tied], tmp_path / "moe", router="uniform")
+    assert config(tmp_path / "moe")["tie_word_embeddings"] is False
+    mixed = tensors(tmp_path / "moe")
+    assert torch.equal(mixed[OUTPUT_EMBEDDING], start[INPUT_EMBEDDING])
 
 
 def api_merge_options(**given: float):

@@ -182,7 +182,7 @@ def _tensors(ref: Reference, model: FullModel) -> Problem | None:
                   else f"unexpected tensor '{extra[0]}', which {ref.name} has not")
         spec = None if missing else model.specs.get(extra[0])
         where = model.path if spec is None else spec.file
-        return Problem(str(where), f"{detail} ({count} tensor name{'s' if count > 1 else ''} differ from "
+        return Problem(str(where), f"{detail} ({count} tensor name{'s differ' if count > 1 else ' differs'} from "
                                    f"{ref.path}): another network")
     for name in order:
         our_spec, their_spec = ref.model.specs.get(name), model.specs.get(name)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from knowstack.atomic import atomic_dir, atomic_write_json
 from knowstack.combine.compatibility import check_compatible
-from knowstack.combine.inputs import FullModel, LoraAdapter, open_input
+from knowstack.combine.inputs import FullModel, LoraAdapter, common_tie, open_input
 from knowstack.combine.routers import (
     PROMPT_ROUTERS,
     ROUTER_KINDS,
@@ -113,6 +113,8 @@ def mix_models(
     _validate(kind, len(inputs), int(base_model.config["num_hidden_layers"]), options, prompts, train_examples,
               training)
     layout = _fft_layout(base_model, len(inputs), options) if kind == "fft" else None  # refused before any compute
+    if kind == "fft":  # a tie broken on purpose: every model presents an output layer (combine/inputs.py)
+        common_tie([base_model, *inputs])
     check_compatible(base_model, inputs)  # before any router is built or tensor read
     out = Path(out).expanduser()
     if out.resolve() in {p.resolve() for p in [base_model.path, *(m.path for m in inputs)]}:
