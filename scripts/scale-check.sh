@@ -15,7 +15,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-python3}
+# the checkout's venv (make test / make demo create it) where there is one, else the python3 on PATH
+DEFAULT_PYTHON=python3
+[ -x .venv/bin/python ] && DEFAULT_PYTHON=.venv/bin/python
+PYTHON=${PYTHON:-$DEFAULT_PYTHON}
 OUT=scale-check
 WHEELS=""
 FETCH=""
