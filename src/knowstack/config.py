@@ -575,7 +575,8 @@ class LaunchConfig(LaunchSettings):
     """How train steps run: by default in the study's own process. lora: other settings for LoRA and
     O-LoRA steps (e.g. FSDP for FFT of an 8B model, DDP for its adapters: O-LoRA's penalty needs
     unsharded A matrices). cpu: processes on the CPU (gloo DDP), for machines without GPUs. Not part
-    of any step's key: the same global batch gives the same weights on any number of processes."""
+    of any step's key, since the same global batch gives the same weights on any number of processes, except
+    mixed_precision, which changes the numbers: it keys the steps that train launched."""
 
     cpu: bool = False
     lora: LaunchSettings | None = None
