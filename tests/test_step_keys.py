@@ -43,6 +43,7 @@ READERS: dict[str, set[str]] = {
     "tasks[].max_test": {"train", "eval", "moe", "gate", "statistics"},
     "tasks[].epochs": TRAINED,
     "tasks[].max_steps": TRAINED,
+    "tasks[].micro_batch_size": TRAINED,
     "tasks[].protocol": {"eval"},
     "old_knowledge.": {"eval"},
     "evaluation.": {"eval"},
@@ -72,7 +73,8 @@ READERS: dict[str, set[str]] = {
     "methods.moe[].gate_training.": {"gate"},
     "methods.moe[].seed": {"moe", "gate"},
     "methods.moe[].": ROUTERS,
-    "launch.mixed_precision": TRAINED | ROUTERS,  # only where training is launched as processes (below)
+    # where training is launched as processes: the launch's, else its accelerate config file's (ddp.yaml: bf16)
+    "launch.mixed_precision": TRAINED | ROUTERS,
     "launch.lora": TRAINED | ROUTERS,  # its mixed_precision, for the LoRA steps and LoRA-MoE routers
     "launch.": set(),  # how many processes, on which devices: the same global batch, the same weights
     "executor.": set(),
@@ -127,9 +129,9 @@ CHANGED = {
     "old_knowledge.include_path": "{root}", "old_knowledge.limit": 5, "old_knowledge.num_fewshot": 2,
     "training.lr": 1e-4, "training.lr_of_pretrain_peak": 0.3, "training.max_steps": 7, "training.report_to": ["mlflow"],
     "evaluation.max_test": 5, "evaluation.max_new_tokens": {"Stance": 7}, "launch.accelerate_config": "ddp",
-    "launch.mixed_precision": "bf16", "launch.lora": {"num_processes": 2, "mixed_precision": "bf16"},
+    "launch.mixed_precision": "no", "launch.lora": {"num_processes": 2, "mixed_precision": "no"},
     "tasks[].protocol": "paper", "methods.olora.lambdas": [0.5, 2.0], "tasks[].train_file": "{root}/Stance/eval.json", "tasks[].max_train": 2,
-    "tasks[].max_test": 2, "tasks[].epochs": 2.0, "tasks[].max_steps": 3, "seeds": [0, 1],
+    "tasks[].max_test": 2, "tasks[].epochs": 2.0, "tasks[].max_steps": 3, "tasks[].micro_batch_size": 4, "seeds": [0, 1],
     "methods.moe[].attention": ["o_proj", "v_proj"], "methods.moe[].routing": "layer",
     "methods.moe[].tasks": ["Notes", "Stance"], "methods.moe[].layers": [0], "methods.moe[].name": "renamed",
     "methods.moe[].router_training": {"steps": 2}, "methods.moe[].gate_training": {"steps": 2},
@@ -160,7 +162,7 @@ def _changed_values(field: str, value: Any, root: Path) -> list[Any]:
         return [value * 0.5, value * 1.5]
     if isinstance(value, str):  # another choice of a Literal: the validation refuses the rest
         return ["linear", "cosine", "proportional", "equal", "factors", "average", "paper", "hidden", "routed",
-                "exact_match", "acc_norm", "math", "all", "auto", "bf16"]
+                "exact_match", "acc_norm", "math", "all", "auto", "bf16", "micro_batch"]
     if isinstance(value, list) and len(value) > 1:
         return [value[:-1]]
     return [3, 0.5] if value is None else []  # an unset number
@@ -242,6 +244,17 @@ def test_every_setting_keys_exactly_the_steps_that_compute_with_it(walk: dict[st
 def test_the_walk_covers_the_settings_that_were_missing_from_keys(walk: dict[str, set[str]]) -> None:
     assert walk["base.tokenizer"] == READERS["base.tokenizer"]
     assert walk["launch.mixed_precision"] == {"train", "moe"}
+
+
+def test_a_launch_keys_the_mixed_precision_of_its_accelerate_config(tmp_path: Path) -> None:
+    """The shipped accelerate configs say bf16: a launch that does not say otherwise trains under bf16 autocast,
+    and its train steps say so in their params (a run in one process has no autocast)."""
+    raw = _every_method(tmp_path)
+    launched = [step for step in _steps(raw, tmp_path).values() if step.kind == "train"]
+    assert {step.params.get("mixed_precision") for step in launched} == {"bf16"}
+    raw["launch"] = {"num_processes": 1}
+    alone = [step for step in _steps(raw, tmp_path).values() if step.kind == "train"]
+    assert {step.params.get("mixed_precision") for step in alone} == {None}
 
 
 def test_a_built_in_world_keys_what_is_made_from_it(tmp_path: Path) -> None:

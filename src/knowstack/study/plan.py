@@ -157,10 +157,10 @@ class PlanBuilder:
     def _training_for(self, task: dict) -> TrainingConfig:
         """The recipe with the task's own budget (epochs or max_steps), unless the sweep point sets one: a task
         without a budget trains, and so hashes, exactly as before budgets existed."""
-        budget = self.budgets.get(task["name"], {})
-        if not budget or self.point.get("epochs") is not None or self.point.get("max_steps") is not None:
-            return self.training
-        return self.training.model_copy(update=budget)
+        budget = dict(self.budgets.get(task["name"], {}))
+        if self.point.get("epochs") is not None or self.point.get("max_steps") is not None:
+            budget = {name: value for name, value in budget.items() if name not in ("epochs", "max_steps")}
+        return self.training.model_copy(update=budget) if budget else self.training
 
     def joint_train_step(self, init: ModelRef, finetune: str, sampling: str) -> Step:
         """One run on all tasks at once; the executor draws the mixture from `tasks` and the seed."""
@@ -191,9 +191,12 @@ class PlanBuilder:
             extra["tokenizer"] = self.config.base.tokenizer
         trains = {"train": params.get("finetune"), "moe": params.get("experts")}.get(kind)
         if trains is not None and (kind == "train" or params["options"].get("router_training")):
+            from knowstack.train.launch import launched_mixed_precision
+
             launch = self.config.launch.for_finetune(trains)
-            if launch.launched and launch.mixed_precision is not None:
-                extra["mixed_precision"] = launch.mixed_precision
+            precision = launched_mixed_precision(launch.mixed_precision, launch.accelerate_config)
+            if launch.launched and precision is not None:
+                extra["mixed_precision"] = precision
         return extra
 
     def base_deps(self) -> tuple[str, ...]:
@@ -235,11 +238,19 @@ class PlanBuilder:
         self.evaluate(self.base, "base", "base", "", None)
 
 
+# Training settings added after studies were run: in a train step's params only when set to other than their
+# default, so that the key of a step made before they existed stays its key.
+LATER_TRAINING_SETTINGS = ("precision", "loss_reduction")
+
+
 def training_params(training: TrainingConfig, finetune: str) -> dict[str, Any]:
     params = training.model_dump(mode="json")
     params.pop("report_to")  # where training is reported to does not change what it computes
     if finetune != "lora":
         params.pop("lora")
+    for name in LATER_TRAINING_SETTINGS:
+        if params[name] == TrainingConfig.model_fields[name].default:
+            params.pop(name)
     return params
 
 

@@ -110,7 +110,7 @@ def launch_spec(ctx: StudyContext, params: dict[str, Any], finetune: str):  # ->
     from knowstack.train.launch import LaunchSpec
 
     spec = LaunchSpec.from_config(ctx.config.launch, finetune)
-    return None if spec is None else replace(spec, mixed_precision=params.get("mixed_precision"))
+    return None if spec is None else replace(spec, mixed_precision=params.get("mixed_precision", "no"))
 
 
 def _tracking(step: Step, ctx: StudyContext) -> dict[str, Any] | None:
