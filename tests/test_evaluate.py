@@ -202,3 +202,32 @@ def test_templates_compiled_once_render_as_the_harness_does(model_and_tokenizer,
     harness = old_knowledge.evaluate_old_knowledge_items(model, tokenizer, ["ks_toy"], include_path=tmp_path,
                                                          batch_size=4)
     assert fast == harness
+
+
+@pytest.mark.parametrize("add_bos_token", [True, False])
+def test_lm_eval_gets_bos_as_set_whatever_its_own_default(add_bos_token: bool, model_and_tokenizer,
+                                                           tmp_path: Path) -> None:
+    """old_knowledge.add_bos_token reaches the harness: its prompts start with BOS exactly when set (lm-eval's own
+    default changed between versions), and the scores are the oracle's on prompts tokenized so."""
+    import copy
+
+    from tokenizers import processors
+
+    from knowstack.evaluate.old_knowledge import harness_bos, quiet_hflm
+
+    model, tokenizer = model_and_tokenizer
+    tokenizer = copy.deepcopy(tokenizer)  # one that adds BOS by default, as Llama-3's does
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", special_tokens=[("<|bos|>", tokenizer.bos_token_id)])
+    encoded = quiet_hflm(model, tokenizer, 4, add_bos_token).tok_encode("a question")
+    assert (encoded[:1] == [tokenizer.bos_token_id]) is add_bos_token
+    assert harness_bos(tokenizer, None) is True
+    docs = write_mc_task(tmp_path)
+
+    class Tokenized:  # the oracle's tokenizer, with BOS as set
+        def __call__(self, text: str) -> dict:
+            return tokenizer(text, add_special_tokens=add_bos_token)
+
+    result = evaluate_old_knowledge(model, tokenizer, ["ks_toy"], include_path=tmp_path, batch_size=4,
+                                    add_bos_token=add_bos_token)
+    assert result["ks_toy"]["acc"] == pytest.approx(direct_accuracy(model, Tokenized(), docs))

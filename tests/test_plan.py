@@ -68,12 +68,13 @@ def paper_config_with_data(tmp_path: Path) -> Path:
     configs.mkdir(parents=True)
     shutil.copy(CONFIGS / "paper" / "llama3-8b-trace.yaml", configs)
     for name in ("C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "20Minuten"):
-        make_trace_task(tmp_path / "data" / "TRACE", name)
+        make_trace_task(tmp_path / "data" / "TRACE-Benchmark" / "LLM-CL-Benchmark_5000", name)
     (tmp_path / "data" / "MetaMathQA").mkdir(parents=True)
     (tmp_path / "data" / "MetaMathQA" / "MetaMathQA-395K.json").write_text(
         json.dumps([{"query": "1+1?", "response": "1+1=2. The answer is: 2", "type": "x"}]))
     (tmp_path / "data" / "gsm8k").mkdir()
     (tmp_path / "data" / "gsm8k" / "test.jsonl").write_text(json.dumps({"question": "2+2?", "answer": "2+2=4\n#### 4"}) + "\n")
+    (tmp_path / "data" / "gsm8k" / "train.jsonl").write_text(json.dumps({"question": "3+3?", "answer": "3+3=6\n#### 6"}) + "\n")
     return configs / "llama3-8b-trace.yaml"
 
 
@@ -90,7 +91,7 @@ def test_paper_config_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_missing_task_data_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = paper_config_with_data(tmp_path)
-    (tmp_path / "data" / "TRACE" / "FOMC" / "train.json").unlink()
+    (tmp_path / "data" / "TRACE-Benchmark" / "LLM-CL-Benchmark_5000" / "FOMC" / "train.json").unlink()
     assert main(["study", str(path), "--out", str(tmp_path / "run"), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "FOMC" in err and "train.json" in err and "Traceback" not in err

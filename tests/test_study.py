@@ -84,6 +84,9 @@ def test_report_and_artifacts(finished_study: Path) -> None:
     adapters = [p for p in artifacts.iterdir() if p.name.startswith("train-lora-")]
     assert adapters and all((p / "adapter_config.json").is_file() for p in adapters)
     assert not list(artifacts.glob(".*tmp*"))  # nothing half-written left behind
+    # how lm-eval ran beside each evaluation's old-knowledge scores: its version and the BOS it used
+    settings = [json.loads(p.read_text()) for p in artifacts.glob("eval-*/old-settings.json")]
+    assert settings and all(set(s) == {"lm_eval", "add_bos_token", "add_bos_token_setting"} for s in settings)
 
 
 def test_costs_of_every_model_along_its_lineage(finished_study: Path) -> None:

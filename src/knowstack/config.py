@@ -112,6 +112,10 @@ class OldKnowledgeConfig(Strict):
     limit: int | None = Field(default=None, gt=0)
     num_fewshot: int | None = Field(default=None, ge=0)
     batch_size: int = Field(default=32, gt=0)
+    # Whether lm-eval's prompts start with the BOS token: None, as the tokenizer does by default (lm-eval since
+    # 0.4.8's); false, as lm-eval up to mid-2024 ran a causal LM (the paper's). Passed to lm-eval explicitly, so the
+    # scores do not depend on the installed harness's default; the value used is kept beside them.
+    add_bos_token: bool | None = None
 
     @field_validator("metric")
     @classmethod
@@ -212,6 +216,8 @@ class EvaluationConfig(Strict):
     batch_size: int = Field(default=32, gt=0)
     max_test: int | None = Field(default=None, gt=0)
     max_new_tokens: dict[str, int] = Field(default_factory=dict)
+    # lm-eval's BOS for the tasks it scores (GSM8K under the paper's protocol), as old_knowledge.add_bos_token
+    add_bos_token: bool | None = None
 
 
 # Settings a method's `sweep` (or `points`) may vary, by where they live: the training recipe (every

@@ -78,6 +78,7 @@ def evaluate_gsm8k(
     limit: int | None = None,
     batch_size: int = 32,
     max_gen_toks: int | None = None,
+    add_bos_token: bool | None = None,
 ) -> HarnessRun:
     """lm-eval's `task` (gsm8k or gsm8k_cot) on the GSM8K-format `test` file (its first `limit` items)."""
     import lm_eval
@@ -96,7 +97,7 @@ def evaluate_gsm8k(
     root, name = _task_dir(task, Path(test), Path(fewshot) if fewshot else None)
     manager = task_manager(str(root), include_defaults=False)
     was_training = model.training
-    lm = quiet_hflm(model, tokenizer, batch_size)
+    lm = quiet_hflm(model, tokenizer, batch_size, add_bos_token)
     # A model whose context cannot hold the harness's budget gets half its context (recorded as the budget).
     budget = max_gen_toks or min(HARNESS_MAX_GEN_TOKS, lm.max_length // 2)
     with lean_harness(), preserved_rng():

@@ -43,6 +43,7 @@ class HarnessData:
     test: Path
     fewshot: Path | None = None
     limit: int | None = None
+    add_bos_token: bool | None = None  # lm-eval's BOS (old_knowledge.harness_bos); None: the tokenizer's default
 
 
 def score_predictions(
@@ -135,7 +136,8 @@ def _score_with_harness(
         raise KnowstackError(f"the '{scoring.metric}' score runs lm-eval's {scoring.harness_task} task on a GSM8K-format "
                              "test file; this task has none (give the math task's test_file)", field="test_file")
     run = evaluate_gsm8k(model, tokenizer, scoring.harness_task, harness.test, fewshot=harness.fewshot,
-                         limit=harness.limit, batch_size=batch_size, max_gen_toks=override)
+                         limit=harness.limit, batch_size=batch_size, max_gen_toks=override,
+                         add_bos_token=harness.add_bos_token)
     if len(run.generations) != len(result.predictions):
         raise KnowstackError(f"lm-eval scored {len(run.generations)} items of {harness.test}, expected "
                              f"{len(result.predictions)}", path=harness.test)

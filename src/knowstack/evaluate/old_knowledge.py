@@ -151,8 +151,18 @@ def preserved_rng() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda)
 
 
-def quiet_hflm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> Any:
-    """The harness's HFLM on the in-memory model, without its request progress bars."""
+def harness_bos(tokenizer: PreTrainedTokenizerBase, add_bos_token: bool | None) -> bool:
+    """Whether lm-eval's prompts start with BOS: as set, else as the tokenizer encodes text by default."""
+    if add_bos_token is not None:
+        return add_bos_token
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def quiet_hflm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int,
+               add_bos_token: bool | None = None) -> Any:
+    """The harness's HFLM on the in-memory model, without its request progress bars, with BOS set explicitly
+    (harness_bos): lm-eval's own default changed between versions."""
     from lm_eval.models.huggingface import HFLM
 
     class QuietHFLM(HFLM):
@@ -166,7 +176,8 @@ def quiet_hflm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch
         def generate_until(self, requests, disable_tqdm: bool = False):
             return super().generate_until(requests, disable_tqdm=True)
 
-    return QuietHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    return QuietHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                     add_bos_token=harness_bos(tokenizer, add_bos_token))
 
 
 def _strip(metrics: dict) -> dict[str, float]:
@@ -189,13 +200,14 @@ def evaluate_old_knowledge(
     batch_size: int = 32,
     limit: int | None = None,
     num_fewshot: int | None = None,
+    add_bos_token: bool | None = None,
 ) -> dict[str, dict[str, float]]:
     """{task: {'acc': x, 'acc_norm': y}} for each lm-eval task, scored on the in-memory model.
 
     Metric names lose the harness's ',none' filter suffix; standard errors are dropped.
     """
     return evaluate_old_knowledge_items(model, tokenizer, tasks, include_path=include_path, batch_size=batch_size,
-                                        limit=limit, num_fewshot=num_fewshot)[0]
+                                        limit=limit, num_fewshot=num_fewshot, add_bos_token=add_bos_token)[0]
 
 
 def per_doc_scores(samples: list[dict], metrics: dict[str, float]) -> dict[str, list[float]]:
@@ -215,6 +227,7 @@ def evaluate_old_knowledge_items(
     batch_size: int = 32,
     limit: int | None = None,
     num_fewshot: int | None = None,
+    add_bos_token: bool | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[float]]]]:
     """The scores of `evaluate_old_knowledge`, and each task's per-document scores {task: {metric: [...]}} from
     the harness's logged samples (a group such as mmlu has none of its own: its subtasks have them)."""
@@ -227,7 +240,7 @@ def evaluate_old_knowledge_items(
     if unknown:
         raise KnowstackError(f"unknown lm-eval task(s): {', '.join(unknown)}", path=include_path, field="old_knowledge.tasks")
     was_training = model.training  # the harness switches the model to eval mode
-    lm = quiet_hflm(model, tokenizer, batch_size)
+    lm = quiet_hflm(model, tokenizer, batch_size, add_bos_token)
     with lean_harness(), preserved_rng():
         output = lm_eval.simple_evaluate(
             model=lm,

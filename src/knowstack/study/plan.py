@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from knowstack.config import (
     LORA_ONLY_SWEEP,
     MergeConfig,
@@ -102,8 +104,8 @@ class PlanBuilder:
         cfg = self.config
         params = {
             "tasks": self.tasks,
-            "old": cfg.old_knowledge.model_dump(mode="json"),
-            "evaluation": cfg.evaluation.model_dump(mode="json"),
+            "old": dumped_for_key(cfg.old_knowledge),
+            "evaluation": dumped_for_key(cfg.evaluation),
         }
         # A task's own scoring protocol changes its scores, not its training: it keys the evaluations only.
         own = {task.name: task.protocol for task in cfg.tasks if task.protocol} if isinstance(cfg.tasks, list) else {}
@@ -238,19 +240,23 @@ class PlanBuilder:
         self.evaluate(self.base, "base", "base", "", None)
 
 
-# Training settings added after studies were run: in a train step's params only when set to other than their
-# default, so that the key of a step made before they existed stays its key.
-LATER_TRAINING_SETTINGS = ("precision", "loss_reduction")
+# Settings added after studies were run: in a step's params only when set to other than their default, so that
+# the key of a step made before they existed stays its key.
+LATER_SETTINGS = ("precision", "loss_reduction", "add_bos_token")
+
+
+def dumped_for_key(section: BaseModel) -> dict[str, Any]:
+    """A config section as a step's params hold it: its fields, less those of LATER_SETTINGS at their default."""
+    defaults = type(section).model_fields
+    return {name: value for name, value in section.model_dump(mode="json").items()
+            if name not in LATER_SETTINGS or getattr(section, name) != defaults[name].default}
 
 
 def training_params(training: TrainingConfig, finetune: str) -> dict[str, Any]:
-    params = training.model_dump(mode="json")
+    params = dumped_for_key(training)
     params.pop("report_to")  # where training is reported to does not change what it computes
     if finetune != "lora":
         params.pop("lora")
-    for name in LATER_TRAINING_SETTINGS:
-        if params[name] == TrainingConfig.model_fields[name].default:
-            params.pop(name)
     return params
 
 

@@ -81,6 +81,18 @@ def train_settings(ctx: StudyContext, params: dict[str, Any]):  # -> TrainSettin
 
 
 MIXTURE_FILE = "mixture.json"
+OLD_SETTINGS_FILE = "old-settings.json"  # beside an evaluation's old-knowledge scores: how lm-eval ran
+
+
+def harness_settings(tokenizer: Any, add_bos_token: bool | None) -> dict[str, Any]:
+    """What the old-knowledge scores depend on beyond the step's params: the harness's version and the BOS it
+    put before every prompt (as set, or the tokenizer's default)."""
+    from importlib.metadata import version
+
+    from knowstack.evaluate.old_knowledge import harness_bos
+
+    return {"lm_eval": version("lm_eval"), "add_bos_token": harness_bos(tokenizer, add_bos_token),
+            "add_bos_token_setting": add_bos_token}
 
 
 def run_train(step: Step, ctx: StudyContext, out: Path) -> None:
@@ -268,7 +280,8 @@ def _scoring_settings(evaluation: EvaluationConfig, task: TaskSpec) -> dict[str,
 
     settings: dict[str, Any] = {"protocol": task.protocol or evaluation.protocol}
     if task.format == "math":
-        settings["harness"] = HarnessData(test=task.test_path, fewshot=task.eval_path, limit=task.max_test)
+        settings["harness"] = HarnessData(test=task.test_path, fewshot=task.eval_path, limit=task.max_test,
+                                          add_bos_token=evaluation.add_bos_token)
     return settings
 
 
@@ -314,8 +327,10 @@ def run_eval(step: Step, ctx: StudyContext, out: Path) -> None:
             batch_size=old.batch_size,
             limit=old.limit,
             num_fewshot=old.num_fewshot,
+            add_bos_token=old.add_bos_token,
         )
         atomic_write_json(partial / "old-per-example.json", items)
+        atomic_write_json(partial / OLD_SETTINGS_FILE, harness_settings(tokenizer, old.add_bos_token))
         atomic_write_json(old_done, scores)
     _write_per_example(partial)
     _log_scores(step, ctx, partial, out)
