@@ -7,7 +7,15 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from knowstack.errors import KnowstackError
 
@@ -172,11 +180,23 @@ class TrainingConfig(Strict):
     # experiment trackers (train/tracking.py); not part of any step's cache key
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
 
+    @field_validator("micro_batch_size")
+    @classmethod
+    def _micro_within_batch(cls, value: int, info: ValidationInfo) -> int:
+        """A micro batch is part of one batch: one given larger is refused (left at its default, with a smaller
+        batch, it is the whole batch in one pass, as it has always been: keys and saved configs stay valid)."""
+        batch = info.data.get("batch_size")
+        default = cls.model_fields["micro_batch_size"].default
+        if batch is not None and value > batch and value != default:
+            raise ValueError(f"{value} is larger than the batch size, {batch}: a micro batch is part of one batch; "
+                             f"give at most {batch}")
+        return value
+
     @model_validator(mode="after")
     def _one_lr(self) -> TrainingConfig:
         if self.lr is not None and self.lr_of_pretrain_peak is not None:
             raise ValueError("give 'lr' or 'lr_of_pretrain_peak', not both")
-        # a micro batch larger than the batch is the whole batch in one pass
+        # the default micro batch, larger than the batch, is the whole batch in one pass
         if self.micro_batch_size < self.batch_size and self.batch_size % self.micro_batch_size:
             raise ValueError("batch_size must be a multiple of micro_batch_size")
         return self
