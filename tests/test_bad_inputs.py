@@ -186,6 +186,8 @@ MAKERS: dict[str, Callable[[Path, Inputs], Path]] = {
     "garbage-safetensors": lambda w, g: (model_copy(w, g), write(w / "model.safetensors", "garbage"))[0],
     "no-tokenizer": lambda w, g: model_copy(w, g, drop=("tokenizer.json", "tokenizer_config.json")),
     "missing-shard": sharded_missing,
+    "config-misfit": lambda w, g: (model_copy(w, g), edited_json(w / "config.json",
+                                                                 lambda c: c.update(intermediate_size=256)))[0],
     # a model or adapter of another base (combine/compatibility.py)
     "other-vocab": lambda w, g: (model_copy(w, g), edited_json(w / "config.json", lambda c: c.update(vocab_size=320)))[0],
     "changed-merge-rule": lambda w, g: (model_copy(w, g), edited_json(w / "tokenizer.json", swap_merges))[0],
@@ -271,6 +273,9 @@ CASES = [
     Case("eval-gsm8k-no-final", "gsm8k-no-final", EVAL + " --format math --metric math",
          ("test.json", "item 0", "field 'answer'", "####")),
     Case("eval-pickle-only", "pickle-only", EVAL_MODEL, ("pytorch_model.bin", "never unpickles")),
+    Case("eval-config-misfit", "config-misfit", EVAL_MODEL, ("bad: config.json does not fit the weights",
+                                                             "mlp.down_proj.weight is [64, 128] in the weights",
+                                                             "[64, 256] by config.json")),
     Case("eval-truncated-model", "truncated-model", EVAL_MODEL, ("model.safetensors", "truncated")),
     Case("eval-adapter-no-config", "adapter-no-config", EVAL.replace("{bad}", "{task}") + " --adapter {bad}",
          ("no adapter_config.json",)),
