@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -168,3 +169,20 @@ def test_a_merge_on_a_full_disk_leaves_no_half_written_model(
     line = one_error_line(capsys.readouterr().err)
     assert line == f"error: {out}: No space left on device: free some space on that disk (or give another output dir)"
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_a_fault_in_a_worker_process_is_raised_as_the_same_os_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """jobs > 1: a step's error comes back from its worker as text; a fault comes back as the OSError it was."""
+    from knowstack.study.executors import StepOutcome, run_step_task_reporting
+
+    step = SimpleNamespace(key="abc")
+
+    def full(*args: Any) -> None:
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(executors, "run_step_task", full)
+    outcome = run_step_task_reporting(step, None, 1)  # type: ignore[arg-type]
+    raised = outcome.exception(step)  # type: ignore[arg-type]
+    assert isinstance(raised, OSError) and raised.errno == errno.ENOSPC
+    bug = StepOutcome(1.0, "Traceback ...").exception(step)  # type: ignore[arg-type]
+    assert not isinstance(bug, OSError) and "step abc failed" in str(bug)
