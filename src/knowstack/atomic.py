@@ -60,8 +60,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 def _name_final(err: OSError, final: Path) -> None:
     """A failed write names the artifact the user asked for, not its temporary name (nor nothing, as a full disk's
     write() does), so the message says where space or permission is missing."""
-    if err.filename is None or f"{os.sep}.{final.name}.tmp-" in str(err.filename):
+    temporary = f"{os.sep}.{final.name}.tmp-"
+    if err.filename is None or temporary in str(err.filename):
         err.filename = str(final)
+    if err.filename2 is not None and temporary in str(err.filename2):  # a copy's destination
+        err.filename2 = str(final)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -95,5 +95,7 @@ def os_fault(err: BaseException) -> OSError | None:
 
 def fault_message(err: OSError, where: object | None = None) -> str:
     """One line: the path (the file the OS named, else `where`, the command's output), what failed, what to do."""
-    path = err.filename if err.filename is not None else where
+    # a copy that fails names both files (shutil: source, destination): a full or read-only disk is the destination's
+    written = err.filename2 if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else None
+    path = next((p for p in (written, err.filename, where) if p is not None), None)
     return located(f"{err.strerror or err}: {FAULT_ADVICE[err.errno]}", path)

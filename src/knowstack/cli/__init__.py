@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # The commands that pick up where they stopped when run again (their finished steps are kept).
-RESUMING = ("study", "demo")
+RESUMING = ("study", "demo", "compose")
 
 
 def _report_fault(args: argparse.Namespace, fault: OSError) -> int:
