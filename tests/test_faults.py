@@ -25,7 +25,11 @@ from knowstack.modeling.streaming import ShardedWriter
 from knowstack.study import executors
 from knowstack.study.executors import execute
 
-ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+def enospc() -> OSError:
+    """A full disk's error as a write raises it (no file named); a new one each time: the path it gets named
+    with on its way up is its own."""
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def small_study(tmp_path: Path, base: Path) -> Path:
@@ -116,7 +120,7 @@ def test_a_study_through_faults_then_resumed_gives_the_same_results(
 
     # ... then while the merge writes its shards (the OS error of a write: no file named)
     with monkeypatch.context() as patch:
-        patch.setattr(ShardedWriter, "write", fail_on_call(3, ENOSPC, ShardedWriter.write))
+        patch.setattr(ShardedWriter, "write", fail_on_call(3, enospc(), ShardedWriter.write))
         assert main(command) == 1
     line = one_error_line(capsys.readouterr().err)
     assert str(artifacts) in line and "No space left on device" in line
@@ -163,7 +167,7 @@ def test_a_merge_on_a_full_disk_leaves_no_half_written_model(
         capsys: pytest.CaptureFixture[str]) -> None:
     models = [make_finetune(tiny_model_dir, tmp_path / f"ft{seed}", seed=seed) for seed in (1, 2)]
     out = tmp_path / "merged"
-    monkeypatch.setattr(ShardedWriter, "write", fail_on_call(2, ENOSPC, ShardedWriter.write))
+    monkeypatch.setattr(ShardedWriter, "write", fail_on_call(2, enospc(), ShardedWriter.write))
     assert main(["merge", "--method", "average", "--base", str(tiny_model_dir), "--models", *map(str, models),
                  "--out", str(out)]) == 1
     line = one_error_line(capsys.readouterr().err)
