@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from knowstack.errors import KnowstackError
+from knowstack.errors import KnowstackError, located
 
 Finetune = Literal["fft", "lora"]
 # The metrics a new-knowledge task is scored by (evaluate/protocols.py says how each is read and computed).
@@ -669,6 +669,8 @@ class StudyConfig(Strict):
             names = [task.name for task in self.tasks]
             if len(set(names)) != len(names):
                 raise ValueError("task names must be unique")
+            for index, task in enumerate(self.tasks):
+                _check_task_recipe(self.training, task, index)
         return self
 
 
@@ -687,6 +689,17 @@ class StudyConfig(Strict):
             raise KnowstackError(f"unknown built-in task '{unknown[0]}' (known: {', '.join(known)})",
                                  field="tasks.builtin")
         return list(self.tasks.builtin)
+
+
+def _check_task_recipe(training: TrainingConfig, task: TaskConfig, index: int) -> None:
+    """A task's own micro batch, with the recipe's batch, passes the recipe's checks (here, not when its step runs)."""
+    if task.micro_batch_size is None:
+        return
+    try:
+        TrainingConfig.model_validate({**training.model_dump(), "micro_batch_size": task.micro_batch_size})
+    except ValidationError as err:
+        message = err.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ValueError(located(message, field=f"tasks[{index}].micro_batch_size")) from None
 
 
 def _field_path(location: tuple[Any, ...]) -> str:
