@@ -190,3 +190,17 @@ def test_a_fault_in_a_worker_process_is_raised_as_the_same_os_error(monkeypatch:
     assert isinstance(raised, OSError) and raised.errno == errno.ENOSPC
     bug = StepOutcome(1.0, "Traceback ...").exception(step)  # type: ignore[arg-type]
     assert not isinstance(bug, OSError) and "step abc failed" in str(bug)
+
+
+def test_which_errors_are_faults_and_the_path_they_name() -> None:
+    from knowstack.errors import fault_message, os_fault
+
+    copy = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/models/base/config.json")
+    copy.filename2 = "/runs/x/artifacts/merge-1"  # shutil.copy: source, then destination
+    assert fault_message(copy).startswith("/runs/x/artifacts/merge-1: No space left on device: free some space")
+    unreadable_file = PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/data/task/test.json")
+    assert fault_message(unreadable_file, "/runs/x").startswith("/data/task/test.json: Permission denied: ")
+    assert fault_message(enospc(), "/runs/x").startswith("/runs/x: No space left on device")
+    # a bug keeps its traceback: a missing file (inputs are checked before the run), anything else
+    assert os_fault(FileNotFoundError(errno.ENOENT, "No such file or directory", "/x")) is None
+    assert os_fault(ValueError("shapes differ")) is None and os_fault(RuntimeError("(os error 2)")) is None

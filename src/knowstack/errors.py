@@ -70,6 +70,8 @@ def raise_problems(problems: Iterable[Problem]) -> None:
 
 
 # What to do about a fault of the machine (not of the input): the OSError kinds a user fixes outside knowstack.
+# Not ENOENT: inputs are checked to exist before anything runs, so a missing file later is more likely a bug,
+# which keeps its traceback.
 FAULT_ADVICE = {
     errno.ENOSPC: "free some space on that disk (or give another output dir)",
     errno.EDQUOT: "free some of your quota on that disk (or give another output dir)",
@@ -77,7 +79,6 @@ FAULT_ADVICE = {
     errno.EACCES: "give this user access to it (or give another path)",
     errno.EPERM: "give this user access to it (or give another path)",
     errno.EIO: "check the disk",
-    errno.ENOENT: "it was there when the command started: put it back",
     errno.EMFILE: "raise the limit of open files (ulimit -n)",
 }
 _OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")
