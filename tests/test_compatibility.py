@@ -284,6 +284,8 @@ def test_contribute_and_compose_check_against_the_registrys_base(
         code, err = run(["contribute", reg, "--name", name, flag, made[name], "--task", task], capsys)
         assert code == 2, err
         expect(problem_lines(err, 1), f"{made[name]}/{parts[0]}", "in the registry's base", *parts[1:])
+        # the base as the user gave it to `registry init`, not the temporary view of its stored copy
+        assert "knowstack-view-" not in err and f"registry's base ({made['base'].resolve()}" in err, err
         assert registry_state(reg) == before  # nothing stored, nothing recorded
     assert run(["contribute", reg, "--name", "good", "--model", made["ft1"], "--task", task, "--batch-size", "2"],
                capsys)[0] == 0

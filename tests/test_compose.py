@@ -192,6 +192,7 @@ def test_a_compose_that_dies_midway_leaves_no_version_and_resumes(registry: Path
     with Registry.open(registry) as reg:
         assert not [r for r in reg.versions() if r["method"] == "merge-average"]
     [work] = [p for p in (registry / ".compose").iterdir() if p.is_dir()]
+    assert not list((registry / ".compose").glob("*.lock"))  # the lock goes with the compose that held it
     assert tensors(work / "model")
     assert sorted(p.name for p in (work / "scores").iterdir()) == ["new-Notes.json", "new-Stance.json"]
 

@@ -128,6 +128,7 @@ CHANGED = {
     "base.tokenizer": "{root}/tokenizer", "old_knowledge.tasks": ["arc_easy", "hellaswag"],
     "old_knowledge.include_path": "{root}", "old_knowledge.add_bos_token": False, "evaluation.add_bos_token": False, "old_knowledge.limit": 5, "old_knowledge.num_fewshot": 2,
     "training.lr": 1e-4, "training.lr_of_pretrain_peak": 0.3, "training.max_steps": 7, "training.report_to": ["mlflow"],
+    "training.micro_batch_size": 8,  # a part of the batch of 16 (one larger is refused)
     "evaluation.max_test": 5, "evaluation.max_new_tokens": {"Stance": 7}, "launch.accelerate_config": "ddp",
     "launch.mixed_precision": "no", "launch.lora": {"num_processes": 2, "mixed_precision": "no"},
     "tasks[].protocol": "paper", "methods.olora.lambdas": [0.5, 2.0], "tasks[].train_file": "{root}/Stance/eval.json", "tasks[].max_train": 2,

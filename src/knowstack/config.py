@@ -7,9 +7,17 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from knowstack.errors import KnowstackError
+from knowstack.errors import KnowstackError, located
 
 Finetune = Literal["fft", "lora"]
 # The metrics a new-knowledge task is scored by (evaluate/protocols.py says how each is read and computed).
@@ -188,11 +196,23 @@ class TrainingConfig(Strict):
     # experiment trackers (train/tracking.py); not part of any step's cache key
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
 
+    @field_validator("micro_batch_size")
+    @classmethod
+    def _micro_within_batch(cls, value: int, info: ValidationInfo) -> int:
+        """A micro batch is part of one batch: one given larger is refused (left at its default, with a smaller
+        batch, it is the whole batch in one pass, as it has always been: keys and saved configs stay valid)."""
+        batch = info.data.get("batch_size")
+        default = cls.model_fields["micro_batch_size"].default
+        if batch is not None and value > batch and value != default:
+            raise ValueError(f"{value} is larger than the batch size, {batch}: a micro batch is part of one batch; "
+                             f"give at most {batch}")
+        return value
+
     @model_validator(mode="after")
     def _one_lr(self) -> TrainingConfig:
         if self.lr is not None and self.lr_of_pretrain_peak is not None:
             raise ValueError("give 'lr' or 'lr_of_pretrain_peak', not both")
-        # a micro batch larger than the batch is the whole batch in one pass
+        # the default micro batch, larger than the batch, is the whole batch in one pass
         if self.micro_batch_size < self.batch_size and self.batch_size % self.micro_batch_size:
             raise ValueError("batch_size must be a multiple of micro_batch_size")
         return self
@@ -655,6 +675,8 @@ class StudyConfig(Strict):
             names = [task.name for task in self.tasks]
             if len(set(names)) != len(names):
                 raise ValueError("task names must be unique")
+            for index, task in enumerate(self.tasks):
+                _check_task_recipe(self.training, task, index)
         return self
 
 
@@ -673,6 +695,17 @@ class StudyConfig(Strict):
             raise KnowstackError(f"unknown built-in task '{unknown[0]}' (known: {', '.join(known)})",
                                  field="tasks.builtin")
         return list(self.tasks.builtin)
+
+
+def _check_task_recipe(training: TrainingConfig, task: TaskConfig, index: int) -> None:
+    """A task's own micro batch, with the recipe's batch, passes the recipe's checks (here, not when its step runs)."""
+    if task.micro_batch_size is None:
+        return
+    try:
+        TrainingConfig.model_validate({**training.model_dump(), "micro_batch_size": task.micro_batch_size})
+    except ValidationError as err:
+        message = err.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ValueError(located(message, field=f"tasks[{index}].micro_batch_size")) from None
 
 
 def _field_path(location: tuple[Any, ...]) -> str:

@@ -1,8 +1,12 @@
 """The one error type users see: a clear message, no traceback (the CLI prints it and exits 2); and the problems
-of a command's inputs, listed all at once in one such error (validate.py's checks, combine's compatibility checks)."""
+of a command's inputs, listed all at once in one such error (validate.py's checks, combine's compatibility checks);
+and the faults of the machine met while running (disk full, read-only, unreadable), worded as one line (exit 1)."""
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -63,3 +67,36 @@ def raise_problems(problems: Iterable[Problem]) -> None:
     unique = list(dict.fromkeys(problems))
     if unique:
         raise InputProblems(unique)
+
+
+# What to do about a fault of the machine (not of the input): the OSError kinds a user fixes outside knowstack.
+# Not ENOENT: inputs are checked to exist before anything runs, so a missing file later is more likely a bug,
+# which keeps its traceback.
+FAULT_ADVICE = {
+    errno.ENOSPC: "free some space on that disk (or give another output dir)",
+    errno.EDQUOT: "free some of your quota on that disk (or give another output dir)",
+    errno.EROFS: "give an output dir on a writable disk",
+    errno.EACCES: "give this user access to it (or give another path)",
+    errno.EPERM: "give this user access to it (or give another path)",
+    errno.EIO: "check the disk",
+    errno.EMFILE: "raise the limit of open files (ulimit -n)",
+}
+_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")
+
+
+def os_fault(err: BaseException) -> OSError | None:
+    """`err` as an OSError of a kind FAULT_ADVICE knows, or None: an OSError itself, or another library's error that
+    wraps one in its text (safetensors' Rust writer: 'I/O error: No space left on device (os error 28)')."""
+    if isinstance(err, OSError):
+        return err if err.errno in FAULT_ADVICE else None
+    found = _OS_ERROR_IN_TEXT.search(str(err))
+    code = int(found.group(1)) if found else None
+    return OSError(code, os.strerror(code)) if code in FAULT_ADVICE else None
+
+
+def fault_message(err: OSError, where: object | None = None) -> str:
+    """One line: the path (the file the OS named, else `where`, the command's output), what failed, what to do."""
+    # a copy that fails names both files (shutil: source, destination): a full or read-only disk is the destination's
+    written = err.filename2 if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else None
+    path = next((p for p in (written, err.filename, where) if p is not None), None)
+    return located(f"{err.strerror or err}: {FAULT_ADVICE[err.errno]}", path)

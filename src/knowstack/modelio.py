@@ -65,9 +65,14 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     check_exists(model_path, "model")
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except RuntimeError as err:  # transformers: "... mismatched sizes ...", its report logged, not raised
+        if "mismatch" not in str(err):
+            raise
+        raise KnowstackError(_misfit_message(Path(model_path), trust_remote_code), path=model_path) from None
     if adapter_path is not None and (Path(adapter_path) / "lora_moe.json").is_file():
         # A LoRA-MoE dir: its adapters are routed per token, so there is nothing to merge.
         from knowstack.modeling.lora_moe import apply_lora_moe
@@ -82,6 +87,29 @@ def load_model(
             model = model.merge_and_unload()
     model.eval()
     return model
+
+
+def _misfit_message(folder: Path, trust_remote_code: bool = False) -> str:
+    """What is wrong when a model dir's config.json does not fit its weights: the tensors whose shapes differ
+    between the weights and the model config.json builds (on the meta device: no memory), first ones named."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from knowstack.modeling.streaming import SafetensorsReader
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            built = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        expected = {name: tuple(tensor.shape) for name, tensor in built.state_dict().items()}
+        specs = SafetensorsReader.from_dir(folder).specs
+    except Exception:  # noqa: BLE001 - the names are a help; the message stands without them (a hub id)
+        expected, specs = {}, {}
+    differ = [f"{name} is {list(spec.shape)} in the weights, {list(expected[name])} by config.json"
+              for name, spec in specs.items() if name in expected and tuple(spec.shape) != expected[name]]
+    more = f" (and {len(differ) - 2} more)" if len(differ) > 2 else ""
+    shown = "; ".join(differ[:2]) + more if differ else "tensor shapes differ"
+    return (f"config.json does not fit the weights: {shown}; give the config.json these weights were saved with "
+            "(or the model dir this config.json belongs to)")
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: Path,

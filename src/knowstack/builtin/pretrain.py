@@ -7,8 +7,9 @@ import random
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from knowstack.progress import step_bar
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def pretrain(model: LlamaForCausalLM, stream: torch.Tensor, settings: PretrainSe
     starts = list(range(0, len(stream) - length - 1, length))
     model.train()
     losses: list[float] = []
-    bar = tqdm(range(settings.steps), desc="pretrain base", unit="step")
+    bar = step_bar(range(settings.steps), "pretrain base", unit="step")
     order: list[int] = []
     for step in bar:
         if len(order) < settings.batch_size:

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from knowstack.cli import models, registry, study
 from knowstack.cli.common import console
-from knowstack.errors import KnowstackError
+from knowstack.errors import KnowstackError, fault_message, os_fault
 from knowstack.logs import library_messages_to
 
 
@@ -53,14 +53,31 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `knowstack log REG | head`: the reader is gone, which is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except OSError as err:
+    except Exception as err:
         from knowstack.registry.core import is_url
 
         where = getattr(args, "registry", None) or getattr(args, "dir", None)
-        if not (isinstance(where, str) and is_url(where)):
+        if isinstance(err, OSError) and isinstance(where, str) and is_url(where):
+            # A remote store's failures (credentials, no such bucket, network) are the user's to fix, not a bug.
+            console.print(f"[red]error:[/red] {where}: the registry's store failed: {err!r}", highlight=False)
+            return 2
+        fault = os_fault(err)
+        if fault is None:
             raise
-        # A remote store's failures (credentials, no such bucket, network) are the user's to fix, not a bug.
-        console.print(f"[red]error:[/red] {where}: the registry's store failed: {err!r}", highlight=False)
-        return 2
+        return _report_fault(args, fault)
     return 0
+
+
+# The commands that pick up where they stopped when run again (their finished steps are kept).
+RESUMING = ("study", "demo", "compose")
+
+
+def _report_fault(args: argparse.Namespace, fault: OSError) -> int:
+    """A fault of the machine mid-run (disk full, read-only, unreadable): one line naming the path and what to do,
+    exit 1; what was being written is left unwritten (knowstack.atomic), never half-written."""
+    message = fault_message(fault, getattr(args, "out", None) or getattr(args, "registry", None))
+    if args.command in RESUMING:
+        message += "; then run the same command again: finished steps are kept"
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+    return 1
 

@@ -17,7 +17,7 @@ from knowstack.cli.options import (
     training_from_args,
 )
 from knowstack.config import METRICS, MOE_PRESETS, MOE_ROUTERS, RouterTrainingConfig
-from knowstack.errors import KnowstackError
+from knowstack.errors import KnowstackError, Problem
 
 
 def _task_from_args(args: argparse.Namespace):
@@ -53,7 +53,11 @@ def _task_arg_problems(args: argparse.Namespace, split: str) -> list:  # -> list
             problems += problems_of(lambda: trace_split_path(Path(args.task), other))
         return problems
     given = args.train_file if split == "train" else args.test_file
-    return check_split_file(given, args.format, split) if given else []
+    if given:
+        return check_split_file(given, args.format, split)
+    # an evaluation may score old knowledge alone (cmd_eval says when it has nothing); training needs data
+    return [Problem(None, "nothing to train on: give --task (a task dir) or --train-file", field="--task")] \
+        if split == "train" else []
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from knowstack.atomic import atomic_dir, atomic_write_json
 from knowstack.combine.compatibility import check_compatible
@@ -36,6 +35,7 @@ from knowstack.combine.statistics import Statistics, check_statistics, open_stat
 from knowstack.errors import KnowstackError
 from knowstack.modeling.streaming import MAX_SHARD_BYTES, ShardedWriter
 from knowstack.modelio import copy_model_files, dtype_name, output_dtype
+from knowstack.progress import step_bar
 
 MERGE_FILE = "merge.json"
 
@@ -151,7 +151,7 @@ def _write_merged(tmp: Path, method: MergeMethod, reference: FullModel, base: Fu
     dtypes = {name: cast if cast is not None and specs[name].torch_dtype.is_floating_point
               else specs[name].torch_dtype for name in order}
     writer = ShardedWriter(tmp, [(name, dtypes[name], specs[name].shape) for name in order], max_shard_bytes)
-    for name in tqdm(order, desc=f"merge {method.name}", unit="tensor", disable=not progress):
+    for name in step_bar(order, f"merge {method.name}", unit="tensor", disable=not progress):
         if statistics is not None:
             merged = _merge_with_statistics(method, name, base, inputs, weights, options, statistics)
         elif merged_factors is not None:

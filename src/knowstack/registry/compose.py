@@ -388,10 +388,11 @@ def _exclusive(work: Path) -> Iterator[None]:
             raise KnowstackError("another compose of the same inputs and settings is running", path=work) from None
         try:
             yield
-            # Removed only by its holder: a compose that finds it gone makes a new one and then sees the
+        finally:
+            # Removed only by its holder, whether the compose succeeded or failed (a failed one keeps its work
+            # dir to resume from, not its lock): a compose that finds it gone makes a new one and then sees the
             # version already recorded (the check runs under the lock).
             lock.unlink(missing_ok=True)
-        finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 

@@ -9,7 +9,9 @@ stored before failing are complete files no record points to, harmless and share
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from knowstack.combine.inputs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FullModel,
 from knowstack.config import METRICS
 from knowstack.data.formats import trace_split_path
 from knowstack.data.tasks import read_split
-from knowstack.errors import KnowstackError
+from knowstack.errors import InputProblems, KnowstackError
 from knowstack.hashing import content_hash
 from knowstack.registry import db
 from knowstack.registry.base import model_files, store_files, weights_hash
@@ -142,12 +144,40 @@ def contribute(
         task_files = read_task(task, keep_data=keep_data, task_format=task_format)
         contribution = open_contribution(adapter, model)
         with reg.view(BASE_NAME) as base_dir:
-            check_trained_from(FullModel(base_dir), reg.base()["content_hash"], contribution)
-            stats_files = statistics_files(statistics, FullModel(base_dir), contribution)
+            with users_paths({base_dir: base_source(reg)}):
+                check_trained_from(FullModel(base_dir), reg.base()["content_hash"], contribution)
+                stats_files = statistics_files(statistics, FullModel(base_dir), contribution)
             new = _store(reg, name, contribution, task_files, metric, keep_data, author, config_path, stats_files)
             new.scores = without_items([_score(reg, base_dir, new, batch_size)])
         reg.record(new)
         return reg.version(name)
+
+
+def base_source(reg: Registry) -> str:
+    """The registry's base as its user knows it: the dir it was made from (registry init --base)."""
+    return reg.base()["settings"].get("source") or f"{reg.where} (its base)"
+
+
+@contextlib.contextmanager
+def users_paths(shown: dict[Path, str]) -> Iterator[None]:
+    """Errors name the user's paths (the base the registry was made from, the contribution handed in), not the
+    temporary views of the registry's stored copies that were checked or loaded ({view: what to show})."""
+
+    def named(text: str | None) -> str | None:
+        for view, user in sorted(shown.items(), key=lambda item: -len(str(item[0]))):
+            for form in {str(view), str(Path(view).resolve())}:
+                text = text.replace(form, user) if text else text
+        return text
+
+    try:
+        yield
+    except InputProblems as err:
+        raise InputProblems([replace(p, path=named(p.path), message=named(p.message) or "")
+                             for p in err.problems]) from None
+    except KnowstackError as err:
+        if named(str(err)) == str(err):
+            raise
+        raise KnowstackError(named(str(err)) or "") from None
 
 
 def statistics_files(folder: str | Path | None, base: FullModel,
@@ -208,6 +238,7 @@ def _score(reg: Registry, base_dir: Path, new: db.NewVersion, batch_size: int) -
 
     assert new.contribution is not None
     task = task_of({**new.contribution, "name": new.name})  # the record it is about to become
-    with reg.store.view(new.files) as weights_dir:
+    with reg.store.view(new.files) as weights_dir, \
+            users_paths({weights_dir: new.settings["source"], base_dir: base_source(reg)}):
         model = load_for_scoring(weights_dir, base_dir if new.kind == "adapter" else None)
         return score_task(model, load_tokenizer(base_dir), reg.store, task, batch_size)

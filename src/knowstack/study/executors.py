@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from rich.console import Console
 
-from knowstack.errors import KnowstackError
+from knowstack.errors import KnowstackError, os_fault
 from knowstack.study.plan import Step
 from knowstack.study.steps import StudyContext, execute
 
@@ -196,7 +196,7 @@ def run_concurrently(steps: Sequence[Step], ctx: StudyContext, shown: Any, jobs:
             if failures:
                 wait(list(running))  # let the others complete: their artifacts are then whole
                 step, outcome = failures[0]
-                raise KnowstackError(outcome.error) if outcome.knowstack else StepFailed(step.key, outcome.error)
+                raise outcome.exception(step)
     return progress
 
 
@@ -212,6 +212,13 @@ class StepOutcome:
     seconds: float
     error: str | None = None
     knowstack: bool = False  # the error is a KnowstackError (the user's to fix), not a bug
+    fault: tuple[int, str, str | None] | None = None  # a fault of the machine (errors.os_fault): errno, text, file
+
+    def exception(self, step: Step) -> Exception:
+        """The error to raise in the study's process, as the step would have raised it there."""
+        if self.fault is not None:
+            return OSError(*self.fault)
+        return KnowstackError(self.error or "") if self.knowstack else StepFailed(step.key, self.error or "")
 
 
 def run_step_task_reporting(step: Step, ctx: StudyContext, threads: int) -> StepOutcome:
@@ -221,7 +228,11 @@ def run_step_task_reporting(step: Step, ctx: StudyContext, threads: int) -> Step
         run_step_task(step, ctx, threads)
     except KnowstackError as err:
         return StepOutcome(time.monotonic() - started, str(err), knowstack=True)
-    except Exception:
+    except Exception as err:
+        fault = os_fault(err)  # a full disk, a read-only dir: one line in the study's process, not a traceback
+        if fault is not None:
+            return StepOutcome(time.monotonic() - started, str(fault),
+                               fault=(fault.errno or 0, fault.strerror or str(fault), fault.filename))
         return StepOutcome(time.monotonic() - started, traceback.format_exc())
     return StepOutcome(time.monotonic() - started)
 
