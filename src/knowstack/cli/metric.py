@@ -19,10 +19,9 @@ def add_metric_option(parser: argparse.ArgumentParser) -> None:
 
 def metric_problems(task: str | Path | None, metric: str | None, task_format: str) -> list:  # -> list[Problem]
     """The problem, if any, with the task's metric (none defines it, or its knowstack-task.json is bad), listed
-    with a command's other input problems before anything runs."""
+    with a command's other input problems before anything runs; ask only of a task whose files passed their checks
+    (a missing dir is said once, by those)."""
     from knowstack.data.tasks import task_metric
     from knowstack.validate import problems_of
 
-    if not task or not Path(task).expanduser().exists():
-        return []  # a task that is not there: the command's checks of the task say so
-    return problems_of(lambda: task_metric(task, given=metric, task_format=task_format))
+    return problems_of(lambda: task_metric(task, given=metric, task_format=task_format)) if task else []

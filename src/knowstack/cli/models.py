@@ -102,8 +102,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     problems = check_model_dir(args.model) + (check_adapter_dir(args.adapter) if args.adapter else [])
     if args.task or args.test_file:
-        problems += _task_arg_problems(args, "test")
-        problems += metric_problems(_task_dir_or_file(args), args.metric, args.format)
+        problems += _task_arg_problems(args, "test") or metric_problems(_task_dir_or_file(args), args.metric,
+                                                                         args.format)
     if args.old_tasks or args.include_path:
         problems += check_old_tasks(args.old_tasks, args.include_path, field="--old-tasks",
                                     include_field="--include-path")

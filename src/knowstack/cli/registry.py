@@ -83,10 +83,9 @@ def cmd_contribute(args: argparse.Namespace) -> None:
 
     problems = check_adapter_dir(args.adapter) if args.adapter else check_model_dir(args.model, tokenizer=False)
     problems += check_task_dir(args.task, args.format, required=("test", "train") if args.keep_data else ("test",),
-                               optional=("eval",))
+                               optional=("eval",)) or metric_problems(args.task, args.metric, args.format)
     if args.training_config:
         problems += check_file(args.training_config, "training config")
-    problems += metric_problems(args.task, args.metric, args.format)
     raise_problems(problems)
     record = api.contribute(args.registry, args.name, task=args.task, adapter=args.adapter, model=args.model,
                             metric=args.metric, keep_data=args.keep_data, task_format=args.format,

@@ -160,6 +160,8 @@ def task_metric(task: str | Path, *, given: str | None = None, task_format: str 
         return ResolvedMetric("math", "the math format")
     if folder.name in TRACE_TASK_METRICS:
         return ResolvedMetric(TRACE_TASK_METRICS[folder.name], f"TRACE's task name '{folder.name}'")
+    if where == folder:
+        trace_split_path(folder, "test")  # a dir that is not there, or has no test split, says so first
     raise KnowstackError(
         f"nothing defines the metric of task '{folder.name}': give {option} ({', '.join(METRICS)}) or write "
         f'{folder / TASK_METADATA} as {{"metric": "accuracy"}} (a task\'s metric is read from that file, from the '
