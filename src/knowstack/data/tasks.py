@@ -163,9 +163,10 @@ def task_metric(task: str | Path, *, given: str | None = None, task_format: str 
     if where == folder:
         trace_split_path(folder, "test")  # a dir that is not there, or has no test split, says so first
     raise KnowstackError(
-        f"nothing defines the metric of task '{folder.name}': give {option} ({', '.join(METRICS)}) or write "
-        f'{folder / TASK_METADATA} as {{"metric": "accuracy"}} (a task\'s metric is read from that file, from the '
-        f"built-in world's {WORLD_MANIFEST}, or from TRACE's task names: {', '.join(TRACE_TASK_METRICS)})",
+        f"nothing defines the metric of task '{folder.name}': give {option} NAME or write "
+        f'{folder / TASK_METADATA} as {{"metric": "NAME"}}, NAME one of {", ".join(METRICS)} (a task\'s metric is '
+        f"read from that file, from the built-in world's {WORLD_MANIFEST}, or from TRACE's task names: "
+        f"{', '.join(TRACE_TASK_METRICS)})",
         path=where)
 
 
