@@ -172,6 +172,10 @@ MAKERS: dict[str, Callable[[Path, Inputs], Path]] = {
     "no-task-dir": lambda w, g: w,
     "brackets-in-path": lambda w, g: task_with(w.parent / "data[v2]"),  # not rich markup: printed as is
     "bad-test-split": lambda w, g: task_with(w, "test.json", items({"prompt": 1, "answer": "a"}), splits=("train",)),
+    # a task's metric (data/tasks.py task_metric): none defines it, or its knowstack-task.json names none known
+    "metric-undefined": lambda w, g: task_with(w, splits=("train", "test")),
+    "metadata-unknown-metric": lambda w, g: task_with(w, "knowstack-task.json", '{"metric": "bleu"}',
+                                                      splits=("train", "test")),
     "gsm8k-no-final": lambda w, g: math_task(w, [{"query": "q", "response": "r"}],
                                              [{"question": "q", "answer": "4 + 4 = 8"}]),
     "metamath-no-response": lambda w, g: math_task(w, [{"query": "q", "answer": "r"}],
@@ -272,6 +276,12 @@ CASES = [
     Case("eval-bad-test-split", "bad-test-split", EVAL, ("test.json", "item 0", "field 'prompt'", "found a number")),
     Case("eval-gsm8k-no-final", "gsm8k-no-final", EVAL + " --format math --metric math",
          ("test.json", "item 0", "field 'answer'", "####")),
+    Case("eval-metric-undefined", "metric-undefined", EVAL,
+         ("bad: nothing defines the metric of task 'bad': give --metric", "bad/knowstack-task.json")),
+    Case("eval-metadata-unknown-metric", "metadata-unknown-metric", EVAL,
+         ("bad/knowstack-task.json", "field 'metric'", 'unknown metric "bleu"', "rouge_l, edit_similarity")),
+    Case("score-metric-undefined", "metric-undefined", "score {bad} --predictions {out}",
+         ("nothing defines the metric of task 'bad': give --metric",)),
     Case("eval-pickle-only", "pickle-only", EVAL_MODEL, ("pytorch_model.bin", "never unpickles")),
     Case("eval-config-misfit", "config-misfit", EVAL_MODEL, ("bad: config.json does not fit the weights",
                                                              "mlp.down_proj.weight is [64, 128] in the weights",
@@ -331,6 +341,10 @@ CASES = [
     Case("contribute-metamath-no-response", "metamath-no-response", "contribute {registry} --name c "
          "--adapter {adapter} --task {bad} --format math --metric math --keep-data",
          ("train.json", "item 0", "field 'response'", "missing")),
+    Case("contribute-metric-undefined", "metric-undefined", "contribute {registry} --name c --adapter {adapter} "
+         "--task {bad}", ("nothing defines the metric of task 'bad': give --metric", "bad/knowstack-task.json")),
+    Case("contribute-metadata-unknown-metric", "metadata-unknown-metric", "contribute {registry} --name c "
+         "--adapter {adapter} --task {bad}", ("bad/knowstack-task.json", "field 'metric'", 'unknown metric "bleu"')),
     Case("contribute-adapter-pickle-only", "adapter-pickle-only", "contribute {registry} --name c --adapter {bad} "
          "--task {task}", ("adapter_model.bin", "never unpickled")),
     Case("contribute-model-truncated", "truncated-model", "contribute {registry} --name c --model {bad} "

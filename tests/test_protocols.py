@@ -10,12 +10,12 @@ import pytest
 
 from knowstack.cli import main
 from knowstack.config import TaskConfig
-from knowstack.data.tasks import task_from_config
+from knowstack.data.tasks import TRACE_TASK_METRICS, task_from_config
 from knowstack.errors import KnowstackError
 from knowstack.evaluate.metrics import PER_EXAMPLE, edit_similarity_trace_one, rouge_l_trace_one
 from knowstack.evaluate.new_knowledge import score_given_predictions
 from knowstack.evaluate.predictions import read_predictions
-from knowstack.evaluate.protocols import PROTOCOLS, READERS, TRACE_TASK_METRICS, budget_for, scorings
+from knowstack.evaluate.protocols import PROTOCOLS, READERS, budget_for, scorings
 
 FIXTURES = Path(__file__).parent / "fixtures" / "trace"
 SUMMARIES = [

@@ -25,12 +25,15 @@ from knowstack.registry import Registry, init_registry
 from knowstack.registry.contribute import contribute
 
 
-def make_task(root: Path, name: str = "Stance", n: int = 3) -> Path:
+def make_task(root: Path, name: str = "Stance", n: int = 3, metric: str | None = "accuracy") -> Path:
+    """A TRACE-layout task dir; its metric (if any) in the knowstack-task.json a user writes beside the splits."""
     task = root / name
     task.mkdir(parents=True)
     for split in ("train", "eval", "test"):
         items = [{"prompt": f"{name} {split} question {i}:", "answer": " yes"} for i in range(n)]
         (task / f"{split}.json").write_text(json.dumps(items))
+    if metric is not None:
+        (task / "knowstack-task.json").write_text(json.dumps({"metric": metric}))
     return task
 
 

@@ -181,11 +181,19 @@ def _task(task: PathLike, metric: str, task_format: str = "trace"):  # -> TaskSp
         raise KnowstackError(str(err).splitlines()[-1], path=path) from None
 
 
-def _task_spec(task: PathLike | TaskSpec, metric: str, task_format: str = "trace") -> TaskSpec:
-    """A task given as a dir, or already built (knowstack.data.tasks.TaskSpec: e.g. math's two files)."""
-    from knowstack.data.tasks import TaskSpec
+def _task_spec(task: PathLike | TaskSpec, metric: str | None, task_format: str = "trace") -> tuple[TaskSpec, str]:
+    """A task given as a dir, or already built (knowstack.data.tasks.TaskSpec: e.g. math's two files), with its
+    metric (`metric` where given, else what defines the task: data/tasks.py task_metric) and that metric's source."""
+    from dataclasses import replace
 
-    return task if isinstance(task, TaskSpec) else _task(task, metric, task_format)
+    from knowstack.data.tasks import TaskSpec, task_metric
+
+    if isinstance(task, TaskSpec):
+        if metric is None:
+            return task, "the TaskSpec"
+        return replace(task, metric=task_metric(task.test_path, given=metric, option="metric").metric), "metric"
+    chosen = task_metric(task, given=metric, task_format=task_format, option="metric")
+    return _task(task, chosen.metric, task_format), chosen.source
 
 
 def _replay_examples(current: tuple[str, list[tuple[str, str]]], earlier: Sequence[PathLike], fraction: float | None,
@@ -230,7 +238,7 @@ def train(model: PathLike, data: PathLike | TaskSpec | Sequence[tuple[str, str]]
         raise KnowstackError(f"give the recipe as training or as settings, not both ({', '.join(settings)})",
                              field="training")
     if isinstance(data, (str, Path)) or not isinstance(data, Sequence):
-        spec = _task_spec(data, metric)
+        spec, _ = _task_spec(data, metric)  # training reads no metric
         name, pairs = spec.name, [(ex.prompt, ex.answer) for ex in spec.load("train")]
     else:
         name, pairs = Path(out).name, [(str(prompt), str(answer)) for prompt, answer in data]
@@ -379,6 +387,7 @@ class TaskScores:
     n: int
     scores: dict[str, float]
     predictions: list[dict] = field(default_factory=list, repr=False)
+    metric_source: str = ""  # what defined the task's metric (data/tasks.py task_metric), in words
 
 
 def _load(model: PathLike, adapter: PathLike | None):  # -> (model, tokenizer)
@@ -400,27 +409,33 @@ def _scores(loaded: Any, tokenizer: Any, spec: TaskSpec, *, limit: int | None, b
     return TaskScores(spec.name, len(examples), result.scores, result.predictions)
 
 
-def score(model: PathLike, task: PathLike | TaskSpec, *, metric: str = "accuracy", adapter: PathLike | None = None,
+def score(model: PathLike, task: PathLike | TaskSpec, *, metric: str | None = None, adapter: PathLike | None = None,
           task_format: str = "trace", limit: int | None = None, batch_size: int = 32,
           max_new_tokens: int | None = None, protocol: str = "builtin") -> TaskScores:
     """A model (+ adapter) on one task's test split, as `knowstack eval --task` (evaluate/new_knowledge.py);
-    protocol: how answers are read and scored (builtin, or paper: the paper's TRACE/GSM8K scoring)."""
-    spec = _task_spec(task, metric, task_format)
+    metric: default what defines the task (its knowstack-task.json, the built-in world, TRACE's task names; see
+    docs/commands.md); protocol: how answers are read and scored (builtin, or paper: the paper's TRACE/GSM8K
+    scoring)."""
+    from dataclasses import replace
+
+    spec, source = _task_spec(task, metric, task_format)
     loaded, tokenizer = _load(model, adapter)
-    return _scores(loaded, tokenizer, spec, limit=limit, batch_size=batch_size, protocol=protocol,
-                   max_new_tokens=max_new_tokens)
+    scores = _scores(loaded, tokenizer, spec, limit=limit, batch_size=batch_size, protocol=protocol,
+                     max_new_tokens=max_new_tokens)
+    return replace(scores, metric_source=source)
 
 
 def evaluate(model: PathLike, *, adapter: PathLike | None = None, tasks: Mapping[str, PathLike | TaskSpec] | None = None,
-             metric: str = "accuracy", old_tasks: Sequence[str] = (), include_path: PathLike | None = None,
+             metric: str | None = None, old_tasks: Sequence[str] = (), include_path: PathLike | None = None,
              limit: int | None = None, batch_size: int = 32, protocol: str = "builtin") -> dict[str, dict[str, float]]:
-    """`knowstack eval` for several tasks at once: {task: {metric: value}} for each new task (tasks: {name: dir
-    scored with `metric`, or a TaskSpec}) and each lm-eval old-knowledge task; the model is loaded once."""
+    """`knowstack eval` for several tasks at once: {task: {metric: value}} for each new task (tasks: {name: dir,
+    or a TaskSpec}, each scored with its own metric, or with `metric` where given) and each lm-eval old-knowledge
+    task; the model is loaded once."""
     from knowstack.evaluate.old_knowledge import evaluate_old_knowledge
 
     if not tasks and not old_tasks:
         raise KnowstackError("nothing to evaluate: give tasks and/or old_tasks")
-    specs = {name: _task_spec(path, metric) for name, path in (tasks or {}).items()}
+    specs = {name: _task_spec(path, metric)[0] for name, path in (tasks or {}).items()}
     loaded, tokenizer = _load(model, adapter)
     result: dict[str, dict[str, float]] = {
         name: _scores(loaded, tokenizer, spec, limit=limit, batch_size=batch_size, protocol=protocol).scores
@@ -436,18 +451,16 @@ def score_predictions(task: PathLike, predictions: PathLike | Sequence[str], *, 
     """Predictions made elsewhere (vLLM, another harness) scored on a task's test split with the same reading
     and metrics as an evaluation, as `knowstack score`: task is a TRACE task dir or, with task_format="math", a
     GSM8K-format test file; predictions one per test item, in order: the strings, or a file (JSON Lines of
-    {"prediction": ...}, or a JSON list of strings); metric: default the TRACE task's own, from the dir name."""
+    {"prediction": ...}, or a JSON list of strings); metric: default what defines the task, as `score` and
+    `evaluate` read it (data/tasks.py task_metric)."""
     from knowstack.config import TaskConfig
-    from knowstack.data.tasks import task_from_config
+    from knowstack.data.tasks import task_from_config, task_metric
     from knowstack.evaluate.new_knowledge import score_given_predictions
     from knowstack.evaluate.predictions import read_predictions
-    from knowstack.evaluate.protocols import TRACE_TASK_METRICS
 
     where = Path(task)
-    metric = metric or ("math" if task_format == "math" else TRACE_TASK_METRICS.get(where.name))
-    if metric is None:
-        raise KnowstackError(f"give the metric: '{where.name}' is not a TRACE task name "
-                             f"({', '.join(TRACE_TASK_METRICS)})", path=where)
+    chosen = task_metric(where, given=metric, task_format=task_format, option="metric")
+    metric = chosen.metric
     fields = {"path": where} if task_format == "trace" else {"test_file": where}
     examples = task_from_config(TaskConfig(name="task", format=task_format, metric=metric, **fields)).load("test")
     if isinstance(predictions, (str, Path)):
@@ -457,7 +470,7 @@ def score_predictions(task: PathLike, predictions: PathLike | Sequence[str], *, 
     else:
         given = [str(prediction) for prediction in predictions]
     result = score_given_predictions(examples, given, metric, protocol)
-    return TaskScores(where.name, len(examples), result.scores, result.predictions)
+    return TaskScores(where.name, len(examples), result.scores, result.predictions, chosen.source)
 
 
 # --- registries ----------------------------------------------------------------------------------------
@@ -479,12 +492,12 @@ def open_registry(root: PathLike) -> Registry:
 
 
 def contribute(root: PathLike, name: str, *, task: PathLike, adapter: PathLike | None = None,
-               model: PathLike | None = None, metric: str = "accuracy", keep_data: bool = False,
+               model: PathLike | None = None, metric: str | None = None, keep_data: bool = False,
                task_format: str = "trace", author: str | None = None, training_config: PathLike | None = None,
                batch_size: int = 32, statistics: PathLike | None = None) -> dict[str, Any]:
     """Add a LoRA adapter dir or a fine-tuned model dir of the registry's base, scored on its task (a TRACE-layout
     dir; keep_data: store its train split too), as `knowstack contribute` (registry/contribute.py); returns its
-    record. statistics: its statistics dir (`statistics`), for the merge-regmean / merge-fisher composes."""
+    record. metric: default what defines the task, as `score` reads it. statistics: its statistics dir (`statistics`), for the merge-regmean / merge-fisher composes."""
     from knowstack.registry.contribute import contribute as add
 
     return add(root, name, task=task, adapter=adapter, model=model, metric=metric, keep_data=keep_data,

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from knowstack.cli.common import console
+from knowstack.cli.metric import add_metric_option, metric_problems
 from knowstack.cli.options import (
     MERGE_ONLY_OPTIONS,
     STATISTICS_MERGE_OPTIONS,
@@ -16,15 +18,20 @@ from knowstack.cli.options import (
     add_training_options,
     training_from_args,
 )
-from knowstack.config import METRICS, MOE_PRESETS, MOE_ROUTERS, RouterTrainingConfig
+from knowstack.config import MOE_PRESETS, MOE_ROUTERS, RouterTrainingConfig
 from knowstack.errors import KnowstackError, Problem
 
 
-def _task_from_args(args: argparse.Namespace):
+def _task_dir_or_file(args: argparse.Namespace) -> str | None:
+    """What defines the task given: --task, or the file a command reads without one."""
+    return args.task or getattr(args, "test_file", None) or getattr(args, "train_file", None)
+
+
+def _task_from_args(args: argparse.Namespace, metric: str):
     from knowstack.config import TaskConfig
     from knowstack.data.tasks import task_from_config
 
-    fields = {"name": Path(args.task or args.train_file).stem, "format": args.format, "metric": args.metric}
+    fields = {"name": Path(args.task or args.train_file).stem, "format": args.format, "metric": metric}
     if args.task:
         fields["path"] = Path(args.task)
     for name in ("train_file", "test_file"):
@@ -82,7 +89,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     training = training_from_args(args)
     if args.finetune == "lora":  # read from the checked model dir's weights' names
         raise_problems(check_lora_targets(args.model, training.lora.target_modules))
-    summary = api.train(args.model, _task_from_args(args), args.out, finetune=args.finetune,
+    task = _task_from_args(args, args.metric or "accuracy")  # training reads no metric
+    summary = api.train(args.model, task, args.out, finetune=args.finetune,
                         training=training, seed=args.seed, replay=args.replay or (),
                         replay_fraction=args.replay_fraction, olora_previous=args.olora_previous or (),
                         olora_lambda=args.olora_lambda, tokenizer=args.tokenizer,
@@ -93,18 +101,24 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from knowstack import api
+    from knowstack.data.tasks import task_metric
     from knowstack.validate import check_adapter_dir, check_model_dir, check_old_tasks, raise_problems
 
     problems = check_model_dir(args.model) + (check_adapter_dir(args.adapter) if args.adapter else [])
     if args.task or args.test_file:
-        problems += _task_arg_problems(args, "test")
+        problems += _task_arg_problems(args, "test") or metric_problems(_task_dir_or_file(args), args.metric,
+                                                                         args.format)
     if args.old_tasks or args.include_path:
         problems += check_old_tasks(args.old_tasks, args.include_path, field="--old-tasks",
                                     include_field="--include-path")
     raise_problems(problems)
     if not (args.task or args.test_file or args.old_tasks):
         raise KnowstackError("nothing to evaluate: give --task/--test-file or --old-tasks")
-    task = _task_from_args(args) if args.task or args.test_file else None
+    task = None
+    if args.task or args.test_file:
+        chosen = task_metric(_task_dir_or_file(args), given=args.metric, task_format=args.format)
+        task = _task_from_args(args, chosen.metric)
+        console.print(f"{task.name}: metric {chosen.metric} (from {chosen.source})", markup=False, highlight=False)
     result = api.evaluate(args.model, adapter=args.adapter, tasks={task.name: task} if task else None,
                           old_tasks=args.old_tasks, include_path=args.include_path, limit=args.limit,
                           batch_size=args.batch_size, protocol=args.protocol)
@@ -119,13 +133,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_score(args: argparse.Namespace) -> None:
     """Scores of predictions made elsewhere, with the same reading and metrics as a study's evaluation."""
     from knowstack import api
-    from knowstack.evaluate.protocols import TRACE_TASK_METRICS
+    from knowstack.data.tasks import task_metric
 
     where = Path(args.task)
-    if args.metric is None and args.format == "trace" and where.name not in TRACE_TASK_METRICS:
-        raise KnowstackError(f"give --metric: '{where.name}' is not a TRACE task name "
-                             f"({', '.join(TRACE_TASK_METRICS)})", path=where)
-    score = api.score_predictions(where, Path(args.predictions), metric=args.metric, task_format=args.format,
+    chosen = task_metric(where, given=args.metric, task_format=args.format)  # as eval reads it: one resolver
+    score = api.score_predictions(where, Path(args.predictions), metric=chosen.metric, task_format=args.format,
                                   protocol=args.protocol)
     if args.out:
         from knowstack.atomic import atomic_write_text
@@ -136,7 +148,7 @@ def cmd_score(args: argparse.Namespace) -> None:
         print(json.dumps(score.scores))
         return
     for metric, value in score.scores.items():
-        print(f"{metric}: {value:.4f}  (n={score.n}, protocol {args.protocol})")
+        print(f"{metric}: {value:.4f}  (n={score.n}, protocol {args.protocol}, metric from {chosen.source})")
     if args.out:
         print(f"written: {args.out}")
 
@@ -228,12 +240,12 @@ def cmd_build_world(args: argparse.Namespace) -> None:
     print(f"built-in world: {path}")
 
 
-def _add_task_args(parser: argparse.ArgumentParser, *, metric_required: bool) -> None:
+def _add_task_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", help="a TRACE-layout task dir (train.json, eval.json, test.json)")
     parser.add_argument("--format", choices=["trace", "math"], default="trace")
     parser.add_argument("--train-file", help="math: a MetaMathQA-format JSON file")
     parser.add_argument("--test-file", help="math: a GSM8K-format JSON/JSONL file")
-    parser.add_argument("--metric", default="accuracy", required=metric_required, choices=list(METRICS))
+    add_metric_option(parser)
 
 
 def add_commands(sub: Any) -> None:
@@ -253,7 +265,7 @@ def add_commands(sub: Any) -> None:
 
     p = sub.add_parser("train", help="one training run: FFT (full model out) or LoRA (PEFT adapter out)")
     p.add_argument("--model", required=True, help="HF model dir or hub id to start from")
-    _add_task_args(p, metric_required=False)
+    _add_task_args(p)
     p.add_argument("--finetune", choices=["fft", "lora"], default="lora")
     p.add_argument("--tokenizer", help="the tokenizer, where it is not the model dir's (as a study's base.tokenizer)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
@@ -273,7 +285,7 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("eval", help="score a model (+adapter) on a task and/or lm-eval old-knowledge tasks")
     p.add_argument("--model", required=True)
     p.add_argument("--adapter")
-    _add_task_args(p, metric_required=False)
+    _add_task_args(p)
     p.add_argument("--old-tasks", nargs="*", default=[], help="lm-eval task names")
     p.add_argument("--include-path", help="a dir of lm-eval task YAMLs")
     p.add_argument("--batch-size", type=int, default=32)
@@ -289,8 +301,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--predictions", required=True,
                    help='JSON Lines of {"prediction": ...} in test order, or a JSON list of strings')
     p.add_argument("--format", choices=["trace", "math"], default="trace")
-    p.add_argument("--metric", choices=list(METRICS),
-                   help="default: the TRACE task's own metric, from the dir name (e.g. MeetingBank: rouge_l)")
+    add_metric_option(p)
     p.add_argument("--protocol", choices=["builtin", "paper"], default="builtin")
     p.add_argument("--json", action="store_true", help="print one JSON object {metric: value}")
     p.add_argument("--out", help="write one JSON line per test item (prompt, reference, prediction, answer, scores)")

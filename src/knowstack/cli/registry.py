@@ -10,8 +10,9 @@ from typing import Any
 from knowstack.cli.common import console
 from knowstack.cli.common import percent as _percent  # the names _add_compose_args uses
 from knowstack.cli.common import points as _points
+from knowstack.cli.metric import add_metric_option, metric_problems
 from knowstack.cli.options import add_merge_options, add_statistics_merge_options
-from knowstack.config import METRICS, MOE_ROUTERS
+from knowstack.config import MOE_ROUTERS
 from knowstack.errors import KnowstackError
 
 
@@ -82,7 +83,7 @@ def cmd_contribute(args: argparse.Namespace) -> None:
 
     problems = check_adapter_dir(args.adapter) if args.adapter else check_model_dir(args.model, tokenizer=False)
     problems += check_task_dir(args.task, args.format, required=("test", "train") if args.keep_data else ("test",),
-                               optional=("eval",))
+                               optional=("eval",)) or metric_problems(args.task, args.metric, args.format)
     if args.training_config:
         problems += check_file(args.training_config, "training config")
     raise_problems(problems)
@@ -92,7 +93,8 @@ def cmd_contribute(args: argparse.Namespace) -> None:
                             statistics=args.statistics)
     score = next(s for s in record["scores"] if s["kind"] == "new")
     print(f"contributed: {record['name']} ({record['kind']}, {record['content_hash'][:12]}) "
-          f"{record['task']} {score['metric']} = {score['value']:.4f}")
+          f"{record['task']} {score['metric']} = {score['value']:.4f} (metric from "
+          f"{record['settings']['metric_source']})")
 
 
 def cmd_compose(args: argparse.Namespace) -> None:
@@ -257,9 +259,9 @@ def add_commands(sub: Any) -> None:
     weights.add_argument("--adapter", help="a PEFT LoRA adapter dir (adapter_model.safetensors)")
     weights.add_argument("--model", help="a fine-tuned model dir (safetensors weights)")
     p.add_argument("--task", required=True, help="its task: a TRACE-layout dir (test.json, eval.json, train.json)")
-    p.add_argument("--metric", default="accuracy", choices=list(METRICS))
+    add_metric_option(p)
     p.add_argument("--format", choices=["trace", "math"], default="trace",
-                   help="math: MetaMathQA-format train.json, GSM8K-format eval/test (use with --metric math)")
+                   help="math: MetaMathQA-format train.json, GSM8K-format eval/test (scored by the math metric)")
     p.add_argument("--keep-data", action="store_true", help="also store the task's train split (default: only "
                                                              "eval and test)")
     p.add_argument("--author")

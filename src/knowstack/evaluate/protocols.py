@@ -129,10 +129,3 @@ def budget_for(scoring: Scoring, reference_tokens: Sequence[int], override: int 
         return longest + 4
     return scoring.max_new_tokens
 
-
-# The metric of each task of the TRACE release, by its directory name: what `knowstack score` assumes for a
-# TRACE task dir when no --metric is given (and what configs/paper/trace-smoke.yaml declares).
-TRACE_TASK_METRICS = {
-    "C-STANCE": "accuracy", "FOMC": "accuracy", "MeetingBank": "rouge_l", "Py150": "edit_similarity",
-    "ScienceQA": "accuracy", "NumGLUE-cm": "exact_match", "NumGLUE-ds": "exact_match", "20Minuten": "sari",
-}

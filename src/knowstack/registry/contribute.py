@@ -17,9 +17,8 @@ from typing import Any
 
 from knowstack.combine.compatibility import check_compatible
 from knowstack.combine.inputs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FullModel, LoraAdapter
-from knowstack.config import METRICS
 from knowstack.data.formats import trace_split_path
-from knowstack.data.tasks import read_split
+from knowstack.data.tasks import ResolvedMetric, read_split, task_metric
 from knowstack.errors import InputProblems, KnowstackError
 from knowstack.hashing import content_hash
 from knowstack.registry import db
@@ -28,6 +27,8 @@ from knowstack.registry.core import BASE_NAME, STATISTICS, Registry, check_name
 from knowstack.registry.evaluate import load_for_scoring, score_task, task_of, without_items
 
 TASK_FORMATS = ("trace", "math")
+# The version's settings field that says what defined its task's metric (--metric, knowstack-task.json, ...).
+METRIC_SOURCE = "metric_source"
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def contribute(
     task: str | Path,
     adapter: str | Path | None = None,
     model: str | Path | None = None,
-    metric: str = "accuracy",
+    metric: str | None = None,
     keep_data: bool = False,
     task_format: str = "trace",
     author: str | None = None,
@@ -130,10 +131,10 @@ def contribute(
 ) -> dict[str, Any]:
     """Check, store, score and record one contribution; returns its record as `Registry.version` gives it.
     statistics: a statistics dir of the contribution on its own training data (`knowstack statistics`), stored
-    beside its weights for the composes that read them (merge-regmean, merge-fisher) instead of the data."""
+    beside its weights for the composes that read them (merge-regmean, merge-fisher) instead of the data.
+    metric: default what defines the task (data/tasks.py task_metric); the record keeps where it came from."""
     check_name(name)
-    if metric not in METRICS:
-        raise KnowstackError(f"unknown metric '{metric}' (known: {', '.join(METRICS)})", field="metric")
+    chosen = task_metric(task, given=metric, task_format=task_format, option="metric")
     config_path = Path(training_config).expanduser() if training_config is not None else None
     if config_path is not None and not config_path.is_file():
         raise KnowstackError("training config file not found", path=config_path)
@@ -147,7 +148,7 @@ def contribute(
             with users_paths({base_dir: base_source(reg)}):
                 check_trained_from(FullModel(base_dir), reg.base()["content_hash"], contribution)
                 stats_files = statistics_files(statistics, FullModel(base_dir), contribution)
-            new = _store(reg, name, contribution, task_files, metric, keep_data, author, config_path, stats_files)
+            new = _store(reg, name, contribution, task_files, chosen, keep_data, author, config_path, stats_files)
             new.scores = without_items([_score(reg, base_dir, new, batch_size)])
         reg.record(new)
         return reg.version(name)
@@ -205,12 +206,12 @@ def statistics_files(folder: str | Path | None, base: FullModel,
     return files
 
 
-def _store(reg: Registry, name: str, contribution: FullModel | LoraAdapter, task: TaskFiles, metric: str,
+def _store(reg: Registry, name: str, contribution: FullModel | LoraAdapter, task: TaskFiles, metric: ResolvedMetric,
            keep_data: bool, author: str | None, config_path: Path | None,
            stats_files: dict[str, Path] | None = None) -> db.NewVersion:
     files, hashed = contribution_files(contribution)
     names, sizes = store_files(reg.store, files)
-    settings: dict[str, Any] = {"source": str(contribution.path.resolve())}
+    settings: dict[str, Any] = {"source": str(contribution.path.resolve()), METRIC_SOURCE: metric.source}
     if stats_files is not None:  # in the version's settings, its objects kept with the version's
         stats_names, stats_sizes = store_files(reg.store, stats_files)
         sizes.update(stats_sizes)
@@ -228,7 +229,8 @@ def _store(reg: Registry, name: str, contribution: FullModel | LoraAdapter, task
         name=name, kind="adapter" if isinstance(contribution, LoraAdapter) else "model", method="contribution",
         files=names, content_hash=content_hash({n: names[n] for n in hashed}), objects=sizes,
         settings=settings, author=author, parents=[BASE_NAME],
-        contribution={"task": task.name, "task_format": task.task_format, "metric": metric, "task_files": task_record,
+        contribution={"task": task.name, "task_format": task.task_format, "metric": metric.metric,
+                      "task_files": task_record,
                       "keep_data": keep_data, "training_config": recorded_config})
 
 

@@ -126,7 +126,9 @@ def format_show(reg: Registry, name: str) -> str:
         lines.append("  settings: " + ", ".join(f"{k}={v}" for k, v in settings["options"].items()))
     if record["method"] == "contribution":
         splits = ", ".join(f"{split} {entry['n']}" for split, entry in record["task_files"].items())
-        lines.append(f"  task:     {record['task']} ({record['task_format']}, {record['metric']}; {splits})")
+        source = settings.get("metric_source")  # what defined the metric; older records do not say
+        metric = f"{record['metric']} from {source}" if source else record["metric"]
+        lines.append(f"  task:     {record['task']} ({record['task_format']}, {metric}; {splits})")
     gate = settings.get("gate")
     if gate:
         verdict = "passed" if gate["passed"] else "FAILED"
