@@ -16,6 +16,7 @@ from knowstack.report.tables import Scores, Table, TableRow
 from knowstack.stats import interval_of
 
 SETTING_METHODS = {"semi": SEMI_COOPERATIVE, "full": FULLY_COOPERATIVE}
+SETTING_NAME = {"semi": "semi-cooperative", "full": "fully cooperative"}
 SETTING_TEXT = {"semi": "semi-cooperative: the contributors share their models, not their data",
                 "full": "fully cooperative: the contributors' training data is available too"}
 TYPICAL_LIMITS = (1.0, 2.0, 5.0, 10.0)
@@ -124,7 +125,7 @@ def advice_notes(scores: Scores, runs: list[Run], rounds: int, setting: str | No
         if not reason and run.method == "one-round":
             reason = "a model per task: the upper bound, not one model"
         elif not reason and run.method not in open_to:
-            reason = f"not open in the {setting}-cooperative setting"
+            reason = f"not open in the {SETTING_NAME[setting]} setting"
         if reason:
             out.setdefault(reason, []).append(run.label)
     notes = []
@@ -154,7 +155,7 @@ def advice_text(advice: Advice, scores: Scores, notes: Sequence[str] = ()) -> st
     head = f"Within a {advice.max_old_loss:g}% old-knowledge loss ({SETTING_TEXT[advice.setting]}):"
     said = "".join(f"\n  {note}" for note in notes)
     if not advice.candidates:
-        return f"{head}\n  no measured run of a {advice.setting}-cooperative method in these results.{said}"
+        return f"{head}\n  no complete run of a {SETTING_NAME[advice.setting]} method in these results.{said}"
     if advice.best is None:
         closest = advice.least_loss
         assert closest is not None
@@ -172,7 +173,7 @@ def advice_text(advice: Advice, scores: Scores, notes: Sequence[str] = ()) -> st
             lines.append("  (the two are not distinguishable on these test items: either is as good a choice)")
     else:
         lines.append("  runner-up: no point of another method meets the limit")
-    lines.append(f"  ({len(advice.candidates)} points of {advice.setting}-cooperative methods compared)")
+    lines.append(f"  ({len(advice.candidates)} points of {SETTING_NAME[advice.setting]} methods compared)")
     return "\n".join(lines) + said
 
 

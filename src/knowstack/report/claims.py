@@ -280,7 +280,7 @@ def evaluate_check(check: Check, runs: list[Run], scores: Scores) -> Outcome:
         missing = [t for t, v, quiet in ((left_text, left, left_silent), (right_text, right, right_silent))
                    if v is None and not quiet]
         if missing:
-            return Outcome(check, None, None, "; ".join(missing))
+            return Outcome(check, None, None, "; ".join(dict.fromkeys(missing)))
         return Outcome(check, None, None, "; ".join(t for t, v in ((left_text, left), (right_text, right))
                                                     if v is None), silent=True)
     op = "≈" if check.op == "~" else check.op

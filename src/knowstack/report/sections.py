@@ -17,7 +17,14 @@ from knowstack.report.claims import (
     verdict_counts,
 )
 from knowstack.report.figures import FigureSpec
-from knowstack.report.frontier import families, frontier_family, gained, left_out, pareto_front
+from knowstack.report.frontier import (
+    FULLY_COOPERATIVE,
+    families,
+    frontier_family,
+    gained,
+    left_out,
+    pareto_front,
+)
 from knowstack.report.run_tables import (
     Context,
     continual_table,
@@ -382,8 +389,9 @@ def frontier_section(ctx: Context) -> Section:
 
 
 def advice_section(ctx: Context) -> Section:
+    open_points = [p for p in ctx.points if p.run.method in FULLY_COOPERATIVE]
     intro = ("For a limit on how much old knowledge may be lost, the measured setting that learns the most, among the "
-             f"complete single-model runs of the methods open to the contributors ({len(ctx.points)} points). Only "
+             f"complete single-model runs of the methods open to the contributors ({len(open_points)} points of them). Only "
              "measured points are advised; more settings (sweeps) give finer advice.")
     return Section("advice", "Which method to use", [" ".join([intro, *ctx.advice_notes]), advice_table(ctx.points)])
 
