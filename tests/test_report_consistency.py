@@ -226,3 +226,10 @@ def test_cli_advise_on_the_zero_study(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "old knowledge +8.0%" in printed and "runs are ranked on AVnew itself" in printed
     assert "(8 points of semi-cooperative methods compared)" in printed
     assert "one-round FFT, one-round LoRA (a model per task: the upper bound, not one model)" in printed
+
+
+def test_a_study_with_only_partial_runs_ranks_nothing_and_says_why() -> None:
+    rows = [r for r in synthetic_study(("base", "sequential")) if (r.stage or 0) <= 2]
+    bullets = summary_of(sections_of(rows))[1]
+    assert bullets == ["No complete trained run has results yet.",
+                       "Left out of these rankings: sequential FFT, sequential LoRA (partial: rounds 1-2 of 7)."]

@@ -91,10 +91,8 @@ def highlights(ctx: Context, table: Table) -> list[str]:
     reasons = {row.key: left_out(ctx.scores, runs[row.key], ctx.rounds) for row in rows}
     ranked = [row for row in rows if not reasons[row.key]]
     single = [row for row in ranked if not runs[row.key].per_task]
-    if not ranked:
-        return ["No complete trained run has results yet."]
-    lines = []
-    for average, text, pick in HIGHLIGHTS:
+    lines = [] if ranked else ["No complete trained run has results yet."]
+    for average, text, pick in HIGHLIGHTS if ranked else ():
         column = table.header.index(average if average != "AVE" else "AVE (old)") - 1
         group = single or ranked
         scope = f"among the {len(single)} single-model runs" if single else "among the one-round runs"
