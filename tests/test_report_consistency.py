@@ -1,9 +1,12 @@
 """Every sentence the report and `advise` generate agrees with the tables beside it, on studies with zero,
-missing and complete runs (issue 32: "a report that cannot contradict itself")."""
+missing and complete runs (issue 32: "a report that cannot contradict itself"). `fixtures/zero_study` is a real
+study of the built-in `test` world (its config.yaml; 12 runs, 2 tasks, 6 test items each) whose base and trained
+models all score 0 on new knowledge, with its per-item scores (intervals) and many ties."""
 
 from __future__ import annotations
 
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +21,10 @@ from knowstack.report.claims import NO_SIGNAL
 from knowstack.report.html import render_html
 from knowstack.report.sections import Section
 from knowstack.report.tables import Table, fmt_score
-from knowstack.results import Row, write_csv
+from knowstack.results import PER_EXAMPLE, Row, read_csv, read_items, write_csv
+
+REAL = Path(__file__).parent / "fixtures" / "zero_study"
+REAL_TASKS = ["stance", "notes"]  # its config.yaml's
 
 EVERYTHING = "+".join(TASKS)
 SEMI_MERGES = (("merge-average-fft", "merge", "fft"), ("merge-average-lora", "merge", "lora"),
@@ -55,10 +61,17 @@ def missing_study() -> list[Row]:
     return [r for r in rows if not (r.model == "merge-ties-fft" and r.task == "code")]
 
 
-STUDIES = {"zero": zero_study, "missing": missing_study, "complete": synthetic_study}
+def real_study() -> list[Row]:
+    return read_csv(REAL / "results.csv")
+
+
+STUDIES = {"zero": zero_study, "missing": missing_study, "complete": synthetic_study, "real-zero": real_study}
 
 
 def sections_of(rows: list[Row]) -> list[Section]:
+    """The report's sections; the real study's with its per-item scores (every number with an interval)."""
+    if rows and rows[0].protocol == "builtin":
+        return build_report(rows, title="t", task_order=REAL_TASKS, items=read_items(REAL / PER_EXAMPLE))
     return build_report(rows, title="t", task_order=TASKS)
 
 
@@ -132,12 +145,17 @@ def test_every_summary_sentence_agrees_with_the_summary_table(study: str) -> Non
         stat, pick = STATS[found["what"]]
         assert int(found["n"]) == len(single)
         mine, _, overall = found["rest"].partition(f"; among all {len(every)} runs incl. one-round: ")
+        mine, _, same = mine.partition("; ")
         check_ranking(mine, summary, single, stat, pick)
+        values = column(summary, stat)
         if overall:
             check_ranking(overall, summary, every, stat, pick)
-        else:  # no separate sentence: the best among all runs is a single model's (or ties with it)
-            values = column(summary, stat)
-            assert shown(pick(values[label] for label in every)) == shown(pick(values[label] for label in single))
+            continue
+        # no separate sentence: the best among all runs is a single model's, the one-round runs named tie with it
+        best = shown(pick(values[label] for label in single))
+        assert shown(pick(values[label] for label in every)) == best
+        tied = [label for label in every if label not in single and shown(values[label]) == best]
+        assert same == (f"{', '.join(tied)} (one-round) score the same" if tied else ""), (same, tied)
     left = [b for b in bullets if b.startswith("Left out")]
     trained = [r.label for r in summary.rows if r.key != "base"]
     for label in set(trained) - set(every):
@@ -210,6 +228,29 @@ def test_missing_runs_are_named_where_left_out() -> None:
                     "LoRA (partial: rounds 1-3 of 7)."]
     paragraph = next(b for s in sections if s.id == "advice" for b in s.blocks if isinstance(b, str))
     assert "sequential LoRA (partial: rounds 1-3 of 7)" in paragraph and "merge TIES FFT (no AVnew" in paragraph
+
+
+def test_real_zero_study_ties_said_as_ties() -> None:
+    sections = sections_of(real_study())
+    bullets = summary_of(sections)[1]
+    assert bullets[1] == ("Learns the most new knowledge among the 10 single-model runs: none stands out, all 10 score "
+                          "AVnew 0.000, gain from base n/a: the base scores 0; one-round FFT, one-round LoRA (one-round) "
+                          "score the same.")
+    verdicts = column(tables_of(sections)["claims"], "verdict")
+    assert [c for c, v in verdicts.items() if v == NO_SIGNAL] == ["C2", "C4", "C5", "C6", "C13"]
+
+
+def test_cli_advise_and_report_on_the_real_zero_study(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "zero"
+    shutil.copytree(REAL, out)
+    assert main(["advise", str(out), "--max-old-loss", "2%"]) == 0
+    printed = capsys.readouterr().out
+    assert "no complete run" not in printed and "use:       sequential FFT (own setting): new knowledge n/a" in printed
+    assert "(the two score the same on new and old knowledge: either is as good a choice)" in printed
+    assert "(10 points of semi-cooperative methods compared)" in printed
+    assert main(["report", str(out)]) == 0
+    html = (out / "report.html").read_text()
+    assert html.count('<td class="nosignal">no signal</td>') == 5
 
 
 def test_cli_advise_on_the_zero_study(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

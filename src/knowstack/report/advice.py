@@ -168,7 +168,9 @@ def advice_text(advice: Advice, scores: Scores, notes: Sequence[str] = ()) -> st
         what = "AVnew gain" if advice.on_gains else "AVnew"
         lines.append(f"  first choice vs runner-up, {what}: {advice.margin_text()}")
         if learned(advice.best, advice.on_gains) == learned(advice.runner_up, advice.on_gains):
-            lines.append("  (the two learn the same: the first choice keeps more old knowledge)")
+            lines.append("  (the two learn the same: the first choice keeps more old knowledge)"
+                         if advice.best.old != advice.runner_up.old else
+                         "  (the two score the same on new and old knowledge: either is as good a choice)")
         elif advice.distinguishable is False:
             lines.append("  (the two are not distinguishable on these test items: either is as good a choice)")
     else:

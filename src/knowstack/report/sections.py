@@ -98,9 +98,7 @@ def highlights(ctx: Context, table: Table) -> list[str]:
         scope = f"among the {len(single)} single-model runs" if single else "among the one-round runs"
         sentence = f"{text} {scope}: {ranking_text(table, group, column, pick, average)}"
         if single and len(ranked) > len(single):
-            best, overall = best_rows(group, column, pick), best_rows(ranked, column, pick)
-            if [r.key for r in overall] != [r.key for r in best]:
-                sentence += f"; among all {len(ranked)} runs incl. one-round: {ranking_text(table, ranked, column, pick, average)}"
+            sentence += one_round_text(table, group, ranked, column, pick, average)
         lines.append(sentence + ".")
     out = {reason: [runs[row.key].label for row in rows if reasons[row.key] == reason]
            for reason in set(reasons.values()) if reason}
@@ -108,6 +106,19 @@ def highlights(ctx: Context, table: Table) -> list[str]:
         lines.append("Left out of these rankings: " + "; ".join(f"{', '.join(labels)} ({reason})"
                                                                for reason, labels in sorted(out.items())) + ".")
     return lines
+
+
+def one_round_text(table: Table, single: list[TableRow], ranked: list[TableRow], column: int, pick,  # noqa: ANN001
+                   average: str) -> str:
+    """What the one-round runs add to a ranking of single models: '' where none reaches the best; the one-round
+    runs that tie with it; or the best among all runs where a one-round run does better."""
+    best, overall = best_rows(single, column, pick), best_rows(ranked, column, pick)
+    added = [r for r in overall if r.key not in {b.key for b in best}]
+    if not added:
+        return ""
+    if shown(overall[0].cells[column]) == shown(best[0].cells[column]):
+        return f"; {', '.join(r.label for r in added)} (one-round) score the same"
+    return f"; among all {len(ranked)} runs incl. one-round: {ranking_text(table, ranked, column, pick, average)}"
 
 
 def shown(value: float) -> str:
