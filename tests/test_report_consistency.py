@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -112,7 +113,7 @@ STATS = {"Keeps the most old knowledge": ("AVE (old)", max), "Learns the most ne
          "Best on old and new together": ("AVall", max), "Loses the most old knowledge": ("AVE (old)", min)}
 
 
-def check_ranking(text: str, summary: Table, labels: list[str], stat: str, pick) -> None:  # noqa: ANN001
+def check_ranking(text: str, summary: Table, labels: list[str], stat: str, pick: Callable) -> None:
     """The runs a ranking names have the best number (as shown) among `labels` in the summary table."""
     values = column(summary, stat)
     best = shown(pick(values[label] for label in labels))

@@ -4,8 +4,9 @@ A verdict is computed from the results every time, from the difference of the tw
 bootstrap interval (stats.py; items, and seeds where the study has several): "holds" where the interval
 supports the claim, "does not hold" where it supports the opposite, "inconclusive" where it covers both,
 "no signal" (the runs are there, but the scores compared are all 0, or a BWT is undefined because every task
-scored 0 right after its own round), or "not measured" (a method the comparison needs is not in the study). A "similar" claim is an equivalence test:
-it holds where the whole interval of the difference lies within the margin, fails where it lies outside.
+scored 0 right after its own round), or "not measured" (a method the comparison needs is not in the study).
+A "similar" claim is an equivalence test: it holds where the whole interval of the difference lies within the
+margin, fails where it lies outside.
 Without per-item scores (results from before they were kept) a check compares the point estimates. Runs are selected by their key `method/finetune/variant`
 with shell-style wildcards: `olora/*` is every O-LoRA run, `merge/*/ties` the TIES merges of FFT and LoRA.
 """

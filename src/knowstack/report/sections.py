@@ -3,7 +3,7 @@ and html.py only render this tree, so report.md and report.html say the same thi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from knowstack.report.advice import advice_table
@@ -78,6 +78,7 @@ class Section:
                 yield from block.walk()
 
 
+Pick = Callable[..., TableRow]  # max or min, over rows by a key
 HIGHLIGHTS = (("AVE", "Keeps the most old knowledge", max), ("AVnew", "Learns the most new knowledge", max),
               ("AVall", "Best on old and new together", max), ("AVE", "Loses the most old knowledge", min))
 
@@ -108,7 +109,7 @@ def highlights(ctx: Context, table: Table) -> list[str]:
     return lines
 
 
-def one_round_text(table: Table, single: list[TableRow], ranked: list[TableRow], column: int, pick,  # noqa: ANN001
+def one_round_text(table: Table, single: list[TableRow], ranked: list[TableRow], column: int, pick: Pick,
                    average: str) -> str:
     """What the one-round runs add to a ranking of single models: '' where none reaches the best; the one-round
     runs that tie with it; or the best among all runs where a one-round run does better."""
@@ -126,13 +127,13 @@ def shown(value: float) -> str:
     return fmt_score(value).split(" ")[0]
 
 
-def best_rows(rows: list[TableRow], column: int, pick) -> list[TableRow]:  # noqa: ANN001 (max or min)
+def best_rows(rows: list[TableRow], column: int, pick: Pick) -> list[TableRow]:
     """The rows whose shown value in `column` is the best (several where they tie as shown)."""
     best = pick(rows, key=lambda r: r.cells[column]).cells[column]
     return [r for r in rows if shown(r.cells[column]) == shown(best)]
 
 
-def ranking_text(table: Table, rows: list[TableRow], column: int, pick, average: str) -> str:  # noqa: ANN001
+def ranking_text(table: Table, rows: list[TableRow], column: int, pick: Pick, average: str) -> str:
     """'sequential LoRA (AVE 0.578 [...], -21% [...] vs base)', 'A and B tie (...)', or 'all 4 score AVE 0.000'."""
     best = best_rows(rows, column, pick)
     value, gain = best[0].cells[column], best[0].cells[column + 1]
