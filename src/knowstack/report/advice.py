@@ -125,7 +125,7 @@ def advice_notes(scores: Scores, runs: list[Run], rounds: int, setting: str | No
         if not reason and run.method == "one-round":
             reason = "a model per task: the upper bound, not one model"
         elif not reason and run.method not in open_to:
-            reason = f"not open in the {SETTING_NAME[setting]} setting"
+            reason = f"not open in the {SETTING_NAME[setting or 'full']} setting"
         if reason:
             out.setdefault(reason, []).append(run.label)
     notes = []
