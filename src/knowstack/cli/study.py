@@ -62,14 +62,12 @@ def cmd_advise(args: argparse.Namespace) -> None:
         with api.open_registry(args.dir) as reg:
             print(registry_advice(reg, args.max_old_loss, args.setting))
         return
-    from knowstack.report.advice import advice_text, advise
-    from knowstack.report.build import measured_points, study_items
+    from knowstack.report.build import study_advice, study_items
 
     results = _study_results(args.dir)
     plan = results.plan
-    scores, points = measured_points(results.rows, plan.task_names, plan.config.old_knowledge.metric,
-                                     study_items(plan, Path(args.dir)))
-    print(advice_text(advise(points, args.max_old_loss, args.setting or "semi"), scores))
+    print(study_advice(results.rows, plan.task_names, args.max_old_loss, args.setting or "semi",
+                       plan.config.old_knowledge.metric, study_items(plan, Path(args.dir))))
 
 
 def add_commands(sub: Any) -> None:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from knowstack.atomic import atomic_write_text
 from knowstack.config import OldMetric, describe_old_metric
+from knowstack.report.advice import advice_notes, advice_text, advise
 from knowstack.report.claims import evaluate_claims, evaluate_matched_claims
 from knowstack.report.coverage import coverage
 from knowstack.report.figures import FigureSpec, draw
-from knowstack.report.frontier import TradeOff, trade_offs
+from knowstack.report.frontier import TradeOff, gained, trade_offs
 from knowstack.report.html import render_html
 from knowstack.report.markdown import render_markdown
 from knowstack.report.run_tables import Context
@@ -39,6 +40,14 @@ def measured_points(rows: list[Row], task_order: list[str], old_metric: OldMetri
     return scores, trade_offs(scores, find_runs(scores), len(task_order))
 
 
+def study_advice(rows: list[Row], task_order: list[str], max_old_loss: float, setting: str,
+                 old_metric: OldMetric = "acc", items: Items | None = None) -> str:
+    """`knowstack advise DIR`'s text: the advice, what it left out and why, from the rows the report reads."""
+    scores, points = measured_points(rows, task_order, old_metric, items)
+    notes = advice_notes(scores, find_runs(scores), len(task_order), setting)
+    return advice_text(advise(points, max_old_loss, setting), scores, notes)
+
+
 def build_report(rows: list[Row], *, title: str, task_order: list[str], old_metric: OldMetric = "acc",
                  penalties: dict[str, dict] | None = None, planned: list[Row] | None = None,
                  items: Items | None = None, costs: list[Cost] | None = None) -> list[Section]:
@@ -52,7 +61,8 @@ def build_report(rows: list[Row], *, title: str, task_order: list[str], old_metr
     ctx = Context(scores=scores, runs=runs, rounds=len(task_order), old_metric=describe_old_metric(old_metric),
                   penalties=penalties or {}, verdicts=evaluate_claims(scores, runs),
                   coverage=coverage(every, planned, task_order), points=points,
-                  matched=evaluate_matched_claims(scores, points) if swept else None, costs=costs or [])
+                  matched=evaluate_matched_claims(scores, gained(points)) if swept else None, costs=costs or [],
+                  advice_notes=advice_notes(scores, every, len(task_order)))
     return build_sections(ctx, title)
 
 

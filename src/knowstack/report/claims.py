@@ -2,9 +2,11 @@
 
 A verdict is computed from the results every time, from the difference of the two sides and its paired 95%
 bootstrap interval (stats.py; items, and seeds where the study has several): "holds" where the interval
-supports the claim, "does not hold" where it supports the opposite, "inconclusive" where it covers both, or
-"not measured" (a method the comparison needs is not in the study). A "similar" claim is an equivalence test:
-it holds where the whole interval of the difference lies within the margin, fails where it lies outside.
+supports the claim, "does not hold" where it supports the opposite, "inconclusive" where it covers both,
+"no signal" (the runs are there, but the scores compared are all 0, or a BWT is undefined because every task
+scored 0 right after its own round), or "not measured" (a method the comparison needs is not in the study).
+A "similar" claim is an equivalence test: it holds where the whole interval of the difference lies within the
+margin, fails where it lies outside.
 Without per-item scores (results from before they were kept) a check compares the point estimates. Runs are selected by their key `method/finetune/variant`
 with shell-style wildcards: `olora/*` is every O-LoRA run, `merge/*/ties` the TIES merges of FFT and LoRA.
 """
@@ -29,6 +31,8 @@ from knowstack.report.tables import AVERAGES, Scores, Table, TableRow
 from knowstack.stats import interval_of
 
 HOLDS, FAILS, UNMEASURED, INCONCLUSIVE = "holds", "does not hold", "not measured", "inconclusive"
+NO_SIGNAL = "no signal"  # measured, but on scores that are all 0: nothing to compare
+VERDICTS = (HOLDS, FAILS, INCONCLUSIVE, NO_SIGNAL, UNMEASURED)
 SIMILAR = 0.10  # "similar": within 10% of the larger of the two values
 
 
@@ -162,6 +166,7 @@ class Outcome:
     left: float | None
     right: float | None
     evidence: str
+    silent: bool = False  # the runs are there, but their numbers carry no signal (all 0, or undefined from 0)
 
     @property
     def measured(self) -> bool:
@@ -173,6 +178,8 @@ class Outcome:
 
     @property
     def verdict(self) -> str:
+        if self.silent or (self.measured and all_zero(self.check, self.left, self.right)):
+            return NO_SIGNAL
         return check_verdict(self.check.op, self.left, self.right) if self.measured else UNMEASURED
 
     @property
@@ -190,17 +197,29 @@ class Verdict:
         return [o for o in self.outcomes if o.measured]
 
     @property
+    def silent(self) -> list[Outcome]:
+        """The checks whose runs are there but whose numbers carry no signal."""
+        return [o for o in self.outcomes if o.verdict == NO_SIGNAL]
+
+    @property
     def verdict(self) -> str:
-        """all: holds when every measured check holds, fails when one fails; most: holds when more than half hold,
-        fails when more than half cannot; inconclusive otherwise."""
-        measured = self.measured
-        if not measured:
-            return UNMEASURED
-        found = [o.verdict for o in measured]
+        """Over the checks with a signal: all: holds when every one holds, fails when one fails; most: holds when
+        more than half hold, fails when more than half cannot; inconclusive otherwise. No signal where every check
+        that found its runs found only zeros; not measured where none found its runs."""
+        signal = [o for o in self.measured if o.verdict != NO_SIGNAL]
+        if not signal:
+            return NO_SIGNAL if self.silent else UNMEASURED
+        found = [o.verdict for o in signal]
         held, failed = found.count(HOLDS), found.count(FAILS)
         if self.claim.need == "all":
             return HOLDS if held == len(found) else FAILS if failed else INCONCLUSIVE
         return HOLDS if held * 2 > len(found) else FAILS if failed * 2 >= len(found) else INCONCLUSIVE
+
+
+def all_zero(check: Check, left: float, right: float) -> bool:
+    """Whether a check compares two sides that both score 0 (a comparison with a constant, such as BWT < 0, is
+    a measurement even at 0)."""
+    return isinstance(check.right, Side) and left == 0 and right == 0
 
 
 def run_stat(scores: Scores, run: Run, stat: str) -> float | None:
@@ -217,43 +236,66 @@ def _fmt(stat: str, value: float | None) -> str:
     return f"{value:+.1f}%" if stat == "BWT" else f"{value:.3f}"
 
 
-def _pick(side: Side, runs: list[Run], scores: Scores, stat: str) -> tuple[list[Run], float | None, str]:
-    """The runs a side reads (those with a value), its number, and a readable account of both."""
+def undefined_text(scores: Scores, runs: list[Run], stat: str) -> tuple[str, bool]:
+    """Why runs that are in the study have no value of `stat`, and whether that is for lack of signal (a BWT
+    from scores of 0) rather than a score not measured."""
+    labels = ", ".join(r.label for r in runs)
+    own = [v for r in runs for v in acquisition(scores, r).values() if v is not None]
+    if stat == "BWT" and own and all(v == 0 for v in own):
+        return (f"{labels}: BWT undefined, every task scored 0 right after its own round (BWT is a percent change "
+                "from that score)", True)
+    what = {"acquisition": "an acquisition score", "BWT": "a BWT"}.get(stat, stat)
+    return f"{labels}: no {what} (a score it needs is not measured)", False
+
+
+def _pick(side: Side, runs: list[Run], scores: Scores, stat: str) -> tuple[list[Run], float | None, str, bool]:
+    """The runs a side reads (those with a value), its number, a readable account of both, and whether the runs
+    are there but without a signal."""
     matched = [r for r in runs if any(fnmatch(r.key, p) for p in side.runs)]
     valued = [(r, v) for r in matched if (v := run_stat(scores, r, stat)) is not None]
     if not valued:
-        return [], None, f"no {' / '.join(side.runs)} in this study"
+        if matched:
+            return [], None, *undefined_text(scores, matched, stat)
+        return [], None, f"no {' / '.join(side.runs)} in this study", False
     if side.reduce.endswith("lambda"):
         ordered = sorted((p for p in valued if p[0].lambda_value is not None), key=lambda p: p[0].lambda_value)
         valued = ordered[:1] if side.reduce == "lowest-lambda" else ordered[-1:]
     elif side.reduce in ("max", "min"):
         valued = [(max if side.reduce == "max" else min)(valued, key=lambda p: p[1])]
     if not valued:
-        return [], None, f"no {' / '.join(side.runs)} with a lambda"
+        return [], None, f"no {' / '.join(side.runs)} with a lambda", False
     number = sum(v for _, v in valued) / len(valued)
-    return [r for r, _ in valued], number, " ".join(f"{r.label} {_fmt(stat, v)}" for r, v in valued)
+    return [r for r, _ in valued], number, " ".join(f"{r.label} {_fmt(stat, v)}" for r, v in valued), False
 
 
 def evaluate_check(check: Check, runs: list[Run], scores: Scores) -> Outcome:
-    left_runs, left, left_text = _pick(check.left, runs, scores, check.stat)
+    left_runs, left, left_text, left_silent = _pick(check.left, runs, scores, check.stat)
     if isinstance(check.right, Side):
-        right_runs, right, right_text = _pick(check.right, runs, scores, check.stat)
+        right_runs, right, right_text, right_silent = _pick(check.right, runs, scores, check.stat)
     else:
-        right_runs, right, right_text = [], check.right, f"{check.right:g}"
+        right_runs, right, right_text, right_silent = [], check.right, f"{check.right:g}", False
     if left_runs and left_runs == right_runs:  # e.g. the highest and the lowest lambda of a single run
         return Outcome(check, None, None, f"only one run ({left_runs[0].label}): nothing to compare")
     if left is None or right is None:
-        return Outcome(check, None, None, left_text if left is None else right_text)
+        # a side not in the study makes the check unmeasured; sides there without a signal make it silent
+        missing = [t for t, v, quiet in ((left_text, left, left_silent), (right_text, right, right_silent))
+                   if v is None and not quiet]
+        if missing:
+            return Outcome(check, None, None, "; ".join(dict.fromkeys(missing)))
+        return Outcome(check, None, None, "; ".join(t for t, v in ((left_text, left), (right_text, right))
+                                                    if v is None), silent=True)
     op = "≈" if check.op == "~" else check.op
     return Outcome(check, left, right, f"{left_text} {op} {right_text}: {difference_text(check, left, right)}")
 
 
-MARKS = {HOLDS: "✓", FAILS: "✗", INCONCLUSIVE: "?"}
+MARKS = {HOLDS: "✓", FAILS: "✗", INCONCLUSIVE: "?", NO_SIGNAL: "∅"}
 
 
 def difference_text(check: Check, left: float, right: float) -> str:
     """'difference +0.021 [-0.010, +0.050] ?': the difference, its 95% interval and what it says; a similar
     claim also names its margin."""
+    if all_zero(check, left, right):
+        return f"both 0: no signal {MARKS[NO_SIGNAL]}"
     difference = left - right
     ci = interval_of(difference)
     percent = check.stat == "BWT"
@@ -321,7 +363,7 @@ def claims_table(verdicts: list[Verdict], matched: dict[str, Verdict] | None = N
     rows = []
     for v in verdicts:
         cells = [v.claim.statement, v.claim.source, _comparison_text(v.claim),
-                 "; ".join(o.evidence for o in v.outcomes), f"{len(v.measured)} of {len(v.outcomes)}", v.verdict]
+                 "; ".join(o.evidence for o in v.outcomes), measured_text(v), v.verdict]
         if matched is not None:
             along = matched.get(v.claim.id)
             cells += ["; ".join(o.evidence for o in along.outcomes), along.verdict] if along else ["—", "—"]
@@ -330,13 +372,21 @@ def claims_table(verdicts: list[Verdict], matched: dict[str, Verdict] | None = N
                "each check gives the difference of its two sides with its paired 95% bootstrap interval, and holds "
                "(✓) where the interval supports the finding, does not hold (✗) where it supports the opposite, and "
                f"is inconclusive (?) otherwise; 'similar' is an equivalence test within ±{SIMILAR:.0%} of the larger "
-               "value. A check with a method missing is not measured; 'most' claims need more than half of their "
-               "measured checks to hold.")
+               "value. A check with a method missing is not measured; one whose runs are there but score 0 on both "
+               "sides (or whose BWT is undefined because every task scored 0 after its own round) has no signal (∅) "
+               "and counts for neither side; 'most' claims need more than half of their measured checks with a "
+               "signal to hold.")
     if matched is not None:
         caption += (" Along the fronts: each FFT-vs-LoRA check again, over all settings swept: AVE at the largest "
                     "new-knowledge gain both fronts reach, AVnew at the largest old-knowledge loss both reach, "
                     "AVall at each one's best setting.")
     return Table("claims", caption, header, rows)
+
+
+def measured_text(verdict: Verdict) -> str:
+    """'2 of 3', and how many of those had no signal."""
+    text = f"{len(verdict.measured) + sum(not o.measured for o in verdict.silent)} of {len(verdict.outcomes)}"
+    return f"{text} ({len(verdict.silent)} no signal)" if verdict.silent else text
 
 
 def _comparison_text(claim: Claim) -> str:
@@ -345,7 +395,7 @@ def _comparison_text(claim: Claim) -> str:
 
 
 def verdict_counts(verdicts: list[Verdict]) -> dict[str, int]:
-    counts = {HOLDS: 0, FAILS: 0, INCONCLUSIVE: 0, UNMEASURED: 0}
+    counts = dict.fromkeys(VERDICTS, 0)
     for v in verdicts:
         counts[v.verdict] += 1
     return counts

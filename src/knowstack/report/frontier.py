@@ -34,9 +34,16 @@ class TradeOff:
     """One run at one setting: what it learned and what it lost, in percent of the base's scores."""
 
     run: Run
-    new_gain: float  # AVnew vs base, %
-    old_change: float  # AVE vs base, %
+    new_gain: float | None  # AVnew vs base, %; None where the base's AVnew is 0 (a gain from 0 is undefined)
+    old_change: float | None  # AVE vs base, %; None where the base's AVE is 0
     bwt: float | None  # mean BWT over tasks, % (staged runs only)
+    new: float | None = None  # AVnew itself: what advice ranks on where gains are undefined
+    old: float | None = None  # AVE itself
+
+    @property
+    def gained(self) -> bool:
+        """Whether both gains from the base are defined: only such points lie on a front."""
+        return self.new_gain is not None and self.old_change is not None
 
     @property
     def family(self) -> str:
@@ -54,18 +61,33 @@ def frontier_family(run: Run) -> str:
     return "olora/lora" if run.method == "olora" else run.family
 
 
+def left_out(scores: Scores, run: Run, rounds: int) -> str:
+    """Why a run is not a learn/forget point ('' where it is one): the base, a partial run, a missing average."""
+    if run.method == "base":
+        return "the reference"
+    partial = stages_done(run, rounds)
+    if partial:
+        return f"partial: {partial}"
+    averages = run_averages(scores, run)
+    missing = [name for name in ("AVnew", "AVE") if averages[name] is None]
+    return f"no {' or '.join(missing)}: a column is not measured" if missing else ""
+
+
 def trade_offs(scores: Scores, runs: list[Run], rounds: int) -> list[TradeOff]:
-    """Every complete run but the base with both averages measured."""
+    """Every complete run but the base with both averages measured; gains from the base where defined."""
     points = []
     for run in runs:
-        if run.method == "base" or stages_done(run, rounds):
+        if left_out(scores, run, rounds):
             continue
-        gains = average_gains(scores, run)
-        if gains["AVnew"] is None or gains["AVE"] is None:
-            continue
+        gains, averages = average_gains(scores, run), run_averages(scores, run)
         bwt = mean_defined(list(backward_transfer(scores, run).values())) if run.staged else None
-        points.append(TradeOff(run, gains["AVnew"], gains["AVE"], bwt))
+        points.append(TradeOff(run, gains["AVnew"], gains["AVE"], bwt, averages["AVnew"], averages["AVE"]))
     return points
+
+
+def gained(points: list[TradeOff]) -> list[TradeOff]:
+    """The points with both gains defined: what fronts are drawn through (in % of the base's scores)."""
+    return [p for p in points if p.gained]
 
 
 def families(points: list[TradeOff]) -> dict[str, list[TradeOff]]:

@@ -7,7 +7,7 @@ import base64
 from html import escape
 from pathlib import Path
 
-from knowstack.report.claims import FAILS, HOLDS, INCONCLUSIVE, UNMEASURED
+from knowstack.report.claims import FAILS, HOLDS, INCONCLUSIVE, NO_SIGNAL, UNMEASURED
 from knowstack.report.figures import FigureSpec
 from knowstack.report.sections import Section
 from knowstack.report.tables import Table, TableRow
@@ -27,10 +27,12 @@ th { background: #f0f0f0; } td.num { text-align: right; font-variant-numeric: ta
 td.neg { color: #b3261e; } td.pos { color: #1b6e2a; } tr.base td { background: #f6f6f6; }
 td.holds { background: #dff3e3; font-weight: 600; } td.fails { background: #fbe0de; font-weight: 600; }
 td.unmeasured { background: #eee; color: #666; } td.inconclusive { background: #fff4d6; font-weight: 600; }
+td.nosignal { background: #e8eef6; color: #445; font-style: italic; }
 img { max-width: 100%; height: auto; background: #fff; border: 1px solid #e4e4e4; }
 p.note { color: #444; font-size: .9rem; }
 """
-VERDICT_CLASS = {HOLDS: "holds", FAILS: "fails", INCONCLUSIVE: "inconclusive", UNMEASURED: "unmeasured"}
+VERDICT_CLASS = {HOLDS: "holds", FAILS: "fails", INCONCLUSIVE: "inconclusive", NO_SIGNAL: "nosignal",
+                 UNMEASURED: "unmeasured"}
 
 
 def _cell(text: str, unit: str, value: object) -> str:

@@ -42,6 +42,7 @@ class Context:
     points: list[TradeOff]  # every run at every setting measured (sweeps included): the fronts and the advice
     matched: dict[str, Verdict] | None = None  # with sweeps: FFT-vs-LoRA claims along the fronts
     costs: list[Cost] = field(default_factory=list)  # what each model cost to make (costs.csv), where measured
+    advice_notes: list[str] = field(default_factory=list)  # what the advice leaves out and why
 
     def of(self, *methods: str) -> list[Run]:
         return [r for m in methods for r in self.runs if r.method == m]

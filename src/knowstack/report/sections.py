@@ -3,13 +3,28 @@ and html.py only render this tree, so report.md and report.html say the same thi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from knowstack.report.advice import advice_table
-from knowstack.report.claims import claims_table, verdict_counts
+from knowstack.report.claims import (
+    FAILS,
+    HOLDS,
+    INCONCLUSIVE,
+    NO_SIGNAL,
+    UNMEASURED,
+    claims_table,
+    verdict_counts,
+)
 from knowstack.report.figures import FigureSpec
-from knowstack.report.frontier import families, frontier_family, pareto_front
+from knowstack.report.frontier import (
+    FULLY_COOPERATIVE,
+    families,
+    frontier_family,
+    gained,
+    left_out,
+    pareto_front,
+)
 from knowstack.report.run_tables import (
     Context,
     continual_table,
@@ -24,9 +39,7 @@ from knowstack.report.runs import (
     METHOD_ORDER,
     SETTINGS,
     Run,
-    average_gains,
     finetune_name,
-    run_averages,
     stages_done,
 )
 from knowstack.report.tables import AVERAGES, Scores, Table, TableRow, fmt_percent, fmt_score
@@ -65,20 +78,78 @@ class Section:
                 yield from block.walk()
 
 
-def highlights(ctx: Context) -> list[str]:
-    """Which single model keeps, learns and balances best (one-round runs are a model per task: excluded)."""
-    finals = [r for r in ctx.runs if r.method not in ("base", "one-round")]
-    lines = []
-    for average, text, best in (("AVE", "Keeps the most old knowledge", max), ("AVnew", "Learns the most new "
-                                "knowledge", max), ("AVall", "Best on old and new together", max),
-                                ("AVE", "Loses the most old knowledge", min)):
-        valued = [(r, v) for r in finals if (v := run_averages(ctx.scores, r)[average]) is not None]
-        if valued:
-            run, value = best(valued, key=lambda p: p[1])
-            gain = average_gains(ctx.scores, run)[average]
-            change = "" if gain is None else f", {fmt_percent(gain)} vs base"
-            lines.append(f"{text}: {ctx.label(run)} ({average} {fmt_score(value)}{change}).")
-    return lines or ["No trained model has results yet."]
+Pick = Callable[..., TableRow]  # max or min, over rows by a key
+HIGHLIGHTS = (("AVE", "Keeps the most old knowledge", max), ("AVnew", "Learns the most new knowledge", max),
+              ("AVall", "Best on old and new together", max), ("AVE", "Loses the most old knowledge", min))
+
+
+def highlights(ctx: Context, table: Table) -> list[str]:
+    """Which run keeps, learns and balances best, read from the summary table's rows (the numbers shown beside
+    it): among single models (one-round runs are a model per task), and among all runs where one-round differs.
+    Runs with equal numbers as shown are named together; runs left out of every ranking are named with why."""
+    runs = {r.key: r for r in ctx.runs}
+    rows = [row for row in table.rows if row.key in runs and runs[row.key].method != "base"]
+    reasons = {row.key: left_out(ctx.scores, runs[row.key], ctx.rounds) for row in rows}
+    ranked = [row for row in rows if not reasons[row.key]]
+    single = [row for row in ranked if not runs[row.key].per_task]
+    lines = [] if ranked else ["No complete trained run has results yet."]
+    for average, text, pick in HIGHLIGHTS if ranked else ():
+        column = table.header.index(average if average != "AVE" else "AVE (old)") - 1
+        group = single or ranked
+        scope = f"among the {len(single)} single-model runs" if single else "among the one-round runs"
+        sentence = f"{text} {scope}: {ranking_text(table, group, column, pick, average)}"
+        if single and len(ranked) > len(single):
+            sentence += one_round_text(table, group, ranked, column, pick, average)
+        lines.append(sentence + ".")
+    out = {reason: [runs[row.key].label for row in rows if reasons[row.key] == reason]
+           for reason in set(reasons.values()) if reason}
+    if out:
+        lines.append("Left out of these rankings: " + "; ".join(f"{', '.join(labels)} ({reason})"
+                                                               for reason, labels in sorted(out.items())) + ".")
+    return lines
+
+
+def one_round_text(table: Table, single: list[TableRow], ranked: list[TableRow], column: int, pick: Pick,
+                   average: str) -> str:
+    """What the one-round runs add to a ranking of single models: '' where none reaches the best; the one-round
+    runs that tie with it; or the best among all runs where a one-round run does better."""
+    best, overall = best_rows(single, column, pick), best_rows(ranked, column, pick)
+    added = [r for r in overall if r.key not in {b.key for b in best}]
+    if not added:
+        return ""
+    if shown(overall[0].cells[column]) == shown(best[0].cells[column]):
+        return f"; {', '.join(r.label for r in added)} (one-round) score the same"
+    return f"; among all {len(ranked)} runs incl. one-round: {ranking_text(table, ranked, column, pick, average)}"
+
+
+def shown(value: float) -> str:
+    """A score as its table cell shows it, without its interval: what 'equal' means to a reader."""
+    return fmt_score(value).split(" ")[0]
+
+
+def best_rows(rows: list[TableRow], column: int, pick: Pick) -> list[TableRow]:
+    """The rows whose shown value in `column` is the best (several where they tie as shown)."""
+    best = pick(rows, key=lambda r: r.cells[column]).cells[column]
+    return [r for r in rows if shown(r.cells[column]) == shown(best)]
+
+
+def ranking_text(table: Table, rows: list[TableRow], column: int, pick: Pick, average: str) -> str:
+    """'sequential LoRA (AVE 0.578 [...], -21% [...] vs base)', 'A and B tie (...)', or 'all 4 score AVE 0.000'."""
+    best = best_rows(rows, column, pick)
+    value, gain = best[0].cells[column], best[0].cells[column + 1]
+    base = table.row("base")
+    if gain is not None and len(best) == 1:
+        change = f", {fmt_percent(gain)} vs base"
+    elif gain is None and base is not None and base.cells[column] == 0:
+        change = ", gain from base n/a: the base scores 0"
+    else:
+        change = ""
+    if len(best) == len(rows) and len(rows) > 1:
+        return f"none stands out, all {len(rows)} score {average} {shown(value)}{change}"
+    names = ", ".join(r.label for r in best)
+    if len(best) > 1:
+        return f"{names} tie ({average} {shown(value)}{change})"
+    return f"{names} ({average} {fmt_score(value)}{change})"
 
 
 PROTOCOL_TEXT = {"paper": "the paper's scoring: TRACE's and RhuiDih/cl's answer reading and metrics, lm-eval's gsm8k "
@@ -97,21 +168,23 @@ def protocol_note(scores: Scores) -> str:
 def summary_section(ctx: Context, title: str) -> Section:
     scores = ctx.scores
     counts = verdict_counts(ctx.verdicts)
-    intro = (f"Study '{title}': {len(scores.models)} models evaluated in {len(ctx.runs)} runs, on "
+    runs = f"{len(ctx.runs)} runs" + (" (the base among them)" if ctx.base else "")
+    intro = (f"Study '{title}': {len(scores.models)} models evaluated in {runs}, on "
              f"{len({c[1] for c in scores.new_columns})} new-knowledge tasks ({len(scores.new_columns)} columns) "
              f"and {len(scores.old_columns)} old-knowledge tasks ({ctx.old_metric}).")
     if scores.seeds > 1:
         intro += (f" Each trained model was trained with {scores.seeds} seeds: its numbers are means over them, with "
                   "intervals covering seed and item variance.")
-    blocks: list = [intro + protocol_note(scores), highlights(ctx),
-                    f"The paper's {len(ctx.verdicts)} findings on this study: {counts['holds']} hold, "
-                    f"{counts['does not hold']} do not hold, {counts['inconclusive']} inconclusive (the 95% interval "
-                    f"of the difference covers both), {counts['not measured']} not measured."]
+    table = summary_table(ctx)
+    blocks: list = [intro + protocol_note(scores), highlights(ctx, table),
+                    f"The paper's {len(ctx.verdicts)} findings on this study: {counts[HOLDS]} hold, "
+                    f"{counts[FAILS]} do not hold, {counts[INCONCLUSIVE]} inconclusive (the 95% interval "
+                    f"of the difference covers both), {counts[NO_SIGNAL]} no signal (the scores compared are all 0), "
+                    f"{counts[UNMEASURED]} not measured."]
     if ctx.coverage.unfinished:
         blocks.append("Partial study, still to come: " + "; ".join(ctx.coverage.unfinished) + ".")
     if ctx.coverage.absent:
         blocks.append("Not in this study (not measured): " + ", ".join(ctx.coverage.absent) + ".")
-    table = summary_table(ctx)
     blocks += [table, FigureSpec("summary_tradeoff", "What each run learns against what it forgets: gain from base "
                                  "of AVnew (new knowledge) against AVE (old knowledge); up and right is better",
                                  "Learn vs forget: every run against the base", table,
@@ -279,7 +352,7 @@ FRONT_MARK = "✓"
 def frontier_table(ctx: Context) -> Table:
     """Every run at every setting measured, with whether it is on its method's front (old and recent)."""
     rows = []
-    for family, points in families(ctx.points).items():
+    for family, points in families(gained(ctx.points)).items():
         on_old = {id(p) for p in pareto_front(points)}
         on_recent = {id(p) for p in pareto_front(points, old="bwt")}
         for p in sorted(points, key=lambda p: p.new_gain):
@@ -297,7 +370,7 @@ def frontier_table(ctx: Context) -> Table:
 def frontier_section(ctx: Context) -> Section:
     section = Section("frontier", "The learn/forget frontier: each method across its settings")
     swept = {frontier_family(p.run) for p in ctx.points if p.run.point or p.run.method == "olora"}
-    if not ctx.points:
+    if not gained(ctx.points):
         section.blocks.append("Not measured: no complete trained run with both averages' gains defined (gains are "
                               "percent of the base's scores, undefined where the base's AVnew or AVE is 0).")
         return section
@@ -326,10 +399,11 @@ def frontier_section(ctx: Context) -> Section:
 
 
 def advice_section(ctx: Context) -> Section:
-    return Section("advice", "Which method to use", [
-        "For a limit on how much old knowledge may be lost, the measured setting that learns the most, among the "
-        "methods open to the contributors. Only measured points are advised; more settings (sweeps) give finer "
-        "advice.", advice_table(ctx.points)])
+    open_points = [p for p in ctx.points if p.run.method in FULLY_COOPERATIVE]
+    intro = ("For a limit on how much old knowledge may be lost, the measured setting that learns the most, among the "
+             f"complete single-model runs of the methods open to the contributors ({len(open_points)} points of them). Only "
+             "measured points are advised; more settings (sweeps) give finer advice.")
+    return Section("advice", "Which method to use", [" ".join([intro, *ctx.advice_notes]), advice_table(ctx.points)])
 
 
 def build_sections(ctx: Context, title: str) -> list[Section]:
