@@ -254,11 +254,14 @@ def train(model: PathLike, data: PathLike | TaskSpec | Sequence[tuple[str, str]]
 
 def merge(method: str, models: Sequence[PathLike], out: PathLike, *, base: PathLike | None = None,
           weights: Sequence[float] | None = None, density: float | None = None, drop_rate: float | None = None,
-          lam: float | None = None, lora_space: str | None = None, seed: int = 0, max_shard_gb: float = 5.0,
+          lam: float | None = None, lora_space: str | None = None, seed: int | None = None, max_shard_gb: float = 5.0,
           progress: bool = False, statistics: Sequence[PathLike] | None = None, dtype: str = "auto",
           **settings: float) -> Path:
     """Merge model dirs and/or LoRA adapter dirs of one base, as `knowstack merge`; returns the merged model dir.
-    density / drop_rate / lam default to config.py MergeConfig's; lora_space: LoRA adapters merged as deltas
+    method: a knowstack name or mergekit's (`linear`, `dare_ties`, ...: combine/merges/). density / drop_rate / lam
+    default to config.py MergeConfig's; an option the method does not read is an error naming those it reads, except
+    `density` for DARE (`dare`, `ties-dare`), which is mergekit's and PEFT's fraction kept, 1 - drop_rate; seed: the
+    random methods' draws (default 0); lora_space: LoRA adapters merged as deltas
     ("delta", the default) or factor by factor ("factors", PEFT's add_weighted_adapter); max_shard_gb: the
     largest output shard; progress: a progress bar on stderr; settings: the other methods' own (t for slerp, gamma
     for breadcrumbs, epsilon for della, max_iter and tol for karcher, regmean_alpha for regmean, fisher_floor for
@@ -266,11 +269,12 @@ def merge(method: str, models: Sequence[PathLike], out: PathLike, *, base: PathL
     model, in order (`statistics`). dtype: the output's floating tensors, auto (the base's, the default), float32,
     bfloat16 or float16."""
     from knowstack.combine.merge import merge_models
-    from knowstack.combine.merge_methods import MergeOptions
+    from knowstack.combine.merges import get_method
 
-    given = {"density": density, "drop_rate": drop_rate, "lam": lam, "lora_space": lora_space, **settings}
-    options = MergeOptions.from_settings({name: value for name, value in given.items() if value is not None})
-    return merge_models(method, list(models), Path(out), base=base, weights=weights, options=options, seed=seed,
+    given = {"density": density, "drop_rate": drop_rate, "lam": lam, "lora_space": lora_space, "seed": seed,
+             **settings}
+    options = get_method(method).options_from({name: value for name, value in given.items() if value is not None})
+    return merge_models(method, list(models), Path(out), base=base, weights=weights, options=options, seed=seed or 0,
                         max_shard_bytes=int(max_shard_gb * 2**30), progress=progress, statistics=statistics,
                         dtype=dtype)
 
