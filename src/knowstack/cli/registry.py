@@ -178,11 +178,14 @@ class _NowTraining(argparse._StoreAction):
         setattr(namespace, self.dest, values)
 
 
+REGISTRY_HELP = "the registry: its dir or URL"
+
+
 def _add_compose_args(p: argparse.ArgumentParser) -> None:
     from knowstack.registry.compose import METHODS, ComposeOptions
 
     d = ComposeOptions()
-    p.add_argument("registry")
+    p.add_argument("registry", help=REGISTRY_HELP)
     p.add_argument("--method", required=True, choices=list(METHODS),
                    help=meaning("--method", "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())))
     p.add_argument("--contributions", nargs="+", metavar="NAME", help="the contributions to compose, in order "
@@ -259,15 +262,15 @@ def add_commands(sub: Any) -> None:
     add_json_option(r, "the base's record")
     r.set_defaults(func=cmd_registry_init)
     r = registry.add_parser("list", help="the base and the contributions, with their scores")
-    r.add_argument("registry")
+    r.add_argument("registry", help=REGISTRY_HELP)
     add_json_option(r, "every record")
     r.set_defaults(func=cmd_registry_list)
     r = registry.add_parser("verify", help="re-hash the objects of all (or the named) versions")
-    r.add_argument("registry")
+    r.add_argument("registry", help=REGISTRY_HELP)
     r.add_argument("names", nargs="*", help="versions to check (default: all)")
     r.set_defaults(func=cmd_registry_verify)
     r = registry.add_parser("gc", help="delete stored files no record points to (from failed contributions)")
-    r.add_argument("registry")
+    r.add_argument("registry", help=REGISTRY_HELP)
     r.add_argument("--grace-hours", type=float, default=1.0,
                    help="keep files younger than this: a contribution in progress has not recorded them yet "
                         "(default 1)")
@@ -275,13 +278,13 @@ def add_commands(sub: Any) -> None:
     r.set_defaults(func=cmd_registry_gc)
     r = registry.add_parser("report", help="one self-contained HTML page: lineage, the learn/forget plane, every "
                                            "version's scores against the base and the specialists, every gate check")
-    r.add_argument("registry")
+    r.add_argument("registry", help=REGISTRY_HELP)
     r.add_argument("--out", required=True, help=meaning("--out", "the dir of registry.html"))
     r.set_defaults(func=cmd_registry_report)
 
     p = sub.add_parser("contribute", help="add a LoRA adapter or fine-tuned model of the registry's base, "
                                           "scored on its own task")
-    p.add_argument("registry")
+    p.add_argument("registry", help=REGISTRY_HELP)
     p.add_argument("--name", required=True, help=meaning("--name", "the contribution's, unique: letters, digits, "
                                                                    "'_', '.', '-' (at most 64)"))
     weights = p.add_mutually_exclusive_group(required=True)
@@ -308,23 +311,23 @@ def add_commands(sub: Any) -> None:
     _add_compose_args(p)
     p.set_defaults(func=cmd_compose)
     p = sub.add_parser("log", help="the registry's versions, newest first: lineage, method, key scores, gate")
-    p.add_argument("registry")
+    p.add_argument("registry", help=REGISTRY_HELP)
     p.add_argument("--plot", metavar="PNG", help="also draw the versions on the learn/forget plane into this PNG")
     add_json_option(p, "every version's record")
     p.set_defaults(func=cmd_log)
     p = sub.add_parser("show", help="one version in full: settings, gate checks, every score")
-    p.add_argument("registry")
-    p.add_argument("version")
+    p.add_argument("registry", help=REGISTRY_HELP)
+    p.add_argument("version", help="the version's name (or the base's, base)")
     add_json_option(p, "the version's record")
     p.set_defaults(func=cmd_show)
     p = sub.add_parser("diff", help="two versions task by task")
-    p.add_argument("registry")
-    p.add_argument("first")
-    p.add_argument("second")
+    p.add_argument("registry", help=REGISTRY_HELP)
+    p.add_argument("first", help="a version's name (or base)")
+    p.add_argument("second", help="another version's name")
     p.set_defaults(func=cmd_diff)
     p = sub.add_parser("export", help="a version as a plain HF model dir or PEFT / LoRA-MoE dir")
-    p.add_argument("registry")
-    p.add_argument("version")
+    p.add_argument("registry", help=REGISTRY_HELP)
+    p.add_argument("version", help="the version's name")
     p.add_argument("--out", required=True, help=meaning("--out", "a new dir"))
     p.add_argument("--with-base", action="store_true", help="adapters: copy the base model into OUT/base too")
     add_json_option(p, "what was exported and how to load it")

@@ -75,7 +75,7 @@ def cmd_advise(args: argparse.Namespace) -> None:
 
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("study", help="run a study from a YAML config (resumes where it stopped)")
-    p.add_argument("config")
+    p.add_argument("config", help="the study's YAML config (docs/config.md)")
     p.add_argument("--out", required=True, help=meaning("--out", "the study dir (artifacts, results.csv, report.html)"))
     p.add_argument("--dry-run", action="store_true", help=meaning(
         "--dry-run", "print the plan, which steps are done, and each step's estimated GPU memory and GPUs"))
@@ -98,7 +98,7 @@ def add_commands(sub: Any) -> None:
 
     p = sub.add_parser("report", help="write a study dir's report (report.html, report.md, figures/, tables/) "
                                       "from its results; a study still running reports what has finished")
-    p.add_argument("dir")
+    p.add_argument("dir", help="the study dir")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("advise", help="which method to use: the measured setting that learns the most within a "
