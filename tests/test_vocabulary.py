@@ -15,7 +15,14 @@ from checkpoints import perturbed
 
 from knowstack.cli import build_parser, main
 from knowstack.cli.common import percent
-from knowstack.cli.vocabulary import MEANINGS, DeprecatedAlias, commands, options, positional_or_option, vocabulary_table
+from knowstack.cli.vocabulary import (
+    MEANINGS,
+    DeprecatedAlias,
+    commands,
+    options,
+    positional_or_option,
+    vocabulary_table,
+)
 from knowstack.combine.merges import METHODS, get_method, mergekit_aliases
 from knowstack.errors import KnowstackError
 from knowstack.registry.compose import options_from
@@ -149,7 +156,7 @@ def test_each_method_reads_only_what_it_declares() -> None:
         get_method("ties").options_from({"drop_rate": 0.5})
     with pytest.raises(KnowstackError, match=r"'slerp' does not read --seed"):
         get_method("slerp").options_from({"seed": 3})
-    for name, method in METHODS.items():  # every declared option is accepted by its method
+    for method in METHODS.values():  # every declared option is accepted by its method
         given = {option: 0.1 if option not in ("max_iter", "seed") else 2 for option in method.options}
         method.options_from(given)
     assert get_method("ties").options_from({"lam": 0.5, "lora_space": "factors"}).lam == 0.5
@@ -214,3 +221,15 @@ def test_merge_command_dare_density_and_mergekit_names(tiny_model_dir: Path, two
     assert main(["merge", "--method", "dare", *common, "--density", "0.5", "--drop-rate", "0.9",
                  "--out", str(tmp_path / "x")]) == 2
     assert "contradict" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_api_arguments_have_the_options_names() -> None:
+    from knowstack import api as ks
+
+    with pytest.deprecated_call(match="batch_size= is deprecated: write eval_batch_size="), \
+            pytest.raises(KnowstackError, match="nothing to evaluate"):
+        ks.evaluate("model", batch_size=4)
+    with pytest.deprecated_call(), pytest.raises(KnowstackError, match="disagree"):
+        ks.mix("base", [], "out", router_steps=2, train_steps=3)
+    with pytest.raises(KnowstackError, match="give router_steps too"):
+        ks.mix("base", [], "out", train_data=["d.json"])

@@ -108,7 +108,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     task = _task_from_args(args) if args.task or args.test_file else None
     result = api.evaluate(args.model, adapter=args.adapter, tasks={task.name: task} if task else None,
                           old_tasks=args.old_tasks, include_path=args.include_path, limit=args.limit,
-                          batch_size=args.eval_batch_size, protocol=args.protocol)
+                          eval_batch_size=args.eval_batch_size, protocol=args.protocol)
     text = json.dumps(result, indent=2)
     if args.out:
         from knowstack.atomic import atomic_write_text
@@ -200,8 +200,8 @@ def cmd_mix(args: argparse.Namespace) -> None:
     if args.train_data and not train_steps:
         raise KnowstackError("--train-data is for router training: give --router-steps too")
     record = api.mix(args.base, args.models, args.out, prompts=args.prompts, prompts_per_expert=args.prompts_per_expert,
-                     train_data=args.train_data or (), train_steps=train_steps, train_lr=args.router_lr,
-                     train_batch_size=args.router_batch_size, aux_loss_coef=args.aux_loss_coef,
+                     train_data=args.train_data or (), router_steps=train_steps, router_lr=args.router_lr,
+                     router_batch_size=args.router_batch_size, aux_loss_coef=args.aux_loss_coef,
                      max_shard_gb=args.max_shard_gb, top_k=args.top_k, layers=args.layers, shared=shared,
                      base_expert=args.base_expert, router=router, seed=args.seed,
                      attention=args.attention or (), routing=args.routing, temperature=args.temperature,

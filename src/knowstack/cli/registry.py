@@ -35,7 +35,8 @@ def cmd_registry_init(args: argparse.Namespace) -> None:
                                     include_field="--include-path")
     raise_problems(problems)
     base = api.init_registry(args.registry, args.base, old_tasks=args.old_tasks or (),
-                             include_path=args.include_path, batch_size=args.eval_batch_size, limit=args.limit)
+                             include_path=args.include_path, eval_batch_size=args.eval_batch_size,
+                             limit=args.limit)
     if args.json:
         print(json.dumps(base))
         return
@@ -98,7 +99,8 @@ def cmd_contribute(args: argparse.Namespace) -> None:
     raise_problems(problems)
     record = api.contribute(args.registry, args.name, task=args.task, adapter=args.adapter, model=args.model,
                             metric=args.metric, keep_data=args.keep_data, task_format=args.format,
-                            author=args.author, training_config=args.training_config, batch_size=args.eval_batch_size,
+                            author=args.author, training_config=args.training_config,
+                            eval_batch_size=args.eval_batch_size,
                             statistics=args.statistics)
     score = next(s for s in record["scores"] if s["kind"] == "new")
     print_result(args, record, f"contributed: {record['name']} ({record['kind']}, {record['content_hash'][:12]}) "
