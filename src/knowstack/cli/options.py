@@ -137,8 +137,8 @@ def add_merge_method_options(parser: Any) -> None:
 
     declared = MergeConfig()
     parser.add_argument("--density", type=float, help=meaning(
-        "--density", f"ties, breadcrumbs, della (default {declared.density}); dare, ties-dare: default "
-                     f"1 - {declared.drop_rate}"))
+        "--density", f"the TIES, breadcrumbs and DELLA methods (default {declared.density}); for DARE (dare, "
+                     "ties-dare) what mergekit and PEFT mean by it, 1 - --drop-rate"))
     parser.add_argument("--drop-rate", type=float, help=f"{meaning('--drop-rate')}: dare, ties-dare (default "
                                                         f"{declared.drop_rate})")
     parser.add_argument("--lambda", dest="lam", type=float, help=f"{meaning('--lambda')} (default {declared.lam})")

@@ -19,7 +19,7 @@ MEANINGS: dict[str, str] = {
     "--author": "who made it, recorded with it",
     "--base": "the base model dir",
     "--batch-size": "examples per optimizer step of the training this command runs",
-    "--density": "fraction of each task vector kept (DARE: 1 - --drop-rate, as mergekit's and PEFT's density)",
+    "--density": "fraction of each task vector kept",
     "--drop-rate": "DARE: probability that an entry of a task vector is dropped",
     "--dry-run": "show what would be done, do nothing",
     "--dtype": "dtype of the output's weights",
