@@ -285,7 +285,7 @@ def test_contribute_and_compose_check_against_the_registrys_base(
         assert code == 2, err
         expect(problem_lines(err, 1), f"{made[name]}/{parts[0]}", "in the registry's base", *parts[1:])
         assert registry_state(reg) == before  # nothing stored, nothing recorded
-    assert run(["contribute", reg, "--name", "good", "--model", made["ft1"], "--task", task, "--batch-size", "2"],
+    assert run(["contribute", reg, "--name", "good", "--model", made["ft1"], "--task", task, "--eval-batch-size", "2"],
                capsys)[0] == 0
     # a registry whose contributions were checked with fewer checks: compose finds what they let through
     from knowstack.registry import contribute as contribute_module
@@ -293,7 +293,7 @@ def test_contribute_and_compose_check_against_the_registrys_base(
     with monkeypatch.context() as patched:
         patched.setattr(contribute_module, "check_compatible", lambda *args, **kwargs: None)
         assert run(["contribute", reg, "--name", "wide", "--model", made["vocab"], "--task", task,
-                    "--batch-size", "2"], capsys)[0] == 0
+                    "--eval-batch-size", "2"], capsys)[0] == 0
     before = registry_state(reg)
     code, err = run(["compose", reg, "--method", "merge-average"], capsys)
     assert code == 2, err
