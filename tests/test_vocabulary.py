@@ -233,3 +233,23 @@ def test_api_arguments_have_the_options_names() -> None:
         ks.mix("base", [], "out", router_steps=2, train_steps=3)
     with pytest.raises(KnowstackError, match="give router_steps too"):
         ks.mix("base", [], "out", train_data=["d.json"])
+
+
+def test_a_study_config_setting_no_merge_of_its_section_reads_is_refused(tmp_path: Path) -> None:
+    from knowstack.config import parse_config
+    from knowstack.validate import check_merge_settings
+
+    def problems(merge: dict, section: str = "merge") -> list[str]:
+        raw = {"name": "m", "base": {"model": str(tmp_path)}, "tasks": [{"name": "t", "path": str(tmp_path), "metric": "accuracy"}],
+               "old_knowledge": {"tasks": ["ks_x"]}, "methods": {"one-round": {"finetune": ["fft"]}, section: merge}}
+        return [str(p) for p in check_merge_settings(parse_config(raw).methods)]
+
+    assert problems({"methods": ["dare"], "density": 0.5}) == [
+        "field 'methods.merge.density': none of dare reads density (read by ties, breadcrumbs, breadcrumbs-ties, "
+        "della, della-linear)"]
+    assert problems({"methods": ["average"], "sweep": {"lambda": [0.5, 1.0]}})[0].startswith(
+        "field 'methods.merge.lambda': none of average reads lambda")
+    assert problems({"methods": {"fft": ["ties"], "lora": ["ties-dare"]}, "density": 0.5, "drop_rate": 0.5}) == []
+    assert problems({"methods": ["average", "ties"], "density": 0.5, "lambda": 0.5}, "continual-merge") == []
+    assert problems({"methods": ["average"], "t": 0.3}, "continual-merge")[0].startswith(
+        "field 'methods.continual-merge.t'")
