@@ -49,6 +49,7 @@ MEANINGS: dict[str, str] = {
     "--old-tasks": "lm-eval task names of old knowledge",
     "--olora-lambda": "O-LoRA: the penalty's weight",
     "--out": "where the output is written",
+    "--overwrite": "replace --out if it exists",
     "--preset": "a named set of settings",
     "--prompts-per-expert": "prompts used from each expert's prompts",
     "--protocol": "how answers are read and scored (builtin; paper: the paper's TRACE/GSM8K scoring)",
