@@ -26,7 +26,7 @@ LR=$($PY -c "print(0.33 * $PEAK)")
 HARMFUL_LR=$($PY -c "print(10 * $PEAK)")   # 30x the recipe's rate: what wipes old knowledge
 
 $KS registry init "$REG" --base "$WORLD/model" --include-path "$WORLD/old_knowledge" \
-    --old-knowledge ks_country_code ks_subdivision ks_language_code ks_unicode_name
+    --old-tasks ks_country_code ks_subdivision ks_language_code ks_unicode_name
 
 # name:task dir:metric:format, the paper's task order
 for entry in stance:Stance:accuracy:trace notes:Notes:accuracy:trace summary:Summary:rouge_l:trace \

@@ -10,10 +10,11 @@ and each block's name says what generates it from which results dir (BLOCKS belo
 
     python scripts/docs_numbers.py --demo runs/demo --registry runs/registry-scenario/registry \
         [--quick-all runs/quick-all] [--spread runs/world-1-thread runs/world-2-threads] \
-        [--memory tests/fixtures/configs/llama-3-8b]
+        [--memory tests/fixtures/configs/llama-3-8b] [--vocabulary]
 
 (`make docs-numbers`) to rewrite the blocks whose results dir is given (--memory: a dir holding a
-config.json, which needs no run); the other blocks are left as they are and listed. A results dir that is missing or lacks what its blocks read is one clear error
+config.json, which needs no run; --vocabulary: docs/commands.md's table of options, read from the command-line
+parsers); the other blocks are left as they are and listed. A results dir that is missing or lacks what its blocks read is one clear error
 (exit 2) and nothing is written; `--check` rewrites nothing and exits 1 when a block would change.
 """
 
@@ -552,6 +553,14 @@ def memory(config_dir: Path) -> str:
     ])
 
 
+def vocabulary(_: object) -> str:
+    """docs/commands.md's vocabulary: every option of every command, its one meaning, and its old names."""
+    from knowstack.cli import build_parser
+    from knowstack.cli.vocabulary import vocabulary_table
+
+    return vocabulary_table(build_parser())
+
+
 @dataclass(frozen=True)
 class Generator:
     sources: tuple[str, ...]  # the options naming the results dir it may read, the first given wins
@@ -571,6 +580,7 @@ BLOCKS: dict[str, Generator] = {
     "scale": Generator(("scale",), scale),
     "families": Generator(("families",), families),
     "memory": Generator(("memory",), memory),
+    "vocabulary": Generator(("vocabulary",), vocabulary),
 }
 READERS: dict[str, Callable[[Path, str], object]] = {
     "demo": lambda p, o: Study.read(p, o),
@@ -583,9 +593,11 @@ READERS: dict[str, Callable[[Path, str], object]] = {
     "scale": lambda p, o: p,
     "families": lambda p, o: p,
     "memory": lambda p, o: p,
+    "vocabulary": lambda p, o: p,
     "spread": lambda ps, o: [Study.read(p, o) for p in ps],
 }
 FILE_OPTIONS = {"scale", "families"}  # options naming a file, not a results dir
+FLAG_OPTIONS = {"vocabulary"}  # options naming nothing: their blocks are read from the code
 
 
 def rewrite(text: str, inputs: dict[str, object], where: Path) -> tuple[str, list[str], list[str]]:
@@ -623,6 +635,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spread", type=Path, nargs="+", help="study dirs of one built-in world built under "
                         "different thread counts or machines, each with its base evaluated")
     parser.add_argument("--families", type=Path, help="the JSON tests/test_families.py wrote (KNOWSTACK_FAMILIES_JSON)")
+    parser.add_argument("--vocabulary", action="store_true", default=None,
+                        help="docs/commands.md's table of options, from the command-line parsers")
     parser.add_argument("--root", type=Path, default=ROOT, help="the checkout whose README.md and docs/ to rewrite")
     parser.add_argument("--check", action="store_true", help="rewrite nothing; exit 1 if a block would change")
     args = parser.parse_args(argv)
@@ -632,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
             given, flag = getattr(args, option), f"--{option.replace('_', '-')}"
             if given is None:
                 continue
-            for path in given if isinstance(given, list) else [given]:
+            for path in [] if option in FLAG_OPTIONS else given if isinstance(given, list) else [given]:
                 if option in FILE_OPTIONS and not path.is_file():
                     raise KnowstackError("no such file", path=path, field=flag)
                 if option not in FILE_OPTIONS and not path.is_dir():
@@ -640,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
             inputs[option] = READERS[option](given, flag)
         if not inputs:
             raise KnowstackError("no results dir given (--demo, --base, --quick-all, --full, --catalog, --registry, --spread, "
-                                 "--speed, --memory, --families, --scale)")
+                                 "--speed, --memory, --families, --scale, --vocabulary)")
         changed = {}
         for name in doc_files(args.root):
             doc = args.root / name

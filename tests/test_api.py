@@ -113,7 +113,7 @@ class ApiReached(Exception):
     (["merge", "--method", "ties", "--base", "{model}", "--models", "{adapter}", "{adapter}", "--lora-space",
       "factors", "--max-shard-gb", "1", "--out", "{out}"], "merge", {"lora_space": "factors", "max_shard_gb": 1.0}),
     (["mix", "--base", "{model}", "--models", "{adapter}", "{adapter}", "--train-data", "{task}/train.json",
-      "--train-steps", "2", "--out", "{out}"], "mix", {"train_steps": 2, "train_data": ["{task}/train.json"]}),
+      "--router-steps", "2", "--out", "{out}"], "mix", {"router_steps": 2, "train_data": ["{task}/train.json"]}),
     (["study", "{config}", "--out", "{out}", "--dry-run", "--gpu-memory", "40"], "dry_run", {"gpu_memory_gib": 40.0}),
     (["study", "{config}", "--out", "{out}"], "run_study", {"executor": "local"}),
     (["registry", "init", "{out}", "--base", "{model}"], "init_registry", {"old_tasks": ()}),

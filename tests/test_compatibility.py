@@ -287,7 +287,7 @@ def test_contribute_and_compose_check_against_the_registrys_base(
         # the base as the user gave it to `registry init`, not the temporary view of its stored copy
         assert "knowstack-view-" not in err and f"registry's base ({made['base'].resolve()}" in err, err
         assert registry_state(reg) == before  # nothing stored, nothing recorded
-    assert run(["contribute", reg, "--name", "good", "--model", made["ft1"], "--task", task, "--batch-size", "2"],
+    assert run(["contribute", reg, "--name", "good", "--model", made["ft1"], "--task", task, "--eval-batch-size", "2"],
                capsys)[0] == 0
     # a registry whose contributions were checked with fewer checks: compose finds what they let through
     from knowstack.registry import contribute as contribute_module
@@ -295,7 +295,7 @@ def test_contribute_and_compose_check_against_the_registrys_base(
     with monkeypatch.context() as patched:
         patched.setattr(contribute_module, "check_compatible", lambda *args, **kwargs: None)
         assert run(["contribute", reg, "--name", "wide", "--model", made["vocab"], "--task", task,
-                    "--batch-size", "2"], capsys)[0] == 0
+                    "--eval-batch-size", "2"], capsys)[0] == 0
     before = registry_state(reg)
     code, err = run(["compose", reg, "--method", "merge-average"], capsys)
     assert code == 2, err

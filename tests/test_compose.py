@@ -349,8 +349,8 @@ def test_compose_training_launched_on_two_processes_gives_the_in_process_version
 
     shutil.copytree(registry, copy)
     assert main(["compose", str(copy), "--method", "sequential", "--contributions", "stance", "--finetune", "fft",
-                 "--lr", str(options.lr), "--epochs", "1", "--train-batch-size", "2", "--micro-batch-size", "1",
-                 "--max-length", "64", "--lora-r", "2", "--lora-alpha", "4", "--prompts-per-expert", "2"]) == 0
+                 "--lr", str(options.lr), "--epochs", "1", "--batch-size", "2", "--micro-batch-size", "1",
+                 "--max-length", "64", "--lora-r", "2", "--lora-alpha", "4"]) == 0
     # the copy already holds that version: nothing is trained again, launched or not
     with Registry.open(copy) as reg:
         assert [r["name"] for r in reg.versions() if r["method"] == "sequential"] == [here["name"]]

@@ -160,7 +160,7 @@ def test_every_command_on_every_family(family: str, tmp_path: Path, old_tasks: P
     def moe_lora() -> dict[str, Any]:
         prompts = [[ex["prompt"] for ex in json.loads((task / "train.json").read_text())] for task in tasks.values()]
         api.mix(base, [out["lora1"], out["lora2"]], tmp_path / "moe-lora", prompts=prompts, router="prompts")
-        scores = api.score(base, tasks["FOMC"], adapter=tmp_path / "moe-lora", limit=2, batch_size=2)
+        scores = api.score(base, tasks["FOMC"], adapter=tmp_path / "moe-lora", limit=2, eval_batch_size=2)
         return {"router": "prompts", "scored": scores.n}
 
     if lora:
@@ -170,7 +170,7 @@ def test_every_command_on_every_family(family: str, tmp_path: Path, old_tasks: P
 
     def generation_eval() -> dict[str, Any]:
         for adapter in (None, out["lora1"] if lora else None):
-            scores = api.score(base, tasks["FOMC"], adapter=adapter, limit=4, batch_size=2)
+            scores = api.score(base, tasks["FOMC"], adapter=adapter, limit=4, eval_batch_size=2)
             assert scores.n == 4 and set(scores.scores) == {"accuracy"}
         return {}
 
@@ -181,12 +181,12 @@ def test_every_command_on_every_family(family: str, tmp_path: Path, old_tasks: P
     registry = tmp_path / "registry"
 
     def contribute() -> dict[str, Any]:
-        api.init_registry(registry, base, old_tasks=["ks_toy"], include_path=old_tasks, batch_size=2)
+        api.init_registry(registry, base, old_tasks=["ks_toy"], include_path=old_tasks, eval_batch_size=2)
         for name, adapter in (("fomc", out["lora1"]), ("stance", out["lora2"])):
             api.contribute(registry, name, adapter=adapter, task=tasks["FOMC" if name == "fomc" else "C-STANCE"],
                            batch_size=2)
         if fft:
-            api.contribute(registry, "fomc-ft", model=out["fft1"], task=tasks["FOMC"], batch_size=2)
+            api.contribute(registry, "fomc-ft", model=out["fft1"], task=tasks["FOMC"], eval_batch_size=2)
         return {}
 
     contributed = lora and matrix.run("contribute", contribute)

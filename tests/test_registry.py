@@ -234,7 +234,7 @@ def test_eight_contributors_at_once(work: dict[str, Path], tmp_path: Path, tiny_
     procs = [subprocess.Popen(
         [sys.executable, "-m", "knowstack.cli", "contribute", str(reg_dir), "--name", f"crowd-{i}",
          "--adapter", str(work["adapter1" if i % 2 else "adapter2"]), "--task", str(work["task"]),
-         "--author", f"user{i}", "--batch-size", "4"],
+         "--author", f"user{i}", "--eval-batch-size", "4"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(8)]
     errors = [proc.communicate(timeout=300)[1] for proc in procs]
     assert [proc.returncode for proc in procs] == [0] * 8, errors

@@ -249,7 +249,7 @@ def test_eight_contributors_at_once_on_a_shared_file_url(tmp_path: Path, tiny_mo
     names = [f"crowd-{i}" for i in range(4)] + ["same"] * 4
     procs = [subprocess.Popen(
         [sys.executable, "-m", "knowstack.cli", "contribute", url, "--name", name, "--adapter",
-         str(inputs["adapter"]), "--task", str(inputs["stance"]), "--author", f"user{i}", "--batch-size", "4"],
+         str(inputs["adapter"]), "--task", str(inputs["stance"]), "--author", f"user{i}", "--eval-batch-size", "4"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i, name in enumerate(names)]
     errors = [proc.communicate(timeout=300)[1] for proc in procs]
     codes = [proc.returncode for proc in procs]

@@ -104,6 +104,6 @@ def test_training_uses_the_tokenizer_it_is_given(tmp_path: Path, tiny_model_dir:
 def test_mix_takes_router_training_by_compose_s_names_too() -> None:
     args = build_parser().parse_args(["mix", "--base", "b", "--models", "m", "--out", "o", "--router-steps", "3",
                                       "--router-lr", "0.01"])
-    assert (args.train_steps, args.train_lr) == (3, 0.01)
-    assert build_parser().parse_args(["mix", "--base", "b", "--models", "m", "--out", "o"]).train_lr == \
+    assert (args.router_steps, args.router_lr) == (3, 0.01)
+    assert build_parser().parse_args(["mix", "--base", "b", "--models", "m", "--out", "o"]).router_lr == \
         RouterTrainingConfig().lr

@@ -369,7 +369,7 @@ def test_the_commands_compute_statistics_and_merge_with_them(contributors: list[
     data = tmp_path / "train.json"
     data.write_text(json.dumps([{"prompt": ex.prompt, "answer": ex.answer} for ex in SPLITS[0]]))
     (model, given), (other, other_stats) = contributors
-    assert main(["statistics", str(model), "--data", str(data), "--examples", "6", "--max-length", "64",
+    assert main(["statistics", str(model), "--train-data", str(data), "--examples", "6", "--max-length", "64",
                  "--out", str(tmp_path / "stats")]) == 0
     assert "gram: 6 examples" in capsys.readouterr().out
     for kind in ("gram", "fisher"):  # the same data, the same statistics as the fixture's (from the API)

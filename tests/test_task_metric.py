@@ -127,7 +127,7 @@ def test_eval_and_score_read_the_same_metric_and_agree(tmp_path: Path, tiny_mode
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     world = world_with_tasks(tmp_path / "world")
     for task in (world / "tasks" / "Summary", trace_dir(tmp_path / "MeetingBank")):
-        evaluated = ks.score(tiny_model_dir, task, batch_size=3)
+        evaluated = ks.score(tiny_model_dir, task, eval_batch_size=3)
         assert set(evaluated.scores) == {"rouge_l"} and evaluated.metric_source == task_metric(task).source
         file = tmp_path / f"{task.name}.jsonl"
         file.write_text("".join(json.dumps({"prediction": row["prediction"]}) + "\n"
@@ -141,7 +141,7 @@ def test_eval_and_score_read_the_same_metric_and_agree(tmp_path: Path, tiny_mode
         assert json.loads(out.read_text()) == {task.name: evaluated.scores}
         assert f"{task.name}: metric rouge_l (from {task_metric(task).source})" in capsys.readouterr().err
     both = ks.evaluate(tiny_model_dir, tasks={"Code": world / "tasks" / "Code", "Stance": world / "tasks" / "Stance"},
-                       batch_size=3)
+                       eval_batch_size=3)
     assert {name: set(scores) for name, scores in both.items()} == {"Code": {"edit_similarity"}, "Stance": {"accuracy"}}
 
 
@@ -155,9 +155,9 @@ def test_contribute_records_the_task_s_metric_and_where_it_came_from(tmp_path: P
                  str(world / "tasks" / "Summary"), "--batch-size", "3"]) == 0
     assert "Summary rouge_l = " in capsys.readouterr().out
     mine = make_task(tmp_path / "tasks", "Mine", metric="sari")
-    ks.contribute(reg, "mine", adapter=adapter, task=mine, batch_size=3)
+    ks.contribute(reg, "mine", adapter=adapter, task=mine, eval_batch_size=3)
     ks.contribute(reg, "forced", adapter=adapter, task=make_task(tmp_path / "tasks", "Forced", metric=None),
-                  metric="exact_match", batch_size=3)
+                  metric="exact_match", eval_batch_size=3)
     with ks.open_registry(reg) as opened:
         records = {name: opened.version(name) for name in ("summary", "mine", "forced")}
     expected = {"summary": ("rouge_l", f"the built-in world's {world / 'world.json'}"),

@@ -40,6 +40,19 @@ __all__ = [
 
 
 # --- studies -------------------------------------------------------------------------------------------
+def _renamed(new: Any, old: Any, new_name: str, old_name: str, default: Any) -> Any:
+    """An argument given by its new name or, deprecated (a warning), by its old one; the same value either way."""
+    if old is None:
+        return default if new is None else new
+    import warnings
+
+    warnings.warn(f"{old_name}= is deprecated: write {new_name}=", DeprecationWarning, stacklevel=3)
+    if new is not None and new != old:
+        raise KnowstackError(f"{new_name}={new!r} and its old name {old_name}={old!r} disagree: give one",
+                             field=new_name)
+    return old
+
+
 def load_study(config: PathLike | Mapping[str, Any] | StudyConfig) -> StudyConfig:
     """A validated study config from a YAML file, a mapping (relative paths resolved against the current
     directory) or an existing StudyConfig."""
@@ -262,11 +275,14 @@ def train(model: PathLike, data: PathLike | TaskSpec | Sequence[tuple[str, str]]
 
 def merge(method: str, models: Sequence[PathLike], out: PathLike, *, base: PathLike | None = None,
           weights: Sequence[float] | None = None, density: float | None = None, drop_rate: float | None = None,
-          lam: float | None = None, lora_space: str | None = None, seed: int = 0, max_shard_gb: float = 5.0,
+          lam: float | None = None, lora_space: str | None = None, seed: int | None = None, max_shard_gb: float = 5.0,
           progress: bool = False, statistics: Sequence[PathLike] | None = None, dtype: str = "auto",
           **settings: float) -> Path:
     """Merge model dirs and/or LoRA adapter dirs of one base, as `knowstack merge`; returns the merged model dir.
-    density / drop_rate / lam default to config.py MergeConfig's; lora_space: LoRA adapters merged as deltas
+    method: a knowstack name or mergekit's (`linear`, `dare_ties`, ...: combine/merges/). density / drop_rate / lam
+    default to config.py MergeConfig's; an option the method does not read is an error naming those it reads, except
+    `density` for DARE (`dare`, `ties-dare`), which is mergekit's and PEFT's fraction kept, 1 - drop_rate; seed: the
+    random methods' draws (default 0); lora_space: LoRA adapters merged as deltas
     ("delta", the default) or factor by factor ("factors", PEFT's add_weighted_adapter); max_shard_gb: the
     largest output shard; progress: a progress bar on stderr; settings: the other methods' own (t for slerp, gamma
     for breadcrumbs, epsilon for della, max_iter and tol for karcher, regmean_alpha for regmean, fisher_floor for
@@ -274,11 +290,12 @@ def merge(method: str, models: Sequence[PathLike], out: PathLike, *, base: PathL
     model, in order (`statistics`). dtype: the output's floating tensors, auto (the base's, the default), float32,
     bfloat16 or float16."""
     from knowstack.combine.merge import merge_models
-    from knowstack.combine.merge_methods import MergeOptions
+    from knowstack.combine.merges import get_method
 
-    given = {"density": density, "drop_rate": drop_rate, "lam": lam, "lora_space": lora_space, **settings}
-    options = MergeOptions.from_settings({name: value for name, value in given.items() if value is not None})
-    return merge_models(method, list(models), Path(out), base=base, weights=weights, options=options, seed=seed,
+    given = {"density": density, "drop_rate": drop_rate, "lam": lam, "lora_space": lora_space, "seed": seed,
+             **settings}
+    options = get_method(method).options_from({name: value for name, value in given.items() if value is not None})
+    return merge_models(method, list(models), Path(out), base=base, weights=weights, options=options, seed=seed or 0,
                         max_shard_bytes=int(max_shard_gb * 2**30), progress=progress, statistics=statistics,
                         dtype=dtype)
 
@@ -320,24 +337,28 @@ def _prompt_list(prompts: Sequence[str] | PathLike) -> list[str]:
 
 def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
         prompts: Sequence[Sequence[str] | PathLike] | None = None, prompts_per_expert: int | None = None,
-        train_data: Sequence[PathLike] = (), train_steps: int = 0, train_lr: float | None = None,
-        train_batch_size: int | None = None, aux_loss_coef: float | None = None, max_shard_gb: float = 5.0,
+        train_data: Sequence[PathLike] = (), router_steps: int | None = None, router_lr: float | None = None,
+        router_batch_size: int | None = None, aux_loss_coef: float | None = None, max_shard_gb: float = 5.0,
+        train_steps: int | None = None, train_lr: float | None = None, train_batch_size: int | None = None,
         **options: Any) -> dict[str, Any]:
     """A mixture of experts of model dirs (FFT-MoE) or adapter dirs (LoRA-MoE), as `knowstack mix`; options are
     combine/moe.py MoeOptions fields (top_k, layers, shared, base_expert, router, seed, attention, routing,
     temperature, dtype; None: the default). prompts: per
     model, its prompts or a JSON/JSONL file of them, the first prompts_per_expert used (default: config.py
-    MoeConfig's); router (None or not given): `prompts` when prompts are given, else random. Router training: train_steps
-    steps on the TRACE-format files train_data (train_lr, train_batch_size, aux_loss_coef default to
-    RouterTrainingConfig's; the order is drawn from options' seed). max_shard_gb: the largest output shard
-    (FFT-MoE). Returns moe.json."""
+    MoeConfig's); router (None or not given): `prompts` when prompts are given, else random. Router training:
+    router_steps steps on the TRACE-format files train_data (router_lr, router_batch_size, aux_loss_coef default to
+    RouterTrainingConfig's; the order is drawn from options' seed; train_steps, train_lr and train_batch_size are
+    their deprecated names). max_shard_gb: the largest output shard (FFT-MoE). Returns moe.json."""
     from knowstack.combine.moe import MoeOptions, default_router, mix_models
     from knowstack.config import MoeConfig
     from knowstack.data.formats import load_trace_split
     from knowstack.train.router_training import RouterTraining
 
+    train_steps = _renamed(router_steps, train_steps, "router_steps", "train_steps", 0)
+    train_lr = _renamed(router_lr, train_lr, "router_lr", "train_lr", None)
+    train_batch_size = _renamed(router_batch_size, train_batch_size, "router_batch_size", "train_batch_size", None)
     if train_data and not train_steps:
-        raise KnowstackError("train_data is for router training: give train_steps too", field="train_steps")
+        raise KnowstackError("train_data is for router training: give router_steps too", field="router_steps")
     if prompts:
         keep = MoeConfig().prompts_per_expert if prompts_per_expert is None else prompts_per_expert
         prompts = [_prompt_list(given)[:keep] for given in prompts]
@@ -410,14 +431,15 @@ def _scores(loaded: Any, tokenizer: Any, spec: TaskSpec, *, limit: int | None, b
 
 
 def score(model: PathLike, task: PathLike | TaskSpec, *, metric: str | None = None, adapter: PathLike | None = None,
-          task_format: str = "trace", limit: int | None = None, batch_size: int = 32,
-          max_new_tokens: int | None = None, protocol: str = "builtin") -> TaskScores:
+          task_format: str = "trace", limit: int | None = None, eval_batch_size: int | None = None,
+          max_new_tokens: int | None = None, protocol: str = "builtin", batch_size: int | None = None) -> TaskScores:
     """A model (+ adapter) on one task's test split, as `knowstack eval --task` (evaluate/new_knowledge.py);
     metric: default what defines the task (its knowstack-task.json, the built-in world, TRACE's task names; see
     docs/commands.md); protocol: how answers are read and scored (builtin, or paper: the paper's TRACE/GSM8K
-    scoring)."""
+    scoring); eval_batch_size: examples per forward pass (default 32; batch_size: its deprecated name)."""
     from dataclasses import replace
 
+    batch_size = _renamed(eval_batch_size, batch_size, "eval_batch_size", "batch_size", 32)
     spec, source = _task_spec(task, metric, task_format)
     loaded, tokenizer = _load(model, adapter)
     scores = _scores(loaded, tokenizer, spec, limit=limit, batch_size=batch_size, protocol=protocol,
@@ -427,12 +449,15 @@ def score(model: PathLike, task: PathLike | TaskSpec, *, metric: str | None = No
 
 def evaluate(model: PathLike, *, adapter: PathLike | None = None, tasks: Mapping[str, PathLike | TaskSpec] | None = None,
              metric: str | None = None, old_tasks: Sequence[str] = (), include_path: PathLike | None = None,
-             limit: int | None = None, batch_size: int = 32, protocol: str = "builtin") -> dict[str, dict[str, float]]:
+             limit: int | None = None, eval_batch_size: int | None = None, protocol: str = "builtin",
+             batch_size: int | None = None) -> dict[str, dict[str, float]]:
     """`knowstack eval` for several tasks at once: {task: {metric: value}} for each new task (tasks: {name: dir,
     or a TaskSpec}, each scored with its own metric, or with `metric` where given) and each lm-eval old-knowledge
-    task; the model is loaded once."""
+    task; the model is loaded once. eval_batch_size: examples per forward pass (default 32; batch_size: its
+    deprecated name)."""
     from knowstack.evaluate.old_knowledge import evaluate_old_knowledge
 
+    batch_size = _renamed(eval_batch_size, batch_size, "eval_batch_size", "batch_size", 32)
     if not tasks and not old_tasks:
         raise KnowstackError("nothing to evaluate: give tasks and/or old_tasks")
     specs = {name: _task_spec(path, metric)[0] for name, path in (tasks or {}).items()}
@@ -475,12 +500,15 @@ def score_predictions(task: PathLike, predictions: PathLike | Sequence[str], *, 
 
 # --- registries ----------------------------------------------------------------------------------------
 def init_registry(root: PathLike, base: PathLike, *, old_tasks: Sequence[str] = (),
-                  include_path: PathLike | None = None, batch_size: int = 32, limit: int | None = None) -> dict[str, Any]:
+                  include_path: PathLike | None = None, eval_batch_size: int | None = None, limit: int | None = None,
+                  batch_size: int | None = None) -> dict[str, Any]:
     """Create a registry (a new or empty dir, or a URL fsspec reaches) for the base model dir `base`, scored on
-    the lm-eval tasks old_tasks (include_path: a dir of their YAMLs; limit: items per task), as `knowstack
-    registry init` (registry/base.py); returns the base's record."""
+    the lm-eval tasks old_tasks (include_path: a dir of their YAMLs; limit: items per task; eval_batch_size:
+    default 32, batch_size its deprecated name), as `knowstack registry init` (registry/base.py); returns the
+    base's record."""
     from knowstack.registry.base import init_registry as init
 
+    batch_size = _renamed(eval_batch_size, batch_size, "eval_batch_size", "batch_size", 32)
     return init(root, base, old_tasks=old_tasks, include_path=include_path, batch_size=batch_size, limit=limit)
 
 
@@ -494,12 +522,16 @@ def open_registry(root: PathLike) -> Registry:
 def contribute(root: PathLike, name: str, *, task: PathLike, adapter: PathLike | None = None,
                model: PathLike | None = None, metric: str | None = None, keep_data: bool = False,
                task_format: str = "trace", author: str | None = None, training_config: PathLike | None = None,
-               batch_size: int = 32, statistics: PathLike | None = None) -> dict[str, Any]:
+               eval_batch_size: int | None = None, statistics: PathLike | None = None,
+               batch_size: int | None = None) -> dict[str, Any]:
     """Add a LoRA adapter dir or a fine-tuned model dir of the registry's base, scored on its task (a TRACE-layout
     dir; keep_data: store its train split too), as `knowstack contribute` (registry/contribute.py); returns its
-    record. metric: default what defines the task, as `score` reads it. statistics: its statistics dir (`statistics`), for the merge-regmean / merge-fisher composes."""
+    record. metric: default what defines the task, as `score` reads it. statistics: its statistics dir
+    (`statistics`), for the merge-regmean / merge-fisher composes. eval_batch_size: default 32 (batch_size: its
+    deprecated name)."""
     from knowstack.registry.contribute import contribute as add
 
+    batch_size = _renamed(eval_batch_size, batch_size, "eval_batch_size", "batch_size", 32)
     return add(root, name, task=task, adapter=adapter, model=model, metric=metric, keep_data=keep_data,
                task_format=task_format, author=author, training_config=training_config, batch_size=batch_size,
                statistics=statistics)
@@ -507,11 +539,15 @@ def contribute(root: PathLike, name: str, *, task: PathLike, adapter: PathLike |
 
 def compose(root: PathLike, method: str, *, options: Mapping[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
     """Build, score and gate the next version, as `knowstack compose` (registry/compose.py); options are
-    ComposeOptions fields (density, lr, epochs, top_k, ...). Returns the new version's record."""
+    ComposeOptions fields (density, lr, epochs, top_k, ...), each one the method reads (or one error naming those
+    it reads). eval_batch_size: the evaluation's batch (default 32; batch_size: its deprecated name). Returns the
+    new version's record."""
     from knowstack.registry.compose import compose as build
     from knowstack.registry.compose import options_from
 
-    return build(root, method, options=options_from(dict(options or {})), **kwargs)
+    kwargs["batch_size"] = _renamed(kwargs.pop("eval_batch_size", None), kwargs.pop("batch_size", None),
+                                    "eval_batch_size", "batch_size", 32)
+    return build(root, method, options=options_from(dict(options or {}), method), **kwargs)
 
 
 def history(root: PathLike) -> list[dict[str, Any]]:

@@ -574,11 +574,34 @@ def check_study(config: Any, *, dry_run: bool = False) -> list[Problem]:
         problems += check_old_tasks([], old.include_path)
     if base.model is not None:
         problems += check_fft_moe_base(base.model, config.methods.moe)
+    problems += check_merge_settings(config.methods)
     launch = config.launch
     problems += check_accelerate_config(launch.accelerate_config, cpu=launch.cpu)
     if launch.lora is not None:
         problems += check_accelerate_config(launch.lora.accelerate_config, cpu=launch.cpu,
                                             field="launch.lora.accelerate_config")
+    return problems
+
+
+def check_merge_settings(methods: Any) -> list[Problem]:
+    """A merge setting the config sets (or sweeps) that none of its section's methods reads is a mistake, not a
+    no-op (combine/merges/ declares what each method reads): e.g. `density` with only DARE methods, which read
+    `drop_rate` (a study's `density` is the TIES family's; only `knowstack merge` reads DARE's as mergekit's)."""
+    from knowstack.combine.merges import MERGE_METHOD_OPTIONS
+
+    problems = []
+    for name, section in (("merge", methods.merge), ("continual-merge", methods.continual_merge)):
+        if section is None:
+            continue
+        chosen = section.methods if isinstance(section.methods, list) else \
+            [m for ms in section.methods.values() for m in ms]
+        read = {option for method in chosen for option in MERGE_METHOD_OPTIONS[method]}
+        given = {("lambda" if field == "lam" else field) for field in section.model_fields_set}
+        given |= set(section.sweep or {})
+        for option in sorted(given & {o for options in MERGE_METHOD_OPTIONS.values() for o in options} - read):
+            readers = [m for m, options in MERGE_METHOD_OPTIONS.items() if option in options]
+            problems.append(Problem(None, f"none of {', '.join(chosen)} reads {option} (read by {', '.join(readers)})",
+                                    field=f"methods.{name}.{option}"))
     return problems
 
 

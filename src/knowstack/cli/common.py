@@ -22,11 +22,17 @@ def points(text: str) -> float:
 
 
 def percent(text: str) -> float:
+    """A percentage, `2%` (or a bare number from 1 up, read as percent); a bare fraction such as 0.02 is refused as
+    ambiguous (2%? 0.02%?) rather than guessed."""
+    written = text.strip()
     try:
-        value = float(text.strip().removesuffix("%"))
+        value = float(written.removesuffix("%"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a percentage: {text!r} (e.g. 2%)") from None
     if value < 0:
         raise argparse.ArgumentTypeError("a loss limit is not negative")
+    if not written.endswith("%") and 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{written} is ambiguous: write {value * 100:g}% for the fraction {written}, "
+                                         f"or {written}% for {written} percent")
     return value
 

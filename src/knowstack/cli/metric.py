@@ -8,13 +8,15 @@ from pathlib import Path
 from knowstack.config import METRICS
 from knowstack.data.tasks import TASK_METADATA
 
-METRIC_HELP = (f"how the task is scored; default: what defines the task: its {TASK_METADATA} "
+METRIC_DETAIL = (f"how the task is scored; default: what defines the task: its {TASK_METADATA} "
                '({"metric": "rouge_l"}), the built-in world\'s world.json, the math format, or TRACE\'s task names '
                "(e.g. MeetingBank: rouge_l); a task none of them defines needs this option")
 
 
 def add_metric_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--metric", choices=list(METRICS), help=METRIC_HELP)
+    from knowstack.cli.vocabulary import meaning
+
+    parser.add_argument("--metric", choices=list(METRICS), help=meaning("--metric", METRIC_DETAIL))
 
 
 def metric_problems(task: str | Path | None, metric: str | None, task_format: str) -> list:  # -> list[Problem]

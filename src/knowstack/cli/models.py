@@ -13,11 +13,15 @@ from knowstack.cli.options import (
     MERGE_ONLY_OPTIONS,
     STATISTICS_MERGE_OPTIONS,
     add_dtype_option,
-    add_merge_options,
+    add_eval_batch_size,
+    add_json_option,
+    add_merge_method_options,
     add_statistics_merge_options,
     add_training_options,
+    print_result,
     training_from_args,
 )
+from knowstack.cli.vocabulary import add_deprecated, meaning, positional_or_option
 from knowstack.config import MOE_PRESETS, MOE_ROUTERS, RouterTrainingConfig
 from knowstack.errors import KnowstackError, Problem
 
@@ -95,8 +99,9 @@ def cmd_train(args: argparse.Namespace) -> None:
                         replay_fraction=args.replay_fraction, olora_previous=args.olora_previous or (),
                         olora_lambda=args.olora_lambda, tokenizer=args.tokenizer,
                         trust_remote_code=args.trust_remote_code)
-    print(json.dumps({k: summary[k] for k in ("steps", "examples") if k in summary}))
-    print(f"written: {args.out}")
+    result = {**{k: summary[k] for k in ("steps", "examples") if k in summary}, "out": str(args.out)}
+    print_result(args, result, f"trained: {result.get('steps', '?')} steps on {result.get('examples', '?')} "
+                               f"examples\nwritten: {args.out}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -121,13 +126,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
         console.print(f"{task.name}: metric {chosen.metric} (from {chosen.source})", markup=False, highlight=False)
     result = api.evaluate(args.model, adapter=args.adapter, tasks={task.name: task} if task else None,
                           old_tasks=args.old_tasks, include_path=args.include_path, limit=args.limit,
-                          batch_size=args.batch_size, protocol=args.protocol)
+                          eval_batch_size=args.eval_batch_size, protocol=args.protocol)
     text = json.dumps(result, indent=2)
     if args.out:
         from knowstack.atomic import atomic_write_text
 
         atomic_write_text(Path(args.out), text + "\n")
-    print(text)
+    print_result(args, result, "\n".join(f"{task} {metric}: {value:.4f}" for task, scores in result.items()
+                                         for metric, value in scores.items()))
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -135,6 +141,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     from knowstack import api
     from knowstack.data.tasks import task_metric
 
+    positional_or_option(args, "task", "--task")
     where = Path(args.task)
     chosen = task_metric(where, given=args.metric, task_format=args.format)  # as eval reads it: one resolver
     score = api.score_predictions(where, Path(args.predictions), metric=chosen.metric, task_format=args.format,
@@ -164,19 +171,23 @@ def cmd_merge(args: argparse.Namespace) -> None:
                     max_shard_gb=args.max_shard_gb, progress=True, statistics=args.statistics, dtype=args.dtype,
                     **{name: getattr(args, name) for name in MERGE_ONLY_OPTIONS + STATISTICS_MERGE_OPTIONS
                        if getattr(args, name) is not None})
-    print(f"merged model: {out}")
+    record = json.loads((out / "merge.json").read_text(encoding="utf-8"))
+    print_result(args, {**record, "out": str(out)}, f"merged model: {out}")
 
 
 def cmd_statistics(args: argparse.Namespace) -> None:
     from knowstack import api
 
-    out = api.statistics(args.model, args.data, args.out, base=args.base, kinds=args.kind, examples=args.examples,
+    positional_or_option(args, "model", "--model")
+    if args.train_data is None:
+        raise KnowstackError("give the model's training data (--train-data FILE)", field="--train-data")
+    out = api.statistics(args.model, args.train_data, args.out, base=args.base, kinds=args.kind, examples=args.examples,
                          max_length=args.max_length, tokenizer=args.tokenizer,
                          trust_remote_code=args.trust_remote_code)
     record = json.loads((out / "statistics.json").read_text(encoding="utf-8"))
-    for kind, entry in record["statistics"].items():
-        print(f"{kind}: {entry['examples']} examples, {entry['tokens']} tokens")
-    print(f"statistics: {out}")
+    print_result(args, {**record, "out": str(out)}, "\n".join(
+        [f"{kind}: {entry['examples']} examples, {entry['tokens']} tokens"
+         for kind, entry in record["statistics"].items()] + [f"statistics: {out}"]))
 
 
 def cmd_mix(args: argparse.Namespace) -> None:
@@ -194,7 +205,7 @@ def cmd_mix(args: argparse.Namespace) -> None:
     problems += [p for path in args.prompts or [] for p in check_prompt_file(path)]
     problems += [p for path in args.train_data or [] for p in check_split_file(path, "trace", "train")]
     raise_problems(problems)
-    shared, router, train_steps = args.shared, args.router, args.train_steps
+    shared, router, train_steps = args.shared, args.router, args.router_steps
     if args.preset is not None:  # the preset's settings where the command line leaves them open
         preset = MOE_PRESETS[args.preset]
         shared, router = preset["shared"], router or preset["router"]
@@ -203,14 +214,17 @@ def cmd_mix(args: argparse.Namespace) -> None:
                 raise KnowstackError(f"--preset {args.preset} trains the routers: give --train-data", field="train_data")
             train_steps = train_steps or RouterTrainingConfig().steps
     if args.train_data and not train_steps:
-        raise KnowstackError("--train-data is for router training: give --train-steps too")
+        raise KnowstackError("--train-data is for router training: give --router-steps too")
     record = api.mix(args.base, args.models, args.out, prompts=args.prompts, prompts_per_expert=args.prompts_per_expert,
-                     train_data=args.train_data or (), train_steps=train_steps, train_lr=args.train_lr,
-                     train_batch_size=args.train_batch_size, aux_loss_coef=args.aux_loss_coef,
+                     train_data=args.train_data or (), router_steps=train_steps, router_lr=args.router_lr,
+                     router_batch_size=args.router_batch_size, aux_loss_coef=args.aux_loss_coef,
                      max_shard_gb=args.max_shard_gb, top_k=args.top_k, layers=args.layers, shared=shared,
                      base_expert=args.base_expert, router=router, seed=args.seed,
                      attention=args.attention or (), routing=args.routing, temperature=args.temperature,
                      dtype=args.dtype)
+    if args.json:
+        print(json.dumps({**record, "out": str(args.out)}))
+        return
     counts = record["parameters"]
     print(f"{record['architecture']}: {record['experts']} experts in layers {record['layers']}, "
           f"{counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active per token")
@@ -229,6 +243,9 @@ def cmd_gate(args: argparse.Namespace) -> None:
     raise_problems(problems)
     summary = api.gate(args.base, args.adapter, args.train_data, steps=args.steps, lr=args.lr,
                        batch_size=args.batch_size, max_length=args.max_length, seed=args.seed)
+    if args.json:
+        print(json.dumps(summary))
+        return
     print(f"gates of {summary['modules']} modules, loss {summary['first']} -> {summary['last']} in "
           f"{summary['steps']} steps: {summary['file']}")
 
@@ -241,17 +258,19 @@ def cmd_build_world(args: argparse.Namespace) -> None:
 
 
 def _add_task_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", help="a TRACE-layout task dir (train.json, eval.json, test.json)")
-    parser.add_argument("--format", choices=["trace", "math"], default="trace")
-    parser.add_argument("--train-file", help="math: a MetaMathQA-format JSON file")
-    parser.add_argument("--test-file", help="math: a GSM8K-format JSON/JSONL file")
+    parser.add_argument("--task", help=meaning("--task"))
+    parser.add_argument("--format", choices=["trace", "math"], default="trace", help=meaning("--format"))
+    parser.add_argument("--train-file", help=meaning("--train-file"))
+    parser.add_argument("--test-file", help=meaning("--test-file"))
     add_metric_option(parser)
 
 
 def add_commands(sub: Any) -> None:
     from typing import get_args
 
+    from knowstack.combine.merges import mergekit_aliases
     from knowstack.config import (
+        GateTrainingConfig,
         MergeConfig,
         MergeMethodName,
         MoeConfig,
@@ -264,94 +283,106 @@ def add_commands(sub: Any) -> None:
     merge, moe, routers = MergeConfig(), MoeConfig(), RouterTrainingConfig()
 
     p = sub.add_parser("train", help="one training run: FFT (full model out) or LoRA (PEFT adapter out)")
-    p.add_argument("--model", required=True, help="HF model dir or hub id to start from")
+    p.add_argument("--model", required=True, help=meaning("--model", "to start from (or a hub id)"))
     _add_task_args(p)
-    p.add_argument("--finetune", choices=["fft", "lora"], default="lora")
-    p.add_argument("--tokenizer", help="the tokenizer, where it is not the model dir's (as a study's base.tokenizer)")
-    p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
+    p.add_argument("--finetune", choices=["fft", "lora"], default="lora", help=f"{meaning('--finetune')} (default lora)")
+    p.add_argument("--tokenizer", help=meaning("--tokenizer", "as a study's base.tokenizer"))
+    p.add_argument("--trust-remote-code", action="store_true", help=meaning("--trust-remote-code"))
     add_training_options(p)
     p.add_argument("--replay", nargs="+", metavar="TASKDIR",
                    help="replay: earlier tasks' dirs; each adds --replay-fraction x |task| of its examples")
     p.add_argument("--replay-fraction", type=float, default=ReplayConfig().fraction,
-                   help=f"replay: the fraction (default {ReplayConfig().fraction})")
+                   help=f"{meaning('--replay-fraction')} (default {ReplayConfig().fraction})")
     p.add_argument("--olora-previous", nargs="+", metavar="ADAPTER",
                    help="O-LoRA: the earlier rounds' LoRA adapter dirs, penalised against (needs --finetune lora)")
     p.add_argument("--olora-lambda", type=float, default=OLoraConfig().lambdas[0],
-                   help=f"O-LoRA: the penalty's weight (default {OLoraConfig().lambdas[0]}, the paper's first run)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+                   help=f"{meaning('--olora-lambda')} (default {OLoraConfig().lambdas[0]}, the paper's first run)")
+    p.add_argument("--seed", type=int, default=0, help=meaning("--seed", "data order, LoRA init (default 0)"))
+    p.add_argument("--out", required=True, help=meaning("--out", "the model dir (fft) or adapter dir (lora)"))
+    add_json_option(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score a model (+adapter) on a task and/or lm-eval old-knowledge tasks")
-    p.add_argument("--model", required=True)
-    p.add_argument("--adapter")
+    p.add_argument("--model", required=True, help=meaning("--model", "to score"))
+    p.add_argument("--adapter", help=meaning("--adapter", "on top of --model"))
     _add_task_args(p)
-    p.add_argument("--old-tasks", nargs="*", default=[], help="lm-eval task names")
-    p.add_argument("--include-path", help="a dir of lm-eval task YAMLs")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--limit", type=int)
+    p.add_argument("--old-tasks", nargs="*", default=[], help=meaning("--old-tasks"))
+    p.add_argument("--include-path", help=meaning("--include-path"))
+    add_eval_batch_size(p)
+    p.add_argument("--limit", type=int, help=meaning("--limit"))
     p.add_argument("--protocol", choices=["builtin", "paper"], default="builtin",
-                   help="how answers are read and scored (default builtin; paper: the paper's TRACE/GSM8K scoring)")
-    p.add_argument("--out", help="write the scores as JSON here")
+                   help=f"{meaning('--protocol')} (default builtin)")
+    p.add_argument("--out", help=meaning("--out", "the scores as JSON"))
+    add_json_option(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("score", help="score predictions made elsewhere (vLLM, another harness) on a task's test "
                                      "split, with the same reading and metrics as `eval`")
-    p.add_argument("task", help="a TRACE task dir (its test.json), or with --format math a GSM8K-format test file")
+    p.add_argument("task_positional", nargs="?", metavar="TASK", help="the task (or --task TASK): a TRACE task dir "
+                   "(its test.json), or with --format math a GSM8K-format test file")
+    p.add_argument("--task", help=meaning("--task", "as the positional TASK"))
     p.add_argument("--predictions", required=True,
                    help='JSON Lines of {"prediction": ...} in test order, or a JSON list of strings')
-    p.add_argument("--format", choices=["trace", "math"], default="trace")
+    p.add_argument("--format", choices=["trace", "math"], default="trace", help=meaning("--format"))
     add_metric_option(p)
-    p.add_argument("--protocol", choices=["builtin", "paper"], default="builtin")
-    p.add_argument("--json", action="store_true", help="print one JSON object {metric: value}")
-    p.add_argument("--out", help="write one JSON line per test item (prompt, reference, prediction, answer, scores)")
+    p.add_argument("--protocol", choices=["builtin", "paper"], default="builtin",
+                   help=f"{meaning('--protocol')} (default builtin)")
+    add_json_option(p, "one JSON object {metric: value}")
+    p.add_argument("--out", help=meaning("--out", "one JSON line per test item (prompt, reference, prediction, "
+                                                  "answer, scores)"))
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("merge", help="merge fine-tuned models and/or LoRA adapters of one base into one model")
-    p.add_argument("--method", required=True, choices=get_args(MergeMethodName))
-    p.add_argument("--base", help="the base model dir (needed by all methods but a plain average of full models)")
-    p.add_argument("--models", nargs="+", required=True, help="model dirs and/or PEFT LoRA adapter dirs")
+    aliases = mergekit_aliases()
+    p.add_argument("--method", required=True, choices=[*get_args(MergeMethodName), *aliases], metavar="METHOD",
+                   help=meaning("--method", f"{', '.join(get_args(MergeMethodName))} (docs/methods.md); or mergekit's "
+                                f"name for one: {', '.join(f'{old} = {new}' for old, new in aliases.items())}"))
+    p.add_argument("--base", help=meaning("--base", "needed by all methods but a plain average of full models"))
+    p.add_argument("--models", nargs="+", required=True, help=meaning("--models"))
     p.add_argument("--weights", nargs="+", type=float, help="one positive weight per model (default: equal)")
-    p.add_argument("--density", type=float, help=f"ties: fraction of each task vector kept (default {merge.density})")
-    p.add_argument("--drop-rate", type=float,
-                   help=f"dare, ties-dare: probability of dropping (default {merge.drop_rate})")
-    p.add_argument("--lambda", dest="lam", type=float, help=f"scale of the merged task vector (default {merge.lam})")
-    add_merge_options(p)
+    add_merge_method_options(p)
     add_statistics_merge_options(p)
     p.add_argument("--statistics", nargs="+", metavar="DIR",
-                   help="regmean, fisher: one statistics dir per model, in the models' order (`knowstack statistics`)")
-    p.add_argument("--seed", type=int, default=0, help="dare, ties-dare, della: the random drops")
+                   help=meaning("--statistics", "regmean, fisher: one dir per model, in the models' order"))
+    p.add_argument("--seed", type=int, help=meaning("--seed", "the random drops of dare, ties-dare, della, "
+                                                              "della-linear (default 0)"))
     p.add_argument("--lora-space", choices=("delta", "factors"),
                    help="LoRA adapters: merge their deltas s*B@A (delta, the default) or their A and B apart as PEFT's "
                         "add_weighted_adapter does (factors: the paper's LoRA TIES / DARE-TIES; weights are PEFT's, "
                         "1 each by default)")
-    p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output shard")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help=f"{meaning('--max-shard-gb')} (default 5)")
     add_dtype_option(p, "the merged model's weights")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help=meaning("--out", "the merged model dir"))
+    add_json_option(p, "merge.json's record")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("statistics", help="statistics of a model's (or adapter's) training data for the regmean and "
                                           "fisher merges, shared instead of the data")
-    p.add_argument("model", help="a model dir (FFT) or a PEFT LoRA adapter dir (give --base)")
-    p.add_argument("--data", required=True, help="its training data: a TRACE-format file of prompt/answer items")
-    p.add_argument("--base", help="the base model dir, for an adapter")
+    p.add_argument("model_positional", nargs="?", metavar="MODEL",
+                   help="the model (or --model MODEL): a model dir (FFT) or a PEFT LoRA adapter dir (give --base)")
+    p.add_argument("--model", help=meaning("--model", "as the positional MODEL"))
+    data = p.add_argument("--train-data", help=meaning("--train-data", "one file, the model's (required)"))
+    add_deprecated(p, "--data", data)
+    p.add_argument("--base", help=meaning("--base", "for an adapter"))
     p.add_argument("--kind", nargs="+", choices=["gram", "fisher"], default=["gram", "fisher"],
                    help="gram: RegMean's input Gram matrices; fisher: the diagonal Fisher (default both)")
     p.add_argument("--examples", type=int, help=f"the first examples used (default {merge.statistics_examples})")
-    p.add_argument("--max-length", type=int, help="tokens per example, as training's max_length (default "
-                                                  f"{TrainingConfig().max_length})")
-    p.add_argument("--tokenizer", help="the tokenizer, where it is not the model's (or the base's, for an adapter)")
-    p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
-    p.add_argument("--out", required=True, help="the statistics dir to write")
+    p.add_argument("--max-length", type=int, help=meaning("--max-length", "as training's max_length (default "
+                                                                          f"{TrainingConfig().max_length})"))
+    p.add_argument("--tokenizer", help=meaning("--tokenizer", "or the base's, for an adapter"))
+    p.add_argument("--trust-remote-code", action="store_true", help=meaning("--trust-remote-code"))
+    p.add_argument("--out", required=True, help=meaning("--out", "the statistics dir"))
+    add_json_option(p)
     p.set_defaults(func=cmd_statistics)
 
     p = sub.add_parser("mix", help="mix fine-tuned models (FFT-MoE) or LoRA adapters (LoRA-MoE) of one base "
                                    "into a mixture of experts", formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="routers (--router):\n" + "\n".join(f"  {name:<12} {line}"
                                                                    for name, line in MOE_ROUTERS.items()))
-    p.add_argument("--base", required=True, help="the base model dir")
-    p.add_argument("--models", nargs="+", required=True, help="model dirs (FFT-MoE) or PEFT LoRA adapter dirs")
-    p.add_argument("--top-k", type=int, default=moe.top_k, help=f"experts per token (default {moe.top_k})")
+    p.add_argument("--base", required=True, help=meaning("--base"))
+    p.add_argument("--models", nargs="+", required=True, help=meaning("--models", "model dirs make an FFT-MoE, "
+                                                                                 "adapter dirs a LoRA-MoE"))
+    p.add_argument("--top-k", type=int, default=moe.top_k, help=f"{meaning('--top-k')} (default {moe.top_k})")
     p.add_argument("--layers", nargs="+", type=int, help="the layers to mix (default: all)")
     p.add_argument("--shared", choices=["base", "average"], default=moe.shared,
                    help="FFT-MoE: attention, norms and embeddings from the base or the models' average")
@@ -360,48 +391,58 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--attention", nargs="+", choices=["q_proj", "k_proj", "v_proj", "o_proj"],
                    help="FFT-MoE: these self-attention projections are experts too, each with its own router")
     p.add_argument("--router", choices=list(MOE_ROUTERS),
-                   help="router init (default: prompts if --prompts is given, else random); each is listed below")
+                   help=meaning("--router", "default: prompts if --prompts is given, else random; each is listed "
+                                            "below"))
     p.add_argument("--preset", choices=list(MOE_PRESETS),
-                   help="btx: Branch-Train-MiX (FFT-MoE, --shared average, a random router trained top-k with the "
-                        "load-balancing loss on --train-data, --train-steps default "
-                        f"{RouterTrainingConfig().steps})")
+                   help=meaning("--preset", "btx: Branch-Train-MiX (FFT-MoE, --shared average, a random router "
+                                "trained top-k with the load-balancing loss on --train-data, --router-steps default "
+                                f"{RouterTrainingConfig().steps})"))
     p.add_argument("--routing", choices=["layer", "module"],
                    help="LoRA-MoE: a router per layer, or per module reading the module's input (default: module "
                         "for arrow, layer otherwise)")
     p.add_argument("--temperature", type=float, help="the arrow router's softmax temperature (default 1)")
     p.add_argument("--prompts", nargs="+", help="one JSON/JSONL file of prompts per model, in order")
     p.add_argument("--prompts-per-expert", type=int, default=moe.prompts_per_expert,
-                   help=f"prompts used from each file (default {moe.prompts_per_expert})")
-    p.add_argument("--train-data", nargs="+", help="router training: TRACE-format files of prompt/answer items")
-    # --router-steps / --router-lr: the names `compose` gives the same settings
-    p.add_argument("--train-steps", "--router-steps", type=int, default=0,
-                   help="router training steps (default 0: none)")
-    p.add_argument("--train-lr", "--router-lr", type=float, default=routers.lr,
-                   help=f"router training's learning rate (default {routers.lr})")
-    p.add_argument("--train-batch-size", type=int, default=routers.batch_size, help=f"default {routers.batch_size}")
+                   help=f"{meaning('--prompts-per-expert')} (default {moe.prompts_per_expert})")
+    p.add_argument("--train-data", nargs="+", help=meaning("--train-data", "router training's"))
+    # config router_training.steps / lr / batch_size; the old --train-* names were also `compose`'s training's
+    add_deprecated(p, "--train-steps", p.add_argument("--router-steps", type=int, default=0,
+                                                      help=f"{meaning('--router-steps')} (default 0)"))
+    add_deprecated(p, "--train-lr", p.add_argument("--router-lr", type=float, default=routers.lr,
+                                                   help=f"{meaning('--router-lr')} (default {routers.lr})"))
+    add_deprecated(p, "--train-batch-size", p.add_argument(
+        "--router-batch-size", type=int, default=routers.batch_size,
+        help=f"router training's examples per optimizer step (default {routers.batch_size})"))
     p.add_argument("--aux-loss-coef", type=float, default=routers.aux_loss_coef,
                    help=f"weight of the load-balancing loss (default {routers.aux_loss_coef})")
-    p.add_argument("--seed", type=int, default=0, help="random routers and the training order")
-    p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output shard (FFT-MoE)")
+    p.add_argument("--seed", type=int, default=0, help=meaning("--seed", "random routers and the training order "
+                                                                          "(default 0)"))
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help=f"{meaning('--max-shard-gb')}: FFT-MoE (default 5)")
     add_dtype_option(p, "the mixture's weights (a LoRA-MoE's experts; auto: the adapters' own)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help=meaning("--out", "the mixture's dir"))
+    add_json_option(p, "moe.json's record")
     p.set_defaults(func=cmd_mix)
 
     p = sub.add_parser("gate", help="train the gates of your LoRA adapter on your data (PHATGOOSE), written into "
                                     "the adapter dir for `mix --router gates`")
-    p.add_argument("--base", required=True, help="the base model dir")
-    p.add_argument("--adapter", required=True, help="your PEFT LoRA adapter dir (the gates are written into it)")
-    p.add_argument("--train-data", nargs="+", required=True, help="TRACE-format files of prompt/answer items")
-    p.add_argument("--steps", type=int, help="default 100")
-    p.add_argument("--lr", type=float, help="default 1e-3")
-    p.add_argument("--batch-size", type=int, help="default 8")
-    p.add_argument("--max-length", type=int, help="default: the training recipe's")
-    p.add_argument("--seed", type=int, default=0)
+    gates = GateTrainingConfig()
+    p.add_argument("--base", required=True, help=meaning("--base"))
+    p.add_argument("--adapter", required=True, help=meaning("--adapter", "yours; the gates are written into it"))
+    p.add_argument("--train-data", nargs="+", required=True, help=meaning("--train-data", "the adapter's task's"))
+    p.add_argument("--steps", type=int, help=f"gate training's optimizer steps (config gate_training.steps; default "
+                                             f"{gates.steps})")
+    p.add_argument("--lr", type=float, help=f"{meaning('--lr')} (default {gates.lr})")
+    p.add_argument("--batch-size", type=int, help=f"{meaning('--batch-size')} (default {gates.batch_size})")
+    p.add_argument("--max-length", type=int, help=meaning("--max-length", "default: the training recipe's"))
+    p.add_argument("--seed", type=int, default=0, help=meaning("--seed", "the training order (default 0)"))
+    add_json_option(p)
     p.set_defaults(func=cmd_gate)
 
     p = sub.add_parser("build-world", help="build the built-in world (base model, tokenizer, tasks)")
-    p.add_argument("--preset", choices=["test", "quick", "full"], default="quick")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    p.add_argument("--preset", choices=["test", "quick", "full"], default="quick",
+                   help=meaning("--preset", "the world's size: test (seconds, for tests), quick (the demo's) or full "
+                                "(default quick)"))
+    p.add_argument("--seed", type=int, default=0, help=meaning("--seed", "the world's data and base model (default 0)"))
+    p.add_argument("--out", required=True, help=meaning("--out", "the world's dir"))
     p.set_defaults(func=cmd_build_world)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from knowstack.cli.vocabulary import MEANINGS, add_deprecated, meaning
 from knowstack.errors import KnowstackError
 
 
@@ -94,8 +95,15 @@ def model_from_args(model: type[BaseModel], values: dict[str, Any], *, prefix: s
 # report_to is a study's); LoRA's are --lora-r, --lora-alpha, ...
 TRAINING_OPTIONS = ("lr", "schedule", "warmup_steps", "epochs", "max_steps", "batch_size", "micro_batch_size",
                     "max_length", "weight_decay", "max_grad_norm", "pack")
-TRAINING_HELP = {"lr": "learning rate (default 2e-05, the paper's)", "batch_size": "examples per optimizer step",
-                 "micro_batch_size": "examples per forward pass", "max_length": "tokens per example"}
+TRAINING_HELP = {"lr": f"{MEANINGS['--lr']} (default 2e-05, the paper's)", "batch_size": MEANINGS["--batch-size"],
+                 "micro_batch_size": MEANINGS["--micro-batch-size"], "max_length": MEANINGS["--max-length"],
+                 "epochs": MEANINGS["--epochs"], "schedule": "the learning rate's schedule after warmup",
+                 "warmup_steps": "optimizer steps of linear warmup", "max_steps": "stop after this many optimizer "
+                 "steps (default: all of --epochs)", "weight_decay": "AdamW's weight decay",
+                 "max_grad_norm": "gradients clipped to this norm", "pack": "pack several examples into one "
+                 "sequence of --max-length tokens"}
+LORA_HELP = {"r": MEANINGS["--lora-r"], "alpha": MEANINGS["--lora-alpha"], "dropout": "LoRA's dropout",
+             "target_modules": "the modules LoRA adapts (names of linear layers)"}
 
 
 def add_training_options(parser: Any, *, only: tuple[str, ...] = TRAINING_OPTIONS) -> None:
@@ -103,7 +111,7 @@ def add_training_options(parser: Any, *, only: tuple[str, ...] = TRAINING_OPTION
     from knowstack.config import LoraConfig, TrainingConfig
 
     add_model_options(parser, TrainingConfig, only=only, helps=TRAINING_HELP)
-    add_model_options(parser, LoraConfig, prefix="lora_")
+    add_model_options(parser, LoraConfig, prefix="lora_", helps=LORA_HELP)
 
 
 def training_from_args(args: argparse.Namespace, **fixed: Any):  # -> TrainingConfig
@@ -119,22 +127,28 @@ def training_from_args(args: argparse.Namespace, **fixed: Any):  # -> TrainingCo
 # The settings of the merge methods beyond TIES and DARE (`knowstack merge` and `compose`), with MergeConfig's
 # defaults and checks.
 MERGE_ONLY_OPTIONS = ("t", "gamma", "epsilon", "max_iter", "tol")
-MERGE_HELP = {"t": "slerp: the position between the two models", "gamma": "breadcrumbs: fraction of the "
-              "largest-magnitude entries dropped", "epsilon": "della: keep probabilities spread over density +- "
-              "epsilon", "max_iter": "karcher: iterations", "tol": "karcher: convergence tolerance"}
+MERGE_HELP = {name: MEANINGS[_flag("", name)] for name in MERGE_ONLY_OPTIONS}
 
 
-def add_merge_options(parser: Any) -> None:
+def add_merge_method_options(parser: Any) -> None:
+    """The merge methods' options (`knowstack merge` and `compose`), each read by the methods that declare it
+    (combine/merges/): density, drop rate, lambda, then the other methods' own."""
     from knowstack.config import MergeConfig
 
+    declared = MergeConfig()
+    parser.add_argument("--density", type=float, help=meaning(
+        "--density", f"the TIES, breadcrumbs and DELLA methods (default {declared.density}); for DARE (dare, "
+                     "ties-dare) what mergekit and PEFT mean by it, 1 - --drop-rate"))
+    parser.add_argument("--drop-rate", type=float, help=f"{meaning('--drop-rate')}: dare, ties-dare (default "
+                                                        f"{declared.drop_rate})")
+    parser.add_argument("--lambda", dest="lam", type=float, help=f"{meaning('--lambda')} (default {declared.lam})")
     add_model_options(parser, MergeConfig, only=MERGE_ONLY_OPTIONS, helps=MERGE_HELP)
 
 
 # The settings of the merges that read statistics of each model's data (`knowstack merge` only: a registry stores no
 # statistics yet), with MergeConfig's defaults and checks.
 STATISTICS_MERGE_OPTIONS = ("regmean_alpha", "fisher_floor")
-STATISTICS_MERGE_HELP = {"regmean_alpha": "regmean: factor on the off-diagonal entries of each Gram matrix (1: the "
-                         "exact least-squares merge)", "fisher_floor": "fisher: added to every Fisher entry"}
+STATISTICS_MERGE_HELP = {name: MEANINGS[_flag("", name)] for name in STATISTICS_MERGE_OPTIONS}
 
 
 def add_statistics_merge_options(parser: Any) -> None:
@@ -148,4 +162,24 @@ def add_dtype_option(parser: Any, what: str) -> None:
     from knowstack.modelio import DTYPE_CHOICES
 
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                        help=f"dtype of {what} (default auto: the base's)")
+                        help=meaning("--dtype", f"{what} (default auto: the base's)"))
+
+
+def add_eval_batch_size(parser: Any, default: int = 32, *, old_name: bool = True) -> None:
+    """--eval-batch-size (an evaluation's batch); --batch-size, its old name in the commands that do not train."""
+    option = parser.add_argument("--eval-batch-size", type=int, default=default,
+                                 help=f"{meaning('--eval-batch-size')} (default {default})")
+    if old_name:
+        add_deprecated(parser, "--batch-size", option)
+
+
+def add_json_option(parser: Any, what: str = "") -> None:
+    """--json: the command's results as JSON on stdout (text by default)."""
+    parser.add_argument("--json", action="store_true", help=meaning("--json", what))
+
+
+def print_result(args: argparse.Namespace, result: Any, text: str) -> None:
+    """A command's results on stdout: `text`, or with --json the result as one JSON object."""
+    import json
+
+    print(json.dumps(result) if getattr(args, "json", False) else text)

@@ -11,7 +11,14 @@ from knowstack.cli.common import console
 from knowstack.cli.common import percent as _percent  # the names _add_compose_args uses
 from knowstack.cli.common import points as _points
 from knowstack.cli.metric import add_metric_option, metric_problems
-from knowstack.cli.options import add_merge_options, add_statistics_merge_options
+from knowstack.cli.options import (
+    add_eval_batch_size,
+    add_json_option,
+    add_merge_method_options,
+    add_statistics_merge_options,
+    print_result,
+)
+from knowstack.cli.vocabulary import add_deprecated, meaning
 from knowstack.config import MOE_ROUTERS
 from knowstack.errors import KnowstackError
 
@@ -19,17 +26,21 @@ from knowstack.errors import KnowstackError
 def cmd_registry_init(args: argparse.Namespace) -> None:
     from knowstack import api
 
-    if args.include_path and not args.old_knowledge:
-        raise KnowstackError("--include-path is where --old-knowledge tasks live: give the tasks too")
+    if args.include_path and not args.old_tasks:
+        raise KnowstackError("--include-path is where --old-tasks tasks live: give the tasks too")
     from knowstack.validate import check_model_dir, check_old_tasks, raise_problems
 
     problems = check_model_dir(args.base)
-    if args.old_knowledge:
-        problems += check_old_tasks(args.old_knowledge, args.include_path, field="--old-knowledge",
+    if args.old_tasks:
+        problems += check_old_tasks(args.old_tasks, args.include_path, field="--old-tasks",
                                     include_field="--include-path")
     raise_problems(problems)
-    base = api.init_registry(args.registry, args.base, old_tasks=args.old_knowledge or (),
-                             include_path=args.include_path, batch_size=args.batch_size, limit=args.limit)
+    base = api.init_registry(args.registry, args.base, old_tasks=args.old_tasks or (),
+                             include_path=args.include_path, eval_batch_size=args.eval_batch_size,
+                             limit=args.limit)
+    if args.json:
+        print(json.dumps(base))
+        return
     for score in base["scores"]:
         print(f"old knowledge: {score['task']} {score['metric']} = {score['value']:.4f}")
     from knowstack.registry.core import is_url
@@ -89,12 +100,13 @@ def cmd_contribute(args: argparse.Namespace) -> None:
     raise_problems(problems)
     record = api.contribute(args.registry, args.name, task=args.task, adapter=args.adapter, model=args.model,
                             metric=args.metric, keep_data=args.keep_data, task_format=args.format,
-                            author=args.author, training_config=args.training_config, batch_size=args.batch_size,
+                            author=args.author, training_config=args.training_config,
+                            eval_batch_size=args.eval_batch_size,
                             statistics=args.statistics)
     score = next(s for s in record["scores"] if s["kind"] == "new")
-    print(f"contributed: {record['name']} ({record['kind']}, {record['content_hash'][:12]}) "
-          f"{record['task']} {score['metric']} = {score['value']:.4f} (metric from "
-          f"{record['settings']['metric_source']})")
+    print_result(args, record, f"contributed: {record['name']} ({record['kind']}, {record['content_hash'][:12]}) "
+                               f"{record['task']} {score['metric']} = {score['value']:.4f} (metric from "
+                               f"{record['settings']['metric_source']})")
 
 
 def cmd_compose(args: argparse.Namespace) -> None:
@@ -107,10 +119,13 @@ def cmd_compose(args: argparse.Namespace) -> None:
     if args.num_processes > 1 or args.accelerate_config:
         launch = LaunchSpec(args.num_processes, args.accelerate_config, args.cpu, args.mixed_precision)
     record = compose(args.registry, args.method, contributions=args.contributions, start=args.start, name=args.name,
-                     options=options_from(vars(args)), gate_old=args.gate_old, gate_task=args.gate_task,
+                     options=options_from(vars(args), args.method), gate_old=args.gate_old, gate_task=args.gate_task,
                      gate_task_points=args.gate_task_points,
-                     author=args.author, batch_size=args.batch_size, launch=launch,
+                     author=args.author, batch_size=args.eval_batch_size, launch=launch,
                      say=lambda message: console.print(f"compose: {message}", highlight=False))
+    if args.json:
+        print(json.dumps(record))
+        return
     gate = record["settings"]["gate"]
     for failure in gate["failed"]:
         print(f"gate: {failure}")
@@ -124,7 +139,7 @@ def cmd_log(args: argparse.Namespace) -> None:
     from knowstack.registry.history import format_log
 
     with api.open_registry(args.registry) as reg:
-        print(format_log(reg))
+        print(json.dumps(reg.versions()) if args.json else format_log(reg))
         if args.plot:
             from knowstack.registry.plot import plot_versions
 
@@ -152,23 +167,37 @@ def cmd_export(args: argparse.Namespace) -> None:
     from knowstack import api
 
     info = api.export(args.registry, args.version, args.out, with_base=args.with_base)
-    print(f"exported {info['version']} ({info['kind']}, {info['method']}) to {Path(args.out).resolve()}\n"
-          f"load: {info['load']}")
+    print_result(args, info, f"exported {info['version']} ({info['kind']}, {info['method']}) to "
+                             f"{Path(args.out).resolve()}\nload: {info['load']}")
+
+
+class _NowTraining(argparse._StoreAction):
+    """compose's --batch-size, the evaluation's batch before it meant what it means everywhere (training's)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if option_string == "--batch-size":
+            console.print("note: compose's --batch-size is training's examples per optimizer step, as in `knowstack "
+                          "train`; the evaluation's batch is --eval-batch-size", highlight=False)
+        setattr(namespace, self.dest, values)
+
+
+REGISTRY_HELP = "the registry: its dir or URL"
 
 
 def _add_compose_args(p: argparse.ArgumentParser) -> None:
     from knowstack.registry.compose import METHODS, ComposeOptions
 
     d = ComposeOptions()
-    p.add_argument("registry")
+    p.add_argument("registry", help=REGISTRY_HELP)
     p.add_argument("--method", required=True, choices=list(METHODS),
-                   help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
+                   help=meaning("--method", "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())))
     p.add_argument("--contributions", nargs="+", metavar="NAME", help="the contributions to compose, in order "
                                                                        "(default: all, in the order contributed)")
     p.add_argument("--from", dest="start", metavar="VERSION",
                    help="build on this released version: merges take it as one more input, training methods start "
                         "from it (the previous release plus the new contributions)")
-    p.add_argument("--name", help="the new version's name (default: v1, v2, ...)")
+    p.add_argument("--name", help=meaning("--name", "the new version's (default: v1, v2, ...)"))
     p.add_argument("--gate-old", type=_percent, default=2.0, metavar="PCT",
                    help="reject if old-knowledge AVE falls more than this below the base or the previous release "
                         "(default 2%%)")
@@ -178,42 +207,46 @@ def _add_compose_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate-task-points", type=_points, default=0.0, metavar="POINTS",
                    help="also allow each task to fall this many score points (e.g. 0.02), whichever allowance is "
                         "larger: a task scored near zero would otherwise fail on one example (default 0)")
-    p.add_argument("--author")
-    p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
-    g = p.add_argument_group("merge-* options")
-    g.add_argument("--density", type=float, help=f"TIES: fraction of each task vector kept (default {d.density})")
-    g.add_argument("--drop-rate", type=float, help=f"DARE: drop probability (default {d.drop_rate})")
-    g.add_argument("--lambda", dest="lam", type=float, help=f"scale of the merged task vector (default {d.lam})")
-    add_merge_options(g)
+    p.add_argument("--author", help=meaning("--author"))
+    add_eval_batch_size(p, old_name=False)  # compose trains too: its --batch-size is training's
+    add_json_option(p, "the new version's record")
+    g = p.add_argument_group("merge-* options (each method reads its own: docs/methods.md)")
+    add_merge_method_options(g)
     add_statistics_merge_options(g)
     g = p.add_argument_group("moe-* options")
-    g.add_argument("--top-k", type=int, help=f"experts per token (default {d.top_k})")
+    g.add_argument("--top-k", type=int, help=f"{meaning('--top-k')} (default {d.top_k})")
     g.add_argument("--router", choices=list(MOE_ROUTERS),
-                   help=f"router init (default {d.router}: from each task's eval prompts; every router: knowstack mix "
-                        "--help)")
-    g.add_argument("--prompts-per-expert", type=int, help=f"default {d.prompts_per_expert}")
-    g.add_argument("--router-steps", type=int, help="router-only training steps on the kept training data "
-                                                     f"(default {d.router_steps})")
-    g.add_argument("--router-lr", type=float, help=f"default {d.router_lr}")
+                   help=meaning("--router", f"default {d.router}: from each task's eval prompts; every router: "
+                                            "knowstack mix --help"))
+    g.add_argument("--prompts-per-expert", type=int,
+                   help=f"{meaning('--prompts-per-expert')}: each task's eval prompts (default {d.prompts_per_expert})")
+    g.add_argument("--router-steps", type=int, help=f"{meaning('--router-steps')}: on the kept training data "
+                                                    f"(default {d.router_steps})")
+    g.add_argument("--router-lr", type=float, help=f"{meaning('--router-lr')} (default {d.router_lr})")
     g = p.add_argument_group("training options (sequential, olora, replay, joint)")
-    g.add_argument("--finetune", choices=["lora", "fft"], help=f"default {d.finetune}")
-    g.add_argument("--lr", type=float, help=f"constant learning rate (default {d.lr})")
-    g.add_argument("--epochs", type=float, help=f"default {d.epochs}")
-    g.add_argument("--train-batch-size", dest="train_batch_size", type=int,
-                   help=f"examples per optimizer step (default {d.train_batch_size})")
-    g.add_argument("--micro-batch-size", type=int, help=f"default {d.micro_batch_size}")
-    g.add_argument("--max-length", type=int, help=f"default {d.max_length}")
-    g.add_argument("--lora-r", type=int, help=f"default {d.lora_r}")
-    g.add_argument("--lora-alpha", type=float, help=f"default {d.lora_alpha}")
-    g.add_argument("--olora-lambda", type=float, help=f"default {d.olora_lambda}")
-    g.add_argument("--replay-fraction", type=float, help=f"default {d.replay_fraction}")
-    g.add_argument("--joint-sampling", choices=["uniform", "proportional"], help=f"default {d.joint_sampling}")
-    p.add_argument("--seed", type=int, help=f"DARE drops, random routers, training order (default {d.seed})")
+    g.add_argument("--finetune", choices=["lora", "fft"], help=f"{meaning('--finetune')} (default {d.finetune})")
+    g.add_argument("--lr", type=float, help=meaning("--lr", f"constant (default {d.lr})"))
+    g.add_argument("--epochs", type=float, help=f"{meaning('--epochs')} (default {d.epochs})")
+    # --batch-size was the evaluation's batch until the vocabulary was made one: say so where it is given
+    add_deprecated(g, "--train-batch-size", g.add_argument(
+        "--batch-size", dest="train_batch_size", type=int, action=_NowTraining,
+        help=f"{meaning('--batch-size')} (default {d.train_batch_size}; the evaluation's: --eval-batch-size)"))
+    g.add_argument("--micro-batch-size", type=int, help=f"{meaning('--micro-batch-size')} (default {d.micro_batch_size})")
+    g.add_argument("--max-length", type=int, help=f"{meaning('--max-length')} (default {d.max_length})")
+    g.add_argument("--lora-r", type=int, help=f"{meaning('--lora-r')} (default {d.lora_r})")
+    g.add_argument("--lora-alpha", type=float, help=f"{meaning('--lora-alpha')} (default {d.lora_alpha})")
+    g.add_argument("--olora-lambda", type=float, help=f"{meaning('--olora-lambda')} (default {d.olora_lambda})")
+    g.add_argument("--replay-fraction", type=float, help=f"{meaning('--replay-fraction')} (default {d.replay_fraction})")
+    g.add_argument("--joint-sampling", choices=["uniform", "proportional"],
+                   help=f"joint: how the tasks' examples are drawn (default {d.joint_sampling})")
+    p.add_argument("--seed", type=int, help=meaning("--seed", f"DARE drops, random routers, training order (default "
+                                                              f"{d.seed})"))
     g = p.add_argument_group("launching training (and router training) as accelerate launch of N processes")
     g.add_argument("--num-processes", type=int, default=1, help="processes (default 1: in this process)")
     g.add_argument("--accelerate-config", help="ddp, fsdp, deepspeed-zero2, deepspeed-zero3 or a config file")
     g.add_argument("--cpu", action="store_true", help="processes on the CPU (gloo), e.g. to test without GPUs")
-    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
+                   help="accelerate's mixed precision (default: the accelerate config's)")
 
 
 
@@ -224,51 +257,57 @@ def add_commands(sub: Any) -> None:
     r.add_argument("registry", help="the registry to create: a new or empty dir, or a URL fsspec reaches "
                                     "(s3://bucket/reg, gs://..., file:///shared/reg; its objects are cached "
                                     "under $KNOWSTACK_CACHE)")
-    r.add_argument("--base", required=True, help="the base model: a local HF model dir with safetensors weights")
-    r.add_argument("--old-knowledge", nargs="+", metavar="TASK", help="lm-eval tasks to score the base on")
-    r.add_argument("--include-path", help="a dir of lm-eval task YAMLs (the built-in world's: WORLD/old_knowledge)")
-    r.add_argument("--batch-size", type=int, default=32)
-    r.add_argument("--limit", type=int, help="at most this many examples per old-knowledge task")
+    r.add_argument("--base", required=True, help=meaning("--base", "a local HF model dir with safetensors weights"))
+    add_deprecated(r, "--old-knowledge", r.add_argument("--old-tasks", nargs="+", metavar="TASK",
+                                                        help=meaning("--old-tasks", "the base is scored on them")))
+    r.add_argument("--include-path", help=meaning("--include-path", "the built-in world's: WORLD/old_knowledge"))
+    add_eval_batch_size(r)
+    r.add_argument("--limit", type=int, help=meaning("--limit"))
+    add_json_option(r, "the base's record")
     r.set_defaults(func=cmd_registry_init)
     r = registry.add_parser("list", help="the base and the contributions, with their scores")
-    r.add_argument("registry")
-    r.add_argument("--json", action="store_true", help="every record as JSON")
+    r.add_argument("registry", help=REGISTRY_HELP)
+    add_json_option(r, "every record")
     r.set_defaults(func=cmd_registry_list)
     r = registry.add_parser("verify", help="re-hash the objects of all (or the named) versions")
-    r.add_argument("registry")
+    r.add_argument("registry", help=REGISTRY_HELP)
     r.add_argument("names", nargs="*", help="versions to check (default: all)")
     r.set_defaults(func=cmd_registry_verify)
     r = registry.add_parser("gc", help="delete stored files no record points to (from failed contributions)")
-    r.add_argument("registry")
+    r.add_argument("registry", help=REGISTRY_HELP)
     r.add_argument("--grace-hours", type=float, default=1.0,
                    help="keep files younger than this: a contribution in progress has not recorded them yet "
                         "(default 1)")
-    r.add_argument("--dry-run", action="store_true", help="list what would be removed")
+    r.add_argument("--dry-run", action="store_true", help=meaning("--dry-run", "list what would be removed"))
     r.set_defaults(func=cmd_registry_gc)
     r = registry.add_parser("report", help="one self-contained HTML page: lineage, the learn/forget plane, every "
                                            "version's scores against the base and the specialists, every gate check")
-    r.add_argument("registry")
-    r.add_argument("--out", required=True, help="the dir to write registry.html into")
+    r.add_argument("registry", help=REGISTRY_HELP)
+    r.add_argument("--out", required=True, help=meaning("--out", "the dir of registry.html"))
     r.set_defaults(func=cmd_registry_report)
 
     p = sub.add_parser("contribute", help="add a LoRA adapter or fine-tuned model of the registry's base, "
                                           "scored on its own task")
-    p.add_argument("registry")
-    p.add_argument("--name", required=True, help="a unique name: letters, digits, '_', '.', '-' (at most 64)")
+    p.add_argument("registry", help=REGISTRY_HELP)
+    p.add_argument("--name", required=True, help=meaning("--name", "the contribution's, unique: letters, digits, "
+                                                                   "'_', '.', '-' (at most 64)"))
     weights = p.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--adapter", help="a PEFT LoRA adapter dir (adapter_model.safetensors)")
-    weights.add_argument("--model", help="a fine-tuned model dir (safetensors weights)")
-    p.add_argument("--task", required=True, help="its task: a TRACE-layout dir (test.json, eval.json, train.json)")
+    weights.add_argument("--adapter", help=meaning("--adapter", "the contribution (adapter_model.safetensors)"))
+    weights.add_argument("--model", help=meaning("--model", "the contribution: a fine-tuned model (safetensors "
+                                                            "weights)"))
+    p.add_argument("--task", required=True, help=meaning("--task", "the contribution's"))
     add_metric_option(p)
     p.add_argument("--format", choices=["trace", "math"], default="trace",
-                   help="math: MetaMathQA-format train.json, GSM8K-format eval/test (scored by the math metric)")
+                   help=meaning("--format", "math: MetaMathQA-format train.json, GSM8K-format eval/test (scored by "
+                                            "the math metric)"))
     p.add_argument("--keep-data", action="store_true", help="also store the task's train split (default: only "
                                                              "eval and test)")
-    p.add_argument("--author")
+    p.add_argument("--author", help=meaning("--author"))
     p.add_argument("--training-config", help="a file of the training settings, stored as given")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--statistics", metavar="DIR", help="its statistics on its own training data (`knowstack "
-                                                       "statistics`), for compose merge-regmean / merge-fisher")
+    add_eval_batch_size(p)
+    p.add_argument("--statistics", metavar="DIR", help=meaning("--statistics", "the contribution's own, for compose "
+                                                                               "merge-regmean / merge-fisher"))
+    add_json_option(p, "the contribution's record")
     p.set_defaults(func=cmd_contribute)
 
     p = sub.add_parser("compose", help="build the registry's next version from contributions by one method, "
@@ -276,22 +315,24 @@ def add_commands(sub: Any) -> None:
     _add_compose_args(p)
     p.set_defaults(func=cmd_compose)
     p = sub.add_parser("log", help="the registry's versions, newest first: lineage, method, key scores, gate")
-    p.add_argument("registry")
+    p.add_argument("registry", help=REGISTRY_HELP)
     p.add_argument("--plot", metavar="PNG", help="also draw the versions on the learn/forget plane into this PNG")
+    add_json_option(p, "every version's record")
     p.set_defaults(func=cmd_log)
     p = sub.add_parser("show", help="one version in full: settings, gate checks, every score")
-    p.add_argument("registry")
-    p.add_argument("version")
-    p.add_argument("--json", action="store_true", help="the record as JSON")
+    p.add_argument("registry", help=REGISTRY_HELP)
+    p.add_argument("version", help="the version's name (or the base's, base)")
+    add_json_option(p, "the version's record")
     p.set_defaults(func=cmd_show)
     p = sub.add_parser("diff", help="two versions task by task")
-    p.add_argument("registry")
-    p.add_argument("first")
-    p.add_argument("second")
+    p.add_argument("registry", help=REGISTRY_HELP)
+    p.add_argument("first", help="a version's name (or base)")
+    p.add_argument("second", help="another version's name")
     p.set_defaults(func=cmd_diff)
     p = sub.add_parser("export", help="a version as a plain HF model dir or PEFT / LoRA-MoE dir")
-    p.add_argument("registry")
-    p.add_argument("version")
-    p.add_argument("--out", required=True, help="a new dir")
+    p.add_argument("registry", help=REGISTRY_HELP)
+    p.add_argument("version", help="the version's name")
+    p.add_argument("--out", required=True, help=meaning("--out", "a new dir"))
     p.add_argument("--with-base", action="store_true", help="adapters: copy the base model into OUT/base too")
+    add_json_option(p, "what was exported and how to load it")
     p.set_defaults(func=cmd_export)

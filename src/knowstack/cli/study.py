@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from knowstack.cli.common import console, percent
+from knowstack.cli.vocabulary import meaning
 from knowstack.errors import KnowstackError
 
 CONFIG_DIR = Path(__file__).parent.parent / "configs"
@@ -72,10 +73,10 @@ def cmd_advise(args: argparse.Namespace) -> None:
 
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("study", help="run a study from a YAML config (resumes where it stopped)")
-    p.add_argument("config")
-    p.add_argument("--out", required=True, help="the study dir (artifacts, results.csv, report.html)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the plan, which steps are done, and each step's estimated GPU memory and GPUs")
+    p.add_argument("config", help="the study's YAML config (docs/config.md)")
+    p.add_argument("--out", required=True, help=meaning("--out", "the study dir (artifacts, results.csv, report.html)"))
+    p.add_argument("--dry-run", action="store_true", help=meaning(
+        "--dry-run", "print the plan, which steps are done, and each step's estimated GPU memory and GPUs"))
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="where steps run: here in plan order (local), or as Ray tasks, each ready step at once (ray)")
     p.add_argument("--address", help="ray: the cluster to join ('auto', 'HOST:6379', 'ray://HOST:10001'); "
@@ -90,19 +91,20 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("demo", help="the quick built-in study (configs/builtin-quick.yaml)")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default="runs/demo", help=meaning("--out", "the study dir (default runs/demo)"))
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("report", help="write a study dir's report (report.html, report.md, figures/, tables/) "
                                       "from its results; a study still running reports what has finished")
-    p.add_argument("dir")
+    p.add_argument("dir", help="the study dir")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("advise", help="which method to use: the measured setting that learns the most within a "
                                       "limit on old-knowledge loss")
     p.add_argument("dir", help="a study dir, or a registry (advice for its next version, from its history)")
     p.add_argument("--max-old-loss", type=percent, default=2.0,
-                   help="how far old knowledge (AVE) may fall below the base's, in percent (default 2%%)")
+                   help="how far old knowledge (AVE) may fall below the base's, in percent: 2%% (a bare number "
+                        "below 1 is refused as ambiguous; default 2%%)")
     p.add_argument("--setting", choices=["semi", "full"],
                    help="semi: the contributors share models only; full: their training data too (default: semi; "
                         "a registry: full when every contribution kept its data)")

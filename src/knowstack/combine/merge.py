@@ -61,6 +61,7 @@ def merge_models(
     models' order (combine/statistics.py). dtype: the output's floating tensors' (modelio.DTYPE_CHOICES; "auto":
     each as the base's)."""
     chosen = get_method(method)
+    method = chosen.name  # mergekit's name (`linear`) is an alias of the method's own
     cast = output_dtype(dtype)
     options = options or MergeOptions()
     inputs = [open_input(path) for path in models]
@@ -110,15 +111,14 @@ def merge_models(
         record = {
             "method": method, "base": str(base) if base is not None else None,
             "models": [str(m.path) for m in inputs], "kinds": [m.kind for m in inputs],
-            "weights": weight_tensor.tolist(), "density": options.density, "drop_rate": options.drop_rate,
-            "lambda": options.lam, "seed": seed, "adapter": ADAPTER_DIR if adapter else None,
+            "weights": weight_tensor.tolist(), "adapter": ADAPTER_DIR if adapter else None,
             "lora_space": options.lora_space if any(isinstance(m, LoraAdapter) for m in inputs) else None,
             "dtype": dtype_name(written),
         }
         if contributed is not None:
             record["statistics"] = [str(stats.path) for stats in contributed]
-        # the settings of the other methods, where this method reads them
-        record.update({name: options.value(name) for name in chosen.options if name not in (*record, "seed")})
+        # the settings this method reads, and only those (an option it does not read would look as if it counted)
+        record.update({name: seed if name == "seed" else options.value(name) for name in chosen.options})
         atomic_write_json(tmp / MERGE_FILE, record)
         _write_cards(tmp, method, base, [m.path for m in inputs], record)
     return out

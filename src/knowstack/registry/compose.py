@@ -600,8 +600,34 @@ def _gated_version(reg: Registry, name: str, spec: Method, settings: dict[str, A
         status="released" if gate["passed"] else "rejected")
 
 
-def options_from(values: dict[str, Any]) -> ComposeOptions:
-    """ComposeOptions from a mapping that may hold other keys too (e.g. parsed CLI arguments)."""
+def options_from(values: dict[str, Any], method: str | None = None) -> ComposeOptions:
+    """ComposeOptions from a mapping that may hold other keys too (e.g. parsed CLI arguments). With `method`, each
+    option given (not None) must be one the method reads (its knobs), or one error names the ones it reads; a merge's
+    `density` given to DARE is mergekit's and PEFT's fraction kept (combine/merges/ MergeMethod.options_from)."""
     known = {f.name for f in fields(ComposeOptions)}
-    return ComposeOptions(**{k: v for k, v in values.items() if k in known and v is not None})
+    given = {k: v for k, v in values.items() if k in known and v is not None}
+    if method is not None and method in METHODS:
+        given = _read_by(METHODS[method], given)
+    return ComposeOptions(**given)
+
+
+def _read_by(method: Method, given: dict[str, Any]) -> dict[str, Any]:
+    """The given options, each one `method` reads; DARE's density as drop_rate."""
+    from knowstack.combine.merges import MergeOptions, get_method, option_flag
+
+    merge = method.name.removeprefix(f"{method.catalog}-") if method.catalog in ("merge", "continual-merge") else None
+    if merge is not None and "density" in given:
+        merge_names = {f.name for f in fields(MergeOptions)}
+        checked = get_method(merge).options_from({k: v for k, v in given.items() if k in merge_names})
+        given = {**{k: v for k, v in given.items() if k not in merge_names},
+                 **{k: getattr(checked, k) for k in method.knobs if k in merge_names}}
+    unread = [name for name in given if name not in method.knobs]
+    if unread:
+        def spell(name: str) -> str:
+            return option_flag({"lam": "lambda", "train_batch_size": "batch_size"}.get(name, name))
+
+        reads = ", ".join(spell(knob) for knob in method.knobs if knob != "router_examples_per_task") or "no options"
+        raise KnowstackError(f"'{method.name}' does not read {', '.join(map(spell, unread))}: it reads {reads}",
+                             field=spell(unread[0]))
+    return given
 

@@ -41,7 +41,16 @@ from knowstack.combine.merges import (  # noqa: F401  (each module registers its
     ties,
     ties_dare,
 )
-from knowstack.combine.merges.base import METHODS, MergeFn, MergeMethod, MergeOptions, get_method, register
+from knowstack.combine.merges.base import (
+    METHODS,
+    MergeFn,
+    MergeMethod,
+    MergeOptions,
+    get_method,
+    mergekit_aliases,
+    option_flag,
+    register,
+)
 from knowstack.config import MergeMethodName
 
 # in config.py's order (a method the config does not name fails here, loudly): the order of the compose variants
@@ -51,4 +60,5 @@ for _name in sorted(METHODS, key=get_args(MergeMethodName).index):
 # The settings each method reads: only these are part of its merge step's key (study/methods/merge.py).
 MERGE_METHOD_OPTIONS: dict[str, tuple[str, ...]] = {name: method.options for name, method in METHODS.items()}
 
-__all__ = ["METHODS", "MERGE_METHOD_OPTIONS", "MergeFn", "MergeMethod", "MergeOptions", "get_method", "register"]
+__all__ = ["METHODS", "MERGE_METHOD_OPTIONS", "MergeFn", "MergeMethod", "MergeOptions", "get_method",
+           "mergekit_aliases", "option_flag", "register"]

@@ -16,7 +16,8 @@ def coefficients(weights: list[float], opts: MergeOptions) -> list[float]:
     return [w / sum(weights) for w in weights]
 
 
-@register("average", options=(), summary="the plain average of the contributions (models and/or adapters)",
+@register("average", mergekit="linear", options=(),
+          summary="the plain average of the contributions (models and/or adapters)",
           uses_base=False, coefficients=coefficients)
 def average(tensors: list[Tensor], weights: Tensor, opts: MergeOptions, generator: torch.Generator | None) -> Tensor:
     from knowstack.combine.merges.blocks import weighted_mean

@@ -101,6 +101,8 @@ class MergeMethod:
     check: Callable[[MergeOptions], None] | None  # options this method cannot run with, beyond each one's range
     # the statistics of each model's data it reads (combine/statistics.py: "gram" or "fisher"); None: no data
     statistics: str | None = None
+    # mergekit's name for the same method (accepted as an alias where it differs; docs/methods.md has both)
+    mergekit: str | None = None
 
     def check_inputs(self, n: int, weights: Sequence[float] | None = None) -> None:
         """One clear error for a number of models or weights this method does not take."""
@@ -117,25 +119,61 @@ class MergeMethod:
         if self.check is not None:
             self.check(options)
 
+    def options_from(self, given: dict[str, Any]) -> MergeOptions:
+        """The options a user gave (config names, `lam` or `lambda`; `seed` too), each one this method reads, or one
+        error naming the ones it reads: an option no method step would read is a mistake, not a no-op. `density`
+        given to a method that reads `drop_rate` (DARE) is mergekit's and PEFT's density, the fraction kept:
+        drop_rate = 1 - density (both given, they must agree)."""
+        given = {("lambda" if name == "lam" else name): value for name, value in given.items()}
+        if "density" in given and "density" not in self.options and "drop_rate" in self.options:
+            drop_rate = round(1 - given.pop("density"), 12)
+            if "drop_rate" in given and abs(given["drop_rate"] - drop_rate) > 1e-9:
+                raise KnowstackError(f"'{self.name}' keeps a fraction density = 1 - drop_rate of each task vector: "
+                                     f"density {1 - drop_rate:g} and drop_rate {given['drop_rate']:g} contradict "
+                                     "each other; give one of them", field="density")
+            given["drop_rate"] = drop_rate
+        # lora_space is how LoRA inputs are merged, not a knob of the method (merge_models checks it)
+        unread = [name for name in given if name not in self.options and name != "lora_space"]
+        if unread:
+            reads = ", ".join(option_flag(name) for name in self.options) or "no options"
+            raise KnowstackError(f"'{self.name}' does not read {', '.join(map(option_flag, unread))}: it reads "
+                                 f"{reads}", field=unread[0])
+        given.pop("seed", None)
+        return MergeOptions.from_settings(given)
+
 
 METHODS: dict[str, MergeMethod] = {}
+
+
+def option_flag(name: str) -> str:
+    """An option as `knowstack merge` spells it (config name `drop_rate`: --drop-rate)."""
+    return "--" + name.replace("_", "-")
 
 
 def register(name: str, *, options: tuple[str, ...], summary: str, uses_base: bool = True, weighted: bool = True,
              models: tuple[int, int | None] = (1, None), coefficients: Coefficients | None = None,
              check: Callable[[MergeOptions], None] | None = None,
-             statistics: str | None = None) -> Callable[[MergeFn], MergeFn]:
+             statistics: str | None = None, mergekit: str | None = None) -> Callable[[MergeFn], MergeFn]:
     """Register a merge function under `name` with what it declares (random: it reads the seed; statistics: the
-    kind of statistics of each model's data it reads, passed as its fifth argument)."""
+    kind of statistics of each model's data it reads, passed as its fifth argument; mergekit: mergekit's name for
+    it, accepted as an alias)."""
     def wrap(fn: MergeFn) -> MergeFn:
         METHODS[name] = MergeMethod(name, fn, options, summary, uses_base, "seed" in options, weighted, models[0],
-                                    models[1], coefficients, check, statistics)
+                                    models[1], coefficients, check, statistics, mergekit)
         return fn
 
     return wrap
 
 
+def mergekit_aliases() -> dict[str, str]:
+    """mergekit's method names that differ from knowstack's, each to the knowstack method (`linear`: `average`)."""
+    return {m.mergekit: m.name for m in METHODS.values() if m.mergekit is not None and m.mergekit != m.name}
+
+
 def get_method(name: str) -> MergeMethod:
+    """A method by its name or its mergekit name."""
+    name = mergekit_aliases().get(name, name)
     if name not in METHODS:
-        raise KnowstackError(f"unknown merge method '{name}'; choose from {', '.join(METHODS)}", field="method")
+        raise KnowstackError(f"unknown merge method '{name}'; choose from {', '.join(METHODS)} (or mergekit's "
+                             f"{', '.join(mergekit_aliases())})", field="method")
     return METHODS[name]

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
-@register("breadcrumbs", options=("density", "gamma", "lambda"),
+@register("breadcrumbs", mergekit="breadcrumbs", options=("density", "gamma", "lambda"),
           summary="Model Breadcrumbs: drop each task vector's largest and smallest entries, then sum")
 def breadcrumbs(taus: list[Tensor], weights: Tensor, opts: MergeOptions, generator: torch.Generator | None) -> Tensor:
     from knowstack.combine.merges.blocks import keep_magnitude_band, weighted_sum

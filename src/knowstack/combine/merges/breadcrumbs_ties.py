@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
-@register("breadcrumbs-ties", options=("density", "gamma", "lambda"),
+@register("breadcrumbs-ties", mergekit="breadcrumbs_ties", options=("density", "gamma", "lambda"),
           summary="Model Breadcrumbs' drop, then TIES' sign election (the agreeing entries summed)")
 def breadcrumbs_ties(taus: list[Tensor], weights: Tensor, opts: MergeOptions,
                      generator: torch.Generator | None) -> Tensor:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
-@register("dare", options=("drop_rate", "lambda", "seed"),
+@register("dare", mergekit="dare_linear", options=("drop_rate", "lambda", "seed"),
           summary="DARE: drop each task vector's entries at random and rescale, then average")
 def dare(taus: list[Tensor], weights: Tensor, opts: MergeOptions, generator: torch.Generator | None) -> Tensor:
     from knowstack.combine.merges.blocks import drop_and_rescale, weighted_mean

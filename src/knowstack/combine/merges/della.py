@@ -22,7 +22,7 @@ def check(opts: MergeOptions) -> None:
                              f"density {opts.density}, epsilon {opts.epsilon}", field="epsilon")
 
 
-@register("della", options=("density", "epsilon", "lambda", "seed"), check=check,
+@register("della", mergekit="della", options=("density", "epsilon", "lambda", "seed"), check=check,
           summary="DELLA: drop entries at random, the smaller more often, then TIES' election and mean")
 def della(taus: list[Tensor], weights: Tensor, opts: MergeOptions, generator: torch.Generator | None) -> Tensor:
     from knowstack.combine.merges.blocks import della_drop, elect_and_mean

@@ -13,7 +13,8 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
-@register("della-linear", options=("density", "epsilon", "lambda", "seed"), check=check,
+@register("della-linear", mergekit="della_linear", options=("density", "epsilon", "lambda", "seed"),
+          check=check,
           summary="DELLA's magnitude-ranked random drop, then the sum of the task vectors")
 def della_linear(taus: list[Tensor], weights: Tensor, opts: MergeOptions, generator: torch.Generator | None) -> Tensor:
     from knowstack.combine.merges.blocks import della_drop, weighted_sum

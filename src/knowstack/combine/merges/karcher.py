@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
-@register("karcher", options=("max_iter", "tol"), uses_base=False,
+@register("karcher", mergekit="karcher", options=("max_iter", "tol"), uses_base=False,
           summary="Karcher mean: the models' weighted mean on the sphere, by iteration")
 def karcher(tensors: list[Tensor], weights: Tensor, opts: MergeOptions, generator: torch.Generator | None) -> Tensor:
     import torch

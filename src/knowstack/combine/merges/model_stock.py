@@ -21,7 +21,7 @@ def interpolation_ratio(cos_theta: float, n: int) -> float:
     return 0.0 if abs(denominator) < 1e-6 else n * cos_theta / denominator
 
 
-@register("model-stock", options=(), weighted=False, models=(2, None),
+@register("model-stock", mergekit="model_stock", options=(), weighted=False, models=(2, None),
           summary="Model Stock: the models' average, moved towards the base by the angle between task vectors")
 def model_stock(taus: list[Tensor], weights: Tensor, opts: MergeOptions, generator: torch.Generator | None) -> Tensor:
     from knowstack.combine.merges.blocks import dot, norm, weighted_mean

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 EPS = 1e-8
 
 
-@register("multislerp", options=(), summary="Multi-SLERP: the weighted spherical mean of the task vectors")
+@register("multislerp", mergekit="multislerp", options=(),
+          summary="Multi-SLERP: the weighted spherical mean of the task vectors")
 def multislerp(taus: list[Tensor], weights: Tensor, opts: MergeOptions, generator: torch.Generator | None) -> Tensor:
     from knowstack.combine.merges.blocks import norm
 

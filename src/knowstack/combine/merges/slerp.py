@@ -28,7 +28,7 @@ def slerp_coefficients(t: float, cos_theta: float) -> tuple[float, float]:
     return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
-@register("slerp", options=("t",), uses_base=False, weighted=False, models=(2, 2),
+@register("slerp", mergekit="slerp", options=("t",), uses_base=False, weighted=False, models=(2, 2),
           summary="SLERP: the spherical interpolation of two models, at t")
 def slerp(tensors: list[Tensor], weights: Tensor, opts: MergeOptions, generator: torch.Generator | None) -> Tensor:
     from knowstack.combine.merges.blocks import dot, norm

@@ -16,7 +16,8 @@ def coefficients(weights: list[float], opts: MergeOptions) -> list[float]:
     return [opts.lam * w for w in weights]
 
 
-@register("task-arithmetic", options=("lambda",), summary="the sum of the contributions' task vectors (times their "
+@register("task-arithmetic", mergekit="task_arithmetic", options=("lambda",),
+          summary="the sum of the contributions' task vectors (times their "
           "weights), scaled by lambda", coefficients=coefficients)
 def task_arithmetic(taus: list[Tensor], weights: Tensor, opts: MergeOptions,
                     generator: torch.Generator | None) -> Tensor:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
-@register("ties", options=("density", "lambda"),
+@register("ties", mergekit="ties", options=("density", "lambda"),
           summary="TIES: trim each task vector, elect signs, merge the agreeing entries")
 def ties(taus: list[Tensor], weights: Tensor, opts: MergeOptions, generator: torch.Generator | None) -> Tensor:
     from knowstack.combine.merges.blocks import elect_and_mean, trim_by_magnitude

@@ -12,7 +12,8 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
-@register("ties-dare", options=("drop_rate", "lambda", "seed"), summary="DARE's random drop and rescale, then TIES")
+@register("ties-dare", mergekit="dare_ties", options=("drop_rate", "lambda", "seed"),
+          summary="DARE's random drop and rescale, then TIES")
 def ties_dare(taus: list[Tensor], weights: Tensor, opts: MergeOptions, generator: torch.Generator | None) -> Tensor:
     from knowstack.combine.merges.blocks import drop_and_rescale, elect_and_mean
 
