@@ -507,10 +507,11 @@ def history(root: PathLike) -> list[dict[str, Any]]:
         return list(reversed(reg.versions()))
 
 
-def export(root: PathLike, version: str, out: PathLike, *, with_base: bool = False) -> dict[str, Any]:
-    """A version as a plain HF model dir or PEFT / LoRA-MoE dir in the new dir `out`, with its model card, as
-    `knowstack export` (registry/export.py); with_base: adapters get the base model in out/base too. Returns the
-    export record (version, kind, method, how to load it)."""
+def export(root: PathLike, version: str, out: PathLike, *, with_base: bool = False,
+           overwrite: bool = False) -> dict[str, Any]:
+    """A version as a plain HF model dir or PEFT / LoRA-MoE dir in `out` (a new or empty dir; overwrite: replace a
+    non-empty one), with its model card, as `knowstack export` (registry/export.py); with_base: adapters get the
+    base model in out/base too. Returns the export record (version, kind, method, how to load it)."""
     from knowstack.registry.export import export_version
 
-    return export_version(root, version, out, with_base=with_base)
+    return export_version(root, version, out, with_base=with_base, overwrite=overwrite)

@@ -12,6 +12,7 @@ from knowstack.cli.options import (
     STATISTICS_MERGE_OPTIONS,
     add_dtype_option,
     add_merge_options,
+    add_out_option,
     add_statistics_merge_options,
     add_training_options,
     training_from_args,
@@ -63,13 +64,17 @@ def cmd_train(args: argparse.Namespace) -> None:
         check_adapter_dir,
         check_lora_targets,
         check_model_dir,
+        check_out_dir,
         check_task_dir,
         raise_problems,
     )
 
     if args.olora_previous and args.finetune != "lora":
         raise KnowstackError("--olora-previous is O-LoRA: it needs --finetune lora")
-    problems = check_model_dir(args.model) + _task_arg_problems(args, "train")
+    problems = check_out_dir(args.out, overwrite=args.overwrite, inputs=[
+        args.model, args.task, args.train_file, args.test_file, args.tokenizer, *(args.replay or []),
+        *(args.olora_previous or [])])
+    problems += check_model_dir(args.model) + _task_arg_problems(args, "train")
     for path in args.replay or []:
         problems += check_task_dir(path, required=("train",), optional=())
     for path in args.olora_previous or []:
@@ -139,9 +144,11 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> None:
     from knowstack import api
-    from knowstack.validate import check_model_dir, check_weights_dir, raise_problems
+    from knowstack.validate import check_model_dir, check_out_dir, check_weights_dir, raise_problems
 
-    problems = check_model_dir(args.base, tokenizer=False) if args.base else []
+    problems = check_out_dir(args.out, overwrite=args.overwrite,
+                             inputs=[args.base, *args.models, *(args.statistics or [])])
+    problems += check_model_dir(args.base, tokenizer=False) if args.base else []
     raise_problems(problems + [p for path in args.models for p in check_weights_dir(path)])
     out = api.merge(args.method, args.models, args.out, base=args.base, weights=args.weights, density=args.density,
                     drop_rate=args.drop_rate, lam=args.lam, lora_space=args.lora_space, seed=args.seed,
@@ -153,7 +160,10 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 def cmd_statistics(args: argparse.Namespace) -> None:
     from knowstack import api
+    from knowstack.validate import check_out_dir, raise_problems
 
+    raise_problems(check_out_dir(args.out, overwrite=args.overwrite,
+                                 inputs=[args.model, args.data, args.base, args.tokenizer]))
     out = api.statistics(args.model, args.data, args.out, base=args.base, kinds=args.kind, examples=args.examples,
                          max_length=args.max_length, tokenizer=args.tokenizer,
                          trust_remote_code=args.trust_remote_code)
@@ -167,13 +177,16 @@ def cmd_mix(args: argparse.Namespace) -> None:
     from knowstack import api
     from knowstack.validate import (
         check_model_dir,
+        check_out_dir,
         check_prompt_file,
         check_split_file,
         check_weights_dir,
         raise_problems,
     )
 
-    problems = check_model_dir(args.base, tokenizer=bool(args.prompts or args.train_data))
+    problems = check_out_dir(args.out, overwrite=args.overwrite,
+                             inputs=[args.base, *args.models, *(args.prompts or []), *(args.train_data or [])])
+    problems += check_model_dir(args.base, tokenizer=bool(args.prompts or args.train_data))
     problems += [p for path in args.models for p in check_weights_dir(path)]
     problems += [p for path in args.prompts or [] for p in check_prompt_file(path)]
     problems += [p for path in args.train_data or [] for p in check_split_file(path, "trace", "train")]
@@ -219,7 +232,9 @@ def cmd_gate(args: argparse.Namespace) -> None:
 
 def cmd_build_world(args: argparse.Namespace) -> None:
     from knowstack.builtin.world import build_world
+    from knowstack.validate import check_out_dir, raise_problems
 
+    raise_problems(check_out_dir(args.out, overwrite=args.overwrite))
     path = build_world(Path(args.out), preset=args.preset, seed=args.seed)
     print(f"built-in world: {path}")
 
@@ -263,7 +278,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--olora-lambda", type=float, default=OLoraConfig().lambdas[0],
                    help=f"O-LoRA: the penalty's weight (default {OLoraConfig().lambdas[0]}, the paper's first run)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    add_out_option(p, "the full model (fft) or PEFT adapter (lora) dir to write")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score a model (+adapter) on a task and/or lm-eval old-knowledge tasks")
@@ -312,7 +327,7 @@ def add_commands(sub: Any) -> None:
                         "1 each by default)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output shard")
     add_dtype_option(p, "the merged model's weights")
-    p.add_argument("--out", required=True)
+    add_out_option(p, "the merged model dir to write")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("statistics", help="statistics of a model's (or adapter's) training data for the regmean and "
@@ -327,7 +342,7 @@ def add_commands(sub: Any) -> None:
                                                   f"{TrainingConfig().max_length})")
     p.add_argument("--tokenizer", help="the tokenizer, where it is not the model's (or the base's, for an adapter)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
-    p.add_argument("--out", required=True, help="the statistics dir to write")
+    add_out_option(p, "the statistics dir to write")
     p.set_defaults(func=cmd_statistics)
 
     p = sub.add_parser("mix", help="mix fine-tuned models (FFT-MoE) or LoRA adapters (LoRA-MoE) of one base "
@@ -369,7 +384,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="random routers and the training order")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output shard (FFT-MoE)")
     add_dtype_option(p, "the mixture's weights (a LoRA-MoE's experts; auto: the adapters' own)")
-    p.add_argument("--out", required=True)
+    add_out_option(p, "the mixture of experts dir to write")
     p.set_defaults(func=cmd_mix)
 
     p = sub.add_parser("gate", help="train the gates of your LoRA adapter on your data (PHATGOOSE), written into "
@@ -387,6 +402,6 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("build-world", help="build the built-in world (base model, tokenizer, tasks)")
     p.add_argument("--preset", choices=["test", "quick", "full"], default="quick")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    add_out_option(p, "the world dir to write")
     p.set_defaults(func=cmd_build_world)
 

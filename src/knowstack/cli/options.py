@@ -143,6 +143,15 @@ def add_statistics_merge_options(parser: Any) -> None:
     add_model_options(parser, MergeConfig, only=STATISTICS_MERGE_OPTIONS, helps=STATISTICS_MERGE_HELP)
 
 
+def add_out_option(parser: Any, what: str, *, required: bool = True, default: str | None = None) -> None:
+    """--out of a dir the command writes whole, and --overwrite to replace one that is not empty (validate.py
+    check_out_dir)."""
+    parser.add_argument("--out", required=required, default=default,
+                        help=f"{what}: a new or empty dir (an existing one only with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it exists and is not empty (never an input of the command)")
+
+
 def add_dtype_option(parser: Any, what: str) -> None:
     """--dtype of an output's weights (merge, mix): the base's unless another is asked for."""
     from knowstack.modelio import DTYPE_CHOICES

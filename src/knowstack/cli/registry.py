@@ -10,7 +10,7 @@ from typing import Any
 from knowstack.cli.common import console
 from knowstack.cli.common import percent as _percent  # the names _add_compose_args uses
 from knowstack.cli.common import points as _points
-from knowstack.cli.options import add_merge_options, add_statistics_merge_options
+from knowstack.cli.options import add_merge_options, add_out_option, add_statistics_merge_options
 from knowstack.config import METRICS, MOE_ROUTERS
 from knowstack.errors import KnowstackError
 
@@ -149,7 +149,7 @@ def cmd_diff(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from knowstack import api
 
-    info = api.export(args.registry, args.version, args.out, with_base=args.with_base)
+    info = api.export(args.registry, args.version, args.out, with_base=args.with_base, overwrite=args.overwrite)
     print(f"exported {info['version']} ({info['kind']}, {info['method']}) to {Path(args.out).resolve()}\n"
           f"load: {info['load']}")
 
@@ -290,6 +290,6 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("export", help="a version as a plain HF model dir or PEFT / LoRA-MoE dir")
     p.add_argument("registry")
     p.add_argument("version")
-    p.add_argument("--out", required=True, help="a new dir")
+    add_out_option(p, "the export dir to write")
     p.add_argument("--with-base", action="store_true", help="adapters: copy the base model into OUT/base too")
     p.set_defaults(func=cmd_export)
