@@ -319,11 +319,12 @@ def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
     combine/moe.py MoeOptions fields (top_k, layers, shared, base_expert, router, seed, attention, routing,
     temperature, dtype; None: the default). prompts: per
     model, its prompts or a JSON/JSONL file of them, the first prompts_per_expert used (default: config.py
-    MoeConfig's); router (None or not given): `prompts` when prompts are given, else random. Router training: train_steps
+    MoeConfig's); router (None or not given): a study's and compose's, MoeConfig's `prompts`, which needs `prompts`
+    (give router="random" for a router without them). Router training: train_steps
     steps on the TRACE-format files train_data (train_lr, train_batch_size, aux_loss_coef default to
     RouterTrainingConfig's; the order is drawn from options' seed). max_shard_gb: the largest output shard
     (FFT-MoE). Returns moe.json."""
-    from knowstack.combine.moe import MoeOptions, default_router, mix_models
+    from knowstack.combine.moe import MoeOptions, mix_models
     from knowstack.config import MoeConfig
     from knowstack.data.formats import load_trace_split
     from knowstack.train.router_training import RouterTraining
@@ -334,7 +335,7 @@ def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
         keep = MoeConfig().prompts_per_expert if prompts_per_expert is None else prompts_per_expert
         prompts = [_prompt_list(given)[:keep] for given in prompts]
     if options.get("router") is None:
-        options["router"] = default_router(bool(prompts))
+        options["router"] = MoeConfig().router
     for name in ("routing", "temperature", "dtype"):  # not given: MoeOptions' defaults
         if name in options and options[name] is None:
             del options[name]

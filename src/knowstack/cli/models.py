@@ -17,7 +17,7 @@ from knowstack.cli.options import (
     add_training_options,
     training_from_args,
 )
-from knowstack.config import METRICS, MOE_PRESETS, MOE_ROUTERS, RouterTrainingConfig
+from knowstack.config import METRICS, MOE_PRESETS, MOE_ROUTERS, MoeConfig, RouterTrainingConfig
 from knowstack.errors import KnowstackError
 
 
@@ -201,6 +201,10 @@ def cmd_mix(args: argparse.Namespace) -> None:
             train_steps = train_steps or RouterTrainingConfig().steps
     if args.train_data and not train_steps:
         raise KnowstackError("--train-data is for router training: give --train-steps too")
+    if not router and not args.prompts:  # the default a study and compose take needs prompts: never a silent other
+        raise KnowstackError(f"the default router, {MoeConfig().router} as in a study and compose, is built from each "
+                             "model's prompts: give --prompts (one file per model), or name a --router (e.g. random)")
+    router = router or MoeConfig().router
     record = api.mix(args.base, args.models, args.out, prompts=args.prompts, prompts_per_expert=args.prompts_per_expert,
                      train_data=args.train_data or (), train_steps=train_steps, train_lr=args.train_lr,
                      train_batch_size=args.train_batch_size, aux_loss_coef=args.aux_loss_coef,
@@ -360,7 +364,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--attention", nargs="+", choices=["q_proj", "k_proj", "v_proj", "o_proj"],
                    help="FFT-MoE: these self-attention projections are experts too, each with its own router")
     p.add_argument("--router", choices=list(MOE_ROUTERS),
-                   help="router init (default: prompts if --prompts is given, else random); each is listed below")
+                   help=f"router init (default {moe.router}, as a study's and compose's: from --prompts); each is "
+                        "listed below")
     p.add_argument("--preset", choices=list(MOE_PRESETS),
                    help="btx: Branch-Train-MiX (FFT-MoE, --shared average, a random router trained top-k with the "
                         "load-balancing loss on --train-data, --train-steps default "
