@@ -212,14 +212,17 @@ def train(model: PathLike, data: PathLike | TaskSpec | Sequence[tuple[str, str]]
     """One training run, as `knowstack train` and a study's round: `data` is a TRACE task dir (its train split),
     a TaskSpec (knowstack.data.tasks: e.g. math's MetaMathQA file) or (prompt, answer) pairs. The recipe is
     `training` (a config.py TrainingConfig, as a study's `training:`) or else `settings`, train/settings.py
-    TrainSettings fields (lr, epochs, max_steps, batch_size, lora_r, ...); each default is TrainingConfig's.
+    TrainSettings fields (lr, epochs, max_steps, batch_size, lora_r, ...); each default is TrainingConfig's. On a
+    built-in world's model (WORLD/model) given neither, the world's recipe (builtin/world.py world_recipe: its
+    study config's `training:`, a fraction of the world's pretraining peak rate); `lr_of_pretrain_peak` needs one.
     replay: earlier tasks' dirs, each adding replay_fraction x |task| of its train examples (default: the config's
     ReplayConfig fraction; what was drawn is written to out/mixture.json). olora_previous: the earlier rounds'
     LoRA adapters, penalised against with weight olora_lambda (default: the paper's first run, OLoraConfig's).
     tokenizer / trust_remote_code: as a study's base options. Writes a full model (fft) or a PEFT adapter (lora)
     with its model card to `out`; returns train_summary.json."""
     from knowstack.atomic import atomic_write_json
-    from knowstack.config import OLoraConfig
+    from knowstack.builtin.world import world_of_model, world_recipe
+    from knowstack.config import OLoraConfig, TrainingConfig
     from knowstack.train import TrainSettings
     from knowstack.train.launch import TrainJob, run_job
     from knowstack.train.tracking import Tracking
@@ -237,8 +240,12 @@ def train(model: PathLike, data: PathLike | TaskSpec | Sequence[tuple[str, str]]
     mixture = None
     if replay:
         pairs, mixture = _replay_examples((name, pairs), replay, replay_fraction, seed)
-    run_settings = TrainSettings.from_config(training, finetune=finetune, seed=seed) if training is not None \
-        else TrainSettings(finetune=finetune, seed=seed, **settings)
+    world = world_of_model(model)
+    if training is None and not settings and world is not None:
+        training = TrainingConfig.model_validate(world_recipe(world)[1])
+    peak = world["pretrain"]["peak_lr"] if world is not None else None
+    run_settings = TrainSettings.from_config(training, finetune=finetune, seed=seed, pretrain_peak=peak) \
+        if training is not None else TrainSettings(finetune=finetune, seed=seed, **settings)
     lam = OLoraConfig().lambdas[0] if olora_lambda is None else olora_lambda
     trackers = tuple(report_to) or tuple(training.report_to if training is not None else ())
     job = TrainJob(model_path=str(model), out_dir=str(out), settings=run_settings.to_dict(), examples=pairs,

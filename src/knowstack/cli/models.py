@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from knowstack.cli.common import console
 from knowstack.cli.options import (
     MERGE_ONLY_OPTIONS,
     STATISTICS_MERGE_OPTIONS,
@@ -80,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     for path in args.olora_previous or []:
         problems += check_adapter_dir(path)
     raise_problems(problems)
-    training = training_from_args(args)
+    training = _training_of(args)
     if args.finetune == "lora":  # read from the checked model dir's weights' names
         raise_problems(check_lora_targets(args.model, training.lora.target_modules))
     summary = api.train(args.model, _task_from_args(args), args.out, finetune=args.finetune,
@@ -90,6 +91,39 @@ def cmd_train(args: argparse.Namespace) -> None:
                         trust_remote_code=args.trust_remote_code)
     print(json.dumps({k: summary[k] for k in ("steps", "examples") if k in summary}))
     print(f"written: {args.out}")
+    _warn_if_loss_did_not_fall(summary)
+
+
+def _training_of(args: argparse.Namespace):  # -> TrainingConfig
+    """train's recipe: the options over, on a built-in world's model, the world's recipe (said on stderr), where
+    the paper's rate for an 8B model would teach a tiny model nothing."""
+    from knowstack.builtin.world import world_of_model, world_recipe
+
+    world = world_of_model(args.model)
+    if world is None:
+        if args.lr_of_pretrain_peak is not None:
+            raise KnowstackError("--lr-of-pretrain-peak is a fraction of a built-in world's pretraining peak rate: "
+                                 "--model is not a world's model (WORLD/model beside world.json); give --lr")
+        return training_from_args(args)
+    source, recipe = world_recipe(world)
+    training = training_from_args(args, recipe=recipe)
+    peak = world["pretrain"]["peak_lr"]
+    rate = f"lr {training.learning_rate(peak):.3g}" + (f" ({training.lr_of_pretrain_peak:g} x the pretraining peak "
+                                                       f"{peak:g})" if training.lr is None else "")
+    console.print(f"train: a built-in world's model: its recipe (configs/{source}, under the options given): {rate}, "
+                  f"{training.epochs:g} epochs, batch {training.batch_size}, max length {training.max_length}",
+                  highlight=False)
+    return training
+
+
+def _warn_if_loss_did_not_fall(summary: dict[str, Any]) -> None:
+    from knowstack.train.loop import loss_fell
+
+    curve = summary.get("loss_curve") or []
+    if loss_fell(curve) is False:
+        console.print(f"warning: the training loss did not fall ({curve[0]:.4f} -> {curve[-1]:.4f} in {len(curve)} "
+                      f"steps at lr {summary['settings']['lr']:.3g}): the model learned little; try another --lr "
+                      "(or --lr-of-pretrain-peak on a built-in world's model)", highlight=False)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

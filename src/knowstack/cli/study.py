@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from knowstack.cli.common import console, percent
+from knowstack.config import CONFIG_DIR
 from knowstack.errors import KnowstackError
-
-CONFIG_DIR = Path(__file__).parent.parent / "configs"
 
 
 def cmd_study(args: argparse.Namespace) -> None:
