@@ -15,15 +15,10 @@ set -euo pipefail
 OUT=${1:-runs/registry-scenario}
 PRESET=${2:-quick}
 KS=${KNOWSTACK:-knowstack}
-PY=${PYTHON:-python3}
 rm -rf "$OUT" && mkdir -p "$OUT"
 WORLD=$OUT/world REG=${3:-$OUT/registry}
 
 $KS build-world --preset "$PRESET" --out "$WORLD"
-# The built-in recipe (configs/builtin-quick.yaml): a constant rate of 1/3 of the base's pretraining peak.
-PEAK=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['pretrain']['peak_lr'])" "$WORLD/world.json")
-LR=$($PY -c "print(0.33 * $PEAK)")
-HARMFUL_LR=$($PY -c "print(10 * $PEAK)")   # 30x the recipe's rate: what wipes old knowledge
 
 $KS registry init "$REG" --base "$WORLD/model" --include-path "$WORLD/old_knowledge" \
     --old-tasks ks_country_code ks_subdivision ks_language_code ks_unicode_name
@@ -33,15 +28,18 @@ for entry in stance:Stance:accuracy:trace notes:Notes:accuracy:trace summary:Sum
              code:Code:edit_similarity:trace quiz:Quiz:accuracy:trace simplify:Simplify:sari:trace \
              math:Math:math:math; do
     IFS=: read -r name dir metric format <<< "$entry"
+    # `train` on the world's model runs the world's recipe, as the built-in study does (its config's training:
+    # section, configs/builtin-quick.yaml: a constant rate of 1/3 of the base's pretraining peak, 3 epochs, batch 8).
     $KS train --model "$WORLD/model" --task "$WORLD/tasks/$dir" --format "$format" --finetune lora \
-        --lr "$LR" --epochs 3 --batch-size 8 --micro-batch-size 8 --max-length 256 --out "$OUT/adapters/$name"
+        --out "$OUT/adapters/$name"
     $KS contribute "$REG" --name "$name" --adapter "$OUT/adapters/$name" --task "$WORLD/tasks/$dir" \
         --metric "$metric" --format "$format" --keep-data --author "$name-team"
 done
 
-# The harmful contribution: a full fine-tune of stance at 30x the rate.
-$KS train --model "$WORLD/model" --task "$WORLD/tasks/Stance" --finetune fft --lr "$HARMFUL_LR" --epochs 3 \
-    --batch-size 8 --micro-batch-size 8 --max-length 256 --out "$OUT/adapters/stance-hot"
+# The harmful contribution: a full fine-tune of stance at 30x the recipe's rate (10x the pretraining peak): what
+# wipes old knowledge.
+$KS train --model "$WORLD/model" --task "$WORLD/tasks/Stance" --finetune fft --lr-of-pretrain-peak 10 \
+    --out "$OUT/adapters/stance-hot"
 $KS contribute "$REG" --name stance-hot --model "$OUT/adapters/stance-hot" --task "$WORLD/tasks/Stance" \
     --author careless-team
 $KS registry list "$REG"

@@ -113,13 +113,14 @@ class ApiReached(Exception):
     (["merge", "--method", "ties", "--base", "{model}", "--models", "{adapter}", "{adapter}", "--lora-space",
       "factors", "--max-shard-gb", "1", "--out", "{out}"], "merge", {"lora_space": "factors", "max_shard_gb": 1.0}),
     (["mix", "--base", "{model}", "--models", "{adapter}", "{adapter}", "--train-data", "{task}/train.json",
-      "--router-steps", "2", "--out", "{out}"], "mix", {"router_steps": 2, "train_data": ["{task}/train.json"]}),
+      "--router-steps", "2", "--router", "random", "--out", "{out}"], "mix",
+     {"router_steps": 2, "train_data": ["{task}/train.json"], "router": "random"}),
     (["study", "{config}", "--out", "{out}", "--dry-run", "--gpu-memory", "40"], "dry_run", {"gpu_memory_gib": 40.0}),
     (["study", "{config}", "--out", "{out}"], "run_study", {"executor": "local"}),
     (["registry", "init", "{out}", "--base", "{model}"], "init_registry", {"old_tasks": ()}),
     (["contribute", "{out}", "--name", "a", "--adapter", "{adapter}", "--task", "{task}"], "contribute",
      {"keep_data": False}),
-    (["export", "{out}", "v1", "--out", "{out}/export"], "export", {"with_base": False}),
+    (["export", "{out}", "v1", "--out", "{out}-export"], "export", {"with_base": False, "overwrite": False}),
 ])
 def test_each_command_is_built_on_the_api(command: list[str], function: str, expected: dict, tmp_path: Path,
                                           tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -325,8 +325,16 @@ CASES = [
          ("model.safetensors", "truncated")),
     Case("mix-adapter-truncated", "adapter-truncated", "mix --base {model} --models {adapter} {bad} --out {out}",
          ("adapter_model.safetensors", "truncated")),
-    Case("mix-adapter-extra-token", "adapter-extra-token", "mix --base {model} --models {adapter} {bad} --out {out}",
+    Case("mix-adapter-extra-token", "adapter-extra-token", "mix --base {model} --models {adapter} {bad} "
+         "--router random --out {out}",
          ("bad/tokenizer.json", "field 'added_tokens[3]'", "'<|tool|>'", "nothing in the base", "another tokenizer")),
+    Case("mix-default-router-no-prompts", "nothing", "mix --base {model} --models {adapter} {adapter} --out {out}",
+         ("the default router, prompts", "give --prompts", "--router")),
+    # --out: a dir written whole (validate.py check_out_dir; every command: test_out_dirs.py)
+    Case("merge-out-not-empty", "no-train-split", "merge --method average --models {model} {model} --out {bad}",
+         ("bad", "field '--out'", "not empty", "--overwrite")),
+    Case("train-out-is-the-model", "nothing", "train --model {model} --task {task} --out {model} --overwrite",
+         ("field '--out'", "is the input", "--overwrite never replaces an input")),
     Case("mix-prompts-not-strings", "prompts-not-strings", "mix --base {model} --models {adapter} {adapter} "
          "--prompts {bad} {bad} --out {out}", ("item 0", "expected an object, found a number"), problems=2),
     Case("mix-train-data-missing-field", "missing-field", "mix --base {model} --models {adapter} {adapter} "

@@ -242,7 +242,7 @@ def test_log_show_diff_export_and_advise_read_the_history(registry: Path, tmp_pa
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert tensors(tmp_path / "adapter" / "base").keys() == tensors(tmp_path / "exported").keys()
     assert main(["export", str(registry), "stance", "--out", str(tmp_path / "adapter")]) == 2
-    assert "the export dir exists" in capsys.readouterr().err
+    assert "exists and is not empty" in capsys.readouterr().err
 
     assert main(["advise", str(registry), "--max-old-loss", "100%"]) == 0
     advice = capsys.readouterr().out

@@ -233,14 +233,17 @@ def train(model: PathLike, data: PathLike | TaskSpec | Sequence[tuple[str, str]]
     """One training run, as `knowstack train` and a study's round: `data` is a TRACE task dir (its train split),
     a TaskSpec (knowstack.data.tasks: e.g. math's MetaMathQA file) or (prompt, answer) pairs. The recipe is
     `training` (a config.py TrainingConfig, as a study's `training:`) or else `settings`, train/settings.py
-    TrainSettings fields (lr, epochs, max_steps, batch_size, lora_r, ...); each default is TrainingConfig's.
+    TrainSettings fields (lr, epochs, max_steps, batch_size, lora_r, ...); each default is TrainingConfig's. On a
+    built-in world's model (WORLD/model) given neither, the world's recipe (builtin/world.py world_recipe: its
+    study config's `training:`, a fraction of the world's pretraining peak rate); `lr_of_pretrain_peak` needs one.
     replay: earlier tasks' dirs, each adding replay_fraction x |task| of its train examples (default: the config's
     ReplayConfig fraction; what was drawn is written to out/mixture.json). olora_previous: the earlier rounds'
     LoRA adapters, penalised against with weight olora_lambda (default: the paper's first run, OLoraConfig's).
     tokenizer / trust_remote_code: as a study's base options. Writes a full model (fft) or a PEFT adapter (lora)
     with its model card to `out`; returns train_summary.json."""
     from knowstack.atomic import atomic_write_json
-    from knowstack.config import OLoraConfig
+    from knowstack.builtin.world import world_of_model, world_recipe
+    from knowstack.config import OLoraConfig, TrainingConfig
     from knowstack.train import TrainSettings
     from knowstack.train.launch import TrainJob, run_job
     from knowstack.train.tracking import Tracking
@@ -258,8 +261,12 @@ def train(model: PathLike, data: PathLike | TaskSpec | Sequence[tuple[str, str]]
     mixture = None
     if replay:
         pairs, mixture = _replay_examples((name, pairs), replay, replay_fraction, seed)
-    run_settings = TrainSettings.from_config(training, finetune=finetune, seed=seed) if training is not None \
-        else TrainSettings(finetune=finetune, seed=seed, **settings)
+    world = world_of_model(model)
+    if training is None and not settings and world is not None:
+        training = TrainingConfig.model_validate(world_recipe(world)[1])
+    peak = world["pretrain"]["peak_lr"] if world is not None else None
+    run_settings = TrainSettings.from_config(training, finetune=finetune, seed=seed, pretrain_peak=peak) \
+        if training is not None else TrainSettings(finetune=finetune, seed=seed, **settings)
     lam = OLoraConfig().lambdas[0] if olora_lambda is None else olora_lambda
     trackers = tuple(report_to) or tuple(training.report_to if training is not None else ())
     job = TrainJob(model_path=str(model), out_dir=str(out), settings=run_settings.to_dict(), examples=pairs,
@@ -345,11 +352,12 @@ def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
     combine/moe.py MoeOptions fields (top_k, layers, shared, base_expert, router, seed, attention, routing,
     temperature, dtype; None: the default). prompts: per
     model, its prompts or a JSON/JSONL file of them, the first prompts_per_expert used (default: config.py
-    MoeConfig's); router (None or not given): `prompts` when prompts are given, else random. Router training:
-    router_steps steps on the TRACE-format files train_data (router_lr, router_batch_size, aux_loss_coef default to
-    RouterTrainingConfig's; the order is drawn from options' seed; train_steps, train_lr and train_batch_size are
-    their deprecated names). max_shard_gb: the largest output shard (FFT-MoE). Returns moe.json."""
-    from knowstack.combine.moe import MoeOptions, default_router, mix_models
+    MoeConfig's); router (None or not given): a study's and compose's, MoeConfig's `prompts`, which needs `prompts`
+    (give router="random" for a router without them). Router training: router_steps steps on the TRACE-format files
+    train_data (router_lr, router_batch_size, aux_loss_coef default to RouterTrainingConfig's; the order is drawn
+    from options' seed; train_steps, train_lr and train_batch_size are their deprecated names). max_shard_gb: the
+    largest output shard (FFT-MoE). Returns moe.json."""
+    from knowstack.combine.moe import MoeOptions, mix_models
     from knowstack.config import MoeConfig
     from knowstack.data.formats import load_trace_split
     from knowstack.train.router_training import RouterTraining
@@ -363,7 +371,7 @@ def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
         keep = MoeConfig().prompts_per_expert if prompts_per_expert is None else prompts_per_expert
         prompts = [_prompt_list(given)[:keep] for given in prompts]
     if options.get("router") is None:
-        options["router"] = default_router(bool(prompts))
+        options["router"] = MoeConfig().router
     for name in ("routing", "temperature", "dtype"):  # not given: MoeOptions' defaults
         if name in options and options[name] is None:
             del options[name]
@@ -556,10 +564,11 @@ def history(root: PathLike) -> list[dict[str, Any]]:
         return list(reversed(reg.versions()))
 
 
-def export(root: PathLike, version: str, out: PathLike, *, with_base: bool = False) -> dict[str, Any]:
-    """A version as a plain HF model dir or PEFT / LoRA-MoE dir in the new dir `out`, with its model card, as
-    `knowstack export` (registry/export.py); with_base: adapters get the base model in out/base too. Returns the
-    export record (version, kind, method, how to load it)."""
+def export(root: PathLike, version: str, out: PathLike, *, with_base: bool = False,
+           overwrite: bool = False) -> dict[str, Any]:
+    """A version as a plain HF model dir or PEFT / LoRA-MoE dir in `out` (a new or empty dir; overwrite: replace a
+    non-empty one), with its model card, as `knowstack export` (registry/export.py); with_base: adapters get the
+    base model in out/base too. Returns the export record (version, kind, method, how to load it)."""
     from knowstack.registry.export import export_version
 
-    return export_version(root, version, out, with_base=with_base)
+    return export_version(root, version, out, with_base=with_base, overwrite=overwrite)

@@ -25,6 +25,8 @@ TaskMetric = Literal["accuracy", "exact_match", "rouge_l", "edit_similarity", "s
 METRICS: tuple[str, ...] = get_args(TaskMetric)
 # The paper's learning rate (constant, FFT and LoRA alike): the default where a config gives none.
 PAPER_LR = 2e-5
+# The study configs shipped with the package (`knowstack demo`'s, the built-in worlds' recipes).
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 Protocol = Literal["builtin", "paper"]
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

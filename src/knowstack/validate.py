@@ -549,6 +549,30 @@ def check_file(path: str | Path, what: str = "file") -> list[Problem]:
     return []
 
 
+def check_out_dir(out: str | Path, *, overwrite: bool = False, inputs: Sequence[str | Path | None] = (),
+                  option: str = "--out") -> list[Problem]:
+    """A dir a command writes whole and renames into place, replacing what is there: new or empty, or any dir with
+    `overwrite`; never a file, and never one of the command's `inputs`, inside one or holding one, with or
+    without `overwrite` (replacing it would delete what is being read). The one check of every such output."""
+    target = Path(out).expanduser()
+    where = target.resolve()
+    for given in inputs:
+        source = Path(str(given)).expanduser() if given is not None else None
+        if source is None or not source.exists():  # a hub id, or an input whose own check reports it missing
+            continue
+        read = source.resolve()
+        if where == read or read in where.parents or where in read.parents:
+            relation = "is" if where == read else "is inside" if read in where.parents else "holds"
+            return [Problem(str(target), f"{relation} the input {source}: write the output to another dir "
+                                         "(--overwrite never replaces an input)", field=option)]
+    if target.exists() and not target.is_dir():
+        return [Problem(str(target), "exists and is not a directory: give a new dir", field=option)]
+    if target.is_dir() and not overwrite and any(target.iterdir()):
+        return [Problem(str(target), "exists and is not empty: give a new dir, or --overwrite to replace it and "
+                                     "everything in it", field=option)]
+    return []
+
+
 # --- a whole study -------------------------------------------------------------------------------
 def check_study(config: Any, *, dry_run: bool = False) -> list[Problem]:
     """Every input a study (config.StudyConfig) reads that exists before its first step: the base model and

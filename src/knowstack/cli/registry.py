@@ -15,6 +15,7 @@ from knowstack.cli.options import (
     add_eval_batch_size,
     add_json_option,
     add_merge_method_options,
+    add_out_option,
     add_statistics_merge_options,
     print_result,
 )
@@ -166,7 +167,7 @@ def cmd_diff(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from knowstack import api
 
-    info = api.export(args.registry, args.version, args.out, with_base=args.with_base)
+    info = api.export(args.registry, args.version, args.out, with_base=args.with_base, overwrite=args.overwrite)
     print_result(args, info, f"exported {info['version']} ({info['kind']}, {info['method']}) to "
                              f"{Path(args.out).resolve()}\nload: {info['load']}")
 
@@ -332,7 +333,7 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("export", help="a version as a plain HF model dir or PEFT / LoRA-MoE dir")
     p.add_argument("registry", help=REGISTRY_HELP)
     p.add_argument("version", help="the version's name")
-    p.add_argument("--out", required=True, help=meaning("--out", "a new dir"))
+    add_out_option(p, "the export dir to write")
     p.add_argument("--with-base", action="store_true", help="adapters: copy the base model into OUT/base too")
     add_json_option(p, "what was exported and how to load it")
     p.set_defaults(func=cmd_export)

@@ -52,12 +52,6 @@ PER_MODULE_ROUTERS = ("arrow", "gates")  # built per module from each adapter, t
 _DECLARED = MoeConfig()  # the one declaration of the MoE settings' defaults
 
 
-def default_router(has_prompts: bool) -> str:
-    """The router a mixture gets when none is named: the study's (`prompts`, MoeConfig's default), where there are
-    prompts to build it from; random otherwise."""
-    return _DECLARED.router if has_prompts else "random"
-
-
 @dataclass(frozen=True)
 class MoeOptions:
     """top_k: experts per token; layers: the layers to mix (None: all); shared: where attention, norms,
@@ -74,7 +68,8 @@ class MoeOptions:
     layers: tuple[int, ...] | None = None
     shared: str = _DECLARED.shared
     base_expert: str = _DECLARED.base_expert
-    # A library call without prompts has none to build a router from: `default_router` says which applies.
+    # A library call without prompts has none to build a router from; `knowstack mix` and api.mix default to the
+    # study's (MoeConfig's `prompts`) and ask for the prompts.
     router: str = "random"
     seed: int = 0
     attention: tuple[str, ...] = ()

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from knowstack.atomic import honour_umask
 from knowstack.errors import KnowstackError
 
 _DATA_FILE_LINE = re.compile(r"^(\s+(?:test|train|validation|data_files)\s*:\s*)([^\s#'\"{}\[\]]+)\s*$", re.M)
@@ -51,6 +52,7 @@ def resolve_relative_data_files(include_path: Path) -> Path:
         out = staging / path.relative_to(include_path)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(_DATA_FILE_LINE.sub(absolute, path.read_text(encoding="utf-8")), encoding="utf-8")
+    honour_umask(staging)  # a cache in the shared temp dir: mkdtemp's would leave it unreadable to the next user
     try:
         staging.rename(target)
     except OSError:  # another process made it first; theirs is identical

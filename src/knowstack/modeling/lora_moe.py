@@ -41,6 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from knowstack.atomic import honour_umask
 from knowstack.errors import KnowstackError
 from knowstack.modeling.routing import Router, decoder_layers, on_attention_input
 
@@ -278,4 +279,5 @@ def save_routers(path: Path, routers: dict[int | str, Router]) -> None:
             tensors[f"routers.{layer}.bias"] = router.bias.float().contiguous()
     tmp = weights.with_name(f".{WEIGHTS_FILE}.tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    honour_umask(tmp)
     tmp.replace(weights)
