@@ -26,7 +26,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> di
 COMMANDS = {
     "train": "train --model {model} --task {task} --lr 1e-3 --max-steps 1 --batch-size 2 --micro-batch-size 2",
     "merge": "merge --method average --models {model} {model}",
-    "statistics": "statistics {model} --data {task}/train.json --kind gram --examples 2",
+    "statistics": "statistics {model} --train-data {task}/train.json --kind gram --examples 2",
     "mix": "mix --base {model} --models {adapter} {adapter}",
     "build-world": "build-world --preset test",
     "export": "export {registry} base",
