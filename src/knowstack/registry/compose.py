@@ -40,7 +40,14 @@ from knowstack.config import (
 from knowstack.errors import KnowstackError
 from knowstack.hashing import content_hash
 from knowstack.registry import db
-from knowstack.registry.core import BASE_NAME, STATISTICS, Registry, check_name, composed
+from knowstack.registry.core import (
+    BASE_NAME,
+    STATISTICS,
+    Registry,
+    ancestor_contributions,
+    check_name,
+    composed,
+)
 from knowstack.registry.evaluate import (
     RegisteredTask,
     item_scores,
@@ -287,23 +294,6 @@ def check_start(records: Sequence[dict[str, Any]], name: str, method: Method) ->
     if "lora_moe.json" in record["files"]:
         raise KnowstackError(f"'{name}' is a LoRA-MoE: it cannot be merged or trained further", field="from")
     return record
-
-
-def ancestor_contributions(records: Sequence[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    """The contributions a version was built from, directly or through the versions it was built on, in order."""
-    by_name = {r["name"]: r for r in records}
-    found: dict[str, dict[str, Any]] = {}
-
-    def visit(current: str) -> None:
-        record = by_name[current]
-        if record["method"] == "contribution":
-            found.setdefault(current, record)
-            return
-        for parent in record["parents"]:
-            visit(parent)
-
-    visit(name)
-    return list(found.values())
 
 
 def compose_key(method: Method, settings: dict[str, Any], base_hash: str, chosen: Sequence[dict[str, Any]],

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from knowstack.registry.core import Registry
+from knowstack.registry.core import Registry, ancestor_contributions
 from knowstack.registry.evaluate import RegisteredTask, new_scores, old_scores, registered_tasks
 from knowstack.registry.gate import HOLDS, gate_summary, recorded_checks
 from knowstack.registry.listing import (
@@ -150,14 +150,15 @@ def _listed(names: Sequence[str]) -> str:
     return ", ".join(names) if names else "none"
 
 
-def lineage_changes(a: dict[str, Any], b: dict[str, Any], contributions: set[str]) -> list[str]:
-    """What differs in what two versions were made from, in words: what each was built on, which contributions the
-    second adds and which it leaves out."""
+def lineage_changes(records: Sequence[dict[str, Any]], a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """What differs in what two versions were made from, in words: what each was built on, and which contributions
+    (its own and those of the releases it was built on) the second adds and leaves out."""
+    contributions = contribution_names(records)
     lines = []
     on_a, on_b = built_on(a, contributions), built_on(b, contributions)
     if on_a != on_b:
         lines.append(f"  built on: {on_a} -> {on_b}")
-    used_a, used_b = contributions_of(a, contributions), contributions_of(b, contributions)
+    used_a, used_b = ([r["name"] for r in ancestor_contributions(records, v["name"])] for v in (a, b))
     added = [name for name in used_b if name not in used_a]
     removed = [name for name in used_a if name not in used_b]
     if added or removed:
@@ -171,7 +172,7 @@ def format_diff(reg: Registry, first: str, second: str) -> str:
     records = reg.versions()
     a, b, tasks = reg.version(first), reg.version(second), registered_tasks(records)
     lines = [f"{first} [{a['status']}, {a['method']}]  ->  {second} [{b['status']}, {b['method']}]",
-             *lineage_changes(a, b, contribution_names(records))]
+             *lineage_changes(records, a, b)]
     options_a, options_b = a["settings"].get("options") or {}, b["settings"].get("options") or {}
     changed = [f"{k}: {options_a.get(k, '-')} -> {options_b.get(k, '-')}" for k in sorted(set(options_a) | set(options_b))
                if options_a.get(k) != options_b.get(k)]
