@@ -94,7 +94,7 @@ def test_the_registry_page_opens_cleanly_in_chromium(history: Path, tmp_path: Pa
         # each row with the paired interval of the change and its n
         assert f"[{check['ci_low']:+.3f}, {check['ci_high']:+.3f}]\t{check['n']}" in found["v1"]
     assert found["verdicts"] == [c["verdict"] for r in reversed(composed) for c in r["settings"]["gate"]["checks"]]
-    assert "against base (what it was built from)" in found["v1"] and "against v1 (what it was built from)" in found["v2"]
+    assert "against base (what it was built from)" in found["v1"] and "against v1 (what it was built from; base for old knowledge)" in found["v2"]
     v4 = next(r for r in records if r["name"] == "v4")
     assert v3["status"] == "rejected" and v4["status"] == "released" and v4["settings"]["gate"]["forced"]
     assert "Released by --force-release although the gate failed" in found["v4"]

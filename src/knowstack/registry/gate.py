@@ -226,4 +226,4 @@ def gated_against(gate: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
     checks = recorded_checks(gate)
     also = ["old knowledge" for c in checks if c.what == "old AVE" and c.reference_version != against][:1]
     also += [c.what for c in checks if c.what.startswith("task ") and c.reference_version != against]
-    return f"{against} (what it was built from)" + (f"; against base: {', '.join(also)}" if also else "")
+    return f"{against} (what it was built from" + (f"; base for {', '.join(also)})" if also else ")")
