@@ -31,6 +31,7 @@ def draw_versions(points: Sequence[Measured], title: str, old_limit: float | Non
     ax.axhline(0, color="black", linewidth=0.6)
     ax.axvline(0, color="black", linewidth=0.6)
     ax.margins(0.15)  # room around the outermost points for their labels
+    _at_least_one_percent(ax)
     ax.set_xlabel("old knowledge: AVE change from the base (%)")
     ax.set_ylabel("new knowledge: AVnew gain from the base (%)")
     ax.set_title(title)
@@ -39,6 +40,16 @@ def draw_versions(points: Sequence[Measured], title: str, old_limit: float | Non
     labels = place_labels(ax, [(p.old_change, p.new_gain) for p in points],
                           [f"{p.version} ({p.method})" for p in points])
     return fig, labels
+
+
+def _at_least_one_percent(ax: Any) -> None:
+    """Axes that span at least 2 percent points: versions that all score like the base (changes of 1e-17 from float
+    sums) would otherwise get an axis of 1e-17 ticks."""
+    for get, set_ in ((ax.get_xlim, ax.set_xlim), (ax.get_ylim, ax.set_ylim)):
+        low, high = get()
+        if high - low < 2.0:
+            middle = (low + high) / 2
+            set_(middle - 1.0, middle + 1.0)
 
 
 def plot_versions(reg: Registry, path: Path) -> list[Measured]:
