@@ -110,14 +110,19 @@ def cmd_compose(args: argparse.Namespace) -> None:
                      author=args.author, batch_size=args.batch_size, launch=launch,
                      force_release=args.force_release,
                      say=lambda message: console.print(f"compose: {message}", highlight=False))
+    from knowstack import api
     from knowstack.registry.history import gate_lines
-    from knowstack.registry.listing import built_on, contributions_of
+    from knowstack.registry.listing import built_on, contribution_names, contributions_of
 
+    names: set[str] = set()
+    if "against" not in record["settings"]["gate"]:  # recorded before gates named it: tell it by the records
+        with api.open_registry(args.registry) as reg:
+            names = contribution_names(reg.versions())
     print("\n".join(line.removeprefix("    ") for line in gate_lines(record)))
     forced = " (forced)" if record["settings"]["gate"].get("forced") else ""
-    used = len(contributions_of(record))
+    used = len(contributions_of(record, names))
     print(f"{record['name']}: {record['status']}{forced} ({record['method']} of {used} "
-          f"contribution{'s' if used != 1 else ''}, built on {built_on(record)})")
+          f"contribution{'s' if used != 1 else ''}, built on {built_on(record, names)})")
 
 
 def cmd_log(args: argparse.Namespace) -> None:
