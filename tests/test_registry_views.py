@@ -133,7 +133,9 @@ def test_list_log_show_and_diff_write_each_field_the_same_way(history: FakeRegis
     # what each was built on, and the forced release, in list, log and show
     assert v2_row[1:3] == ["released", "(forced)"] and "v1" in v2_row and "built on v1 with 1 contribution: c" in log
     assert "FAILED, released anyway (--force-release); against v1 (what it was built from; base for" in log
-    assert "against v1 (what it was built from; base for old knowledge, task C)" in show_v2 and "95% [-0.120, -0.010], n 400" in show_v2
+    assert "against v1 (what it was built from; base for old knowledge, task C)" in show_v2
+    assert "v2  [released (forced)]" in log and "version v2  [released (forced)]" in show_v2
+    assert "v2 [released (forced), merge-average]" in diff and "95% [-0.120, -0.010], n 400" in show_v2
 
 
 def test_diff_says_in_words_what_changed(history: FakeRegistry) -> None:

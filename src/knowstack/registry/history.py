@@ -17,6 +17,7 @@ from knowstack.registry.listing import (
     contribution_names,
     contributions_of,
     number,
+    status,
     text_table,
 )
 
@@ -48,7 +49,7 @@ def format_log(reg: Registry) -> str:
     lines = []
     for record in reversed(records):
         method = record["method"]
-        head = f"{record['name']}  [{record['status']}]  {method}  {record['kind']}  {record['created_at']}"
+        head = f"{record['name']}  [{status(record)}]  {method}  {record['kind']}  {record['created_at']}"
         if record["author"]:
             head += f"  by {record['author']}"
         lines.append(head)
@@ -100,7 +101,7 @@ def specialist_scores(records: Sequence[dict[str, Any]], tasks: dict[str, Regist
 def format_show(reg: Registry, name: str) -> str:
     records = reg.versions()
     record, base, tasks = reg.version(name), reg.base(), registered_tasks(records)
-    lines = [f"version {record['name']}  [{record['status']}]", f"  kind:     {record['kind']}",
+    lines = [f"version {record['name']}  [{status(record)}]", f"  kind:     {record['kind']}",
              f"  method:   {record['method']}", f"  created:  {record['created_at']}",
              f"  author:   {record['author'] or '-'}", f"  hash:     {record['content_hash']}",
              f"  parents:  {', '.join(record['parents']) or '-'}"]
@@ -171,7 +172,7 @@ def lineage_changes(records: Sequence[dict[str, Any]], a: dict[str, Any], b: dic
 def format_diff(reg: Registry, first: str, second: str) -> str:
     records = reg.versions()
     a, b, tasks = reg.version(first), reg.version(second), registered_tasks(records)
-    lines = [f"{first} [{a['status']}, {a['method']}]  ->  {second} [{b['status']}, {b['method']}]",
+    lines = [f"{first} [{status(a)}, {a['method']}]  ->  {second} [{status(b)}, {b['method']}]",
              *lineage_changes(records, a, b)]
     options_a, options_b = a["settings"].get("options") or {}, b["settings"].get("options") or {}
     changed = [f"{k}: {options_a.get(k, '-')} -> {options_b.get(k, '-')}" for k in sorted(set(options_a) | set(options_b))

@@ -27,6 +27,11 @@ def change(value: float | None, reference: float | None) -> str:
     return f"{value - reference:+.3f}{relative}"
 
 
+def status(record: dict[str, Any]) -> str:
+    """released / rejected, and "released (forced)" for a version released by --force-release over its gate."""
+    return record["status"] + (" (forced)" if (record["settings"].get("gate") or {}).get("forced") else "")
+
+
 def averages(record: dict[str, Any], tasks: dict[str, RegisteredTask]) -> tuple[float | None, float | None]:
     """(AVE, AVnew) of a record: AVnew only where it was scored on every registered task."""
     return old_average(record["scores"]), new_average(record["scores"], tasks)
@@ -102,8 +107,7 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str
 def version_row(record: dict[str, Any], tasks: dict[str, RegisteredTask], contributions: set[str]
                 ) -> tuple[str, ...]:
     ave, avnew = averages(record, tasks)
-    forced = " (forced)" if (record["settings"].get("gate") or {}).get("forced") else ""
-    return (record["name"], record["status"] + forced, record["method"], record["kind"],
+    return (record["name"], status(record), record["method"], record["kind"],
             built_on(record, contributions), ", ".join(contributions_of(record, contributions)) or "-",
             number(ave), number(avnew))
 

@@ -30,6 +30,7 @@ from knowstack.registry.listing import (
     contribution_names,
     contributions_of,
     number,
+    status,
 )
 from knowstack.report.html import STYLE
 
@@ -68,7 +69,7 @@ def render_page(name: str, label: str, records: Sequence[dict[str, Any]], plane_
         ("versions", "Versions", _versions_table(records, tasks)),
         ("lineage", "Lineage", _lineage_svg(records)),
         ("plane", "What each version learned and forgot", _plane_html(plane_png, records)),
-        *((f"version-{r['name']}", f"{r['name']}: {r['method']} [{r['status']}]",
+        *((f"version-{r['name']}", f"{r['name']}: {r['method']} [{status(r)}]",
            _version_html(r, base, tasks, specialists, contribution_names(records)))
           for r in reversed(composed(records))),
     ]
@@ -102,10 +103,9 @@ def _versions_table(records: Sequence[dict[str, Any]], tasks: dict[str, Register
     rows = []
     for r in reversed(records):
         what = r["method"] + (f" ({r['task']})" if r.get("task") else "")
-        forced = " (forced)" if (r["settings"].get("gate") or {}).get("forced") else ""
-        status = f'<td style="color:{STATUS_COLOUR.get(r["status"], "#000")}">{escape(r["status"] + forced)}</td>'
+        shown = f'<td style="color:{STATUS_COLOUR.get(r["status"], "#000")}">{escape(status(r))}</td>'
         ave, avnew = averages(r, tasks)
-        rows.append(f'<tr data-version="{escape(r["name"])}"><td>{escape(r["name"])}</td>{status}'
+        rows.append(f'<tr data-version="{escape(r["name"])}"><td>{escape(r["name"])}</td>{shown}'
                     f"<td>{escape(what)}</td><td>{escape(r['kind'])}</td><td>{escape(', '.join(r['parents']) or '-')}</td>"
                     f'<td class="num">{number(ave)}</td><td class="num">{number(avnew)}</td>'
                     f"<td>{escape(r['created_at'])}</td><td>{escape(r['author'] or '-')}</td>"
