@@ -3,7 +3,8 @@
 #   a base model; 7 contributors each train a LoRA adapter on their task (one round, from the base)
 #   and contribute it; one more contributor hands in a full fine-tune trained at a learning rate that
 #   wipes old knowledge; the maintainer composes versions by MoE-LoRA and by TIES, the forgetting gate
-#   rejects the version that takes in the harmful contribution; log and diff show the lineage.
+#   rejects the version that takes in the harmful contribution; log, diff and the registry page show the
+#   lineage and every gate check against what each version was built from.
 #
 #   examples/registry-scenario.sh [OUT_DIR] [PRESET] [REGISTRY]
 #       defaults: runs/registry-scenario, quick, OUT_DIR/registry; REGISTRY may be a URL fsspec reaches
@@ -51,6 +52,7 @@ $KS compose "$REG" --method merge-ties --name v3-ties-all       # all 8: the gat
 # The built-in study's MoE recipe (configs/builtin.yaml): routers also trained, 50 steps on 16 examples a task.
 $KS compose "$REG" --method moe-lora --name v4-moe-trained --router-steps 50
 $KS log "$REG" --plot "$OUT/versions.png"
+$KS registry report "$REG" --out "$OUT/page"                 # one HTML page: lineage, plane, every gate check
 $KS diff "$REG" v1-moe v2-ties
 $KS diff "$REG" v2-ties v3-ties-all
 $KS diff "$REG" v1-moe v4-moe-trained
