@@ -218,9 +218,9 @@ def cmd_gate(args: argparse.Namespace) -> None:
 
 
 def cmd_build_world(args: argparse.Namespace) -> None:
-    from knowstack.builtin.world import build_world
+    from knowstack import api
 
-    path = build_world(Path(args.out), preset=args.preset, seed=args.seed)
+    path = api.build_world(args.out, preset=args.preset, seed=args.seed)
     print(f"built-in world: {path}")
 
 
