@@ -55,6 +55,22 @@ def test_the_study_line_counts_steps_and_hosts_the_steps_bar(monkeypatch: pytest
     assert "step 2/5 train: a" in text and "done in 40.0 s" in text
 
 
+def test_steps_run_apart_count_among_the_studys_steps() -> None:
+    """The built-in world is built before the rest (its fingerprint keys them): it is step 1 of the study's steps,
+    not of its own run, and the rest go on from 2."""
+    s = steps()
+    console = Console(file=io.StringIO(), width=120)
+    with StudyProgress(s[:1], console, total=len(s)) as shown:
+        shown.start(s[0], 1)
+        assert shown.progress.tasks[0].description == "study: step 1 of 5"
+        shown.finish(s[0])
+    with StudyProgress(s, console) as shown:
+        shown.skip(s[0])
+        shown.start(s[1], 2)
+    text = console.file.getvalue()
+    assert "step 1/5 eval: base" in text and "step 2/5 train: a" in text and "/1 " not in text
+
+
 def test_steps_side_by_side_each_have_a_row_and_share_the_time_left(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two steps running at once (the local executor's jobs): a row each, each 'done' line names its step, and the
     time left is the remaining steps' sum over the 2 jobs."""
