@@ -24,6 +24,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def commands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
+    """Every command of `parser` and its parser, by its words ('train', 'registry report'), nested ones too."""
+    found: dict[str, argparse.ArgumentParser] = {}
+    for action in parser._actions:  # argparse keeps its subcommands there; it has no public accessor
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                words = f"{prefix}{name}"
+                found[words] = sub
+                found.update(commands(sub, f"{words} "))
+    return found
+
+
 def _quiet_libraries() -> None:
     """Per-file loading/saving bars of transformers and datasets drown the study's own progress."""
     import os
