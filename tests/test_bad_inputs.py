@@ -192,6 +192,8 @@ MAKERS: dict[str, Callable[[Path, Inputs], Path]] = {
     "chat-template": lambda w, g: (model_copy(w, g), write(w / "chat_template.jinja", "{{ messages }}"))[0],
     "adapter-extra-token": adapter_extra_token,
     # adapters
+    "adapter": lambda w, g: adapter_copy(w, g),
+    "lora-moe": lambda w, g: (adapter_copy(w, g), write(w / "lora_moe.json", "{}"))[0],
     "adapter-no-config": lambda w, g: (adapter_copy(w, g), (w / "adapter_config.json").unlink())[0],
     "adapter-pickle-only": adapter_pickle_only,
     "adapter-truncated": lambda w, g: (adapter_copy(w, g), truncated(w / "adapter_model.safetensors", 10))[0],
@@ -267,6 +269,10 @@ CASES = [
          ("test.json", "item 0", "field 'answer'", "####")),
     Case("eval-pickle-only", "pickle-only", EVAL_MODEL, ("pytorch_model.bin", "never unpickles")),
     Case("eval-truncated-model", "truncated-model", EVAL_MODEL, ("model.safetensors", "truncated")),
+    Case("eval-model-is-an-adapter", "adapter", EVAL_MODEL, ("not a model dir but a PEFT LoRA adapter",
+                                                            "give --model BASE --adapter")),
+    Case("eval-model-is-a-lora-moe", "lora-moe", EVAL_MODEL, ("not a model dir but a LoRA-MoE (lora_moe.json)",
+                                                              "give --model BASE --adapter")),
     Case("eval-adapter-no-config", "adapter-no-config", EVAL.replace("{bad}", "{task}") + " --adapter {bad}",
          ("no adapter_config.json",)),
     Case("eval-adapter-truncated", "adapter-truncated", EVAL.replace("{bad}", "{task}") + " --adapter {bad}",
@@ -325,6 +331,8 @@ CASES = [
          "--task {task}", ("adapter_model.bin", "never unpickled")),
     Case("contribute-model-truncated", "truncated-model", "contribute {registry} --name c --model {bad} "
          "--task {task}", ("model.safetensors", "truncated")),
+    Case("contribute-model-is-an-adapter", "adapter", "contribute {registry} --name c --model {bad} --task {task}",
+         ("not a model dir but a PEFT LoRA adapter", "give it as --adapter")),
     Case("contribute-chat-template", "chat-template", "contribute {registry} --name c --model {bad} --task {task}",
          ("bad/chat_template.jinja", "a chat template here, none in the registry's base", "another chat template")),
     Case("contribute-training-config-missing", "missing-file", "contribute {registry} --name c --adapter {adapter} "

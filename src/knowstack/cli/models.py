@@ -91,7 +91,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from knowstack import api
     from knowstack.validate import check_adapter_dir, check_model_dir, check_old_tasks, raise_problems
 
-    problems = check_model_dir(args.model) + (check_adapter_dir(args.adapter) if args.adapter else [])
+    problems = check_model_dir(args.model, adapter_hint="--model BASE --adapter {path}")
+    problems += check_adapter_dir(args.adapter) if args.adapter else []
     if args.task or args.test_file:
         problems += _task_arg_problems(args, "test")
     if args.old_tasks or args.include_path:
