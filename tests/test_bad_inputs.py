@@ -317,6 +317,12 @@ CASES = [
          "--prompts {bad} {bad} --out {out}", ("item 0", "expected an object, found a number"), problems=2),
     Case("mix-train-data-missing-field", "missing-field", "mix --base {model} --models {adapter} {adapter} "
          "--train-data {bad}/train.json --train-steps 1 --out {out}", ("train.json", "item 2", "field 'answer'")),
+    # a problem of the command line is named by its option, not by the API's or a config's field (router_training)
+    Case("mix-router-training-of-a-training-free-router", "nothing", "mix --base {model} --models {adapter} {adapter} "
+         "--router arrow --train-data {task}/train.json --train-steps 1 --out {out}",
+         ("option --train-data/--train-steps", "training-free")),
+    Case("mix-top-k-above-the-experts", "nothing", "mix --base {model} --models {adapter} {adapter} --top-k 5 "
+         "--out {out}", ("option --top-k", "between 1 and the number of experts (2)")),
     Case("gate-train-data-missing-field", "missing-field", "gate --base {model} --adapter {adapter} "
          "--train-data {bad}/train.json", ("train.json", "item 2", "field 'answer'")),
     Case("gate-adapter-truncated", "adapter-truncated", "gate --base {model} --adapter {bad} "
