@@ -118,16 +118,22 @@ def test_library_chatter_goes_to_the_programs_logging_or_nowhere(caplog: pytest.
         logging.getLogger("transformers.modeling_utils").warning("a library's warning")
 
     library = logging.getLogger("transformers")
+    # transformers' own default level (the CLI, run in this process by other tests, sets it to ERROR)
+    monkeypatch.setattr(library, "level", logging.WARNING)
     before = (library.handlers[:], library.propagate, library.level)
     with caplog.at_level(logging.WARNING), quiet_libraries():
         chatter()
     assert {record.name for record in caplog.records} == {"py.warnings", "transformers.modeling_utils"}
     assert capfd.readouterr().err == ""
     caplog.clear()
-    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # a program that configured no logging
-    with quiet_libraries():
-        chatter()
-    monkeypatch.undo()
+    root = logging.getLogger()
+    configured = root.handlers
+    root.handlers = []  # a program that configured no logging
+    try:
+        with quiet_libraries():
+            chatter()
+    finally:
+        root.handlers = configured
     assert capfd.readouterr().err == "" and caplog.records == []
     assert (library.handlers, library.propagate, library.level) == before
 
