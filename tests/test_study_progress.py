@@ -89,3 +89,31 @@ def test_steps_side_by_side_each_have_a_row_and_share_the_time_left(monkeypatch:
         shown.finish(s[2])
     text = console.file.getvalue()
     assert "done train: a in 30.0 s" in text and "done train: b in 40.0 s" in text
+
+
+def test_the_world_built_first_is_counted_among_the_studys_steps(tmp_path) -> None:
+    """The runner builds the world alone first (its fingerprint keys the rest), then runs the whole plan: both runs
+    count the study's steps, so the console says 'step 1/N world', then 'step 2/N'."""
+    import json
+
+    from knowstack.config import parse_config
+    from knowstack.study.executors import Progress
+    from knowstack.study.runner import run_study
+
+    calls = []
+
+    class Recording:  # the world "built" (its world.json), nothing else run
+        def run(self, steps, ctx, console, total=None):
+            calls.append((len(steps), total))
+            for step in steps:
+                if step.kind == "world":
+                    (ctx.artifact(step.key)).mkdir(parents=True, exist_ok=True)
+                    (ctx.artifact(step.key) / "world.json").write_text(json.dumps({"fingerprint": "f00d"}))
+            return Progress(ran=1 if total else 0)
+
+    config = parse_config({"name": "w", "base": {"builtin": "test"}, "tasks": "builtin",
+                           "old_knowledge": {"tasks": "builtin"}, "training": {"lr": 1e-3},
+                           "methods": {"sequential": {"finetune": ["lora"]}}})
+    run_study(config, tmp_path / "study", console=Console(file=io.StringIO()), executor=Recording())
+    (world, total), (whole, none) = calls
+    assert world == 1 and total == whole > 10 and none is None
