@@ -51,7 +51,9 @@ class TaskConfig(Strict):
     """A new-knowledge task: a TRACE-layout dir, or math as MetaMathQA train + GSM8K test files.
     epochs / max_steps: this task's training budget, in place of the training recipe's, in every round that
     trains on it (one-round, sequential, O-LoRA, replay, and so merge and MoE); a joint run, on all tasks at
-    once, keeps the recipe's. A sweep point that sets epochs or max_steps overrides it."""
+    once, keeps the recipe's. A sweep point that sets epochs or max_steps overrides it. micro_batch_size: this
+    task's, in place of the recipe's, in the same rounds (with `loss_reduction: micro_batch` it weighs the loss, as
+    the paper's per-task per-device batch sizes did)."""
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
     format: Literal["trace", "math"] = "trace"
@@ -64,6 +66,7 @@ class TaskConfig(Strict):
     max_test: int | None = Field(default=None, gt=0)
     epochs: float | None = Field(default=None, gt=0)
     max_steps: int | None = Field(default=None, gt=0)
+    micro_batch_size: int | None = Field(default=None, gt=0)
     protocol: Protocol | None = None  # this task's scoring protocol, where it differs from evaluation.protocol
 
     @model_validator(mode="after")
@@ -75,12 +78,13 @@ class TaskConfig(Strict):
         return self
 
     def budget(self) -> dict[str, Any]:
-        """The training settings this task's budget replaces ({} when it has none)."""
+        """The training settings this task's own settings replace ({} when it has none)."""
+        own: dict[str, Any] = {} if self.micro_batch_size is None else {"micro_batch_size": self.micro_batch_size}
         if self.epochs is not None:
-            return {"epochs": self.epochs, "max_steps": None}
+            return {**own, "epochs": self.epochs, "max_steps": None}
         if self.max_steps is not None:
-            return {"max_steps": self.max_steps}
-        return {}
+            return {**own, "max_steps": self.max_steps}
+        return own
 
 
 class BuiltinTasks(Strict):
@@ -168,6 +172,14 @@ class TrainingConfig(Strict):
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float = Field(default=1.0, gt=0)
     pack: bool = True
+    # How the weights are held while they train. float32: float32 weights and AdamW state (autocast by accelerate
+    # where a launch sets mixed_precision); bf16: weights and AdamW state in bfloat16, as a script that loads its
+    # model with torch_dtype=bfloat16 and sets no mixed precision trains it (the paper's).
+    precision: Literal["float32", "bf16"] = "float32"
+    # The loss of an optimizer step. token: one mean over the answer tokens of the whole effective batch (Trainer
+    # since transformers 4.46); micro_batch: the mean of each micro-batch's own token mean (Trainer up to 4.45, the
+    # paper's), so an example weighs more in a micro-batch of short answers.
+    loss_reduction: Literal["token", "micro_batch"] = "token"
     lora: LoraConfig = Field(default_factory=LoraConfig)
     # experiment trackers (train/tracking.py); not part of any step's cache key
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
@@ -575,7 +587,8 @@ class LaunchConfig(LaunchSettings):
     """How train steps run: by default in the study's own process. lora: other settings for LoRA and
     O-LoRA steps (e.g. FSDP for FFT of an 8B model, DDP for its adapters: O-LoRA's penalty needs
     unsharded A matrices). cpu: processes on the CPU (gloo DDP), for machines without GPUs. Not part
-    of any step's key: the same global batch gives the same weights on any number of processes."""
+    of any step's key, since the same global batch gives the same weights on any number of processes, except
+    mixed_precision, which changes the numbers: it keys the steps that train launched."""
 
     cpu: bool = False
     lora: LaunchSettings | None = None

@@ -39,6 +39,10 @@ __all__ = ["STEP_VERSIONS", "Evaluation", "ModelRef", "Plan", "PlanBuilder", "Po
            "lambda_tag", "ref_deps", "step_ref"]
 
 
+# The kinds of step that tokenize text with the base's tokenizer.
+TOKENIZING_STEPS = frozenset({"train", "eval", "statistics", "moe", "gate"})
+
+
 class PlanBuilder:
     """What the catalog's methods plan with (study/methods/): the base, the tasks, the recipe, the shared steps.
 
@@ -150,15 +154,15 @@ class PlanBuilder:
             "seed": self.seed,
             **(extra or {}),
         }
-        return self.plan.add(Step("train", label, params, ref_deps(init) + deps, title))
+        return self.add_step("train", label, params, ref_deps(init) + deps, title)
 
     def _training_for(self, task: dict) -> TrainingConfig:
         """The recipe with the task's own budget (epochs or max_steps), unless the sweep point sets one: a task
         without a budget trains, and so hashes, exactly as before budgets existed."""
-        budget = self.budgets.get(task["name"], {})
-        if not budget or self.point.get("epochs") is not None or self.point.get("max_steps") is not None:
-            return self.training
-        return self.training.model_copy(update=budget)
+        budget = dict(self.budgets.get(task["name"], {}))
+        if self.point.get("epochs") is not None or self.point.get("max_steps") is not None:
+            budget = {name: value for name, value in budget.items() if name not in ("epochs", "max_steps")}
+        return self.training.model_copy(update=budget) if budget else self.training
 
     def joint_train_step(self, init: ModelRef, finetune: str, sampling: str) -> Step:
         """One run on all tasks at once; the executor draws the mixture from `tasks` and the seed."""
@@ -170,7 +174,7 @@ class PlanBuilder:
             "training": training_params(self.training, finetune),
             "seed": self.seed,
         }
-        return self.plan.add(Step("train", f"{finetune}-joint-{sampling}", params, ref_deps(init)))
+        return self.add_step("train", f"{finetune}-joint-{sampling}", params, ref_deps(init))
 
     def merge_adapter_step(self, init: ModelRef, adapter: str, deps: tuple[str, ...], label: str,
                            title: str = "") -> Step:
@@ -182,8 +186,26 @@ class PlanBuilder:
         """'sequential round 2/7': which round of a method a step is, for the console."""
         return f"{method} round {stage}/{len(self.tasks)}"
 
-    def add_step(self, kind: str, label: str, params: dict[str, Any], deps: tuple[str, ...]) -> Step:
-        return self.plan.add(Step(kind, label, params, deps))
+    def add_step(self, kind: str, label: str, params: dict[str, Any], deps: tuple[str, ...], title: str = "") -> Step:
+        """title: which round of a method the step is, shown on the console only (Step.title)."""
+        return self.plan.add(Step(kind, label, {**params, **self._read_from_config(kind, params)}, deps, title))
+
+    def _read_from_config(self, kind: str, params: dict[str, Any]) -> dict[str, Any]:
+        """What a step of `kind` reads of the config beyond the settings its method gives it, so that it is in the
+        step's key (a step computes from its params only): the base's own tokenizer, and the mixed precision of
+        training launched as processes. Each only when set, so that a study without them keeps its keys."""
+        extra: dict[str, Any] = {}
+        if self.config.base.tokenizer is not None and kind in TOKENIZING_STEPS:
+            extra["tokenizer"] = self.config.base.tokenizer
+        trains = {"train": params.get("finetune"), "moe": params.get("experts")}.get(kind)
+        if trains is not None and (kind == "train" or params["options"].get("router_training")):
+            from knowstack.train.launch import launched_mixed_precision
+
+            launch = self.config.launch.for_finetune(trains)
+            precision = launched_mixed_precision(launch.mixed_precision, launch.accelerate_config)
+            if launch.launched and precision is not None:
+                extra["mixed_precision"] = precision
+        return extra
 
     def base_deps(self) -> tuple[str, ...]:
         return ref_deps(self.base)
@@ -214,7 +236,7 @@ class PlanBuilder:
     ) -> None:
         """settings: values of the model's that are not a sweep point but are worth a column (O-LoRA's lambda)."""
         params = {"model": ref.to_dict(), **self._eval_params()}
-        step = self.plan.add(Step("eval", self.label_of(ref), params, ref_deps(ref)))
+        step = self.add_step("eval", self.label_of(ref), params, ref_deps(ref))
         columns = Point.of({**(settings or {}), **dict(self.point.values)}).values
         seed = self.seed if self.config.seeds is not None and method != "base" else None
         self.plan.evaluations.append(Evaluation(self.point.named(name), method, finetune, stage, step.key, trained_on,
@@ -224,11 +246,19 @@ class PlanBuilder:
         self.evaluate(self.base, "base", "base", "", None)
 
 
+# Training settings added after studies were run: in a train step's params only when set to other than their
+# default, so that the key of a step made before they existed stays its key.
+LATER_TRAINING_SETTINGS = ("precision", "loss_reduction")
+
+
 def training_params(training: TrainingConfig, finetune: str) -> dict[str, Any]:
     params = training.model_dump(mode="json")
     params.pop("report_to")  # where training is reported to does not change what it computes
     if finetune != "lora":
         params.pop("lora")
+    for name in LATER_TRAINING_SETTINGS:
+        if params[name] == TrainingConfig.model_fields[name].default:
+            params.pop(name)
     return params
 
 

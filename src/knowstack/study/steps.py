@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from knowstack.atomic import atomic_dir, atomic_write_json
-from knowstack.config import StudyConfig
+from knowstack.config import EvaluationConfig, OldKnowledgeConfig, StudyConfig
 from knowstack.data.formats import Example
 from knowstack.data.sampling import joint_mixture, replay_mixture
 from knowstack.data.tasks import TaskSpec
@@ -56,8 +56,7 @@ class StudyContext:
         world = self.world_dir
         return json.loads((world / "world.json").read_text()) if world else {}
 
-    def old_task_setup(self) -> tuple[list[str], Path | None]:
-        old = self.config.old_knowledge
+    def old_task_setup(self, old: OldKnowledgeConfig) -> tuple[list[str], Path | None]:
         if old.tasks == "builtin":
             manifest = self.world_manifest()
             return list(manifest["old_tasks"]), self.world_dir / manifest["old_include_path"]
@@ -87,7 +86,7 @@ MIXTURE_FILE = "mixture.json"
 def run_train(step: Step, ctx: StudyContext, out: Path) -> None:
     """Here, or under `accelerate launch` when the config's launch section asks for processes: the
     same job either way (train/launch.py), so the artifact does not depend on how it was run."""
-    from knowstack.train.launch import LaunchSpec, TrainJob, run_or_launch
+    from knowstack.train.launch import TrainJob, run_or_launch
 
     params = step.params
     examples, mixture = training_examples(ctx, params)
@@ -95,12 +94,23 @@ def run_train(step: Step, ctx: StudyContext, out: Path) -> None:
         model_path=ctx.resolve(params["init"]["model"]), out_dir=str(out),
         settings=train_settings(ctx, params).to_dict(), examples=[(ex.prompt, ex.answer) for ex in examples],
         progress_desc=step.label, olora=_olora_spec(ctx, params), tracking=_tracking(step, ctx),
-        tokenizer=ctx.config.base.tokenizer, trust_remote_code=ctx.config.base.trust_remote_code,
+        tokenizer=params.get("tokenizer"), trust_remote_code=ctx.config.base.trust_remote_code,
     )
-    run_or_launch(job, LaunchSpec.from_config(ctx.config.launch, params["finetune"]))
+    run_or_launch(job, launch_spec(ctx, params, params["finetune"]))
     if mixture is not None:
         # What was replayed / mixed, index by index into each task's train split, beside the model.
         atomic_write_json(out / MIXTURE_FILE, mixture)
+
+
+def launch_spec(ctx: StudyContext, params: dict[str, Any], finetune: str):  # -> LaunchSpec | None
+    """How the config launches `finetune`'s training, with the mixed precision the step's key holds (the plan puts
+    it in the params of the steps it launches: it changes the numbers, the process count does not)."""
+    from dataclasses import replace
+
+    from knowstack.train.launch import LaunchSpec
+
+    spec = LaunchSpec.from_config(ctx.config.launch, finetune)
+    return None if spec is None else replace(spec, mixed_precision=params.get("mixed_precision", "no"))
 
 
 def _tracking(step: Step, ctx: StudyContext) -> dict[str, Any] | None:
@@ -171,7 +181,7 @@ def run_statistics(step: Step, ctx: StudyContext, out: Path) -> None:
     compute_statistics(ctx.resolve(params["model"]), ctx.tasks()[params["task"]["name"]].load("train"), out,
                        base=base if params["finetune"] == "lora" else None, kinds=[params["kind"]],
                        max_examples=params["examples"], max_length=params["max_length"],
-                       tokenizer=ctx.config.base.tokenizer or base, trust_remote_code=ctx.config.base.trust_remote_code)
+                       tokenizer=params.get("tokenizer") or base, trust_remote_code=ctx.config.base.trust_remote_code)
 
 
 def run_moe(step: Step, ctx: StudyContext, out: Path) -> None:
@@ -180,7 +190,6 @@ def run_moe(step: Step, ctx: StudyContext, out: Path) -> None:
     examples of each task's training split (prompts: see _prompt_split). Router training is launched as the config's launch section
     launches the training of the experts (its `lora` settings for a LoRA-MoE), in this process otherwise."""
     from knowstack.combine.moe import MoeOptions, mix_models
-    from knowstack.train.launch import LaunchSpec
     from knowstack.train.router_training import RouterTraining
 
     params, options = step.params, step.params["options"]
@@ -203,8 +212,8 @@ def run_moe(step: Step, ctx: StudyContext, out: Path) -> None:
                            shared=options["shared"], base_expert=options["base_expert"], router=options["router"],
                            seed=params["seed"], attention=tuple(options.get("attention") or ()),
                            routing=options.get("routing"), temperature=options.get("temperature") or 1.0),
-        prompts=prompts, train_examples=examples, training=training, tokenizer_path=ctx.config.base.tokenizer,
-        launch=LaunchSpec.from_config(ctx.config.launch, params["experts"]),
+        prompts=prompts, train_examples=examples, training=training, tokenizer_path=params.get("tokenizer"),
+        launch=launch_spec(ctx, params, params["experts"]),
     )
 
 
@@ -226,7 +235,7 @@ def run_gate(step: Step, ctx: StudyContext, out: Path) -> None:
     gate_adapter(_local_model_dir(ctx.resolve(params["base"]["model"])), out, examples,
                  GateTraining(steps=settings["steps"], lr=settings["lr"], batch_size=settings["batch_size"],
                               max_length=params["max_length"], seed=params["seed"]),
-                 tokenizer_path=ctx.config.base.tokenizer)
+                 tokenizer_path=params.get("tokenizer"))
 
 
 def _prompt_split(spec: TaskSpec, params: dict[str, Any]) -> str:
@@ -245,19 +254,19 @@ def _local_model_dir(model: str) -> str:
     return snapshot_download(model, allow_patterns=patterns)
 
 
-def _max_new_tokens(ctx: StudyContext, task: TaskSpec) -> dict[str, int]:
-    overrides = ctx.config.evaluation.max_new_tokens
+def _max_new_tokens(evaluation: EvaluationConfig, task: TaskSpec) -> dict[str, int]:
+    overrides = evaluation.max_new_tokens
     for key in (task.name, task.metric):
         if key in overrides:
             return {"max_new_tokens": overrides[key]}
     return {}
 
 
-def _scoring_settings(ctx: StudyContext, task: TaskSpec) -> dict[str, Any]:
+def _scoring_settings(evaluation: EvaluationConfig, task: TaskSpec) -> dict[str, Any]:
     """The task's protocol (its own, else the study's) and, for math, the GSM8K files the harness reads."""
     from knowstack.evaluate.new_knowledge import HarnessData
 
-    settings: dict[str, Any] = {"protocol": task.protocol or ctx.config.evaluation.protocol}
+    settings: dict[str, Any] = {"protocol": task.protocol or evaluation.protocol}
     if task.format == "math":
         settings["harness"] = HarnessData(test=task.test_path, fewshot=task.eval_path, limit=task.max_test)
     return settings
@@ -280,22 +289,23 @@ def run_eval(step: Step, ctx: StudyContext, out: Path) -> None:
     trust = ctx.config.base.trust_remote_code
     model = load_model(model_path, ctx.resolve(ref["adapter"]), dtype="float32", trust_remote_code=trust)
     model = on_gpu_if_it_fits(model)
-    tokenizer = load_tokenizer(ctx.config.base.tokenizer or model_path, trust_remote_code=trust)
-    batch_size = ctx.config.evaluation.batch_size
+    tokenizer = load_tokenizer(step.params.get("tokenizer") or model_path, trust_remote_code=trust)
+    # the settings the plan hashed into the step's key, not the config's: a step computes from its params
+    evaluation = EvaluationConfig.model_validate(step.params["evaluation"])
+    old = OldKnowledgeConfig.model_validate(step.params["old"])
     for name, task in ctx.tasks().items():
         done = partial / f"new-{name}.json"
         if done.exists():
             continue
         score = evaluate_task(
-            model, tokenizer, task.load("test"), task.metric, batch_size=batch_size, **_max_new_tokens(ctx, task),
-            **_scoring_settings(ctx, task),
+            model, tokenizer, task.load("test"), task.metric, batch_size=evaluation.batch_size,
+            **_max_new_tokens(evaluation, task), **_scoring_settings(evaluation, task),
         )
         _write_jsonl(partial / f"predictions-{name}.jsonl", score.predictions)
         atomic_write_json(done, {"task": name, **score.record(), "per_example": score.per_example})
     old_done = partial / "old.json"
     if not old_done.exists():
-        old_tasks, include_path = ctx.old_task_setup()
-        old = ctx.config.old_knowledge
+        old_tasks, include_path = ctx.old_task_setup(old)
         scores, items = evaluate_old_knowledge_items(
             model,
             tokenizer,

@@ -127,6 +127,17 @@ def read_accelerate_config(config_path: Path) -> dict[str, Any]:
     return yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
 
 
+def launched_mixed_precision(mixed_precision: str | None, accelerate_config: str | None) -> str | None:
+    """The mixed precision a launch runs with: the launch's own, else its accelerate config file's (the shipped
+    ones say bf16); None where it runs none ('no'). It changes the numbers, so it keys the steps launched."""
+    if mixed_precision is None:
+        try:
+            mixed_precision = read_accelerate_config(accelerate_config_path(accelerate_config)).get("mixed_precision")
+        except KnowstackError:
+            return None  # a config that is not there is the input checks' to report
+    return None if mixed_precision in (None, "no") else str(mixed_precision)
+
+
 def distributed_type(config_path: Path) -> str:
     """MULTI_GPU, FSDP, DEEPSPEED, ... as the accelerate config file names it."""
     return str(read_accelerate_config(config_path).get("distributed_type", "NO")).upper()

@@ -2,8 +2,9 @@
 
 The recipe is the paper's (HF Trainer semantics): AdamW, a warmup + constant/linear/cosine schedule,
 an effective batch of `batch_size` examples per optimizer step reached by gradient accumulation,
-gradient clipping, and a loss that is the mean over the answer tokens of the whole effective batch
-(Trainer's `num_items_in_batch`), not a mean of per-micro-batch means.
+gradient clipping, and a loss that is by default the mean over the answer tokens of the whole effective batch
+(Trainer's `num_items_in_batch`, since transformers 4.46), or with `loss_reduction: micro_batch` the mean of
+per-micro-batch token means (Trainer up to 4.45, which the paper ran).
 
 Distribution is done by hand rather than through a prepared DataLoader: every process computes
 the same seeded batch order and takes a strided share of each effective batch, so a step is the
@@ -133,15 +134,20 @@ def _warn_overlong(desc: str, fitted: dict[str, int], n_examples: int, max_lengt
               f"{fitted['dropped']} were dropped (answer alone too long)", file=sys.stderr, flush=True)
 
 
+# The dtype of the weights (and so of AdamW's state) while they train, by TrainSettings.precision.
+TRAINING_DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}
+
+
 def _load_trainable(
     model_path: str | Path, settings: TrainSettings, adapter_init: str | Path | None, trust_remote_code: bool = False
 ) -> torch.nn.Module:
-    # float32 master weights: on CPU there is no faster dtype to train in, and mixed precision on
-    # accelerators is accelerate's job (`--mixed_precision bf16`), which autocasts the forward.
+    # float32 by default: on CPU there is no faster dtype to train in, and mixed precision on accelerators is
+    # accelerate's job (`--mixed_precision bf16`), which autocasts the forward. bf16: the paper's script's way.
+    dtype = TRAINING_DTYPES[settings.precision]
     if settings.finetune == "fft":
-        return make_trainable(load_model(model_path, adapter_init, dtype=torch.float32, merge_adapter=True,
+        return make_trainable(load_model(model_path, adapter_init, dtype=dtype, merge_adapter=True,
                                          trust_remote_code=trust_remote_code), settings)
-    base = load_model(model_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    base = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
     if adapter_init is not None:
         from peft import PeftModel
 
@@ -298,16 +304,14 @@ def _optimizer_step(
 ) -> tuple[float, float | None]:
     """Forward/backward over this process's micro-batches, then one optimizer step; returns the batch loss."""
     world = accelerator.num_processes
-    # The normaliser is the whole effective batch's answer-token count, known to every process.
-    # DDP averages gradients over processes, hence the factor `world` to get a plain token mean.
-    batch_tokens = sum(tokenized[i].answer_tokens for i in batch)
-    scale = world / max(batch_tokens, 1)
     mine = shard(batch, accelerator.process_index, world)
     # A process with no share of a small last batch still runs one (zero-weighted) pass, so that
     # every process joins the gradient all-reduce.
     weight = 1.0 if mine else 0.0
     micros = micro_batches(mine or batch[:1], settings.micro_batch_size)
+    scales = _loss_scales(tokenized, batch, micros, settings, world)
     ce_total = torch.zeros((), device=accelerator.device)
+    loss_total = torch.zeros((), device=accelerator.device)
     extra_value = None
     for k, micro in enumerate(micros):
         last = k == len(micros) - 1
@@ -318,7 +322,7 @@ def _optimizer_step(
             inputs = collate([tokenized[i] for i in micro], pack_rows=settings.pack, pad_token_id=pad_token_id)
             inputs = {key: value.to(accelerator.device) for key, value in inputs.items()}
             ce_sum = answer_loss_sum(model, inputs) * weight
-            loss = ce_sum * scale
+            loss = ce_sum * scales[k]
             if last and extra_loss is not None:
                 # Added once per step, on the synchronising pass; identical on every process, so
                 # DDP's averaging leaves it as is.
@@ -327,12 +331,30 @@ def _optimizer_step(
                 extra_value = float(extra.detach())
             accelerator.backward(loss)
         ce_total = ce_total + ce_sum.detach()
+        loss_total = loss_total + ce_sum.detach() * (scales[k] / world)
     if settings.max_grad_norm > 0:
         accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if settings.loss_reduction == "micro_batch":
+        return float(accelerator.reduce(loss_total, reduction="sum")), extra_value
     ce_total = accelerator.reduce(ce_total, reduction="sum")
-    return float(ce_total) / max(batch_tokens, 1), extra_value
+    return float(ce_total) / max(sum(tokenized[i].answer_tokens for i in batch), 1), extra_value
+
+
+def _loss_scales(tokenized: Sequence[TokenizedExample], batch: list[int], micros: list[list[int]],
+                 settings: TrainSettings, world: int) -> list[float]:
+    """What each of this process's micro-batches' summed answer-token loss is multiplied by, so that the gradients
+    DDP averages over the processes are those of the step's loss (settings.loss_reduction).
+
+    token: every token of the effective batch weighs the same (its answer-token count is known to every process).
+    micro_batch: each micro-batch's token mean weighs the same, over the micro-batches of every process (HF Trainer
+    before transformers 4.46, whose gradient accumulation divides each micro-batch's mean loss by their count)."""
+    if settings.loss_reduction == "token":
+        return [world / max(sum(tokenized[i].answer_tokens for i in batch), 1)] * len(micros)
+    shares = (shard(batch, rank, world) for rank in range(world))
+    count = sum(len(micro_batches(share, settings.micro_batch_size)) for share in shares if share)
+    return [world / (count * max(sum(tokenized[i].answer_tokens for i in micro), 1)) for micro in micros]
 
 
 def _summary(
