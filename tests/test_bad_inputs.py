@@ -198,6 +198,8 @@ MAKERS: dict[str, Callable[[Path, Inputs], Path]] = {
     "chat-template": lambda w, g: (model_copy(w, g), write(w / "chat_template.jinja", "{{ messages }}"))[0],
     "adapter-extra-token": adapter_extra_token,
     # adapters
+    "adapter": lambda w, g: adapter_copy(w, g),
+    "lora-moe": lambda w, g: (adapter_copy(w, g), write(w / "lora_moe.json", "{}"))[0],
     "adapter-no-config": lambda w, g: (adapter_copy(w, g), (w / "adapter_config.json").unlink())[0],
     "adapter-pickle-only": adapter_pickle_only,
     "adapter-truncated": lambda w, g: (adapter_copy(w, g), truncated(w / "adapter_model.safetensors", 10))[0],
@@ -287,6 +289,10 @@ CASES = [
                                                              "mlp.down_proj.weight is [64, 128] in the weights",
                                                              "[64, 256] by config.json")),
     Case("eval-truncated-model", "truncated-model", EVAL_MODEL, ("model.safetensors", "truncated")),
+    Case("eval-model-is-an-adapter", "adapter", EVAL_MODEL, ("not a model dir but a PEFT LoRA adapter",
+                                                            "give --model BASE --adapter")),
+    Case("eval-model-is-a-lora-moe", "lora-moe", EVAL_MODEL, ("not a model dir but a LoRA-MoE (lora_moe.json)",
+                                                              "give --model BASE --adapter")),
     Case("eval-adapter-no-config", "adapter-no-config", EVAL.replace("{bad}", "{task}") + " --adapter {bad}",
          ("no adapter_config.json",)),
     Case("eval-adapter-truncated", "adapter-truncated", EVAL.replace("{bad}", "{task}") + " --adapter {bad}",
@@ -339,6 +345,12 @@ CASES = [
          "--prompts {bad} {bad} --out {out}", ("item 0", "expected an object, found a number"), problems=2),
     Case("mix-train-data-missing-field", "missing-field", "mix --base {model} --models {adapter} {adapter} "
          "--train-data {bad}/train.json --train-steps 1 --out {out}", ("train.json", "item 2", "field 'answer'")),
+    # a problem of the command line is named by its option, not by the API's or a config's field (router_training)
+    Case("mix-router-training-of-a-training-free-router", "nothing", "mix --base {model} --models {adapter} {adapter} "
+         "--router arrow --train-data {task}/train.json --train-steps 1 --out {out}",
+         ("option --train-data/--train-steps", "training-free")),
+    Case("mix-top-k-above-the-experts", "nothing", "mix --base {model} --models {adapter} {adapter} --top-k 5 "
+         "--out {out}", ("option --top-k", "between 1 and the number of experts (2)")),
     Case("gate-train-data-missing-field", "missing-field", "gate --base {model} --adapter {adapter} "
          "--train-data {bad}/train.json", ("train.json", "item 2", "field 'answer'")),
     Case("gate-adapter-truncated", "adapter-truncated", "gate --base {model} --adapter {bad} "
@@ -357,6 +369,8 @@ CASES = [
          "--task {task}", ("adapter_model.bin", "never unpickled")),
     Case("contribute-model-truncated", "truncated-model", "contribute {registry} --name c --model {bad} "
          "--task {task}", ("model.safetensors", "truncated")),
+    Case("contribute-model-is-an-adapter", "adapter", "contribute {registry} --name c --model {bad} --task {task}",
+         ("not a model dir but a PEFT LoRA adapter", "give it as --adapter")),
     Case("contribute-chat-template", "chat-template", "contribute {registry} --name c --model {bad} --task {task}",
          ("bad/chat_template.jinja", "a chat template here, none in the registry's base", "another chat template")),
     Case("contribute-training-config-missing", "missing-file", "contribute {registry} --name c --adapter {adapter} "

@@ -165,8 +165,8 @@ def test_training_methods_train_on_the_kept_data(registry: Path) -> None:
     assert sequential["kind"] == "model" and sequential["parents"] == ["stance", "math"]
     # the study's own steps, in order: train on stance, fold the adapter in, train on math from that model, fold in
     assert [m for m in said if m.startswith("step")] == [
-        "step 1/4 train: lora-stance", "step 2/4 merge-adapter: lora-stance",
-        "step 3/4 train: lora-math", "step 4/4 merge-adapter: lora-math"]
+        "step 1/4 train: lora-stance (sequential round 1/2)", "step 2/4 merge-adapter: lora-stance (sequential round 1/2)",
+        "step 3/4 train: lora-math (sequential round 2/2)", "step 4/4 merge-adapter: lora-math (sequential round 2/2)"]
     joint = compose(registry, "joint", contributions=["stance", "notes"], options=TINY_TRAINING)
     assert joint["kind"] == "adapter" and "adapter_model.safetensors" in joint["files"]
     with Registry.open(registry) as reg, reg.view(joint["name"]) as folder:

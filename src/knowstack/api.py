@@ -9,7 +9,8 @@
 Every function calls the same code the matching CLI command calls (train/loop, combine/merge, combine/moe,
 evaluate/*, study/runner, registry/*), so results are the same either way. Bad input raises
 knowstack.errors.KnowstackError naming the file, field and item. Heavy libraries (torch, transformers) are
-imported only by the functions that need them.
+imported only by the functions that need them. The functions that run the libraries (@quiet_call) are as quiet
+as the CLI: no library progress bars, and the libraries' warnings to the program's logging (logs.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from knowstack.errors import KnowstackError
+from knowstack.logs import quiet_call
 
 if TYPE_CHECKING:
     import pandas
@@ -33,10 +35,21 @@ if TYPE_CHECKING:
 PathLike = str | Path
 
 __all__ = [
-    "PlannedStep", "StudyResults", "TaskScores", "compose", "contribute", "dry_run", "evaluate", "export",
+    "PlannedStep", "StudyResults", "TaskScores", "build_world", "compose", "contribute", "dry_run", "evaluate", "export",
     "history", "init_registry", "load_study", "merge", "mix", "open_registry", "rows_frame", "run_study", "score",
     "score_predictions", "study_results", "train", "statistics", "gate",
 ]
+
+
+# --- the built-in world -------------------------------------------------------------------------------
+@quiet_call
+def build_world(out: PathLike, *, preset: str = "quick", seed: int = 0) -> Path:
+    """The built-in world, as `knowstack build-world`: a tiny pretrained base (out/model), its new-knowledge tasks in
+    TRACE layout (out/tasks/<Task>), its lm-eval old-knowledge tasks (out/old_knowledge) and world.json; preset
+    test (seconds, for trying things), quick or full (builtin/world.py PRESETS). Returns `out`."""
+    from knowstack.builtin.world import build_world as build
+
+    return build(Path(out), preset=preset, seed=seed)
 
 
 # --- studies -------------------------------------------------------------------------------------------
@@ -147,6 +160,7 @@ def rows_frame(rows: Sequence[Row]) -> pandas.DataFrame:
     return pandas.DataFrame([row.record() for row in rows])
 
 
+@quiet_call
 def run_study(config: PathLike | Mapping[str, Any] | StudyConfig, out: PathLike, *, executor: str = "local",
               address: str | None = None, console: Any = None, jobs: int | None = None,
               threads: int | str | None = None) -> StudyResults:
@@ -224,6 +238,7 @@ def _replay_examples(current: tuple[str, list[tuple[str, str]]], earlier: Sequen
     return replay_mixture(current, named, ReplayConfig().fraction if fraction is None else fraction, seed)
 
 
+@quiet_call
 def train(model: PathLike, data: PathLike | TaskSpec | Sequence[tuple[str, str]], out: PathLike, *,
           finetune: str = "lora", metric: str = "accuracy", training: TrainingConfig | None = None, seed: int = 0,
           replay: Sequence[PathLike] = (), replay_fraction: float | None = None,
@@ -280,6 +295,7 @@ def train(model: PathLike, data: PathLike | TaskSpec | Sequence[tuple[str, str]]
     return summary
 
 
+@quiet_call
 def merge(method: str, models: Sequence[PathLike], out: PathLike, *, base: PathLike | None = None,
           weights: Sequence[float] | None = None, density: float | None = None, drop_rate: float | None = None,
           lam: float | None = None, lora_space: str | None = None, seed: int | None = None, max_shard_gb: float = 5.0,
@@ -307,6 +323,7 @@ def merge(method: str, models: Sequence[PathLike], out: PathLike, *, base: PathL
                         dtype=dtype)
 
 
+@quiet_call
 def statistics(model: PathLike, data: PathLike, out: PathLike, *, base: PathLike | None = None,
                kinds: Sequence[str] = ("gram", "fisher"), examples: int | None = None, max_length: int | None = None,
                tokenizer: PathLike | None = None, trust_remote_code: bool = False) -> Path:
@@ -342,6 +359,7 @@ def _prompt_list(prompts: Sequence[str] | PathLike) -> list[str]:
     return found
 
 
+@quiet_call
 def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
         prompts: Sequence[Sequence[str] | PathLike] | None = None, prompts_per_expert: int | None = None,
         train_data: Sequence[PathLike] = (), router_steps: int | None = None, router_lr: float | None = None,
@@ -388,6 +406,7 @@ def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
                       train_examples=examples, training=training, max_shard_bytes=int(max_shard_gb * 2**30))
 
 
+@quiet_call
 def gate(base: PathLike, adapter: PathLike, train_data: Sequence[PathLike], *, steps: int | None = None,
          lr: float | None = None, batch_size: int | None = None, max_length: int | None = None,
          seed: int = 0) -> dict[str, Any]:
@@ -438,6 +457,7 @@ def _scores(loaded: Any, tokenizer: Any, spec: TaskSpec, *, limit: int | None, b
     return TaskScores(spec.name, len(examples), result.scores, result.predictions)
 
 
+@quiet_call
 def score(model: PathLike, task: PathLike | TaskSpec, *, metric: str | None = None, adapter: PathLike | None = None,
           task_format: str = "trace", limit: int | None = None, eval_batch_size: int | None = None,
           max_new_tokens: int | None = None, protocol: str = "builtin", batch_size: int | None = None) -> TaskScores:
@@ -455,6 +475,7 @@ def score(model: PathLike, task: PathLike | TaskSpec, *, metric: str | None = No
     return replace(scores, metric_source=source)
 
 
+@quiet_call
 def evaluate(model: PathLike, *, adapter: PathLike | None = None, tasks: Mapping[str, PathLike | TaskSpec] | None = None,
              metric: str | None = None, old_tasks: Sequence[str] = (), include_path: PathLike | None = None,
              limit: int | None = None, eval_batch_size: int | None = None, protocol: str = "builtin",
@@ -479,6 +500,7 @@ def evaluate(model: PathLike, *, adapter: PathLike | None = None, tasks: Mapping
     return result
 
 
+@quiet_call
 def score_predictions(task: PathLike, predictions: PathLike | Sequence[str], *, metric: str | None = None,
                       task_format: str = "trace", protocol: str = "builtin") -> TaskScores:
     """Predictions made elsewhere (vLLM, another harness) scored on a task's test split with the same reading
@@ -507,6 +529,7 @@ def score_predictions(task: PathLike, predictions: PathLike | Sequence[str], *, 
 
 
 # --- registries ----------------------------------------------------------------------------------------
+@quiet_call
 def init_registry(root: PathLike, base: PathLike, *, old_tasks: Sequence[str] = (),
                   include_path: PathLike | None = None, eval_batch_size: int | None = None, limit: int | None = None,
                   batch_size: int | None = None) -> dict[str, Any]:
@@ -527,6 +550,7 @@ def open_registry(root: PathLike) -> Registry:
     return Registry.open(root)
 
 
+@quiet_call
 def contribute(root: PathLike, name: str, *, task: PathLike, adapter: PathLike | None = None,
                model: PathLike | None = None, metric: str | None = None, keep_data: bool = False,
                task_format: str = "trace", author: str | None = None, training_config: PathLike | None = None,
@@ -545,6 +569,7 @@ def contribute(root: PathLike, name: str, *, task: PathLike, adapter: PathLike |
                statistics=statistics)
 
 
+@quiet_call
 def compose(root: PathLike, method: str, *, options: Mapping[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
     """Build, score and gate the next version, as `knowstack compose` (registry/compose.py); options are
     ComposeOptions fields (density, lr, epochs, top_k, ...), each one the method reads (or one error naming those
@@ -564,6 +589,7 @@ def history(root: PathLike) -> list[dict[str, Any]]:
         return list(reversed(reg.versions()))
 
 
+@quiet_call
 def export(root: PathLike, version: str, out: PathLike, *, with_base: bool = False,
            overwrite: bool = False) -> dict[str, Any]:
     """A version as a plain HF model dir or PEFT / LoRA-MoE dir in `out` (a new or empty dir; overwrite: replace a

@@ -288,11 +288,13 @@ def missing_model_files(folder: Path) -> list[str]:
 
 
 def check_model_dir(path: str | Path, *, tokenizer: str | Path | bool = True, trust_remote_code: bool = False,
-                    config_only: bool = False) -> list[Problem]:
+                    config_only: bool = False, adapter_hint: str | None = None) -> list[Problem]:
     """A HF model dir: config.json that transformers reads, safetensors weights that are whole (pickled
     weights are refused by name, never opened), and its tokenizer (or `tokenizer`, a path) loadable.
     A hub id passes: it is resolved when it is loaded. config_only: a dir with no weights passes, and without
-    a tokenizer too (a plan reads the config alone); otherwise such a dir is one problem naming what it lacks."""
+    a tokenizer too (a plan reads the config alone); otherwise such a dir is one problem naming what it lacks.
+    An adapter dir given as the model is one problem saying so; adapter_hint: how the command takes it instead
+    ('--model BASE --adapter {path}')."""
     local, problems = _is_local(path, "model")
     if not local:
         given = not isinstance(tokenizer, bool)
@@ -300,6 +302,10 @@ def check_model_dir(path: str | Path, *, tokenizer: str | Path | bool = True, tr
     folder = Path(str(path)).expanduser()
     if not folder.is_dir():
         return [Problem(str(folder), "not a model dir (a file; a model is a dir of config.json and safetensors)")]
+    adapter = adapter_kind(folder)
+    if adapter is not None and not (folder / "config.json").is_file():
+        how = f": give {adapter_hint.format(path=folder)}" if adapter_hint else ", loaded on its base model"
+        return [Problem(str(folder), f"not a model dir but {adapter}{how}")]
     problems = _check_model_config(folder, trust_remote_code)
     missing = missing_model_files(folder)
     if "weights" not in missing:
@@ -350,6 +356,18 @@ def _check_model_config(folder: Path, trust_remote_code: bool) -> list[Problem]:
     except Exception as err:  # noqa: BLE001 - the library's refusal, reported as the input's problem
         return [Problem(str(config), f"not a model config transformers reads: {error_line(err)}")]
     return []
+
+
+def adapter_kind(folder: Path) -> str | None:
+    """What kind of adapter dir `folder` is, in words ('a PEFT LoRA adapter (adapter_config.json)'), or None."""
+    from knowstack.combine.inputs import ADAPTER_CONFIG
+    from knowstack.modeling.lora_moe import CONFIG_FILE as LORA_MOE_CONFIG
+
+    if (folder / LORA_MOE_CONFIG).is_file():
+        return f"a LoRA-MoE ({LORA_MOE_CONFIG})"
+    if (folder / ADAPTER_CONFIG).is_file():
+        return f"a PEFT LoRA adapter ({ADAPTER_CONFIG})"
+    return None
 
 
 def check_adapter_dir(path: str | Path) -> list[Problem]:

@@ -147,7 +147,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from knowstack.data.tasks import task_metric
     from knowstack.validate import check_adapter_dir, check_model_dir, check_old_tasks, raise_problems
 
-    problems = check_model_dir(args.model) + (check_adapter_dir(args.adapter) if args.adapter else [])
+    problems = check_model_dir(args.model, adapter_hint="--model BASE --adapter {path}")
+    problems += check_adapter_dir(args.adapter) if args.adapter else []
     if args.task or args.test_file:
         problems += _task_arg_problems(args, "test") or metric_problems(_task_dir_or_file(args), args.metric,
                                                                          args.format)
@@ -301,11 +302,11 @@ def cmd_gate(args: argparse.Namespace) -> None:
 
 
 def cmd_build_world(args: argparse.Namespace) -> None:
-    from knowstack.builtin.world import build_world
+    from knowstack import api
     from knowstack.validate import check_out_dir, raise_problems
 
     raise_problems(check_out_dir(args.out, overwrite=args.overwrite))
-    path = build_world(Path(args.out), preset=args.preset, seed=args.seed)
+    path = api.build_world(args.out, preset=args.preset, seed=args.seed)
     print(f"built-in world: {path}")
 
 

@@ -93,7 +93,8 @@ def cmd_contribute(args: argparse.Namespace) -> None:
         raise_problems,
     )
 
-    problems = check_adapter_dir(args.adapter) if args.adapter else check_model_dir(args.model, tokenizer=False)
+    problems = check_adapter_dir(args.adapter) if args.adapter else check_model_dir(
+        args.model, tokenizer=False, adapter_hint="it as --adapter {path}")
     problems += check_task_dir(args.task, args.format, required=("test", "train") if args.keep_data else ("test",),
                                optional=("eval",)) or metric_problems(args.task, args.metric, args.format)
     if args.training_config:

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from knowstack.atomic import honour_umask
 from knowstack.errors import KnowstackError
+from knowstack.logs import library_bars_off
 
 _DATA_FILE_LINE = re.compile(r"^(\s+(?:test|train|validation|data_files)\s*:\s*)([^\s#'\"{}\[\]]+)\s*$", re.M)
 
@@ -108,7 +109,7 @@ def lean_harness() -> Iterator[None]:
 
     After scoring, simple_evaluate collects environment info (torch's collect_env runs pip and
     other subprocesses: ~0.4 s a call) and the git hash; each task also draws a progress bar
-    per call. These module attributes are swapped for no-ops for the call and put back after.
+    per call (and datasets one per split it reads). These module attributes are swapped for no-ops for the call and put back after.
     And the harness compiles a task's Jinja templates (doc_to_text, doc_to_choice, ...) anew for every
     document, a quarter of the time of scoring the built-in tasks (profiled): each template is compiled once
     here, in the harness's own Jinja environment, so every document renders to the same text.
@@ -129,7 +130,8 @@ def lean_harness() -> Iterator[None]:
     try:
         for module, name, value in swaps:
             setattr(module, name, value)
-        yield
+        with library_bars_off():  # datasets' "Generating test split" bars, now that the harness imported it
+            yield
     finally:
         for module, name, value in saved:
             setattr(module, name, value)
