@@ -314,7 +314,7 @@ CASES = [
     Case("merge-no-model", "no-model", "merge --method average --models {model} {bad} --out {out}",
          ("model or adapter dir not found",)),
     Case("merge-regmean-no-statistics", "nothing", "merge --method regmean --models {model} {model} --out {out}",
-         ("needs the gram statistics of every model", "got 0 for 2 models", "field 'statistics'")),
+         ("needs the gram statistics of every model", "got 0 for 2 models", "option --statistics")),
     Case("merge-fisher-missing-kind", "gram-only-statistics", "merge --method fisher --models {model} {model} "
          "--statistics {bad} {bad} --out {out}", ("bad", "has no 'fisher' statistics (it has: gram)")),
     Case("merge-statistics-not-a-dir-of-them", "no-model", "merge --method regmean --models {model} {model} "
@@ -348,8 +348,8 @@ CASES = [
     # a problem of the command line is named by its option, not by the API's or a config's field (router_training)
     Case("mix-router-training-of-a-training-free-router", "nothing", "mix --base {model} --models {adapter} {adapter} "
          "--router arrow --train-data {task}/train.json --train-steps 1 --out {out}",
-         ("option --train-data/--train-steps", "training-free")),
-    Case("mix-top-k-above-the-experts", "nothing", "mix --base {model} --models {adapter} {adapter} --top-k 5 "
+         ("option --train-data/--router-steps", "training-free")),
+    Case("mix-top-k-above-the-experts", "nothing", "mix --base {model} --models {adapter} {adapter} --top-k 5 --router random "
          "--out {out}", ("option --top-k", "between 1 and the number of experts (2)")),
     Case("gate-train-data-missing-field", "missing-field", "gate --base {model} --adapter {adapter} "
          "--train-data {bad}/train.json", ("train.json", "item 2", "field 'answer'")),

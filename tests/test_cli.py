@@ -114,7 +114,7 @@ def test_a_field_from_the_command_line_is_named_as_its_option_and_one_from_a_fil
 
     mix = commands(build_parser())["mix"]
     err = KnowstackError("router training needs examples", field="router_training")
-    assert worded_for_command(err, mix, "mix") == "option --train-data/--train-steps: router training needs examples"
+    assert worded_for_command(err, mix, "mix") == "option --train-data/--router-steps: router training needs examples"
     assert worded_for_command(err, commands(build_parser())["study"], "study") == str(err)
     in_file = KnowstackError("not a number", path="p.json", field="top_k")
     assert worded_for_command(in_file, mix, "mix") == "p.json: field 'top_k': not a number"

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from knowstack.errors import KnowstackError
-from knowstack.logs import quiet_call
+from knowstack.logs import KnowstackDeprecation, quiet_call
 
 if TYPE_CHECKING:
     import pandas
@@ -59,7 +59,8 @@ def _renamed(new: Any, old: Any, new_name: str, old_name: str, default: Any) -> 
         return default if new is None else new
     import warnings
 
-    warnings.warn(f"{old_name}= is deprecated: write {new_name}=", DeprecationWarning, stacklevel=3)
+    # the caller's line: past this function, the API function and its quiet_call wrapper
+    warnings.warn(f"{old_name}= is deprecated: write {new_name}=", KnowstackDeprecation, stacklevel=4)
     if new is not None and new != old:
         raise KnowstackError(f"{new_name}={new!r} and its old name {old_name}={old!r} disagree: give one",
                              field=new_name)

@@ -49,6 +49,12 @@ def library_messages_to(log_file: Path | None) -> Iterator[None]:
         yield
 
 
+
+
+class KnowstackDeprecation(DeprecationWarning):
+    """An old name of knowstack's own (an API argument): shown to the caller even inside a quiet API call, which
+    sends the libraries' deprecations to the log."""
+
 @contextmanager
 def _library_messages(handler: logging.Handler | None, floor: int | None = None) -> Iterator[None]:
     """The libraries' loggers (and Python warnings from outside knowstack, as records of `py.warnings`) write to
@@ -66,7 +72,8 @@ def _library_messages(handler: logging.Handler | None, floor: int | None = None)
         console_show = warnings.showwarning
 
         def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 - warnings' API
-            if _from_knowstack(filename) and not issubclass(category, (DeprecationWarning, FutureWarning)):
+            own = _from_knowstack(filename) and not issubclass(category, (DeprecationWarning, FutureWarning))
+            if own or issubclass(category, KnowstackDeprecation):
                 console_show(message, category, filename, lineno, file, line)
             else:
                 logging.getLogger("py.warnings").warning(

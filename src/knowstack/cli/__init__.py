@@ -38,7 +38,7 @@ def commands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, arg
 
 # A field of the API and of config files named for the options that set it where their names differ (option
 # dests); any other field is the option of its own name where the command has one (top_k: --top-k).
-FIELD_OPTIONS = {"router_training": ("train_data", "train_steps")}
+FIELD_OPTIONS = {"router_training": ("train_data", "router_steps")}
 # Commands whose input is a config file: a field there is the file's, named as in the file.
 READ_A_CONFIG = ("study", "demo")
 
@@ -51,8 +51,10 @@ def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 def option_of(field: str, parser: argparse.ArgumentParser) -> str | None:
     """The command's option(s) that set `field` ('--train-data/--train-steps'), or None."""
     dests = FIELD_OPTIONS.get(field, (field,))
+    from knowstack.cli.vocabulary import DeprecatedAlias
+
     named = [action.option_strings[0] for dest in dests for action in parser._actions
-             if action.dest == dest and action.option_strings]
+             if action.dest == dest and action.option_strings and not isinstance(action, DeprecatedAlias)]
     return "/".join(named) or None
 
 
