@@ -728,7 +728,7 @@ def claims_table(verdicts: list[Verdict], matched: dict[str, Verdict] | None = N
     rows = []
     for v in verdicts:
         cells = [v.claim.statement, v.claim.source, _comparison_text(v.claim),
-                 "; ".join(o.evidence for o in v.outcomes), measured_text(v), v.verdict]
+                 "; ".join(dict.fromkeys(o.evidence for o in v.outcomes)), measured_text(v), v.verdict]
         if matched is not None:
             along = matched.get(v.claim.id)
             cells += ["; ".join(o.evidence for o in along.outcomes), along.verdict] if along else ["—", "—"]
@@ -736,9 +736,11 @@ def claims_table(verdicts: list[Verdict], matched: dict[str, Verdict] | None = N
     caption = ("Each finding of the paper, the comparison that tests it, and the verdict on this study's numbers: "
                "each check gives the difference of its two sides with its paired 95% bootstrap interval, and holds "
                "(✓) where the interval supports the finding, does not hold (✗) where it supports the opposite, and "
-               f"is inconclusive (?) otherwise; 'similar' is an equivalence test within ±{SIMILAR:.0%} of the larger "
-               "value. A check with a method missing is not measured; one whose runs are there but score 0 on both "
-               "sides (or whose BWT is undefined because every task scored 0 after its own round) has no signal (∅) "
+               f"is inconclusive (?) otherwise; 'similar' (≈) is an equivalence test within ±{SIMILAR:.0%} of the larger "
+               f"value, 'competitive' (≳) one that a run is at most {SIMILAR:.0%} below the other (or above it); a "
+               "check of one task reads the paper's task by its name, TRACE's, or the built-in task that mirrors it. "
+               "A check with a method or task missing is not measured; one whose runs are there but score 0 on both "
+               "sides (or whose BWT or gain is undefined, a percent change from 0) has no signal (∅) "
                "and counts for neither side; 'most' claims need more than half of their measured checks with a "
                "signal to hold.")
     if matched is not None:
