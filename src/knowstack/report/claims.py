@@ -138,8 +138,9 @@ def constant_text(check: Check) -> str:
 
 
 def stat_text(stat: str, tasks: tuple[str, ...]) -> str:
-    if stat in ("AVE", "AVnew") and len(tasks) == 1 and not tasks[0].startswith("-"):
-        return f"{tasks[0]} score"
+    single = {"AVE": "score", "AVnew": "score", "BWT": "BWT (%)", "acquisition": "acquisition"}
+    if stat in single and len(tasks) == 1 and not tasks[0].startswith("-"):
+        return f"{tasks[0]} {single[stat]}"
     text = STAT_TEXT.get(stat, stat)
     return f"{text} on {tasks_text(tasks)}" if tasks else text
 
