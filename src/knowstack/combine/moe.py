@@ -249,8 +249,10 @@ def _routers(kind: str, base: FullModel, options: MoeOptions, prompts: Sequence[
             from knowstack.combine.routers import hidden_routers
 
             return hidden_routers(model, tokenizer, prompts or [], layers, base_index)
-        site = "residual" if options.router == "moetify" else "mlp" if kind == "fft" else "attention"
-        means = mean_router_inputs(model, tokenizer, prompts or [], layers, site)
+        if options.router == "moetify":  # moetify runs each positive-token sequence whole, however long
+            means = mean_router_inputs(model, tokenizer, prompts or [], layers, "residual", max_length=2**31)
+        else:
+            means = mean_router_inputs(model, tokenizer, prompts or [], layers, "mlp" if kind == "fft" else "attention")
     finally:
         del model
         gc.collect()
