@@ -219,3 +219,16 @@ def test_study_mixes_lora_with_every_expert_and_fft_with_top_k(tmp_path: Path, t
     assert steps["fft-moetify"].params["options"]["router"] == "moetify"
     with pytest.raises(KnowstackError, match="router per module"):
         parse_config(study_config(tmp_path, tiny_model_dir, {"experts": ["lora"], "router": "moetify", "routing": "layer"}))
+
+
+def test_paper_config_mixes_with_moetifys_routing() -> None:
+    from test_config import CONFIGS
+
+    from knowstack.config import load_config
+
+    moe = load_config(CONFIGS / "paper/llama3-8b-trace.yaml").methods.moe
+    assert moe.router == "moetify" and moe.top_k == 2 and moe.prompts_per_expert == 1000 and moe.routing is None
+    table = (Path(__file__).parents[1] / "docs" / "paper-config.md").read_text()
+    for row in ("| MoE routing | `methods.moe.router: moetify`", "| FFT-MoE top-k | 2 (`top_k: 2`)",
+                "| FFT-MoE positive tokens | the first 1000 training prompts", "| LoRA-MoE top-k | every expert (7)"):
+        assert row in table
