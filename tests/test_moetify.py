@@ -232,3 +232,15 @@ def test_paper_config_mixes_with_moetifys_routing() -> None:
     for row in ("| MoE routing | `methods.moe.router: moetify`", "| FFT-MoE top-k | 2 (`top_k: 2`)",
                 "| FFT-MoE positive tokens | the first 1000 training prompts", "| LoRA-MoE top-k | every expert (7)"):
         assert row in table
+
+
+def test_cli_mix_router_moetify(tiny_model_dir: Path, adapters: list[Path], tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    from knowstack.cli import main
+
+    # the command line's top-k (default 2) is the FFT-MoE's: moetify's LoRA-MoE mixes every expert
+    assert main(["mix", "--base", str(tiny_model_dir), "--models", *map(str, adapters), "--router", "moetify",
+                 "--out", str(tmp_path / "moe"), "--json"]) == 0
+    config = json.loads((tmp_path / "moe" / "lora_moe.json").read_text())
+    assert (config["top_k"], config["gating"], config["router"]) == (3, "sigmoid", "moetify")
+    assert json.loads(capsys.readouterr().out)["options"]["top_k"] == 3
