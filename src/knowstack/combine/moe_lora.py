@@ -113,8 +113,7 @@ def module_routers(base: FullModel, adapters: Sequence[LoraAdapter], options, pr
                    tokenizer) -> dict[str, Router] | None:
     """Per-module routers (routing "module"), by module name, each reading its module's input: Arrow's
     prototypes, random / uniform / base-biased draws of their own (seeded by the module's name; moetify's are random),
-    or from
-    prompts the normalised mean of the module's input (options: combine/moe.py's MoeOptions)."""
+    or from prompts the normalised mean of the module's input (options: combine/moe.py's MoeOptions)."""
     from knowstack.combine.routers import arrow_prototype, arrow_routers, data_free_routers, prompt_routers
 
     if options.router == "none":

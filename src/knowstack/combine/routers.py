@@ -161,9 +161,9 @@ def mean_module_inputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
 @torch.no_grad()
 def _mean_per_expert(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                      prompts_per_expert: Sequence[Sequence[str]], targets: dict, max_length: int) -> dict:
-    """targets: key -> (module, width, "input" | "output" | "attention" | "layer-input"): for each key, one row per expert, the mean
-    over the expert's prompts of the mean over each prompt's tokens of what the module reads or writes (or, for a
-    decoder layer, what its self-attention reads)."""
+    """targets: key -> (module, width, "input" | "output" | "attention" | "layer-input"): for each key, one row per
+    expert, the mean over the expert's prompts of the mean over each prompt's tokens of what the module reads or
+    writes (or, for a decoder layer, what its self-attention reads, or the residual stream it is given)."""
     if any(not prompts for prompts in prompts_per_expert):
         raise KnowstackError("every expert needs at least one prompt for the router init", field="prompts")
     captured: dict = {}
