@@ -488,6 +488,7 @@ def paper_config_on(config_dir: Path, where: Path) -> Path:
         if task["format"] == "math":
             task["train_file"] = str(TRACE_FIXTURES / "math" / "metamathqa_train.json")
             task["test_file"] = str(TRACE_FIXTURES / "math" / "gsm8k_test.jsonl")
+            task["eval_file"] = str(TRACE_FIXTURES / "math" / "gsm8k_train.json")
         else:
             task["path"] = str(TRACE_FIXTURES / Path(task["path"]).name)
     path = where / "llama3-8b-trace.yaml"
@@ -542,7 +543,8 @@ def memory(config_dir: Path) -> str:
         f"the meta device), on GPUs of {DEFAULT_GPU_MEMORY / 2**30:g} GiB, one row per kind of step (GiB; weights, "
         "gradients, optimizer and total unsharded; GPUs: the fewest that hold the step fully sharded; as launched: "
         "processes x GiB per GPU under the config's `launch` section):", "", *lines, "",
-        f"One FFT step, term by term: weights {FLOAT32} B x {fft.params:,} = {gib(fft.weights)} GiB; gradients the "
+        f"One FFT step, term by term: weights {fft.weights // fft.params} B ({config.training.precision}) x "
+        f"{fft.params:,} = {gib(fft.weights)} GiB; gradients the "
         f"same, {gib(fft.grads)} GiB; AdamW's two moments {gib(fft.optimizer)} GiB; activations for "
         f"{config.training.micro_batch_size} x {config.training.max_length} = {tokens:,} tokens: {per_token:,} "
         f"elements per token over the {arch.layers} layers x {width} B (bf16) = {gib(layers)} GiB, plus the logits "

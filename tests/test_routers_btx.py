@@ -59,7 +59,7 @@ def test_cli_mix_preset_btx(tiny_model_dir: Path, tmp_path: Path, capsys: pytest
     out = tmp_path / "btx"
     base_args = ["mix", "--base", str(tiny_model_dir), "--models", *map(str, models), "--preset", "btx"]
     assert main([*base_args, "--out", str(out)]) == 2
-    assert "field 'train_data'" in capsys.readouterr().err and not out.exists()
+    assert "option --train-data" in capsys.readouterr().err and not out.exists()
     assert main([*base_args, "--train-data", str(data), "--router-steps", "2", "--router-batch-size", "4",
                  "--out", str(out)]) == 0
     record = json.loads((out / "moe.json").read_text())

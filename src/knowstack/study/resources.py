@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from knowstack.config import LaunchSettings, StudyConfig
+from knowstack.config import LaunchSettings, StudyConfig, TrainingConfig
 from knowstack.modeling.families import lora_targets
 from knowstack.study.plan import Plan, Step
 from knowstack.validate import error_line, missing_model_files
@@ -259,16 +259,17 @@ def activation_bytes_per_token(arch: Architecture, experts_active: int = 1, lora
     return arch.layers * per_layer + 3 * h
 
 
-def _precision_bytes(launch: LaunchSettings) -> int:
-    precision = launch.mixed_precision
-    if precision is None and launch.accelerate_config is not None:
-        from knowstack.train.launch import accelerate_config_path, read_accelerate_config
+def _precision_bytes(launch: LaunchSettings, training: TrainingConfig) -> int:
+    """Bytes per activation element: 2 under a launch's bf16/fp16 autocast or with bf16 weights, else 4."""
+    from knowstack.train.launch import launched_mixed_precision
 
-        try:
-            precision = read_accelerate_config(accelerate_config_path(launch.accelerate_config)).get("mixed_precision")
-        except Exception:
-            precision = None
-    return 2 if precision in ("bf16", "fp16") else FLOAT32
+    autocast = launch.launched and launched_mixed_precision(launch.mixed_precision, launch.accelerate_config)
+    return 2 if autocast or training.precision == "bf16" else FLOAT32
+
+
+def _weight_bytes(training: TrainingConfig) -> int:
+    """Bytes per trained or frozen weight (and per gradient and AdamW moment of a trained one): training.precision."""
+    return 2 if training.precision == "bf16" else FLOAT32
 
 
 def activation_terms(arch: Architecture, config: StudyConfig, finetune: str, experts_active: int = 1
@@ -276,7 +277,8 @@ def activation_terms(arch: Architecture, config: StudyConfig, finetune: str, exp
     """(tokens of a micro-batch, bytes per activation element, elements saved per token) of a training step."""
     training = config.training
     lora_dropout = finetune == "lora" and training.lora.dropout > 0
-    return (training.micro_batch_size * training.max_length, _precision_bytes(config.launch.for_finetune(finetune)),
+    return (training.micro_batch_size * training.max_length,
+            _precision_bytes(config.launch.for_finetune(finetune), training),
             activation_bytes_per_token(arch, experts_active, lora_dropout))
 
 
@@ -289,13 +291,15 @@ def train_estimate(arch: Architecture, config: StudyConfig, finetune: str, *, pa
     total = params if params is not None else arch.params
     if trainable is None:
         trainable = total if finetune == "fft" else arch.lora_params(training.lora.r, training.lora.target_modules)
-    weights = FLOAT32 * (total + (trainable if finetune == "lora" else 0))
+    # bf16 precision: the model's weights in bfloat16; a LoRA adapter's own stay float32 (PEFT upcasts them)
+    held = _weight_bytes(training) if finetune == "fft" else FLOAT32
+    weights = _weight_bytes(training) * total + (FLOAT32 * trainable if finetune == "lora" else 0)
     tokens, act_bytes, per_token = activation_terms(arch, config, finetune, experts_active)
     activations = tokens * per_token * act_bytes
     activations += tokens * arch.vocab * (act_bytes + 2 * FLOAT32)  # logits, their float32 copy, softmax grad
     if arch.scores_kept:  # at most one sequence a row of max_length tokens: the sum of squared lengths is at most
         activations += arch.layers * arch.heads * tokens * training.max_length * 2 * FLOAT32
-    grads, optimizer = FLOAT32 * trainable, 2 * FLOAT32 * trainable
+    grads, optimizer = held * trainable, 2 * held * trainable
     gpus = gpus_needed(weights + grads + optimizer, activations, gpu_memory)
     return Estimate(what or f"train {finetune}", total, weights, grads, optimizer, activations, gpus)
 
