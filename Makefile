@@ -80,6 +80,13 @@ browser:
 	    { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver; } || \
 	    echo "could not install chromium: the browser test will be skipped"; fi; fi
 
+# The suite on another kernel path: torch's and oneDNN's AVX2 kernels, as on a CPU without AVX-512 (the default),
+# or any other variables (KERNEL_PATH="MKL_CBWR=" is MKL's own mode; TESTS= a part of the suite). CI runs both.
+KERNEL_PATH ?= ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+TESTS ?=
+test-kernels: $(RAY_STAMP) browser
+	env $(KERNEL_PATH) $(BIN)/python -m pytest -q $(TESTS)
+
 test-slow: $(RAY_STAMP)
 	$(BIN)/python -m pytest -q -m slow
 

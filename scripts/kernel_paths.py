@@ -13,6 +13,7 @@ ONEDNN_MAX_CPU_ISA (oneDNN's). Each build runs in a fresh process, so every vari
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import json
 import os
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     from knowstack.kernels import cpu_model
 
     result = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-                          "torch": torch.__version__, "preset": args.preset},
+                          "torch": torch.__version__, "preset": args.preset,
+                          "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")},
               "builds": builds(args.preset, args.threads),
               "speed": speed(args.speed, args.threads, args.steps) if args.speed else []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
