@@ -101,7 +101,15 @@ class Study:
         day = dt.datetime.fromtimestamp(self.finished, dt.timezone.utc).date()
         return (f"measured on {day} in `{self.path.name}` (built-in world `{self.world['preset']}`, fingerprint "
                 f"`{self.world.get('fingerprint', '?')}`, Python {env.get('python', '?')}, torch {env.get('torch', '?')}, "
-                f"torch threads: {env.get('torch_threads', '?')})")
+                f"torch threads: {env.get('torch_threads', '?')}{kernel_words(env)})")
+
+
+def kernel_words(env: dict) -> str:
+    """The machine and kernel path world.json records (knowstack/kernels.py), where it does: ', CPU ... (...)'."""
+    if "cpu" not in env:
+        return ""
+    return (f", CPU {env['cpu']}: torch's {env.get('torch_cpu_capability', '?')} kernels, "
+            f"oneDNN {env.get('onednn_max_cpu_isa', '?')}, MKL_CBWR {env.get('mkl_cbwr', '?')}")
 
 
 def number(value: float | None) -> str:

@@ -66,13 +66,13 @@ def child(code: str, variables: dict[str, str], *args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def builds(preset: str, threads: list[int]) -> list[dict]:
+def builds(preset: str, threads: list[int], mkl_modes: list[str], torch_paths: list[str], keep: Path | None) -> list[dict]:
     records = []
-    for (mkl, cbwr), (torch_path, variables), count in itertools.product(MKL_MODES.items(), TORCH_PATHS.items(),
-                                                                          threads):
-        env = {"MKL_CBWR": cbwr, **variables}
+    for mkl, torch_path, count in itertools.product(mkl_modes, torch_paths, threads):
+        env = {"MKL_CBWR": MKL_MODES[mkl], **TORCH_PATHS[torch_path]}
         with tempfile.TemporaryDirectory() as tmp:
-            world = child(BUILD, env, str(count), str(Path(tmp) / "world"), preset)
+            where = keep / f"{mkl}-{torch_path}-{count}".replace(" ", "_").replace(",", "_") if keep else Path(tmp) / "w"
+            world = child(BUILD, env, str(count), str(where), preset)
         records.append({"mkl": mkl, "torch": torch_path, "variables": env, "threads": count, **world})
         print(f"{mkl:12} {torch_path:24} threads {count}: {world['fingerprint']} ({world['build_seconds']} s)",
               file=sys.stderr)
@@ -96,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--speed", type=int, default=3, help="rounds of the speed comparison (0: none)")
     parser.add_argument("--steps", type=int, default=8, help="pretraining steps timed per round")
+    parser.add_argument("--mkl", nargs="+", choices=list(MKL_MODES), default=list(MKL_MODES), help="MKL modes to build on")
+    parser.add_argument("--torch", nargs="+", choices=list(TORCH_PATHS), default=list(TORCH_PATHS),
+                        help="ATen / oneDNN paths to build on")
+    parser.add_argument("--keep", type=Path, help="keep each world under this dir (default: built in a temporary dir)")
     args = parser.parse_args(argv)
     import torch
 
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
                           "torch": torch.__version__, "preset": args.preset,
                           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")},
-              "builds": builds(args.preset, args.threads),
+              "builds": builds(args.preset, args.threads, args.mkl, args.torch, args.keep),
               "speed": speed(args.speed, args.threads, args.steps) if args.speed else []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
