@@ -31,9 +31,10 @@ $(RAY_STAMP): $(STAMP) $(RAY_LOCK)
 	touch $(RAY_STAMP)
 
 # Refresh the lock after changing pyproject.toml's dependencies: `make lock` (it keeps the pins that still fit;
-# `make lock LOCK_UPGRADE=--upgrade` takes the newest releases). Both files come from PyPI, resolved for this Python on this platform, with every file's hash. The ray lock is resolved first and
-# the other within it, so the two agree. torch's own requirements are read from its CPU build (LOCK_TORCH:
-# where that lies; the pins from PyPI's CUDA build would add nvidia-* packages), and torch is left out of both.
+# `make lock LOCK_UPGRADE=--upgrade` takes the newest releases). Both files come from PyPI, resolved for this
+# Python on this platform (the committed ones: CPython 3.11, Linux x86_64), with every file's hash. The ray lock
+# is resolved first and the other within it, so the two agree. torch's own requirements are read from its CPU
+# build (LOCK_TORCH: where that lies; PyPI's CUDA build would add nvidia-* packages); torch is left out of both.
 UV := uv==0.13.9
 LOCK_TORCH ?= --find-links /opt/wheels
 LOCK_VENV := .venv-lock

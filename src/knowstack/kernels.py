@@ -21,6 +21,12 @@ def pin_mkl() -> None:
     os.environ.setdefault("MKL_CBWR", DEFAULT_MKL_CBWR)
 
 
+def sums_independent_of_threads() -> bool:
+    """Whether MKL runs in its strict reproducible mode here, the mode in which knowstack promises the same bytes
+    from a step on any thread count (measured: docs/builtin-world.md)."""
+    return "STRICT" in os.environ.get("MKL_CBWR", "").upper()
+
+
 def kernel_path() -> dict[str, object]:
     """What selects the kernels here: torch's CPU capability, oneDNN's ISA cap, MKL's mode, the thread count."""
     import torch
