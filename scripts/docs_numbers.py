@@ -231,12 +231,14 @@ def kernel_spread(path: Path) -> str:
         times = {mkl: sorted(r["seconds_per_step"] for r in record["speed"] if r["threads"] == count and r["mkl"] == mkl)
                  for mkl in ("MKL default", "AVX2,STRICT")}
         if all(times.values()):
-            default, strict = (values[len(values) // 2] for values in times.values())
-            speed_lines.append(f"{count} thread{'s' * (count > 1)}: {default * 1000:.0f} ms with MKL's default, "
-                               f"{strict * 1000:.0f} ms with AVX2,STRICT ({strict / default:.2f}x)")
+            (default, low, high), (strict, low_strict, high_strict) = (
+                (values[len(values) // 2] * 1000, values[0] * 1000, values[-1] * 1000) for values in times.values())
+            speed_lines.append(f"{count} thread{'s' * (count > 1)}: {default:.0f} ms [{low:.0f}-{high:.0f}] with MKL's "
+                               f"default, {strict:.0f} ms [{low_strict:.0f}-{high_strict:.0f}] with AVX2,STRICT "
+                               f"({strict / default:.2f}x)")
     rounds = max((sum(1 for r in record["speed"] if r["threads"] == t and r["mkl"] == "MKL default")
                   for t in {r["threads"] for r in record.get("speed", [])}), default=0)
-    speed = (f"\n\nA pretraining step of the quick world's model (median of {rounds} alternating rounds): "
+    speed = (f"\n\nA pretraining step of the quick world's model (median [range] of {rounds} alternating rounds): "
              + "; ".join(speed_lines) + "." if speed_lines else "")
     return (f"The built-in world `{machine['preset']}` built on one machine ({machine['cpu']}, {machine['cores']} cores, "
             f"Python {machine['python']}, torch {machine['torch']}) on {machine.get('date', '?')}, each build in a fresh "

@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mkl", nargs="+", choices=list(MKL_MODES), default=list(MKL_MODES), help="MKL modes to build on")
     parser.add_argument("--torch", nargs="+", choices=list(TORCH_PATHS), default=list(TORCH_PATHS),
                         help="ATen / oneDNN paths to build on")
+    parser.add_argument("--speed-only", action="store_true", help="no builds: only the speed comparison")
     parser.add_argument("--append", action="store_true", help="add to --out's builds and timings, if it exists")
     parser.add_argument("--keep", type=Path, help="keep each world under this dir (default: built in a temporary dir)")
     args = parser.parse_args(argv)
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:  # after every measurement: a long run stopped early keeps what it measured
         args.out.write_text(json.dumps(result, indent=1) + "\n")
 
-    builds(args.preset, args.threads, args.mkl, args.torch, args.keep, result["builds"], save)
+    if not args.speed_only:
+        builds(args.preset, args.threads, args.mkl, args.torch, args.keep, result["builds"], save)
     speed(args.speed, args.speed_threads or args.threads, args.steps, result["speed"], save)
     print(args.out)
     return 0

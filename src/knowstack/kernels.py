@@ -2,7 +2,8 @@
 
 MKL (torch's matrix products on x86) splits its sums by thread count and picks its code by CPU unless its
 conditional numerical reproducibility is on; then its sums are the same on 1 or more threads and on any CPU
-that has the branch's instructions. MKL reads MKL_CBWR at its first call, so setting it when knowstack is
+that has the branch's instructions (torch's own kernels still pick their code by CPU, and split larger sums by
+thread count). MKL reads MKL_CBWR at its first call, so setting it when knowstack is
 imported (knowstack/__init__.py; spawned workers inherit the environment) is in time unless a matrix product
 ran before. A user's own MKL_CBWR wins; an empty one is MKL's default (off). docs/builtin-world.md says what
 is identical under which settings, measured (scripts/kernel_paths.py).
@@ -22,8 +23,9 @@ def pin_mkl() -> None:
 
 
 def sums_independent_of_threads() -> bool:
-    """Whether MKL runs in its strict reproducible mode here, the mode in which knowstack promises the same bytes
-    from a step on any thread count (measured: docs/builtin-world.md)."""
+    """Whether MKL runs in its strict reproducible mode here, in which its sums do not depend on the thread count:
+    then the test world's steps give the same bytes on any thread count (the tests assert it; the larger worlds'
+    fine-tunes differ still, torch's own kernels splitting their sums: docs/builtin-world.md)."""
     return "STRICT" in os.environ.get("MKL_CBWR", "").upper()
 
 
