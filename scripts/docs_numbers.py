@@ -10,7 +10,7 @@ and each block's name says what generates it from which results dir (BLOCKS belo
 
     python scripts/docs_numbers.py --demo runs/demo --registry runs/registry-scenario/registry \
         [--quick-all runs/quick-all] [--spread runs/world-1-thread runs/world-2-threads] \
-        [--memory tests/fixtures/configs/llama-3-8b] [--kernel-paths runs/kernel-paths.json]
+        [--memory tests/fixtures/configs/llama-3-8b] [--kernel-paths runs/kernel-paths.json ...]
 
 (`make docs-numbers`) to rewrite the blocks whose results dir is given (--memory: a dir holding a
 config.json, which needs no run); the other blocks are left as they are and listed. A results dir that is missing or lacks what its blocks read is one clear error
@@ -199,9 +199,13 @@ def world_spread(studies: list[Study]) -> str:
             + "\n".join(lines))
 
 
-def kernel_spread(path: Path) -> str:
-    """One world built under every kernel path x thread count on one machine (scripts/kernel_paths.py's JSON): its
-    fingerprints, which are the same, and what MKL's strict mode costs in pretraining speed."""
+def kernel_spread(paths: list[Path]) -> str:
+    """A table per file of scripts/kernel_paths.py's JSON: one world built under every kernel path x thread count
+    on one machine, its fingerprints, which are the same, and what MKL's strict mode costs in pretraining speed."""
+    return "\n\n".join(kernel_table(path) for path in paths)
+
+
+def kernel_table(path: Path) -> str:
     record = json.loads(path.read_text(encoding="utf-8"))
     machine, builds = record["machine"], record["builds"]
     threads = sorted({b["threads"] for b in builds})
@@ -679,8 +683,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--registry", type=Path, help="the registry scenario's registry (runs/registry-scenario/registry)")
     parser.add_argument("--spread", type=Path, nargs="+", help="study dirs of one built-in world built under "
                         "different thread counts or machines, each with its base evaluated")
-    parser.add_argument("--kernel-paths", type=Path, help="the JSON scripts/kernel_paths.py wrote: one world under "
-                        "several kernel paths and thread counts")
+    parser.add_argument("--kernel-paths", type=Path, nargs="+", help="JSON files scripts/kernel_paths.py wrote: a "
+                        "world under several kernel paths and thread counts (a table each)")
     parser.add_argument("--families", type=Path, help="the JSON tests/test_families.py wrote (KNOWSTACK_FAMILIES_JSON)")
     parser.add_argument("--root", type=Path, default=ROOT, help="the checkout whose README.md and docs/ to rewrite")
     parser.add_argument("--check", action="store_true", help="rewrite nothing; exit 1 if a block would change")

@@ -237,7 +237,10 @@ def test_the_kernel_spread_block_reads_the_kernel_paths_measurement(checkout: Pa
                                              ("AVX2,STRICT", 0.11), ("MKL default", 0.1), ("AVX2,STRICT", 0.13))]}
     (tmp_path / "paths.json").write_text(json.dumps(record))
     (checkout / "docs" / "builtin-world.md").write_text("# w\n\n<!-- numbers:kernel-spread -->\nold\n<!-- /numbers -->\n")
-    assert load_script().main(["--kernel-paths", str(tmp_path / "paths.json"), "--root", str(checkout)]) == 0
+    record["machine"]["preset"], record["builds"], record["speed"] = "quick", record["builds"][2:4], []
+    (tmp_path / "quick.json").write_text(json.dumps(record))
+    assert load_script().main(["--kernel-paths", str(tmp_path / "paths.json"), str(tmp_path / "quick.json"),
+                               "--root", str(checkout)]) == 0
     page = (checkout / "docs" / "builtin-world.md").read_text()
     assert "old" not in page and "AMD EPYC, 2 cores" in page and "on 2026-12-07" in page
     assert "| MKL default | default | AVX512 | `aaaa` | `bbbb` |" in page
@@ -246,3 +249,5 @@ def test_the_kernel_spread_block_reads_the_kernel_paths_measurement(checkout: Pa
     assert "ATen's ISA changes the world under every MKL_CBWR" in page
     assert "2 threads: 100 ms [100-300] with MKL's default, 120 ms [110-130] with AVX2,STRICT (1.20x)" in page
     assert "median [range] of 3" in page
+    assert "The built-in world `quick` built on one machine" in page  # the second file's table
+    assert "1 distinct fingerprint(s) in 2 builds; every kernel path gives one world on every thread count" in page
