@@ -222,14 +222,17 @@ def kernel_table(path: Path) -> str:
     varying = [f"{mkl} / {torch_path}" for (mkl, torch_path), prints in per_path.items() if len(prints) > 1]
     distinct = len({b["fingerprint"] for b in builds})
     summary = (f"{distinct} distinct fingerprint(s) in {len(builds)} builds; "
-               + ("every kernel path gives one world on every thread count" if not varying else
+               + ("every kernel path gives one world on every thread count built" if not varying else
                   f"the thread count changes the world on: {', '.join(varying)}"))
     by_mkl: dict[str, set[str]] = {}
     for build in builds:
         by_mkl.setdefault(build["mkl"], set()).add(build["fingerprint"])
-    same = [mkl for mkl, prints in by_mkl.items() if len(prints) == 1]
-    summary += ("; one world whatever ATen's and oneDNN's ISA with MKL_CBWR " + ", ".join(same) if same else
-                "; ATen's ISA changes the world under every MKL_CBWR") + "."
+    varied = {mkl for mkl, _ in paths if len({torch_path for m, torch_path in paths if m == mkl}) > 1}
+    same = [mkl for mkl, prints in by_mkl.items() if mkl in varied and len(prints) == 1]
+    if varied:  # only where more than one ATen / oneDNN path was built
+        summary += ("; one world whatever ATen's and oneDNN's ISA with MKL_CBWR " + ", ".join(same) if same else
+                    "; ATen's ISA changes the world under every MKL_CBWR")
+    summary += "."
     speed_lines = []
     for count in sorted({r["threads"] for r in record.get("speed", [])}):
         times = {mkl: sorted(r["seconds_per_step"] for r in record["speed"] if r["threads"] == count and r["mkl"] == mkl)

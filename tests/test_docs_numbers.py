@@ -250,4 +250,4 @@ def test_the_kernel_spread_block_reads_the_kernel_paths_measurement(checkout: Pa
     assert "2 threads: 100 ms [100-300] with MKL's default, 120 ms [110-130] with AVX2,STRICT (1.20x)" in page
     assert "median [range] of 3" in page
     assert "The built-in world `quick` built on one machine" in page  # the second file's table
-    assert "1 distinct fingerprint(s) in 2 builds; every kernel path gives one world on every thread count" in page
+    assert "1 distinct fingerprint(s) in 2 builds; every kernel path gives one world on every thread count built." in page
