@@ -10,7 +10,7 @@ and each block's name says what generates it from which results dir (BLOCKS belo
 
     python scripts/docs_numbers.py --demo runs/demo --registry runs/registry-scenario/registry \
         [--quick-all runs/quick-all] [--spread runs/world-1-thread runs/world-2-threads] \
-        [--memory tests/fixtures/configs/llama-3-8b] [--vocabulary] [--claims]
+        [--memory tests/fixtures/configs/llama-3-8b] [--vocabulary] [--claims] [--kernel-paths runs/kernel-paths.json ...]
 
 (`make docs-numbers`) to rewrite the blocks whose results dir is given (--memory: a dir holding a
 config.json, which needs no run; --vocabulary: docs/commands.md's table of options, read from the command-line
@@ -102,7 +102,15 @@ class Study:
         day = dt.datetime.fromtimestamp(self.finished, dt.timezone.utc).date()
         return (f"measured on {day} in `{self.path.name}` (built-in world `{self.world['preset']}`, fingerprint "
                 f"`{self.world.get('fingerprint', '?')}`, Python {env.get('python', '?')}, torch {env.get('torch', '?')}, "
-                f"torch threads: {env.get('torch_threads', '?')})")
+                f"torch threads: {env.get('torch_threads', '?')}{kernel_words(env)})")
+
+
+def kernel_words(env: dict) -> str:
+    """The machine and kernel path world.json records (knowstack/kernels.py), where it does: ', CPU ... (...)'."""
+    if "cpu" not in env:
+        return ""
+    return (f", CPU {env['cpu']}: torch's {env.get('torch_cpu_capability', '?')} kernels, "
+            f"oneDNN {env.get('onednn_max_cpu_isa', '?')}, MKL_CBWR {env.get('mkl_cbwr', '?')}")
 
 
 def number(value: float | None) -> str:
@@ -190,6 +198,60 @@ def world_spread(studies: list[Study]) -> str:
     return (f"The built-in world `{studies[0].world['preset']}` built {len(studies)} times "
             f"({', '.join(f'`{s.path.name}`' for s in studies)}; corpus {'identical' if same else 'different'}):\n\n"
             + "\n".join(lines))
+
+
+def kernel_spread(paths: list[Path]) -> str:
+    """A table per file of scripts/kernel_paths.py's JSON: one world built under every kernel path x thread count
+    on one machine, its fingerprints, which are the same, and what MKL's strict mode costs in pretraining speed."""
+    return "\n\n".join(kernel_table(path) for path in paths)
+
+
+def kernel_table(path: Path) -> str:
+    record = json.loads(path.read_text(encoding="utf-8"))
+    machine, builds = record["machine"], record["builds"]
+    threads = sorted({b["threads"] for b in builds})
+    lines = ["| MKL_CBWR | ATen / oneDNN | torch's CPU capability | "
+             + " | ".join(f"{t} thread{'s' * (t > 1)}" for t in threads) + " |", "|" + "---|" * (3 + len(threads))]
+    paths: dict[tuple[str, str], dict[int, dict]] = {}
+    for build in builds:
+        paths.setdefault((build["mkl"], build["torch"]), {})[build["threads"]] = build
+    for (mkl, torch_path), by_threads in paths.items():
+        capability = next(iter(by_threads.values()))["environment"].get("torch_cpu_capability", "?")
+        cells = [f"`{by_threads[t]['fingerprint']}`" if t in by_threads else "n/a" for t in threads]
+        lines.append(f"| {mkl} | {torch_path} | {capability} | " + " | ".join(cells) + " |")
+    per_path = {key: {b["fingerprint"] for b in by.values()} for key, by in paths.items()}
+    varying = [f"{mkl} / {torch_path}" for (mkl, torch_path), prints in per_path.items() if len(prints) > 1]
+    distinct = len({b["fingerprint"] for b in builds})
+    summary = (f"{distinct} distinct fingerprint(s) in {len(builds)} builds; "
+               + ("every kernel path gives one world on every thread count built" if not varying else
+                  f"the thread count changes the world on: {', '.join(varying)}"))
+    by_mkl: dict[str, set[str]] = {}
+    for build in builds:
+        by_mkl.setdefault(build["mkl"], set()).add(build["fingerprint"])
+    varied = {mkl for mkl, _ in paths if len({torch_path for m, torch_path in paths if m == mkl}) > 1}
+    same = [mkl for mkl, prints in by_mkl.items() if mkl in varied and len(prints) == 1]
+    if varied:  # only where more than one ATen / oneDNN path was built
+        summary += ("; one world whatever ATen's and oneDNN's ISA with MKL_CBWR " + ", ".join(same) if same else
+                    "; ATen's ISA changes the world under every MKL_CBWR")
+    summary += "."
+    speed_lines = []
+    for count in sorted({r["threads"] for r in record.get("speed", [])}):
+        times = {mkl: sorted(r["seconds_per_step"] for r in record["speed"] if r["threads"] == count and r["mkl"] == mkl)
+                 for mkl in ("MKL default", "AVX2,STRICT")}
+        if all(times.values()):
+            (default, low, high), (strict, low_strict, high_strict) = (
+                (values[len(values) // 2] * 1000, values[0] * 1000, values[-1] * 1000) for values in times.values())
+            speed_lines.append(f"{count} thread{'s' * (count > 1)}: {default:.0f} ms [{low:.0f}-{high:.0f}] with MKL's "
+                               f"default, {strict:.0f} ms [{low_strict:.0f}-{high_strict:.0f}] with AVX2,STRICT "
+                               f"({strict / default:.2f}x)")
+    rounds = max((sum(1 for r in record["speed"] if r["threads"] == t and r["mkl"] == "MKL default")
+                  for t in {r["threads"] for r in record.get("speed", [])}), default=0)
+    speed = (f"\n\nA pretraining step of the quick world's model (median [range] of {rounds} alternating rounds): "
+             + "; ".join(speed_lines) + "." if speed_lines else "")
+    return (f"The built-in world `{machine['preset']}` built on one machine ({machine['cpu']}, {machine['cores']} cores, "
+            f"Python {machine['python']}, torch {machine['torch']}) on {machine.get('date', '?')}, each build in a fresh "
+            f"process with the variables named (`python scripts/kernel_paths.py`):\n\n" + "\n".join(lines)
+            + f"\n\n{summary}{speed}")
 
 
 # The paper's ways of combining one-round models, against which the catalog's others are read: a merge (or a
@@ -584,6 +646,7 @@ BLOCKS: dict[str, Generator] = {
     "full": Generator(("full",), demo_study),
     "registry-scenario": Generator(("registry",), registry_scenario),
     "world-spread": Generator(("spread",), world_spread),
+    "kernel-spread": Generator(("kernel_paths",), kernel_spread),
     "catalog": Generator(("catalog",), catalog),
     "speed": Generator(("speed",), speed),
     "scale": Generator(("scale",), scale),
@@ -602,12 +665,13 @@ READERS: dict[str, Callable[[Path, str], object]] = {
     "speed": lambda p, o: p,
     "scale": lambda p, o: p,
     "families": lambda p, o: p,
+    "kernel_paths": lambda p, o: p,
     "memory": lambda p, o: p,
     "vocabulary": lambda p, o: p,
     "claims": lambda p, o: p,
     "spread": lambda ps, o: [Study.read(p, o) for p in ps],
 }
-FILE_OPTIONS = {"scale", "families"}  # options naming a file, not a results dir
+FILE_OPTIONS = {"scale", "families", "kernel_paths"}  # options naming a file, not a results dir
 FLAG_OPTIONS = {"vocabulary", "claims"}  # options naming nothing: their blocks are read from the code
 
 
@@ -645,6 +709,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--registry", type=Path, help="the registry scenario's registry (runs/registry-scenario/registry)")
     parser.add_argument("--spread", type=Path, nargs="+", help="study dirs of one built-in world built under "
                         "different thread counts or machines, each with its base evaluated")
+    parser.add_argument("--kernel-paths", type=Path, nargs="+", help="JSON files scripts/kernel_paths.py wrote: a "
+                        "world under several kernel paths and thread counts (a table each)")
     parser.add_argument("--families", type=Path, help="the JSON tests/test_families.py wrote (KNOWSTACK_FAMILIES_JSON)")
     parser.add_argument("--vocabulary", action="store_true", default=None,
                         help="docs/commands.md's table of options, from the command-line parsers")
@@ -667,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
             inputs[option] = READERS[option](given, flag)
         if not inputs:
             raise KnowstackError("no results dir given (--demo, --base, --quick-all, --full, --catalog, --registry, --spread, "
-                                 "--speed, --memory, --families, --scale, --vocabulary, --claims)")
+                                 "--speed, --memory, --families, --scale, --vocabulary, --claims, --kernel-paths)")
         changed = {}
         for name in doc_files(args.root):
             doc = args.root / name

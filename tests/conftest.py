@@ -1,4 +1,7 @@
-"""Shared fixtures: a tiny random Llama with a real BPE tokenizer, built once per test session."""
+"""Shared fixtures: a tiny random Llama with a real BPE tokenizer, built once per test session.
+
+The tests run on knowstack's kernel path: importing knowstack (below) sets, before torch's first matrix product,
+MKL_CBWR=AVX2,STRICT unless it is set (knowstack/kernels.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+import knowstack  # noqa: F401  (it sets MKL's mode; MKL reads it at its first product, after any import)
 from knowstack.builtin.pretrain import ModelShape, make_model
 
 TEXT = (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from knowstack.builtin.world import BUILTIN_TASKS, PRESETS, build_world
 from knowstack.config import parse_config
 from knowstack.data.formats import load_gsm8k, load_metamath, load_trace_split
 from knowstack.errors import KnowstackError
+from knowstack.kernels import kernel_path, sums_independent_of_threads
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -108,21 +110,28 @@ def test_unknown_preset() -> None:
 
 
 def test_fresh_processes_build_the_same_world(tmp_path: Path, worlds: tuple[Path, Path]) -> None:
-    """Two `build-world` processes started from nothing, and this process (transformers, torch and
-    pytest imported), give one world: the same corpus, tokenizer, weights and tasks."""
+    """Two `build-world` processes started from nothing, on 1 and 2 threads, and this process (transformers, torch
+    and pytest imported), give one world: the same corpus, tokenizer, weights and tasks, where MKL's strict mode
+    makes sums independent of the thread count (knowstack's default; docs/builtin-world.md)."""
     command = [sys.executable, "-m", "knowstack.cli", "build-world", "--preset", "test", "--out"]
     runs = [subprocess.Popen([*command, str(tmp_path / name)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True) for name in ("a", "b")]
+                             text=True, env={**os.environ, "OMP_NUM_THREADS": threads})
+            for name, threads in (("a", "1"), ("b", "2"))]
     for run in runs:
         _, err = run.communicate(timeout=900)
         assert run.returncode == 0, err
     manifests = [json.loads((tmp_path / name / "world.json").read_text()) for name in ("a", "b")]
+    assert [m["environment"]["torch_threads"] for m in manifests] == [1, 2]
     manifests.append(json.loads((worlds[0] / "world.json").read_text()))
     assert set(manifests[0]["hashes"]) == {"corpus", "tokenizer", "weights", "tasks"}
+    environment = manifests[0]["environment"]
+    assert environment["python"] and environment["torch_cpu_capability"] and environment["onednn_max_cpu_isa"]
+    assert environment["mkl_cbwr"] == kernel_path()["mkl_cbwr"]
+    if not sums_independent_of_threads():  # another MKL mode: only the same process on the same threads is promised
+        return
     for manifest in manifests[1:]:
         assert manifest["hashes"] == manifests[0]["hashes"]
         assert manifest["fingerprint"] == manifests[0]["fingerprint"]
-    assert manifests[0]["environment"]["torch_threads"] >= 1 and manifests[0]["environment"]["python"]
     assert tree_digest(tmp_path / "a") == tree_digest(worlds[0])
 
 

@@ -218,3 +218,36 @@ def test_the_families_block_is_the_test_runs_matrix(checkout: Path, tmp_path: Pa
     assert "FFT-MoE: no MoE class fits phi3" in page and "fused qkv_proj and gate_up_proj" in page
     assert "old" not in page
     assert load_script().main(["--families", str(tmp_path / "missing.json"), "--root", str(checkout)]) == 2
+
+
+def test_the_kernel_spread_block_reads_the_kernel_paths_measurement(checkout: Path, tmp_path: Path) -> None:
+    """docs/builtin-world.md's table from scripts/kernel_paths.py's JSON: a row per kernel path, a column per thread
+    count, which paths the thread count changes, and the speed of MKL's strict mode against its default."""
+    def build(mkl: str, torch_path: str, threads: int, fingerprint: str) -> dict:
+        return {"mkl": mkl, "torch": torch_path, "threads": threads, "fingerprint": fingerprint,
+                "environment": {"torch_cpu_capability": "AVX2" if "avx2" in torch_path else "AVX512"}}
+
+    record = {"machine": {"cpu": "AMD EPYC", "cores": 2, "python": "3.11.7", "torch": "2.13.0+cpu", "preset": "test",
+                          "date": "2026-12-07"},
+              "builds": [build("MKL default", "default", 1, "aaaa"), build("MKL default", "default", 2, "bbbb"),
+                         build("AVX2,STRICT", "default", 1, "cccc"), build("AVX2,STRICT", "default", 2, "cccc"),
+                         build("AVX2,STRICT", "ATen avx2", 1, "dddd"), build("AVX2,STRICT", "ATen avx2", 2, "dddd")],
+              "speed": [{"mkl": mkl, "threads": 2, "seconds_per_step": seconds}
+                        for mkl, seconds in (("MKL default", 0.1), ("AVX2,STRICT", 0.12), ("MKL default", 0.3),
+                                             ("AVX2,STRICT", 0.11), ("MKL default", 0.1), ("AVX2,STRICT", 0.13))]}
+    (tmp_path / "paths.json").write_text(json.dumps(record))
+    (checkout / "docs" / "builtin-world.md").write_text("# w\n\n<!-- numbers:kernel-spread -->\nold\n<!-- /numbers -->\n")
+    record["machine"]["preset"], record["builds"], record["speed"] = "quick", record["builds"][2:4], []
+    (tmp_path / "quick.json").write_text(json.dumps(record))
+    assert load_script().main(["--kernel-paths", str(tmp_path / "paths.json"), str(tmp_path / "quick.json"),
+                               "--root", str(checkout)]) == 0
+    page = (checkout / "docs" / "builtin-world.md").read_text()
+    assert "old" not in page and "AMD EPYC, 2 cores" in page and "on 2026-12-07" in page
+    assert "| MKL default | default | AVX512 | `aaaa` | `bbbb` |" in page
+    assert "| AVX2,STRICT | ATen avx2 | AVX2 | `dddd` | `dddd` |" in page
+    assert "4 distinct fingerprint(s) in 6 builds; the thread count changes the world on: MKL default / default" in page
+    assert "ATen's ISA changes the world under every MKL_CBWR" in page
+    assert "2 threads: 100 ms [100-300] with MKL's default, 120 ms [110-130] with AVX2,STRICT (1.20x)" in page
+    assert "median [range] of 3" in page
+    assert "The built-in world `quick` built on one machine" in page  # the second file's table
+    assert "1 distinct fingerprint(s) in 2 builds; every kernel path gives one world on every thread count built." in page

@@ -31,7 +31,7 @@ PACKAGE = "knowstack"
 # lazy facade of api.py). A module may import its own unit and the units of lower layers; units in one
 # layer are siblings and import none of each other. docs/design.md lists the same layers, in this order.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "atomic", "hashing", "logs", "progress", "stats", "usage", "version"),
+    ("errors", "atomic", "hashing", "kernels", "logs", "progress", "stats", "usage", "version"),
     ("config",),
     ("data",),
     ("modeling", "modelcard"),

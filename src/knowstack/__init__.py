@@ -8,7 +8,10 @@ import sys
 import warnings
 from typing import Any
 
+from knowstack.kernels import pin_mkl
 from knowstack.version import __version__ as __version__
+
+pin_mkl()  # before torch's first matrix product: MKL reads it then (knowstack/kernels.py)
 
 # The Python API (api.py, docs/api.md), imported on first use: `import knowstack` stays cheap. `train` and
 # `evaluate` are only in knowstack.api: the subpackages of those names would shadow them here once imported.

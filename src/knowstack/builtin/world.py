@@ -1,7 +1,8 @@
 """The built-in world: a tiny pretrained Llama, its tokenizer, its old-knowledge tests and 7 new tasks.
 
 `build_world` is deterministic in (preset, seed), given the recorded sources (sources.py), the
-package versions and the number of threads torch uses (CPU kernels split their sums by it), and
+package versions and the CPU kernel path (knowstack/kernels.py; docs/builtin-world.md says which paths
+give the same bytes), and
 writes, atomically:
     model/                 the base (LlamaForCausalLM, safetensors) and its tokenizer
     tasks/<Dir>/           TRACE layout (train.json, eval.json, test.json); Math in MetaMathQA/GSM8K fields
@@ -35,6 +36,7 @@ from knowstack.builtin.old_tasks import FAMILIES, multiple_choice_items, write_l
 from knowstack.builtin.pretrain import ModelShape, PretrainSettings, make_model, pretrain, token_stream
 from knowstack.builtin.tokenizer import train_tokenizer
 from knowstack.errors import KnowstackError
+from knowstack.kernels import kernel_path
 from knowstack.version import __version__
 
 # Bump when anything the world contains changes: the study hashes it into every cache key.
@@ -153,10 +155,11 @@ def fingerprint_of(hashes: dict[str, str]) -> str:
 
 
 def build_environment() -> dict[str, object]:
-    """What a world's numbers depend on besides its preset and seed (recorded, not part of the key)."""
+    """What a world's numbers depend on besides its preset and seed (recorded, not part of the key): the
+    packages, and the kernel path (the CPU, torch's CPU capability, oneDNN's ISA cap, MKL's mode, threads)."""
     packages = {name: importlib.metadata.version(name) for name in ("torch", "transformers", "tokenizers", "pycountry")}
-    return {"knowstack": __version__, "python": sys.version.split()[0], **packages,
-            "torch_threads": torch.get_num_threads(), "deterministic_algorithms": True}
+    return {"knowstack": __version__, "python": sys.version.split()[0], **packages, **kernel_path(),
+            "deterministic_algorithms": True}
 
 
 @contextlib.contextmanager
