@@ -19,16 +19,17 @@ from knowstack.combine.moe import MoeOptions, mix_models
 from knowstack.combine.routers import mean_router_inputs, prompt_routers
 from knowstack.combine.statistics import compute_statistics
 from knowstack.config import LLAMA_LINEAR
+from knowstack.data.batches import collate, tokenize_examples
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
 from knowstack.evaluate.generate import generate
 from knowstack.evaluate.old_knowledge import evaluate_old_knowledge
+from knowstack.modeling import attention
 from knowstack.modeling.families import family_of
+from knowstack.modeling.loss import answer_loss_sum
 from knowstack.modeling.moe_model import ATTENTION_PROJECTIONS
 from knowstack.modelio import load_model, load_tokenizer
-from knowstack.train import TrainSettings, attention, train
-from knowstack.train.batches import collate, tokenize_examples
-from knowstack.train.loop import answer_loss_sum
+from knowstack.train import TrainSettings, train
 from knowstack.train.olora import OLoraPenalty, stack_previous
 from knowstack.train.router_training import RouterTraining
 from knowstack.validate import check_lora_targets

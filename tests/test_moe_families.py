@@ -43,7 +43,7 @@ REFUSED = ("phi3", "gemma2", "gemma3")
 # 24 tokens: longer than the Mistral family's sliding window (16), so that the window acts
 IDS = torch.tensor([[1, 17, 42, 8, 99, 5, 61, 12, 7, 7, 250, 31, 2, 140, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]])
 # 12 tokens each: within the Mistral family's window (16), since knowstack's packed attention, which the router init
-# runs the base with, does not apply a sliding window (left to the owner of train/attention.py)
+# runs the base with, does not apply a sliding window (left to the owner of modeling/attention.py)
 PROMPTS = [[f"def f{i}(a, b):" for i in range(3)], [f"Japan: the yen {i}." for i in range(3)]]
 
 
