@@ -23,8 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from knowstack.data.batches import batch_order, pack, tokenize_examples
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
-
-GATES_FILE = "phatgoose_gates.safetensors"
+from knowstack.modeling.routing import GATES_FILE
 
 
 @dataclass(frozen=True)
