@@ -10,11 +10,11 @@ and each block's name says what generates it from which results dir (BLOCKS belo
 
     python scripts/docs_numbers.py --demo runs/demo --registry runs/registry-scenario/registry \
         [--quick-all runs/quick-all] [--spread runs/world-1-thread runs/world-2-threads] \
-        [--memory tests/fixtures/configs/llama-3-8b] [--vocabulary]
+        [--memory tests/fixtures/configs/llama-3-8b] [--vocabulary] [--claims]
 
 (`make docs-numbers`) to rewrite the blocks whose results dir is given (--memory: a dir holding a
 config.json, which needs no run; --vocabulary: docs/commands.md's table of options, read from the command-line
-parsers); the other blocks are left as they are and listed. A results dir that is missing or lacks what its blocks read is one clear error
+parsers; --claims: docs/claims.md's table, read from report/claims.py); the other blocks are left as they are and listed. A results dir that is missing or lacks what its blocks read is one clear error
 (exit 2) and nothing is written; `--check` rewrites nothing and exits 1 when a block would change.
 """
 
@@ -36,11 +36,11 @@ import knowstack
 from knowstack.atomic import atomic_write_text
 from knowstack.config import load_config
 from knowstack.errors import KnowstackError
-from knowstack.report.build import study_rows
 from knowstack.report.runs import backward_transfer, find_runs, mean_defined, run_averages
 from knowstack.report.tables import Scores, fmt_percent
 from knowstack.results import Row, read_csv
 from knowstack.study.plan import build_plan
+from knowstack.study.results import current_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"(<!-- numbers:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /numbers -->)", re.S)
@@ -57,7 +57,7 @@ def doc_files(root: Path) -> list[str]:
 def study_results(path: Path, option: str) -> list[Row]:
     """A study dir's rows as `knowstack report` reads them: results.csv, or the evaluations finished so far."""
     if (path / "config.yaml").is_file():
-        rows = study_rows(build_plan(load_config(path / "config.yaml"), path), path)
+        rows = current_rows(build_plan(load_config(path / "config.yaml"), path), path)
     elif (path / "results.csv").is_file():
         rows = read_csv(path / "results.csv")
     else:
@@ -203,11 +203,11 @@ def catalog(study: Study) -> str:
     AVE (old), AVnew and AVall with 95% intervals, and its AVall against the best of the paper's combinations of the
     same kind (merges against the paper's merges, mixtures against its MoE) and finetune, as a paired difference:
     better / worse where the interval excludes 0, else inconclusive."""
-    from knowstack.report.build import study_items
     from knowstack.stats import interval_of
+    from knowstack.study.results import current_items
 
     plan = build_plan(load_config(study.path / "config.yaml"), study.path)
-    scores = Scores.from_rows(study.rows, TASK_ORDER, items=study_items(plan, study.path))
+    scores = Scores.from_rows(study.rows, TASK_ORDER, items=current_items(plan, study.path))
     runs = [r for r in find_runs(scores) if r.method in COMPARED_WITH]
     averages = {run.key: run_averages(scores, run) for run in runs}  # a continual merge: after its last round
 
@@ -561,6 +561,13 @@ def vocabulary(_: object) -> str:
     return vocabulary_table(build_parser())
 
 
+def claims(_: object) -> str:
+    """docs/claims.md's table: every claim, the paper's sentence it tests and its comparison, from claims.py."""
+    from knowstack.report.claims import claims_markdown
+
+    return claims_markdown()
+
+
 @dataclass(frozen=True)
 class Generator:
     sources: tuple[str, ...]  # the options naming the results dir it may read, the first given wins
@@ -581,6 +588,7 @@ BLOCKS: dict[str, Generator] = {
     "families": Generator(("families",), families),
     "memory": Generator(("memory",), memory),
     "vocabulary": Generator(("vocabulary",), vocabulary),
+    "claims": Generator(("claims",), claims),
 }
 READERS: dict[str, Callable[[Path, str], object]] = {
     "demo": lambda p, o: Study.read(p, o),
@@ -594,10 +602,11 @@ READERS: dict[str, Callable[[Path, str], object]] = {
     "families": lambda p, o: p,
     "memory": lambda p, o: p,
     "vocabulary": lambda p, o: p,
+    "claims": lambda p, o: p,
     "spread": lambda ps, o: [Study.read(p, o) for p in ps],
 }
 FILE_OPTIONS = {"scale", "families"}  # options naming a file, not a results dir
-FLAG_OPTIONS = {"vocabulary"}  # options naming nothing: their blocks are read from the code
+FLAG_OPTIONS = {"vocabulary", "claims"}  # options naming nothing: their blocks are read from the code
 
 
 def rewrite(text: str, inputs: dict[str, object], where: Path) -> tuple[str, list[str], list[str]]:
@@ -637,6 +646,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--families", type=Path, help="the JSON tests/test_families.py wrote (KNOWSTACK_FAMILIES_JSON)")
     parser.add_argument("--vocabulary", action="store_true", default=None,
                         help="docs/commands.md's table of options, from the command-line parsers")
+    parser.add_argument("--claims", action="store_true", default=None,
+                        help="docs/claims.md's table of the paper's findings, from src/knowstack/report/claims.py")
     parser.add_argument("--root", type=Path, default=ROOT, help="the checkout whose README.md and docs/ to rewrite")
     parser.add_argument("--check", action="store_true", help="rewrite nothing; exit 1 if a block would change")
     args = parser.parse_args(argv)
@@ -654,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
             inputs[option] = READERS[option](given, flag)
         if not inputs:
             raise KnowstackError("no results dir given (--demo, --base, --quick-all, --full, --catalog, --registry, --spread, "
-                                 "--speed, --memory, --families, --scale, --vocabulary)")
+                                 "--speed, --memory, --families, --scale, --vocabulary, --claims)")
         changed = {}
         for name in doc_files(args.root):
             doc = args.root / name

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,30 +33,109 @@ def worked_example() -> str:
     return found.group(1)
 
 
-def test_the_worked_example_runs_and_gives_what_the_cli_gives(tmp_path: Path, tiny_model_dir: Path,
-                                                             monkeypatch: pytest.MonkeyPatch,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
-    shutil.copytree(tiny_model_dir, tmp_path / "base-model")
-    for seed, task in enumerate(TASKS, start=1):
-        make_adapter(tiny_model_dir, tmp_path / "adapters" / task.lower(), seed=seed)
-        make_task(tmp_path / "tasks", task, n=4)
+# knowstack's own lines on stderr: its training and pretraining bars, its messages
+OWN_LINES = re.compile(r"(train |pretrain base|knowstack)")
+
+
+def stderr_lines(text: str) -> list[str]:
+    """What reached stderr, one entry per line or progress-bar redraw."""
+    return [line.strip() for line in re.split(r"[\r\n]+", text) if line.strip()]
+
+
+def test_the_worked_example_runs_from_an_empty_dir_and_gives_what_the_cli_gives(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    """The page's block makes its own inputs (a `test` world, three quick adapters), prints scores that are not all
+    zero, writes none of the libraries' chatter to stderr, and gives what the same merge and evaluation through
+    the CLI give."""
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(worked_example(), str(DOC), "exec"), namespace)
-    printed = capsys.readouterr().out
-    assert all(f"{task}: accuracy" in printed for task in TASKS)
+    printed, errors = capfd.readouterr()
+    lines = [line for line in printed.splitlines() if ": accuracy" in line]
+    assert [line.split(":")[0] for line in lines] == TASKS
+    alone = [float(re.search(r"accuracy ([0-9.]+) with its own adapter", line).group(1)) for line in lines]
+    assert all(score > 0 for score in alone), printed  # each quick adapter learned its task
+    assert sum(namespace["scores"].values()) > 0, printed  # and the merge kept some of it
+    assert [line for line in stderr_lines(errors) if not OWN_LINES.match(line)] == []
 
     # the oracle: the same merge and the same evaluation through the CLI
     adapters = [f"adapters/{task.lower()}" for task in TASKS]
-    assert main(["merge", "--method", "ties", "--base", "base-model", "--models", *adapters, "--density", "0.5",
+    assert main(["merge", "--method", "ties", "--base", "world/model", "--models", *adapters, "--density", "0.5",
                  "--out", "cli-merged"]) == 0
     mine, theirs = tensors(tmp_path / "out" / "merged"), tensors(tmp_path / "cli-merged")
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     for task in TASKS:
-        assert main(["eval", "--model", "out/merged", "--task", f"tasks/{task}", "--out", f"{task}.json"]) == 0
+        assert main(["eval", "--model", "out/merged", "--task", f"world/tasks/{task}", "--metric", "accuracy",
+                     "--out", f"{task}.json"]) == 0
         assert json.loads(Path(f"{task}.json").read_text())[task]["accuracy"] == namespace["scores"][task]
-    both = ks.evaluate("out/merged", tasks={task: f"tasks/{task}" for task in TASKS})
+    both = ks.evaluate("out/merged", tasks={task: f"world/tasks/{task}" for task in TASKS}, metric="accuracy")
     assert {task: s["accuracy"] for task, s in both.items()} == namespace["scores"]
+
+
+QUIET_SCRIPT = """
+import sys
+import knowstack.api as ks
+model, task, include, out = sys.argv[1:5]
+ks.train(model, task, out, finetune="lora", max_steps=1)
+tasks = {"Stance": task}
+ks.evaluate(model, adapter=out, tasks=tasks, old_tasks=["ks_toy"], include_path=include, limit=4)
+print("--- the same evaluation, not quieted", file=sys.stderr, flush=True)
+ks.evaluate.__wrapped__(model, adapter=out, tasks=tasks, old_tasks=["ks_toy"], include_path=include, limit=4)
+"""
+
+
+def test_api_calls_write_only_knowstacks_own_lines_to_stderr(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A program that configured no logging: train and evaluate (new and old knowledge) through the API leave
+    stderr to knowstack's own lines, as the CLI does; the same evaluation without the quieting shows the
+    libraries' chatter (the control: what the quieting removes)."""
+    from test_evaluate import write_mc_task
+
+    (tmp_path / "old").mkdir()
+    write_mc_task(tmp_path / "old")
+    args = [str(tiny_model_dir), str(make_task(tmp_path / "tasks", "Stance")), str(tmp_path / "old"),
+            str(tmp_path / "adapter")]
+    done = subprocess.run([sys.executable, "-c", QUIET_SCRIPT, *args], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    quiet, _, loud = done.stderr.partition("--- the same evaluation, not quieted")
+    assert [line for line in stderr_lines(quiet) if not OWN_LINES.match(line)] == []
+    assert any(line.startswith("train ") for line in stderr_lines(quiet))  # knowstack's own bar stays
+    assert "Loading weights" in loud
+
+
+def test_library_chatter_goes_to_the_programs_logging_or_nowhere(caplog: pytest.LogCaptureFixture,
+                                                                 capfd: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside an API call a library's warning and log record reach the program's logging where it is configured
+    (here pytest's handler on the root logger), are dropped where it is not, and never reach stderr; the
+    libraries' loggers are as they were afterwards."""
+    import logging
+    import warnings
+
+    from knowstack.logs import quiet_libraries
+
+    def chatter() -> None:
+        warnings.warn_explicit("old name", FutureWarning, "/venv/site-packages/transformers/utils.py", 1)
+        logging.getLogger("transformers.modeling_utils").warning("a library's warning")
+
+    library = logging.getLogger("transformers")
+    # transformers' own default level (the CLI, run in this process by other tests, sets it to ERROR)
+    monkeypatch.setattr(library, "level", logging.WARNING)
+    before = (library.handlers[:], library.propagate, library.level)
+    with caplog.at_level(logging.WARNING), quiet_libraries():
+        chatter()
+    assert {record.name for record in caplog.records} == {"py.warnings", "transformers.modeling_utils"}
+    assert capfd.readouterr().err == ""
+    caplog.clear()
+    root = logging.getLogger()
+    configured = root.handlers
+    root.handlers = []  # a program that configured no logging
+    try:
+        with quiet_libraries():
+            chatter()
+    finally:
+        root.handlers = configured
+    assert capfd.readouterr().err == "" and caplog.records == []
+    assert (library.handlers, library.propagate, library.level) == before
 
 
 def test_a_study_runs_and_its_rows_come_back(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -113,13 +191,14 @@ class ApiReached(Exception):
     (["merge", "--method", "ties", "--base", "{model}", "--models", "{adapter}", "{adapter}", "--lora-space",
       "factors", "--max-shard-gb", "1", "--out", "{out}"], "merge", {"lora_space": "factors", "max_shard_gb": 1.0}),
     (["mix", "--base", "{model}", "--models", "{adapter}", "{adapter}", "--train-data", "{task}/train.json",
-      "--router-steps", "2", "--out", "{out}"], "mix", {"router_steps": 2, "train_data": ["{task}/train.json"]}),
+      "--router-steps", "2", "--router", "random", "--out", "{out}"], "mix",
+     {"router_steps": 2, "train_data": ["{task}/train.json"], "router": "random"}),
     (["study", "{config}", "--out", "{out}", "--dry-run", "--gpu-memory", "40"], "dry_run", {"gpu_memory_gib": 40.0}),
     (["study", "{config}", "--out", "{out}"], "run_study", {"executor": "local"}),
     (["registry", "init", "{out}", "--base", "{model}"], "init_registry", {"old_tasks": ()}),
     (["contribute", "{out}", "--name", "a", "--adapter", "{adapter}", "--task", "{task}"], "contribute",
      {"keep_data": False}),
-    (["export", "{out}", "v1", "--out", "{out}/export"], "export", {"with_base": False}),
+    (["export", "{out}", "v1", "--out", "{out}-export"], "export", {"with_base": False, "overwrite": False}),
 ])
 def test_each_command_is_built_on_the_api(command: list[str], function: str, expected: dict, tmp_path: Path,
                                           tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -198,6 +198,8 @@ MAKERS: dict[str, Callable[[Path, Inputs], Path]] = {
     "chat-template": lambda w, g: (model_copy(w, g), write(w / "chat_template.jinja", "{{ messages }}"))[0],
     "adapter-extra-token": adapter_extra_token,
     # adapters
+    "adapter": lambda w, g: adapter_copy(w, g),
+    "lora-moe": lambda w, g: (adapter_copy(w, g), write(w / "lora_moe.json", "{}"))[0],
     "adapter-no-config": lambda w, g: (adapter_copy(w, g), (w / "adapter_config.json").unlink())[0],
     "adapter-pickle-only": adapter_pickle_only,
     "adapter-truncated": lambda w, g: (adapter_copy(w, g), truncated(w / "adapter_model.safetensors", 10))[0],
@@ -287,6 +289,10 @@ CASES = [
                                                              "mlp.down_proj.weight is [64, 128] in the weights",
                                                              "[64, 256] by config.json")),
     Case("eval-truncated-model", "truncated-model", EVAL_MODEL, ("model.safetensors", "truncated")),
+    Case("eval-model-is-an-adapter", "adapter", EVAL_MODEL, ("not a model dir but a PEFT LoRA adapter",
+                                                            "give --model BASE --adapter")),
+    Case("eval-model-is-a-lora-moe", "lora-moe", EVAL_MODEL, ("not a model dir but a LoRA-MoE (lora_moe.json)",
+                                                              "give --model BASE --adapter")),
     Case("eval-adapter-no-config", "adapter-no-config", EVAL.replace("{bad}", "{task}") + " --adapter {bad}",
          ("no adapter_config.json",)),
     Case("eval-adapter-truncated", "adapter-truncated", EVAL.replace("{bad}", "{task}") + " --adapter {bad}",
@@ -308,7 +314,7 @@ CASES = [
     Case("merge-no-model", "no-model", "merge --method average --models {model} {bad} --out {out}",
          ("model or adapter dir not found",)),
     Case("merge-regmean-no-statistics", "nothing", "merge --method regmean --models {model} {model} --out {out}",
-         ("needs the gram statistics of every model", "got 0 for 2 models", "field 'statistics'")),
+         ("needs the gram statistics of every model", "got 0 for 2 models", "option --statistics")),
     Case("merge-fisher-missing-kind", "gram-only-statistics", "merge --method fisher --models {model} {model} "
          "--statistics {bad} {bad} --out {out}", ("bad", "has no 'fisher' statistics (it has: gram)")),
     Case("merge-statistics-not-a-dir-of-them", "no-model", "merge --method regmean --models {model} {model} "
@@ -325,12 +331,26 @@ CASES = [
          ("model.safetensors", "truncated")),
     Case("mix-adapter-truncated", "adapter-truncated", "mix --base {model} --models {adapter} {bad} --out {out}",
          ("adapter_model.safetensors", "truncated")),
-    Case("mix-adapter-extra-token", "adapter-extra-token", "mix --base {model} --models {adapter} {bad} --out {out}",
+    Case("mix-adapter-extra-token", "adapter-extra-token", "mix --base {model} --models {adapter} {bad} "
+         "--router random --out {out}",
          ("bad/tokenizer.json", "field 'added_tokens[3]'", "'<|tool|>'", "nothing in the base", "another tokenizer")),
+    Case("mix-default-router-no-prompts", "nothing", "mix --base {model} --models {adapter} {adapter} --out {out}",
+         ("the default router, prompts", "give --prompts", "--router")),
+    # --out: a dir written whole (validate.py check_out_dir; every command: test_out_dirs.py)
+    Case("merge-out-not-empty", "no-train-split", "merge --method average --models {model} {model} --out {bad}",
+         ("bad", "field '--out'", "not empty", "--overwrite")),
+    Case("train-out-is-the-model", "nothing", "train --model {model} --task {task} --out {model} --overwrite",
+         ("field '--out'", "is the input", "--overwrite never replaces an input")),
     Case("mix-prompts-not-strings", "prompts-not-strings", "mix --base {model} --models {adapter} {adapter} "
          "--prompts {bad} {bad} --out {out}", ("item 0", "expected an object, found a number"), problems=2),
     Case("mix-train-data-missing-field", "missing-field", "mix --base {model} --models {adapter} {adapter} "
          "--train-data {bad}/train.json --train-steps 1 --out {out}", ("train.json", "item 2", "field 'answer'")),
+    # a problem of the command line is named by its option, not by the API's or a config's field (router_training)
+    Case("mix-router-training-of-a-training-free-router", "nothing", "mix --base {model} --models {adapter} {adapter} "
+         "--router arrow --train-data {task}/train.json --train-steps 1 --out {out}",
+         ("option --train-data/--router-steps", "training-free")),
+    Case("mix-top-k-above-the-experts", "nothing", "mix --base {model} --models {adapter} {adapter} --top-k 5 --router random "
+         "--out {out}", ("option --top-k", "between 1 and the number of experts (2)")),
     Case("gate-train-data-missing-field", "missing-field", "gate --base {model} --adapter {adapter} "
          "--train-data {bad}/train.json", ("train.json", "item 2", "field 'answer'")),
     Case("gate-adapter-truncated", "adapter-truncated", "gate --base {model} --adapter {bad} "
@@ -349,6 +369,8 @@ CASES = [
          "--task {task}", ("adapter_model.bin", "never unpickled")),
     Case("contribute-model-truncated", "truncated-model", "contribute {registry} --name c --model {bad} "
          "--task {task}", ("model.safetensors", "truncated")),
+    Case("contribute-model-is-an-adapter", "adapter", "contribute {registry} --name c --model {bad} --task {task}",
+         ("not a model dir but a PEFT LoRA adapter", "give it as --adapter")),
     Case("contribute-chat-template", "chat-template", "contribute {registry} --name c --model {bad} --task {task}",
          ("bad/chat_template.jinja", "a chat template here, none in the registry's base", "another chat template")),
     Case("contribute-training-config-missing", "missing-file", "contribute {registry} --name c --adapter {adapter} "

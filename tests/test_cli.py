@@ -104,3 +104,20 @@ def test_train_command_replays_and_penalises_like_a_study_round(tmp_path: Path, 
     code, err = run(["train", *common[:2], "--finetune", "fft", "--task", str(tasks["Second"]), "--olora-previous",
                      str(first), "--out", str(tmp_path / "bad")], capsys)
     assert code == 2 and "needs --finetune lora" in err and not (tmp_path / "bad").exists()
+
+
+def test_a_field_from_the_command_line_is_named_as_its_option_and_one_from_a_file_as_its_field() -> None:
+    """The same check (combine/moe.py's, the API's and the study config's) names `router_training`; `mix` words it
+    as the options that set it, a file's problem keeps its file and field, and `study` (a config) keeps fields."""
+    from knowstack.cli import build_parser, commands, worded_for_command
+    from knowstack.errors import InputProblems, KnowstackError, Problem
+
+    mix = commands(build_parser())["mix"]
+    err = KnowstackError("router training needs examples", field="router_training")
+    assert worded_for_command(err, mix, "mix") == "option --train-data/--router-steps: router training needs examples"
+    assert worded_for_command(err, commands(build_parser())["study"], "study") == str(err)
+    in_file = KnowstackError("not a number", path="p.json", field="top_k")
+    assert worded_for_command(in_file, mix, "mix") == "p.json: field 'top_k': not a number"
+    both = InputProblems([Problem(None, "too many", "top_k"), Problem("a.json", "bad", "prompt", 2)])
+    assert worded_for_command(both, mix, "mix").splitlines()[1:] == [
+        "  - option --top-k: too many", "  - a.json: item 2: field 'prompt': bad"]

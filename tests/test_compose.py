@@ -91,35 +91,37 @@ def test_a_ties_version_is_the_ties_merge_of_the_stored_contributions(registry: 
     assert all("items" not in s for s in record["scores"])  # the records keep means; the items are apart
 
 
-def test_gate_checks_old_knowledge_against_base_and_previous_and_tasks_against_their_best_release() -> None:
+def test_gate_checks_old_knowledge_and_tasks_against_what_the_version_was_built_from() -> None:
     base = Released("base", 0.90, {"a": 0.10, "b": 0.0})
-    v1 = Released("v1", 0.95, {"a": 0.50, "b": 0.30})
-    v2 = Released("v2", 0.80, {"a": 0.40, "b": 0.35})  # released with a looser gate, say
-    checks = gate_checks(0.882, {"a": 0.45, "b": 0.20}, base, v2, [base, v1, v2], old_limit=2.0, task_limit=10.0)
+    v2 = Released("v2", 0.80, {"a": 0.40, "b": 0.35})  # released with a looser gate, say; the version is built on it
+    checks = gate_checks(0.882, {"a": 0.36, "b": 0.20}, v2, base, old_limit=2.0, task_limit=10.0)
     by_what = {(c.what, c.reference_version): c for c in checks}
+    assert set(by_what) == {("old AVE", "v2"), ("old AVE", "base"), ("task a", "v2"), ("task b", "v2")}
     assert by_what[("old AVE", "base")].passed  # 0.882 is exactly 2% below 0.90
     assert by_what[("old AVE", "v2")].passed
-    assert by_what[("task a", "v1")].passed  # best release of a is v1's 0.50; 0.45 is exactly 10% below
-    failed = by_what[("task b", "v2")]  # best of b is v2's 0.35; 0.20 is 43% below
-    assert not failed.passed and failed.floor == pytest.approx(0.315)
-    record = gate_record(checks, 2.0, 10.0)
-    assert not record["passed"] and record["failed"] == [failed.describe()]
-    assert failed.describe() == "task b 0.200 vs v2 0.350 (-42.9%; floor 0.315 at -10%): FAILS"
-    below = gate_checks(0.8819, {}, base, None, [base], old_limit=2.0, task_limit=10.0)
+    assert by_what[("task a", "v2")].passed  # 0.36 is exactly 10% below v2's 0.40
+    failed = by_what[("task b", "v2")]  # 0.20 is 43% below v2's 0.35
+    assert not failed.passed and failed.floor == pytest.approx(0.315) and failed.verdict == "fails"
+    record = gate_record(checks, 2.0, 10.0, built_from="v2")
+    assert not record["passed"] and record["failed"] == [failed.describe()] and record["against"] == "v2"
+    assert failed.describe() == ("task b 0.200 vs v2 0.350: -0.150 (-42.9%), no interval (per-item scores not kept); "
+                                 "floor 0.315 at -10%: fails")
+    below = gate_checks(0.8819, {}, base, base, old_limit=2.0, task_limit=10.0)
     assert [c.passed for c in below] == [False]
-    # a task whose best release scores 0 cannot fall below it
-    assert gate_checks(None, {"b": 0.0}, base, None, [base], 2.0, 10.0)[0].passed
+    # a task whose reference scores 0 cannot fall below it
+    assert gate_checks(None, {"b": 0.0}, base, base, 2.0, 10.0)[0].passed
 
 
 def test_an_absolute_slack_lets_a_near_zero_task_move_by_one_example() -> None:
     base = Released("base", None, {"math": 0.006, "stance": 0.50})
-    strict = gate_checks(None, {"math": 0.0, "stance": 0.44}, base, None, [base], 2.0, 10.0)
+    strict = gate_checks(None, {"math": 0.0, "stance": 0.44}, base, base, 2.0, 10.0)
     assert [c.passed for c in strict] == [False, False]  # 0.006 -> 0 is -100%; 0.44 is 12% below 0.50
-    loose = gate_checks(None, {"math": 0.0, "stance": 0.44}, base, None, [base], 2.0, 10.0, task_slack=0.02)
+    loose = gate_checks(None, {"math": 0.0, "stance": 0.44}, base, base, 2.0, 10.0, task_slack=0.02)
     math, stance = loose
     assert math.passed and math.floor == pytest.approx(-0.014)  # the points allowance is the larger here
     assert not stance.passed and stance.floor == pytest.approx(0.45)  # and the relative one here (0.45 < 0.48)
-    assert stance.describe() == "task stance 0.440 vs base 0.500 (-12.0%; floor 0.450 at -10% or -0.02 points): FAILS"
+    assert stance.describe() == ("task stance 0.440 vs base 0.500: -0.060 (-12.0%), no interval (per-item scores not "
+                                 "kept); floor 0.450 at -10% or -0.02 points: fails")
     assert gate_record(loose, 2.0, 10.0, 0.02)["task_slack"] == 0.02
 
 
@@ -163,8 +165,8 @@ def test_training_methods_train_on_the_kept_data(registry: Path) -> None:
     assert sequential["kind"] == "model" and sequential["parents"] == ["stance", "math"]
     # the study's own steps, in order: train on stance, fold the adapter in, train on math from that model, fold in
     assert [m for m in said if m.startswith("step")] == [
-        "step 1/4 train: lora-stance", "step 2/4 merge-adapter: lora-stance",
-        "step 3/4 train: lora-math", "step 4/4 merge-adapter: lora-math"]
+        "step 1/4 train: lora-stance (sequential round 1/2)", "step 2/4 merge-adapter: lora-stance (sequential round 1/2)",
+        "step 3/4 train: lora-math (sequential round 2/2)", "step 4/4 merge-adapter: lora-math (sequential round 2/2)"]
     joint = compose(registry, "joint", contributions=["stance", "notes"], options=TINY_TRAINING)
     assert joint["kind"] == "adapter" and "adapter_model.safetensors" in joint["files"]
     with Registry.open(registry) as reg, reg.view(joint["name"]) as folder:
@@ -214,21 +216,22 @@ def test_log_show_diff_export_and_advise_read_the_history(registry: Path, tmp_pa
     assert main(["compose", str(registry), "--method", "merge-ties", "--name", "ties-all", "--gate-old", "100%",
                  "--gate-task", "100%", "--gate-task-points", "0.05"]) == 0
     printed = capsys.readouterr().out
-    assert "v1: " in printed and "ties-all: released (merge-ties of 4 contributions)" in printed
+    assert "v1: " in printed and "ties-all: released (merge-ties of 4 contributions, built on base)" in printed
     assert main(["log", str(registry), "--plot", str(tmp_path / "versions.png")]) == 0
     log = capsys.readouterr().out
     assert "(2 versions)" in log and (tmp_path / "versions.png").read_bytes().startswith(b"\x89PNG")
     assert log.index("ties-all") < log.index("v1  [") < log.index("stance  [") < log.index("base  [")
-    assert "from 4: stance, notes, quiz-ft, math" in log
+    assert "built on base with 4 contributions: stance, notes, quiz-ft, math" in log
     assert main(["show", str(registry), "ties-all"]) == 0
     shown = capsys.readouterr().out
-    assert "gate:     passed (old -100%, tasks -100% or -0.05 points)" in shown and "new Math" in shown and "old ks_toy" in shown
-    assert "paired 95% interval" in log and " [" in log.split("ties-all", 1)[1].split("\n\n")[0]
-    ave_line = next(line for line in shown.splitlines() if "old AVE: " in line)
-    assert "difference " in ave_line and " [" in ave_line  # each check with its interval
+    assert ("gate:     passed; against base (what it was built from); old knowledge -100% AVE, tasks -100% or -0.05 "
+            "points") in shown and "new Math" in shown and "old ks_toy" in shown
+    assert "gate: passed; against base" in log.split("ties-all", 1)[1].split("\n\n")[0]
+    ave_line = next(line for line in shown.splitlines() if line.strip().startswith("old AVE "))
+    assert "95% [" in ave_line and ", n " in ave_line  # each check with its interval and n
     assert main(["diff", str(registry), "v1", "ties-all"]) == 0
     diff = capsys.readouterr().out
-    assert "contributions: +quiz-ft, +math; - none" in diff and "AVE" in diff and "new Quiz" in diff
+    assert "contributions added: quiz-ft, math; left out: none" in diff and "AVE" in diff and "new Quiz" in diff
 
     assert main(["export", str(registry), "ties-all", "--out", str(tmp_path / "exported")]) == 0
     info = json.loads((tmp_path / "exported" / "knowstack-export.json").read_text())
@@ -242,7 +245,7 @@ def test_log_show_diff_export_and_advise_read_the_history(registry: Path, tmp_pa
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert tensors(tmp_path / "adapter" / "base").keys() == tensors(tmp_path / "exported").keys()
     assert main(["export", str(registry), "stance", "--out", str(tmp_path / "adapter")]) == 2
-    assert "the export dir exists" in capsys.readouterr().err
+    assert "exists and is not empty" in capsys.readouterr().err
 
     assert main(["advise", str(registry), "--max-old-loss", "100%"]) == 0
     advice = capsys.readouterr().out
@@ -286,6 +289,15 @@ def test_building_on_a_release_equals_composing_it_all_at_once(registry: Path) -
     second = compose(registry, "sequential", contributions=["notes"], start=first["name"], options=TINY_TRAINING,
                      **no_gate)
     assert second["parents"] == [first["name"], "notes"]
+    # each is gated against what it was built from: first against the base (not at_once, the release before it),
+    # second against first for everything, and against the base too for old knowledge
+    assert first["settings"]["gate"]["against"] == "base"
+    assert {c["reference_version"] for c in first["settings"]["gate"]["checks"]} == {"base"}
+    second_checks = second["settings"]["gate"]["checks"]
+    assert second["settings"]["gate"]["against"] == first["name"]
+    assert sorted(c["reference_version"] for c in second_checks if c["what"] == "old AVE") == ["base", first["name"]]
+    assert {c["reference_version"] for c in second_checks if c["what"] != "old AVE"} == {first["name"]}
+    assert all(c["n"] for c in second_checks)  # both kept per-item scores: each check has its n
     with Registry.open(registry) as reg, reg.view(at_once["name"]) as a, reg.view(second["name"]) as b:
         mine, theirs = tensors(b), tensors(a)
         assert mine.keys() == theirs.keys()

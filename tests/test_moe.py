@@ -336,13 +336,32 @@ def test_cli_mix(tiny_model_dir: Path, adapters: list[Path], tmp_path: Path, cap
     assert record["options"]["router"] == "prompts" and record["architecture"] == "lora-moe"
     assert "expert load per layer before training" in capsys.readouterr().out
     assert main(["mix", "--base", str(tiny_model_dir), "--models", str(adapters[0]), "--base-expert", "always-on",
-                 "--out", str(tmp_path / "bad")]) == 2
+                 "--router", "random", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     assert "field 'base_expert'" in err and "Traceback" not in err and not (tmp_path / "bad").exists()
     # --attention reaches mix_models (which refuses it for adapters)
     assert main(["mix", "--base", str(tiny_model_dir), "--models", str(adapters[0]), "--attention", "q_proj",
-                 "v_proj", "--out", str(tmp_path / "bad")]) == 2
+                 "v_proj", "--router", "random", "--out", str(tmp_path / "bad")]) == 2
     assert "field 'attention'" in capsys.readouterr().err
+
+
+def test_mix_defaults_to_the_studys_router_and_asks_for_its_prompts(tiny_model_dir: Path, adapters: list[Path],
+                                                                     tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """No silent random router: without --prompts (or --router) mix stops before any compute, naming both."""
+    from knowstack import api
+    from knowstack.cli import main
+    from knowstack.config import MoeConfig
+
+    capsys.readouterr()
+    assert main(["mix", "--base", str(tiny_model_dir), "--models", *map(str, adapters[:2]),
+                 "--out", str(tmp_path / "moe")]) == 2
+    err = capsys.readouterr().err
+    assert f"default router, {MoeConfig().router}" in err and "--prompts" in err and "--router" in err
+    assert err.count("error:") == 1 and not (tmp_path / "moe").exists()
+    with pytest.raises(KnowstackError, match="prompts"):
+        api.mix(tiny_model_dir, adapters[:2], tmp_path / "api")
+    assert not (tmp_path / "api").exists()
 
 
 def study_config(tmp_path: Path, base: Path, moe: dict) -> dict:

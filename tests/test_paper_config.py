@@ -28,7 +28,7 @@ def test_paper_dry_run_shows_moe_budgets_and_acc_norm(tmp_path, capsys: pytest.C
     assert any("train-lora-meeting-" in line and "epochs 20, batch 128" in line for line in train)
     assert any("joint" in line and "epochs 1, batch 128" in line for line in train)  # joint keeps the recipe's
     assert any("moe-fft-" in line and "4 fft experts, top-2" in line for line in lines)
-    assert any("moe-lora-" in line and "7 lora experts, top-2" in line for line in lines)
+    assert any("moe-lora-" in line and "7 lora experts, top-7" in line for line in lines)  # moetify: every expert
     assert any("merge-ties-dare-lora-factors" in line and "drop_rate 0.8" in line for line in lines)
     assert not any("merge-ties-fft" in line for line in lines)  # the paper merged FFT models by averaging only
     old = next(line for line in lines if line.startswith("old knowledge:"))

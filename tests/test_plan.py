@@ -10,7 +10,7 @@ import pytest
 
 from knowstack.cli import main
 from knowstack.config import load_config, parse_config
-from knowstack.study.plan import build_plan
+from knowstack.study.plan import Step, build_plan
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -147,6 +147,19 @@ def test_olora_joint_replay_steps_and_model_names(tmp_path: Path) -> None:
     assert [t["name"] for t in joint.params["tasks"]] == ["t1", "t2", "t3"]
     joint_eval = plan.steps[by_name["joint-lora"].step]
     assert joint_eval.params["model"]["adapter"] == f"@{joint.key}"
+
+
+def test_rounds_are_titled_on_the_console_and_keep_their_keys(tmp_path: Path) -> None:
+    """A sequential, replay or O-LoRA round's steps say which round they are ('lora-t2 (sequential round 2/3)');
+    the title is not in the key: the keys are those of the steps without it."""
+    raw = user_config(tmp_path, sequential={"finetune": ["lora"]}, olora={"lambdas": [0.5]},
+                      replay={"finetune": ["fft"], "fraction": 0.5})
+    steps = build_plan(parse_config(raw)).ordered()
+    shown = {(s.kind, s.shown) for s in steps}
+    assert {("train", "lora-t2 (sequential round 2/3)"), ("merge-adapter", "lora-t2 (sequential round 2/3)"),
+            ("train", "lora-t3-olora0.5 (O-LoRA round 3/3)"), ("train", "fft-t2-replay (replay round 2/3)")} <= shown
+    untitled = [Step(s.kind, s.label, s.params, s.deps) for s in steps]
+    assert [s.key for s in untitled] == [s.key for s in steps] and untitled == steps
 
 
 def test_per_round_lambdas_need_one_per_round(tmp_path: Path) -> None:

@@ -20,13 +20,17 @@ from knowstack.registry.page import lineage_layers, write_registry_page
 
 @pytest.fixture()
 def history(registry: Path) -> Path:  # noqa: F811
-    """Three composed versions: a TIES merge and an average built on it, both under a gate that lets anything
-    through (the tiny model's random adapters fail any real one), and one held to a gate it cannot pass."""
+    """Four composed versions: a TIES merge and an average built on it, both under a gate that lets anything
+    through (the tiny model's random adapters fail any real one), and two held to a gate they cannot pass, the
+    second released anyway (--force-release)."""
     loose = {"gate_old": 100.0, "gate_task": 100.0}
     compose(registry, "merge-ties", contributions=["stance", "quiz-ft"], options=ComposeOptions(density=0.5), **loose)
     compose(registry, "merge-average", contributions=["notes"], start="v1", **loose)
     compose(registry, "merge-ties-dare", contributions=["stance", "notes", "math"], gate_task=0.0, gate_old=0.0,
             options=ComposeOptions(drop_rate=0.9))
+    # the same held to the same gate, and released anyway
+    compose(registry, "merge-ties-dare", contributions=["stance", "notes", "math"], gate_task=0.0, gate_old=0.0,
+            options=ComposeOptions(drop_rate=0.9, seed=1), force_release=True)
     return registry
 
 
@@ -62,6 +66,9 @@ def test_the_registry_page_opens_cleanly_in_chromium(history: Path, tmp_path: Pa
           sections: Array.from(document.querySelectorAll('section[id^=version-]')).map(s => s.id),
           tasks: Array.from(document.querySelectorAll('#version-v1 tr[data-task]')).map(r => r.dataset.task),
           v1: document.querySelector('#version-v1').innerText,
+          v2: document.querySelector('#version-v2').innerText,
+          v4: document.querySelector('#version-v4').innerText,
+          verdicts: Array.from(document.querySelectorAll('tr.gate-check')).map(r => r.dataset.verdict),
         };""")
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     browser.save_screenshot(str(tmp_path / "registry-page.png"))
@@ -84,3 +91,10 @@ def test_the_registry_page_opens_cleanly_in_chromium(history: Path, tmp_path: Pa
     v1 = next(r for r in records if r["name"] == "v1")
     for check in v1["settings"]["gate"]["checks"]:
         assert f"{check['value']:.3f}" in found["v1"] and f"{check['floor']:.3f}" in found["v1"]
+        # each row with the paired interval of the change and its n
+        assert f"[{check['ci_low']:+.3f}, {check['ci_high']:+.3f}]\t{check['n']}" in found["v1"]
+    assert found["verdicts"] == [c["verdict"] for r in reversed(composed) for c in r["settings"]["gate"]["checks"]]
+    assert "against base (what it was built from)" in found["v1"] and "against v1 (what it was built from; base for old knowledge)" in found["v2"]
+    v4 = next(r for r in records if r["name"] == "v4")
+    assert v3["status"] == "rejected" and v4["status"] == "released" and v4["settings"]["gate"]["forced"]
+    assert "Released by --force-release although the gate failed" in found["v4"]

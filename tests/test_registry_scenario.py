@@ -50,14 +50,18 @@ def test_the_registry_scenario_end_to_end(tmp_path: Path) -> None:
     assert harmful["status"] == "rejected" and not old_vs_base["passed"]
     assert old_vs_base["value"] < old_vs_base["floor"] < old_vs_base["reference"]
     assert f"old AVE {old_vs_base['value']:.3f} vs base {old_vs_base['reference']:.3f}" in printed
-    assert "v3-ties-all: rejected (merge-ties of 8 contributions)" in printed
+    assert "v3-ties-all: rejected (merge-ties of 8 contributions, built on base)" in printed
 
     # log (newest first, with lineage) and diff (what changed, task by task)
     assert printed.index("v4-moe-trained  [") < printed.index("v3-ties-all  [") < printed.index("v1-moe  [")
-    assert "from 8: stance, notes, summary, code, quiz, simplify, math, stance-hot" in printed
-    assert "contributions: +stance-hot; - none" in printed
+    assert "built on base with 8 contributions: stance, notes, summary, code, quiz, simplify, math, stance-hot" in printed
+    assert "contributions added: stance-hot; left out: none" in printed
+    # every version gated against what it was built from (the base), whatever was composed before it
+    assert all(c["reference_version"] == "base" for name in versions for c in records[name]["settings"]["gate"]["checks"])
     assert "new Math" in printed and "AVnew" in printed and "AVE" in printed
     info = json.loads((out / "export" / "v1-moe" / "knowstack-export.json").read_text())
     assert info["kind"] == "adapter" and (out / "export" / "v1-moe" / "base" / "config.json").is_file()
     assert "Next version, within a 2% old-knowledge loss (semi-cooperative" in printed
     assert "(4 versions)" in printed and (out / "versions.png").read_bytes().startswith(b"\x89PNG")
+    page = (out / "page" / "registry.html").read_text()
+    assert page.count('class="gate-check"') == sum(len(records[v]["settings"]["gate"]["checks"]) for v in versions)

@@ -165,18 +165,33 @@ def test_table6_averages_are_computed_not_copied() -> None:
 def test_claims_cover_the_papers_findings() -> None:
     statements = " | ".join(c.statement for c in CLAIMS)
     for finding in ("One-round FFT loses more old knowledge than one-round LoRA", "higher λ acquires less",
-                    "Replay beats plain sequential training on AVall", "MoE mixing is best",
+                    "Replay beats plain sequential training", "MoE mixing gains the most from the base",
                     "TIES and TIES-DARE are weak on new knowledge",
                     "LoRA keeps old knowledge better than FFT in every fully-cooperative regime",
-                    "replay is at least as good as joint training"):
+                    "replay does better than joint training on new knowledge", "Premise, not a finding",
+                    "about -7% with FFT and -1% with LoRA", "O-LoRA comes second"):
         assert finding in statements
-    assert len({c.id for c in CLAIMS}) == len(CLAIMS) and all(c.checks for c in CLAIMS)
+    assert sorted(c.id for c in CLAIMS) == sorted(f"C{i}" for i in range(1, 31))
+    assert all(c.checks and c.quote and c.source for c in CLAIMS)
 
 
 def test_verdicts_follow_the_numbers() -> None:
     rows = synthetic_study()
     verdicts = verdicts_of(rows)
-    assert verdicts["C1"] == HOLDS and verdicts["C12"] == HOLDS and UNMEASURED not in verdicts.values()
+    assert verdicts["C1"] == HOLDS and verdicts["C25"] == HOLDS
+    # the synthetic world's old knowledge has no MMLU: the claims about it are the only ones not measured
+    assert [c for c, v in verdicts.items() if v == UNMEASURED] == ["C21", "C26"]
+    # C12 needs each MoE ahead of every merge and O-LoRA run on old knowledge too, and the FFT MoE loses 4% of it,
+    # the LoRA MoE 1%, as much as the LoRA merges; with both MoEs losing 0.5%, it holds
+    assert verdicts["C12"] == FAILS
+
+    def kept(row: Row) -> Row:
+        if row.method == "moe" and row.kind == "old":
+            lost = 0.96 if row.finetune == "fft" else 0.99
+            return Row(**{**row.__dict__, "value": round(row.value / lost * 0.995, 4)})
+        return row
+
+    assert verdicts_of([kept(r) for r in rows])["C12"] == HOLDS
 
     # The same claims on other numbers: one-round FFT now keeps old knowledge better than LoRA, and
     # LoRA-MoE loses most of what it mixed.
@@ -187,8 +202,8 @@ def test_verdicts_follow_the_numbers() -> None:
             return Row(**{**row.__dict__, "value": 0.0})
         return row
 
-    flipped = verdicts_of([changed(r) for r in rows])
-    assert flipped["C1"] == FAILS and flipped["C12"] == HOLDS  # MoE FFT is still the best semi-cooperative
+    flipped = verdicts_of([kept(changed(r)) for r in rows])
+    assert flipped["C1"] == FAILS and flipped["C12"] == FAILS  # both MoEs must be best, not the better one
     without_moe = verdicts_of([r for r in rows if r.method != "moe"])
     assert without_moe["C12"] == UNMEASURED and without_moe["C1"] == HOLDS
     one_lambda = verdicts_of([r for r in rows if not r.model.startswith("olora-lora-5-")])

@@ -238,7 +238,8 @@ def test_real_zero_study_ties_said_as_ties() -> None:
                           "AVnew 0.000, gain from base n/a: the base scores 0; one-round FFT, one-round LoRA (one-round) "
                           "score the same.")
     verdicts = column(tables_of(sections)["claims"], "verdict")
-    assert [c for c, v in verdicts.items() if v == NO_SIGNAL] == ["C2", "C4", "C5", "C6", "C13"]
+    assert [c for c, v in verdicts.items() if v == NO_SIGNAL] == ["C2", "C20", "C4", "C5", "C29", "C22", "C6", "C28",
+                                                                  "C13"]
 
 
 def test_cli_advise_and_report_on_the_real_zero_study(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -251,7 +252,7 @@ def test_cli_advise_and_report_on_the_real_zero_study(tmp_path: Path, capsys: py
     assert "(10 points of semi-cooperative methods compared)" in printed
     assert main(["report", str(out)]) == 0
     html = (out / "report.html").read_text()
-    assert html.count('<td class="nosignal">no signal</td>') == 5
+    assert html.count('<td class="nosignal">no signal</td>') == 9
 
 
 def test_cli_advise_on_the_zero_study(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from knowstack.cli import build_parser, main
 from knowstack.combine.merge_methods import MergeOptions
-from knowstack.combine.moe import MoeOptions, default_router
+from knowstack.combine.moe import MoeOptions
 from knowstack.config import (
     PAPER_LR,
     JointConfig,
@@ -61,7 +61,7 @@ def test_merge_moe_and_compose_defaults_are_the_study_configs() -> None:
                                                                                       merge.lam)
     assert (MoeOptions().top_k, MoeOptions().shared, MoeOptions().base_expert) == (moe.top_k, moe.shared,
                                                                                    moe.base_expert)
-    assert default_router(True) == moe.router and default_router(False) == "random"
+    assert build_parser().parse_args(["mix", "--base", "b", "--models", "m", "--out", "o"]).router is None  # -> moe's
     trained = RouterTraining(steps=1)
     assert (trained.lr, trained.batch_size, trained.aux_loss_coef) == (routers.lr, routers.batch_size,
                                                                        routers.aux_loss_coef)

@@ -55,6 +55,22 @@ def test_the_study_line_counts_steps_and_hosts_the_steps_bar(monkeypatch: pytest
     assert "step 2/5 train: a" in text and "done in 40.0 s" in text
 
 
+def test_steps_run_apart_count_among_the_studys_steps() -> None:
+    """The built-in world is built before the rest (its fingerprint keys them): it is step 1 of the study's steps,
+    not of its own run, and the rest go on from 2."""
+    s = steps()
+    console = Console(file=io.StringIO(), width=120)
+    with StudyProgress(s[:1], console, total=len(s)) as shown:
+        shown.start(s[0], 1)
+        assert shown.progress.tasks[0].description == "study: step 1 of 5"
+        shown.finish(s[0])
+    with StudyProgress(s, console) as shown:
+        shown.skip(s[0])
+        shown.start(s[1], 2)
+    text = console.file.getvalue()
+    assert "step 1/5 eval: base" in text and "step 2/5 train: a" in text and "/1 " not in text
+
+
 def test_steps_side_by_side_each_have_a_row_and_share_the_time_left(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two steps running at once (the local executor's jobs): a row each, each 'done' line names its step, and the
     time left is the remaining steps' sum over the 2 jobs."""
@@ -73,3 +89,31 @@ def test_steps_side_by_side_each_have_a_row_and_share_the_time_left(monkeypatch:
         shown.finish(s[2])
     text = console.file.getvalue()
     assert "done train: a in 30.0 s" in text and "done train: b in 40.0 s" in text
+
+
+def test_the_world_built_first_is_counted_among_the_studys_steps(tmp_path) -> None:
+    """The runner builds the world alone first (its fingerprint keys the rest), then runs the whole plan: both runs
+    count the study's steps, so the console says 'step 1/N world', then 'step 2/N'."""
+    import json
+
+    from knowstack.config import parse_config
+    from knowstack.study.executors import Progress
+    from knowstack.study.runner import run_study
+
+    calls = []
+
+    class Recording:  # the world "built" (its world.json), nothing else run
+        def run(self, steps, ctx, console, total=None):
+            calls.append((len(steps), total))
+            for step in steps:
+                if step.kind == "world":
+                    (ctx.artifact(step.key)).mkdir(parents=True, exist_ok=True)
+                    (ctx.artifact(step.key) / "world.json").write_text(json.dumps({"fingerprint": "f00d"}))
+            return Progress(ran=1 if total else 0)
+
+    config = parse_config({"name": "w", "base": {"builtin": "test"}, "tasks": "builtin",
+                           "old_knowledge": {"tasks": "builtin"}, "training": {"lr": 1e-3},
+                           "methods": {"sequential": {"finetune": ["lora"]}}})
+    run_study(config, tmp_path / "study", console=Console(file=io.StringIO()), executor=Recording())
+    (world, total), (whole, none) = calls
+    assert world == 1 and total == whole > 10 and none is None

@@ -12,7 +12,7 @@ from knowstack.version import __version__ as __version__
 
 # The Python API (api.py, docs/api.md), imported on first use: `import knowstack` stays cheap. `train` and
 # `evaluate` are only in knowstack.api: the subpackages of those names would shadow them here once imported.
-_API = ("PlannedStep", "StudyResults", "TaskScores", "compose", "contribute", "dry_run", "history",
+_API = ("PlannedStep", "StudyResults", "TaskScores", "build_world", "compose", "contribute", "dry_run", "history",
         "init_registry", "load_study", "merge", "mix", "open_registry", "rows_frame", "run_study", "score",
         "study_results", "statistics", "gate")
 

@@ -9,7 +9,8 @@
 Every function calls the same code the matching CLI command calls (train/loop, combine/merge, combine/moe,
 evaluate/*, study/runner, registry/*), so results are the same either way. Bad input raises
 knowstack.errors.KnowstackError naming the file, field and item. Heavy libraries (torch, transformers) are
-imported only by the functions that need them.
+imported only by the functions that need them. The functions that run the libraries (@quiet_call) are as quiet
+as the CLI: no library progress bars, and the libraries' warnings to the program's logging (logs.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from knowstack.errors import KnowstackError
+from knowstack.logs import KnowstackDeprecation, quiet_call
 
 if TYPE_CHECKING:
     import pandas
@@ -33,10 +35,21 @@ if TYPE_CHECKING:
 PathLike = str | Path
 
 __all__ = [
-    "PlannedStep", "StudyResults", "TaskScores", "compose", "contribute", "dry_run", "evaluate", "export",
+    "PlannedStep", "StudyResults", "TaskScores", "build_world", "compose", "contribute", "dry_run", "evaluate", "export",
     "history", "init_registry", "load_study", "merge", "mix", "open_registry", "rows_frame", "run_study", "score",
     "score_predictions", "study_results", "train", "statistics", "gate",
 ]
+
+
+# --- the built-in world -------------------------------------------------------------------------------
+@quiet_call
+def build_world(out: PathLike, *, preset: str = "quick", seed: int = 0) -> Path:
+    """The built-in world, as `knowstack build-world`: a tiny pretrained base (out/model), its new-knowledge tasks in
+    TRACE layout (out/tasks/<Task>), its lm-eval old-knowledge tasks (out/old_knowledge) and world.json; preset
+    test (seconds, for trying things), quick or full (builtin/world.py PRESETS). Returns `out`."""
+    from knowstack.builtin.world import build_world as build
+
+    return build(Path(out), preset=preset, seed=seed)
 
 
 # --- studies -------------------------------------------------------------------------------------------
@@ -46,7 +59,8 @@ def _renamed(new: Any, old: Any, new_name: str, old_name: str, default: Any) -> 
         return default if new is None else new
     import warnings
 
-    warnings.warn(f"{old_name}= is deprecated: write {new_name}=", DeprecationWarning, stacklevel=3)
+    # the caller's line: past this function, the API function and its quiet_call wrapper
+    warnings.warn(f"{old_name}= is deprecated: write {new_name}=", KnowstackDeprecation, stacklevel=4)
     if new is not None and new != old:
         raise KnowstackError(f"{new_name}={new!r} and its old name {old_name}={old!r} disagree: give one",
                              field=new_name)
@@ -149,6 +163,7 @@ def rows_frame(rows: Sequence[Row]) -> pandas.DataFrame:
     return pandas.DataFrame([row.record() for row in rows])
 
 
+@quiet_call
 def run_study(config: PathLike | Mapping[str, Any] | StudyConfig, out: PathLike, *, executor: str = "local",
               address: str | None = None, console: Any = None, jobs: int | None = None,
               threads: int | str | None = None) -> StudyResults:
@@ -226,6 +241,7 @@ def _replay_examples(current: tuple[str, list[tuple[str, str]]], earlier: Sequen
     return replay_mixture(current, named, ReplayConfig().fraction if fraction is None else fraction, seed)
 
 
+@quiet_call
 def train(model: PathLike, data: PathLike | TaskSpec | Sequence[tuple[str, str]], out: PathLike, *,
           finetune: str = "lora", metric: str = "accuracy", training: TrainingConfig | None = None, seed: int = 0,
           replay: Sequence[PathLike] = (), replay_fraction: float | None = None,
@@ -235,14 +251,17 @@ def train(model: PathLike, data: PathLike | TaskSpec | Sequence[tuple[str, str]]
     """One training run, as `knowstack train` and a study's round: `data` is a TRACE task dir (its train split),
     a TaskSpec (knowstack.data.tasks: e.g. math's MetaMathQA file) or (prompt, answer) pairs. The recipe is
     `training` (a config.py TrainingConfig, as a study's `training:`) or else `settings`, train/settings.py
-    TrainSettings fields (lr, epochs, max_steps, batch_size, lora_r, ...); each default is TrainingConfig's.
+    TrainSettings fields (lr, epochs, max_steps, batch_size, lora_r, ...); each default is TrainingConfig's. On a
+    built-in world's model (WORLD/model) given neither, the world's recipe (builtin/world.py world_recipe: its
+    study config's `training:`, a fraction of the world's pretraining peak rate); `lr_of_pretrain_peak` needs one.
     replay: earlier tasks' dirs, each adding replay_fraction x |task| of its train examples (default: the config's
     ReplayConfig fraction; what was drawn is written to out/mixture.json). olora_previous: the earlier rounds'
     LoRA adapters, penalised against with weight olora_lambda (default: the paper's first run, OLoraConfig's).
     tokenizer / trust_remote_code: as a study's base options. Writes a full model (fft) or a PEFT adapter (lora)
     with its model card to `out`; returns train_summary.json."""
     from knowstack.atomic import atomic_write_json
-    from knowstack.config import OLoraConfig
+    from knowstack.builtin.world import world_of_model, world_recipe
+    from knowstack.config import OLoraConfig, TrainingConfig
     from knowstack.train import TrainSettings
     from knowstack.train.launch import TrainJob, run_job
     from knowstack.train.tracking import Tracking
@@ -260,8 +279,12 @@ def train(model: PathLike, data: PathLike | TaskSpec | Sequence[tuple[str, str]]
     mixture = None
     if replay:
         pairs, mixture = _replay_examples((name, pairs), replay, replay_fraction, seed)
-    run_settings = TrainSettings.from_config(training, finetune=finetune, seed=seed) if training is not None \
-        else TrainSettings(finetune=finetune, seed=seed, **settings)
+    world = world_of_model(model)
+    if training is None and not settings and world is not None:
+        training = TrainingConfig.model_validate(world_recipe(world)[1])
+    peak = world["pretrain"]["peak_lr"] if world is not None else None
+    run_settings = TrainSettings.from_config(training, finetune=finetune, seed=seed, pretrain_peak=peak) \
+        if training is not None else TrainSettings(finetune=finetune, seed=seed, **settings)
     lam = OLoraConfig().lambdas[0] if olora_lambda is None else olora_lambda
     trackers = tuple(report_to) or tuple(training.report_to if training is not None else ())
     job = TrainJob(model_path=str(model), out_dir=str(out), settings=run_settings.to_dict(), examples=pairs,
@@ -275,6 +298,7 @@ def train(model: PathLike, data: PathLike | TaskSpec | Sequence[tuple[str, str]]
     return summary
 
 
+@quiet_call
 def merge(method: str, models: Sequence[PathLike], out: PathLike, *, base: PathLike | None = None,
           weights: Sequence[float] | None = None, density: float | None = None, drop_rate: float | None = None,
           lam: float | None = None, lora_space: str | None = None, seed: int | None = None, max_shard_gb: float = 5.0,
@@ -302,6 +326,7 @@ def merge(method: str, models: Sequence[PathLike], out: PathLike, *, base: PathL
                         dtype=dtype)
 
 
+@quiet_call
 def statistics(model: PathLike, data: PathLike, out: PathLike, *, base: PathLike | None = None,
                kinds: Sequence[str] = ("gram", "fisher"), examples: int | None = None, max_length: int | None = None,
                tokenizer: PathLike | None = None, trust_remote_code: bool = False) -> Path:
@@ -337,6 +362,7 @@ def _prompt_list(prompts: Sequence[str] | PathLike) -> list[str]:
     return found
 
 
+@quiet_call
 def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
         prompts: Sequence[Sequence[str] | PathLike] | None = None, prompts_per_expert: int | None = None,
         train_data: Sequence[PathLike] = (), router_steps: int | None = None, router_lr: float | None = None,
@@ -347,11 +373,12 @@ def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
     combine/moe.py MoeOptions fields (top_k, layers, shared, base_expert, router, seed, attention, routing,
     temperature, dtype; None: the default). prompts: per
     model, its prompts or a JSON/JSONL file of them, the first prompts_per_expert used (default: config.py
-    MoeConfig's); router (None or not given): `prompts` when prompts are given, else random. Router training:
-    router_steps steps on the TRACE-format files train_data (router_lr, router_batch_size, aux_loss_coef default to
-    RouterTrainingConfig's; the order is drawn from options' seed; train_steps, train_lr and train_batch_size are
-    their deprecated names). max_shard_gb: the largest output shard (FFT-MoE). Returns moe.json."""
-    from knowstack.combine.moe import MoeOptions, default_router, mix_models
+    MoeConfig's); router (None or not given): a study's and compose's, MoeConfig's `prompts`, which needs `prompts`
+    (give router="random" for a router without them). Router training: router_steps steps on the TRACE-format files
+    train_data (router_lr, router_batch_size, aux_loss_coef default to RouterTrainingConfig's; the order is drawn
+    from options' seed; train_steps, train_lr and train_batch_size are their deprecated names). max_shard_gb: the
+    largest output shard (FFT-MoE). Returns moe.json."""
+    from knowstack.combine.moe import MoeOptions, mix_models
     from knowstack.config import MoeConfig
     from knowstack.data.formats import load_trace_split
     from knowstack.train.router_job import RouterRun
@@ -366,7 +393,7 @@ def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
         keep = MoeConfig().prompts_per_expert if prompts_per_expert is None else prompts_per_expert
         prompts = [_prompt_list(given)[:keep] for given in prompts]
     if options.get("router") is None:
-        options["router"] = default_router(bool(prompts))
+        options["router"] = MoeConfig().router
     for name in ("routing", "temperature", "dtype"):  # not given: MoeOptions' defaults
         if name in options and options[name] is None:
             del options[name]
@@ -384,6 +411,7 @@ def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
                       max_shard_bytes=int(max_shard_gb * 2**30), router_step=RouterRun(prompts, examples, training))
 
 
+@quiet_call
 def gate(base: PathLike, adapter: PathLike, train_data: Sequence[PathLike], *, steps: int | None = None,
          lr: float | None = None, batch_size: int | None = None, max_length: int | None = None,
          seed: int = 0) -> dict[str, Any]:
@@ -434,6 +462,7 @@ def _scores(loaded: Any, tokenizer: Any, spec: TaskSpec, *, limit: int | None, b
     return TaskScores(spec.name, len(examples), result.scores, result.predictions)
 
 
+@quiet_call
 def score(model: PathLike, task: PathLike | TaskSpec, *, metric: str | None = None, adapter: PathLike | None = None,
           task_format: str = "trace", limit: int | None = None, eval_batch_size: int | None = None,
           max_new_tokens: int | None = None, protocol: str = "builtin", batch_size: int | None = None) -> TaskScores:
@@ -451,6 +480,7 @@ def score(model: PathLike, task: PathLike | TaskSpec, *, metric: str | None = No
     return replace(scores, metric_source=source)
 
 
+@quiet_call
 def evaluate(model: PathLike, *, adapter: PathLike | None = None, tasks: Mapping[str, PathLike | TaskSpec] | None = None,
              metric: str | None = None, old_tasks: Sequence[str] = (), include_path: PathLike | None = None,
              limit: int | None = None, eval_batch_size: int | None = None, protocol: str = "builtin",
@@ -475,6 +505,7 @@ def evaluate(model: PathLike, *, adapter: PathLike | None = None, tasks: Mapping
     return result
 
 
+@quiet_call
 def score_predictions(task: PathLike, predictions: PathLike | Sequence[str], *, metric: str | None = None,
                       task_format: str = "trace", protocol: str = "builtin") -> TaskScores:
     """Predictions made elsewhere (vLLM, another harness) scored on a task's test split with the same reading
@@ -503,6 +534,7 @@ def score_predictions(task: PathLike, predictions: PathLike | Sequence[str], *, 
 
 
 # --- registries ----------------------------------------------------------------------------------------
+@quiet_call
 def init_registry(root: PathLike, base: PathLike, *, old_tasks: Sequence[str] = (),
                   include_path: PathLike | None = None, eval_batch_size: int | None = None, limit: int | None = None,
                   batch_size: int | None = None) -> dict[str, Any]:
@@ -523,6 +555,7 @@ def open_registry(root: PathLike) -> Registry:
     return Registry.open(root)
 
 
+@quiet_call
 def contribute(root: PathLike, name: str, *, task: PathLike, adapter: PathLike | None = None,
                model: PathLike | None = None, metric: str | None = None, keep_data: bool = False,
                task_format: str = "trace", author: str | None = None, training_config: PathLike | None = None,
@@ -541,6 +574,7 @@ def contribute(root: PathLike, name: str, *, task: PathLike, adapter: PathLike |
                statistics=statistics)
 
 
+@quiet_call
 def compose(root: PathLike, method: str, *, options: Mapping[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
     """Build, score and gate the next version, as `knowstack compose` (registry/compose.py); options are
     ComposeOptions fields (density, lr, epochs, top_k, ...), each one the method reads (or one error naming those
@@ -560,10 +594,12 @@ def history(root: PathLike) -> list[dict[str, Any]]:
         return list(reversed(reg.versions()))
 
 
-def export(root: PathLike, version: str, out: PathLike, *, with_base: bool = False) -> dict[str, Any]:
-    """A version as a plain HF model dir or PEFT / LoRA-MoE dir in the new dir `out`, with its model card, as
-    `knowstack export` (registry/export.py); with_base: adapters get the base model in out/base too. Returns the
-    export record (version, kind, method, how to load it)."""
+@quiet_call
+def export(root: PathLike, version: str, out: PathLike, *, with_base: bool = False,
+           overwrite: bool = False) -> dict[str, Any]:
+    """A version as a plain HF model dir or PEFT / LoRA-MoE dir in `out` (a new or empty dir; overwrite: replace a
+    non-empty one), with its model card, as `knowstack export` (registry/export.py); with_base: adapters get the
+    base model in out/base too. Returns the export record (version, kind, method, how to load it)."""
     from knowstack.registry.export import export_version
 
-    return export_version(root, version, out, with_base=with_base)
+    return export_version(root, version, out, with_base=with_base, overwrite=overwrite)

@@ -6,10 +6,45 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+def current_umask() -> int:
+    """The process's umask. Read from /proc where it is there: setting it to read it back (the only portable way)
+    would leave other threads creating files under the wrong mask for a moment."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: Path, mode: int | None = None) -> None:
+    """Give `path`, and everything under it if it is a dir, the mode open() and mkdir() would: 0o666 for a file
+    (0o777 for a dir or an executable) less the umask, a read-only file staying read-only; or `mode` less the
+    umask (`path` alone). mkstemp and mkdtemp make theirs private, safetensors writes 0o600, and a rename keeps
+    the mode: without this an artifact would be unreadable to the rest of a team sharing the dir."""
+    mask = current_umask()
+    path = Path(path)
+    if mode is not None:
+        os.chmod(path, mode & ~mask)
+        return
+    items = [path]
+    if path.is_dir():
+        items += [Path(top, name) for top, dirs, files in os.walk(path) for name in dirs + files]
+    for item in items:
+        now = item.lstat().st_mode
+        if stat.S_ISDIR(now):
+            os.chmod(item, 0o777 & ~mask)
+        elif stat.S_ISREG(now):
+            wanted = 0o777 if now & stat.S_IXUSR else 0o666
+            os.chmod(item, (wanted if now & stat.S_IWUSR else wanted & ~0o222) & ~mask)
 
 
 @contextlib.contextmanager
@@ -24,6 +59,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
     try:
         yield tmp
+        honour_umask(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -48,6 +84,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        honour_umask(Path(tmp))
         os.replace(tmp, path)
     except BaseException as err:
         with contextlib.suppress(FileNotFoundError):

@@ -25,6 +25,8 @@ TaskMetric = Literal["accuracy", "exact_match", "rouge_l", "edit_similarity", "s
 METRICS: tuple[str, ...] = get_args(TaskMetric)
 # The paper's learning rate (constant, FFT and LoRA alike): the default where a config gives none.
 PAPER_LR = 2e-5
+# The study configs shipped with the package (`knowstack demo`'s, the built-in worlds' recipes).
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 Protocol = Literal["builtin", "paper"]
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -454,7 +456,7 @@ MOE_ROUTERS: dict[str, str] = {
     "random": "rows drawn from N(0, initializer_range), a fresh Mixtral router",
     "uniform": "zero rows: every expert equally likely (top_k = the number of experts, or router training)",
     "base-biased": "random rows plus a logit bias for the routed base expert (needs base_expert: routed)",
-    "prompts": "each expert's row: the base's normalised mean router input on a few of its prompts (moetify)",
+    "prompts": "each expert's row: the base's normalised mean router input on a few of its prompts",
     "none": "no router: every expert with equal weight",
     "arrow": "LoRA-MoE, training-free: per module, each adapter's top right singular vector of its B A; scores "
              "|row . x| / temperature (Arrow; PEFT's ArrowConfig)",
@@ -464,8 +466,11 @@ MOE_ROUTERS: dict[str, str] = {
                    "(minus the other experts'), the same in every layer",
     "gates": "LoRA-MoE, per module: the gate vector each contributor trained for their own adapter on their own "
              "data (`knowstack gate`), standardized (PHATGOOSE)",
+    "moetify": "moetify's routing (the paper's MoEs): FFT-MoE rows from the base's residual stream at each layer's "
+               "input on an expert's prompts; LoRA-MoE random routers per module, sigmoid gates, every expert",
 }
-MoeRouter = Literal["random", "uniform", "base-biased", "prompts", "none", "arrow", "hidden", "cheap-embed", "gates"]
+MoeRouter = Literal["random", "uniform", "base-biased", "prompts", "none", "arrow", "hidden", "cheap-embed", "gates",
+                   "moetify"]
 # Named settings of a mixture (`preset: NAME` in the moe section, `knowstack mix --preset NAME`); the section's own
 # settings win. btx: Branch-Train-MiX (Sukhbaatar et al. 2024): the one-round models' MLPs as experts, every
 # other weight their average, a fresh router trained top-2 with the Switch load-balancing loss (coefficient 0.01).
@@ -485,7 +490,10 @@ class MoeConfig(Sweepable):
     none (router-free: all experts with equal weight) | arrow (LoRA only, training-free: per module, each
     adapter's top right singular vector of B A, PEFT's Arrow) | hidden (mergekit-moe's gate_mode hidden:
     an expert's prompts against the other experts' as negative prompts) | cheap-embed (mergekit-moe's
-    cheap_embed); seed: random routers (default: the study's);
+    cheap_embed) | moetify (moetify's routing, the paper's: an FFT-MoE's rows from the base's residual stream at each
+    layer's input on the first `prompts_per_expert` training prompts; a LoRA-MoE's random routers per module,
+    sigmoid gates, every expert chosen whatever `top_k`, which is then the FFT-MoE's); seed: random routers
+    (default: the study's);
     attention: self-attention projections (q_proj, k_proj, v_proj, o_proj) that are experts too, each
     with its own router (FFT only: a LoRA-MoE already mixes every module its adapters target);
     routing (LoRA only): a router per layer, or per module, each reading its module's input (moetify's
@@ -566,6 +574,8 @@ class MoeConfig(Sweepable):
             raise ValueError("'temperature' is the arrow router's")
         if self.router in ("hidden", "cheap-embed") and self.routing == "module":
             raise ValueError(f"the {self.router} router is one row per layer: leave 'routing' unset or 'layer'")
+        if self.router == "moetify" and self.routing == "layer":
+            raise ValueError("moetify's LoRA-MoE has a router per module: leave 'routing' unset or 'module'")
         return self
 
 

@@ -27,6 +27,7 @@ class KnowstackError(Exception):
     def __init__(self, message: str, *, path: object | None = None, field: str | None = None,
                  item: int | None = None):
         super().__init__(located(message, path, field, item))
+        self.message = message  # without where: the CLI words the field as its option (cli/__init__.py)
         self.path = path
         self.field = field
         self.item = item
@@ -56,6 +57,7 @@ class InputProblems(KnowstackError):
             lines = "\n".join(f"  - {problem}" for problem in self.problems)
             message = f"{len(self.problems)} problems with the inputs; nothing was run:\n{lines}"
         Exception.__init__(self, message)
+        self.message = message
         first = self.problems[0] if self.problems else None
         self.path = first.path if first else None
         self.field = first.field if first else None

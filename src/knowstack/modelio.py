@@ -154,7 +154,7 @@ def copy_model_files(source: Path, dest: Path) -> None:
     """The base's tokenizer files, chat template and generation_config (those it has) into an output dir."""
     for name in TOKENIZER_FILES:
         if (Path(source) / name).is_file():
-            shutil.copy2(Path(source) / name, Path(dest) / name)
+            shutil.copyfile(Path(source) / name, Path(dest) / name)  # not copy2: the output's mode is the umask's
 
 
 def with_dtype(config: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:

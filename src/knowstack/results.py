@@ -24,7 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from knowstack.atomic import atomic_write_text
+from knowstack.atomic import atomic_write_text, honour_umask
 from knowstack.config import SWEEP_COLUMNS
 
 COLUMNS = ("model", "method", "finetune", "stage", "task", "kind", "metric", "value", "ci_low", "ci_high", "n",
@@ -149,6 +149,7 @@ def write_sqlite(rows: list[Row], path: Path, costs: Sequence[Cost] = ()) -> Non
             db.execute(f"CREATE TABLE costs ({', '.join(f'{c} {COST_TYPES[c]}' for c in COST_COLUMNS)})")
             db.executemany(f"INSERT INTO costs VALUES ({', '.join('?' for _ in COST_COLUMNS)})",
                            [tuple(getattr(cost, c) for c in COST_COLUMNS) for cost in costs])
+        honour_umask(Path(tmp))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -288,11 +288,13 @@ def missing_model_files(folder: Path) -> list[str]:
 
 
 def check_model_dir(path: str | Path, *, tokenizer: str | Path | bool = True, trust_remote_code: bool = False,
-                    config_only: bool = False) -> list[Problem]:
+                    config_only: bool = False, adapter_hint: str | None = None) -> list[Problem]:
     """A HF model dir: config.json that transformers reads, safetensors weights that are whole (pickled
     weights are refused by name, never opened), and its tokenizer (or `tokenizer`, a path) loadable.
     A hub id passes: it is resolved when it is loaded. config_only: a dir with no weights passes, and without
-    a tokenizer too (a plan reads the config alone); otherwise such a dir is one problem naming what it lacks."""
+    a tokenizer too (a plan reads the config alone); otherwise such a dir is one problem naming what it lacks.
+    An adapter dir given as the model is one problem saying so; adapter_hint: how the command takes it instead
+    ('--model BASE --adapter {path}')."""
     local, problems = _is_local(path, "model")
     if not local:
         given = not isinstance(tokenizer, bool)
@@ -300,6 +302,10 @@ def check_model_dir(path: str | Path, *, tokenizer: str | Path | bool = True, tr
     folder = Path(str(path)).expanduser()
     if not folder.is_dir():
         return [Problem(str(folder), "not a model dir (a file; a model is a dir of config.json and safetensors)")]
+    adapter = adapter_kind(folder)
+    if adapter is not None and not (folder / "config.json").is_file():
+        how = f": give {adapter_hint.format(path=folder)}" if adapter_hint else ", loaded on its base model"
+        return [Problem(str(folder), f"not a model dir but {adapter}{how}")]
     problems = _check_model_config(folder, trust_remote_code)
     missing = missing_model_files(folder)
     if "weights" not in missing:
@@ -350,6 +356,18 @@ def _check_model_config(folder: Path, trust_remote_code: bool) -> list[Problem]:
     except Exception as err:  # noqa: BLE001 - the library's refusal, reported as the input's problem
         return [Problem(str(config), f"not a model config transformers reads: {error_line(err)}")]
     return []
+
+
+def adapter_kind(folder: Path) -> str | None:
+    """What kind of adapter dir `folder` is, in words ('a PEFT LoRA adapter (adapter_config.json)'), or None."""
+    from knowstack.combine.inputs import ADAPTER_CONFIG
+    from knowstack.modeling.lora_moe import CONFIG_FILE as LORA_MOE_CONFIG
+
+    if (folder / LORA_MOE_CONFIG).is_file():
+        return f"a LoRA-MoE ({LORA_MOE_CONFIG})"
+    if (folder / ADAPTER_CONFIG).is_file():
+        return f"a PEFT LoRA adapter ({ADAPTER_CONFIG})"
+    return None
 
 
 def check_adapter_dir(path: str | Path) -> list[Problem]:
@@ -546,6 +564,30 @@ def check_file(path: str | Path, what: str = "file") -> list[Problem]:
     file = Path(path).expanduser()
     if not file.is_file():
         return [Problem(str(file), f"{what} not found" if not file.exists() else f"{what} is not a file")]
+    return []
+
+
+def check_out_dir(out: str | Path, *, overwrite: bool = False, inputs: Sequence[str | Path | None] = (),
+                  option: str = "--out") -> list[Problem]:
+    """A dir a command writes whole and renames into place, replacing what is there: new or empty, or any dir with
+    `overwrite`; never a file, and never one of the command's `inputs`, inside one or holding one, with or
+    without `overwrite` (replacing it would delete what is being read). The one check of every such output."""
+    target = Path(out).expanduser()
+    where = target.resolve()
+    for given in inputs:
+        source = Path(str(given)).expanduser() if given is not None else None
+        if source is None or not source.exists():  # a hub id, or an input whose own check reports it missing
+            continue
+        read = source.resolve()
+        if where == read or read in where.parents or where in read.parents:
+            relation = "is" if where == read else "is inside" if read in where.parents else "holds"
+            return [Problem(str(target), f"{relation} the input {source}: write the output to another dir "
+                                         "(--overwrite never replaces an input)", field=option)]
+    if target.exists() and not target.is_dir():
+        return [Problem(str(target), "exists and is not a directory: give a new dir", field=option)]
+    if target.is_dir() and not overwrite and any(target.iterdir()):
+        return [Problem(str(target), "exists and is not empty: give a new dir, or --overwrite to replace it and "
+                                     "everything in it", field=option)]
     return []
 
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from knowstack.atomic import atomic_dir
 from knowstack.builtin import sources
@@ -69,6 +70,35 @@ PRESETS = {
     "full": WorldPreset(facts_per_family=150, fact_repeats=16, arithmetic_repeats=4, text_chars=2_500_000,
                         pretrain_steps=1000, train=400, eval=50, test=100, math_train=800),
 }
+
+
+# The shipped study config whose `training:` section is the recipe for a preset's model (one constant rate, a
+# fraction of the world's own pretraining peak: the config says why), which `knowstack train` and api.train use on
+# WORLD/model when no recipe is given.
+RECIPE_CONFIGS = {"test": "builtin-quick.yaml", "quick": "builtin-quick.yaml", "full": "builtin.yaml"}
+
+
+def world_of_model(model: str | Path) -> dict | None:
+    """The world.json manifest of the built-in world whose base `model` is (WORLD/model beside WORLD/world.json),
+    or None for any other model."""
+    path = Path(str(model)).expanduser()
+    manifest = path.parent / "world.json"
+    if path.name != "model" or not path.is_dir() or not manifest.is_file():
+        return None
+    try:
+        found = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) and "peak_lr" in found.get("pretrain", {}) else None
+
+
+def world_recipe(manifest: dict) -> tuple[str, dict]:
+    """The recipe for a world's model: (the config file it comes from, its `training:` section)."""
+    from knowstack.config import CONFIG_DIR
+
+    name = RECIPE_CONFIGS.get(manifest.get("preset", ""), RECIPE_CONFIGS["quick"])
+    config = yaml.safe_load((CONFIG_DIR / name).read_text(encoding="utf-8"))
+    return name, dict(config["training"])
 
 
 def _write_json(path: Path, obj: object) -> None:

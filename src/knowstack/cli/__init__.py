@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from knowstack.cli import models, registry, study
 from knowstack.cli.common import console
-from knowstack.errors import KnowstackError, fault_message, os_fault
+from knowstack.errors import InputProblems, KnowstackError, Problem, fault_message, os_fault
 from knowstack.logs import library_messages_to
 
 
@@ -22,6 +22,57 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_commands(sub)
     registry.add_commands(sub)
     return parser
+
+
+def commands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
+    """Every command of `parser` and its parser, by its words ('train', 'registry report'), nested ones too."""
+    found: dict[str, argparse.ArgumentParser] = {}
+    for action in parser._actions:  # argparse keeps its subcommands there; it has no public accessor
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                words = f"{prefix}{name}"
+                found[words] = sub
+                found.update(commands(sub, f"{words} "))
+    return found
+
+
+# A field of the API and of config files named for the options that set it where their names differ (option
+# dests); any other field is the option of its own name where the command has one (top_k: --top-k).
+FIELD_OPTIONS = {"router_training": ("train_data", "router_steps")}
+# Commands whose input is a config file: a field there is the file's, named as in the file.
+READ_A_CONFIG = ("study", "demo")
+
+
+def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser | None:
+    """The parser of the command that ran (its `func`)."""
+    return next((sub for sub in commands(parser).values() if sub.get_default("func") is args.func), None)
+
+
+def option_of(field: str, parser: argparse.ArgumentParser) -> str | None:
+    """The command's option(s) that set `field` ('--train-data/--train-steps'), or None."""
+    dests = FIELD_OPTIONS.get(field, (field,))
+    from knowstack.cli.vocabulary import DeprecatedAlias
+
+    named = [action.option_strings[0] for dest in dests for action in parser._actions
+             if action.dest == dest and action.option_strings and not isinstance(action, DeprecatedAlias)]
+    return "/".join(named) or None
+
+
+def worded_for_command(err: KnowstackError, parser: argparse.ArgumentParser | None, command: str) -> str:
+    """The error as the command's user reads it: a field that came from the command line named as its option
+    ("option --train-data: ..."), not as the API's or a config file's field ("field 'router_training': ...").
+    A problem located in a file keeps its field: the file is where it came from."""
+    if parser is None or command in READ_A_CONFIG:
+        return str(err)
+    problems = err.problems if isinstance(err, InputProblems) else [Problem(err.path, err.message, err.field,
+                                                                               err.item)]
+    worded = []
+    for problem in problems:
+        option = option_of(problem.field, parser) if problem.field and problem.path is None else None
+        worded.append(Problem(None, f"option {option}: {problem.message}", None, problem.item) if option else problem)
+    if worded == problems:
+        return str(err)
+    return str(InputProblems(worded)) if isinstance(err, InputProblems) else str(worded[0])
 
 
 def _quiet_libraries() -> None:
@@ -37,7 +88,8 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     _quiet_libraries()
     try:
         # Library warnings stay off the console (a study step writes them to its log: knowstack.logs).
@@ -45,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             args.func(args)
     except KnowstackError as err:
         # escaped: a path or value in the message (`data/[v2]/train.json`) is text, not rich markup
-        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
+        message = worded_for_command(err, command_parser(parser, args), args.command)
+        console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted: finished steps are kept; run the same command again to resume")

@@ -16,13 +16,14 @@ from knowstack.cli.options import (
     add_eval_batch_size,
     add_json_option,
     add_merge_method_options,
+    add_out_option,
     add_statistics_merge_options,
     add_training_options,
     print_result,
     training_from_args,
 )
 from knowstack.cli.vocabulary import add_deprecated, meaning, positional_or_option
-from knowstack.config import MOE_PRESETS, MOE_ROUTERS, RouterTrainingConfig
+from knowstack.config import MOE_PRESETS, MOE_ROUTERS, MoeConfig, RouterTrainingConfig
 from knowstack.errors import KnowstackError, Problem
 
 
@@ -78,19 +79,23 @@ def cmd_train(args: argparse.Namespace) -> None:
         check_adapter_dir,
         check_lora_targets,
         check_model_dir,
+        check_out_dir,
         check_task_dir,
         raise_problems,
     )
 
     if args.olora_previous and args.finetune != "lora":
         raise KnowstackError("--olora-previous is O-LoRA: it needs --finetune lora")
-    problems = check_model_dir(args.model) + _task_arg_problems(args, "train")
+    problems = check_out_dir(args.out, overwrite=args.overwrite, inputs=[
+        args.model, args.task, args.train_file, args.test_file, args.tokenizer, *(args.replay or []),
+        *(args.olora_previous or [])])
+    problems += check_model_dir(args.model) + _task_arg_problems(args, "train")
     for path in args.replay or []:
         problems += check_task_dir(path, required=("train",), optional=())
     for path in args.olora_previous or []:
         problems += check_adapter_dir(path)
     raise_problems(problems)
-    training = training_from_args(args)
+    training = _training_of(args)
     if args.finetune == "lora":  # read from the checked model dir's weights' names
         raise_problems(check_lora_targets(args.model, training.lora.target_modules))
     task = _task_from_args(args, args.metric or "accuracy")  # training reads no metric
@@ -102,6 +107,39 @@ def cmd_train(args: argparse.Namespace) -> None:
     result = {**{k: summary[k] for k in ("steps", "examples") if k in summary}, "out": str(args.out)}
     print_result(args, result, f"trained: {result.get('steps', '?')} steps on {result.get('examples', '?')} "
                                f"examples\nwritten: {args.out}")
+    _warn_if_loss_did_not_fall(summary)
+
+
+def _training_of(args: argparse.Namespace):  # -> TrainingConfig
+    """train's recipe: the options over, on a built-in world's model, the world's recipe (said on stderr), where
+    the paper's rate for an 8B model would teach a tiny model nothing."""
+    from knowstack.builtin.world import world_of_model, world_recipe
+
+    world = world_of_model(args.model)
+    if world is None:
+        if args.lr_of_pretrain_peak is not None:
+            raise KnowstackError("--lr-of-pretrain-peak is a fraction of a built-in world's pretraining peak rate: "
+                                 "--model is not a world's model (WORLD/model beside world.json); give --lr")
+        return training_from_args(args)
+    source, recipe = world_recipe(world)
+    training = training_from_args(args, recipe=recipe)
+    peak = world["pretrain"]["peak_lr"]
+    rate = f"lr {training.learning_rate(peak):.3g}" + (f" ({training.lr_of_pretrain_peak:g} x the pretraining peak "
+                                                       f"{peak:g})" if training.lr is None else "")
+    console.print(f"train: a built-in world's model: its recipe (configs/{source}, under the options given): {rate}, "
+                  f"{training.epochs:g} epochs, batch {training.batch_size}, max length {training.max_length}",
+                  highlight=False)
+    return training
+
+
+def _warn_if_loss_did_not_fall(summary: dict[str, Any]) -> None:
+    from knowstack.train.loop import loss_fell
+
+    curve = summary.get("loss_curve") or []
+    if loss_fell(curve) is False:
+        console.print(f"warning: the training loss did not fall ({curve[0]:.4f} -> {curve[-1]:.4f} in {len(curve)} "
+                      f"steps at lr {summary['settings']['lr']:.3g}): the model learned little; try another --lr "
+                      "(or --lr-of-pretrain-peak on a built-in world's model)", highlight=False)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -109,7 +147,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from knowstack.data.tasks import task_metric
     from knowstack.validate import check_adapter_dir, check_model_dir, check_old_tasks, raise_problems
 
-    problems = check_model_dir(args.model) + (check_adapter_dir(args.adapter) if args.adapter else [])
+    problems = check_model_dir(args.model, adapter_hint="--model BASE --adapter {path}")
+    problems += check_adapter_dir(args.adapter) if args.adapter else []
     if args.task or args.test_file:
         problems += _task_arg_problems(args, "test") or metric_problems(_task_dir_or_file(args), args.metric,
                                                                          args.format)
@@ -162,9 +201,11 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> None:
     from knowstack import api
-    from knowstack.validate import check_model_dir, check_weights_dir, raise_problems
+    from knowstack.validate import check_model_dir, check_out_dir, check_weights_dir, raise_problems
 
-    problems = check_model_dir(args.base, tokenizer=False) if args.base else []
+    problems = check_out_dir(args.out, overwrite=args.overwrite,
+                             inputs=[args.base, *args.models, *(args.statistics or [])])
+    problems += check_model_dir(args.base, tokenizer=False) if args.base else []
     raise_problems(problems + [p for path in args.models for p in check_weights_dir(path)])
     out = api.merge(args.method, args.models, args.out, base=args.base, weights=args.weights, density=args.density,
                     drop_rate=args.drop_rate, lam=args.lam, lora_space=args.lora_space, seed=args.seed,
@@ -177,10 +218,13 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 def cmd_statistics(args: argparse.Namespace) -> None:
     from knowstack import api
+    from knowstack.validate import check_out_dir, raise_problems
 
     positional_or_option(args, "model", "--model")
     if args.train_data is None:
         raise KnowstackError("give the model's training data (--train-data FILE)", field="--train-data")
+    raise_problems(check_out_dir(args.out, overwrite=args.overwrite,
+                                 inputs=[args.model, args.train_data, args.base, args.tokenizer]))
     out = api.statistics(args.model, args.train_data, args.out, base=args.base, kinds=args.kind, examples=args.examples,
                          max_length=args.max_length, tokenizer=args.tokenizer,
                          trust_remote_code=args.trust_remote_code)
@@ -194,13 +238,16 @@ def cmd_mix(args: argparse.Namespace) -> None:
     from knowstack import api
     from knowstack.validate import (
         check_model_dir,
+        check_out_dir,
         check_prompt_file,
         check_split_file,
         check_weights_dir,
         raise_problems,
     )
 
-    problems = check_model_dir(args.base, tokenizer=bool(args.prompts or args.train_data))
+    problems = check_out_dir(args.out, overwrite=args.overwrite,
+                             inputs=[args.base, *args.models, *(args.prompts or []), *(args.train_data or [])])
+    problems += check_model_dir(args.base, tokenizer=bool(args.prompts or args.train_data))
     problems += [p for path in args.models for p in check_weights_dir(path)]
     problems += [p for path in args.prompts or [] for p in check_prompt_file(path)]
     problems += [p for path in args.train_data or [] for p in check_split_file(path, "trace", "train")]
@@ -215,6 +262,10 @@ def cmd_mix(args: argparse.Namespace) -> None:
             train_steps = train_steps or RouterTrainingConfig().steps
     if args.train_data and not train_steps:
         raise KnowstackError("--train-data is for router training: give --router-steps too")
+    if not router and not args.prompts:  # the default a study and compose take needs prompts: never a silent other
+        raise KnowstackError(f"the default router, {MoeConfig().router} as in a study and compose, is built from each "
+                             "model's prompts: give --prompts (one file per model), or name a --router (e.g. random)")
+    router = router or MoeConfig().router
     record = api.mix(args.base, args.models, args.out, prompts=args.prompts, prompts_per_expert=args.prompts_per_expert,
                      train_data=args.train_data or (), router_steps=train_steps, router_lr=args.router_lr,
                      router_batch_size=args.router_batch_size, aux_loss_coef=args.aux_loss_coef,
@@ -251,9 +302,11 @@ def cmd_gate(args: argparse.Namespace) -> None:
 
 
 def cmd_build_world(args: argparse.Namespace) -> None:
-    from knowstack.builtin.world import build_world
+    from knowstack import api
+    from knowstack.validate import check_out_dir, raise_problems
 
-    path = build_world(Path(args.out), preset=args.preset, seed=args.seed)
+    raise_problems(check_out_dir(args.out, overwrite=args.overwrite))
+    path = api.build_world(args.out, preset=args.preset, seed=args.seed)
     print(f"built-in world: {path}")
 
 
@@ -298,7 +351,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--olora-lambda", type=float, default=OLoraConfig().lambdas[0],
                    help=f"{meaning('--olora-lambda')} (default {OLoraConfig().lambdas[0]}, the paper's first run)")
     p.add_argument("--seed", type=int, default=0, help=meaning("--seed", "data order, LoRA init (default 0)"))
-    p.add_argument("--out", required=True, help=meaning("--out", "the model dir (fft) or adapter dir (lora)"))
+    add_out_option(p, "the full model (fft) or PEFT adapter (lora) dir to write")
     add_json_option(p)
     p.set_defaults(func=cmd_train)
 
@@ -352,7 +405,7 @@ def add_commands(sub: Any) -> None:
                         "1 each by default)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help=f"{meaning('--max-shard-gb')} (default 5)")
     add_dtype_option(p, "the merged model's weights")
-    p.add_argument("--out", required=True, help=meaning("--out", "the merged model dir"))
+    add_out_option(p, "the merged model dir to write")
     add_json_option(p, "merge.json's record")
     p.set_defaults(func=cmd_merge)
 
@@ -371,7 +424,7 @@ def add_commands(sub: Any) -> None:
                                                                           f"{TrainingConfig().max_length})"))
     p.add_argument("--tokenizer", help=meaning("--tokenizer", "or the base's, for an adapter"))
     p.add_argument("--trust-remote-code", action="store_true", help=meaning("--trust-remote-code"))
-    p.add_argument("--out", required=True, help=meaning("--out", "the statistics dir"))
+    add_out_option(p, "the statistics dir to write")
     add_json_option(p)
     p.set_defaults(func=cmd_statistics)
 
@@ -391,8 +444,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--attention", nargs="+", choices=["q_proj", "k_proj", "v_proj", "o_proj"],
                    help="FFT-MoE: these self-attention projections are experts too, each with its own router")
     p.add_argument("--router", choices=list(MOE_ROUTERS),
-                   help=meaning("--router", "default: prompts if --prompts is given, else random; each is listed "
-                                            "below"))
+                   help=meaning("--router", f"default {moe.router}, as a study's and compose's: from --prompts; "
+                                            "each is listed below"))
     p.add_argument("--preset", choices=list(MOE_PRESETS),
                    help=meaning("--preset", "btx: Branch-Train-MiX (FFT-MoE, --shared average, a random router "
                                 "trained top-k with the load-balancing loss on --train-data, --router-steps default "
@@ -419,7 +472,7 @@ def add_commands(sub: Any) -> None:
                                                                           "(default 0)"))
     p.add_argument("--max-shard-gb", type=float, default=5.0, help=f"{meaning('--max-shard-gb')}: FFT-MoE (default 5)")
     add_dtype_option(p, "the mixture's weights (a LoRA-MoE's experts; auto: the adapters' own)")
-    p.add_argument("--out", required=True, help=meaning("--out", "the mixture's dir"))
+    add_out_option(p, "the mixture of experts dir to write")
     add_json_option(p, "moe.json's record")
     p.set_defaults(func=cmd_mix)
 
@@ -443,6 +496,6 @@ def add_commands(sub: Any) -> None:
                    help=meaning("--preset", "the world's size: test (seconds, for tests), quick (the demo's) or full "
                                 "(default quick)"))
     p.add_argument("--seed", type=int, default=0, help=meaning("--seed", "the world's data and base model (default 0)"))
-    p.add_argument("--out", required=True, help=meaning("--out", "the world's dir"))
+    add_out_option(p, "the world dir to write")
     p.set_defaults(func=cmd_build_world)
 

@@ -91,11 +91,16 @@ def model_from_args(model: type[BaseModel], values: dict[str, Any], *, prefix: s
         raise KnowstackError(first["msg"].removeprefix("Value error, "), field=option) from None
 
 
-# The recipe's settings `knowstack train` and `compose` take as options (lr_of_pretrain_peak needs a built-in world,
-# report_to is a study's); LoRA's are --lora-r, --lora-alpha, ...
-TRAINING_OPTIONS = ("lr", "schedule", "warmup_steps", "epochs", "max_steps", "batch_size", "micro_batch_size",
-                    "max_length", "weight_decay", "max_grad_norm", "pack")
-TRAINING_HELP = {"lr": f"{MEANINGS['--lr']} (default 2e-05, the paper's)", "batch_size": MEANINGS["--batch-size"],
+# The recipe's settings `knowstack train` takes as options (report_to is a study's); LoRA's are --lora-r,
+# --lora-alpha, ... On a built-in world's model the defaults are the world's recipe (builtin/world.py world_recipe).
+TRAINING_OPTIONS = ("lr", "lr_of_pretrain_peak", "schedule", "warmup_steps", "epochs", "max_steps", "batch_size",
+                    "micro_batch_size", "max_length", "weight_decay", "max_grad_norm", "pack")
+TRAINING_HELP = {"lr": f"{MEANINGS['--lr']} (default 2e-05, the paper's; on a built-in world's model: the world's "
+                       "recipe)",
+                 "lr_of_pretrain_peak": "learning rate as a fraction of a built-in world's pretraining peak rate "
+                                        "(world.json), as a study's training.lr_of_pretrain_peak (default on a world's "
+                                        "model: its recipe's)",
+                 "batch_size": MEANINGS["--batch-size"],
                  "micro_batch_size": MEANINGS["--micro-batch-size"], "max_length": MEANINGS["--max-length"],
                  "epochs": MEANINGS["--epochs"], "schedule": "the learning rate's schedule after warmup",
                  "warmup_steps": "optimizer steps of linear warmup", "max_steps": "stop after this many optimizer "
@@ -114,13 +119,21 @@ def add_training_options(parser: Any, *, only: tuple[str, ...] = TRAINING_OPTION
     add_model_options(parser, LoraConfig, prefix="lora_", helps=LORA_HELP)
 
 
-def training_from_args(args: argparse.Namespace, **fixed: Any):  # -> TrainingConfig
-    """The recipe the options give; `fixed`: settings given another way (compose's --train-batch-size)."""
+def training_from_args(args: argparse.Namespace, recipe: dict[str, Any] | None = None,
+                       **fixed: Any):  # -> TrainingConfig
+    """The recipe the options give, over `recipe` (a `training:` section: a built-in world's) where given; `fixed`:
+    settings given another way (compose's --train-batch-size)."""
     from knowstack.config import LoraConfig, TrainingConfig
 
-    lora = model_from_args(LoraConfig, given_options(args, LoraConfig, prefix="lora_"), prefix="lora_")
+    base = dict(recipe or {})
     given = {k: v for k, v in given_options(args, TrainingConfig).items() if k in TRAINING_OPTIONS}
-    return model_from_args(TrainingConfig, {**given, **{k: v for k, v in fixed.items() if v is not None}, "lora": lora})
+    if {"lr", "lr_of_pretrain_peak"} & given.keys():  # a rate given either way replaces the recipe's
+        base.pop("lr", None)
+        base.pop("lr_of_pretrain_peak", None)
+    lora = model_from_args(LoraConfig, {**base.pop("lora", {}), **given_options(args, LoraConfig, prefix="lora_")},
+                           prefix="lora_")
+    fixed = {k: v for k, v in fixed.items() if v is not None}
+    return model_from_args(TrainingConfig, {**base, **given, **fixed, "lora": lora})
 
 
 
@@ -155,6 +168,15 @@ def add_statistics_merge_options(parser: Any) -> None:
     from knowstack.config import MergeConfig
 
     add_model_options(parser, MergeConfig, only=STATISTICS_MERGE_OPTIONS, helps=STATISTICS_MERGE_HELP)
+
+
+def add_out_option(parser: Any, what: str, *, required: bool = True, default: str | None = None) -> None:
+    """--out of a dir the command writes whole, and --overwrite to replace one that is not empty (validate.py
+    check_out_dir)."""
+    parser.add_argument("--out", required=required, default=default,
+                        help=meaning("--out", f"{what}: a new or empty dir (an existing one only with --overwrite)"))
+    parser.add_argument("--overwrite", action="store_true",
+                        help=meaning("--overwrite", "when it is not empty (never an input of the command)"))
 
 
 def add_dtype_option(parser: Any, what: str) -> None:

@@ -15,6 +15,7 @@ from knowstack.cli.options import (
     add_eval_batch_size,
     add_json_option,
     add_merge_method_options,
+    add_out_option,
     add_statistics_merge_options,
     print_result,
 )
@@ -92,7 +93,8 @@ def cmd_contribute(args: argparse.Namespace) -> None:
         raise_problems,
     )
 
-    problems = check_adapter_dir(args.adapter) if args.adapter else check_model_dir(args.model, tokenizer=False)
+    problems = check_adapter_dir(args.adapter) if args.adapter else check_model_dir(
+        args.model, tokenizer=False, adapter_hint="it as --adapter {path}")
     problems += check_task_dir(args.task, args.format, required=("test", "train") if args.keep_data else ("test",),
                                optional=("eval",)) or metric_problems(args.task, args.metric, args.format)
     if args.training_config:
@@ -122,16 +124,24 @@ def cmd_compose(args: argparse.Namespace) -> None:
                      options=options_from(vars(args), args.method), gate_old=args.gate_old, gate_task=args.gate_task,
                      gate_task_points=args.gate_task_points,
                      author=args.author, batch_size=args.eval_batch_size, launch=launch,
+                     force_release=args.force_release,
                      say=lambda message: console.print(f"compose: {message}", highlight=False))
     if args.json:
         print(json.dumps(record))
         return
-    gate = record["settings"]["gate"]
-    for failure in gate["failed"]:
-        print(f"gate: {failure}")
-    if gate.get("note"):
-        print(f"gate: {gate['note']}")
-    print(f"{record['name']}: {record['status']} ({record['method']} of {len(record['parents'])} contributions)")
+    from knowstack import api
+    from knowstack.registry.history import gate_lines
+    from knowstack.registry.listing import built_on, contribution_names, contributions_of
+
+    names: set[str] = set()
+    if "against" not in record["settings"]["gate"]:  # recorded before gates named it: tell it by the records
+        with api.open_registry(args.registry) as reg:
+            names = contribution_names(reg.versions())
+    print("\n".join(line.removeprefix("    ") for line in gate_lines(record)))
+    forced = " (forced)" if record["settings"]["gate"].get("forced") else ""
+    used = len(contributions_of(record, names))
+    print(f"{record['name']}: {record['status']}{forced} ({record['method']} of {used} "
+          f"contribution{'s' if used != 1 else ''}, built on {built_on(record, names)})")
 
 
 def cmd_log(args: argparse.Namespace) -> None:
@@ -166,7 +176,7 @@ def cmd_diff(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from knowstack import api
 
-    info = api.export(args.registry, args.version, args.out, with_base=args.with_base)
+    info = api.export(args.registry, args.version, args.out, with_base=args.with_base, overwrite=args.overwrite)
     print_result(args, info, f"exported {info['version']} ({info['kind']}, {info['method']}) to "
                              f"{Path(args.out).resolve()}\nload: {info['load']}")
 
@@ -199,14 +209,17 @@ def _add_compose_args(p: argparse.ArgumentParser) -> None:
                         "from it (the previous release plus the new contributions)")
     p.add_argument("--name", help=meaning("--name", "the new version's (default: v1, v2, ...)"))
     p.add_argument("--gate-old", type=_percent, default=2.0, metavar="PCT",
-                   help="reject if old-knowledge AVE falls more than this below the base or the previous release "
-                        "(default 2%%)")
+                   help="reject if old-knowledge AVE falls more than this below what the version is built from (the "
+                        "base, or the --from version; then the base too) (default 2%%)")
     p.add_argument("--gate-task", type=_percent, default=10.0, metavar="PCT",
-                   help="reject if any registered task's score falls more than this below its best release "
-                        "(default 10%%)")
+                   help="reject if any registered task's score falls more than this below the score of what the "
+                        "version is built from (default 10%%)")
     p.add_argument("--gate-task-points", type=_points, default=0.0, metavar="POINTS",
                    help="also allow each task to fall this many score points (e.g. 0.02), whichever allowance is "
                         "larger: a task scored near zero would otherwise fail on one example (default 0)")
+    p.add_argument("--force-release", action="store_true",
+                   help="release the version even if the gate fails (recorded as forced, and shown so by log, "
+                        "show and the registry page)")
     p.add_argument("--author", help=meaning("--author"))
     add_eval_batch_size(p, old_name=False)  # compose trains too: its --batch-size is training's
     add_json_option(p, "the new version's record")
@@ -332,7 +345,7 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("export", help="a version as a plain HF model dir or PEFT / LoRA-MoE dir")
     p.add_argument("registry", help=REGISTRY_HELP)
     p.add_argument("version", help="the version's name")
-    p.add_argument("--out", required=True, help=meaning("--out", "a new dir"))
+    add_out_option(p, "the export dir to write")
     p.add_argument("--with-base", action="store_true", help="adapters: copy the base model into OUT/base too")
     add_json_option(p, "what was exported and how to load it")
     p.set_defaults(func=cmd_export)

@@ -8,9 +8,8 @@ from typing import Any
 
 from knowstack.cli.common import console, percent
 from knowstack.cli.vocabulary import meaning
+from knowstack.config import CONFIG_DIR
 from knowstack.errors import KnowstackError
-
-CONFIG_DIR = Path(__file__).parent.parent / "configs"
 
 
 def cmd_study(args: argparse.Namespace) -> None:

@@ -215,6 +215,6 @@ def write_output_config(model: FullModel, folder: Path, *, tied: bool, dtype: to
     if INPUT_EMBEDDING in model.reader.specs and model.config.get("tie_word_embeddings") is not tied:
         config["tie_word_embeddings"] = tied
     if config == model.config:
-        shutil.copy2(model.path / "config.json", Path(folder) / "config.json")
+        shutil.copyfile(model.path / "config.json", Path(folder) / "config.json")  # mode: the umask's, not the input's
     else:
         write_config(folder, config)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import gc
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -26,11 +26,11 @@ from knowstack.atomic import atomic_dir, atomic_write_json
 from knowstack.combine.compatibility import check_compatible
 from knowstack.combine.inputs import FullModel, LoraAdapter, common_tie, open_input
 from knowstack.combine.routers import (
-    PROMPT_ROUTERS,
     ROUTER_KINDS,
     data_free_routers,
     mean_router_inputs,
     prompt_routers,
+    uses_prompts,
 )
 from knowstack.config import MoeConfig
 from knowstack.errors import KnowstackError
@@ -45,15 +45,10 @@ BASE_EXPERTS = ("none", "routed", "always-on")
 SHARED = ("base", "average")
 ROUTINGS = ("layer", "module")
 PER_MODULE_ROUTERS = ("arrow", "gates")  # built per module from each adapter, training-free
+MODULE_ROUTERS = (*PER_MODULE_ROUTERS, "moetify")  # a router per module in a LoRA-MoE
 
 
 _DECLARED = MoeConfig()  # the one declaration of the MoE settings' defaults
-
-
-def default_router(has_prompts: bool) -> str:
-    """The router a mixture gets when none is named: the study's (`prompts`, MoeConfig's default), where there are
-    prompts to build it from; random otherwise."""
-    return _DECLARED.router if has_prompts else "random"
 
 
 @dataclass(frozen=True)
@@ -66,13 +61,15 @@ class MoeOptions:
     routing (LoRA-MoE): one router per layer, or per module (each reading its module's input; None: per
     module for arrow, per layer otherwise); temperature: Arrow's softmax temperature; dtype: the output's
     floating tensors (modelio.DTYPE_CHOICES; auto: the base's for an FFT-MoE, the adapters' own for a LoRA-MoE,
-    whose routers stay float32)."""
+    whose routers stay float32). router moetify (moetify's routing, routers.py): a LoRA-MoE routes per module with
+    sigmoid gates to every expert (moetify's default top-k; `top_k` is then the FFT-MoE's only)."""
 
     top_k: int = _DECLARED.top_k
     layers: tuple[int, ...] | None = None
     shared: str = _DECLARED.shared
     base_expert: str = _DECLARED.base_expert
-    # A library call without prompts has none to build a router from: `default_router` says which applies.
+    # A library call without prompts has none to build a router from; `knowstack mix` and api.mix default to the
+    # study's (MoeConfig's `prompts`) and ask for the prompts.
     router: str = "random"
     seed: int = 0
     attention: tuple[str, ...] = ()
@@ -81,7 +78,15 @@ class MoeOptions:
     dtype: str = "auto"
 
     def effective_routing(self) -> str:
-        return self.routing or ("module" if self.router in PER_MODULE_ROUTERS else "layer")
+        return self.routing or ("module" if self.router in MODULE_ROUTERS else "layer")
+
+
+def moetify_top_k(kind: str, options: MoeOptions, n_models: int) -> MoeOptions:
+    """moetify's LoRA-MoE chooses every expert (blend.py leaves `num_experts_per_tok` at 0, which MoetifyLoraConfig
+    turns into the number of experts); every other mixture keeps its top_k."""
+    if kind != "lora" or options.router != "moetify":
+        return options
+    return replace(options, top_k=n_models + (options.base_expert == "routed"))
 
 
 class RouterStep(Protocol):
@@ -116,6 +121,7 @@ def mix_models(
     base_model = FullModel(Path(base).expanduser())
     inputs = [open_input(path) for path in models]
     kind = _kind(inputs)
+    options = moetify_top_k(kind, options, len(inputs))
     trains = router_step is not None and router_step.trains
     _validate(kind, len(inputs), int(base_model.config["num_hidden_layers"]), options, prompts, trains)
     layout = _fft_layout(base_model, len(inputs), options) if kind == "fft" else None  # refused before any compute
@@ -126,7 +132,7 @@ def mix_models(
     if out.resolve() in {p.resolve() for p in [base_model.path, *(m.path for m in inputs)]}:
         raise KnowstackError("the output dir is one of the inputs (it would be replaced)", path=out)
     tokenizer = None
-    if options.router in PROMPT_ROUTERS:  # the router init's; the router job loads its own
+    if uses_prompts(options.router, kind):  # the router init's; the router job loads its own
         from knowstack.modelio import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_path or base_model.path)
@@ -194,6 +200,8 @@ def _validate(kind: str, n_models: int, n_layers: int, options: MoeOptions, prom
         (options.temperature != 1.0 and options.router != "arrow", "temperature", "temperature is the arrow router's"),
         (options.router in ("hidden", "cheap-embed") and options.effective_routing() == "module", "routing",
          f"the {options.router} router builds one row per layer from hidden states: use routing 'layer'"),
+        (kind == "lora" and options.router == "moetify" and options.effective_routing() != "module", "routing",
+         "moetify's LoRA-MoE has a router per module: leave routing unset or 'module'"),
     ]
     n_experts = n_models + (options.base_expert == "routed")
     checks += [
@@ -201,7 +209,7 @@ def _validate(kind: str, n_models: int, n_layers: int, options: MoeOptions, prom
          f"top_k must be between 1 and the number of experts ({n_experts})"),
         (options.router == "base-biased" and options.base_expert != "routed", "router",
          "the base-biased router needs the base as a routed expert (base_expert: routed)"),
-        (options.router in PROMPT_ROUTERS and (prompts is None or len(prompts) != n_models), "prompts",
+        (uses_prompts(options.router, kind) and (prompts is None or len(prompts) != n_models), "prompts",
          f"the router init from prompts needs a list of prompts for each of the {n_models} models"),
         (options.router == "uniform" and options.top_k < n_experts and not trains, "router",
          "a uniform router ties every expert, so top-k would always pick the first k: use top_k = the number "
@@ -229,7 +237,7 @@ def _routers(kind: str, base: FullModel, options: MoeOptions, prompts: Sequence[
 
         return cheap_embed_routers(base.reader.read("model.embed_tokens.weight"), tokenizer, prompts or [], layers,
                                    base_index)
-    if options.router not in PROMPT_ROUTERS:
+    if not uses_prompts(options.router, kind):
         return data_free_routers(options.router, layers, n_models + (base_index is not None),
                                  int(base.config["hidden_size"]), init_range=float(base.config.get("initializer_range", 0.02)),
                                  seed=options.seed, base_index=base_index)
@@ -241,7 +249,10 @@ def _routers(kind: str, base: FullModel, options: MoeOptions, prompts: Sequence[
             from knowstack.combine.routers import hidden_routers
 
             return hidden_routers(model, tokenizer, prompts or [], layers, base_index)
-        means = mean_router_inputs(model, tokenizer, prompts or [], layers, "mlp" if kind == "fft" else "attention")
+        if options.router == "moetify":  # moetify runs each positive-token sequence whole, however long
+            means = mean_router_inputs(model, tokenizer, prompts or [], layers, "residual", max_length=2**31)
+        else:
+            means = mean_router_inputs(model, tokenizer, prompts or [], layers, "mlp" if kind == "fft" else "attention")
     finally:
         del model
         gc.collect()
@@ -261,7 +272,7 @@ def _attention_routers(base: FullModel, options: MoeOptions, routers: dict[int, 
     for name in options.attention:
         for layer, router in routers.items():
             in_features = _projection_inputs(base, layer, name)
-            if options.router not in PROMPT_ROUTERS:
+            if not uses_prompts(options.router, "fft"):
                 result[layer, name] = data_free_routers(
                     options.router, [layer], n_models + (base_index is not None), in_features, init_range=init_range,
                     seed=options.seed, base_index=base_index, site=name)[layer]
@@ -311,7 +322,8 @@ def _build(kind: str, tmp: Path, base: FullModel, inputs: list, options: MoeOpti
                             base_expert=options.base_expert == "routed", router=options.router, routers=routers,
                             routing=options.effective_routing(),
                             router_score={"arrow": "arrow", "gates": "phatgoose"}.get(options.router, "linear"),
-                            temperature=options.temperature, dtype=cast)
+                            temperature=options.temperature, dtype=cast,
+                            gating="sigmoid" if options.router == "moetify" else "softmax")
     return {**common, "architecture": "lora-moe", "experts": config["num_experts"], "layers": config["layers"],
             "parameters": _lora_parameters(tmp, base, config), **({"dtype": options.dtype} if cast else {})}
 

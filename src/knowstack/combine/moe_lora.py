@@ -23,13 +23,15 @@ from knowstack.modelio import copy_model_files
 def write_lora_moe(out: Path, base: FullModel, adapters: Sequence[LoraAdapter], *, top_k: int,
                    layers: Sequence[int] | None, base_expert: bool, router: str,
                    routers: dict[int, Router] | dict[str, Router] | None, routing: str = "layer",
-                   router_score: str = "linear", temperature: float = 1.0, dtype: torch.dtype | None = None) -> dict:
+                   router_score: str = "linear", temperature: float = 1.0, dtype: torch.dtype | None = None,
+                   gating: str = "softmax") -> dict:
     """Writes lora_moe.json + lora_moe.safetensors into the dir `out`, with the base's tokenizer files, chat
     template and generation_config (what a user chats with it by); returns the config written.
 
     Expert order: the null base expert first when `base_expert`, then the adapters in order.
     routers: by mixed layer (routing "layer") or by module name (routing "module"); router_score
-    "arrow" (with its temperature) for Arrow's |W x| / T scores. dtype: the experts' A and B (None: each adapter's
+    "arrow" (with its temperature) for Arrow's |W x| / T scores; gating: the chosen experts' weights, a softmax over
+    the k or moetify's sigmoid of each (modeling/lora_moe.py). dtype: the experts' A and B (None: each adapter's
     own; routers are float32 either way, as they are trained)."""
     offset = 1 if base_expert else 0
     n_experts = len(adapters) + offset
@@ -68,6 +70,8 @@ def write_lora_moe(out: Path, base: FullModel, adapters: Sequence[LoraAdapter], 
         config["router_score"] = router_score
     if router_score == "arrow":
         config["temperature"] = temperature
+    if gating != "softmax":
+        config["gating"] = gating
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     atomic_write_json(out / CONFIG_FILE, config)
     copy_model_files(base.path, out)
@@ -108,8 +112,8 @@ def parameter_counts(config: dict, base_parameters: int, tensors: dict[str, tupl
 def module_routers(base: FullModel, adapters: Sequence[LoraAdapter], options, prompts: Sequence[Sequence[str]] | None,
                    tokenizer) -> dict[str, Router] | None:
     """Per-module routers (routing "module"), by module name, each reading its module's input: Arrow's
-    prototypes, random / uniform / base-biased draws of their own (seeded by the module's name), or from
-    prompts the normalised mean of the module's input (options: combine/moe.py's MoeOptions)."""
+    prototypes, random / uniform / base-biased draws of their own (seeded by the module's name; moetify's are random),
+    or from prompts the normalised mean of the module's input (options: combine/moe.py's MoeOptions)."""
     from knowstack.combine.routers import arrow_prototype, arrow_routers, data_free_routers, prompt_routers
 
     if options.router == "none":
@@ -144,7 +148,9 @@ def module_routers(base: FullModel, adapters: Sequence[LoraAdapter], options, pr
             del model
         return {module: router for module, router in prompt_routers(means, base_index).items()}
     init_range = float(base.config.get("initializer_range", 0.02))
-    return {module: data_free_routers(options.router, [layer_of(module)], n_experts, in_features[module],
+    # moetify's LoRA-MoE draws every module's router from N(0, initializer_range) (blend.py), as `random` does
+    kind = "random" if options.router == "moetify" else options.router
+    return {module: data_free_routers(kind, [layer_of(module)], n_experts, in_features[module],
                                       init_range=init_range, seed=options.seed, base_index=base_index,
                                       site=module)[layer_of(module)]
             for module in modules}

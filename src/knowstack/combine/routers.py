@@ -23,6 +23,14 @@ projection's router reads the projection's own input; it starts as its layer's M
 prompts with the same rows (as moetify, which inits every module's router of a layer from the layer's
 hidden states), data-free with draws of its own (`site` = the projection).
 
+moetify (RhuiDih/moetify, the paper's MoE tool; `router: moetify`):
+- FFT-MoE (`mix.py`, positive tokens): expert e's row is the L2-normalised mean of the base's residual stream at
+  the layer's input (`output_hidden_states[layer]`, before the layer's input norm) over expert e's prompts (mean
+  over each prompt's tokens, each prompt run alone); the router still reads the MLP's input and gates as Mixtral.
+- LoRA-MoE (`blend.py`): a router per module, rows drawn from N(0, initializer_range), no bias (the `random` draws
+  of a per-module router), gated by the sigmoid of each chosen logit (modeling/lora_moe.py `gating: sigmoid`), every
+  expert chosen (its `num_experts_per_tok` default, 0, is the number of experts).
+
 Per-module routers of a LoRA-MoE (`routing: module`, moetify's non-global routers) each read their
 module's own input: random draws of their own (`site` = the module), or from prompts the mean of that
 module's input (`mean_module_inputs`), since a down_proj or o_proj reads no hidden-sized vector.
@@ -66,8 +74,8 @@ from knowstack.modeling.routing import Router, decoder_layers, on_attention_inpu
 
 RouterKind = MoeRouter
 ROUTER_KINDS: tuple[str, ...] = tuple(MOE_ROUTERS)
-PROMPT_ROUTERS = ("prompts", "hidden", "cheap-embed")  # the routers built from prompts
-Site = Literal["mlp", "attention"]
+PROMPT_ROUTERS = ("prompts", "hidden", "cheap-embed")  # the routers built from prompts (moetify's too, for an FFT-MoE)
+Site = Literal["mlp", "attention", "residual"]
 BASE_BIAS = 2.0
 
 
@@ -113,9 +121,17 @@ def prompt_routers(means: dict[int, torch.Tensor], base_index: int | None = None
     return routers
 
 
+def uses_prompts(router: str, kind: str) -> bool:
+    """Whether the router of an MoE of `kind` (fft, lora) is built from prompts: moetify's is for an FFT-MoE only."""
+    return router in PROMPT_ROUTERS or (router == "moetify" and kind == "fft")
+
+
 def _site_target(layer: nn.Module, site: Site) -> tuple[nn.Module, str]:
     # an FFT-MoE's router reads what the MLP reads (OLMo-2 norms after its MLP, not before); a LoRA-MoE's what the
-    # layer's self-attention reads (`on_attention_input`: OLMo-2 has no input_layernorm)
+    # layer's self-attention reads (`on_attention_input`: OLMo-2 has no input_layernorm); moetify's init reads the
+    # residual stream the layer itself is given
+    if site == "residual":
+        return layer, "layer-input"
     return (layer.mlp, "input") if site == "mlp" else (layer, "attention")
 
 
@@ -123,7 +139,8 @@ def mean_router_inputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
                        prompts_per_expert: Sequence[Sequence[str]], layers: Sequence[int], site: Site,
                        max_length: int = 512) -> dict[int, torch.Tensor]:
     """For each layer, one row per expert: the mean over that expert's prompts of the mean over the
-    prompt's tokens of the router input at `site` (its norm's output), on `model` (the base)."""
+    prompt's tokens of the router input at `site` (its norm's output; `residual`: the layer's own input, the
+    residual stream), on `model` (the base)."""
     all_layers = decoder_layers(model)
     targets = {}
     for i in layers:
@@ -144,9 +161,9 @@ def mean_module_inputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
 @torch.no_grad()
 def _mean_per_expert(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                      prompts_per_expert: Sequence[Sequence[str]], targets: dict, max_length: int) -> dict:
-    """targets: key -> (module, width, "input" | "output" | "attention"): for each key, one row per expert, the mean
-    over the expert's prompts of the mean over each prompt's tokens of what the module reads or writes (or, for a
-    decoder layer, what its self-attention reads)."""
+    """targets: key -> (module, width, "input" | "output" | "attention" | "layer-input"): for each key, one row per
+    expert, the mean over the expert's prompts of the mean over each prompt's tokens of what the module reads or
+    writes (or, for a decoder layer, what its self-attention reads, or the residual stream it is given)."""
     if any(not prompts for prompts in prompts_per_expert):
         raise KnowstackError("every expert needs at least one prompt for the router init", field="prompts")
     captured: dict = {}
@@ -157,9 +174,18 @@ def _mean_per_expert(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 
         return hook
 
+    def layer_input(key: object):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            # decoder layers are called with the residual stream first, positionally or as `hidden_states`
+            captured[key] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+        return hook
+
     def watch(key: object, module: nn.Module, which: str):
         if which == "attention":
             return on_attention_input(module, lambda states: captured.__setitem__(key, states.detach()))
+        if which == "layer-input":
+            return module.register_forward_pre_hook(layer_input(key), with_kwargs=True)
         return module.register_forward_hook(capture(key, which))
 
     hooks = [watch(key, module, which) for key, (module, _, which) in targets.items()]

@@ -20,7 +20,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from knowstack.atomic import honour_umask
 from knowstack.errors import KnowstackError
+from knowstack.logs import library_bars_off
 
 _DATA_FILE_LINE = re.compile(r"^(\s+(?:test|train|validation|data_files)\s*:\s*)([^\s#'\"{}\[\]]+)\s*$", re.M)
 
@@ -51,6 +53,7 @@ def resolve_relative_data_files(include_path: Path) -> Path:
         out = staging / path.relative_to(include_path)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(_DATA_FILE_LINE.sub(absolute, path.read_text(encoding="utf-8")), encoding="utf-8")
+    honour_umask(staging)  # a cache in the shared temp dir: mkdtemp's would leave it unreadable to the next user
     try:
         staging.rename(target)
     except OSError:  # another process made it first; theirs is identical
@@ -106,7 +109,7 @@ def lean_harness() -> Iterator[None]:
 
     After scoring, simple_evaluate collects environment info (torch's collect_env runs pip and
     other subprocesses: ~0.4 s a call) and the git hash; each task also draws a progress bar
-    per call. These module attributes are swapped for no-ops for the call and put back after.
+    per call (and datasets one per split it reads). These module attributes are swapped for no-ops for the call and put back after.
     And the harness compiles a task's Jinja templates (doc_to_text, doc_to_choice, ...) anew for every
     document, a quarter of the time of scoring the built-in tasks (profiled): each template is compiled once
     here, in the harness's own Jinja environment, so every document renders to the same text.
@@ -127,7 +130,8 @@ def lean_harness() -> Iterator[None]:
     try:
         for module, name, value in swaps:
             setattr(module, name, value)
-        yield
+        with library_bars_off():  # datasets' "Generating test split" bars, now that the harness imported it
+            yield
     finally:
         for module, name, value in saved:
             setattr(module, name, value)

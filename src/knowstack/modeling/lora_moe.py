@@ -11,6 +11,10 @@ own that reads the module's own input. Softmax, top-k and renormalisation over t
 with one adapter and k=1 this is exactly base + adapter. A routed base expert is a "null" adapter (no
 delta): a token that routes to it keeps more of the base.
 
+With `gating: sigmoid` (moetify's LoRA-MoE, RhuiDih/moetify `models/lora_model.py` `MixtureOfLinear`) each chosen
+expert's weight is the sigmoid of its own logit, with no normalisation over the k: the weights need not sum to
+one, and an expert with logit 0 adds half its delta.
+
 A router's scores are `weight @ x (+ bias)` (a linear router), or with `router_score: arrow` (Arrow,
 Ostapenko et al. 2024, PEFT's ArrowConfig) |weight @ x| / temperature, each row an expert's prototype:
 the softmax over the k largest scores is then PEFT's Arrow coefficients; or with `router_score:
@@ -41,6 +45,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from knowstack.atomic import honour_umask
 from knowstack.errors import KnowstackError
 from knowstack.modeling.routing import Router, decoder_layers, on_attention_input
 
@@ -89,6 +94,7 @@ class PhatgooseScores(nn.Module):
 
 
 ROUTER_SCORES = ("linear", "arrow", "phatgoose")
+GATINGS = ("softmax", "sigmoid")  # the weights of the top-k experts: Mixtral's softmax over the k, or moetify's sigmoid
 
 
 def router_module(in_features: int, n_experts: int, *, bias: bool, score: str = "linear",
@@ -112,9 +118,11 @@ class LayerRouting(nn.Module):
     ATTRIBUTE = "lora_moe_routing"
 
     def __init__(self, hidden: int, n_experts: int, top_k: int, *, routed: bool, bias: bool, score: str = "linear",
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, gating: str = "softmax"):
         super().__init__()
-        self.n_experts, self.top_k = n_experts, top_k
+        if gating not in GATINGS:
+            raise KnowstackError(f"unknown gating {gating!r} (knowstack knows {', '.join(GATINGS)})", field="gating")
+        self.n_experts, self.top_k, self.gating = n_experts, top_k, gating
         self.router = router_module(hidden, n_experts, bias=bias, score=score, temperature=temperature) if routed else None
         self._gates: torch.Tensor | None = None
         self._by_layout: dict[str, torch.Tensor] = {}
@@ -128,7 +136,8 @@ class LayerRouting(nn.Module):
             # weights), in fewer operations: this runs once per layer and generated token.
             # The router keeps its own dtype (float32, as saved and trained) on a bfloat16/float16 base.
             top, chosen = torch.topk(self.router(normed.to(self.router.weight.dtype)), self.top_k, dim=-1)
-            weights = F.softmax(top.float(), dim=-1).to(normed.dtype)
+            weights = (torch.sigmoid(top.float()) if self.gating == "sigmoid" else F.softmax(top.float(), dim=-1))
+            weights = weights.to(normed.dtype)
             gates = torch.zeros(*normed.shape[:-1], self.n_experts, dtype=normed.dtype, device=normed.device)
             gates = gates.scatter(-1, chosen, weights)
         self._gates, self._by_layout = gates, {}
@@ -188,7 +197,8 @@ def apply_lora_moe(model: nn.Module, path: str | Path) -> nn.Module:
     def new_routing(in_features: int) -> LayerRouting:
         return LayerRouting(in_features, config["num_experts"], config["top_k"], routed=routed,
                             bias=config.get("router_bias", False), score=config.get("router_score", "linear"),
-                            temperature=config.get("temperature", 1.0)).to(device)
+                            temperature=config.get("temperature", 1.0),
+                            gating=config.get("gating", "softmax")).to(device)
 
     routings: dict[int, LayerRouting] = {}
     with safe_open(str(path / WEIGHTS_FILE), framework="pt") as weights:
@@ -278,4 +288,5 @@ def save_routers(path: Path, routers: dict[int | str, Router]) -> None:
             tensors[f"routers.{layer}.bias"] = router.bias.float().contiguous()
     tmp = weights.with_name(f".{WEIGHTS_FILE}.tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    honour_umask(tmp)
     tmp.replace(weights)

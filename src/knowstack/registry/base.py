@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from knowstack.atomic import honour_umask
 from knowstack.combine.inputs import FullModel
 from knowstack.errors import KnowstackError
 from knowstack.hashing import content_hash, file_sha256
@@ -69,12 +70,6 @@ def architecture(model: FullModel) -> dict[str, Any]:
 
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _check_free(root: Path) -> None:
     if (root / db.DB_FILE).exists():
         raise KnowstackError("a registry already exists here: init refuses to touch it", path=root)
@@ -104,7 +99,7 @@ def init_registry(
         store = ObjectStore(tmp)
         new = _base_version(store, model, list(old_tasks), include_path, batch_size, limit)
         _write_database(tmp / db.DB_FILE, new)
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a registry is shared like any new dir
+        honour_umask(tmp)  # mkdtemp makes it private; a registry is shared like any new dir
         try:
             # rename() onto an existing non-empty dir fails: of two racing inits exactly one wins.
             os.rename(tmp, root)

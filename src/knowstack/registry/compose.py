@@ -31,7 +31,14 @@ from knowstack.errors import KnowstackError
 from knowstack.hashing import content_hash
 from knowstack.registry import db
 from knowstack.registry.compose_inputs import Build, ComposeOptions
-from knowstack.registry.core import BASE_NAME, STATISTICS, Registry, check_name, composed
+from knowstack.registry.core import (
+    BASE_NAME,
+    STATISTICS,
+    Registry,
+    ancestor_contributions,
+    check_name,
+    composed,
+)
 from knowstack.registry.evaluate import (
     RegisteredTask,
     item_scores,
@@ -207,23 +214,6 @@ def check_start(records: Sequence[dict[str, Any]], name: str, method: Method) ->
     return record
 
 
-def ancestor_contributions(records: Sequence[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    """The contributions a version was built from, directly or through the versions it was built on, in order."""
-    by_name = {r["name"]: r for r in records}
-    found: dict[str, dict[str, Any]] = {}
-
-    def visit(current: str) -> None:
-        record = by_name[current]
-        if record["method"] == "contribution":
-            found.setdefault(current, record)
-            return
-        for parent in record["parents"]:
-            visit(parent)
-
-    visit(name)
-    return list(found.values())
-
-
 def compose_key(method: Method, settings: dict[str, Any], base_hash: str, chosen: Sequence[dict[str, Any]],
                 start: dict[str, Any] | None = None) -> str:
     """What decides the result: method, settings, base, the version built upon and each input's content (and,
@@ -364,6 +354,7 @@ def compose(
     author: str | None = None,
     batch_size: int = 32,
     launch: LaunchSpec | None = None,
+    force_release: bool = False,
     say: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
     """Build, score, gate and record the next version; returns its record (released or rejected).
@@ -371,7 +362,8 @@ def compose(
     start: a released version to build on (--from): merges take it as one more input, training methods
     begin from it, so a version can be the previous release plus the new contributions. launch: run the
     training (and router training) as `accelerate launch` of N processes; the result does not depend on it,
-    so it is not part of the version's key."""
+    so it is not part of the version's key. force_release: release the version even if the gate fails (recorded
+    as forced, and said so wherever the version is shown)."""
     if method not in METHODS:
         raise KnowstackError(f"unknown compose method '{method}' (known: {', '.join(METHODS)})", field="method")
     spec, options = METHODS[method], options or ComposeOptions()
@@ -392,7 +384,9 @@ def compose(
             records = reg.versions()
             done = next((r for r in composed(records) if r["settings"].get("compose_key") == key), None)
             if done is not None:
-                say(f"already composed as '{done['name']}' ({done['status']}): nothing to do")
+                say(f"already composed as '{done['name']}' ({done['status']}): nothing to do"
+                    + (" (a recorded verdict is not changed by --force-release)"
+                       if force_release and done["status"] == "rejected" else ""))
                 shutil.rmtree(work, ignore_errors=True)
                 return done
             version_name = name or next_version_name(records)
@@ -414,7 +408,8 @@ def compose(
                 scores = _evaluate(build, tasks, batch_size)
             parents = ([start_record["name"]] if start_record else []) + [r["name"] for r in chosen]
             new = _gated_version(reg, version_name, spec, settings, key, build.out, scores, tasks, parents,
-                                 (gate_old, gate_task, gate_task_points), author, base_items)
+                                 (gate_old, gate_task, gate_task_points), author, base_items,
+                                 start_record["name"] if start_record else None, force_release)
             reg.record(new)
             shutil.rmtree(work, ignore_errors=True)
             return reg.version(version_name)
@@ -494,17 +489,18 @@ def _open_build(stack: contextlib.ExitStack, reg: Registry, records: Sequence[di
 def _gated_version(reg: Registry, name: str, spec: Method, settings: dict[str, Any], key: str, out: Path,
                    scores: list[dict[str, Any]], tasks: dict[str, RegisteredTask], parents: list[str],
                    limits: tuple[float, float, float], author: str | None,
-                   base_items: dict[str, list[float]] | None = None) -> db.NewVersion:
-    """The version to record: its files stored, and released or rejected by the gate against the line as it
-    is now (it may have grown while this one was built)."""
+                   base_items: dict[str, list[float]] | None = None, start: str | None = None,
+                   force: bool = False) -> db.NewVersion:
+    """The version to record: its files stored, and released or rejected by the gate against what it was built
+    from (the base, or the release `start`); force: released even if the gate fails, and recorded as forced."""
     from knowstack.registry.base import store_files
 
-    line = released_line(reg.versions(), tasks, base_items)
-    previous = line[-1] if len(line) > 1 else None
+    line = {released.name: released for released in released_line(reg.versions(), tasks, base_items)}
+    built_from = line[start or BASE_NAME]  # check_start took a released version
     items = item_scores(scores, tasks)
-    checks = gate_checks(old_average(scores), new_scores(scores, tasks), line[0], previous, line, *limits,
+    checks = gate_checks(old_average(scores), new_scores(scores, tasks), built_from, line[BASE_NAME], *limits,
                          items=items)
-    gate = gate_record(checks, *limits)
+    gate = gate_record(checks, *limits, built_from=built_from.name, force=force)
     if old_average(scores) is None:
         gate["note"] = "no old-knowledge tasks registered (registry init --old-knowledge): AVE not gated"
     files, hashed = _version_files(out)
@@ -512,10 +508,9 @@ def _gated_version(reg: Registry, name: str, spec: Method, settings: dict[str, A
     return db.NewVersion(
         name=name, kind=built_kind(out), method=spec.name, files=names,
         content_hash=content_hash({n: names[n] for n in hashed}), objects=sizes,
-        settings={"compose_key": key, "options": settings, "previous": previous.name if previous else None,
-                  "gate": gate, ITEMS: items},
+        settings={"compose_key": key, "options": settings, "gate": gate, ITEMS: items},
         author=author, parents=parents, scores=without_items(scores),
-        status="released" if gate["passed"] else "rejected")
+        status="released" if gate["passed"] or gate.get("forced") else "rejected")
 
 
 def options_from(values: dict[str, Any], method: str | None = None) -> ComposeOptions:

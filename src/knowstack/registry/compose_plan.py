@@ -109,7 +109,7 @@ def run_compose_plan(b: Build, catalog: str, variant: ComposeVariant) -> None:
     ctx = StudyContext(b.work / PLAN_DIR, config)
     for number, step in enumerate(steps, start=1):
         done = ctx.artifact(step.key).is_dir()
-        b.say(f"step {number}/{len(steps)} {step.kind}: {step.label}" + (" (done before, kept)" if done else ""))
+        b.say(f"step {number}/{len(steps)} {step.kind}: {step.shown}" + (" (done before, kept)" if done else ""))
         execute(step, ctx)
     built = model["adapter"] or model["model"]
     _copy_model(Path(ctx.resolve(built)), b.out)

@@ -167,6 +167,23 @@ def composed(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r["method"] not in ("base", "contribution")]
 
 
+def ancestor_contributions(records: Sequence[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """The contributions a version was built from, directly or through the versions it was built on, in order."""
+    by_name = {r["name"]: r for r in records}
+    found: dict[str, dict[str, Any]] = {}
+
+    def visit(current: str) -> None:
+        record = by_name[current]
+        if record["method"] == "contribution":
+            found.setdefault(current, record)
+            return
+        for parent in record["parents"]:
+            visit(parent)
+
+    visit(name)
+    return list(found.values())
+
+
 STATISTICS = "statistics"  # a contribution's settings key: its statistics dir's files, {name: sha256}
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from knowstack.atomic import atomic_dir, atomic_write_json
-from knowstack.errors import KnowstackError
-from knowstack.registry.core import BASE_NAME, Registry
+from knowstack.registry.core import BASE_NAME, Registry, is_url
 from knowstack.registry.store import safe_relative
+from knowstack.validate import check_out_dir, raise_problems
 
 EXPORT_FILE = "knowstack-export.json"
 BASE_SUBDIR = "base"
@@ -29,11 +29,12 @@ def _copy_files(reg: Registry, files: dict[str, str], into: Path) -> None:
         shutil.copyfile(reg.store.verified_path(sha), target)  # a copy: the export outlives the registry
 
 
-def export_version(root: str | Path, name: str, out: str | Path, *, with_base: bool = False) -> dict[str, Any]:
-    """Write version `name` to the new dir `out`; returns the export record."""
+def export_version(root: str | Path, name: str, out: str | Path, *, with_base: bool = False,
+                   overwrite: bool = False) -> dict[str, Any]:
+    """Write version `name` to `out`, a new or empty dir (or, with `overwrite`, any dir but the registry's own);
+    returns the export record."""
     out = Path(out).expanduser()
-    if out.exists():
-        raise KnowstackError("the export dir exists: give a new path", path=out)
+    raise_problems(check_out_dir(out, overwrite=overwrite, inputs=[] if is_url(root) else [root]))
     with Registry.open(root) as reg:
         record = reg.version(name)
         base = reg.base()

@@ -6,85 +6,69 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from knowstack.registry.core import Registry
-from knowstack.registry.evaluate import (
-    RegisteredTask,
-    new_average,
-    new_scores,
-    old_average,
-    old_scores,
-    registered_tasks,
+from knowstack.registry.core import Registry, ancestor_contributions
+from knowstack.registry.evaluate import RegisteredTask, new_scores, old_scores, registered_tasks
+from knowstack.registry.gate import HOLDS, gate_summary, recorded_checks
+from knowstack.registry.listing import (
+    averages,
+    avnew_note,
+    built_on,
+    change,
+    contribution_names,
+    contributions_of,
+    number,
+    status,
+    text_table,
 )
-from knowstack.registry.listing import text_table
-
-
-def _number(value: float | None) -> str:
-    return f"{value:.3f}" if value is not None else "-"
-
-
-def _change(value: float | None, reference: float | None) -> str:
-    if value is None or reference is None:
-        return "-"
-    relative = f" ({100 * (value - reference) / reference:+.1f}%)" if reference else ""
-    return f"{value - reference:+.3f}{relative}"
-
-
-def _check_interval(check: dict[str, Any]) -> str:
-    """A gate check's difference (version - reference) and its paired 95% interval, as recorded."""
-    difference = check["value"] - check["reference"]
-    if check.get("ci_low") is None or check.get("ci_high") is None:
-        return f"difference {difference:+.3f}, no interval"
-    return f"difference {difference:+.3f} [{check['ci_low']:+.3f}, {check['ci_high']:+.3f}]"
-
-
-def _averages(record: dict[str, Any], tasks: dict[str, RegisteredTask]) -> tuple[float | None, float | None]:
-    return old_average(record["scores"]), new_average(record["scores"], tasks)
 
 
 def _summary_line(record: dict[str, Any], base: dict[str, Any], tasks: dict[str, RegisteredTask]) -> str:
-    ave, avnew = _averages(record, tasks)
-    base_ave, base_avnew = _averages(base, tasks)
-    return (f"old AVE {_number(ave)} (vs base {_change(ave, base_ave)})   "
-            f"new AVnew {_number(avnew)} (vs base {_change(avnew, base_avnew)})")
+    ave, avnew = averages(record, tasks)
+    base_ave, base_avnew = averages(base, tasks)
+    return (f"old AVE {number(ave)} (vs base {change(ave, base_ave)})   "
+            f"new AVnew {number(avnew)} (vs base {change(avnew, base_avnew)})")
+
+
+def gate_lines(record: dict[str, Any], indent: str = "    ") -> list[str]:
+    """The gate as `log` prints it: its summary, then each check that did not hold (failed or inconclusive)."""
+    gate = record["settings"].get("gate")
+    lines = [f"{indent}gate: {gate_summary(gate, record['settings'])}"]
+    if gate:
+        lines += [f"{indent}  {check.describe()}" for check in recorded_checks(gate) if check.verdict != HOLDS]
+        if gate.get("note"):
+            lines.append(f"{indent}  {gate['note']}")
+    return lines
 
 
 def format_log(reg: Registry) -> str:
     """Every version, newest first, like `git log --graph` without the graph: what it came from and how it scores."""
     records = reg.versions()
     tasks = registered_tasks(records)
+    names = contribution_names(records)
     base = reg.base()
     lines = []
     for record in reversed(records):
         method = record["method"]
-        head = f"{record['name']}  [{record['status']}]  {method}  {record['kind']}  {record['created_at']}"
+        head = f"{record['name']}  [{status(record)}]  {method}  {record['kind']}  {record['created_at']}"
         if record["author"]:
             head += f"  by {record['author']}"
         lines.append(head)
         if method == "contribution":
             own = next((s for s in record["scores"] if s["task"] == record["task"]), None)
-            lines.append(f"    task {record['task']} ({record['metric']}): {_number(own['value'] if own else None)}"
+            lines.append(f"    task {record['task']} ({record['metric']}): {number(own['value'] if own else None)}"
                          f"   data kept: {'yes' if record['keep_data'] else 'no'}   {record['content_hash'][:12]}")
         elif method == "base":
-            ave, avnew = _averages(record, tasks)
-            lines.append(f"    {record['content_hash'][:12]}   old AVE {_number(ave)}   new AVnew {_number(avnew)}")
+            ave, avnew = averages(record, tasks)
+            lines.append(f"    {record['content_hash'][:12]}   old AVE {number(ave)}   new AVnew {number(avnew)}")
         else:
-            parents = record["parents"]
-            previous = record["settings"].get("previous")
-            lines.append(f"    from {len(parents)}: {', '.join(parents)}"
-                         + (f"   previous release: {previous}" if previous else ""))
+            used = contributions_of(record, names)
+            lines.append(f"    built on {built_on(record, names)} with {len(used)} "
+                         f"contribution{'s' if len(used) != 1 else ''}: {', '.join(used)}")
             lines.append(f"    {_summary_line(record, base, tasks)}")
-            gate = record["settings"].get("gate") or {}
-            for failure in gate.get("failed", []):
-                lines.append(f"    gate: {failure}")
-            for noise in gate.get("within_noise", []):
-                lines.append(f"    gate: {noise}")
-            intervals = [c for c in gate.get("checks", []) if c.get("ci_low") is not None]
-            if intervals and not gate.get("failed") and not gate.get("within_noise"):
-                widest = max(intervals, key=lambda c: c["ci_high"] - c["ci_low"])
-                lines.append(f"    gate: passed; {len(intervals)} of {len(gate['checks'])} checks with a paired 95% "
-                             f"interval, the widest {_check_interval(widest)} ({widest['what']})")
+            lines += gate_lines(record)
         lines.append("")
-    return "\n".join(lines).rstrip()
+    note = avnew_note(records, tasks)
+    return "\n".join(lines).rstrip() + (f"\n\n{note}" if note else "")
 
 
 def _score_rows(record: dict[str, Any], base: dict[str, Any], tasks: dict[str, RegisteredTask],
@@ -95,12 +79,12 @@ def _score_rows(record: dict[str, Any], base: dict[str, Any], tasks: dict[str, R
         value, specialist = mine.get(name), specialists.get(name)
         kept = "-" if value is None or not specialist else (
             f"{100 * value / specialist:.0f}%" if value <= 10 * specialist else ">10x")
-        rows.append((f"new {name}", task.score_metric, _number(value), _number(theirs.get(name)),
-                     _change(value, theirs.get(name)), _number(specialist), kept))
+        rows.append((f"new {name}", task.score_metric, number(value), number(theirs.get(name)),
+                     change(value, theirs.get(name)), number(specialist), kept))
     base_old = old_scores(base["scores"])
     for (task, metric), value in old_scores(record["scores"]).items():
         reference = base_old.get((task, metric))
-        rows.append((f"old {task}", metric, _number(value), _number(reference), _change(value, reference), "", ""))
+        rows.append((f"old {task}", metric, number(value), number(reference), change(value, reference), "", ""))
     return rows
 
 
@@ -117,7 +101,7 @@ def specialist_scores(records: Sequence[dict[str, Any]], tasks: dict[str, Regist
 def format_show(reg: Registry, name: str) -> str:
     records = reg.versions()
     record, base, tasks = reg.version(name), reg.base(), registered_tasks(records)
-    lines = [f"version {record['name']}  [{record['status']}]", f"  kind:     {record['kind']}",
+    lines = [f"version {record['name']}  [{status(record)}]", f"  kind:     {record['kind']}",
              f"  method:   {record['method']}", f"  created:  {record['created_at']}",
              f"  author:   {record['author'] or '-'}", f"  hash:     {record['content_hash']}",
              f"  parents:  {', '.join(record['parents']) or '-'}"]
@@ -129,19 +113,19 @@ def format_show(reg: Registry, name: str) -> str:
         source = settings.get("metric_source")  # what defined the metric; older records do not say
         metric = f"{record['metric']} from {source}" if source else record["metric"]
         lines.append(f"  task:     {record['task']} ({record['task_format']}, {metric}; {splits})")
-    gate = settings.get("gate")
-    if gate:
-        verdict = "passed" if gate["passed"] else "FAILED"
-        slack = f" or -{gate['task_slack']:g} points" if gate.get("task_slack") else ""
-        lines.append(f"  gate:     {verdict} (old -{gate['old_limit_pct']:g}%, tasks -{gate['task_limit_pct']:g}%{slack})")
-        lines += [f"    {'ok   ' if c['passed'] else 'FAIL '}{c['what']}: {c['value']:.3f} vs {c['reference_version']} "
-                  f"{c['reference']:.3f} (floor {c['floor']:.3f}; {_check_interval(c)})"
-                  + (" below the floor within the noise" if c["passed"] and c["value"] < c["floor"] - 1e-9 else "")
-                  for c in gate["checks"]]
-        if gate.get("note"):
+    if record["method"] not in ("base", "contribution"):
+        names = contribution_names(records)
+        lines.append(f"  built on: {built_on(record, names)}, with {', '.join(contributions_of(record, names))}")
+        gate = settings.get("gate")
+        lines.append(f"  gate:     {gate_summary(gate, settings)}")
+        lines += [f"    {check.describe()}" for check in recorded_checks(gate or {})]
+        if gate and gate.get("note"):
             lines.append(f"    {gate['note']}")
-    ave, avnew = _averages(record, tasks)
-    lines.append(f"  scores:   AVE {_number(ave)}, AVnew {_number(avnew)}")
+    ave, avnew = averages(record, tasks)
+    lines.append(f"  scores:   AVE {number(ave)}, AVnew {number(avnew)}")
+    note = avnew_note([record], tasks)
+    if note:
+        lines.append(f"            {note}")
     rows = _score_rows(record, base, tasks, specialist_scores(records, tasks))
     if rows:
         lines += text_table(("score", "metric", "value", "base", "vs base", "specialist", "kept"), rows)
@@ -153,31 +137,50 @@ def format_show(reg: Registry, name: str) -> str:
 def diff_rows(a: dict[str, Any], b: dict[str, Any], tasks: dict[str, RegisteredTask]) -> list[tuple[str, ...]]:
     """(score, metric, A, B, B - A) for every new task, AVnew, every old-knowledge score and AVE."""
     new_a, new_b = new_scores(a["scores"], tasks), new_scores(b["scores"], tasks)
-    rows = [(f"new {name}", task.score_metric, _number(new_a.get(name)), _number(new_b.get(name)),
-             _change(new_b.get(name), new_a.get(name))) for name, task in tasks.items()]
-    (ave_a, avnew_a), (ave_b, avnew_b) = _averages(a, tasks), _averages(b, tasks)
-    rows.append(("AVnew", "", _number(avnew_a), _number(avnew_b), _change(avnew_b, avnew_a)))
+    rows = [(f"new {name}", task.score_metric, number(new_a.get(name)), number(new_b.get(name)),
+             change(new_b.get(name), new_a.get(name))) for name, task in tasks.items()]
+    (ave_a, avnew_a), (ave_b, avnew_b) = averages(a, tasks), averages(b, tasks)
+    rows.append(("AVnew", "", number(avnew_a), number(avnew_b), change(avnew_b, avnew_a)))
     old_a, old_b = old_scores(a["scores"]), old_scores(b["scores"])
     for task, metric in sorted(set(old_a) | set(old_b)):
         va, vb = old_a.get((task, metric)), old_b.get((task, metric))
-        rows.append((f"old {task}", metric, _number(va), _number(vb), _change(vb, va)))
-    rows.append(("AVE", "", _number(ave_a), _number(ave_b), _change(ave_b, ave_a)))
+        rows.append((f"old {task}", metric, number(va), number(vb), change(vb, va)))
+    rows.append(("AVE", "", number(ave_a), number(ave_b), change(ave_b, ave_a)))
     return rows
+
+
+def _listed(names: Sequence[str]) -> str:
+    return ", ".join(names) if names else "none"
+
+
+def lineage_changes(records: Sequence[dict[str, Any]], a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """What differs in what two versions were made from, in words: what each was built on, and which contributions
+    (its own and those of the releases it was built on) the second adds and leaves out."""
+    contributions = contribution_names(records)
+    lines = []
+    on_a, on_b = built_on(a, contributions), built_on(b, contributions)
+    if on_a != on_b:
+        lines.append(f"  built on: {on_a} -> {on_b}")
+    used_a, used_b = ([r["name"] for r in ancestor_contributions(records, v["name"])] for v in (a, b))
+    added = [name for name in used_b if name not in used_a]
+    removed = [name for name in used_a if name not in used_b]
+    if added or removed:
+        lines.append(f"  contributions added: {_listed(added)}; left out: {_listed(removed)}")
+    else:
+        lines.append(f"  contributions: the same ({_listed(used_a)})")
+    return lines
 
 
 def format_diff(reg: Registry, first: str, second: str) -> str:
     records = reg.versions()
     a, b, tasks = reg.version(first), reg.version(second), registered_tasks(records)
-    lines = [f"{first} [{a['status']}, {a['method']}]  ->  {second} [{b['status']}, {b['method']}]"]
-    added = [p for p in b["parents"] if p not in a["parents"]]
-    removed = [p for p in a["parents"] if p not in b["parents"]]
-    if added or removed:
-        lines.append(f"  contributions: +{', +'.join(added) if added else ' none'}; "
-                     f"-{', -'.join(removed) if removed else ' none'}")
+    lines = [f"{first} [{status(a)}, {a['method']}]  ->  {second} [{status(b)}, {b['method']}]",
+             *lineage_changes(records, a, b)]
     options_a, options_b = a["settings"].get("options") or {}, b["settings"].get("options") or {}
     changed = [f"{k}: {options_a.get(k, '-')} -> {options_b.get(k, '-')}" for k in sorted(set(options_a) | set(options_b))
                if options_a.get(k) != options_b.get(k)]
     if changed and a["method"] == b["method"]:
         lines.append("  settings: " + "; ".join(changed))
     lines += text_table(("score", "metric", first, second, f"{second} - {first}"), diff_rows(a, b, tasks))
-    return "\n".join(lines)
+    note = avnew_note([a, b], tasks)
+    return "\n".join(lines + ([f"  {note}"] if note else []))

@@ -19,8 +19,19 @@ from typing import Any
 from knowstack.atomic import atomic_write_text
 from knowstack.modelcard import CardScore, score_interval
 from knowstack.registry.core import Registry, composed
-from knowstack.registry.evaluate import RegisteredTask, new_average, old_average, registered_tasks
+from knowstack.registry.evaluate import RegisteredTask, registered_tasks
+from knowstack.registry.gate import gate_summary, recorded_checks
 from knowstack.registry.history import specialist_scores
+from knowstack.registry.listing import (
+    averages,
+    avnew_note,
+    built_on,
+    change,
+    contribution_names,
+    contributions_of,
+    number,
+    status,
+)
 from knowstack.report.html import STYLE
 
 PAGE_FILE = "registry.html"
@@ -58,8 +69,9 @@ def render_page(name: str, label: str, records: Sequence[dict[str, Any]], plane_
         ("versions", "Versions", _versions_table(records, tasks)),
         ("lineage", "Lineage", _lineage_svg(records)),
         ("plane", "What each version learned and forgot", _plane_html(plane_png, records)),
-        *((f"version-{r['name']}", f"{r['name']}: {r['method']} [{r['status']}]",
-           _version_html(r, base, tasks, specialists)) for r in reversed(composed(records))),
+        *((f"version-{r['name']}", f"{r['name']}: {r['method']} [{status(r)}]",
+           _version_html(r, base, tasks, specialists, contribution_names(records)))
+          for r in reversed(composed(records))),
     ]
     nav = "".join(f'<a href="#{escape(key)}">{escape(title.split(":")[0])}</a>' for key, title, _ in sections)
     body = "".join(f'<section id="{escape(key)}"><h2>{escape(title)}</h2>{html}</section>'
@@ -72,17 +84,12 @@ def render_page(name: str, label: str, records: Sequence[dict[str, Any]], plane_
             "</main></body></html>\n")
 
 
-def _number(value: float | None) -> str:
-    return f"{value:.3f}" if value is not None else "-"
-
-
 def _change_cell(value: float | None, reference: float | None) -> str:
     if value is None or reference is None:
         return '<td class="num">-</td>'
     delta = value - reference
-    relative = f" ({100 * delta / reference:+.1f}%)" if reference else ""
     css = "neg" if delta < 0 else "pos" if delta > 0 else ""
-    return f'<td class="num {css}">{delta:+.3f}{relative}</td>'
+    return f'<td class="num {css}">{change(value, reference)}</td>'
 
 
 def _table(header: Sequence[str], rows: Sequence[str], caption: str = "") -> str:
@@ -96,16 +103,18 @@ def _versions_table(records: Sequence[dict[str, Any]], tasks: dict[str, Register
     rows = []
     for r in reversed(records):
         what = r["method"] + (f" ({r['task']})" if r.get("task") else "")
-        status = f'<td style="color:{STATUS_COLOUR.get(r["status"], "#000")}">{escape(r["status"])}</td>'
-        rows.append(f'<tr data-version="{escape(r["name"])}"><td>{escape(r["name"])}</td>{status}'
+        shown = f'<td style="color:{STATUS_COLOUR.get(r["status"], "#000")}">{escape(status(r))}</td>'
+        ave, avnew = averages(r, tasks)
+        rows.append(f'<tr data-version="{escape(r["name"])}"><td>{escape(r["name"])}</td>{shown}'
                     f"<td>{escape(what)}</td><td>{escape(r['kind'])}</td><td>{escape(', '.join(r['parents']) or '-')}</td>"
-                    f'<td class="num">{_number(old_average(r["scores"]))}</td>'
-                    f'<td class="num">{_number(new_average(r["scores"], tasks))}</td>'
+                    f'<td class="num">{number(ave)}</td><td class="num">{number(avnew)}</td>'
                     f"<td>{escape(r['created_at'])}</td><td>{escape(r['author'] or '-')}</td>"
                     f"<td><code>{escape(r['content_hash'][:12])}</code></td></tr>")
+    note = avnew_note(records, tasks)
     return _table(("version", "status", "method", "kind", "parents", "old AVE", "new AVnew", "created", "author",
                    "sha256"), rows, "Newest first. AVE: mean old-knowledge score; AVnew: mean over the registered "
-                                    "tasks (a contribution is scored on its own task only).")
+                                    "tasks (a contribution is scored on its own task only)."
+                  + (f" {note}." if note else ""))
 
 
 # --- the lineage graph ---------------------------------------------------------------------------------
@@ -204,16 +213,16 @@ def _scores_table(record: dict[str, Any], base: dict[str, Any], tasks: dict[str,
         value = mine["value"] if mine else None
         reference = theirs["value"] if theirs else None
         rows.append(f'<tr data-task="{escape(name)}"><td>new {escape(name)}</td><td>{escape(task.score_metric)}</td>'
-                    f'<td class="num">{_number(value)}</td><td class="num">{_interval(mine)}</td>'
-                    f'<td class="num">{(mine or {}).get("n") or "-"}</td><td class="num">{_number(reference)}</td>'
-                    f"{_change_cell(value, reference)}<td class=\"num\">{_number(specialists.get(name))}</td>"
+                    f'<td class="num">{number(value)}</td><td class="num">{_interval(mine)}</td>'
+                    f'<td class="num">{(mine or {}).get("n") or "-"}</td><td class="num">{number(reference)}</td>'
+                    f"{_change_cell(value, reference)}<td class=\"num\">{number(specialists.get(name))}</td>"
                     f"{_change_cell(value, specialists.get(name))}</tr>")
     for score in (s for s in record["scores"] if s["kind"] == "old"):
         theirs = _score_of(base, score["task"], score["metric"])
         reference = theirs["value"] if theirs else None
         rows.append(f'<tr><td>old {escape(score["task"])}</td><td>{escape(score["metric"])}</td>'
-                    f'<td class="num">{_number(score["value"])}</td><td class="num">{_interval(score)}</td>'
-                    f'<td class="num">{score.get("n") or "-"}</td><td class="num">{_number(reference)}</td>'
+                    f'<td class="num">{number(score["value"])}</td><td class="num">{_interval(score)}</td>'
+                    f'<td class="num">{score.get("n") or "-"}</td><td class="num">{number(reference)}</td>'
                     f'{_change_cell(score["value"], reference)}<td class="num">-</td><td class="num">-</td></tr>')
     return _table(("score", "metric", "value", "95% interval", "n", "base", "vs base", "specialist",
                    "vs specialist"), rows,
@@ -221,29 +230,42 @@ def _scores_table(record: dict[str, Any], base: dict[str, Any], tasks: dict[str,
                   "a share of items answered right.")
 
 
-def _gate_html(gate: dict[str, Any] | None) -> str:
+def _gate_html(record: dict[str, Any]) -> str:
+    """The gate: what the version was gated against, how it came out (a forced release said first), and each check
+    with its difference, the paired 95% interval and n, the allowance and the verdict the interval supports."""
+    settings = record["settings"]
+    gate = settings.get("gate")
     if not gate:
         return '<p class="note">No gate recorded.</p>'
-    slack = f" or -{gate['task_slack']:g} points" if gate.get("task_slack") else ""
-    verdict = "passed" if gate["passed"] else "failed"
-    rows = [f'<tr class="gate-check" data-passed="{str(c["passed"]).lower()}"><td>{escape(c["what"])}</td>'
-            f'<td class="num">{c["value"]:.3f}</td><td>{escape(c["reference_version"])}</td>'
-            f'<td class="num">{c["reference"]:.3f}</td>{_change_cell(c["value"], c["reference"])}'
-            f'<td class="num">-{c["limit_pct"]:g}%' + (f' or -{c["slack"]:g}' if c.get("slack") else "") + "</td>"
-            f'<td class="num">{c["floor"]:.3f}</td><td class="{"holds" if c["passed"] else "fails"}">'
-            f'{"ok" if c["passed"] else "FAILS"}</td></tr>' for c in gate["checks"]]
+    rows = []
+    for c in recorded_checks(gate):
+        interval = f"[{c.ci_low:+.3f}, {c.ci_high:+.3f}]" if c.has_interval else "no interval"
+        rows.append(f'<tr class="gate-check" data-passed="{str(c.passed).lower()}" data-verdict="{c.verdict}">'
+                    f'<td>{escape(c.what)}</td><td class="num">{number(c.value)}</td>'
+                    f'<td>{escape(c.reference_version)}</td><td class="num">{number(c.reference)}</td>'
+                    f'{_change_cell(c.value, c.reference)}<td class="num">{interval}</td>'
+                    f'<td class="num">{c.n or "-"}</td><td class="num">{escape(c.allowed_text())}</td>'
+                    f'<td class="num">{number(c.floor)}</td>'
+                    f'<td class="{c.verdict}">{escape(c.verdict_text())}</td>'
+                    f'<td class="{"holds" if c.passed else "fails"}">{"within" if c.passed else "BEYOND"}</td></tr>')
+    forced = ('<p class="forced" style="background:#fbe0de;padding:0.4em"><strong>Released by --force-release although the gate failed:</strong> '
+              f"{escape('; '.join(gate['failed']))}</p>" if gate.get("forced") else "")
     note = f'<p class="note">{escape(gate["note"])}</p>' if gate.get("note") else ""
-    return (f"<p>Gate {verdict}: old knowledge -{gate['old_limit_pct']:g}% AVE, tasks -{gate['task_limit_pct']:g}%"
-            f"{escape(slack)} below their best release.</p>" + note
-            + _table(("check", "value", "against", "reference", "change", "allowed", "floor", "verdict"), rows))
+    return (forced + f"<p>Gate {escape(gate_summary(gate, settings))}.</p>" + note
+            + _table(("check", "value", "against", "reference", "change", "95% interval of the change", "n",
+                      "allowed", "floor", "verdict", "point vs limit"), rows,
+                     "The rule: a version whose point score is beyond a limit is not released (unless forced). "
+                     "Verdict: what the paired 95% interval of the change (the same stored test items scored for "
+                     "both; n items) supports: holds (all of it within the allowance), fails (all of it beyond), "
+                     "inconclusive (both sides: these items cannot tell)."))
 
 
 def _version_html(record: dict[str, Any], base: dict[str, Any], tasks: dict[str, RegisteredTask],
-                  specialists: dict[str, float]) -> str:
+                  specialists: dict[str, float], contributions: set[str]) -> str:
     settings = record["settings"]
     options = ", ".join(f"{k}={v}" for k, v in (settings.get("options") or {}).items()) or "defaults"
-    previous = f"; gated against the previous release {settings['previous']}" if settings.get("previous") else ""
-    head = (f"<p>From {escape(', '.join(record['parents']))}{escape(previous)}; settings: {escape(options)}; "
+    head = (f"<p>Built on {escape(built_on(record, contributions))} with "
+            f"{escape(', '.join(contributions_of(record, contributions)))}; settings: {escape(options)}; "
             f"by {escape(record['author'] or '-')} at {escape(record['created_at'])}.</p>")
-    return (head + "<h3>Gate</h3>" + _gate_html(settings.get("gate")) + "<h3>Scores</h3>"
+    return (head + "<h3>Gate</h3>" + _gate_html(record) + "<h3>Scores</h3>"
             + _scores_table(record, base, tasks, specialists))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from knowstack.atomic import honour_umask
 from knowstack.errors import KnowstackError
 from knowstack.hashing import BLOCK_BYTES, file_sha256, stream_sha256
 
@@ -77,7 +78,7 @@ class ObjectStore:
             copied = self._copy_hashing(source, fd)
             if copied != sha:
                 raise KnowstackError("file changed while it was being stored; try again", path=source)
-            os.chmod(tmp, 0o444)  # an object never changes: read-only guards against accidental edits
+            honour_umask(Path(tmp), 0o444)  # an object never changes: read-only guards against accidental edits
             os.replace(tmp, final)  # a racing writer of the same object writes the same bytes
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -219,7 +220,7 @@ class RemoteObjectStore(ObjectStore):
         try:
             self.fs.get_file(self.remote_path(sha), tmp)
             refuse_mismatch(file_sha256(Path(tmp)), sha, self.url(sha))
-            os.chmod(tmp, 0o444)
+            honour_umask(Path(tmp), 0o444)
             os.replace(tmp, cached)
         finally:
             with contextlib.suppress(FileNotFoundError):

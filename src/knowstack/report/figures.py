@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from knowstack.atomic import honour_umask  # noqa: E402
 from knowstack.report.tables import GAIN_SUFFIX, Table, TableRow  # noqa: E402
 from knowstack.stats import interval_of  # noqa: E402
 
@@ -55,6 +56,7 @@ def save_figure(fig: plt.Figure, path: Path) -> Path:
     os.close(fd)
     fig.savefig(tmp, dpi=100, bbox_inches="tight")
     plt.close(fig)
+    honour_umask(Path(tmp))
     os.replace(tmp, path)
     return path
 

@@ -136,9 +136,11 @@ class PlanBuilder:
         extra: dict[str, Any] | None = None,
         label_suffix: str = "",
         deps: tuple[str, ...] = (),
+        title: str = "",
     ) -> Step:
         """extra: what makes a variant differ from plain training on `task` (a replay mixture, an
-        O-LoRA penalty); without it the step, and so its key, is exactly plain training's."""
+        O-LoRA penalty); without it the step, and so its key, is exactly plain training's. title: the round it is,
+        shown on the console only (Step.title)."""
         label = f"{finetune}-{task['name']}" + (f"-{label_suffix}" if label_suffix else "")
         params = {
             "init": init.to_dict(),
@@ -148,7 +150,7 @@ class PlanBuilder:
             "seed": self.seed,
             **(extra or {}),
         }
-        return self.add_step("train", label, params, ref_deps(init) + deps)
+        return self.add_step("train", label, params, ref_deps(init) + deps, title)
 
     def _training_for(self, task: dict) -> TrainingConfig:
         """The recipe with the task's own budget (epochs or max_steps), unless the sweep point sets one: a task
@@ -170,13 +172,19 @@ class PlanBuilder:
         }
         return self.add_step("train", f"{finetune}-joint-{sampling}", params, ref_deps(init))
 
-    def merge_adapter_step(self, init: ModelRef, adapter: str, deps: tuple[str, ...], label: str) -> Step:
+    def merge_adapter_step(self, init: ModelRef, adapter: str, deps: tuple[str, ...], label: str,
+                           title: str = "") -> Step:
         """`init` with the adapter `adapter` (a step's ref, or a path) folded into its weights."""
         params = {"init": init.to_dict(), "adapter": adapter}
-        return self.plan.add(Step("merge-adapter", label, params, ref_deps(init) + deps))
+        return self.plan.add(Step("merge-adapter", label, params, ref_deps(init) + deps, title))
 
-    def add_step(self, kind: str, label: str, params: dict[str, Any], deps: tuple[str, ...]) -> Step:
-        return self.plan.add(Step(kind, label, {**params, **self._read_from_config(kind, params)}, deps))
+    def round_title(self, method: str, stage: int) -> str:
+        """'sequential round 2/7': which round of a method a step is, for the console."""
+        return f"{method} round {stage}/{len(self.tasks)}"
+
+    def add_step(self, kind: str, label: str, params: dict[str, Any], deps: tuple[str, ...], title: str = "") -> Step:
+        """title: which round of a method the step is, shown on the console only (Step.title)."""
+        return self.plan.add(Step(kind, label, {**params, **self._read_from_config(kind, params)}, deps, title))
 
     def _read_from_config(self, kind: str, params: dict[str, Any]) -> dict[str, Any]:
         """What a step of `kind` reads of the config beyond the settings its method gives it, so that it is in the

@@ -43,7 +43,8 @@ class Progress:
 class Executor(Protocol):
     """Runs every step of a plan that is not done yet, each after the steps it depends on."""
 
-    def run(self, steps: Sequence[Step], ctx: StudyContext, console: Console) -> Progress: ...
+    def run(self, steps: Sequence[Step], ctx: StudyContext, console: Console, total: int | None = None) -> Progress:
+        """total: the study's number of steps where `steps` are a part of them (its world, built first)."""
 
 
 def clear_stale(step: Step, ctx: StudyContext) -> None:
@@ -69,12 +70,12 @@ class LocalExecutor:
     def __init__(self, jobs: int | None = None, threads: int | str | None = None):
         self.jobs, self.threads = jobs, threads
 
-    def run(self, steps: Sequence[Step], ctx: StudyContext, console: Console) -> Progress:
+    def run(self, steps: Sequence[Step], ctx: StudyContext, console: Console, total: int | None = None) -> Progress:
         from knowstack.study.progress import StudyProgress, step_sizes
 
         estimates = _estimates_or_none(ctx)
         jobs = self.jobs or resolve_jobs(ctx.config.executor.jobs)
-        with StudyProgress(steps, console, step_sizes(steps, estimates), jobs) as shown:
+        with StudyProgress(steps, console, step_sizes(steps, estimates), jobs, total) as shown:
             if jobs > 1 and _steps_to_share(steps, ctx, estimates) > 1:
                 threads = ctx.config.executor.threads if self.threads is None else self.threads
                 return run_concurrently(steps, ctx, shown, jobs, estimates, threads)
@@ -302,18 +303,18 @@ class RayExecutor:
         self.max_retries = max_retries
         self.init_kwargs = init_kwargs or {}
 
-    def run(self, steps: Sequence[Step], ctx: StudyContext, console: Console) -> Progress:
+    def run(self, steps: Sequence[Step], ctx: StudyContext, console: Console, total: int | None = None) -> Progress:
         ray = import_ray()
         started_here = not ray.is_initialized()
         if started_here:
             ray.init(address=self.address, **self.init_kwargs)
         try:
-            return self._schedule(ray, steps, ctx, console)
+            return self._schedule(ray, steps, ctx, console, total or len(steps))
         finally:
             if started_here:
                 ray.shutdown()
 
-    def _schedule(self, ray: Any, steps: Sequence[Step], ctx: StudyContext, console: Console) -> Progress:
+    def _schedule(self, ray: Any, steps: Sequence[Step], ctx: StudyContext, console: Console, total: int) -> Progress:
         from knowstack.study.resources import step_resources
 
         progress = Progress()
@@ -332,7 +333,7 @@ class RayExecutor:
                                      ).remote(step, ctx, int(options["num_cpus"]))
                 running[ref] = step
                 waiting.remove(step)
-                console.print(f"[bold]submitted[/bold] {step.kind}: {step.label} ({_describe(options)})")
+                console.print(f"[bold]submitted[/bold] {step.kind}: {step.shown} ({_describe(options)})")
             if not running:
                 raise KnowstackError(f"steps wait on steps that are not in the plan: {[s.key for s in waiting]}")
             finished, _ = ray.wait(list(running), num_returns=1)
@@ -341,8 +342,8 @@ class RayExecutor:
                 seconds = self._result(ray, ref, step, running)
                 done.add(step.key)
                 progress.ran += 1
-                console.print(f"  done {step.kind}: {step.label} in {seconds:.1f} s "
-                              f"({len(done)}/{len(steps)} steps)")
+                console.print(f"  done {step.kind}: {step.shown} in {seconds:.1f} s "
+                              f"({len(done) + total - len(steps)}/{total} steps)")
         return progress
 
     @staticmethod

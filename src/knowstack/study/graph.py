@@ -35,7 +35,14 @@ class Step:
     label: str
     params: dict[str, Any]
     deps: tuple[str, ...] = ()
+    # Which round of which method, for the console ("sequential round 2/7"): shown, never part of the key.
+    title: str = field(default="", compare=False)
     key: str = field(init=False)
+
+    @property
+    def shown(self) -> str:
+        """The label, with the round it is where it has one: 'lora-Notes (sequential round 2/7)'."""
+        return f"{self.label} ({self.title})" if self.title else self.label
 
     def __post_init__(self) -> None:
         version = STEP_VERSIONS[self.kind]

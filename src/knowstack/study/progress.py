@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from knowstack import progress as bars
@@ -56,8 +57,10 @@ class StudyProgress:
     """`with StudyProgress(steps, console, sizes) as progress:` then start(step) / finish(step) / skip(step)."""
 
     def __init__(self, steps: Sequence[Step], console: Console, sizes: dict[str, float] | None = None,
-                 jobs: int = 1):
+                 jobs: int = 1, total: int | None = None):
         self.steps = list(steps)
+        # the study's steps where these are a part of them (the world, built first): "step 1/38 world"
+        self.total = max(total or 0, len(self.steps))
         self.jobs = jobs  # steps at once: the time left is the remaining steps' sum over them (an approximation)
         self.console = console
         self.time_left = TimeLeft(sizes or {})
@@ -71,7 +74,7 @@ class StudyProgress:
 
     def __enter__(self) -> StudyProgress:
         self.progress.start()
-        self.study = self.progress.add_task("study", total=len(self.steps), left="")
+        self.study = self.progress.add_task("study", total=self.total, left="")
         bars.set_sink(self._bar)
         return self
 
@@ -86,8 +89,8 @@ class StudyProgress:
     def start(self, step: Step, index: int) -> None:
         self.started_at[step.key] = time.monotonic()
         self.side_by_side = self.side_by_side or bool(self.current)
-        self.console.print(f"[bold]step {index}/{len(self.steps)}[/bold] {step.kind}: {step.label}", soft_wrap=True)
-        self.current[step.key] = self.progress.add_task(f"  {step.kind} {step.label}", total=None, left="")
+        self.console.print(f"[bold]step {index}/{self.total}[/bold] {step.kind}: {escape(step.shown)}", soft_wrap=True)
+        self.current[step.key] = self.progress.add_task(f"  {step.kind} {escape(step.shown)}", total=None, left="")
         self._update()
 
     def finish(self, step: Step) -> float:
@@ -97,7 +100,7 @@ class StudyProgress:
         if step.key in self.current:
             self.progress.remove_task(self.current.pop(step.key))
         # beside other steps, "done" must say which
-        who = f" {step.kind}: {step.label}" if self.side_by_side else ""
+        who = f" {step.kind}: {escape(step.shown)}" if self.side_by_side else ""
         self.console.print(f"  done{who} in {seconds:.1f} s", soft_wrap=True)
         self._update()
         return seconds
@@ -109,7 +112,7 @@ class StudyProgress:
         text = "" if not remaining else "left: estimating" if left is None else f"left: ~{format_seconds(left)}"
         assert self.study is not None
         self.progress.update(self.study, completed=len(self.done), left=text,
-                             description=f"study: step {min(len(self.done) + 1, len(self.steps))} of {len(self.steps)}")
+                             description=f"study: step {min(len(self.done) + 1, self.total)} of {self.total}")
 
     def _bar(self, iterable: Iterable[Any], desc: str) -> _RichBar:
         return _RichBar(self.progress, iterable, desc)

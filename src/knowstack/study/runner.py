@@ -190,7 +190,8 @@ def run_study(config: StudyConfig, out: Path, *, dry_run: bool = False, console:
         world_built = 0
         if plan.world_pending:  # the world first: its fingerprint is part of every later step's key
             world_step = next(step for step in plan.ordered() if step.kind == "world")
-            world_built = executor.run([world_step], context_for(plan, out), console).ran
+            # counted among the study's steps: "step 1/38 world", then "step 2/38"
+            world_built = executor.run([world_step], context_for(plan, out), console, total=len(plan.steps)).ran
             plan = build_plan(config, out)
         atomic_write_json(out / "plan.json", [{"key": s.key, "kind": s.kind, "deps": s.deps} for s in plan.ordered()])
         ctx = context_for(plan, out)

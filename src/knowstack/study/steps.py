@@ -246,7 +246,7 @@ def run_gate(step: Step, ctx: StudyContext, out: Path) -> None:
     adapter = Path(ctx.resolve(params["adapter"]))
     out.mkdir(parents=True, exist_ok=True)
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        shutil.copy2(adapter / name, out / name)
+        shutil.copyfile(adapter / name, out / name)
     gate_adapter(_local_model_dir(ctx.resolve(params["base"]["model"])), out, examples,
                  GateTraining(steps=settings["steps"], lr=settings["lr"], batch_size=settings["batch_size"],
                               max_length=params["max_length"], seed=params["seed"]),
@@ -338,7 +338,7 @@ def run_eval(step: Step, ctx: StudyContext, out: Path) -> None:
     _write_per_example(partial)
     _log_scores(step, ctx, partial, out)
     for item in sorted(partial.iterdir()):
-        shutil.copy2(item, out / item.name)
+        shutil.copyfile(item, out / item.name)
     shutil.rmtree(partial)
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from knowstack.atomic import honour_umask
 from knowstack.data.batches import batch_order, pack, tokenize_examples
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
@@ -110,6 +111,7 @@ def save_gates(adapter_dir: Path, gates: dict[str, torch.Tensor]) -> Path:
     path = Path(adapter_dir) / GATES_FILE
     tmp = path.with_name(f".{GATES_FILE}.tmp")
     save_file(gates, str(tmp), metadata={"format": "pt"})
+    honour_umask(tmp)
     tmp.replace(path)
     return path
 

@@ -342,6 +342,15 @@ def _loss_scales(tokenized: Sequence[TokenizedExample], batch: list[int], micros
     return [world / (count * max(sum(tokenized[i].answer_tokens for i in micro), 1)) for micro in micros]
 
 
+def loss_fell(curve: Sequence[float]) -> bool | None:
+    """Whether a run's training loss fell: the mean over its last quarter of steps below the mean over its first
+    quarter (one step is noise); None for a run of fewer than 2 steps, which shows nothing."""
+    if len(curve) < 2:
+        return None
+    quarter = max(1, len(curve) // 4)
+    return sum(curve[-quarter:]) / quarter < sum(curve[:quarter]) / quarter
+
+
 def _summary(
     settings: TrainSettings,
     examples: list[Example],

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from knowstack.atomic import honour_umask
 from knowstack.errors import KnowstackError
 
 PREVIOUS_A_FILE = "olora_previous_A.safetensors"
@@ -66,6 +67,7 @@ def save_previous(path: Path, previous: Mapping[str, torch.Tensor]) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({key: tensor.contiguous() for key, tensor in previous.items()}, str(tmp))
+    honour_umask(tmp)
     tmp.replace(path)
 
 

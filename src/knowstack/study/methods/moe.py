@@ -20,7 +20,8 @@ def add_moe(builder: PlanBuilder, experts: str, moe: MoeConfig, name: str = "", 
     list of mixtures (its model is then moe-<experts>-<name>); field: its config field, for errors."""
     tasks = moe_tasks(builder, moe, experts, field)
     n_experts = len(tasks) + (moe.base_expert == "routed")
-    if moe.router != "none" and moe.top_k > n_experts:
+    every_expert = experts == "lora" and moe.router == "moetify"  # moetify's LoRA-MoE: its default top-k, all
+    if moe.router != "none" and not every_expert and moe.top_k > n_experts:
         raise KnowstackError(f"top_k is {moe.top_k} but there are {n_experts} experts", field=f"{field}.top_k")
     if moe.router == "uniform" and moe.top_k < n_experts and moe.router_training is None:
         raise KnowstackError("a uniform router ties every expert, so top-k would always pick the first k: use "
@@ -40,6 +41,8 @@ def add_moe(builder: PlanBuilder, experts: str, moe: MoeConfig, name: str = "", 
     options.pop("gate_training", None)  # the gate steps' settings, in their own keys (deps of this step)
     if experts == "lora":
         options["shared"] = "base"  # an FFT-MoE option: a LoRA-MoE keeps the base's weights
+    if every_expert:
+        options["top_k"] = n_experts  # as combine/moe.py's moetify_top_k: the step says the top-k it mixes with
     params = {
         "experts": experts,
         "base": builder.base.to_dict(),

@@ -22,10 +22,12 @@ def add_olora(builder: PlanBuilder, lambdas: float | list[float], field_index: i
     for stage, (task, lam) in enumerate(zip(builder.tasks, round_lambdas(builder, lambdas, field_index), strict=True),
                                         start=1):
         olora = {"olora": {"lambda": lam, "previous": [step_ref(a) for a in adapters]}} if adapters else None
+        title = builder.round_title("O-LoRA", stage)
         step = builder.train_step(current, task, "lora", extra=olora, label_suffix=f"olora{tag}" if olora else "",
-                                  deps=tuple(a.key for a in adapters))
+                                  deps=tuple(a.key for a in adapters), title=title)
         adapters.append(step)
-        current = ModelRef(step_ref(builder.merge_adapter_step(current, step_ref(step), (step.key,), step.label)))
+        current = ModelRef(step_ref(builder.merge_adapter_step(current, step_ref(step), (step.key,), step.label,
+                                                               title)))
         scalar = {} if isinstance(lambdas, list) else {"lambda": float(lambdas)}
         builder.evaluate(current, f"olora-lora-{tag}-{stage}", "olora", "lora", stage, task["name"], scalar)
 

@@ -21,9 +21,11 @@ def add_replay(builder: PlanBuilder, finetune: str, fraction: float) -> None:
     for stage, task in enumerate(builder.tasks, start=1):
         earlier = [*builder.replayed, *builder.tasks[: stage - 1]]
         mixture = {"mixture": {"kind": "replay", "fraction": fraction, "earlier": earlier}} if earlier else None
-        step = builder.train_step(current, task, finetune, extra=mixture, label_suffix="replay" if earlier else "")
+        title = builder.round_title("replay", stage)
+        step = builder.train_step(current, task, finetune, extra=mixture, label_suffix="replay" if earlier else "",
+                                  title=title)
         if finetune == "lora":
-            step = builder.merge_adapter_step(current, step_ref(step), (step.key,), step.label)
+            step = builder.merge_adapter_step(current, step_ref(step), (step.key,), step.label, title)
         current = ModelRef(step_ref(step))
         builder.evaluate(current, f"replay-{finetune}-{stage}", "replay", finetune, stage, task["name"])
 

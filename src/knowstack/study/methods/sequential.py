@@ -16,9 +16,10 @@ if TYPE_CHECKING:
 def add_sequential(builder: PlanBuilder, finetune: str) -> None:
     current = builder.start
     for stage, task in enumerate(builder.tasks, start=1):
-        step = builder.train_step(current, task, finetune)
+        title = builder.round_title("sequential", stage)
+        step = builder.train_step(current, task, finetune, title=title)
         if finetune == "lora":
-            step = builder.merge_adapter_step(current, step_ref(step), (step.key,), step.label)
+            step = builder.merge_adapter_step(current, step_ref(step), (step.key,), step.label, title)
         current = ModelRef(step_ref(step))
         builder.evaluate(current, f"sequential-{finetune}-{stage}", "sequential", finetune, stage, task["name"])
 
