@@ -338,11 +338,11 @@ def test_cli_mix(tiny_model_dir: Path, adapters: list[Path], tmp_path: Path, cap
     assert main(["mix", "--base", str(tiny_model_dir), "--models", str(adapters[0]), "--base-expert", "always-on",
                  "--router", "random", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
-    assert "field 'base_expert'" in err and "Traceback" not in err and not (tmp_path / "bad").exists()
+    assert "option --base-expert" in err and "Traceback" not in err and not (tmp_path / "bad").exists()
     # --attention reaches mix_models (which refuses it for adapters)
     assert main(["mix", "--base", str(tiny_model_dir), "--models", str(adapters[0]), "--attention", "q_proj",
                  "v_proj", "--router", "random", "--out", str(tmp_path / "bad")]) == 2
-    assert "field 'attention'" in capsys.readouterr().err
+    assert "option --attention" in capsys.readouterr().err
 
 
 def test_mix_defaults_to_the_studys_router_and_asks_for_its_prompts(tiny_model_dir: Path, adapters: list[Path],
@@ -474,13 +474,16 @@ def test_moe_step_launches_router_training_as_its_experts_training(tmp_path: Pat
     for launch in (None, {"num_processes": 4, "cpu": True, "lora": {"num_processes": 2, "mixed_precision": "no"}}):
         config = parse_config({**raw, "launch": launch} if launch else raw)
         steps = [s for s in build_plan(config).ordered() if s.kind == "moe"]
-        keys.append([s.key for s in steps])
+        keys.append({s.params["experts"]: s.key for s in steps})
         for step in steps:
             run_moe(step, StudyContext(out=tmp_path / "study", config=config), tmp_path / step.params["experts"])
         if launch is None:
             assert seen == {"fft": None, "lora": None}
-    assert seen == {"fft": LaunchSpec(4, cpu=True), "lora": LaunchSpec(2, cpu=True, mixed_precision="no")}
-    assert keys[0] == keys[1]  # how it runs is not part of what it makes
+    # the mixed precision each launch runs with, explicitly: FFT's from the shipped ddp config (bf16), LoRA's its own
+    assert seen == {"fft": LaunchSpec(4, cpu=True, mixed_precision="bf16"),
+                    "lora": LaunchSpec(2, cpu=True, mixed_precision="no")}
+    # how many processes run it is not part of what it makes; the mixed precision it runs under is
+    assert keys[0]["lora"] == keys[1]["lora"] and keys[0]["fft"] != keys[1]["fft"]
 
 
 @pytest.mark.parametrize("attention", [(), ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj")])
