@@ -8,6 +8,9 @@ repeats models over `seeds`), then point (a sweep point's name, '' for a method'
 setting) and one column per setting a sweep can change (lr, rank, lambda, ...: filled where the model's
 point sets it, and with O-LoRA's lambda), then protocol: how the value was scored (a new-knowledge
 task's protocol, `builtin` or `paper`; `lm-eval` for old knowledge).
+
+Beside results.csv a study writes per_example.jsonl (every row's per-item scores), costs.csv (what each model cost)
+and study.json (StudyInfo: what the report needs of the plan). These are all the report reads.
 """
 
 from __future__ import annotations
