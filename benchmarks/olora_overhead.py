@@ -28,10 +28,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers.utils import logging as hf_logging
 
+from knowstack.data.batches import collate, tokenize_examples
+from knowstack.modeling.loss import answer_loss_sum
 from knowstack.modelio import load_model, load_tokenizer
 from knowstack.train import TrainSettings, attention
-from knowstack.train.batches import collate, tokenize_examples
-from knowstack.train.loop import answer_loss_sum
 from knowstack.train.olora import OLoraPenalty, stack_previous
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

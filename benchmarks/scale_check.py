@@ -55,10 +55,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
 
+from knowstack.data.batches import batch_order, tokenize_examples
 from knowstack.evaluate.generate import generate
 from knowstack.evaluate.protocols import scorings
 from knowstack.progress import set_sink
-from knowstack.train.batches import batch_order, tokenize_examples
 from knowstack.train.loop import make_trainable, run_steps
 from knowstack.train.settings import TrainSettings
 from knowstack.usage import peak_gpu_bytes, reset_peak_gpu

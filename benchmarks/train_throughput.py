@@ -49,10 +49,10 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from knowstack.builtin.pretrain import ModelShape, make_model
+from knowstack.data.batches import TokenizedExample, tokenize_examples
 from knowstack.data.formats import Example
 from knowstack.modelio import load_model, load_tokenizer
 from knowstack.train import TrainSettings, train
-from knowstack.train.batches import TokenizedExample, tokenize_examples
 from knowstack.train.loop import make_trainable
 
 BATCH = 16

@@ -36,11 +36,11 @@ import knowstack
 from knowstack.atomic import atomic_write_text
 from knowstack.config import load_config
 from knowstack.errors import KnowstackError
-from knowstack.report.build import study_rows
 from knowstack.report.runs import backward_transfer, find_runs, mean_defined, run_averages
 from knowstack.report.tables import Scores, fmt_percent
 from knowstack.results import Row, read_csv
 from knowstack.study.plan import build_plan
+from knowstack.study.results import current_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"(<!-- numbers:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /numbers -->)", re.S)
@@ -57,7 +57,7 @@ def doc_files(root: Path) -> list[str]:
 def study_results(path: Path, option: str) -> list[Row]:
     """A study dir's rows as `knowstack report` reads them: results.csv, or the evaluations finished so far."""
     if (path / "config.yaml").is_file():
-        rows = study_rows(build_plan(load_config(path / "config.yaml"), path), path)
+        rows = current_rows(build_plan(load_config(path / "config.yaml"), path), path)
     elif (path / "results.csv").is_file():
         rows = read_csv(path / "results.csv")
     else:
@@ -265,11 +265,11 @@ def catalog(study: Study) -> str:
     AVE (old), AVnew and AVall with 95% intervals, and its AVall against the best of the paper's combinations of the
     same kind (merges against the paper's merges, mixtures against its MoE) and finetune, as a paired difference:
     better / worse where the interval excludes 0, else inconclusive."""
-    from knowstack.report.build import study_items
     from knowstack.stats import interval_of
+    from knowstack.study.results import current_items
 
     plan = build_plan(load_config(study.path / "config.yaml"), study.path)
-    scores = Scores.from_rows(study.rows, TASK_ORDER, items=study_items(plan, study.path))
+    scores = Scores.from_rows(study.rows, TASK_ORDER, items=current_items(plan, study.path))
     runs = [r for r in find_runs(scores) if r.method in COMPARED_WITH]
     averages = {run.key: run_averages(scores, run) for run in runs}  # a continual merge: after its last round
 

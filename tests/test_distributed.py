@@ -30,7 +30,7 @@ from knowstack.train.launch import (
     run_job,
     run_launch,
 )
-from knowstack.train.router_job import RouterJob, launch_router_job
+from knowstack.train.router_job import RouterJob, RouterRun, launch_router_job
 from knowstack.train.router_training import RouterTraining
 
 # 25 examples in batches of 8: micro-batches of 2 make every process accumulate (no_sync) before the
@@ -189,8 +189,8 @@ def experts(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 
 def _mix(tiny_model_dir: Path, models: list[Path], out: Path, launch: LaunchSpec | None, training: bool = True) -> dict:
     return mix_models(tiny_model_dir, models, out, options=MoeOptions(top_k=1, router="random"),
-                      train_examples=[Example(p, a) for p, a in EXAMPLES[:12]],
-                      training=ROUTER_TRAINING if training else None, launch=launch)
+                      router_step=RouterRun(None, [Example(p, a) for p, a in EXAMPLES[:12]],
+                                            ROUTER_TRAINING if training else None, launch=launch))
 
 
 def _routers(moe_dir: Path) -> dict[str, torch.Tensor]:

@@ -19,17 +19,19 @@ from knowstack.combine.moe import MoeOptions, mix_models
 from knowstack.combine.routers import mean_router_inputs, prompt_routers
 from knowstack.combine.statistics import compute_statistics
 from knowstack.config import LLAMA_LINEAR
+from knowstack.data.batches import collate, tokenize_examples
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
 from knowstack.evaluate.generate import generate
 from knowstack.evaluate.old_knowledge import evaluate_old_knowledge
+from knowstack.modeling import attention
 from knowstack.modeling.families import family_of
+from knowstack.modeling.loss import answer_loss_sum
 from knowstack.modeling.moe_model import ATTENTION_PROJECTIONS
 from knowstack.modelio import load_model, load_tokenizer
-from knowstack.train import TrainSettings, attention, train
-from knowstack.train.batches import collate, tokenize_examples
-from knowstack.train.loop import answer_loss_sum
+from knowstack.train import TrainSettings, train
 from knowstack.train.olora import OLoraPenalty, stack_previous
+from knowstack.train.router_job import RouterRun
 from knowstack.train.router_training import RouterTraining
 from knowstack.validate import check_lora_targets
 
@@ -201,7 +203,8 @@ def test_lora_moe_routers_from_prompts_and_arrow_and_router_training(family: tup
         torch.testing.assert_close(means[layer], torch.stack(rows), atol=1e-5, rtol=1e-4)
     # routers from those rows, then trained: two steps move them
     record = mix_models(base, adapters, tmp_path / "prompts", options=MoeOptions(top_k=1, router="prompts"),
-                        prompts=PROMPTS, train_examples=EXAMPLES, training=RouterTraining(steps=2, batch_size=4, lr=0.05))
+                        prompts=PROMPTS,
+                        router_step=RouterRun(PROMPTS, EXAMPLES, RouterTraining(steps=2, batch_size=4, lr=0.05)))
     assert record["router_training"]["steps"] == 2 and set(record["loads"]["after_training"]) == {"0", "1"}
     trained = load_file(str(tmp_path / "prompts" / "lora_moe.safetensors"))
     for layer, initial in prompt_routers(means).items():
@@ -257,8 +260,8 @@ def test_every_lora_moe_router_on_every_family(family: tuple[str, Path], adapter
         trains = router not in ("arrow", "gates", "none")
         out = tmp_path / f"{router}-{routing}"
         options = MoeOptions(top_k=top_k, router=router, routing=routing, base_expert=base_expert)
-        record = mix_models(base, gated, out, options=options, prompts=PROMPTS, train_examples=EXAMPLES,
-                            training=RouterTraining(steps=1, batch_size=4, lr=0.05) if trains else None)
+        record = mix_models(base, gated, out, options=options, prompts=PROMPTS, router_step=RouterRun(
+            PROMPTS, EXAMPLES, RouterTraining(steps=1, batch_size=4, lr=0.05) if trains else None))
         assert ("router_training" in record) == trains, (router, routing)
         with torch.no_grad():
             logits = load_model(base, out, dtype=torch.float32)(ids).logits

@@ -5,10 +5,14 @@ Every module under src/knowstack is parsed with `ast`: its imports at module lev
 importing file, its line and the imported module for
 (a) an import of a higher layer, or of a sibling in the same layer, type-only ones included: a low module
     does not even name a higher one's types;
-(b) a cycle of imports between modules, lazy ones included: a circle is a circle whenever it is closed at
-    run time. An import under TYPE_CHECKING never runs, so it closes none (a callback's parameter typed with
-    its caller's class, as a method module names the plan builder that calls it, is not a circle);
-(c) another module's private name (`_x`), imported (`from knowstack.m import _x`) or read (`m._x`).
+(b) a cycle of imports between modules, lazy ones and type-only ones included: a module that names the types
+    of a module importing it cannot be read or changed apart from it (the plan builder's class lives in
+    study/builder.py, below both the methods that plan with it and study/plan.py that runs them; a compose's
+    inputs in registry/compose_inputs.py, below both compose.py and compose_plan.py);
+(c) another module's private name (`_x`), imported (`from knowstack.m import _x`) or read (`m._x`);
+(d) an import the layers allow but the design forbids (FORBIDDEN): combine/ builds from models and trains
+    nothing (router training is its caller's: the MoE method, api.mix), and the report reads results (results.py:
+    rows, per-item scores, costs, study.json), never a study's plan or artifacts.
 
 Importing `knowstack.p.m` runs the package `knowstack/p/__init__.py` first, so it counts as importing that
 package too (but for the root package, whose own code imports nothing of knowstack at import time).
@@ -47,6 +51,17 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("api",),
     ("cli", ""),
 )
+
+# (importing unit, imported unit or module) -> why not, for imports that go down the layers but must not be made.
+FORBIDDEN: dict[tuple[str, str], str] = {
+    ("combine", "train"): "combine/ builds mixtures and merges from models; training (routers too) is its "
+                          "caller's: the MoE method (study/steps.py) and api.mix",
+    ("report", "study"): "the report reads results (results.py: rows, per_example.jsonl, costs.csv, study.json), "
+                         "which the study writes; never the study's plan or artifacts",
+}
+# Left to do (issue 31 item 6): the report still reads the method catalog's sections and cooperative settings from
+# study/methods/ (report/runs.py, report/frontier.py) rather than from study.json.
+STILL_ALLOWED = {("report", "knowstack.study.methods")}
 
 
 @dataclass(frozen=True)
@@ -175,12 +190,31 @@ def private_imports(imports: Sequence[Import]) -> list[str]:
             for imp in imports if imp.target != imp.source for name in imp.names if _private(name)]
 
 
+def forbidden_imports(imports: Sequence[Import], forbidden: dict[tuple[str, str], str],
+                      allowed: set[tuple[str, str]] = frozenset(), package: str = PACKAGE) -> list[str]:
+    """Imports (lazy and type-only ones too) of a unit that `forbidden` keeps from its importer, but those `allowed`
+    names (importing unit, imported module or one of its packages)."""
+    problems = []
+    for imp in imports:
+        source, target = unit_of(imp.source, package), unit_of(imp.target, package)
+        why = forbidden.get((source, target))
+        if why is None or imp.implied or any((source, module) in allowed for module in _packages_of(imp.target)):
+            continue
+        problems.append(f"{imp.where()} imports {imp.target}: {source} may not import {target} ({why})")
+    return problems
+
+
+def _packages_of(module: str) -> list[str]:
+    parts = module.split(".")
+    return [".".join(parts[:n]) for n in range(len(parts), 0, -1)]
+
+
 def cycles(imports: Sequence[Import]) -> list[str]:
     """The shortest circle through each module that is on one (as its imports, file:line each), each circle once;
-    imports that never run (under TYPE_CHECKING) close none."""
+    type-only imports (under TYPE_CHECKING) close circles too."""
     edges: dict[str, dict[str, Import]] = {}
     for imp in imports:
-        if imp.target != imp.source and not imp.typing_only:
+        if imp.target != imp.source:
             edges.setdefault(imp.source, {}).setdefault(imp.target, imp)
     found: dict[frozenset[str], str] = {}
     for group in _strongly_connected(edges):
@@ -271,7 +305,12 @@ def test_imports_only_go_down_the_layers() -> None:
 
 def test_no_circle_of_imports() -> None:
     _, imports = all_imports(ROOT / "src")
-    _fail_with(cycles(imports), "circles of imports (lazy imports count)")
+    _fail_with(cycles(imports), "circles of imports (lazy and type-only imports count)")
+
+
+def test_no_forbidden_import() -> None:
+    _, imports = all_imports(ROOT / "src")
+    _fail_with(forbidden_imports(imports, FORBIDDEN, STILL_ALLOWED), "imports the design forbids (FORBIDDEN)")
 
 
 def test_no_private_name_crosses_modules() -> None:
@@ -320,13 +359,14 @@ def test_the_checker_finds_an_upward_import_a_lazy_circle_and_a_private_name(tmp
     assert reads == ["pkg/high.py:5 reads pkg.low._hidden, a private name of another module"]
 
 
-def test_a_type_only_import_closes_no_circle_but_keeps_to_the_layers(tmp_path: Path) -> None:
+def test_a_type_only_import_closes_a_circle_and_keeps_to_the_layers(tmp_path: Path) -> None:
     src = _package(tmp_path, {
         "low.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.high import Caller\n",
         "high.py": "from pkg.low import f\n",
     })
     _, imports = all_imports(src, "pkg")
-    assert cycles(imports) == []
+    found = cycles(imports)
+    assert len(found) == 1 and "pkg/low.py:3 imports pkg.high" in found[0]
     assert layer_violations(imports, (("low",), ("high",)), "pkg") == [
         "pkg/low.py:3 imports pkg.high: high is a higher layer than low (layer 1 may import layers 1..0 only)"]
 
@@ -336,3 +376,19 @@ def test_importing_a_submodule_runs_its_package(tmp_path: Path) -> None:
                               "q.py": "from pkg.p.other import y\n", "p/other.py": ""})
     _, imports = all_imports(src, "pkg")
     assert any(c.startswith("pkg.p -> pkg.p.inner -> pkg.q -> pkg.p\n") for c in cycles(imports))
+
+
+def test_a_forbidden_import_is_found_lazy_or_type_only_and_an_allowed_one_is_not(tmp_path: Path) -> None:
+    src = _package(tmp_path, {
+        "low/train.py": "",
+        "low/other.py": "",
+        "high/mix.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.low.train import T\n"
+                       "def f():\n    from pkg.low import other\n",
+    })
+    _, imports = all_imports(src, "pkg")
+    forbidden = {("high", "low"): "why"}
+    assert forbidden_imports(imports, forbidden, package="pkg") == [
+        "pkg/high/mix.py:3 imports pkg.low.train: high may not import low (why)",
+        "pkg/high/mix.py:5 imports pkg.low.other: high may not import low (why)"]
+    assert forbidden_imports(imports, forbidden, {("high", "pkg.low.other")}, "pkg") == [
+        "pkg/high/mix.py:3 imports pkg.low.train: high may not import low (why)"]

@@ -20,6 +20,7 @@ from knowstack.config import parse_config
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
 from knowstack.modelio import load_model, load_tokenizer
+from knowstack.train.router_job import RouterRun
 from knowstack.train.router_training import RouterTraining, expert_loads
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -243,7 +244,7 @@ def test_routing_picks_the_expert_whose_prompts_built_its_row(kind: str, tiny_mo
                                                               adapters: list[Path], tmp_path: Path) -> None:
     inputs = models if kind == "fft" else adapters
     record = mix_models(tiny_model_dir, inputs, tmp_path / "moe", options=MoeOptions(top_k=1, router="prompts"),
-                        prompts=FAMILIES)
+                        prompts=FAMILIES, router_step=RouterRun(FAMILIES))
     assert set(record["loads"]["before_training"]) == {"0", "1"}
     model = load_model(tiny_model_dir, tmp_path / "moe") if kind == "lora" else load_model(tmp_path / "moe")
     tokenizer = load_tokenizer(tiny_model_dir)
@@ -278,7 +279,7 @@ def test_router_training_changes_the_routers_only(kind: str, tiny_model_dir: Pat
     untrained = tmp_path / "untrained"
     mix_models(tiny_model_dir, inputs, untrained, options=options)
     record = mix_models(tiny_model_dir, inputs, tmp_path / "trained", options=options,
-                        train_examples=examples, training=RouterTraining(steps=3, batch_size=4, lr=0.05))
+                        router_step=RouterRun(None, examples, RouterTraining(steps=3, batch_size=4, lr=0.05)))
     training = record["router_training"]
     assert training["steps"] == 3 and training["last"]["aux_loss"] > 0
     assert record["loads"]["before_training"] != record["loads"]["after_training"]
@@ -468,7 +469,7 @@ def test_moe_step_launches_router_training_as_its_experts_training(tmp_path: Pat
 
     raw = study_config(tmp_path, tiny_model_dir, {"experts": ["fft", "lora"], "router_training": {"steps": 2}})
     seen: dict[str, LaunchSpec | None] = {}
-    monkeypatch.setattr(moe_module, "mix_models", lambda base, models, out, **kwargs: seen.update({out.name: kwargs["launch"]}))
+    monkeypatch.setattr(moe_module, "mix_models", lambda base, models, out, **kwargs: seen.update({out.name: kwargs["router_step"].launch}))
     keys = []
     for launch in (None, {"num_processes": 4, "cpu": True, "lora": {"num_processes": 2, "mixed_precision": "no"}}):
         config = parse_config({**raw, "launch": launch} if launch else raw)

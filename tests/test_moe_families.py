@@ -28,6 +28,7 @@ from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
 from knowstack.modeling.streaming import INDEX_FILE, weight_files
 from knowstack.modelio import load_model, load_tokenizer
+from knowstack.train.router_job import RouterRun
 from knowstack.train.router_training import RouterTraining
 
 # family -> (model_type, architecture, an expert's down projection and a router as the class's checkpoints name them)
@@ -43,7 +44,7 @@ REFUSED = ("phi3", "gemma2", "gemma3")
 # 24 tokens: longer than the Mistral family's sliding window (16), so that the window acts
 IDS = torch.tensor([[1, 17, 42, 8, 99, 5, 61, 12, 7, 7, 250, 31, 2, 140, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]])
 # 12 tokens each: within the Mistral family's window (16), since knowstack's packed attention, which the router init
-# runs the base with, does not apply a sliding window (left to the owner of train/attention.py)
+# runs the base with, does not apply a sliding window (left to the owner of modeling/attention.py)
 PROMPTS = [[f"def f{i}(a, b):" for i in range(3)], [f"Japan: the yen {i}." for i in range(3)]]
 
 
@@ -206,8 +207,8 @@ def test_router_training_runs_on_the_stock_class(family: str, family_models: Cal
     base, models = family_models(family)
     examples = [Example(p[:12], p[12:]) for group in PROMPTS for p in group]
     options = MoeOptions(top_k=1, shared="average", router="random", seed=3)  # BTX's recipe, top-1
-    record = mix_models(base, models, tmp_path / "moe", options=options, train_examples=examples,
-                        training=RouterTraining(steps=2, batch_size=2, lr=0.05))
+    record = mix_models(base, models, tmp_path / "moe", options=options,
+                        router_step=RouterRun(None, examples, RouterTraining(steps=2, batch_size=2, lr=0.05)))
     assert record["architecture"] == STOCK[family][1] and record["router_training"]["steps"] == 2
     assert set(record["loads"]["after_training"]) == {"0", "1"}
     # the trained routers were written where the class's checkpoint has them, and nothing else changed
@@ -248,7 +249,8 @@ def test_prompt_routers_read_the_classes_router_input(family: str, family_models
 def test_mergekit_routers_on_the_stock_class(family: str, router: str, family_models: Callable,
                                              tmp_path: Path) -> None:
     base, models = family_models(family)
-    record = mix_models(base, models, tmp_path / "moe", options=MoeOptions(top_k=1, router=router), prompts=PROMPTS)
+    record = mix_models(base, models, tmp_path / "moe", options=MoeOptions(top_k=1, router=router), prompts=PROMPTS,
+                        router_step=RouterRun(PROMPTS))
     assert record["architecture"] == STOCK[family][1] and set(record["loads"]["before_training"]) == {"0", "1"}
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from test_train import EXAMPLES, _weights
 
+from knowstack.data.batches import batch_order, collate, micro_batches, tokenize_examples
 from knowstack.modelio import load_model, load_tokenizer
 from knowstack.train import TrainSettings, train
-from knowstack.train.batches import batch_order, collate, micro_batches, tokenize_examples
 
 STEP = {"finetune": "fft", "lr": 1e-3, "batch_size": 8, "micro_batch_size": 2, "max_steps": 1, "max_length": 64,
         "max_grad_norm": 1e6}  # no clipping: the gradients compared are the loss's own

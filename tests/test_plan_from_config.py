@@ -20,11 +20,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from knowstack.cli import main
 from knowstack.config import LLAMA_LINEAR, load_config, parse_config
+from knowstack.data.batches import collate, tokenize_examples
 from knowstack.data.formats import Example
 from knowstack.modeling.streaming import read_header, weight_files
 from knowstack.study.plan import build_plan
 from knowstack.study.resources import architecture_of, estimate_plan, train_estimate
-from knowstack.train.batches import collate, tokenize_examples
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 # Each model's parameter count as its publisher and the Hub's safetensors metadata state it (tied embeddings once).

@@ -13,13 +13,13 @@ from report_rows import METHODS, synthetic_study
 from report_rows import TASKS as STUDY_TASKS
 
 from knowstack.cli import main
-from knowstack.report.build import build_report, planned_rows, render_report, write_report
+from knowstack.report.build import build_report, render_report, write_report
 from knowstack.report.claims import CLAIMS, FAILS, HOLDS, UNMEASURED, evaluate_claims
 from knowstack.report.html import render_html
 from knowstack.report.runs import find_runs
 from knowstack.report.sections import Section
 from knowstack.report.tables import Scores, Table, bwt, percent_change
-from knowstack.results import Row, read_csv, write_csv, write_sqlite
+from knowstack.results import Row, planned_rows, read_csv, write_csv, write_sqlite
 from knowstack.study.plan import Evaluation
 
 TASKS = ["a", "math"]

@@ -20,7 +20,9 @@ from transformers import AutoConfig
 from knowstack.builtin.pretrain import ModelShape, make_model
 from knowstack.cli import main
 from knowstack.config import LLAMA_LINEAR, load_config, parse_config
+from knowstack.data.batches import collate, tokenize_examples
 from knowstack.data.formats import Example
+from knowstack.modeling.loss import answer_loss_sum
 from knowstack.study.plan import build_plan
 from knowstack.study.resources import (
     FALLBACK_CONFIGS,
@@ -30,8 +32,7 @@ from knowstack.study.resources import (
     estimate_plan,
     train_estimate,
 )
-from knowstack.train.batches import collate, tokenize_examples
-from knowstack.train.loop import _make_optimizer, _use_segment_attention, answer_loss_sum
+from knowstack.train.loop import _make_optimizer, _use_segment_attention
 from knowstack.train.settings import TrainSettings
 
 SHAPE = ModelShape(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=344, context=256)

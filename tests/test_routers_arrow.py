@@ -19,6 +19,7 @@ from knowstack.combine.routers import arrow_prototype
 from knowstack.errors import KnowstackError
 from knowstack.modeling.lora_moe import LoraMoeLinear
 from knowstack.modelio import load_model
+from knowstack.train.router_job import RouterRun
 from knowstack.train.router_training import RouterTraining, router_sites
 
 MODULE = "model.layers.1.mlp.down_proj"
@@ -112,7 +113,7 @@ def test_arrow_equals_peft(tiny_model_dir: Path, adapters: list[Path], tmp_path:
 
 def test_arrow_record_and_load(tiny_model_dir: Path, adapters: list[Path], tmp_path: Path) -> None:
     record = mix_models(tiny_model_dir, adapters, tmp_path / "arrow", options=MoeOptions(top_k=2, router="arrow"),
-                        prompts=FAMILIES)
+                        prompts=FAMILIES, router_step=RouterRun(FAMILIES))
     config = json.loads((tmp_path / "arrow" / "lora_moe.json").read_text())
     assert config["routing"] == "module" and config["router_score"] == "arrow" and config["temperature"] == 1.0
     # one load per module router, keyed <layer>.<module path in the layer>
@@ -128,7 +129,7 @@ def test_per_module_routers_train_and_reload(router: str, tiny_model_dir: Path, 
     examples = [Example(p, " answer") for group in FAMILIES for p in group]
     record = mix_models(tiny_model_dir, adapters, tmp_path / "moe",
                         options=MoeOptions(top_k=2, router=router, routing="module"), prompts=FAMILIES,
-                        train_examples=examples, training=RouterTraining(steps=2, lr=0.05, batch_size=4))
+                        router_step=RouterRun(FAMILIES, examples, RouterTraining(steps=2, lr=0.05, batch_size=4)))
     assert record["router_training"]["steps"] == 2
     untrained = mix_models(tiny_model_dir, adapters, tmp_path / "untrained",
                            options=MoeOptions(top_k=2, router=router, routing="module"), prompts=FAMILIES)
@@ -232,7 +233,7 @@ def test_moe_step_passes_the_router_options_through(moe: dict, tmp_path: Path, t
 @pytest.mark.parametrize("router", ["hidden", "cheap-embed"])
 def test_lora_moe_with_mergekit_gates(router: str, tiny_model_dir: Path, adapters: list[Path], tmp_path: Path) -> None:
     record = mix_models(tiny_model_dir, adapters, tmp_path / "moe", options=MoeOptions(top_k=2, router=router),
-                        prompts=FAMILIES)
+                        prompts=FAMILIES, router_step=RouterRun(FAMILIES))
     assert set(record["loads"]["before_training"]) == {"0", "1"}  # one router per layer
     model = load_model(tiny_model_dir, tmp_path / "moe", dtype="float32")
     assert torch.isfinite(logits(model)).all()

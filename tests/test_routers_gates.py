@@ -18,8 +18,11 @@ from knowstack.combine.moe import MoeOptions, mix_models
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
 from knowstack.modeling.lora_moe import LoraMoeLinear
+from knowstack.modeling.routing import GATES_FILE
 from knowstack.modelio import load_model
-from knowstack.train.gate_training import GATES_FILE, GateTraining, attach_gates, gate_adapter
+from knowstack.train.gate_training import GateTraining, attach_gates, gate_adapter
+from knowstack.train.router_job import RouterRun
+from knowstack.train.router_training import RouterTraining
 
 MODULE = "model.layers.0.self_attn.q_proj"
 
@@ -104,8 +107,7 @@ def test_gates_router_needs_every_adapters_gates(tiny_model_dir: Path, gated: li
     assert not (tmp_path / "moe").exists()
     with pytest.raises(KnowstackError, match="router training|training-free"):
         mix_models(tiny_model_dir, gated, tmp_path / "moe", options=MoeOptions(top_k=1, router="gates"),
-                   train_examples=examples(0), training=__import__(
-                       "knowstack.train.router_training", fromlist=["RouterTraining"]).RouterTraining(steps=1))
+                   router_step=RouterRun(None, examples(0), RouterTraining(steps=1)))
 
 
 def test_cli_gate_then_mix(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

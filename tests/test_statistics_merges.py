@@ -22,11 +22,11 @@ from knowstack.combine.merge import merge_models
 from knowstack.combine.merges import MergeOptions, get_method
 from knowstack.combine.statistics import compute_statistics
 from knowstack.config import load_config, parse_config
+from knowstack.data.batches import tokenize_examples
 from knowstack.data.formats import Example, load_trace_split
 from knowstack.errors import KnowstackError
 from knowstack.registry.compose import ComposeOptions
 from knowstack.study.plan import build_plan
-from knowstack.train.batches import tokenize_examples
 
 EXAMPLES = [Example(prompt=f"Question: what is {a} plus {b}? Answer:", answer=f" {a + b}")
             for a, b in [(3, 4), (1, 2), (2, 5), (4, 4), (6, 1), (7, 3), (5, 8), (9, 2), (2, 2), (8, 6)]]

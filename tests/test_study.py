@@ -17,6 +17,8 @@ import pytest
 import yaml
 
 from knowstack.cli import main
+from knowstack.report.build import read_study_results, write_study_report
+from knowstack.results import COSTS_CSV, PER_EXAMPLE, read_costs_csv, read_items
 
 TASKS = ["stance", "notes", "summary", "code", "quiz", "simplify", "math"]
 
@@ -73,8 +75,14 @@ def test_results_have_every_model_task_and_metric(finished_study: Path) -> None:
     assert {r["seed"] for r in rows} == {""}  # no `seeds` in the config: no seed column values
 
 
-def test_report_and_artifacts(finished_study: Path) -> None:
+def test_report_and_artifacts(finished_study: Path, tmp_path: Path) -> None:
     report = (finished_study / "report.md").read_text()
+    # the report reads results only: the same report again from the results files alone (study.json: the plan's part)
+    rows, info = read_study_results(finished_study)
+    assert info.task_order == TASKS and info.planned and info.title
+    write_study_report(tmp_path, rows, info, items=read_items(finished_study / PER_EXAMPLE),
+                       costs=read_costs_csv(finished_study / COSTS_CSV))
+    assert (tmp_path / "report.md").read_text() == report
     for heading in ("## Base model", "## One-round training", "## Sequential FFT", "## Sequential LoRA"):
         assert heading in report
     assert report.count("| BWT") == 2

@@ -12,12 +12,13 @@ from safetensors.torch import load_file
 from tokenizers import processors
 from transformers import AutoModelForCausalLM
 
+from knowstack.data.batches import IGNORE, batch_order, count_steps, pack, pad, tokenize_examples
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
+from knowstack.modeling import attention
+from knowstack.modeling.loss import answer_loss_sum
 from knowstack.modelio import load_model, load_tokenizer
-from knowstack.train import SUMMARY_FILE, TrainSettings, attention, merge_adapter, train
-from knowstack.train.batches import IGNORE, batch_order, count_steps, pack, pad, tokenize_examples
-from knowstack.train.loop import answer_loss_sum
+from knowstack.train import SUMMARY_FILE, TrainSettings, merge_adapter, train
 
 EXAMPLES = [
     Example(f"Question: what is {i} plus {i + 1}? Answer:", f" {2 * i + 1}. The answer is: {2 * i + 1}")

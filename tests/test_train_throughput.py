@@ -12,9 +12,9 @@ import torch
 from conftest import build_tiny_model, load_script
 from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 
+from knowstack.data.batches import tokenize_examples
 from knowstack.data.formats import Example
 from knowstack.modelio import load_model, load_tokenizer
-from knowstack.train.batches import tokenize_examples
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
 

@@ -9,12 +9,12 @@ import pytest
 from conftest import build_tiny_tokenizer
 from tokenizers import processors
 
+from knowstack.data.batches import IGNORE, tokenize_examples
 from knowstack.data.formats import Example
 from knowstack.data.truncation import truncate_middle
 from knowstack.evaluate.generate import _encode
 from knowstack.modelio import load_tokenizer
 from knowstack.train import SUMMARY_FILE, TrainSettings, train
-from knowstack.train.batches import IGNORE, tokenize_examples
 
 
 def test_truncate_middle_keeps_both_ends() -> None:

@@ -148,8 +148,10 @@ class StudyResults:
         """Write the study's report from these rows (report.html, report.md, figures/, tables/), as `knowstack
         report` does; returns report.html."""
         from knowstack.report.build import write_study_report
+        from knowstack.study.results import current_costs, current_items, study_info
 
-        return write_study_report(self.plan, self.out, self.rows)
+        return write_study_report(self.out, self.rows, study_info(self.plan, self.out / "artifacts"),
+                                  items=current_items(self.plan, self.out), costs=current_costs(self.plan, self.out))
 
 
 def rows_frame(rows: Sequence[Row]) -> pandas.DataFrame:
@@ -169,7 +171,6 @@ def run_study(config: PathLike | Mapping[str, Any] | StudyConfig, out: PathLike,
     console: a rich Console for progress (default: stderr); jobs: the local executor's steps at once (default:
     the config's executor.jobs); threads: the torch threads of a step beside others (share, all or a number; default:
     the config's executor.threads)."""
-    from knowstack.report.build import write_study_report
     from knowstack.study.executors import make_executor
     from knowstack.study.runner import run_study as run
 
@@ -177,16 +178,17 @@ def run_study(config: PathLike | Mapping[str, Any] | StudyConfig, out: PathLike,
     text = Path(config).read_text(encoding="utf-8") if isinstance(config, (str, Path)) else None
     executor_ = make_executor(executor, address, jobs, threads)
     outcome = run(study, Path(out), console=console, config_text=text, executor=executor_)
+    results = study_results(out, study)
     if outcome is not None:
-        write_study_report(outcome.plan, outcome.out, outcome.rows)
-    return study_results(out, study)
+        results.write_report()
+    return results
 
 
 def study_results(out: PathLike, config: PathLike | Mapping[str, Any] | StudyConfig | None = None) -> StudyResults:
     """The results of a study dir so far (a running study: the evaluations finished); config defaults to the
     dir's config.yaml."""
-    from knowstack.report.build import study_rows
     from knowstack.study.plan import build_plan
+    from knowstack.study.results import current_rows
 
     out = Path(out)
     if config is None:
@@ -194,7 +196,7 @@ def study_results(out: PathLike, config: PathLike | Mapping[str, Any] | StudyCon
             raise KnowstackError("not a study dir (no config.yaml): pass the config too", path=out)
         config = out / "config.yaml"
     plan = build_plan(load_study(config), out)
-    return StudyResults(out, plan, study_rows(plan, out))
+    return StudyResults(out, plan, current_rows(plan, out))
 
 
 # --- one model at a time ---------------------------------------------------------------------------------
@@ -379,6 +381,7 @@ def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
     from knowstack.combine.moe import MoeOptions, mix_models
     from knowstack.config import MoeConfig
     from knowstack.data.formats import load_trace_split
+    from knowstack.train.router_job import RouterRun
     from knowstack.train.router_training import RouterTraining
 
     train_steps = _renamed(router_steps, train_steps, "router_steps", "train_steps", 0)
@@ -403,8 +406,9 @@ def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
         training = RouterTraining(steps=train_steps, seed=options.get("seed", 0),
                                   **{name: value for name, value in given.items() if value is not None})
     examples = [example for file in train_data for example in load_trace_split(Path(file))]
+    # the mixture is built, then its routers measured (and trained, if asked) before it is complete
     return mix_models(base, list(models), Path(out), options=MoeOptions(**options), prompts=prompts,
-                      train_examples=examples, training=training, max_shard_bytes=int(max_shard_gb * 2**30))
+                      max_shard_bytes=int(max_shard_gb * 2**30), router_step=RouterRun(prompts, examples, training))
 
 
 @quiet_call

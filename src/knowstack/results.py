@@ -8,6 +8,9 @@ repeats models over `seeds`), then point (a sweep point's name, '' for a method'
 setting) and one column per setting a sweep can change (lr, rank, lambda, ...: filled where the model's
 point sets it, and with O-LoRA's lambda), then protocol: how the value was scored (a new-knowledge
 task's protocol, `builtin` or `paper`; `lm-eval` for old knowledge).
+
+Beside results.csv a study writes per_example.jsonl (every row's per-item scores), costs.csv (what each model cost)
+and study.json (StudyInfo: what the report needs of the plan). These are all the report reads.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import json
 import os
 import sqlite3
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 from knowstack.atomic import atomic_write_text, honour_umask
 from knowstack.config import SWEEP_COLUMNS
@@ -28,6 +33,7 @@ from knowstack.config import SWEEP_COLUMNS
 COLUMNS = ("model", "method", "finetune", "stage", "task", "kind", "metric", "value", "ci_low", "ci_high", "n",
            "trained_on", "seed", "point", *SWEEP_COLUMNS, "protocol")
 PER_EXAMPLE = "per_example.jsonl"  # beside results.csv: every row's per-item scores
+STUDY_INFO = "study.json"  # beside results.csv: what the report needs of the study's plan (StudyInfo)
 OLD_PROTOCOL = "lm-eval"
 
 
@@ -57,9 +63,47 @@ class Row:
 
 
 ItemKey = tuple[str, str, str, str]  # (model, kind, task, metric)
+Items = dict[ItemKey, dict[int | None, list[float]]]
 
 
-def write_items(items: dict[ItemKey, dict[int | None, list[float]]], path: Path) -> None:
+def planned_rows(evaluations: Iterable[Any]) -> list[Row]:
+    """A plan's evaluations (model, method, finetune, stage, trained_on each) as value-less rows, so the report can
+    say what is missing."""
+    return [Row(model=e.model, method=e.method, finetune=e.finetune, stage=e.stage, task="", kind="", metric="",
+                value=0.0, n=None, trained_on=e.trained_on) for e in evaluations]
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    """What a study's report reads of its plan beside the rows (study.json): the title, the tasks in training
+    order, the old-knowledge metric, the planned evaluations (value-less rows) and O-LoRA's logged penalties
+    (model -> stage, lambda, first, last, steps)."""
+
+    title: str
+    task_order: list[str]
+    old_metric: str = "acc"
+    planned: list[Row] = field(default_factory=list)
+    penalties: dict[str, dict] = field(default_factory=dict)
+
+
+def write_study_info(info: StudyInfo, path: Path) -> None:
+    planned = [{k: getattr(row, k) for k in ("model", "method", "finetune", "stage", "trained_on")}
+               for row in info.planned]
+    atomic_write_text(path, json.dumps({"title": info.title, "task_order": info.task_order,
+                                        "old_metric": info.old_metric, "planned": planned,
+                                        "penalties": info.penalties}, indent=1) + "\n")
+
+
+def read_study_info(path: Path) -> StudyInfo | None:
+    """study.json's StudyInfo; None where there is none (a study dir written before it was)."""
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    planned = planned_rows(SimpleNamespace(**record) for record in data["planned"])
+    return StudyInfo(data["title"], list(data["task_order"]), data["old_metric"], planned, data["penalties"])
+
+
+def write_items(items: Items, path: Path) -> None:
     """One JSON line per results row: model, seed, kind, task, metric and its per-item scores."""
     lines = [json.dumps({"model": key[0], "seed": seed, "kind": key[1], "task": key[2], "metric": key[3],
                          "scores": scores}) + "\n"
@@ -67,8 +111,8 @@ def write_items(items: dict[ItemKey, dict[int | None, list[float]]], path: Path)
     atomic_write_text(path, "".join(lines))
 
 
-def read_items(path: Path) -> dict[ItemKey, dict[int | None, list[float]]]:
-    items: dict[ItemKey, dict[int | None, list[float]]] = {}
+def read_items(path: Path) -> Items:
+    items: Items = {}
     if not path.is_file():
         return items
     for line in path.read_text(encoding="utf-8").splitlines():

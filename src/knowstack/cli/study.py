@@ -62,12 +62,13 @@ def cmd_advise(args: argparse.Namespace) -> None:
         with api.open_registry(args.dir) as reg:
             print(registry_advice(reg, args.max_old_loss, args.setting))
         return
-    from knowstack.report.build import study_advice, study_items
+    from knowstack.report.build import study_advice
+    from knowstack.study.results import current_items
 
     results = _study_results(args.dir)
     plan = results.plan
     print(study_advice(results.rows, plan.task_names, args.max_old_loss, args.setting or "semi",
-                       plan.config.old_knowledge.metric, study_items(plan, Path(args.dir))))
+                       plan.config.old_knowledge.metric, current_items(plan, Path(args.dir))))
 
 
 def add_commands(sub: Any) -> None:

@@ -5,10 +5,12 @@
 
 Full model dirs give an FFT-MoE (the base family's stock MoE class, e.g. Mixtral, or knowstack_moe; moe_fft.py); PEFT LoRA adapter
 dirs give a LoRA-MoE dir loaded onto the base (moe_lora.py). Routers are built without data or from a
-few prompts per expert (routers.py); optionally they alone are then trained (train/router_training.py),
-here or under `accelerate launch` (train/router_job.py). The output dir is written under a temporary
-name and renamed when complete, with moe.json: what was mixed, the options, total and active
-parameters, the expert load per layer (before and after router training).
+few prompts per expert (routers.py). What follows the build is the caller's `router_step`: the MoE method
+(study/steps.py) and api.mix pass train/router_job.py's RouterRun, which measures the expert load on the prompts
+and, when asked, trains the routers alone (train/router_training.py), here or under `accelerate launch`; combine/
+trains nothing itself. The output dir is written under a temporary name and renamed when complete (after the
+router step), with moe.json: what was mixed, the options, total and active parameters, and what the router step
+adds (the expert load per layer, before and after router training).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from knowstack.atomic import atomic_dir, atomic_write_json
 from knowstack.combine.compatibility import check_compatible
@@ -31,13 +33,9 @@ from knowstack.combine.routers import (
     uses_prompts,
 )
 from knowstack.config import MoeConfig
-from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
 from knowstack.modeling.routing import Router
 from knowstack.modelio import DTYPE_CHOICES, dtype_name, output_dtype
-from knowstack.train.launch import LaunchSpec
-from knowstack.train.router_job import RouterJob, launch_router_job, run_router_job
-from knowstack.train.router_training import RouterTraining
 
 if TYPE_CHECKING:
     from knowstack.combine.moe_fft import FftMoeLayout
@@ -91,6 +89,17 @@ def moetify_top_k(kind: str, options: MoeOptions, n_models: int) -> MoeOptions:
     return replace(options, top_k=n_models + (options.base_expert == "routed"))
 
 
+class RouterStep(Protocol):
+    """What runs on the built MoE, in its temporary output dir, before the dir is complete (train/router_job.py
+    RouterRun): returns what it adds to moe.json."""
+
+    @property
+    def trains(self) -> bool:
+        """Whether it trains the routers (a router that ties its experts is then fine)."""
+
+    def __call__(self, kind: str, moe_dir: Path, base_dir: Path) -> dict[str, Any]: ...
+
+
 def mix_models(
     base: str | Path,
     models: Sequence[str | Path],
@@ -98,26 +107,23 @@ def mix_models(
     *,
     options: MoeOptions | None = None,
     prompts: Sequence[Sequence[str]] | None = None,
-    train_examples: Sequence[Example] | None = None,
-    training: RouterTraining | None = None,
     tokenizer_path: str | Path | None = None,
     max_shard_bytes: int = 5 * 2**30,
-    launch: LaunchSpec | None = None,
+    router_step: RouterStep | None = None,
 ) -> dict[str, Any]:
     """Builds the MoE of `models` (all model dirs, or all adapter dirs) on `base` into `out`.
 
-    prompts: a few prompts per model (in order), for the router init `prompts` and to measure the
-    expert load; train_examples + training: router training on a small mixed set, in this process or,
-    with `launch`, as `accelerate launch` of launch.num_processes processes (train/router_job.py; the same
-    routers either way). Returns moe.json.
+    prompts: a few prompts per model (in order), for the router init `prompts`; router_step: the caller's work on the
+    built routers (the expert load, router training: train/router_job.py RouterRun), run on the MoE's temporary dir
+    before it is renamed into place, where the MoE has routers. Returns moe.json.
     """
     options = options or MoeOptions()
     base_model = FullModel(Path(base).expanduser())
     inputs = [open_input(path) for path in models]
     kind = _kind(inputs)
     options = moetify_top_k(kind, options, len(inputs))
-    _validate(kind, len(inputs), int(base_model.config["num_hidden_layers"]), options, prompts, train_examples,
-              training)
+    trains = router_step is not None and router_step.trains
+    _validate(kind, len(inputs), int(base_model.config["num_hidden_layers"]), options, prompts, trains)
     layout = _fft_layout(base_model, len(inputs), options) if kind == "fft" else None  # refused before any compute
     if kind == "fft":  # a tie broken on purpose: every model presents an output layer (combine/inputs.py)
         common_tie([base_model, *inputs])
@@ -139,9 +145,8 @@ def mix_models(
     attention_routers = _attention_routers(base_model, options, routers, len(inputs))
     with atomic_dir(out) as tmp:
         record = _build(kind, tmp, base_model, inputs, options, routers, max_shard_bytes, attention_routers, layout)
-        if options.router != "none" and (prompts or training):
-            job = _router_job(kind, tmp, base_model, tokenizer_path, prompts, train_examples, training)
-            record.update(launch_router_job(job, launch) if launch and training else run_router_job(job))
+        if options.router != "none" and router_step is not None:
+            record.update(router_step(kind, tmp, base_model.path))
         atomic_write_json(tmp / MOE_FILE, record)
         from knowstack.modelcard import moe_card, write_model_card
 
@@ -161,8 +166,9 @@ def _kind(inputs: list[FullModel | LoraAdapter]) -> str:
 
 
 def _validate(kind: str, n_models: int, n_layers: int, options: MoeOptions, prompts: Sequence[Sequence[str]] | None,
-              train_examples: Sequence[Example] | None, training: RouterTraining | None) -> None:
-    """One clear error for every combination of options that cannot work."""
+              trains: bool) -> None:
+    """One clear error for every combination of options that cannot work (trains: the router step trains the
+    routers; router training's own settings are train/router_job.py's to check)."""
     layers = options.layers
     checks = [
         (layers is not None and (not layers or any(not 0 <= i < n_layers for i in layers)), "layers",
@@ -186,7 +192,7 @@ def _validate(kind: str, n_models: int, n_layers: int, options: MoeOptions, prom
          f"the {options.router} router is per module: routing must be 'module'"),
         (options.router in PER_MODULE_ROUTERS and options.base_expert == "routed", "base_expert",
          f"the {options.router} router has no row for the base (a null adapter): base_expert must be none"),
-        (options.router in PER_MODULE_ROUTERS and training is not None, "router_training",
+        (options.router in PER_MODULE_ROUTERS and trains, "router_training",
          f"the {options.router} router is training-free (its rows come from the adapters): leave router training "
          "out"),
         (not options.temperature > 0, "temperature", "temperature must be > 0"),
@@ -205,11 +211,10 @@ def _validate(kind: str, n_models: int, n_layers: int, options: MoeOptions, prom
          "the base-biased router needs the base as a routed expert (base_expert: routed)"),
         (uses_prompts(options.router, kind) and (prompts is None or len(prompts) != n_models), "prompts",
          f"the router init from prompts needs a list of prompts for each of the {n_models} models"),
-        (options.router == "uniform" and options.top_k < n_experts and training is None, "router",
+        (options.router == "uniform" and options.top_k < n_experts and not trains, "router",
          "a uniform router ties every expert, so top-k would always pick the first k: use top_k = the number "
          "of experts, router training, or router: none"),
-        (training is not None and options.router == "none", "router_training", "a router-free MoE has no router to train"),
-        (training is not None and not train_examples, "router_training", "router training needs examples"),
+        (trains and options.router == "none", "router_training", "a router-free MoE has no router to train"),
     ]
     for failed, field, message in checks:
         if failed:
@@ -344,18 +349,3 @@ def _lora_parameters(tmp: Path, base: FullModel, config: dict) -> dict[str, int]
     shapes = {name: spec.shape for name, spec in SafetensorsReader([tmp / WEIGHTS_FILE]).specs.items()}
     base_parameters = sum(math.prod(spec.shape) for spec in base.specs.values())
     return parameter_counts(config, base_parameters, shapes)
-
-
-def _router_job(kind: str, tmp: Path, base: FullModel, tokenizer_path: str | Path | None,
-                prompts: Sequence[Sequence[str]] | None, train_examples: Sequence[Example] | None,
-                training: RouterTraining | None) -> RouterJob:
-    """The expert load per layer on the probe texts, and router training (then the load again, and the
-    trained routers written into the output), as a job (train/router_job.py)."""
-    if training is not None:
-        probe, probe_name = [ex.prompt + ex.answer for ex in train_examples or []], "router training set"
-    else:
-        probe, probe_name = [p for group in prompts or [] for p in group], "prompts"
-    return RouterJob(kind=kind, moe_dir=str(tmp), base_dir=str(base.path), tokenizer_path=str(tokenizer_path or base.path),
-                     training=None if training is None else asdict(training),
-                     examples=[(ex.prompt, ex.answer) for ex in train_examples or []] if training else [],
-                     probe=probe, probe_name=probe_name)

@@ -158,7 +158,7 @@ def module_routers(base: FullModel, adapters: Sequence[LoraAdapter], options, pr
 
 def _contributed_gates(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     """The gate vectors a contributor trained for their adapter (train/gate_training.py), by module."""
-    from knowstack.train.gate_training import GATES_FILE
+    from knowstack.modeling.routing import GATES_FILE
 
     path = adapter.path / GATES_FILE
     if not path.is_file():

@@ -67,10 +67,10 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from knowstack.config import MOE_ROUTERS, MoeRouter
+from knowstack.data.batches import packed_rows
 from knowstack.errors import KnowstackError
+from knowstack.modeling.attention import packed_attention
 from knowstack.modeling.routing import Router, decoder_layers, on_attention_input
-from knowstack.train.attention import packed_attention
-from knowstack.train.batches import packed_rows
 
 RouterKind = MoeRouter
 ROUTER_KINDS: tuple[str, ...] = tuple(MOE_ROUTERS)

@@ -19,7 +19,7 @@ as every other delta-space merge does (the Fisher of the factors A and B would w
 bases are not aligned across adapters, and a merge of factors is not a merge of deltas).
 
 The examples are the first `max_examples` of the training split, tokenized as training tokenizes them
-(train/batches.py: prompt + answer + eos, an overlong prompt's middle cut). A statistics dir holds one
+(data/batches.py: prompt + answer + eos, an overlong prompt's middle cut). A statistics dir holds one
 safetensors file per kind and statistics.json: per kind, its file's sha256, the examples and tokens it was taken
 on; and the model, the base and the examples' hash.
 """
@@ -53,9 +53,9 @@ def compute_statistics(model: str | Path, examples: Sequence[Example], out: str 
                        trust_remote_code: bool = False) -> Path:
     """The statistics `kinds` of `model` (a model dir, or a LoRA adapter dir on `base`) on the first
     `max_examples` of `examples`, written atomically to the dir `out`; returns it."""
+    from knowstack.data.batches import tokenize_examples
     from knowstack.modelcard import examples_sha256
     from knowstack.modelio import load_model, load_tokenizer, on_gpu_if_it_fits
-    from knowstack.train.batches import tokenize_examples
 
     kinds = _checked_kinds(kinds)
     source = open_input(model)
@@ -130,7 +130,7 @@ def gram_matrices(network: torch.nn.Module, tokenized: Sequence[Any], wanted: se
     """{weight name: X^T X} over the non-pad tokens of `tokenized`, for every torch.nn.Linear whose weight is in
     `wanted` (a tied output layer's weight is the embedding's, not a tensor of its own: it gets none), and the
     number of tokens."""
-    from knowstack.train.batches import pad
+    from knowstack.data.batches import pad
 
     linears = {f"{name}.weight": module for name, module in network.named_modules()
                if isinstance(module, torch.nn.Linear) and f"{name}.weight" in wanted}
@@ -170,8 +170,8 @@ def diagonal_fisher(network: torch.nn.Module, tokenized: Sequence[Any], wanted: 
                     ) -> tuple[dict[str, torch.Tensor], int]:
     """{parameter name: mean over examples of the squared gradient of the answer's log-likelihood} for the
     parameters in `wanted`, one example per backward pass, and the number of answer tokens."""
-    from knowstack.train.batches import pad
-    from knowstack.train.loop import answer_loss_sum
+    from knowstack.data.batches import pad
+    from knowstack.modeling.loss import answer_loss_sum
 
     params = {name: p for name, p in network.named_parameters() if name in wanted}
     for name, p in network.named_parameters():

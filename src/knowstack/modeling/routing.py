@@ -12,6 +12,9 @@ from torch.utils.hooks import RemovableHandle
 
 from knowstack.errors import KnowstackError
 
+# A contributor's gate vectors for their LoRA adapter (PHATGOOSE), one tensor per module, beside the adapter's
+# files: written by train/gate_training.py, read by the `gates` router (combine/moe_lora.py), kept by the registry.
+GATES_FILE = "phatgoose_gates.safetensors"
 
 @dataclass
 class Router:

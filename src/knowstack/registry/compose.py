@@ -27,19 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from knowstack.atomic import atomic_write_json, atomic_write_text
-from knowstack.config import (
-    PAPER_LR,
-    JointConfig,
-    MergeConfig,
-    MoeConfig,
-    OLoraConfig,
-    ReplayConfig,
-    RouterTrainingConfig,
-    TrainingConfig,
-)
 from knowstack.errors import KnowstackError
 from knowstack.hashing import content_hash
 from knowstack.registry import db
+from knowstack.registry.compose_inputs import Build, ComposeOptions
 from knowstack.registry.core import (
     BASE_NAME,
     STATISTICS,
@@ -67,82 +58,9 @@ if TYPE_CHECKING:
     from knowstack.train.launch import LaunchSpec
 
 WORK_DIR = ".compose"
-MODEL_DIR = "model"
 VIEWS_DIR = "views"
 STATISTICS_DIR = "statistics"  # the inputs' contributed statistics, laid out
 SCORES_DIR = "scores"
-
-
-_TRAINING, _MERGE, _MOE, _ROUTERS = TrainingConfig(), MergeConfig(), MoeConfig(), RouterTrainingConfig()
-
-
-@dataclass(frozen=True)
-class ComposeOptions:
-    """Every knob of every method, flat as the command line gives them; each method records (and is keyed by) only the
-    ones it reads, and they become its config section (study/methods/). Every default is the study config's own
-    declaration (config.py), so a compose and a study with the same settings build the same model."""
-
-    # merges (TIES, DARE)
-    density: float = _MERGE.density
-    drop_rate: float = _MERGE.drop_rate
-    lam: float = _MERGE.lam
-    t: float = _MERGE.t  # slerp
-    gamma: float = _MERGE.gamma  # breadcrumbs
-    epsilon: float = _MERGE.epsilon  # della
-    max_iter: int = _MERGE.max_iter  # karcher
-    tol: float = _MERGE.tol
-    regmean_alpha: float = _MERGE.regmean_alpha  # regmean (from the contributions' statistics)
-    fisher_floor: float = _MERGE.fisher_floor  # fisher (idem)
-    # MoE: experts per token, router init, and optional router-only training (0 steps: none)
-    top_k: int = _MOE.top_k
-    router: str = _MOE.router
-    prompts_per_expert: int = _MOE.prompts_per_expert
-    router_steps: int = 0
-    router_lr: float = _ROUTERS.lr
-    router_examples_per_task: int = _ROUTERS.examples_per_task
-    # training methods (the paper's recipe: one constant learning rate)
-    finetune: str = "lora"
-    lr: float = PAPER_LR
-    epochs: float = _TRAINING.epochs
-    train_batch_size: int = _TRAINING.batch_size
-    micro_batch_size: int = _TRAINING.micro_batch_size
-    max_length: int = _TRAINING.max_length
-    lora_r: int = _TRAINING.lora.r
-    lora_alpha: float = _TRAINING.lora.alpha
-    olora_lambda: float = OLoraConfig().lambdas[0]
-    replay_fraction: float = ReplayConfig().fraction
-    joint_sampling: str = JointConfig().sampling
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        # epochs=1 and epochs=1.0 are one setting: the same version key either way.
-        for option in fields(self):
-            if option.type == "float":
-                object.__setattr__(self, option.name, float(getattr(self, option.name)))
-
-
-@dataclass(frozen=True)
-class Build:
-    """What a method builds from: the base and the chosen contributions as loadable dirs, and their tasks."""
-
-    reg: Registry
-    base_dir: Path
-    inputs: list[Path]
-    names: list[str]
-    tasks: list[RegisteredTask]
-    options: ComposeOptions
-    work: Path
-    say: Callable[[str], None]
-    start: Path | None = None  # --from: the version built upon, as its dir (a model, or a plain LoRA adapter)
-    start_is_adapter: bool = False
-    start_name: str | None = None
-    replayed: tuple[RegisteredTask, ...] = ()  # --from with replay: the start's tasks whose data is kept
-    launch: LaunchSpec | None = None  # training and router training as `accelerate launch` of N processes
-    statistics: tuple[Path | None, ...] = ()  # each input's contributed statistics dir, where it has one
-
-    @property
-    def out(self) -> Path:
-        return self.work / MODEL_DIR
 
 
 @dataclass(frozen=True)
@@ -235,7 +153,7 @@ def check_inputs(method: Method, chosen: Sequence[dict[str, Any]], options: Comp
         raise KnowstackError(f"router training trains on the contributions' data, and {', '.join(without)} were "
                              "registered without it (--keep-data): use --router-steps 0", field="router_steps")
     if method.name.startswith("moe") and options.router == "gates":
-        from knowstack.train.gate_training import GATES_FILE
+        from knowstack.modeling.routing import GATES_FILE
 
         ungated = [r["name"] for r in chosen if GATES_FILE not in (r.get("files") or {})]
         if ungated:

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 from knowstack.config import StudyConfig, parse_config
 from knowstack.errors import KnowstackError
+from knowstack.registry.compose_inputs import Build
 from knowstack.study.methods import CATALOG, ComposeVariant
 from knowstack.study.plan import ModelRef, Plan, PlanBuilder, Step, step_ref
 
 if TYPE_CHECKING:
-    from knowstack.registry.compose import Build
     from knowstack.registry.evaluate import RegisteredTask
 
 TASKS_DIR = "tasks"

@@ -105,9 +105,7 @@ def _check_claimed_hash(base_hash: str, adapter: LoraAdapter, claimed: Path | No
 
 def contribution_files(contribution: FullModel | LoraAdapter) -> tuple[dict[str, Path], list[str]]:
     if isinstance(contribution, LoraAdapter):
-        from knowstack.train.gate_training import (
-            GATES_FILE,  # the contributor's gates (PHATGOOSE), if trained
-        )
+        from knowstack.modeling.routing import GATES_FILE  # the contributor's gates (PHATGOOSE), if trained
 
         names = [ADAPTER_CONFIG, ADAPTER_WEIGHTS] + [GATES_FILE] * (contribution.path / GATES_FILE).is_file()
         return {name: contribution.path / name for name in names}, names

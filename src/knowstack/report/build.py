@@ -1,13 +1,16 @@
 """`knowstack report`: from results rows (nothing recomputed from models) to report.html, report.md,
-figures/*.png and tables/*.csv|md in the study dir."""
+figures/*.png and tables/*.csv|md in the study dir.
+
+The report reads results only (results.py's types and files: results.csv, per_example.jsonl, costs.csv,
+study.json), never a study's plan or artifacts: the study writes what the report needs (study/results.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 from knowstack.atomic import atomic_write_text
 from knowstack.config import OldMetric, describe_old_metric
+from knowstack.errors import KnowstackError
 from knowstack.report.advice import advice_notes, advice_text, advise
 from knowstack.report.claims import evaluate_claims, evaluate_matched_claims
 from knowstack.report.coverage import coverage
@@ -19,18 +22,19 @@ from knowstack.report.run_tables import Context
 from knowstack.report.runs import find_runs
 from knowstack.report.sections import Section, build_sections
 from knowstack.report.tables import Scores, Table
-from knowstack.results import COSTS_CSV, PER_EXAMPLE, Cost, ItemKey, Row, read_costs_csv, read_csv, read_items
-from knowstack.study.costs import collect_costs
-from knowstack.study.plan import Plan
-from knowstack.study.results import collect_items, collect_rows, olora_penalties
-
-Items = dict[ItemKey, dict[int | None, list[float]]]
-
-
-def planned_rows(evaluations: Iterable) -> list[Row]:
-    """The plan's evaluations (plan.evaluations) as value-less rows, so the report can say what is missing."""
-    return [Row(model=e.model, method=e.method, finetune=e.finetune, stage=e.stage, task="", kind="", metric="",
-                value=0.0, n=None, trained_on=e.trained_on) for e in evaluations]
+from knowstack.results import (
+    COSTS_CSV,
+    PER_EXAMPLE,
+    STUDY_INFO,
+    Cost,
+    Items,
+    Row,
+    StudyInfo,
+    read_costs_csv,
+    read_csv,
+    read_items,
+    read_study_info,
+)
 
 
 def measured_points(rows: list[Row], task_order: list[str], old_metric: OldMetric = "acc",
@@ -110,33 +114,21 @@ def write_report(rows: list[Row], out: Path, *, title: str, task_order: list[str
     return out / "report.html"
 
 
-def study_rows(plan: Plan, out: Path) -> list[Row]:
-    """A study dir's results: results.csv, or, while a study is still running (results.csv is written at its
-    end), the rows of the evaluations finished so far, read from their result files."""
-    csv_path, artifacts = out / "results.csv", out / "artifacts"
-    written = read_csv(csv_path) if csv_path.is_file() else []
-    live = collect_rows(plan, artifacts) if artifacts.is_dir() else []
-    return live if len(live) > len(written) else written
+def write_study_report(out: Path, rows: list[Row], info: StudyInfo, *, items: Items | None = None,
+                       costs: list[Cost] | None = None) -> Path:
+    """The report of a study dir from its results: the rows, and what the study wrote of its plan (study.json:
+    title, task order, old metric, planned evaluations, O-LoRA's penalties); items and costs default to the
+    dir's per_example.jsonl and costs.csv."""
+    return write_report(rows, out, title=info.title, task_order=info.task_order, old_metric=info.old_metric,
+                        penalties=info.penalties, planned=info.planned,
+                        items=read_items(out / PER_EXAMPLE) if items is None else items,
+                        costs=read_costs_csv(out / COSTS_CSV) if costs is None else costs)
 
 
-def study_items(plan: Plan, out: Path) -> Items:
-    """A study dir's per-item scores: per_example.jsonl (written with results.csv), or the finished evaluations'."""
-    written = read_items(out / PER_EXAMPLE)
-    live = collect_items(plan, out / "artifacts") if (out / "artifacts").is_dir() else {}
-    return live if len(live) > len(written) else written
-
-
-def study_costs(plan: Plan, out: Path) -> list[Cost]:
-    """A study dir's costs: costs.csv (written with results.csv), or the finished steps' while it runs."""
-    written = read_costs_csv(out / COSTS_CSV)
-    live = collect_costs(plan, out / "artifacts") if (out / "artifacts").is_dir() else []
-    return live if len(live) > len(written) else written
-
-
-def write_study_report(plan: Plan, out: Path, rows: list[Row]) -> Path:
-    """The report of a study dir, knowing its plan: what is missing, and O-LoRA's penalties."""
-    config = plan.config
-    return write_report(rows, out, title=config.name, task_order=plan.task_names,
-                        old_metric=config.old_knowledge.metric, penalties=olora_penalties(plan, out / "artifacts"),
-                        planned=planned_rows(plan.evaluations), items=study_items(plan, out),
-                        costs=study_costs(plan, out))
+def read_study_results(out: Path) -> tuple[list[Row], StudyInfo]:
+    """A finished study dir's rows and StudyInfo, from its results files alone (results.csv, study.json)."""
+    info = read_study_info(out / STUDY_INFO)
+    if info is None or not (out / "results.csv").is_file():
+        raise KnowstackError("no results of a finished study here (results.csv and study.json): run or resume "
+                             "the study", path=out)
+    return read_csv(out / "results.csv"), info

@@ -1,12 +1,28 @@
 """A study's results as rows (results.py's schema), read from its finished evaluation steps' artifacts:
-the rows and their intervals, the per-item scores, and O-LoRA's logged penalties."""
+the rows and their intervals, the per-item scores, O-LoRA's logged penalties, and what the report needs of the
+plan (StudyInfo, study.json). The runner writes them all into the study dir at its end; while a study runs,
+`current_rows` / `current_items` / `current_costs` read the evaluations finished so far."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from knowstack.results import OLD_PROTOCOL, ItemKey, Row
+from knowstack.results import (
+    COSTS_CSV,
+    OLD_PROTOCOL,
+    PER_EXAMPLE,
+    Cost,
+    ItemKey,
+    Items,
+    Row,
+    StudyInfo,
+    planned_rows,
+    read_costs_csv,
+    read_csv,
+    read_items,
+)
+from knowstack.study.costs import collect_costs
 from knowstack.study.plan import Plan
 
 
@@ -52,7 +68,7 @@ def _interval(items: dict, kind: str, task: str, metric: str) -> dict[str, float
     return {"ci_low": ci[0], "ci_high": ci[1]} if ci else {"ci_low": None, "ci_high": None}
 
 
-def collect_items(plan: Plan, artifacts: Path) -> dict[ItemKey, dict[int | None, list[float]]]:
+def collect_items(plan: Plan, artifacts: Path) -> Items:
     """(model, kind, task, metric) -> {seed: per-item scores in test order} of every finished evaluation."""
     found: dict[ItemKey, dict[int | None, list[float]]] = {}
     for ev in plan.evaluations:
@@ -85,3 +101,34 @@ def olora_penalties(plan: Plan, artifacts: Path) -> dict[str, dict]:
             out[ev.model] = {"stage": ev.stage, "lambda": record["lambda"], "first": record["penalty_first"],
                              "last": record["penalty_last"], "steps": len(record["penalty_curve"])}
     return out
+
+
+def study_info(plan: Plan, artifacts: Path) -> StudyInfo:
+    """What the report reads of the plan (study.json): title, task order, old metric, planned evaluations,
+    O-LoRA's penalties so far."""
+    config = plan.config
+    return StudyInfo(title=config.name, task_order=list(plan.task_names), old_metric=config.old_knowledge.metric,
+                     planned=planned_rows(plan.evaluations), penalties=olora_penalties(plan, artifacts))
+
+
+def current_rows(plan: Plan, out: Path) -> list[Row]:
+    """A study dir's results: results.csv, or, while a study is still running (results.csv is written at its
+    end), the rows of the evaluations finished so far, read from their result files."""
+    csv_path, artifacts = out / "results.csv", out / "artifacts"
+    written = read_csv(csv_path) if csv_path.is_file() else []
+    live = collect_rows(plan, artifacts) if artifacts.is_dir() else []
+    return live if len(live) > len(written) else written
+
+
+def current_items(plan: Plan, out: Path) -> Items:
+    """A study dir's per-item scores: per_example.jsonl (written with results.csv), or the finished evaluations'."""
+    written = read_items(out / PER_EXAMPLE)
+    live = collect_items(plan, out / "artifacts") if (out / "artifacts").is_dir() else {}
+    return live if len(live) > len(written) else written
+
+
+def current_costs(plan: Plan, out: Path) -> list[Cost]:
+    """A study dir's costs: costs.csv (written with results.csv), or the finished steps' while it runs."""
+    written = read_costs_csv(out / COSTS_CSV)
+    live = collect_costs(plan, out / "artifacts") if (out / "artifacts").is_dir() else []
+    return live if len(live) > len(written) else written

@@ -1,7 +1,7 @@
 """Runs a study's plan: skips finished steps, resumes cut-off ones, then writes the results.
 
-The report is its caller's to write (report/ sits above study/): `knowstack study` and `knowstack.api.run_study`
-write it from the outcome's plan and rows, with report.build.write_study_report."""
+The report is its caller's to write (report/ sits above study/ and reads results only): `knowstack study` and
+`knowstack.api.run_study` write it with report.build.write_study_report from the results this module writes."""
 
 from __future__ import annotations
 
@@ -22,16 +22,18 @@ from knowstack.errors import KnowstackError
 from knowstack.results import (
     COSTS_CSV,
     PER_EXAMPLE,
+    STUDY_INFO,
     Row,
     write_costs_csv,
     write_csv,
     write_items,
     write_sqlite,
+    write_study_info,
 )
 from knowstack.study.costs import collect_costs
 from knowstack.study.executors import Executor, LocalExecutor
 from knowstack.study.plan import Plan, Step, build_plan
-from knowstack.study.results import collect_items, collect_rows
+from knowstack.study.results import collect_items, collect_rows, study_info
 from knowstack.study.steps import StudyContext
 from knowstack.validate import check_study, raise_problems
 
@@ -147,14 +149,15 @@ def _resource_row(step: Step, est: Estimate, config: StudyConfig, gpu_memory: in
 
 
 def write_results(plan: Plan, out: Path) -> list[Row]:
-    """results.csv, results.sqlite, the per-item scores and costs.csv of every finished evaluation; returns the
-    rows."""
+    """results.csv, results.sqlite, the per-item scores and costs.csv of every finished evaluation, and study.json
+    (what the report reads of the plan); returns the rows."""
     rows = collect_rows(plan, out / "artifacts")
     write_csv(rows, out / "results.csv")
     costs = collect_costs(plan, out / "artifacts")
     write_sqlite(rows, out / "results.sqlite", costs)
     write_items(collect_items(plan, out / "artifacts"), out / PER_EXAMPLE)
     write_costs_csv(costs, out / COSTS_CSV)
+    write_study_info(study_info(plan, out / "artifacts"), out / STUDY_INFO)
     return rows
 
 

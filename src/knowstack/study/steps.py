@@ -199,9 +199,11 @@ def run_statistics(step: Step, ctx: StudyContext, out: Path) -> None:
 def run_moe(step: Step, ctx: StudyContext, out: Path) -> None:
     """The one-round models (or adapters) of the mixed tasks as the experts of one MoE, written to `out`.
     The few prompts per expert (router init, expert load) and the router-training set are the first
-    examples of each task's training split (prompts: see _prompt_split). Router training is launched as the config's launch section
-    launches the training of the experts (its `lora` settings for a LoRA-MoE), in this process otherwise."""
+    examples of each task's training split (prompts: see _prompt_split). The method trains the routers, once the
+    mixture is built (train/router_job.py RouterRun): launched as the config's launch section launches the training
+    of the experts (its `lora` settings for a LoRA-MoE), in this process otherwise."""
     from knowstack.combine.moe import MoeOptions, mix_models
+    from knowstack.train.router_job import RouterRun
     from knowstack.train.router_training import RouterTraining
 
     params, options = step.params, step.params["options"]
@@ -224,8 +226,9 @@ def run_moe(step: Step, ctx: StudyContext, out: Path) -> None:
                            shared=options["shared"], base_expert=options["base_expert"], router=options["router"],
                            seed=params["seed"], attention=tuple(options.get("attention") or ()),
                            routing=options.get("routing"), temperature=options.get("temperature") or 1.0),
-        prompts=prompts, train_examples=examples, training=training, tokenizer_path=params.get("tokenizer"),
-        launch=launch_spec(ctx, params, params["experts"]),
+        prompts=prompts, tokenizer_path=params.get("tokenizer"),
+        router_step=RouterRun(prompts, examples, training, params.get("tokenizer"),
+                              launch_spec(ctx, params, params["experts"])),
     )
 
 

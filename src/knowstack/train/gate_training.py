@@ -21,11 +21,10 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from knowstack.atomic import honour_umask
+from knowstack.data.batches import batch_order, pack, tokenize_examples
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
-from knowstack.train.batches import batch_order, pack, tokenize_examples
-
-GATES_FILE = "phatgoose_gates.safetensors"
+from knowstack.modeling.routing import GATES_FILE
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ def train_gates(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, exam
     """Trains the gate vectors of `model` (the base with the contributor's adapter, PEFT, unmerged) on
     `examples` (answer-only LM loss), everything else frozen; returns the vectors by module and the loss
     curve."""
-    from knowstack.train.loop import answer_loss_sum
+    from knowstack.modeling.loss import answer_loss_sum
 
     if not examples:
         raise KnowstackError("gate training needs examples", field="train_data")

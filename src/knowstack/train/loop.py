@@ -34,6 +34,14 @@ from accelerate.utils import set_seed
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from knowstack.atomic import atomic_dir, atomic_write_json
+from knowstack.data.batches import (
+    TokenizedExample,
+    batch_order,
+    collate,
+    micro_batches,
+    shard,
+    tokenize_examples,
+)
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
 from knowstack.modelcard import (
@@ -45,21 +53,13 @@ from knowstack.modelcard import (
     training_card,
     write_model_card,
 )
+from knowstack.modeling import attention
 from knowstack.modeling.families import INPUT_EMBEDDING, OUTPUT_EMBEDDING, checked_lora_targets
+from knowstack.modeling.loss import answer_loss_sum
 from knowstack.modeling.streaming import MAX_SHARD_BYTES
 from knowstack.modelio import load_model, load_tokenizer, save_model, set_config_dtype
 from knowstack.progress import step_bar
-from knowstack.train import attention
 from knowstack.train import tracking as trackers
-from knowstack.train.batches import (
-    TokenizedExample,
-    batch_order,
-    collate,
-    micro_batches,
-    scored_positions,
-    shard,
-    tokenize_examples,
-)
 from knowstack.train.settings import TrainSettings
 from knowstack.train.tracking import Tracking
 from knowstack.usage import Usage
@@ -210,21 +210,6 @@ def _make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.op
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.999), eps=1e-8)
-
-
-def answer_loss_sum(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed cross-entropy over the scored (answer) tokens of one micro-batch.
-
-    logits_to_keep gets a boolean mask of the scored positions, so the vocabulary projection (the
-    largest matmul of a small model) skips prompts and padding entirely.
-    """
-    keep, targets = scored_positions(inputs["labels"])
-    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-    # use_cache=False matters: with a cache object present, transformers does not infer the
-    # packed (block-diagonal) mask from position_ids.
-    logits = model(**model_inputs, logits_to_keep=keep, use_cache=False).logits
-    logits = logits.reshape(-1, logits.shape[-1]).float()
-    return torch.nn.functional.cross_entropy(logits, targets.reshape(-1), reduction="sum")
 
 
 def run_steps(

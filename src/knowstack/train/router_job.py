@@ -1,9 +1,9 @@
 """An MoE's routers at work as a training job that runs in this process or under `accelerate launch`.
 
-mix_models (combine/moe.py) builds the MoE into its temporary output dir, then hands that dir to a
-`RouterJob` (plain data: the kind, the dirs, the training set, the RouterTraining settings, the probe
-texts): the expert load per router on the probe texts and, with training settings, router training and
-the load again. `run_router_job` runs it here; `launch_router_job` starts it as `accelerate launch ... -m
+mix_models (combine/moe.py) builds the MoE into its temporary output dir, then hands that dir to its caller's
+router step: a `RouterRun` (what the MoE method, study/steps.py, and api.mix pass), which makes a `RouterJob` (plain
+data: the kind, the dirs, the training set, the RouterTraining settings, the probe texts) and runs it: the expert
+load per router on the probe texts and, with training settings, router training and the load again. `run_router_job` runs it here; `launch_router_job` starts it as `accelerate launch ... -m
 knowstack.train.jobs job.json` (job.json says job_kind "router"), whose processes each load the MoE,
 train the routers on their share of every batch (router_training.py), and of which the main process alone
 writes the trained routers into the MoE dir and the record (loads, loss curve) beside the job. Both
@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import gc
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from knowstack.atomic import atomic_write_json
+from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
 from knowstack.train.launch import JOB_FILE, ROUTER_JOB_KIND, LaunchSpec, checked_config, run_launch
-from knowstack.train.router_training import router_sites
+from knowstack.train.router_training import RouterTraining, router_sites
 
 RECORD_FILE = "record.json"
 
@@ -53,6 +55,53 @@ class RouterJob:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         data.pop("job_kind")
         return cls(**{**data, "examples": [tuple(pair) for pair in data["examples"]]})
+
+
+@dataclass(frozen=True)
+class RouterRun:
+    """A mixture's router step (combine/moe.py mix_models' `router_step`): the expert load on the prompts (each
+    model's few, in order) or, with `training`, router training on `train_examples` and the load before and after
+    on them; in this process or, with `launch` and training, as `accelerate launch` of launch.num_processes
+    processes (the same routers either way). tokenizer_path: None, the base's."""
+
+    prompts: Sequence[Sequence[str]] | None = None
+    train_examples: Sequence[Example] | None = None
+    training: RouterTraining | None = None
+    tokenizer_path: str | Path | None = None
+    launch: LaunchSpec | None = None
+
+    def __post_init__(self) -> None:
+        if self.training is not None and not self.train_examples:  # before the mixture is built
+            raise KnowstackError("router training needs examples", field="router_training")
+
+    @property
+    def trains(self) -> bool:
+        return self.training is not None
+
+    def needed(self) -> bool:
+        """Whether it has anything to do: prompts to measure the load on, or routers to train."""
+        return bool(self.prompts) or self.trains
+
+    def __call__(self, kind: str, moe_dir: Path, base_dir: Path) -> dict[str, Any]:
+        """moe.json's part: {"loads": ..., "router_training": ...}; nothing where there is nothing to do."""
+        if not self.needed():
+            return {}
+        job = self.job(kind, moe_dir, base_dir)
+        return launch_router_job(job, self.launch) if self.launch and self.trains else run_router_job(job)
+
+    def job(self, kind: str, moe_dir: Path, base_dir: Path) -> RouterJob:
+        """The expert load per layer on the probe texts, and router training (then the load again, and the
+        trained routers written into the MoE dir), as a job."""
+        examples = self.train_examples or []
+        if self.training is not None:
+            probe, probe_name = [ex.prompt + ex.answer for ex in examples], "router training set"
+        else:
+            probe, probe_name = [p for group in self.prompts or [] for p in group], "prompts"
+        return RouterJob(kind=kind, moe_dir=str(moe_dir), base_dir=str(base_dir),
+                         tokenizer_path=str(self.tokenizer_path or base_dir),
+                         training=None if self.training is None else asdict(self.training),
+                         examples=[(ex.prompt, ex.answer) for ex in examples] if self.training else [],
+                         probe=probe, probe_name=probe_name)
 
 
 def run_router_job(job: RouterJob) -> dict[str, Any]:
@@ -88,8 +137,7 @@ def _measured(job: RouterJob, model: Any, tokenizer: Any) -> dict[str, Any]:
 def _trained(job: RouterJob, accelerator: Any, model: Any, tokenizer: Any) -> dict[str, Any]:
     """Loads before, training, loads after (every process, on the prepared model: under FSDP each
     forward is collective), then the main process writes the trained routers."""
-    from knowstack.data.formats import Example
-    from knowstack.train.router_training import RouterTraining, prepare_router_training, train_routers
+    from knowstack.train.router_training import prepare_router_training, train_routers
 
     settings = RouterTraining(**job.training or {})
     prepared, optimizer, sites = prepare_router_training(model, settings, accelerator)

@@ -34,14 +34,14 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from knowstack.config import RouterTrainingConfig, TrainingConfig
+from knowstack.data.batches import batch_order, pack, packed_rows, shard, tokenize_examples
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
+from knowstack.modeling.attention import packed_attention
 from knowstack.modeling.families import stock_moe_blocks
 from knowstack.modeling.lora_moe import LayerRouting, LoraMoeLinear
 from knowstack.modeling.moe_model import ATTENTION_PROJECTIONS, KnowstackMoeBlock, KnowstackMoeLinear
 from knowstack.modeling.routing import decoder_layers
-from knowstack.train.attention import packed_attention
-from knowstack.train.batches import batch_order, pack, packed_rows, shard, tokenize_examples
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,7 @@ def _router_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.op
                  sites: Sequence[RouterSite], logits: dict[str, torch.Tensor], tokenized: list,
                  indices: list[int], aux_loss_coef: float, device: torch.device) -> dict[str, float]:
     """One optimizer step on this process's share of the batch `indices`; returns the batch's losses."""
-    from knowstack.train.loop import answer_loss_sum
+    from knowstack.modeling.loss import answer_loss_sum
 
     world = accelerator.num_processes
     batch_tokens = max(sum(tokenized[i].answer_tokens for i in indices), 1)

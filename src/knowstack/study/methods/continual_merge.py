@@ -14,7 +14,7 @@ from knowstack.study.methods.base import Method
 from knowstack.study.methods.merge import check_merge, compose_variant, each_merge, step_options
 
 if TYPE_CHECKING:
-    from knowstack.study.plan import PlanBuilder
+    from knowstack.study.builder import PlanBuilder
 
 NAME = "continual-merge"
 

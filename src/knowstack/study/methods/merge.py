@@ -14,7 +14,7 @@ from knowstack.study.graph import ModelRef, Point, step_ref
 from knowstack.study.methods.base import ComposeVariant, Method
 
 if TYPE_CHECKING:
-    from knowstack.study.plan import PlanBuilder
+    from knowstack.study.builder import PlanBuilder
 
 
 def add_merge(builder: PlanBuilder, finetune: str, method: str, merge: MergeConfig) -> None:

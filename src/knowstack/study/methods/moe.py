@@ -12,7 +12,7 @@ from knowstack.study.graph import ModelRef, step_ref
 from knowstack.study.methods.base import ComposeVariant, Method
 
 if TYPE_CHECKING:
-    from knowstack.study.plan import PlanBuilder
+    from knowstack.study.builder import PlanBuilder
 
 
 def add_moe(builder: PlanBuilder, experts: str, moe: MoeConfig, name: str = "", field: str = "methods.moe") -> None:

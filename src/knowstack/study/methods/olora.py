@@ -12,7 +12,7 @@ from knowstack.study.methods.base import ComposeVariant, Method
 from knowstack.study.methods.sequential import TRAIN_KNOBS
 
 if TYPE_CHECKING:
-    from knowstack.study.plan import PlanBuilder
+    from knowstack.study.builder import PlanBuilder
 
 
 def add_olora(builder: PlanBuilder, lambdas: float | list[float], field_index: int = 0) -> None:

@@ -10,7 +10,7 @@ from knowstack.study.graph import ModelRef, step_ref
 from knowstack.study.methods.base import Method
 
 if TYPE_CHECKING:
-    from knowstack.study.plan import PlanBuilder
+    from knowstack.study.builder import PlanBuilder
 
 
 def add_one_round(builder: PlanBuilder, finetune: str) -> None:

@@ -11,7 +11,7 @@ from knowstack.study.methods.base import ComposeVariant, Method
 from knowstack.study.methods.sequential import TRAIN_KNOBS
 
 if TYPE_CHECKING:
-    from knowstack.study.plan import PlanBuilder
+    from knowstack.study.builder import PlanBuilder
 
 
 def add_replay(builder: PlanBuilder, finetune: str, fraction: float) -> None:
