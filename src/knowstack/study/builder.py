@@ -198,8 +198,8 @@ class PlanBuilder:
             from knowstack.train.launch import launched_mixed_precision
 
             launch = self.config.launch.for_finetune(trains)
-            precision = launched_mixed_precision(launch.mixed_precision, launch.accelerate_config)
-            if launch.launched and precision is not None:
+            precision = launched_mixed_precision(launch)
+            if precision is not None:
                 extra["mixed_precision"] = precision
         return extra
 

@@ -263,7 +263,7 @@ def _precision_bytes(launch: LaunchSettings, training: TrainingConfig) -> int:
     """Bytes per activation element: 2 under a launch's bf16/fp16 autocast or with bf16 weights, else 4."""
     from knowstack.train.launch import launched_mixed_precision
 
-    autocast = launch.launched and launched_mixed_precision(launch.mixed_precision, launch.accelerate_config)
+    autocast = launched_mixed_precision(launch)
     return 2 if autocast or training.precision == "bf16" else FLOAT32
 
 

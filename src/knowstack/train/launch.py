@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from knowstack.config import ACCELERATE_CONFIGS, LaunchConfig
+from knowstack.config import ACCELERATE_CONFIGS, LaunchConfig, LaunchSettings
 from knowstack.errors import KnowstackError
 
 ACCELERATE_DIR = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
@@ -127,12 +127,17 @@ def read_accelerate_config(config_path: Path) -> dict[str, Any]:
     return yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
 
 
-def launched_mixed_precision(mixed_precision: str | None, accelerate_config: str | None) -> str | None:
+def launched_mixed_precision(launch: LaunchSettings) -> str | None:
     """The mixed precision a launch runs with: the launch's own, else its accelerate config file's (the shipped
-    ones say bf16); None where it runs none ('no'). It changes the numbers, so it keys the steps launched."""
+    ones say bf16); None where it runs none ('no') or is not launched (one process, no autocast). It changes the
+    numbers, so it keys the steps launched."""
+    if not launch.launched:
+        return None
+    mixed_precision = launch.mixed_precision
     if mixed_precision is None:
         try:
-            mixed_precision = read_accelerate_config(accelerate_config_path(accelerate_config)).get("mixed_precision")
+            mixed_precision = read_accelerate_config(accelerate_config_path(launch.accelerate_config)).get(
+                "mixed_precision")
         except KnowstackError:
             return None  # a config that is not there is the input checks' to report
     return None if mixed_precision in (None, "no") else str(mixed_precision)
