@@ -152,6 +152,9 @@ def test_eval_prints_text_and_json_when_asked(tiny_model_dir: Path, tmp_path: Pa
 def test_each_method_reads_only_what_it_declares() -> None:
     with pytest.raises(KnowstackError, match=r"'average' does not read --density: it reads no options"):
         get_method("average").options_from({"density": 0.5})
+    with pytest.raises(KnowstackError, match=r"'dare' does not read --gamma: it reads --drop-rate, --lambda, --seed, "
+                                             r"--density \(the fraction kept\)"):
+        METHODS["dare"].options_from({"gamma": 0.1})
     with pytest.raises(KnowstackError, match=r"'ties' does not read --drop-rate: it reads --density, --lambda"):
         get_method("ties").options_from({"drop_rate": 0.5})
     with pytest.raises(KnowstackError, match=r"'slerp' does not read --seed"):

@@ -119,13 +119,18 @@ class MergeMethod:
         if self.check is not None:
             self.check(options)
 
+    @property
+    def takes_density_for_drop_rate(self) -> bool:
+        """DARE's: it reads drop_rate and takes mergekit's density (the fraction kept) for it."""
+        return "drop_rate" in self.options and "density" not in self.options
+
     def options_from(self, given: dict[str, Any]) -> MergeOptions:
         """The options a user gave (config names, `lam` or `lambda`; `seed` too), each one this method reads, or one
         error naming the ones it reads: an option no method step would read is a mistake, not a no-op. `density`
         given to a method that reads `drop_rate` (DARE) is mergekit's and PEFT's density, the fraction kept:
         drop_rate = 1 - density (both given, they must agree)."""
         given = {("lambda" if name == "lam" else name): value for name, value in given.items()}
-        if "density" in given and "density" not in self.options and "drop_rate" in self.options:
+        if "density" in given and self.takes_density_for_drop_rate:
             drop_rate = round(1 - given.pop("density"), 12)
             if "drop_rate" in given and abs(given["drop_rate"] - drop_rate) > 1e-9:
                 raise KnowstackError(f"'{self.name}' keeps a fraction density = 1 - drop_rate of each task vector: "
@@ -135,7 +140,9 @@ class MergeMethod:
         # lora_space is how LoRA inputs are merged, not a knob of the method (merge_models checks it)
         unread = [name for name in given if name not in self.options and name != "lora_space"]
         if unread:
-            reads = ", ".join(option_flag(name) for name in self.options) or "no options"
+            reads = ", ".join([option_flag(name) for name in self.options]
+                              + (["--density (the fraction kept)"] if self.takes_density_for_drop_rate else [])) \
+                or "no options"
             raise KnowstackError(f"'{self.name}' does not read {', '.join(map(option_flag, unread))}: it reads "
                                  f"{reads}", field=unread[0])
         given.pop("seed", None)
