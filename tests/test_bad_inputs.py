@@ -401,6 +401,8 @@ CASES = [
     Case("study-unknown-old-task", "nothing", STUDY, ("unknown lm-eval task 'ks_no_such_task'",
                                                       "field 'old_knowledge.tasks'"),
          {"old_knowledge": {"tasks": ["ks_toy", "ks_no_such_task"], "include_path": "{old}"}}),
+    Case("study-no-old-tasks", "nothing", STUDY, ("name at least one lm-eval task", "field 'old_knowledge.tasks'"),
+         {"old_knowledge": {"tasks": [], "include_path": "{old}"}}),
     Case("study-accelerate-missing", "accelerate-missing", STUDY, ("accelerate config not found",),
          {"launch": {"num_processes": 2, "cpu": True, "accelerate_config": "{bad}"}}),
     Case("study-fsdp-on-cpu", "nothing", STUDY, ("only on GPUs", "field 'launch.accelerate_config'"),

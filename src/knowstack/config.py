@@ -127,6 +127,20 @@ class OldKnowledgeConfig(Strict):
     # scores do not depend on the installed harness's default; the value used is kept beside them.
     add_bos_token: bool | None = None
 
+    @field_validator("tasks")
+    @classmethod
+    def _some_tasks_once_each(cls, value: Literal["builtin"] | list[str]) -> Literal["builtin"] | list[str]:
+        # Old knowledge is what every method is judged on keeping: a study without it measures no forgetting.
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("name at least one lm-eval task (or 'builtin' on the built-in world)")
+            if any(not name.strip() for name in value):
+                raise ValueError("a task name must not be empty")
+            repeated = sorted({name for name in value if value.count(name) > 1})
+            if repeated:
+                raise ValueError(f"'{repeated[0]}' is listed more than once")
+        return value
+
     @field_validator("metric")
     @classmethod
     def _metric_names(cls, value: OldMetric) -> OldMetric:
