@@ -99,3 +99,27 @@ def test_an_out_path_that_is_a_file_is_refused(inputs: dict[str, Path], tmp_path
     out.write_text("not a dir")
     assert main(argv("merge", inputs, out, "--overwrite")) == 2
     assert "is not a directory" in one_error(capsys) and out.read_text() == "not a dir"
+
+
+API_CALLS = {
+    "train": lambda api, i, out: api.train(i["model"], i["task"], out, lr=1e-3, max_steps=1, batch_size=2,
+                                           micro_batch_size=2),
+    "merge": lambda api, i, out: api.merge("average", [i["model"], i["model"]], out),
+    "statistics": lambda api, i, out: api.statistics(i["model"], i["task"] / "train.json", out, kinds=("gram",),
+                                                     examples=2),
+    "mix": lambda api, i, out: api.mix(i["model"], [i["adapter"], i["adapter"]], out, router="random"),
+}
+
+
+@pytest.mark.parametrize("call", list(API_CALLS))
+def test_the_api_never_writes_over_an_input(call: str, inputs: dict[str, Path]) -> None:
+    """The API replaces a non-empty out (it has no --overwrite), but never one of its inputs: train(out=model)
+    would delete the model it trains."""
+    from knowstack import api
+    from knowstack.errors import KnowstackError
+
+    source = inputs["adapter"] if call == "mix" else inputs["model"]
+    before = sorted(p.name for p in source.iterdir())
+    with pytest.raises(KnowstackError, match=f"is the input {source}"):
+        API_CALLS[call](api, inputs, source)
+    assert sorted(p.name for p in source.iterdir()) == before

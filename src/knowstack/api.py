@@ -241,6 +241,15 @@ def _replay_examples(current: tuple[str, list[tuple[str, str]]], earlier: Sequen
     return replay_mixture(current, named, ReplayConfig().fraction if fraction is None else fraction, seed)
 
 
+def _never_an_input(out: PathLike, *inputs: PathLike | None) -> None:
+    """The API writes `out` as the CLI does, but never over what it reads: an output that is, holds or lies inside
+    one of the inputs would destroy it mid-read (the CLI's --out check, without its refusal of a non-empty dir)."""
+    from knowstack.errors import raise_problems
+    from knowstack.validate import check_out_dir
+
+    raise_problems(check_out_dir(out, overwrite=True, inputs=inputs, option="out"))
+
+
 @quiet_call
 def train(model: PathLike, data: PathLike | TaskSpec | Sequence[tuple[str, str]], out: PathLike, *,
           finetune: str = "lora", metric: str = "accuracy", training: TrainingConfig | None = None, seed: int = 0,
@@ -266,6 +275,8 @@ def train(model: PathLike, data: PathLike | TaskSpec | Sequence[tuple[str, str]]
     from knowstack.train.launch import TrainJob, run_job
     from knowstack.train.tracking import Tracking
 
+    data_dir = data if isinstance(data, (str, Path)) else None
+    _never_an_input(out, model, tokenizer, data_dir, *replay, *olora_previous)
     if olora_previous and finetune != "lora":
         raise KnowstackError("O-LoRA (olora_previous) needs finetune='lora'", field="olora_previous")
     if training is not None and settings:
@@ -318,6 +329,7 @@ def merge(method: str, models: Sequence[PathLike], out: PathLike, *, base: PathL
     from knowstack.combine.merge import merge_models
     from knowstack.combine.merges import get_method
 
+    _never_an_input(out, base, *models, *(statistics or ()))
     given = {"density": density, "drop_rate": drop_rate, "lam": lam, "lora_space": lora_space, "seed": seed,
              **settings}
     options = get_method(method).options_from({name: value for name, value in given.items() if value is not None})
@@ -338,6 +350,7 @@ def statistics(model: PathLike, data: PathLike, out: PathLike, *, base: PathLike
     from knowstack.config import MergeConfig, TrainingConfig
     from knowstack.data.formats import load_trace_split
 
+    _never_an_input(out, model, base, data, tokenizer)
     if examples is not None and examples < 1:
         raise KnowstackError("must be at least 1", field="examples")
     if max_length is not None and max_length < 2:
@@ -384,6 +397,7 @@ def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
     from knowstack.train.router_job import RouterRun
     from knowstack.train.router_training import RouterTraining
 
+    _never_an_input(out, base, *models, *train_data)
     train_steps = _renamed(router_steps, train_steps, "router_steps", "train_steps", 0)
     train_lr = _renamed(router_lr, train_lr, "router_lr", "train_lr", None)
     train_batch_size = _renamed(router_batch_size, train_batch_size, "router_batch_size", "train_batch_size", None)
