@@ -123,3 +123,18 @@ def test_the_api_never_writes_over_an_input(call: str, inputs: dict[str, Path]) 
     with pytest.raises(KnowstackError, match=f"is the input {source}"):
         API_CALLS[call](api, inputs, source)
     assert sorted(p.name for p in source.iterdir()) == before
+
+
+def test_a_study_never_fills_a_dir_that_is_not_a_study_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A study's --out is new, empty or a study dir it resumes (test_study.py resumes one); a user's other dir is
+    refused before any step, nothing written into it."""
+    from knowstack.config import CONFIG_DIR
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's own file")
+    capsys.readouterr()
+    assert main(["study", str(CONFIG_DIR / "builtin-quick.yaml"), "--out", str(mine)]) == 2
+    err = one_error(capsys)
+    assert str(mine) in err and "not a study dir" in err and "--out" in err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]

@@ -35,7 +35,7 @@ from knowstack.study.executors import Executor, LocalExecutor
 from knowstack.study.plan import Plan, Step, build_plan
 from knowstack.study.results import collect_items, collect_rows, study_info
 from knowstack.study.steps import StudyContext
-from knowstack.validate import check_study, raise_problems
+from knowstack.validate import check_study, check_study_out, raise_problems
 
 if TYPE_CHECKING:
     from knowstack.study.resources import Estimate
@@ -170,7 +170,7 @@ def run_study(config: StudyConfig, out: Path, *, dry_run: bool = False, console:
     out = Path(out)
     # Every input the steps will read, checked before the plan reads any of them and before the first
     # step runs (or the out dir is made): a bad task file is found now, not hours into the study.
-    raise_problems(check_study(config, dry_run=dry_run))
+    raise_problems(check_study(config, dry_run=dry_run) + ([] if dry_run else check_study_out(out)))
     plan = build_plan(config, out)
     if dry_run:
         describe_plan(plan, out, console)
