@@ -51,8 +51,7 @@ def extract_lora(base: str | Path, model: str | Path, out: str | Path, *, rank: 
     overall, what differs and is not extracted). target_modules: Llama's linear layer names (the family's modules
     that hold them are adapted) or ["all"] (every linear layer); default the family's LoRA targets. base_name:
     what the adapter names as its base (base_model_name_or_path; default `base` as given)."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise KnowstackError(f"the rank must be a whole number of at least 1, not {rank!r}", field="rank")
+    check_rank(rank)
     base_model, tuned = FullModel(Path(base).expanduser()), FullModel(Path(model).expanduser())
     tied = common_tie([base_model, tuned])
     check_compatible(base_model, [tuned])
@@ -72,6 +71,12 @@ def extract_lora(base: str | Path, model: str | Path, out: str | Path, *, rank: 
         atomic_write_json(tmp / EXTRACT_FILE, record)
         _write_card(tmp, base_label, model, record)
     return record
+
+
+def check_rank(rank: object, field: str = "rank") -> None:
+    """A rank is a whole number of at least 1 (one error naming `field`)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise KnowstackError(f"the rank must be a whole number of at least 1, not {rank!r}", field=field)
 
 
 def target_weights(base: FullModel, names: Sequence[str]) -> list[str]:
