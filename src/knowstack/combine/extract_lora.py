@@ -104,11 +104,15 @@ def _matches(module: str, targets: Sequence[str]) -> bool:
 
 def truncated_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(A, B, singular values) of `delta`'s rank-min(rank, its size) truncation, B @ A = U_r S_r V_r^T, with sqrt(S_r)
-    on each side (their magnitudes balanced, as a trained LoRA's are); every singular value returned, not only r."""
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    on each side (their magnitudes balanced, as a trained LoRA's are), A and B in float32; every singular value
+    returned (float64), not only r. The SVD is taken in float64, on the GPU where there is one: the top-r subspace
+    of a float32 SVD is off by ~1e-7 x s_1 / (s_r - s_r+1), and a fine-tune's singular values can lie close."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    u, s, vh = torch.linalg.svd(delta.to(device, torch.float64), full_matrices=False)
     kept = min(rank, s.shape[0])
     root = s[:kept].sqrt()
-    return (root[:, None] * vh[:kept]).contiguous(), (u[:, :kept] * root[None, :]).contiguous(), s
+    a, b = root[:, None] * vh[:kept], u[:, :kept] * root[None, :]
+    return a.float().cpu().contiguous(), b.float().cpu().contiguous(), s.cpu()
 
 
 def kind_of(name: str, shape: Sequence[int], tied: bool) -> str:
@@ -136,12 +140,12 @@ def _extract(base: FullModel, tuned: FullModel, targets: list[str], rank: int,
         raw = base.read(name)
         if not raw.is_floating_point():
             continue  # integer buffers: nothing a LoRA (or a fine-tune) changes
-        delta = tuned.full(name).sub_(raw.float())
-        energy = float(delta.double().square().sum())
+        delta = tuned.read(name).double().sub_(raw.double())  # exact: the difference of two float32s fits a float64
+        energy = float(delta.square().sum())
         if name in wanted:
             a, b, singular = truncated_svd(delta, rank)
-            kept = float(singular[: a.shape[0]].double().square().sum())
-            total = float(singular.double().square().sum())
+            kept = float(singular[: a.shape[0]].square().sum())
+            total = float(singular.square().sum())
             factors[name] = (a, b)
             modules[name.removesuffix(".weight")] = {
                 "rank": a.shape[0], "energy": energy,
