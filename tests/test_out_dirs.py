@@ -1,7 +1,7 @@
 """--out of a dir a command writes whole: a new or empty dir; a non-empty one is refused (exit 2, one line naming it
 and --overwrite) before any compute unless --overwrite is given; an input, or a dir inside or holding one, is
-refused even with --overwrite. One check (validate.py check_out_dir) for train, merge, statistics, mix,
-build-world and export."""
+refused even with --overwrite. One check (validate.py check_out_dir) for train, merge, extract-lora, statistics,
+mix, build-world and export."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> di
 COMMANDS = {
     "train": "train --model {model} --task {task} --lr 1e-3 --max-steps 1 --batch-size 2 --micro-batch-size 2",
     "merge": "merge --method average --models {model} {model}",
+    "extract-lora": "extract-lora --base {model} --model {model} --rank 2",
     "statistics": "statistics {model} --train-data {task}/train.json --kind gram --examples 2",
     "mix": "mix --base {model} --models {adapter} {adapter}",
     "build-world": "build-world --preset test",
@@ -56,7 +57,7 @@ def test_a_non_empty_out_dir_is_refused_before_any_compute(command: str, inputs:
     assert [p.name for p in out.iterdir()] == ["notes.txt"]  # nothing replaced, nothing added
 
 
-@pytest.mark.parametrize("command", ["train", "merge", "statistics", "mix", "export"])
+@pytest.mark.parametrize("command", ["train", "merge", "extract-lora", "statistics", "mix", "export"])
 def test_an_input_is_never_the_out_dir_even_with_overwrite(command: str, inputs: dict[str, Path],
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     source = inputs["registry"] if command == "export" else inputs["adapter"] if command == "mix" else inputs["model"]

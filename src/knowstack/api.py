@@ -36,6 +36,7 @@ PathLike = str | Path
 
 __all__ = [
     "PlannedStep", "StudyResults", "TaskScores", "build_world", "compose", "contribute", "dry_run", "evaluate", "export",
+    "extract_lora",
     "history", "init_registry", "load_study", "merge", "mix", "open_registry", "rows_frame", "run_study", "score",
     "score_predictions", "study_results", "train", "statistics", "gate",
 ]
@@ -339,6 +340,19 @@ def merge(method: str, models: Sequence[PathLike], out: PathLike, *, base: PathL
 
 
 @quiet_call
+def extract_lora(base: PathLike, model: PathLike, out: PathLike, *, rank: int,
+                 target_modules: Sequence[str] | None = None, progress: bool = False) -> dict[str, Any]:
+    """A full fine-tune `model` of `base` as a PEFT LoRA adapter in `out`, as `knowstack extract-lora`: each targeted
+    linear module's delta truncated by SVD to `rank` (combine/extract_lora.py). target_modules: Llama's linear layer
+    names (the family's modules holding them) or ["all"] (every linear layer); default the family's LoRA targets.
+    Returns the record written to out/extract_lora.json: the explained share of each module's delta energy and
+    overall, and the share of the delta in what is not extracted (embeddings, norms, biases), by kind."""
+    from knowstack.combine.extract_lora import extract_lora as extract
+
+    return extract(base, model, Path(out), rank=rank, target_modules=target_modules, progress=progress)
+
+
+@quiet_call
 def statistics(model: PathLike, data: PathLike, out: PathLike, *, base: PathLike | None = None,
                kinds: Sequence[str] = ("gram", "fisher"), examples: int | None = None, max_length: int | None = None,
                tokenizer: PathLike | None = None, trust_remote_code: bool = False) -> Path:
@@ -574,18 +588,19 @@ def contribute(root: PathLike, name: str, *, task: PathLike, adapter: PathLike |
                model: PathLike | None = None, metric: str | None = None, keep_data: bool = False,
                task_format: str = "trace", author: str | None = None, training_config: PathLike | None = None,
                eval_batch_size: int | None = None, statistics: PathLike | None = None,
-               batch_size: int | None = None) -> dict[str, Any]:
+               batch_size: int | None = None, as_lora: int | None = None) -> dict[str, Any]:
     """Add a LoRA adapter dir or a fine-tuned model dir of the registry's base, scored on its task (a TRACE-layout
     dir; keep_data: store its train split too), as `knowstack contribute` (registry/contribute.py); returns its
     record. metric: default what defines the task, as `score` reads it. statistics: its statistics dir
     (`statistics`), for the merge-regmean / merge-fisher composes. eval_batch_size: default 32 (batch_size: its
-    deprecated name)."""
+    deprecated name). as_lora: a rank: the fine-tuned `model` contributed as the LoRA adapter extracted from it
+    (`extract_lora`)."""
     from knowstack.registry.contribute import contribute as add
 
     batch_size = _renamed(eval_batch_size, batch_size, "eval_batch_size", "batch_size", 32)
     return add(root, name, task=task, adapter=adapter, model=model, metric=metric, keep_data=keep_data,
                task_format=task_format, author=author, training_config=training_config, batch_size=batch_size,
-               statistics=statistics)
+               statistics=statistics, as_lora=as_lora)
 
 
 @quiet_call
