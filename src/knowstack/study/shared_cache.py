@@ -324,7 +324,8 @@ class StudyReuse:
         if steps:
             self.linked |= {step.key for step in steps}
             names = ", ".join(f"{step.kind} {step.shown}" for step in steps)
-            self.console.print(f"reused from the shared cache {self.root} ({how}s): {len(steps)} steps: {names}",
+            links = "hard links" if how == "hardlink" else "copies: no hard link from the study dir to the cache"
+            self.console.print(f"reused from the shared cache {self.root} ({links}): {len(steps)} steps: {names}",
                                soft_wrap=True)
 
     def counts(self, ran: int, skipped: int) -> tuple[int, int, int]:
