@@ -209,18 +209,24 @@ def computed_once(cache: SharedCache | None, key: str, final: Path, artifacts: P
     else False; a step computed in the block is published on leaving it. Under the key's lock, so a study that needs
     a step another is computing waits for it and links it. A step not shared (or no cache) is computed as before."""
     if cache is None or key not in cache.keys:
+        _computed_here(key, artifacts)
         yield False
         return
     with key_lock(cache.root, key):
         if link_entry(cache, key, final, artifacts) is not None:
             yield True
             return
-        with contextlib.suppress(FileNotFoundError):
-            (artifacts / REUSED_DIR / f"{key}.json").unlink()  # computed here, whatever an earlier try linked
+        _computed_here(key, artifacts)
         yield False
         if final.is_dir():
             with contextlib.suppress(OSError):  # a full or read-only cache: the study has its artifact all the same
                 publish(cache, key, final)
+
+
+def _computed_here(key: str, artifacts: Path) -> None:
+    """The step is computed in the study dir: no record that says it was linked (an earlier, removed artifact was)."""
+    with contextlib.suppress(FileNotFoundError):
+        (artifacts / REUSED_DIR / f"{key}.json").unlink()
 
 
 def sync(cache: SharedCache, steps: Sequence[Step], artifacts: Path) -> tuple[list[Step], str]:
