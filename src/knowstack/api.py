@@ -167,18 +167,19 @@ def rows_frame(rows: Sequence[Row]) -> pandas.DataFrame:
 @quiet_call
 def run_study(config: PathLike | Mapping[str, Any] | StudyConfig, out: PathLike, *, executor: str = "local",
               address: str | None = None, console: Any = None, jobs: int | None = None,
-              threads: int | str | None = None) -> StudyResults:
+              threads: int | str | None = None, shared_cache: bool | None = None) -> StudyResults:
     """Run (or resume) a study into `out`, as `knowstack study CONFIG --out OUT` does; returns its results.
     console: a rich Console for progress (default: stderr); jobs: the local executor's steps at once (default:
     the config's executor.jobs); threads: the torch threads of a step beside others (share, all or a number; default:
-    the config's executor.threads)."""
+    the config's executor.threads); shared_cache: False computes every step in `out`, taking nothing from the
+    machine's shared step cache and giving it nothing (default: the config's executor.shared_cache, on)."""
     from knowstack.study.executors import make_executor
     from knowstack.study.runner import run_study as run
 
     study = load_study(config)  # first: a config file that is not there is one clear error
     text = Path(config).read_text(encoding="utf-8") if isinstance(config, (str, Path)) else None
     executor_ = make_executor(executor, address, jobs, threads)
-    outcome = run(study, Path(out), console=console, config_text=text, executor=executor_)
+    outcome = run(study, Path(out), console=console, config_text=text, executor=executor_, shared_cache=shared_cache)
     results = study_results(out, study)
     if outcome is not None:
         results.write_report()

@@ -665,6 +665,9 @@ class ExecutorConfig(Strict):
     # the numbers) of jobs 1, torch's own, the jobs then taking turns on the cores; or a number.
     threads: Literal["share", "all"] | Annotated[int, Field(ge=1)] = "share"
     shared_params: int = Field(default=100_000_000, gt=0)
+    # Link finished steps from, and publish them to, the machine's shared step cache (KNOWSTACK_CACHE; docs/config.md
+    # "Shared step cache"); false: compute every step in the study dir.
+    shared_cache: bool = True
 
 
 class StudyConfig(Strict):

@@ -184,9 +184,11 @@ def read_csv(path: Path) -> list[Row]:
 # was used.
 COSTS_CSV = "costs.csv"
 COST_COLUMNS = ("model", "method", "finetune", "stage", "trained_on", "seed", "point", "steps", "train_seconds",
-                "seconds", "examples", "peak_host_bytes", "peak_host_scope", "peak_gpu_bytes", "disk_bytes")
+                "seconds", "examples", "peak_host_bytes", "peak_host_scope", "peak_gpu_bytes", "disk_bytes",
+                "reused_steps")
 COST_TYPES = {c: "TEXT" for c in ("model", "method", "finetune", "trained_on", "point", "peak_host_scope")} | {
-    c: "INTEGER" for c in ("stage", "seed", "steps", "examples", "peak_host_bytes", "peak_gpu_bytes", "disk_bytes")} | {
+    c: "INTEGER" for c in ("stage", "seed", "steps", "examples", "peak_host_bytes", "peak_gpu_bytes", "disk_bytes",
+                           "reused_steps")} | {
     c: "REAL" for c in ("train_seconds", "seconds")}
 
 
@@ -196,7 +198,9 @@ class Cost:
     optimizer loops (train_summary.json); seconds: their wall time (each step's step.json, "cost"); examples: training
     examples drawn, summed; peak_host_bytes / peak_gpu_bytes: the largest over those steps; peak_host_scope:
     'step' or, where the peak could not be reset between steps of one process, 'process' (an upper bound);
-    disk_bytes: the artifact the model is evaluated from (its adapter where it is one on the base)."""
+    disk_bytes: the artifact the model is evaluated from (its adapter where it is one on the base); reused_steps: of
+    those steps and its evaluation, how many the study linked from the shared step cache (their seconds are those of
+    the run that computed them); None where not recorded (costs written before the cache)."""
 
     model: str
     method: str
@@ -213,6 +217,7 @@ class Cost:
     peak_host_scope: str
     peak_gpu_bytes: int | None
     disk_bytes: int | None
+    reused_steps: int | None = None
 
 
 def write_costs_csv(costs: list[Cost], path: Path) -> None:
@@ -238,5 +243,6 @@ def read_costs_csv(path: Path) -> list[Cost]:
                      steps=int(r["steps"]), train_seconds=number(r["train_seconds"], float),
                      seconds=number(r["seconds"], float), examples=number(r["examples"], int),
                      peak_host_bytes=number(r["peak_host_bytes"], int), peak_host_scope=r["peak_host_scope"],
-                     peak_gpu_bytes=number(r["peak_gpu_bytes"], int), disk_bytes=number(r["disk_bytes"], int))
+                     peak_gpu_bytes=number(r["peak_gpu_bytes"], int), disk_bytes=number(r["disk_bytes"], int),
+                     reused_steps=number(r.get("reused_steps") or "", int))
                 for r in csv.DictReader(handle)]

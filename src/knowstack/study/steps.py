@@ -17,6 +17,7 @@ from knowstack.data.tasks import TaskSpec
 from knowstack.errors import KnowstackError
 from knowstack.logs import library_messages_to
 from knowstack.study.plan import Step, resolve_task_specs
+from knowstack.study.shared_cache import SharedCache, computed_once
 from knowstack.usage import Usage, dir_bytes, torch_threads
 
 
@@ -27,6 +28,7 @@ class StudyContext:
     out: Path
     config: StudyConfig
     world_key: str | None = None
+    shared: SharedCache | None = None  # the shared step cache (study/shared_cache.py); None: off
     _tasks: dict[str, TaskSpec] | None = field(default=None, repr=False)
 
     @property
@@ -408,19 +410,22 @@ def execute(step: Step, ctx: StudyContext) -> Path:
         executor = EXECUTORS[step.kind]
     except KeyError:
         raise KnowstackError(f"unknown step kind '{step.kind}'") from None
-    with atomic_dir(final) as tmp:
-        # Executors that write atomically themselves get a path that does not exist yet.
-        target = tmp / "out"
-        with library_messages_to(step_log(ctx, step)), Usage() as usage:
-            executor(step, ctx, target if step.kind in ("world", "train", "merge-adapter", "merge", "moe",
-                                                         "statistics") else tmp)
-        if target.exists():
-            for item in target.iterdir():
-                item.rename(tmp / item.name)
-            target.rmdir()
-        # What the step cost, in this process (a launched training's own peaks are in its train_summary.json):
-        # in step.json, which is the step's record, not part of the model it made (a registry leaves it out).
-        # The torch thread count too: on some models a step's sums, so its numbers, depend on it (docs/config.md).
-        cost = {**usage.record(), "disk_bytes": dir_bytes(tmp), "torch_threads": torch_threads()}
-        atomic_write_json(tmp / STEP_FILE, {"key": step.key, "kind": step.kind, "params": step.params, "cost": cost})
+    with computed_once(ctx.shared, step.key, final, ctx.artifacts) as reused:
+        if reused:
+            return final
+        with atomic_dir(final) as tmp:
+            # Executors that write atomically themselves get a path that does not exist yet.
+            target = tmp / "out"
+            with library_messages_to(step_log(ctx, step)), Usage() as usage:
+                executor(step, ctx, target if step.kind in ("world", "train", "merge-adapter", "merge", "moe",
+                                                             "statistics") else tmp)
+            if target.exists():
+                for item in target.iterdir():
+                    item.rename(tmp / item.name)
+                target.rmdir()
+            # What the step cost, in this process (a launched training's own peaks are in its train_summary.json):
+            # in step.json, which is the step's record, not part of the model it made (a registry leaves it out).
+            # The torch thread count too: on some models a step's sums, so its numbers, depend on it (docs/config.md).
+            cost = {**usage.record(), "disk_bytes": dir_bytes(tmp), "torch_threads": torch_threads()}
+            atomic_write_json(tmp / STEP_FILE, {"key": step.key, "kind": step.kind, "params": step.params, "cost": cost})
     return final
