@@ -7,7 +7,17 @@ Adding a method is adding a module here and its schema to config.py MethodsConfi
 
 from __future__ import annotations
 
-from knowstack.study.methods import continual_merge, joint, merge, moe, olora, one_round, replay, search, sequential
+from knowstack.study.methods import (
+    continual_merge,
+    joint,
+    merge,
+    moe,
+    olora,
+    one_round,
+    replay,
+    search,
+    sequential,
+)
 from knowstack.study.methods.base import ComposeVariant, Method
 
 # In the order a study plans them (and its report lists them).
