@@ -137,8 +137,8 @@ def search(space: SearchSpace, trials: int, seed: int, max_old_loss: float, base
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(trials),
-                                             constraints_func=lambda frozen: (frozen.user_attrs["excess"],))
+        # constrained TPE: told each trial's excess over the budget (set_constraint), it models the feasible region
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(trials))
     study = optuna.create_study(direction="maximize", sampler=sampler)
     done: list[Trial] = []
     for number in numbers if numbers is not None else range(trials):
@@ -152,8 +152,7 @@ def search(space: SearchSpace, trials: int, seed: int, max_old_loss: float, base
         loss = old_loss_percent(result["old"], base_old)
         trial = Trial(number, point, result["new"], result["old"], loss, loss <= max_old_loss,
                       result.get("scores", {}), cached)
-        # constraint <= 0 is feasible (optuna's convention)
-        asked.set_user_attr("excess", loss - max_old_loss)
+        asked.set_constraint("old_loss_over_budget", loss - max_old_loss)  # <= 0: feasible (optuna's convention)
         study.tell(asked, trial.new)
         done.append(trial)
         if on_trial is not None:
