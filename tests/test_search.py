@@ -201,3 +201,29 @@ def test_a_killed_search_step_resumes_from_its_cached_trials(searched: tuple[Pat
     again = json.loads((search_dir / "search.json").read_text())
     assert [t["point"] for t in again["trials"]] == [t["point"] for t in record["trials"]]
     assert again["chosen"] == record["chosen"]
+
+
+@pytest.mark.slow  # three trials' merges and scorings on a registry (~1-3 min on 2 loaded cores)
+def test_compose_search_records_the_search_in_the_version_lineage(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from test_registry import make_adapter, make_task, write_mc_task
+
+    from knowstack.registry import Registry, init_registry
+    from knowstack.registry.contribute import contribute
+
+    write_mc_task(tmp_path / "old")  # 4 items: the gate reads the first 2, the search the other 2
+    reg = tmp_path / "reg"
+    init_registry(reg, tiny_model_dir, old_tasks=["ks_toy"], include_path=tmp_path / "old", limit=2)
+    for seed, name in enumerate(["Stance", "Notes", "Quiz"], start=1):
+        contribute(reg, name.lower(), adapter=make_adapter(tiny_model_dir, tmp_path / f"a{seed}", seed=seed),
+                   task=make_task(tmp_path / "tasks", name))
+    assert main(["compose", str(reg), "--search", "--trials", "3", "--max-old-loss", "5%", "--seed", "1"]) == 0
+    with Registry.open(reg) as opened:
+        version = opened.version("v1")
+    record = version["settings"]["search"]
+    assert version["method"] == "search" and version["parents"] == ["stance", "notes", "quiz"]
+    assert len(record["trials"]) == 3 and record["max_old_loss"] == 5.0 and record["models"] == 3
+    assert all({"method", "weights"} <= set(t["point"]) for t in record["trials"])
+    chosen = [t for t in record["trials"] if t["number"] == record["chosen"]]
+    assert (chosen[0]["within"] if chosen else record["chosen"] is None)
+    assert version["settings"]["options"] == {"trials": 3, "max_old_loss": 5.0, "seed": 1}
+    assert "gate" in version["settings"]  # gated as any compose

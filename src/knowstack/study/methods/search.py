@@ -56,18 +56,14 @@ def plan(builder: PlanBuilder, section: SearchConfig) -> None:
 
 
 def _section(given: Any, kinds: list[str]) -> dict[str, Any]:
-    """`compose --search`: the section from the compose options (--trials, --max-old-loss, --search-methods)."""
-    section: dict[str, Any] = {"finetune": ["lora" if set(kinds) == {"adapter"} else "fft"]}
-    for option, name in (("trials", "trials"), ("max_old_loss", "max_old_loss"), ("search_methods", "methods"),
-                         ("old_items", "old_items")):
-        value = getattr(given, option, None)
-        if value is not None:
-            section[name] = list(value) if isinstance(value, (list, tuple)) else value
-    return section
+    """`compose --search`: the section from the compose options (--trials, --max-old-loss; the rest the config's
+    defaults)."""
+    return {"finetune": ["lora" if set(kinds) == {"adapter"} else "fft"], "trials": given.trials,
+            "max_old_loss": given.max_old_loss, "seed": given.seed}
 
 
 METHOD = Method("search", "search", "semi", plan,
                 "the merge of the one-round models or adapters found by a search within a forgetting budget",
                 (ComposeVariant("search", "search the merge method, lambda, density and per-model weights within "
                                           "--max-old-loss, scored on eval splits", kinds=("adapter", "model"),
-                                knobs=("trials", "max_old_loss"), section=_section),))
+                                knobs=("trials", "max_old_loss", "seed"), section=_section),))
