@@ -227,3 +227,18 @@ def test_compose_search_records_the_search_in_the_version_lineage(tmp_path: Path
     assert (chosen[0]["within"] if chosen else record["chosen"] is None)
     assert version["settings"]["options"] == {"trials": 3, "max_old_loss": 5.0, "seed": 1}
     assert "gate" in version["settings"]  # gated as any compose
+
+
+def test_a_search_without_a_held_out_slice_or_with_a_method_it_cannot_search_is_refused_before_any_step() -> None:
+    from knowstack.config import parse_config
+    from knowstack.errors import KnowstackError
+    from knowstack.study.plan import build_plan
+
+    raw = {"name": "x", "base": {"builtin": "test"}, "training": {"lr": 1e-3},
+           "methods": {"search": {"finetune": ["fft"]}}}
+    with pytest.raises(KnowstackError, match="old_knowledge.limit") as error:
+        build_plan(parse_config(raw, source="x.yaml"))
+    assert error.value.field == "old_knowledge.limit"
+    raw["methods"]["search"]["methods"] = ["regmean"]
+    with pytest.raises(KnowstackError, match="methods.search.methods"):
+        parse_config(raw, source="x.yaml")

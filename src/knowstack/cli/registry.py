@@ -233,8 +233,8 @@ def _add_compose_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("search options (--search: docs/search.md)")
     g.add_argument("--trials", type=int, help=f"the search's budget in evaluations (default {d.trials})")
     g.add_argument("--max-old-loss", type=_percent, metavar="PCT",
-                   help="how far old knowledge (AVE) may fall below the base's, in percent: the search's budget, on "
-                        f"the items after the registry's --limit (default {d.max_old_loss:g}%%)")
+                   help=meaning("--max-old-loss", "the search's budget, on the items after the registry's --limit "
+                                                  f"(default {d.max_old_loss:g}%%)"))
     g = p.add_argument_group("moe-* options")
     g.add_argument("--top-k", type=int, help=f"{meaning('--top-k')} (default {d.top_k})")
     g.add_argument("--router", choices=list(MOE_ROUTERS),
