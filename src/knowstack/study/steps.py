@@ -393,7 +393,6 @@ def run_search(step: Step, ctx: StudyContext, out: Path) -> None:
 
     from knowstack.combine.merge import merge_models
     from knowstack.combine.merges import MergeOptions
-    from knowstack.modelio import copy_model_files
     from knowstack.progress import step_bar
     from knowstack.study.search import SearchSpace, chosen_trial, search, search_record
 
@@ -433,9 +432,8 @@ def run_search(step: Step, ctx: StudyContext, out: Path) -> None:
     if chosen is None:  # nothing within the budget: the composition that forgets nothing is the base itself
         out.mkdir(parents=True)
         for item in Path(base).iterdir():
-            if item.is_file() and (item.suffix == ".safetensors" or item.name.endswith(".index.json")):
+            if item.is_file() and item.name != STEP_FILE:  # not copy2: the output's mode is the umask's
                 shutil.copyfile(item, out / item.name)
-        copy_model_files(Path(base), out)
     else:
         merge_at(chosen.point, out)
     record = search_record(trials, space, params["max_old_loss"], base_old, params["seed"])
