@@ -242,3 +242,20 @@ def test_a_search_without_a_held_out_slice_or_with_a_method_it_cannot_search_is_
     raw["methods"]["search"]["methods"] = ["regmean"]
     with pytest.raises(KnowstackError, match="methods.search.methods"):
         parse_config(raw, source="x.yaml")
+
+
+def test_the_verdict_is_read_from_the_intervals() -> None:
+    import numpy as np
+
+    from knowstack.report.search import verdict
+    from knowstack.stats import Estimate
+
+    def around(value: float, spread: float) -> Estimate:
+        return Estimate(value, value + np.linspace(-spread, spread, 1000))
+
+    assert verdict(around(0.05, 0.01), around(0.5, 0.5), 2.0) == "holds"
+    assert verdict(around(0.05, 0.1), around(0.5, 0.5), 2.0) == "inconclusive"  # the gain's interval reaches 0
+    assert verdict(around(0.05, 0.01), around(1.5, 1.0), 2.0) == "inconclusive"  # the loss's reaches the budget
+    assert verdict(around(-0.05, 0.01), around(0.5, 0.5), 2.0) == "does not hold"
+    assert verdict(around(0.05, 0.01), around(5.0, 1.0), 2.0) == "does not hold"  # beyond the budget throughout
+    assert verdict(0.05, 0.5, 2.0) == "inconclusive"  # no intervals: the points alone cannot tell

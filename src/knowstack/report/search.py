@@ -6,13 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from knowstack.report.claims import HOLDS, INCONCLUSIVE
+from knowstack.report.claims import FAILS, HOLDS, INCONCLUSIVE
 from knowstack.report.figures import FigureSpec
 from knowstack.report.runs import Run, finetune_name, run_averages
 from knowstack.report.tables import Scores, Table, TableRow, fmt_percent, fmt_score
 from knowstack.stats import interval_of
-
-DOES_NOT_HOLD = "does not hold"
 
 
 def point_text(point: dict[str, Any]) -> str:
@@ -57,7 +55,7 @@ def verdict(gain: Any, old_loss: Any, budget: float) -> str:
     if gain_ci is None or loss_ci is None:
         return INCONCLUSIVE
     if gain_ci[1] < 0 or loss_ci[0] > budget:
-        return DOES_NOT_HOLD
+        return FAILS
     if gain_ci[0] > 0 and loss_ci[1] <= budget:
         return HOLDS
     return INCONCLUSIVE
