@@ -84,6 +84,8 @@ class StudyInfo:
     old_metric: str = "acc"
     planned: list[Row] = field(default_factory=list)
     penalties: dict[str, dict] = field(default_factory=dict)
+    # model -> its search's record (study/search.py search_record: settings, every trial, the chosen one)
+    searches: dict[str, dict] = field(default_factory=dict)
 
 
 def write_study_info(info: StudyInfo, path: Path) -> None:
@@ -91,7 +93,9 @@ def write_study_info(info: StudyInfo, path: Path) -> None:
                for row in info.planned]
     atomic_write_text(path, json.dumps({"title": info.title, "task_order": info.task_order,
                                         "old_metric": info.old_metric, "planned": planned,
-                                        "penalties": info.penalties}, indent=1) + "\n")
+                                        "penalties": info.penalties,
+                                        **({"searches": info.searches} if info.searches else {})},
+                                       indent=1) + "\n")
 
 
 def read_study_info(path: Path) -> StudyInfo | None:
@@ -100,7 +104,36 @@ def read_study_info(path: Path) -> StudyInfo | None:
         return None
     data = json.loads(path.read_text(encoding="utf-8"))
     planned = planned_rows(SimpleNamespace(**record) for record in data["planned"])
-    return StudyInfo(data["title"], list(data["task_order"]), data["old_metric"], planned, data["penalties"])
+    return StudyInfo(data["title"], list(data["task_order"]), data["old_metric"], planned, data["penalties"],
+                     data.get("searches", {}))
+
+
+SEARCH_CSV = "search.csv"  # one row per trial of every search of a study, with its point
+SEARCH_COLUMNS = ("model", "trial", "method", "lambda", "density", "weights", "eval_score", "old_held_out",
+                  "old_loss_pct", "max_old_loss_pct", "within_budget", "chosen")
+
+
+def search_rows(searches: dict[str, dict]) -> list[dict[str, object]]:
+    """Every trial of every search as a row of search.csv (weights: the per-model weights, ';'-joined)."""
+    rows = []
+    for model, record in searches.items():
+        for trial in record["trials"]:
+            point = trial["point"]
+            rows.append({"model": model, "trial": trial["number"], "method": point["method"],
+                         "lambda": point.get("lambda"), "density": point.get("density"),
+                         "weights": ";".join(f"{w:.4g}" for w in point.get("weights", [])),
+                         "eval_score": trial["new"], "old_held_out": trial["old"], "old_loss_pct": trial["old_loss"],
+                         "max_old_loss_pct": record["max_old_loss"], "within_budget": trial["within"],
+                         "chosen": trial["number"] == record["chosen"]})
+    return rows
+
+
+def write_search_csv(searches: dict[str, dict], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SEARCH_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(search_rows(searches))
+    atomic_write_text(path, buffer.getvalue())
 
 
 def write_items(items: Items, path: Path) -> None:

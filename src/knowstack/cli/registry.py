@@ -204,8 +204,12 @@ def _add_compose_args(p: argparse.ArgumentParser) -> None:
 
     d = ComposeOptions()
     p.add_argument("registry", help=REGISTRY_HELP)
-    p.add_argument("--method", required=True, choices=list(METHODS),
-                   help=meaning("--method", "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())))
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--method", choices=list(METHODS),
+                       help=meaning("--method", "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())))
+    which.add_argument("--search", dest="method", action="store_const", const="search",
+                       help="search the merge (method, lambda, density, per-contribution weights) that learns the most "
+                            "on the tasks' eval splits within --max-old-loss, in --trials evaluations: --method search")
     p.add_argument("--contributions", nargs="+", metavar="NAME", help="the contributions to compose, in order "
                                                                        "(default: all, in the order contributed)")
     p.add_argument("--from", dest="start", metavar="VERSION",
@@ -230,6 +234,11 @@ def _add_compose_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("merge-* options (each method reads its own: docs/methods.md)")
     add_merge_method_options(g)
     add_statistics_merge_options(g)
+    g = p.add_argument_group("search options (--search: docs/search.md)")
+    g.add_argument("--trials", type=int, help=f"the search's budget in evaluations (default {d.trials})")
+    g.add_argument("--max-old-loss", type=_percent, metavar="PCT",
+                   help=meaning("--max-old-loss", "the search's budget, on the items after the registry's --limit "
+                                                  f"(default {d.max_old_loss:g}%%)"))
     g = p.add_argument_group("moe-* options")
     g.add_argument("--top-k", type=int, help=f"{meaning('--top-k')} (default {d.top_k})")
     g.add_argument("--router", choices=list(MOE_ROUTERS),

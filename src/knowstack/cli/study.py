@@ -135,8 +135,7 @@ def add_commands(sub: Any) -> None:
                                       "limit on old-knowledge loss")
     p.add_argument("dir", help="a study dir, or a registry (advice for its next version, from its history)")
     p.add_argument("--max-old-loss", type=percent, default=2.0,
-                   help="how far old knowledge (AVE) may fall below the base's, in percent: 2%% (a bare number "
-                        "below 1 is refused as ambiguous; default 2%%)")
+                   help=meaning("--max-old-loss", "2%% (a bare number below 1 is refused as ambiguous; default 2%%)"))
     p.add_argument("--setting", choices=["semi", "full"],
                    help="semi: the contributors share models only; full: their training data too (default: semi; "
                         "a registry: full when every contribution kept its data)")

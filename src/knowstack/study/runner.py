@@ -22,11 +22,13 @@ from knowstack.errors import KnowstackError
 from knowstack.results import (
     COSTS_CSV,
     PER_EXAMPLE,
+    SEARCH_CSV,
     STUDY_INFO,
     Row,
     write_costs_csv,
     write_csv,
     write_items,
+    write_search_csv,
     write_sqlite,
     write_study_info,
 )
@@ -159,7 +161,10 @@ def write_results(plan: Plan, out: Path) -> list[Row]:
     write_sqlite(rows, out / "results.sqlite", costs)
     write_items(collect_items(plan, out / "artifacts"), out / PER_EXAMPLE)
     write_costs_csv(costs, out / COSTS_CSV)
-    write_study_info(study_info(plan, out / "artifacts"), out / STUDY_INFO)
+    info = study_info(plan, out / "artifacts")
+    write_study_info(info, out / STUDY_INFO)
+    if info.searches:  # each trial of a search as a row, with its point
+        write_search_csv(info.searches, out / SEARCH_CSV)
     return rows
 
 
