@@ -627,7 +627,10 @@ def check_study(config: Any, *, dry_run: bool = False) -> list[Problem]:
         for index, task in enumerate(config.tasks):
             problems += check_task_config(task, field=f"tasks[{index}]")
     old = config.old_knowledge
-    if old.tasks != "builtin":
+    if not old.tasks:  # old knowledge is what every method is judged on keeping: without it no forgetting is measured
+        problems.append(Problem(None, "name at least one lm-eval task (or 'builtin' on the "
+                                "built-in world)", field="old_knowledge.tasks"))
+    elif old.tasks != "builtin":
         problems += check_old_tasks(list(old.tasks), old.include_path)
     elif old.include_path is not None:
         problems += check_old_tasks([], old.include_path)
