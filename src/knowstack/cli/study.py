@@ -28,9 +28,7 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 
 def _shared_cache_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-shared-cache", action="store_true",
-                   help="compute every step in the study dir: link nothing from the shared step cache "
-                        "(KNOWSTACK_CACHE, default ~/.cache/knowstack/steps) and publish nothing to it")
+    p.add_argument("--no-shared-cache", action="store_true", help=meaning("--no-shared-cache"))
 
 
 def cmd_cache(args: argparse.Namespace) -> None:

@@ -47,6 +47,8 @@ MEANINGS: dict[str, str] = {
     "--model": "a model dir",
     "--models": "model dirs and/or PEFT LoRA adapter dirs of one base",
     "--name": "the name of what this command records",
+    "--no-shared-cache": "compute every step in the study dir: link nothing from the shared step cache "
+                         "(KNOWSTACK_CACHE, default ~/.cache/knowstack/steps) and publish nothing to it",
     "--old-tasks": "lm-eval task names of old knowledge",
     "--olora-lambda": "O-LoRA: the penalty's weight",
     "--out": "where the output is written",
