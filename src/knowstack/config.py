@@ -13,10 +13,14 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    create_model,
     field_validator,
     model_validator,
 )
 
+from knowstack.combine.merges import METHODS as MERGE_METHODS
+from knowstack.combine.merges import OPTIONS as MERGE_OPTIONS
+from knowstack.combine.merges import SWEEPABLE_OPTIONS as MERGE_SWEEPABLE
 from knowstack.errors import KnowstackError, located
 
 Finetune = Literal["fft", "lora"]
@@ -247,6 +251,8 @@ class EvaluationConfig(Strict):
 TRAINING_SWEEP = ("lr", "lr_of_pretrain_peak", "epochs", "max_steps", "rank", "alpha")
 LORA_ONLY_SWEEP = ("rank", "alpha")
 SWEEP_COLUMNS = (*TRAINING_SWEEP, "lambda", "fraction", "density", "drop_rate", "top_k", "t", "gamma", "epsilon")
+# the settings of the methods' own a sweep may change, but lambda (MergeConfig's lam)
+OWN_SWEEP = ("fraction", "top_k", *(name for name in MERGE_SWEEPABLE if name != "lambda"))
 SweepValues = list[float] | dict[Finetune, list[float]]
 
 
@@ -289,17 +295,18 @@ class Sweepable(Strict):
 
 
 def _positive(name: str, values: list[float]) -> None:
+    if name in MERGE_OPTIONS:  # a merge option's range is its declaration's (combine/merges/)
+        problems = [MERGE_OPTIONS[name].problem(v) for v in values]
+        if any(problems):
+            raise ValueError(f"sweep '{name}': {next(p for p in problems if p)}")
+        return
     integral = name in ("max_steps", "rank", "top_k")
-    if any(v < 0 or (v == 0 and name not in ("lambda", "drop_rate", "t", "gamma", "epsilon")) for v in values):
+    if any(v <= 0 for v in values):
         raise ValueError(f"sweep '{name}': values must be positive")
     if integral and any(float(v) != int(v) for v in values):
         raise ValueError(f"sweep '{name}': values must be whole numbers")
-    if name in ("fraction", "density", "t") and any(v > 1 for v in values):
+    if name == "fraction" and any(v > 1 for v in values):
         raise ValueError(f"sweep '{name}': values must be at most 1")
-    if name in ("drop_rate", "gamma") and any(v >= 1 for v in values):
-        raise ValueError(f"sweep '{name}': values must be below 1")
-    if name == "epsilon" and any(v >= 0.5 for v in values):
-        raise ValueError("sweep 'epsilon': values must be below 0.5")
 
 
 class MethodConfig(Sweepable):
@@ -357,14 +364,19 @@ class ReplayConfig(MethodConfig):
 
 
 # The merge methods, in combine/merges/ order; each method's module declares the settings it reads (only these
-# enter its step's key, so that changing TIES' density does not redo the average). A test checks the two agree.
-MergeMethodName = Literal["average", "task-average", "ties", "dare", "ties-dare", "task-arithmetic", "breadcrumbs",
-                          "breadcrumbs-ties", "della", "della-linear", "slerp", "multislerp", "karcher", "model-stock",
-                          "regmean", "fisher"]
+# enter its step's key, so that changing TIES' density does not redo the average) and its own options' type,
+# default and range, from which MergeConfig's fields are made.
+MergeMethodName = Literal[tuple(MERGE_METHODS)]  # type: ignore[valid-type]
 LoraSpace = Literal["delta", "factors"]
+# One field per declared merge option (combine/merges/): its type, default and range, `lam` spelt lambda.
+MergeOptionFields = create_model(
+    "MergeOptionFields", __base__=MethodConfig,
+    **{option.field: (option.type, Field(default=option.default, alias=option.name if option.attribute else None,
+                                         **option.bounds))
+       for option in MERGE_OPTIONS.values()})
 
 
-class MergeConfig(MethodConfig):
+class MergeConfig(MergeOptionFields):  # type: ignore[misc,valid-type]
     """Merging the one-round models (FFT) / adapters (LoRA) of all tasks into one model, once per
     method in `methods`. density: the fraction of each task vector TIES keeps; drop_rate: DARE's p;
     lambda: the scale of the merged task vector; seed: DARE's draws (default: the study's seed);
@@ -380,21 +392,11 @@ class MergeConfig(MethodConfig):
     first training examples of each task its statistics are computed on). The definitions: docs/methods.md,
     combine/merges/."""
 
-    SWEEPABLE: ClassVar[tuple[str, ...]] = ("density", "drop_rate", "lambda", "t", "gamma", "epsilon")
+    SWEEPABLE: ClassVar[tuple[str, ...]] = MERGE_SWEEPABLE
     methods: list[MergeMethodName] | dict[Finetune, list[MergeMethodName]] = Field(
         default_factory=lambda: ["average", "ties", "ties-dare"])
-    density: float = Field(default=0.2, gt=0, le=1)
-    drop_rate: float = Field(default=0.9, ge=0, lt=1)
-    lam: float = Field(default=1.0, gt=0, alias="lambda")
-    t: float = Field(default=0.5, ge=0, le=1)
-    gamma: float = Field(default=0.01, ge=0, lt=1)
-    epsilon: float = Field(default=0.15, ge=0, lt=0.5)
-    max_iter: int = Field(default=10, gt=0)
-    tol: float = Field(default=1e-5, gt=0)
-    # FusionBench's RegMean for GPT-2 (config/method/regmean/gpt2_regmean.yaml: reduce_non_diagonal_ratio 0.6) and
-    # Fisher merging (fisher_merging.yaml: minimal_fisher_weight 1e-6, num_fisher_examples 256)
-    regmean_alpha: float = Field(default=0.6, ge=0, le=1)
-    fisher_floor: float = Field(default=1e-6, gt=0)
+    # the merge options (density, drop_rate, lambda, ...): MergeOptionFields' fields, from their declarations
+    # FusionBench's Fisher merging (fisher_merging.yaml: num_fisher_examples 256)
     statistics_examples: int = Field(default=256, gt=0)
     seed: int | None = None
     lora_space: LoraSpace | dict[MergeMethodName, LoraSpace] = "delta"

@@ -10,15 +10,13 @@ from typing import Any
 from knowstack.cli.common import console
 from knowstack.cli.metric import add_metric_option, metric_problems
 from knowstack.cli.options import (
-    MERGE_ONLY_OPTIONS,
-    STATISTICS_MERGE_OPTIONS,
     add_dtype_option,
     add_eval_batch_size,
     add_json_option,
     add_merge_method_options,
     add_out_option,
-    add_statistics_merge_options,
     add_training_options,
+    merge_options_given,
     print_result,
     training_from_args,
 )
@@ -207,11 +205,9 @@ def cmd_merge(args: argparse.Namespace) -> None:
                              inputs=[args.base, *args.models, *(args.statistics or [])])
     problems += check_model_dir(args.base, tokenizer=False) if args.base else []
     raise_problems(problems + [p for path in args.models for p in check_weights_dir(path)])
-    out = api.merge(args.method, args.models, args.out, base=args.base, weights=args.weights, density=args.density,
-                    drop_rate=args.drop_rate, lam=args.lam, lora_space=args.lora_space, seed=args.seed,
-                    max_shard_gb=args.max_shard_gb, progress=True, statistics=args.statistics, dtype=args.dtype,
-                    **{name: getattr(args, name) for name in MERGE_ONLY_OPTIONS + STATISTICS_MERGE_OPTIONS
-                       if getattr(args, name) is not None})
+    out = api.merge(args.method, args.models, args.out, base=args.base, weights=args.weights,
+                    lora_space=args.lora_space, seed=args.seed, max_shard_gb=args.max_shard_gb, progress=True,
+                    statistics=args.statistics, dtype=args.dtype, **merge_options_given(args))
     record = json.loads((out / "merge.json").read_text(encoding="utf-8"))
     print_result(args, {**record, "out": str(out)}, f"merged model: {out}")
 
@@ -394,7 +390,6 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--models", nargs="+", required=True, help=meaning("--models"))
     p.add_argument("--weights", nargs="+", type=float, help="one positive weight per model (default: equal)")
     add_merge_method_options(p)
-    add_statistics_merge_options(p)
     p.add_argument("--statistics", nargs="+", metavar="DIR",
                    help=meaning("--statistics", "regmean, fisher: one dir per model, in the models' order"))
     p.add_argument("--seed", type=int, help=meaning("--seed", "the random drops of dare, ties-dare, della, "

@@ -16,7 +16,6 @@ from knowstack.cli.options import (
     add_json_option,
     add_merge_method_options,
     add_out_option,
-    add_statistics_merge_options,
     print_result,
 )
 from knowstack.cli.vocabulary import add_deprecated, meaning
@@ -225,7 +224,6 @@ def _add_compose_args(p: argparse.ArgumentParser) -> None:
     add_json_option(p, "the new version's record")
     g = p.add_argument_group("merge-* options (each method reads its own: docs/methods.md)")
     add_merge_method_options(g)
-    add_statistics_merge_options(g)
     g = p.add_argument_group("moe-* options")
     g.add_argument("--top-k", type=int, help=f"{meaning('--top-k')} (default {d.top_k})")
     g.add_argument("--router", choices=list(MOE_ROUTERS),

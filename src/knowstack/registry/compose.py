@@ -530,7 +530,7 @@ def _read_by(method: Method, given: dict[str, Any]) -> dict[str, Any]:
 
     merge = method.name.removeprefix(f"{method.catalog}-") if method.catalog in ("merge", "continual-merge") else None
     if merge is not None and "density" in given:
-        merge_names = {f.name for f in fields(MergeOptions)}
+        merge_names = set(MergeOptions.attributes())
         checked = get_method(merge).options_from({k: v for k, v in given.items() if k in merge_names})
         given = {**{k: v for k, v in given.items() if k not in merge_names},
                  **{k: getattr(checked, k) for k in method.knobs if k in merge_names}}
