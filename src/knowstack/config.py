@@ -32,6 +32,11 @@ PAPER_LR = 2e-5
 # The study configs shipped with the package (`knowstack demo`'s, the built-in worlds' recipes).
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 Protocol = Literal["builtin", "paper"]
+PROTOCOLS: tuple[str, ...] = get_args(Protocol)
+# How new-knowledge answers are read and scored unless a config, command or call says otherwise (evaluate/protocols.py)
+DEFAULT_PROTOCOL = "builtin"
+# An evaluation's examples per forward pass (new and old knowledge, every command and API call that evaluates)
+EVAL_BATCH_SIZE = 32
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -125,7 +130,7 @@ class OldKnowledgeConfig(Strict):
     metric: OldMetric = DEFAULT_OLD_METRIC
     limit: int | None = Field(default=None, gt=0)
     num_fewshot: int | None = Field(default=None, ge=0)
-    batch_size: int = Field(default=32, gt=0)
+    batch_size: int = Field(default=EVAL_BATCH_SIZE, gt=0)
     # Whether lm-eval's prompts start with the BOS token: None, as the tokenizer does by default (lm-eval since
     # 0.4.8's); false, as lm-eval up to mid-2024 ran a causal LM (the paper's). Passed to lm-eval explicitly, so the
     # scores do not depend on the installed harness's default; the value used is kept beside them.
@@ -238,8 +243,8 @@ class TrainingConfig(Strict):
 
 class EvaluationConfig(Strict):
     # How new-knowledge tasks are scored (evaluate/protocols.py): the paper's scoring, or the built-in world's.
-    protocol: Protocol = "builtin"
-    batch_size: int = Field(default=32, gt=0)
+    protocol: Protocol = DEFAULT_PROTOCOL
+    batch_size: int = Field(default=EVAL_BATCH_SIZE, gt=0)
     max_test: int | None = Field(default=None, gt=0)
     max_new_tokens: dict[str, int] = Field(default_factory=dict)
     # lm-eval's BOS for the tasks it scores (GSM8K under the paper's protocol), as old_knowledge.add_bos_token

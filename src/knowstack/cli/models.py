@@ -15,6 +15,7 @@ from knowstack.cli.options import (
     add_json_option,
     add_merge_method_options,
     add_out_option,
+    add_protocol_option,
     add_training_options,
     merge_options_given,
     print_result,
@@ -359,8 +360,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--include-path", help=meaning("--include-path"))
     add_eval_batch_size(p)
     p.add_argument("--limit", type=int, help=meaning("--limit"))
-    p.add_argument("--protocol", choices=["builtin", "paper"], default="builtin",
-                   help=f"{meaning('--protocol')} (default builtin)")
+    add_protocol_option(p)
     p.add_argument("--out", help=meaning("--out", "the scores as JSON"))
     add_json_option(p)
     p.set_defaults(func=cmd_eval)
@@ -374,8 +374,7 @@ def add_commands(sub: Any) -> None:
                    help='JSON Lines of {"prediction": ...} in test order, or a JSON list of strings')
     p.add_argument("--format", choices=["trace", "math"], default="trace", help=meaning("--format"))
     add_metric_option(p)
-    p.add_argument("--protocol", choices=["builtin", "paper"], default="builtin",
-                   help=f"{meaning('--protocol')} (default builtin)")
+    add_protocol_option(p)
     add_json_option(p, "one JSON object {metric: value}")
     p.add_argument("--out", help=meaning("--out", "one JSON line per test item (prompt, reference, prediction, "
                                                   "answer, scores)"))

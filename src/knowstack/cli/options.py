@@ -179,12 +179,23 @@ def add_dtype_option(parser: Any, what: str) -> None:
                         help=meaning("--dtype", f"{what} (default auto: the base's)"))
 
 
-def add_eval_batch_size(parser: Any, default: int = 32, *, old_name: bool = True) -> None:
-    """--eval-batch-size (an evaluation's batch); --batch-size, its old name in the commands that do not train."""
+def add_eval_batch_size(parser: Any, *, old_name: bool = True) -> None:
+    """--eval-batch-size (an evaluation's batch, default config.py's EVAL_BATCH_SIZE); --batch-size, its old name in
+    the commands that do not train."""
+    from knowstack.config import EVAL_BATCH_SIZE as default
+
     option = parser.add_argument("--eval-batch-size", type=int, default=default,
                                  help=f"{meaning('--eval-batch-size')} (default {default})")
     if old_name:
         add_deprecated(parser, "--batch-size", option)
+
+
+def add_protocol_option(parser: Any) -> None:
+    """--protocol: how new-knowledge answers are read and scored (config.py's PROTOCOLS, DEFAULT_PROTOCOL)."""
+    from knowstack.config import DEFAULT_PROTOCOL, PROTOCOLS
+
+    parser.add_argument("--protocol", choices=list(PROTOCOLS), default=DEFAULT_PROTOCOL,
+                        help=f"{meaning('--protocol')} (default {DEFAULT_PROTOCOL})")
 
 
 def add_json_option(parser: Any, what: str = "") -> None:
