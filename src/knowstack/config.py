@@ -486,6 +486,46 @@ MOE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+PER_MODULE_ROUTERS = ("arrow", "gates")  # built per module from each adapter, training-free
+
+
+def moe_problems(kinds: set[str], *, router: str, base_expert: str, attention: bool, routing: str | None,
+                 trains: bool, temperature: bool, gate_training: bool = False) -> list[tuple[str, str]]:
+    """What cannot go together in a mixture, as (setting, message), the first first: the one check of each rule,
+    made where a study's config is read (MoeConfig, for every kind of expert it mixes) and where a mixture is built
+    (combine/moe.py, for its kind). kinds: fft and/or lora; attention, trains (router training), temperature and
+    gate_training: whether each is given; routing: as given (None: the router's own)."""
+    module_router = router in PER_MODULE_ROUTERS
+    rules = [
+        (router == "base-biased" and base_expert != "routed", "router",
+         "the base-biased router needs the base as a routed expert (base_expert: routed)"),
+        ("lora" in kinds and base_expert == "always-on", "base_expert",
+         "a LoRA-MoE always keeps the base: the adapters add to it ('base_expert: always-on' is for FFT-MoE; use "
+         "'routed' for a null expert)"),
+        ("lora" in kinds and attention, "attention",
+         "a LoRA-MoE already mixes every module its adapters target ('attention' is for FFT-MoE, experts: [fft])"),
+        (router == "none" and trains, "router_training", "a router-free MoE ('router: none') has no router to train"),
+        ("fft" in kinds and routing is not None, "routing",
+         "'routing' is for LoRA-MoE (experts: [lora]): an FFT-MoE routes each mixed MLP, and each mixed attention "
+         "projection"),
+        (module_router and "fft" in kinds, "router",
+         f"the {router} router is built from LoRA adapters: use experts: [lora] (mix LoRA adapters)"),
+        (module_router and routing == "layer", "routing",
+         f"the {router} router is per module: leave 'routing' unset or 'module'"),
+        (module_router and base_expert == "routed", "base_expert",
+         f"the {router} router has no row for the base (a null adapter): base_expert must be none"),
+        (module_router and trains, "router_training",
+         f"the {router} router is training-free (its rows come from the adapters): leave router training out"),
+        (router != "gates" and gate_training, "gate_training", "'gate_training' is the gates router's (router: gates)"),
+        (router != "arrow" and temperature, "temperature", "'temperature' is the arrow router's"),
+        (router in ("hidden", "cheap-embed") and routing == "module", "routing",
+         f"the {router} router builds one row per layer from hidden states: leave 'routing' unset or 'layer'"),
+        (router == "moetify" and "lora" in kinds and routing == "layer", "routing",
+         "moetify's LoRA-MoE has a router per module: leave 'routing' unset or 'module'"),
+    ]
+    return [(field, message) for failed, field, message in rules if failed]
+
+
 class MoeConfig(Sweepable):
     """Mixing the one-round models (experts: fft, a Mixtral-style FFT-MoE) or adapters (lora, a LoRA-MoE)
     of all tasks, or of `tasks` (a list, or per kind of expert: {fft: [...]} mixes those for the FFT-MoE and all
@@ -556,33 +596,12 @@ class MoeConfig(Sweepable):
         for listed in self.tasks.values() if isinstance(self.tasks, dict) else [self.tasks]:
             if listed is not None and (not listed or len(set(listed)) != len(listed)):
                 raise ValueError("'tasks' names each task to mix once, at least one")
-        if self.router == "base-biased" and self.base_expert != "routed":
-            raise ValueError("the base-biased router needs 'base_expert: routed'")
-        if self.base_expert == "always-on" and "lora" in self.experts:
-            raise ValueError("'base_expert: always-on' is for FFT-MoE: a LoRA-MoE always keeps the base")
-        if self.attention is not None and "lora" in self.experts:
-            raise ValueError("'attention' is for FFT-MoE (experts: [fft]): a LoRA-MoE already mixes every module "
-                             "its adapters target")
-        if self.router == "none" and self.router_training is not None:
-            raise ValueError("a router-free MoE ('router: none') has no router to train")
-        if self.routing is not None and "fft" in self.experts:
-            raise ValueError("'routing' is for LoRA-MoE (experts: [lora]): an FFT-MoE routes each mixed MLP")
-        if self.router in ("arrow", "gates"):
-            if "fft" in self.experts:
-                raise ValueError(f"the {self.router} router is built from LoRA adapters: use experts: [lora]")
-            if self.routing == "layer":
-                raise ValueError(f"the {self.router} router is per module: leave 'routing' unset or 'module'")
-            if self.base_expert == "routed" or self.router_training is not None:
-                raise ValueError(f"the {self.router} router is training-free and has no row for the base: no "
-                                 "router_training, base_expert: none")
-        if self.router != "gates" and self.gate_training is not None:
-            raise ValueError("'gate_training' is the gates router's (router: gates)")
-        if self.router != "arrow" and self.temperature is not None:
-            raise ValueError("'temperature' is the arrow router's")
-        if self.router in ("hidden", "cheap-embed") and self.routing == "module":
-            raise ValueError(f"the {self.router} router is one row per layer: leave 'routing' unset or 'layer'")
-        if self.router == "moetify" and self.routing == "layer":
-            raise ValueError("moetify's LoRA-MoE has a router per module: leave 'routing' unset or 'module'")
+        problems = moe_problems(set(self.experts), router=self.router, base_expert=self.base_expert,
+                                attention=bool(self.attention), routing=self.routing,
+                                trains=self.router_training is not None, temperature=self.temperature is not None,
+                                gate_training=self.gate_training is not None)
+        if problems:
+            raise ValueError(problems[0][1])
         return self
 
 
