@@ -8,6 +8,7 @@ from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -373,11 +374,23 @@ class ReplayConfig(MethodConfig):
 # default and range, from which MergeConfig's fields are made.
 MergeMethodName = Literal[tuple(MERGE_METHODS)]  # type: ignore[valid-type]
 LoraSpace = Literal["delta", "factors"]
+
+
+def _in_range(option: Any) -> AfterValidator:
+    """The option's one range check (combine/merges/ Option.problem), as pydantic runs it."""
+    def check(value: Any) -> Any:
+        problem = option.problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+    return AfterValidator(check)
+
+
 # One field per declared merge option (combine/merges/): its type, default and range, `lam` spelt lambda.
 MergeOptionFields = create_model(
     "MergeOptionFields", __base__=MethodConfig,
-    **{option.field: (option.type, Field(default=option.default, alias=option.name if option.attribute else None,
-                                         **option.bounds))
+    **{option.field: (Annotated[option.type, _in_range(option)],
+                      Field(default=option.default, alias=option.name if option.attribute else None))
        for option in MERGE_OPTIONS.values()})
 
 

@@ -48,11 +48,6 @@ class Option:
     def field(self) -> str:
         return self.attribute or self.name
 
-    @property
-    def bounds(self) -> dict[str, float]:
-        """The bounds as pydantic's Field takes them."""
-        return {k: v for k, v in (("gt", self.gt), ("ge", self.ge), ("lt", self.lt), ("le", self.le)) if v is not None}
-
     def range_text(self) -> str:
         """'in (0, 1]', 'positive', 'at least 1', ..."""
         low = f"({self.gt:g}" if self.gt is not None else f"[{self.ge:g}" if self.ge is not None else None
