@@ -256,7 +256,9 @@ class EvaluationConfig(Strict):
 # trained method), and each method's own. Each is also a results column, filled where a point sets it.
 TRAINING_SWEEP = ("lr", "lr_of_pretrain_peak", "epochs", "max_steps", "rank", "alpha")
 LORA_ONLY_SWEEP = ("rank", "alpha")
-SWEEP_COLUMNS = (*TRAINING_SWEEP, "lambda", "fraction", "density", "drop_rate", "top_k", "t", "gamma", "epsilon")
+_COLUMNS = (*TRAINING_SWEEP, "lambda", "fraction", "density", "drop_rate", "top_k", "t", "gamma", "epsilon")
+# a sweepable option a merge method declares later is a column too, after these (results files keep their columns)
+SWEEP_COLUMNS = (*_COLUMNS, *(name for name in MERGE_SWEEPABLE if name not in _COLUMNS))
 # the settings of the methods' own a sweep may change, but lambda (MergeConfig's lam)
 OWN_SWEEP = ("fraction", "top_k", *(name for name in MERGE_SWEEPABLE if name != "lambda"))
 SweepValues = list[float] | dict[Finetune, list[float]]
