@@ -35,6 +35,7 @@ MEANINGS: dict[str, str] = {
     "--lora-r": "LoRA's rank",
     "--lr": "learning rate of the training this command runs",
     "--max-length": "tokens per example",
+    "--max-old-loss": "how far old knowledge (AVE) may fall below the base's, in percent",
     "--max-shard-gb": "largest output shard, in GB",
     "--method": "the method",
     "--metric": "the task's metric",
