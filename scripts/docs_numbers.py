@@ -625,6 +625,13 @@ def vocabulary(_: object) -> str:
     return vocabulary_table(build_parser())
 
 
+def merge_options(_: object) -> str:
+    """docs/methods.md's table of the merge options, from their one declaration each (combine/merges/)."""
+    from knowstack.combine.merges import options_table
+
+    return options_table()
+
+
 def claims(_: object) -> str:
     """docs/claims.md's table: every claim, the paper's sentence it tests and its comparison, from claims.py."""
     from knowstack.report.claims import claims_markdown
@@ -672,6 +679,7 @@ BLOCKS: dict[str, Generator] = {
     "memory": Generator(("memory",), memory),
     "vocabulary": Generator(("vocabulary",), vocabulary),
     "claims": Generator(("claims",), claims),
+    "merge-options": Generator(("merge_options",), merge_options),
     "search": Generator(("search",), search_results),
 }
 READERS: dict[str, Callable[[Path, str], object]] = {
@@ -689,10 +697,11 @@ READERS: dict[str, Callable[[Path, str], object]] = {
     "memory": lambda p, o: p,
     "vocabulary": lambda p, o: p,
     "claims": lambda p, o: p,
+    "merge_options": lambda p, o: p,
     "spread": lambda ps, o: [Study.read(p, o) for p in ps],
 }
 FILE_OPTIONS = {"scale", "families", "kernel_paths"}  # options naming a file, not a results dir
-FLAG_OPTIONS = {"vocabulary", "claims"}  # options naming nothing: their blocks are read from the code
+FLAG_OPTIONS = {"vocabulary", "claims", "merge_options"}  # options naming nothing: their blocks are read from the code
 
 
 def rewrite(text: str, inputs: dict[str, object], where: Path) -> tuple[str, list[str], list[str]]:
@@ -737,6 +746,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="docs/commands.md's table of options, from the command-line parsers")
     parser.add_argument("--claims", action="store_true", default=None,
                         help="docs/claims.md's table of the paper's findings, from src/knowstack/report/claims.py")
+    parser.add_argument("--merge-options", action="store_true", default=None,
+                        help="docs/methods.md's table of the merge options, from their declarations (combine/merges/)")
     parser.add_argument("--root", type=Path, default=ROOT, help="the checkout whose README.md and docs/ to rewrite")
     parser.add_argument("--check", action="store_true", help="rewrite nothing; exit 1 if a block would change")
     args = parser.parse_args(argv)
@@ -754,7 +765,8 @@ def main(argv: list[str] | None = None) -> int:
             inputs[option] = READERS[option](given, flag)
         if not inputs:
             raise KnowstackError("no results dir given (--demo, --base, --quick-all, --full, --catalog, --search, --registry, --spread, "
-                                 "--speed, --memory, --families, --scale, --vocabulary, --claims, --kernel-paths)")
+                                 "--speed, --memory, --families, --scale, --vocabulary, --claims, --merge-options, "
+                                 "--kernel-paths)")
         changed = {}
         for name in doc_files(args.root):
             doc = args.root / name

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from knowstack.config import DEFAULT_PROTOCOL, EVAL_BATCH_SIZE
 from knowstack.errors import KnowstackError
 from knowstack.logs import KnowstackDeprecation, quiet_call
 
@@ -447,16 +448,13 @@ def gate(base: PathLike, adapter: PathLike, train_data: Sequence[PathLike], *, s
     """A contributor's gates for their LoRA adapter (PHATGOOSE), as `knowstack gate`: one vector per module the
     adapter targets, trained on the TRACE-format files train_data with base and adapter frozen, written into
     the adapter dir (train/gate_training.py GATES_FILE) for the `gates` router; steps, lr, batch_size default to
-    GateTraining's (100, 1e-3, 8), max_length to the training recipe's. Returns a summary with the loss curve."""
-    from dataclasses import replace
-
-    from knowstack.config import TrainingConfig
+    config.py GateTrainingConfig's, max_length to the training recipe's. Returns a summary with the
+    loss curve."""
     from knowstack.data.formats import load_trace_split
     from knowstack.train.gate_training import GateTraining, gate_adapter
 
-    given = {"steps": steps, "lr": lr, "batch_size": batch_size}
-    settings = replace(GateTraining(max_length=max_length or TrainingConfig().max_length, seed=seed),
-                       **{name: value for name, value in given.items() if value is not None})
+    given = {"steps": steps, "lr": lr, "batch_size": batch_size, "max_length": max_length}
+    settings = GateTraining(seed=seed, **{name: value for name, value in given.items() if value is not None})
     examples = [example for file in train_data for example in load_trace_split(Path(file))]
     return gate_adapter(base, adapter, examples, settings)
 
@@ -494,14 +492,14 @@ def _scores(loaded: Any, tokenizer: Any, spec: TaskSpec, *, limit: int | None, b
 @quiet_call
 def score(model: PathLike, task: PathLike | TaskSpec, *, metric: str | None = None, adapter: PathLike | None = None,
           task_format: str = "trace", limit: int | None = None, eval_batch_size: int | None = None,
-          max_new_tokens: int | None = None, protocol: str = "builtin", batch_size: int | None = None) -> TaskScores:
+          max_new_tokens: int | None = None, protocol: str = DEFAULT_PROTOCOL, batch_size: int | None = None) -> TaskScores:
     """A model (+ adapter) on one task's test split, as `knowstack eval --task` (evaluate/new_knowledge.py);
     metric: default what defines the task (its knowstack-task.json, the built-in world, TRACE's task names; see
     docs/commands.md); protocol: how answers are read and scored (builtin, or paper: the paper's TRACE/GSM8K
     scoring); eval_batch_size: examples per forward pass (default 32; batch_size: its deprecated name)."""
     from dataclasses import replace
 
-    batch_size = _renamed(eval_batch_size, batch_size, "eval_batch_size", "batch_size", 32)
+    batch_size = _renamed(eval_batch_size, batch_size, "eval_batch_size", "batch_size", EVAL_BATCH_SIZE)
     spec, source = _task_spec(task, metric, task_format)
     loaded, tokenizer = _load(model, adapter)
     scores = _scores(loaded, tokenizer, spec, limit=limit, batch_size=batch_size, protocol=protocol,
@@ -512,7 +510,7 @@ def score(model: PathLike, task: PathLike | TaskSpec, *, metric: str | None = No
 @quiet_call
 def evaluate(model: PathLike, *, adapter: PathLike | None = None, tasks: Mapping[str, PathLike | TaskSpec] | None = None,
              metric: str | None = None, old_tasks: Sequence[str] = (), include_path: PathLike | None = None,
-             limit: int | None = None, eval_batch_size: int | None = None, protocol: str = "builtin",
+             limit: int | None = None, eval_batch_size: int | None = None, protocol: str = DEFAULT_PROTOCOL,
              batch_size: int | None = None) -> dict[str, dict[str, float]]:
     """`knowstack eval` for several tasks at once: {task: {metric: value}} for each new task (tasks: {name: dir,
     or a TaskSpec}, each scored with its own metric, or with `metric` where given) and each lm-eval old-knowledge
@@ -520,7 +518,7 @@ def evaluate(model: PathLike, *, adapter: PathLike | None = None, tasks: Mapping
     deprecated name)."""
     from knowstack.evaluate.old_knowledge import evaluate_old_knowledge
 
-    batch_size = _renamed(eval_batch_size, batch_size, "eval_batch_size", "batch_size", 32)
+    batch_size = _renamed(eval_batch_size, batch_size, "eval_batch_size", "batch_size", EVAL_BATCH_SIZE)
     if not tasks and not old_tasks:
         raise KnowstackError("nothing to evaluate: give tasks and/or old_tasks")
     specs = {name: _task_spec(path, metric)[0] for name, path in (tasks or {}).items()}
@@ -536,7 +534,7 @@ def evaluate(model: PathLike, *, adapter: PathLike | None = None, tasks: Mapping
 
 @quiet_call
 def score_predictions(task: PathLike, predictions: PathLike | Sequence[str], *, metric: str | None = None,
-                      task_format: str = "trace", protocol: str = "builtin") -> TaskScores:
+                      task_format: str = "trace", protocol: str = DEFAULT_PROTOCOL) -> TaskScores:
     """Predictions made elsewhere (vLLM, another harness) scored on a task's test split with the same reading
     and metrics as an evaluation, as `knowstack score`: task is a TRACE task dir or, with task_format="math", a
     GSM8K-format test file; predictions one per test item, in order: the strings, or a file (JSON Lines of
@@ -573,7 +571,7 @@ def init_registry(root: PathLike, base: PathLike, *, old_tasks: Sequence[str] = 
     base's record."""
     from knowstack.registry.base import init_registry as init
 
-    batch_size = _renamed(eval_batch_size, batch_size, "eval_batch_size", "batch_size", 32)
+    batch_size = _renamed(eval_batch_size, batch_size, "eval_batch_size", "batch_size", EVAL_BATCH_SIZE)
     return init(root, base, old_tasks=old_tasks, include_path=include_path, batch_size=batch_size, limit=limit)
 
 
@@ -598,7 +596,7 @@ def contribute(root: PathLike, name: str, *, task: PathLike, adapter: PathLike |
     (`extract_lora`)."""
     from knowstack.registry.contribute import contribute as add
 
-    batch_size = _renamed(eval_batch_size, batch_size, "eval_batch_size", "batch_size", 32)
+    batch_size = _renamed(eval_batch_size, batch_size, "eval_batch_size", "batch_size", EVAL_BATCH_SIZE)
     return add(root, name, task=task, adapter=adapter, model=model, metric=metric, keep_data=keep_data,
                task_format=task_format, author=author, training_config=training_config, batch_size=batch_size,
                statistics=statistics, as_lora=as_lora)
@@ -614,7 +612,7 @@ def compose(root: PathLike, method: str, *, options: Mapping[str, Any] | None = 
     from knowstack.registry.compose import options_from
 
     kwargs["batch_size"] = _renamed(kwargs.pop("eval_batch_size", None), kwargs.pop("batch_size", None),
-                                    "eval_batch_size", "batch_size", 32)
+                                    "eval_batch_size", "batch_size", EVAL_BATCH_SIZE)
     return build(root, method, options=options_from(dict(options or {}), method), **kwargs)
 
 

@@ -8,15 +8,20 @@ from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
+    create_model,
     field_validator,
     model_validator,
 )
 
+from knowstack.combine.merges import METHODS as MERGE_METHODS
+from knowstack.combine.merges import OPTIONS as MERGE_OPTIONS
+from knowstack.combine.merges import SWEEPABLE_OPTIONS as MERGE_SWEEPABLE
 from knowstack.errors import KnowstackError, located
 
 Finetune = Literal["fft", "lora"]
@@ -28,6 +33,11 @@ PAPER_LR = 2e-5
 # The study configs shipped with the package (`knowstack demo`'s, the built-in worlds' recipes).
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 Protocol = Literal["builtin", "paper"]
+PROTOCOLS: tuple[str, ...] = get_args(Protocol)
+# How new-knowledge answers are read and scored unless a config, command or call says otherwise (evaluate/protocols.py)
+DEFAULT_PROTOCOL = "builtin"
+# An evaluation's examples per forward pass (new and old knowledge, every command and API call that evaluates)
+EVAL_BATCH_SIZE = 32
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -121,7 +131,7 @@ class OldKnowledgeConfig(Strict):
     metric: OldMetric = DEFAULT_OLD_METRIC
     limit: int | None = Field(default=None, gt=0)
     num_fewshot: int | None = Field(default=None, ge=0)
-    batch_size: int = Field(default=32, gt=0)
+    batch_size: int = Field(default=EVAL_BATCH_SIZE, gt=0)
     # Whether lm-eval's prompts start with the BOS token: None, as the tokenizer does by default (lm-eval since
     # 0.4.8's); false, as lm-eval up to mid-2024 ran a causal LM (the paper's). Passed to lm-eval explicitly, so the
     # scores do not depend on the installed harness's default; the value used is kept beside them.
@@ -247,8 +257,8 @@ class TrainingConfig(Strict):
 
 class EvaluationConfig(Strict):
     # How new-knowledge tasks are scored (evaluate/protocols.py): the paper's scoring, or the built-in world's.
-    protocol: Protocol = "builtin"
-    batch_size: int = Field(default=32, gt=0)
+    protocol: Protocol = DEFAULT_PROTOCOL
+    batch_size: int = Field(default=EVAL_BATCH_SIZE, gt=0)
     max_test: int | None = Field(default=None, gt=0)
     max_new_tokens: dict[str, int] = Field(default_factory=dict)
     # lm-eval's BOS for the tasks it scores (GSM8K under the paper's protocol), as old_knowledge.add_bos_token
@@ -259,7 +269,11 @@ class EvaluationConfig(Strict):
 # trained method), and each method's own. Each is also a results column, filled where a point sets it.
 TRAINING_SWEEP = ("lr", "lr_of_pretrain_peak", "epochs", "max_steps", "rank", "alpha")
 LORA_ONLY_SWEEP = ("rank", "alpha")
-SWEEP_COLUMNS = (*TRAINING_SWEEP, "lambda", "fraction", "density", "drop_rate", "top_k", "t", "gamma", "epsilon")
+_COLUMNS = (*TRAINING_SWEEP, "lambda", "fraction", "density", "drop_rate", "top_k", "t", "gamma", "epsilon")
+# a sweepable option a merge method declares later is a column too, after these (results files keep their columns)
+SWEEP_COLUMNS = (*_COLUMNS, *(name for name in MERGE_SWEEPABLE if name not in _COLUMNS))
+# the settings of the methods' own a sweep may change, but lambda (MergeConfig's lam)
+OWN_SWEEP = ("fraction", "top_k", *(name for name in MERGE_SWEEPABLE if name != "lambda"))
 SweepValues = list[float] | dict[Finetune, list[float]]
 
 
@@ -302,17 +316,18 @@ class Sweepable(Strict):
 
 
 def _positive(name: str, values: list[float]) -> None:
+    if name in MERGE_OPTIONS:  # a merge option's range is its declaration's (combine/merges/)
+        problems = [MERGE_OPTIONS[name].problem(v) for v in values]
+        if any(problems):
+            raise ValueError(f"sweep '{name}': {next(p for p in problems if p)}")
+        return
     integral = name in ("max_steps", "rank", "top_k")
-    if any(v < 0 or (v == 0 and name not in ("lambda", "drop_rate", "t", "gamma", "epsilon")) for v in values):
+    if any(v <= 0 for v in values):
         raise ValueError(f"sweep '{name}': values must be positive")
     if integral and any(float(v) != int(v) for v in values):
         raise ValueError(f"sweep '{name}': values must be whole numbers")
-    if name in ("fraction", "density", "t") and any(v > 1 for v in values):
+    if name == "fraction" and any(v > 1 for v in values):
         raise ValueError(f"sweep '{name}': values must be at most 1")
-    if name in ("drop_rate", "gamma") and any(v >= 1 for v in values):
-        raise ValueError(f"sweep '{name}': values must be below 1")
-    if name == "epsilon" and any(v >= 0.5 for v in values):
-        raise ValueError("sweep 'epsilon': values must be below 0.5")
 
 
 class MethodConfig(Sweepable):
@@ -370,14 +385,31 @@ class ReplayConfig(MethodConfig):
 
 
 # The merge methods, in combine/merges/ order; each method's module declares the settings it reads (only these
-# enter its step's key, so that changing TIES' density does not redo the average). A test checks the two agree.
-MergeMethodName = Literal["average", "task-average", "ties", "dare", "ties-dare", "task-arithmetic", "breadcrumbs",
-                          "breadcrumbs-ties", "della", "della-linear", "slerp", "multislerp", "karcher", "model-stock",
-                          "regmean", "fisher"]
+# enter its step's key, so that changing TIES' density does not redo the average) and its own options' type,
+# default and range, from which MergeConfig's fields are made.
+MergeMethodName = Literal[tuple(MERGE_METHODS)]  # type: ignore[valid-type]
 LoraSpace = Literal["delta", "factors"]
 
 
-class MergeConfig(MethodConfig):
+def _in_range(option: Any) -> AfterValidator:
+    """The option's one range check (combine/merges/ Option.problem), as pydantic runs it."""
+    def check(value: Any) -> Any:
+        problem = option.problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+    return AfterValidator(check)
+
+
+# One field per declared merge option (combine/merges/): its type, default and range, `lam` spelt lambda.
+MergeOptionFields = create_model(
+    "MergeOptionFields", __base__=MethodConfig,
+    **{option.field: (Annotated[option.type, _in_range(option)],
+                      Field(default=option.default, alias=option.name if option.attribute else None))
+       for option in MERGE_OPTIONS.values()})
+
+
+class MergeConfig(MergeOptionFields):  # type: ignore[misc,valid-type]
     """Merging the one-round models (FFT) / adapters (LoRA) of all tasks into one model, once per
     method in `methods`. density: the fraction of each task vector TIES keeps; drop_rate: DARE's p;
     lambda: the scale of the merged task vector; seed: DARE's draws (default: the study's seed);
@@ -393,21 +425,11 @@ class MergeConfig(MethodConfig):
     first training examples of each task its statistics are computed on). The definitions: docs/methods.md,
     combine/merges/."""
 
-    SWEEPABLE: ClassVar[tuple[str, ...]] = ("density", "drop_rate", "lambda", "t", "gamma", "epsilon")
+    SWEEPABLE: ClassVar[tuple[str, ...]] = MERGE_SWEEPABLE
     methods: list[MergeMethodName] | dict[Finetune, list[MergeMethodName]] = Field(
         default_factory=lambda: ["average", "ties", "ties-dare"])
-    density: float = Field(default=0.2, gt=0, le=1)
-    drop_rate: float = Field(default=0.9, ge=0, lt=1)
-    lam: float = Field(default=1.0, gt=0, alias="lambda")
-    t: float = Field(default=0.5, ge=0, le=1)
-    gamma: float = Field(default=0.01, ge=0, lt=1)
-    epsilon: float = Field(default=0.15, ge=0, lt=0.5)
-    max_iter: int = Field(default=10, gt=0)
-    tol: float = Field(default=1e-5, gt=0)
-    # FusionBench's RegMean for GPT-2 (config/method/regmean/gpt2_regmean.yaml: reduce_non_diagonal_ratio 0.6) and
-    # Fisher merging (fisher_merging.yaml: minimal_fisher_weight 1e-6, num_fisher_examples 256)
-    regmean_alpha: float = Field(default=0.6, ge=0, le=1)
-    fisher_floor: float = Field(default=1e-6, gt=0)
+    # the merge options (density, drop_rate, lambda, ...): MergeOptionFields' fields, from their declarations
+    # FusionBench's Fisher merging (fisher_merging.yaml: num_fisher_examples 256)
     statistics_examples: int = Field(default=256, gt=0)
     seed: int | None = None
     lora_space: LoraSpace | dict[MergeMethodName, LoraSpace] = "delta"
@@ -542,6 +564,46 @@ MOE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+PER_MODULE_ROUTERS = ("arrow", "gates")  # built per module from each adapter, training-free
+
+
+def moe_problems(kinds: set[str], *, router: str, base_expert: str, attention: bool, routing: str | None,
+                 trains: bool, temperature: bool, gate_training: bool = False) -> list[tuple[str, str]]:
+    """What cannot go together in a mixture, as (setting, message), the first first: the one check of each rule,
+    made where a study's config is read (MoeConfig, for every kind of expert it mixes) and where a mixture is built
+    (combine/moe.py, for its kind). kinds: fft and/or lora; attention, trains (router training), temperature and
+    gate_training: whether each is given; routing: as given (None: the router's own)."""
+    module_router = router in PER_MODULE_ROUTERS
+    rules = [
+        (router == "base-biased" and base_expert != "routed", "router",
+         "the base-biased router needs the base as a routed expert (base_expert: routed)"),
+        ("lora" in kinds and base_expert == "always-on", "base_expert",
+         "a LoRA-MoE always keeps the base: the adapters add to it ('base_expert: always-on' is for FFT-MoE; use "
+         "'routed' for a null expert)"),
+        ("lora" in kinds and attention, "attention",
+         "a LoRA-MoE already mixes every module its adapters target ('attention' is for FFT-MoE, experts: [fft])"),
+        (router == "none" and trains, "router_training", "a router-free MoE ('router: none') has no router to train"),
+        ("fft" in kinds and routing is not None, "routing",
+         "'routing' is for LoRA-MoE (experts: [lora]): an FFT-MoE routes each mixed MLP, and each mixed attention "
+         "projection"),
+        (module_router and "fft" in kinds, "router",
+         f"the {router} router is built from LoRA adapters: use experts: [lora] (mix LoRA adapters)"),
+        (module_router and routing == "layer", "routing",
+         f"the {router} router is per module: leave 'routing' unset or 'module'"),
+        (module_router and base_expert == "routed", "base_expert",
+         f"the {router} router has no row for the base (a null adapter): base_expert must be none"),
+        (module_router and trains, "router_training",
+         f"the {router} router is training-free (its rows come from the adapters): leave router training out"),
+        (router != "gates" and gate_training, "gate_training", "'gate_training' is the gates router's (router: gates)"),
+        (router != "arrow" and temperature, "temperature", "'temperature' is the arrow router's"),
+        (router in ("hidden", "cheap-embed") and routing == "module", "routing",
+         f"the {router} router builds one row per layer from hidden states: leave 'routing' unset or 'layer'"),
+        (router == "moetify" and "lora" in kinds and routing == "layer", "routing",
+         "moetify's LoRA-MoE has a router per module: leave 'routing' unset or 'module'"),
+    ]
+    return [(field, message) for failed, field, message in rules if failed]
+
+
 class MoeConfig(Sweepable):
     """Mixing the one-round models (experts: fft, a Mixtral-style FFT-MoE) or adapters (lora, a LoRA-MoE)
     of all tasks, or of `tasks` (a list, or per kind of expert: {fft: [...]} mixes those for the FFT-MoE and all
@@ -612,33 +674,12 @@ class MoeConfig(Sweepable):
         for listed in self.tasks.values() if isinstance(self.tasks, dict) else [self.tasks]:
             if listed is not None and (not listed or len(set(listed)) != len(listed)):
                 raise ValueError("'tasks' names each task to mix once, at least one")
-        if self.router == "base-biased" and self.base_expert != "routed":
-            raise ValueError("the base-biased router needs 'base_expert: routed'")
-        if self.base_expert == "always-on" and "lora" in self.experts:
-            raise ValueError("'base_expert: always-on' is for FFT-MoE: a LoRA-MoE always keeps the base")
-        if self.attention is not None and "lora" in self.experts:
-            raise ValueError("'attention' is for FFT-MoE (experts: [fft]): a LoRA-MoE already mixes every module "
-                             "its adapters target")
-        if self.router == "none" and self.router_training is not None:
-            raise ValueError("a router-free MoE ('router: none') has no router to train")
-        if self.routing is not None and "fft" in self.experts:
-            raise ValueError("'routing' is for LoRA-MoE (experts: [lora]): an FFT-MoE routes each mixed MLP")
-        if self.router in ("arrow", "gates"):
-            if "fft" in self.experts:
-                raise ValueError(f"the {self.router} router is built from LoRA adapters: use experts: [lora]")
-            if self.routing == "layer":
-                raise ValueError(f"the {self.router} router is per module: leave 'routing' unset or 'module'")
-            if self.base_expert == "routed" or self.router_training is not None:
-                raise ValueError(f"the {self.router} router is training-free and has no row for the base: no "
-                                 "router_training, base_expert: none")
-        if self.router != "gates" and self.gate_training is not None:
-            raise ValueError("'gate_training' is the gates router's (router: gates)")
-        if self.router != "arrow" and self.temperature is not None:
-            raise ValueError("'temperature' is the arrow router's")
-        if self.router in ("hidden", "cheap-embed") and self.routing == "module":
-            raise ValueError(f"the {self.router} router is one row per layer: leave 'routing' unset or 'layer'")
-        if self.router == "moetify" and self.routing == "layer":
-            raise ValueError("moetify's LoRA-MoE has a router per module: leave 'routing' unset or 'module'")
+        problems = moe_problems(set(self.experts), router=self.router, base_expert=self.base_expert,
+                                attention=bool(self.attention), routing=self.routing,
+                                trains=self.router_training is not None, temperature=self.temperature is not None,
+                                gate_training=self.gate_training is not None)
+        if problems:
+            raise ValueError(problems[0][1])
         return self
 
 

@@ -10,15 +10,14 @@ from typing import Any
 from knowstack.cli.common import console
 from knowstack.cli.metric import add_metric_option, metric_problems
 from knowstack.cli.options import (
-    MERGE_ONLY_OPTIONS,
-    STATISTICS_MERGE_OPTIONS,
     add_dtype_option,
     add_eval_batch_size,
     add_json_option,
     add_merge_method_options,
     add_out_option,
-    add_statistics_merge_options,
+    add_protocol_option,
     add_training_options,
+    merge_options_given,
     print_result,
     training_from_args,
 )
@@ -207,11 +206,9 @@ def cmd_merge(args: argparse.Namespace) -> None:
                              inputs=[args.base, *args.models, *(args.statistics or [])])
     problems += check_model_dir(args.base, tokenizer=False) if args.base else []
     raise_problems(problems + [p for path in args.models for p in check_weights_dir(path)])
-    out = api.merge(args.method, args.models, args.out, base=args.base, weights=args.weights, density=args.density,
-                    drop_rate=args.drop_rate, lam=args.lam, lora_space=args.lora_space, seed=args.seed,
-                    max_shard_gb=args.max_shard_gb, progress=True, statistics=args.statistics, dtype=args.dtype,
-                    **{name: getattr(args, name) for name in MERGE_ONLY_OPTIONS + STATISTICS_MERGE_OPTIONS
-                       if getattr(args, name) is not None})
+    out = api.merge(args.method, args.models, args.out, base=args.base, weights=args.weights,
+                    lora_space=args.lora_space, seed=args.seed, max_shard_gb=args.max_shard_gb, progress=True,
+                    statistics=args.statistics, dtype=args.dtype, **merge_options_given(args))
     record = json.loads((out / "merge.json").read_text(encoding="utf-8"))
     print_result(args, {**record, "out": str(out)}, f"merged model: {out}")
 
@@ -385,8 +382,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--include-path", help=meaning("--include-path"))
     add_eval_batch_size(p)
     p.add_argument("--limit", type=int, help=meaning("--limit"))
-    p.add_argument("--protocol", choices=["builtin", "paper"], default="builtin",
-                   help=f"{meaning('--protocol')} (default builtin)")
+    add_protocol_option(p)
     p.add_argument("--out", help=meaning("--out", "the scores as JSON"))
     add_json_option(p)
     p.set_defaults(func=cmd_eval)
@@ -400,8 +396,7 @@ def add_commands(sub: Any) -> None:
                    help='JSON Lines of {"prediction": ...} in test order, or a JSON list of strings')
     p.add_argument("--format", choices=["trace", "math"], default="trace", help=meaning("--format"))
     add_metric_option(p)
-    p.add_argument("--protocol", choices=["builtin", "paper"], default="builtin",
-                   help=f"{meaning('--protocol')} (default builtin)")
+    add_protocol_option(p)
     add_json_option(p, "one JSON object {metric: value}")
     p.add_argument("--out", help=meaning("--out", "one JSON line per test item (prompt, reference, prediction, "
                                                   "answer, scores)"))
@@ -416,7 +411,6 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--models", nargs="+", required=True, help=meaning("--models"))
     p.add_argument("--weights", nargs="+", type=float, help="one positive weight per model (default: equal)")
     add_merge_method_options(p)
-    add_statistics_merge_options(p)
     p.add_argument("--statistics", nargs="+", metavar="DIR",
                    help=meaning("--statistics", "regmean, fisher: one dir per model, in the models' order"))
     p.add_argument("--seed", type=int, help=meaning("--seed", "the random drops of dare, ties-dare, della, "

@@ -16,7 +16,6 @@ from knowstack.cli.options import (
     add_json_option,
     add_merge_method_options,
     add_out_option,
-    add_statistics_merge_options,
     print_result,
 )
 from knowstack.cli.vocabulary import add_deprecated, meaning
@@ -233,7 +232,6 @@ def _add_compose_args(p: argparse.ArgumentParser) -> None:
     add_json_option(p, "the new version's record")
     g = p.add_argument_group("merge-* options (each method reads its own: docs/methods.md)")
     add_merge_method_options(g)
-    add_statistics_merge_options(g)
     g = p.add_argument_group("search options (--search: docs/search.md)")
     g.add_argument("--trials", type=int, help=f"the search's budget in evaluations (default {d.trials})")
     g.add_argument("--max-old-loss", type=_percent, metavar="PCT",

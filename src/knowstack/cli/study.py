@@ -8,7 +8,7 @@ from typing import Any
 
 from knowstack.cli.common import console, percent
 from knowstack.cli.vocabulary import meaning
-from knowstack.config import CONFIG_DIR
+from knowstack.config import CONFIG_DIR, SearchConfig
 from knowstack.errors import KnowstackError
 
 
@@ -132,8 +132,10 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("advise", help="which method to use: the measured setting that learns the most within a "
                                       "limit on old-knowledge loss")
     p.add_argument("dir", help="a study dir, or a registry (advice for its next version, from its history)")
-    p.add_argument("--max-old-loss", type=percent, default=2.0,
-                   help=meaning("--max-old-loss", "2%% (a bare number below 1 is refused as ambiguous; default 2%%)"))
+    budget = SearchConfig().max_old_loss  # the one budget (config.py), as a search's
+    p.add_argument("--max-old-loss", type=percent, default=budget,
+                   help=meaning("--max-old-loss", f"{budget:g}%% (a bare number below 1 is refused as ambiguous; "
+                                                  f"default {budget:g}%%)"))
     p.add_argument("--setting", choices=["semi", "full"],
                    help="semi: the contributors share models only; full: their training data too (default: semi; "
                         "a registry: full when every contribution kept its data)")

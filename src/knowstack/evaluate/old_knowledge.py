@@ -21,6 +21,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from knowstack.atomic import honour_umask
+from knowstack.config import EVAL_BATCH_SIZE
 from knowstack.errors import KnowstackError
 from knowstack.logs import library_bars_off
 
@@ -201,7 +202,7 @@ def evaluate_old_knowledge(
     tasks: list[str],
     *,
     include_path: Path | None = None,
-    batch_size: int = 32,
+    batch_size: int = EVAL_BATCH_SIZE,
     limit: int | None = None,
     num_fewshot: int | None = None,
     add_bos_token: bool | None = None,
@@ -228,7 +229,7 @@ def evaluate_old_knowledge_items(
     tasks: list[str],
     *,
     include_path: Path | None = None,
-    batch_size: int = 32,
+    batch_size: int = EVAL_BATCH_SIZE,
     limit: int | None = None,
     num_fewshot: int | None = None,
     add_bos_token: bool | None = None,

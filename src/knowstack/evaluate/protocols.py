@@ -21,11 +21,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from knowstack.config import METRICS
+from knowstack.config import METRICS, PROTOCOLS
 from knowstack.data.formats import DIRECT_ANSWER_PRIMER, final_number, first_number
 from knowstack.errors import KnowstackError
 
-PROTOCOL_NAMES = ("builtin", "paper")
+PROTOCOL_NAMES = PROTOCOLS  # config.py declares them
 TASK_METRICS = METRICS  # config.py declares them
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from knowstack.atomic import honour_umask
 from knowstack.combine.inputs import FullModel
+from knowstack.config import EVAL_BATCH_SIZE
 from knowstack.errors import KnowstackError
 from knowstack.hashing import content_hash, file_sha256
 from knowstack.modeling.streaming import INDEX_FILE, weight_files
@@ -83,7 +84,7 @@ def init_registry(
     *,
     old_tasks: Sequence[str] = (),
     include_path: str | Path | None = None,
-    batch_size: int = 32,
+    batch_size: int = EVAL_BATCH_SIZE,
     limit: int | None = None,
 ) -> dict[str, Any]:
     """Create the registry `root` (a path, or a URL fsspec reaches) for the base model dir `base`; returns the

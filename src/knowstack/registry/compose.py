@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from knowstack.atomic import atomic_write_json, atomic_write_text
+from knowstack.config import EVAL_BATCH_SIZE
 from knowstack.errors import KnowstackError
 from knowstack.hashing import content_hash
 from knowstack.registry import db
@@ -352,7 +353,7 @@ def compose(
     gate_task: float = 10.0,
     gate_task_points: float = 0.0,
     author: str | None = None,
-    batch_size: int = 32,
+    batch_size: int = EVAL_BATCH_SIZE,
     launch: LaunchSpec | None = None,
     force_release: bool = False,
     say: Callable[[str], None] = lambda message: None,
@@ -538,7 +539,7 @@ def _read_by(method: Method, given: dict[str, Any]) -> dict[str, Any]:
 
     merge = method.name.removeprefix(f"{method.catalog}-") if method.catalog in ("merge", "continual-merge") else None
     if merge is not None and "density" in given:
-        merge_names = {f.name for f in fields(MergeOptions)}
+        merge_names = set(MergeOptions.attributes())
         checked = get_method(merge).options_from({k: v for k, v in given.items() if k in merge_names})
         given = {**{k: v for k, v in given.items() if k not in merge_names},
                  **{k: getattr(checked, k) for k in method.knobs if k in merge_names}}

@@ -18,6 +18,7 @@ from typing import Any
 from knowstack.combine.compatibility import check_compatible
 from knowstack.combine.extract_lora import check_rank
 from knowstack.combine.inputs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FullModel, LoraAdapter
+from knowstack.config import EVAL_BATCH_SIZE
 from knowstack.data.formats import trace_split_path
 from knowstack.data.tasks import ResolvedMetric, read_split, task_metric
 from knowstack.errors import InputProblems, KnowstackError
@@ -125,7 +126,7 @@ def contribute(
     task_format: str = "trace",
     author: str | None = None,
     training_config: str | Path | None = None,
-    batch_size: int = 32,
+    batch_size: int = EVAL_BATCH_SIZE,
     statistics: str | Path | None = None,
     as_lora: int | None = None,
 ) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from knowstack.config import (
     LORA_ONLY_SWEEP,
+    OWN_SWEEP,
     MergeConfig,
     StudyConfig,
     Sweepable,
@@ -277,7 +278,7 @@ def own_settings(config: StudyConfig, method: Sweepable) -> dict[str, float | No
         "lr": training.lr, "lr_of_pretrain_peak": training.lr_of_pretrain_peak, "epochs": training.epochs,
         "max_steps": training.max_steps, "rank": training.lora.r, "alpha": training.lora.alpha,
     }
-    for name in ("fraction", "density", "drop_rate", "top_k", "t", "gamma", "epsilon"):
+    for name in OWN_SWEEP:
         if hasattr(method, name):
             own[name] = getattr(method, name)
     if isinstance(method, MergeConfig):
