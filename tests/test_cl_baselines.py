@@ -3,6 +3,7 @@ anchor, lambda 0 training exactly as plain training, and the study's plan of bot
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
+from test_plan import user_config
 
 from knowstack.config import parse_config
 from knowstack.data.batches import collate, tokenize_examples
@@ -20,7 +22,6 @@ from knowstack.modelio import load_model, load_tokenizer
 from knowstack.study.plan import build_plan
 from knowstack.train import TrainSettings, train
 from knowstack.train.regularizers import EwcPenalty, LwfDistillation, lora_modules, online_fisher
-from test_plan import user_config
 
 TARGETS = ["q_proj", "down_proj"]
 EXAMPLES = [Example(f"What is {i} plus {i}? Answer:", f" {2 * i}") for i in range(16)]
@@ -203,3 +204,58 @@ def test_the_plan_regularises_rounds_two_on_and_takes_each_rounds_fisher(tmp_pat
     assert lora2.params["base"]["model"] == trains["lora-t2-ewc1"].params["init"]["model"]
     assert trains["lora-t2-lwf0.5"].params["lwf"] == {"lambda": 0.5, "temperature": 2.0}
     assert not any("ewc" in s.params or "lwf" in s.params for s in plan.ordered() if s.label.endswith("-t1"))
+
+
+# --- the report --------------------------------------------------------------------------------------------
+def test_the_report_shows_ewc_and_lwf_in_the_continual_table_and_compares_them() -> None:
+    from report_rows import TASKS, staged, synthetic_study
+
+    from knowstack.report.build import build_report
+    from knowstack.report.claims import HOLDS, UNMEASURED
+    from knowstack.report.tables import Table
+
+    # EWC FFT forgets earlier tasks less than sequential FFT (forget_new 0.02 against 0.12); LwF LoRA more
+    rows = synthetic_study(("base", "sequential", "olora"))
+    rows += staged("ewc", "fft", "ewc-fft-100", 0.6, 0.02, 0.02) + staged("lwf", "lora", "lwf-lora-1", 0.7, 0.01, 0.2)
+    sections = build_report(rows, title="t", task_order=TASKS)
+    tables = {b.key: b for s in sections for b in [s, *s.walk()] if isinstance(b, Table)}
+    continual = {row.key: row for row in tables["continual"].rows}
+    assert continual["ewc/fft/100"].label == "EWC FFT λ=100" and continual["lwf/lora/1"].label == "LwF LoRA λ=1"
+    assert continual["ewc/fft/100"].cells[1] > continual["sequential/fft"].cells[1]  # mean BWT
+    verdicts = {row.key: row.cells[-1] for row in tables["baselines"].rows}
+    assert verdicts["B1"] == HOLDS  # EWC FFT's BWT above sequential FFT's; no EWC LoRA: that check not measured
+    assert verdicts["B4"] != UNMEASURED  # O-LoRA against LwF LoRA
+    assert {"baselines_bwt", "r_ewc_fft_100", "r_lwf_lora_1"} <= set(tables)
+    without = build_report(synthetic_study(("base", "sequential")), title="t", task_order=TASKS)
+    assert "baselines" not in {s.id for s in without}  # a study without them has no such section
+
+
+@pytest.mark.slow
+def test_a_tiny_study_with_ewc_and_lwf_end_to_end(tmp_path: Path) -> None:
+    """The built-in test world, two tasks: EWC and LwF rows in results.csv and in the report's continual table."""
+    import csv
+
+    import yaml
+    from test_study import tiny_study
+
+    from knowstack.cli import main
+
+    config = yaml.safe_load(tiny_study(tmp_path, {
+        "sequential": {"finetune": ["fft", "lora"]},
+        "ewc": {"finetune": ["fft", "lora"], "lambdas": [100.0], "fisher_examples": 8},
+        "lwf": {"finetune": ["lora"], "lambdas": [1.0]},
+    }).read_text())
+    config["tasks"] = {"builtin": ["code", "simplify"]}
+    path = tmp_path / "cl.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    out = tmp_path / "run"
+    assert main(["study", str(path), "--out", str(out)]) == 0
+    with (out / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    models = {(r["model"], r["method"], r["lambda"]) for r in rows}
+    assert {("ewc-fft-100-2", "ewc", "100"), ("ewc-lora-100-2", "ewc", "100"), ("lwf-lora-1-2", "lwf", "1")} <= models
+    with (out / "tables" / "continual.csv").open() as handle:
+        keys = {r["key"] for r in csv.DictReader(handle)}
+    assert {"ewc/fft/100", "ewc/lora/100", "lwf/lora/1"} <= keys
+    summaries = [json.loads(p.read_text()) for p in (out / "artifacts").glob("train-*-ewc100-*/train_summary.json")]
+    assert len(summaries) == 2 and all(s["ewc"]["penalty_first"] == 0.0 for s in summaries)

@@ -368,7 +368,7 @@ class EwcConfig(RegularizedConfig):
     rounds' data, each round's taken on its first fisher_examples training examples with its model
     (combine/statistics.py) and accumulated as F~ = fisher_decay x F~ + F (1: summed)."""
 
-    lambdas: list[Lambda] = Field(default_factory=lambda: [1.0, 100.0])
+    lambdas: list[Lambda] = Field(default_factory=lambda: [100.0])
     fisher_examples: int = Field(default=256, gt=0)
     fisher_decay: float = Field(default=1.0, gt=0, le=1)
 
