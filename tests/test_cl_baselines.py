@@ -259,3 +259,20 @@ def test_a_tiny_study_with_ewc_and_lwf_end_to_end(tmp_path: Path) -> None:
     assert {"ewc/fft/100", "ewc/lora/100", "lwf/lora/1"} <= keys
     summaries = [json.loads(p.read_text()) for p in (out / "artifacts").glob("train-*-ewc100-*/train_summary.json")]
     assert len(summaries) == 2 and all(s["ewc"]["penalty_first"] == 0.0 for s in summaries)
+
+
+def test_the_dry_run_counts_what_ewc_and_lwf_hold_beside_the_model() -> None:
+    from knowstack.study.resources import FLOAT32, architecture_of, estimate_step
+
+    raw = {"name": "dry", "base": {"builtin": "test"}, "tasks": {"builtin": ["code", "simplify"]},
+           "training": {"lr_of_pretrain_peak": 0.1},
+           "methods": {"sequential": {"finetune": ["fft", "lora"]}, "ewc": {}, "lwf": {}}}
+    config = parse_config(raw)
+    plan, arch = build_plan(config), architecture_of(config)[0]
+    trains = {s.label: estimate_step(s, plan, arch) for s in plan.ordered() if s.kind == "train"}
+    fft, lora = trains["fft-simplify"].weights, trains["lora-simplify"].weights
+    assert trains["fft-simplify-ewc100"].weights == fft + 2 * FLOAT32 * arch.params  # the anchor and the Fisher
+    assert trains["fft-simplify-lwf1"].weights == fft + FLOAT32 * arch.params  # the teacher, float32 here
+    adapted = arch.layers * arch.projection_params(config.training.lora.target_modules)
+    assert 0 < adapted < arch.params and trains["lora-simplify-ewc100"].weights == lora + FLOAT32 * adapted
+    assert trains["lora-simplify-lwf1"].weights == lora  # the teacher is the model, adapter off
