@@ -625,7 +625,7 @@ def undefined_text(scores: Scores, runs: list[Run], stat: str, side: Side,
         task = side.at.partition(":")[2]
         if all(round_of(r, task) is None for r in runs):
             return f"{labels}: no round trains {task}", False
-    what = {"acquisition": "an acquisition score", "BWT": "a BWT"}.get(stat, stat)
+    what = {"acquisition": "acquisition score", "BWT": "BWT"}.get(stat, stat)  # "no BWT (a score it needs ...)"
     return f"{labels}: no {what} (a score it needs is not measured)", False
 
 
