@@ -632,6 +632,24 @@ def claims(_: object) -> str:
     return claims_markdown()
 
 
+def search_results(study: Study) -> str:
+    """docs/search.md's numbers: each search of configs/builtin-search.yaml's study (its trials, the chosen point)
+    and its test comparison with the study's best merge and the base, with the report's own verdict."""
+    from knowstack.report.figures import FigureSpec
+    from knowstack.report.markdown import block_markdown
+    from knowstack.report.search import search_sections
+    from knowstack.results import PER_EXAMPLE, STUDY_INFO, read_items, read_study_info
+
+    info = read_study_info(study.path / STUDY_INFO)
+    if info is None or not info.searches:
+        raise KnowstackError("no search in this study (study.json has none): run configs/builtin-search.yaml",
+                             path=study.path, field="--search")
+    scores = Scores.from_rows(study.rows, info.task_order, info.old_metric, read_items(study.path / PER_EXAMPLE))
+    runs = [run for run in find_runs(scores) if not run.point]
+    blocks = [b for b in search_sections(scores, runs, info.searches) if not isinstance(b, FigureSpec)]
+    return "\n\n".join([*(block_markdown(b, 3, study.path).strip() for b in blocks), f"({study.provenance()})"])
+
+
 @dataclass(frozen=True)
 class Generator:
     sources: tuple[str, ...]  # the options naming the results dir it may read, the first given wins
@@ -654,6 +672,7 @@ BLOCKS: dict[str, Generator] = {
     "memory": Generator(("memory",), memory),
     "vocabulary": Generator(("vocabulary",), vocabulary),
     "claims": Generator(("claims",), claims),
+    "search": Generator(("search",), search_results),
 }
 READERS: dict[str, Callable[[Path, str], object]] = {
     "demo": lambda p, o: Study.read(p, o),
@@ -661,6 +680,7 @@ READERS: dict[str, Callable[[Path, str], object]] = {
     "quick_all": lambda p, o: Study.read(p, o),
     "full": lambda p, o: Study.read(p, o),
     "catalog": lambda p, o: Study.read(p, o),
+    "search": lambda p, o: Study.read(p, o),
     "registry": lambda p, o: p,
     "speed": lambda p, o: p,
     "scale": lambda p, o: p,
@@ -701,6 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick-all", type=Path, help="configs/builtin-quick-all.yaml's study dir")
     parser.add_argument("--full", type=Path, help="configs/builtin.yaml's study dir (the full world)")
     parser.add_argument("--catalog", type=Path, help="configs/builtin-catalog.yaml's study dir")
+    parser.add_argument("--search", type=Path, help="configs/builtin-search.yaml's study dir (runs/search)")
     parser.add_argument("--speed", type=Path, help="a dir of the benchmarks' --json outputs (study_speed.json, ...)")
     parser.add_argument("--scale", type=Path, help="the GPU scale check's JSON (scripts/scale-check.sh: "
                         "scale-check.json)")
@@ -732,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise KnowstackError("no such results dir", path=path, field=flag)
             inputs[option] = READERS[option](given, flag)
         if not inputs:
-            raise KnowstackError("no results dir given (--demo, --base, --quick-all, --full, --catalog, --registry, --spread, "
+            raise KnowstackError("no results dir given (--demo, --base, --quick-all, --full, --catalog, --search, --registry, --spread, "
                                  "--speed, --memory, --families, --scale, --vocabulary, --claims, --kernel-paths)")
         changed = {}
         for name in doc_files(args.root):

@@ -127,6 +127,20 @@ class OldKnowledgeConfig(Strict):
     # scores do not depend on the installed harness's default; the value used is kept beside them.
     add_bos_token: bool | None = None
 
+    @field_validator("tasks")
+    @classmethod
+    def _some_tasks_once_each(cls, value: Literal["builtin"] | list[str]) -> Literal["builtin"] | list[str]:
+        # Old knowledge is what every method is judged on keeping: a study without it measures no forgetting.
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("name at least one lm-eval task (or 'builtin' on the built-in world)")
+            if any(not name.strip() for name in value):
+                raise ValueError("a task name must not be empty")
+            repeated = sorted({name for name in value if value.count(name) > 1})
+            if repeated:
+                raise ValueError(f"'{repeated[0]}' is listed more than once")
+        return value
+
     @field_validator("metric")
     @classmethod
     def _metric_names(cls, value: OldMetric) -> OldMetric:
@@ -468,6 +482,56 @@ class ContinualMergeConfig(MergeConfig):
     weighting: Literal["running", "equal"] = "running"
 
 
+SEARCHABLE_MERGES: tuple[str, ...] = ("task-arithmetic", "ties", "dare", "ties-dare", "breadcrumbs", "della",
+                                       "della-linear", "average", "task-average")
+
+
+class SearchConfig(Strict):
+    """Search of the composition within a forgetting budget (study/search.py): over `trials` evaluations, a TPE
+    search (optuna) of the merge method (one of `methods`), its lambda (in `lam_range`), density or drop rate where
+    the method reads them (`density_range`) and a weight per merged model (in `weight_range`; for LoRA adapters
+    LoraHub's per-adapter weights). Each trial is scored on the tasks' eval splits (never test) and on old
+    knowledge's held-out slice: the `old_items` items of each old-knowledge task after the first
+    old_knowledge.limit ones (which the test scoring reads); the chosen point learns the most (mean eval score) of
+    the trials whose held-out old AVE falls at most `max_old_loss` percent below the base's. It is then scored on
+    test as every model of the study."""
+
+    finetune: list[Finetune] = Field(default_factory=lambda: ["fft"])
+    methods: list[MergeMethodName] = Field(default_factory=lambda: ["task-arithmetic", "ties", "dare"])
+    trials: int = Field(default=20, gt=0)
+    max_old_loss: float = Field(default=2.0, ge=0)  # percent of the base's held-out AVE
+    old_items: int = Field(default=20, gt=0)
+    lam_range: tuple[float, float] = (0.1, 1.5)
+    density_range: tuple[float, float] = (0.1, 1.0)
+    weight_range: tuple[float, float] = (0.1, 1.0)
+    seed: int | None = None  # the sampler's and DARE's draws (default: the study's seed)
+
+    @field_validator("methods")
+    @classmethod
+    def _searchable(cls, value: list[str]) -> list[str]:
+        _each_once(value, "name each merge method once, at least one")
+        unknown = [name for name in value if name not in SEARCHABLE_MERGES]
+        if unknown:
+            raise ValueError(f"the search takes {', '.join(SEARCHABLE_MERGES)}; not {unknown[0]} (it reads statistics "
+                             "of the data or merges a fixed number of models)")
+        return value
+
+    @field_validator("lam_range", "density_range", "weight_range")
+    @classmethod
+    def _range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low <= high:
+            raise ValueError(f"a range is [low, high] with 0 < low <= high, got [{low}, {high}]")
+        return value
+
+    @field_validator("density_range")
+    @classmethod
+    def _density(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if value[1] > 1:
+            raise ValueError(f"a density is at most 1, got {value[1]}")
+        return value
+
+
 class RouterTrainingConfig(Strict):
     """Training of the MoE's routers alone (experts and everything else frozen): `steps` optimizer steps
     of `batch_size` examples drawn from the first `examples_per_task` training examples of each mixed
@@ -632,6 +696,7 @@ class MethodsConfig(Strict):
     merge: MergeConfig | None = None
     moe: MoeConfig | list[MoeConfig] | None = None
     continual_merge: ContinualMergeConfig | None = Field(default=None, alias="continual-merge")
+    search: SearchConfig | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -693,6 +758,9 @@ class ExecutorConfig(Strict):
     # the numbers) of jobs 1, torch's own, the jobs then taking turns on the cores; or a number.
     threads: Literal["share", "all"] | Annotated[int, Field(ge=1)] = "share"
     shared_params: int = Field(default=100_000_000, gt=0)
+    # Link finished steps from, and publish them to, the machine's shared step cache (KNOWSTACK_CACHE; docs/config.md
+    # "Shared step cache"); false: compute every step in the study dir.
+    shared_cache: bool = True
 
 
 class StudyConfig(Strict):

@@ -1,4 +1,4 @@
-"""Commands of one model at a time: train, eval, score, merge, statistics, mix, build-world."""
+"""Commands of one model at a time: train, eval, score, merge, extract-lora, statistics, mix, build-world."""
 
 from __future__ import annotations
 
@@ -216,6 +216,28 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print_result(args, {**record, "out": str(out)}, f"merged model: {out}")
 
 
+def cmd_extract_lora(args: argparse.Namespace) -> None:
+    from knowstack import api
+    from knowstack.validate import check_model_dir, check_out_dir, raise_problems
+
+    problems = check_out_dir(args.out, overwrite=args.overwrite, inputs=[args.base, args.model])
+    problems += check_model_dir(args.base, tokenizer=False)
+    problems += check_model_dir(args.model, tokenizer=False, adapter_hint="an adapter already: it needs no extracting")
+    raise_problems(problems)
+    record = api.extract_lora(args.base, args.model, args.out, rank=args.rank, target_modules=args.target_modules,
+                              progress=True)
+    width = max((len(name) for name in record["modules"]), default=0)
+    lines = [f"{name:<{width}}  rank {m['rank']:>4}  explained {m['explained']:7.2%}"
+             for name, m in record["modules"].items()]
+    lines.append(f"explained: {record['explained']:.2%} of the extracted modules' delta energy, "
+                 f"{record['explained_of_whole_delta']:.2%} of the whole delta's")
+    if record["not_extracted"]:
+        lines.append("not extracted (share of the whole delta): " + ", ".join(
+            f"{kind} {share:.2%}" for kind, share in record["not_extracted"].items()))
+    lines.append(f"LoRA adapter: {args.out}")
+    print_result(args, {**record, "out": str(args.out)}, "\n".join(lines))
+
+
 def cmd_statistics(args: argparse.Namespace) -> None:
     from knowstack import api
     from knowstack.validate import check_out_dir, raise_problems
@@ -408,6 +430,20 @@ def add_commands(sub: Any) -> None:
     add_out_option(p, "the merged model dir to write")
     add_json_option(p, "merge.json's record")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("extract-lora", help="a full fine-tune as a PEFT LoRA adapter: each linear module's delta "
+                                            "from the base truncated by SVD to a rank, with the share it explains")
+    p.add_argument("--base", required=True, help=meaning("--base", "the fine-tune's"))
+    p.add_argument("--model", required=True, help=meaning("--model", "the full fine-tune of --base"))
+    p.add_argument("--rank", type=int, required=True, help="the adapter's rank: each module's delta is truncated to "
+                                                           "its top RANK singular values")
+    p.add_argument("--target-modules", nargs="+", metavar="NAME",
+                   help="the linear layers extracted, by Llama's names (a fused family's modules that hold them are "
+                        "extracted whole), or `all` for every linear layer, the untied output layer too (default: "
+                        "the family's LoRA targets, those training adapts); embeddings never")
+    add_out_option(p, "the PEFT adapter dir to write")
+    add_json_option(p, "extract_lora.json's record")
+    p.set_defaults(func=cmd_extract_lora)
 
     p = sub.add_parser("statistics", help="statistics of a model's (or adapter's) training data for the regmean and "
                                           "fisher merges, shared instead of the data")

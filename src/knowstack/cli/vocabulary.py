@@ -39,6 +39,7 @@ MEANINGS: dict[str, str] = {
     "--lr": "learning rate of the training this command runs",
     "--max-iter": "karcher: iterations",
     "--max-length": "tokens per example",
+    "--max-old-loss": "how far old knowledge (AVE) may fall below the base's, in percent",
     "--max-shard-gb": "largest output shard, in GB",
     "--method": "the method",
     "--metric": "the task's metric",

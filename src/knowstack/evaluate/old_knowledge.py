@@ -232,9 +232,11 @@ def evaluate_old_knowledge_items(
     limit: int | None = None,
     num_fewshot: int | None = None,
     add_bos_token: bool | None = None,
+    samples: dict[str, list[int]] | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[float]]]]:
     """The scores of `evaluate_old_knowledge`, and each task's per-document scores {task: {metric: [...]}} from
-    the harness's logged samples (a group such as mmlu has none of its own: its subtasks have them)."""
+    the harness's logged samples (a group such as mmlu has none of its own: its subtasks have them). samples: the
+    documents scored, by index, per task, instead of the first `limit` (the search's held-out slice)."""
     import lm_eval
 
     quiet_harness()
@@ -251,6 +253,7 @@ def evaluate_old_knowledge_items(
             tasks=list(tasks),
             num_fewshot=num_fewshot,
             limit=limit,
+            samples=samples,
             task_manager=manager,
             log_samples=True,
         )

@@ -508,9 +508,17 @@ def _gated_version(reg: Registry, name: str, spec: Method, settings: dict[str, A
     return db.NewVersion(
         name=name, kind=built_kind(out), method=spec.name, files=names,
         content_hash=content_hash({n: names[n] for n in hashed}), objects=sizes,
-        settings={"compose_key": key, "options": settings, "gate": gate, ITEMS: items},
+        settings={"compose_key": key, "options": settings, "gate": gate, ITEMS: items, **_search_of(out)},
         author=author, parents=parents, scores=without_items(scores),
         status="released" if gate["passed"] or gate.get("forced") else "rejected")
+
+
+def _search_of(out: Path) -> dict[str, Any]:
+    """A searched version's lineage: its search's record (trials, their points and scores, the chosen one)."""
+    from knowstack.study.steps import SEARCH_FILE
+
+    path = out / SEARCH_FILE
+    return {"search": json.loads(path.read_text())} if path.is_file() else {}
 
 
 def options_from(values: dict[str, Any], method: str | None = None) -> ComposeOptions:

@@ -20,6 +20,7 @@ from knowstack.config import (
     OLoraConfig,
     ReplayConfig,
     RouterTrainingConfig,
+    SearchConfig,
     TrainingConfig,
 )
 from knowstack.registry.core import Registry
@@ -69,6 +70,9 @@ class ComposeOptions:
     olora_lambda: float = OLoraConfig().lambdas[0]
     replay_fraction: float = ReplayConfig().fraction
     joint_sampling: str = JointConfig().sampling
+    # search (compose --search): evaluations, and the old-knowledge loss allowed, in percent of the base's
+    trials: int = SearchConfig().trials
+    max_old_loss: float = SearchConfig().max_old_loss
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -50,13 +50,33 @@ def compose_config(b: Build, catalog: str, variant: ComposeVariant, kinds: list[
         "name": f"compose-{variant.name}", "seed": o.seed,
         "base": {"model": str(b.base_dir)},
         "tasks": replayed + tasks,
-        "old_knowledge": {"tasks": []},
+        "old_knowledge": search_old_knowledge(b) if catalog == "search" else {"tasks": []},
         "training": training,
         "methods": {CATALOG[catalog].name: variant.section(o, kinds)},
         "launch": {"num_processes": launch.num_processes, "accelerate_config": launch.accelerate_config,
                    "cpu": launch.cpu, "mixed_precision": launch.mixed_precision} if launch else {},
     }
     return parse_config(raw, source=f"compose {variant.name} (its options)")
+
+
+OLD_DIR = "old_knowledge"
+
+
+def search_old_knowledge(b: Build) -> dict[str, Any]:
+    """What a search scores old knowledge on: the registry's old-knowledge tasks (registry init --old-knowledge),
+    their stored files laid out in the work dir; the search reads the items after the first `limit` ones, which are
+    what the registry scores every version (and the gate) on."""
+    old = b.reg.base()["settings"].get("old_knowledge")
+    if not old or not old.get("tasks"):
+        raise KnowstackError("compose --search keeps old knowledge within --max-old-loss: the registry has no "
+                             "old-knowledge tasks (registry init --old-knowledge ...)", field="method")
+    if old.get("limit") is None:
+        raise KnowstackError("compose --search scores old knowledge on the items after the first `limit` ones, which "
+                             "the gate reads: this registry scores every item (registry init without --limit)",
+                             field="method")
+    files = old.get("files") or {}
+    include = str(b.reg.store.lay_out(files, b.work / OLD_DIR)) if files else None
+    return {"tasks": list(old["tasks"]), "include_path": include, "limit": old["limit"]}
 
 
 def compose_plan(b: Build, catalog: str, config: StudyConfig) -> tuple[Plan, dict[str, Any]]:

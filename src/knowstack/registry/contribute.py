@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from knowstack.combine.compatibility import check_compatible
+from knowstack.combine.extract_lora import check_rank
 from knowstack.combine.inputs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FullModel, LoraAdapter
 from knowstack.data.formats import trace_split_path
 from knowstack.data.tasks import ResolvedMetric, read_split, task_metric
@@ -126,12 +127,20 @@ def contribute(
     training_config: str | Path | None = None,
     batch_size: int = 32,
     statistics: str | Path | None = None,
+    as_lora: int | None = None,
 ) -> dict[str, Any]:
     """Check, store, score and record one contribution; returns its record as `Registry.version` gives it.
     statistics: a statistics dir of the contribution on its own training data (`knowstack statistics`), stored
     beside its weights for the composes that read them (merge-regmean, merge-fisher) instead of the data.
-    metric: default what defines the task (data/tasks.py task_metric); the record keeps where it came from."""
+    metric: default what defines the task (data/tasks.py task_metric); the record keeps where it came from.
+    as_lora: a rank: the fine-tuned `model` is contributed as the LoRA adapter extracted from it at that rank
+    (combine/extract_lora.py), so that it joins LoRA merges and LoRA-MoEs; its explained share is recorded."""
     check_name(name)
+    if as_lora is not None and model is None:
+        raise KnowstackError("as_lora extracts a LoRA adapter from a full fine-tune: give the model, not an adapter",
+                             field="as_lora")
+    if as_lora is not None:
+        check_rank(as_lora, field="as_lora")
     chosen = task_metric(task, given=metric, task_format=task_format, option="metric")
     config_path = Path(training_config).expanduser() if training_config is not None else None
     if config_path is not None and not config_path.is_file():
@@ -145,11 +154,36 @@ def contribute(
         with reg.view(BASE_NAME) as base_dir:
             with users_paths({base_dir: base_source(reg)}):
                 check_trained_from(FullModel(base_dir), reg.base()["content_hash"], contribution)
-                stats_files = statistics_files(statistics, FullModel(base_dir), contribution)
-            new = _store(reg, name, contribution, task_files, chosen, keep_data, author, config_path, stats_files)
+                with extracted(as_lora, base_dir, contribution, base_source(reg)) as (contribution, extraction):
+                    stats_files = statistics_files(statistics, FullModel(base_dir), contribution)
+                    new = _store(reg, name, contribution, task_files, chosen, keep_data, author, config_path,
+                                 stats_files)
+            if extraction is not None:
+                new.settings.update(extraction)
             new.scores = without_items([_score(reg, base_dir, new, batch_size)])
         reg.record(new)
         return reg.version(name)
+
+
+@contextlib.contextmanager
+def extracted(rank: int | None, base_dir: Path, contribution: FullModel | LoraAdapter,
+              base_name: str) -> Iterator[tuple[FullModel | LoraAdapter, dict[str, Any] | None]]:
+    """The contribution as stored: itself, or (with a rank) the LoRA adapter extracted from it at that rank, in a
+    temporary dir while it is stored, with what the version's settings record of the extraction (the model it came
+    from as its source, the rank, the explained shares)."""
+    if rank is None:
+        yield contribution, None
+        return
+    import tempfile
+
+    from knowstack.combine.extract_lora import extract_lora
+
+    with tempfile.TemporaryDirectory(prefix="knowstack-extract-") as tmp:
+        record = extract_lora(base_dir, contribution.path, Path(tmp) / "adapter", rank=rank, base_name=base_name)
+        yield LoraAdapter(Path(tmp) / "adapter"), {
+            "source": str(contribution.path.resolve()),
+            "extracted_lora": {key: record[key] for key in ("rank", "target_modules", "explained",
+                                                            "explained_of_whole_delta", "not_extracted")}}
 
 
 def base_source(reg: Registry) -> str:

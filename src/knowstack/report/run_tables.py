@@ -43,6 +43,7 @@ class Context:
     matched: dict[str, Verdict] | None = None  # with sweeps: FFT-vs-LoRA claims along the fronts
     costs: list[Cost] = field(default_factory=list)  # what each model cost to make (costs.csv), where measured
     advice_notes: list[str] = field(default_factory=list)  # what the advice leaves out and why
+    searches: dict[str, dict] = field(default_factory=dict)  # searched model -> its search's record (study.json)
     baselines: list[Verdict] = field(default_factory=list)  # EWC and LwF against sequential and O-LoRA (BASELINES)
 
     def of(self, *methods: str) -> list[Run]:

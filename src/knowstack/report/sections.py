@@ -436,6 +436,16 @@ def advice_section(ctx: Context) -> Section:
     return Section("advice", "Which method to use", [" ".join([intro, *ctx.advice_notes]), advice_table(ctx.points)])
 
 
+def search_section(ctx: Context) -> Section | None:
+    """The search within a forgetting budget (report/search.py), where the study ran one."""
+    from knowstack.report.search import search_sections
+
+    if not ctx.searches:
+        return None
+    return Section("search", "Search: the composition that learns the most within the forgetting budget",
+                   search_sections(ctx.scores, ctx.runs, ctx.searches))
+
+
 def build_sections(ctx: Context, title: str) -> list[Section]:
     base = Section("base", "Base model", [runs_table("base", "The base model on every column.", ctx, [],
                                                      ctx.scores.columns, list(AVERAGES), gains=False)]
@@ -445,5 +455,5 @@ def build_sections(ctx: Context, title: str) -> list[Section]:
     coverage = Section("coverage", "What this study has and lacks", [ctx.coverage.table])
     return [summary_section(ctx, title), advice_section(ctx), claims, frontier_section(ctx), base,
             one_round_section(ctx), sequential_section(ctx), *([baselines_section(ctx)] if ctx.of("ewc", "lwf") else []),
-            semi_cooperative_section(ctx), fully_cooperative_section(ctx), coverage,
-            Section("notes", "Definitions", [NOTE])]
+            semi_cooperative_section(ctx), *filter(None, [search_section(ctx)]), fully_cooperative_section(ctx),
+            coverage, Section("notes", "Definitions", [NOTE])]

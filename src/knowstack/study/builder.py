@@ -36,7 +36,7 @@ from knowstack.study.graph import (
 )
 
 # The kinds of step that tokenize text with the base's tokenizer.
-TOKENIZING_STEPS = frozenset({"train", "eval", "statistics", "moe", "gate"})
+TOKENIZING_STEPS = frozenset({"train", "eval", "statistics", "moe", "gate", "search"})
 
 
 class PlanBuilder:
@@ -94,7 +94,9 @@ class PlanBuilder:
             for spec in (task_from_config(cfg) for cfg in self.config.tasks)
         ]
 
-    def _eval_params(self) -> dict[str, Any]:
+    def eval_params(self) -> dict[str, Any]:
+        """What an evaluation computes with beyond its model: the tasks, old knowledge's and the evaluation's
+        settings, and the tasks' own protocols (a search's trials are scored with the same)."""
         cfg = self.config
         params = {
             "tasks": self.tasks,
@@ -241,7 +243,7 @@ class PlanBuilder:
         settings: dict[str, float] | None = None,
     ) -> None:
         """settings: values of the model's that are not a sweep point but are worth a column (O-LoRA's lambda)."""
-        params = {"model": ref.to_dict(), **self._eval_params()}
+        params = {"model": ref.to_dict(), **self.eval_params()}
         step = self.add_step("eval", self.label_of(ref), params, ref_deps(ref))
         columns = Point.of({**(settings or {}), **dict(self.point.values)}).values
         seed = self.seed if self.config.seeds is not None and method != "base" else None

@@ -397,6 +397,8 @@ def estimate_step(step: Step, plan: Plan, arch: Architecture, gpu_memory: int = 
         return eval_estimate(arch, config, params=arch.params + (arch.lora_params(config.training.lora.r,
                              config.training.lora.target_modules) if model.get("adapter") else 0),
                              gpu_memory=gpu_memory)
+    if step.kind == "search":  # each trial: a merge (tensor by tensor), then the merged model scored as an eval
+        return eval_estimate(arch, config, gpu_memory=gpu_memory, what="search (merge + eval per trial)")
     if step.kind == "moe":
         total, active = moe_params(arch, step, config)
         label = f"{_FINETUNE_NAMES.get(step.params.get('experts'), '')}-MoE"
@@ -455,7 +457,7 @@ def step_resources(step: Step, config: StudyConfig, estimate: Estimate | None = 
     if launch is not None and (step.kind == "train" or launch.launched):
         processes = launch.num_processes if launch.launched else 1
         gpus = 0 if config.launch.cpu else processes
-    elif step.kind in ("eval", "gate") and (estimate is None or estimate.gpus == 1):
+    elif step.kind in ("eval", "gate", "search") and (estimate is None or estimate.gpus == 1):
         gpus = 1
     if estimate is None:
         return StepResources(cpus=float(processes), gpus=gpus)

@@ -17,6 +17,7 @@ from knowstack.study.methods import (
     olora,
     one_round,
     replay,
+    search,
     sequential,
 )
 from knowstack.study.methods.base import ComposeVariant, Method
@@ -24,7 +25,7 @@ from knowstack.study.methods.base import ComposeVariant, Method
 # In the order a study plans them (and its report lists them).
 CATALOG: dict[str, Method] = {m.name: m for m in (one_round.METHOD, sequential.METHOD, olora.METHOD, joint.METHOD,
                                                     replay.METHOD, merge.METHOD, moe.METHOD, continual_merge.METHOD,
-                                                    ewc.METHOD, lwf.METHOD)}
+                                                    search.METHOD, ewc.METHOD, lwf.METHOD)}
 
 
 def compose_variants() -> dict[str, tuple[Method, ComposeVariant]]:
