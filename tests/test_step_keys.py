@@ -53,6 +53,12 @@ READERS: dict[str, set[str]] = {
     "methods.one-round.finetune": set(),  # which one-round models are evaluated: the ones left stay as they are
     "methods.sequential.finetune": set(),
     "methods.olora.lambdas": TRAINED,
+    "methods.ewc.finetune": set(),
+    "methods.ewc.lambdas": TRAINED,
+    "methods.ewc.fisher_examples": {"statistics"},
+    "methods.ewc.fisher_decay": TRAINED,
+    "methods.lwf.finetune": set(),
+    "methods.lwf.": TRAINED,
     "methods.joint.finetune": set(),
     "methods.joint.sampling": TRAINED,
     "methods.replay.finetune": set(),
@@ -114,7 +120,7 @@ def _every_method(root: Path) -> dict[str, Any]:
         "launch": {"num_processes": 2, "cpu": True},
         "methods": {
             "one-round": {"finetune": ["fft", "lora"]}, "sequential": {"finetune": ["fft", "lora"]},
-            "olora": {}, "joint": {"finetune": ["fft", "lora"]}, "replay": {"finetune": ["fft", "lora"]},
+            "olora": {}, "ewc": {"lambdas": [1.0, 10.0]}, "lwf": {}, "joint": {"finetune": ["fft", "lora"]}, "replay": {"finetune": ["fft", "lora"]},
             "merge": {"finetune": ["fft", "lora"], "methods": MERGES},
             "continual-merge": {"finetune": ["fft", "lora"], "methods": [*MERGES[:-2], "slerp"]},
             "moe": [{"experts": ["fft"], "router_training": {"steps": 5}, "attention": ["o_proj"]},
@@ -134,7 +140,7 @@ CHANGED = {
     "training.micro_batch_size": 8,  # a part of the batch of 16 (one larger is refused)
     "evaluation.max_test": 5, "evaluation.max_new_tokens": {"Stance": 7}, "launch.accelerate_config": "ddp",
     "launch.mixed_precision": "no", "launch.lora": {"num_processes": 2, "mixed_precision": "no"},
-    "tasks[].protocol": "paper", "methods.olora.lambdas": [0.5, 2.0], "tasks[].train_file": "{root}/Stance/eval.json", "tasks[].max_train": 2,
+    "tasks[].protocol": "paper", "methods.olora.lambdas": [0.5, 2.0], "methods.ewc.lambdas": [1.0, 20.0], "methods.lwf.lambdas": [2.0], "tasks[].train_file": "{root}/Stance/eval.json", "tasks[].max_train": 2,
     "tasks[].max_test": 2, "tasks[].epochs": 2.0, "tasks[].max_steps": 3, "tasks[].micro_batch_size": 4, "seeds": [0, 1],
     "methods.moe[].attention": ["o_proj", "v_proj"], "methods.moe[].routing": "layer",
     "methods.moe[].tasks": ["Notes", "Stance"], "methods.moe[].layers": [0], "methods.moe[].name": "renamed",

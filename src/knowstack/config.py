@@ -369,6 +369,46 @@ class OLoraConfig(Sweepable):
         return value
 
 
+class RegularizedConfig(MethodConfig):
+    """A sequential method with a regulariser, one run per entry of `lambdas` (its weight; a number is one run)."""
+
+    lambdas: list[Lambda] = Field(default_factory=lambda: [1.0])
+
+    @field_validator("lambdas", mode="before")
+    @classmethod
+    def _scalar_is_one_run(cls, value: Any) -> Any:
+        return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+    @field_validator("lambdas")
+    @classmethod
+    def _runs(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("name at least one lambda")
+        if len(set(value)) != len(value):
+            raise ValueError("lambdas must differ (each names one run)")
+        return value
+
+
+class EwcConfig(RegularizedConfig):
+    """Sequential training with EWC (Kirkpatrick et al. 2017, online: Schwarz et al. 2018), one run per entry of
+    `lambdas` (the penalty's weight): from round 2 on, each round adds lambda / 2 x sum F (theta - theta*)^2, theta*
+    the previous round's model (LoRA: a zero delta of the adapted weights) and F the diagonal Fisher of the earlier
+    rounds' data, each round's taken on its first fisher_examples training examples with its model
+    (combine/statistics.py) and accumulated as F~ = fisher_decay x F~ + F (1: summed)."""
+
+    lambdas: list[Lambda] = Field(default_factory=lambda: [100.0])
+    fisher_examples: int = Field(default=256, gt=0)
+    fisher_decay: float = Field(default=1.0, gt=0, le=1)
+
+
+class LwfConfig(RegularizedConfig):
+    """Sequential training with LwF (Li & Hoiem 2017), one run per entry of `lambdas` (their lambda_o): from round
+    2 on, each round adds lambda x the KL from the previous round's model's answer-token distribution to the
+    model's, on the current task's examples, both at `temperature` (the paper's T = 2, lambda_o = 1)."""
+
+    temperature: float = Field(default=2.0, gt=0)
+
+
 class JointConfig(MethodConfig):
     """Joint training on all tasks at once. uniform: smaller tasks upsampled so every task is drawn
     equally often (the paper); proportional: every task once, as large as it is."""
@@ -689,6 +729,8 @@ class MethodsConfig(Strict):
     one_round: MethodConfig | None = Field(default=None, alias="one-round")
     sequential: MethodConfig | None = None
     olora: OLoraConfig | None = None
+    ewc: EwcConfig | None = None
+    lwf: LwfConfig | None = None
     joint: JointConfig | None = None
     replay: ReplayConfig | None = None
     merge: MergeConfig | None = None

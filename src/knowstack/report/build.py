@@ -12,7 +12,7 @@ from knowstack.atomic import atomic_write_text
 from knowstack.config import OldMetric, describe_old_metric
 from knowstack.errors import KnowstackError
 from knowstack.report.advice import advice_notes, advice_text, advise
-from knowstack.report.claims import evaluate_claims, evaluate_matched_claims
+from knowstack.report.claims import BASELINES, evaluate_claims, evaluate_matched_claims
 from knowstack.report.coverage import coverage
 from knowstack.report.figures import FigureSpec, draw
 from knowstack.report.frontier import TradeOff, gained, trade_offs
@@ -67,7 +67,8 @@ def build_report(rows: list[Row], *, title: str, task_order: list[str], old_metr
                   penalties=penalties or {}, verdicts=evaluate_claims(scores, runs),
                   coverage=coverage(every, planned, task_order), points=points,
                   matched=evaluate_matched_claims(scores, gained(points)) if swept else None, costs=costs or [],
-                  advice_notes=advice_notes(scores, every, len(task_order)), searches=searches or {})
+                  advice_notes=advice_notes(scores, every, len(task_order)), searches=searches or {},
+                  baselines=evaluate_claims(scores, runs, BASELINES))
     return build_sections(ctx, title)
 
 

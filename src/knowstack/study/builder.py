@@ -181,6 +181,16 @@ class PlanBuilder:
         params = {"init": init.to_dict(), "adapter": adapter}
         return self.plan.add(Step("merge-adapter", label, params, ref_deps(init) + deps, title))
 
+    def statistics_step(self, kind: str, finetune: str, model: str, task: dict, examples: int,
+                        deps: tuple[str, ...], base: ModelRef | None = None) -> Step:
+        """The `kind` statistics (combine/statistics.py) of `model` (a model's ref, or a LoRA adapter's on `base`,
+        by default the study's base) on the first `examples` of `task`'s training split. deps: the keys of the steps
+        that make `model`."""
+        base = base or self.base
+        params = {"kind": kind, "finetune": finetune, "model": model, "base": base.to_dict(), "task": task,
+                  "examples": examples, "max_length": self.training.max_length}
+        return self.add_step("statistics", f"{kind}-{finetune}-{task['name']}", params, ref_deps(base) + deps)
+
     def round_title(self, method: str, stage: int) -> str:
         """'sequential round 2/7': which round of a method a step is, for the console."""
         return f"{method} round {stage}/{len(self.tasks)}"

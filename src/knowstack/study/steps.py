@@ -107,7 +107,8 @@ def run_train(step: Step, ctx: StudyContext, out: Path) -> None:
     job = TrainJob(
         model_path=ctx.resolve(params["init"]["model"]), out_dir=str(out),
         settings=train_settings(ctx, params).to_dict(), examples=[(ex.prompt, ex.answer) for ex in examples],
-        progress_desc=step.label, olora=_olora_spec(ctx, params), tracking=_tracking(step, ctx),
+        progress_desc=step.label, olora=_olora_spec(ctx, params), ewc=_ewc_spec(ctx, params), lwf=params.get("lwf"),
+        tracking=_tracking(step, ctx),
         tokenizer=params.get("tokenizer"), trust_remote_code=ctx.config.base.trust_remote_code,
     )
     run_or_launch(job, launch_spec(ctx, params, params["finetune"]))
@@ -156,6 +157,21 @@ def _olora_spec(ctx: StudyContext, params: dict[str, Any]) -> dict[str, Any] | N
         return None
     olora = params["olora"]
     return {"previous": [ctx.resolve(ref) for ref in olora["previous"]], "lambda": olora["lambda"]}
+
+
+def _ewc_spec(ctx: StudyContext, params: dict[str, Any]) -> dict[str, Any] | None:
+    """EWC's inputs: the earlier rounds' Fisher files (each statistics dir checked: its Fisher there and matching
+    its recorded sha256), lambda and the decay."""
+    if "ewc" not in params:
+        return None
+    from knowstack.combine.statistics import open_statistics
+
+    ewc = params["ewc"]
+    files = []
+    for ref in ewc["fisher"]:
+        statistics = open_statistics(ctx.resolve(ref), "fisher")
+        files.append(str(statistics.path / statistics.record["statistics"]["fisher"]["file"]))
+    return {"fisher": files, "lambda": ewc["lambda"], "decay": ewc["decay"]}
 
 
 def run_merge_adapter(step: Step, ctx: StudyContext, out: Path) -> None:

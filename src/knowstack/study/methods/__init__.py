@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from knowstack.study.methods import (
     continual_merge,
+    ewc,
     joint,
+    lwf,
     merge,
     moe,
     olora,
@@ -23,7 +25,7 @@ from knowstack.study.methods.base import ComposeVariant, Method
 # In the order a study plans them (and its report lists them).
 CATALOG: dict[str, Method] = {m.name: m for m in (one_round.METHOD, sequential.METHOD, olora.METHOD, joint.METHOD,
                                                     replay.METHOD, merge.METHOD, moe.METHOD, continual_merge.METHOD,
-                                                    search.METHOD)}
+                                                    search.METHOD, ewc.METHOD, lwf.METHOD)}
 
 
 def compose_variants() -> dict[str, tuple[Method, ComposeVariant]]:

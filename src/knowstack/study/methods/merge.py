@@ -58,12 +58,8 @@ def statistics_inputs(builder: PlanBuilder, finetune: str, kind: str, inputs: li
             raise KnowstackError(f"no {kind} statistics were contributed for {', '.join(lacking)}",
                                  field="methods.merge.methods")
         return [builder.provided_statistics[task["name"]] for task in builder.tasks], ()
-    steps = []
-    for task, (ref, deps) in zip(builder.tasks, inputs, strict=True):
-        params = {"kind": kind, "finetune": finetune, "model": ref, "base": builder.base.to_dict(), "task": task,
-                  "examples": merge.statistics_examples, "max_length": builder.training.max_length}
-        label = f"{kind}-{finetune}-{task['name']}"
-        steps.append(builder.add_step("statistics", label, params, builder.base_deps() + deps))
+    steps = [builder.statistics_step(kind, finetune, ref, task, merge.statistics_examples, deps)
+             for task, (ref, deps) in zip(builder.tasks, inputs, strict=True)]
     return [step_ref(step) for step in steps], tuple(step.key for step in steps)
 
 
