@@ -469,20 +469,21 @@ def _open_build(stack: contextlib.ExitStack, reg: Registry, records: Sequence[di
 
     base_dir = view(BASE_NAME)
     inputs = [view(r["name"]) for r in chosen]
+    protocol = reg.protocol
     replayed: tuple[RegisteredTask, ...] = ()
     start_dir = None
     if start is not None:
         start_dir = view(start["name"])
         if spec.name == "replay":
             earlier = ancestor_contributions(records, start["name"])
-            replayed = tuple(task_of(r, reg.protocol) for r in earlier if r["keep_data"])
+            replayed = tuple(task_of(r, protocol) for r in earlier if r["keep_data"])
             unreplayed = [r["name"] for r in earlier if not r["keep_data"]]
             if unreplayed:
                 say(f"not replayed (registered without their data): {', '.join(unreplayed)}")
     statistics = tuple(reg.store.lay_out(r["settings"][STATISTICS], work / STATISTICS_DIR / r["name"])
                        if r["settings"].get(STATISTICS) else None for r in chosen)
-    return Build(reg, base_dir, inputs, [r["name"] for r in chosen], [task_of(r, reg.protocol) for r in chosen], options, work,
-                 say, start_dir, start is not None and start["kind"] == "adapter", start and start["name"], replayed,
+    return Build(reg, base_dir, inputs, [r["name"] for r in chosen], [task_of(r, protocol) for r in chosen], options,
+                 work, say, start_dir, start is not None and start["kind"] == "adapter", start and start["name"], replayed,
                  launch, statistics)
 
 
