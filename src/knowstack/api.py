@@ -564,15 +564,18 @@ def score_predictions(task: PathLike, predictions: PathLike | Sequence[str], *, 
 @quiet_call
 def init_registry(root: PathLike, base: PathLike, *, old_tasks: Sequence[str] = (),
                   include_path: PathLike | None = None, eval_batch_size: int | None = None, limit: int | None = None,
-                  batch_size: int | None = None) -> dict[str, Any]:
+                  batch_size: int | None = None, protocol: str | None = None) -> dict[str, Any]:
     """Create a registry (a new or empty dir, or a URL fsspec reaches) for the base model dir `base`, scored on
     the lm-eval tasks old_tasks (include_path: a dir of their YAMLs; limit: items per task; eval_batch_size:
     default 32, batch_size its deprecated name), as `knowstack registry init` (registry/base.py); returns the
-    base's record."""
+    base's record. protocol: how every score the registry records is made, as a study's evaluation.protocol
+    (default the study's default, builtin)."""
     from knowstack.registry.base import init_registry as init
+    from knowstack.registry.db import DEFAULT_PROTOCOL
 
     batch_size = _renamed(eval_batch_size, batch_size, "eval_batch_size", "batch_size", EVAL_BATCH_SIZE)
-    return init(root, base, old_tasks=old_tasks, include_path=include_path, batch_size=batch_size, limit=limit)
+    return init(root, base, old_tasks=old_tasks, include_path=include_path, batch_size=batch_size, limit=limit,
+                protocol=protocol or DEFAULT_PROTOCOL)
 
 
 def open_registry(root: PathLike) -> Registry:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from knowstack.cli.common import console
 from knowstack.cli.common import percent as _percent  # the names _add_compose_args uses
@@ -19,8 +19,9 @@ from knowstack.cli.options import (
     print_result,
 )
 from knowstack.cli.vocabulary import add_deprecated, meaning
-from knowstack.config import MOE_ROUTERS
+from knowstack.config import MOE_ROUTERS, Protocol
 from knowstack.errors import KnowstackError
+from knowstack.registry.db import DEFAULT_PROTOCOL
 
 
 def cmd_registry_init(args: argparse.Namespace) -> None:
@@ -37,7 +38,7 @@ def cmd_registry_init(args: argparse.Namespace) -> None:
     raise_problems(problems)
     base = api.init_registry(args.registry, args.base, old_tasks=args.old_tasks or (),
                              include_path=args.include_path, eval_batch_size=args.eval_batch_size,
-                             limit=args.limit)
+                             limit=args.limit, protocol=args.protocol)
     if args.json:
         print(json.dumps(base))
         return
@@ -46,7 +47,7 @@ def cmd_registry_init(args: argparse.Namespace) -> None:
     from knowstack.registry.core import is_url
 
     where = args.registry if is_url(args.registry) else Path(args.registry).resolve()
-    print(f"registry: {where}  base {base['content_hash'][:12]}")
+    print(f"registry: {where}  base {base['content_hash'][:12]}  protocol {base['settings']['protocol']}")
 
 
 def cmd_registry_list(args: argparse.Namespace) -> None:
@@ -108,10 +109,13 @@ def cmd_contribute(args: argparse.Namespace) -> None:
                             author=args.author, training_config=args.training_config,
                             eval_batch_size=args.eval_batch_size,
                             statistics=args.statistics, as_lora=args.as_lora)
-    score = next(s for s in record["scores"] if s["kind"] == "new")
+    from knowstack.registry.evaluate import own_score
+
+    with api.open_registry(args.registry) as reg:
+        score = own_score(record, reg.protocol)
     print_result(args, record, f"contributed: {record['name']} ({record['kind']}, {record['content_hash'][:12]}) "
                                f"{record['task']} {score['metric']} = {score['value']:.4f} (metric from "
-                               f"{record['settings']['metric_source']})")
+                               f"{record['settings']['metric_source']}; protocol {score['protocol']})")
 
 
 def cmd_compose(args: argparse.Namespace) -> None:
@@ -287,6 +291,9 @@ def add_commands(sub: Any) -> None:
     r.add_argument("--include-path", help=meaning("--include-path", "the built-in world's: WORLD/old_knowledge"))
     add_eval_batch_size(r)
     r.add_argument("--limit", type=int, help=meaning("--limit"))
+    r.add_argument("--protocol", choices=get_args(Protocol), default=DEFAULT_PROTOCOL,
+                   help=meaning("--protocol", "every score the registry records, contributions' and versions', is made "
+                                "so (default builtin)"))
     add_json_option(r, "the base's record")
     r.set_defaults(func=cmd_registry_init)
     r = registry.add_parser("list", help="the base and the contributions, with their scores")

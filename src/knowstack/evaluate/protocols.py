@@ -115,6 +115,13 @@ def scorings(protocol: str, metric: str) -> tuple[Scoring, ...]:
     return PROTOCOLS[protocol][metric]
 
 
+def summary_metric(protocol: str, metric: str) -> str:
+    """The one score a task is summed up by where one number per task is wanted (a registry's gate and AVnew): its
+    metric's last declared scoring (math: the chain-of-thought one under either protocol; every other metric has
+    one)."""
+    return scorings(protocol, metric)[-1].metric
+
+
 def read_all(reader: str, texts: Sequence[str]) -> list[str]:
     return [READERS[reader](text) for text in texts]
 

@@ -20,18 +20,14 @@ if TYPE_CHECKING:
 
 TASKS_DIR = "tasks"
 PLAN_DIR = "plan"
-SPLIT_FIELDS = {"train": "train_file", "eval": "eval_file", "test": "test_file"}
 # Files a study step writes for itself, not part of the model it made.
 STEP_FILES = ("step.json",)
 
 
 def task_entry(b: Build, name: str, task: RegisteredTask) -> dict[str, Any]:
-    """A contribution's task as a study task: its stored splits laid out (linked, verified) in the work dir."""
-    folder = b.reg.store.lay_out({entry["file"]: entry["sha256"] for entry in task.files.values()},
-                                 b.work / TASKS_DIR / name)
-    files = {SPLIT_FIELDS[split]: str(folder / entry["file"]) for split, entry in task.files.items()
-             if split in SPLIT_FIELDS}
-    return {"name": name, "format": task.task_format, "metric": task.metric, **files}
+    """A contribution's task as a study task named `name`: its stored splits laid out (linked, verified) in the work
+    dir."""
+    return task.study_task(b.reg.store, b.work / TASKS_DIR / name, name)
 
 
 def compose_config(b: Build, catalog: str, variant: ComposeVariant, kinds: list[str]) -> StudyConfig:
@@ -106,7 +102,8 @@ def compose_plan(b: Build, catalog: str, config: StudyConfig) -> tuple[Plan, dic
 
 
 def needed_steps(plan: Plan, model: dict[str, Any]) -> list[Step]:
-    """The steps the final model is made from, in plan order (no evaluation: the registry scores it itself)."""
+    """The steps the final model is made from, in plan order (no evaluation: the registry scores the version on every
+    registered task, registry/evaluate.py)."""
     wanted: set[str] = set()
     stack = [value[1:].split("/", 1)[0] for value in (model.get("model"), model.get("adapter"))
              if isinstance(value, str) and value.startswith("@")]

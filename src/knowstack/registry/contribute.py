@@ -26,7 +26,7 @@ from knowstack.hashing import content_hash
 from knowstack.registry import db
 from knowstack.registry.base import model_files, store_files, weights_hash
 from knowstack.registry.core import BASE_NAME, STATISTICS, Registry, check_name
-from knowstack.registry.evaluate import load_for_scoring, score_task, task_of, without_items
+from knowstack.registry.evaluate import score_model, task_of, without_items
 
 TASK_FORMATS = ("trace", "math")
 # The version's settings field that says what defined its task's metric (--metric, knowstack-task.json, ...).
@@ -161,7 +161,7 @@ def contribute(
                                  stats_files)
             if extraction is not None:
                 new.settings.update(extraction)
-            new.scores = without_items([_score(reg, base_dir, new, batch_size)])
+            new.scores = without_items(_score(reg, base_dir, new, batch_size))
         reg.record(new)
         return reg.version(name)
 
@@ -267,13 +267,17 @@ def _store(reg: Registry, name: str, contribution: FullModel | LoraAdapter, task
                       "keep_data": keep_data, "training_config": recorded_config})
 
 
-def _score(reg: Registry, base_dir: Path, new: db.NewVersion, batch_size: int) -> dict[str, Any]:
-    """The contribution's score on its own task's test split, from the stored (verified) copies."""
-    from knowstack.modelio import load_tokenizer
+def _score(reg: Registry, base_dir: Path, new: db.NewVersion, batch_size: int) -> list[dict[str, Any]]:
+    """The contribution's score rows on its own task's test split, from the stored (verified) copies, made by the
+    study's evaluation step under the registry's protocol (registry/evaluate.py)."""
+    import tempfile
 
     assert new.contribution is not None
     task = task_of({**new.contribution, "name": new.name})  # the record it is about to become
-    with reg.store.view(new.files) as weights_dir, \
+    with reg.store.view(new.files) as weights_dir, tempfile.TemporaryDirectory(prefix="knowstack-score-") as work, \
             users_paths({weights_dir: new.settings["source"], base_dir: base_source(reg)}):
-        model = load_for_scoring(weights_dir, base_dir if new.kind == "adapter" else None)
-        return score_task(model, load_tokenizer(base_dir), reg.store, task, batch_size)
+        entry = task.study_task(reg.store, Path(work) / "task")
+        full = new.kind == "model"
+        return score_model(Path(work) / "eval", base_dir, weights_dir if full else base_dir,
+                           None if full else weights_dir, [entry], None, protocol=reg.protocol,
+                           batch_size=batch_size)

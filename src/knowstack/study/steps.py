@@ -342,8 +342,11 @@ def run_eval(step: Step, ctx: StudyContext, out: Path) -> None:
         _write_jsonl(partial / f"predictions-{name}.jsonl", score.predictions)
         atomic_write_json(done, {"task": name, **score.record(), "per_example": score.per_example})
     old_done = partial / "old.json"
+    old_tasks, include_path = ctx.old_task_setup(old)
+    if not old_tasks:  # no old knowledge to score (old_knowledge.tasks: [], e.g. a registry's contribution)
+        atomic_write_json(partial / "old-per-example.json", {})
+        atomic_write_json(old_done, {})
     if not old_done.exists():
-        old_tasks, include_path = ctx.old_task_setup(old)
         scores, items = evaluate_old_knowledge_items(
             model,
             tokenizer,
