@@ -571,7 +571,6 @@ def init_registry(root: PathLike, base: PathLike, *, old_tasks: Sequence[str] = 
     base's record. protocol: how every score the registry records is made, as a study's evaluation.protocol
     (default the study's default, builtin)."""
     from knowstack.registry.base import init_registry as init
-    from knowstack.registry.db import DEFAULT_PROTOCOL
 
     batch_size = _renamed(eval_batch_size, batch_size, "eval_batch_size", "batch_size", EVAL_BATCH_SIZE)
     return init(root, base, old_tasks=old_tasks, include_path=include_path, batch_size=batch_size, limit=limit,

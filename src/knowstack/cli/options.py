@@ -190,12 +190,12 @@ def add_eval_batch_size(parser: Any, *, old_name: bool = True) -> None:
         add_deprecated(parser, "--batch-size", option)
 
 
-def add_protocol_option(parser: Any) -> None:
+def add_protocol_option(parser: Any, detail: str = "") -> None:
     """--protocol: how new-knowledge answers are read and scored (config.py's PROTOCOLS, DEFAULT_PROTOCOL)."""
     from knowstack.config import DEFAULT_PROTOCOL, PROTOCOLS
 
     parser.add_argument("--protocol", choices=list(PROTOCOLS), default=DEFAULT_PROTOCOL,
-                        help=f"{meaning('--protocol')} (default {DEFAULT_PROTOCOL})")
+                        help=f"{meaning('--protocol', detail)} (default {DEFAULT_PROTOCOL})")
 
 
 def add_json_option(parser: Any, what: str = "") -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 from knowstack.cli.common import console
 from knowstack.cli.common import percent as _percent  # the names _add_compose_args uses
@@ -16,12 +16,12 @@ from knowstack.cli.options import (
     add_json_option,
     add_merge_method_options,
     add_out_option,
+    add_protocol_option,
     print_result,
 )
 from knowstack.cli.vocabulary import add_deprecated, meaning
-from knowstack.config import MOE_ROUTERS, Protocol
+from knowstack.config import MOE_ROUTERS
 from knowstack.errors import KnowstackError
-from knowstack.registry.db import DEFAULT_PROTOCOL
 
 
 def cmd_registry_init(args: argparse.Namespace) -> None:
@@ -291,9 +291,7 @@ def add_commands(sub: Any) -> None:
     r.add_argument("--include-path", help=meaning("--include-path", "the built-in world's: WORLD/old_knowledge"))
     add_eval_batch_size(r)
     r.add_argument("--limit", type=int, help=meaning("--limit"))
-    r.add_argument("--protocol", choices=get_args(Protocol), default=DEFAULT_PROTOCOL,
-                   help=meaning("--protocol", "every score the registry records, contributions' and versions', is made "
-                                "so (default builtin)"))
+    add_protocol_option(r, "every score the registry records, contributions' and versions', is made so")
     add_json_option(r, "the base's record")
     r.set_defaults(func=cmd_registry_init)
     r = registry.add_parser("list", help="the base and the contributions, with their scores")
