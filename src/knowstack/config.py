@@ -344,6 +344,11 @@ class MethodConfig(Sweepable):
 Lambda = Annotated[float, Field(ge=0)]
 
 
+def one_run(value: Any) -> Any:
+    """A number given for a list of lambdas: one run with it."""
+    return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
 class OLoraConfig(Sweepable):
     """O-LoRA runs (sequential LoRA + orthogonality penalty), one per entry of `lambdas`: a weight
     for every round, or a list of one weight per round (round 1 has no earlier adapter to penalize
@@ -351,10 +356,7 @@ class OLoraConfig(Sweepable):
 
     lambdas: list[Lambda | list[Lambda]] = Field(default_factory=lambda: [0.5, 5.0])
 
-    @field_validator("lambdas", mode="before")
-    @classmethod
-    def _scalar_is_one_run(cls, value: Any) -> Any:
-        return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    _scalar_is_one_run = field_validator("lambdas", mode="before")(classmethod(lambda cls, value: one_run(value)))
 
     @field_validator("lambdas")
     @classmethod
@@ -374,10 +376,7 @@ class RegularizedConfig(MethodConfig):
 
     lambdas: list[Lambda] = Field(default_factory=lambda: [1.0])
 
-    @field_validator("lambdas", mode="before")
-    @classmethod
-    def _scalar_is_one_run(cls, value: Any) -> Any:
-        return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    _scalar_is_one_run = field_validator("lambdas", mode="before")(classmethod(lambda cls, value: one_run(value)))
 
     @field_validator("lambdas")
     @classmethod
