@@ -18,7 +18,8 @@ from knowstack import hashing
 from knowstack.combine.merge import merge_models
 from knowstack.errors import KnowstackError
 from knowstack.modelcard import dir_sha256
-from knowstack.modeling.streaming import INDEX_FILE, READ_BLOCK, SafetensorsReader, ShardedWriter
+from knowstack.modeling import streaming
+from knowstack.modeling.streaming import INDEX_FILE, READ_BLOCK, SafetensorsReader, ShardedWriter, wait_for_hashes
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -109,6 +110,35 @@ def test_a_file_read_front_to_back_is_hashed_on_the_way(checkpoint: Path, monkey
     reader = SafetensorsReader([file], hash_files=True)
     for name in reader.names():
         reader.read(name)
+    _forbid_reading(monkeypatch)
+    assert hashing.known_sha256(file) == expected
+
+
+def test_a_view_is_the_files_bytes_uncopied_and_changing_it_leaves_the_file_alone(checkpoint: Path) -> None:
+    file = checkpoint / "model.safetensors"
+    before = file.read_bytes()
+    reader = SafetensorsReader.from_dir(checkpoint)
+    expected = load_file(file)
+    for name in reader.names():
+        got = reader.view(name)
+        assert got.dtype == expected[name].dtype and got.shape == expected[name].shape, name
+        assert torch.equal(got.reshape(-1).view(torch.uint8), expected[name].reshape(-1).view(torch.uint8)), name
+    large = reader.view("large")
+    large.add_(1)  # a private map: the change is this process's copy of the page, never the file's
+    assert torch.equal(large, expected["large"] + 1)
+    del large
+    assert file.read_bytes() == before
+
+
+def test_a_file_viewed_and_read_in_order_is_hashed_on_a_thread(checkpoint: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    file = checkpoint / "model.safetensors"
+    expected = hashlib.sha256(file.read_bytes()).hexdigest()
+    monkeypatch.setattr(streaming, "HASH_BACKLOG", 1024)  # views wait for the hashing of earlier ones too
+    reader = SafetensorsReader([file], hash_files=True)
+    for i, name in enumerate(reader.names()):
+        reader.view(name) if i % 3 else reader.read(name)
+    wait_for_hashes()
     _forbid_reading(monkeypatch)
     assert hashing.known_sha256(file) == expected
 

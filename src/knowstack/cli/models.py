@@ -210,7 +210,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     out = api.merge(args.method, args.models, args.out, base=args.base, weights=args.weights, density=args.density,
                     drop_rate=args.drop_rate, lam=args.lam, lora_space=args.lora_space, seed=args.seed,
                     max_shard_gb=args.max_shard_gb, progress=True, statistics=args.statistics, dtype=args.dtype,
-                    **{name: getattr(args, name) for name in MERGE_ONLY_OPTIONS + STATISTICS_MERGE_OPTIONS
+                    input_hashes=args.input_hashes, **{name: getattr(args, name) for name in MERGE_ONLY_OPTIONS + STATISTICS_MERGE_OPTIONS
                        if getattr(args, name) is not None})
     record = json.loads((out / "merge.json").read_text(encoding="utf-8"))
     print_result(args, {**record, "out": str(out)}, f"merged model: {out}")
@@ -404,6 +404,9 @@ def add_commands(sub: Any) -> None:
                         "add_weighted_adapter does (factors: the paper's LoRA TIES / DARE-TIES; weights are PEFT's, "
                         "1 each by default)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help=f"{meaning('--max-shard-gb')} (default 5)")
+    p.add_argument("--no-input-hashes", dest="input_hashes", action="store_false",
+                   help="leave the inputs' sha256 out of the model card (which says so): no hashing beside the merge "
+                        "(by default they are hashed as the merge reads them, on a thread of their own)")
     add_dtype_option(p, "the merged model's weights")
     add_out_option(p, "the merged model dir to write")
     add_json_option(p, "merge.json's record")
