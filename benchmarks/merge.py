@@ -331,6 +331,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="knowstack merge methods to compare with their mergekit equivalents (default: the seven "
                              "they share; knowstack's option defaults for the options the command line does not set). "
                              "DELLA's outputs differ by their random draws")
+    parser.add_argument("--no-input-hashes", dest="input_hashes", action="store_false",
+                        help="run knowstack with --no-input-hashes (its card without the inputs' sha256, as mergekit "
+                             "here writes no card); by default it hashes its inputs as a user's merge does")
     parser.add_argument("--mergekit-venv", type=Path, default=DEFAULT_VENV)
     parser.add_argument("--workdir", type=Path, help="where checkpoints go (default: a temporary dir)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
@@ -379,6 +382,8 @@ def run_benchmark(args: argparse.Namespace, mergekit: Path | None, workdir: Path
             command += ["--base", str(base)]
         if "density" in MERGE_METHOD_OPTIONS[method]:
             command += ["--density", str(args.density)]
+        if not args.input_hashes:
+            command += ["--no-input-hashes"]
         runs[method] = (command, inputs)
     print(f"{'method':7} {'knowstack s':>11} {'mergekit s':>10} {'ratio [range]':>19} {'cpu ratio':>9} "
           f"{'max|diff|':>10} {'differing':>14} {'RSS/ckpt ks':>11} {'RSS/ckpt mk':>11} {'cached':>6} {'load':>9}")
@@ -407,6 +412,7 @@ def run_benchmark(args: argparse.Namespace, mergekit: Path | None, workdir: Path
             "load_average_before": list(load_before), "load_average_after": list(load_after),
             "settings": {"models": args.models, "layers": args.layers, "density": args.density,
                          "repeats": args.repeats, "parameters": params, "checkpoint_bytes": checkpoint,
+                         "knowstack_input_hashes": args.input_hashes,
                          "mergekit": MERGEKIT_PIN if mergekit is not None else None},
             "page_cache": "inputs read once before each method's runs (warm); inputs_cached: the share of their "
                           "bytes in the page cache before each run (fincore), null where it cannot be measured",

@@ -19,7 +19,13 @@ from knowstack.combine.merge import merge_models
 from knowstack.errors import KnowstackError
 from knowstack.modelcard import dir_sha256
 from knowstack.modeling import streaming
-from knowstack.modeling.streaming import INDEX_FILE, READ_BLOCK, SafetensorsReader, ShardedWriter, wait_for_hashes
+from knowstack.modeling.streaming import (
+    INDEX_FILE,
+    READ_BLOCK,
+    SafetensorsReader,
+    ShardedWriter,
+    wait_for_hashes,
+)
 
 
 def _tensors() -> dict[str, torch.Tensor]:

@@ -53,7 +53,7 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 READ_BLOCK = 8 << 20  # bytes read (and hashed) at a time: a block is still in the CPU's cache when it is hashed
 # bytes of viewed tensors waiting for the hashing thread at most: a view waits beyond it, so that the maps
 # the hashing holds on to add little to the process's memory
-HASH_BACKLOG = 256 << 20
+HASH_BACKLOG = 64 << 20
 
 
 @dataclass(frozen=True)
