@@ -212,3 +212,20 @@ def test_a_merge_hashes_its_inputs_for_the_card_as_it_reads_them(tiny_model_dir:
     monkeypatch.setattr(hashing, "file_sha256", no_second_read)
     card = (merge_models("average", models, tmp_path / "merged") / "README.md").read_text()
     assert all(digest is not None and digest in card for digest in expected)
+
+
+def test_a_file_that_cannot_be_mapped_is_read(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    file = checkpoint / "model.safetensors"
+    expected = hashlib.sha256(file.read_bytes()).hexdigest()
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError("no mmap here")
+
+    monkeypatch.setattr(streaming.mmap, "mmap", refuse)
+    reader = SafetensorsReader([file], hash_files=True)
+    for name in reader.names():
+        assert torch.equal(reader.view(name).reshape(-1).view(torch.uint8),
+                           load_file(file)[name].reshape(-1).view(torch.uint8))
+    wait_for_hashes()
+    _forbid_reading(monkeypatch)
+    assert hashing.known_sha256(file) == expected
