@@ -171,6 +171,8 @@ def _write_merged(tmp: Path, method: MergeMethod, reference: FullModel, base: Fu
             merged = _merge_full(method, name, inputs, weights, options, seed)
         writer.write(name, merged.to(dtypes[name]))
         del merged  # not alive while the next tensor is merged
+        # the views' hashes done, so that no map of this tensor's inputs is resident while the next one's are read
+        wait_for_hashes()
     writer.close()
 
 
