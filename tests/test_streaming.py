@@ -15,6 +15,7 @@ from checkpoints import perturbed
 from safetensors.torch import load_file, save_file
 
 from knowstack import hashing
+from knowstack.combine.inputs import FullModel
 from knowstack.combine.merge import merge_models
 from knowstack.errors import KnowstackError
 from knowstack.modelcard import dir_sha256
@@ -229,3 +230,13 @@ def test_a_file_that_cannot_be_mapped_is_read(checkpoint: Path, monkeypatch: pyt
     wait_for_hashes()
     _forbid_reading(monkeypatch)
     assert hashing.known_sha256(file) == expected
+
+
+def test_a_task_vector_made_from_a_view_has_the_read_ones_bits(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # a merge makes all but its last task vector from mapped views (peak memory: the last is read as before)
+    model, base = FullModel(perturbed(tiny_model_dir, tmp_path / "m", seed=1, scale=0.01)), FullModel(tiny_model_dir)
+    for name in model.specs:
+        base_tensor = base.full(name)
+        if base_tensor.is_floating_point():
+            viewed, read = model.delta(name, base_tensor, view=True), model.delta(name, base_tensor)
+            assert viewed.dtype == read.dtype == torch.float32 and torch.equal(viewed, read), name

@@ -117,10 +117,14 @@ class FullModel:
                 counts[spec.torch_dtype] += math.prod(spec.shape)
         return counts.most_common(1)[0][0] if counts else torch.float32
 
-    def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
-        # read into a tensor of its own and subtracted in place: a mapped view and a new difference beside it would
-        # hold one weight more at once than this (peak memory, measured: task arithmetic +126 MB on the 2-layer check)
-        return self.full(name).sub_(base)
+    def delta(self, name: str, base: torch.Tensor, view: bool = False) -> torch.Tensor | None:
+        """The weight minus `base`. view: from the mapped file, the difference a new tensor (no copy of the weight
+        first), for all but the last task vector of a merge: a map beside a new difference holds one weight more
+        at once than reading into the difference's own tensor, which only the last one's would raise the peak by."""
+        if not view:
+            return self.full(name).sub_(base)
+        stored = self.view(name)
+        return stored.float().sub_(base) if stored.dtype != torch.float32 else torch.sub(stored, base)
 
 
 class LoraAdapter:

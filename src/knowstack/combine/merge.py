@@ -204,13 +204,21 @@ def _merge_full(method: MergeMethod, name: str, inputs: list[Input], weights: to
     return method.fn(tensors, weights, options, _generator(seed, name) if method.random else None)
 
 
+def _task_vector(model: Input, name: str, base: torch.Tensor, last: bool) -> torch.Tensor | None:
+    """One input's task vector; the last one's made with no viewed map resident (every task vector, the base and
+    a map at once would raise the peak over a plain read's)."""
+    if last:
+        wait_for_hashes()
+    return model.delta(name, base, view=not last) if isinstance(model, FullModel) else model.delta(name, base)
+
+
 def _merge_deltas(method: MergeMethod, name: str, base: FullModel, inputs: list[Input], weights: torch.Tensor,
                   options: MergeOptions, seed: int) -> torch.Tensor:
     raw = base.view(name)  # only read: every task vector and the result are new tensors
     if not raw.is_floating_point():
         return _same_everywhere(name, [raw] + [m.full(name) for m in inputs if isinstance(m, FullModel)], inputs)
     base_tensor = raw.float()
-    deltas = [m.delta(name, base_tensor) for m in inputs]
+    deltas = [_task_vector(m, name, base_tensor, i == len(inputs) - 1) for i, m in enumerate(inputs)]
     if all(d is None for d in deltas):
         return base_tensor  # no adapter touches this weight
     taus = [d if d is not None else torch.zeros_like(base_tensor) for d in deltas]
