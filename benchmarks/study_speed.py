@@ -202,7 +202,9 @@ def run_study(label: str, tree: Path, config: Path, workdir: Path, round_: int,
     out = workdir / f"{label}-{round_}"
     shutil.rmtree(out, ignore_errors=True)
     caches = workdir / f"cache-{label}"
-    env = {**os.environ, "PYTHONPATH": str(tree / "src"), "KNOWSTACK_CACHE": str(caches / "knowstack"),
+    steps = workdir / f"steps-{label}-{round_}"  # a shared step cache of the run's own: each run computes every step
+    shutil.rmtree(steps, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": str(tree / "src"), "KNOWSTACK_CACHE": str(steps),
            "HF_HOME": str(caches / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1"}
     log = workdir / f"{label}-{round_}.log"

@@ -626,11 +626,36 @@ def vocabulary(_: object) -> str:
     return vocabulary_table(build_parser())
 
 
+def merge_options(_: object) -> str:
+    """docs/methods.md's table of the merge options, from their one declaration each (combine/merges/)."""
+    from knowstack.combine.merges import options_table
+
+    return options_table()
+
+
 def claims(_: object) -> str:
     """docs/claims.md's table: every claim, the paper's sentence it tests and its comparison, from claims.py."""
     from knowstack.report.claims import claims_markdown
 
     return claims_markdown()
+
+
+def search_results(study: Study) -> str:
+    """docs/search.md's numbers: each search of configs/builtin-search.yaml's study (its trials, the chosen point)
+    and its test comparison with the study's best merge and the base, with the report's own verdict."""
+    from knowstack.report.figures import FigureSpec
+    from knowstack.report.markdown import block_markdown
+    from knowstack.report.search import search_sections
+    from knowstack.results import PER_EXAMPLE, STUDY_INFO, read_items, read_study_info
+
+    info = read_study_info(study.path / STUDY_INFO)
+    if info is None or not info.searches:
+        raise KnowstackError("no search in this study (study.json has none): run configs/builtin-search.yaml",
+                             path=study.path, field="--search")
+    scores = Scores.from_rows(study.rows, info.task_order, info.old_metric, read_items(study.path / PER_EXAMPLE))
+    runs = [run for run in find_runs(scores) if not run.point]
+    blocks = [b for b in search_sections(scores, runs, info.searches) if not isinstance(b, FigureSpec)]
+    return "\n\n".join([*(block_markdown(b, 3, study.path).strip() for b in blocks), f"({study.provenance()})"])
 
 
 @dataclass(frozen=True)
@@ -655,6 +680,8 @@ BLOCKS: dict[str, Generator] = {
     "memory": Generator(("memory",), memory),
     "vocabulary": Generator(("vocabulary",), vocabulary),
     "claims": Generator(("claims",), claims),
+    "merge-options": Generator(("merge_options",), merge_options),
+    "search": Generator(("search",), search_results),
 }
 READERS: dict[str, Callable[[Path, str], object]] = {
     "demo": lambda p, o: Study.read(p, o),
@@ -662,6 +689,7 @@ READERS: dict[str, Callable[[Path, str], object]] = {
     "quick_all": lambda p, o: Study.read(p, o),
     "full": lambda p, o: Study.read(p, o),
     "catalog": lambda p, o: Study.read(p, o),
+    "search": lambda p, o: Study.read(p, o),
     "registry": lambda p, o: p,
     "speed": lambda p, o: p,
     "scale": lambda p, o: p,
@@ -670,10 +698,11 @@ READERS: dict[str, Callable[[Path, str], object]] = {
     "memory": lambda p, o: p,
     "vocabulary": lambda p, o: p,
     "claims": lambda p, o: p,
+    "merge_options": lambda p, o: p,
     "spread": lambda ps, o: [Study.read(p, o) for p in ps],
 }
 FILE_OPTIONS = {"scale", "families", "kernel_paths"}  # options naming a file, not a results dir
-FLAG_OPTIONS = {"vocabulary", "claims"}  # options naming nothing: their blocks are read from the code
+FLAG_OPTIONS = {"vocabulary", "claims", "merge_options"}  # options naming nothing: their blocks are read from the code
 
 
 def rewrite(text: str, inputs: dict[str, object], where: Path) -> tuple[str, list[str], list[str]]:
@@ -702,6 +731,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick-all", type=Path, help="configs/builtin-quick-all.yaml's study dir")
     parser.add_argument("--full", type=Path, help="configs/builtin.yaml's study dir (the full world)")
     parser.add_argument("--catalog", type=Path, help="configs/builtin-catalog.yaml's study dir")
+    parser.add_argument("--search", type=Path, help="configs/builtin-search.yaml's study dir (runs/search)")
     parser.add_argument("--speed", type=Path, help="a dir of the benchmarks' --json outputs (study_speed.json, ...)")
     parser.add_argument("--scale", type=Path, help="the GPU scale check's JSON (scripts/scale-check.sh: "
                         "scale-check.json)")
@@ -717,6 +747,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="docs/commands.md's table of options, from the command-line parsers")
     parser.add_argument("--claims", action="store_true", default=None,
                         help="docs/claims.md's table of the paper's findings, from src/knowstack/report/claims.py")
+    parser.add_argument("--merge-options", action="store_true", default=None,
+                        help="docs/methods.md's table of the merge options, from their declarations (combine/merges/)")
     parser.add_argument("--root", type=Path, default=ROOT, help="the checkout whose README.md and docs/ to rewrite")
     parser.add_argument("--check", action="store_true", help="rewrite nothing; exit 1 if a block would change")
     args = parser.parse_args(argv)
@@ -733,8 +765,9 @@ def main(argv: list[str] | None = None) -> int:
                     raise KnowstackError("no such results dir", path=path, field=flag)
             inputs[option] = READERS[option](given, flag)
         if not inputs:
-            raise KnowstackError("no results dir given (--demo, --base, --quick-all, --full, --catalog, --registry, --spread, "
-                                 "--speed, --memory, --families, --scale, --vocabulary, --claims, --kernel-paths)")
+            raise KnowstackError("no results dir given (--demo, --base, --quick-all, --full, --catalog, --search, --registry, --spread, "
+                                 "--speed, --memory, --families, --scale, --vocabulary, --claims, --merge-options, "
+                                 "--kernel-paths)")
         changed = {}
         for name in doc_files(args.root):
             doc = args.root / name

@@ -6,6 +6,7 @@ MKL_CBWR=AVX2,STRICT unless it is set (knowstack/kernels.py)."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -54,6 +55,24 @@ def build_tiny_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
 def build_tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
     shape = ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, context=256)
     return make_model(tokenizer, shape, seed)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_step_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The suite's shared step cache (study/shared_cache.py): one per session, never the user's (~/.cache), so a
+    warm cache there hides no failure here. Studies of one session share it, as studies on one machine do: a test
+    that counts the steps a study computes gives that study a cache of its own (`isolated_cache`) or turns it off."""
+    root = tmp_path_factory.mktemp("shared-step-cache")
+    os.environ["KNOWSTACK_CACHE"] = str(root)  # in os.environ: the CLI's subprocesses inherit it
+    return root
+
+
+@pytest.fixture
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A shared step cache of this test's own, empty."""
+    root = tmp_path_factory.mktemp("own-step-cache")
+    monkeypatch.setenv("KNOWSTACK_CACHE", str(root))
+    return root
 
 
 @pytest.fixture(scope="session")

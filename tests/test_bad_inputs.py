@@ -355,6 +355,19 @@ CASES = [
          "--train-data {bad}/train.json", ("train.json", "item 2", "field 'answer'")),
     Case("gate-adapter-truncated", "adapter-truncated", "gate --base {model} --adapter {bad} "
          "--train-data {task}/train.json", ("adapter_model.safetensors", "truncated")),
+    # extract-lora
+    Case("extract-lora-other-vocab", "other-vocab", "extract-lora --base {model} --model {bad} --rank 2 --out {out}",
+         ("bad/config.json", "field 'vocab_size'", "320 here, 300 in the base", "another vocabulary")),
+    Case("extract-lora-model-is-an-adapter", "adapter", "extract-lora --base {model} --model {bad} --rank 2 "
+         "--out {out}", ("not a model dir but a PEFT LoRA adapter", "needs no extracting")),
+    Case("extract-lora-rank-zero", "nothing", "extract-lora --base {model} --model {model} --rank 0 --out {out}",
+         ("option --rank", "at least 1, not 0")),
+    Case("extract-lora-unknown-target", "nothing", "extract-lora --base {model} --model {model} --rank 2 "
+         "--target-modules qkv --out {out}", ("qkv name no module", "q_proj")),
+    Case("extract-lora-embeddings", "nothing", "extract-lora --base {model} --model {model} --rank 2 "
+         "--target-modules embed_tokens --out {out}", ("option --target-modules", "embeddings are not extracted")),
+    Case("contribute-as-lora-of-an-adapter", "nothing", "contribute {registry} --name c --adapter {adapter} "
+         "--task {task} --as-lora 4", ("option --as-lora", "give --model, not --adapter")),
     # contribute, compose, registry init
     Case("contribute-task-not-utf8", "not-utf8", "contribute {registry} --name c --adapter {adapter} --task {bad} "
          "--keep-data", ("train.json", "not UTF-8")),
@@ -401,6 +414,8 @@ CASES = [
     Case("study-unknown-old-task", "nothing", STUDY, ("unknown lm-eval task 'ks_no_such_task'",
                                                       "field 'old_knowledge.tasks'"),
          {"old_knowledge": {"tasks": ["ks_toy", "ks_no_such_task"], "include_path": "{old}"}}),
+    Case("study-no-old-tasks", "nothing", STUDY, ("name at least one lm-eval task", "field 'old_knowledge.tasks'"),
+         {"old_knowledge": {"tasks": [], "include_path": "{old}"}}),
     Case("study-accelerate-missing", "accelerate-missing", STUDY, ("accelerate config not found",),
          {"launch": {"num_processes": 2, "cpu": True, "accelerate_config": "{bad}"}}),
     Case("study-fsdp-on-cpu", "nothing", STUDY, ("only on GPUs", "field 'launch.accelerate_config'"),

@@ -18,8 +18,8 @@ from knowstack.cli import main
 from knowstack.combine.merge import merge_models
 from knowstack.combine.merge_methods import MergeOptions
 from knowstack.errors import KnowstackError
+from knowstack.evaluate import new_knowledge
 from knowstack.registry import Registry, init_registry
-from knowstack.registry import compose as compose_module
 from knowstack.registry.compose import METHODS, ComposeOptions, check_start, compose
 from knowstack.registry.contribute import contribute
 from knowstack.registry.gate import Released, gate_checks, gate_record
@@ -75,9 +75,11 @@ def test_a_ties_version_is_the_ties_merge_of_the_stored_contributions(registry: 
         assert not (registry / ".compose").exists() or not any((registry / ".compose").iterdir())
         assert reg.verify(["v1"]) == len(record["files"])
         base = reg.base()
-    scored = {(s["task"], s["kind"], s["metric"]) for s in record["scores"]}
-    assert scored == {("Stance", "new", "accuracy"), ("Notes", "new", "accuracy"), ("Quiz", "new", "accuracy"),
-                      ("Math", "new", "em_cot"), ("ks_toy", "old", "acc")}
+    scored = {(s["task"], s["kind"], s["metric"], s["protocol"]) for s in record["scores"]}
+    # the study's evaluation rows: every score of each task (math: direct and chain-of-thought), with its protocol
+    assert scored == {("Stance", "new", "accuracy", "builtin"), ("Notes", "new", "accuracy", "builtin"),
+                      ("Quiz", "new", "accuracy", "builtin"), ("Math", "new", "em_direct", "builtin"),
+                      ("Math", "new", "em_cot", "builtin"), ("ks_toy", "old", "acc", "lm-eval")}
     # the base is scored on every registered task: the gate's first reference
     assert {s["task"] for s in base["scores"] if s["kind"] == "new"} == {"Stance", "Notes", "Quiz", "Math"}
     gate = record["settings"]["gate"]
@@ -179,7 +181,7 @@ def test_training_methods_train_on_the_kept_data(registry: Path) -> None:
 
 def test_a_compose_that_dies_midway_leaves_no_version_and_resumes(registry: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    real_score = compose_module.score_task
+    real_score = new_knowledge.evaluate_task  # what the study's evaluation step scores a task with
     calls = {"n": 0}
 
     def dies_on_the_third_task(*args, **kwargs):
@@ -188,7 +190,7 @@ def test_a_compose_that_dies_midway_leaves_no_version_and_resumes(registry: Path
             raise KeyboardInterrupt
         return real_score(*args, **kwargs)
 
-    monkeypatch.setattr(compose_module, "score_task", dies_on_the_third_task)
+    monkeypatch.setattr(new_knowledge, "evaluate_task", dies_on_the_third_task)
     with pytest.raises(KeyboardInterrupt):
         compose(registry, "merge-average", contributions=["stance", "notes"])
     with Registry.open(registry) as reg:
@@ -196,17 +198,20 @@ def test_a_compose_that_dies_midway_leaves_no_version_and_resumes(registry: Path
     [work] = [p for p in (registry / ".compose").iterdir() if p.is_dir()]
     assert not list((registry / ".compose").glob("*.lock"))  # the lock goes with the compose that held it
     assert tensors(work / "model")
-    assert sorted(p.name for p in (work / "scores").iterdir()) == ["new-Notes.json", "new-Stance.json"]
+    # the evaluation step keeps each finished task, as a study's does
+    kept = sorted(p.name for p in (work / "eval" / "artifacts" / ".partial").glob("*/new-*.json"))
+    assert kept == ["new-Notes.json", "new-Stance.json"]
 
     def must_not_rebuild(build) -> None:
         raise AssertionError("the finished build was redone")
 
     monkeypatch.setitem(METHODS, "merge-average", dataclasses.replace(METHODS["merge-average"], build=must_not_rebuild))
-    monkeypatch.setattr(compose_module, "score_task", real_score)
+    calls["n"] = -100
     said: list[str] = []
     record = compose(registry, "merge-average", contributions=["stance", "notes"], say=said.append)
     assert any("built before, kept" in m for m in said)
     assert sum(m.startswith("scored on") for m in said) == 4  # kept scores are reported, not re-measured
+    assert calls["n"] == -100 + 2  # only the two tasks not scored before
     assert record["name"] == "v1" and not work.exists()
 
 

@@ -32,10 +32,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "knowstack"
 
 # Bottom to top. A name is a top-level module or subpackage of knowstack ("" is the package itself, the
-# lazy facade of api.py). A module may import its own unit and the units of lower layers; units in one
+# lazy facade of api.py), or a subpackage placed apart from its package (combine.merges: the merge methods'
+# declarations, which config reads to make its merge settings; their package's __init__ is empty). A module may import its own unit and the units of lower layers; units in one
 # layer are siblings and import none of each other. docs/design.md lists the same layers, in this order.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "atomic", "hashing", "kernels", "logs", "progress", "stats", "usage", "version"),
+    ("combine.merges",),
     ("config",),
     ("data",),
     ("modeling", "modelcard"),
@@ -165,7 +167,10 @@ def private_reads(module: str, path: Path, known: dict[str, Path], package: str 
 
 
 def unit_of(module: str, package: str = PACKAGE) -> str:
-    return module.removeprefix(package).lstrip(".").split(".")[0]
+    """The unit a module belongs to: its top-level name, or a subpackage LAYERS lists on its own (combine.merges)."""
+    name = module.removeprefix(package).lstrip(".")
+    apart = [unit for layer in LAYERS for unit in layer if "." in unit and (name + ".").startswith(unit + ".")]
+    return apart[0] if apart else name.split(".")[0]
 
 
 def layer_violations(imports: Sequence[Import], layers: Sequence[Sequence[str]], package: str = PACKAGE) -> list[str]:
@@ -325,7 +330,7 @@ def test_every_unit_has_a_layer_and_the_design_lists_them_in_order() -> None:
     assert {unit_of(m) for m in known} <= listed, "modules in no layer: add them to LAYERS and docs/design.md"
     text = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
     section = text.split("\n## Layers\n", 1)[1].split("\n## ", 1)[0]
-    documented = [tuple(re.findall(r"`([a-z_]*)`", line)) for line in section.splitlines() if re.match(r"\d+\. ", line)]
+    documented = [tuple(re.findall(r"`([a-z_.]*)`", line)) for line in section.splitlines() if re.match(r"\d+\. ", line)]
     assert documented == [tuple(unit or PACKAGE for unit in layer) for layer in LAYERS]
 
 

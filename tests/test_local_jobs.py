@@ -26,6 +26,8 @@ from knowstack.study.plan import Step
 from knowstack.study.resources import Estimate, shares_cores
 
 TASKS = ["stance", "math"]
+# Each study computes its own steps: linked from another's (the shared step cache), they would be its files.
+OWN_STEPS = ["--no-shared-cache"]
 
 
 def _config(tmp: Path) -> Path:
@@ -40,7 +42,7 @@ def _config(tmp: Path) -> Path:
 def one_at_a_time(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("jobs1")
     config = _config(tmp)
-    assert main(["study", str(config), "--out", str(tmp / "run"), "--jobs", "1"]) == 0
+    assert main(["study", str(config), "--out", str(tmp / "run"), "--jobs", "1", *OWN_STEPS]) == 0
     return config, tmp / "run"
 
 
@@ -70,7 +72,7 @@ def test_steps_side_by_side_make_the_same_files_and_results(one_at_a_time: tuple
     config, reference = one_at_a_time
     capsys.readouterr()
     out = tmp_path / "run"
-    assert main(["study", str(config), "--out", str(out), "--jobs", "2"]) == 0
+    assert main(["study", str(config), "--out", str(out), "--jobs", "2", *OWN_STEPS]) == 0
     err = capsys.readouterr().err
     assert "done train: " in err  # lines name their step once steps ran side by side
     made, expected = _made_files(out), _made_files(reference)
@@ -92,7 +94,7 @@ def test_a_killed_study_stops_its_workers_and_resumes(one_at_a_time: tuple[Path,
     config, reference = one_at_a_time
     out = tmp_path / "killed"
     study = subprocess.Popen([sys.executable, "-m", "knowstack.cli", "study", str(config), "--out", str(out),
-                              "--jobs", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              "--jobs", "2", *OWN_STEPS], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     workers: list[psutil.Process] = []
     # Kill the study once a training is under way in a worker.
@@ -106,7 +108,7 @@ def test_a_killed_study_stops_its_workers_and_resumes(one_at_a_time: tuple[Path,
     study.wait()
     gone, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive, "workers outlived the study"
-    assert main(["study", str(config), "--out", str(out), "--jobs", "2"]) == 0
+    assert main(["study", str(config), "--out", str(out), "--jobs", "2", *OWN_STEPS]) == 0
     assert not list((out / "artifacts").glob(".*tmp*"))
     assert (out / "results.csv").read_text() == (reference / "results.csv").read_text()
 
@@ -166,7 +168,7 @@ def test_steps_side_by_side_on_every_core_make_the_same_files(one_at_a_time: tup
     path = tmp_path / "all.yaml"
     path.write_text(config.read_text() + "executor: {jobs: 2, threads: all}\n")
     out = tmp_path / "run"
-    assert main(["study", str(path), "--out", str(out)]) == 0
+    assert main(["study", str(path), "--out", str(out), *OWN_STEPS]) == 0
     for name in ("results.csv", "per_example.jsonl"):
         assert (out / name).read_text() == (reference / name).read_text()
     made, expected = _made_files(out), _made_files(reference)

@@ -228,10 +228,7 @@ def test_paper_config_mixes_with_moetifys_routing() -> None:
 
     moe = load_config(CONFIGS / "paper/llama3-8b-trace.yaml").methods.moe
     assert moe.router == "moetify" and moe.top_k == 2 and moe.prompts_per_expert == 1000 and moe.routing is None
-    table = (Path(__file__).parents[1] / "docs" / "paper-config.md").read_text()
-    for row in ("| MoE routing | `methods.moe.router: moetify`", "| FFT-MoE top-k | 2 (`top_k: 2`)",
-                "| FFT-MoE positive tokens | the first 1000 training prompts", "| LoRA-MoE top-k | every expert (7)"):
-        assert row in table
+    # docs/paper-config.md's rows of these settings, as of every other: tests/test_paper_config_table.py
 
 
 def test_cli_mix_router_moetify(tiny_model_dir: Path, adapters: list[Path], tmp_path: Path,

@@ -1,7 +1,7 @@
 """--out of a dir a command writes whole: a new or empty dir; a non-empty one is refused (exit 2, one line naming it
 and --overwrite) before any compute unless --overwrite is given; an input, or a dir inside or holding one, is
-refused even with --overwrite. One check (validate.py check_out_dir) for train, merge, statistics, mix,
-build-world and export."""
+refused even with --overwrite. One check (validate.py check_out_dir) for train, merge, extract-lora, statistics,
+mix, build-world and export."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> di
 COMMANDS = {
     "train": "train --model {model} --task {task} --lr 1e-3 --max-steps 1 --batch-size 2 --micro-batch-size 2",
     "merge": "merge --method average --models {model} {model}",
+    "extract-lora": "extract-lora --base {model} --model {model} --rank 2",
     "statistics": "statistics {model} --train-data {task}/train.json --kind gram --examples 2",
     "mix": "mix --base {model} --models {adapter} {adapter}",
     "build-world": "build-world --preset test",
@@ -56,7 +57,7 @@ def test_a_non_empty_out_dir_is_refused_before_any_compute(command: str, inputs:
     assert [p.name for p in out.iterdir()] == ["notes.txt"]  # nothing replaced, nothing added
 
 
-@pytest.mark.parametrize("command", ["train", "merge", "statistics", "mix", "export"])
+@pytest.mark.parametrize("command", ["train", "merge", "extract-lora", "statistics", "mix", "export"])
 def test_an_input_is_never_the_out_dir_even_with_overwrite(command: str, inputs: dict[str, Path],
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     source = inputs["registry"] if command == "export" else inputs["adapter"] if command == "mix" else inputs["model"]
@@ -99,3 +100,42 @@ def test_an_out_path_that_is_a_file_is_refused(inputs: dict[str, Path], tmp_path
     out.write_text("not a dir")
     assert main(argv("merge", inputs, out, "--overwrite")) == 2
     assert "is not a directory" in one_error(capsys) and out.read_text() == "not a dir"
+
+
+API_CALLS = {
+    "train": lambda api, i, out: api.train(i["model"], i["task"], out, lr=1e-3, max_steps=1, batch_size=2,
+                                           micro_batch_size=2),
+    "merge": lambda api, i, out: api.merge("average", [i["model"], i["model"]], out),
+    "statistics": lambda api, i, out: api.statistics(i["model"], i["task"] / "train.json", out, kinds=("gram",),
+                                                     examples=2),
+    "mix": lambda api, i, out: api.mix(i["model"], [i["adapter"], i["adapter"]], out, router="random"),
+}
+
+
+@pytest.mark.parametrize("call", list(API_CALLS))
+def test_the_api_never_writes_over_an_input(call: str, inputs: dict[str, Path]) -> None:
+    """The API replaces a non-empty out (it has no --overwrite), but never one of its inputs: train(out=model)
+    would delete the model it trains."""
+    from knowstack import api
+    from knowstack.errors import KnowstackError
+
+    source = inputs["adapter"] if call == "mix" else inputs["model"]
+    before = sorted(p.name for p in source.iterdir())
+    with pytest.raises(KnowstackError, match=f"is the input {source}"):
+        API_CALLS[call](api, inputs, source)
+    assert sorted(p.name for p in source.iterdir()) == before
+
+
+def test_a_study_never_fills_a_dir_that_is_not_a_study_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A study's --out is new, empty or a study dir it resumes (test_study.py resumes one); a user's other dir is
+    refused before any step, nothing written into it."""
+    from knowstack.config import CONFIG_DIR
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's own file")
+    capsys.readouterr()
+    assert main(["study", str(CONFIG_DIR / "builtin-quick.yaml"), "--out", str(mine)]) == 2
+    err = one_error(capsys)
+    assert str(mine) in err and "not a study dir" in err and "--out" in err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]

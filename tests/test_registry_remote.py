@@ -25,8 +25,8 @@ from test_registry import flip_last_byte, make_adapter, make_finetune, make_task
 
 from knowstack.cli import main
 from knowstack.errors import KnowstackError
+from knowstack.evaluate import new_knowledge
 from knowstack.registry import Registry, init_registry
-from knowstack.registry import compose as compose_module
 from knowstack.registry import records as records_module
 from knowstack.registry.compose import METHODS, ComposeOptions, compose
 from knowstack.registry.contribute import contribute
@@ -80,10 +80,9 @@ def test_a_remote_registry_records_what_a_local_one_does(tmp_path: Path, tiny_mo
     fs = fsspec.filesystem("memory")
     root = url.removeprefix("memory://")
     log = sorted(fs.ls(f"{root}/log", detail=False))
-    assert [p.rsplit("/", 1)[-1] for p in log] == [f"{i:08d}.json" for i in range(1, 7)]
-    # one entry per write: init, two contributions, the base's score on each of their tasks, the version
-    assert [json.loads(fs.cat_file(p))["op"] for p in log] == ["init", "version", "version", "scores", "scores",
-                                                                "version"]
+    assert [p.rsplit("/", 1)[-1] for p in log] == [f"{i:08d}.json" for i in range(1, 6)]
+    # one entry per write: init, two contributions, the base's scores on their tasks (one evaluation), the version
+    assert [json.loads(fs.cat_file(p))["op"] for p in log] == ["init", "version", "version", "scores", "version"]
     assert not list((tmp_path / "cache").rglob(".compose/*"))  # the build is gone once recorded
     # the commands a user runs take the URL like a path
     assert main(["registry", "list", url]) == 0 and "stance" in capsys.readouterr().out
@@ -107,7 +106,7 @@ def test_a_remote_compose_that_dies_midway_resumes_from_its_local_work_dir(
     init_registry(url, tiny_model_dir, old_tasks=["ks_toy"], include_path=inputs["old"])
     contribute(url, "stance", adapter=inputs["adapter"], task=inputs["stance"])
     contribute(url, "quiz-ft", model=inputs["finetune"], task=inputs["quiz"])
-    real_score, calls = compose_module.score_task, []
+    real_score, calls = new_knowledge.evaluate_task, []  # what the study's evaluation step scores a task with
 
     def dies_on_the_candidates_second_task(*args: object, **kwargs: object) -> object:
         calls.append(1)
@@ -115,20 +114,21 @@ def test_a_remote_compose_that_dies_midway_resumes_from_its_local_work_dir(
             raise KeyboardInterrupt
         return real_score(*args, **kwargs)
 
-    monkeypatch.setattr(compose_module, "score_task", dies_on_the_candidates_second_task)
+    monkeypatch.setattr(new_knowledge, "evaluate_task", dies_on_the_candidates_second_task)
     with pytest.raises(KeyboardInterrupt):
         compose(url, "merge-ties", options=ComposeOptions(density=0.5))
     with Registry.open(url) as reg:
         assert [r["name"] for r in reg.versions()] == ["base", "stance", "quiz-ft"]
         assert {s["task"] for s in reg.base()["scores"]} == {"ks_toy", "Stance", "Quiz"}  # recorded as measured
     [work] = [p for p in (cache_dir(url) / ".compose").iterdir() if p.is_dir()]
-    assert (work / "model" / "config.json").is_file() and len(list((work / "scores").iterdir())) == 1
+    assert (work / "model" / "config.json").is_file()
+    assert len(list((work / "eval" / "artifacts" / ".partial").glob("*/new-*.json"))) == 1
 
     def must_not_rebuild(build: object) -> None:
         raise AssertionError("the finished build was redone")
 
     monkeypatch.setitem(METHODS, "merge-ties", dataclasses.replace(METHODS["merge-ties"], build=must_not_rebuild))
-    monkeypatch.setattr(compose_module, "score_task", real_score)
+    monkeypatch.setattr(new_knowledge, "evaluate_task", real_score)
     said: list[str] = []
     record = compose(url, "merge-ties", options=ComposeOptions(density=0.5), say=said.append)
     assert any("built before, kept" in m for m in said) and record["name"] == "v1" and not work.exists()

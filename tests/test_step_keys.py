@@ -30,29 +30,35 @@ ROUTERS = {"moe"}
 # run, never what they compute.
 READERS: dict[str, set[str]] = {
     "name": set(),
-    "seed": {"train", "merge", "moe", "gate"},  # training, DARE's draws, routers and gates (each unless set apart)
-    "seeds": {"train", "merge", "moe", "gate"},  # the models of the seeds added
-    "base.model": {"train", "eval", "merge", "moe", "gate", "statistics", "merge-adapter"},
-    "base.tokenizer": {"train", "eval", "statistics", "moe", "gate"},
+    "seed": {"train", "merge", "moe", "gate", "search"},  # training, DARE's draws, routers, gates, the search's sampler
+    "seeds": {"train", "merge", "moe", "gate", "search"},  # the models of the seeds added
+    "base.model": {"train", "eval", "merge", "moe", "gate", "statistics", "merge-adapter", "search"},
+    "base.tokenizer": {"train", "eval", "statistics", "moe", "gate", "search"},
     "base.trust_remote_code": set(),  # whether a model's own code may run, not what it computes
-    "tasks[].name": {"train", "eval", "moe", "gate", "statistics"},
-    "tasks[].train_file": {"train", "eval", "moe", "gate", "statistics"},  # in the task's fingerprint
-    "tasks[].format": {"train", "eval", "moe", "gate", "statistics"},
-    "tasks[].metric": {"train", "eval", "moe", "gate", "statistics"},  # in the task's fingerprint
-    "tasks[].max_train": {"train", "eval", "moe", "gate", "statistics"},
-    "tasks[].max_test": {"train", "eval", "moe", "gate", "statistics"},
+    "tasks[].name": {"train", "eval", "moe", "gate", "statistics", "search"},
+    "tasks[].train_file": {"train", "eval", "moe", "gate", "statistics", "search"},  # in the task's fingerprint
+    "tasks[].format": {"train", "eval", "moe", "gate", "statistics", "search"},
+    "tasks[].metric": {"train", "eval", "moe", "gate", "statistics", "search"},  # in the task's fingerprint
+    "tasks[].max_train": {"train", "eval", "moe", "gate", "statistics", "search"},
+    "tasks[].max_test": {"train", "eval", "moe", "gate", "statistics", "search"},
     "tasks[].epochs": TRAINED,
     "tasks[].max_steps": TRAINED,
     "tasks[].micro_batch_size": TRAINED,
-    "tasks[].protocol": {"eval"},
-    "old_knowledge.": {"eval"},
-    "evaluation.": {"eval"},
+    "tasks[].protocol": {"eval", "search"},
+    "old_knowledge.": {"eval", "search"},  # the search scores its trials as an evaluation does
+    "evaluation.": {"eval", "search"},
     "training.report_to": set(),  # where training is reported to
     "training.max_length": {"train", "moe", "gate", "statistics"},  # routers and statistics read as much
     "training.": TRAINED,
     "methods.one-round.finetune": set(),  # which one-round models are evaluated: the ones left stay as they are
     "methods.sequential.finetune": set(),
     "methods.olora.lambdas": TRAINED,
+    "methods.ewc.finetune": set(),
+    "methods.ewc.lambdas": TRAINED,
+    "methods.ewc.fisher_examples": {"statistics"},
+    "methods.ewc.fisher_decay": TRAINED,
+    "methods.lwf.finetune": set(),
+    "methods.lwf.": TRAINED,
     "methods.joint.finetune": set(),
     "methods.joint.sampling": TRAINED,
     "methods.replay.finetune": set(),
@@ -68,6 +74,8 @@ READERS: dict[str, set[str]] = {
     "methods.continual-merge.regmean_alpha": set(), "methods.continual-merge.fisher_floor": set(),
     "methods.continual-merge.statistics_examples": set(), "methods.continual-merge.lora_space": set(),
     "methods.continual-merge.": {"merge"},
+    "methods.search.finetune": set(),
+    "methods.search.": {"search"},
     "methods.moe[].name": set(),  # the results' name of the mixture
     "methods.moe[].experts": set(),
     "methods.moe[].gate_training.": {"gate"},
@@ -107,18 +115,19 @@ def _every_method(root: Path) -> dict[str, Any]:
         "tasks": [{"name": "Stance", "path": str(_write_task(root, "Stance")), "metric": "accuracy"},
                   {"name": "Notes", "path": str(_write_task(root, "Notes")), "metric": "rouge_l"},
                   {"name": "Code", "path": str(_write_task(root, "Code")), "metric": "edit_similarity"}],
-        "old_knowledge": {"tasks": ["arc_easy"]},
+        "old_knowledge": {"tasks": ["arc_easy"], "limit": 8},  # the search scores the items after the first 8
         "training": {"weight_decay": 0.1},
         "launch": {"num_processes": 2, "cpu": True},
         "methods": {
             "one-round": {"finetune": ["fft", "lora"]}, "sequential": {"finetune": ["fft", "lora"]},
-            "olora": {}, "joint": {"finetune": ["fft", "lora"]}, "replay": {"finetune": ["fft", "lora"]},
+            "olora": {}, "ewc": {"lambdas": [1.0, 10.0]}, "lwf": {}, "joint": {"finetune": ["fft", "lora"]}, "replay": {"finetune": ["fft", "lora"]},
             "merge": {"finetune": ["fft", "lora"], "methods": MERGES},
             "continual-merge": {"finetune": ["fft", "lora"], "methods": [*MERGES[:-2], "slerp"]},
             "moe": [{"experts": ["fft"], "router_training": {"steps": 5}, "attention": ["o_proj"]},
                     {"experts": ["lora"], "routing": "module", "router_training": {"steps": 5}, "name": "per-module"},
                     {"experts": ["lora"], "router": "arrow", "temperature": 2.0},
                     {"experts": ["lora"], "router": "gates", "gate_training": {"steps": 3}}],
+            "search": {"finetune": ["fft", "lora"], "methods": ["ties", "dare"]},
         },
     }
 
@@ -131,13 +140,15 @@ CHANGED = {
     "training.micro_batch_size": 8,  # a part of the batch of 16 (one larger is refused)
     "evaluation.max_test": 5, "evaluation.max_new_tokens": {"Stance": 7}, "launch.accelerate_config": "ddp",
     "launch.mixed_precision": "no", "launch.lora": {"num_processes": 2, "mixed_precision": "no"},
-    "tasks[].protocol": "paper", "methods.olora.lambdas": [0.5, 2.0], "tasks[].train_file": "{root}/Stance/eval.json", "tasks[].max_train": 2,
+    "tasks[].protocol": "paper", "methods.olora.lambdas": [0.5, 2.0], "methods.ewc.lambdas": [1.0, 20.0], "methods.lwf.lambdas": [2.0], "tasks[].train_file": "{root}/Stance/eval.json", "tasks[].max_train": 2,
     "tasks[].max_test": 2, "tasks[].epochs": 2.0, "tasks[].max_steps": 3, "tasks[].micro_batch_size": 4, "seeds": [0, 1],
     "methods.moe[].attention": ["o_proj", "v_proj"], "methods.moe[].routing": "layer",
     "methods.moe[].tasks": ["Notes", "Stance"], "methods.moe[].layers": [0], "methods.moe[].name": "renamed",
     "methods.moe[].router_training": {"steps": 2}, "methods.moe[].gate_training": {"steps": 2},
     "methods.continual-merge.methods": ["ties"], "methods.merge.seed": 3, "methods.continual-merge.seed": 3,
     "base.model": "{root}/other-base",
+    "methods.search.lam_range": [0.2, 1.0], "methods.search.density_range": [0.3, 0.9],
+    "methods.search.weight_range": [0.5, 1.0],
 }
 UNCHANGEABLE = {  # fields no valid config of this shape can change alone
     "training.lr_of_pretrain_peak",  # a built-in world's: test_the_world_keys_what_is_made_from_it

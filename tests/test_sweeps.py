@@ -101,7 +101,7 @@ def test_the_merges_own_settings_t_gamma_epsilon_are_swept_and_columns(tmp_path:
     by_name = {e.model: e for e in plan.evaluations}
     assert dict(by_name["merge-della-fft@epsilon=0.05"].settings)["epsilon"] == 0.05
     assert {"t", "gamma", "epsilon"} <= set(COLUMNS)
-    with pytest.raises(KnowstackError, match="values must be below 0.5"):
+    with pytest.raises(KnowstackError, match=r"epsilon must be in \[0, 0.5\), got 0.6"):
         plan_of(tmp_path / "bad", **{"one-round": {"finetune": ["fft"]},
                                      "merge": {**merge, "sweep": {"epsilon": [0.6]}}})
 

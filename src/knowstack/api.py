@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from knowstack.config import DEFAULT_PROTOCOL, EVAL_BATCH_SIZE
 from knowstack.errors import KnowstackError
 from knowstack.logs import KnowstackDeprecation, quiet_call
 
@@ -36,6 +37,7 @@ PathLike = str | Path
 
 __all__ = [
     "PlannedStep", "StudyResults", "TaskScores", "build_world", "compose", "contribute", "dry_run", "evaluate", "export",
+    "extract_lora",
     "history", "init_registry", "load_study", "merge", "mix", "open_registry", "rows_frame", "run_study", "score",
     "score_predictions", "study_results", "train", "statistics", "gate",
 ]
@@ -166,18 +168,19 @@ def rows_frame(rows: Sequence[Row]) -> pandas.DataFrame:
 @quiet_call
 def run_study(config: PathLike | Mapping[str, Any] | StudyConfig, out: PathLike, *, executor: str = "local",
               address: str | None = None, console: Any = None, jobs: int | None = None,
-              threads: int | str | None = None) -> StudyResults:
+              threads: int | str | None = None, shared_cache: bool | None = None) -> StudyResults:
     """Run (or resume) a study into `out`, as `knowstack study CONFIG --out OUT` does; returns its results.
     console: a rich Console for progress (default: stderr); jobs: the local executor's steps at once (default:
     the config's executor.jobs); threads: the torch threads of a step beside others (share, all or a number; default:
-    the config's executor.threads)."""
+    the config's executor.threads); shared_cache: False computes every step in `out`, taking nothing from the
+    machine's shared step cache and giving it nothing (default: the config's executor.shared_cache, on)."""
     from knowstack.study.executors import make_executor
     from knowstack.study.runner import run_study as run
 
     study = load_study(config)  # first: a config file that is not there is one clear error
     text = Path(config).read_text(encoding="utf-8") if isinstance(config, (str, Path)) else None
     executor_ = make_executor(executor, address, jobs, threads)
-    outcome = run(study, Path(out), console=console, config_text=text, executor=executor_)
+    outcome = run(study, Path(out), console=console, config_text=text, executor=executor_, shared_cache=shared_cache)
     results = study_results(out, study)
     if outcome is not None:
         results.write_report()
@@ -241,6 +244,15 @@ def _replay_examples(current: tuple[str, list[tuple[str, str]]], earlier: Sequen
     return replay_mixture(current, named, ReplayConfig().fraction if fraction is None else fraction, seed)
 
 
+def _never_an_input(out: PathLike, *inputs: PathLike | None) -> None:
+    """The API writes `out` as the CLI does, but never over what it reads: an output that is, holds or lies inside
+    one of the inputs would destroy it mid-read (the CLI's --out check, without its refusal of a non-empty dir)."""
+    from knowstack.errors import raise_problems
+    from knowstack.validate import check_out_dir
+
+    raise_problems(check_out_dir(out, overwrite=True, inputs=inputs, option="out"))
+
+
 @quiet_call
 def train(model: PathLike, data: PathLike | TaskSpec | Sequence[tuple[str, str]], out: PathLike, *,
           finetune: str = "lora", metric: str = "accuracy", training: TrainingConfig | None = None, seed: int = 0,
@@ -266,6 +278,8 @@ def train(model: PathLike, data: PathLike | TaskSpec | Sequence[tuple[str, str]]
     from knowstack.train.launch import TrainJob, run_job
     from knowstack.train.tracking import Tracking
 
+    data_dir = data if isinstance(data, (str, Path)) else None
+    _never_an_input(out, model, tokenizer, data_dir, *replay, *olora_previous)
     if olora_previous and finetune != "lora":
         raise KnowstackError("O-LoRA (olora_previous) needs finetune='lora'", field="olora_previous")
     if training is not None and settings:
@@ -318,12 +332,26 @@ def merge(method: str, models: Sequence[PathLike], out: PathLike, *, base: PathL
     from knowstack.combine.merge import merge_models
     from knowstack.combine.merges import get_method
 
+    _never_an_input(out, base, *models, *(statistics or ()))
     given = {"density": density, "drop_rate": drop_rate, "lam": lam, "lora_space": lora_space, "seed": seed,
              **settings}
     options = get_method(method).options_from({name: value for name, value in given.items() if value is not None})
     return merge_models(method, list(models), Path(out), base=base, weights=weights, options=options, seed=seed or 0,
                         max_shard_bytes=int(max_shard_gb * 2**30), progress=progress, statistics=statistics,
                         dtype=dtype, input_hashes=input_hashes)
+
+
+@quiet_call
+def extract_lora(base: PathLike, model: PathLike, out: PathLike, *, rank: int,
+                 target_modules: Sequence[str] | None = None, progress: bool = False) -> dict[str, Any]:
+    """A full fine-tune `model` of `base` as a PEFT LoRA adapter in `out`, as `knowstack extract-lora`: each targeted
+    linear module's delta truncated by SVD to `rank` (combine/extract_lora.py). target_modules: Llama's linear layer
+    names (the family's modules holding them) or ["all"] (every linear layer); default the family's LoRA targets.
+    Returns the record written to out/extract_lora.json: the explained share of each module's delta energy and
+    overall, and the share of the delta in what is not extracted (embeddings, norms, biases), by kind."""
+    from knowstack.combine.extract_lora import extract_lora as extract
+
+    return extract(base, model, Path(out), rank=rank, target_modules=target_modules, progress=progress)
 
 
 @quiet_call
@@ -338,6 +366,7 @@ def statistics(model: PathLike, data: PathLike, out: PathLike, *, base: PathLike
     from knowstack.config import MergeConfig, TrainingConfig
     from knowstack.data.formats import load_trace_split
 
+    _never_an_input(out, model, base, data, tokenizer)
     if examples is not None and examples < 1:
         raise KnowstackError("must be at least 1", field="examples")
     if max_length is not None and max_length < 2:
@@ -384,6 +413,7 @@ def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
     from knowstack.train.router_job import RouterRun
     from knowstack.train.router_training import RouterTraining
 
+    _never_an_input(out, base, *models, *train_data)
     train_steps = _renamed(router_steps, train_steps, "router_steps", "train_steps", 0)
     train_lr = _renamed(router_lr, train_lr, "router_lr", "train_lr", None)
     train_batch_size = _renamed(router_batch_size, train_batch_size, "router_batch_size", "train_batch_size", None)
@@ -418,16 +448,13 @@ def gate(base: PathLike, adapter: PathLike, train_data: Sequence[PathLike], *, s
     """A contributor's gates for their LoRA adapter (PHATGOOSE), as `knowstack gate`: one vector per module the
     adapter targets, trained on the TRACE-format files train_data with base and adapter frozen, written into
     the adapter dir (train/gate_training.py GATES_FILE) for the `gates` router; steps, lr, batch_size default to
-    GateTraining's (100, 1e-3, 8), max_length to the training recipe's. Returns a summary with the loss curve."""
-    from dataclasses import replace
-
-    from knowstack.config import TrainingConfig
+    config.py GateTrainingConfig's, max_length to the training recipe's. Returns a summary with the
+    loss curve."""
     from knowstack.data.formats import load_trace_split
     from knowstack.train.gate_training import GateTraining, gate_adapter
 
-    given = {"steps": steps, "lr": lr, "batch_size": batch_size}
-    settings = replace(GateTraining(max_length=max_length or TrainingConfig().max_length, seed=seed),
-                       **{name: value for name, value in given.items() if value is not None})
+    given = {"steps": steps, "lr": lr, "batch_size": batch_size, "max_length": max_length}
+    settings = GateTraining(seed=seed, **{name: value for name, value in given.items() if value is not None})
     examples = [example for file in train_data for example in load_trace_split(Path(file))]
     return gate_adapter(base, adapter, examples, settings)
 
@@ -465,14 +492,14 @@ def _scores(loaded: Any, tokenizer: Any, spec: TaskSpec, *, limit: int | None, b
 @quiet_call
 def score(model: PathLike, task: PathLike | TaskSpec, *, metric: str | None = None, adapter: PathLike | None = None,
           task_format: str = "trace", limit: int | None = None, eval_batch_size: int | None = None,
-          max_new_tokens: int | None = None, protocol: str = "builtin", batch_size: int | None = None) -> TaskScores:
+          max_new_tokens: int | None = None, protocol: str = DEFAULT_PROTOCOL, batch_size: int | None = None) -> TaskScores:
     """A model (+ adapter) on one task's test split, as `knowstack eval --task` (evaluate/new_knowledge.py);
     metric: default what defines the task (its knowstack-task.json, the built-in world, TRACE's task names; see
     docs/commands.md); protocol: how answers are read and scored (builtin, or paper: the paper's TRACE/GSM8K
     scoring); eval_batch_size: examples per forward pass (default 32; batch_size: its deprecated name)."""
     from dataclasses import replace
 
-    batch_size = _renamed(eval_batch_size, batch_size, "eval_batch_size", "batch_size", 32)
+    batch_size = _renamed(eval_batch_size, batch_size, "eval_batch_size", "batch_size", EVAL_BATCH_SIZE)
     spec, source = _task_spec(task, metric, task_format)
     loaded, tokenizer = _load(model, adapter)
     scores = _scores(loaded, tokenizer, spec, limit=limit, batch_size=batch_size, protocol=protocol,
@@ -483,7 +510,7 @@ def score(model: PathLike, task: PathLike | TaskSpec, *, metric: str | None = No
 @quiet_call
 def evaluate(model: PathLike, *, adapter: PathLike | None = None, tasks: Mapping[str, PathLike | TaskSpec] | None = None,
              metric: str | None = None, old_tasks: Sequence[str] = (), include_path: PathLike | None = None,
-             limit: int | None = None, eval_batch_size: int | None = None, protocol: str = "builtin",
+             limit: int | None = None, eval_batch_size: int | None = None, protocol: str = DEFAULT_PROTOCOL,
              batch_size: int | None = None) -> dict[str, dict[str, float]]:
     """`knowstack eval` for several tasks at once: {task: {metric: value}} for each new task (tasks: {name: dir,
     or a TaskSpec}, each scored with its own metric, or with `metric` where given) and each lm-eval old-knowledge
@@ -491,7 +518,7 @@ def evaluate(model: PathLike, *, adapter: PathLike | None = None, tasks: Mapping
     deprecated name)."""
     from knowstack.evaluate.old_knowledge import evaluate_old_knowledge
 
-    batch_size = _renamed(eval_batch_size, batch_size, "eval_batch_size", "batch_size", 32)
+    batch_size = _renamed(eval_batch_size, batch_size, "eval_batch_size", "batch_size", EVAL_BATCH_SIZE)
     if not tasks and not old_tasks:
         raise KnowstackError("nothing to evaluate: give tasks and/or old_tasks")
     specs = {name: _task_spec(path, metric)[0] for name, path in (tasks or {}).items()}
@@ -507,7 +534,7 @@ def evaluate(model: PathLike, *, adapter: PathLike | None = None, tasks: Mapping
 
 @quiet_call
 def score_predictions(task: PathLike, predictions: PathLike | Sequence[str], *, metric: str | None = None,
-                      task_format: str = "trace", protocol: str = "builtin") -> TaskScores:
+                      task_format: str = "trace", protocol: str = DEFAULT_PROTOCOL) -> TaskScores:
     """Predictions made elsewhere (vLLM, another harness) scored on a task's test split with the same reading
     and metrics as an evaluation, as `knowstack score`: task is a TRACE task dir or, with task_format="math", a
     GSM8K-format test file; predictions one per test item, in order: the strings, or a file (JSON Lines of
@@ -537,15 +564,17 @@ def score_predictions(task: PathLike, predictions: PathLike | Sequence[str], *, 
 @quiet_call
 def init_registry(root: PathLike, base: PathLike, *, old_tasks: Sequence[str] = (),
                   include_path: PathLike | None = None, eval_batch_size: int | None = None, limit: int | None = None,
-                  batch_size: int | None = None) -> dict[str, Any]:
+                  batch_size: int | None = None, protocol: str | None = None) -> dict[str, Any]:
     """Create a registry (a new or empty dir, or a URL fsspec reaches) for the base model dir `base`, scored on
     the lm-eval tasks old_tasks (include_path: a dir of their YAMLs; limit: items per task; eval_batch_size:
     default 32, batch_size its deprecated name), as `knowstack registry init` (registry/base.py); returns the
-    base's record."""
+    base's record. protocol: how every score the registry records is made, as a study's evaluation.protocol
+    (default the study's default, builtin)."""
     from knowstack.registry.base import init_registry as init
 
-    batch_size = _renamed(eval_batch_size, batch_size, "eval_batch_size", "batch_size", 32)
-    return init(root, base, old_tasks=old_tasks, include_path=include_path, batch_size=batch_size, limit=limit)
+    batch_size = _renamed(eval_batch_size, batch_size, "eval_batch_size", "batch_size", EVAL_BATCH_SIZE)
+    return init(root, base, old_tasks=old_tasks, include_path=include_path, batch_size=batch_size, limit=limit,
+                protocol=protocol or DEFAULT_PROTOCOL)
 
 
 def open_registry(root: PathLike) -> Registry:
@@ -560,18 +589,19 @@ def contribute(root: PathLike, name: str, *, task: PathLike, adapter: PathLike |
                model: PathLike | None = None, metric: str | None = None, keep_data: bool = False,
                task_format: str = "trace", author: str | None = None, training_config: PathLike | None = None,
                eval_batch_size: int | None = None, statistics: PathLike | None = None,
-               batch_size: int | None = None) -> dict[str, Any]:
+               batch_size: int | None = None, as_lora: int | None = None) -> dict[str, Any]:
     """Add a LoRA adapter dir or a fine-tuned model dir of the registry's base, scored on its task (a TRACE-layout
     dir; keep_data: store its train split too), as `knowstack contribute` (registry/contribute.py); returns its
     record. metric: default what defines the task, as `score` reads it. statistics: its statistics dir
     (`statistics`), for the merge-regmean / merge-fisher composes. eval_batch_size: default 32 (batch_size: its
-    deprecated name)."""
+    deprecated name). as_lora: a rank: the fine-tuned `model` contributed as the LoRA adapter extracted from it
+    (`extract_lora`)."""
     from knowstack.registry.contribute import contribute as add
 
-    batch_size = _renamed(eval_batch_size, batch_size, "eval_batch_size", "batch_size", 32)
+    batch_size = _renamed(eval_batch_size, batch_size, "eval_batch_size", "batch_size", EVAL_BATCH_SIZE)
     return add(root, name, task=task, adapter=adapter, model=model, metric=metric, keep_data=keep_data,
                task_format=task_format, author=author, training_config=training_config, batch_size=batch_size,
-               statistics=statistics)
+               statistics=statistics, as_lora=as_lora)
 
 
 @quiet_call
@@ -584,7 +614,7 @@ def compose(root: PathLike, method: str, *, options: Mapping[str, Any] | None = 
     from knowstack.registry.compose import options_from
 
     kwargs["batch_size"] = _renamed(kwargs.pop("eval_batch_size", None), kwargs.pop("batch_size", None),
-                                    "eval_batch_size", "batch_size", 32)
+                                    "eval_batch_size", "batch_size", EVAL_BATCH_SIZE)
     return build(root, method, options=options_from(dict(options or {}), method), **kwargs)
 
 

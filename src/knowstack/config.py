@@ -8,15 +8,20 @@ from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
+    create_model,
     field_validator,
     model_validator,
 )
 
+from knowstack.combine.merges import METHODS as MERGE_METHODS
+from knowstack.combine.merges import OPTIONS as MERGE_OPTIONS
+from knowstack.combine.merges import SWEEPABLE_OPTIONS as MERGE_SWEEPABLE
 from knowstack.errors import KnowstackError, located
 
 Finetune = Literal["fft", "lora"]
@@ -28,6 +33,11 @@ PAPER_LR = 2e-5
 # The study configs shipped with the package (`knowstack demo`'s, the built-in worlds' recipes).
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 Protocol = Literal["builtin", "paper"]
+PROTOCOLS: tuple[str, ...] = get_args(Protocol)
+# How new-knowledge answers are read and scored unless a config, command or call says otherwise (evaluate/protocols.py)
+DEFAULT_PROTOCOL = "builtin"
+# An evaluation's examples per forward pass (new and old knowledge, every command and API call that evaluates)
+EVAL_BATCH_SIZE = 32
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -121,11 +131,24 @@ class OldKnowledgeConfig(Strict):
     metric: OldMetric = DEFAULT_OLD_METRIC
     limit: int | None = Field(default=None, gt=0)
     num_fewshot: int | None = Field(default=None, ge=0)
-    batch_size: int = Field(default=32, gt=0)
+    batch_size: int = Field(default=EVAL_BATCH_SIZE, gt=0)
     # Whether lm-eval's prompts start with the BOS token: None, as the tokenizer does by default (lm-eval since
     # 0.4.8's); false, as lm-eval up to mid-2024 ran a causal LM (the paper's). Passed to lm-eval explicitly, so the
     # scores do not depend on the installed harness's default; the value used is kept beside them.
     add_bos_token: bool | None = None
+
+    @field_validator("tasks")
+    @classmethod
+    def _some_tasks_once_each(cls, value: Literal["builtin"] | list[str]) -> Literal["builtin"] | list[str]:
+        # An empty list is a plan that scores no old knowledge (a registry's compose scores it itself); a user's
+        # study needs some (validate.check_study says so).
+        if isinstance(value, list):
+            if any(not name.strip() for name in value):
+                raise ValueError("a task name must not be empty")
+            repeated = sorted({name for name in value if value.count(name) > 1})
+            if repeated:
+                raise ValueError(f"'{repeated[0]}' is listed more than once")
+        return value
 
     @field_validator("metric")
     @classmethod
@@ -234,8 +257,8 @@ class TrainingConfig(Strict):
 
 class EvaluationConfig(Strict):
     # How new-knowledge tasks are scored (evaluate/protocols.py): the paper's scoring, or the built-in world's.
-    protocol: Protocol = "builtin"
-    batch_size: int = Field(default=32, gt=0)
+    protocol: Protocol = DEFAULT_PROTOCOL
+    batch_size: int = Field(default=EVAL_BATCH_SIZE, gt=0)
     max_test: int | None = Field(default=None, gt=0)
     max_new_tokens: dict[str, int] = Field(default_factory=dict)
     # lm-eval's BOS for the tasks it scores (GSM8K under the paper's protocol), as old_knowledge.add_bos_token
@@ -246,7 +269,11 @@ class EvaluationConfig(Strict):
 # trained method), and each method's own. Each is also a results column, filled where a point sets it.
 TRAINING_SWEEP = ("lr", "lr_of_pretrain_peak", "epochs", "max_steps", "rank", "alpha")
 LORA_ONLY_SWEEP = ("rank", "alpha")
-SWEEP_COLUMNS = (*TRAINING_SWEEP, "lambda", "fraction", "density", "drop_rate", "top_k", "t", "gamma", "epsilon")
+_COLUMNS = (*TRAINING_SWEEP, "lambda", "fraction", "density", "drop_rate", "top_k", "t", "gamma", "epsilon")
+# a sweepable option a merge method declares later is a column too, after these (results files keep their columns)
+SWEEP_COLUMNS = (*_COLUMNS, *(name for name in MERGE_SWEEPABLE if name not in _COLUMNS))
+# the settings of the methods' own a sweep may change, but lambda (MergeConfig's lam)
+OWN_SWEEP = ("fraction", "top_k", *(name for name in MERGE_SWEEPABLE if name != "lambda"))
 SweepValues = list[float] | dict[Finetune, list[float]]
 
 
@@ -289,17 +316,18 @@ class Sweepable(Strict):
 
 
 def _positive(name: str, values: list[float]) -> None:
+    if name in MERGE_OPTIONS:  # a merge option's range is its declaration's (combine/merges/)
+        problems = [MERGE_OPTIONS[name].problem(v) for v in values]
+        if any(problems):
+            raise ValueError(f"sweep '{name}': {next(p for p in problems if p)}")
+        return
     integral = name in ("max_steps", "rank", "top_k")
-    if any(v < 0 or (v == 0 and name not in ("lambda", "drop_rate", "t", "gamma", "epsilon")) for v in values):
+    if any(v <= 0 for v in values):
         raise ValueError(f"sweep '{name}': values must be positive")
     if integral and any(float(v) != int(v) for v in values):
         raise ValueError(f"sweep '{name}': values must be whole numbers")
-    if name in ("fraction", "density", "t") and any(v > 1 for v in values):
+    if name == "fraction" and any(v > 1 for v in values):
         raise ValueError(f"sweep '{name}': values must be at most 1")
-    if name in ("drop_rate", "gamma") and any(v >= 1 for v in values):
-        raise ValueError(f"sweep '{name}': values must be below 1")
-    if name == "epsilon" and any(v >= 0.5 for v in values):
-        raise ValueError("sweep 'epsilon': values must be below 0.5")
 
 
 class MethodConfig(Sweepable):
@@ -341,6 +369,46 @@ class OLoraConfig(Sweepable):
         return value
 
 
+class RegularizedConfig(MethodConfig):
+    """A sequential method with a regulariser, one run per entry of `lambdas` (its weight; a number is one run)."""
+
+    lambdas: list[Lambda] = Field(default_factory=lambda: [1.0])
+
+    @field_validator("lambdas", mode="before")
+    @classmethod
+    def _scalar_is_one_run(cls, value: Any) -> Any:
+        return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+    @field_validator("lambdas")
+    @classmethod
+    def _runs(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("name at least one lambda")
+        if len(set(value)) != len(value):
+            raise ValueError("lambdas must differ (each names one run)")
+        return value
+
+
+class EwcConfig(RegularizedConfig):
+    """Sequential training with EWC (Kirkpatrick et al. 2017, online: Schwarz et al. 2018), one run per entry of
+    `lambdas` (the penalty's weight): from round 2 on, each round adds lambda / 2 x sum F (theta - theta*)^2, theta*
+    the previous round's model (LoRA: a zero delta of the adapted weights) and F the diagonal Fisher of the earlier
+    rounds' data, each round's taken on its first fisher_examples training examples with its model
+    (combine/statistics.py) and accumulated as F~ = fisher_decay x F~ + F (1: summed)."""
+
+    lambdas: list[Lambda] = Field(default_factory=lambda: [100.0])
+    fisher_examples: int = Field(default=256, gt=0)
+    fisher_decay: float = Field(default=1.0, gt=0, le=1)
+
+
+class LwfConfig(RegularizedConfig):
+    """Sequential training with LwF (Li & Hoiem 2017), one run per entry of `lambdas` (their lambda_o): from round
+    2 on, each round adds lambda x the KL from the previous round's model's answer-token distribution to the
+    model's, on the current task's examples, both at `temperature` (the paper's T = 2, lambda_o = 1)."""
+
+    temperature: float = Field(default=2.0, gt=0)
+
+
 class JointConfig(MethodConfig):
     """Joint training on all tasks at once. uniform: smaller tasks upsampled so every task is drawn
     equally often (the paper); proportional: every task once, as large as it is."""
@@ -357,14 +425,31 @@ class ReplayConfig(MethodConfig):
 
 
 # The merge methods, in combine/merges/ order; each method's module declares the settings it reads (only these
-# enter its step's key, so that changing TIES' density does not redo the average). A test checks the two agree.
-MergeMethodName = Literal["average", "task-average", "ties", "dare", "ties-dare", "task-arithmetic", "breadcrumbs",
-                          "breadcrumbs-ties", "della", "della-linear", "slerp", "multislerp", "karcher", "model-stock",
-                          "regmean", "fisher"]
+# enter its step's key, so that changing TIES' density does not redo the average) and its own options' type,
+# default and range, from which MergeConfig's fields are made.
+MergeMethodName = Literal[tuple(MERGE_METHODS)]  # type: ignore[valid-type]
 LoraSpace = Literal["delta", "factors"]
 
 
-class MergeConfig(MethodConfig):
+def _in_range(option: Any) -> AfterValidator:
+    """The option's one range check (combine/merges/ Option.problem), as pydantic runs it."""
+    def check(value: Any) -> Any:
+        problem = option.problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+    return AfterValidator(check)
+
+
+# One field per declared merge option (combine/merges/): its type, default and range, `lam` spelt lambda.
+MergeOptionFields = create_model(
+    "MergeOptionFields", __base__=MethodConfig,
+    **{option.field: (Annotated[option.type, _in_range(option)],
+                      Field(default=option.default, alias=option.name if option.attribute else None))
+       for option in MERGE_OPTIONS.values()})
+
+
+class MergeConfig(MergeOptionFields):  # type: ignore[misc,valid-type]
     """Merging the one-round models (FFT) / adapters (LoRA) of all tasks into one model, once per
     method in `methods`. density: the fraction of each task vector TIES keeps; drop_rate: DARE's p;
     lambda: the scale of the merged task vector; seed: DARE's draws (default: the study's seed);
@@ -380,21 +465,11 @@ class MergeConfig(MethodConfig):
     first training examples of each task its statistics are computed on). The definitions: docs/methods.md,
     combine/merges/."""
 
-    SWEEPABLE: ClassVar[tuple[str, ...]] = ("density", "drop_rate", "lambda", "t", "gamma", "epsilon")
+    SWEEPABLE: ClassVar[tuple[str, ...]] = MERGE_SWEEPABLE
     methods: list[MergeMethodName] | dict[Finetune, list[MergeMethodName]] = Field(
         default_factory=lambda: ["average", "ties", "ties-dare"])
-    density: float = Field(default=0.2, gt=0, le=1)
-    drop_rate: float = Field(default=0.9, ge=0, lt=1)
-    lam: float = Field(default=1.0, gt=0, alias="lambda")
-    t: float = Field(default=0.5, ge=0, le=1)
-    gamma: float = Field(default=0.01, ge=0, lt=1)
-    epsilon: float = Field(default=0.15, ge=0, lt=0.5)
-    max_iter: int = Field(default=10, gt=0)
-    tol: float = Field(default=1e-5, gt=0)
-    # FusionBench's RegMean for GPT-2 (config/method/regmean/gpt2_regmean.yaml: reduce_non_diagonal_ratio 0.6) and
-    # Fisher merging (fisher_merging.yaml: minimal_fisher_weight 1e-6, num_fisher_examples 256)
-    regmean_alpha: float = Field(default=0.6, ge=0, le=1)
-    fisher_floor: float = Field(default=1e-6, gt=0)
+    # the merge options (density, drop_rate, lambda, ...): MergeOptionFields' fields, from their declarations
+    # FusionBench's Fisher merging (fisher_merging.yaml: num_fisher_examples 256)
     statistics_examples: int = Field(default=256, gt=0)
     seed: int | None = None
     lora_space: LoraSpace | dict[MergeMethodName, LoraSpace] = "delta"
@@ -426,6 +501,56 @@ class ContinualMergeConfig(MergeConfig):
     methods: list[MergeMethodName] | dict[Finetune, list[MergeMethodName]] = Field(
         default_factory=lambda: ["average", "ties"])
     weighting: Literal["running", "equal"] = "running"
+
+
+SEARCHABLE_MERGES: tuple[str, ...] = ("task-arithmetic", "ties", "dare", "ties-dare", "breadcrumbs", "della",
+                                       "della-linear", "average", "task-average")
+
+
+class SearchConfig(Strict):
+    """Search of the composition within a forgetting budget (study/search.py): over `trials` evaluations, a TPE
+    search (optuna) of the merge method (one of `methods`), its lambda (in `lam_range`), density or drop rate where
+    the method reads them (`density_range`) and a weight per merged model (in `weight_range`; for LoRA adapters
+    LoraHub's per-adapter weights). Each trial is scored on the tasks' eval splits (never test) and on old
+    knowledge's held-out slice: the `old_items` items of each old-knowledge task after the first
+    old_knowledge.limit ones (which the test scoring reads); the chosen point learns the most (mean eval score) of
+    the trials whose held-out old AVE falls at most `max_old_loss` percent below the base's. It is then scored on
+    test as every model of the study."""
+
+    finetune: list[Finetune] = Field(default_factory=lambda: ["fft"])
+    methods: list[MergeMethodName] = Field(default_factory=lambda: ["task-arithmetic", "ties", "dare"])
+    trials: int = Field(default=20, gt=0)
+    max_old_loss: float = Field(default=2.0, ge=0)  # percent of the base's held-out AVE
+    old_items: int = Field(default=20, gt=0)
+    lam_range: tuple[float, float] = (0.1, 1.5)
+    density_range: tuple[float, float] = (0.1, 1.0)
+    weight_range: tuple[float, float] = (0.1, 1.0)
+    seed: int | None = None  # the sampler's and DARE's draws (default: the study's seed)
+
+    @field_validator("methods")
+    @classmethod
+    def _searchable(cls, value: list[str]) -> list[str]:
+        _each_once(value, "name each merge method once, at least one")
+        unknown = [name for name in value if name not in SEARCHABLE_MERGES]
+        if unknown:
+            raise ValueError(f"the search takes {', '.join(SEARCHABLE_MERGES)}; not {unknown[0]} (it reads statistics "
+                             "of the data or merges a fixed number of models)")
+        return value
+
+    @field_validator("lam_range", "density_range", "weight_range")
+    @classmethod
+    def _range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low <= high:
+            raise ValueError(f"a range is [low, high] with 0 < low <= high, got [{low}, {high}]")
+        return value
+
+    @field_validator("density_range")
+    @classmethod
+    def _density(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if value[1] > 1:
+            raise ValueError(f"a density is at most 1, got {value[1]}")
+        return value
 
 
 class RouterTrainingConfig(Strict):
@@ -477,6 +602,46 @@ MoeRouter = Literal["random", "uniform", "base-biased", "prompts", "none", "arro
 MOE_PRESETS: dict[str, dict[str, Any]] = {
     "btx": {"experts": ["fft"], "shared": "average", "top_k": 2, "router": "random", "router_training": {}},
 }
+
+
+PER_MODULE_ROUTERS = ("arrow", "gates")  # built per module from each adapter, training-free
+
+
+def moe_problems(kinds: set[str], *, router: str, base_expert: str, attention: bool, routing: str | None,
+                 trains: bool, temperature: bool, gate_training: bool = False) -> list[tuple[str, str]]:
+    """What cannot go together in a mixture, as (setting, message), the first first: the one check of each rule,
+    made where a study's config is read (MoeConfig, for every kind of expert it mixes) and where a mixture is built
+    (combine/moe.py, for its kind). kinds: fft and/or lora; attention, trains (router training), temperature and
+    gate_training: whether each is given; routing: as given (None: the router's own)."""
+    module_router = router in PER_MODULE_ROUTERS
+    rules = [
+        (router == "base-biased" and base_expert != "routed", "router",
+         "the base-biased router needs the base as a routed expert (base_expert: routed)"),
+        ("lora" in kinds and base_expert == "always-on", "base_expert",
+         "a LoRA-MoE always keeps the base: the adapters add to it ('base_expert: always-on' is for FFT-MoE; use "
+         "'routed' for a null expert)"),
+        ("lora" in kinds and attention, "attention",
+         "a LoRA-MoE already mixes every module its adapters target ('attention' is for FFT-MoE, experts: [fft])"),
+        (router == "none" and trains, "router_training", "a router-free MoE ('router: none') has no router to train"),
+        ("fft" in kinds and routing is not None, "routing",
+         "'routing' is for LoRA-MoE (experts: [lora]): an FFT-MoE routes each mixed MLP, and each mixed attention "
+         "projection"),
+        (module_router and "fft" in kinds, "router",
+         f"the {router} router is built from LoRA adapters: use experts: [lora] (mix LoRA adapters)"),
+        (module_router and routing == "layer", "routing",
+         f"the {router} router is per module: leave 'routing' unset or 'module'"),
+        (module_router and base_expert == "routed", "base_expert",
+         f"the {router} router has no row for the base (a null adapter): base_expert must be none"),
+        (module_router and trains, "router_training",
+         f"the {router} router is training-free (its rows come from the adapters): leave router training out"),
+        (router != "gates" and gate_training, "gate_training", "'gate_training' is the gates router's (router: gates)"),
+        (router != "arrow" and temperature, "temperature", "'temperature' is the arrow router's"),
+        (router in ("hidden", "cheap-embed") and routing == "module", "routing",
+         f"the {router} router builds one row per layer from hidden states: leave 'routing' unset or 'layer'"),
+        (router == "moetify" and "lora" in kinds and routing == "layer", "routing",
+         "moetify's LoRA-MoE has a router per module: leave 'routing' unset or 'module'"),
+    ]
+    return [(field, message) for failed, field, message in rules if failed]
 
 
 class MoeConfig(Sweepable):
@@ -549,33 +714,12 @@ class MoeConfig(Sweepable):
         for listed in self.tasks.values() if isinstance(self.tasks, dict) else [self.tasks]:
             if listed is not None and (not listed or len(set(listed)) != len(listed)):
                 raise ValueError("'tasks' names each task to mix once, at least one")
-        if self.router == "base-biased" and self.base_expert != "routed":
-            raise ValueError("the base-biased router needs 'base_expert: routed'")
-        if self.base_expert == "always-on" and "lora" in self.experts:
-            raise ValueError("'base_expert: always-on' is for FFT-MoE: a LoRA-MoE always keeps the base")
-        if self.attention is not None and "lora" in self.experts:
-            raise ValueError("'attention' is for FFT-MoE (experts: [fft]): a LoRA-MoE already mixes every module "
-                             "its adapters target")
-        if self.router == "none" and self.router_training is not None:
-            raise ValueError("a router-free MoE ('router: none') has no router to train")
-        if self.routing is not None and "fft" in self.experts:
-            raise ValueError("'routing' is for LoRA-MoE (experts: [lora]): an FFT-MoE routes each mixed MLP")
-        if self.router in ("arrow", "gates"):
-            if "fft" in self.experts:
-                raise ValueError(f"the {self.router} router is built from LoRA adapters: use experts: [lora]")
-            if self.routing == "layer":
-                raise ValueError(f"the {self.router} router is per module: leave 'routing' unset or 'module'")
-            if self.base_expert == "routed" or self.router_training is not None:
-                raise ValueError(f"the {self.router} router is training-free and has no row for the base: no "
-                                 "router_training, base_expert: none")
-        if self.router != "gates" and self.gate_training is not None:
-            raise ValueError("'gate_training' is the gates router's (router: gates)")
-        if self.router != "arrow" and self.temperature is not None:
-            raise ValueError("'temperature' is the arrow router's")
-        if self.router in ("hidden", "cheap-embed") and self.routing == "module":
-            raise ValueError(f"the {self.router} router is one row per layer: leave 'routing' unset or 'layer'")
-        if self.router == "moetify" and self.routing == "layer":
-            raise ValueError("moetify's LoRA-MoE has a router per module: leave 'routing' unset or 'module'")
+        problems = moe_problems(set(self.experts), router=self.router, base_expert=self.base_expert,
+                                attention=bool(self.attention), routing=self.routing,
+                                trains=self.router_training is not None, temperature=self.temperature is not None,
+                                gate_training=self.gate_training is not None)
+        if problems:
+            raise ValueError(problems[0][1])
         return self
 
 
@@ -585,11 +729,14 @@ class MethodsConfig(Strict):
     one_round: MethodConfig | None = Field(default=None, alias="one-round")
     sequential: MethodConfig | None = None
     olora: OLoraConfig | None = None
+    ewc: EwcConfig | None = None
+    lwf: LwfConfig | None = None
     joint: JointConfig | None = None
     replay: ReplayConfig | None = None
     merge: MergeConfig | None = None
     moe: MoeConfig | list[MoeConfig] | None = None
     continual_merge: ContinualMergeConfig | None = Field(default=None, alias="continual-merge")
+    search: SearchConfig | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -651,6 +798,9 @@ class ExecutorConfig(Strict):
     # the numbers) of jobs 1, torch's own, the jobs then taking turns on the cores; or a number.
     threads: Literal["share", "all"] | Annotated[int, Field(ge=1)] = "share"
     shared_params: int = Field(default=100_000_000, gt=0)
+    # Link finished steps from, and publish them to, the machine's shared step cache (KNOWSTACK_CACHE; docs/config.md
+    # "Shared step cache"); false: compute every step in the study dir.
+    shared_cache: bool = True
 
 
 class StudyConfig(Strict):

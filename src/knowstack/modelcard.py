@@ -65,6 +65,7 @@ class ModelCardInfo:
     lineage: Sequence[str] = ()
     how_to_load: str = ""
     tags: Sequence[str] = ()
+    sections: Sequence[str] = ()  # further markdown lines (their own "## " headings), after the settings
 
     def __post_init__(self) -> None:
         if self.relation not in RELATIONS:
@@ -141,6 +142,8 @@ def render(info: ModelCardInfo) -> str:
     if info.settings:
         lines += ["", "## Settings", "", "```json", json.dumps(info.settings, indent=2, sort_keys=True, default=str),
                   "```"]
+    if info.sections:
+        lines += ["", *info.sections]
     lines += ["", "## Scores", ""]
     if info.scores:
         lines += ["| task | kind | metric | value | 95% interval | n |", "|---|---|---|---|---|---|"]

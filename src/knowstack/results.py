@@ -84,6 +84,8 @@ class StudyInfo:
     old_metric: str = "acc"
     planned: list[Row] = field(default_factory=list)
     penalties: dict[str, dict] = field(default_factory=dict)
+    # model -> its search's record (study/search.py search_record: settings, every trial, the chosen one)
+    searches: dict[str, dict] = field(default_factory=dict)
 
 
 def write_study_info(info: StudyInfo, path: Path) -> None:
@@ -91,7 +93,9 @@ def write_study_info(info: StudyInfo, path: Path) -> None:
                for row in info.planned]
     atomic_write_text(path, json.dumps({"title": info.title, "task_order": info.task_order,
                                         "old_metric": info.old_metric, "planned": planned,
-                                        "penalties": info.penalties}, indent=1) + "\n")
+                                        "penalties": info.penalties,
+                                        **({"searches": info.searches} if info.searches else {})},
+                                       indent=1) + "\n")
 
 
 def read_study_info(path: Path) -> StudyInfo | None:
@@ -100,7 +104,36 @@ def read_study_info(path: Path) -> StudyInfo | None:
         return None
     data = json.loads(path.read_text(encoding="utf-8"))
     planned = planned_rows(SimpleNamespace(**record) for record in data["planned"])
-    return StudyInfo(data["title"], list(data["task_order"]), data["old_metric"], planned, data["penalties"])
+    return StudyInfo(data["title"], list(data["task_order"]), data["old_metric"], planned, data["penalties"],
+                     data.get("searches", {}))
+
+
+SEARCH_CSV = "search.csv"  # one row per trial of every search of a study, with its point
+SEARCH_COLUMNS = ("model", "trial", "method", "lambda", "density", "weights", "eval_score", "old_held_out",
+                  "old_loss_pct", "max_old_loss_pct", "within_budget", "chosen")
+
+
+def search_rows(searches: dict[str, dict]) -> list[dict[str, object]]:
+    """Every trial of every search as a row of search.csv (weights: the per-model weights, ';'-joined)."""
+    rows = []
+    for model, record in searches.items():
+        for trial in record["trials"]:
+            point = trial["point"]
+            rows.append({"model": model, "trial": trial["number"], "method": point["method"],
+                         "lambda": point.get("lambda"), "density": point.get("density"),
+                         "weights": ";".join(f"{w:.4g}" for w in point.get("weights", [])),
+                         "eval_score": trial["new"], "old_held_out": trial["old"], "old_loss_pct": trial["old_loss"],
+                         "max_old_loss_pct": record["max_old_loss"], "within_budget": trial["within"],
+                         "chosen": trial["number"] == record["chosen"]})
+    return rows
+
+
+def write_search_csv(searches: dict[str, dict], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SEARCH_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(search_rows(searches))
+    atomic_write_text(path, buffer.getvalue())
 
 
 def write_items(items: Items, path: Path) -> None:
@@ -184,9 +217,11 @@ def read_csv(path: Path) -> list[Row]:
 # was used.
 COSTS_CSV = "costs.csv"
 COST_COLUMNS = ("model", "method", "finetune", "stage", "trained_on", "seed", "point", "steps", "train_seconds",
-                "seconds", "examples", "peak_host_bytes", "peak_host_scope", "peak_gpu_bytes", "disk_bytes")
+                "seconds", "examples", "peak_host_bytes", "peak_host_scope", "peak_gpu_bytes", "disk_bytes",
+                "reused_steps")
 COST_TYPES = {c: "TEXT" for c in ("model", "method", "finetune", "trained_on", "point", "peak_host_scope")} | {
-    c: "INTEGER" for c in ("stage", "seed", "steps", "examples", "peak_host_bytes", "peak_gpu_bytes", "disk_bytes")} | {
+    c: "INTEGER" for c in ("stage", "seed", "steps", "examples", "peak_host_bytes", "peak_gpu_bytes", "disk_bytes",
+                           "reused_steps")} | {
     c: "REAL" for c in ("train_seconds", "seconds")}
 
 
@@ -196,7 +231,9 @@ class Cost:
     optimizer loops (train_summary.json); seconds: their wall time (each step's step.json, "cost"); examples: training
     examples drawn, summed; peak_host_bytes / peak_gpu_bytes: the largest over those steps; peak_host_scope:
     'step' or, where the peak could not be reset between steps of one process, 'process' (an upper bound);
-    disk_bytes: the artifact the model is evaluated from (its adapter where it is one on the base)."""
+    disk_bytes: the artifact the model is evaluated from (its adapter where it is one on the base); reused_steps: of
+    those steps and its evaluation, how many the study linked from the shared step cache (their seconds are those of
+    the run that computed them); None where not recorded (costs written before the cache)."""
 
     model: str
     method: str
@@ -213,6 +250,7 @@ class Cost:
     peak_host_scope: str
     peak_gpu_bytes: int | None
     disk_bytes: int | None
+    reused_steps: int | None = None
 
 
 def write_costs_csv(costs: list[Cost], path: Path) -> None:
@@ -238,5 +276,6 @@ def read_costs_csv(path: Path) -> list[Cost]:
                      steps=int(r["steps"]), train_seconds=number(r["train_seconds"], float),
                      seconds=number(r["seconds"], float), examples=number(r["examples"], int),
                      peak_host_bytes=number(r["peak_host_bytes"], int), peak_host_scope=r["peak_host_scope"],
-                     peak_gpu_bytes=number(r["peak_gpu_bytes"], int), disk_bytes=number(r["disk_bytes"], int))
+                     peak_gpu_bytes=number(r["peak_gpu_bytes"], int), disk_bytes=number(r["disk_bytes"], int),
+                     reused_steps=number(r.get("reused_steps") or "", int))
                 for r in csv.DictReader(handle)]

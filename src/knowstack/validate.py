@@ -591,6 +591,23 @@ def check_out_dir(out: str | Path, *, overwrite: bool = False, inputs: Sequence[
     return []
 
 
+# What a dir a study ran in holds from its first moment (the runner's lock) or later.
+STUDY_DIR_MARKS = (".lock", "config.yaml", "plan.json", "artifacts")
+
+
+def check_study_out(out: str | Path) -> list[Problem]:
+    """A study's --out: new, empty, or a study dir to resume; never another non-empty dir, which the study would
+    fill with its artifacts beside the user's own files."""
+    target = Path(out).expanduser()
+    if target.exists() and not target.is_dir():
+        return [Problem(str(target), "exists and is not a directory: give a new dir", field="--out")]
+    if not target.is_dir() or not any(target.iterdir()) or any((target / mark).exists() for mark in STUDY_DIR_MARKS):
+        return []
+    return [Problem(str(target), "exists, is not empty and is not a study dir (none of "
+                                 f"{', '.join(STUDY_DIR_MARKS)}): give a new or empty dir, or a study dir to resume",
+                    field="--out")]
+
+
 # --- a whole study -------------------------------------------------------------------------------
 def check_study(config: Any, *, dry_run: bool = False) -> list[Problem]:
     """Every input a study (config.StudyConfig) reads that exists before its first step: the base model and
@@ -610,7 +627,10 @@ def check_study(config: Any, *, dry_run: bool = False) -> list[Problem]:
         for index, task in enumerate(config.tasks):
             problems += check_task_config(task, field=f"tasks[{index}]")
     old = config.old_knowledge
-    if old.tasks != "builtin":
+    if not old.tasks:  # old knowledge is what every method is judged on keeping: without it no forgetting is measured
+        problems.append(Problem(None, "name at least one lm-eval task (or 'builtin' on the "
+                                "built-in world)", field="old_knowledge.tasks"))
+    elif old.tasks != "builtin":
         problems += check_old_tasks(list(old.tasks), old.include_path)
     elif old.include_path is not None:
         problems += check_old_tasks([], old.include_path)

@@ -1,4 +1,4 @@
-"""Commands of one model at a time: train, eval, score, merge, statistics, mix, build-world."""
+"""Commands of one model at a time: train, eval, score, merge, extract-lora, statistics, mix, build-world."""
 
 from __future__ import annotations
 
@@ -10,15 +10,14 @@ from typing import Any
 from knowstack.cli.common import console
 from knowstack.cli.metric import add_metric_option, metric_problems
 from knowstack.cli.options import (
-    MERGE_ONLY_OPTIONS,
-    STATISTICS_MERGE_OPTIONS,
     add_dtype_option,
     add_eval_batch_size,
     add_json_option,
     add_merge_method_options,
     add_out_option,
-    add_statistics_merge_options,
+    add_protocol_option,
     add_training_options,
+    merge_options_given,
     print_result,
     training_from_args,
 )
@@ -207,13 +206,34 @@ def cmd_merge(args: argparse.Namespace) -> None:
                              inputs=[args.base, *args.models, *(args.statistics or [])])
     problems += check_model_dir(args.base, tokenizer=False) if args.base else []
     raise_problems(problems + [p for path in args.models for p in check_weights_dir(path)])
-    out = api.merge(args.method, args.models, args.out, base=args.base, weights=args.weights, density=args.density,
-                    drop_rate=args.drop_rate, lam=args.lam, lora_space=args.lora_space, seed=args.seed,
-                    max_shard_gb=args.max_shard_gb, progress=True, statistics=args.statistics, dtype=args.dtype,
-                    input_hashes=args.input_hashes, **{name: getattr(args, name) for name in MERGE_ONLY_OPTIONS + STATISTICS_MERGE_OPTIONS
-                       if getattr(args, name) is not None})
+    out = api.merge(args.method, args.models, args.out, base=args.base, weights=args.weights,
+                    lora_space=args.lora_space, seed=args.seed, max_shard_gb=args.max_shard_gb, progress=True,
+                    statistics=args.statistics, dtype=args.dtype, input_hashes=args.input_hashes,
+                    **merge_options_given(args))
     record = json.loads((out / "merge.json").read_text(encoding="utf-8"))
     print_result(args, {**record, "out": str(out)}, f"merged model: {out}")
+
+
+def cmd_extract_lora(args: argparse.Namespace) -> None:
+    from knowstack import api
+    from knowstack.validate import check_model_dir, check_out_dir, raise_problems
+
+    problems = check_out_dir(args.out, overwrite=args.overwrite, inputs=[args.base, args.model])
+    problems += check_model_dir(args.base, tokenizer=False)
+    problems += check_model_dir(args.model, tokenizer=False, adapter_hint="an adapter already: it needs no extracting")
+    raise_problems(problems)
+    record = api.extract_lora(args.base, args.model, args.out, rank=args.rank, target_modules=args.target_modules,
+                              progress=True)
+    width = max((len(name) for name in record["modules"]), default=0)
+    lines = [f"{name:<{width}}  rank {m['rank']:>4}  explained {m['explained']:7.2%}"
+             for name, m in record["modules"].items()]
+    lines.append(f"explained: {record['explained']:.2%} of the extracted modules' delta energy, "
+                 f"{record['explained_of_whole_delta']:.2%} of the whole delta's")
+    if record["not_extracted"]:
+        lines.append("not extracted (share of the whole delta): " + ", ".join(
+            f"{kind} {share:.2%}" for kind, share in record["not_extracted"].items()))
+    lines.append(f"LoRA adapter: {args.out}")
+    print_result(args, {**record, "out": str(args.out)}, "\n".join(lines))
 
 
 def cmd_statistics(args: argparse.Namespace) -> None:
@@ -363,8 +383,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--include-path", help=meaning("--include-path"))
     add_eval_batch_size(p)
     p.add_argument("--limit", type=int, help=meaning("--limit"))
-    p.add_argument("--protocol", choices=["builtin", "paper"], default="builtin",
-                   help=f"{meaning('--protocol')} (default builtin)")
+    add_protocol_option(p)
     p.add_argument("--out", help=meaning("--out", "the scores as JSON"))
     add_json_option(p)
     p.set_defaults(func=cmd_eval)
@@ -378,8 +397,7 @@ def add_commands(sub: Any) -> None:
                    help='JSON Lines of {"prediction": ...} in test order, or a JSON list of strings')
     p.add_argument("--format", choices=["trace", "math"], default="trace", help=meaning("--format"))
     add_metric_option(p)
-    p.add_argument("--protocol", choices=["builtin", "paper"], default="builtin",
-                   help=f"{meaning('--protocol')} (default builtin)")
+    add_protocol_option(p)
     add_json_option(p, "one JSON object {metric: value}")
     p.add_argument("--out", help=meaning("--out", "one JSON line per test item (prompt, reference, prediction, "
                                                   "answer, scores)"))
@@ -394,7 +412,6 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--models", nargs="+", required=True, help=meaning("--models"))
     p.add_argument("--weights", nargs="+", type=float, help="one positive weight per model (default: equal)")
     add_merge_method_options(p)
-    add_statistics_merge_options(p)
     p.add_argument("--statistics", nargs="+", metavar="DIR",
                    help=meaning("--statistics", "regmean, fisher: one dir per model, in the models' order"))
     p.add_argument("--seed", type=int, help=meaning("--seed", "the random drops of dare, ties-dare, della, "
@@ -411,6 +428,20 @@ def add_commands(sub: Any) -> None:
     add_out_option(p, "the merged model dir to write")
     add_json_option(p, "merge.json's record")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("extract-lora", help="a full fine-tune as a PEFT LoRA adapter: each linear module's delta "
+                                            "from the base truncated by SVD to a rank, with the share it explains")
+    p.add_argument("--base", required=True, help=meaning("--base", "the fine-tune's"))
+    p.add_argument("--model", required=True, help=meaning("--model", "the full fine-tune of --base"))
+    p.add_argument("--rank", type=int, required=True, help="the adapter's rank: each module's delta is truncated to "
+                                                           "its top RANK singular values")
+    p.add_argument("--target-modules", nargs="+", metavar="NAME",
+                   help="the linear layers extracted, by Llama's names (a fused family's modules that hold them are "
+                        "extracted whole), or `all` for every linear layer, the untied output layer too (default: "
+                        "the family's LoRA targets, those training adapts); embeddings never")
+    add_out_option(p, "the PEFT adapter dir to write")
+    add_json_option(p, "extract_lora.json's record")
+    p.set_defaults(func=cmd_extract_lora)
 
     p = sub.add_parser("statistics", help="statistics of a model's (or adapter's) training data for the regmean and "
                                           "fisher merges, shared instead of the data")

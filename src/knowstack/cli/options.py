@@ -137,37 +137,29 @@ def training_from_args(args: argparse.Namespace, recipe: dict[str, Any] | None =
 
 
 
-# The settings of the merge methods beyond TIES and DARE (`knowstack merge` and `compose`), with MergeConfig's
-# defaults and checks.
-MERGE_ONLY_OPTIONS = ("t", "gamma", "epsilon", "max_iter", "tol")
-MERGE_HELP = {name: MEANINGS[_flag("", name)] for name in MERGE_ONLY_OPTIONS}
-
-
 def add_merge_method_options(parser: Any) -> None:
-    """The merge methods' options (`knowstack merge` and `compose`), each read by the methods that declare it
-    (combine/merges/): density, drop rate, lambda, then the other methods' own."""
-    from knowstack.config import MergeConfig
+    """The merge methods' options (`knowstack merge` and `compose`), one per option combine/merges/ declares (its
+    meaning, type, the methods that read it, its default), default not given: MergeConfig, made from the same
+    declarations, fills and checks them (`merge_options_given`)."""
+    from knowstack.combine.merges import METHODS, OPTIONS, option_flag
 
-    declared = MergeConfig()
-    parser.add_argument("--density", type=float, help=meaning(
-        "--density", f"the TIES, breadcrumbs and DELLA methods (default {declared.density}); for DARE (dare, "
-                     "ties-dare) what mergekit and PEFT mean by it, 1 - --drop-rate"))
-    parser.add_argument("--drop-rate", type=float, help=f"{meaning('--drop-rate')}: dare, ties-dare (default "
-                                                        f"{declared.drop_rate})")
-    parser.add_argument("--lambda", dest="lam", type=float, help=f"{meaning('--lambda')} (default {declared.lam})")
-    add_model_options(parser, MergeConfig, only=MERGE_ONLY_OPTIONS, helps=MERGE_HELP)
-
-
-# The settings of the merges that read statistics of each model's data (`knowstack merge` only: a registry stores no
-# statistics yet), with MergeConfig's defaults and checks.
-STATISTICS_MERGE_OPTIONS = ("regmean_alpha", "fisher_floor")
-STATISTICS_MERGE_HELP = {name: MEANINGS[_flag("", name)] for name in STATISTICS_MERGE_OPTIONS}
+    for name, option in OPTIONS.items():
+        readers = [method.name for method in METHODS.values() if name in method.options]
+        detail = "read by " + ", ".join(readers)
+        if name == "density":  # DARE takes mergekit's and PEFT's density, the fraction kept (base.py options_from)
+            dare = [method.name for method in METHODS.values() if method.takes_density_for_drop_rate]
+            detail += f"; for DARE ({', '.join(dare)}) what mergekit and PEFT mean by it, 1 - --drop-rate"
+        parser.add_argument(option_flag(name), dest=option.field, metavar=name.upper(), type=option.type, default=None,
+                            help=meaning(option_flag(name), f"{detail} (default {option.default:g})"))
 
 
-def add_statistics_merge_options(parser: Any) -> None:
-    from knowstack.config import MergeConfig
+def merge_options_given(args: argparse.Namespace) -> dict[str, Any]:
+    """The merge options given on the command line, by attribute (`lam`); MergeOptions checks them against their
+    declared ranges."""
+    from knowstack.combine.merges import OPTIONS
 
-    add_model_options(parser, MergeConfig, only=STATISTICS_MERGE_OPTIONS, helps=STATISTICS_MERGE_HELP)
+    return {option.field: getattr(args, option.field) for option in OPTIONS.values()
+            if getattr(args, option.field, None) is not None}
 
 
 def add_out_option(parser: Any, what: str, *, required: bool = True, default: str | None = None) -> None:
@@ -187,12 +179,23 @@ def add_dtype_option(parser: Any, what: str) -> None:
                         help=meaning("--dtype", f"{what} (default auto: the base's)"))
 
 
-def add_eval_batch_size(parser: Any, default: int = 32, *, old_name: bool = True) -> None:
-    """--eval-batch-size (an evaluation's batch); --batch-size, its old name in the commands that do not train."""
+def add_eval_batch_size(parser: Any, *, old_name: bool = True) -> None:
+    """--eval-batch-size (an evaluation's batch, default config.py's EVAL_BATCH_SIZE); --batch-size, its old name in
+    the commands that do not train."""
+    from knowstack.config import EVAL_BATCH_SIZE as default
+
     option = parser.add_argument("--eval-batch-size", type=int, default=default,
                                  help=f"{meaning('--eval-batch-size')} (default {default})")
     if old_name:
         add_deprecated(parser, "--batch-size", option)
+
+
+def add_protocol_option(parser: Any, detail: str = "") -> None:
+    """--protocol: how new-knowledge answers are read and scored (config.py's PROTOCOLS, DEFAULT_PROTOCOL)."""
+    from knowstack.config import DEFAULT_PROTOCOL, PROTOCOLS
+
+    parser.add_argument("--protocol", choices=list(PROTOCOLS), default=DEFAULT_PROTOCOL,
+                        help=f"{meaning('--protocol', detail)} (default {DEFAULT_PROTOCOL})")
 
 
 def add_json_option(parser: Any, what: str = "") -> None:

@@ -16,7 +16,7 @@ from knowstack.cli.options import (
     add_json_option,
     add_merge_method_options,
     add_out_option,
-    add_statistics_merge_options,
+    add_protocol_option,
     print_result,
 )
 from knowstack.cli.vocabulary import add_deprecated, meaning
@@ -38,7 +38,7 @@ def cmd_registry_init(args: argparse.Namespace) -> None:
     raise_problems(problems)
     base = api.init_registry(args.registry, args.base, old_tasks=args.old_tasks or (),
                              include_path=args.include_path, eval_batch_size=args.eval_batch_size,
-                             limit=args.limit)
+                             limit=args.limit, protocol=args.protocol)
     if args.json:
         print(json.dumps(base))
         return
@@ -47,7 +47,7 @@ def cmd_registry_init(args: argparse.Namespace) -> None:
     from knowstack.registry.core import is_url
 
     where = args.registry if is_url(args.registry) else Path(args.registry).resolve()
-    print(f"registry: {where}  base {base['content_hash'][:12]}")
+    print(f"registry: {where}  base {base['content_hash'][:12]}  protocol {base['settings']['protocol']}")
 
 
 def cmd_registry_list(args: argparse.Namespace) -> None:
@@ -86,6 +86,7 @@ def cmd_registry_report(args: argparse.Namespace) -> None:
 def cmd_contribute(args: argparse.Namespace) -> None:
     from knowstack import api
     from knowstack.validate import (
+        Problem,
         check_adapter_dir,
         check_file,
         check_model_dir,
@@ -95,6 +96,9 @@ def cmd_contribute(args: argparse.Namespace) -> None:
 
     problems = check_adapter_dir(args.adapter) if args.adapter else check_model_dir(
         args.model, tokenizer=False, adapter_hint="it as --adapter {path}")
+    if args.as_lora is not None and args.adapter:
+        problems.append(Problem(None, "extracts a LoRA adapter from a full fine-tune: give --model, not --adapter",
+                                field="as_lora"))
     problems += check_task_dir(args.task, args.format, required=("test", "train") if args.keep_data else ("test",),
                                optional=("eval",)) or metric_problems(args.task, args.metric, args.format)
     if args.training_config:
@@ -104,11 +108,14 @@ def cmd_contribute(args: argparse.Namespace) -> None:
                             metric=args.metric, keep_data=args.keep_data, task_format=args.format,
                             author=args.author, training_config=args.training_config,
                             eval_batch_size=args.eval_batch_size,
-                            statistics=args.statistics)
-    score = next(s for s in record["scores"] if s["kind"] == "new")
+                            statistics=args.statistics, as_lora=args.as_lora)
+    from knowstack.registry.evaluate import own_score
+
+    with api.open_registry(args.registry) as reg:
+        score = own_score(record, reg.protocol)
     print_result(args, record, f"contributed: {record['name']} ({record['kind']}, {record['content_hash'][:12]}) "
                                f"{record['task']} {score['metric']} = {score['value']:.4f} (metric from "
-                               f"{record['settings']['metric_source']})")
+                               f"{record['settings']['metric_source']}; protocol {score['protocol']})")
 
 
 def cmd_compose(args: argparse.Namespace) -> None:
@@ -200,8 +207,12 @@ def _add_compose_args(p: argparse.ArgumentParser) -> None:
 
     d = ComposeOptions()
     p.add_argument("registry", help=REGISTRY_HELP)
-    p.add_argument("--method", required=True, choices=list(METHODS),
-                   help=meaning("--method", "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())))
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--method", choices=list(METHODS),
+                       help=meaning("--method", "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())))
+    which.add_argument("--search", dest="method", action="store_const", const="search",
+                       help="search the merge (method, lambda, density, per-contribution weights) that learns the most "
+                            "on the tasks' eval splits within --max-old-loss, in --trials evaluations: --method search")
     p.add_argument("--contributions", nargs="+", metavar="NAME", help="the contributions to compose, in order "
                                                                        "(default: all, in the order contributed)")
     p.add_argument("--from", dest="start", metavar="VERSION",
@@ -225,7 +236,11 @@ def _add_compose_args(p: argparse.ArgumentParser) -> None:
     add_json_option(p, "the new version's record")
     g = p.add_argument_group("merge-* options (each method reads its own: docs/methods.md)")
     add_merge_method_options(g)
-    add_statistics_merge_options(g)
+    g = p.add_argument_group("search options (--search: docs/search.md)")
+    g.add_argument("--trials", type=int, help=f"the search's budget in evaluations (default {d.trials})")
+    g.add_argument("--max-old-loss", type=_percent, metavar="PCT",
+                   help=meaning("--max-old-loss", "the search's budget, on the items after the registry's --limit "
+                                                  f"(default {d.max_old_loss:g}%%)"))
     g = p.add_argument_group("moe-* options")
     g.add_argument("--top-k", type=int, help=f"{meaning('--top-k')} (default {d.top_k})")
     g.add_argument("--router", choices=list(MOE_ROUTERS),
@@ -276,6 +291,7 @@ def add_commands(sub: Any) -> None:
     r.add_argument("--include-path", help=meaning("--include-path", "the built-in world's: WORLD/old_knowledge"))
     add_eval_batch_size(r)
     r.add_argument("--limit", type=int, help=meaning("--limit"))
+    add_protocol_option(r, "every score the registry records, contributions' and versions', is made so")
     add_json_option(r, "the base's record")
     r.set_defaults(func=cmd_registry_init)
     r = registry.add_parser("list", help="the base and the contributions, with their scores")
@@ -320,6 +336,9 @@ def add_commands(sub: Any) -> None:
     add_eval_batch_size(p)
     p.add_argument("--statistics", metavar="DIR", help=meaning("--statistics", "the contribution's own, for compose "
                                                                                "merge-regmean / merge-fisher"))
+    p.add_argument("--as-lora", type=int, metavar="RANK",
+                   help="contribute the fine-tuned --model as the LoRA adapter extracted from it at this rank "
+                        "(`knowstack extract-lora`), so that it joins LoRA merges and LoRA-MoEs")
     add_json_option(p, "the contribution's record")
     p.set_defaults(func=cmd_contribute)
 

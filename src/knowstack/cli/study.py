@@ -8,7 +8,7 @@ from typing import Any
 
 from knowstack.cli.common import console, percent
 from knowstack.cli.vocabulary import meaning
-from knowstack.config import CONFIG_DIR
+from knowstack.config import CONFIG_DIR, SearchConfig
 from knowstack.errors import KnowstackError
 
 
@@ -21,9 +21,32 @@ def cmd_study(args: argparse.Namespace) -> None:
     # `demo` reaches here too, without the study command's executor options
     results = api.run_study(args.config, args.out, executor=getattr(args, "executor", "local"),
                             address=getattr(args, "address", None), console=console,
-                            jobs=getattr(args, "jobs", None), threads=getattr(args, "threads", None))
+                            jobs=getattr(args, "jobs", None), threads=getattr(args, "threads", None),
+                            shared_cache=False if getattr(args, "no_shared_cache", False) else None)
     # The page last: `make demo` ends with the path to open.
     print(f"results: {results.results_csv.resolve()}\nreport:  {results.report.resolve()}")
+
+
+def _shared_cache_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-shared-cache", action="store_true", help=meaning("--no-shared-cache"))
+
+
+def cmd_cache(args: argparse.Namespace) -> None:
+    from knowstack.study.shared_cache import collect_garbage, default_root, entries
+
+    root = default_root()
+    if args.action == "where":
+        print(root)
+        return
+    if args.action == "size":
+        found = entries(root)
+        unlinked = [e for e in found if not e.linked]
+        print(f"{root}: {len(found)} steps, {sum(e.bytes for e in found) / 2**20:.1f} MiB; "
+              f"{len(unlinked)} linked by no study dir ({sum(e.bytes for e in unlinked) / 2**20:.1f} MiB, "
+              "`knowstack cache gc` removes them)")
+        return
+    removed = collect_garbage(root)
+    print(f"{root}: removed {len(removed)} steps no study dir links, {sum(e.bytes for e in removed) / 2**20:.1f} MiB")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -88,11 +111,18 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--threads", help="local, with --jobs above 1: torch threads of each step (default: the config's "
                                      "executor.threads, share unless set): share (cores // jobs), all (the threads, so "
                                      "the numbers, of --jobs 1) or a number")
+    _shared_cache_option(p)
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("demo", help="the quick built-in study (configs/builtin-quick.yaml)")
     p.add_argument("--out", default="runs/demo", help=meaning("--out", "the study dir (default runs/demo)"))
+    _shared_cache_option(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("cache", help="the shared step cache studies link finished steps from (KNOWSTACK_CACHE)")
+    p.add_argument("action", choices=["where", "size", "gc"], help="where: its dir; size: its entries and bytes; "
+                                                                   "gc: remove the entries no study dir links")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("report", help="write a study dir's report (report.html, report.md, figures/, tables/) "
                                       "from its results; a study still running reports what has finished")
@@ -102,9 +132,10 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("advise", help="which method to use: the measured setting that learns the most within a "
                                       "limit on old-knowledge loss")
     p.add_argument("dir", help="a study dir, or a registry (advice for its next version, from its history)")
-    p.add_argument("--max-old-loss", type=percent, default=2.0,
-                   help="how far old knowledge (AVE) may fall below the base's, in percent: 2%% (a bare number "
-                        "below 1 is refused as ambiguous; default 2%%)")
+    budget = SearchConfig().max_old_loss  # the one budget (config.py), as a search's
+    p.add_argument("--max-old-loss", type=percent, default=budget,
+                   help=meaning("--max-old-loss", f"{budget:g}%% (a bare number below 1 is refused as ambiguous; "
+                                                  f"default {budget:g}%%)"))
     p.add_argument("--setting", choices=["semi", "full"],
                    help="semi: the contributors share models only; full: their training data too (default: semi; "
                         "a registry: full when every contribution kept its data)")

@@ -13,32 +13,29 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from knowstack.combine.merges import OPTIONS as MERGE_OPTIONS
+from knowstack.combine.merges import option_flag
+
 # option -> its one meaning: the first words of its help in every command that takes it (a command may add ": detail")
 MEANINGS: dict[str, str] = {
     "--adapter": "a PEFT LoRA adapter dir",
     "--author": "who made it, recorded with it",
     "--base": "the base model dir",
     "--batch-size": "examples per optimizer step of the training this command runs",
-    "--density": "fraction of each task vector kept",
-    "--drop-rate": "DARE: probability that an entry of a task vector is dropped",
     "--dry-run": "show what would be done, do nothing",
     "--dtype": "dtype of the output's weights",
     "--epochs": "passes over the training data",
-    "--epsilon": "della: keep probabilities spread over density +- epsilon",
     "--eval-batch-size": "examples per evaluation forward pass",
     "--finetune": "fft (a full model) or lora (a LoRA adapter)",
-    "--fisher-floor": "fisher: added to every Fisher entry",
     "--format": "the task's data format: trace (TRACE layout) or math (MetaMathQA train, GSM8K test)",
-    "--gamma": "breadcrumbs: fraction of the largest-magnitude entries dropped",
     "--include-path": "a dir of lm-eval task YAMLs",
     "--json": "print the results as JSON instead of text",
-    "--lambda": "scale of the merged task vector",
     "--limit": "at most this many examples per task",
     "--lora-alpha": "LoRA's alpha (the update is scaled by alpha / r)",
     "--lora-r": "LoRA's rank",
     "--lr": "learning rate of the training this command runs",
-    "--max-iter": "karcher: iterations",
     "--max-length": "tokens per example",
+    "--max-old-loss": "how far old knowledge (AVE) may fall below the base's, in percent",
     "--max-shard-gb": "largest output shard, in GB",
     "--method": "the method",
     "--metric": "the task's metric",
@@ -46,6 +43,8 @@ MEANINGS: dict[str, str] = {
     "--model": "a model dir",
     "--models": "model dirs and/or PEFT LoRA adapter dirs of one base",
     "--name": "the name of what this command records",
+    "--no-shared-cache": "compute every step in the study dir: link nothing from the shared step cache "
+                         "(KNOWSTACK_CACHE, default ~/.cache/knowstack/steps) and publish nothing to it",
     "--old-tasks": "lm-eval task names of old knowledge",
     "--olora-lambda": "O-LoRA: the penalty's weight",
     "--out": "where the output is written",
@@ -53,23 +52,21 @@ MEANINGS: dict[str, str] = {
     "--preset": "a named set of settings",
     "--prompts-per-expert": "prompts used from each expert's prompts",
     "--protocol": "how answers are read and scored (builtin; paper: the paper's TRACE/GSM8K scoring)",
-    "--regmean-alpha": "regmean: factor on the off-diagonal entries of each Gram matrix (1: the exact least-squares "
-                       "merge)",
     "--replay-fraction": "replay: each earlier task adds this fraction x |task| of its examples",
     "--router": "router init",
     "--router-lr": "router training's learning rate",
     "--router-steps": "router training's optimizer steps (0: no router training)",
     "--seed": "random seed",
     "--statistics": "statistics of a model's training data (`knowstack statistics`)",
-    "--t": "slerp: the position between the two models",
     "--task": "a task dir (TRACE layout: train.json, eval.json, test.json; with --format math a GSM8K-format test file)",
     "--test-file": "math: a GSM8K-format JSON/JSONL test file",
     "--tokenizer": "the tokenizer, where it is not the model dir's",
-    "--tol": "karcher: convergence tolerance",
     "--top-k": "experts per token",
     "--train-data": "training data: TRACE-format files of prompt/answer items",
     "--train-file": "math: a MetaMathQA-format JSON training file",
     "--trust-remote-code": "run the model repo's own code (off by default)",
+    # the merge methods' options: each one's meaning is its declaration's (combine/merges/)
+    **{option_flag(name): option.meaning for name, option in MERGE_OPTIONS.items()},
 }
 
 

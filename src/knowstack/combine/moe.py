@@ -32,7 +32,7 @@ from knowstack.combine.routers import (
     prompt_routers,
     uses_prompts,
 )
-from knowstack.config import MoeConfig
+from knowstack.config import PER_MODULE_ROUTERS, MoeConfig, moe_problems
 from knowstack.errors import KnowstackError
 from knowstack.modeling.routing import Router
 from knowstack.modelio import DTYPE_CHOICES, dtype_name, output_dtype
@@ -44,7 +44,6 @@ MOE_FILE = "moe.json"
 BASE_EXPERTS = ("none", "routed", "always-on")
 SHARED = ("base", "average")
 ROUTINGS = ("layer", "module")
-PER_MODULE_ROUTERS = ("arrow", "gates")  # built per module from each adapter, training-free
 MODULE_ROUTERS = (*PER_MODULE_ROUTERS, "moetify")  # a router per module in a LoRA-MoE
 
 
@@ -176,45 +175,26 @@ def _validate(kind: str, n_models: int, n_layers: int, options: MoeOptions, prom
         (options.router not in ROUTER_KINDS, "router", f"router must be one of {', '.join(ROUTER_KINDS)}"),
         (options.base_expert not in BASE_EXPERTS, "base_expert", f"base_expert must be one of {', '.join(BASE_EXPERTS)}"),
         (options.shared not in SHARED, "shared", "shared must be 'base' or 'average'"),
-        (kind == "lora" and options.base_expert == "always-on", "base_expert",
-         "a LoRA-MoE always keeps the base: the adapters add to it (use 'routed' for a null expert)"),
         (kind == "lora" and options.shared != "base", "shared",
          "a LoRA-MoE keeps the base's own weights ('shared' is for FFT-MoE)"),
-        (kind == "lora" and bool(options.attention), "attention",
-         "a LoRA-MoE already mixes every module its adapters target ('attention' is for FFT-MoE)"),
         (options.routing is not None and options.routing not in ROUTINGS, "routing",
          f"routing must be one of {', '.join(ROUTINGS)}"),
-        (kind == "fft" and options.routing is not None, "routing",
-         "'routing' is for LoRA-MoE (an FFT-MoE routes each mixed MLP, and each mixed attention projection)"),
-        (options.router in PER_MODULE_ROUTERS and kind != "lora", "router",
-         f"the {options.router} router is built from LoRA adapters: mix LoRA adapters (a LoRA-MoE)"),
-        (options.router in PER_MODULE_ROUTERS and options.effective_routing() != "module", "routing",
-         f"the {options.router} router is per module: routing must be 'module'"),
-        (options.router in PER_MODULE_ROUTERS and options.base_expert == "routed", "base_expert",
-         f"the {options.router} router has no row for the base (a null adapter): base_expert must be none"),
-        (options.router in PER_MODULE_ROUTERS and trains, "router_training",
-         f"the {options.router} router is training-free (its rows come from the adapters): leave router training "
-         "out"),
         (not options.temperature > 0, "temperature", "temperature must be > 0"),
         (options.dtype not in DTYPE_CHOICES, "dtype", f"dtype must be one of {', '.join(DTYPE_CHOICES)}"),
-        (options.temperature != 1.0 and options.router != "arrow", "temperature", "temperature is the arrow router's"),
-        (options.router in ("hidden", "cheap-embed") and options.effective_routing() == "module", "routing",
-         f"the {options.router} router builds one row per layer from hidden states: use routing 'layer'"),
-        (kind == "lora" and options.router == "moetify" and options.effective_routing() != "module", "routing",
-         "moetify's LoRA-MoE has a router per module: leave routing unset or 'module'"),
     ]
+    # the rules a study's config is held to as well (config.py moe_problems, one check each)
+    checks += [(True, field, message) for field, message in moe_problems(
+        {kind}, router=options.router, base_expert=options.base_expert, attention=bool(options.attention),
+        routing=options.routing, trains=trains, temperature=options.temperature != 1.0)]
     n_experts = n_models + (options.base_expert == "routed")
     checks += [
         (options.router != "none" and not 1 <= options.top_k <= n_experts, "top_k",
          f"top_k must be between 1 and the number of experts ({n_experts})"),
-        (options.router == "base-biased" and options.base_expert != "routed", "router",
-         "the base-biased router needs the base as a routed expert (base_expert: routed)"),
         (uses_prompts(options.router, kind) and (prompts is None or len(prompts) != n_models), "prompts",
          f"the router init from prompts needs a list of prompts for each of the {n_models} models"),
         (options.router == "uniform" and options.top_k < n_experts and not trains, "router",
          "a uniform router ties every expert, so top-k would always pick the first k: use top_k = the number "
          "of experts, router training, or router: none"),
-        (trains and options.router == "none", "router_training", "a router-free MoE has no router to train"),
     ]
     for failed, field, message in checks:
         if failed:

@@ -70,7 +70,7 @@ from knowstack.config import MOE_ROUTERS, MoeRouter
 from knowstack.data.batches import packed_rows
 from knowstack.errors import KnowstackError
 from knowstack.modeling.attention import packed_attention
-from knowstack.modeling.routing import Router, decoder_layers, on_attention_input
+from knowstack.modeling.routing import ROUTER_PROMPT_TOKENS, Router, decoder_layers, on_attention_input
 
 RouterKind = MoeRouter
 ROUTER_KINDS: tuple[str, ...] = tuple(MOE_ROUTERS)
@@ -137,7 +137,7 @@ def _site_target(layer: nn.Module, site: Site) -> tuple[nn.Module, str]:
 
 def mean_router_inputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                        prompts_per_expert: Sequence[Sequence[str]], layers: Sequence[int], site: Site,
-                       max_length: int = 512) -> dict[int, torch.Tensor]:
+                       max_length: int = ROUTER_PROMPT_TOKENS) -> dict[int, torch.Tensor]:
     """For each layer, one row per expert: the mean over that expert's prompts of the mean over the
     prompt's tokens of the router input at `site` (its norm's output; `residual`: the layer's own input, the
     residual stream), on `model` (the base)."""
@@ -151,7 +151,7 @@ def mean_router_inputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
 
 def mean_module_inputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                        prompts_per_expert: Sequence[Sequence[str]], modules: Sequence[str],
-                       max_length: int = 512) -> dict[str, torch.Tensor]:
+                       max_length: int = ROUTER_PROMPT_TOKENS) -> dict[str, torch.Tensor]:
     """For each named module (a Linear of `model`), one row per expert: the mean over that expert's prompts
     of the mean over the prompt's tokens of the module's input, on `model` (the base)."""
     targets = {name: (model.get_submodule(name), model.get_submodule(name).in_features, "input") for name in modules}
@@ -240,7 +240,7 @@ def _mergekit_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, max_length: i
 
 @torch.no_grad()
 def last_token_hidden_states(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                             layers: Sequence[int], max_length: int = 512) -> dict[int, torch.Tensor]:
+                             layers: Sequence[int], max_length: int = ROUTER_PROMPT_TOKENS) -> dict[int, torch.Tensor]:
     """Per layer, the mean over `prompts` of the hidden state at the layer's input (the residual stream,
     output_hidden_states[layer]) at each prompt's last token; each prompt runs alone (no padding)."""
     device = next(model.parameters()).device
@@ -285,7 +285,7 @@ def _cheap_embedding(embed: torch.Tensor, tokenizer: PreTrainedTokenizerBase, pr
 
 def cheap_embed_routers(embed: torch.Tensor, tokenizer: PreTrainedTokenizerBase,
                         prompts_per_expert: Sequence[Sequence[str]], layers: Sequence[int],
-                        base_index: int | None = None, max_length: int = 512) -> dict[int, Router]:
+                        base_index: int | None = None, max_length: int = ROUTER_PROMPT_TOKENS) -> dict[int, Router]:
     """mergekit-moe's `cheap_embed` gates from the embedding matrix `embed` (vocab x hidden): row e =
     normalise(cheap(e's prompts) - cheap(the other experts' prompts)), cheap = the normalised sum of the
     prompts' token embeddings; the same rows in every layer."""

@@ -37,6 +37,7 @@ import torch
 
 from knowstack.atomic import atomic_dir, atomic_write_json
 from knowstack.combine.inputs import FullModel, LoraAdapter, open_input
+from knowstack.config import MergeConfig, TrainingConfig
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
 from knowstack.hashing import file_sha256
@@ -45,11 +46,12 @@ STATISTICS_FILE = "statistics.json"
 KINDS = ("gram", "fisher")
 STATISTICS_VERSION = 1
 BATCH_SIZE = 8  # examples per forward pass while taking Gram matrices
+_MERGE, _RECIPE = MergeConfig(), TrainingConfig()  # the declared defaults: statistics_examples, max_length
 
 
 def compute_statistics(model: str | Path, examples: Sequence[Example], out: str | Path, *,
-                       base: str | Path | None = None, kinds: Sequence[str] = KINDS, max_examples: int = 256,
-                       max_length: int = 1024, tokenizer: str | Path | None = None,
+                       base: str | Path | None = None, kinds: Sequence[str] = KINDS, max_examples: int = _MERGE.statistics_examples,
+                       max_length: int = _RECIPE.max_length, tokenizer: str | Path | None = None,
                        trust_remote_code: bool = False) -> Path:
     """The statistics `kinds` of `model` (a model dir, or a LoRA adapter dir on `base`) on the first
     `max_examples` of `examples`, written atomically to the dir `out`; returns it."""

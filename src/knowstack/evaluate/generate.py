@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
+from knowstack.config import EVAL_BATCH_SIZE
 from knowstack.data.truncation import truncate_middle
 
 
@@ -63,7 +64,7 @@ def generate(
     prompts: Sequence[str],
     *,
     max_new_tokens: int,
-    batch_size: int = 32,
+    batch_size: int = EVAL_BATCH_SIZE,
     stop_strings: Sequence[str] | None = None,
     stats: dict | None = None,
 ) -> list[str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from knowstack.config import EVAL_BATCH_SIZE
 from knowstack.errors import KnowstackError
 
 STOCK_YAML = {"gsm8k": "gsm8k.yaml", "gsm8k_cot": "gsm8k-cot.yaml"}
@@ -76,7 +77,7 @@ def evaluate_gsm8k(
     *,
     fewshot: Path | None = None,
     limit: int | None = None,
-    batch_size: int = 32,
+    batch_size: int = EVAL_BATCH_SIZE,
     max_gen_toks: int | None = None,
     add_bos_token: bool | None = None,
 ) -> HarnessRun:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from knowstack.config import DEFAULT_PROTOCOL, EVAL_BATCH_SIZE
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
 from knowstack.evaluate.generate import generate
@@ -23,7 +24,7 @@ class TaskScore:
     scores: dict[str, float]
     predictions: list[dict] = field(default_factory=list)  # one row per test item, with its "scores"
     per_example: dict[str, list[float]] = field(default_factory=dict)
-    protocol: str = "builtin"
+    protocol: str = DEFAULT_PROTOCOL
     max_new_tokens: dict[str, int] = field(default_factory=dict)  # the generation budget of each metric
     references_over_budget: dict[str, int] = field(default_factory=dict)  # references longer than the budget
     prompts_truncated: int | None = None  # prompts cut to fit the context (when generation reports it)
@@ -65,9 +66,9 @@ def evaluate_task(
     examples: Sequence[Example],
     metric: str,
     *,
-    batch_size: int = 32,
+    batch_size: int = EVAL_BATCH_SIZE,
     max_new_tokens: int | None = None,
-    protocol: str = "builtin",
+    protocol: str = DEFAULT_PROTOCOL,
     harness: HarnessData | None = None,
 ) -> TaskScore:
     """Each of the task's scores under `protocol`, e.g. {'accuracy': x}, or for math {'em_direct', 'em_cot'}
@@ -147,7 +148,7 @@ def _score_with_harness(
 
 
 def score_given_predictions(examples: Sequence[Example], predictions: Sequence[str], metric: str,
-                            protocol: str = "builtin") -> TaskScore:
+                            protocol: str = DEFAULT_PROTOCOL) -> TaskScore:
     """Scores of generations made elsewhere (one per test item, in order), read and scored as `protocol`
     declares for `metric`. A scoring that needs a generation of its own (builtin math's direct answer, primed
     by its own prompt suffix) cannot be computed from them and is left out; a harness task's reading and

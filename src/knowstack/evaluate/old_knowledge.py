@@ -21,6 +21,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from knowstack.atomic import honour_umask
+from knowstack.config import EVAL_BATCH_SIZE
 from knowstack.errors import KnowstackError
 from knowstack.logs import library_bars_off
 
@@ -201,7 +202,7 @@ def evaluate_old_knowledge(
     tasks: list[str],
     *,
     include_path: Path | None = None,
-    batch_size: int = 32,
+    batch_size: int = EVAL_BATCH_SIZE,
     limit: int | None = None,
     num_fewshot: int | None = None,
     add_bos_token: bool | None = None,
@@ -228,13 +229,15 @@ def evaluate_old_knowledge_items(
     tasks: list[str],
     *,
     include_path: Path | None = None,
-    batch_size: int = 32,
+    batch_size: int = EVAL_BATCH_SIZE,
     limit: int | None = None,
     num_fewshot: int | None = None,
     add_bos_token: bool | None = None,
+    samples: dict[str, list[int]] | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[float]]]]:
     """The scores of `evaluate_old_knowledge`, and each task's per-document scores {task: {metric: [...]}} from
-    the harness's logged samples (a group such as mmlu has none of its own: its subtasks have them)."""
+    the harness's logged samples (a group such as mmlu has none of its own: its subtasks have them). samples: the
+    documents scored, by index, per task, instead of the first `limit` (the search's held-out slice)."""
     import lm_eval
 
     quiet_harness()
@@ -251,6 +254,7 @@ def evaluate_old_knowledge_items(
             tasks=list(tasks),
             num_fewshot=num_fewshot,
             limit=limit,
+            samples=samples,
             task_manager=manager,
             log_samples=True,
         )

@@ -21,11 +21,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from knowstack.config import METRICS
+from knowstack.config import METRICS, PROTOCOLS
 from knowstack.data.formats import DIRECT_ANSWER_PRIMER, final_number, first_number
 from knowstack.errors import KnowstackError
 
-PROTOCOL_NAMES = ("builtin", "paper")
+PROTOCOL_NAMES = PROTOCOLS  # config.py declares them
 TASK_METRICS = METRICS  # config.py declares them
 
 
@@ -113,6 +113,13 @@ def scorings(protocol: str, metric: str) -> tuple[Scoring, ...]:
     if metric not in PROTOCOLS[protocol]:
         raise KnowstackError(f"unknown metric '{metric}' (known: {', '.join(TASK_METRICS)})", field="metric")
     return PROTOCOLS[protocol][metric]
+
+
+def summary_metric(protocol: str, metric: str) -> str:
+    """The one score a task is summed up by where one number per task is wanted (a registry's gate and AVnew): its
+    metric's last declared scoring (math: the chain-of-thought one under either protocol; every other metric has
+    one)."""
+    return scorings(protocol, metric)[-1].metric
 
 
 def read_all(reader: str, texts: Sequence[str]) -> list[str]:

@@ -15,6 +15,9 @@ from knowstack.errors import KnowstackError
 # A contributor's gate vectors for their LoRA adapter (PHATGOOSE), one tensor per module, beside the adapter's
 # files: written by train/gate_training.py, read by the `gates` router (combine/moe_lora.py), kept by the registry.
 GATES_FILE = "phatgoose_gates.safetensors"
+# The tokens of a prompt a router reads, its last ones: the prompt-based router inits (combine/routers.py) and the
+# experts' loads measured around router training (train/router_training.py)
+ROUTER_PROMPT_TOKENS = 512
 
 @dataclass
 class Router:

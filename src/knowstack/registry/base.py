@@ -15,17 +15,20 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from knowstack.atomic import honour_umask
 from knowstack.combine.inputs import FullModel
+from knowstack.config import EVAL_BATCH_SIZE
 from knowstack.errors import KnowstackError
 from knowstack.hashing import content_hash, file_sha256
 from knowstack.modeling.streaming import INDEX_FILE, weight_files
 from knowstack.modelio import TOKENIZER_FILES
 from knowstack.registry import db
-from knowstack.registry.core import BASE_NAME, Registry, cache_dir, is_url, remote_fs
+from knowstack.registry.core import BASE_NAME, PROTOCOL, Registry, cache_dir, is_url, remote_fs
+from knowstack.registry.db import DEFAULT_PROTOCOL
 from knowstack.registry.records import LOG_DIR, check_exclusive_create, create_log
 from knowstack.registry.store import OBJECTS_DIR, ObjectStore, RemoteObjectStore
 
@@ -83,21 +86,28 @@ def init_registry(
     *,
     old_tasks: Sequence[str] = (),
     include_path: str | Path | None = None,
-    batch_size: int = 32,
+    batch_size: int = EVAL_BATCH_SIZE,
     limit: int | None = None,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> dict[str, Any]:
     """Create the registry `root` (a path, or a URL fsspec reaches) for the base model dir `base`; returns the
-    base's record."""
+    base's record. protocol: how every score the registry records is made (evaluation.protocol: builtin, paper),
+    recorded with the base."""
+    from knowstack.evaluate.protocols import PROTOCOL_NAMES
+
+    if protocol not in PROTOCOL_NAMES:
+        raise KnowstackError(f"unknown protocol '{protocol}' (known: {', '.join(PROTOCOL_NAMES)})", field="protocol")
     model = FullModel(Path(base).expanduser())
+    old = OldTasks(list(old_tasks), include_path, batch_size, limit, protocol)
     if is_url(root):
-        return _init_remote(str(root).rstrip("/"), model, list(old_tasks), include_path, batch_size, limit)
+        return _init_remote(str(root).rstrip("/"), model, old)
     root = Path(root).expanduser()
     _check_free(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.init-", dir=root.parent))
     try:
         store = ObjectStore(tmp)
-        new = _base_version(store, model, list(old_tasks), include_path, batch_size, limit)
+        new = _base_version(store, model, old)
         _write_database(tmp / db.DB_FILE, new)
         honour_umask(tmp)  # mkdtemp makes it private; a registry is shared like any new dir
         try:
@@ -112,8 +122,7 @@ def init_registry(
         return reg.base()
 
 
-def _init_remote(url: str, model: FullModel, old_tasks: list[str], include_path: str | Path | None,
-                 batch_size: int, limit: int | None) -> dict[str, Any]:
+def _init_remote(url: str, model: FullModel, old: OldTasks) -> dict[str, Any]:
     fs, path = remote_fs(url)
     _check_free_remote(fs, path, url)
     fs.makedirs(f"{path}/{LOG_DIR}", exist_ok=True)
@@ -121,7 +130,7 @@ def _init_remote(url: str, model: FullModel, old_tasks: list[str], include_path:
     with tempfile.TemporaryDirectory(prefix="knowstack-init-") as tmp:
         # Everything that can fail (hashing, the old-knowledge evaluation) happens before the first upload.
         local = ObjectStore(Path(tmp))
-        new = _base_version(local, model, old_tasks, include_path, batch_size, limit)
+        new = _base_version(local, model, old)
         remote = RemoteObjectStore(fs, path, cache_dir(url), url)
         for sha in sorted(new.objects):
             remote.put_file(local.path(sha))
@@ -161,26 +170,38 @@ def _write_database(path: Path, new: db.NewVersion) -> None:
         conn.close()
 
 
-def _base_version(store: ObjectStore, model: FullModel, old_tasks: list[str], include_path: str | Path | None,
-                  batch_size: int, limit: int | None) -> db.NewVersion:
+@dataclass(frozen=True)
+class OldTasks:
+    """What init scores the base on (the lm-eval tasks, their include dir, example limit, batch) and the registry's
+    protocol."""
+
+    tasks: list[str]
+    include_path: str | Path | None
+    batch_size: int
+    limit: int | None
+    protocol: str
+
+
+def _base_version(store: ObjectStore, model: FullModel, old: OldTasks) -> db.NewVersion:
     """The base's record, its files stored in `store` and its old knowledge measured."""
     files, hashed = model_files(model, with_tokenizer=True)
     names, sizes = store_files(store, files)
-    settings: dict[str, Any] = {"source": str(model.path.resolve()), "architecture": architecture(model)}
+    settings: dict[str, Any] = {"source": str(model.path.resolve()), "architecture": architecture(model),
+                                PROTOCOL: old.protocol}
     scores: list[dict[str, Any]] = []
-    if old_tasks:
-        include = Path(include_path).expanduser() if include_path else None
+    if old.tasks:
+        include = Path(old.include_path).expanduser() if old.include_path else None
         if include is not None and not include.is_dir():
             raise KnowstackError("lm-eval include path not found", path=include, field="include_path")
-        settings["old_knowledge"] = {"tasks": old_tasks, "include_path": str(include) if include else None,
-                                     "limit": limit, "files": {}}
+        settings["old_knowledge"] = {"tasks": old.tasks, "include_path": str(include) if include else None,
+                                     "limit": old.limit, "files": {}}
         if include is not None:
             # The task YAMLs and their data travel with the registry, for re-measuring composed models later.
             task_files = {str(p.relative_to(include)): p for p in sorted(include.rglob("*")) if p.is_file()}
             settings["old_knowledge"]["files"], task_sizes = store_files(store, task_files)
             sizes.update(task_sizes)
         with store.view(names) as model_dir:
-            scores = old_knowledge_scores(model_dir, old_tasks, include, batch_size, limit)
+            scores = old_knowledge_scores(model_dir, old, include)
         # Kept for the gate's paired intervals; the score rows keep the means.
         from knowstack.registry.evaluate import item_scores, without_items
 
@@ -190,10 +211,13 @@ def _base_version(store: ObjectStore, model: FullModel, old_tasks: list[str], in
                          settings=settings, scores=scores)
 
 
-def old_knowledge_scores(model_dir: Path, tasks: list[str], include_path: Path | None, batch_size: int,
-                         limit: int | None) -> list[dict[str, Any]]:
-    from knowstack.modelio import load_tokenizer
-    from knowstack.registry.evaluate import load_for_scoring, old_knowledge_rows
+def old_knowledge_scores(model_dir: Path, old: OldTasks, include_path: Path | None) -> list[dict[str, Any]]:
+    """The base's old-knowledge score rows, by the study's evaluation step (registry/evaluate.py)."""
+    from knowstack.config import OldKnowledgeConfig
+    from knowstack.registry.evaluate import score_model
 
-    return old_knowledge_rows(load_for_scoring(model_dir), load_tokenizer(model_dir), tasks, include_path, batch_size,
-                              limit)
+    section = OldKnowledgeConfig(tasks=old.tasks, include_path=include_path, limit=old.limit,
+                                 batch_size=old.batch_size)
+    with tempfile.TemporaryDirectory(prefix="knowstack-score-") as work:
+        return score_model(Path(work), model_dir, model_dir, None, [], section, protocol=old.protocol,
+                           batch_size=old.batch_size)

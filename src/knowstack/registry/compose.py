@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from knowstack.atomic import atomic_write_json, atomic_write_text
+from knowstack.config import EVAL_BATCH_SIZE
 from knowstack.errors import KnowstackError
 from knowstack.hashing import content_hash
 from knowstack.registry import db
@@ -39,15 +40,15 @@ from knowstack.registry.core import (
     check_name,
     composed,
 )
+from knowstack.registry.db import DEFAULT_PROTOCOL
 from knowstack.registry.evaluate import (
     RegisteredTask,
     item_scores,
-    load_for_scoring,
     new_scores,
     old_average,
-    old_knowledge_of,
     registered_tasks,
-    score_task,
+    score_model,
+    stored_old_knowledge,
     task_of,
     without_items,
 )
@@ -60,7 +61,9 @@ if TYPE_CHECKING:
 WORK_DIR = ".compose"
 VIEWS_DIR = "views"
 STATISTICS_DIR = "statistics"  # the inputs' contributed statistics, laid out
-SCORES_DIR = "scores"
+EVAL_DIR = "eval"  # the study dir the version and the base are scored in (registry/evaluate.py score_model)
+EVAL_TASKS_DIR = "eval-tasks"  # the registered tasks' stored splits, laid out for it
+OLD_DIR = "old-knowledge"  # the base's stored old-knowledge task files, laid out for it
 
 
 @dataclass(frozen=True)
@@ -249,16 +252,14 @@ ITEMS = "item_scores"  # a version's settings key: its per-item scores, {"old/<t
 BASE_ITEMS_DIR = "item-scores"  # the local cache of the base's per-item scores on registered tasks
 
 
-def _base_items(reg: Registry, base_dir: Path, tasks: dict[str, RegisteredTask], batch_size: int,
-                say: Callable[[str], None]) -> dict[str, list[float]]:
+def _base_items(b: Build, tasks: dict[str, RegisteredTask], batch_size: int) -> dict[str, list[float]]:
     """The base's score on every registered task it was not scored on yet (the gate's first reference), and its
     per-item scores on them and on old knowledge: the ones its record kept (old knowledge, from init), else
     measured on the stored items once and kept in this machine's cache (the same model on the same stored items
     gives the same scores)."""
-    from knowstack.modelio import load_tokenizer
-
+    reg = b.reg
     base = reg.base()
-    cache = reg.work_dir / BASE_ITEMS_DIR / f"{base['content_hash']}.json"
+    cache = reg.work_dir / BASE_ITEMS_DIR / _items_cache_name(base["content_hash"], reg.protocol)
     items = {**(json.loads(cache.read_text(encoding="utf-8")) if cache.is_file() else {}),
              **base["settings"].get(ITEMS, {})}
     recorded = new_scores(base["scores"], tasks)
@@ -267,20 +268,33 @@ def _base_items(reg: Registry, base_dir: Path, tasks: dict[str, RegisteredTask],
     old_missing = any(f"old/{task}" not in items for task in old_tasks)
     if not missing and not old_missing:
         return items
-    model, tokenizer = load_for_scoring(base_dir), load_tokenizer(base_dir)
-    rows = []
-    for task in missing:
-        say(f"scoring the base on {task.name}")
-        rows.append(score_task(model, tokenizer, reg.store, task, batch_size))
-        if task.name not in recorded:
-            reg.add_scores(BASE_NAME, without_items(rows[-1:]))
+    if missing:
+        b.say(f"scoring the base on {', '.join(task.name for task in missing)}")
     if old_missing:
-        say("scoring the base's old knowledge item by item (for the gate's intervals)")
-        rows += old_knowledge_of(reg, model, tokenizer, batch_size)
+        b.say("scoring the base's old knowledge item by item (for the gate's intervals)")
+    rows = _score(b, b.base_dir, None, missing, old_missing, batch_size)
+    unrecorded = [row for row in rows if row["kind"] == "new" and row["task"] not in recorded]
+    if unrecorded:
+        reg.add_scores(BASE_NAME, without_items(unrecorded))
     items.update(item_scores(rows, tasks))
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(cache, items)
     return items
+
+
+def _items_cache_name(base_hash: str, protocol: str) -> str:
+    # the default protocol's keeps the name it had before registries had protocols
+    return f"{base_hash}.json" if protocol == DEFAULT_PROTOCOL else f"{base_hash}-{protocol}.json"
+
+
+def _score(b: Build, model: Path, adapter: Path | None, tasks: Sequence[RegisteredTask], old: bool,
+           batch_size: int) -> list[dict[str, Any]]:
+    """Score rows of `model` (+ `adapter`) on `tasks` and, with `old`, the base's old knowledge, by the study's
+    evaluation step in the compose's work dir (a killed compose resumes at the next task)."""
+    entries = [task.study_task(b.reg.store, b.work / EVAL_TASKS_DIR / task.name) for task in tasks]
+    old_knowledge = stored_old_knowledge(b.reg, b.work / OLD_DIR, batch_size) if old else None
+    return score_model(b.work / EVAL_DIR, b.base_dir, model, adapter, entries, old_knowledge,
+                       protocol=b.reg.protocol, batch_size=batch_size)
 
 
 # --- compose ---------------------------------------------------------------------------------------------
@@ -304,27 +318,14 @@ def _exclusive(work: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _scored(path: Path, measure: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Score rows kept in `path` as soon as measured, so a killed compose does not measure them again."""
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
-    rows = measure()
-    atomic_write_json(path, rows)
-    return rows
-
-
 def _evaluate(b: Build, tasks: dict[str, RegisteredTask], batch_size: int) -> list[dict[str, Any]]:
-    from knowstack.modelio import load_tokenizer
-
-    scores_dir = b.work / SCORES_DIR
-    model = load_for_scoring(b.out, b.base_dir if built_kind(b.out) == "adapter" else None)
-    tokenizer = load_tokenizer(b.base_dir)
-    rows = []
+    """The version's score rows on every registered task and on old knowledge."""
+    adapter = built_kind(b.out) == "adapter"
+    rows = _score(b, b.base_dir if adapter else b.out, b.out if adapter else None, list(tasks.values()), True,
+                  batch_size)
+    scored = new_scores(rows, tasks)
     for name, task in tasks.items():
-        rows += _scored(scores_dir / f"new-{name}.json",
-                        lambda task=task: [score_task(model, tokenizer, b.reg.store, task, batch_size)])
-        b.say(f"scored on {name}: {rows[-1]['metric']} {rows[-1]['value']:.4f}")
-    rows += _scored(scores_dir / "old.json", lambda: old_knowledge_of(b.reg, model, tokenizer, batch_size))
+        b.say(f"scored on {name}: {task.score_metric} {scored[name]:.4f}")
     return rows
 
 
@@ -352,7 +353,7 @@ def compose(
     gate_task: float = 10.0,
     gate_task_points: float = 0.0,
     author: str | None = None,
-    batch_size: int = 32,
+    batch_size: int = EVAL_BATCH_SIZE,
     launch: LaunchSpec | None = None,
     force_release: bool = False,
     say: Callable[[str], None] = lambda message: None,
@@ -404,7 +405,7 @@ def compose(
                         + (f", on {start_record['name']}" if start_record else ""))
                     spec.build(build)
                 name_inputs_by_version(build)
-                base_items = _base_items(reg, build.base_dir, tasks, batch_size, say)
+                base_items = _base_items(build, tasks, batch_size)
                 scores = _evaluate(build, tasks, batch_size)
             parents = ([start_record["name"]] if start_record else []) + [r["name"] for r in chosen]
             new = _gated_version(reg, version_name, spec, settings, key, build.out, scores, tasks, parents,
@@ -469,20 +470,21 @@ def _open_build(stack: contextlib.ExitStack, reg: Registry, records: Sequence[di
 
     base_dir = view(BASE_NAME)
     inputs = [view(r["name"]) for r in chosen]
+    protocol = reg.protocol
     replayed: tuple[RegisteredTask, ...] = ()
     start_dir = None
     if start is not None:
         start_dir = view(start["name"])
         if spec.name == "replay":
             earlier = ancestor_contributions(records, start["name"])
-            replayed = tuple(task_of(r) for r in earlier if r["keep_data"])
+            replayed = tuple(task_of(r, protocol) for r in earlier if r["keep_data"])
             unreplayed = [r["name"] for r in earlier if not r["keep_data"]]
             if unreplayed:
                 say(f"not replayed (registered without their data): {', '.join(unreplayed)}")
     statistics = tuple(reg.store.lay_out(r["settings"][STATISTICS], work / STATISTICS_DIR / r["name"])
                        if r["settings"].get(STATISTICS) else None for r in chosen)
-    return Build(reg, base_dir, inputs, [r["name"] for r in chosen], [task_of(r) for r in chosen], options, work,
-                 say, start_dir, start is not None and start["kind"] == "adapter", start and start["name"], replayed,
+    return Build(reg, base_dir, inputs, [r["name"] for r in chosen], [task_of(r, protocol) for r in chosen], options,
+                 work, say, start_dir, start is not None and start["kind"] == "adapter", start and start["name"], replayed,
                  launch, statistics)
 
 
@@ -508,9 +510,17 @@ def _gated_version(reg: Registry, name: str, spec: Method, settings: dict[str, A
     return db.NewVersion(
         name=name, kind=built_kind(out), method=spec.name, files=names,
         content_hash=content_hash({n: names[n] for n in hashed}), objects=sizes,
-        settings={"compose_key": key, "options": settings, "gate": gate, ITEMS: items},
+        settings={"compose_key": key, "options": settings, "gate": gate, ITEMS: items, **_search_of(out)},
         author=author, parents=parents, scores=without_items(scores),
         status="released" if gate["passed"] or gate.get("forced") else "rejected")
+
+
+def _search_of(out: Path) -> dict[str, Any]:
+    """A searched version's lineage: its search's record (trials, their points and scores, the chosen one)."""
+    from knowstack.study.steps import SEARCH_FILE
+
+    path = out / SEARCH_FILE
+    return {"search": json.loads(path.read_text())} if path.is_file() else {}
 
 
 def options_from(values: dict[str, Any], method: str | None = None) -> ComposeOptions:
@@ -530,7 +540,7 @@ def _read_by(method: Method, given: dict[str, Any]) -> dict[str, Any]:
 
     merge = method.name.removeprefix(f"{method.catalog}-") if method.catalog in ("merge", "continual-merge") else None
     if merge is not None and "density" in given:
-        merge_names = {f.name for f in fields(MergeOptions)}
+        merge_names = set(MergeOptions.attributes())
         checked = get_method(merge).options_from({k: v for k, v in given.items() if k in merge_names})
         given = {**{k: v for k, v in given.items() if k not in merge_names},
                  **{k: getattr(checked, k) for k in method.knobs if k in merge_names}}

@@ -8,18 +8,19 @@ catalog on them) read these, and neither imports the other's types: compose impo
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from knowstack.combine.merges import OPTIONS as MERGE_OPTIONS
 from knowstack.config import (
     PAPER_LR,
     JointConfig,
-    MergeConfig,
     MoeConfig,
     OLoraConfig,
     ReplayConfig,
     RouterTrainingConfig,
+    SearchConfig,
     TrainingConfig,
 )
 from knowstack.registry.core import Registry
@@ -30,26 +31,21 @@ if TYPE_CHECKING:
 
 MODEL_DIR = "model"
 
-_TRAINING, _MERGE, _MOE, _ROUTERS = TrainingConfig(), MergeConfig(), MoeConfig(), RouterTrainingConfig()
+_TRAINING, _MOE, _ROUTERS = TrainingConfig(), MoeConfig(), RouterTrainingConfig()
+
+
+# The merge methods' options, one field per declaration (combine/merges/), with its declared default.
+MergeKnobs = make_dataclass("MergeKnobs", [(option.field, option.type, field(default=option.default))
+                                           for option in MERGE_OPTIONS.values()], frozen=True)
 
 
 @dataclass(frozen=True)
-class ComposeOptions:
+class ComposeOptions(MergeKnobs):  # type: ignore[misc,valid-type]
     """Every knob of every method, flat as the command line gives them; each method records (and is keyed by) only the
     ones it reads, and they become its config section (study/methods/). Every default is the study config's own
-    declaration (config.py), so a compose and a study with the same settings build the same model."""
+    declaration (config.py, and combine/merges/ for the merges' options: MergeKnobs), so a compose and a study with
+    the same settings build the same model."""
 
-    # merges (TIES, DARE)
-    density: float = _MERGE.density
-    drop_rate: float = _MERGE.drop_rate
-    lam: float = _MERGE.lam
-    t: float = _MERGE.t  # slerp
-    gamma: float = _MERGE.gamma  # breadcrumbs
-    epsilon: float = _MERGE.epsilon  # della
-    max_iter: int = _MERGE.max_iter  # karcher
-    tol: float = _MERGE.tol
-    regmean_alpha: float = _MERGE.regmean_alpha  # regmean (from the contributions' statistics)
-    fisher_floor: float = _MERGE.fisher_floor  # fisher (idem)
     # MoE: experts per token, router init, and optional router-only training (0 steps: none)
     top_k: int = _MOE.top_k
     router: str = _MOE.router
@@ -69,12 +65,15 @@ class ComposeOptions:
     olora_lambda: float = OLoraConfig().lambdas[0]
     replay_fraction: float = ReplayConfig().fraction
     joint_sampling: str = JointConfig().sampling
+    # search (compose --search): evaluations, and the old-knowledge loss allowed, in percent of the base's
+    trials: int = SearchConfig().trials
+    max_old_loss: float = SearchConfig().max_old_loss
     seed: int = 0
 
     def __post_init__(self) -> None:
         # epochs=1 and epochs=1.0 are one setting: the same version key either way.
         for option in fields(self):
-            if option.type == "float":
+            if option.type in ("float", float):
                 object.__setattr__(self, option.name, float(getattr(self, option.name)))
 
 

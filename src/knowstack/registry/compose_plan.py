@@ -20,18 +20,14 @@ if TYPE_CHECKING:
 
 TASKS_DIR = "tasks"
 PLAN_DIR = "plan"
-SPLIT_FIELDS = {"train": "train_file", "eval": "eval_file", "test": "test_file"}
 # Files a study step writes for itself, not part of the model it made.
 STEP_FILES = ("step.json",)
 
 
 def task_entry(b: Build, name: str, task: RegisteredTask) -> dict[str, Any]:
-    """A contribution's task as a study task: its stored splits laid out (linked, verified) in the work dir."""
-    folder = b.reg.store.lay_out({entry["file"]: entry["sha256"] for entry in task.files.values()},
-                                 b.work / TASKS_DIR / name)
-    files = {SPLIT_FIELDS[split]: str(folder / entry["file"]) for split, entry in task.files.items()
-             if split in SPLIT_FIELDS}
-    return {"name": name, "format": task.task_format, "metric": task.metric, **files}
+    """A contribution's task as a study task named `name`: its stored splits laid out (linked, verified) in the work
+    dir."""
+    return task.study_task(b.reg.store, b.work / TASKS_DIR / name, name)
 
 
 def compose_config(b: Build, catalog: str, variant: ComposeVariant, kinds: list[str]) -> StudyConfig:
@@ -50,13 +46,33 @@ def compose_config(b: Build, catalog: str, variant: ComposeVariant, kinds: list[
         "name": f"compose-{variant.name}", "seed": o.seed,
         "base": {"model": str(b.base_dir)},
         "tasks": replayed + tasks,
-        "old_knowledge": {"tasks": []},
+        "old_knowledge": search_old_knowledge(b) if catalog == "search" else {"tasks": []},
         "training": training,
         "methods": {CATALOG[catalog].name: variant.section(o, kinds)},
         "launch": {"num_processes": launch.num_processes, "accelerate_config": launch.accelerate_config,
                    "cpu": launch.cpu, "mixed_precision": launch.mixed_precision} if launch else {},
     }
     return parse_config(raw, source=f"compose {variant.name} (its options)")
+
+
+OLD_DIR = "old_knowledge"
+
+
+def search_old_knowledge(b: Build) -> dict[str, Any]:
+    """What a search scores old knowledge on: the registry's old-knowledge tasks (registry init --old-knowledge),
+    their stored files laid out in the work dir; the search reads the items after the first `limit` ones, which are
+    what the registry scores every version (and the gate) on."""
+    old = b.reg.base()["settings"].get("old_knowledge")
+    if not old or not old.get("tasks"):
+        raise KnowstackError("compose --search keeps old knowledge within --max-old-loss: the registry has no "
+                             "old-knowledge tasks (registry init --old-knowledge ...)", field="method")
+    if old.get("limit") is None:
+        raise KnowstackError("compose --search scores old knowledge on the items after the first `limit` ones, which "
+                             "the gate reads: this registry scores every item (registry init without --limit)",
+                             field="method")
+    files = old.get("files") or {}
+    include = str(b.reg.store.lay_out(files, b.work / OLD_DIR)) if files else None
+    return {"tasks": list(old["tasks"]), "include_path": include, "limit": old["limit"]}
 
 
 def compose_plan(b: Build, catalog: str, config: StudyConfig) -> tuple[Plan, dict[str, Any]]:
@@ -86,7 +102,8 @@ def compose_plan(b: Build, catalog: str, config: StudyConfig) -> tuple[Plan, dic
 
 
 def needed_steps(plan: Plan, model: dict[str, Any]) -> list[Step]:
-    """The steps the final model is made from, in plan order (no evaluation: the registry scores it itself)."""
+    """The steps the final model is made from, in plan order (no evaluation: the registry scores the version on every
+    registered task, registry/evaluate.py)."""
     wanted: set[str] = set()
     stack = [value[1:].split("/", 1)[0] for value in (model.get("model"), model.get("adapter"))
              if isinstance(value, str) and value.startswith("@")]

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from knowstack.combine.compatibility import check_compatible
+from knowstack.combine.extract_lora import check_rank
 from knowstack.combine.inputs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FullModel, LoraAdapter
+from knowstack.config import EVAL_BATCH_SIZE
 from knowstack.data.formats import trace_split_path
 from knowstack.data.tasks import ResolvedMetric, read_split, task_metric
 from knowstack.errors import InputProblems, KnowstackError
@@ -24,7 +26,7 @@ from knowstack.hashing import content_hash
 from knowstack.registry import db
 from knowstack.registry.base import model_files, store_files, weights_hash
 from knowstack.registry.core import BASE_NAME, STATISTICS, Registry, check_name
-from knowstack.registry.evaluate import load_for_scoring, score_task, task_of, without_items
+from knowstack.registry.evaluate import score_model, task_of, without_items
 
 TASK_FORMATS = ("trace", "math")
 # The version's settings field that says what defined its task's metric (--metric, knowstack-task.json, ...).
@@ -124,14 +126,22 @@ def contribute(
     task_format: str = "trace",
     author: str | None = None,
     training_config: str | Path | None = None,
-    batch_size: int = 32,
+    batch_size: int = EVAL_BATCH_SIZE,
     statistics: str | Path | None = None,
+    as_lora: int | None = None,
 ) -> dict[str, Any]:
     """Check, store, score and record one contribution; returns its record as `Registry.version` gives it.
     statistics: a statistics dir of the contribution on its own training data (`knowstack statistics`), stored
     beside its weights for the composes that read them (merge-regmean, merge-fisher) instead of the data.
-    metric: default what defines the task (data/tasks.py task_metric); the record keeps where it came from."""
+    metric: default what defines the task (data/tasks.py task_metric); the record keeps where it came from.
+    as_lora: a rank: the fine-tuned `model` is contributed as the LoRA adapter extracted from it at that rank
+    (combine/extract_lora.py), so that it joins LoRA merges and LoRA-MoEs; its explained share is recorded."""
     check_name(name)
+    if as_lora is not None and model is None:
+        raise KnowstackError("as_lora extracts a LoRA adapter from a full fine-tune: give the model, not an adapter",
+                             field="as_lora")
+    if as_lora is not None:
+        check_rank(as_lora, field="as_lora")
     chosen = task_metric(task, given=metric, task_format=task_format, option="metric")
     config_path = Path(training_config).expanduser() if training_config is not None else None
     if config_path is not None and not config_path.is_file():
@@ -145,11 +155,36 @@ def contribute(
         with reg.view(BASE_NAME) as base_dir:
             with users_paths({base_dir: base_source(reg)}):
                 check_trained_from(FullModel(base_dir), reg.base()["content_hash"], contribution)
-                stats_files = statistics_files(statistics, FullModel(base_dir), contribution)
-            new = _store(reg, name, contribution, task_files, chosen, keep_data, author, config_path, stats_files)
-            new.scores = without_items([_score(reg, base_dir, new, batch_size)])
+                with extracted(as_lora, base_dir, contribution, base_source(reg)) as (contribution, extraction):
+                    stats_files = statistics_files(statistics, FullModel(base_dir), contribution)
+                    new = _store(reg, name, contribution, task_files, chosen, keep_data, author, config_path,
+                                 stats_files)
+            if extraction is not None:
+                new.settings.update(extraction)
+            new.scores = without_items(_score(reg, base_dir, new, batch_size))
         reg.record(new)
         return reg.version(name)
+
+
+@contextlib.contextmanager
+def extracted(rank: int | None, base_dir: Path, contribution: FullModel | LoraAdapter,
+              base_name: str) -> Iterator[tuple[FullModel | LoraAdapter, dict[str, Any] | None]]:
+    """The contribution as stored: itself, or (with a rank) the LoRA adapter extracted from it at that rank, in a
+    temporary dir while it is stored, with what the version's settings record of the extraction (the model it came
+    from as its source, the rank, the explained shares)."""
+    if rank is None:
+        yield contribution, None
+        return
+    import tempfile
+
+    from knowstack.combine.extract_lora import extract_lora
+
+    with tempfile.TemporaryDirectory(prefix="knowstack-extract-") as tmp:
+        record = extract_lora(base_dir, contribution.path, Path(tmp) / "adapter", rank=rank, base_name=base_name)
+        yield LoraAdapter(Path(tmp) / "adapter"), {
+            "source": str(contribution.path.resolve()),
+            "extracted_lora": {key: record[key] for key in ("rank", "target_modules", "explained",
+                                                            "explained_of_whole_delta", "not_extracted")}}
 
 
 def base_source(reg: Registry) -> str:
@@ -232,13 +267,17 @@ def _store(reg: Registry, name: str, contribution: FullModel | LoraAdapter, task
                       "keep_data": keep_data, "training_config": recorded_config})
 
 
-def _score(reg: Registry, base_dir: Path, new: db.NewVersion, batch_size: int) -> dict[str, Any]:
-    """The contribution's score on its own task's test split, from the stored (verified) copies."""
-    from knowstack.modelio import load_tokenizer
+def _score(reg: Registry, base_dir: Path, new: db.NewVersion, batch_size: int) -> list[dict[str, Any]]:
+    """The contribution's score rows on its own task's test split, from the stored (verified) copies, made by the
+    study's evaluation step under the registry's protocol (registry/evaluate.py)."""
+    import tempfile
 
     assert new.contribution is not None
     task = task_of({**new.contribution, "name": new.name})  # the record it is about to become
-    with reg.store.view(new.files) as weights_dir, \
+    with reg.store.view(new.files) as weights_dir, tempfile.TemporaryDirectory(prefix="knowstack-score-") as work, \
             users_paths({weights_dir: new.settings["source"], base_dir: base_source(reg)}):
-        model = load_for_scoring(weights_dir, base_dir if new.kind == "adapter" else None)
-        return score_task(model, load_tokenizer(base_dir), reg.store, task, batch_size)
+        entry = task.study_task(reg.store, Path(work) / "task")
+        full = new.kind == "model"
+        return score_model(Path(work) / "eval", base_dir, weights_dir if full else base_dir,
+                           None if full else weights_dir, [entry], None, protocol=reg.protocol,
+                           batch_size=batch_size)

@@ -125,6 +125,11 @@ class Registry:
                 return record
         raise KnowstackError("registry has no base model record", path=self.where)
 
+    @property
+    def protocol(self) -> str:
+        """How this registry scores (registry init --protocol)."""
+        return registry_protocol(self.versions())
+
     @contextlib.contextmanager
     def view(self, name: str) -> Iterator[Path]:
         """A temporary dir of version `name`'s files, each verified against its hash first."""
@@ -160,6 +165,16 @@ class Registry:
             for stored in removed:
                 self.store.remove(stored)
         return removed
+
+
+PROTOCOL = "protocol"  # the base's settings key: how the registry scores (evaluation.protocol), set at init
+
+
+def registry_protocol(records: Sequence[dict[str, Any]]) -> str:
+    """How the registry's versions are scored: the protocol its base recorded at init (a registry made before
+    registries had one: the default)."""
+    base = next((r for r in records if r["kind"] == "base"), None)
+    return (base["settings"].get(PROTOCOL) if base else None) or db.DEFAULT_PROTOCOL
 
 
 def composed(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -12,7 +12,10 @@ and `scores` how good it is; `status` says whether it was released or rejected.
     parents(version_id, position, parent_id)             ordered: a merge's inputs in order
     contributions(version_id PK, task, task_format, metric, task_files JSON {split: {file, sha256, n}},
                   keep_data, training_config JSON {file, sha256} | NULL)
-    scores(version_id, task, kind, metric, value, n, measured_at)   kind: new | old; PK (version, task, metric)
+    scores(version_id, task, kind, metric, value, n, measured_at, protocol)   kind: new | old; PK (version, task,
+                                                         metric); protocol: what made it (results.py's column),
+                                                         added later: a registry made before has it NULL, read as
+                                                         the default, and gains the column on its next write
 
 Writes are one `BEGIN IMMEDIATE` transaction each: the write lock is taken up front, so a second
 writer waits (busy timeout) instead of failing half way with SQLITE_BUSY; readers never block in WAL.
@@ -29,7 +32,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+# DEFAULT_PROTOCOL: a registry's protocol where its records name none (made before registries had one).
+from knowstack.config import DEFAULT_PROTOCOL
 from knowstack.errors import KnowstackError
+from knowstack.results import OLD_PROTOCOL
 
 DB_FILE = "registry.sqlite"
 SCHEMA_VERSION = 1
@@ -74,6 +80,7 @@ CREATE TABLE scores (
     value REAL NOT NULL,
     n INTEGER,
     measured_at TEXT NOT NULL,
+    protocol TEXT,
     PRIMARY KEY (version_id, task, metric)
 );
 """
@@ -171,11 +178,12 @@ def insert_version(conn: sqlite3.Connection, new: NewVersion, db_path: object, s
                                      "SELECT ?, ?, id FROM versions WHERE name = ?", (version_id, position, parent))
                 if added.rowcount != 1:
                     raise KnowstackError(f"parent version '{parent}' is not in this registry", path=db_path)
+            _add_protocol_column(conn)
             conn.executemany(
-                "INSERT INTO scores (version_id, task, kind, metric, value, n, measured_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(version_id, s["task"], s["kind"], s["metric"], float(s["value"]), s.get("n"), stamp)
-                 for s in new.scores])
+                "INSERT INTO scores (version_id, task, kind, metric, value, n, measured_at, protocol) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(version_id, s["task"], s["kind"], s["metric"], float(s["value"]), s.get("n"), stamp,
+                  s.get("protocol")) for s in new.scores])
             if new.contribution is not None:
                 c = new.contribution
                 conn.execute(
@@ -205,9 +213,11 @@ def versions(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     for row in conn.execute("SELECT version_id, parent_id FROM parents ORDER BY version_id, position"):
         parents.setdefault(row["version_id"], []).append(names.get(row["parent_id"], "?"))
     scores: dict[int, list[dict[str, Any]]] = {}
+    recorded = _has_protocol_column(conn)
     for row in conn.execute("SELECT * FROM scores ORDER BY version_id, kind, task, metric"):
         scores.setdefault(row["version_id"], []).append(
-            {k: row[k] for k in ("task", "kind", "metric", "value", "n", "measured_at")})
+            {**{k: row[k] for k in ("task", "kind", "metric", "value", "n", "measured_at")},
+             "protocol": score_protocol(row["kind"], row["protocol"] if recorded else None)})
     out = []
     for row in rows:
         record = dict(row)
@@ -227,7 +237,26 @@ def add_scores(conn: sqlite3.Connection, name: str, scores: list[dict[str, Any]]
     already recorded is kept, so two composes measuring the same thing at once agree on one."""
     stamp = stamp or now()
     with transaction(conn):
+        _add_protocol_column(conn)
         conn.executemany(
-            "INSERT OR IGNORE INTO scores (version_id, task, kind, metric, value, n, measured_at) "
-            "SELECT id, ?, ?, ?, ?, ?, ? FROM versions WHERE name = ?",
-            [(s["task"], s["kind"], s["metric"], float(s["value"]), s.get("n"), stamp, name) for s in scores])
+            "INSERT OR IGNORE INTO scores (version_id, task, kind, metric, value, n, measured_at, protocol) "
+            "SELECT id, ?, ?, ?, ?, ?, ?, ? FROM versions WHERE name = ?",
+            [(s["task"], s["kind"], s["metric"], float(s["value"]), s.get("n"), stamp, s.get("protocol"), name)
+             for s in scores])
+
+
+def score_protocol(kind: str, recorded: str | None) -> str:
+    """What made a score: as recorded; for a score recorded before scores said, what made it then (the default
+    protocol for new knowledge, lm-eval for old)."""
+    return recorded or (OLD_PROTOCOL if kind == "old" else DEFAULT_PROTOCOL)
+
+
+def _add_protocol_column(conn: sqlite3.Connection) -> None:
+    """A registry made before scores named their protocol gains the column, NULL in its old rows, in the
+    transaction of its first write since (reading it needs no write: `versions` reads a missing column as NULL)."""
+    if not _has_protocol_column(conn):
+        conn.execute("ALTER TABLE scores ADD COLUMN protocol TEXT")
+
+
+def _has_protocol_column(conn: sqlite3.Connection) -> bool:
+    return any(column[1] == "protocol" for column in conn.execute("PRAGMA table_info(scores)"))

@@ -48,7 +48,7 @@ def export_version(root: str | Path, name: str, out: str | Path, *, with_base: b
                     "parents": record["parents"], "base_content_hash": base["content_hash"],
                     "base": f"./{BASE_SUBDIR}" if needs_base and with_base else None,
                     "load": _how_to_load(record, with_base),
-                    "scores": [{k: s[k] for k in ("task", "kind", "metric", "value", "n")} for s in record["scores"]]}
+                    "scores": [{k: s[k] for k in ("task", "kind", "metric", "value", "n", "protocol")} for s in record["scores"]]}
             atomic_write_json(tmp / EXPORT_FILE, info)
             from knowstack.modelcard import registry_card, write_model_card
 

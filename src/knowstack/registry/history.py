@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from knowstack.registry.core import Registry, ancestor_contributions
-from knowstack.registry.evaluate import RegisteredTask, new_scores, old_scores, registered_tasks
+from knowstack.registry.core import Registry, ancestor_contributions, registry_protocol
+from knowstack.registry.evaluate import RegisteredTask, new_scores, old_scores, own_score, registered_tasks
 from knowstack.registry.gate import HOLDS, gate_summary, recorded_checks
 from knowstack.registry.listing import (
     averages,
@@ -44,6 +44,7 @@ def format_log(reg: Registry) -> str:
     """Every version, newest first, like `git log --graph` without the graph: what it came from and how it scores."""
     records = reg.versions()
     tasks = registered_tasks(records)
+    protocol = registry_protocol(records)
     names = contribution_names(records)
     base = reg.base()
     lines = []
@@ -54,7 +55,7 @@ def format_log(reg: Registry) -> str:
             head += f"  by {record['author']}"
         lines.append(head)
         if method == "contribution":
-            own = next((s for s in record["scores"] if s["task"] == record["task"]), None)
+            own = own_score(record, protocol)
             lines.append(f"    task {record['task']} ({record['metric']}): {number(own['value'] if own else None)}"
                          f"   data kept: {'yes' if record['keep_data'] else 'no'}   {record['content_hash'][:12]}")
         elif method == "base":

@@ -7,8 +7,15 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from knowstack.registry.core import Registry, composed
-from knowstack.registry.evaluate import RegisteredTask, new_average, new_scores, old_average, registered_tasks
+from knowstack.registry.core import Registry, composed, registry_protocol
+from knowstack.registry.evaluate import (
+    RegisteredTask,
+    new_average,
+    new_scores,
+    old_average,
+    own_score,
+    registered_tasks,
+)
 
 COLUMNS = ("name", "kind", "task", "metric", "score", "keep-data", "author", "hash")
 VERSION_COLUMNS = ("name", "status", "method", "kind", "built on", "contributions", "AVE", "AVnew")
@@ -90,8 +97,8 @@ def _base_lines(base: dict[str, Any], tasks: dict[str, RegisteredTask]) -> list[
     return lines
 
 
-def contribution_row(record: dict[str, Any]) -> tuple[str, ...]:
-    score = next((s for s in record["scores"] if s["kind"] == "new" and s["task"] == record["task"]), None)
+def contribution_row(record: dict[str, Any], protocol: str) -> tuple[str, ...]:
+    score = own_score(record, protocol)
     return (record["name"], record["kind"], record["task"] or "-", record["metric"] or "-",
             number(score["value"] if score else None), "yes" if record["keep_data"] else "no",
             record["author"] or "-", record["content_hash"][:12])
@@ -115,7 +122,8 @@ def version_row(record: dict[str, Any], tasks: dict[str, RegisteredTask], contri
 def format_listing(reg: Registry) -> str:
     records = reg.versions()
     tasks = registered_tasks(records)
-    rows = [contribution_row(r) for r in records if r["method"] == "contribution"]
+    protocol = registry_protocol(records)
+    rows = [contribution_row(r, protocol) for r in records if r["method"] == "contribution"]
     lines = [f"registry: {reg.label}", *_base_lines(reg.base(), tasks), f"contributions: {len(rows)}"]
     if rows:
         lines += text_table(COLUMNS, rows)

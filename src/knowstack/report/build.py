@@ -12,7 +12,7 @@ from knowstack.atomic import atomic_write_text
 from knowstack.config import OldMetric, describe_old_metric
 from knowstack.errors import KnowstackError
 from knowstack.report.advice import advice_notes, advice_text, advise
-from knowstack.report.claims import evaluate_claims, evaluate_matched_claims
+from knowstack.report.claims import BASELINES, evaluate_claims, evaluate_matched_claims
 from knowstack.report.coverage import coverage
 from knowstack.report.figures import FigureSpec, draw
 from knowstack.report.frontier import TradeOff, gained, trade_offs
@@ -54,9 +54,10 @@ def study_advice(rows: list[Row], task_order: list[str], max_old_loss: float, se
 
 def build_report(rows: list[Row], *, title: str, task_order: list[str], old_metric: OldMetric = "acc",
                  penalties: dict[str, dict] | None = None, planned: list[Row] | None = None,
-                 items: Items | None = None, costs: list[Cost] | None = None) -> list[Section]:
+                 items: Items | None = None, costs: list[Cost] | None = None,
+                 searches: dict[str, dict] | None = None) -> list[Section]:
     """The report's section tree; figures are specified but not drawn yet. items: per-item scores, for intervals;
-    costs: what each model cost to make (costs.csv), where measured."""
+    costs: what each model cost to make (costs.csv), where measured; searches: each search's record."""
     scores = Scores.from_rows(rows, task_order, old_metric, items)
     every = find_runs(scores)
     runs = [r for r in every if not r.point]  # each method at its own setting: compared at equal settings
@@ -66,7 +67,8 @@ def build_report(rows: list[Row], *, title: str, task_order: list[str], old_metr
                   penalties=penalties or {}, verdicts=evaluate_claims(scores, runs),
                   coverage=coverage(every, planned, task_order), points=points,
                   matched=evaluate_matched_claims(scores, gained(points)) if swept else None, costs=costs or [],
-                  advice_notes=advice_notes(scores, every, len(task_order)))
+                  advice_notes=advice_notes(scores, every, len(task_order)), searches=searches or {},
+                  baselines=evaluate_claims(scores, runs, BASELINES))
     return build_sections(ctx, title)
 
 
@@ -102,11 +104,12 @@ def draw_figures(sections: list[Section], out: Path) -> list[Path]:
 
 def write_report(rows: list[Row], out: Path, *, title: str, task_order: list[str], old_metric: OldMetric = "acc",
                  penalties: dict[str, dict] | None = None, planned: list[Row] | None = None,
-                 items: Items | None = None, costs: list[Cost] | None = None) -> Path:
+                 items: Items | None = None, costs: list[Cost] | None = None,
+                 searches: dict[str, dict] | None = None) -> Path:
     """Writes the whole report into `out` and returns the path of report.html."""
     out = Path(out)
     sections = build_report(rows, title=title, task_order=task_order, old_metric=old_metric, penalties=penalties,
-                            planned=planned, items=items, costs=costs)
+                            planned=planned, items=items, costs=costs, searches=searches)
     draw_figures(sections, out)
     write_tables(sections, out)
     atomic_write_text(out / "report.md", render_markdown(sections, title=title, out=out))
@@ -120,7 +123,7 @@ def write_study_report(out: Path, rows: list[Row], info: StudyInfo, *, items: It
     title, task order, old metric, planned evaluations, O-LoRA's penalties); items and costs default to the
     dir's per_example.jsonl and costs.csv."""
     return write_report(rows, out, title=info.title, task_order=info.task_order, old_metric=info.old_metric,
-                        penalties=info.penalties, planned=info.planned,
+                        penalties=info.penalties, planned=info.planned, searches=info.searches,
                         items=read_items(out / PER_EXAMPLE) if items is None else items,
                         costs=read_costs_csv(out / COSTS_CSV) if costs is None else costs)
 

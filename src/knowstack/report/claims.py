@@ -387,6 +387,35 @@ CLAIMS: tuple[Claim, ...] = (
                "are not a case here (both 'perform very well', C12)."),
 )
 
+# Beyond the paper: the classic continual-learning baselines every CL paper compares against, EWC and LwF, against
+# plain sequential training and O-LoRA. They quote no sentence: each is a measured difference with its interval, the
+# same verdicts as the claims', shown in the report's baselines section (not counted among the paper's findings).
+# A method with several lambdas enters at its best by the stat compared (reduce max), on either side alike.
+BASELINE_SOURCE = "EWC: Kirkpatrick et al. 2017; LwF: Li & Hoiem 2017; O-LoRA: Wang et al. 2023"
+BASELINES: tuple[Claim, ...] = (
+    Claim("B1", "baselines", "EWC forgets less than plain sequential training: higher mean BWT (EWC at its best λ)",
+          BASELINE_SOURCE, tuple(Check("BWT", _s(f"ewc/{ft}/*", reduce="max"), ">", _s(f"sequential/{ft}"))
+                                 for ft in ("fft", "lora"))),
+    Claim("B2", "baselines", "LwF forgets less than plain sequential training: higher mean BWT (LwF at its best λ)",
+          BASELINE_SOURCE, tuple(Check("BWT", _s(f"lwf/{ft}/*", reduce="max"), ">", _s(f"sequential/{ft}"))
+                                 for ft in ("fft", "lora"))),
+    Claim("B3", "baselines", "EWC and LwF keep more old knowledge than plain sequential training (AVE, each at its "
+          "best λ)", BASELINE_SOURCE,
+          tuple(Check("AVE", _s(f"{m}/{ft}/*", reduce="max"), ">", _s(f"sequential/{ft}"))
+                for m in ("ewc", "lwf") for ft in ("fft", "lora"))),
+    Claim("B4", "baselines", "O-LoRA forgets less than EWC and than LwF with LoRA: higher mean BWT (each at its best "
+          "λ)", BASELINE_SOURCE,
+          tuple(Check("BWT", _s("olora/*", reduce="max"), ">", _s(f"{m}/lora/*", reduce="max")) for m in ("ewc", "lwf"))),
+    Claim("B5", "baselines", "O-LoRA beats EWC and LwF with LoRA on old and new knowledge together (AVall, each at its "
+          "best λ)", BASELINE_SOURCE,
+          tuple(Check("AVall", _s("olora/*", reduce="max"), ">", _s(f"{m}/lora/*", reduce="max"))
+                for m in ("ewc", "lwf"))),
+    Claim("B6", "baselines", "EWC and LwF learn less right after each round than plain sequential training (the price "
+          "of holding on; acquisition, each at its best λ)", BASELINE_SOURCE,
+          tuple(Check("acquisition", _s(f"{m}/{ft}/*", reduce="max"), "<", _s(f"sequential/{ft}"))
+                for m in ("ewc", "lwf") for ft in ("fft", "lora"))),
+)
+
 OPERATORS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
 }
@@ -596,7 +625,7 @@ def undefined_text(scores: Scores, runs: list[Run], stat: str, side: Side,
         task = side.at.partition(":")[2]
         if all(round_of(r, task) is None for r in runs):
             return f"{labels}: no round trains {task}", False
-    what = {"acquisition": "an acquisition score", "BWT": "a BWT"}.get(stat, stat)
+    what = {"acquisition": "acquisition score", "BWT": "BWT"}.get(stat, stat)  # "no BWT (a score it needs ...)"
     return f"{labels}: no {what} (a score it needs is not measured)", False
 
 
@@ -724,16 +753,9 @@ def evaluate_matched_claims(scores: Scores, points: list[TradeOff],
 def claims_table(verdicts: list[Verdict], matched: dict[str, Verdict] | None = None) -> Table:
     """One row per claim; with `matched` (a study with sweeps), also each FFT-vs-LoRA claim along the fronts."""
     header = ["#", "the paper's finding", "source", "comparison", "this study", "measured", "verdict"]
+    rows = verdict_rows(verdicts, matched)
     if matched is not None:
         header += ["along the fronts (matched acquisition)", "verdict (matched)"]
-    rows = []
-    for v in verdicts:
-        cells = [v.claim.statement, v.claim.source, _comparison_text(v.claim),
-                 "; ".join(dict.fromkeys(o.evidence for o in v.outcomes)), measured_text(v), v.verdict]
-        if matched is not None:
-            along = matched.get(v.claim.id)
-            cells += ["; ".join(o.evidence for o in along.outcomes), along.verdict] if along else ["—", "—"]
-        rows.append(TableRow(v.claim.id, cells, unit="text", key=v.claim.id))
     caption = ("Each finding of the paper, the comparison that tests it, and the verdict on this study's numbers: "
                "each check gives the difference of its two sides with its paired 95% bootstrap interval, and holds "
                "(✓) where the interval supports the finding, does not hold (✗) where it supports the opposite, and "
@@ -749,6 +771,30 @@ def claims_table(verdicts: list[Verdict], matched: dict[str, Verdict] | None = N
                     "new-knowledge gain both fronts reach, AVnew at the largest old-knowledge loss both reach, "
                     "AVall at each one's best setting.")
     return Table("claims", caption, header, rows)
+
+
+def verdict_rows(verdicts: list[Verdict], matched: dict[str, Verdict] | None = None) -> list[TableRow]:
+    """One row per claim or comparison: what it says, its checks, what this study measured and the verdict."""
+    rows = []
+    for v in verdicts:
+        cells = [v.claim.statement, v.claim.source, _comparison_text(v.claim),
+                 "; ".join(dict.fromkeys(o.evidence for o in v.outcomes)), measured_text(v), v.verdict]
+        if matched is not None:
+            along = matched.get(v.claim.id)
+            cells += ["; ".join(o.evidence for o in along.outcomes), along.verdict] if along else ["—", "—"]
+        rows.append(TableRow(v.claim.id, cells, unit="text", key=v.claim.id))
+    return rows
+
+
+def baselines_table(verdicts: list[Verdict]) -> Table:
+    """The continual-learning baselines' comparisons (BASELINES), as the claims table shows claims."""
+    header = ["#", "comparison", "methods", "checks", "this study", "measured", "verdict"]
+    caption = ("EWC and LwF against plain sequential training and O-LoRA, on this study's numbers: each check is the "
+               "difference of its two sides with its paired 95% bootstrap interval, and holds (✓) where the interval "
+               "supports the statement, does not hold (✗) where it supports the opposite, and is inconclusive (?) "
+               "otherwise; a method with several λ enters at its best by the stat compared. Not the paper's findings: "
+               "it has no EWC or LwF runs.")
+    return Table("baselines", caption, header, verdict_rows(verdicts))
 
 
 def measured_text(verdict: Verdict) -> str:

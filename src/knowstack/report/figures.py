@@ -48,6 +48,7 @@ class FigureSpec:
     columns: list[str] | None = None  # header names to plot; None: all
     xlabel: str = "task (each with its own metric); average"
     path: Path | None = None  # set once drawn
+    budget: float | None = None  # search: the old-knowledge loss budget, drawn as a line
 
 
 def save_figure(fig: plt.Figure, path: Path) -> Path:
@@ -224,6 +225,33 @@ def family_style(families: list[str]) -> dict[str, dict]:
     return styles
 
 
+def search_trace(spec: FigureSpec, path: Path) -> Path | None:
+    """A search's trials in order (columns: trial, eval score, old loss): above, the old-knowledge loss with the
+    budget as a dashed line; below, the eval score, filled where the trial is within the budget."""
+    names = spec.table.header[1:]
+    x_col, y_col, loss_col = (names.index(c) for c in spec.columns or [])
+    rows = spec.table.rows
+    if not rows:
+        return None
+    xs = [_number(r.cells[x_col]) for r in rows]
+    within = [spec.budget is None or _number(r.cells[loss_col]) <= spec.budget for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8.0, 5.5), sharex=True)
+    top.plot(xs, [_number(r.cells[loss_col]) for r in rows], color=OTHER_COLOUR, linewidth=0.8, zorder=2)
+    if spec.budget is not None:
+        top.axhline(spec.budget, color="black", linestyle="--", linewidth=1.0, label=f"budget {spec.budget:g}%")
+        top.legend(fontsize=8, frameon=False)
+    top.set_ylabel("old held-out loss (%)")
+    top.set_title(spec.title)
+    ys = [_number(r.cells[y_col]) for r in rows]
+    colours = ["black" if inside else "white" for inside in within]
+    for axis, values in ((top, [_number(r.cells[loss_col]) for r in rows]), (bottom, ys)):
+        axis.scatter(xs, values, s=40, c=colours, edgecolors="black", zorder=3)
+        axis.grid(alpha=0.3)
+    bottom.set_ylabel(spec.ylabel + " (filled: within budget)")
+    bottom.set_xlabel(spec.xlabel)
+    return save_figure(fig, path)
+
+
 def frontier(spec: FigureSpec, path: Path) -> Path | None:
     """Each method's points (rows keyed by method family) at (x, y) and a line from the base (0, 0) through the
     points marked as on its front, in order of y (the new-knowledge gain)."""
@@ -253,5 +281,6 @@ def frontier(spec: FigureSpec, path: Path) -> Path | None:
 def draw(spec: FigureSpec, folder: Path) -> Path | None:
     """Draws the figure into `folder`/<key>.png; None (and nothing written) when it has no data."""
     path = Path(folder) / f"{spec.key}.png"
-    spec.path = {"heatmap": heatmap, "scatter": scatter, "frontier": frontier}.get(spec.kind, grouped_bars)(spec, path)
+    spec.path = {"heatmap": heatmap, "scatter": scatter, "frontier": frontier,
+                 "search": search_trace}.get(spec.kind, grouped_bars)(spec, path)
     return spec.path

@@ -43,6 +43,8 @@ class Context:
     matched: dict[str, Verdict] | None = None  # with sweeps: FFT-vs-LoRA claims along the fronts
     costs: list[Cost] = field(default_factory=list)  # what each model cost to make (costs.csv), where measured
     advice_notes: list[str] = field(default_factory=list)  # what the advice leaves out and why
+    searches: dict[str, dict] = field(default_factory=dict)  # searched model -> its search's record (study.json)
+    baselines: list[Verdict] = field(default_factory=list)  # EWC and LwF against sequential and O-LoRA (BASELINES)
 
     def of(self, *methods: str) -> list[Run]:
         return [r for m in methods for r in self.runs if r.method == m]
@@ -127,7 +129,7 @@ def continual_table(ctx: Context) -> Table:
                  mean_defined(list(forward_transfer(ctx.scores, run).values())),
                  mean_defined(list(forgetting(ctx.scores, run).values())), average_incremental(ctx.scores, run)]
         rows.append(TableRow(ctx.label(run), cells, units, run.key))
-    caption = ("Continual learning, per staged run (sequential, O-LoRA, replay), over the new-knowledge columns: "
+    caption = ("Continual learning, per staged run (sequential, EWC, LwF, O-LoRA, replay, continual merging), over the new-knowledge columns: "
                "mean BWT (% change from right after each task's round to after the last); mean FWT (GEM: each "
                "task's score just before its own round minus the base's, tasks 2..T); mean forgetting (Chaudhry et "
                "al.: each task's best score after rounds 1..T-1 minus its score after the last, tasks 1..T-1); "

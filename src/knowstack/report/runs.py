@@ -20,6 +20,8 @@ from knowstack.study.methods import CATALOG
 SETTINGS = {"base": "base", **{name: method.section for name, method in CATALOG.items()}}
 SETTING_ORDER = ["base", "one-round", "sequential", "semi-cooperative", "fully cooperative", "other"]
 METHOD_ORDER = ["base", *sorted(CATALOG, key=lambda name: SETTING_ORDER.index(SETTINGS[name]))]
+# the sequential methods with a regulariser, one run per lambda (the run's variant), as the report names them
+REGULARISED = {"ewc": "EWC", "lwf": "LwF"}
 MERGE_NAMES = {"average": "average", "task-average": "task-average", "ties": "TIES", "dare": "DARE",
                "ties-dare": "TIES-DARE"}
 
@@ -72,6 +74,8 @@ class Run:
         ft = finetune_name(self.finetune)
         if self.method == "olora":
             return f"O-LoRA λ={self.variant.replace('_', ',')}"
+        if self.method in REGULARISED:
+            return f"{REGULARISED[self.method]} {ft} λ={self.variant}"
         if self.method == "merge":
             return f"merge {MERGE_NAMES.get(self.variant, self.variant)} {ft}"
         if self.method == "moe":
@@ -84,7 +88,7 @@ class Run:
 
     @property
     def lambda_value(self) -> float | None:
-        """O-LoRA: the mean of its per-round lambdas, to order runs from weak to strong orthogonality."""
+        """O-LoRA, EWC, LwF: the mean of its per-round lambdas, to order runs from weak to strong regularisation."""
         try:
             values = [float(v) for v in self.variant.split("_")]
         except ValueError:

@@ -13,6 +13,7 @@ from knowstack.report.claims import (
     INCONCLUSIVE,
     NO_SIGNAL,
     UNMEASURED,
+    baselines_table,
     claims_table,
     verdict_counts,
 )
@@ -192,7 +193,7 @@ def summary_section(ctx: Context, title: str) -> Section:
                                  columns=["AVE gain", "AVnew gain"],
                                  xlabel="old knowledge: AVE gain from base (%)")]
     continual = continual_table(ctx)
-    blocks.append(continual if continual.rows else not_measured("staged (sequential, O-LoRA, replay)"))
+    blocks.append(continual if continual.rows else not_measured("staged (sequential, EWC, LwF, O-LoRA, replay)"))
     blocks.append(cost_table(ctx))
     return Section("summary", "Summary", blocks)
 
@@ -265,6 +266,35 @@ def sequential_section(ctx: Context) -> Section:
         section.blocks.append(Section(f"sequential-{run.finetune}", f"Sequential {name} (rounds in order: "
                                       f"{rounds_text(run)}{'; partial: ' + partial if partial else ''})",
                                       [old, new, heat_map(new, run)]))
+    return section
+
+
+def baselines_section(ctx: Context) -> Section:
+    """EWC and LwF, the classic continual-learning baselines, against plain sequential training and O-LoRA (a study
+    with either only: the paper has neither)."""
+    section = Section("baselines", "Continual-learning baselines: EWC and LwF (sequential training regularised "
+                      "toward the previous round's model)")
+    runs = ctx.of("ewc", "lwf")
+    finetunes = {r.finetune for r in runs}
+    compared = [r for r in ctx.of("sequential") if r.finetune in finetunes] + runs + (
+        ctx.of("olora") if "lora" in finetunes else [])
+    acquired = diagonal_table(ctx, compared, "baselines_acquisition", "Acquisition: each task's score right after "
+                              "its own round, the diagonal of R.", bwt=False)
+    kept = diagonal_table(ctx, compared, "baselines_bwt", "Retention: BWT of each task after the last round.",
+                          bwt=True)
+    section.blocks += [
+        "EWC (Kirkpatrick et al. 2017) holds each round near the previous round's model, weighted by the Fisher of "
+        "the earlier rounds' data; LwF (Li & Hoiem 2017) distills the previous round's model on the current task. "
+        "Both start at round 2 (round 1 is plain sequential training's, shared). The continual table in the summary "
+        "has their mean BWT, FWT, forgetting and average incremental score.",
+        baselines_table(ctx.baselines), acquired, kept,
+        FigureSpec("baselines_bwt", "BWT after the last round: sequential, EWC, LwF and O-LoRA",
+                   "Continual-learning baselines: BWT after the last round", kept, "BWT (%)", unit="percent"),
+    ]
+    for run in runs:
+        table = stage_table(ctx, run, f"r_{run.key.replace('/', '_')}", f"{ctx.label(run)}: new knowledge after "
+                            "each stage, R[stage][task].", ctx.scores.new_columns, "AVnew")
+        section.blocks += [table, heat_map(table, run)]
     return section
 
 
@@ -406,6 +436,16 @@ def advice_section(ctx: Context) -> Section:
     return Section("advice", "Which method to use", [" ".join([intro, *ctx.advice_notes]), advice_table(ctx.points)])
 
 
+def search_section(ctx: Context) -> Section | None:
+    """The search within a forgetting budget (report/search.py), where the study ran one."""
+    from knowstack.report.search import search_sections
+
+    if not ctx.searches:
+        return None
+    return Section("search", "Search: the composition that learns the most within the forgetting budget",
+                   search_sections(ctx.scores, ctx.runs, ctx.searches))
+
+
 def build_sections(ctx: Context, title: str) -> list[Section]:
     base = Section("base", "Base model", [runs_table("base", "The base model on every column.", ctx, [],
                                                      ctx.scores.columns, list(AVERAGES), gains=False)]
@@ -414,6 +454,6 @@ def build_sections(ctx: Context, title: str) -> list[Section]:
                                                                                            ctx.matched)])
     coverage = Section("coverage", "What this study has and lacks", [ctx.coverage.table])
     return [summary_section(ctx, title), advice_section(ctx), claims, frontier_section(ctx), base,
-            one_round_section(ctx), sequential_section(ctx),
-            semi_cooperative_section(ctx), fully_cooperative_section(ctx), coverage,
-            Section("notes", "Definitions", [NOTE])]
+            one_round_section(ctx), sequential_section(ctx), *([baselines_section(ctx)] if ctx.of("ewc", "lwf") else []),
+            semi_cooperative_section(ctx), *filter(None, [search_section(ctx)]), fully_cooperative_section(ctx),
+            coverage, Section("notes", "Definitions", [NOTE])]

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from knowstack.config import (
     LORA_ONLY_SWEEP,
+    OWN_SWEEP,
     MergeConfig,
     StudyConfig,
     Sweepable,
@@ -36,7 +37,7 @@ from knowstack.study.graph import (
 )
 
 # The kinds of step that tokenize text with the base's tokenizer.
-TOKENIZING_STEPS = frozenset({"train", "eval", "statistics", "moe", "gate"})
+TOKENIZING_STEPS = frozenset({"train", "eval", "statistics", "moe", "gate", "search"})
 
 
 class PlanBuilder:
@@ -94,7 +95,9 @@ class PlanBuilder:
             for spec in (task_from_config(cfg) for cfg in self.config.tasks)
         ]
 
-    def _eval_params(self) -> dict[str, Any]:
+    def eval_params(self) -> dict[str, Any]:
+        """What an evaluation computes with beyond its model: the tasks, old knowledge's and the evaluation's
+        settings, and the tasks' own protocols (a search's trials are scored with the same)."""
         cfg = self.config
         params = {
             "tasks": self.tasks,
@@ -178,6 +181,16 @@ class PlanBuilder:
         params = {"init": init.to_dict(), "adapter": adapter}
         return self.plan.add(Step("merge-adapter", label, params, ref_deps(init) + deps, title))
 
+    def statistics_step(self, kind: str, finetune: str, model: str, task: dict, examples: int,
+                        deps: tuple[str, ...], base: ModelRef | None = None) -> Step:
+        """The `kind` statistics (combine/statistics.py) of `model` (a model's ref, or a LoRA adapter's on `base`,
+        by default the study's base) on the first `examples` of `task`'s training split. deps: the keys of the steps
+        that make `model`."""
+        base = base or self.base
+        params = {"kind": kind, "finetune": finetune, "model": model, "base": base.to_dict(), "task": task,
+                  "examples": examples, "max_length": self.training.max_length}
+        return self.add_step("statistics", f"{kind}-{finetune}-{task['name']}", params, ref_deps(base) + deps)
+
     def round_title(self, method: str, stage: int) -> str:
         """'sequential round 2/7': which round of a method a step is, for the console."""
         return f"{method} round {stage}/{len(self.tasks)}"
@@ -231,7 +244,7 @@ class PlanBuilder:
         settings: dict[str, float] | None = None,
     ) -> None:
         """settings: values of the model's that are not a sweep point but are worth a column (O-LoRA's lambda)."""
-        params = {"model": ref.to_dict(), **self._eval_params()}
+        params = {"model": ref.to_dict(), **self.eval_params()}
         step = self.add_step("eval", self.label_of(ref), params, ref_deps(ref))
         columns = Point.of({**(settings or {}), **dict(self.point.values)}).values
         seed = self.seed if self.config.seeds is not None and method != "base" else None
@@ -275,7 +288,7 @@ def own_settings(config: StudyConfig, method: Sweepable) -> dict[str, float | No
         "lr": training.lr, "lr_of_pretrain_peak": training.lr_of_pretrain_peak, "epochs": training.epochs,
         "max_steps": training.max_steps, "rank": training.lora.r, "alpha": training.lora.alpha,
     }
-    for name in ("fraction", "density", "drop_rate", "top_k", "t", "gamma", "epsilon"):
+    for name in OWN_SWEEP:
         if hasattr(method, name):
             own[name] = getattr(method, name)
     if isinstance(method, MergeConfig):

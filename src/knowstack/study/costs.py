@@ -10,6 +10,7 @@ from typing import Any
 
 from knowstack.results import Cost
 from knowstack.study.plan import Evaluation, Plan
+from knowstack.study.shared_cache import reused_keys
 from knowstack.study.steps import STEP_FILE
 from knowstack.usage import dir_bytes
 
@@ -32,10 +33,12 @@ def lineage(plan: Plan, key: str) -> list[str]:
 
 def collect_costs(plan: Plan, artifacts: Path) -> list[Cost]:
     """A Cost for every evaluation whose step has finished, in plan order."""
-    return [model_cost(plan, artifacts, ev) for ev in plan.evaluations if (artifacts / ev.step).is_dir()]
+    reused = reused_keys(artifacts)
+    return [model_cost(plan, artifacts, ev, reused) for ev in plan.evaluations if (artifacts / ev.step).is_dir()]
 
 
-def model_cost(plan: Plan, artifacts: Path, ev: Evaluation) -> Cost:
+def model_cost(plan: Plan, artifacts: Path, ev: Evaluation, reused: set[str] | frozenset[str] = frozenset()) -> Cost:
+    """reused: the study's steps linked from the shared step cache (shared_cache.reused_keys)."""
     steps = lineage(plan, ev.step)
     costs = [(_read(artifacts / key / STEP_FILE) or {}).get("cost") for key in steps]
     summaries = [_read(artifacts / key / SUMMARY_FILE) for key in steps if plan.steps[key].kind == "train"]
@@ -55,6 +58,7 @@ def model_cost(plan: Plan, artifacts: Path, ev: Evaluation) -> Cost:
         peak_host_scope="process" if "process" in scopes else "step" if measured and steps else "",
         peak_gpu_bytes=max(gpu) if measured and gpu else None,
         disk_bytes=_evaluated_bytes(plan, artifacts, ev),
+        reused_steps=len(reused & {*steps, ev.step}),
     )
 
 

@@ -20,6 +20,7 @@ from knowstack.config import SWEEP_COLUMNS, StudyConfig
 # that, and every evaluation keeps its per-item scores.
 STEP_VERSIONS = {"world": 1, "train": 2, "merge-adapter": 1, "eval": 3, "merge": 1, "moe": 2, "gate": 1}
 STEP_VERSIONS["statistics"] = 1  # a one-round model's statistics of its task's data (RegMean, Fisher merging)
+STEP_VERSIONS["search"] = 1  # a search of the composition within a forgetting budget (study/search.py)
 
 
 def _digest(obj: Any) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -364,12 +364,29 @@ def _producer(plan: Plan, ref: str | None) -> Step | None:
     return plan.steps.get(ref[1:].split("/", 1)[0])
 
 
+def with_regulariser(estimate: Estimate, step: Step, arch: Architecture, config: StudyConfig,
+                     gpu_memory: int) -> Estimate:
+    """A train step's estimate with what EWC or LwF holds beside the model (train/regularizers.py): EWC's Fisher in
+    float32 (of every weight for FFT, of the adapted ones for LoRA) and for FFT its anchor, a float32 copy of the
+    weights; LwF's FFT teacher, a copy in the training dtype (LoRA's teacher is the model itself)."""
+    fft = step.params["finetune"] == "fft"
+    adapted = arch.layers * arch.projection_params(config.training.lora.target_modules)
+    extra = FLOAT32 * (2 * arch.params if fft else adapted) if "ewc" in step.params else 0
+    extra += _weight_bytes(config.training) * arch.params if "lwf" in step.params and fft else 0
+    if not extra:
+        return estimate
+    weights = estimate.weights + extra
+    return replace(estimate, weights=weights, gpus=gpus_needed(weights + estimate.grads + estimate.optimizer,
+                                                               estimate.activations, gpu_memory))
+
+
 def estimate_step(step: Step, plan: Plan, arch: Architecture, gpu_memory: int = DEFAULT_GPU_MEMORY) -> Estimate:
     config = plan.config
     if step.kind == "train":
         finetune = step.params["finetune"]
-        return train_estimate(arch, config, finetune, gpu_memory=gpu_memory,
-                              what="train " + ("FFT" if finetune == "fft" else "LoRA"))
+        estimate = train_estimate(arch, config, finetune, gpu_memory=gpu_memory,
+                                  what="train " + ("FFT" if finetune == "fft" else "LoRA"))
+        return with_regulariser(estimate, step, arch, config, gpu_memory)
     if step.kind == "eval":
         model = step.params["model"]
         made_by = _producer(plan, model.get("adapter")) or _producer(plan, model.get("model"))
@@ -380,6 +397,8 @@ def estimate_step(step: Step, plan: Plan, arch: Architecture, gpu_memory: int = 
         return eval_estimate(arch, config, params=arch.params + (arch.lora_params(config.training.lora.r,
                              config.training.lora.target_modules) if model.get("adapter") else 0),
                              gpu_memory=gpu_memory)
+    if step.kind == "search":  # each trial: a merge (tensor by tensor), then the merged model scored as an eval
+        return eval_estimate(arch, config, gpu_memory=gpu_memory, what="search (merge + eval per trial)")
     if step.kind == "moe":
         total, active = moe_params(arch, step, config)
         label = f"{_FINETUNE_NAMES.get(step.params.get('experts'), '')}-MoE"
@@ -438,7 +457,7 @@ def step_resources(step: Step, config: StudyConfig, estimate: Estimate | None = 
     if launch is not None and (step.kind == "train" or launch.launched):
         processes = launch.num_processes if launch.launched else 1
         gpus = 0 if config.launch.cpu else processes
-    elif step.kind in ("eval", "gate") and (estimate is None or estimate.gpus == 1):
+    elif step.kind in ("eval", "gate", "search") and (estimate is None or estimate.gpus == 1):
         gpus = 1
     if estimate is None:
         return StepResources(cpus=float(processes), gpus=gpus)

@@ -103,12 +103,28 @@ def olora_penalties(plan: Plan, artifacts: Path) -> dict[str, dict]:
     return out
 
 
+def search_records(plan: Plan, artifacts: Path) -> dict[str, dict]:
+    """For each searched model, its search's record (search.json beside the chosen merge), once the search ran."""
+    from knowstack.study.steps import SEARCH_FILE
+
+    out: dict[str, dict] = {}
+    for ev in plan.evaluations:
+        if ev.method != "search":
+            continue
+        made_by = plan.steps[ev.step].params["model"]["model"]
+        path = artifacts / made_by[1:].split("/", 1)[0] / SEARCH_FILE
+        if path.is_file():
+            out[ev.model] = json.loads(path.read_text())
+    return out
+
+
 def study_info(plan: Plan, artifacts: Path) -> StudyInfo:
     """What the report reads of the plan (study.json): title, task order, old metric, planned evaluations,
-    O-LoRA's penalties so far."""
+    O-LoRA's penalties and the searches' records so far."""
     config = plan.config
     return StudyInfo(title=config.name, task_order=list(plan.task_names), old_metric=config.old_knowledge.metric,
-                     planned=planned_rows(plan.evaluations), penalties=olora_penalties(plan, artifacts))
+                     planned=planned_rows(plan.evaluations), penalties=olora_penalties(plan, artifacts),
+                     searches=search_records(plan, artifacts))
 
 
 def current_rows(plan: Plan, out: Path) -> list[Row]:

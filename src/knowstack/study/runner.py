@@ -22,11 +22,13 @@ from knowstack.errors import KnowstackError
 from knowstack.results import (
     COSTS_CSV,
     PER_EXAMPLE,
+    SEARCH_CSV,
     STUDY_INFO,
     Row,
     write_costs_csv,
     write_csv,
     write_items,
+    write_search_csv,
     write_sqlite,
     write_study_info,
 )
@@ -34,8 +36,9 @@ from knowstack.study.costs import collect_costs
 from knowstack.study.executors import Executor, LocalExecutor
 from knowstack.study.plan import Plan, Step, build_plan
 from knowstack.study.results import collect_items, collect_rows, study_info
+from knowstack.study.shared_cache import SharedCache, StudyReuse
 from knowstack.study.steps import StudyContext
-from knowstack.validate import check_study, raise_problems
+from knowstack.validate import check_study, check_study_out, raise_problems
 
 if TYPE_CHECKING:
     from knowstack.study.resources import Estimate
@@ -51,6 +54,7 @@ class StudyOutcome:
     rows: list[Row]
     steps_run: int
     steps_skipped: int
+    steps_reused: int = 0  # linked from the shared step cache (study/shared_cache.py)
 
 
 @contextlib.contextmanager
@@ -65,9 +69,9 @@ def study_lock(out: Path) -> Iterator[None]:
         yield
 
 
-def context_for(plan: Plan, out: Path) -> StudyContext:
+def context_for(plan: Plan, out: Path, shared: SharedCache | None = None) -> StudyContext:
     world = next((step.key for step in plan.ordered() if step.kind == "world"), None)
-    return StudyContext(out=out, config=plan.config, world_key=world)
+    return StudyContext(out=out, config=plan.config, world_key=world, shared=shared)
 
 
 def describe_plan(plan: Plan, out: Path, console: Console) -> None:
@@ -157,20 +161,24 @@ def write_results(plan: Plan, out: Path) -> list[Row]:
     write_sqlite(rows, out / "results.sqlite", costs)
     write_items(collect_items(plan, out / "artifacts"), out / PER_EXAMPLE)
     write_costs_csv(costs, out / COSTS_CSV)
-    write_study_info(study_info(plan, out / "artifacts"), out / STUDY_INFO)
+    info = study_info(plan, out / "artifacts")
+    write_study_info(info, out / STUDY_INFO)
+    if info.searches:  # each trial of a search as a row, with its point
+        write_search_csv(info.searches, out / SEARCH_CSV)
     return rows
 
 
 def run_study(config: StudyConfig, out: Path, *, dry_run: bool = False, console: Console | None = None,
               config_text: str | None = None, executor: Executor | None = None,
-              gpu_memory: int | None = None) -> StudyOutcome | None:
+              gpu_memory: int | None = None, shared_cache: bool | None = None) -> StudyOutcome | None:
     """executor: where the steps run (default: here, in plan order); gpu_memory: bytes per GPU for
-    the dry run's estimate of how many GPUs each step needs."""
+    the dry run's estimate of how many GPUs each step needs; shared_cache: link and publish steps in the shared step
+    cache (None: the config's executor.shared_cache)."""
     console = console or Console(stderr=True, soft_wrap=True)
     out = Path(out)
     # Every input the steps will read, checked before the plan reads any of them and before the first
     # step runs (or the out dir is made): a bad task file is found now, not hours into the study.
-    raise_problems(check_study(config, dry_run=dry_run))
+    raise_problems(check_study(config, dry_run=dry_run) + ([] if dry_run else check_study_out(out)))
     plan = build_plan(config, out)
     if dry_run:
         describe_plan(plan, out, console)
@@ -187,20 +195,36 @@ def run_study(config: StudyConfig, out: Path, *, dry_run: bool = False, console:
         if config_text is not None:
             atomic_write_text(out / "config.yaml", config_text)
         started = time.monotonic()
+        reuse = StudyReuse(config.executor.shared_cache if shared_cache is None else shared_cache,
+                           out / "artifacts", console)
+        plan = _link_shared(reuse, plan, config, out)
         world_built = 0
         if plan.world_pending:  # the world first: its fingerprint is part of every later step's key
             world_step = next(step for step in plan.ordered() if step.kind == "world")
             # counted among the study's steps: "step 1/38 world", then "step 2/38"
-            world_built = executor.run([world_step], context_for(plan, out), console, total=len(plan.steps)).ran
-            plan = build_plan(config, out)
+            world_built = executor.run([world_step], context_for(plan, out, reuse.cache_for(plan)), console,
+                                       total=len(plan.steps)).ran
+            plan = _link_shared(reuse, build_plan(config, out), config, out)
         atomic_write_json(out / "plan.json", [{"key": s.key, "kind": s.kind, "deps": s.deps} for s in plan.ordered()])
-        ctx = context_for(plan, out)
+        ctx = context_for(plan, out, reuse.cache_for(plan))
         progress = executor.run(plan.ordered(), ctx, console)
         # the world, built first, is counted once, as run
-        ran, skipped = progress.ran + world_built, progress.skipped - world_built
+        ran, skipped, reused = reuse.counts(progress.ran + world_built, progress.skipped - world_built)
         rows = write_results(plan, out)
         console.print(
-            f"study '{config.name}': {ran} steps run, {skipped} already done, "
-            f"{time.monotonic() - started:.0f} s"
+            f"study '{config.name}': {ran} steps run, {skipped} already done{reuse.summary(reused)}, "
+            f"{time.monotonic() - started:.0f} s", soft_wrap=True
         )
-    return StudyOutcome(out, out / "results.csv", plan, rows, ran, skipped)
+    return StudyOutcome(out, out / "results.csv", plan, rows, ran, skipped, reused)
+
+
+def _link_shared(reuse: StudyReuse, plan: Plan, config: StudyConfig, out: Path) -> Plan:
+    """The plan once the cache's steps are linked in: planned again where that built the world, whose fingerprint
+    keys the steps after it, and those linked too."""
+    pending = plan.world_pending
+    reuse.link(plan)
+    if pending and reuse.enabled:
+        plan = build_plan(config, out)
+        if not plan.world_pending:
+            reuse.link(plan)
+    return plan

@@ -17,6 +17,7 @@ from knowstack.data.tasks import TaskSpec
 from knowstack.errors import KnowstackError
 from knowstack.logs import library_messages_to
 from knowstack.study.plan import Step, resolve_task_specs
+from knowstack.study.shared_cache import SharedCache, computed_once
 from knowstack.usage import Usage, dir_bytes, torch_threads
 
 
@@ -27,6 +28,7 @@ class StudyContext:
     out: Path
     config: StudyConfig
     world_key: str | None = None
+    shared: SharedCache | None = None  # the shared step cache (study/shared_cache.py); None: off
     _tasks: dict[str, TaskSpec] | None = field(default=None, repr=False)
 
     @property
@@ -105,7 +107,8 @@ def run_train(step: Step, ctx: StudyContext, out: Path) -> None:
     job = TrainJob(
         model_path=ctx.resolve(params["init"]["model"]), out_dir=str(out),
         settings=train_settings(ctx, params).to_dict(), examples=[(ex.prompt, ex.answer) for ex in examples],
-        progress_desc=step.label, olora=_olora_spec(ctx, params), tracking=_tracking(step, ctx),
+        progress_desc=step.label, olora=_olora_spec(ctx, params), ewc=_ewc_spec(ctx, params), lwf=params.get("lwf"),
+        tracking=_tracking(step, ctx),
         tokenizer=params.get("tokenizer"), trust_remote_code=ctx.config.base.trust_remote_code,
     )
     run_or_launch(job, launch_spec(ctx, params, params["finetune"]))
@@ -154,6 +157,21 @@ def _olora_spec(ctx: StudyContext, params: dict[str, Any]) -> dict[str, Any] | N
         return None
     olora = params["olora"]
     return {"previous": [ctx.resolve(ref) for ref in olora["previous"]], "lambda": olora["lambda"]}
+
+
+def _ewc_spec(ctx: StudyContext, params: dict[str, Any]) -> dict[str, Any] | None:
+    """EWC's inputs: the earlier rounds' Fisher files (each statistics dir checked: its Fisher there and matching
+    its recorded sha256), lambda and the decay."""
+    if "ewc" not in params:
+        return None
+    from knowstack.combine.statistics import open_statistics
+
+    ewc = params["ewc"]
+    files = []
+    for ref in ewc["fisher"]:
+        statistics = open_statistics(ctx.resolve(ref), "fisher")
+        files.append(str(statistics.path / statistics.record["statistics"]["fisher"]["file"]))
+    return {"fisher": files, "lambda": ewc["lambda"], "decay": ewc["decay"]}
 
 
 def run_merge_adapter(step: Step, ctx: StudyContext, out: Path) -> None:
@@ -277,14 +295,18 @@ def _max_new_tokens(evaluation: EvaluationConfig, task: TaskSpec) -> dict[str, i
     return {}
 
 
-def _scoring_settings(evaluation: EvaluationConfig, task: TaskSpec) -> dict[str, Any]:
-    """The task's protocol (its own, else the study's) and, for math, the GSM8K files the harness reads."""
+def _scoring_settings(evaluation: EvaluationConfig, task: TaskSpec, split: str = "test") -> dict[str, Any]:
+    """The task's protocol (its own, else the study's) and, for math, the GSM8K files the harness reads. split
+    "eval": the search's trials score the eval split, its items drawing their few-shot examples from each other."""
     from knowstack.evaluate.new_knowledge import HarnessData
 
     settings: dict[str, Any] = {"protocol": task.protocol or evaluation.protocol}
     if task.format == "math":
-        settings["harness"] = HarnessData(test=task.test_path, fewshot=task.eval_path, limit=task.max_test,
-                                          add_bos_token=evaluation.add_bos_token)
+        settings["harness"] = (
+            HarnessData(test=task.test_path, fewshot=task.eval_path, limit=task.max_test,
+                        add_bos_token=evaluation.add_bos_token) if split == "test"
+            else HarnessData(test=task.eval_path, fewshot=None, limit=task.max_test,
+                             add_bos_token=evaluation.add_bos_token))
     return settings
 
 
@@ -320,8 +342,11 @@ def run_eval(step: Step, ctx: StudyContext, out: Path) -> None:
         _write_jsonl(partial / f"predictions-{name}.jsonl", score.predictions)
         atomic_write_json(done, {"task": name, **score.record(), "per_example": score.per_example})
     old_done = partial / "old.json"
+    old_tasks, include_path = ctx.old_task_setup(old)
+    if not old_tasks:  # no old knowledge to score (old_knowledge.tasks: [], e.g. a registry's contribution)
+        atomic_write_json(partial / "old-per-example.json", {})
+        atomic_write_json(old_done, {})
     if not old_done.exists():
-        old_tasks, include_path = ctx.old_task_setup(old)
         scores, items = evaluate_old_knowledge_items(
             model,
             tokenizer,
@@ -376,6 +401,128 @@ def _write_per_example(partial: Path) -> None:
     atomic_write_json(partial / PER_EXAMPLE_FILE, {"new": new, "old": old})
 
 
+SEARCH_FILE = "search.json"  # a search step's record: its settings, every trial, the chosen one
+
+
+def run_search(step: Step, ctx: StudyContext, out: Path) -> None:
+    """A search of the composition within a forgetting budget (study/search.py): each trial merges the models
+    at a point of the space and scores the merge on the tasks' eval splits and old knowledge's held-out slice
+    (`held_out_scores`); the chosen trial's merge (the base where no trial is within the budget) is written to
+    `out`, with search.json. Each trial's scores are kept as soon as they exist (a partial dir, as an evaluation's),
+    so a killed search reruns only the trials it lacks."""
+    import tempfile
+
+    from knowstack.combine.merge import merge_models
+    from knowstack.combine.merges import MergeOptions
+    from knowstack.progress import step_bar
+    from knowstack.study.search import SearchSpace, chosen_trial, search, search_record
+
+    params = step.params
+    partial = ctx.artifacts / ".partial" / step.key
+    partial.mkdir(parents=True, exist_ok=True)
+    cache_path = partial / "trials.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    base = _local_model_dir(ctx.resolve(params["base"]["model"]))
+    models = [ctx.resolve(ref) for ref in params["models"]]
+    space = SearchSpace(tuple(params["space"]["methods"]), len(models), tuple(params["space"]["lam_range"]),
+                        tuple(params["space"]["density_range"]), tuple(params["space"]["weight_range"]))
+    base_path = partial / "base.json"
+    if not base_path.is_file():
+        atomic_write_json(base_path, held_out_scores(ctx, params, base))
+    base_old = json.loads(base_path.read_text())["old"]
+
+    def merge_at(point: dict[str, Any], target: Path) -> None:
+        method, options, weights = space.decode(point)
+        merge_models(method, models, target, base=base, options=MergeOptions.from_settings(options),
+                     seed=params["seed"], weights=weights)
+
+    def evaluate(point: dict[str, Any]) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix=".search-", dir=partial) as tmp:
+            merge_at(point, Path(tmp) / "model")
+            return held_out_scores(ctx, params, str(Path(tmp) / "model"))
+
+    bar = step_bar(range(params["trials"]), f"search-{params['finetune']}", unit="trial")
+
+    def on_trial(trial: Any) -> None:
+        atomic_write_json(cache_path, cache)  # each trial kept as soon as it is scored
+        bar.set_postfix(eval=f"{trial.new:.3f}", old_loss=f"{trial.old_loss:.1f}%", within=trial.within)
+
+    trials = search(space, params["trials"], params["seed"], params["max_old_loss"], base_old, evaluate, cache,
+                    on_trial, numbers=bar)
+    chosen = chosen_trial(trials)
+    if chosen is None:  # nothing within the budget: the composition that forgets nothing is the base itself
+        out.mkdir(parents=True)
+        for item in Path(base).iterdir():
+            if item.is_file() and item.name != STEP_FILE:  # not copy2: the output's mode is the umask's
+                shutil.copyfile(item, out / item.name)
+    else:
+        merge_at(chosen.point, out)
+    record = search_record(trials, space, params["max_old_loss"], base_old, params["seed"])
+    atomic_write_json(out / SEARCH_FILE, {**record, "base_scores": json.loads(base_path.read_text())})
+    shutil.rmtree(partial)
+
+
+def held_out_slice(ctx: StudyContext, old: OldKnowledgeConfig, items: int) -> dict[str, list[int]]:
+    """The old-knowledge items a search scores its trials on: of each task, the `items` after the first
+    old_knowledge.limit ones (those the test scoring reads), as many as the task has (the built-in world's
+    tasks are counted; another task's items past its end are the user's to size)."""
+    from knowstack.errors import KnowstackError
+
+    if old.limit is None:
+        raise KnowstackError("the search scores old knowledge on items the test scoring never reads: set "
+                             "old_knowledge.limit (the test scoring reads the first `limit` items of each task; the "
+                             "search the next `old_items`)", field="old_knowledge.limit")
+    tasks, include_path = ctx.old_task_setup(old)
+    found = {}
+    for task in tasks:
+        data = include_path / f"{task}.jsonl" if include_path is not None else None
+        available = sum(1 for _ in data.open()) if data is not None and data.is_file() else old.limit + items
+        found[task] = list(range(old.limit, min(available, old.limit + items)))
+        if not found[task]:
+            raise KnowstackError(f"old-knowledge task '{task}' has {available} items, none after the first "
+                                 f"{old.limit} the test scoring reads: lower old_knowledge.limit",
+                                 field="old_knowledge.limit")
+    return found
+
+
+def held_out_scores(ctx: StudyContext, params: dict[str, Any], model_dir: str) -> dict[str, Any]:
+    """A model's scores where a search may look: each task's eval split (never test; the mean of each task's
+    first score is the objective, "new") and old knowledge's held-out slice (the AVE of the study's old metric,
+    "old")."""
+    from knowstack.config import old_metric_of
+    from knowstack.errors import KnowstackError
+    from knowstack.evaluate.new_knowledge import evaluate_task
+    from knowstack.evaluate.old_knowledge import evaluate_old_knowledge_items
+    from knowstack.modelio import load_model, load_tokenizer, on_gpu_if_it_fits
+
+    trust = ctx.config.base.trust_remote_code
+    model = on_gpu_if_it_fits(load_model(model_dir, None, dtype="float32", trust_remote_code=trust))
+    tokenizer = load_tokenizer(params.get("tokenizer") or model_dir, trust_remote_code=trust)
+    evaluation = EvaluationConfig.model_validate(params["evaluation"])
+    old = OldKnowledgeConfig.model_validate(params["old"])
+    new: dict[str, float] = {}
+    # a task without an eval split (the built-in world's math: MetaMathQA train, GSM8K test) is left out of the
+    # objective, and said so in the record: the search never falls back to test
+    unscored = [name for name, task in ctx.tasks().items() if task.eval_path is None]
+    if len(unscored) == len(ctx.tasks()):
+        raise KnowstackError("no task has an eval split: the search scores its trials on eval splits, never on test",
+                             field="methods.search")
+    for name, task in ctx.tasks().items():
+        if task.eval_path is None:
+            continue
+        score = evaluate_task(model, tokenizer, task.load("eval"), task.metric, batch_size=evaluation.batch_size,
+                              **_max_new_tokens(evaluation, task), **_scoring_settings(evaluation, task, "eval"))
+        new[name] = float(next(iter(score.scores.values())))
+    tasks, include_path = ctx.old_task_setup(old)
+    scores, _ = evaluate_old_knowledge_items(model, tokenizer, tasks, include_path=include_path,
+                                             batch_size=old.batch_size, num_fewshot=old.num_fewshot,
+                                             add_bos_token=old.add_bos_token,
+                                             samples=held_out_slice(ctx, old, params["old_items"]))
+    olds = {task: float(values[old_metric_of(old.metric, task)]) for task, values in scores.items()}
+    return {"new": sum(new.values()) / len(new), "old": sum(olds.values()) / len(olds),
+            "scores": {"eval": new, "old_held_out": olds, **({"no_eval_split": unscored} if unscored else {})}}
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     from knowstack.atomic import atomic_write_text
 
@@ -391,6 +538,7 @@ EXECUTORS: dict[str, Callable[[Step, StudyContext, Path], None]] = {
     "moe": run_moe,
     "statistics": run_statistics,
     "gate": run_gate,
+    "search": run_search,
 }
 
 
@@ -408,19 +556,22 @@ def execute(step: Step, ctx: StudyContext) -> Path:
         executor = EXECUTORS[step.kind]
     except KeyError:
         raise KnowstackError(f"unknown step kind '{step.kind}'") from None
-    with atomic_dir(final) as tmp:
-        # Executors that write atomically themselves get a path that does not exist yet.
-        target = tmp / "out"
-        with library_messages_to(step_log(ctx, step)), Usage() as usage:
-            executor(step, ctx, target if step.kind in ("world", "train", "merge-adapter", "merge", "moe",
-                                                         "statistics") else tmp)
-        if target.exists():
-            for item in target.iterdir():
-                item.rename(tmp / item.name)
-            target.rmdir()
-        # What the step cost, in this process (a launched training's own peaks are in its train_summary.json):
-        # in step.json, which is the step's record, not part of the model it made (a registry leaves it out).
-        # The torch thread count too: on some models a step's sums, so its numbers, depend on it (docs/config.md).
-        cost = {**usage.record(), "disk_bytes": dir_bytes(tmp), "torch_threads": torch_threads()}
-        atomic_write_json(tmp / STEP_FILE, {"key": step.key, "kind": step.kind, "params": step.params, "cost": cost})
+    with computed_once(ctx.shared, step.key, final, ctx.artifacts) as reused:
+        if reused:
+            return final
+        with atomic_dir(final) as tmp:
+            # Executors that write atomically themselves get a path that does not exist yet.
+            target = tmp / "out"
+            with library_messages_to(step_log(ctx, step)), Usage() as usage:
+                executor(step, ctx, target if step.kind in ("world", "train", "merge-adapter", "merge", "moe",
+                                                             "statistics", "search") else tmp)
+            if target.exists():
+                for item in target.iterdir():
+                    item.rename(tmp / item.name)
+                target.rmdir()
+            # What the step cost, in this process (a launched training's own peaks are in its train_summary.json):
+            # in step.json, which is the step's record, not part of the model it made (a registry leaves it out).
+            # The torch thread count too: on some models a step's sums, so its numbers, depend on it (docs/config.md).
+            cost = {**usage.record(), "disk_bytes": dir_bytes(tmp), "torch_threads": torch_threads()}
+            atomic_write_json(tmp / STEP_FILE, {"key": step.key, "kind": step.kind, "params": step.params, "cost": cost})
     return final

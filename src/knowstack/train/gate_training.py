@@ -21,18 +21,22 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from knowstack.atomic import honour_umask
+from knowstack.config import GateTrainingConfig, TrainingConfig
 from knowstack.data.batches import batch_order, pack, tokenize_examples
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
 from knowstack.modeling.routing import GATES_FILE
 
+_DECLARED = GateTrainingConfig()
+
 
 @dataclass(frozen=True)
 class GateTraining:
-    steps: int = 100
-    lr: float = 1e-3
-    batch_size: int = 8
-    max_length: int = 512
+    # the defaults are config.py GateTrainingConfig's and the training recipe's max_length (one declaration)
+    steps: int = _DECLARED.steps
+    lr: float = _DECLARED.lr
+    batch_size: int = _DECLARED.batch_size
+    max_length: int = TrainingConfig().max_length
     seed: int = 0
 
 

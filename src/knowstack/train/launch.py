@@ -50,6 +50,10 @@ class TrainJob:
     progress_desc: str = "train"
     # O-LoRA: the earlier rounds' adapter dirs and the penalty weight
     olora: dict[str, Any] | None = None
+    # EWC: the earlier rounds' Fisher files (safetensors, round order), the penalty weight and the Fisher's decay;
+    # LwF: the distillation's weight and temperature (train/regularizers.py)
+    ewc: dict[str, Any] | None = None
+    lwf: dict[str, Any] | None = None
     # experiment trackers (train/tracking.py Tracking.to_dict()): not a setting, never in a cache key
     tracking: dict[str, Any] | None = None
     # the base's own options, as evaluation honours them: a tokenizer other than the model dir's, remote code
@@ -74,7 +78,7 @@ class TrainJob:
 
 
 def run_job(job: TrainJob) -> dict[str, Any]:
-    """Train (in every process of a launch), then record O-LoRA's penalty (main process only)."""
+    """Train (in every process of a launch), then record O-LoRA's, EWC's or LwF's term (main process only)."""
     from accelerate import PartialState
 
     from knowstack.data.formats import Example
@@ -83,14 +87,40 @@ def run_job(job: TrainJob) -> dict[str, Any]:
     from knowstack.train.tracking import Tracking
 
     penalty = _penalty(job.olora)
+    ewc, lwf = _regularizers(job)
     summary = train(job.model_path, [Example(p, a) for p, a in job.examples], job.out_dir,
                     TrainSettings.from_dict(job.settings), adapter_init=job.adapter_init,
-                    progress_desc=job.progress_desc, extra_loss=penalty,
+                    progress_desc=job.progress_desc, extra_loss=penalty or ewc, micro_loss=lwf,
                     tracking=Tracking(**job.tracking) if job.tracking else None, tokenizer_path=job.tokenizer,
                     trust_remote_code=job.trust_remote_code)
     if penalty is not None and PartialState().is_main_process:
         _record_olora(Path(job.out_dir), penalty)
+    for name, term in (("ewc", ewc), ("lwf", lwf)):
+        if term is not None and PartialState().is_main_process:
+            _record_summary(Path(job.out_dir), name, term.record())
     return summary
+
+
+def _regularizers(job: TrainJob) -> tuple[Any, Any]:  # -> (EwcPenalty | None, LwfDistillation | None)
+    if job.ewc is None and job.lwf is None:
+        return None, None
+    if job.olora is not None:
+        raise KnowstackError("a round takes one regulariser: O-LoRA, EWC or LwF")
+    from knowstack.train.regularizers import EwcPenalty, LwfDistillation, online_fisher
+
+    ewc = EwcPenalty(online_fisher(job.ewc["fisher"], job.ewc["decay"]), job.ewc["lambda"]) if job.ewc else None
+    lwf = LwfDistillation(job.lwf["lambda"], job.lwf["temperature"]) if job.lwf else None
+    return ewc, lwf
+
+
+def _record_summary(out: Path, name: str, record: dict[str, Any]) -> None:
+    """A regulariser's record into the train summary, under `name`."""
+    from knowstack.atomic import atomic_write_json
+    from knowstack.train.loop import SUMMARY_FILE
+
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    summary[name] = record
+    atomic_write_json(out / SUMMARY_FILE, summary)
 
 
 def _penalty(olora: dict[str, Any] | None):  # -> OLoraPenalty | None
@@ -103,14 +133,10 @@ def _penalty(olora: dict[str, Any] | None):  # -> OLoraPenalty | None
 
 def _record_olora(out: Path, penalty: Any) -> None:
     """A_prev as safetensors beside the adapter, and the penalty of every step in the train summary."""
-    from knowstack.atomic import atomic_write_json
-    from knowstack.train.loop import SUMMARY_FILE
     from knowstack.train.olora import PREVIOUS_A_FILE, save_previous
 
     save_previous(out / PREVIOUS_A_FILE, penalty.previous)
-    summary = json.loads((out / SUMMARY_FILE).read_text())
-    summary["olora"] = penalty.record()
-    atomic_write_json(out / SUMMARY_FILE, summary)
+    _record_summary(out, "olora", penalty.record())
 
 
 # --- launching -------------------------------------------------------------------------------------
@@ -213,6 +239,9 @@ def launch_job(
     config_path = checked_config(accelerate_config, cpu)
     if job.olora is not None and shards_parameters(config_path):
         raise KnowstackError("O-LoRA's penalty needs whole LoRA A matrices in every process: use ddp or "
+                             "deepspeed-zero2, not a config that shards parameters", field="launch.accelerate_config")
+    if (job.ewc is not None or job.lwf is not None) and shards_parameters(config_path):
+        raise KnowstackError("EWC's penalty and LwF's teacher need whole weights in every process: use ddp or "
                              "deepspeed-zero2, not a config that shards parameters", field="launch.accelerate_config")
     run_launch(job.save, Path(job.out_dir), config_path, num_processes, cpu=cpu, mixed_precision=mixed_precision,
                port=port, max_grad_norm=job.settings.get("max_grad_norm"))

@@ -55,7 +55,7 @@ from knowstack.modelcard import (
 )
 from knowstack.modeling import attention
 from knowstack.modeling.families import INPUT_EMBEDDING, OUTPUT_EMBEDDING, checked_lora_targets
-from knowstack.modeling.loss import answer_loss_sum
+from knowstack.modeling.loss import answer_logits, answer_loss_sum
 from knowstack.modeling.streaming import MAX_SHARD_BYTES
 from knowstack.modelio import load_model, load_tokenizer, save_model, set_config_dtype
 from knowstack.progress import step_bar
@@ -65,6 +65,9 @@ from knowstack.train.tracking import Tracking
 from knowstack.usage import Usage
 
 ExtraLoss = Callable[[torch.nn.Module], torch.Tensor]
+# (the unwrapped model, a micro-batch's inputs, its answer-token logits) -> a term on the scale of the summed
+# answer-token loss, added to it (LwF's distillation, train/regularizers.py)
+MicroLoss = Callable[[torch.nn.Module, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 SUMMARY_FILE = "train_summary.json"
 # transformers' scheduler names; "constant" with warmup_steps=0 is the plain constant rate.
 _SCHEDULER_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -79,6 +82,7 @@ def train(
     adapter_init: str | Path | None = None,
     progress_desc: str = "train",
     extra_loss: ExtraLoss | None = None,
+    micro_loss: MicroLoss | None = None,
     tracking: Tracking | None = None,
     tokenizer_path: str | Path | None = None,
     trust_remote_code: bool = False,
@@ -87,7 +91,8 @@ def train(
 
     adapter_init: a PEFT adapter to start from; LoRA continues training it, FFT merges it into the
     weights first. extra_loss(model) is added once per optimizer step (e.g. O-LoRA's orthogonality
-    penalty); it receives the unwrapped (PEFT) model. tracking: experiment trackers to log each step to
+    penalty, EWC's); it receives the unwrapped (PEFT) model. micro_loss(model, inputs, logits) is added to every
+    micro-batch's summed answer-token loss and scaled with it (LwF's distillation). tracking: experiment trackers to log each step to
     (train/tracking.py); their files end up in out_dir/tracking. tokenizer_path: the tokenizer, where it is not
     the model dir's (a study's base.tokenizer). Returns the train_summary.json contents.
     """
@@ -111,7 +116,7 @@ def train(
     trackers.start(accelerator, tracking, settings.to_dict(), logging_dir)
 
     model, record = run_steps(accelerator, model, tokenized, plan, settings, tokenizer.pad_token_id,
-                              extra_loss=extra_loss, progress_desc=progress_desc)
+                              extra_loss=extra_loss, micro_loss=micro_loss, progress_desc=progress_desc)
     summary = _summary(settings, examples, tokenized, plan, record, accelerator.num_processes,
                        model_path, adapter_init, fitted)
     summary.update({k: v for k, v in usage.record().items() if k != "seconds"})
@@ -221,6 +226,7 @@ def run_steps(
     pad_token_id: int,
     *,
     extra_loss: ExtraLoss | None = None,
+    micro_loss: MicroLoss | None = None,
     progress_desc: str = "train",
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The optimizer steps of `plan` (the example indices of each step: batch_order's) on a model made trainable
@@ -251,14 +257,14 @@ def run_steps(
         lrs.append(scheduler.get_last_lr()[0])
         step_start = time.perf_counter()
         loss, extra = _optimizer_step(accelerator, model, optimizer, tokenized, batch, settings,
-                                      pad_token_id, extra_loss)
+                                      pad_token_id, extra_loss, micro_loss)
         step_seconds.append(time.perf_counter() - step_start)
         scheduler.step()
         losses.append(loss)
         if extra is not None:
             extras.append(extra)
         _log_step(accelerator, len(losses), loss, lrs[-1], extra,
-                  sum(len(tokenized[i]) for i in batch) / step_seconds[-1])
+                  sum(len(tokenized[i]) for i in batch) / step_seconds[-1], getattr(extra_loss, "name", None))
         bar.set_postfix(loss=f"{loss:.4f}")
     seconds = time.perf_counter() - start
     if restore_attention is not None:
@@ -267,13 +273,14 @@ def run_steps(
 
 
 def _log_step(accelerator: Accelerator, step: int, loss: float, lr: float, extra: float | None,
-              tokens_per_second: float) -> None:
-    """One optimizer step to the trackers (train/tracking.py); nothing happens without any."""
+              tokens_per_second: float, extra_name: str | None = None) -> None:
+    """One optimizer step to the trackers (train/tracking.py); nothing happens without any. extra_name: what the
+    extra loss is called (O-LoRA's, which came first, where it says nothing)."""
     if not accelerator.trackers:
         return
     values = {"train/loss": loss, "train/lr": lr, "train/tokens_per_second": tokens_per_second}
     if extra is not None:
-        values["train/olora_penalty"] = extra
+        values[f"train/{extra_name or 'olora_penalty'}"] = extra
     accelerator.log(values, step=step)
 
 
@@ -286,6 +293,7 @@ def _optimizer_step(
     settings: TrainSettings,
     pad_token_id: int,
     extra_loss: ExtraLoss | None,
+    micro_loss: MicroLoss | None = None,
 ) -> tuple[float, float | None]:
     """Forward/backward over this process's micro-batches, then one optimizer step; returns the batch loss."""
     world = accelerator.num_processes
@@ -306,8 +314,14 @@ def _optimizer_step(
         with sync:
             inputs = collate([tokenized[i] for i in micro], pack_rows=settings.pack, pad_token_id=pad_token_id)
             inputs = {key: value.to(accelerator.device) for key, value in inputs.items()}
-            ce_sum = answer_loss_sum(model, inputs) * weight
-            loss = ce_sum * scales[k]
+            if micro_loss is None:
+                ce_sum = answer_loss_sum(model, inputs) * weight
+                loss = ce_sum * scales[k]
+            else:
+                logits, targets = answer_logits(model, inputs)
+                ce_sum = torch.nn.functional.cross_entropy(logits, targets, reduction="sum") * weight
+                # on the loss's own scale: summed over the answer tokens, then scaled as the loss is
+                loss = (ce_sum + micro_loss(accelerator.unwrap_model(model), inputs, logits) * weight) * scales[k]
             if last and extra_loss is not None:
                 # Added once per step, on the synchronising pass; identical on every process, so
                 # DDP's averaging leaves it as is.

@@ -41,7 +41,7 @@ from knowstack.modeling.attention import packed_attention
 from knowstack.modeling.families import stock_moe_blocks
 from knowstack.modeling.lora_moe import LayerRouting, LoraMoeLinear
 from knowstack.modeling.moe_model import ATTENTION_PROJECTIONS, KnowstackMoeBlock, KnowstackMoeLinear
-from knowstack.modeling.routing import decoder_layers
+from knowstack.modeling.routing import ROUTER_PROMPT_TOKENS, decoder_layers
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ def _rows(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: 
 
 @torch.no_grad()
 def expert_loads(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
-                 max_length: int = 512) -> dict[str, list[float]]:
+                 max_length: int = ROUTER_PROMPT_TOKENS) -> dict[str, list[float]]:
     """Per router (its site's key: the layer, or layer.self_attn.projection), the share of routing slots
     each expert receives on `texts` (sums to 1)."""
     sites = router_sites(model)

@@ -21,44 +21,65 @@ method imports its building blocks when it runs.
 
 from __future__ import annotations
 
-from typing import get_args
+import importlib
+import pkgutil
 
-from knowstack.combine.merges import (  # noqa: F401  (each module registers its method)
-    average,
-    breadcrumbs,
-    breadcrumbs_ties,
-    dare,
-    della,
-    della_linear,
-    fisher,
-    karcher,
-    model_stock,
-    multislerp,
-    regmean,
-    slerp,
-    task_arithmetic,
-    task_average,
-    ties,
-    ties_dare,
-)
 from knowstack.combine.merges.base import (
     METHODS,
+    OPTIONS,
     MergeFn,
     MergeMethod,
     MergeOptions,
+    Option,
+    declare,
     get_method,
     mergekit_aliases,
     option_flag,
     register,
 )
-from knowstack.config import MergeMethodName
+from knowstack.errors import KnowstackError
 
-# in config.py's order (a method the config does not name fails here, loudly): the order of the compose variants
-for _name in sorted(METHODS, key=get_args(MergeMethodName).index):
-    METHODS[_name] = METHODS.pop(_name)
+# The order the methods are listed in (the config's method names, `--method`, the compose variants, the docs); a
+# method not listed here comes after them, by its module's name: adding a method is adding its module.
+ORDER = ("average", "task-average", "ties", "dare", "ties-dare", "task-arithmetic", "breadcrumbs", "breadcrumbs-ties",
+         "della", "della-linear", "slerp", "multislerp", "karcher", "model-stock", "regmean", "fisher")
+NOT_METHODS = ("base", "blocks")  # the declarations and the building blocks
+
+
+def _import_methods() -> None:
+    """Import every module of this package (each registers its method and declares its own options), in ORDER."""
+    modules = sorted((m.name for m in pkgutil.iter_modules(__path__) if m.name not in NOT_METHODS),
+                     key=lambda module: (ORDER.index(module.replace("_", "-")) if module.replace("_", "-") in ORDER
+                                         else len(ORDER), module))
+    for module in modules:
+        importlib.import_module(f"{__name__}.{module}")
+    for method in METHODS.values():  # an option named but declared nowhere is a typo
+        for option in method.options:
+            if option != "seed" and option not in OPTIONS:
+                raise KnowstackError(f"merge method '{method.name}' reads '{option}', which no module declares",
+                                     field=option)
+    for name in sorted(METHODS, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n)):
+        METHODS[name] = METHODS.pop(name)
+
+
+_import_methods()
 
 # The settings each method reads: only these are part of its merge step's key (study/methods/merge.py).
 MERGE_METHOD_OPTIONS: dict[str, tuple[str, ...]] = {name: method.options for name, method in METHODS.items()}
+# The options a study may sweep (config.py MergeConfig.SWEEPABLE)
+SWEEPABLE_OPTIONS = tuple(name for name, option in OPTIONS.items() if option.sweepable)
 
-__all__ = ["METHODS", "MERGE_METHOD_OPTIONS", "MergeFn", "MergeMethod", "MergeOptions", "get_method",
-           "mergekit_aliases", "option_flag", "register"]
+
+def options_table() -> str:
+    """docs/methods.md's table of the merge options, from their declarations (scripts/docs_numbers.py
+    --merge-options writes it; tests/test_declared_once.py checks it is current)."""
+    lines = ["| option | meaning | type | default | range | read by | sweepable |", "|---|---|---|---|---|---|---|"]
+    for name, option in OPTIONS.items():
+        readers = ", ".join(f"`{m.name}`" for m in METHODS.values() if name in m.options)
+        lines.append(f"| `{name}` ({option_flag(name)}) | {option.meaning} | {option.type.__name__} | "
+                     f"{option.default:g} | {option.range_text()} | {readers} | {'yes' if option.sweepable else 'no'} |")
+    return "\n".join(lines)
+
+
+__all__ = ["METHODS", "MERGE_METHOD_OPTIONS", "OPTIONS", "ORDER", "SWEEPABLE_OPTIONS", "MergeFn", "MergeMethod",
+           "MergeOptions", "Option", "declare", "get_method", "mergekit_aliases", "option_flag", "options_table", "register"]

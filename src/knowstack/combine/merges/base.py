@@ -1,81 +1,156 @@
-"""What a merge method declares, and the registry of them (torch-free: the plan and the CLI read it).
+"""What a merge method declares, and the registry of them (torch-free: the config, the plan and the CLI read it).
 
 Every method is one module of this package that registers its function with `register`, declaring the
-options it reads (config.py MergeConfig's names: only these enter its step's key, so that changing TIES'
-density does not redo the average), whether it works on task vectors or full weights, whether it draws
-at random, whether it reads per-model weights, how many models it takes, and, for a linear method, the
-coefficients of its linear combination (which make a merge of LoRA adapters an exact adapter).
+options it reads (only these enter its step's key, so that changing TIES' density does not redo the average),
+whether it works on task vectors or full weights, whether it draws at random, whether it reads per-model weights,
+how many models it takes, and, for a linear method, the coefficients of its linear combination (which make a merge
+of LoRA adapters an exact adapter).
+
+Each option is declared once, with `declare` (name, type, default, range, meaning): the options several methods
+read here, a method's own beside it in its module (DELLA's epsilon in della.py). Everything else is derived from
+that declaration: config.py's MergeConfig fields (default and range checks), `MergeOptions`, the options of
+`knowstack merge` and `compose` (cli/options.py), compose's `ComposeOptions` and the table of docs/methods.md
+(scripts/docs_numbers.py). This package sits below config (docs/design.md, "Layers") so that config can read it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from knowstack.config import MergeConfig
 from knowstack.errors import KnowstackError
 
 if TYPE_CHECKING:
     import torch
     from torch import Tensor
 
-_DECLARED = MergeConfig()
-
 
 @dataclass(frozen=True)
+class Option:
+    """One setting of the merge methods, as every place that reads it takes it: `name` as the config, the step's
+    params and the command line (--name) spell it, `attribute` as MergeConfig and MergeOptions hold it (lambda:
+    lam), its type, default and bounds (gt/ge/lt/le: strict or not), its meaning (the --help and the docs) and
+    whether a study may sweep it."""
+
+    name: str
+    type: type
+    default: float | int
+    meaning: str
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    attribute: str = ""
+    sweepable: bool = False
+
+    @property
+    def field(self) -> str:
+        return self.attribute or self.name
+
+    def range_text(self) -> str:
+        """'in (0, 1]', 'positive', 'at least 1', ..."""
+        low = f"({self.gt:g}" if self.gt is not None else f"[{self.ge:g}" if self.ge is not None else None
+        high = f"{self.lt:g})" if self.lt is not None else f"{self.le:g}]" if self.le is not None else None
+        if low and high:
+            return f"in {low}, {high}"
+        if self.gt == 0:
+            return "positive"
+        if low:
+            return f"at least {self.ge:g}" if self.ge is not None else f"above {self.gt:g}"
+        return f"below {self.lt:g}" if self.lt is not None else f"at most {self.le:g}" if high else "any number"
+
+    def problem(self, value: float) -> str | None:
+        """What is wrong with `value` for this option (its range, the one check of it), or None."""
+        fails = ((self.gt is not None and not value > self.gt) or (self.ge is not None and not value >= self.ge)
+                 or (self.lt is not None and not value < self.lt) or (self.le is not None and not value <= self.le))
+        if self.type is int and float(value) != int(value):
+            return f"{self.name} must be a whole number, got {value}"
+        return f"{self.name} must be {self.range_text()}, got {value}" if fails else None
+
+
+# name -> its one declaration, in the order declared (the shared ones first, then each method's module in order)
+OPTIONS: dict[str, Option] = {}
+
+
+def declare(name: str, type: type, default: float | int, meaning: str, *, attribute: str = "",
+            sweepable: bool = False, **bounds: float) -> Option:
+    """Declare a merge option once (a second declaration of a name is a mistake: it would be two defaults)."""
+    if name in OPTIONS:
+        raise KnowstackError(f"merge option '{name}' is declared twice", field=name)
+    option = Option(name, type, default, meaning, attribute=attribute, sweepable=sweepable, **bounds)
+    if option.problem(default) is not None:
+        raise KnowstackError(f"merge option '{name}': its default {default} is out of its own range", field=name)
+    OPTIONS[name] = option
+    return option
+
+
+# The options several methods read (each method's own are declared in its module).
+declare("density", float, 0.2, "fraction of each task vector kept", gt=0, le=1, sweepable=True)
+declare("drop_rate", float, 0.9, "DARE: probability that an entry of a task vector is dropped", ge=0, lt=1,
+        sweepable=True)
+declare("lambda", float, 1.0, "scale of the merged task vector", attribute="lam", gt=0, sweepable=True)
+
+LORA_SPACES = ("delta", "factors")
+
+
 class MergeOptions:
-    """The knobs of all methods; each method reads the ones it declares."""
+    """The knobs of all methods, one attribute per declared option (`lam` for lambda), each its declared default
+    unless given and checked against its declared range; each method reads the ones it declares. lora_space: LoRA
+    adapters merge their deltas s B A (delta), or their A and B factors apart as PEFT does (factors:
+    merge_factors.py, the paper's LoRA TIES / DARE-TIES). Immutable, compared by value."""
 
-    # the defaults are config.py MergeConfig's (the one declaration)
-    density: float = _DECLARED.density  # TIES, breadcrumbs, DELLA: fraction of each task vector kept, per tensor
-    drop_rate: float = _DECLARED.drop_rate  # DARE: probability that an entry of a task vector is dropped
-    lam: float = _DECLARED.lam  # scale of the merged task vector (lambda in the TIES and DARE papers)
-    t: float = _DECLARED.t  # SLERP: 0 gives the first model, 1 the second
-    gamma: float = _DECLARED.gamma  # breadcrumbs: fraction of the largest-magnitude entries dropped
-    epsilon: float = _DECLARED.epsilon  # DELLA: keep probabilities spread over density +- epsilon by magnitude rank
-    max_iter: int = _DECLARED.max_iter  # Karcher mean: iterations at most
-    tol: float = _DECLARED.tol  # Karcher mean: convergence tolerance
-    regmean_alpha: float = _DECLARED.regmean_alpha  # RegMean: factor on the Gram matrices' off-diagonal entries
-    fisher_floor: float = _DECLARED.fisher_floor  # Fisher merging: added to every Fisher entry
-    # LoRA adapters: merge their deltas s B A (delta), or their A and B factors apart as PEFT does (factors:
-    # merge_factors.py, the paper's LoRA TIES / DARE-TIES)
-    lora_space: str = "delta"
+    __slots__ = ("_values",)
 
-    def __post_init__(self) -> None:
-        if self.lora_space not in ("delta", "factors"):
-            raise KnowstackError(f"lora_space must be delta or factors, got {self.lora_space!r}", field="lora_space")
-        if not 0 < self.density <= 1:
-            raise KnowstackError(f"density must be in (0, 1], got {self.density}", field="density")
-        if not 0 <= self.drop_rate < 1:
-            raise KnowstackError(f"drop rate must be in [0, 1), got {self.drop_rate}", field="drop_rate")
-        if not 0 <= self.t <= 1:
-            raise KnowstackError(f"t must be in [0, 1], got {self.t}", field="t")
-        if not 0 <= self.gamma < 1:
-            raise KnowstackError(f"gamma must be in [0, 1), got {self.gamma}", field="gamma")
-        if not 0 <= self.epsilon < 0.5:
-            raise KnowstackError(f"epsilon must be in [0, 0.5), got {self.epsilon}", field="epsilon")
-        if self.max_iter < 1 or self.tol <= 0:
-            raise KnowstackError("max_iter must be at least 1 and tol positive", field="max_iter")
-        if not 0 <= self.regmean_alpha <= 1:
-            raise KnowstackError(f"regmean_alpha must be in [0, 1], got {self.regmean_alpha}", field="regmean_alpha")
-        if not self.fisher_floor > 0:
-            raise KnowstackError(f"fisher_floor must be positive, got {self.fisher_floor}", field="fisher_floor")
+    def __init__(self, lora_space: str = "delta", **given: Any) -> None:
+        by_attribute = {option.field: option for option in OPTIONS.values()}
+        unknown = sorted(set(given) - set(by_attribute))
+        if unknown:
+            raise KnowstackError(f"unknown merge option '{unknown[0]}'", field=unknown[0])
+        if lora_space not in LORA_SPACES:
+            raise KnowstackError(f"lora_space must be delta or factors, got {lora_space!r}", field="lora_space")
+        values: dict[str, Any] = {"lora_space": lora_space}
+        for attribute, option in by_attribute.items():
+            value = given.get(attribute, option.default)
+            problem = option.problem(value)
+            if problem is not None:
+                raise KnowstackError(problem, field=option.name)
+            values[attribute] = option.type(value)
+        object.__setattr__(self, "_values", values)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return object.__getattribute__(self, "_values")[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("MergeOptions is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MergeOptions) and self._values == other._values
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self._values.items())))
+
+    def __repr__(self) -> str:
+        return f"MergeOptions({', '.join(f'{k}={v!r}' for k, v in self._values.items())})"
+
+    @staticmethod
+    def attributes() -> tuple[str, ...]:
+        """The attributes a MergeOptions has: every declared option's, then lora_space."""
+        return (*(option.field for option in OPTIONS.values()), "lora_space")
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> MergeOptions:
         """From a merge step's recorded options (config names: `lambda`, ...); the ones not given keep their
         defaults, and the step's `seed` is not an option of the method but of the merge."""
-        names = {f.name for f in fields(cls)}
-        given = {("lam" if k == "lambda" else k): v for k, v in settings.items() if k != "seed"}
-        unknown = sorted(set(given) - names)
-        if unknown:
-            raise KnowstackError(f"unknown merge option '{unknown[0]}'", field=unknown[0])
+        given = {(OPTIONS[k].field if k in OPTIONS else k): v for k, v in settings.items() if k != "seed"}
         return cls(**given)
 
     def value(self, option: str) -> Any:
-        """An option by its config name (`lambda` is the field `lam`)."""
-        return getattr(self, "lam" if option == "lambda" else option)
+        """An option by its config name (`lambda` is the attribute `lam`)."""
+        return getattr(self, OPTIONS[option].field if option in OPTIONS else option)
 
 
 MergeFn = Callable[[list["Tensor"], "Tensor", MergeOptions, "torch.Generator | None"], "Tensor"]
@@ -90,7 +165,7 @@ Coefficients = Callable[[list[float], MergeOptions], list[float]]
 class MergeMethod:
     name: str
     fn: MergeFn
-    options: tuple[str, ...]  # the MergeConfig settings it reads (config names); "seed" for a random method
+    options: tuple[str, ...]  # the declared options it reads (config names); "seed" for a random method
     summary: str  # one line: what it does (the compose variant's help)
     uses_base: bool  # True: works on task vectors relative to a base model; False: on the full weights
     random: bool  # True: draws from the generator (DARE, DELLA)
@@ -132,7 +207,8 @@ class MergeMethod:
         error naming the ones it reads: an option no method step would read is a mistake, not a no-op. `density`
         given to a method that reads `drop_rate` (DARE) is mergekit's and PEFT's density, the fraction kept:
         drop_rate = 1 - density (both given, they must agree)."""
-        given = {("lambda" if name == "lam" else name): value for name, value in given.items()}
+        names = {option.field: option.name for option in OPTIONS.values()}
+        given = {names.get(name, name): value for name, value in given.items()}
         if "density" in given and self.takes_density_for_drop_rate:
             drop_rate = round(1 - given.pop("density"), 12)
             if "drop_rate" in given and abs(given["drop_rate"] - drop_rate) > 1e-9:
@@ -169,6 +245,8 @@ def register(name: str, *, options: tuple[str, ...], summary: str, uses_base: bo
     kind of statistics of each model's data it reads, passed as its fifth argument; mergekit: mergekit's name for
     it, accepted as an alias; changes_first_only: it changes no tensor given to it in place but the first)."""
     def wrap(fn: MergeFn) -> MergeFn:
+        if name in METHODS:
+            raise KnowstackError(f"merge method '{name}' is registered twice", field="method")
         METHODS[name] = MergeMethod(name, fn, options, summary, uses_base, "seed" in options, weighted, models[0],
                                     models[1], coefficients, check, statistics, mergekit, changes_first_only)
         return fn

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from knowstack.combine.merges.base import MergeOptions, register
+from knowstack.combine.merges.base import MergeOptions, declare, register
 
 if TYPE_CHECKING:
     import torch
     from torch import Tensor
+
+
+declare("gamma", float, 0.01, "breadcrumbs: fraction of the largest-magnitude entries dropped", ge=0, lt=1,
+        sweepable=True)
 
 
 @register("breadcrumbs", mergekit="breadcrumbs", options=("density", "gamma", "lambda"),

@@ -7,12 +7,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from knowstack.combine.merges.base import MergeOptions, register
+from knowstack.combine.merges.base import MergeOptions, declare, register
 from knowstack.errors import KnowstackError
 
 if TYPE_CHECKING:
     import torch
     from torch import Tensor
+
+
+# mergekit's default
+declare("epsilon", float, 0.15, "della: keep probabilities spread over density +- epsilon", ge=0, lt=0.5,
+        sweepable=True)
 
 
 def check(opts: MergeOptions) -> None:

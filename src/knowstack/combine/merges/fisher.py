@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from knowstack.combine.merges.base import MergeOptions, register
+from knowstack.combine.merges.base import MergeOptions, declare, register
 
 if TYPE_CHECKING:
     import torch
     from torch import Tensor
+
+
+# FusionBench's Fisher merging (fisher_merging.yaml: minimal_fisher_weight 1e-6)
+declare("fisher_floor", float, 1e-6, "fisher: added to every Fisher entry", gt=0)
 
 
 @register("fisher", options=("fisher_floor",), uses_base=False, statistics="fisher",

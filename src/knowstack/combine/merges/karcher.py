@@ -10,11 +10,15 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from knowstack.combine.merges.base import MergeOptions, register
+from knowstack.combine.merges.base import MergeOptions, declare, register
 
 if TYPE_CHECKING:
     import torch
     from torch import Tensor
+
+
+declare("max_iter", int, 10, "karcher: iterations", gt=0)
+declare("tol", float, 1e-5, "karcher: convergence tolerance", gt=0)
 
 
 @register("karcher", mergekit="karcher", options=("max_iter", "tol"), uses_base=False,

@@ -16,11 +16,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from knowstack.combine.merges.base import MergeOptions, register
+from knowstack.combine.merges.base import MergeOptions, declare, register
 
 if TYPE_CHECKING:
     import torch
     from torch import Tensor
+
+
+# FusionBench's RegMean for GPT-2 (config/method/regmean/gpt2_regmean.yaml: reduce_non_diagonal_ratio 0.6)
+declare("regmean_alpha", float, 0.6, "regmean: factor on the off-diagonal entries of each Gram matrix (1: the exact "
+        "least-squares merge)", ge=0, le=1)
 
 
 def reduce_off_diagonal(gram: Tensor, alpha: float) -> Tensor:

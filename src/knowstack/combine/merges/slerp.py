@@ -1,7 +1,7 @@
 """slerp: spherical linear interpolation of two models' full weights, tensor by tensor: with theta the angle
 between x_0 and x_1, sin((1-t) theta)/sin(theta) x_0 + sin(t theta)/sin(theta) x_1 (t = 0 gives the first model,
 1 the second), and the plain (1-t) x_0 + t x_1 where the two are nearly colinear (|cos theta| > 0.9995): mergekit's
-`slerp` with the first model as its base_model. mergekit requires t; knowstack's default is the midpoint. On LoRA
+`slerp` with the first model as its base_model. mergekit requires t; knowstack's default is the midpoint (declared below). On LoRA
 adapters the full weights are the base's plus each adapter's delta. It reads no per-model weights."""
 
 from __future__ import annotations
@@ -9,11 +9,14 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from knowstack.combine.merges.base import MergeOptions, register
+from knowstack.combine.merges.base import MergeOptions, declare, register
 
 if TYPE_CHECKING:
     import torch
     from torch import Tensor
+
+# mergekit requires t; knowstack's default is the midpoint
+declare("t", float, 0.5, "slerp: the position between the two models", ge=0, le=1, sweepable=True)
 
 COLINEAR = 0.9995  # mergekit's threshold on |cos theta| past which it interpolates linearly
 EPS = 1e-8  # a norm below this is taken as 1 (a zero tensor), as in mergekit

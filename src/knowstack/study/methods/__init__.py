@@ -7,12 +7,25 @@ Adding a method is adding a module here and its schema to config.py MethodsConfi
 
 from __future__ import annotations
 
-from knowstack.study.methods import continual_merge, joint, merge, moe, olora, one_round, replay, sequential
+from knowstack.study.methods import (
+    continual_merge,
+    ewc,
+    joint,
+    lwf,
+    merge,
+    moe,
+    olora,
+    one_round,
+    replay,
+    search,
+    sequential,
+)
 from knowstack.study.methods.base import ComposeVariant, Method
 
 # In the order a study plans them (and its report lists them).
 CATALOG: dict[str, Method] = {m.name: m for m in (one_round.METHOD, sequential.METHOD, olora.METHOD, joint.METHOD,
-                                                    replay.METHOD, merge.METHOD, moe.METHOD, continual_merge.METHOD)}
+                                                    replay.METHOD, merge.METHOD, moe.METHOD, continual_merge.METHOD,
+                                                    search.METHOD, ewc.METHOD, lwf.METHOD)}
 
 
 def compose_variants() -> dict[str, tuple[Method, ComposeVariant]]:

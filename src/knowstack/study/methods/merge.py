@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from knowstack.combine.merges import MERGE_METHOD_OPTIONS, METHODS, MergeOptions
+from knowstack.combine.merges import MERGE_METHOD_OPTIONS, METHODS, OPTIONS, MergeOptions
 from knowstack.config import MergeConfig
 from knowstack.errors import KnowstackError
 from knowstack.study.graph import ModelRef, Point, step_ref
@@ -58,12 +58,8 @@ def statistics_inputs(builder: PlanBuilder, finetune: str, kind: str, inputs: li
             raise KnowstackError(f"no {kind} statistics were contributed for {', '.join(lacking)}",
                                  field="methods.merge.methods")
         return [builder.provided_statistics[task["name"]] for task in builder.tasks], ()
-    steps = []
-    for task, (ref, deps) in zip(builder.tasks, inputs, strict=True):
-        params = {"kind": kind, "finetune": finetune, "model": ref, "base": builder.base.to_dict(), "task": task,
-                  "examples": merge.statistics_examples, "max_length": builder.training.max_length}
-        label = f"{kind}-{finetune}-{task['name']}"
-        steps.append(builder.add_step("statistics", label, params, builder.base_deps() + deps))
+    steps = [builder.statistics_step(kind, finetune, ref, task, merge.statistics_examples, deps)
+             for task, (ref, deps) in zip(builder.tasks, inputs, strict=True)]
     return [step_ref(step) for step in steps], tuple(step.key for step in steps)
 
 
@@ -71,18 +67,14 @@ def step_options(builder: PlanBuilder, method: str, merge: MergeConfig) -> dict[
     """The settings a merge step of `method` is made with: only those the method reads, so that changing TIES'
     density does not redo the average."""
     seed = builder.seed if merge.seed is None else merge.seed
-    settings = {"density": merge.density, "drop_rate": merge.drop_rate, "lambda": merge.lam, "seed": seed,
-                "t": merge.t, "gamma": merge.gamma, "epsilon": merge.epsilon, "max_iter": merge.max_iter,
-                "tol": merge.tol, "regmean_alpha": merge.regmean_alpha, "fisher_floor": merge.fisher_floor}
-    return {name: settings[name] for name in MERGE_METHOD_OPTIONS[method]}
+    settings = {name: getattr(merge, option.field) for name, option in OPTIONS.items()}
+    return {name: seed if name == "seed" else settings[name] for name in MERGE_METHOD_OPTIONS[method]}
 
 
 def check_merge(method: str, models: int, merge: MergeConfig, field: str = "methods.merge") -> None:
     """The method's own checks (how many models it merges, options it cannot run with) at plan time, before any
     step runs, naming the config field."""
-    options = MergeOptions(**{name: getattr(merge, name) for name in ("density", "drop_rate", "lam", "t", "gamma",
-                                                                       "epsilon", "max_iter", "tol", "regmean_alpha",
-                                                                       "fisher_floor")})
+    options = MergeOptions(**{option.field: getattr(merge, option.field) for option in OPTIONS.values()})
     try:
         METHODS[method].check_inputs(models)
         METHODS[method].check_options(options)
@@ -105,7 +97,7 @@ def each_merge(builder: PlanBuilder, section: MergeConfig, field_name: str) -> I
                 if point in seen:
                     continue
                 seen.append(point)
-                merge = section.model_copy(update={("lam" if k == "lambda" else k): v for k, v in point.values})
+                merge = section.model_copy(update={OPTIONS[k].field: v for k, v in point.values})
                 with builder.at(point, field_name=field_name, trains=False):
                     yield finetune, method, merge
 
@@ -115,7 +107,9 @@ def plan(builder: PlanBuilder, section: MergeConfig) -> None:
         add_merge(builder, finetune, method, merge)
 
 
-_CONFIG_NAMES = {"lambda": "lam"}  # the config's field for a compose option of another name
+def _field(option: str) -> str:
+    """The config's field (and the compose option) of a merge option: lambda's is lam; seed is seed."""
+    return OPTIONS[option].field if option in OPTIONS else option
 
 
 def compose_variant(name: str, method: str, summary: str) -> ComposeVariant:
@@ -124,9 +118,9 @@ def compose_variant(name: str, method: str, summary: str) -> ComposeVariant:
 
     def section(given: Any, kinds: list[str]) -> dict[str, Any]:
         return {"finetune": ["lora" if set(kinds) == {"adapter"} else "fft"], "methods": [method],
-                **{option: getattr(given, _CONFIG_NAMES.get(option, option)) for option in options}}
+                **{option: getattr(given, _field(option)) for option in options}}
 
-    knobs = tuple(_CONFIG_NAMES.get(option, option) for option in MERGE_METHOD_OPTIONS[method])
+    knobs = tuple(_field(option) for option in MERGE_METHOD_OPTIONS[method])
     return ComposeVariant(name, summary, kinds=("adapter", "model"), knobs=knobs, section=section)
 
 

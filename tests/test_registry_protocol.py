@@ -1,0 +1,106 @@
+"""A registry scores through the study's evaluation step, under the protocol it was made with (registry init
+--protocol): a composed version's score rows and per-item scores are exactly a study's on the same model and task
+files with the same `evaluation.protocol`; a registry made before scores named their protocol reads as the default."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from test_registry import make_finetune, make_task, write_mc_task
+
+from knowstack import api
+from knowstack.config import StudyConfig
+from knowstack.errors import KnowstackError
+from knowstack.registry import Registry, init_registry
+from knowstack.registry.compose import compose
+from knowstack.registry.contribute import contribute
+from knowstack.study.builder import PlanBuilder
+from knowstack.study.results import collect_items, collect_rows
+from knowstack.study.steps import StudyContext, execute
+
+
+def study_scores(model: Path, tokenizer: Path, tasks: dict[str, tuple[Path, str]], old: Path, protocol: str,
+                 out: Path) -> tuple[dict[tuple, tuple], dict[tuple, list[float]]]:
+    """The base evaluation of a study with `evaluation.protocol: protocol` on `model`: {(task, kind, metric,
+    protocol): (value, n)} and {(kind, task, metric): per-item scores}."""
+    config = StudyConfig.model_validate({
+        "name": f"study-{protocol}", "base": {"model": str(model), "tokenizer": str(tokenizer)},
+        "tasks": [{"name": name, "path": str(path), "metric": metric} for name, (path, metric) in tasks.items()],
+        "old_knowledge": {"tasks": ["ks_toy"], "include_path": str(old)},
+        "evaluation": {"protocol": protocol},
+    })
+    builder = PlanBuilder(config, out)
+    builder.add_base()
+    for step in builder.plan.ordered():
+        execute(step, StudyContext(out, config))
+    rows = collect_rows(builder.plan, out / "artifacts")
+    items = {key[1:]: by_seed[None] for key, by_seed in collect_items(builder.plan, out / "artifacts").items()}
+    return {(r.task, r.kind, r.metric, r.protocol): (r.value, r.n) for r in rows}, items
+
+
+def test_a_registry_compose_scores_as_a_study_with_its_protocol(tmp_path: Path, tiny_model_dir: Path) -> None:
+    write_mc_task(tmp_path / "old")
+    # edit similarity reads the first generated line under builtin and the whole generation (a longer budget) under
+    # paper: on any model the two protocols give different numbers, so a registry scoring its own way would show
+    tasks = {"Code": (make_task(tmp_path / "tasks", "Code", metric="edit_similarity"), "edit_similarity"),
+             "Stance": (make_task(tmp_path / "tasks", "Stance"), "accuracy")}
+    finetunes = [make_finetune(tiny_model_dir, tmp_path / f"ft{i}", seed=i) for i in (1, 2)]
+    studies = {}
+    for protocol in ("paper", "builtin"):
+        reg = tmp_path / f"reg-{protocol}"
+        api.init_registry(reg, tiny_model_dir, old_tasks=["ks_toy"], include_path=tmp_path / "old", protocol=protocol)
+        for (name, (path, _)), model in zip(tasks.items(), finetunes, strict=True):
+            contribute(reg, name.lower(), model=model, task=path)
+        version = compose(reg, "merge-average", gate_old=100.0, gate_task=100.0)
+        api.export(reg, version["name"], tmp_path / f"v-{protocol}")
+        studies[protocol] = study_scores(tmp_path / f"v-{protocol}", tiny_model_dir, tasks, tmp_path / "old", protocol,
+                                         tmp_path / f"study-{protocol}")
+        rows, items = studies[protocol]
+        mine = {(s["task"], s["kind"], s["metric"], s["protocol"]): (s["value"], s["n"]) for s in version["scores"]}
+        assert mine == rows  # the same rows: fields, metric names, values, protocol
+        assert {key[3] for key in mine} == {protocol, "lm-eval"}
+        kept = version["settings"]["item_scores"]  # the per-item scores the gate compares: the study's
+        assert kept == {"new/Code": items[("new", "Code", "edit_similarity")],
+                        "new/Stance": items[("new", "Stance", "accuracy")], "old/ks_toy": items[("old", "ks_toy", "acc")]}
+        with Registry.open(reg) as registry:
+            assert registry.protocol == protocol
+            base = registry.base()
+        assert base["settings"]["protocol"] == protocol
+        assert {(s["task"], s["protocol"]) for s in base["scores"]} == {("ks_toy", "lm-eval"), ("Code", protocol),
+                                                                         ("Stance", protocol)}
+    paper, builtin = (studies[p][0][("Code", "new", "edit_similarity", p)][0] for p in ("paper", "builtin"))
+    assert paper != builtin  # the protocols do score differently here: the equalities above could fail
+
+
+def test_a_registry_made_before_protocols_reads_as_the_default_and_records_them_from_then_on(
+        tmp_path: Path, tiny_model_dir: Path) -> None:
+    reg = tmp_path / "reg"
+    init_registry(reg, tiny_model_dir)
+    contribute(reg, "stance", model=make_finetune(tiny_model_dir, tmp_path / "ft", seed=1),
+               task=make_task(tmp_path / "tasks", "Stance"))
+    # as a registry of an older knowstack holds it: no protocol column, no protocol in the base's settings
+    conn = sqlite3.connect(reg / "registry.sqlite")
+    conn.execute("ALTER TABLE scores DROP COLUMN protocol")
+    settings = json.loads(conn.execute("SELECT settings FROM versions WHERE kind = 'base'").fetchone()[0])
+    del settings["protocol"]
+    conn.execute("UPDATE versions SET settings = ? WHERE kind = 'base'", (json.dumps(settings),))
+    conn.commit()
+    conn.close()
+    with Registry.open(reg) as registry:
+        assert registry.protocol == "builtin"
+        [score] = registry.version("stance")["scores"]
+        assert (score["metric"], score["protocol"]) == ("accuracy", "builtin")
+    contribute(reg, "notes", model=make_finetune(tiny_model_dir, tmp_path / "ft2", seed=2),
+               task=make_task(tmp_path / "tasks", "Notes"))
+    with Registry.open(reg) as registry:  # the first write since adds the column; old rows keep reading as before
+        assert [s["protocol"] for name in ("stance", "notes") for s in registry.version(name)["scores"]] == \
+            ["builtin", "builtin"]
+    conn = sqlite3.connect(reg / "registry.sqlite")
+    assert conn.execute("SELECT protocol FROM scores ORDER BY version_id").fetchall() == [(None,), ("builtin",)]
+    conn.close()
+    with pytest.raises(KnowstackError, match="unknown protocol 'trace'"):
+        init_registry(tmp_path / "other", tiny_model_dir, protocol="trace")
+    assert not (tmp_path / "other").exists()
