@@ -6,8 +6,8 @@ then runs the same merges with both tools, each as its own command-line process:
 
     linear / average   mergekit `linear` (weights 1, normalize)  vs  `knowstack merge --method average`
     TIES               mergekit `ties` (density d, weights 1)   vs  `knowstack merge --method ties`
-    and with --methods any other method mergekit has (task-arithmetic, slerp, breadcrumbs, model-stock, ...:
-    MERGEKIT_EQUIVALENTS below)
+    task arithmetic, SLERP, breadcrumbs, DELLA, Model Stock: the same (the seven methods both have, by default);
+    with --methods any other method mergekit has (MERGEKIT_EQUIVALENTS below)
 
 Each method runs `--repeats` times with each tool, alternating (knowstack then mergekit, then mergekit then
 knowstack, ...: a drift of the machine's load falls on both), after one read of every input so that the inputs
@@ -25,7 +25,7 @@ mergekit pins its own dependencies, so it gets its own virtual environment, crea
 (torch==2.13.0, the CPU build, is installed first so that no CUDA build is pulled; then mergekit):
 
     .venv/bin/python benchmarks/merge.py [--models 3] [--layers 20] [--density 0.2] [--repeats 3]
-        [--methods average ties] [--mergekit-venv ~/.cache/knowstack/mergekit-venv] [--workdir DIR] [--json PATH]
+        [--methods average ties ...] [--mergekit-venv ~/.cache/knowstack/mergekit-venv] [--workdir DIR] [--json PATH]
 """
 
 from __future__ import annotations
@@ -255,9 +255,11 @@ MERGEKIT_EQUIVALENTS: dict[str, tuple[str, dict]] = {
     "karcher": ("karcher", {}),
     "model-stock": ("model_stock", {}),
 }
-# the ones a merge of whole checkpoints can compare (the others draw at random: tests/test_merge_oracle.py compares
-# them with the same draws, a tensor at a time)
+# the ones a merge of whole checkpoints can compare entry by entry (the others draw at random: their outputs differ
+# by the draws, and tests/test_merge_oracle.py compares them with the same draws, a tensor at a time)
 DETERMINISTIC = [m for m in MERGEKIT_EQUIVALENTS if not m.startswith("della")]
+# the methods knowstack shares with mergekit that issue 34 times (the default)
+SHARED = ["average", "ties", "task-arithmetic", "slerp", "breadcrumbs", "della", "model-stock"]
 # the knowstack options each mergekit method reads, per model (tensor parameters) or for the merge
 _PER_MODEL = {"density": "density", "gamma": "gamma", "epsilon": "epsilon"}
 _GLOBAL = {"lambda": "lambda", "t": "t", "max_iter": "max_iter", "tol": "tol"}
@@ -325,9 +327,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--density", type=float, default=0.2)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each tool per method, alternating (the "
                                                                "ratio's median and range are over these)")
-    parser.add_argument("--methods", nargs="+", default=["average", "ties"], choices=DETERMINISTIC,
-                        help="knowstack merge methods to compare with their mergekit equivalents (default and knowstack "
-                             "option defaults for the options the command line does not set)")
+    parser.add_argument("--methods", nargs="+", default=SHARED, choices=list(MERGEKIT_EQUIVALENTS),
+                        help="knowstack merge methods to compare with their mergekit equivalents (default: the seven "
+                             "they share; knowstack's option defaults for the options the command line does not set). "
+                             "DELLA's outputs differ by their random draws")
+    parser.add_argument("--no-input-hashes", dest="input_hashes", action="store_false",
+                        help="run knowstack with --no-input-hashes (its card without the inputs' sha256, as mergekit "
+                             "here writes no card); by default it hashes its inputs as a user's merge does")
     parser.add_argument("--mergekit-venv", type=Path, default=DEFAULT_VENV)
     parser.add_argument("--workdir", type=Path, help="where checkpoints go (default: a temporary dir)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
@@ -376,6 +382,8 @@ def run_benchmark(args: argparse.Namespace, mergekit: Path | None, workdir: Path
             command += ["--base", str(base)]
         if "density" in MERGE_METHOD_OPTIONS[method]:
             command += ["--density", str(args.density)]
+        if not args.input_hashes:
+            command += ["--no-input-hashes"]
         runs[method] = (command, inputs)
     print(f"{'method':7} {'knowstack s':>11} {'mergekit s':>10} {'ratio [range]':>19} {'cpu ratio':>9} "
           f"{'max|diff|':>10} {'differing':>14} {'RSS/ckpt ks':>11} {'RSS/ckpt mk':>11} {'cached':>6} {'load':>9}")
@@ -395,7 +403,7 @@ def run_benchmark(args: argparse.Namespace, mergekit: Path | None, workdir: Path
           "memory / one input checkpoint's size, the largest over its runs; goal <= 1.5x for knowstack. cached: the "
           "least share of the inputs' bytes in the page cache before a run. load: 1-minute load average before and "
           "after the method's runs. Goals for max|diff|: <= 1e-6 for linear; TIES equal but for entries tied exactly "
-          "at the k-th magnitude)")
+          "at the k-th magnitude; DELLA's draw at random, so their entries differ by the draws)")
     load_after = os.getloadavg()
     print(f"load average after: {_load(load_after)}")
     return {"benchmark": "merge", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -404,6 +412,7 @@ def run_benchmark(args: argparse.Namespace, mergekit: Path | None, workdir: Path
             "load_average_before": list(load_before), "load_average_after": list(load_after),
             "settings": {"models": args.models, "layers": args.layers, "density": args.density,
                          "repeats": args.repeats, "parameters": params, "checkpoint_bytes": checkpoint,
+                         "knowstack_input_hashes": args.input_hashes,
                          "mergekit": MERGEKIT_PIN if mergekit is not None else None},
             "page_cache": "inputs read once before each method's runs (warm); inputs_cached: the share of their "
                           "bytes in the page cache before each run (fincore), null where it cannot be measured",

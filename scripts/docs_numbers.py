@@ -349,7 +349,8 @@ def merge_line(record: dict) -> str:
                      f"{m['mergekit']['peak_rss_per_checkpoint']:.2f}, largest output difference "
                      f"{m['max_abs_diff']:.2g} ({m['entries_differing']} of {m['entries']} entries differ)")
     settings, load = record["settings"], record["load_average_before"][0]
-    return (f"- merging {settings['models']} checkpoints of {settings['parameters'] / 1e6:.0f}M parameters: "
+    hashes = "" if settings.get("knowstack_input_hashes", True) else " (knowstack with --no-input-hashes)"
+    return (f"- merging {settings['models']} checkpoints of {settings['parameters'] / 1e6:.0f}M parameters{hashes}: "
             + "; ".join(parts) + f" (median of {settings['repeats']} alternating runs, inputs in the page cache; "
             f"`benchmarks/merge.py`, {record['date'][:16].replace('T', ' ')} UTC, load average {load:.1f})")
 

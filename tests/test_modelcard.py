@@ -95,3 +95,28 @@ def test_intervals_only_where_a_score_is_a_share_of_items() -> None:
     assert score_interval(CardScore("t", "rouge_l", 0.4, 50)) is None
     assert score_interval(CardScore("t", "accuracy", 0.4, None)) is None
     assert score_interval(CardScore("t", "accuracy", 1.0, 10))[1] == 1.0
+
+
+def test_a_merge_without_input_hashes_says_so_and_hashes_nothing(tmp_path: Path, tiny_model_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """--no-input-hashes: the card lists the inputs without sha256 and records the choice, as merge.json does;
+    by default the inputs' hashes are taken as the merge reads them and merge.json says nothing of it."""
+    import json
+
+    from knowstack import hashing
+
+    ft = make_finetune(tiny_model_dir, tmp_path / "ft", 3)
+    merge_models("task-arithmetic", [ft], tmp_path / "hashed", base=tiny_model_dir)
+    text = card(tmp_path / "hashed")[1]
+    assert dir_sha256(ft) in text and dir_sha256(tiny_model_dir) in text
+    assert "input_hashes" not in json.loads((tmp_path / "hashed" / "merge.json").read_text())
+
+    def refuse(path: Path) -> str:
+        raise AssertionError(f"{path} was hashed")
+
+    monkeypatch.setattr(hashing, "file_sha256", refuse)
+    monkeypatch.setattr(hashing, "_SEEN", {})
+    merge_models("task-arithmetic", [ft], tmp_path / "unhashed", base=tiny_model_dir, input_hashes=False)
+    text = card(tmp_path / "unhashed")[1]
+    assert f"| merged | `{ft.resolve()}` | - |" in text and '"input_hashes": false' in text
+    assert json.loads((tmp_path / "unhashed" / "merge.json").read_text())["input_hashes"] is False

@@ -15,10 +15,18 @@ from checkpoints import perturbed
 from safetensors.torch import load_file, save_file
 
 from knowstack import hashing
+from knowstack.combine.inputs import FullModel
 from knowstack.combine.merge import merge_models
 from knowstack.errors import KnowstackError
 from knowstack.modelcard import dir_sha256
-from knowstack.modeling.streaming import INDEX_FILE, READ_BLOCK, SafetensorsReader, ShardedWriter
+from knowstack.modeling import streaming
+from knowstack.modeling.streaming import (
+    INDEX_FILE,
+    READ_BLOCK,
+    SafetensorsReader,
+    ShardedWriter,
+    wait_for_hashes,
+)
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -113,6 +121,35 @@ def test_a_file_read_front_to_back_is_hashed_on_the_way(checkpoint: Path, monkey
     assert hashing.known_sha256(file) == expected
 
 
+def test_a_view_is_the_files_bytes_uncopied_and_changing_it_leaves_the_file_alone(checkpoint: Path) -> None:
+    file = checkpoint / "model.safetensors"
+    before = file.read_bytes()
+    reader = SafetensorsReader.from_dir(checkpoint)
+    expected = load_file(file)
+    for name in reader.names():
+        got = reader.view(name)
+        assert got.dtype == expected[name].dtype and got.shape == expected[name].shape, name
+        assert torch.equal(got.reshape(-1).view(torch.uint8), expected[name].reshape(-1).view(torch.uint8)), name
+    large = reader.view("large")
+    large.add_(1)  # a private map: the change is this process's copy of the page, never the file's
+    assert torch.equal(large, expected["large"] + 1)
+    del large
+    assert file.read_bytes() == before
+
+
+def test_a_file_viewed_and_read_in_order_is_hashed_on_a_thread(checkpoint: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    file = checkpoint / "model.safetensors"
+    expected = hashlib.sha256(file.read_bytes()).hexdigest()
+    monkeypatch.setattr(streaming, "HASH_BACKLOG", 1024)  # views wait for the hashing of earlier ones too
+    reader = SafetensorsReader([file], hash_files=True)
+    for i, name in enumerate(reader.names()):
+        reader.view(name) if i % 3 else reader.read(name)
+    wait_for_hashes()
+    _forbid_reading(monkeypatch)
+    assert hashing.known_sha256(file) == expected
+
+
 def test_no_hash_is_remembered_for_a_file_read_out_of_order_or_changed(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     tensors = _tensors()
@@ -176,3 +213,30 @@ def test_a_merge_hashes_its_inputs_for_the_card_as_it_reads_them(tiny_model_dir:
     monkeypatch.setattr(hashing, "file_sha256", no_second_read)
     card = (merge_models("average", models, tmp_path / "merged") / "README.md").read_text()
     assert all(digest is not None and digest in card for digest in expected)
+
+
+def test_a_file_that_cannot_be_mapped_is_read(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    file = checkpoint / "model.safetensors"
+    expected = hashlib.sha256(file.read_bytes()).hexdigest()
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError("no mmap here")
+
+    monkeypatch.setattr(streaming.mmap, "mmap", refuse)
+    reader = SafetensorsReader([file], hash_files=True)
+    for name in reader.names():
+        assert torch.equal(reader.view(name).reshape(-1).view(torch.uint8),
+                           load_file(file)[name].reshape(-1).view(torch.uint8))
+    wait_for_hashes()
+    _forbid_reading(monkeypatch)
+    assert hashing.known_sha256(file) == expected
+
+
+def test_a_task_vector_made_from_a_view_has_the_read_ones_bits(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # a merge makes all but its last task vector from mapped views (peak memory: the last is read as before)
+    model, base = FullModel(perturbed(tiny_model_dir, tmp_path / "m", seed=1, scale=0.01)), FullModel(tiny_model_dir)
+    for name in model.specs:
+        base_tensor = base.full(name)
+        if base_tensor.is_floating_point():
+            viewed, read = model.delta(name, base_tensor, view=True), model.delta(name, base_tensor)
+            assert viewed.dtype == read.dtype == torch.float32 and torch.equal(viewed, read), name

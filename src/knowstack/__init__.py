@@ -58,6 +58,9 @@ class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
             def exec_then_register(module: Any) -> None:
                 run(module)
                 _register_model_classes()
+                from knowstack.logs import transformers_imported
+
+                transformers_imported()  # the settings that waited for it (logs.after_transformers_import)
 
             spec.loader.exec_module = exec_then_register  # type: ignore[method-assign]
         return spec

@@ -317,7 +317,7 @@ def merge(method: str, models: Sequence[PathLike], out: PathLike, *, base: PathL
           weights: Sequence[float] | None = None, density: float | None = None, drop_rate: float | None = None,
           lam: float | None = None, lora_space: str | None = None, seed: int | None = None, max_shard_gb: float = 5.0,
           progress: bool = False, statistics: Sequence[PathLike] | None = None, dtype: str = "auto",
-          **settings: float) -> Path:
+          input_hashes: bool = True, **settings: float) -> Path:
     """Merge model dirs and/or LoRA adapter dirs of one base, as `knowstack merge`; returns the merged model dir.
     method: a knowstack name or mergekit's (`linear`, `dare_ties`, ...: combine/merges/). density / drop_rate / lam
     default to config.py MergeConfig's; an option the method does not read is an error naming those it reads, except
@@ -328,7 +328,7 @@ def merge(method: str, models: Sequence[PathLike], out: PathLike, *, base: PathL
     for breadcrumbs, epsilon for della, max_iter and tol for karcher, regmean_alpha for regmean, fisher_floor for
     fisher; combine/merges/), an unknown one an error. statistics: for regmean and fisher, one statistics dir per
     model, in order (`statistics`). dtype: the output's floating tensors, auto (the base's, the default), float32,
-    bfloat16 or float16."""
+    bfloat16 or float16. input_hashes: False leaves the inputs' sha256 out of the model card (which says so)."""
     from knowstack.combine.merge import merge_models
     from knowstack.combine.merges import get_method
 
@@ -338,7 +338,7 @@ def merge(method: str, models: Sequence[PathLike], out: PathLike, *, base: PathL
     options = get_method(method).options_from({name: value for name, value in given.items() if value is not None})
     return merge_models(method, list(models), Path(out), base=base, weights=weights, options=options, seed=seed or 0,
                         max_shard_bytes=int(max_shard_gb * 2**30), progress=progress, statistics=statistics,
-                        dtype=dtype)
+                        dtype=dtype, input_hashes=input_hashes)
 
 
 @quiet_call

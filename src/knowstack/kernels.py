@@ -22,6 +22,15 @@ def pin_mkl() -> None:
     os.environ.setdefault("MKL_CBWR", DEFAULT_MKL_CBWR)
 
 
+def large_pages_for_tensors() -> None:
+    """torch's large tensors (2 MB and up) in transparent huge pages where the kernel grants them on request
+    (THP_MEM_ALLOC_ENABLE, unless the user set it): a merge's fresh tensors then fault a page in per 2 MB, not
+    per 4 KB (a third of a streamed merge's CPU time went to page faults). torch reads the variable at its first
+    tensor allocation, so it counts in a process whose first tensors are the caller's (`knowstack merge`) and
+    changes nothing in one that allocated before; it changes no number, only where memory comes from."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def sums_independent_of_threads() -> bool:
     """Whether MKL runs in its strict reproducible mode here, in which its sums do not depend on the thread count:
     then the test world's steps give the same bytes on any thread count (the tests assert it; the larger worlds'

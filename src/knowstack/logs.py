@@ -101,23 +101,51 @@ _BAR_SWITCHES = (
 @contextmanager
 def library_bars_off() -> Iterator[None]:
     """The progress bars of transformers (loading weights), huggingface_hub and datasets ("Generating test
-    split") off, each put back as it was on exit. Only libraries imported by now are touched: importing
-    datasets costs seconds; the code that imports it later (the lm-eval harness) turns its bars off there."""
-    restore = []
-    for module_name, probe, enable, disable in _BAR_SWITCHES:
-        module = sys.modules.get(module_name)
-        if module is None:
-            continue
+    split") off, each put back as it was on exit. Only libraries imported by now are touched, and transformers
+    when it is imported inside (after_transformers_import): importing it costs seconds that a command which
+    loads no model (a merge) need not pay; importing datasets too, and the code that imports it later (the
+    lm-eval harness) turns its bars off there."""
+    restore: list[Callable[[], object]] = []
+    inside = [True]
+
+    def turn_off(module_name: str, probe: str, enable: str, disable: str) -> None:
+        module = sys.modules[module_name]
         shown = getattr(module, probe)()
         shown = not shown if probe.startswith("are_") else shown
         if shown:
             getattr(module, disable)()
             restore.append(getattr(module, enable))
+
+    for switch in _BAR_SWITCHES:
+        if switch[0] in sys.modules:
+            turn_off(*switch)
+        elif switch[0].startswith("transformers."):
+            after_transformers_import(lambda switch=switch: inside[0] and turn_off(*switch))
     try:
         yield
     finally:
+        inside[0] = False
         for enable_bars in reversed(restore):
             enable_bars()
+
+
+# What runs once transformers is first imported (by knowstack's import hook, knowstack/__init__.py)
+_AFTER_TRANSFORMERS: list[Callable[[], object]] = []
+
+
+def after_transformers_import(fn: Callable[[], object]) -> None:
+    """fn() now if transformers is imported, else right after its first import: a setting of transformers' own
+    (its bars, its log level) made without importing it where nothing else would."""
+    if "transformers" in sys.modules:
+        fn()
+    else:
+        _AFTER_TRANSFORMERS.append(fn)
+
+
+def transformers_imported() -> None:
+    """Run what waited for transformers' import (after_transformers_import); knowstack's import hook calls it."""
+    while _AFTER_TRANSFORMERS:
+        _AFTER_TRANSFORMERS.pop(0)()
 
 
 def user_logging_configured() -> bool:
@@ -135,8 +163,6 @@ def quiet_libraries() -> Iterator[None]:
     if _QUIET.get():
         yield
         return
-    import transformers.utils.logging  # noqa: F401 - its bar switch, before the call imports (and uses) it
-
     token = _QUIET.set(True)
     try:
         with ExitStack() as stack:

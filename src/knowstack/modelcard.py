@@ -198,10 +198,14 @@ def training_card(settings: Mapping[str, Any], model_path: str | Path, adapter_i
         tags=["lora"] if lora else [])
 
 
-def merge_card(method: str, base: str | Path | None, models: Sequence[str | Path], settings: Mapping[str, Any]
-               ) -> ModelCardInfo:
-    """A merge's card: base_model the shared base (or, for a plain average without one, the models merged)."""
-    inputs = ([model_input(base, "base model")] if base is not None else []) + [model_input(m, "merged") for m in models]
+def merge_card(method: str, base: str | Path | None, models: Sequence[str | Path], settings: Mapping[str, Any],
+               input_hashes: bool = True) -> ModelCardInfo:
+    """A merge's card: base_model the shared base (or, for a plain average without one, the models merged).
+    input_hashes False: the inputs without their content hashes (the settings say so: `input_hashes`)."""
+    def entry(model: str | Path, role: str) -> CardInput:
+        return model_input(model, role) if input_hashes else CardInput(hub_name(model), role)
+
+    inputs = ([entry(base, "base model")] if base is not None else []) + [entry(m, "merged") for m in models]
     parents: str | list[str] = hub_name(base) if base is not None else [hub_name(m) for m in models]
     return ModelCardInfo(title=f"{method} merge of {len(models)} models", base_model=parents, relation="merge",
                          library_name="transformers", method=f"merge ({method})", settings=dict(settings),

@@ -11,7 +11,7 @@ from rich.markup import escape
 from knowstack.cli import models, registry, study
 from knowstack.cli.common import console
 from knowstack.errors import InputProblems, KnowstackError, Problem, fault_message, os_fault
-from knowstack.logs import library_messages_to
+from knowstack.logs import after_transformers_import, library_messages_to
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,11 +76,16 @@ def worded_for_command(err: KnowstackError, parser: argparse.ArgumentParser | No
 
 
 def _quiet_libraries() -> None:
-    """Per-file loading/saving bars of transformers and datasets drown the study's own progress."""
+    """Per-file loading/saving bars of transformers and datasets drown the study's own progress. transformers' are
+    turned off when it is imported: a command that loads no model (a merge) does not pay seconds to import it."""
     import os
 
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    after_transformers_import(_quiet_transformers)
+
+
+def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

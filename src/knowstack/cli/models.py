@@ -208,7 +208,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
     raise_problems(problems + [p for path in args.models for p in check_weights_dir(path)])
     out = api.merge(args.method, args.models, args.out, base=args.base, weights=args.weights,
                     lora_space=args.lora_space, seed=args.seed, max_shard_gb=args.max_shard_gb, progress=True,
-                    statistics=args.statistics, dtype=args.dtype, **merge_options_given(args))
+                    statistics=args.statistics, dtype=args.dtype, input_hashes=args.input_hashes,
+                    **merge_options_given(args))
     record = json.loads((out / "merge.json").read_text(encoding="utf-8"))
     print_result(args, {**record, "out": str(out)}, f"merged model: {out}")
 
@@ -420,6 +421,9 @@ def add_commands(sub: Any) -> None:
                         "add_weighted_adapter does (factors: the paper's LoRA TIES / DARE-TIES; weights are PEFT's, "
                         "1 each by default)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help=f"{meaning('--max-shard-gb')} (default 5)")
+    p.add_argument("--no-input-hashes", dest="input_hashes", action="store_false",
+                   help="leave the inputs' sha256 out of the model card (which says so): no hashing beside the merge "
+                        "(by default they are hashed as the merge reads them, on a thread of their own)")
     add_dtype_option(p, "the merged model's weights")
     add_out_option(p, "the merged model dir to write")
     add_json_option(p, "merge.json's record")

@@ -97,8 +97,17 @@ class FullModel:
     def read(self, name: str) -> torch.Tensor:
         return self.reader.read(self._aliases.get(name, name))
 
+    def view(self, name: str) -> torch.Tensor:
+        """A tensor in its stored dtype, mapped from the file without a copy (SafetensorsReader.view): only read it."""
+        return self.reader.view(self._aliases.get(name, name))
+
     def full(self, name: str) -> torch.Tensor:
+        """A tensor in float32, the caller's own (it may change it in place)."""
         return self.read(name).float()
+
+    def full_to_read(self, name: str) -> torch.Tensor:
+        """A tensor in float32, only to be read: the mapped file's bytes themselves where they are float32."""
+        return self.view(name).float()
 
     def weights_dtype(self) -> torch.dtype:
         """The dtype most of its floating parameters are stored in (what config.json's dtype names)."""
@@ -108,8 +117,14 @@ class FullModel:
                 counts[spec.torch_dtype] += math.prod(spec.shape)
         return counts.most_common(1)[0][0] if counts else torch.float32
 
-    def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
-        return self.full(name).sub_(base)
+    def delta(self, name: str, base: torch.Tensor, view: bool = False) -> torch.Tensor | None:
+        """The weight minus `base`. view: from the mapped file, the difference a new tensor (no copy of the weight
+        first), for all but the last task vector of a merge: a map beside a new difference holds one weight more
+        at once than reading into the difference's own tensor, which only the last one's would raise the peak by."""
+        if not view:
+            return self.full(name).sub_(base)
+        stored = self.view(name)
+        return stored.float().sub_(base) if stored.dtype != torch.float32 else torch.sub(stored, base)
 
 
 class LoraAdapter:

@@ -33,7 +33,8 @@ from knowstack.combine.merge_factors import get_factor_method, merge_lora_factor
 from knowstack.combine.merges import METHODS, MergeMethod, MergeOptions, get_method
 from knowstack.combine.statistics import Statistics, check_statistics, open_statistics
 from knowstack.errors import KnowstackError
-from knowstack.modeling.streaming import MAX_SHARD_BYTES, ShardedWriter
+from knowstack.kernels import large_pages_for_tensors
+from knowstack.modeling.streaming import MAX_SHARD_BYTES, ShardedWriter, wait_for_hashes
 from knowstack.modelio import copy_model_files, dtype_name, output_dtype
 from knowstack.progress import step_bar
 
@@ -55,11 +56,14 @@ def merge_models(
     progress: bool = False,
     statistics: Sequence[str | Path] | None = None,
     dtype: str = "auto",
+    input_hashes: bool = True,
 ) -> Path:
     """Merge `models` (model dirs and/or LoRA adapter dirs) with `method` into the model dir `out`. statistics: for
     a method that reads statistics of each model's data (regmean, fisher), one statistics dir per model, in the
     models' order (combine/statistics.py). dtype: the output's floating tensors' (modelio.DTYPE_CHOICES; "auto":
-    each as the base's)."""
+    each as the base's). input_hashes: the model card lists each input's sha256, taken as the merge reads it (False:
+    none, and the card and merge.json say so)."""
+    large_pages_for_tensors()
     chosen = get_method(method)
     method = chosen.name  # mergekit's name (`linear`) is an alias of the method's own
     cast = output_dtype(dtype)
@@ -88,7 +92,7 @@ def merge_models(
     contributed = _statistics(chosen, statistics, inputs, reference)
     for model in [*inputs, base_model]:
         if isinstance(model, FullModel):
-            model.reader.hash_files = True  # the card's content hashes, taken as the merge reads each file
+            model.reader.hash_files = input_hashes  # the card's content hashes, taken as the merge reads each file
 
     out = Path(out).expanduser()
     sources = [m.path for m in inputs] + ([base_model.path] if base_model else [])
@@ -119,7 +123,10 @@ def merge_models(
             record["statistics"] = [str(stats.path) for stats in contributed]
         # the settings this method reads, and only those (an option it does not read would look as if it counted)
         record.update({name: seed if name == "seed" else options.value(name) for name in chosen.options})
+        if not input_hashes:
+            record["input_hashes"] = False  # recorded only when left out: merge.json is as before otherwise
         atomic_write_json(tmp / MERGE_FILE, record)
+        wait_for_hashes()  # the inputs' hashes, taken while the merge read them, for the card
         _write_cards(tmp, method, base, [m.path for m in inputs], record)
     return out
 
@@ -129,9 +136,10 @@ def _write_cards(tmp: Path, method: str, base: str | Path | None, models: list[P
     from knowstack.modelcard import merge_card, write_model_card
 
     settings = {k: v for k, v in record.items() if k not in ("base", "models", "adapter")}
-    write_model_card(tmp, merge_card(method, base, models, settings))
+    hashes = record.get("input_hashes", True)
+    write_model_card(tmp, merge_card(method, base, models, settings, input_hashes=hashes))
     if record["adapter"]:
-        card = merge_card(method, base, models, settings)
+        card = merge_card(method, base, models, settings, input_hashes=hashes)
         card.relation, card.library_name, card.title = "adapter", "peft", f"{card.title}, as one LoRA adapter"
         card.how_to_load = "peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), DIR)"
         write_model_card(tmp / ADAPTER_DIR, card)
@@ -163,6 +171,8 @@ def _write_merged(tmp: Path, method: MergeMethod, reference: FullModel, base: Fu
             merged = _merge_full(method, name, inputs, weights, options, seed)
         writer.write(name, merged.to(dtypes[name]))
         del merged  # not alive while the next tensor is merged
+        # the views' hashes done, so that no map of this tensor's inputs is resident while the next one's are read
+        wait_for_hashes()
     writer.close()
 
 
@@ -185,19 +195,30 @@ def _generator(seed: int, name: str) -> torch.Generator:
 
 def _merge_full(method: MergeMethod, name: str, inputs: list[Input], weights: torch.Tensor,
                 options: MergeOptions, seed: int) -> torch.Tensor:
-    tensors = [m.full(name) for m in inputs if isinstance(m, FullModel)]
+    models = [m for m in inputs if isinstance(m, FullModel)]
+    # the tensors a method changes are its own copies; the others are read from the mapped files, not copied
+    tensors = [m.full(name) if i == 0 or not method.changes_first_only else m.full_to_read(name)
+               for i, m in enumerate(models)]
     if not tensors[0].is_floating_point():
         return _same_everywhere(name, tensors, inputs)
     return method.fn(tensors, weights, options, _generator(seed, name) if method.random else None)
 
 
+def _task_vector(model: Input, name: str, base: torch.Tensor, last: bool) -> torch.Tensor | None:
+    """One input's task vector; the last one's made with no viewed map resident (every task vector, the base and
+    a map at once would raise the peak over a plain read's)."""
+    if last:
+        wait_for_hashes()
+    return model.delta(name, base, view=not last) if isinstance(model, FullModel) else model.delta(name, base)
+
+
 def _merge_deltas(method: MergeMethod, name: str, base: FullModel, inputs: list[Input], weights: torch.Tensor,
                   options: MergeOptions, seed: int) -> torch.Tensor:
-    raw = base.read(name)
+    raw = base.view(name)  # only read: every task vector and the result are new tensors
     if not raw.is_floating_point():
         return _same_everywhere(name, [raw] + [m.full(name) for m in inputs if isinstance(m, FullModel)], inputs)
     base_tensor = raw.float()
-    deltas = [m.delta(name, base_tensor) for m in inputs]
+    deltas = [_task_vector(m, name, base_tensor, i == len(inputs) - 1) for i, m in enumerate(inputs)]
     if all(d is None for d in deltas):
         return base_tensor  # no adapter touches this weight
     taus = [d if d is not None else torch.zeros_like(base_tensor) for d in deltas]

@@ -1,12 +1,14 @@
 """Safetensors checkpoints read tensor by tensor and written shard by shard, never a whole model.
 
 Reading: a model dir's shards are indexed from their headers (8-byte length + JSON, the format's
-own layout) and each tensor's bytes are read on demand with plain file reads into a tensor of its
-own, so no mapping of a whole input stays resident between tensors. (Not `safe_open` per tensor:
-its tensors are copy-on-write maps of the file, so a merge that works in place took a page fault
-per page of every tensor it changed.) Reading a file front to back can hash it on the way
-(`hash_files`), so that the merge's model card does not read every input a second time to hash it.
-Pickled checkpoints (`*.bin`, `*.pt`) are never read.
+own layout) and each tensor's bytes are read on demand: `read` with plain file reads into a tensor of its
+own (for a tensor its caller changes in place: a copy-on-write map of the file, as `safe_open` gives, would
+take a page fault and a copy per page it changes), `view` as a map of the tensor's bytes alone, without a
+copy, for a tensor that is only read (the map goes with the tensor: no mapping of a whole input stays
+resident between tensors). Reading a file front to back can hash it on the way (`hash_files`), so that the
+merge's model card does not read every input a second time to hash it: a read's blocks as they are read, a
+view's bytes on a worker thread while the caller computes (`wait_for_hashes`). Pickled checkpoints (`*.bin`,
+`*.pt`) are never read.
 
 Writing: every output tensor's name, dtype and shape are known before any is computed (they are
 the base's), so each shard's header is written first and each tensor's bytes are appended as soon
@@ -19,11 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 import struct
 import sys
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -47,6 +51,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 READ_BLOCK = 8 << 20  # bytes read (and hashed) at a time: a block is still in the CPU's cache when it is hashed
+# bytes of viewed tensors waiting for the hashing thread at most: a view waits beyond it, so that the maps
+# the hashing holds on to add little to the process's memory
+HASH_BACKLOG = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -157,6 +164,28 @@ class SafetensorsReader:
             running.done_with(spec.nbytes)
         return tensor
 
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor's bytes mapped from its file, not copied: for a tensor that is only read (a private map: a
+        write would copy the page it changes, never reach the file). The map lives as long as the tensor (and
+        the hashing of its bytes, where the file is hashed); like read(), it hashes a file viewed in order."""
+        spec = self.specs[name]
+        if spec.nbytes == 0:
+            return self.read(name)
+        start = self.data_start[spec.file] + spec.offset
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        with spec.file.open("rb", buffering=0) as handle:
+            running = self._running_hash(spec, handle)
+            try:
+                mapped = mmap.mmap(handle.fileno(), start - aligned + spec.nbytes, flags=mmap.MAP_PRIVATE,
+                                   prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)
+            except (OSError, ValueError):
+                return self.read(name)  # a file system that cannot map files: the plain read (hashed the same)
+        tensor = torch.frombuffer(mapped, dtype=spec.torch_dtype, count=math.prod(spec.shape),
+                                  offset=start - aligned).view(spec.shape)
+        if running is not None:
+            _hash_later(running, memoryview(mapped)[start - aligned:], spec.nbytes)
+        return tensor
+
     def read_start(self, name: str, count: int) -> torch.Tensor:
         """The first `count` elements of a tensor (flattened), without reading the rest: a cheap first look before
         a whole read. Not hashed."""
@@ -184,7 +213,8 @@ class SafetensorsReader:
 
 
 class _RunningHash:
-    """sha256 of a file's bytes read so far, in order; remembered (hashing.remember_sha256) when complete."""
+    """sha256 of a file's bytes read so far, in order; remembered (hashing.remember_sha256) when complete.
+    position: where the next tensor's bytes must start (advanced as a tensor is read or its hashing queued)."""
 
     def __init__(self, file: Path):
         self.file = file
@@ -197,8 +227,37 @@ class _RunningHash:
 
     def done_with(self, nbytes: int) -> None:
         self.position += nbytes
-        if self.position == self.stat.st_size:
+        self.remember_if_complete(self.position)
+
+    def remember_if_complete(self, hashed: int) -> None:
+        if hashed == self.stat.st_size:
             remember_sha256(self.file, self.digest.hexdigest(), self.stat)
+
+
+# views whose bytes wait for the hashing thread: (the job, its bytes)
+_HASH_QUEUE: deque[tuple[Future, int]] = deque()
+
+
+def _hash_later(running: _RunningHash, data: memoryview, nbytes: int) -> None:
+    """Hash a viewed tensor's bytes on the hashing thread (the one reads hash their blocks on, so that a file's
+    bytes are hashed in order), after at most HASH_BACKLOG bytes of other views still waiting."""
+    running.position += nbytes
+    hashed = running.position
+
+    def job() -> None:
+        running.update(data)
+        data.release()
+        running.remember_if_complete(hashed)
+
+    while _HASH_QUEUE and sum(n for _, n in _HASH_QUEUE) + nbytes > HASH_BACKLOG:
+        _HASH_QUEUE.popleft()[0].result()
+    _HASH_QUEUE.append((_InBackground.pool("hash").submit(job), nbytes))
+
+
+def wait_for_hashes() -> None:
+    """Every file hash being taken from viewed tensors is complete (or raised its error)."""
+    while _HASH_QUEUE:
+        _HASH_QUEUE.popleft()[0].result()
 
 
 def _read_into(handle: BinaryIO, tensor: torch.Tensor, spec: TensorSpec, running: _RunningHash | None) -> None:
@@ -229,9 +288,13 @@ class _InBackground:
     _pools: dict[str, ThreadPoolExecutor] = {}
 
     def __init__(self, pool: str, fn: Callable[[memoryview], object], arg: memoryview):
-        if pool not in self._pools:
-            self._pools[pool] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"knowstack-{pool}")
-        self._future = self._pools[pool].submit(fn, arg)
+        self._future = self.pool(pool).submit(fn, arg)
+
+    @classmethod
+    def pool(cls, name: str) -> ThreadPoolExecutor:
+        if name not in cls._pools:
+            cls._pools[name] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"knowstack-{name}")
+        return cls._pools[name]
 
     def join(self) -> None:
         self._future.result()

@@ -18,7 +18,7 @@ def coefficients(weights: list[float], opts: MergeOptions) -> list[float]:
 
 @register("average", mergekit="linear", options=(),
           summary="the plain average of the contributions (models and/or adapters)",
-          uses_base=False, coefficients=coefficients)
+          uses_base=False, coefficients=coefficients, changes_first_only=True)
 def average(tensors: list[Tensor], weights: Tensor, opts: MergeOptions, generator: torch.Generator | None) -> Tensor:
     from knowstack.combine.merges.blocks import weighted_mean
 

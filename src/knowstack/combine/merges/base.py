@@ -178,6 +178,9 @@ class MergeMethod:
     statistics: str | None = None
     # mergekit's name for the same method (accepted as an alias where it differs; docs/methods.md has both)
     mergekit: str | None = None
+    # True: it changes no tensor given to it in place but the first (the others may be read-only maps of the
+    # input files); False: any of them (each is a copy of its own)
+    changes_first_only: bool = False
 
     def check_inputs(self, n: int, weights: Sequence[float] | None = None) -> None:
         """One clear error for a number of models or weights this method does not take."""
@@ -236,15 +239,16 @@ def option_flag(name: str) -> str:
 def register(name: str, *, options: tuple[str, ...], summary: str, uses_base: bool = True, weighted: bool = True,
              models: tuple[int, int | None] = (1, None), coefficients: Coefficients | None = None,
              check: Callable[[MergeOptions], None] | None = None,
-             statistics: str | None = None, mergekit: str | None = None) -> Callable[[MergeFn], MergeFn]:
+             statistics: str | None = None, mergekit: str | None = None,
+             changes_first_only: bool = False) -> Callable[[MergeFn], MergeFn]:
     """Register a merge function under `name` with what it declares (random: it reads the seed; statistics: the
     kind of statistics of each model's data it reads, passed as its fifth argument; mergekit: mergekit's name for
-    it, accepted as an alias)."""
+    it, accepted as an alias; changes_first_only: it changes no tensor given to it in place but the first)."""
     def wrap(fn: MergeFn) -> MergeFn:
         if name in METHODS:
             raise KnowstackError(f"merge method '{name}' is registered twice", field="method")
         METHODS[name] = MergeMethod(name, fn, options, summary, uses_base, "seed" in options, weighted, models[0],
-                                    models[1], coefficients, check, statistics, mergekit)
+                                    models[1], coefficients, check, statistics, mergekit, changes_first_only)
         return fn
 
     return wrap

@@ -20,6 +20,6 @@ declare("gamma", float, 0.01, "breadcrumbs: fraction of the largest-magnitude en
 @register("breadcrumbs", mergekit="breadcrumbs", options=("density", "gamma", "lambda"),
           summary="Model Breadcrumbs: drop each task vector's largest and smallest entries, then sum")
 def breadcrumbs(taus: list[Tensor], weights: Tensor, opts: MergeOptions, generator: torch.Generator | None) -> Tensor:
-    from knowstack.combine.merges.blocks import keep_magnitude_band, weighted_sum
+    from knowstack.combine.merges.blocks import keep_magnitude_band, scale, weighted_sum
 
-    return weighted_sum([keep_magnitude_band(t, opts.density, opts.gamma) for t in taus], weights).mul_(opts.lam)
+    return scale(weighted_sum([keep_magnitude_band(t, opts.density, opts.gamma) for t in taus], weights), opts.lam)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
           summary="Model Breadcrumbs' drop, then TIES' sign election (the agreeing entries summed)")
 def breadcrumbs_ties(taus: list[Tensor], weights: Tensor, opts: MergeOptions,
                      generator: torch.Generator | None) -> Tensor:
-    from knowstack.combine.merges.blocks import elect_and_mean, keep_magnitude_band
+    from knowstack.combine.merges.blocks import elect_and_mean, keep_magnitude_band, scale
 
     banded = [keep_magnitude_band(t, opts.density, opts.gamma) for t in taus]
-    return elect_and_mean(banded, weights, normalize=False).mul_(opts.lam)
+    return scale(elect_and_mean(banded, weights, normalize=False), opts.lam)

@@ -17,6 +17,6 @@ if TYPE_CHECKING:
 @register("dare", mergekit="dare_linear", options=("drop_rate", "lambda", "seed"),
           summary="DARE: drop each task vector's entries at random and rescale, then average")
 def dare(taus: list[Tensor], weights: Tensor, opts: MergeOptions, generator: torch.Generator | None) -> Tensor:
-    from knowstack.combine.merges.blocks import drop_and_rescale, weighted_mean
+    from knowstack.combine.merges.blocks import drop_and_rescale, scale, weighted_mean
 
-    return weighted_mean([drop_and_rescale(t, opts.drop_rate, generator) for t in taus], weights).mul_(opts.lam)
+    return scale(weighted_mean([drop_and_rescale(t, opts.drop_rate, generator) for t in taus], weights), opts.lam)

@@ -30,7 +30,7 @@ def check(opts: MergeOptions) -> None:
 @register("della", mergekit="della", options=("density", "epsilon", "lambda", "seed"), check=check,
           summary="DELLA: drop entries at random, the smaller more often, then TIES' election and mean")
 def della(taus: list[Tensor], weights: Tensor, opts: MergeOptions, generator: torch.Generator | None) -> Tensor:
-    from knowstack.combine.merges.blocks import della_drop, elect_and_mean
+    from knowstack.combine.merges.blocks import della_drop, elect_and_mean, scale
 
     dropped = [della_drop(t, opts.density, opts.epsilon, generator) for t in taus]
-    return elect_and_mean(dropped, weights).mul_(opts.lam)
+    return scale(elect_and_mean(dropped, weights), opts.lam)

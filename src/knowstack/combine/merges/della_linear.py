@@ -17,6 +17,6 @@ if TYPE_CHECKING:
           check=check,
           summary="DELLA's magnitude-ranked random drop, then the sum of the task vectors")
 def della_linear(taus: list[Tensor], weights: Tensor, opts: MergeOptions, generator: torch.Generator | None) -> Tensor:
-    from knowstack.combine.merges.blocks import della_drop, weighted_sum
+    from knowstack.combine.merges.blocks import della_drop, scale, weighted_sum
 
-    return weighted_sum([della_drop(t, opts.density, opts.epsilon, generator) for t in taus], weights).mul_(opts.lam)
+    return scale(weighted_sum([della_drop(t, opts.density, opts.epsilon, generator) for t in taus], weights), opts.lam)

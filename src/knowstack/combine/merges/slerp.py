@@ -32,7 +32,7 @@ def slerp_coefficients(t: float, cos_theta: float) -> tuple[float, float]:
 
 
 @register("slerp", mergekit="slerp", options=("t",), uses_base=False, weighted=False, models=(2, 2),
-          summary="SLERP: the spherical interpolation of two models, at t")
+          summary="SLERP: the spherical interpolation of two models, at t", changes_first_only=True)
 def slerp(tensors: list[Tensor], weights: Tensor, opts: MergeOptions, generator: torch.Generator | None) -> Tensor:
     from knowstack.combine.merges.blocks import dot, norm
 

@@ -21,6 +21,6 @@ def coefficients(weights: list[float], opts: MergeOptions) -> list[float]:
           "weights), scaled by lambda", coefficients=coefficients)
 def task_arithmetic(taus: list[Tensor], weights: Tensor, opts: MergeOptions,
                     generator: torch.Generator | None) -> Tensor:
-    from knowstack.combine.merges.blocks import weighted_sum
+    from knowstack.combine.merges.blocks import scale, weighted_sum
 
-    return weighted_sum(taus, weights).mul_(opts.lam)
+    return scale(weighted_sum(taus, weights), opts.lam)

@@ -18,6 +18,6 @@ def coefficients(weights: list[float], opts: MergeOptions) -> list[float]:
 @register("task-average", options=("lambda",), summary="the average of the contributions' task vectors, scaled by "
           "lambda", coefficients=coefficients)
 def task_average(taus: list[Tensor], weights: Tensor, opts: MergeOptions, generator: torch.Generator | None) -> Tensor:
-    from knowstack.combine.merges.blocks import weighted_mean
+    from knowstack.combine.merges.blocks import scale, weighted_mean
 
-    return weighted_mean(taus, weights).mul_(opts.lam)
+    return scale(weighted_mean(taus, weights), opts.lam)

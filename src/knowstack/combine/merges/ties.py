@@ -18,6 +18,6 @@ if TYPE_CHECKING:
 @register("ties", mergekit="ties", options=("density", "lambda"),
           summary="TIES: trim each task vector, elect signs, merge the agreeing entries")
 def ties(taus: list[Tensor], weights: Tensor, opts: MergeOptions, generator: torch.Generator | None) -> Tensor:
-    from knowstack.combine.merges.blocks import elect_and_mean, trim_by_magnitude
+    from knowstack.combine.merges.blocks import elect_and_mean, scale, trim_by_magnitude
 
-    return elect_and_mean([trim_by_magnitude(t, opts.density) for t in taus], weights).mul_(opts.lam)
+    return scale(elect_and_mean([trim_by_magnitude(t, opts.density) for t in taus], weights), opts.lam)

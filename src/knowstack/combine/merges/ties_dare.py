@@ -15,6 +15,6 @@ if TYPE_CHECKING:
 @register("ties-dare", mergekit="dare_ties", options=("drop_rate", "lambda", "seed"),
           summary="DARE's random drop and rescale, then TIES")
 def ties_dare(taus: list[Tensor], weights: Tensor, opts: MergeOptions, generator: torch.Generator | None) -> Tensor:
-    from knowstack.combine.merges.blocks import drop_and_rescale, elect_and_mean
+    from knowstack.combine.merges.blocks import drop_and_rescale, elect_and_mean, scale
 
-    return elect_and_mean([drop_and_rescale(t, opts.drop_rate, generator) for t in taus], weights).mul_(opts.lam)
+    return scale(elect_and_mean([drop_and_rescale(t, opts.drop_rate, generator) for t in taus], weights), opts.lam)
