@@ -70,7 +70,7 @@ def generate(
     batch_size: int = 32,
     stop_strings: Sequence[str] | None = None,
     stats: dict | None = None,
-    drop_finished: bool = True,
+    drop_finished: bool = False,
 ) -> list[str]:
     """Greedy continuations of `prompts` (without the prompt, special tokens dropped), in input order.
 
