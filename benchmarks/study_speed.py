@@ -198,9 +198,11 @@ def study_config(config: Path, preset: str | None, workdir: Path) -> Path:
 
 
 def run_study(label: str, tree: Path, config: Path, workdir: Path, round_: int,
-              extra: Sequence[str] = ()) -> StudyRun:
+              extra: Sequence[str] = (), fresh: bool = True) -> StudyRun:
+    """fresh: from an empty study dir (else from what is in it: eval_speed.py's prepared steps)."""
     out = workdir / f"{label}-{round_}"
-    shutil.rmtree(out, ignore_errors=True)
+    if fresh:
+        shutil.rmtree(out, ignore_errors=True)
     caches = workdir / f"cache-{label}"
     steps = workdir / f"steps-{label}-{round_}"  # a shared step cache of the run's own: each run computes every step
     shutil.rmtree(steps, ignore_errors=True)

@@ -29,7 +29,7 @@ from rich.console import Console
 
 from knowstack.errors import KnowstackError, os_fault
 from knowstack.study.plan import Step
-from knowstack.study.steps import StudyContext, execute
+from knowstack.study.steps import StudyContext, base_group_key, evaluate_on_one_base, execute, shares_base
 
 EXECUTOR_NAMES = ("local", "ray")
 
@@ -135,18 +135,55 @@ def waiting_threads_sleep(oversubscribed: bool) -> Iterator[None]:
 
 
 def run_in_order(steps: Sequence[Step], ctx: StudyContext, shown: Any) -> Progress:
+    """Each step in plan order; evaluations of adapters of one base wait for the last of them and run together on
+    the base loaded once (one_base_groups)."""
     progress = Progress()
-    for index, step in enumerate(steps, start=1):
+    groups = one_base_groups(steps, ctx)
+    index = {step.key: i for i, step in enumerate(steps, start=1)}
+    for position, step in enumerate(steps, start=1):
         if is_done(step, ctx):
             progress.skipped += 1
             shown.skip(step)
             continue
-        shown.start(step, index)
+        group = groups.get(step.key)
+        if group is not None:
+            if step is group[-1]:
+                progress.ran += run_group([s for s in group if not is_done(s, ctx)], ctx, shown, index)
+            continue
+        shown.start(step, position)
         clear_stale(step, ctx)
         execute(step, ctx)
         progress.ran += 1
         shown.finish(step)
     return progress
+
+
+def one_base_groups(steps: Sequence[Step], ctx: StudyContext) -> dict[str, list[Step]]:
+    """Evaluation steps still to run that share a base (steps.base_group_key), two or more, by each member's key:
+    run where the last of them is in plan order (an evaluation is no step's input, so waiting delays nothing)."""
+    inputs = {dep for step in steps for dep in step.deps}
+    by_base: dict[tuple, list[Step]] = {}
+    for step in steps:
+        key = base_group_key(step)
+        if key is not None and step.key not in inputs and not is_done(step, ctx):
+            by_base.setdefault(key, []).append(step)
+    return {step.key: group for group in by_base.values() if len(group) > 1 for step in group}
+
+
+def run_group(group: list[Step], ctx: StudyContext, shown: Any, index: dict[str, int]) -> int:
+    """The group's steps, each done on its own (a kill loses the one in progress): those whose adapter can be
+    merged into the loaded base and taken out again on one base, the others loaded alone."""
+    alone = [step for step in group if not shares_base(step, ctx)]
+    for step in group:
+        clear_stale(step, ctx)
+    shared = [step for step in group if step not in alone]
+    ran = evaluate_on_one_base(shared, ctx, lambda step: shown.start(step, index[step.key]), shown.finish) \
+        if shared else 0
+    for step in alone:
+        shown.start(step, index[step.key])
+        execute(step, ctx)
+        shown.finish(step)
+    return ran + len(alone)
 
 
 def run_concurrently(steps: Sequence[Step], ctx: StudyContext, shown: Any, jobs: int,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -311,24 +312,29 @@ def _scoring_settings(evaluation: EvaluationConfig, task: TaskSpec, split: str =
 
 
 def run_eval(step: Step, ctx: StudyContext, out: Path) -> None:
-    """Scores one model on every new task and on old knowledge.
-
-    Each task's scores are kept in a partial dir as soon as they exist, so a killed evaluation
-    of a large model resumes at the next task instead of starting again.
-    """
-    from knowstack.evaluate.new_knowledge import evaluate_task
-    from knowstack.evaluate.old_knowledge import evaluate_old_knowledge_items
+    """Scores one model on every new task and on old knowledge (`evaluate_model`), loaded alone."""
     from knowstack.modelio import load_model, load_tokenizer, on_gpu_if_it_fits
 
-    partial = ctx.artifacts / ".partial" / step.key
-    partial.mkdir(parents=True, exist_ok=True)
     ref = step.params["model"]
     model_path = ctx.resolve(ref["model"])
     trust = ctx.config.base.trust_remote_code
     model = load_model(model_path, ctx.resolve(ref["adapter"]), dtype="float32", trust_remote_code=trust)
     model = on_gpu_if_it_fits(model)
     tokenizer = load_tokenizer(step.params.get("tokenizer") or model_path, trust_remote_code=trust)
-    # the settings the plan hashed into the step's key, not the config's: a step computes from its params
+    evaluate_model(step, ctx, out, model, tokenizer)
+
+
+def evaluate_model(step: Step, ctx: StudyContext, out: Path, model: Any, tokenizer: Any) -> None:
+    """Scores the eval step's model, already loaded, on every new task and on old knowledge.
+
+    Each task's scores are kept in a partial dir as soon as they exist, so a killed evaluation
+    of a large model resumes at the next task instead of starting again.
+    """
+    from knowstack.evaluate.new_knowledge import evaluate_task
+    from knowstack.evaluate.old_knowledge import evaluate_old_knowledge_items
+
+    partial = ctx.artifacts / ".partial" / step.key
+    partial.mkdir(parents=True, exist_ok=True)
     evaluation = EvaluationConfig.model_validate(step.params["evaluation"])
     old = OldKnowledgeConfig.model_validate(step.params["old"])
     for name, task in ctx.tasks().items():
@@ -547,13 +553,15 @@ def step_log(ctx: StudyContext, step: Step) -> Path:
     return ctx.out / "logs" / f"{step.key}.log"
 
 
-def execute(step: Step, ctx: StudyContext) -> Path:
-    """Run a step into a temporary dir that becomes its artifact only when it completes."""
+def execute(step: Step, ctx: StudyContext,
+            executor: Callable[[Step, StudyContext, Path], None] | None = None) -> Path:
+    """Run a step into a temporary dir that becomes its artifact only when it completes. executor: what computes
+    it, where not its kind's (EXECUTORS): an evaluation on a base loaded once for several (evaluate_on_one_base)."""
     final = ctx.artifact(step.key)
     if final.exists():
         return final
     try:
-        executor = EXECUTORS[step.kind]
+        executor = executor or EXECUTORS[step.kind]
     except KeyError:
         raise KnowstackError(f"unknown step kind '{step.kind}'") from None
     with computed_once(ctx.shared, step.key, final, ctx.artifacts) as reused:
@@ -575,3 +583,70 @@ def execute(step: Step, ctx: StudyContext) -> Path:
             cost = {**usage.record(), "disk_bytes": dir_bytes(tmp), "torch_threads": torch_threads()}
             atomic_write_json(tmp / STEP_FILE, {"key": step.key, "kind": step.kind, "params": step.params, "cost": cost})
     return final
+
+
+# --- evaluations of several adapters on one loaded base ---------------------------------------------------------
+def base_group_key(step: Step) -> tuple[str, str | None] | None:
+    """What eval steps must share to be run on one loaded base: the base model and the tokenizer; None for a step
+    that is not an evaluation of an adapter (or of the base itself)."""
+    if step.kind != "eval":
+        return None
+    return step.params["model"]["model"], step.params.get("tokenizer")
+
+
+def shares_base(step: Step, ctx: StudyContext) -> bool:
+    """Whether the step's model is its base alone or with a plain LoRA adapter that can be merged in and taken out
+    again (not a LoRA-MoE, no modules_to_save: those replace modules of the base)."""
+    adapter = ctx.resolve(step.params["model"]["adapter"])
+    if adapter is None:
+        return True
+    config = Path(adapter) / "adapter_config.json"
+    if (Path(adapter) / "lora_moe.json").exists() or not config.is_file():
+        return False
+    settings = json.loads(config.read_text())
+    return settings.get("peft_type") == "LORA" and not settings.get("modules_to_save")
+
+
+def evaluate_on_one_base(steps: list[Step], ctx: StudyContext, started: Callable[[Step], None],
+                         finished: Callable[[Step], None]) -> int:
+    """Evaluation steps of one base (base_group_key), each on the base loaded once with its adapter merged in as
+    loading would merge it, then taken out (the base's weights copied back): each step's artifact is written and
+    done on its own, byte for byte as run_eval writes it alone. Returns how many steps ran."""
+    from knowstack.modelio import load_model, load_tokenizer, on_gpu_if_it_fits
+
+    first = steps[0].params
+    model_path = ctx.resolve(first["model"]["model"])
+    trust = ctx.config.base.trust_remote_code
+    base = on_gpu_if_it_fits(load_model(model_path, None, dtype="float32", trust_remote_code=trust))
+    tokenizer = load_tokenizer(first.get("tokenizer") or model_path, trust_remote_code=trust)
+    for step in steps:
+        started(step)
+        with adapter_merged(base, ctx.resolve(step.params["model"]["adapter"])) as model:
+            execute(step, ctx, lambda step, ctx, out, model=model: evaluate_model(step, ctx, out, model, tokenizer))
+        finished(step)
+    return len(steps)
+
+
+@contextlib.contextmanager
+def adapter_merged(base: Any, adapter: str | None) -> Iterator[Any]:
+    """The base with the LoRA adapter merged into its weights (as modelio.load_model merges it: the same sums on
+    the same weights), and afterwards the base again, its targeted weights copied back bit for bit."""
+    if adapter is None:
+        yield base
+        return
+    import torch
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    wrapped = PeftModel.from_pretrained(base, adapter)
+    layers = [module.get_base_layer() for module in wrapped.modules() if isinstance(module, LoraLayer)]
+    saved = [(tensor, tensor.detach().to("cpu", copy=True)) for layer in layers
+             for tensor in (layer.weight, getattr(layer, "bias", None)) if tensor is not None]
+    model = wrapped.merge_and_unload()
+    model.eval()
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for tensor, original in saved:
+                tensor.copy_(original)
