@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from knowstack.config import EVAL_BATCH_SIZE
 from knowstack.data.truncation import truncate_middle
-
-logger = logging.getLogger(__name__)
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_prompt: int) -> tuple[list[list[int]], int]:
@@ -71,18 +67,13 @@ def generate(
     batch_size: int = EVAL_BATCH_SIZE,
     stop_strings: Sequence[str] | None = None,
     stats: dict | None = None,
-    drop_finished: bool = False,
 ) -> list[str]:
     """Greedy continuations of `prompts` (without the prompt, special tokens dropped), in input order.
 
     A row stops at EOS, after `max_new_tokens`, or once its continuation contains one of
     `stop_strings`; the continuation is then cut before the stop string. A prompt longer than the model's
-    context less `max_new_tokens` loses its middle; stats, when given, gets "prompts_truncated" (how many), and
-    what dropping finished rows saved (`GenerationCount`: "row_tokens" computed, "row_tokens_saved").
-    drop_finished: finished rows leave the batch (every `DROP_EVERY` tokens) down to the sizes at which the model's
-    sums do not depend on how many rows the batch has (`rows_kept_identical`): the outputs are the whole batch's.
+    context less `max_new_tokens` loses its middle; stats, when given, gets "prompts_truncated" (how many).
     """
-    count = GenerationCount()
     if stats is not None:
         stats["prompts_truncated"] = 0
     if not prompts:
@@ -100,124 +91,18 @@ def generate(
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         input_ids, mask = _left_pad([encoded[i] for i in chunk], pad_id)
-        sizes = rows_kept_identical(model, len(chunk)) if drop_finished else []
-        rows = _generate_batch(model, tokenizer, input_ids.to(device), mask.to(device), max_new_tokens, pad_id,
-                               stop_strings, sizes, count)
-        texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
+        criteria = [_StopOnStrings(tokenizer, stop_strings, input_ids.shape[1])] if stop_strings else []
+        generated = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id,
+            stopping_criteria=StoppingCriteriaList(criteria),
+        )
+        texts = tokenizer.batch_decode(generated[:, input_ids.shape[1]:], skip_special_tokens=True)
         for index, text in zip(chunk, texts, strict=True):
             outputs[index] = cut_at_stop(text, stop_strings)
-    logger.debug("generated %d row-tokens for %d prompts; dropping finished rows saved %d", count.row_tokens,
-                 len(prompts), count.row_tokens_saved)
-    if stats is not None:
-        stats.update(row_tokens=count.row_tokens, row_tokens_saved=count.row_tokens_saved)
     return outputs
-
-
-DROP_EVERY = 8  # tokens generated between two looks for finished rows: each look is one more generate() call
-ROW_LADDER = 8  # a batch shrinks to a multiple of this many rows (or stays whole): few sizes to check
-
-
-@dataclass
-class GenerationCount:
-    """Row-tokens generated (a row x a decoding step) and those not computed because their row had finished."""
-
-    row_tokens: int = 0
-    row_tokens_saved: int = 0
-
-
-class _Finished(StoppingCriteria):
-    """Records which rows generate() has marked finished by a stop string (it stops a row for good)."""
-
-    def __init__(self, inner: StoppingCriteria | None, rows: int, device: torch.device):
-        self.inner, self.seen = inner, torch.zeros(rows, dtype=torch.bool, device=device)
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
-        if self.inner is None:
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        done = self.inner(input_ids, scores, **kwargs)
-        self.seen |= done
-        return done
-
-
-def _generate_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor,
-                    mask: torch.Tensor, max_new_tokens: int, pad_id: int, stop_strings: Sequence[str],
-                    sizes: list[int], count: GenerationCount) -> list[torch.Tensor]:
-    """One left-padded batch's generated ids per row (greedy). Where the batch may shrink (`sizes`: the row counts
-    below its own whose rows compute as in the whole batch), generation goes `DROP_EVERY` tokens at a time,
-    continued from its KV cache, and the rows that finished (EOS, a stop string, the budget) leave it; finished
-    rows fill it up to the next allowed size. Each step of a remaining row is the step the whole batch computes."""
-    width, total = input_ids.shape[1], input_ids.shape[0]
-    done: list[torch.Tensor | None] = [None] * total
-    alive = list(range(total))  # the batch's rows, by their index in the first batch
-    cache, made, computed = None, 0, 0
-    while True:
-        step = min(DROP_EVERY, max_new_tokens - made) if sizes else max_new_tokens - made
-        watch = _Finished(_StopOnStrings(tokenizer, stop_strings, width) if stop_strings else None, len(alive),
-                          input_ids.device)
-        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=step, do_sample=False,
-                             use_cache=True, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
-                             stopping_criteria=StoppingCriteriaList([watch]), cache=cache,
-                             return_dict_in_generate=True)
-        sequences, cache = out.sequences, out.cache
-        new = sequences.shape[1] - input_ids.shape[1]
-        made += new
-        computed += len(alive) * new
-        ended = watch.seen | (sequences[:, width:] == tokenizer.eos_token_id).any(dim=1) \
-            if tokenizer.eos_token_id is not None else watch.seen
-        if made >= max_new_tokens or new < step:  # the budget, or generate() stopped: every row has finished
-            ended = torch.ones_like(ended)
-        for row, original in enumerate(alive):
-            if bool(ended[row]) and done[original] is None:
-                done[original] = sequences[row, width:]
-        if all(done[original] is not None for original in alive):
-            break
-        keep = _rows_to_keep([done[original] is not None for original in alive], sizes)
-        if len(keep) < len(alive):
-            cache.batch_select_indices(torch.tensor(keep, device=sequences.device))
-        grown = torch.ones((mask.shape[0], sequences.shape[1] - mask.shape[1]), dtype=mask.dtype, device=mask.device)
-        input_ids, mask = sequences[keep], torch.cat([mask, grown], dim=1)[keep]
-        alive = [alive[row] for row in keep]
-        sizes = [size for size in sizes if size < len(alive)]
-    count.row_tokens_saved += total * made - computed  # the whole batch runs until its last row ends
-    count.row_tokens += computed
-    return [ids for ids in done if ids is not None]
-
-
-def _rows_to_keep(finished: list[bool], sizes: list[int]) -> list[int]:
-    """The rows still generating, and finished ones after them up to the smallest allowed size that holds them all
-    (the batch's own size when none does)."""
-    running = [row for row, ended in enumerate(finished) if not ended]
-    target = min([size for size in sizes if size >= len(running)], default=len(finished))
-    fill = [row for row, ended in enumerate(finished) if ended][: target - len(running)]
-    return sorted(running + fill)
-
-
-_SIZES: dict[tuple, list[int]] = {}
-
-
-def rows_kept_identical(model: PreTrainedModel, rows: int) -> list[int]:
-    """The batch sizes below `rows` (multiples of ROW_LADDER) to which a batch of `rows` can shrink with every row's
-    numbers unchanged: checked on each shape of the model's linear layers (the sums whose order a kernel may choose
-    by the number of rows: on this machine's CPU kernels 1 to 4 rows sum in another order than 5 or more), each
-    size against the whole batch, bit for bit. A size is allowed only with every larger one allowed."""
-    shapes = sorted({(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)})
-    parameter = next(model.parameters())
-    key = (tuple(shapes), parameter.device, parameter.dtype, rows)
-    if key not in _SIZES:
-        _SIZES[key] = _identical_sizes(shapes, parameter.device, parameter.dtype, rows)
-    return _SIZES[key]
-
-
-def _identical_sizes(shapes: list[tuple[int, int]], device: torch.device, dtype: torch.dtype, rows: int) -> list[int]:
-    generator = torch.Generator().manual_seed(0)
-    allowed: list[int] = []
-    for size in sorted(range(ROW_LADDER, rows, ROW_LADDER), reverse=True):
-        for in_features, out_features in shapes:
-            weight = torch.randn(out_features, in_features, generator=generator).to(device, dtype)
-            x = torch.randn(rows, in_features, generator=generator).to(device, dtype)
-            whole = torch.nn.functional.linear(x, weight)
-            picked = torch.randperm(rows, generator=generator)[:size].sort().values.to(device)
-            if not torch.equal(torch.nn.functional.linear(x[picked], weight), whole[picked]):
-                return sorted(allowed)
-        allowed.append(size)
-    return sorted(allowed)
