@@ -217,6 +217,10 @@ class TrainingConfig(Strict):
     # since transformers 4.46); micro_batch: the mean of each micro-batch's own token mean (Trainer up to 4.45, the
     # paper's), so an example weighs more in a micro-batch of short answers.
     loss_reduction: Literal["token", "micro_batch"] = "token"
+    # An example longer than max_length (data/truncation.py). keep-answer: the middle of the prompt is cut, the
+    # answer never (one that does not fit alone is dropped); paper: the paper's collator's rule, which also cuts an
+    # answer longer than half the window, keeping its start (prompt and answer shortened in proportion).
+    overlong: Literal["keep-answer", "paper"] = "keep-answer"
     lora: LoraConfig = Field(default_factory=LoraConfig)
     # experiment trackers (train/tracking.py); not part of any step's cache key
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)

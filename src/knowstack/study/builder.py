@@ -257,7 +257,7 @@ class PlanBuilder:
 
 # Settings added after studies were run: in a step's params only when set to other than their default, so that
 # the key of a step made before they existed stays its key.
-LATER_SETTINGS = ("precision", "loss_reduction", "add_bos_token")
+LATER_SETTINGS = ("precision", "loss_reduction", "add_bos_token", "overlong")
 
 
 def dumped_for_key(section: BaseModel) -> dict[str, Any]:
