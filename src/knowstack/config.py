@@ -221,6 +221,11 @@ class TrainingConfig(Strict):
     # answer never (one that does not fit alone is dropped); paper: the paper's collator's rule, which also cuts an
     # answer longer than half the window, keeping its start (prompt and answer shortened in proportion).
     overlong: Literal["keep-answer", "paper"] = "keep-answer"
+    # The paper's scripts' pad token: where the base's tokenizer has none, `[PAD]` is added and the embeddings (and
+    # an untied output layer) grow a row, the mean of the others, whose logit is in every softmax. A study then
+    # builds every model from that grown base (a `pad-base` step): training, merges and MoEs; the `base` row
+    # scores the base as it is (modelio.add_pad_token, docs/paper-config.md).
+    add_pad_token: bool = False
     lora: LoraConfig = Field(default_factory=LoraConfig)
     # experiment trackers (train/tracking.py); not part of any step's cache key
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
