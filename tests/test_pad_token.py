@@ -146,3 +146,12 @@ def test_a_study_with_the_pad_token_trains_merges_mixes_and_scores(family: str, 
     for folder in full:
         config = json.loads((folder / "config.json").read_text())
         assert config.get("vocab_size", config.get("text_config", {}).get("vocab_size")) == rows + 1, folder
+
+
+def test_one_training_run_alone_refuses_the_study_setting(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from knowstack import api
+    from knowstack.config import TrainingConfig
+
+    with pytest.raises(KnowstackError, match="study's setting"):
+        api.train(tiny_model_dir, [("Q:", " a")], tmp_path / "out", training=TrainingConfig(add_pad_token=True))
+    assert not (tmp_path / "out").exists()
