@@ -146,6 +146,25 @@ def test_a_study_with_the_pad_token_trains_merges_mixes_and_scores(family: str, 
     for folder in full:
         config = json.loads((folder / "config.json").read_text())
         assert config.get("vocab_size", config.get("text_config", {}).get("vocab_size")) == rows + 1, folder
+    [padded] = [artifacts / s["key"] for s in steps if s["kind"] == "pad-base"]
+    grown = load_model(padded, dtype="auto")
+
+    def pad_rows(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        model = load_model(folder, dtype="auto")
+        return model.get_input_embeddings().weight[rows], model.get_output_embeddings().weight[rows]
+
+    mean_in, mean_out = pad_rows(padded)
+    assert torch.equal(mean_in, grown.get_input_embeddings().weight[:rows].float().mean(0).to(torch.bfloat16))
+    # LoRA leaves the pad rows at the mean: a LoRA model merged into the grown base keeps them
+    merged_lora = [artifacts / s["key"] for s in steps if s["kind"] == "merge-adapter"]
+    assert merged_lora and all(torch.equal(pad_rows(folder)[0], mean_in) and torch.equal(pad_rows(folder)[1], mean_out)
+                               for folder in merged_lora)
+    # FFT trains the pad row's output weights; untied, its embedding row gets no gradient and stays the mean
+    fft = [artifacts / s["key"] for s in steps if s["kind"] == "train" and s["params"]["finetune"] == "fft"]
+    for folder in fft:
+        pad_in, pad_out = pad_rows(folder)
+        assert not torch.equal(pad_out, mean_out), folder
+        assert torch.equal(pad_in, mean_in) == (family == UNTIED), folder
 
 
 def test_one_training_run_alone_refuses_the_study_setting(tiny_model_dir: Path, tmp_path: Path) -> None:
