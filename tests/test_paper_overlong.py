@@ -12,9 +12,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny_tokenizer
 from test_step_keys import _every_method, _steps
-from tokenizers import processors
+from test_truncation import _bos_tokenizer
 
 from knowstack.data.batches import IGNORE, tokenize_examples
 from knowstack.data.formats import Example
@@ -59,13 +58,6 @@ CASES = {
 def test_the_paper_rule_on_hand_worked_cases(case: str) -> None:
     (p, a, window), expected = CASES[case]
     assert fit_as_the_paper(prompt(p), answer(a), window) == expected
-
-
-def _bos_tokenizer():
-    tokenizer = build_tiny_tokenizer()
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|bos|> $A", special_tokens=[("<|bos|>", tokenizer.bos_token_id)])
-    return tokenizer
 
 
 def test_tokenize_examples_cuts_as_the_paper_with_the_bos_an_ordinary_prompt_token() -> None:
