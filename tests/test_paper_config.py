@@ -31,6 +31,7 @@ def test_paper_dry_run_shows_moe_budgets_and_acc_norm(tmp_path, capsys: pytest.C
     assert any("moe-lora-" in line and "7 lora experts, top-7" in line for line in lines)  # moetify: every expert
     assert any("merge-ties-dare-lora-factors" in line and "drop_rate 0.8" in line for line in lines)
     assert not any("merge-ties-fft" in line for line in lines)  # the paper merged FFT models by averaging only
+    assert sum("pad-base-base-" in line for line in lines) == 1  # the base grown by [PAD], as the paper's scripts
     old = next(line for line in lines if line.startswith("old knowledge:"))
     assert "arc_challenge (acc_norm)" in old and "hellaswag (acc_norm)" in old and "openbookqa (acc_norm)" in old
     assert "piqa (acc_norm)" in old and "mmlu (acc)" in old and "winogrande (acc)" in old

@@ -48,6 +48,8 @@ READERS: dict[str, set[str]] = {
     "old_knowledge.": {"eval", "search"},  # the search scores its trials as an evaluation does
     "evaluation.": {"eval", "search"},
     "training.report_to": set(),  # where training is reported to
+    # the base every model is built from (a pad-base step); the base's own evaluation stays as it is
+    "training.add_pad_token": {"train", "merge", "moe", "gate", "statistics", "search", "pad-base", "eval"},
     "training.max_length": {"train", "moe", "gate", "statistics"},  # routers and statistics read as much
     "training.": TRAINED,
     "methods.one-round.finetune": set(),  # which one-round models are evaluated: the ones left stay as they are

@@ -58,7 +58,7 @@ def test_training_cuts_the_prompt_never_the_answer() -> None:
     short = Example("France is in", " Europe.")
     counts: dict[str, int] = {}
     kept = tokenize_examples(tokenizer, [long, too_long_answer, short], 32, counts=counts)
-    assert counts == {"truncated": 1, "dropped": 1}
+    assert counts == {"truncated": 1, "answer_cut": 0, "dropped": 1}
     assert len(kept) == 2
     cut, whole = kept
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -98,4 +98,4 @@ def test_examples_that_fit_are_untouched(tiny_model_dir: Path) -> None:
     [tokenized] = tokenize_examples(tokenizer, [example], 64, counts=counts)
     ids = tokenizer(example.prompt + example.answer, add_special_tokens=False)["input_ids"]
     assert list(tokenized.input_ids) == ids + [tokenizer.eos_token_id]
-    assert counts == {"truncated": 0, "dropped": 0}
+    assert counts == {"truncated": 0, "answer_cut": 0, "dropped": 0}

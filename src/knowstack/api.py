@@ -285,6 +285,12 @@ def train(model: PathLike, data: PathLike | TaskSpec | Sequence[tuple[str, str]]
     if training is not None and settings:
         raise KnowstackError(f"give the recipe as training or as settings, not both ({', '.join(settings)})",
                              field="training")
+    if training is not None and training.add_pad_token:
+        # a study grows its base once and builds every model from it; one run alone would leave an adapter no
+        # base fits
+        raise KnowstackError("add_pad_token is a study's setting (the base every model is built from): give train "
+                             "a base grown by it (knowstack.modelio.write_padded_base) and leave it off",
+                             field="training.add_pad_token")
     if isinstance(data, (str, Path)) or not isinstance(data, Sequence):
         spec, _ = _task_spec(data, metric)  # training reads no metric
         name, pairs = spec.name, [(ex.prompt, ex.answer) for ex in spec.load("train")]

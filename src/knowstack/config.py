@@ -217,6 +217,15 @@ class TrainingConfig(Strict):
     # since transformers 4.46); micro_batch: the mean of each micro-batch's own token mean (Trainer up to 4.45, the
     # paper's), so an example weighs more in a micro-batch of short answers.
     loss_reduction: Literal["token", "micro_batch"] = "token"
+    # An example longer than max_length (data/truncation.py). keep-answer: the middle of the prompt is cut, the
+    # answer never (one that does not fit alone is dropped); paper: the paper's collator's rule, which also cuts an
+    # answer longer than half the window, keeping its start (prompt and answer shortened in proportion).
+    overlong: Literal["keep-answer", "paper"] = "keep-answer"
+    # The paper's scripts' pad token: where the base's tokenizer has none, `[PAD]` is added and the embeddings (and
+    # an untied output layer) grow a row, the mean of the others, whose logit is in every softmax. A study then
+    # builds every model from that grown base (a `pad-base` step): training, merges and MoEs; the `base` row
+    # scores the base as it is (modelio.add_pad_token, docs/paper-config.md).
+    add_pad_token: bool = False
     lora: LoraConfig = Field(default_factory=LoraConfig)
     # experiment trackers (train/tracking.py); not part of any step's cache key
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)

@@ -43,14 +43,60 @@ def check_exists(path: str | Path, what: str) -> None:
         raise KnowstackError(f"{what} not found", path=path)
 
 
-def load_tokenizer(model_path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(model_path: str | Path, *, trust_remote_code: bool = False,
+                   pad_from_eos: bool = True) -> PreTrainedTokenizerBase:
+    """The model's tokenizer; one without a pad token pads with eos (pad_from_eos), which packed training never
+    reads (a padded batch masks it)."""
     from transformers import AutoTokenizer  # here: the file list and dtype helpers below need no transformers
 
     check_exists(model_path, "model")
     tokenizer = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
+    if tokenizer.pad_token is None and pad_from_eos:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+# The pad token the paper's scripts add to a tokenizer without one (RhuiDih/cl do_finetuning.py L25, L277-282).
+PAD_TOKEN = "[PAD]"
+
+
+def add_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """What the paper's `smart_tokenizer_and_embedding_resize` does (RhuiDih/cl do_finetuning.py L27-47), where the
+    tokenizer has no pad token: `[PAD]` added as its pad token, the model resized to len(tokenizer) token rows
+    (`resize_token_embeddings`: the input embedding, and the output layer with it, tied or not), each added row of
+    both set to the mean of the rows before it. The mean is taken in float32 and stored in the weights' dtype (the
+    paper's bf16 mean); the installed transformers' own init of the new rows is overwritten, so its version does
+    not matter. Returns whether the tokenizer had no pad token (nothing changes where it has one); refuses a
+    tokenizer shorter than the model's rows, which the resize would cut."""
+    if tokenizer.pad_token is not None:
+        return False
+    rows = model.get_input_embeddings().weight.shape[0]
+    added = tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if len(tokenizer) < rows:
+        raise KnowstackError(f"the tokenizer has {len(tokenizer)} tokens with {PAD_TOKEN}, the model {rows} token rows: "
+                             "the paper's resize to the tokenizer's length would cut rows; give a base whose tokenizer "
+                             "covers its embeddings, or leave training.add_pad_token off",
+                             path=getattr(model.config, "_name_or_path", None) or None)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if added:
+        with torch.no_grad():
+            layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+            for weight in {id(layer.weight): layer.weight for layer in layers if layer is not None}.values():
+                weight[-added:] = weight[:-added].float().mean(dim=0, keepdim=True).to(weight.dtype)
+    return True
+
+
+def write_padded_base(model_path: str | Path, out_dir: Path, *, tokenizer_path: str | Path | None = None,
+                      trust_remote_code: bool = False) -> dict[str, Any]:
+    """The base as the paper's scripts load it (add_pad_token), saved as a model dir in its own dtype with the
+    grown tokenizer; a base whose tokenizer has a pad token is saved as it is. Returns what was done."""
+    model = load_model(model_path, dtype="auto", trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_path or model_path, trust_remote_code=trust_remote_code, pad_from_eos=False)
+    rows = model.get_input_embeddings().weight.shape[0]
+    added = add_pad_token(model, tokenizer)
+    save_model(model, tokenizer, out_dir)
+    return {"pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id, "added": added,
+            "rows_before": rows, "rows": model.get_input_embeddings().weight.shape[0]}
 
 
 def load_model(

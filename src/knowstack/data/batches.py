@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from knowstack.data.formats import Example
-from knowstack.data.truncation import truncate_middle
+from knowstack.data.truncation import fit_as_the_paper, truncate_middle
 
 IGNORE = -100
 PACKED_TOKENS = 2048  # tokens per forward pass when reading hidden states or router logits (no training)
@@ -57,12 +57,16 @@ def tokenize_examples(
     max_length: int,
     *,
     counts: dict[str, int] | None = None,
+    overlong: str = "keep-answer",
 ) -> list[TokenizedExample]:
     """Answer-only-labelled token ids for each example that fits in max_length, in order.
 
-    An overlong example keeps its answer: the middle of its prompt is cut (data/truncation.py, as the paper's
-    collator does). One whose answer + eos (+ bos) leaves no room for a single prompt token is dropped: it could
-    only teach an answer to no question. counts, when given, gets "truncated" and "dropped" (how many of each).
+    overlong (`training.overlong`): keep-answer: an overlong example keeps its answer, the middle of its prompt is
+    cut (data/truncation.py, as the paper's collator does); one whose answer + eos (+ bos) leaves no room for a
+    single prompt token is dropped: it could only teach an answer to no question. paper: the paper's collator's
+    rule (truncation.fit_as_the_paper), which drops nothing and cuts an answer longer than half the window.
+    counts, when given, gets "truncated" (the prompt cut, the answer whole), "answer_cut" (the answer cut too) and
+    "dropped" (how many of each).
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token; training needs one to end answers")
@@ -72,6 +76,11 @@ def tokenize_examples(
     answers = tokenizer([ex.answer for ex in examples], add_special_tokens=False)["input_ids"]
     out = []
     truncated = dropped = 0
+    if overlong == "paper":
+        out, truncated, answer_cut = _fit_as_the_paper(prompts, answers, prefix, eos, max_length)
+        if counts is not None:
+            counts.update(truncated=truncated, answer_cut=answer_cut, dropped=0)
+        return out
     for prompt_ids, answer_ids in zip(prompts, answers, strict=True):
         target = list(answer_ids) + eos
         room = max_length - len(prefix) - len(target)  # what is left of the window for the prompt
@@ -84,8 +93,23 @@ def tokenize_examples(
         context = prefix + list(prompt_ids)
         out.append(TokenizedExample(tuple(context + target), tuple([IGNORE] * len(context) + target)))
     if counts is not None:
-        counts.update(truncated=truncated, dropped=dropped)
+        counts.update(truncated=truncated, answer_cut=0, dropped=dropped)
     return out
+
+
+def _fit_as_the_paper(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], prefix: list[int],
+                      eos: list[int], max_length: int) -> tuple[list[TokenizedExample], int, int]:
+    """The examples cut by the paper's rule, with how many lost part of their prompt only and how many part of
+    their answer."""
+    out = []
+    truncated = answer_cut = 0
+    for prompt_ids, answer_ids in zip(prompts, answers, strict=True):
+        target = list(answer_ids) + eos
+        context, kept = fit_as_the_paper(prefix + list(prompt_ids), target, max_length)
+        answer_cut += len(kept) < len(target)
+        truncated += len(kept) == len(target) and len(context) < len(prefix) + len(prompt_ids)
+        out.append(TokenizedExample(tuple(context + kept), tuple([IGNORE] * len(context) + kept)))
+    return out, truncated, answer_cut
 
 
 def pack(examples: Sequence[TokenizedExample]) -> dict[str, torch.Tensor]:

@@ -36,8 +36,10 @@ from knowstack.study.graph import (
     step_ref,
 )
 
-# The kinds of step that tokenize text with the base's tokenizer.
-TOKENIZING_STEPS = frozenset({"train", "eval", "statistics", "moe", "gate", "search"})
+# The kinds of step that tokenize text with the base's tokenizer (pad-base: its length sizes the grown base).
+TOKENIZING_STEPS = frozenset({"train", "eval", "statistics", "moe", "gate", "search", "pad-base"})
+# The steps whose model is the study's base, for what a model is called ('base')
+BASE_STEPS = frozenset({"world", "pad-base"})
 
 
 class PlanBuilder:
@@ -56,7 +58,10 @@ class PlanBuilder:
         self.point = Point()
         self.seed = config.seed  # the training seed of the models added now (the world's is config.seed)
         self.training = config.training
-        self.base = self._base_model()
+        # the base as it is (the `base` row scores it) and, with training.add_pad_token, the base every model is
+        # built from: grown by the paper's pad token (a pad-base step)
+        self.original_base = self._base_model()
+        self.base = self._padded(self.original_base) if config.training.add_pad_token else self.original_base
         self.tasks = self._tasks()
         self.plan.task_names = [task["name"] for task in self.tasks]
         self.budgets = {} if config.builtin_tasks else {cfg.name: cfg.budget() for cfg in config.tasks}
@@ -80,6 +85,13 @@ class PlanBuilder:
             self.plan.world_fingerprint, self.plan.world_pending = fingerprint, fingerprint is None
             return ModelRef(step_ref(self.world, "model"), world=fingerprint or "pending")
         return ModelRef(base.model)
+
+    def _padded(self, base: ModelRef) -> ModelRef:
+        """The base with the paper's `[PAD]` row (modelio.add_pad_token), as the paper's training and merge scripts
+        load it: what every model of the study starts from, so that merges and MoEs mix models of one shape and a
+        task vector's pad row is measured from where training started."""
+        step = self.add_step("pad-base", "base", {"model": base.to_dict()}, ref_deps(base))
+        return ModelRef(step_ref(step))
 
     def _tasks(self) -> list[dict]:
         """Each task as the parameters a step hashes: name, and what its data is (a fingerprint)."""
@@ -128,7 +140,7 @@ class PlanBuilder:
         if not made_by.startswith("@"):
             return "base"
         step = self.plan.steps[made_by[1:].split("/", 1)[0]]
-        return "base" if step.kind == "world" else step.label
+        return "base" if step.kind in BASE_STEPS else step.label
 
     def train_step(
         self,
@@ -252,12 +264,12 @@ class PlanBuilder:
                                                 self.point.name, columns, seed))
 
     def add_base(self) -> None:
-        self.evaluate(self.base, "base", "base", "", None)
+        self.evaluate(self.original_base, "base", "base", "", None)
 
 
 # Settings added after studies were run: in a step's params only when set to other than their default, so that
 # the key of a step made before they existed stays its key.
-LATER_SETTINGS = ("precision", "loss_reduction", "add_bos_token")
+LATER_SETTINGS = ("precision", "loss_reduction", "add_bos_token", "overlong", "add_pad_token")
 
 
 def dumped_for_key(section: BaseModel) -> dict[str, Any]:

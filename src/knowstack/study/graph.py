@@ -21,6 +21,7 @@ from knowstack.config import SWEEP_COLUMNS, StudyConfig
 STEP_VERSIONS = {"world": 1, "train": 2, "merge-adapter": 1, "eval": 3, "merge": 1, "moe": 2, "gate": 1}
 STEP_VERSIONS["statistics"] = 1  # a one-round model's statistics of its task's data (RegMean, Fisher merging)
 STEP_VERSIONS["search"] = 1  # a search of the composition within a forgetting budget (study/search.py)
+STEP_VERSIONS["pad-base"] = 1  # the base with the paper's [PAD] row (training.add_pad_token, modelio.add_pad_token)
 
 
 def _digest(obj: Any) -> str:

@@ -182,6 +182,20 @@ def run_merge_adapter(step: Step, ctx: StudyContext, out: Path) -> None:
                   trust_remote_code=ctx.config.base.trust_remote_code)
 
 
+PAD_BASE_FILE = "pad_base.json"  # beside a pad-base step's model: the pad token, its id, the rows before and after
+
+
+def run_pad_base(step: Step, ctx: StudyContext, out: Path) -> None:
+    """The study's base with the paper's `[PAD]` row (training.add_pad_token): every model is built from it."""
+    from knowstack.atomic import atomic_write_json
+    from knowstack.modelio import write_padded_base
+
+    record = write_padded_base(ctx.resolve(step.params["model"]["model"]), out,
+                               tokenizer_path=step.params.get("tokenizer"),
+                               trust_remote_code=ctx.config.base.trust_remote_code)
+    atomic_write_json(out / PAD_BASE_FILE, record)
+
+
 def run_merge(step: Step, ctx: StudyContext, out: Path) -> None:
     """Models (or adapters) merged into one model, streamed to `out`: every task's one-round model (merge), or the
     running model and the next one (continual merging)."""
@@ -539,6 +553,7 @@ EXECUTORS: dict[str, Callable[[Step, StudyContext, Path], None]] = {
     "world": run_world,
     "train": run_train,
     "merge-adapter": run_merge_adapter,
+    "pad-base": run_pad_base,
     "eval": run_eval,
     "merge": run_merge,
     "moe": run_moe,
@@ -572,7 +587,7 @@ def execute(step: Step, ctx: StudyContext,
             target = tmp / "out"
             with library_messages_to(step_log(ctx, step)), Usage() as usage:
                 executor(step, ctx, target if step.kind in ("world", "train", "merge-adapter", "merge", "moe",
-                                                             "statistics", "search") else tmp)
+                                                             "statistics", "search", "pad-base") else tmp)
             if target.exists():
                 for item in target.iterdir():
                     item.rename(tmp / item.name)

@@ -106,7 +106,7 @@ def train(
     tokenizer = load_tokenizer(tokenizer_path or model_path, trust_remote_code=trust_remote_code)
     model = _load_trainable(model_path, settings, adapter_init, trust_remote_code)
     fitted: dict[str, int] = {}
-    tokenized = tokenize_examples(tokenizer, examples, settings.max_length, counts=fitted)
+    tokenized = tokenize_examples(tokenizer, examples, settings.max_length, counts=fitted, overlong=settings.overlong)
     if accelerator.is_main_process:
         _warn_overlong(progress_desc, fitted, len(examples), settings.max_length)
     if not tokenized:
@@ -132,11 +132,14 @@ def train(
 
 def _warn_overlong(desc: str, fitted: dict[str, int], n_examples: int, max_length: int) -> None:
     """One line per training run (a task's step) that says how many examples did not fit, if any."""
-    if fitted["truncated"] or fitted["dropped"]:
-        overlong = fitted["truncated"] + fitted["dropped"]
+    overlong = fitted["truncated"] + fitted["answer_cut"] + fitted["dropped"]
+    if overlong:
+        # the paper's rule cuts answers and drops nothing; knowstack's keeps answers and drops what cannot
+        fate = (f"{fitted['answer_cut']} had their answer cut (the paper's rule)" if fitted["answer_cut"] else
+                f"{fitted['dropped']} were dropped (answer alone too long)")
         print(f"warning: {desc}: {overlong} of {n_examples} training examples are longer than max_length "
               f"({max_length} tokens): {fitted['truncated']} had the middle of their prompt cut (answer kept), "
-              f"{fitted['dropped']} were dropped (answer alone too long)", file=sys.stderr, flush=True)
+              f"{fate}", file=sys.stderr, flush=True)
 
 
 # The dtype of the weights (and so of AdamW's state) while they train, by TrainSettings.precision.
@@ -386,8 +389,10 @@ def _summary(
         "steps": len(plan),
         "examples": len(drawn),
         "unique_examples": len(tokenized),
-        # overlong examples: prompts cut in the middle (answer kept), and those whose answer alone did not fit
+        # overlong examples (settings.overlong): prompts cut in the middle (answer kept), answers cut (the paper's
+        # rule), and those whose answer alone did not fit (knowstack's rule drops them)
         "truncated_examples": fitted["truncated"],
+        "answer_cut_examples": fitted["answer_cut"],
         "dropped_examples": fitted["dropped"],
         "answer_tokens": sum(tokenized[i].answer_tokens for i in drawn),
         "total_tokens": total_tokens,

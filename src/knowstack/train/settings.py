@@ -42,6 +42,7 @@ class TrainSettings:
     pack: bool = _RECIPE.pack
     precision: str = _RECIPE.precision
     loss_reduction: str = _RECIPE.loss_reduction
+    overlong: str = _RECIPE.overlong  # how an example longer than max_length is cut (data/truncation.py)
 
     def __post_init__(self) -> None:
         # A list from YAML/JSON becomes a tuple, so settings stay hashable and compare equal.
@@ -59,7 +60,8 @@ class TrainSettings:
                    max_length=training.max_length, weight_decay=training.weight_decay,
                    max_grad_norm=training.max_grad_norm, seed=seed, lora_r=lora.r, lora_alpha=lora.alpha,
                    lora_dropout=lora.dropout, target_modules=tuple(lora.target_modules), pack=training.pack,
-                   precision=training.precision, loss_reduction=training.loss_reduction)
+                   precision=training.precision, loss_reduction=training.loss_reduction,
+                   overlong=training.overlong)
 
     def validate(self) -> None:
         """TrainingConfig's own checks, on these values (one declaration of every limit)."""
@@ -72,7 +74,7 @@ class TrainSettings:
                            max_steps=self.max_steps, batch_size=self.batch_size,
                            micro_batch_size=self.micro_batch_size, max_length=self.max_length,
                            weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm, pack=self.pack,
-                           precision=self.precision, loss_reduction=self.loss_reduction,
+                           precision=self.precision, loss_reduction=self.loss_reduction, overlong=self.overlong,
                            lora=LoraConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
                                            target_modules=list(self.target_modules)))
         except ValidationError as err:
