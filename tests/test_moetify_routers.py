@@ -143,3 +143,48 @@ def test_moetify_router_init_needs_one_rank_and_moetifys_router(llama: Path, ada
     with pytest.raises(KnowstackError, match="router_dtype must be one of") as info:
         mix_models(llama, adapters, tmp_path / "b", options=MoeOptions(router="moetify", router_dtype="float64"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_settings_key_the_lora_moe_only_where_set(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from test_moe import study_config
+
+    from knowstack.config import parse_config
+    from knowstack.study.plan import build_plan
+
+    def moe_steps(moe: dict) -> dict:
+        raw = study_config(tmp_path, tiny_model_dir, {"experts": ["fft", "lora"], "router": "moetify", **moe})
+        return {s.label: s for s in build_plan(parse_config(raw)).ordered() if s.kind == "moe"}
+
+    default = moe_steps({})
+    assert {"router_dtype", "router_init"}.isdisjoint(default["lora-moetify"].params["options"])
+    # the defaults given explicitly are the same steps: a study that never named them keeps its keys
+    explicit = moe_steps({"router_dtype": "float32", "router_init": "per-module"})
+    assert {label: s.key for label, s in explicit.items()} == {label: s.key for label, s in default.items()}
+    paper = moe_steps({"router_dtype": "float16", "router_init": "moetify"})
+    options = paper["lora-moetify"].params["options"]
+    assert (options["router_dtype"], options["router_init"]) == ("float16", "moetify")
+    assert paper["lora-moetify"].key != default["lora-moetify"].key
+    assert paper["fft-moetify"].key == default["fft-moetify"].key  # LoRA-MoE settings: the FFT-MoE is as it was
+    for moe, field in [({"experts": ["fft"], "router_dtype": "float16"}, "router_dtype"),
+                       ({"experts": ["lora"], "router": "random", "router_init": "moetify"}, "router_init"),
+                       ({"experts": ["lora"], "router_init": "moetify", "base_expert": "routed"}, "base_expert")]:
+        with pytest.raises(KnowstackError, match=field):
+            parse_config(study_config(tmp_path, tiny_model_dir, {"router": "moetify", **moe}))
+
+
+def test_paper_config_draws_and_stores_its_lora_moe_routers_as_moetify() -> None:
+    from test_config import CONFIGS
+
+    from knowstack.config import load_config
+
+    moe = load_config(CONFIGS / "paper/llama3-8b-trace.yaml").methods.moe
+    assert (moe.router, moe.router_init, moe.router_dtype) == ("moetify", "moetify", "float16")
+
+
+def test_cli_mix_router_init_and_dtype(llama: Path, adapters: list[Path], tmp_path: Path) -> None:
+    from knowstack.cli import main
+
+    assert main(["mix", "--base", str(llama), "--models", *map(str, adapters), "--router", "moetify",
+                 "--router-init", "moetify", "--router-dtype", "float16", "--out", str(tmp_path / "moe")]) == 0
+    oracle = blend_routers(llama, len(adapters), RANK)
+    assert all(torch.equal(w, oracle[n].half()) for n, w in routers_of(tmp_path / "moe").items())
