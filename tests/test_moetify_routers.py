@@ -143,6 +143,16 @@ def test_moetify_router_init_needs_one_rank_and_moetifys_router(llama: Path, ada
     with pytest.raises(KnowstackError, match="router_dtype must be one of") as info:
         mix_models(llama, adapters, tmp_path / "b", options=MoeOptions(router="moetify", router_dtype="float64"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # moetify mixes adapters of one --lora_rank
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    get_peft_model(AutoModelForCausalLM.from_pretrained(llama), LoraConfig(r=2, target_modules=list(TARGETS))).save_pretrained(
+        tmp_path / "r2")
+    with pytest.raises(KnowstackError, match=r"one rank .* ranks \[2, 4\]") as info:
+        mix_models(llama, [*adapters[:2], tmp_path / "r2"], tmp_path / "c",
+                   options=MoeOptions(router="moetify", router_init="moetify"))
+    assert info.value.field == "router_init" and not (tmp_path / "c").exists()
 
 
 def test_the_settings_key_the_lora_moe_only_where_set(tmp_path: Path, tiny_model_dir: Path) -> None:

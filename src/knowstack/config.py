@@ -678,8 +678,8 @@ class MoeConfig(Sweepable):
     (float16: moetify's, blend.py saves its LoRA-MoE in float16), run in float32 on the stored values as PEFT loads
     moetify's routers (an FFT-MoE's routers are its model's dtype); router_init (router: moetify, LoRA only):
     per-module (each router drawn from (seed, module)) or moetify (the draws of moetify's blend.py on a CPU:
-    set_seed(1399), then every LoRA layer's init in PEFT's module order, then the routers; combine/routers.py); preset: named settings (MOE_PRESETS; btx: Branch-Train-MiX), the section's own
-    settings on top. The section may be a list of mixtures, each reported as its own run `moe-<experts>-<name>`; name:
+    set_seed(1399), then every LoRA layer's init in PEFT's module order, then the routers; combine/routers.py);
+    preset: named settings (MOE_PRESETS; btx: Branch-Train-MiX), the section's own settings on top. The section may be a list of mixtures, each reported as its own run `moe-<experts>-<name>`; name:
     that run's name (default: its router), unique in the list."""
 
     SWEEPABLE: ClassVar[tuple[str, ...]] = ("top_k",)

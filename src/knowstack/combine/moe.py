@@ -64,8 +64,9 @@ class MoeOptions:
     floating tensors (modelio.DTYPE_CHOICES; auto: the base's for an FFT-MoE, the adapters' own for a LoRA-MoE,
     whose routers are router_dtype's); router_dtype (LoRA-MoE): the dtype its routers are stored in (run in float32
     on the stored values, as PEFT loads moetify's); router_init (router moetify, LoRA-MoE): per-module draws, or
-    moetify's own (routers.py moetify_lora_routers). router moetify (moetify's routing, routers.py): a LoRA-MoE routes per module with
-    sigmoid gates to every expert (moetify's default top-k; `top_k` is then the FFT-MoE's only)."""
+    moetify's own (routers.py moetify_lora_routers). router moetify (moetify's routing, routers.py): a LoRA-MoE
+    routes per module with sigmoid gates to every expert (moetify's default top-k; `top_k` is then the FFT-MoE's
+    only)."""
 
     top_k: int = _DECLARED.top_k
     layers: tuple[int, ...] | None = None

@@ -152,7 +152,7 @@ def module_routers(base: FullModel, adapters: Sequence[LoraAdapter], options, pr
         return {module: router for module, router in prompt_routers(means, base_index).items()}
     init_range = float(base.config.get("initializer_range", 0.02))
     if options.router_init == "moetify":
-        return _moetify_draws(base, adapters, modules, in_features, n_experts, init_range)
+        return _moetify_draws(base, adapters, modules, n_experts, init_range)
     # moetify's LoRA-MoE draws every module's router from N(0, initializer_range) (blend.py), as `random` does
     kind = "random" if options.router == "moetify" else options.router
     return {module: data_free_routers(kind, [layer_of(module)], n_experts, in_features[module],
@@ -161,8 +161,8 @@ def module_routers(base: FullModel, adapters: Sequence[LoraAdapter], options, pr
             for module in modules}
 
 
-def _moetify_draws(base: FullModel, adapters: Sequence[LoraAdapter], modules: dict[str, list[int]],
-                   in_features: dict[str, int], n_experts: int, init_range: float) -> dict[str, Router]:
+def _moetify_draws(base: FullModel, adapters: Sequence[LoraAdapter], modules: dict[str, list[int]], n_experts: int,
+                   init_range: float) -> dict[str, Router]:
     """The routers of the mixed modules as moetify's blend.py draws them (routers.py moetify_lora_routers): its PEFT
     injection targets every Linear of the base named as a mixed module is (`--modules`, in every layer), in the
     base's module order, each with one LoRA pair per adapter of moetify's one `--lora_rank`."""
@@ -177,8 +177,6 @@ def _moetify_draws(base: FullModel, adapters: Sequence[LoraAdapter], modules: di
     names = {module.rpartition(".")[2] for module in modules}
     targeted = {name: shape for name, shape in linear_modules(base.path).items() if name.rpartition(".")[2] in names}
     drawn = moetify_lora_routers(targeted, n_experts, ranks.pop(), init_range)
-    if any(drawn[module].weight.shape[1] != in_features[module] for module in modules):
-        raise KnowstackError("the adapters' input sizes differ from the base's modules", field="router_init")
     return {module: drawn[module] for module in modules}
 
 

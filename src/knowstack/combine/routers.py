@@ -127,13 +127,15 @@ def moetify_lora_routers(modules: dict[str, tuple[int, int]], n_experts: int, ra
     from_pretrained's default dtype). A draw's values do not depend on the bounds, only its shape and dtype."""
     generator = torch.Generator().manual_seed(MOETIFY_SEED)
 
-    def draw(rows: int, columns: int) -> torch.Tensor:
-        return torch.empty(rows, columns, dtype=torch.float32).uniform_(generator=generator)
+    def draw(rows: int, columns: int) -> None:  # what a kaiming_uniform_ of a float32 (rows, columns) consumes
+        torch.empty(rows, columns, dtype=torch.float32).uniform_(generator=generator)
 
     for out_features, in_features in modules.values():
-        draw(n_experts, in_features)
+        draw(n_experts, in_features)  # the router's nn.Linear
         for _ in range(n_experts):
-            draw(rank, in_features), draw(out_features, rank), draw(rank, in_features)
+            draw(rank, in_features)  # nn.Linear(in, r)
+            draw(out_features, rank)  # nn.Linear(r, out)
+            draw(rank, in_features)  # A's kaiming_uniform_
     return {name: Router(torch.empty(n_experts, in_features, dtype=torch.float32).normal_(0.0, init_range,
                                                                                           generator=generator))
             for name, (_, in_features) in modules.items()}
