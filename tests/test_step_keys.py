@@ -128,7 +128,8 @@ def _every_method(root: Path) -> dict[str, Any]:
             "moe": [{"experts": ["fft"], "router_training": {"steps": 5}, "attention": ["o_proj"]},
                     {"experts": ["lora"], "routing": "module", "router_training": {"steps": 5}, "name": "per-module"},
                     {"experts": ["lora"], "router": "arrow", "temperature": 2.0},
-                    {"experts": ["lora"], "router": "gates", "gate_training": {"steps": 3}}],
+                    {"experts": ["lora"], "router": "gates", "gate_training": {"steps": 3}},
+                    {"experts": ["lora"], "router": "moetify"}],
             "search": {"finetune": ["fft", "lora"], "methods": ["ties", "dare"]},
         },
     }
@@ -147,6 +148,7 @@ CHANGED = {
     "methods.moe[].attention": ["o_proj", "v_proj"], "methods.moe[].routing": "layer",
     "methods.moe[].tasks": ["Notes", "Stance"], "methods.moe[].layers": [0], "methods.moe[].name": "renamed",
     "methods.moe[].router_training": {"steps": 2}, "methods.moe[].gate_training": {"steps": 2},
+    "methods.moe[].router_dtype": "float16", "methods.moe[].router_init": "moetify",
     "methods.continual-merge.methods": ["ties"], "methods.merge.seed": 3, "methods.continual-merge.seed": 3,
     "base.model": "{root}/other-base",
     "methods.search.lam_range": [0.2, 1.0], "methods.search.density_range": [0.3, 0.9],

@@ -406,7 +406,7 @@ def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
         **options: Any) -> dict[str, Any]:
     """A mixture of experts of model dirs (FFT-MoE) or adapter dirs (LoRA-MoE), as `knowstack mix`; options are
     combine/moe.py MoeOptions fields (top_k, layers, shared, base_expert, router, seed, attention, routing,
-    temperature, dtype; None: the default). prompts: per
+    temperature, dtype, router_dtype, router_init; None: the default). prompts: per
     model, its prompts or a JSON/JSONL file of them, the first prompts_per_expert used (default: config.py
     MoeConfig's); router (None or not given): a study's and compose's, MoeConfig's `prompts`, which needs `prompts`
     (give router="random" for a router without them). Router training: router_steps steps on the TRACE-format files
@@ -430,7 +430,7 @@ def mix(base: PathLike, models: Sequence[PathLike], out: PathLike, *,
         prompts = [_prompt_list(given)[:keep] for given in prompts]
     if options.get("router") is None:
         options["router"] = MoeConfig().router
-    for name in ("routing", "temperature", "dtype"):  # not given: MoeOptions' defaults
+    for name in ("routing", "temperature", "dtype", "router_dtype", "router_init"):  # not given: MoeOptions' defaults
         if name in options and options[name] is None:
             del options[name]
     for name in ("layers", "attention"):  # tuples, as MoeOptions declares them

@@ -613,14 +613,19 @@ MOE_PRESETS: dict[str, dict[str, Any]] = {
 
 
 PER_MODULE_ROUTERS = ("arrow", "gates")  # built per module from each adapter, training-free
+# The dtypes a LoRA-MoE's routers may be stored in (MoeConfig.router_dtype); float32, the first, is the default.
+RouterDtype = Literal["float32", "float16", "bfloat16"]
+# How a LoRA-MoE's random routers are drawn (MoeConfig.router_init); per-module, the first, is the default.
+RouterInit = Literal["per-module", "moetify"]
 
 
 def moe_problems(kinds: set[str], *, router: str, base_expert: str, attention: bool, routing: str | None,
-                 trains: bool, temperature: bool, gate_training: bool = False) -> list[tuple[str, str]]:
+                 trains: bool, temperature: bool, gate_training: bool = False, router_dtype: str = "float32",
+                 router_init: str = "per-module") -> list[tuple[str, str]]:
     """What cannot go together in a mixture, as (setting, message), the first first: the one check of each rule,
     made where a study's config is read (MoeConfig, for every kind of expert it mixes) and where a mixture is built
     (combine/moe.py, for its kind). kinds: fft and/or lora; attention, trains (router training), temperature and
-    gate_training: whether each is given; routing: as given (None: the router's own)."""
+    gate_training: whether each is given; routing, router_dtype and router_init: as given (None: the router's own)."""
     module_router = router in PER_MODULE_ROUTERS
     rules = [
         (router == "base-biased" and base_expert != "routed", "router",
@@ -648,6 +653,12 @@ def moe_problems(kinds: set[str], *, router: str, base_expert: str, attention: b
          f"the {router} router builds one row per layer from hidden states: leave 'routing' unset or 'layer'"),
         (router == "moetify" and "lora" in kinds and routing == "layer", "routing",
          "moetify's LoRA-MoE has a router per module: leave 'routing' unset or 'module'"),
+        (router_dtype != "float32" and "lora" not in kinds, "router_dtype",
+         "'router_dtype' is a LoRA-MoE's (experts: [lora]): an FFT-MoE's routers are in its model's dtype"),
+        (router_init == "moetify" and (router != "moetify" or "lora" not in kinds), "router_init",
+         "'router_init: moetify' draws the routers of moetify's LoRA-MoE: use router: moetify with experts: [lora]"),
+        (router_init == "moetify" and base_expert == "routed", "base_expert",
+         "moetify's LoRA-MoE has no base expert (blend.py's experts are the adapters): base_expert must be none"),
     ]
     return [(field, message) for failed, field, message in rules if failed]
 
@@ -672,8 +683,12 @@ class MoeConfig(Sweepable):
     routing (LoRA only): a router per layer, or per module, each reading its module's input (moetify's
     per-module routers; unset: per module for arrow, per layer otherwise); temperature: arrow's softmax
     temperature (unset: 1); gate_training: how each one-round adapter's gates are trained for router gates
-    (unset: GateTrainingConfig's defaults); preset: named settings (MOE_PRESETS; btx: Branch-Train-MiX), the section's own
-    settings on top. The section may be a list of mixtures, each reported as its own run `moe-<experts>-<name>`; name:
+    (unset: GateTrainingConfig's defaults); router_dtype (LoRA only): the dtype the routers are stored in
+    (float16: moetify's, blend.py saves its LoRA-MoE in float16), run in float32 on the stored values as PEFT loads
+    moetify's routers (an FFT-MoE's routers are its model's dtype); router_init (router: moetify, LoRA only):
+    per-module (each router drawn from (seed, module)) or moetify (the draws of moetify's blend.py on a CPU:
+    set_seed(1399), then every LoRA layer's init in PEFT's module order, then the routers; combine/routers.py);
+    preset: named settings (MOE_PRESETS; btx: Branch-Train-MiX), the section's own settings on top. The section may be a list of mixtures, each reported as its own run `moe-<experts>-<name>`; name:
     that run's name (default: its router), unique in the list."""
 
     SWEEPABLE: ClassVar[tuple[str, ...]] = ("top_k",)
@@ -692,6 +707,8 @@ class MoeConfig(Sweepable):
     temperature: float | None = Field(default=None, gt=0)
     name: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9-]*$")
     gate_training: GateTrainingConfig | None = None
+    router_dtype: RouterDtype = "float32"
+    router_init: RouterInit = "per-module"
 
     @model_validator(mode="before")
     @classmethod
@@ -725,7 +742,8 @@ class MoeConfig(Sweepable):
         problems = moe_problems(set(self.experts), router=self.router, base_expert=self.base_expert,
                                 attention=bool(self.attention), routing=self.routing,
                                 trains=self.router_training is not None, temperature=self.temperature is not None,
-                                gate_training=self.gate_training is not None)
+                                gate_training=self.gate_training is not None, router_dtype=self.router_dtype,
+                                router_init=self.router_init)
         if problems:
             raise ValueError(problems[0][1])
         return self

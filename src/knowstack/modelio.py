@@ -138,14 +138,10 @@ def load_model(
 def _misfit_message(folder: Path, trust_remote_code: bool = False) -> str:
     """What is wrong when a model dir's config.json does not fit its weights: the tensors whose shapes differ
     between the weights and the model config.json builds (on the meta device: no memory), first ones named."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from knowstack.modeling.streaming import SafetensorsReader
 
     try:
-        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            built = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        built = meta_model(folder, trust_remote_code)
         expected = {name: tuple(tensor.shape) for name, tensor in built.state_dict().items()}
         specs = SafetensorsReader.from_dir(folder).specs
     except Exception:  # noqa: BLE001 - the names are a help; the message stands without them (a hub id)
@@ -156,6 +152,22 @@ def _misfit_message(folder: Path, trust_remote_code: bool = False) -> str:
     shown = "; ".join(differ[:2]) + more if differ else "tensor shapes differ"
     return (f"config.json does not fit the weights: {shown}; give the config.json these weights were saved with "
             "(or the model dir this config.json belongs to)")
+
+
+def meta_model(folder: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The model config.json of `folder` builds, on the meta device: its modules and shapes, no memory, no weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def linear_modules(folder: str | Path) -> dict[str, tuple[int, int]]:
+    """The Linear modules of the model in `folder`, {name: (out_features, in_features)}, in the model's own module
+    order (the order PEFT injects adapters in)."""
+    return {name: (module.out_features, module.in_features) for name, module in meta_model(folder).named_modules()
+            if isinstance(module, torch.nn.Linear)}
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: Path,

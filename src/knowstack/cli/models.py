@@ -22,7 +22,14 @@ from knowstack.cli.options import (
     training_from_args,
 )
 from knowstack.cli.vocabulary import add_deprecated, meaning, positional_or_option
-from knowstack.config import MOE_PRESETS, MOE_ROUTERS, MoeConfig, RouterTrainingConfig
+from knowstack.config import (
+    MOE_PRESETS,
+    MOE_ROUTERS,
+    MoeConfig,
+    RouterDtype,
+    RouterInit,
+    RouterTrainingConfig,
+)
 from knowstack.errors import KnowstackError, Problem
 
 
@@ -292,7 +299,7 @@ def cmd_mix(args: argparse.Namespace) -> None:
                      max_shard_gb=args.max_shard_gb, top_k=args.top_k, layers=args.layers, shared=shared,
                      base_expert=args.base_expert, router=router, seed=args.seed,
                      attention=args.attention or (), routing=args.routing, temperature=args.temperature,
-                     dtype=args.dtype)
+                     dtype=args.dtype, router_dtype=args.router_dtype, router_init=args.router_init)
     if args.json:
         print(json.dumps({**record, "out": str(args.out)}))
         return
@@ -488,6 +495,12 @@ def add_commands(sub: Any) -> None:
                    help="LoRA-MoE: a router per layer, or per module reading the module's input (default: module "
                         "for arrow, layer otherwise)")
     p.add_argument("--temperature", type=float, help="the arrow router's softmax temperature (default 1)")
+    p.add_argument("--router-dtype", choices=get_args(RouterDtype),
+                   help="LoRA-MoE: the dtype its routers are stored in, run in float32 on the stored values (float16: "
+                        "moetify's; default float32)")
+    p.add_argument("--router-init", choices=get_args(RouterInit),
+                   help="--router moetify, LoRA-MoE: moetify draws the routers as moetify's blend.py does on a CPU "
+                        "(default per-module: each from the seed and the module)")
     p.add_argument("--prompts", nargs="+", help="one JSON/JSONL file of prompts per model, in order")
     p.add_argument("--prompts-per-expert", type=int, default=moe.prompts_per_expert,
                    help=f"{meaning('--prompts-per-expert')} (default {moe.prompts_per_expert})")

@@ -20,7 +20,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, get_args
 
 from knowstack.atomic import atomic_dir, atomic_write_json
 from knowstack.combine.compatibility import check_compatible
@@ -32,7 +32,7 @@ from knowstack.combine.routers import (
     prompt_routers,
     uses_prompts,
 )
-from knowstack.config import PER_MODULE_ROUTERS, MoeConfig, moe_problems
+from knowstack.config import PER_MODULE_ROUTERS, MoeConfig, RouterDtype, RouterInit, moe_problems
 from knowstack.errors import KnowstackError
 from knowstack.modeling.routing import Router
 from knowstack.modelio import DTYPE_CHOICES, dtype_name, output_dtype
@@ -45,6 +45,8 @@ BASE_EXPERTS = ("none", "routed", "always-on")
 SHARED = ("base", "average")
 ROUTINGS = ("layer", "module")
 MODULE_ROUTERS = (*PER_MODULE_ROUTERS, "moetify")  # a router per module in a LoRA-MoE
+ROUTER_DTYPES: tuple[str, ...] = get_args(RouterDtype)
+ROUTER_INITS: tuple[str, ...] = get_args(RouterInit)
 
 
 _DECLARED = MoeConfig()  # the one declaration of the MoE settings' defaults
@@ -60,8 +62,11 @@ class MoeOptions:
     routing (LoRA-MoE): one router per layer, or per module (each reading its module's input; None: per
     module for arrow, per layer otherwise); temperature: Arrow's softmax temperature; dtype: the output's
     floating tensors (modelio.DTYPE_CHOICES; auto: the base's for an FFT-MoE, the adapters' own for a LoRA-MoE,
-    whose routers stay float32). router moetify (moetify's routing, routers.py): a LoRA-MoE routes per module with
-    sigmoid gates to every expert (moetify's default top-k; `top_k` is then the FFT-MoE's only)."""
+    whose routers are router_dtype's); router_dtype (LoRA-MoE): the dtype its routers are stored in (run in float32
+    on the stored values, as PEFT loads moetify's); router_init (router moetify, LoRA-MoE): per-module draws, or
+    moetify's own (routers.py moetify_lora_routers). router moetify (moetify's routing, routers.py): a LoRA-MoE
+    routes per module with sigmoid gates to every expert (moetify's default top-k; `top_k` is then the FFT-MoE's
+    only)."""
 
     top_k: int = _DECLARED.top_k
     layers: tuple[int, ...] | None = None
@@ -75,6 +80,8 @@ class MoeOptions:
     routing: str | None = None
     temperature: float = 1.0
     dtype: str = "auto"
+    router_dtype: str = _DECLARED.router_dtype
+    router_init: str = _DECLARED.router_init
 
     def effective_routing(self) -> str:
         return self.routing or ("module" if self.router in MODULE_ROUTERS else "layer")
@@ -181,11 +188,15 @@ def _validate(kind: str, n_models: int, n_layers: int, options: MoeOptions, prom
          f"routing must be one of {', '.join(ROUTINGS)}"),
         (not options.temperature > 0, "temperature", "temperature must be > 0"),
         (options.dtype not in DTYPE_CHOICES, "dtype", f"dtype must be one of {', '.join(DTYPE_CHOICES)}"),
+        (options.router_dtype not in ROUTER_DTYPES, "router_dtype",
+         f"router_dtype must be one of {', '.join(ROUTER_DTYPES)}"),
+        (options.router_init not in ROUTER_INITS, "router_init", f"router_init must be one of {', '.join(ROUTER_INITS)}"),
     ]
     # the rules a study's config is held to as well (config.py moe_problems, one check each)
     checks += [(True, field, message) for field, message in moe_problems(
         {kind}, router=options.router, base_expert=options.base_expert, attention=bool(options.attention),
-        routing=options.routing, trains=trains, temperature=options.temperature != 1.0)]
+        routing=options.routing, trains=trains, temperature=options.temperature != 1.0,
+        router_dtype=options.router_dtype, router_init=options.router_init)]
     n_experts = n_models + (options.base_expert == "routed")
     checks += [
         (options.router != "none" and not 1 <= options.top_k <= n_experts, "top_k",
@@ -303,15 +314,19 @@ def _build(kind: str, tmp: Path, base: FullModel, inputs: list, options: MoeOpti
                             routing=options.effective_routing(),
                             router_score={"arrow": "arrow", "gates": "phatgoose"}.get(options.router, "linear"),
                             temperature=options.temperature, dtype=cast,
-                            gating="sigmoid" if options.router == "moetify" else "softmax")
+                            gating="sigmoid" if options.router == "moetify" else "softmax",
+                            router_dtype=output_dtype(options.router_dtype))
     return {**common, "architecture": "lora-moe", "experts": config["num_experts"], "layers": config["layers"],
             "parameters": _lora_parameters(tmp, base, config), **({"dtype": options.dtype} if cast else {})}
 
 
 def _recorded_options(options: MoeOptions) -> dict[str, Any]:
-    """The options moe.json records; routing, temperature and dtype (added later) only where they are set, so
-    that a mixture made without them records what it always did."""
+    """The options moe.json records; routing, temperature, dtype, router_dtype and router_init (added later) only
+    where they are set, so that a mixture made without them records what it always did."""
     recorded = asdict(options)
+    for later in ("router_dtype", "router_init"):
+        if recorded[later] == getattr(_DECLARED, later):
+            del recorded[later]
     if recorded["routing"] is None:
         del recorded["routing"]
     if recorded["dtype"] == "auto":

@@ -24,7 +24,7 @@ def write_lora_moe(out: Path, base: FullModel, adapters: Sequence[LoraAdapter], 
                    layers: Sequence[int] | None, base_expert: bool, router: str,
                    routers: dict[int, Router] | dict[str, Router] | None, routing: str = "layer",
                    router_score: str = "linear", temperature: float = 1.0, dtype: torch.dtype | None = None,
-                   gating: str = "softmax") -> dict:
+                   gating: str = "softmax", router_dtype: torch.dtype = torch.float32) -> dict:
     """Writes lora_moe.json + lora_moe.safetensors into the dir `out`, with the base's tokenizer files, chat
     template and generation_config (what a user chats with it by); returns the config written.
 
@@ -32,7 +32,8 @@ def write_lora_moe(out: Path, base: FullModel, adapters: Sequence[LoraAdapter], 
     routers: by mixed layer (routing "layer") or by module name (routing "module"); router_score
     "arrow" (with its temperature) for Arrow's |W x| / T scores; gating: the chosen experts' weights, a softmax over
     the k or moetify's sigmoid of each (modeling/lora_moe.py). dtype: the experts' A and B (None: each adapter's
-    own; routers are float32 either way, as they are trained)."""
+    own); router_dtype: the routers' (float32, as they are trained; float16 as moetify saves them), which the
+    loader runs in float32 on the stored values whatever it is."""
     offset = 1 if base_expert else 0
     n_experts = len(adapters) + offset
     modules = module_layout(adapters, layers)
@@ -53,9 +54,9 @@ def write_lora_moe(out: Path, base: FullModel, adapters: Sequence[LoraAdapter], 
     mixed = sorted({layer_of(module) for module in modules})
     keys = list(modules) if routing == "module" else mixed
     for key in keys if routers is not None else []:
-        tensors[f"routers.{key}.weight"] = routers[key].weight.float().contiguous()
+        tensors[f"routers.{key}.weight"] = routers[key].weight.to(router_dtype).contiguous()
         if routers[key].bias is not None:
-            tensors[f"routers.{key}.bias"] = routers[key].bias.float().contiguous()
+            tensors[f"routers.{key}.bias"] = routers[key].bias.to(router_dtype).contiguous()
     config = {
         "format": FORMAT, "version": 1, "base_model": str(base.path),
         "experts": (["base"] if base_expert else []) + [str(a.path) for a in adapters],
@@ -72,6 +73,8 @@ def write_lora_moe(out: Path, base: FullModel, adapters: Sequence[LoraAdapter], 
         config["temperature"] = temperature
     if gating != "softmax":
         config["gating"] = gating
+    if router_dtype != torch.float32:
+        config["router_dtype"] = str(router_dtype).removeprefix("torch.")
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     atomic_write_json(out / CONFIG_FILE, config)
     copy_model_files(base.path, out)
@@ -148,12 +151,33 @@ def module_routers(base: FullModel, adapters: Sequence[LoraAdapter], options, pr
             del model
         return {module: router for module, router in prompt_routers(means, base_index).items()}
     init_range = float(base.config.get("initializer_range", 0.02))
+    if options.router_init == "moetify":
+        return _moetify_draws(base, adapters, modules, n_experts, init_range)
     # moetify's LoRA-MoE draws every module's router from N(0, initializer_range) (blend.py), as `random` does
     kind = "random" if options.router == "moetify" else options.router
     return {module: data_free_routers(kind, [layer_of(module)], n_experts, in_features[module],
                                       init_range=init_range, seed=options.seed, base_index=base_index,
                                       site=module)[layer_of(module)]
             for module in modules}
+
+
+def _moetify_draws(base: FullModel, adapters: Sequence[LoraAdapter], modules: dict[str, list[int]], n_experts: int,
+                   init_range: float) -> dict[str, Router]:
+    """The routers of the mixed modules as moetify's blend.py draws them (routers.py moetify_lora_routers): its PEFT
+    injection targets every Linear of the base named as a mixed module is (`--modules`, in every layer), in the
+    base's module order, each with one LoRA pair per adapter of moetify's one `--lora_rank`."""
+    from knowstack.combine.routers import moetify_lora_routers
+    from knowstack.modelio import linear_modules
+
+    ranks = {a.reader.specs[a.modules[f"{module}.weight"][0]].shape[0] for module, owners in modules.items()
+             for a in (adapters[i] for i in owners)}
+    if len(ranks) > 1 or any(len(owners) != len(adapters) for owners in modules.values()):
+        raise KnowstackError("router_init: moetify needs adapters of one rank on the same modules (moetify's blend.py "
+                             f"mixes them with one --lora_rank); these have ranks {sorted(ranks)}", field="router_init")
+    names = {module.rpartition(".")[2] for module in modules}
+    targeted = {name: shape for name, shape in linear_modules(base.path).items() if name.rpartition(".")[2] in names}
+    drawn = moetify_lora_routers(targeted, n_experts, ranks.pop(), init_range)
+    return {module: drawn[module] for module in modules}
 
 
 def _contributed_gates(adapter: LoraAdapter) -> dict[str, torch.Tensor]:

@@ -29,7 +29,8 @@ moetify (RhuiDih/moetify, the paper's MoE tool; `router: moetify`):
   over each prompt's tokens, each prompt run alone); the router still reads the MLP's input and gates as Mixtral.
 - LoRA-MoE (`blend.py`): a router per module, rows drawn from N(0, initializer_range), no bias (the `random` draws
   of a per-module router), gated by the sigmoid of each chosen logit (modeling/lora_moe.py `gating: sigmoid`), every
-  expert chosen (its `num_experts_per_tok` default, 0, is the number of experts).
+  expert chosen (its `num_experts_per_tok` default, 0, is the number of experts). With `router_init: moetify` the
+  draws are moetify's own (`moetify_lora_routers`), as blend.py makes them on a machine without CUDA.
 
 Per-module routers of a LoRA-MoE (`routing: module`, moetify's non-global routers) each read their
 module's own input: random draws of their own (`site` = the module), or from prompts the mean of that
@@ -106,6 +107,38 @@ def data_free_routers(kind: str, layers: Sequence[int], n_experts: int, hidden: 
             bias[base_index] = BASE_BIAS
         routers[layer] = Router(weight, bias)
     return routers
+
+
+MOETIFY_SEED = 1399  # moetify blend.py L58: set_seed(1399)
+
+
+def moetify_lora_routers(modules: dict[str, tuple[int, int]], n_experts: int, rank: int,
+                         init_range: float) -> dict[str, Router]:
+    """The LoRA-MoE routers moetify's blend.py draws when torch has no CUDA device, bit for bit: `modules` are the
+    Linear modules its PEFT injection targets, {name: (out_features, in_features)} in the base's module order.
+
+    The draws between set_seed(1399) (L58) and the router inits (L114-120), all on torch's CPU generator: loading
+    the base draws nothing (transformers >= 4.37 skips the init of loaded weights) and neither does its dummy forward
+    (eval mode); then, module by module, moetify's MixtureOfLinear builds its router `nn.Linear(in, experts)` first
+    (models/lora_model.py L91-95: a kaiming_uniform_ draw) and then, per expert, PEFT's update_layer builds
+    `nn.Linear(in, r)` and `nn.Linear(r, out)` (a draw each) and re-draws A (reset_lora_parameters' kaiming_uniform_;
+    B is zeroed, no draw); dropout 0 is an Identity. Then blend.py walks the state dict (module order again) and
+    draws each router with normal_(0, initializer_range), float32, as the base loads (before transformers 5,
+    from_pretrained's default dtype). A draw's values do not depend on the bounds, only its shape and dtype."""
+    generator = torch.Generator().manual_seed(MOETIFY_SEED)
+
+    def draw(rows: int, columns: int) -> None:  # what a kaiming_uniform_ of a float32 (rows, columns) consumes
+        torch.empty(rows, columns, dtype=torch.float32).uniform_(generator=generator)
+
+    for out_features, in_features in modules.values():
+        draw(n_experts, in_features)  # the router's nn.Linear
+        for _ in range(n_experts):
+            draw(rank, in_features)  # nn.Linear(in, r)
+            draw(out_features, rank)  # nn.Linear(r, out)
+            draw(rank, in_features)  # A's kaiming_uniform_
+    return {name: Router(torch.empty(n_experts, in_features, dtype=torch.float32).normal_(0.0, init_range,
+                                                                                          generator=generator))
+            for name, (_, in_features) in modules.items()}
 
 
 def prompt_routers(means: dict[int, torch.Tensor], base_index: int | None = None) -> dict[int, Router]:

@@ -26,7 +26,8 @@ Saved as a directory knowstack loads onto the base (`load_model(base, adapter=DI
     lora_moe.safetensors    per module: `<module>.lora_A` (sum of ranks x in, the experts' A stacked)
                             and `<module>.lora_B` (out x sum of ranks, each expert's scale folded in);
                             per mixed layer: `routers.<layer>.weight` (+ `.bias`); with per-module
-                            routing, per module: `routers.<module>.weight` (+ `.bias`)
+                            routing, per module: `routers.<module>.weight` (+ `.bias`); float32, or the
+                            config's `router_dtype` (moetify's float16), run in float32 on the stored values
 
 Compute is dense over the stacked ranks (one x @ A^T and one @ B^T per module, the gates zero for
 experts a token did not choose), which is exact and, with LoRA ranks of a few dozen in total, cheaper
@@ -134,7 +135,8 @@ class LayerRouting(nn.Module):
         else:
             # The softmax over the k largest logits is the full softmax renormalised over those k (Mixtral's
             # weights), in fewer operations: this runs once per layer and generated token.
-            # The router keeps its own dtype (float32, as saved and trained) on a bfloat16/float16 base.
+            # The router keeps its own dtype (float32, as trained) on a bfloat16/float16 base; one stored in float16
+            # (router_dtype, moetify's file) runs in float32 on the stored values, as PEFT >= 0.12 loads moetify's.
             top, chosen = torch.topk(self.router(normed.to(self.router.weight.dtype)), self.top_k, dim=-1)
             weights = (torch.sigmoid(top.float()) if self.gating == "sigmoid" else F.softmax(top.float(), dim=-1))
             weights = weights.to(normed.dtype)
@@ -282,10 +284,11 @@ def save_routers(path: Path, routers: dict[int | str, Router]) -> None:
     weights = path / WEIGHTS_FILE
     with safe_open(str(weights), framework="pt") as handle:
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
-    for layer, router in routers.items():
-        tensors[f"routers.{layer}.weight"] = router.weight.float().contiguous()
-        if router.bias is not None:
-            tensors[f"routers.{layer}.bias"] = router.bias.float().contiguous()
+    for layer, router in routers.items():  # in the dtype the mixture stores its routers in (router_dtype)
+        for part, tensor in (("weight", router.weight), ("bias", router.bias)):
+            name = f"routers.{layer}.{part}"
+            if tensor is not None:
+                tensors[name] = tensor.to(tensors[name].dtype if name in tensors else torch.float32).contiguous()
     tmp = weights.with_name(f".{WEIGHTS_FILE}.tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     honour_umask(tmp)

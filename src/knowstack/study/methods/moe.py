@@ -39,6 +39,9 @@ def add_moe(builder: PlanBuilder, experts: str, moe: MoeConfig, name: str = "", 
         if options.get(later) is None:
             options.pop(later, None)
     options.pop("gate_training", None)  # the gate steps' settings, in their own keys (deps of this step)
+    for later in ("router_dtype", "router_init"):  # LoRA-MoE options added later: in the key only when not the default
+        if experts == "fft" or options.get(later) == MoeConfig.model_fields[later].default:
+            options.pop(later, None)
     if experts == "lora":
         options["shared"] = "base"  # an FFT-MoE option: a LoRA-MoE keeps the base's weights
     if every_expert:
