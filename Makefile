@@ -58,7 +58,7 @@ registry-demo: $(STAMP)
 # The figures README.md and docs/ quote, rewritten in their marked blocks from the runs that measured them
 # (after `make demo`, `make registry-demo` and `knowstack study configs/builtin-search.yaml --out runs/search`); a
 # results dir that is missing is an error.
-DOCS_RUNS ?= --demo runs/demo --registry runs/registry-scenario/registry --search runs/search --memory tests/fixtures/configs/llama-3-8b --vocabulary --claims --merge-options
+DOCS_RUNS ?= --demo runs/demo --verdicts runs/demo-default runs/demo-avx2 --registry runs/registry-scenario/registry --search runs/search --memory tests/fixtures/configs/llama-3-8b --vocabulary --claims --merge-options
 docs-numbers: $(STAMP)
 	$(BIN)/python scripts/docs_numbers.py $(DOCS_RUNS)
 

@@ -21,6 +21,7 @@ parsers; --claims: docs/claims.md's table, read from report/claims.py); the othe
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
 import json
 import re
@@ -198,6 +199,36 @@ def world_spread(studies: list[Study]) -> str:
     return (f"The built-in world `{studies[0].world['preset']}` built {len(studies)} times "
             f"({', '.join(f'`{s.path.name}`' for s in studies)}; corpus {'identical' if same else 'different'}):\n\n"
             + "\n".join(lines))
+
+
+def verdict_spread(studies: list[Study]) -> str:
+    """The paper's findings as one config's study judged them under other kernel paths (or machines): each claim's
+    verdict per study dir (tables/claims.csv, as its report wrote it), and which claims change verdict."""
+    verdicts = [claim_verdicts(study) for study in studies]
+    claims = list(dict.fromkeys(name for found in verdicts for name in found))
+    header = ["claim", *(f"`{s.path.name}`" for s in studies)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    changed = []
+    for name in claims:
+        cells = [found.get(name, ("", "n/a"))[1] for found in verdicts]
+        if len(set(cells)) > 1:
+            changed.append(f"{name} ({' / '.join(cells)})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    dirs = "\n".join(f"- `{s.path.name}`: world `{s.world.get('fingerprint', '?')}`"
+                     f"{kernel_words(s.world.get('environment', {}))}" for s in studies)
+    summary = (f"{len(claims) - len(changed)} of {len(claims)} findings have the same verdict in every dir"
+               + (f"; the verdict changes for {', '.join(changed)}." if changed else "."))
+    return f"{dirs}\n\n" + "\n".join(lines) + f"\n\n{summary}"
+
+
+def claim_verdicts(study: Study) -> dict[str, tuple[str, str]]:
+    """{claim id: (the paper's finding, verdict)} of a study's report (tables/claims.csv)."""
+    path = study.path / "tables" / "claims.csv"
+    if not path.is_file():
+        raise KnowstackError("no tables/claims.csv: the study has no report yet (`knowstack report`)", path=study.path,
+                             field="--verdicts")
+    with path.open(encoding="utf-8", newline="") as handle:
+        return {row["#"]: (row["the paper's finding"], row["verdict"]) for row in csv.DictReader(handle)}
 
 
 def kernel_spread(paths: list[Path]) -> str:
@@ -673,6 +704,7 @@ BLOCKS: dict[str, Generator] = {
     "registry-scenario": Generator(("registry",), registry_scenario),
     "world-spread": Generator(("spread",), world_spread),
     "kernel-spread": Generator(("kernel_paths",), kernel_spread),
+    "verdict-spread": Generator(("verdicts",), verdict_spread),
     "catalog": Generator(("catalog",), catalog),
     "speed": Generator(("speed",), speed),
     "scale": Generator(("scale",), scale),
@@ -700,6 +732,7 @@ READERS: dict[str, Callable[[Path, str], object]] = {
     "claims": lambda p, o: p,
     "merge_options": lambda p, o: p,
     "spread": lambda ps, o: [Study.read(p, o) for p in ps],
+    "verdicts": lambda ps, o: [Study.read(p, o) for p in ps],
 }
 FILE_OPTIONS = {"scale", "families", "kernel_paths"}  # options naming a file, not a results dir
 FLAG_OPTIONS = {"vocabulary", "claims", "merge_options"}  # options naming nothing: their blocks are read from the code
@@ -740,6 +773,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--registry", type=Path, help="the registry scenario's registry (runs/registry-scenario/registry)")
     parser.add_argument("--spread", type=Path, nargs="+", help="study dirs of one built-in world built under "
                         "different thread counts or machines, each with its base evaluated")
+    parser.add_argument("--verdicts", type=Path, nargs="+", help="study dirs of one config run under different "
+                        "kernel paths (or machines), each with its report: the paper's findings' verdicts side by side")
     parser.add_argument("--kernel-paths", type=Path, nargs="+", help="JSON files scripts/kernel_paths.py wrote: a "
                         "world under several kernel paths and thread counts (a table each)")
     parser.add_argument("--families", type=Path, help="the JSON tests/test_families.py wrote (KNOWSTACK_FAMILIES_JSON)")
@@ -765,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise KnowstackError("no such results dir", path=path, field=flag)
             inputs[option] = READERS[option](given, flag)
         if not inputs:
-            raise KnowstackError("no results dir given (--demo, --base, --quick-all, --full, --catalog, --search, --registry, --spread, "
+            raise KnowstackError("no results dir given (--demo, --base, --quick-all, --full, --catalog, --search, --registry, --spread, --verdicts, "
                                  "--speed, --memory, --families, --scale, --vocabulary, --claims, --merge-options, "
                                  "--kernel-paths)")
         changed = {}

@@ -122,6 +122,40 @@ def test_the_spread_of_one_world_over_thread_counts(checkout: Path, demo: Path, 
     assert f"{OLD['ks_country']:.2f}" in table
 
 
+def _claims(run: Path, verdicts: dict[str, str]) -> None:
+    (run / "tables").mkdir(exist_ok=True)
+    lines = ["#,the paper's finding,verdict"] + [f"{name},finding {name},{v}" for name, v in verdicts.items()]
+    (run / "tables" / "claims.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_the_verdicts_of_one_config_under_other_kernel_paths(checkout: Path, demo: Path, tmp_path: Path) -> None:
+    other = tmp_path / "demo-avx2"
+    shutil.copytree(demo, other)
+    manifest_path = next((other / "artifacts").glob("world-*/world.json"))
+    manifest = json.loads(manifest_path.read_text())
+    manifest["environment"].update(cpu="AMD EPYC", torch_cpu_capability="AVX2", onednn_max_cpu_isa="AVX2",
+                                   mkl_cbwr="AVX2,STRICT")
+    manifest["fingerprint"] = "0ther0ther0ther0"
+    manifest_path.write_text(json.dumps(manifest))
+    _claims(demo, {"C1": "holds", "C2": "does not hold", "C3": "inconclusive"})
+    _claims(other, {"C1": "holds", "C2": "inconclusive", "C3": "inconclusive"})
+    (checkout / "docs" / "design.md").write_text("<!-- numbers:verdict-spread -->\n<!-- /numbers -->\n")
+    assert load_script().main(["--verdicts", str(demo), str(other), "--root", str(checkout)]) == 0
+    page = (checkout / "docs" / "design.md").read_text()
+    assert "| C2 | does not hold | inconclusive |" in page and "| C1 | holds | holds |" in page
+    assert "2 of 3 findings have the same verdict in every dir; the verdict changes for C2 (does not hold / " \
+           "inconclusive)." in page
+    assert "`demo-avx2`: world `0ther0ther0ther0`, CPU AMD EPYC: torch's AVX2 kernels" in page
+
+
+def test_verdicts_of_a_study_without_its_report_are_one_clear_error(checkout: Path, demo: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    (checkout / "docs" / "design.md").write_text("<!-- numbers:verdict-spread -->\n<!-- /numbers -->\n")
+    assert load_script().main(["--verdicts", str(demo), "--root", str(checkout)]) == 2
+    err = capsys.readouterr().err
+    assert "no tables/claims.csv" in err and str(demo) in err and "--verdicts" in err
+
+
 def test_base_alone_writes_only_the_base_block(checkout: Path, demo: Path, capsys: pytest.CaptureFixture) -> None:
     assert load_script().main(["--base", str(demo), "--root", str(checkout)]) == 0
     assert "f00dfeedf00dfeed" in (checkout / "README.md").read_text()
