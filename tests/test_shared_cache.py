@@ -246,6 +246,24 @@ def test_cache_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: 
     assert not cache.entry("step-a").exists()
 
 
+
+def test_cache_gc_leaves_the_registries_cache_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """With KNOWSTACK_CACHE set, a URL registry's cache (objects, a compose's resumable work dir) is
+    $KNOWSTACK_CACHE/registries/<hash>: not a step's entry, so `cache size` does not count it nor `cache gc` remove
+    it (gc removed it, every file of it having one link)."""
+    from knowstack.registry.core import cache_dir
+
+    root = tmp_path / "cache"
+    monkeypatch.setenv("KNOWSTACK_CACHE", str(root))
+    kept = cache_dir("file:///shared/registry") / "objects" / "ab12"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"an object")
+    assert kept.is_relative_to(root)
+    assert main(["cache", "size"]) == 0 and "0 steps" in capsys.readouterr().out
+    assert main(["cache", "gc"]) == 0 and "removed 0 steps" in capsys.readouterr().out
+    assert kept.read_bytes() == b"an object"
+
 def test_the_default_cache_is_under_the_users_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from knowstack.study.shared_cache import default_root
 

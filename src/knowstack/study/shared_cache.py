@@ -268,11 +268,14 @@ class EntryInfo:
 
 
 def entries(root: Path) -> list[EntryInfo]:
-    """Every entry of the cache at `root`, by key."""
+    """Every entry of the cache at `root`, by key: the dirs holding an entry's list. Nothing else there is the cache's
+    to count or remove: `$KNOWSTACK_CACHE/registries/` (registry/core.py `cache_dir`, a URL registry's objects and
+    resumable composes) shares the root where KNOWSTACK_CACHE is set."""
     if not root.is_dir():
         return []
     found = []
-    for entry in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for entry in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                        and (p / ENTRY_FILE).is_file()):
         stats = [(entry / name).stat() for name in _files(entry)]
         found.append(EntryInfo(entry.name, sum(s.st_size for s in stats), any(s.st_nlink > 1 for s in stats)))
     return found
