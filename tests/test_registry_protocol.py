@@ -104,3 +104,20 @@ def test_a_registry_made_before_protocols_reads_as_the_default_and_records_them_
     with pytest.raises(KnowstackError, match="unknown protocol 'trace'"):
         init_registry(tmp_path / "other", tiny_model_dir, protocol="trace")
     assert not (tmp_path / "other").exists()
+
+
+def test_a_task_named_with_a_space_is_contributed_scored_and_composed(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A registry's task is named by its dir; a study's task name allows no space, so the registry's scoring study
+    renames it ('Quiz Two' -> 'Quiz_Two', and 'Quiz_Two_' beside a task named 'Quiz_Two') and its rows keep the
+    registry's names (contribute failed with pydantic's traceback)."""
+    reg = tmp_path / "reg"
+    init_registry(reg, tiny_model_dir)
+    spaced = make_task(tmp_path / "tasks", "Quiz Two")
+    plain = make_task(tmp_path / "tasks", "Quiz_Two", n=2)
+    [own] = contribute(reg, "spaced", model=make_finetune(tiny_model_dir, tmp_path / "ft1", seed=1),
+                       task=spaced)["scores"]
+    assert (own["task"], own["n"]) == ("Quiz Two", 3)
+    contribute(reg, "plain", model=make_finetune(tiny_model_dir, tmp_path / "ft2", seed=2), task=plain)
+    version = compose(reg, "merge-average", gate_old=100.0, gate_task=100.0)
+    assert {(s["task"], s["n"]) for s in version["scores"] if s["kind"] == "new"} == {("Quiz Two", 3), ("Quiz_Two", 2)}
+    assert version["status"] == "released"
