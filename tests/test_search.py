@@ -230,6 +230,28 @@ def test_compose_search_records_the_search_in_the_version_lineage(tmp_path: Path
     assert "gate" in version["settings"]  # gated as any compose
 
 
+
+def test_compose_search_on_a_registry_it_cannot_search_is_refused_before_its_work_dir(
+        tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without old-knowledge tasks, or with old knowledge but no --limit, a search has no held-out slice: exit 2
+    naming the option to give, before the compose makes its work dir (it was made, then the error came)."""
+    from test_registry import make_adapter, make_task, write_mc_task
+
+    from knowstack.registry import init_registry
+    from knowstack.registry.contribute import contribute
+
+    write_mc_task(tmp_path / "old")
+    for reg, old in ((tmp_path / "none", {}), (tmp_path / "all", {"old_tasks": ["ks_toy"],
+                                                                    "include_path": tmp_path / "old"})):
+        init_registry(reg, tiny_model_dir, **old)
+        contribute(reg, "stance", adapter=make_adapter(tiny_model_dir, reg.parent / f"a-{reg.name}", seed=1),
+                   task=make_task(reg.parent / f"tasks-{reg.name}", "Stance"))
+        capsys.readouterr()
+        assert main(["compose", str(reg), "--search", "--trials", "2"]) == 2
+        err = capsys.readouterr().err
+        assert ("registry init --old-tasks" if not old else "registry init without --limit") in err
+        assert "Traceback" not in err and not (reg / ".compose").exists()
+
 def test_a_search_without_a_held_out_slice_or_with_a_method_it_cannot_search_is_refused_before_any_step() -> None:
     from knowstack.config import parse_config
     from knowstack.errors import KnowstackError

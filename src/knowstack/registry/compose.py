@@ -377,6 +377,10 @@ def compose(
         if contributions is None and left_out:
             say(f"left out (not {' or '.join(spec.kinds)}): {', '.join(left_out)}")
         check_inputs(spec, chosen, options)
+        if spec.catalog == "search":
+            from knowstack.registry.compose_plan import searchable_old_knowledge
+
+            searchable_old_knowledge(reg.base())
         start_record = check_start(records, start, spec) if start is not None else None
         settings = spec.settings(options)
         key = compose_key(spec, settings, reg.base()["content_hash"], chosen, start_record)

@@ -58,18 +58,25 @@ def compose_config(b: Build, catalog: str, variant: ComposeVariant, kinds: list[
 OLD_DIR = "old_knowledge"
 
 
-def search_old_knowledge(b: Build) -> dict[str, Any]:
-    """What a search scores old knowledge on: the registry's old-knowledge tasks (registry init --old-knowledge),
-    their stored files laid out in the work dir; the search reads the items after the first `limit` ones, which are
-    what the registry scores every version (and the gate) on."""
-    old = b.reg.base()["settings"].get("old_knowledge")
+def searchable_old_knowledge(base: dict[str, Any]) -> dict[str, Any]:
+    """The base record's old knowledge, which a search keeps within its budget; one error where a search cannot (a
+    compose checks it before it makes its work dir)."""
+    old = base["settings"].get("old_knowledge")
     if not old or not old.get("tasks"):
         raise KnowstackError("compose --search keeps old knowledge within --max-old-loss: the registry has no "
-                             "old-knowledge tasks (registry init --old-knowledge ...)", field="method")
+                             "old-knowledge tasks (registry init --old-tasks ...)", field="method")
     if old.get("limit") is None:
         raise KnowstackError("compose --search scores old knowledge on the items after the first `limit` ones, which "
                              "the gate reads: this registry scores every item (registry init without --limit)",
                              field="method")
+    return old
+
+
+def search_old_knowledge(b: Build) -> dict[str, Any]:
+    """What a search scores old knowledge on: the registry's old-knowledge tasks (registry init --old-tasks),
+    their stored files laid out in the work dir; the search reads the items after the first `limit` ones, which are
+    what the registry scores every version (and the gate) on."""
+    old = searchable_old_knowledge(b.reg.base())
     files = old.get("files") or {}
     include = str(b.reg.store.lay_out(files, b.work / OLD_DIR)) if files else None
     return {"tasks": list(old["tasks"]), "include_path": include, "limit": old["limit"]}
