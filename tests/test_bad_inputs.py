@@ -363,7 +363,7 @@ CASES = [
     Case("extract-lora-rank-zero", "nothing", "extract-lora --base {model} --model {model} --rank 0 --out {out}",
          ("option --rank", "at least 1, not 0")),
     Case("extract-lora-unknown-target", "nothing", "extract-lora --base {model} --model {model} --rank 2 "
-         "--target-modules qkv --out {out}", ("qkv name no module", "q_proj")),
+         "--target-modules qkv --out {out}", ("option --target-modules", "qkv name no module", "q_proj")),
     Case("extract-lora-embeddings", "nothing", "extract-lora --base {model} --model {model} --rank 2 "
          "--target-modules embed_tokens --out {out}", ("option --target-modules", "embeddings are not extracted")),
     Case("contribute-as-lora-of-an-adapter", "nothing", "contribute {registry} --name c --adapter {adapter} "
