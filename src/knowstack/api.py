@@ -91,15 +91,17 @@ class PlannedStep:
     label: str
     done: bool
     estimate: Any = None
+    in_shared_cache: bool = False  # a run links it from the shared step cache rather than computing it
 
 
 def dry_run(config: PathLike | Mapping[str, Any] | StudyConfig, out: PathLike, gpu_memory_gib: float = 80.0, *,
-            console: Any = None) -> list[PlannedStep]:
-    """The plan of a study in `out`: every step, whether it is done, and its memory estimate; runs nothing.
-    Every input the study reads is checked first. console: a rich Console to also print the plan and the
-    estimates table to, as `knowstack study CONFIG --out OUT --dry-run` does (gpu_memory_gib: GiB per GPU)."""
-    from knowstack.study.plan import build_plan
+            console: Any = None, shared_cache: bool | None = None) -> list[PlannedStep]:
+    """The plan of a study in `out`: every step, whether it is done or a run would link it from the shared step cache
+    (shared_cache: as `run_study`'s), and its memory estimate; runs nothing. Every input the study reads is checked
+    first. console: a rich Console to also print the plan and the estimates table to, as `knowstack study CONFIG
+    --out OUT --dry-run` does (gpu_memory_gib: GiB per GPU)."""
     from knowstack.study.resources import GiB, estimate_plan
+    from knowstack.study.runner import dry_plan
     from knowstack.study.runner import run_study as run
     from knowstack.validate import check_study, raise_problems
 
@@ -107,11 +109,12 @@ def dry_run(config: PathLike | Mapping[str, Any] | StudyConfig, out: PathLike, g
     if console is None:
         raise_problems(check_study(study, dry_run=True))
     else:  # the runner's dry run checks the same inputs, then prints
-        run(study, Path(out), dry_run=True, console=console, gpu_memory=int(gpu_memory_gib * GiB))
-    plan = build_plan(study, Path(out))
-    estimates = dict((step.key, est) for step, est in estimate_plan(plan, int(gpu_memory_gib * GiB))[0])
-    return [PlannedStep(i, s.key, s.kind, s.label, (Path(out) / "artifacts" / s.key).is_dir(), estimates.get(s.key))
-            for i, s in enumerate(plan.ordered(), start=1)]
+        run(study, Path(out), dry_run=True, console=console, gpu_memory=int(gpu_memory_gib * GiB),
+            shared_cache=shared_cache)
+    dry = dry_plan(study, Path(out), shared_cache)
+    estimates = dict((step.key, est) for step, est in estimate_plan(dry.plan, int(gpu_memory_gib * GiB))[0])
+    return [PlannedStep(i, s.key, s.kind, s.label, s.key in dry.done, estimates.get(s.key), s.key in dry.cached)
+            for i, s in enumerate(dry.plan.ordered(), start=1)]
 
 
 @dataclass

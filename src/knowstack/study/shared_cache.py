@@ -253,6 +253,20 @@ def sync(cache: SharedCache, steps: Sequence[Step], artifacts: Path) -> tuple[li
     return linked, how
 
 
+def world_entry(plan: Plan, root: Path) -> Path | None:
+    """The cache's whole entry of the plan's built-in world, if it holds one (the dry run plans with its
+    fingerprint)."""
+    world = next((step for step in plan.ordered() if step.kind == "world"), None)
+    return valid_entry(SharedCache(root, frozenset({world.key})), world.key) if world is not None else None
+
+
+def cached_keys(plan: Plan, root: Path) -> set[str]:
+    """The steps of `plan` a run would link from the cache at `root` rather than compute: shared, with a whole
+    entry."""
+    cache = SharedCache(root, shareable_keys(plan))
+    return {key for key in cache.keys if valid_entry(cache, key) is not None}
+
+
 def reused_keys(artifacts: Path) -> set[str]:
     """The steps of a study dir linked from the shared cache (their artifacts, if since recomputed, are not)."""
     folder = artifacts / REUSED_DIR
