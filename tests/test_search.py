@@ -205,7 +205,8 @@ def test_a_killed_search_step_resumes_from_its_cached_trials(searched: tuple[Pat
 
 
 @pytest.mark.slow  # three trials' merges and scorings on a registry (~1-3 min on 2 loaded cores)
-def test_compose_search_records_the_search_in_the_version_lineage(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_compose_search_records_the_search_in_the_version_lineage(tmp_path: Path, tiny_model_dir: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     from test_registry import make_adapter, make_task, write_mc_task
 
     from knowstack.registry import Registry, init_registry
@@ -228,6 +229,22 @@ def test_compose_search_records_the_search_in_the_version_lineage(tmp_path: Path
     assert (chosen[0]["within"] if chosen else record["chosen"] is None)
     assert version["settings"]["options"] == {"trials": 3, "max_old_loss": 5.0, "seed": 1}
     assert "gate" in version["settings"]  # gated as any compose
+    assert main(["show", str(reg), "v1"]) == 0
+    from knowstack.registry.history import search_text
+
+    assert f"  search:   {search_text(record)}" in capsys.readouterr().out
+
+
+def test_show_says_what_a_search_chose() -> None:
+    """`show` of a searched version: its chosen point and scores, or that no trial kept within the budget."""
+    from knowstack.registry.history import search_text
+
+    trial = {"number": 1, "new": 0.25, "old_loss": 1.5, "within": True,
+             "point": {"method": "ties", "lambda": 0.8, "density": 0.5, "weights": [0.9, 0.4]}}
+    record = {"trials": [{**trial, "number": 0, "within": False}, trial], "max_old_loss": 2.0, "chosen": 1}
+    assert search_text(record) == ("trial 1 of 2 chosen: ties, lambda 0.8, density 0.5, weights 0.90/0.40; eval score "
+                                   "0.250, held-out old loss 1.5% (budget 2%)")
+    assert search_text({**record, "chosen": None}) == "none of 2 trials within the 2% budget: the base kept"
 
 
 

@@ -110,12 +110,14 @@ def cmd_contribute(args: argparse.Namespace) -> None:
                             eval_batch_size=args.eval_batch_size,
                             statistics=args.statistics, as_lora=args.as_lora)
     from knowstack.registry.evaluate import own_score
+    from knowstack.registry.history import extraction_text
 
     with api.open_registry(args.registry) as reg:
         score = own_score(record, reg.protocol)
+    extracted = f"\n  as LoRA: {extraction_text(record['settings'])}" if record["settings"].get("extracted_lora") else ""
     print_result(args, record, f"contributed: {record['name']} ({record['kind']}, {record['content_hash'][:12]}) "
                                f"{record['task']} {score['metric']} = {score['value']:.4f} (metric from "
-                               f"{record['settings']['metric_source']}; protocol {score['protocol']})")
+                               f"{record['settings']['metric_source']}; protocol {score['protocol']}){extracted}")
 
 
 def cmd_compose(args: argparse.Namespace) -> None:
