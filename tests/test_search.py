@@ -242,9 +242,13 @@ def test_show_says_what_a_search_chose() -> None:
     trial = {"number": 1, "new": 0.25, "old_loss": 1.5, "within": True,
              "point": {"method": "ties", "lambda": 0.8, "density": 0.5, "weights": [0.9, 0.4]}}
     record = {"trials": [{**trial, "number": 0, "within": False}, trial], "max_old_loss": 2.0, "chosen": 1}
-    assert search_text(record) == ("trial 1 of 2 chosen: ties, lambda 0.8, density 0.5, weights 0.90/0.40; eval score "
+    assert search_text(record) == ("trial 2 of 2 chosen: ties, lambda 0.8, density 0.5, weights 0.90/0.40; eval score "
                                    "0.250, held-out old loss 1.5% (budget 2%)")
     assert search_text({**record, "chosen": None}) == "none of 2 trials within the 2% budget: the base kept"
+    from knowstack.report.search import trace_table
+
+    table = trace_table("search-fft", {**record, "base_old": 0.7}).to_markdown()
+    assert "| 2 (chosen) | 2 | 0.2500 |" in table and "| 1 | 1 | 0.2500 |" in table  # the number: not 2.0000
 
 
 

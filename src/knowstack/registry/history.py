@@ -148,14 +148,15 @@ def extraction_text(settings: dict[str, Any]) -> str:
 
 
 def search_text(search: dict[str, Any]) -> str:
-    """A searched version's chosen point and its scores, or that no trial kept within the budget (the base kept)."""
+    """A searched version's chosen point and its scores (trials counted from 1, as the report's search section
+    counts them), or that no trial kept within the budget (the base kept)."""
     from knowstack.report.search import point_text
 
     trials, budget = search["trials"], search["max_old_loss"]
     chosen = next((t for t in trials if t["number"] == search["chosen"]), None)
     if chosen is None:
         return f"none of {len(trials)} trials within the {budget:g}% budget: the base kept"
-    return (f"trial {chosen['number']} of {len(trials)} chosen: {point_text(chosen['point'])}; eval score "
+    return (f"trial {chosen['number'] + 1} of {len(trials)} chosen: {point_text(chosen['point'])}; eval score "
             f"{chosen['new']:.3f}, held-out old loss {chosen['old_loss']:.1f}% (budget {budget:g}%)")
 
 
