@@ -17,6 +17,7 @@ from knowstack.errors import KnowstackError
 from knowstack.registry import Registry, init_registry
 from knowstack.registry.compose import compose
 from knowstack.registry.contribute import contribute
+from knowstack.registry.listing import format_listing
 from knowstack.study.builder import PlanBuilder
 from knowstack.study.results import collect_items, collect_rows
 from knowstack.study.steps import StudyContext, execute
@@ -67,6 +68,7 @@ def test_a_registry_compose_scores_as_a_study_with_its_protocol(tmp_path: Path, 
                         "new/Stance": items[("new", "Stance", "accuracy")], "old/ks_toy": items[("old", "ks_toy", "acc")]}
         with Registry.open(reg) as registry:
             assert registry.protocol == protocol
+            assert format_listing(registry).startswith(f"registry: {reg}  protocol {protocol}\n")  # list says so
             base = registry.base()
         assert base["settings"]["protocol"] == protocol
         assert {(s["task"], s["protocol"]) for s in base["scores"]} == {("ks_toy", "lm-eval"), ("Code", protocol),
