@@ -123,3 +123,4 @@ def test_a_task_named_with_a_space_is_contributed_scored_and_composed(tmp_path: 
     version = compose(reg, "merge-average", gate_old=100.0, gate_task=100.0)
     assert {(s["task"], s["n"]) for s in version["scores"] if s["kind"] == "new"} == {("Quiz Two", 3), ("Quiz_Two", 2)}
     assert version["status"] == "released"
+    assert "(registry init --old-tasks)" in version["settings"]["gate"]["note"]  # the option, not its old alias

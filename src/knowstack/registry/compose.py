@@ -508,7 +508,7 @@ def _gated_version(reg: Registry, name: str, spec: Method, settings: dict[str, A
                          items=items)
     gate = gate_record(checks, *limits, built_from=built_from.name, force=force)
     if old_average(scores) is None:
-        gate["note"] = "no old-knowledge tasks registered (registry init --old-knowledge): AVE not gated"
+        gate["note"] = "no old-knowledge tasks registered (registry init --old-tasks): AVE not gated"
     files, hashed = _version_files(out)
     names, sizes = store_files(reg.store, files)
     return db.NewVersion(
