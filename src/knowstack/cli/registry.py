@@ -292,7 +292,9 @@ def add_commands(sub: Any) -> None:
                                                         help=meaning("--old-tasks", "the base is scored on them")))
     r.add_argument("--include-path", help=meaning("--include-path", "the built-in world's: WORLD/old_knowledge"))
     add_eval_batch_size(r)
-    r.add_argument("--limit", type=int, help=meaning("--limit"))
+    r.add_argument("--limit", type=int, help=meaning("--limit", "each old-knowledge task's first LIMIT items, which "
+                                                               "every score and the gate read (compose --search "
+                                                               "scores the rest)"))
     add_protocol_option(r, "every score the registry records, contributions' and versions', is made so")
     add_json_option(r, "the base's record")
     r.set_defaults(func=cmd_registry_init)
