@@ -396,6 +396,8 @@ CASES = [
          ("pytorch_model.bin", "never unpickles")),
     Case("registry-init-include-missing", "include-missing", "registry init {out} --base {model} "
          "--old-knowledge ks_toy --include-path {bad}", ("lm-eval include path not found", "field '--include-path'")),
+    Case("registry-init-negative-fewshot", "nothing", "registry init {out} --base {model} --num-fewshot -1",
+         ("option --num-fewshot", "at least 0, not -1")),
     # a study over the earlier study's dir: found before the first step, the earlier results untouched
     Case("study-task-not-utf8", "not-utf8", STUDY, ("train.json", "not UTF-8"), SECOND_TASK),
     Case("study-task-missing-field", "missing-field", STUDY, ("train.json", "item 2", "field 'answer'"), SECOND_TASK),

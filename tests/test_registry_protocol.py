@@ -24,14 +24,16 @@ from knowstack.study.steps import StudyContext, execute
 
 
 def study_scores(model: Path, tokenizer: Path, tasks: dict[str, tuple[Path, str]], old: Path, protocol: str,
-                 out: Path) -> tuple[dict[tuple, tuple], dict[tuple, list[float]]]:
+                 out: Path, **harness: object) -> tuple[dict[tuple, tuple], dict[tuple, list[float]]]:
     """The base evaluation of a study with `evaluation.protocol: protocol` on `model`: {(task, kind, metric,
-    protocol): (value, n)} and {(kind, task, metric): per-item scores}."""
+    protocol): (value, n)} and {(kind, task, metric): per-item scores}. harness: old_knowledge's num_fewshot and
+    add_bos_token (add_bos_token the evaluation's too)."""
+    bos = {"add_bos_token": harness["add_bos_token"]} if "add_bos_token" in harness else {}
     config = StudyConfig.model_validate({
         "name": f"study-{protocol}", "base": {"model": str(model), "tokenizer": str(tokenizer)},
         "tasks": [{"name": name, "path": str(path), "metric": metric} for name, (path, metric) in tasks.items()],
-        "old_knowledge": {"tasks": ["ks_toy"], "include_path": str(old)},
-        "evaluation": {"protocol": protocol},
+        "old_knowledge": {"tasks": ["ks_toy"], "include_path": str(old), **harness},
+        "evaluation": {"protocol": protocol, **bos},
     })
     builder = PlanBuilder(config, out)
     builder.add_base()
@@ -124,3 +126,28 @@ def test_a_task_named_with_a_space_is_contributed_scored_and_composed(tmp_path: 
     assert {(s["task"], s["n"]) for s in version["scores"] if s["kind"] == "new"} == {("Quiz Two", 3), ("Quiz_Two", 2)}
     assert version["status"] == "released"
     assert "(registry init --old-tasks)" in version["settings"]["gate"]["note"]  # the option, not its old alias
+
+
+
+def test_a_registry_scores_old_knowledge_with_the_lm_eval_settings_it_was_made_with(tmp_path: Path,
+                                                                                   tiny_model_dir: Path) -> None:
+    """registry init --num-fewshot / --add-bos-token: recorded with the base, and every score made with them, as a
+    study's old_knowledge.num_fewshot and add_bos_token (registries had neither, so a paper study's BOS setting could
+    not be matched)."""
+    from knowstack.cli import main
+    from knowstack.registry.evaluate import stored_old_knowledge
+
+    write_mc_task(tmp_path / "old")
+    reg = tmp_path / "reg"
+    assert main(["registry", "init", str(reg), "--base", str(tiny_model_dir), "--old-tasks", "ks_toy",
+                 "--include-path", str(tmp_path / "old"), "--num-fewshot", "1", "--no-add-bos-token"]) == 0
+    with Registry.open(reg) as registry:
+        base = registry.base()
+        assert base["settings"]["harness"] == {"num_fewshot": 1, "add_bos_token": False}
+        old = stored_old_knowledge(registry, tmp_path / "laid", 8)
+        assert (old.num_fewshot, old.add_bos_token) == (1, False)  # what every later score reads
+    rows, _ = study_scores(tiny_model_dir, tiny_model_dir, {}, tmp_path / "old", "builtin", tmp_path / "study",
+                           num_fewshot=1, add_bos_token=False)
+    assert {(s["task"], s["kind"], s["metric"], s["protocol"]): (s["value"], s["n"]) for s in base["scores"]} == rows
+    plain = init_registry(tmp_path / "plain", tiny_model_dir, old_tasks=["ks_toy"], include_path=tmp_path / "old")
+    assert "harness" not in plain["settings"]  # nothing given: the records as before

@@ -567,17 +567,19 @@ def score_predictions(task: PathLike, predictions: PathLike | Sequence[str], *, 
 @quiet_call
 def init_registry(root: PathLike, base: PathLike, *, old_tasks: Sequence[str] = (),
                   include_path: PathLike | None = None, eval_batch_size: int | None = None, limit: int | None = None,
-                  batch_size: int | None = None, protocol: str | None = None) -> dict[str, Any]:
+                  batch_size: int | None = None, protocol: str | None = None, num_fewshot: int | None = None,
+                  add_bos_token: bool | None = None) -> dict[str, Any]:
     """Create a registry (a new or empty dir, or a URL fsspec reaches) for the base model dir `base`, scored on
     the lm-eval tasks old_tasks (include_path: a dir of their YAMLs; limit: items per task; eval_batch_size:
     default 32, batch_size its deprecated name), as `knowstack registry init` (registry/base.py); returns the
     base's record. protocol: how every score the registry records is made, as a study's evaluation.protocol
-    (default the study's default, builtin)."""
+    (default the study's default, builtin); num_fewshot, add_bos_token: lm-eval's, as a study's old_knowledge
+    section's (add_bos_token also its evaluation's; default: each task's few-shot count, the tokenizer's BOS)."""
     from knowstack.registry.base import init_registry as init
 
     batch_size = _renamed(eval_batch_size, batch_size, "eval_batch_size", "batch_size", EVAL_BATCH_SIZE)
     return init(root, base, old_tasks=old_tasks, include_path=include_path, batch_size=batch_size, limit=limit,
-                protocol=protocol or DEFAULT_PROTOCOL)
+                protocol=protocol or DEFAULT_PROTOCOL, num_fewshot=num_fewshot, add_bos_token=add_bos_token)
 
 
 def open_registry(root: PathLike) -> Registry:

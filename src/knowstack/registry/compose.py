@@ -294,7 +294,7 @@ def _score(b: Build, model: Path, adapter: Path | None, tasks: Sequence[Register
     entries = [task.study_task(b.reg.store, b.work / EVAL_TASKS_DIR / task.name) for task in tasks]
     old_knowledge = stored_old_knowledge(b.reg, b.work / OLD_DIR, batch_size) if old else None
     return score_model(b.work / EVAL_DIR, b.base_dir, model, adapter, entries, old_knowledge,
-                       protocol=b.reg.protocol, batch_size=batch_size)
+                       protocol=b.reg.protocol, batch_size=batch_size, harness=b.reg.harness)
 
 
 # --- compose ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from knowstack.config import StudyConfig, parse_config
 from knowstack.errors import KnowstackError
 from knowstack.registry.compose_inputs import Build
+from knowstack.registry.evaluate import evaluation_harness
 from knowstack.study.methods import CATALOG, ComposeVariant
 from knowstack.study.plan import ModelRef, Plan, PlanBuilder, Step, step_ref
 
@@ -47,6 +48,8 @@ def compose_config(b: Build, catalog: str, variant: ComposeVariant, kinds: list[
         "base": {"model": str(b.base_dir)},
         "tasks": replayed + tasks,
         "old_knowledge": search_old_knowledge(b) if catalog == "search" else {"tasks": []},
+        # how a search scores its trials on the eval splits: as the registry scores (its protocol, lm-eval's BOS)
+        "evaluation": {"protocol": b.reg.protocol, **evaluation_harness(b.reg.harness)},
         "training": training,
         "methods": {CATALOG[catalog].name: variant.section(o, kinds)},
         "launch": {"num_processes": launch.num_processes, "accelerate_config": launch.accelerate_config,
@@ -79,7 +82,7 @@ def search_old_knowledge(b: Build) -> dict[str, Any]:
     old = searchable_old_knowledge(b.reg.base())
     files = old.get("files") or {}
     include = str(b.reg.store.lay_out(files, b.work / OLD_DIR)) if files else None
-    return {"tasks": list(old["tasks"]), "include_path": include, "limit": old["limit"]}
+    return {"tasks": list(old["tasks"]), "include_path": include, "limit": old["limit"], **b.reg.harness}
 
 
 def compose_plan(b: Build, catalog: str, config: StudyConfig) -> tuple[Plan, dict[str, Any]]:

@@ -280,4 +280,4 @@ def _score(reg: Registry, base_dir: Path, new: db.NewVersion, batch_size: int) -
         full = new.kind == "model"
         return score_model(Path(work) / "eval", base_dir, weights_dir if full else base_dir,
                            None if full else weights_dir, [entry], None, protocol=reg.protocol,
-                           batch_size=batch_size)
+                           batch_size=batch_size, harness=reg.harness)

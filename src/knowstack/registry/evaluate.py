@@ -104,14 +104,14 @@ def stored_old_knowledge(reg: Registry, folder: Path, batch_size: int) -> OldKno
     files = old.get("files") or {}
     include = reg.store.lay_out(files, folder) if files else None
     return OldKnowledgeConfig(tasks=list(old["tasks"]), include_path=include, limit=old.get("limit"),
-                              batch_size=batch_size)
+                              batch_size=batch_size, **reg.harness)
 
 
 def evaluation_config(base_dir: Path, tasks: Sequence[dict[str, Any]], old: OldKnowledgeConfig | None,
-                      protocol: str, batch_size: int) -> Any:  # -> StudyConfig
+                      protocol: str, batch_size: int, harness: dict[str, Any] | None = None) -> Any:  # -> StudyConfig
     """The study config a registry scores with: the registry's base (and its tokenizer, which contributions are
     stored without), the tasks as study task entries, the old knowledge (none: no old-knowledge scores), the
-    registry's protocol and the evaluation batch."""
+    registry's protocol, lm-eval's BOS setting (harness, Registry.harness) and the evaluation batch."""
     from knowstack.config import StudyConfig
 
     return StudyConfig.model_validate({
@@ -119,12 +119,18 @@ def evaluation_config(base_dir: Path, tasks: Sequence[dict[str, Any]], old: OldK
         "base": {"model": str(base_dir), "tokenizer": str(base_dir)},
         "tasks": list(tasks),
         "old_knowledge": old if old is not None else {"tasks": []},
-        "evaluation": {"protocol": protocol, "batch_size": batch_size},
+        "evaluation": {"protocol": protocol, "batch_size": batch_size, **evaluation_harness(harness)},
     })
 
 
+def evaluation_harness(harness: dict[str, Any] | None) -> dict[str, Any]:
+    """The evaluation section's share of a registry's lm-eval settings: add_bos_token, where given."""
+    return {"add_bos_token": harness["add_bos_token"]} if harness and "add_bos_token" in harness else {}
+
+
 def score_model(work: Path, base_dir: Path, model: Path, adapter: Path | None, tasks: Sequence[dict[str, Any]],
-                old: OldKnowledgeConfig | None, *, protocol: str, batch_size: int) -> list[dict[str, Any]]:
+                old: OldKnowledgeConfig | None, *, protocol: str, batch_size: int,
+                harness: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The score rows of `model` (with `adapter` on it, where given) on `tasks` (study task entries) and `old`, each
     with its per-item scores ("items", where the step kept them): the study's evaluation step run in the study dir
     `work`, where a killed scoring resumes at its next task and a finished one is read back, not run again."""
@@ -134,7 +140,7 @@ def score_model(work: Path, base_dir: Path, model: Path, adapter: Path | None, t
     from knowstack.study.steps import PER_EXAMPLE_FILE, StudyContext, execute
 
     tasks, registry_name = study_names(tasks)
-    config = evaluation_config(base_dir, tasks, old, protocol, batch_size)
+    config = evaluation_config(base_dir, tasks, old, protocol, batch_size, harness)
     builder = PlanBuilder(config, work)
     builder.evaluate(ModelRef(str(model), str(adapter) if adapter is not None else None), "version", "registry", "",
                      None)
