@@ -101,9 +101,9 @@ def init_registry(
 
     if protocol not in PROTOCOL_NAMES:
         raise KnowstackError(f"unknown protocol '{protocol}' (known: {', '.join(PROTOCOL_NAMES)})", field="protocol")
-    model = FullModel(Path(base).expanduser())
     if num_fewshot is not None and (isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0):
         raise KnowstackError(f"num_fewshot is a whole number of at least 0, not {num_fewshot!r}", field="num_fewshot")
+    model = FullModel(Path(base).expanduser())
     harness = {name: value for name, value in (("num_fewshot", num_fewshot), ("add_bos_token", add_bos_token))
                if value is not None}
     old = OldTasks(list(old_tasks), include_path, batch_size, limit, protocol, harness)
