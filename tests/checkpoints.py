@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -43,3 +44,19 @@ def variant(model_dir: Path, out: Path, seed: int, copy: tuple[str, ...] = (), *
         if (model_dir / name).is_file():
             (out / name).write_bytes((model_dir / name).read_bytes())
     return out
+
+
+def peft_factors(adapter: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Each LoRA module of a PEFT adapter dir, read from its own files as PEFT applies it (not through knowstack's
+    reader, which the tests check): module name -> (A, B, scale), its delta scale * B @ A, scale its alpha
+    (alpha_pattern, else lora_alpha) over its rank (A's rows: rank_pattern's where there is one). modules_to_save
+    are not LoRA and are left out."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    found = {}
+    for name, a in tensors.items():
+        if name.endswith(".lora_A.weight"):
+            module = name.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            alpha = config.get("alpha_pattern", {}).get(module, config["lora_alpha"])
+            found[module] = (a, tensors[name.replace(".lora_A.", ".lora_B.")], alpha / a.shape[0])
+    return found

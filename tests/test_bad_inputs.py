@@ -363,7 +363,7 @@ CASES = [
     Case("extract-lora-rank-zero", "nothing", "extract-lora --base {model} --model {model} --rank 0 --out {out}",
          ("option --rank", "at least 1, not 0")),
     Case("extract-lora-unknown-target", "nothing", "extract-lora --base {model} --model {model} --rank 2 "
-         "--target-modules qkv --out {out}", ("qkv name no module", "q_proj")),
+         "--target-modules qkv --out {out}", ("option --target-modules", "qkv name no module", "q_proj")),
     Case("extract-lora-embeddings", "nothing", "extract-lora --base {model} --model {model} --rank 2 "
          "--target-modules embed_tokens --out {out}", ("option --target-modules", "embeddings are not extracted")),
     Case("contribute-as-lora-of-an-adapter", "nothing", "contribute {registry} --name c --adapter {adapter} "
@@ -396,6 +396,8 @@ CASES = [
          ("pytorch_model.bin", "never unpickles")),
     Case("registry-init-include-missing", "include-missing", "registry init {out} --base {model} "
          "--old-knowledge ks_toy --include-path {bad}", ("lm-eval include path not found", "field '--include-path'")),
+    Case("registry-init-negative-fewshot", "nothing", "registry init {out} --base {model} --num-fewshot -1",
+         ("option --num-fewshot", "at least 0, not -1")),
     # a study over the earlier study's dir: found before the first step, the earlier results untouched
     Case("study-task-not-utf8", "not-utf8", STUDY, ("train.json", "not UTF-8"), SECOND_TASK),
     Case("study-task-missing-field", "missing-field", STUDY, ("train.json", "item 2", "field 'answer'"), SECOND_TASK),

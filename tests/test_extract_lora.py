@@ -176,3 +176,10 @@ def test_contribute_a_full_fine_tune_as_a_lora(tiny: dict[str, Path], capsys: py
     extract_lora(tiny["base"], tiny["model"], tiny["root"] / "as-lora", rank=4)
     for name, product in products(tiny["root"] / "as-lora").items():  # what extract-lora writes at rank 4
         assert torch.allclose(ours[name], product)
+    # the text output and `show` say it is an extraction, of what, and how much of the delta it keeps
+    said = f"as LoRA: rank 4, extracted from {tiny['model'].resolve()}: {extracted['explained']:.1%} of its targets'"
+    assert main(["contribute", str(reg), "--name", "again", "--model", str(tiny["model"]), "--task", str(task),
+                 "--as-lora", "4"]) == 0
+    assert said in capsys.readouterr().out
+    assert main(["show", str(reg), "ft-as-lora"]) == 0
+    assert said.replace("as LoRA: ", "as LoRA:  ") in capsys.readouterr().out

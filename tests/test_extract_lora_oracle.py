@@ -17,15 +17,14 @@ extract (docs/methods.md#extract-lora): only the LoRA modules are compared, and 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import peft_factors
 from families import build_family
-from safetensors.torch import load_file
 from test_extract_lora import deltas, finetune_of, products, relative
 from test_merge_oracle import mergekit  # noqa: F401 - the fixture that installs mergekit
 
@@ -40,16 +39,8 @@ FULL = 1e-5
 def mergekit_products(adapter: Path) -> dict[str, torch.Tensor]:
     """scale * B @ A of each LoRA module of mergekit's adapter, read as PEFT reads it (alpha per module / r); its
     modules_to_save are not LoRA (knowstack's LoraAdapter refuses such an adapter) and are left out."""
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    tensors = load_file(adapter / "adapter_model.safetensors")
-    found = {}
-    for name, a in tensors.items():
-        if name.endswith(".lora_A.weight"):
-            module = name.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-            b = tensors[name.replace(".lora_A.", ".lora_B.")]
-            alpha = config.get("alpha_pattern", {}).get(module, config["lora_alpha"])
-            found[f"{module}.weight"] = (b.double() @ a.double()) * (alpha / a.shape[0])
-    return found
+    return {f"{module}.weight": (b.double() @ a.double()) * scale
+            for module, (a, b, scale) in peft_factors(adapter).items()}
 
 
 @pytest.fixture(scope="module", params=["llama", "phi3"])

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from checkpoints import perturbed
+from checkpoints import peft_factors, perturbed
 from safetensors.torch import load_file
 from test_moe import FAMILIES, IDS, TOKENIZER_AND_CONFIG, make_adapter
 
@@ -70,25 +70,13 @@ class SigmoidMixture(torch.nn.Module):
         return self.base(x) + delta.reshape(*x.shape[:-1], -1)
 
 
-def adapter_factors(adapter: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
-    """A PEFT adapter's (A, B) per module name and its scale alpha / r, from its own files."""
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    tensors = load_file(adapter / "adapter_model.safetensors")
-    factors = {}
-    for name, tensor in tensors.items():
-        if name.endswith("lora_A.weight"):
-            module = name.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-            factors[module] = (tensor.float(), tensors[name.replace("lora_A", "lora_B")].float())
-    return factors, config["lora_alpha"] / config["r"]
-
-
 def moetify_lora_reference(base_dir: Path, adapters: list[Path], routers: dict[str, torch.Tensor]) -> torch.nn.Module:
     model = load_model(base_dir, dtype="float32")
-    experts = [adapter_factors(path) for path in adapters]
+    experts = [peft_factors(path) for path in adapters]
     for module, router in routers.items():
         parent_name, _, child = module.rpartition(".")
         parent = model.get_submodule(parent_name)
-        parts = [(factors[module][0], factors[module][1], scale) for factors, scale in experts]
+        parts = [(a.float(), b.float(), scale) for a, b, scale in (factors[module] for factors in experts)]
         setattr(parent, child, SigmoidMixture(getattr(parent, child), router, parts, top_k=len(adapters)))
     return model
 

@@ -205,7 +205,8 @@ def test_a_killed_search_step_resumes_from_its_cached_trials(searched: tuple[Pat
 
 
 @pytest.mark.slow  # three trials' merges and scorings on a registry (~1-3 min on 2 loaded cores)
-def test_compose_search_records_the_search_in_the_version_lineage(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_compose_search_records_the_search_in_the_version_lineage(tmp_path: Path, tiny_model_dir: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     from test_registry import make_adapter, make_task, write_mc_task
 
     from knowstack.registry import Registry, init_registry
@@ -228,7 +229,49 @@ def test_compose_search_records_the_search_in_the_version_lineage(tmp_path: Path
     assert (chosen[0]["within"] if chosen else record["chosen"] is None)
     assert version["settings"]["options"] == {"trials": 3, "max_old_loss": 5.0, "seed": 1}
     assert "gate" in version["settings"]  # gated as any compose
+    assert main(["show", str(reg), "v1"]) == 0
+    from knowstack.registry.history import search_text
 
+    assert f"  search:   {search_text(record)}" in capsys.readouterr().out
+
+
+def test_show_says_what_a_search_chose() -> None:
+    """`show` of a searched version: its chosen point and scores, or that no trial kept within the budget."""
+    from knowstack.registry.history import search_text
+
+    trial = {"number": 1, "new": 0.25, "old_loss": 1.5, "within": True,
+             "point": {"method": "ties", "lambda": 0.8, "density": 0.5, "weights": [0.9, 0.4]}}
+    record = {"trials": [{**trial, "number": 0, "within": False}, trial], "max_old_loss": 2.0, "chosen": 1}
+    assert search_text(record) == ("trial 2 of 2 chosen: ties, lambda 0.8, density 0.5, weights 0.90/0.40; eval score "
+                                   "0.250, held-out old loss 1.5% (budget 2%)")
+    assert search_text({**record, "chosen": None}) == "none of 2 trials within the 2% budget: the base kept"
+    from knowstack.report.search import trace_table
+
+    table = trace_table("search-fft", {**record, "base_old": 0.7}).to_markdown()
+    assert "| 2 (chosen) | 2 | 0.2500 |" in table and "| 1 | 1 | 0.2500 |" in table  # the number: not 2.0000
+
+
+
+def test_compose_search_on_a_registry_it_cannot_search_is_refused_before_its_work_dir(
+        tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without old-knowledge tasks, or with old knowledge but no --limit, a search has no held-out slice: exit 2
+    naming the option to give, before the compose makes its work dir (it was made, then the error came)."""
+    from test_registry import make_adapter, make_task, write_mc_task
+
+    from knowstack.registry import init_registry
+    from knowstack.registry.contribute import contribute
+
+    write_mc_task(tmp_path / "old")
+    for reg, old in ((tmp_path / "none", {}), (tmp_path / "all", {"old_tasks": ["ks_toy"],
+                                                                    "include_path": tmp_path / "old"})):
+        init_registry(reg, tiny_model_dir, **old)
+        contribute(reg, "stance", adapter=make_adapter(tiny_model_dir, reg.parent / f"a-{reg.name}", seed=1),
+                   task=make_task(reg.parent / f"tasks-{reg.name}", "Stance"))
+        capsys.readouterr()
+        assert main(["compose", str(reg), "--search", "--trials", "2"]) == 2
+        err = capsys.readouterr().err
+        assert ("registry init --old-tasks" if not old else "registry init without --limit") in err
+        assert "Traceback" not in err and not (reg / ".compose").exists()
 
 def test_a_search_without_a_held_out_slice_or_with_a_method_it_cannot_search_is_refused_before_any_step() -> None:
     from knowstack.config import parse_config

@@ -84,6 +84,29 @@ def test_a_second_study_links_the_world_and_every_step_of_the_first(first_study:
     assert collect_garbage(cache) == []
 
 
+
+def test_the_dry_run_says_which_steps_the_shared_cache_will_supply(first_study: tuple[Path, Path], tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Before a study dir has its world, the dry run plans with the cache's built world (the keys the run will have)
+    and marks each step the run would link (it said 'to do' for all, with provisional keys); --no-shared-cache: none."""
+    from knowstack import api
+
+    first, cache = first_study
+    monkeypatch.setenv("KNOWSTACK_CACHE", str(cache))
+    config, out = _config(tmp_path, "planned"), tmp_path / "planned"
+    planned = api.dry_run(config, out)
+    assert [s.key for s in planned] == [s.key for s in build_plan(load_config(first / "config.yaml"), first).ordered()]
+    assert all(s.in_shared_cache and not s.done for s in planned)
+    capsys.readouterr()
+    assert main(["study", str(config), "--out", str(out), "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert f"4 steps, 0 done, 4 in the shared cache {cache} (linked, not run)" in err and "provisional" not in err
+    assert main(["study", str(config), "--out", str(out), "--dry-run", "--no-shared-cache"]) == 0
+    err = capsys.readouterr().err
+    assert "in the shared cache" not in err and "provisional" in err
+    assert not any(s.in_shared_cache for s in api.dry_run(config, out, shared_cache=False))
+
 def test_no_shared_cache_computes_every_step(first_study: tuple[Path, Path], tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture[str]) -> None:
@@ -245,6 +268,24 @@ def test_cache_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: 
     assert main(["cache", "gc"]) == 0 and "removed 1 steps" in capsys.readouterr().out
     assert not cache.entry("step-a").exists()
 
+
+
+def test_cache_gc_leaves_the_registries_cache_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """With KNOWSTACK_CACHE set, a URL registry's cache (objects, a compose's resumable work dir) is
+    $KNOWSTACK_CACHE/registries/<hash>: not a step's entry, so `cache size` does not count it nor `cache gc` remove
+    it (gc removed it, every file of it having one link)."""
+    from knowstack.registry.core import cache_dir
+
+    root = tmp_path / "cache"
+    monkeypatch.setenv("KNOWSTACK_CACHE", str(root))
+    kept = cache_dir("file:///shared/registry") / "objects" / "ab12"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"an object")
+    assert kept.is_relative_to(root)
+    assert main(["cache", "size"]) == 0 and "0 steps" in capsys.readouterr().out
+    assert main(["cache", "gc"]) == 0 and "removed 0 steps" in capsys.readouterr().out
+    assert kept.read_bytes() == b"an object"
 
 def test_the_default_cache_is_under_the_users_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from knowstack.study.shared_cache import default_root

@@ -161,10 +161,12 @@ def test_contribute_records_the_task_s_metric_and_where_it_came_from(tmp_path: P
     with ks.open_registry(reg) as opened:
         records = {name: opened.version(name) for name in ("summary", "mine", "forced")}
     expected = {"summary": ("rouge_l", f"the built-in world's {world / 'world.json'}"),
-                "mine": ("sari", str(mine / TASK_METADATA)), "forced": ("exact_match", "metric")}
+                "mine": ("sari", str(mine / TASK_METADATA)), "forced": ("exact_match", "its contributor (--metric)")}
     for name, (metric, source) in expected.items():
         record = records[name]
         assert record["metric"] == metric and record["settings"]["metric_source"] == source
         assert [s["metric"] for s in record["scores"] if s["kind"] == "new"] == [metric]
     assert main(["show", str(reg), "summary"]) == 0
     assert f"rouge_l from the built-in world's {world / 'world.json'}" in " ".join(capsys.readouterr().out.split())
+    assert main(["show", str(reg), "forced"]) == 0
+    assert "exact_match from its contributor (--metric)" in " ".join(capsys.readouterr().out.split())

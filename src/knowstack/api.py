@@ -91,15 +91,17 @@ class PlannedStep:
     label: str
     done: bool
     estimate: Any = None
+    in_shared_cache: bool = False  # a run links it from the shared step cache rather than computing it
 
 
 def dry_run(config: PathLike | Mapping[str, Any] | StudyConfig, out: PathLike, gpu_memory_gib: float = 80.0, *,
-            console: Any = None) -> list[PlannedStep]:
-    """The plan of a study in `out`: every step, whether it is done, and its memory estimate; runs nothing.
-    Every input the study reads is checked first. console: a rich Console to also print the plan and the
-    estimates table to, as `knowstack study CONFIG --out OUT --dry-run` does (gpu_memory_gib: GiB per GPU)."""
-    from knowstack.study.plan import build_plan
+            console: Any = None, shared_cache: bool | None = None) -> list[PlannedStep]:
+    """The plan of a study in `out`: every step, whether it is done or a run would link it from the shared step cache
+    (shared_cache: as `run_study`'s), and its memory estimate; runs nothing. Every input the study reads is checked
+    first. console: a rich Console to also print the plan and the estimates table to, as `knowstack study CONFIG
+    --out OUT --dry-run` does (gpu_memory_gib: GiB per GPU)."""
     from knowstack.study.resources import GiB, estimate_plan
+    from knowstack.study.runner import dry_plan
     from knowstack.study.runner import run_study as run
     from knowstack.validate import check_study, raise_problems
 
@@ -107,11 +109,12 @@ def dry_run(config: PathLike | Mapping[str, Any] | StudyConfig, out: PathLike, g
     if console is None:
         raise_problems(check_study(study, dry_run=True))
     else:  # the runner's dry run checks the same inputs, then prints
-        run(study, Path(out), dry_run=True, console=console, gpu_memory=int(gpu_memory_gib * GiB))
-    plan = build_plan(study, Path(out))
-    estimates = dict((step.key, est) for step, est in estimate_plan(plan, int(gpu_memory_gib * GiB))[0])
-    return [PlannedStep(i, s.key, s.kind, s.label, (Path(out) / "artifacts" / s.key).is_dir(), estimates.get(s.key))
-            for i, s in enumerate(plan.ordered(), start=1)]
+        run(study, Path(out), dry_run=True, console=console, gpu_memory=int(gpu_memory_gib * GiB),
+            shared_cache=shared_cache)
+    dry = dry_plan(study, Path(out), shared_cache)
+    estimates = dict((step.key, est) for step, est in estimate_plan(dry.plan, int(gpu_memory_gib * GiB))[0])
+    return [PlannedStep(i, s.key, s.kind, s.label, s.key in dry.done, estimates.get(s.key), s.key in dry.cached)
+            for i, s in enumerate(dry.plan.ordered(), start=1)]
 
 
 @dataclass
@@ -570,17 +573,19 @@ def score_predictions(task: PathLike, predictions: PathLike | Sequence[str], *, 
 @quiet_call
 def init_registry(root: PathLike, base: PathLike, *, old_tasks: Sequence[str] = (),
                   include_path: PathLike | None = None, eval_batch_size: int | None = None, limit: int | None = None,
-                  batch_size: int | None = None, protocol: str | None = None) -> dict[str, Any]:
+                  batch_size: int | None = None, protocol: str | None = None, num_fewshot: int | None = None,
+                  add_bos_token: bool | None = None) -> dict[str, Any]:
     """Create a registry (a new or empty dir, or a URL fsspec reaches) for the base model dir `base`, scored on
     the lm-eval tasks old_tasks (include_path: a dir of their YAMLs; limit: items per task; eval_batch_size:
     default 32, batch_size its deprecated name), as `knowstack registry init` (registry/base.py); returns the
     base's record. protocol: how every score the registry records is made, as a study's evaluation.protocol
-    (default the study's default, builtin)."""
+    (default the study's default, builtin); num_fewshot, add_bos_token: lm-eval's, as a study's old_knowledge
+    section's (add_bos_token also its evaluation's; default: each task's few-shot count, the tokenizer's BOS)."""
     from knowstack.registry.base import init_registry as init
 
     batch_size = _renamed(eval_batch_size, batch_size, "eval_batch_size", "batch_size", EVAL_BATCH_SIZE)
     return init(root, base, old_tasks=old_tasks, include_path=include_path, batch_size=batch_size, limit=limit,
-                protocol=protocol or DEFAULT_PROTOCOL)
+                protocol=protocol or DEFAULT_PROTOCOL, num_fewshot=num_fewshot, add_bos_token=add_bos_token)
 
 
 def open_registry(root: PathLike) -> Registry:

@@ -67,6 +67,11 @@ class BaseModelConfig(Strict):
         return self
 
 
+# A study task's name: it names steps, models and files (a registry's task, named by its dir, is renamed to fit:
+# registry/evaluate.py `study_names`).
+TASK_NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+
+
 class TaskConfig(Strict):
     """A new-knowledge task: a TRACE-layout dir, or math as MetaMathQA train + GSM8K test files.
     epochs / max_steps: this task's training budget, in place of the training recipe's, in every round that
@@ -75,7 +80,7 @@ class TaskConfig(Strict):
     task's, in place of the recipe's, in the same rounds (with `loss_reduction: micro_batch` it weighs the loss, as
     the paper's per-task per-device batch sizes did)."""
 
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
+    name: Annotated[str, Field(pattern=TASK_NAME_PATTERN)]
     format: Literal["trace", "math"] = "trace"
     path: Path | None = None
     train_file: Path | None = None

@@ -38,7 +38,8 @@ def cmd_registry_init(args: argparse.Namespace) -> None:
     raise_problems(problems)
     base = api.init_registry(args.registry, args.base, old_tasks=args.old_tasks or (),
                              include_path=args.include_path, eval_batch_size=args.eval_batch_size,
-                             limit=args.limit, protocol=args.protocol)
+                             limit=args.limit, protocol=args.protocol, num_fewshot=args.num_fewshot,
+                             add_bos_token=args.add_bos_token)
     if args.json:
         print(json.dumps(base))
         return
@@ -110,12 +111,14 @@ def cmd_contribute(args: argparse.Namespace) -> None:
                             eval_batch_size=args.eval_batch_size,
                             statistics=args.statistics, as_lora=args.as_lora)
     from knowstack.registry.evaluate import own_score
+    from knowstack.registry.history import extraction_text
 
     with api.open_registry(args.registry) as reg:
         score = own_score(record, reg.protocol)
+    extracted = f"\n  as LoRA: {extraction_text(record['settings'])}" if record["settings"].get("extracted_lora") else ""
     print_result(args, record, f"contributed: {record['name']} ({record['kind']}, {record['content_hash'][:12]}) "
                                f"{record['task']} {score['metric']} = {score['value']:.4f} (metric from "
-                               f"{record['settings']['metric_source']}; protocol {score['protocol']})")
+                               f"{record['settings']['metric_source']}; protocol {score['protocol']}){extracted}")
 
 
 def cmd_compose(args: argparse.Namespace) -> None:
@@ -290,8 +293,16 @@ def add_commands(sub: Any) -> None:
                                                         help=meaning("--old-tasks", "the base is scored on them")))
     r.add_argument("--include-path", help=meaning("--include-path", "the built-in world's: WORLD/old_knowledge"))
     add_eval_batch_size(r)
-    r.add_argument("--limit", type=int, help=meaning("--limit"))
+    r.add_argument("--limit", type=int, help=meaning("--limit", "each old-knowledge task's first LIMIT items, which "
+                                                               "every score and the gate read (compose --search "
+                                                               "scores the rest)"))
     add_protocol_option(r, "every score the registry records, contributions' and versions', is made so")
+    r.add_argument("--num-fewshot", type=int, metavar="N",
+                   help="lm-eval's few-shot examples per old-knowledge item, as a study's old_knowledge.num_fewshot "
+                        "(default: each task's own)")
+    r.add_argument("--add-bos-token", action=argparse.BooleanOptionalAction,
+                   help="whether lm-eval's prompts start with the BOS token, as a study's old_knowledge and "
+                        "evaluation add_bos_token (the paper's config: --no-add-bos-token; default: the tokenizer's)")
     add_json_option(r, "the base's record")
     r.set_defaults(func=cmd_registry_init)
     r = registry.add_parser("list", help="the base and the contributions, with their scores")

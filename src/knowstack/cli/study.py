@@ -16,7 +16,8 @@ def cmd_study(args: argparse.Namespace) -> None:
     from knowstack import api
 
     if args.dry_run:
-        api.dry_run(args.config, args.out, gpu_memory_gib=args.gpu_memory, console=console)
+        api.dry_run(args.config, args.out, gpu_memory_gib=args.gpu_memory, console=console,
+                    shared_cache=False if args.no_shared_cache else None)
         return
     # `demo` reaches here too, without the study command's executor options
     results = api.run_study(args.config, args.out, executor=getattr(args, "executor", "local"),
@@ -99,7 +100,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("config", help="the study's YAML config (docs/config.md)")
     p.add_argument("--out", required=True, help=meaning("--out", "the study dir (artifacts, results.csv, report.html)"))
     p.add_argument("--dry-run", action="store_true", help=meaning(
-        "--dry-run", "print the plan, which steps are done, and each step's estimated GPU memory and GPUs"))
+        "--dry-run", "print the plan, which steps are done (or would be linked from the shared step cache), and each "
+                     "step's estimated GPU memory and GPUs"))
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="where steps run: here in plan order (local), or as Ray tasks, each ready step at once (ray)")
     p.add_argument("--address", help="ray: the cluster to join ('auto', 'HOST:6379', 'ray://HOST:10001'); "

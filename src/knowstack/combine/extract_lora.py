@@ -94,7 +94,8 @@ def target_weights(base: FullModel, names: Sequence[str]) -> list[str]:
                              "layer, which knowstack's merges and mixtures read", field="target_modules")
     modules = {name.removesuffix(".weight") for name in linear}
     layers = sorted({module.rpartition(".")[2] for module in modules})
-    targets = checked_lora_targets(base.config.get("model_type"), list(names), modules, layers, path=base.path)
+    # the names came from the option, not from the base's files: no path, so the command names its option
+    targets = checked_lora_targets(base.config.get("model_type"), list(names), modules, layers, field="target_modules")
     return [name for name in linear if _matches(name.removesuffix(".weight"), targets)]
 
 

@@ -163,13 +163,15 @@ def unmatched_targets(module_names: Iterable[str], targets: Sequence[str]) -> li
 
 
 def checked_lora_targets(model_type: str | None, names: Sequence[str], module_names: Iterable[str],
-                         layer_names: Sequence[str] = (), path: object | None = None) -> list[str]:
+                         layer_names: Sequence[str] = (), path: object | None = None,
+                         field: str = "training.lora.target_modules") -> list[str]:
     """`lora_targets`, with one clear error where any of them names no module of the model (PEFT itself refuses
-    only when none matches, and silently adapts the rest); layer_names: what the message offers instead."""
+    only when none matches, and silently adapts the rest); layer_names: what the message offers instead; field: the
+    setting the names came from."""
     targets = lora_targets(model_type, names)
     missing = unmatched_targets(module_names, targets)
     if missing:
         have = f"; its layers with a weight matrix: {', '.join(dict.fromkeys(layer_names))}" if layer_names else ""
         raise KnowstackError(f"LoRA target module(s) {', '.join(missing)} name no module of the model (model_type "
-                             f"{model_type!r}{have})", path=path, field="training.lora.target_modules")
+                             f"{model_type!r}{have})", path=path, field=field)
     return targets

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from knowstack.hashing import content_hash, file_sha256
 from knowstack.modeling.streaming import INDEX_FILE, weight_files
 from knowstack.modelio import TOKENIZER_FILES
 from knowstack.registry import db
-from knowstack.registry.core import BASE_NAME, PROTOCOL, Registry, cache_dir, is_url, remote_fs
+from knowstack.registry.core import BASE_NAME, HARNESS, PROTOCOL, Registry, cache_dir, is_url, remote_fs
 from knowstack.registry.db import DEFAULT_PROTOCOL
 from knowstack.registry.records import LOG_DIR, check_exclusive_create, create_log
 from knowstack.registry.store import OBJECTS_DIR, ObjectStore, RemoteObjectStore
@@ -89,16 +89,24 @@ def init_registry(
     batch_size: int = EVAL_BATCH_SIZE,
     limit: int | None = None,
     protocol: str = DEFAULT_PROTOCOL,
+    num_fewshot: int | None = None,
+    add_bos_token: bool | None = None,
 ) -> dict[str, Any]:
     """Create the registry `root` (a path, or a URL fsspec reaches) for the base model dir `base`; returns the
     base's record. protocol: how every score the registry records is made (evaluation.protocol: builtin, paper),
-    recorded with the base."""
+    recorded with the base; num_fewshot, add_bos_token: lm-eval's, as a study's old_knowledge (add_bos_token also as
+    its evaluation's, for what the harness scores of new tasks), recorded with the base (registry/core.py
+    HARNESS) and used by every score."""
     from knowstack.evaluate.protocols import PROTOCOL_NAMES
 
     if protocol not in PROTOCOL_NAMES:
         raise KnowstackError(f"unknown protocol '{protocol}' (known: {', '.join(PROTOCOL_NAMES)})", field="protocol")
+    if num_fewshot is not None and (isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0):
+        raise KnowstackError(f"num_fewshot is a whole number of at least 0, not {num_fewshot!r}", field="num_fewshot")
     model = FullModel(Path(base).expanduser())
-    old = OldTasks(list(old_tasks), include_path, batch_size, limit, protocol)
+    harness = {name: value for name, value in (("num_fewshot", num_fewshot), ("add_bos_token", add_bos_token))
+               if value is not None}
+    old = OldTasks(list(old_tasks), include_path, batch_size, limit, protocol, harness)
     if is_url(root):
         return _init_remote(str(root).rstrip("/"), model, old)
     root = Path(root).expanduser()
@@ -180,6 +188,7 @@ class OldTasks:
     batch_size: int
     limit: int | None
     protocol: str
+    harness: dict[str, Any] = field(default_factory=dict)  # lm-eval's settings given (num_fewshot, add_bos_token)
 
 
 def _base_version(store: ObjectStore, model: FullModel, old: OldTasks) -> db.NewVersion:
@@ -188,6 +197,8 @@ def _base_version(store: ObjectStore, model: FullModel, old: OldTasks) -> db.New
     names, sizes = store_files(store, files)
     settings: dict[str, Any] = {"source": str(model.path.resolve()), "architecture": architecture(model),
                                 PROTOCOL: old.protocol}
+    if old.harness:  # only where given: a registry's records, as before, where not
+        settings[HARNESS] = old.harness
     scores: list[dict[str, Any]] = []
     if old.tasks:
         include = Path(old.include_path).expanduser() if old.include_path else None
@@ -217,7 +228,7 @@ def old_knowledge_scores(model_dir: Path, old: OldTasks, include_path: Path | No
     from knowstack.registry.evaluate import score_model
 
     section = OldKnowledgeConfig(tasks=old.tasks, include_path=include_path, limit=old.limit,
-                                 batch_size=old.batch_size)
+                                 batch_size=old.batch_size, **old.harness)
     with tempfile.TemporaryDirectory(prefix="knowstack-score-") as work:
         return score_model(Path(work), model_dir, model_dir, None, [], section, protocol=old.protocol,
-                           batch_size=old.batch_size)
+                           batch_size=old.batch_size, harness=old.harness)

@@ -294,7 +294,7 @@ def _score(b: Build, model: Path, adapter: Path | None, tasks: Sequence[Register
     entries = [task.study_task(b.reg.store, b.work / EVAL_TASKS_DIR / task.name) for task in tasks]
     old_knowledge = stored_old_knowledge(b.reg, b.work / OLD_DIR, batch_size) if old else None
     return score_model(b.work / EVAL_DIR, b.base_dir, model, adapter, entries, old_knowledge,
-                       protocol=b.reg.protocol, batch_size=batch_size)
+                       protocol=b.reg.protocol, batch_size=batch_size, harness=b.reg.harness)
 
 
 # --- compose ---------------------------------------------------------------------------------------------
@@ -377,6 +377,10 @@ def compose(
         if contributions is None and left_out:
             say(f"left out (not {' or '.join(spec.kinds)}): {', '.join(left_out)}")
         check_inputs(spec, chosen, options)
+        if spec.catalog == "search":
+            from knowstack.registry.compose_plan import searchable_old_knowledge
+
+            searchable_old_knowledge(reg.base())
         start_record = check_start(records, start, spec) if start is not None else None
         settings = spec.settings(options)
         key = compose_key(spec, settings, reg.base()["content_hash"], chosen, start_record)
@@ -504,7 +508,7 @@ def _gated_version(reg: Registry, name: str, spec: Method, settings: dict[str, A
                          items=items)
     gate = gate_record(checks, *limits, built_from=built_from.name, force=force)
     if old_average(scores) is None:
-        gate["note"] = "no old-knowledge tasks registered (registry init --old-knowledge): AVE not gated"
+        gate["note"] = "no old-knowledge tasks registered (registry init --old-tasks): AVE not gated"
     files, hashed = _version_files(out)
     names, sizes = store_files(reg.store, files)
     return db.NewVersion(

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from knowstack.config import StudyConfig, parse_config
 from knowstack.errors import KnowstackError
 from knowstack.registry.compose_inputs import Build
+from knowstack.registry.evaluate import evaluation_harness
 from knowstack.study.methods import CATALOG, ComposeVariant
 from knowstack.study.plan import ModelRef, Plan, PlanBuilder, Step, step_ref
 
@@ -47,6 +48,8 @@ def compose_config(b: Build, catalog: str, variant: ComposeVariant, kinds: list[
         "base": {"model": str(b.base_dir)},
         "tasks": replayed + tasks,
         "old_knowledge": search_old_knowledge(b) if catalog == "search" else {"tasks": []},
+        # how a search scores its trials on the eval splits: as the registry scores (its protocol, lm-eval's BOS)
+        "evaluation": {"protocol": b.reg.protocol, **evaluation_harness(b.reg.harness)},
         "training": training,
         "methods": {CATALOG[catalog].name: variant.section(o, kinds)},
         "launch": {"num_processes": launch.num_processes, "accelerate_config": launch.accelerate_config,
@@ -58,21 +61,28 @@ def compose_config(b: Build, catalog: str, variant: ComposeVariant, kinds: list[
 OLD_DIR = "old_knowledge"
 
 
-def search_old_knowledge(b: Build) -> dict[str, Any]:
-    """What a search scores old knowledge on: the registry's old-knowledge tasks (registry init --old-knowledge),
-    their stored files laid out in the work dir; the search reads the items after the first `limit` ones, which are
-    what the registry scores every version (and the gate) on."""
-    old = b.reg.base()["settings"].get("old_knowledge")
+def searchable_old_knowledge(base: dict[str, Any]) -> dict[str, Any]:
+    """The base record's old knowledge, which a search keeps within its budget; one error where a search cannot (a
+    compose checks it before it makes its work dir)."""
+    old = base["settings"].get("old_knowledge")
     if not old or not old.get("tasks"):
         raise KnowstackError("compose --search keeps old knowledge within --max-old-loss: the registry has no "
-                             "old-knowledge tasks (registry init --old-knowledge ...)", field="method")
+                             "old-knowledge tasks (registry init --old-tasks ...)", field="method")
     if old.get("limit") is None:
         raise KnowstackError("compose --search scores old knowledge on the items after the first `limit` ones, which "
                              "the gate reads: this registry scores every item (registry init without --limit)",
                              field="method")
+    return old
+
+
+def search_old_knowledge(b: Build) -> dict[str, Any]:
+    """What a search scores old knowledge on: the registry's old-knowledge tasks (registry init --old-tasks),
+    their stored files laid out in the work dir; the search reads the items after the first `limit` ones, which are
+    what the registry scores every version (and the gate) on."""
+    old = searchable_old_knowledge(b.reg.base())
     files = old.get("files") or {}
     include = str(b.reg.store.lay_out(files, b.work / OLD_DIR)) if files else None
-    return {"tasks": list(old["tasks"]), "include_path": include, "limit": old["limit"]}
+    return {"tasks": list(old["tasks"]), "include_path": include, "limit": old["limit"], **b.reg.harness}
 
 
 def compose_plan(b: Build, catalog: str, config: StudyConfig) -> tuple[Plan, dict[str, Any]]:

@@ -143,6 +143,8 @@ def contribute(
     if as_lora is not None:
         check_rank(as_lora, field="as_lora")
     chosen = task_metric(task, given=metric, task_format=task_format, option="metric")
+    if metric is not None:  # recorded and shown as where it came from ('metric from metric' said nothing)
+        chosen = ResolvedMetric(chosen.metric, GIVEN_METRIC)
     config_path = Path(training_config).expanduser() if training_config is not None else None
     if config_path is not None and not config_path.is_file():
         raise KnowstackError("training config file not found", path=config_path)
@@ -239,6 +241,10 @@ def statistics_files(folder: str | Path | None, base: FullModel,
     return files
 
 
+# The recorded source of a metric the contributor named (contribute --metric, the API's metric argument).
+GIVEN_METRIC = "its contributor (--metric)"
+
+
 def _store(reg: Registry, name: str, contribution: FullModel | LoraAdapter, task: TaskFiles, metric: ResolvedMetric,
            keep_data: bool, author: str | None, config_path: Path | None,
            stats_files: dict[str, Path] | None = None) -> db.NewVersion:
@@ -280,4 +286,4 @@ def _score(reg: Registry, base_dir: Path, new: db.NewVersion, batch_size: int) -
         full = new.kind == "model"
         return score_model(Path(work) / "eval", base_dir, weights_dir if full else base_dir,
                            None if full else weights_dir, [entry], None, protocol=reg.protocol,
-                           batch_size=batch_size)
+                           batch_size=batch_size, harness=reg.harness)

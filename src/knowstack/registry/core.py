@@ -130,6 +130,11 @@ class Registry:
         """How this registry scores (registry init --protocol)."""
         return registry_protocol(self.versions())
 
+    @property
+    def harness(self) -> dict[str, Any]:
+        """lm-eval's settings this registry scores with (registry init --num-fewshot, --add-bos-token): those given."""
+        return dict(self.base()["settings"].get(HARNESS) or {})
+
     @contextlib.contextmanager
     def view(self, name: str) -> Iterator[Path]:
         """A temporary dir of version `name`'s files, each verified against its hash first."""
@@ -168,6 +173,9 @@ class Registry:
 
 
 PROTOCOL = "protocol"  # the base's settings key: how the registry scores (evaluation.protocol), set at init
+# the base's settings key of lm-eval's settings given at init ({"num_fewshot": n, "add_bos_token": b}, those given):
+# old knowledge's as a study's old_knowledge section's, add_bos_token also its evaluation's (GSM8K under paper)
+HARNESS = "harness"
 
 
 def registry_protocol(records: Sequence[dict[str, Any]]) -> str:

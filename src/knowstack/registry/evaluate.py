@@ -13,12 +13,13 @@ the gate and AVnew read of it is its metric's last declared scoring under the pr
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from knowstack.config import DEFAULT_OLD_METRIC, OldKnowledgeConfig
+from knowstack.config import DEFAULT_OLD_METRIC, TASK_NAME_PATTERN, OldKnowledgeConfig
 from knowstack.data.formats import Example
 from knowstack.errors import KnowstackError
 from knowstack.registry.core import Registry, registry_protocol
@@ -103,14 +104,14 @@ def stored_old_knowledge(reg: Registry, folder: Path, batch_size: int) -> OldKno
     files = old.get("files") or {}
     include = reg.store.lay_out(files, folder) if files else None
     return OldKnowledgeConfig(tasks=list(old["tasks"]), include_path=include, limit=old.get("limit"),
-                              batch_size=batch_size)
+                              batch_size=batch_size, **reg.harness)
 
 
 def evaluation_config(base_dir: Path, tasks: Sequence[dict[str, Any]], old: OldKnowledgeConfig | None,
-                      protocol: str, batch_size: int) -> Any:  # -> StudyConfig
+                      protocol: str, batch_size: int, harness: dict[str, Any] | None = None) -> Any:  # -> StudyConfig
     """The study config a registry scores with: the registry's base (and its tokenizer, which contributions are
     stored without), the tasks as study task entries, the old knowledge (none: no old-knowledge scores), the
-    registry's protocol and the evaluation batch."""
+    registry's protocol, lm-eval's BOS setting (harness, Registry.harness) and the evaluation batch."""
     from knowstack.config import StudyConfig
 
     return StudyConfig.model_validate({
@@ -118,12 +119,18 @@ def evaluation_config(base_dir: Path, tasks: Sequence[dict[str, Any]], old: OldK
         "base": {"model": str(base_dir), "tokenizer": str(base_dir)},
         "tasks": list(tasks),
         "old_knowledge": old if old is not None else {"tasks": []},
-        "evaluation": {"protocol": protocol, "batch_size": batch_size},
+        "evaluation": {"protocol": protocol, "batch_size": batch_size, **evaluation_harness(harness)},
     })
 
 
+def evaluation_harness(harness: dict[str, Any] | None) -> dict[str, Any]:
+    """The evaluation section's share of a registry's lm-eval settings: add_bos_token, where given."""
+    return {"add_bos_token": harness["add_bos_token"]} if harness and "add_bos_token" in harness else {}
+
+
 def score_model(work: Path, base_dir: Path, model: Path, adapter: Path | None, tasks: Sequence[dict[str, Any]],
-                old: OldKnowledgeConfig | None, *, protocol: str, batch_size: int) -> list[dict[str, Any]]:
+                old: OldKnowledgeConfig | None, *, protocol: str, batch_size: int,
+                harness: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The score rows of `model` (with `adapter` on it, where given) on `tasks` (study task entries) and `old`, each
     with its per-item scores ("items", where the step kept them): the study's evaluation step run in the study dir
     `work`, where a killed scoring resumes at its next task and a finished one is read back, not run again."""
@@ -132,7 +139,8 @@ def score_model(work: Path, base_dir: Path, model: Path, adapter: Path | None, t
     from knowstack.study.results import collect_rows
     from knowstack.study.steps import PER_EXAMPLE_FILE, StudyContext, execute
 
-    config = evaluation_config(base_dir, tasks, old, protocol, batch_size)
+    tasks, registry_name = study_names(tasks)
+    config = evaluation_config(base_dir, tasks, old, protocol, batch_size, harness)
     builder = PlanBuilder(config, work)
     builder.evaluate(ModelRef(str(model), str(adapter) if adapter is not None else None), "version", "registry", "",
                      None)
@@ -140,13 +148,33 @@ def score_model(work: Path, base_dir: Path, model: Path, adapter: Path | None, t
     [evaluation] = plan.evaluations
     artifact = execute(plan.steps[evaluation.step], StudyContext(work, config))
     items = json.loads((artifact / PER_EXAMPLE_FILE).read_text(encoding="utf-8"))
-    rows = [{"task": row.task, "kind": row.kind, "metric": row.metric, "value": row.value, "n": row.n,
-             "protocol": row.protocol, **_items_of(items, row.kind, row.task, row.metric)}
+    rows = [{"task": registry_name.get(row.task, row.task) if row.kind == "new" else row.task, "kind": row.kind,
+             "metric": row.metric, "value": row.value, "n": row.n, "protocol": row.protocol,
+             **_items_of(items, row.kind, row.task, row.metric)}
             for row in collect_rows(plan, work / "artifacts")]
     missing = [task for task in (old.tasks if old is not None else []) if not any(r["task"] == task for r in rows)]
     if missing:
         raise KnowstackError(f"lm-eval returned no scores for {', '.join(missing)}", field="old_knowledge")
     return rows
+
+
+def study_names(tasks: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The tasks under names a study takes (config.py TASK_NAME_PATTERN), and {study name: registry name} of those
+    renamed: a registry's task is named by its dir, which may hold other characters (a space); each is replaced by
+    '_' (and '_' added while the name is another task's). A name that fits is kept, and so is its steps' key."""
+    taken = {task["name"] for task in tasks}
+    renamed, registry_name = [], {}
+    for task in tasks:
+        name = task["name"]
+        if not re.fullmatch(TASK_NAME_PATTERN, name):
+            alias = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+            while alias in taken:
+                alias += "_"
+            taken.add(alias)
+            registry_name[alias] = name
+            task = {**task, "name": alias}
+        renamed.append(task)
+    return renamed, registry_name
 
 
 def _items_of(items: dict[str, Any], kind: str, task: str, metric: str) -> dict[str, list[float]]:

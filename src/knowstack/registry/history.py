@@ -114,9 +114,13 @@ def format_show(reg: Registry, name: str) -> str:
         source = settings.get("metric_source")  # what defined the metric; older records do not say
         metric = f"{record['metric']} from {source}" if source else record["metric"]
         lines.append(f"  task:     {record['task']} ({record['task_format']}, {metric}; {splits})")
+        if settings.get("extracted_lora"):
+            lines.append(f"  as LoRA:  {extraction_text(settings)}")
     if record["method"] not in ("base", "contribution"):
         names = contribution_names(records)
         lines.append(f"  built on: {built_on(record, names)}, with {', '.join(contributions_of(record, names))}")
+        if settings.get("search"):
+            lines.append(f"  search:   {search_text(settings['search'])}")
         gate = settings.get("gate")
         lines.append(f"  gate:     {gate_summary(gate, settings)}")
         lines += [f"    {check.describe()}" for check in recorded_checks(gate or {})]
@@ -133,6 +137,27 @@ def format_show(reg: Registry, name: str) -> str:
     lines.append(f"  files:    {len(record['files'])} ({', '.join(sorted(record['files'])[:6])}"
                  f"{', ...' if len(record['files']) > 6 else ''})")
     return "\n".join(lines)
+
+
+def extraction_text(settings: dict[str, Any]) -> str:
+    """What `contribute --as-lora` kept of the full fine-tune, from a contribution's settings: 'rank 8, extracted
+    from FT: 96.6% of its targets' delta, 39.4% of the whole delta kept'."""
+    extracted = settings["extracted_lora"]
+    return (f"rank {extracted['rank']}, extracted from {settings.get('source', '-')}: {extracted['explained']:.1%} "
+            f"of its targets' delta, {extracted['explained_of_whole_delta']:.1%} of the whole delta kept")
+
+
+def search_text(search: dict[str, Any]) -> str:
+    """A searched version's chosen point and its scores (trials counted from 1, as the report's search section
+    counts them), or that no trial kept within the budget (the base kept)."""
+    from knowstack.report.search import point_text
+
+    trials, budget = search["trials"], search["max_old_loss"]
+    chosen = next((t for t in trials if t["number"] == search["chosen"]), None)
+    if chosen is None:
+        return f"none of {len(trials)} trials within the {budget:g}% budget: the base kept"
+    return (f"trial {chosen['number'] + 1} of {len(trials)} chosen: {point_text(chosen['point'])}; eval score "
+            f"{chosen['new']:.3f}, held-out old loss {chosen['old_loss']:.1f}% (budget {budget:g}%)")
 
 
 def diff_rows(a: dict[str, Any], b: dict[str, Any], tasks: dict[str, RegisteredTask]) -> list[tuple[str, ...]]:

@@ -124,7 +124,9 @@ def format_listing(reg: Registry) -> str:
     tasks = registered_tasks(records)
     protocol = registry_protocol(records)
     rows = [contribution_row(r, protocol) for r in records if r["method"] == "contribution"]
-    lines = [f"registry: {reg.label}", *_base_lines(reg.base(), tasks), f"contributions: {len(rows)}"]
+    # its protocol, as init printed it: every score below is made so (docs/registry.md)
+    lines = [f"registry: {reg.label}  protocol {protocol}", *_base_lines(reg.base(), tasks),
+             f"contributions: {len(rows)}"]
     if rows:
         lines += text_table(COLUMNS, rows)
     names = contribution_names(records)

@@ -30,11 +30,12 @@ def trace_table(model: str, record: dict[str, Any]) -> Table:
                   ["trial", "trial number", "eval score", "old held-out loss (%)", "within budget", "point"])
     for trial in record["trials"]:
         mark = " (chosen)" if trial["number"] == record["chosen"] else ""
-        table.rows.append(TableRow(f"{trial['number'] + 1}{mark}", [float(trial["number"] + 1), trial["new"],
+        # the number again as a cell, the figure's x (a whole number: 'score' printed it as 1.0000)
+        table.rows.append(TableRow(f"{trial['number'] + 1}{mark}", [trial["number"] + 1, trial["new"],
                                                                      trial["old_loss"],
                                                                      "yes" if trial["within"] else "no",
                                                                      point_text(trial["point"])],
-                                   unit=["score", "score", "percent", "text", "text"], key=model))
+                                   unit=["text", "score", "percent", "text", "text"], key=model))
     return table
 
 

@@ -50,9 +50,10 @@ class PlanBuilder:
     `merge_with` (models merged in before the one-round ones), `replayed` (tasks replayed from before round 1) and
     `router_prompts_from` ("eval": a MoE's router prompts from each task's eval split where it has one)."""
 
-    def __init__(self, config: StudyConfig, out: Path | None = None):
+    def __init__(self, config: StudyConfig, out: Path | None = None, world_dir: Path | None = None):
         self.config = config
         self.out = out
+        self.world_dir = world_dir  # a built world of this key elsewhere (the shared cache's), where `out` has none
         self.plan = Plan(config)
         self.world: Step | None = None
         self.point = Point()
@@ -82,6 +83,8 @@ class PlanBuilder:
                 Step("world", base.builtin, {"preset": base.builtin, "seed": self.config.seed, "version": WORLD_VERSION})
             )
             fingerprint = built_world_fingerprint(self.out / "artifacts" / self.world.key) if self.out else None
+            if fingerprint is None and self.world_dir is not None:
+                fingerprint = built_world_fingerprint(self.world_dir)
             self.plan.world_fingerprint, self.plan.world_pending = fingerprint, fingerprint is None
             return ModelRef(step_ref(self.world, "model"), world=fingerprint or "pending")
         return ModelRef(base.model)

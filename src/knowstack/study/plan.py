@@ -28,11 +28,12 @@ __all__ = ["STEP_VERSIONS", "Evaluation", "ModelRef", "Plan", "PlanBuilder", "Po
            "lambda_tag", "ref_deps", "resolve_task_specs", "step_ref"]
 
 
-def build_plan(config: StudyConfig, out: Path | None = None) -> Plan:
+def build_plan(config: StudyConfig, out: Path | None = None, world_dir: Path | None = None) -> Plan:
     """The catalog applied to a config: the base's evaluation, then every configured method at every seed. out: the
     study dir, where a built-in world already built gives its fingerprint to every later step's key (without it, or
-    before the world is built, those keys are provisional: `world_pending`)."""
-    builder = PlanBuilder(config, out)
+    before the world is built, those keys are provisional: `world_pending`); world_dir: the same world built
+    elsewhere (the shared step cache's entry: the dry run's keys are then those the run will have)."""
+    builder = PlanBuilder(config, out, world_dir)
     builder.add_base()
     sections = [(method, getattr(config.methods, method.field)) for method in CATALOG.values()]
     if all(section is None for _, section in sections):

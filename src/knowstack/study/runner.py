@@ -74,17 +74,45 @@ def context_for(plan: Plan, out: Path, shared: SharedCache | None = None) -> Stu
     return StudyContext(out=out, config=plan.config, world_key=world, shared=shared)
 
 
-def describe_plan(plan: Plan, out: Path, console: Console) -> None:
+@dataclass(frozen=True)
+class DryPlan:
+    """What a dry run shows: the plan (keyed by the shared cache's built world where the study dir has none), the
+    steps done in the study dir, and those a run would link from the shared step cache at `cache` (None: off)."""
+
+    plan: Plan
+    done: frozenset[str]
+    cached: frozenset[str]
+    cache: Path | None
+
+
+def dry_plan(config: StudyConfig, out: Path, shared_cache: bool | None = None) -> DryPlan:
+    """The plan a run of `config` in `out` would carry out; shared_cache as `run_study`'s."""
+    from knowstack.study.shared_cache import cached_keys, default_root, world_entry
+
+    plan = build_plan(config, out)
+    root = default_root() if (config.executor.shared_cache if shared_cache is None else shared_cache) else None
+    if root is not None and plan.world_pending:
+        world = world_entry(plan, root)
+        plan = build_plan(config, out, world) if world is not None else plan
+    done = frozenset(step.key for step in plan.ordered() if (out / "artifacts" / step.key).is_dir())
+    cached = frozenset(cached_keys(plan, root)) - done if root is not None and root.is_dir() else frozenset()
+    return DryPlan(plan, done, cached, root)
+
+
+def describe_plan(dry: DryPlan, out: Path, console: Console) -> None:
+    plan = dry.plan
     table = Table(title=f"plan of study '{plan.config.name}' in {out}")
     for column in ("#", "step", "kind", "settings", "status"):
         table.add_column(column)
     for index, step in enumerate(plan.ordered(), start=1):
-        done = (out / "artifacts" / step.key).is_dir()
-        table.add_row(str(index), step.key, step.kind, step_settings(step), "[green]done[/green]" if done else "to do")
+        status = ("[green]done[/green]" if step.key in dry.done else
+                  "[cyan]in the shared cache[/cyan]" if step.key in dry.cached else "to do")
+        table.add_row(str(index), step.key, step.kind, step_settings(step), status)
     # wide enough for every column even where stderr is not a terminal (80 columns by default)
     Console(file=console.file, width=max(console.width, 150)).print(table)
-    done = sum((out / "artifacts" / s.key).is_dir() for s in plan.ordered())
-    console.print(f"{len(plan.steps)} steps, {done} done, {len(plan.evaluations)} models evaluated")
+    cached = f", {len(dry.cached)} in the shared cache {dry.cache} (linked, not run)" if dry.cached else ""
+    console.print(f"{len(plan.steps)} steps, {len(dry.done)} done{cached}, {len(plan.evaluations)} models evaluated",
+                  soft_wrap=True)
     old = plan.config.old_knowledge
     if isinstance(old.tasks, list):
         console.print("old knowledge: " + ", ".join(f"{task} ({old_metric_of(old.metric, task)})" for task in old.tasks),
@@ -179,14 +207,16 @@ def run_study(config: StudyConfig, out: Path, *, dry_run: bool = False, console:
     # Every input the steps will read, checked before the plan reads any of them and before the first
     # step runs (or the out dir is made): a bad task file is found now, not hours into the study.
     raise_problems(check_study(config, dry_run=dry_run) + ([] if dry_run else check_study_out(out)))
-    plan = build_plan(config, out)
     if dry_run:
-        describe_plan(plan, out, console)
+        dry = dry_plan(config, out, shared_cache)
+        plan = dry.plan
+        describe_plan(dry, out, console)
         if plan.world_pending:
             console.print("the built-in world is not built yet: the keys of the steps after it include its "
                           "fingerprint, known once it is built, so they are provisional here")
         describe_resources(plan, console, gpu_memory)
         return None
+    plan = build_plan(config, out)
     from knowstack.train.tracking import check_trackers
 
     check_trackers(config.training.report_to)  # before any step: a tracker not installed is the user's to fix

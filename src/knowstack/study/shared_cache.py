@@ -253,6 +253,20 @@ def sync(cache: SharedCache, steps: Sequence[Step], artifacts: Path) -> tuple[li
     return linked, how
 
 
+def world_entry(plan: Plan, root: Path) -> Path | None:
+    """The cache's whole entry of the plan's built-in world, if it holds one (the dry run plans with its
+    fingerprint)."""
+    world = next((step for step in plan.ordered() if step.kind == "world"), None)
+    return valid_entry(SharedCache(root, frozenset({world.key})), world.key) if world is not None else None
+
+
+def cached_keys(plan: Plan, root: Path) -> set[str]:
+    """The steps of `plan` a run would link from the cache at `root` rather than compute: shared, with a whole
+    entry."""
+    cache = SharedCache(root, shareable_keys(plan))
+    return {key for key in cache.keys if valid_entry(cache, key) is not None}
+
+
 def reused_keys(artifacts: Path) -> set[str]:
     """The steps of a study dir linked from the shared cache (their artifacts, if since recomputed, are not)."""
     folder = artifacts / REUSED_DIR
@@ -268,11 +282,14 @@ class EntryInfo:
 
 
 def entries(root: Path) -> list[EntryInfo]:
-    """Every entry of the cache at `root`, by key."""
+    """Every entry of the cache at `root`, by key: the dirs holding an entry's list. Nothing else there is the cache's
+    to count or remove: `$KNOWSTACK_CACHE/registries/` (registry/core.py `cache_dir`, a URL registry's objects and
+    resumable composes) shares the root where KNOWSTACK_CACHE is set."""
     if not root.is_dir():
         return []
     found = []
-    for entry in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for entry in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                        and (p / ENTRY_FILE).is_file()):
         stats = [(entry / name).stat() for name in _files(entry)]
         found.append(EntryInfo(entry.name, sum(s.st_size for s in stats), any(s.st_nlink > 1 for s in stats)))
     return found
