@@ -410,14 +410,23 @@ SPEED_LINES: dict[str, Callable[[dict], str]] = {
 }
 
 
-def speed(path: Path) -> str:
-    """The benchmarks' ratios, from the JSON each wrote (--json) into one dir."""
+def speed(path: Path, old: str = "") -> str:
+    """The benchmarks' ratios, from the JSON each wrote (--json) into one dir; a benchmark not run again keeps its
+    line of the block as it was (`old`: each line names the script that measured it), so rerunning one benchmark
+    rewrites its own line only."""
     found = [name for name in SPEED_LINES if (path / name).is_file()]
     if not found:
         raise KnowstackError(f"no benchmark output here (expected one of {', '.join(SPEED_LINES)})", path=path,
                              field="--speed")
-    lines = [SPEED_LINES[name](json.loads((path / name).read_text())) for name in found]
+    lines = [SPEED_LINES[name](json.loads((path / name).read_text())) if name in found else kept
+             for name in SPEED_LINES for kept in [_line_citing(old, f"benchmarks/{Path(name).stem}.py")]
+             if name in found or kept]
     return "Speed, as ratios measured side by side in one run on this machine:\n\n" + "\n".join(lines)
+
+
+def _line_citing(block: str, script: str) -> str:
+    """The block's list line that names `script`, or ''."""
+    return next((line for line in block.splitlines() if line.startswith("- ") and f"`{script}`" in line), "")
 
 
 def _count(n: float) -> str:
@@ -692,7 +701,8 @@ def search_results(study: Study) -> str:
 @dataclass(frozen=True)
 class Generator:
     sources: tuple[str, ...]  # the options naming the results dir it may read, the first given wins
-    make: Callable[[object], str]
+    make: Callable[..., str]
+    reads_old: bool = False  # make(input, the block's text as it is): it keeps what its input does not renew
 
 
 BLOCKS: dict[str, Generator] = {
@@ -706,7 +716,7 @@ BLOCKS: dict[str, Generator] = {
     "kernel-spread": Generator(("kernel_paths",), kernel_spread),
     "verdict-spread": Generator(("verdicts",), verdict_spread),
     "catalog": Generator(("catalog",), catalog),
-    "speed": Generator(("speed",), speed),
+    "speed": Generator(("speed",), speed, reads_old=True),
     "scale": Generator(("scale",), scale),
     "families": Generator(("families",), families),
     "memory": Generator(("memory",), memory),
@@ -751,7 +761,9 @@ def rewrite(text: str, inputs: dict[str, object], where: Path) -> tuple[str, lis
             kept.append(name)
             return match[0]
         written.append(name)
-        return f"{match[1]}{BLOCKS[name].make(inputs[source]).rstrip()}\n{match[4]}"
+        generator = BLOCKS[name]
+        made = generator.make(inputs[source], match["body"]) if generator.reads_old else generator.make(inputs[source])
+        return f"{match[1]}{made.rstrip()}\n{match[4]}"
 
     return BLOCK.sub(block, text), written, kept
 

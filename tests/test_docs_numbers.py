@@ -234,6 +234,22 @@ def test_the_speed_block_reads_the_benchmarks_outputs(checkout: Path, tmp_path: 
     assert load_script().main(["--speed", str(tmp_path / "empty"), "--root", str(checkout)]) == 2
 
 
+def test_a_benchmark_run_again_rewrites_its_own_speed_line_only(checkout: Path, tmp_path: Path) -> None:
+    (checkout / "README.md").write_text("# p\n\n<!-- numbers:speed -->\nSpeed, as ratios:\n\n"
+                                        "- the demo's study: 0.92x (`benchmarks/study_speed.py`, earlier)\n"
+                                        "- merging: 9.99x (`benchmarks/merge.py`, earlier)\n"
+                                        "- a line no benchmark names\n<!-- /numbers -->\n")
+    every = _speed_outputs(tmp_path / "bench")
+    (tmp_path / "merge-only").mkdir()
+    shutil.copy(every / "merge.json", tmp_path / "merge-only" / "merge.json")
+    assert load_script().main(["--speed", str(tmp_path / "merge-only"), "--root", str(checkout)]) == 0
+    text = (checkout / "README.md").read_text()
+    assert "- the demo's study: 0.92x (`benchmarks/study_speed.py`, earlier)" in text  # not run again: kept
+    assert "9.99x" not in text and "average (mergekit `linear`) 1.20x mergekit's wall time" in text
+    assert text.index("benchmarks/study_speed.py") < text.index("benchmarks/merge.py")  # the benchmarks' order
+    assert "a line no benchmark names" not in text
+
+
 def test_the_families_block_is_the_test_runs_matrix(checkout: Path, tmp_path: Path) -> None:
     """docs/families.md's table from the JSON tests/test_families.py writes: a cell per outcome, refusals explained."""
     record = {"features": ["train-fft", "moe-fft", "compose"], "date": "2026-12-07", "transformers": "5.25.0",
