@@ -62,6 +62,14 @@ def test_a_trial_over_budget_is_never_chosen() -> None:
     assert best.new < max(t.new for t in done)  # the highest eval score was over budget here
 
 
+def test_the_first_trials_try_every_method_once() -> None:
+    space = SearchSpace(("task-arithmetic", "ties", "dare"), 7)
+    trials = search(space, 12, 0, 2.0, 1.0, fake_scores, {})
+    assert [t.point["method"] for t in trials[:3]] == ["task-arithmetic", "ties", "dare"]
+    assert all("lambda" in t.point for t in trials[:3]) and "density" in trials[1].point
+    assert [t.point["method"] for t in search(space, 2, 0, 2.0, 1.0, fake_scores, {})] == ["task-arithmetic", "ties"]
+
+
 def test_a_killed_search_reruns_only_missing_trials_and_replays_the_same_points() -> None:
     whole = search(SPACE, 8, 3, 2.0, 1.0, fake_scores, {})
     cache: dict = {}

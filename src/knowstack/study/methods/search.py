@@ -42,6 +42,7 @@ def add_search(builder: PlanBuilder, finetune: str, section: SearchConfig) -> No
         "max_old_loss": section.max_old_loss,
         "old_items": section.old_items,
         "seed": builder.seed if section.seed is None else section.seed,
+        "first_trials": "each method once",  # a search step made before this drew all at random: another key
         **builder.eval_params(),
     }
     deps = builder.base_deps() + tuple(key for _, keys in inputs for key in keys)
