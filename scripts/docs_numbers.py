@@ -698,6 +698,17 @@ def search_results(study: Study) -> str:
     return "\n\n".join([*(block_markdown(b, 3, study.path).strip() for b in blocks), f"({study.provenance()})"])
 
 
+def search_baselines(study: Study) -> str:
+    """docs/methods.md's numbers of EWC and LwF: the continual table and the baselines' comparisons of
+    configs/builtin-search.yaml's study, as its report wrote them (tables/continual.md, tables/baselines.md)."""
+    tables = [study.path / "tables" / name for name in ("continual.md", "baselines.md")]
+    missing = [path.name for path in tables if not path.is_file()]
+    if missing:
+        raise KnowstackError(f"no tables/{missing[0]}: the study has no report with EWC or LwF yet (`knowstack "
+                             "report`)", path=study.path, field="--search")
+    return "\n\n".join([*(path.read_text(encoding="utf-8").strip() for path in tables), f"({study.provenance()})"])
+
+
 @dataclass(frozen=True)
 class Generator:
     sources: tuple[str, ...]  # the options naming the results dir it may read, the first given wins
@@ -724,6 +735,7 @@ BLOCKS: dict[str, Generator] = {
     "claims": Generator(("claims",), claims),
     "merge-options": Generator(("merge_options",), merge_options),
     "search": Generator(("search",), search_results),
+    "search-baselines": Generator(("search",), search_baselines),
 }
 READERS: dict[str, Callable[[Path, str], object]] = {
     "demo": lambda p, o: Study.read(p, o),

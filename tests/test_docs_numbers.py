@@ -156,6 +156,17 @@ def test_verdicts_of_a_study_without_its_report_are_one_clear_error(checkout: Pa
     assert "no tables/claims.csv" in err and str(demo) in err and "--verdicts" in err
 
 
+def test_the_baselines_block_is_the_reports_continual_and_baselines_tables(demo: Path) -> None:
+    script = load_script()
+    with pytest.raises(script.KnowstackError, match="no tables/continual.md"):
+        script.search_baselines(script.Study.read(demo, "--search"))
+    (demo / "tables").mkdir()
+    (demo / "tables" / "continual.md").write_text("| run | mean BWT |\n|---|---|\n| EWC FFT λ=100 | -55% |\n")
+    (demo / "tables" / "baselines.md").write_text("| # | verdict |\n|---|---|\n| B1 | holds |\n")
+    block = script.search_baselines(script.Study.read(demo, "--search"))
+    assert "| EWC FFT λ=100 | -55% |" in block and "| B1 | holds |" in block and "f00dfeedf00dfeed" in block
+
+
 def test_base_alone_writes_only_the_base_block(checkout: Path, demo: Path, capsys: pytest.CaptureFixture) -> None:
     assert load_script().main(["--base", str(demo), "--root", str(checkout)]) == 0
     assert "f00dfeedf00dfeed" in (checkout / "README.md").read_text()
