@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 from test_local_jobs import _made_files
 from test_study import tiny_study
 
@@ -19,11 +18,7 @@ from knowstack.study.runner import context_for, write_results
 
 
 def _config(tmp: Path) -> Path:
-    path = tiny_study(tmp, {"one-round": {"finetune": ["lora"]}})
-    config = yaml.safe_load(path.read_text())
-    config["tasks"] = {"builtin": ["stance", "math"]}
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    return tiny_study(tmp, {"one-round": {"finetune": ["lora"]}}, tasks=["stance", "math"])
 
 
 @pytest.fixture(scope="module")

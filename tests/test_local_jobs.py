@@ -14,7 +14,6 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-import yaml
 from test_study import tiny_study
 
 from knowstack.cli import main
@@ -31,11 +30,7 @@ OWN_STEPS = ["--no-shared-cache"]
 
 
 def _config(tmp: Path) -> Path:
-    path = tiny_study(tmp, {"one-round": {"finetune": ["lora", "fft"]}})
-    config = yaml.safe_load(path.read_text())
-    config["tasks"] = {"builtin": TASKS}
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    return tiny_study(tmp, {"one-round": {"finetune": ["lora", "fft"]}}, tasks=TASKS)
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,13 @@ from knowstack.results import COSTS_CSV, PER_EXAMPLE, read_costs_csv, read_items
 TASKS = ["stance", "notes", "summary", "code", "quiz", "simplify", "math"]
 
 
-def tiny_study(tmp_path: Path, methods: dict | None = None) -> Path:
+def tiny_study(tmp_path: Path, methods: dict | None = None, tasks: list[str] | None = None) -> Path:
+    """tasks: built-in task names (default: all of them)."""
     config = {
         "name": "tiny",
         "seed": 0,
         "base": {"builtin": "test"},
-        "tasks": "builtin",
+        "tasks": {"builtin": tasks} if tasks else "builtin",
         "old_knowledge": {"tasks": "builtin", "limit": 8},
         "training": {"lr_of_pretrain_peak": 0.1, "epochs": 1, "batch_size": 8, "micro_batch_size": 4,
                      "max_length": 128, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
