@@ -81,3 +81,20 @@ def test_a_group_cut_off_keeps_its_finished_steps_and_resumes(grouped: tuple[Pat
     assert not list((out / "artifacts").glob(".*tmp*"))
     for name in ("results.csv", "per_example.jsonl"):
         assert (out / name).read_text() == (reference / name).read_text()
+
+
+def test_a_group_the_shared_cache_supplies_loads_no_model(grouped: tuple[Path, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    config_path, reference = grouped
+    out = tmp_path / "from-cache"
+    _without_evaluations(reference, out)
+
+    def no_load(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("a model was loaded for evaluations the shared cache holds")
+
+    import knowstack.modelio
+
+    monkeypatch.setattr(knowstack.modelio, "load_model", no_load)
+    assert main(["study", str(config_path), "--out", str(out), "--jobs", "1"]) == 0  # the reference filled the cache
+    for name in ("results.csv", "per_example.jsonl"):
+        assert (out / name).read_text() == (reference / name).read_text()

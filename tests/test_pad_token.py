@@ -89,6 +89,35 @@ def test_a_tokenizer_shorter_than_the_embeddings_is_refused(tmp_path: Path) -> N
     assert not (tmp_path / "padded").exists()
 
 
+def test_a_study_whose_base_the_pad_token_would_cut_is_refused_before_any_step(tmp_path: Path) -> None:
+    from knowstack.cli import main
+
+    small = without_pad(UNTIED, tmp_path / "small")
+    model = load_model(small, dtype="auto")
+    model.resize_token_embeddings(model.config.vocab_size + 8, mean_resizing=False)
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    AutoTokenizer.from_pretrained(small).save_pretrained(base)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study_config(tmp_path, base)))
+    assert main(["study", str(path), "--out", str(tmp_path / "run")]) != 0
+    assert not (tmp_path / "run").exists()
+    path.write_text(yaml.safe_dump(study_config(tmp_path, base, add_pad_token=False)))
+    assert main(["study", str(path), "--out", str(tmp_path / "run"), "--dry-run"]) == 0  # the base itself is good
+
+
+def test_with_a_separate_tokenizer_models_of_the_grown_base_read_the_grown_tokenizer(tmp_path: Path) -> None:
+    base, tokenizer = tmp_path / "base", tmp_path / "tokenizer"  # planning reads neither
+    config = study_config(tmp_path, base)
+    config["base"]["tokenizer"] = str(tokenizer)
+    plan = build_plan(parse_config(config, root=tmp_path))
+    of_base = [step for step in plan.steps.values() if step.params.get("model", {}).get("model") == str(base)]
+    assert {step.kind for step in of_base} == {"pad-base", "eval"}
+    assert all(step.params["tokenizer"] == str(tokenizer) for step in of_base)
+    others = [step for step in plan.steps.values() if step not in of_base]
+    assert others and not any("tokenizer" in step.params for step in others)  # the one beside the grown base
+
+
 def study_config(tmp_path: Path, base: Path, add_pad_token: bool = True) -> dict:
     if not (tmp_path / "old").exists():
         write_mc_task(tmp_path / "old")

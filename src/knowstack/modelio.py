@@ -71,12 +71,10 @@ def add_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
     if tokenizer.pad_token is not None:
         return False
     rows = model.get_input_embeddings().weight.shape[0]
+    refusal = pad_token_refusal(tokenizer, rows)
+    if refusal is not None:
+        raise KnowstackError(refusal, path=getattr(model.config, "_name_or_path", None) or None)
     added = tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-    if len(tokenizer) < rows:
-        raise KnowstackError(f"the tokenizer has {len(tokenizer)} tokens with {PAD_TOKEN}, the model {rows} token rows: "
-                             "the paper's resize to the tokenizer's length would cut rows; give a base whose tokenizer "
-                             "covers its embeddings, or leave training.add_pad_token off",
-                             path=getattr(model.config, "_name_or_path", None) or None)
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     if added:
         with torch.no_grad():
@@ -84,6 +82,18 @@ def add_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
             for weight in {id(layer.weight): layer.weight for layer in layers if layer is not None}.values():
                 weight[-added:] = weight[:-added].float().mean(dim=0, keepdim=True).to(weight.dtype)
     return True
+
+
+def pad_token_refusal(tokenizer: PreTrainedTokenizerBase, rows: int) -> str | None:
+    """Why add_pad_token cannot grow a model of `rows` token rows with this tokenizer (it has no pad token), or None:
+    with `[PAD]` it is shorter than the rows (e.g. a vocabulary padded to a multiple of 64 or 128), and the paper's
+    resize to the tokenizer's length would cut rows that are the model's."""
+    with_pad = len(tokenizer) + (PAD_TOKEN not in tokenizer.get_vocab())
+    if with_pad >= rows:
+        return None
+    return (f"the tokenizer has {with_pad} tokens with {PAD_TOKEN}, the model {rows} token rows: the paper's resize to "
+            "the tokenizer's length would cut rows; give a base whose tokenizer covers its embeddings, or leave "
+            "training.add_pad_token off")
 
 
 def write_padded_base(model_path: str | Path, out_dir: Path, *, tokenizer_path: str | Path | None = None,

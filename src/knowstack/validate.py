@@ -264,6 +264,29 @@ def check_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> lis
     return []
 
 
+def check_pad_token(model: str | Path, tokenizer: str | Path | None = None, *,
+                    trust_remote_code: bool = False) -> list[Problem]:
+    """training.add_pad_token on this base: refused before the study where the `[PAD]` resize would cut the model's
+    token rows (modelio.pad_token_refusal); a base whose tokenizer has a pad token is left as it is. A hub id passes
+    (checked when loaded)."""
+    source = tokenizer or model
+    if not (_is_local(model, "model")[0] and _is_local(source, "tokenizer")[0]):
+        return []
+    from transformers import AutoConfig, AutoTokenizer
+
+    from knowstack.modelio import pad_token_refusal
+
+    try:
+        loaded = AutoTokenizer.from_pretrained(str(Path(str(source)).expanduser()), trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(str(Path(str(model)).expanduser()), trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - check_model_dir and check_tokenizer report what does not load
+        return []
+    if loaded.pad_token is not None:
+        return []
+    refusal = pad_token_refusal(loaded, config.get_text_config().vocab_size)
+    return [] if refusal is None else [Problem(str(source), refusal, field="training.add_pad_token")]
+
+
 def error_line(err: BaseException) -> str:
     """A library's error as one line (messages are never wrapped), at most 300 characters."""
     text = " ".join(str(err).split())
@@ -636,6 +659,8 @@ def check_study(config: Any, *, dry_run: bool = False) -> list[Problem]:
         problems += check_old_tasks([], old.include_path)
     if base.model is not None:
         problems += check_fft_moe_base(base.model, config.methods.moe)
+        if config.training.add_pad_token and not dry_run:
+            problems += check_pad_token(base.model, base.tokenizer, trust_remote_code=trust)
     problems += check_merge_settings(config.methods)
     launch = config.launch
     problems += check_accelerate_config(launch.accelerate_config, cpu=launch.cpu)

@@ -219,7 +219,7 @@ class PlanBuilder:
         step's key (a step computes from its params only): the base's own tokenizer, and the mixed precision of
         training launched as processes. Each only when set, so that a study without them keeps its keys."""
         extra: dict[str, Any] = {}
-        if self.config.base.tokenizer is not None and kind in TOKENIZING_STEPS:
+        if self.config.base.tokenizer is not None and kind in TOKENIZING_STEPS and self._reads_base_tokenizer(params):
             extra["tokenizer"] = self.config.base.tokenizer
         trains = {"train": params.get("finetune"), "moe": params.get("experts")}.get(kind)
         if trains is not None and (kind == "train" or params["options"].get("router_training")):
@@ -230,6 +230,12 @@ class PlanBuilder:
             if precision is not None:
                 extra["mixed_precision"] = precision
         return extra
+
+    def _reads_base_tokenizer(self, params: dict[str, Any]) -> bool:
+        """Whether a step tokenizes with base.tokenizer: all do, but with training.add_pad_token only those of the
+        base as it is (pad-base, the `base` row); a model built from the grown base reads the tokenizer with
+        `[PAD]` that lies beside it, as the paper's scripts do."""
+        return not self.training.add_pad_token or params.get("model") == self.original_base.to_dict()
 
     def base_deps(self) -> tuple[str, ...]:
         return ref_deps(self.base)

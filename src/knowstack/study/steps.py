@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 from collections.abc import Callable, Iterator
@@ -633,12 +634,21 @@ def evaluate_on_one_base(steps: list[Step], ctx: StudyContext, started: Callable
     first = steps[0].params
     model_path = ctx.resolve(first["model"]["model"])
     trust = ctx.config.base.trust_remote_code
-    base = on_gpu_if_it_fits(load_model(model_path, None, dtype="float32", trust_remote_code=trust))
-    tokenizer = load_tokenizer(first.get("tokenizer") or model_path, trust_remote_code=trust)
+
+    @functools.cache
+    def base_and_tokenizer() -> tuple[Any, Any]:
+        # Loaded at the first step the shared cache does not supply: when it supplies all, never.
+        return (on_gpu_if_it_fits(load_model(model_path, None, dtype="float32", trust_remote_code=trust)),
+                load_tokenizer(first.get("tokenizer") or model_path, trust_remote_code=trust))
+
+    def evaluate_with_adapter(step: Step, ctx: StudyContext, out: Path) -> None:
+        base, tokenizer = base_and_tokenizer()
+        with adapter_merged(base, ctx.resolve(step.params["model"]["adapter"])) as model:
+            evaluate_model(step, ctx, out, model, tokenizer)
+
     for step in steps:
         started(step)
-        with adapter_merged(base, ctx.resolve(step.params["model"]["adapter"])) as model:
-            execute(step, ctx, lambda step, ctx, out, model=model: evaluate_model(step, ctx, out, model, tokenizer))
+        execute(step, ctx, evaluate_with_adapter)
         finished(step)
     return len(steps)
 
