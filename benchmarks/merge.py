@@ -447,11 +447,14 @@ def compare_method(label: str, ours_cmd: list[str], theirs_cmd: list[str] | None
                         "load1_before_runs": [r.load1 for r in timings]}
     if theirs_cmd is None:
         result.update(ratio=None, cpu_ratio=None, max_abs_diff=None, entries_differing=None, entries=None)
+        shutil.rmtree(ours_out, ignore_errors=True)
         return result
     result["ratio"] = ratio_summary(result["knowstack"]["wall_s"], result["mergekit"]["wall_s"])
     result["cpu_ratio"] = ratio_summary(result["knowstack"]["cpu_s"], result["mergekit"]["cpu_s"])
     worst, differing, total = compare(ours_out, theirs_out)
     result.update(max_abs_diff=worst, entries_differing=differing, entries=total)
+    for out in outs.values():  # compared: two checkpoints per method would fill a small disk over seven methods
+        shutil.rmtree(out, ignore_errors=True)
     return result
 
 
