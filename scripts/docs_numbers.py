@@ -383,7 +383,8 @@ def merge_line(record: dict) -> str:
     hashes = "" if settings.get("knowstack_input_hashes", True) else " (knowstack with --no-input-hashes)"
     return (f"- merging {settings['models']} checkpoints of {settings['parameters'] / 1e6:.0f}M parameters{hashes}: "
             + "; ".join(parts) + f" (median of {settings['repeats']} alternating runs, inputs in the page cache; "
-            f"`benchmarks/merge.py`, {record['date'][:16].replace('T', ' ')} UTC, load average {load:.1f})")
+            f"`{speed_command('merge.json' if hashes == '' else 'merge-no-input-hashes.json')}`, "
+            f"{record['date'][:16].replace('T', ' ')} UTC, load average {load:.1f})")
 
 
 def train_line(record: dict) -> str:
@@ -407,7 +408,14 @@ SPEED_LINES: dict[str, Callable[[dict], str]] = {
     "compute_floor.json": compute_floor_line,
     "train_throughput.json": train_line,
     "merge.json": merge_line,
+    "merge-no-input-hashes.json": merge_line,  # benchmarks/merge.py --no-input-hashes: mergekit writes no hashes
 }
+
+
+def speed_command(name: str) -> str:
+    """How a benchmark's line names what measured it: `benchmarks/merge.py`, `benchmarks/merge.py --no-input-hashes`."""
+    script, _, flag = Path(name).stem.partition("-no-")
+    return f"benchmarks/{script}.py" + (f" --no-{flag}" if flag else "")
 
 
 def speed(path: Path, old: str = "") -> str:
@@ -419,7 +427,7 @@ def speed(path: Path, old: str = "") -> str:
         raise KnowstackError(f"no benchmark output here (expected one of {', '.join(SPEED_LINES)})", path=path,
                              field="--speed")
     lines = [SPEED_LINES[name](json.loads((path / name).read_text())) if name in found else kept
-             for name in SPEED_LINES for kept in [_line_citing(old, f"benchmarks/{Path(name).stem}.py")]
+             for name in SPEED_LINES for kept in [_line_citing(old, speed_command(name))]
              if name in found or kept]
     return "Speed, as ratios measured side by side in one run on this machine:\n\n" + "\n".join(lines)
 

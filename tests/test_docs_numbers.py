@@ -261,6 +261,24 @@ def test_a_benchmark_run_again_rewrites_its_own_speed_line_only(checkout: Path, 
     assert "a line no benchmark names" not in text
 
 
+def test_the_merge_benchmark_without_input_hashes_has_its_own_line(checkout: Path, tmp_path: Path) -> None:
+    (checkout / "README.md").write_text("# p\n\n<!-- numbers:speed -->\nstale\n<!-- /numbers -->\n")
+    bench = _speed_outputs(tmp_path / "bench")
+    record = json.loads((bench / "merge.json").read_text())
+    record["settings"]["knowstack_input_hashes"] = False
+    record["methods"][0]["ratio"]["median"] = 0.95
+    (bench / "merge-no-input-hashes.json").write_text(json.dumps(record))
+    assert load_script().main(["--speed", str(bench), "--root", str(checkout)]) == 0
+    text = (checkout / "README.md").read_text()
+    hashed = next(line for line in text.splitlines() if "`benchmarks/merge.py`" in line)
+    unhashed = next(line for line in text.splitlines() if "`benchmarks/merge.py --no-input-hashes`" in line)
+    assert "1.20x mergekit's wall time" in hashed and "--no-input-hashes" not in hashed
+    assert "(knowstack with --no-input-hashes)" in unhashed and "0.95x mergekit's wall time" in unhashed
+    (bench / "merge.json").unlink()  # the one with hashes not run again: its line is kept
+    assert load_script().main(["--speed", str(bench), "--root", str(checkout)]) == 0
+    assert hashed in (checkout / "README.md").read_text()
+
+
 def test_the_families_block_is_the_test_runs_matrix(checkout: Path, tmp_path: Path) -> None:
     """docs/families.md's table from the JSON tests/test_families.py writes: a cell per outcome, refusals explained."""
     record = {"features": ["train-fft", "moe-fft", "compose"], "date": "2026-12-07", "transformers": "5.25.0",
