@@ -17,7 +17,14 @@ from transformers import AutoModelForCausalLM
 
 from knowstack.combine.merge import merge_models
 from knowstack.combine.merges import METHODS, MergeOptions, get_method
-from knowstack.combine.merges.blocks import della_keep_probabilities, keep_magnitude_band
+from knowstack.combine.merges.blocks import (
+    CHUNK,
+    della_keep_probabilities,
+    dot,
+    gram,
+    keep_magnitude_band,
+    norm,
+)
 from knowstack.combine.merges.model_stock import interpolation_ratio
 from knowstack.config import parse_config
 from knowstack.errors import KnowstackError
@@ -189,3 +196,14 @@ def test_density_sweeps_reach_the_new_methods_that_read_it(tmp_path: Path, tiny_
     assert labels.count("breadcrumbs-fft") == 3  # its own setting and the two points
     assert labels.count("slerp-fft") == 1  # density is not SLERP's: one model
 
+
+
+def test_gram_is_the_pairwise_dots_and_norms_in_float64() -> None:
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(CHUNK + 1000, generator=generator).reshape(-1, 8) * scale for scale in (1e-3, 1, 50)]
+    products = gram(tensors)
+    assert products.dtype == torch.float64 and torch.equal(products, products.T)
+    for i, a in enumerate(tensors):
+        assert math.isclose(float(products[i, i]) ** 0.5, norm(a), rel_tol=1e-12)
+        for j, b in enumerate(tensors[i + 1:], start=i + 1):
+            assert math.isclose(float(products[i, j]), dot(a, b), rel_tol=1e-9, abs_tol=1e-9 * norm(a) * norm(b))

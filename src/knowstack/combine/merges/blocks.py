@@ -159,6 +159,17 @@ def dot(a: Tensor, b: Tensor) -> float:
     return sum(float(torch.dot(x[s:s + CHUNK].double(), y[s:s + CHUNK].double())) for s in range(0, x.numel(), CHUNK))
 
 
+def gram(tensors: list[Tensor]) -> Tensor:
+    """<x_i, x_j> for every pair (the diagonal: squared norms), in float64, each tensor read once: a slice of all at a
+    time, so n tensors cost n reads where norms and pairwise dots cost n + n(n-1)."""
+    flat = [tensor.reshape(-1) for tensor in tensors]
+    products = torch.zeros(len(flat), len(flat), dtype=torch.float64)
+    for start in range(0, flat[0].numel(), CHUNK):
+        rows = torch.stack([x[start:start + CHUNK] for x in flat]).double()
+        products.addmm_(rows, rows.T)
+    return products
+
+
 def norm(a: Tensor) -> float:
     """The L2 norm over all entries, in float64."""
     return float(torch.linalg.vector_norm(a, dtype=torch.float64))

@@ -24,10 +24,11 @@ def interpolation_ratio(cos_theta: float, n: int) -> float:
 @register("model-stock", mergekit="model_stock", options=(), weighted=False, models=(2, None),
           summary="Model Stock: the models' average, moved towards the base by the angle between task vectors")
 def model_stock(taus: list[Tensor], weights: Tensor, opts: MergeOptions, generator: torch.Generator | None) -> Tensor:
-    from knowstack.combine.merges.blocks import dot, norm, weighted_mean
+    from knowstack.combine.merges.blocks import gram, weighted_mean
 
-    norms = [norm(tau) for tau in taus]
-    cosines = [max(-1.0, min(1.0, dot(taus[i], taus[j]) / max(norms[i] * norms[j], 1e-6)))
+    products = gram(taus).tolist()
+    norms = [products[i][i] ** 0.5 for i in range(len(taus))]
+    cosines = [max(-1.0, min(1.0, products[i][j] / max(norms[i] * norms[j], 1e-6)))
                for i in range(len(taus)) for j in range(i + 1, len(taus))]
     t = interpolation_ratio(sum(cosines) / len(cosines), len(taus))
     return weighted_mean(taus, weights).mul_(t)
