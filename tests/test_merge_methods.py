@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from knowstack.combine.merge import merge_models
 from knowstack.combine.merges import METHODS, MergeOptions, get_method
 from knowstack.combine.merges.blocks import (
-    CHUNK,
+    GRAM_CHUNK,
     della_keep_probabilities,
     dot,
     gram,
@@ -200,10 +200,14 @@ def test_density_sweeps_reach_the_new_methods_that_read_it(tmp_path: Path, tiny_
 
 def test_gram_is_the_pairwise_dots_and_norms_in_float64() -> None:
     generator = torch.Generator().manual_seed(0)
-    tensors = [torch.randn(CHUNK + 1000, generator=generator).reshape(-1, 8) * scale for scale in (1e-3, 1, 50)]
+    # slices of GRAM_CHUNK entries and a short last one
+    tensors = [torch.randn(3 * GRAM_CHUNK + 1000, generator=generator).reshape(-1, 8) * scale for scale in (1e-3, 1, 50)]
     products = gram(tensors)
     assert products.dtype == torch.float64 and torch.equal(products, products.T)
     for i, a in enumerate(tensors):
         assert math.isclose(float(products[i, i]) ** 0.5, norm(a), rel_tol=1e-12)
-        for j, b in enumerate(tensors[i + 1:], start=i + 1):
-            assert math.isclose(float(products[i, j]), dot(a, b), rel_tol=1e-9, abs_tol=1e-9 * norm(a) * norm(b))
+        for j, b in enumerate(tensors[i:], start=i):
+            exact = float((a.double() * b.double()).sum())
+            assert math.isclose(float(products[i, j]), exact, rel_tol=1e-12, abs_tol=1e-12 * norm(a) * norm(b))
+    assert dot(tensors[0], tensors[1]) == float(products[0, 1])  # one implementation: dot is gram's
+    assert gram([torch.zeros(0), torch.zeros(0)]).tolist() == [[0.0, 0.0], [0.0, 0.0]]
