@@ -121,6 +121,18 @@ def test_training_with_the_paper_rule_counts_cut_answers(tiny_model_dir: Path, t
                      "middle of their prompt cut (answer kept), 1 had their answer cut (the paper's rule)"]
 
 
+def test_the_paper_rules_warning_never_says_dropped(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    """Under the paper's rule nothing is dropped: a run that cut prompts only says so, not '0 were dropped'."""
+    long_prompt = Example("Question: " + "what is seven times one? " * 20 + "Answer:", " 7")
+    normal = [Example(f"Question: what is {i} plus {i + 1}? Answer:", f" {2 * i + 1}") for i in range(3)]
+    settings = TrainSettings(finetune="fft", lr=1e-3, batch_size=4, micro_batch_size=4, max_length=48, epochs=1,
+                             overlong="paper")
+    train(tiny_model_dir, [long_prompt, *normal], tmp_path / "out", settings, progress_desc="fft-paper")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert lines == ["warning: fft-paper: 1 of 4 training examples are longer than max_length (48 tokens): 1 had the "
+                     "middle of their prompt cut (answer kept), 0 had their answer cut (the paper's rule)"]
+
+
 def test_the_train_command_takes_the_paper_rule(tiny_model_dir: Path, tmp_path: Path) -> None:
     """`knowstack train --overlong paper` (a study's training.overlong, on one run): the hopeless example above is
     cut, not dropped, as it is by default."""
