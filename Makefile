@@ -56,8 +56,9 @@ registry-demo: $(STAMP)
 	KNOWSTACK=$(BIN)/knowstack PYTHON=$(BIN)/python examples/registry-scenario.sh runs/registry-scenario quick
 
 # The figures README.md and docs/ quote, rewritten in their marked blocks from the runs that measured them
-# (after `make demo`, `make registry-demo` and `knowstack study configs/builtin-search.yaml --out runs/search`); a
-# results dir that is missing is an error.
+# (after `make demo`, `make registry-demo`, `knowstack study configs/builtin-search.yaml --out runs/search` and the
+# demo on two kernel paths, runs/demo-default and runs/demo-avx2: docs/builtin-world.md); a results dir that is
+# missing is an error: name the runs you have, e.g. make docs-numbers DOCS_RUNS="--demo runs/demo".
 DOCS_RUNS ?= --demo runs/demo --verdicts runs/demo-default runs/demo-avx2 --registry runs/registry-scenario/registry --search runs/search --memory tests/fixtures/configs/llama-3-8b --vocabulary --claims --merge-options
 docs-numbers: $(STAMP)
 	$(BIN)/python scripts/docs_numbers.py $(DOCS_RUNS)

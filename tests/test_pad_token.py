@@ -102,6 +102,7 @@ def test_a_study_whose_base_the_pad_token_would_cut_is_refused_before_any_step(t
     path.write_text(yaml.safe_dump(study_config(tmp_path, base)))
     assert main(["study", str(path), "--out", str(tmp_path / "run")]) != 0
     assert not (tmp_path / "run").exists()
+    assert main(["study", str(path), "--out", str(tmp_path / "run"), "--dry-run"]) == 2  # the dry run says it too
     path.write_text(yaml.safe_dump(study_config(tmp_path, base, add_pad_token=False)))
     assert main(["study", str(path), "--out", str(tmp_path / "run"), "--dry-run"]) == 0  # the base itself is good
 

@@ -121,6 +121,40 @@ def test_training_with_the_paper_rule_counts_cut_answers(tiny_model_dir: Path, t
                      "middle of their prompt cut (answer kept), 1 had their answer cut (the paper's rule)"]
 
 
+def test_the_paper_rules_warning_never_says_dropped(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    """Under the paper's rule nothing is dropped: a run that cut prompts only says so, not '0 were dropped'."""
+    long_prompt = Example("Question: " + "what is seven times one? " * 20 + "Answer:", " 7")
+    normal = [Example(f"Question: what is {i} plus {i + 1}? Answer:", f" {2 * i + 1}") for i in range(3)]
+    settings = TrainSettings(finetune="fft", lr=1e-3, batch_size=4, micro_batch_size=4, max_length=48, epochs=1,
+                             overlong="paper")
+    train(tiny_model_dir, [long_prompt, *normal], tmp_path / "out", settings, progress_desc="fft-paper")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert lines == ["warning: fft-paper: 1 of 4 training examples are longer than max_length (48 tokens): 1 had the "
+                     "middle of their prompt cut (answer kept), 0 had their answer cut (the paper's rule)"]
+
+
+def test_the_train_command_takes_the_paper_rule(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`knowstack train --overlong paper` (a study's training.overlong, on one run): the hopeless example above is
+    cut, not dropped, as it is by default."""
+    from knowstack.cli import main
+
+    hopeless = {"prompt": "Question: what is seven times one, said again and again? Answer:",
+                "answer": " 7. The answer is: 7" * 40}
+    normal = [{"prompt": f"Question: what is {i} plus {i + 1}? Answer:", "answer": f" {2 * i + 1}"} for i in range(3)]
+    task = tmp_path / "task"
+    task.mkdir()
+    for split in ("train", "test"):
+        (task / f"{split}.json").write_text(json.dumps([hopeless, *normal]))
+    common = ["train", "--model", str(tiny_model_dir), "--task", str(task), "--finetune", "fft", "--lr", "1e-3",
+              "--batch-size", "4", "--micro-batch-size", "4", "--max-length", "48", "--epochs", "1"]
+    for rule, cut, dropped in (("paper", 1, 0), (None, 0, 1)):
+        out = tmp_path / f"out-{rule}"
+        assert main([*common, *(["--overlong", rule] if rule else []), "--out", str(out)]) == 0
+        written = json.loads((out / SUMMARY_FILE).read_text())
+        assert (written["answer_cut_examples"], written["dropped_examples"]) == (cut, dropped)
+        assert written["settings"]["overlong"] == (rule or "keep-answer")
+
+
 def test_the_default_rule_is_in_no_step_key_and_the_paper_rule_in_the_training_steps_only(tmp_path: Path) -> None:
     raw = _every_method(tmp_path)
     plain = _steps(raw, tmp_path)

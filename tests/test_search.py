@@ -291,6 +291,13 @@ def test_a_search_without_a_held_out_slice_or_with_a_method_it_cannot_search_is_
     with pytest.raises(KnowstackError, match="old_knowledge.limit") as error:
         build_plan(parse_config(raw, source="x.yaml"))
     assert error.value.field == "old_knowledge.limit"
+    # the test world has 24 items per old-knowledge task: a limit of 24 leaves the search none (the search step
+    # found that out after every training), 23 leaves it one
+    raw["old_knowledge"] = {"tasks": "builtin", "limit": 24}
+    with pytest.raises(KnowstackError, match="'test' has 24 items per old-knowledge task, none after the first 24"):
+        build_plan(parse_config(raw, source="x.yaml"))
+    raw["old_knowledge"]["limit"] = 23
+    assert build_plan(parse_config(raw, source="x.yaml")).steps
     raw["methods"]["search"]["methods"] = ["regmean"]
     with pytest.raises(KnowstackError, match="methods.search.methods"):
         parse_config(raw, source="x.yaml")

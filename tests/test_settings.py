@@ -47,6 +47,9 @@ def test_cli_training_options_are_checked_by_the_declaration() -> None:
 
     given = training_from_args(parsed_train("--lr", "1e-3", "--max-length", "64", "--lora-alpha", "8", "--no-pack"))
     assert (given.lr, given.max_length, given.lora.alpha, given.pack) == (1e-3, 64, 8.0, False)
+    paper = training_from_args(parsed_train("--precision", "bf16", "--loss-reduction", "micro_batch", "--overlong",
+                                            "paper"))
+    assert (paper.precision, paper.loss_reduction, paper.overlong) == ("bf16", "micro_batch", "paper")
     with pytest.raises(KnowstackError) as err:
         training_from_args(parsed_train("--max-length", "4"))
     assert err.value.field == "--max-length"

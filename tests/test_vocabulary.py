@@ -72,6 +72,17 @@ def test_every_option_has_help() -> None:
             assert _meaning_of(action.help or ""), f"{command} {action.option_strings or action.dest} has no help"
 
 
+def test_the_router_options_name_each_choice_in_the_docs_table() -> None:
+    """The table keeps a help's words before its '(default', so a choice explained only there (as --router-init's
+    per-module was) is lost from docs/commands.md."""
+    rows = {line.split(" | ")[0].strip("| `"): line for line in vocabulary_table(build_parser()).splitlines()}
+    mix = dict(commands(build_parser()))["mix"]
+    for flag in ("--router-init", "--router-dtype"):
+        action = next(action for action in options(mix) if action.option_strings[0] == flag)
+        for choice in action.choices:
+            assert choice in rows[flag].split(" | ")[1], f"{flag}: the docs table does not say what {choice} is"
+
+
 # --- old names, positional arguments, percentages, JSON -----------------------------------------------------
 @pytest.mark.parametrize("argv, dest, value", [
     (["mix", "--base", "B", "--models", "M", "--out", "O", "--train-steps", "3"], "router_steps", 3),

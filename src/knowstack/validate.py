@@ -268,9 +268,13 @@ def check_pad_token(model: str | Path, tokenizer: str | Path | None = None, *,
                     trust_remote_code: bool = False) -> list[Problem]:
     """training.add_pad_token on this base: refused before the study where the `[PAD]` resize would cut the model's
     token rows (modelio.pad_token_refusal); a base whose tokenizer has a pad token is left as it is. A hub id passes
-    (checked when loaded)."""
+    (checked when loaded), and so does a dir without tokenizer files (a dry run's config-only base: a run names what
+    it lacks), so that a dry run refuses what the run would."""
     source = tokenizer or model
     if not (_is_local(model, "model")[0] and _is_local(source, "tokenizer")[0]):
+        return []
+    folder = Path(str(source)).expanduser()
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         return []
     from transformers import AutoConfig, AutoTokenizer
 
@@ -659,7 +663,7 @@ def check_study(config: Any, *, dry_run: bool = False) -> list[Problem]:
         problems += check_old_tasks([], old.include_path)
     if base.model is not None:
         problems += check_fft_moe_base(base.model, config.methods.moe)
-        if config.training.add_pad_token and not dry_run:
+        if config.training.add_pad_token:
             problems += check_pad_token(base.model, base.tokenizer, trust_remote_code=trust)
     problems += check_merge_settings(config.methods)
     launch = config.launch

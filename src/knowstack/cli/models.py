@@ -496,11 +496,12 @@ def add_commands(sub: Any) -> None:
                         "for arrow, layer otherwise)")
     p.add_argument("--temperature", type=float, help="the arrow router's softmax temperature (default 1)")
     p.add_argument("--router-dtype", choices=get_args(RouterDtype),
-                   help="LoRA-MoE: the dtype its routers are stored in, run in float32 on the stored values (float16: "
-                        "moetify's; default float32)")
+                   help="LoRA-MoE: the dtype its routers are stored in (float32, the default; float16, as moetify "
+                        "saves them; or bfloat16), run in float32 on the stored values")
     p.add_argument("--router-init", choices=get_args(RouterInit),
-                   help="--router moetify, LoRA-MoE: moetify draws the routers as moetify's blend.py does on a CPU "
-                        "(default per-module: each from the seed and the module)")
+                   help="--router moetify, LoRA-MoE: how its random routers are drawn: per-module, the default, each "
+                        "router from --seed and its module; moetify, as moetify's blend.py draws them on a CPU "
+                        "(set_seed(1399), every LoRA layer's init in PEFT's module order, then the routers)")
     p.add_argument("--prompts", nargs="+", help="one JSON/JSONL file of prompts per model, in order")
     p.add_argument("--prompts-per-expert", type=int, default=moe.prompts_per_expert,
                    help=f"{meaning('--prompts-per-expert')} (default {moe.prompts_per_expert})")

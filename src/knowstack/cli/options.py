@@ -91,10 +91,12 @@ def model_from_args(model: type[BaseModel], values: dict[str, Any], *, prefix: s
         raise KnowstackError(first["msg"].removeprefix("Value error, "), field=option) from None
 
 
-# The recipe's settings `knowstack train` takes as options (report_to is a study's); LoRA's are --lora-r,
-# --lora-alpha, ... On a built-in world's model the defaults are the world's recipe (builtin/world.py world_recipe).
+# The recipe's settings `knowstack train` takes as options (report_to and add_pad_token are a study's: the grown base
+# is a step of its own); LoRA's are --lora-r, --lora-alpha, ... On a built-in world's model the defaults are the
+# world's recipe (builtin/world.py world_recipe).
 TRAINING_OPTIONS = ("lr", "lr_of_pretrain_peak", "schedule", "warmup_steps", "epochs", "max_steps", "batch_size",
-                    "micro_batch_size", "max_length", "weight_decay", "max_grad_norm", "pack")
+                    "micro_batch_size", "max_length", "weight_decay", "max_grad_norm", "pack", "precision",
+                    "loss_reduction", "overlong")
 TRAINING_HELP = {"lr": f"{MEANINGS['--lr']} (default 2e-05, the paper's; on a built-in world's model: the world's "
                        "recipe)",
                  "lr_of_pretrain_peak": "learning rate as a fraction of a built-in world's pretraining peak rate "
@@ -106,7 +108,15 @@ TRAINING_HELP = {"lr": f"{MEANINGS['--lr']} (default 2e-05, the paper's; on a bu
                  "warmup_steps": "optimizer steps of linear warmup", "max_steps": "stop after this many optimizer "
                  "steps (default: all of --epochs)", "weight_decay": "AdamW's weight decay",
                  "max_grad_norm": "gradients clipped to this norm", "pack": "pack several examples into one "
-                 "sequence of --max-length tokens"}
+                 "sequence of --max-length tokens",
+                 "precision": "how the weights train, as a study's training.precision: float32 master weights, or bf16 "
+                              "(the weights and AdamW's state in bfloat16, the paper's script)",
+                 "loss_reduction": "a step's loss, as a study's training.loss_reduction: token (one mean over the "
+                                   "batch's answer tokens) or micro_batch (the mean of the micro-batches' means, the "
+                                   "paper's Trainer)",
+                 "overlong": "an example longer than --max-length, as a study's training.overlong: keep-answer cuts "
+                             "the prompt's middle and drops one whose answer does not fit alone; paper cuts as the "
+                             "paper's collator (a long answer loses its end)"}
 LORA_HELP = {"r": MEANINGS["--lora-r"], "alpha": MEANINGS["--lora-alpha"], "dropout": "LoRA's dropout",
              "target_modules": "the modules LoRA adapts (names of linear layers)"}
 

@@ -108,7 +108,7 @@ def train(
     fitted: dict[str, int] = {}
     tokenized = tokenize_examples(tokenizer, examples, settings.max_length, counts=fitted, overlong=settings.overlong)
     if accelerator.is_main_process:
-        _warn_overlong(progress_desc, fitted, len(examples), settings.max_length)
+        _warn_overlong(progress_desc, fitted, len(examples), settings.max_length, settings.overlong)
     if not tokenized:
         raise KnowstackError(f"every training example's answer is longer than max_length ({settings.max_length} "
                              "tokens)", path=out_dir, field="max_length")
@@ -130,12 +130,12 @@ def train(
     return summary
 
 
-def _warn_overlong(desc: str, fitted: dict[str, int], n_examples: int, max_length: int) -> None:
+def _warn_overlong(desc: str, fitted: dict[str, int], n_examples: int, max_length: int, rule: str) -> None:
     """One line per training run (a task's step) that says how many examples did not fit, if any."""
     overlong = fitted["truncated"] + fitted["answer_cut"] + fitted["dropped"]
     if overlong:
         # the paper's rule cuts answers and drops nothing; knowstack's keeps answers and drops what cannot
-        fate = (f"{fitted['answer_cut']} had their answer cut (the paper's rule)" if fitted["answer_cut"] else
+        fate = (f"{fitted['answer_cut']} had their answer cut (the paper's rule)" if rule == "paper" else
                 f"{fitted['dropped']} were dropped (answer alone too long)")
         print(f"warning: {desc}: {overlong} of {n_examples} training examples are longer than max_length "
               f"({max_length} tokens): {fitted['truncated']} had the middle of their prompt cut (answer kept), "

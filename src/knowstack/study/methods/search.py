@@ -21,10 +21,7 @@ def add_search(builder: PlanBuilder, finetune: str, section: SearchConfig) -> No
     evaluation on test."""
     from knowstack.study.search import SearchSpace
 
-    if builder.config.old_knowledge.limit is None:
-        raise KnowstackError("the search scores old knowledge on items the test scoring never reads: set "
-                             "old_knowledge.limit (the test scoring reads the first `limit` items of each task, the "
-                             "search the next `old_items`)", field="old_knowledge.limit")
+    check_held_out_items(builder)
     inputs = [builder.one_round_input(task, finetune) for task in builder.tasks]
     models = [*builder.merge_with, *(ref for ref, _ in inputs)]
     try:
@@ -49,6 +46,28 @@ def add_search(builder: PlanBuilder, finetune: str, section: SearchConfig) -> No
     step = builder.add_step("search", f"search-{finetune}", params, deps)
     trained_on = "+".join(task["name"] for task in builder.tasks)
     builder.evaluate(ModelRef(step_ref(step)), f"search-{finetune}", "search", finetune, None, trained_on)
+
+
+def check_held_out_items(builder: PlanBuilder) -> None:
+    """The search scores old knowledge on the items after the first old_knowledge.limit ones: a limit must be set,
+    and on the built-in world, whose old-knowledge tasks have a preset's number of items each, leave some, refused
+    when the plan is made rather than by the search step after every training (another task's items are counted
+    when the search reads them)."""
+    config = builder.config
+    limit = config.old_knowledge.limit
+    if limit is None:
+        raise KnowstackError("the search scores old knowledge on items the test scoring never reads: set "
+                             "old_knowledge.limit (the test scoring reads the first `limit` items of each task, the "
+                             "search the next `old_items`)", field="old_knowledge.limit")
+    if config.old_knowledge.tasks != "builtin" or config.base.builtin is None:
+        return
+    from knowstack.builtin.world import PRESETS
+
+    items = PRESETS[config.base.builtin].facts_per_family
+    if limit >= items:
+        raise KnowstackError(f"the built-in world '{config.base.builtin}' has {items} items per old-knowledge task, "
+                             f"none after the first {limit} the test scoring reads, which the search scores on: lower "
+                             "old_knowledge.limit", field="old_knowledge.limit")
 
 
 def plan(builder: PlanBuilder, section: SearchConfig) -> None:
