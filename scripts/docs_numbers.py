@@ -358,6 +358,18 @@ def study_speed_line(record: dict) -> str:
             f"each start {loads}")
 
 
+def eval_speed_line(record: dict) -> str:
+    """A study's evaluations only, this checkout against an earlier revision (one-base groups among the changes)."""
+    rounds = ", ".join(f"{r:.2f}" for r in record["round_ratios"])
+    loads = ", ".join(f"{load[0]:.1f}" for pair in zip(record["loads"]["new"], record["loads"]["old"], strict=True)
+                      for load in pair)
+    same = "identical results" if record["identical"] else f"results that DIFFER ({len(record['differences'])} files)"
+    return (f"- that study's {record['evaluations']} evaluations only (`{record['config']}`; adapters of one base run "
+            f"on the base loaded once): {record['ratio_of_medians']:.2f}x the wall time of `{record['against']}` "
+            f"(median of {record['rounds']} alternating round(s), rounds {rounds}), {same}; "
+            f"`benchmarks/eval_speed.py`, {record['measured']}, load average at each start {loads}")
+
+
 def compute_floor_line(record: dict) -> str:
     """The floor: the share of the study's time in fp32 matmul and attention kernels that no same-numbers change can
     remove."""
@@ -405,6 +417,7 @@ def train_line(record: dict) -> str:
 
 SPEED_LINES: dict[str, Callable[[dict], str]] = {
     "study_speed.json": study_speed_line,
+    "eval_speed.json": eval_speed_line,
     "compute_floor.json": compute_floor_line,
     "train_throughput.json": train_line,
     "merge.json": merge_line,

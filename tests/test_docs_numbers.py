@@ -279,6 +279,22 @@ def test_the_merge_benchmark_without_input_hashes_has_its_own_line(checkout: Pat
     assert hashed in (checkout / "README.md").read_text()
 
 
+def test_the_evaluation_benchmark_has_its_line(checkout: Path, tmp_path: Path) -> None:
+    (checkout / "README.md").write_text("# p\n\n<!-- numbers:speed -->\nstale\n<!-- /numbers -->\n")
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "eval_speed.json").write_text(json.dumps({
+        "benchmark": "eval_speed", "measured": "2026-12-07 18:49 UTC", "config": "runs/demo/config.yaml",
+        "against": "5c4275d", "rounds": 2, "ratio_of_medians": 1.2085, "round_ratios": [1.3606, 1.0413],
+        "evaluations": 28, "loads": {"new": [[1.5, 1, 1], [2.0, 1, 1]], "old": [[2.1, 1, 1], [1.9, 1, 1]]},
+        "identical": True, "differences": []}))
+    assert load_script().main(["--speed", str(tmp_path / "bench"), "--root", str(checkout)]) == 0
+    text = (checkout / "README.md").read_text()
+    assert ("that study's 28 evaluations only (`runs/demo/config.yaml`; adapters of one base run on the base loaded "
+            "once): 1.21x the wall time of `5c4275d` (median of 2 alternating round(s), rounds 1.36, 1.04), identical "
+            "results; `benchmarks/eval_speed.py`, 2026-12-07 18:49 UTC, load average at each start 1.5, 2.1, 2.0, 1.9") \
+        in text
+
+
 def test_the_families_block_is_the_test_runs_matrix(checkout: Path, tmp_path: Path) -> None:
     """docs/families.md's table from the JSON tests/test_families.py writes: a cell per outcome, refusals explained."""
     record = {"features": ["train-fft", "moe-fft", "compose"], "date": "2026-12-07", "transformers": "5.25.0",
