@@ -281,7 +281,8 @@ def test_compose_search_on_a_registry_it_cannot_search_is_refused_before_its_wor
         assert ("registry init --old-tasks" if not old else "registry init without --limit") in err
         assert "Traceback" not in err and not (reg / ".compose").exists()
 
-def test_a_search_without_a_held_out_slice_or_with_a_method_it_cannot_search_is_refused_before_any_step() -> None:
+def test_a_search_without_a_held_out_slice_or_with_a_method_it_cannot_search_is_refused_before_any_step(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from knowstack.config import parse_config
     from knowstack.errors import KnowstackError
     from knowstack.study.plan import build_plan
@@ -298,6 +299,12 @@ def test_a_search_without_a_held_out_slice_or_with_a_method_it_cannot_search_is_
         build_plan(parse_config(raw, source="x.yaml"))
     raw["old_knowledge"]["limit"] = 23
     assert build_plan(parse_config(raw, source="x.yaml")).steps
+    # the command names the config file with the setting
+    from knowstack.cli import main
+
+    (tmp_path / "x.yaml").write_text(yaml.safe_dump(raw | {"old_knowledge": {"tasks": "builtin", "limit": 24}}))
+    assert main(["study", str(tmp_path / "x.yaml"), "--out", str(tmp_path / "run"), "--dry-run"]) == 2
+    assert f"error: {tmp_path / 'x.yaml'}: field 'old_knowledge.limit': the built-in world" in capsys.readouterr().err
     raw["methods"]["search"]["methods"] = ["regmean"]
     with pytest.raises(KnowstackError, match="methods.search.methods"):
         parse_config(raw, source="x.yaml")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,24 @@ from knowstack.config import CONFIG_DIR, SearchConfig
 from knowstack.errors import KnowstackError
 
 
+@contextlib.contextmanager
+def naming_the_config(config: str | Path) -> Iterator[None]:
+    """An error about a setting that names no file (one the plan finds, e.g. old_knowledge.limit for a search) names
+    the config file, as the config's own checks do."""
+    try:
+        yield
+    except KnowstackError as err:
+        if type(err) is not KnowstackError or err.path is not None or err.field is None:
+            raise
+        raise KnowstackError(err.message, path=config, field=err.field, item=err.item) from None
+
+
 def cmd_study(args: argparse.Namespace) -> None:
+    with naming_the_config(args.config):
+        _run_or_plan(args)
+
+
+def _run_or_plan(args: argparse.Namespace) -> None:
     from knowstack import api
 
     if args.dry_run:
