@@ -246,13 +246,17 @@ def _is_local(path: str | Path, what: str) -> tuple[bool, list[Problem]]:
     return (not problems and Path(str(path)).expanduser().exists()), problems
 
 
+def has_tokenizer_files(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
 def check_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> list[Problem]:
     """The tokenizer loads as the steps load it (AutoTokenizer)."""
     local, problems = _is_local(path, "tokenizer")
     if not local:
         return problems
     folder = Path(str(path)).expanduser()
-    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    if folder.is_dir() and not has_tokenizer_files(folder):
         return [Problem(str(folder), f"no tokenizer ({' or '.join(TOKENIZER_FILES[:2])}): save the tokenizer with "
                                      "the model, or name its dir (base.tokenizer in a study config)")]
     from transformers import AutoTokenizer
@@ -274,14 +278,14 @@ def check_pad_token(model: str | Path, tokenizer: str | Path | None = None, *,
     if not (_is_local(model, "model")[0] and _is_local(source, "tokenizer")[0]):
         return []
     folder = Path(str(source)).expanduser()
-    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    if folder.is_dir() and not has_tokenizer_files(folder):
         return []
     from transformers import AutoConfig, AutoTokenizer
 
     from knowstack.modelio import pad_token_refusal
 
     try:
-        loaded = AutoTokenizer.from_pretrained(str(Path(str(source)).expanduser()), trust_remote_code=trust_remote_code)
+        loaded = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
         config = AutoConfig.from_pretrained(str(Path(str(model)).expanduser()), trust_remote_code=trust_remote_code)
     except Exception:  # noqa: BLE001 - check_model_dir and check_tokenizer report what does not load
         return []
@@ -309,7 +313,7 @@ def missing_model_files(folder: Path) -> list[str]:
     missing = []
     if not (any(folder.glob("*.safetensors")) or (folder / INDEX_FILE).exists() or _pickled(folder)):
         missing.append("weights")
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    if not has_tokenizer_files(folder):
         missing.append("tokenizer")
     return missing
 
