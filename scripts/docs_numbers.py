@@ -442,7 +442,7 @@ def speed(path: Path, old: str = "") -> str:
     lines = [SPEED_LINES[name](json.loads((path / name).read_text())) if name in found else kept
              for name in SPEED_LINES for kept in [_line_citing(old, speed_command(name))]
              if name in found or kept]
-    return "Speed, as ratios measured side by side in one run on this machine:\n\n" + "\n".join(lines)
+    return "Speed, as ratios: each line is one run of one benchmark on this machine (its date at the end), both sides measured side by side in it, alternating; [a-b] is the range over its repeats:\n\n" + "\n".join(lines)
 
 
 def _line_citing(block: str, script: str) -> str:

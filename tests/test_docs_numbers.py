@@ -230,7 +230,7 @@ def test_the_speed_block_reads_the_benchmarks_outputs(checkout: Path, tmp_path: 
     (checkout / "README.md").write_text("# p\n\n<!-- numbers:speed -->\nstale\n<!-- /numbers -->\n")
     assert load_script().main(["--speed", str(_speed_outputs(tmp_path / "bench")), "--root", str(checkout)]) == 0
     text = (checkout / "README.md").read_text()
-    assert "stale" not in text
+    assert "stale" not in text and "each line is one run of one benchmark on this machine (its date at the end)" in text
     assert "0.87x the wall time of `dd9148c` (median of 2 alternating round(s), range 0.85-0.89" in text
     assert "with `--jobs 2 --threads all`" in text and "identical numbers" in text and "load average at each start 0.5, 1.2" in text
     assert "0.61 is spent in float32 matmul and attention kernels (world 75%, eval 40%" in text and "95% of this machine" in text
