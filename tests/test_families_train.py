@@ -229,6 +229,24 @@ def test_generation_batched_is_one_prompt_at_a_time(family: tuple[str, Path]) ->
         assert generate(model, tokenizer, [prompt], max_new_tokens=6) == [text]
 
 
+def test_generation_dropping_finished_rows_is_the_whole_batch(family: tuple[str, Path]) -> None:
+    """Rows that end early leave the batch, continued from the family's own cache (sliding windows included):
+    every output as the whole batch makes it."""
+    name, base = family
+    model, tokenizer = load_model(base, dtype=torch.float32), load_tokenizer(base)
+    prompts = [("Question: what is 3 plus 4? " * (1 + i % 4))[: 6 + 9 * i] for i in range(20)]
+    free = generate(model, tokenizer, prompts, max_new_tokens=24, batch_size=20, drop_finished=False)
+    # the character in the most continuations (then at the most different places): the rows without it run on
+    stop = max(sorted({c for text in free for c in text if not c.isspace()}),
+               key=lambda c: (sum(c in text for text in free), len({text.find(c) for text in free})))
+    whole, dropped = {}, {}
+    expected = generate(model, tokenizer, prompts, max_new_tokens=24, batch_size=20, stop_strings=[stop],
+                        stats=whole, drop_finished=False)
+    assert generate(model, tokenizer, prompts, max_new_tokens=24, batch_size=20, stop_strings=[stop],
+                    stats=dropped) == expected
+    assert dropped["row_tokens_saved"] > 0, f"{name}: no row left the batch"
+
+
 def test_lm_eval_scores_the_choices_log_likelihoods(family: tuple[str, Path], tmp_path: Path) -> None:
     name, base = family
     model, tokenizer = load_model(base, dtype=torch.float32), load_tokenizer(base)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
@@ -67,15 +68,21 @@ def generate(
     batch_size: int = EVAL_BATCH_SIZE,
     stop_strings: Sequence[str] | None = None,
     stats: dict | None = None,
+    drop_finished: bool = True,
 ) -> list[str]:
     """Greedy continuations of `prompts` (without the prompt, special tokens dropped), in input order.
 
     A row stops at EOS, after `max_new_tokens`, or once its continuation contains one of
     `stop_strings`; the continuation is then cut before the stop string. A prompt longer than the model's
-    context less `max_new_tokens` loses its middle; stats, when given, gets "prompts_truncated" (how many).
+    context less `max_new_tokens` loses its middle. stats, when given, gets "prompts_truncated" (how many) and
+    what dropping finished rows saved: "row_tokens" (a row x a decoding step, computed) and "row_tokens_saved".
+    drop_finished: once enough rows have finished, the batch goes on without them (`_generate_batch`), only down
+    to sizes at which the model computes every remaining row as the whole batch would (`rows_kept_identical`), so
+    the outputs are the same either way.
     """
+    count = GenerationCount()
     if stats is not None:
-        stats["prompts_truncated"] = 0
+        stats.update(prompts_truncated=0, row_tokens=0, row_tokens_saved=0)
     if not prompts:
         return []
     stop_strings = [s for s in stop_strings or () if s]
@@ -91,18 +98,134 @@ def generate(
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         input_ids, mask = _left_pad([encoded[i] for i in chunk], pad_id)
-        criteria = [_StopOnStrings(tokenizer, stop_strings, input_ids.shape[1])] if stop_strings else []
-        generated = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            use_cache=True,
-            pad_token_id=pad_id,
-            eos_token_id=tokenizer.eos_token_id,
-            stopping_criteria=StoppingCriteriaList(criteria),
-        )
-        texts = tokenizer.batch_decode(generated[:, input_ids.shape[1]:], skip_special_tokens=True)
+        sizes = rows_kept_identical(model, len(chunk)) if drop_finished and not routes_tokens(model) else []
+        rows = _generate_batch(model, tokenizer, input_ids.to(device), mask.to(device), max_new_tokens, pad_id,
+                               stop_strings, sizes, count)
+        texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
         for index, text in zip(chunk, texts, strict=True):
             outputs[index] = cut_at_stop(text, stop_strings)
+    if stats is not None:
+        stats.update(row_tokens=count.row_tokens, row_tokens_saved=count.row_tokens_saved)
     return outputs
+
+
+ROW_LADDER = 8  # a batch shrinks to a multiple of this many rows: few sizes to check, few generate() calls
+
+
+@dataclass
+class GenerationCount:
+    """Row-tokens generated (a row x a decoding step) and those not computed because their row had finished."""
+
+    row_tokens: int = 0
+    row_tokens_saved: int = 0
+
+
+class _UntilSmaller(StoppingCriteria):
+    """Wraps the stop-string criterion: remembers the rows it finished, and stops every row once the rows still
+    running fit in a smaller allowed batch (`below`: the largest size smaller than the batch, 0 for none), so that
+    generate() returns and the batch can shrink. A row stopped that way has not finished: it goes on."""
+
+    def __init__(self, inner: StoppingCriteria | None, rows: int, below: int, prompt_width: int, eos: int | None,
+                 device: torch.device):
+        self.inner, self.below, self.width, self.eos = inner, below, prompt_width, eos
+        self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
+        done = self.inner(input_ids, scores, **kwargs) if self.inner is not None else self.finished.clone()
+        self.finished |= done
+        if self.eos is not None:
+            self.finished |= (input_ids[:, self.width:] == self.eos).any(dim=1)
+        if self.below and int((~self.finished).sum()) <= self.below:
+            return torch.ones_like(done)
+        return done
+
+
+def _generate_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor,
+                    mask: torch.Tensor, max_new_tokens: int, pad_id: int, stop_strings: Sequence[str],
+                    sizes: list[int], count: GenerationCount) -> list[torch.Tensor]:
+    """One left-padded batch's generated ids per row (greedy). `sizes`: the smaller row counts at which the rows
+    compute as in the whole batch. generate() runs until the rows still running fit a smaller size; the batch then
+    keeps those rows (and finished ones to fill the smallest size that holds them), continued from its KV cache.
+    Each generate() call costs a few milliseconds of setup, so the batch shrinks at most once per allowed size."""
+    width, total = input_ids.shape[1], input_ids.shape[0]
+    done: list[torch.Tensor | None] = [None] * total
+    alive = list(range(total))  # the batch's rows, by their index in the first batch
+    cache, made, computed = None, 0, 0
+    eos = tokenizer.eos_token_id
+    while True:
+        below = max([size for size in sizes if size < len(alive)], default=0)
+        watch = _UntilSmaller(_StopOnStrings(tokenizer, stop_strings, width) if stop_strings else None, len(alive),
+                              below, width, eos, input_ids.device)
+        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens - made,
+                             do_sample=False, use_cache=True, pad_token_id=pad_id, eos_token_id=eos,
+                             stopping_criteria=StoppingCriteriaList([watch]), cache=cache,
+                             return_dict_in_generate=True)
+        sequences, cache = out.sequences, out.cache
+        new = sequences.shape[1] - input_ids.shape[1]
+        made += new
+        computed += len(alive) * new
+        ended = watch.finished.clone()
+        if made >= max_new_tokens or not below or int((~ended).sum()) > below:
+            ended[:] = True  # the budget, or generate() stopped for the rows' own reasons: every row has finished
+        for row, original in enumerate(alive):
+            if bool(ended[row]) and done[original] is None:
+                done[original] = sequences[row, width:]
+        if all(done[original] is not None for original in alive):
+            break
+        running = int((~ended).sum())
+        keep = _rows_to_keep(ended.tolist(), min(size for size in sizes if size >= running))
+        cache.batch_select_indices(torch.tensor(keep, device=sequences.device))
+        grown = torch.ones((mask.shape[0], sequences.shape[1] - mask.shape[1]), dtype=mask.dtype, device=mask.device)
+        input_ids, mask = sequences[keep], torch.cat([mask, grown], dim=1)[keep]
+        alive = [alive[row] for row in keep]
+    count.row_tokens_saved += total * made - computed  # without dropping, the whole batch runs to its last row's end
+    count.row_tokens += computed
+    return [ids for ids in done if ids is not None]
+
+
+def _rows_to_keep(finished: list[bool], size: int) -> list[int]:
+    """The rows still generating, and finished ones after them up to `size` rows, in batch order."""
+    running = [row for row, ended in enumerate(finished) if not ended]
+    fill = [row for row, ended in enumerate(finished) if ended][: size - len(running)]
+    return sorted(running + fill)
+
+
+_SIZES: dict[tuple, list[int]] = {}
+EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")  # config fields of token-routed MoE models
+
+
+def routes_tokens(model: PreTrainedModel) -> bool:
+    """Whether the model sends each token to some of its experts: an expert's matrix products then run over however
+    many tokens chose it, a count that dropping rows changes, and a kernel may sum 1 to 4 rows in another order
+    than 5 or more, so such a model's batch never shrinks."""
+    config = model.config
+    return any(isinstance(getattr(config, name, None), int) and getattr(config, name) > 1 for name in EXPERT_COUNTS)
+
+
+
+def rows_kept_identical(model: PreTrainedModel, rows: int) -> list[int]:
+    """The batch sizes below `rows` (multiples of ROW_LADDER) to which a batch of `rows` can shrink with every row's
+    numbers unchanged: checked on each shape of the model's linear layers (the sums whose order a kernel may choose
+    by the number of rows: on some CPU kernels 1 to 4 rows sum in another order than 5 or more), each size against
+    the whole batch, bit for bit, once per process. A size is allowed only with every larger one allowed."""
+    shapes = sorted({(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)})
+    parameter = next(model.parameters())
+    key = (tuple(shapes), parameter.device, parameter.dtype, rows)
+    if key not in _SIZES:
+        _SIZES[key] = _identical_sizes(shapes, parameter.device, parameter.dtype, rows)
+    return _SIZES[key]
+
+
+def _identical_sizes(shapes: list[tuple[int, int]], device: torch.device, dtype: torch.dtype, rows: int) -> list[int]:
+    generator = torch.Generator().manual_seed(0)
+    allowed: list[int] = []
+    for size in sorted(range(ROW_LADDER, rows, ROW_LADDER), reverse=True):
+        for in_features, out_features in shapes:
+            weight = torch.randn(out_features, in_features, generator=generator).to(device, dtype)
+            x = torch.randn(rows, in_features, generator=generator).to(device, dtype)
+            whole = torch.nn.functional.linear(x, weight)
+            picked = torch.randperm(rows, generator=generator)[:size].sort().values.to(device)
+            if not torch.equal(torch.nn.functional.linear(x[picked], weight), whole[picked]):
+                return sorted(allowed)
+        allowed.append(size)
+    return sorted(allowed)

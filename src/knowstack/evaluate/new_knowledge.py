@@ -28,12 +28,15 @@ class TaskScore:
     max_new_tokens: dict[str, int] = field(default_factory=dict)  # the generation budget of each metric
     references_over_budget: dict[str, int] = field(default_factory=dict)  # references longer than the budget
     prompts_truncated: int | None = None  # prompts cut to fit the context (when generation reports it)
+    # per generated metric: decoding steps x rows computed ("row_tokens"), and those not computed because their row
+    # had finished and left the batch ("row_tokens_saved")
+    row_tokens: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def record(self) -> dict:
         """What a study keeps of the score beside the predictions (new-<task>.json)."""
         return {"n": len(self.predictions), "scores": self.scores, "protocol": self.protocol,
                 "max_new_tokens": self.max_new_tokens, "references_over_budget": self.references_over_budget,
-                "prompts_truncated": self.prompts_truncated}
+                "prompts_truncated": self.prompts_truncated, "row_tokens": self.row_tokens}
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,8 @@ def _score_generations(
     answers, each = score_predictions(scoring, outputs, references, prompts)
     _record(result, scoring, outputs, answers, each)
     result.max_new_tokens[scoring.metric] = budget
+    if "row_tokens" in stats:
+        result.row_tokens[scoring.metric] = {key: int(stats[key]) for key in ("row_tokens", "row_tokens_saved")}
     result.references_over_budget[scoring.metric] = sum(n > budget for n in reference_tokens)
 
 
