@@ -1,7 +1,7 @@
 """A study's evaluations only, this checkout against an earlier revision, in one run, alternating.
 
     .venv/bin/python benchmarks/eval_speed.py --study DIR --config CONFIG [--against REV] [--rounds 2]
-        [--workdir DIR] [--json PATH]
+        [--workdir DIR] [--json PATH] [--change TEXT]
 
 DIR is a study of CONFIG whose other steps (world, training, merges, ...) are done: each run starts from a copy of
 it with every evaluation's artifact removed, so `knowstack study` runs exactly the evaluations (and writes the
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--change", default="",
+                        help="what changed since --against, in words, for the line scripts/docs_numbers.py writes")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="knowstack-eval-speed-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "benchmark": "eval_speed", "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "config": str(args.config), "study": str(args.study), "against": args.against,
+            "config": str(args.config), "study": str(args.study), "against": args.against, "change": args.change,
             "new": study_speed._revision(ROOT), "rounds": args.rounds, "wall_new": walls["new"],
             "wall_old": walls["old"], "ratio_of_medians": ratio, "round_ratios": ratios,
             "evaluations": runs["new"][-1].steps.get("eval", 0),

@@ -359,13 +359,14 @@ def study_speed_line(record: dict) -> str:
 
 
 def eval_speed_line(record: dict) -> str:
-    """A study's evaluations only, this checkout against an earlier revision (one-base groups among the changes)."""
+    """A study's evaluations only, this checkout against an earlier revision (the change, in words, from --change)."""
     rounds = ", ".join(f"{r:.2f}" for r in record["round_ratios"])
     loads = ", ".join(f"{load[0]:.1f}" for pair in zip(record["loads"]["new"], record["loads"]["old"], strict=True)
                       for load in pair)
     same = "identical results" if record["identical"] else f"results that DIFFER ({len(record['differences'])} files)"
-    return (f"- that study's {record['evaluations']} evaluations only (`{record['config']}`; adapters of one base run "
-            f"on the base loaded once): {record['ratio_of_medians']:.2f}x the wall time of `{record['against']}` "
+    change = record.get("change") or "adapters of one base run on the base loaded once"  # the first run's change
+    return (f"- that study's {record['evaluations']} evaluations only (`{record['config']}`; {change}): "
+            f"{record['ratio_of_medians']:.2f}x the wall time of `{record['against']}` "
             f"(median of {record['rounds']} alternating round(s), rounds {rounds}), {same}; "
             f"`benchmarks/eval_speed.py`, {record['measured']}, load average at each start {loads}")
 

@@ -293,6 +293,10 @@ def test_the_evaluation_benchmark_has_its_line(checkout: Path, tmp_path: Path) -
             "once): 1.21x the wall time of `5c4275d` (median of 2 alternating round(s), rounds 1.36, 1.04), identical "
             "results; `benchmarks/eval_speed.py`, 2026-12-07 18:49 UTC, load average at each start 1.5, 2.1, 2.0, 1.9") \
         in text
+    record = json.loads((tmp_path / "bench" / "eval_speed.json").read_text())
+    (tmp_path / "bench" / "eval_speed.json").write_text(json.dumps({**record, "change": "finished rows leave"}))
+    assert load_script().main(["--speed", str(tmp_path / "bench"), "--root", str(checkout)]) == 0
+    assert "only (`runs/demo/config.yaml`; finished rows leave): 1.21x" in (checkout / "README.md").read_text()
 
 
 def test_the_families_block_is_the_test_runs_matrix(checkout: Path, tmp_path: Path) -> None:
