@@ -443,7 +443,7 @@ def generated_tokens(rows: torch.Tensor, eos: int | None) -> int:
 
 
 def hf_generate(model: Any, tokenizer: PreTrainedTokenizerFast, prompts: list[str], budget: int,
-                batch: int) -> tuple[list[str], int]:
+                batch: int) -> tuple[list[str], int, dict]:
     """Plain HF generate: batches in input order, left-padded by the tokenizer, greedy."""
     device = next(model.parameters()).device
     texts, tokens = [], 0
@@ -455,26 +455,16 @@ def hf_generate(model: Any, tokenizer: PreTrainedTokenizerFast, prompts: list[st
         new = out[:, encoded["input_ids"].shape[1]:]
         tokens += generated_tokens(new, tokenizer.eos_token_id)
         texts += tokenizer.batch_decode(new, skip_special_tokens=True)
-    return texts, tokens
+    return texts, tokens, {}
 
 
 def knowstack_generate(model: Any, tokenizer: PreTrainedTokenizerFast, prompts: list[str], budget: int,
-                       batch: int) -> tuple[list[str], int]:
-    """evaluate/generate.py's generate; its model.generate calls are watched to count the new tokens they made."""
-    counted = [0]
-    inner = model.generate
-
-    def watched(*args: Any, **kwargs: Any) -> torch.Tensor:
-        out = inner(*args, **kwargs)
-        counted[0] += generated_tokens(out[:, kwargs["input_ids"].shape[1]:], tokenizer.eos_token_id)
-        return out
-
-    model.generate = watched
-    try:
-        texts = generate(model, tokenizer, prompts, max_new_tokens=budget, batch_size=batch)
-    finally:
-        del model.generate
-    return texts, counted[0]
+                       batch: int) -> tuple[list[str], int, dict]:
+    """evaluate/generate.py's generate, the new tokens it reports (each output up to and including its EOS), and the
+    row-tokens it computed and saved by dropping finished rows."""
+    stats: dict = {}
+    texts = generate(model, tokenizer, prompts, max_new_tokens=budget, batch_size=batch, stats=stats)
+    return texts, stats["new_tokens"], {key: stats[key] for key in ("row_tokens", "row_tokens_saved")}
 
 
 def generation_check(tokenizer: PreTrainedTokenizerFast, corpus: list[str], preset: Preset, args: Any) -> dict:
@@ -499,11 +489,11 @@ def generation_check(tokenizer: PreTrainedTokenizerFast, corpus: list[str], pres
         run(model, tokenizer, prompts[:args.gen_batch], min(4, budget), args.gen_batch)  # warm-up: kernels, cache
         cuda_sync()
         start = time.perf_counter()
-        texts, tokens = run(model, tokenizer, prompts, budget, args.gen_batch)
+        texts, tokens, rows = run(model, tokenizer, prompts, budget, args.gen_batch)
         cuda_sync()
         seconds = time.perf_counter() - start
         outputs[name] = texts
-        result[name] = {"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds}
+        result[name] = {"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds, **rows}
         print(f"  {name:12} {tokens / seconds:10.0f} new tokens/s ({tokens} tokens in {seconds:.1f} s)", flush=True)
     result["ratio"] = result["knowstack"]["tokens_per_second"] / result["hf_generate"]["tokens_per_second"]
     result["same_outputs"] = sum(a == b for a, b in zip(outputs["knowstack"], outputs["hf_generate"], strict=True))

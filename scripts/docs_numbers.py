@@ -509,7 +509,15 @@ def _generation_line(gen: dict | None) -> str:
             f"{gen['max_new_tokens']} new tokens (the paper protocol's budget: {gen['paper_budget']}): knowstack "
             f"{gen['knowstack']['tokens_per_second']:,.0f} new tokens/s, HF `generate` "
             f"{gen['hf_generate']['tokens_per_second']:,.0f}: **{gen['ratio']:.2f}x**; {gen['same_outputs']} of "
-            f"{gen['prompts']} outputs identical")
+            f"{gen['prompts']} outputs identical" + _rows_saved(gen["knowstack"]))
+
+
+def _rows_saved(side: dict) -> str:
+    """What knowstack's generation did not compute for rows that had finished (runs before it was measured: '')."""
+    if "row_tokens_saved" not in side:
+        return ""
+    whole = side["row_tokens"] + side["row_tokens_saved"]
+    return f"; finished rows left the batch: {side['row_tokens_saved'] / whole:.0%} of the row-tokens not computed"
 
 
 def _merge_line(merge: dict | None) -> str:

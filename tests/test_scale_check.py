@@ -66,6 +66,7 @@ def test_the_tiny_run_records_every_figure_or_why_not(tiny_report: Path) -> None
     for side in ("knowstack", "hf_generate"):
         assert 0 < gen[side]["tokens"] <= gen["prompts"] * gen["max_new_tokens"]
     assert gen["ratio"] == pytest.approx(gen["knowstack"]["tokens_per_second"] / gen["hf_generate"]["tokens_per_second"])
+    assert gen["knowstack"]["row_tokens"] > 0 and gen["knowstack"]["row_tokens_saved"] >= 0
     merge = report["merge"]
     assert merge["models"] == 3 and merge["layers"] == merge["of_layers"] == 2 and merge["dtype"] == "bfloat16"
     assert merge["knowstack"]["wall_s"] > 0 and merge["knowstack"]["peak_rss_per_checkpoint"] > 0
@@ -111,7 +112,8 @@ def _gpu_record() -> dict:
                        "transformers": "5.25.0", "peft": "0.21.2"},
             "train": [fft, lora],
             "generation": {"model": "Llama-3-8B", "dtype": "bfloat16", "prompts": 32, "batch": 32, "max_new_tokens": 512,
-                           "paper_budget": 512, "knowstack": {"tokens_per_second": 1200.0},
+                           "paper_budget": 512, "knowstack": {"tokens_per_second": 1200.0, "row_tokens": 12000,
+                                                              "row_tokens_saved": 4000},
                            "hf_generate": {"tokens_per_second": 1000.0}, "ratio": 1.2, "same_outputs": 30},
             "merge": {"models": 3, "model": "Llama-3-8B", "params": 8030261248, "checkpoint_gb": 16.06,
                       "variant": "full size, inputs in RAM (/dev/shm)",
@@ -133,7 +135,8 @@ def test_docs_numbers_renders_a_gpu_run_and_its_failures(tmp_path: Path) -> None
     lora_row = next(line for line in text.splitlines() if line.startswith("| Llama-3-8B LoRA"))
     assert "failed (OutOfMemoryError: CUDA out of memory)" in lora_row
     assert "Llama-3-8B LoRA, HF Trainer + PEFT flattening, bf16 base: 7,000 tokens/s, MFU 23%, peak GPU memory 40.0" in text
-    assert "knowstack 1,200 new tokens/s, HF `generate` 1,000: **1.20x**; 30 of 32 outputs identical" in text
+    assert ("knowstack 1,200 new tokens/s, HF `generate` 1,000: **1.20x**; 30 of 32 outputs identical; finished rows "
+            "left the batch: 25% of the row-tokens not computed") in text
     assert "knowstack 60.0 s wall (90.0 s CPU, peak memory 0.80 checkpoints)" in text and "**1.20x** mergekit's" in text
 
 

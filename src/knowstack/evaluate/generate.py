@@ -74,15 +74,16 @@ def generate(
 
     A row stops at EOS, after `max_new_tokens`, or once its continuation contains one of
     `stop_strings`; the continuation is then cut before the stop string. A prompt longer than the model's
-    context less `max_new_tokens` loses its middle. stats, when given, gets "prompts_truncated" (how many) and
-    what dropping finished rows saved: "row_tokens" (a row x a decoding step, computed) and "row_tokens_saved".
+    context less `max_new_tokens` loses its middle. stats, when given, gets "prompts_truncated" (how many),
+    "new_tokens" (every output's tokens up to and including its EOS) and what dropping finished rows saved:
+    "row_tokens" (a row x a decoding step, computed) and "row_tokens_saved".
     drop_finished: once enough rows have finished, the batch goes on without them (`_generate_batch`), only down
     to sizes at which the model computes every remaining row as the whole batch would (`rows_kept_identical`), so
     the outputs are the same either way.
     """
     count = GenerationCount()
     if stats is not None:
-        stats.update(prompts_truncated=0, row_tokens=0, row_tokens_saved=0)
+        stats.update(prompts_truncated=0, new_tokens=0, row_tokens=0, row_tokens_saved=0)
     if not prompts:
         return []
     stop_strings = [s for s in stop_strings or () if s]
@@ -105,7 +106,7 @@ def generate(
         for index, text in zip(chunk, texts, strict=True):
             outputs[index] = cut_at_stop(text, stop_strings)
     if stats is not None:
-        stats.update(row_tokens=count.row_tokens, row_tokens_saved=count.row_tokens_saved)
+        stats.update(new_tokens=count.new_tokens, row_tokens=count.row_tokens, row_tokens_saved=count.row_tokens_saved)
     return outputs
 
 
@@ -114,8 +115,10 @@ ROW_LADDER = 8  # a batch shrinks to a multiple of this many rows: few sizes to 
 
 @dataclass
 class GenerationCount:
-    """Row-tokens generated (a row x a decoding step) and those not computed because their row had finished."""
+    """Row-tokens generated (a row x a decoding step) and those not computed because their row had finished; the
+    outputs' own tokens (up to and including each one's EOS)."""
 
+    new_tokens: int = 0
     row_tokens: int = 0
     row_tokens_saved: int = 0
 
@@ -180,7 +183,13 @@ def _generate_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         alive = [alive[row] for row in keep]
     count.row_tokens_saved += total * made - computed  # without dropping, the whole batch runs to its last row's end
     count.row_tokens += computed
-    return [ids for ids in done if ids is not None]
+    rows = [ids for ids in done if ids is not None]
+    count.new_tokens += sum(_up_to_eos(ids.tolist(), eos) for ids in rows)
+    return rows
+
+
+def _up_to_eos(ids: list[int], eos: int | None) -> int:
+    return ids.index(eos) + 1 if eos is not None and eos in ids else len(ids)
 
 
 def _rows_to_keep(finished: list[bool], size: int) -> list[int]:
