@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from knowstack.data.formats import Example
-from knowstack.evaluate.generate import generate, routes_tokens, rows_kept_identical
+from knowstack.evaluate.generate import generate, may_shrink, routes_tokens, rows_kept_identical
 from knowstack.evaluate.new_knowledge import evaluate_task
 from knowstack.modelio import load_model, load_tokenizer
 
@@ -51,11 +51,11 @@ def test_a_batch_shrinks_only_to_sizes_that_compute_alike(monkeypatch: pytest.Mo
 def test_a_model_that_routes_tokens_to_experts_keeps_its_batch(tiny) -> None:  # noqa: ANN001
     """An expert's products run over the tokens that chose it: their count changes when rows leave."""
     model, tokenizer = tiny
-    assert not routes_tokens(model)
+    assert not routes_tokens(model) and may_shrink(model)
     stats: dict = {}
     model.config.num_local_experts = 4  # what Mixtral's and knowstack's MoE configs say
     try:
-        assert routes_tokens(model)
+        assert routes_tokens(model) and not may_shrink(model)
         generate(model, tokenizer, PROMPTS, max_new_tokens=30, batch_size=20, stop_strings=["a"], stats=stats)
     finally:
         del model.config.num_local_experts
@@ -68,3 +68,11 @@ def test_a_task_score_records_what_each_generation_computed_and_saved(tiny) -> N
     record = evaluate_task(model, tokenizer, examples, "accuracy", batch_size=20, max_new_tokens=30).record()
     counts = record["row_tokens"]["accuracy"]
     assert set(counts) == {"row_tokens", "row_tokens_saved"} and counts["row_tokens"] > 0
+
+
+def test_a_batch_on_a_device_not_checked_keeps_its_rows(tiny, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """A GPU's attention may split its sums by the number of rows: no shrinking there until checked on one."""
+    model, _ = tiny
+    weight = next(model.parameters())
+    monkeypatch.setattr(type(weight), "device", property(lambda self: torch.device("cuda", 0)))
+    assert not may_shrink(model)

@@ -79,7 +79,7 @@ def generate(
     "row_tokens" (a row x a decoding step, computed) and "row_tokens_saved".
     drop_finished: once enough rows have finished, the batch goes on without them (`_generate_batch`), only down
     to sizes at which the model computes every remaining row as the whole batch would (`rows_kept_identical`), so
-    the outputs are the same either way.
+    the outputs are the same either way; only where that has been checked (`may_shrink`).
     """
     count = GenerationCount()
     if stats is not None:
@@ -99,7 +99,7 @@ def generate(
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         input_ids, mask = _left_pad([encoded[i] for i in chunk], pad_id)
-        sizes = rows_kept_identical(model, len(chunk)) if drop_finished and not routes_tokens(model) else []
+        sizes = rows_kept_identical(model, len(chunk)) if drop_finished and may_shrink(model) else []
         rows = _generate_batch(model, tokenizer, input_ids.to(device), mask.to(device), max_new_tokens, pad_id,
                                stop_strings, sizes, count)
         texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
@@ -201,6 +201,13 @@ def _rows_to_keep(finished: list[bool], size: int) -> list[int]:
 
 _SIZES: dict[tuple, list[int]] = {}
 EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")  # config fields of token-routed MoE models
+
+
+def may_shrink(model: PreTrainedModel) -> bool:
+    """Whether a batch of this model may lose its finished rows: on the CPU, whose attention computes each row alone
+    (checked on every family: tests/test_families_train.py), for a model that sends every token through the same
+    weights. Not on a GPU until checked there: a GPU attention kernel may split its sums by how many rows it has."""
+    return next(model.parameters()).device.type == "cpu" and not routes_tokens(model)
 
 
 def routes_tokens(model: PreTrainedModel) -> bool:
