@@ -23,11 +23,15 @@ if TYPE_CHECKING:
     from knowstack.modelcard import ModelCardInfo
 
 
-# Files besides the config and the weights that make an output a model users load and chat with (tokenizer files,
-# the chat template: transformers 5 writes chat_template.jinja, older checkpoints keep it in tokenizer_config.json;
-# generation_config.json): carried from the base into every output dir.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
+# The files a tokenizer is loaded from (fast, sentencepiece, BPE, WordPiece): any one of them shows that a dir has a
+# tokenizer (validate.has_tokenizer_files). The first two are those a check names when a dir has none.
+TOKENIZER_LOAD_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                        "spiece.model", "merges.txt")
+# Files besides the config and the weights that make an output a model users load and chat with: the tokenizer's
+# (those above, and what goes beside them), the chat template (transformers 5 writes chat_template.jinja, older
+# checkpoints keep it in tokenizer_config.json) and generation_config.json; carried from the base into every output
+# dir (copy_model_files), so that an output has a tokenizer wherever its base has one.
+TOKENIZER_FILES = (*TOKENIZER_LOAD_FILES, "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
                    "chat_template.json", "generation_config.json")
 # What an output's floating tensors may be written in (--dtype); "auto": as the base's.
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
