@@ -61,6 +61,9 @@ def test_trained_merged_and_mixed_models_have_cards_naming_their_base(tmp_path: 
     merge_models("task-average", [a1, a2], tmp_path / "linear", base=tiny_model_dir)
     text = check(tmp_path / "linear", "merge", "transformers", base)
     assert dir_sha256(a1) in text and dir_sha256(a2) in text
+    # the title names the method, every model merged and the base; the line under it says the base is what it is on
+    assert f"\n# task-average merge of `{a1.resolve()}`, `{a2.resolve()}` on `{base}`\n" in text
+    assert f"(merge on the base `{base}`)" in text and f"(merge of `{base}`)" not in text
     check(tmp_path / "linear" / "adapter", "adapter", "peft", base)  # the exact PEFT form of the same merge
     ft = make_finetune(tiny_model_dir, tmp_path / "ft", 3)
     merge_models("average", [ft, tmp_path / "fft"], tmp_path / "average")  # no base: the models merged are its parents
@@ -109,6 +112,7 @@ def test_a_merge_without_input_hashes_says_so_and_hashes_nothing(tmp_path: Path,
     merge_models("task-arithmetic", [ft], tmp_path / "hashed", base=tiny_model_dir)
     text = card(tmp_path / "hashed")[1]
     assert dir_sha256(ft) in text and dir_sha256(tiny_model_dir) in text
+    assert "not computed" not in text
     assert "input_hashes" not in json.loads((tmp_path / "hashed" / "merge.json").read_text())
 
     def refuse(path: Path) -> str:
@@ -119,4 +123,5 @@ def test_a_merge_without_input_hashes_says_so_and_hashes_nothing(tmp_path: Path,
     merge_models("task-arithmetic", [ft], tmp_path / "unhashed", base=tiny_model_dir, input_hashes=False)
     text = card(tmp_path / "unhashed")[1]
     assert f"| merged | `{ft.resolve()}` | - |" in text and '"input_hashes": false' in text
+    assert "\n\nThe inputs' sha256 were not computed (`--no-input-hashes`).\n" in text  # said in words, under the table
     assert json.loads((tmp_path / "unhashed" / "merge.json").read_text())["input_hashes"] is False

@@ -6,7 +6,9 @@ mean of the rows before it; a study builds every model from that grown base. Tes
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -72,11 +74,50 @@ def test_the_pad_row_is_the_mean_of_the_rows_before_it(family: str, tmp_path: Pa
         torch.testing.assert_close(padded32(ids).logits[..., :rows], base32(ids).logits)
 
 
-def test_a_tokenizer_with_a_pad_token_leaves_the_base_as_it_is(tmp_path: Path) -> None:
+def test_a_tokenizer_with_a_pad_token_leaves_the_base_as_it_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The study's pad-base step of a base that has a pad token: its weights hard-linked (no 16 GB copy at 8B, not even
+    loaded), the base's files' modes untouched, and a model trains from it; across file systems, a copy."""
+    from knowstack import modelio
+    from knowstack.data.formats import Example
+    from knowstack.modeling.streaming import weight_files
+    from knowstack.study.steps import StudyContext, execute
+    from knowstack.train import TrainSettings, train
+
     base = build_family(UNTIED, tmp_path / "base")
-    record = write_padded_base(base, tmp_path / "padded")
+    shards = weight_files(base)
+    assert len(shards) > 1  # sharded, with an index, as users' bases are
+    shards[0].chmod(0o640)  # not what the umask gives: a link's mode is the base's, which the step must not change
+    before = {shard.name: shard.read_bytes() for shard in shards}
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the base's weights were loaded")
+
+    monkeypatch.setattr(modelio, "load_model", refuse)
+    plan = build_plan(parse_config(study_config(tmp_path, base), root=tmp_path))
+    [step] = [step for step in plan.steps.values() if step.kind == "pad-base"]
+    padded = execute(step, StudyContext(tmp_path / "run", parse_config(study_config(tmp_path, base), root=tmp_path)))
+    monkeypatch.undo()
+    record = json.loads((padded / "pad_base.json").read_text())
     assert not record["added"] and record["rows"] == record["rows_before"] == len(AutoTokenizer.from_pretrained(base))
-    assert load_tokenizer(tmp_path / "padded").pad_token == "<|pad|>"
+    assert load_tokenizer(padded).pad_token == "<|pad|>"
+    assert [shard.name for shard in weight_files(padded)] == [shard.name for shard in shards]
+    for shard in shards:
+        assert (padded / shard.name).stat().st_ino == shard.stat().st_ino, shard.name  # the same file, not a copy
+    assert shards[0].stat().st_mode & 0o777 == 0o640
+    settings = TrainSettings(finetune="fft", lr=1e-3, max_steps=1, batch_size=2, micro_batch_size=2, max_length=32)
+    train(padded, [Example("question:", " yes")] * 2, tmp_path / "trained", settings)
+    assert load_model(tmp_path / "trained", dtype="auto").config.vocab_size == record["rows"]
+    assert {shard.name: shard.read_bytes() for shard in shards} == before  # training wrote nothing into the base
+
+    def other_file_system(source: object, target: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", other_file_system)
+    copied = tmp_path / "copied"
+    assert write_padded_base(base, copied) == record
+    for shard in shards:
+        assert (copied / shard.name).stat().st_ino != shard.stat().st_ino
+        assert (copied / shard.name).read_bytes() == before[shard.name]
 
 
 def test_a_tokenizer_shorter_than_the_embeddings_is_refused(tmp_path: Path) -> None:

@@ -32,6 +32,11 @@ def test_paper_dry_run_shows_moe_budgets_and_acc_norm(tmp_path, capsys: pytest.C
     assert any("merge-ties-dare-lora-factors" in line and "drop_rate 0.8" in line for line in lines)
     assert not any("merge-ties-fft" in line for line in lines)  # the paper merged FFT models by averaging only
     assert sum("pad-base-base-" in line for line in lines) == 1  # the base grown by [PAD], as the paper's scripts
+    # settings added later, shown where set (the paper's): how a train step cuts an overlong example, and how the
+    # LoRA-MoE's routers are drawn and stored (the FFT-MoE's are its model's)
+    assert all("overlong paper" in line for line in train)
+    assert any("moe-lora-" in line and "router_dtype float16," in line for line in lines)
+    assert not any("moe-fft-" in line and "router_" in line for line in lines)
     old = next(line for line in lines if line.startswith("old knowledge:"))
     assert "arc_challenge (acc_norm)" in old and "hellaswag (acc_norm)" in old and "openbookqa (acc_norm)" in old
     assert "piqa (acc_norm)" in old and "mmlu (acc)" in old and "winogrande (acc)" in old
@@ -122,3 +127,27 @@ def test_metamath_prompts_are_the_papers() -> None:
         f"{head}, paired with an input that provides further context.{tail}Solve for x.\n\n### Input:\nx+1=2\nx?"
         "\n\n### Response:")
     assert alpaca_prompt("Trailing newline\n") == f"{head}.{tail}Trailing newline\n\n### Response:"
+
+
+def test_the_dry_runs_settings_show_later_settings_only_where_not_their_default(tmp_path) -> None:
+    """training.overlong and a LoRA-MoE's router_dtype / router_init: in the dry run's settings column where set to
+    other than their default, so that a default study's table is as it was."""
+    from knowstack.study.runner import step_settings
+
+    def settings(raw: dict) -> dict[str, str]:  # of each step that makes a model (its evaluation has the same label)
+        return {s.label: step_settings(s) for s in build_plan(parse_config(raw)).ordered() if s.kind != "eval"}
+
+    moe = {"experts": ["fft", "lora"], "router": "moetify"}
+    raw = user_config(tmp_path, **{"one-round": {"finetune": ["fft"]}, "moe": moe})
+    default = settings(raw)
+    assert default["fft-t1"] == "epochs 1, batch 16"
+    assert default["lora-moetify"] == "3 lora experts, top-3, router moetify"
+    raw["training"]["overlong"] = "keep-answer"
+    raw["methods"]["moe"] = {**moe, "router_dtype": "float32", "router_init": "per-module"}  # the defaults, named
+    assert settings(raw) == default
+    raw["training"]["overlong"] = "paper"
+    raw["methods"]["moe"] = {**moe, "router_dtype": "bfloat16", "router_init": "moetify"}
+    changed = settings(raw)
+    assert changed["fft-t1"] == "epochs 1, batch 16, overlong paper"
+    assert changed["lora-moetify"] == "3 lora experts, top-3, router moetify, router_dtype bfloat16, router_init moetify"
+    assert changed["fft-moetify"] == default["fft-moetify"]  # an FFT-MoE has no such settings

@@ -256,7 +256,34 @@ def test_show_says_what_a_search_chose() -> None:
     from knowstack.report.search import trace_table
 
     table = trace_table("search-fft", {**record, "base_old": 0.7}).to_markdown()
-    assert "| 2 (chosen) | 2 | 0.2500 |" in table and "| 1 | 1 | 0.2500 |" in table  # the number: not 2.0000
+    assert "| 2 (chosen) | 0.2500 |" in table and "| 1 | 0.2500 |" in table  # the number: not 2.0000
+
+
+def test_the_trace_shows_each_trial_number_once_and_the_figure_plots_against_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trace table's trial column is the only one with the trial's number (a second, the figure's x, printed it
+    again); the figure's x is still each trial's number."""
+    from knowstack.report import figures
+    from knowstack.report.figures import FigureSpec, draw
+    from knowstack.report.search import search_sections
+    from knowstack.report.tables import Scores
+
+    trials = [{"number": n, "new": 0.1 * n, "old_loss": 3.0 - n, "within": n >= 1, "point": {"method": "ties"}}
+              for n in range(3)]
+    record = {"trials": trials, "chosen": 2, "max_old_loss": 2.0, "base_old": 0.7, "optimiser": "optuna TPE",
+              "seed": 0, "methods": ["ties"]}
+    blocks = search_sections(Scores.from_rows([], []), [], {"search-fft": record})
+    [figure] = [block for block in blocks if isinstance(block, FigureSpec)]
+    table = figure.table.to_markdown()
+    assert table.splitlines()[0] == "| trial | eval score | old held-out loss (%) | within budget | point |"
+    assert "| 3 (chosen) | 0.2000 | +1% | yes | ties |" in table
+    drawn = {}
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path: drawn.setdefault("axes", fig.axes) and path)
+    assert draw(figure, tmp_path) is not None
+    top, bottom = drawn["axes"]
+    assert [list(line.get_xdata()) for line in top.get_lines() if line.get_linestyle() == "-"] == [[1.0, 2.0, 3.0]]
+    assert bottom.collections[0].get_offsets().tolist() == [[1.0, 0.0], [2.0, 0.1], [3.0, 0.2]]
+    assert bottom.get_xlabel() == "trial"
 
 
 

@@ -255,3 +255,29 @@ def test_an_unknown_dtype_is_refused_before_anything_is_written(base, tmp_path: 
     with pytest.raises(KnowstackError, match="dtype must be one of"):
         api.mix(base_dir, [base_dir, base_dir], tmp_path / "moe", router="uniform", top_k=2, dtype="int8")
     assert not any(tmp_path.iterdir())
+
+
+def test_every_file_that_shows_a_tokenizer_is_carried_beside_an_output(tmp_path: Path) -> None:
+    """One declaration of the tokenizer's files (modelio): each file that tells validate a dir has a tokenizer is one
+    copied beside every output, so an output has a tokenizer wherever its base has one (spiece.model was told apart
+    but not carried: a base whose tokenizer it was gave merges and mixtures no tokenizer)."""
+    from knowstack import validate
+    from knowstack.modelio import TOKENIZER_LOAD_FILES, copy_model_files
+
+    assert not hasattr(validate, "TOKENIZER_FILES")  # its own list, which drifted from the copied one, is gone
+    assert set(TOKENIZER_LOAD_FILES) < set(TOKENIZER_FILES)
+    for name in TOKENIZER_LOAD_FILES:
+        source, out = tmp_path / name / "base", tmp_path / name / "out"
+        source.mkdir(parents=True)
+        out.mkdir()
+        (source / name).write_text("{}", encoding="utf-8")
+        assert validate.has_tokenizer_files(source)
+        copy_model_files(source, out)
+        assert validate.has_tokenizer_files(out), name
+    # what shows no tokenizer by itself: carried, but not taken for one
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for name in sorted(set(TOKENIZER_FILES) - set(TOKENIZER_LOAD_FILES)):
+        (alone / name).write_text("{}", encoding="utf-8")
+    assert not validate.has_tokenizer_files(alone)
+    assert validate.check_tokenizer(alone)[0].message.startswith("no tokenizer (tokenizer.json or tokenizer_config.json)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -11,6 +12,22 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+# Why a file system refuses a hard link (another file system, no links there, too many links to the file): copy then.
+NO_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+
+def link_or_copy(source: Path, target: Path) -> bool:
+    """`source` at `target`, hard-linked where the file system allows (no byte copied: a model's weights cost no
+    disk twice), copied where not; whether it was linked. A symlink is followed (a Hugging Face cache's blob)."""
+    try:
+        os.link(source, target)
+        return True
+    except OSError as err:
+        if err.errno not in NO_LINK:
+            raise
+    shutil.copy2(source, target)
+    return False
 
 
 def current_umask() -> int:
@@ -29,7 +46,9 @@ def honour_umask(path: Path, mode: int | None = None) -> None:
     """Give `path`, and everything under it if it is a dir, the mode open() and mkdir() would: 0o666 for a file
     (0o777 for a dir or an executable) less the umask, a read-only file staying read-only; or `mode` less the
     umask (`path` alone). mkstemp and mkdtemp make theirs private, safetensors writes 0o600, and a rename keeps
-    the mode: without this an artifact would be unreadable to the rest of a team sharing the dir."""
+    the mode: without this an artifact would be unreadable to the rest of a team sharing the dir. A file with other
+    names (a hard link, link_or_copy's) keeps its mode: it is theirs too (a base's weights, a shared cache entry's
+    file), and may not be this process's to change."""
     mask = current_umask()
     path = Path(path)
     if mode is not None:
@@ -39,10 +58,11 @@ def honour_umask(path: Path, mode: int | None = None) -> None:
     if path.is_dir():
         items += [Path(top, name) for top, dirs, files in os.walk(path) for name in dirs + files]
     for item in items:
-        now = item.lstat().st_mode
+        info = item.lstat()
+        now = info.st_mode
         if stat.S_ISDIR(now):
             os.chmod(item, 0o777 & ~mask)
-        elif stat.S_ISREG(now):
+        elif stat.S_ISREG(now) and info.st_nlink == 1:
             wanted = 0o777 if now & stat.S_IXUSR else 0o666
             os.chmod(item, (wanted if now & stat.S_IWUSR else wanted & ~0o222) & ~mask)
 

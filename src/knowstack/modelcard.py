@@ -60,6 +60,7 @@ class ModelCardInfo:
     method: str
     settings: Mapping[str, Any] = field(default_factory=dict)
     inputs: Sequence[CardInput] = ()
+    inputs_note: str = ""  # a sentence under the inputs' table (e.g. why it has no sha256)
     scores: Sequence[CardScore] | None = None  # None: not measured when the card was written
     scores_note: str = ""
     lineage: Sequence[str] = ()
@@ -130,8 +131,7 @@ def render(info: ModelCardInfo) -> str:
     data = ModelCardData(base_model=info.base_model, base_model_relation=info.relation,
                          library_name=info.library_name, tags=["knowstack", *info.tags])
     lines = [f"---\n{data.to_yaml()}\n---", "", f"# {info.title}", "",
-             f"Made by knowstack with the method **{info.method}** "
-             f"({info.relation} of `{_names(info.base_model)}`)."]
+             f"Made by knowstack with the method **{info.method}** ({_relation_phrase(info)})."]
     if info.how_to_load:
         lines += ["", f"Load: `{info.how_to_load}`"]
     if info.lineage:
@@ -139,6 +139,8 @@ def render(info: ModelCardInfo) -> str:
     if info.inputs:
         lines += ["", "## Inputs", "", "| role | name | sha256 |", "|---|---|---|"]
         lines += [f"| {i.role} | `{i.name}` | {f'`{i.sha256}`' if i.sha256 else '-'} |" for i in info.inputs]
+        if info.inputs_note:
+            lines += ["", info.inputs_note]
     if info.settings:
         lines += ["", "## Settings", "", "```json", json.dumps(info.settings, indent=2, sort_keys=True, default=str),
                   "```"]
@@ -161,6 +163,13 @@ def _names(base_model: str | list[str]) -> str:
     return ", ".join(base_model) if isinstance(base_model, list) else base_model
 
 
+def _relation_phrase(info: ModelCardInfo) -> str:
+    # a merge onto one shared base is not a merge *of* that base (a new user read it so): say which it is on
+    if info.relation == "merge" and isinstance(info.base_model, str):
+        return f"merge on the base `{info.base_model}`"
+    return f"{info.relation} of `{_names(info.base_model)}`"
+
+
 def write_model_card(model_dir: str | Path, info: ModelCardInfo) -> Path:
     """Write README.md into `model_dir` (atomically); returns its path."""
     path = Path(model_dir) / CARD_FILE
@@ -175,6 +184,7 @@ def read_card_metadata(model_dir: str | Path) -> dict[str, Any]:
     return ModelCard.load(Path(model_dir) / CARD_FILE).data.to_dict()
 
 
+NO_INPUT_HASHES_NOTE = "The inputs' sha256 were not computed (`--no-input-hashes`)."
 STUDY_SCORES_NOTE = ("Not measured when this card was written: the model is made before it is evaluated. "
                      "A study's scores are in its results.csv and report; a registry export's card carries them.")
 
@@ -200,16 +210,21 @@ def training_card(settings: Mapping[str, Any], model_path: str | Path, adapter_i
 
 def merge_card(method: str, base: str | Path | None, models: Sequence[str | Path], settings: Mapping[str, Any],
                input_hashes: bool = True) -> ModelCardInfo:
-    """A merge's card: base_model the shared base (or, for a plain average without one, the models merged).
-    input_hashes False: the inputs without their content hashes (the settings say so: `input_hashes`)."""
+    """A merge's card: base_model the shared base (or, for a plain average without one, the models merged); its
+    title names the method, every model merged and the base. input_hashes False: the inputs without their content
+    hashes (the settings say so, `input_hashes`, and a sentence under the inputs)."""
     def entry(model: str | Path, role: str) -> CardInput:
         return model_input(model, role) if input_hashes else CardInput(hub_name(model), role)
 
     inputs = ([entry(base, "base model")] if base is not None else []) + [entry(m, "merged") for m in models]
     parents: str | list[str] = hub_name(base) if base is not None else [hub_name(m) for m in models]
-    return ModelCardInfo(title=f"{method} merge of {len(models)} models", base_model=parents, relation="merge",
+    title = f"{method} merge of {', '.join(f'`{hub_name(m)}`' for m in models)}"
+    if base is not None:
+        title += f" on `{hub_name(base)}`"
+    return ModelCardInfo(title=title, base_model=parents, relation="merge",
                          library_name="transformers", method=f"merge ({method})", settings=dict(settings),
-                         inputs=inputs, scores_note=STUDY_SCORES_NOTE, tags=["merge"],
+                         inputs=inputs, inputs_note="" if input_hashes else NO_INPUT_HASHES_NOTE,
+                         scores_note=STUDY_SCORES_NOTE, tags=["merge"],
                          how_to_load="AutoModelForCausalLM.from_pretrained(DIR)")
 
 

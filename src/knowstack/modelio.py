@@ -23,11 +23,15 @@ if TYPE_CHECKING:
     from knowstack.modelcard import ModelCardInfo
 
 
-# Files besides the config and the weights that make an output a model users load and chat with (tokenizer files,
-# the chat template: transformers 5 writes chat_template.jinja, older checkpoints keep it in tokenizer_config.json;
-# generation_config.json): carried from the base into every output dir.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
+# The files a tokenizer is loaded from (fast, sentencepiece, BPE, WordPiece): any one of them shows that a dir has a
+# tokenizer (validate.has_tokenizer_files). The first two are those a check names when a dir has none.
+TOKENIZER_LOAD_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                        "spiece.model", "merges.txt")
+# Files besides the config and the weights that make an output a model users load and chat with: the tokenizer's
+# (those above, and what goes beside them), the chat template (transformers 5 writes chat_template.jinja, older
+# checkpoints keep it in tokenizer_config.json) and generation_config.json; carried from the base into every output
+# dir (copy_model_files), so that an output has a tokenizer wherever its base has one.
+TOKENIZER_FILES = (*TOKENIZER_LOAD_FILES, "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
                    "chat_template.json", "generation_config.json")
 # What an output's floating tensors may be written in (--dtype); "auto": as the base's.
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -99,14 +103,42 @@ def pad_token_refusal(tokenizer: PreTrainedTokenizerBase, rows: int) -> str | No
 def write_padded_base(model_path: str | Path, out_dir: Path, *, tokenizer_path: str | Path | None = None,
                       trust_remote_code: bool = False) -> dict[str, Any]:
     """The base as the paper's scripts load it (add_pad_token), saved as a model dir in its own dtype with the
-    grown tokenizer; a base whose tokenizer has a pad token is saved as it is. Returns what was done."""
-    model = load_model(model_path, dtype="auto", trust_remote_code=trust_remote_code)
+    grown tokenizer. A local base whose tokenizer has a pad token is not changed: its weights are hard-linked, not
+    loaded nor copied (link_base). Returns what was done."""
     tokenizer = load_tokenizer(tokenizer_path or model_path, trust_remote_code=trust_remote_code, pad_from_eos=False)
+    folder = Path(str(model_path)).expanduser()
+    if tokenizer.pad_token is not None and folder.is_dir():
+        rows = link_base(folder, tokenizer, out_dir, trust_remote_code=trust_remote_code)
+        return {"pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id, "added": False,
+                "rows_before": rows, "rows": rows}
+    model = load_model(model_path, dtype="auto", trust_remote_code=trust_remote_code)
     rows = model.get_input_embeddings().weight.shape[0]
     added = add_pad_token(model, tokenizer)
     save_model(model, tokenizer, out_dir)
     return {"pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id, "added": added,
             "rows_before": rows, "rows": model.get_input_embeddings().weight.shape[0]}
+
+
+def link_base(folder: Path, tokenizer: PreTrainedTokenizerBase, out_dir: Path, *,
+              trust_remote_code: bool = False) -> int:
+    """A model dir of the base in `folder` with `tokenizer`, its weights unchanged: the tokenizer saved as save_model
+    saves it, then the base's config, generation_config, safetensors (index and shards) and code files hard-linked
+    beside it (atomic.link_or_copy: copied only across file systems), so an 8B base costs no 16 GB copy. Returns its
+    token rows (the config's vocab_size)."""
+    from transformers import AutoConfig
+
+    from knowstack.atomic import link_or_copy
+    from knowstack.modeling.streaming import INDEX_FILE, weight_files
+
+    rows = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code).get_text_config().vocab_size
+    files = [*weight_files(folder), folder / INDEX_FILE, folder / "config.json", folder / "generation_config.json",
+             *folder.glob("*.py")]  # remote code that config.json names (trust_remote_code)
+    with atomic_dir(Path(out_dir)) as tmp:
+        tokenizer.save_pretrained(tmp)  # first: a name it writes is never a link, so nothing writes into the base
+        for source in files:
+            if source.is_file() and not (tmp / source.name).exists():
+                link_or_copy(source, tmp / source.name)
+    return rows
 
 
 def load_model(

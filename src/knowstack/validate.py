@@ -35,9 +35,6 @@ SPLIT_FIELDS: dict[tuple[str, str], tuple[str, str]] = {
     ("math", "test"): ("question", "answer"),
 }
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-# Files any of which a tokenizer is loaded from (fast, sentencepiece, BPE, WordPiece).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "spiece.model", "merges.txt")
 
 
 def problems_of(call: Callable[[], Any]) -> list[Problem]:
@@ -247,7 +244,10 @@ def _is_local(path: str | Path, what: str) -> tuple[bool, list[Problem]]:
 
 
 def has_tokenizer_files(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+    """Whether `folder` holds any file a tokenizer is loaded from (modelio.TOKENIZER_LOAD_FILES)."""
+    from knowstack.modelio import TOKENIZER_LOAD_FILES
+
+    return any((folder / name).is_file() for name in TOKENIZER_LOAD_FILES)
 
 
 def check_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> list[Problem]:
@@ -257,7 +257,9 @@ def check_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> lis
         return problems
     folder = Path(str(path)).expanduser()
     if folder.is_dir() and not has_tokenizer_files(folder):
-        return [Problem(str(folder), f"no tokenizer ({' or '.join(TOKENIZER_FILES[:2])}): save the tokenizer with "
+        from knowstack.modelio import TOKENIZER_LOAD_FILES
+
+        return [Problem(str(folder), f"no tokenizer ({' or '.join(TOKENIZER_LOAD_FILES[:2])}): save the tokenizer with "
                                      "the model, or name its dir (base.tokenizer in a study config)")]
     from transformers import AutoTokenizer
 

@@ -227,13 +227,14 @@ def family_style(families: list[str]) -> dict[str, dict]:
 
 def search_trace(spec: FigureSpec, path: Path) -> Path | None:
     """A search's trials in order (columns: trial, eval score, old loss): above, the old-knowledge loss with the
-    budget as a dashed line; below, the eval score, filled where the trial is within the budget."""
+    budget as a dashed line; below, the eval score, filled where the trial is within the budget. The trial is the
+    rows' label column ('4', or '4 (chosen)'): x is its number."""
     names = spec.table.header[1:]
-    x_col, y_col, loss_col = (names.index(c) for c in spec.columns or [])
+    y_col, loss_col = (names.index(c) for c in (spec.columns or [])[1:])
     rows = spec.table.rows
     if not rows:
         return None
-    xs = [_number(r.cells[x_col]) for r in rows]
+    xs = [float(r.label.split()[0]) for r in rows]
     within = [spec.budget is None or _number(r.cells[loss_col]) <= spec.budget for r in rows]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8.0, 5.5), sharex=True)
     top.plot(xs, [_number(r.cells[loss_col]) for r in rows], color=OTHER_COLOUR, linewidth=0.8, zorder=2)

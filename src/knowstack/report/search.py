@@ -27,15 +27,14 @@ def trace_table(model: str, record: dict[str, Any]) -> Table:
     table = Table(f"search-trace-{model}", f"{model}: every trial of the search, in order (eval splits and old "
                   f"knowledge's held-out slice only; budget: old-knowledge loss at most {record['max_old_loss']:g}% "
                   f"of the base's held-out AVE {record['base_old']:.3f}).",
-                  ["trial", "trial number", "eval score", "old held-out loss (%)", "within budget", "point"])
+                  ["trial", "eval score", "old held-out loss (%)", "within budget", "point"])
     for trial in record["trials"]:
         mark = " (chosen)" if trial["number"] == record["chosen"] else ""
-        # the number again as a cell, the figure's x (a whole number: 'score' printed it as 1.0000)
-        table.rows.append(TableRow(f"{trial['number'] + 1}{mark}", [trial["number"] + 1, trial["new"],
-                                                                     trial["old_loss"],
+        # the label is the trial's number, counted from 1: the figure's x too (figures.search_trace)
+        table.rows.append(TableRow(f"{trial['number'] + 1}{mark}", [trial["new"], trial["old_loss"],
                                                                      "yes" if trial["within"] else "no",
                                                                      point_text(trial["point"])],
-                                   unit=["text", "score", "percent", "text", "text"], key=model))
+                                   unit=["score", "percent", "text", "text"], key=model))
     return table
 
 
@@ -110,7 +109,7 @@ def search_sections(scores: Scores, runs: list[Run], searches: dict[str, dict]) 
         trace = trace_table(model, record)
         figure = FigureSpec(f"search-{model}", f"{model}: each trial's held-out old-knowledge loss (the dashed line is "
                             "the budget) and eval score.", f"Search trace: {model}", trace, "eval score",
-                            kind="search", columns=["trial number", "eval score", "old held-out loss (%)"],
+                            kind="search", columns=["trial", "eval score", "old held-out loss (%)"],
                             xlabel="trial", budget=record["max_old_loss"])
         table, text = comparison(scores, runs, model, record)
         blocks += [head, trace, figure, text, table]

@@ -120,22 +120,29 @@ def describe_plan(dry: DryPlan, out: Path, console: Console) -> None:
 
 
 def step_settings(step: Step) -> str:
-    """What a step is set to where it matters at a glance: a train step's budget, a merge's options, an MoE's
-    experts and routing."""
+    """What a step is set to where it matters at a glance: a train step's budget (and how it cuts an overlong
+    example, where not the default), a merge's options, an MoE's experts and routing (and a LoRA-MoE's router dtype
+    and init, where not the default)."""
     params = step.params
     if step.kind == "train":
         training = params["training"]
         budget = f"max_steps {training['max_steps']}" if training["max_steps"] else f"epochs {training['epochs']:g}"
-        return f"{budget}, batch {training['batch_size']}"
+        return ", ".join([f"{budget}, batch {training['batch_size']}", *_set_later(training, ("overlong",))])
     if step.kind == "merge":
         return ", ".join(f"{name} {value}" for name, value in params["options"].items() if name != "seed")
     if step.kind == "moe":
         options = params["options"]
-        return (f"{len(params['models'])} {params['experts']} experts, top-{options['top_k']}, "
-                f"router {options['router']}")
+        return ", ".join([f"{len(params['models'])} {params['experts']} experts, top-{options['top_k']}, "
+                          f"router {options['router']}", *_set_later(options, ("router_dtype", "router_init"))])
     if step.kind == "statistics":
         return f"{params['kind']}, {params['examples']} examples"
     return ""
+
+
+def _set_later(params: dict, names: tuple[str, ...]) -> list[str]:
+    # settings added later are in a step's params only where set to other than their default (builder.LATER_SETTINGS,
+    # methods/moe.py), so the ones present are the ones to show: a default study's table stays as it was
+    return [f"{name} {params[name]}" for name in names if name in params]
 
 
 def describe_resources(plan: Plan, console: Console, gpu_memory: int | None = None) -> None:

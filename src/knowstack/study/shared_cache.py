@@ -22,7 +22,6 @@ reused); the step's own record (step.json) keeps the cost of the run that comput
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -34,15 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from knowstack.atomic import atomic_dir, atomic_write_json, honour_umask
+from knowstack.atomic import atomic_dir, atomic_write_json, honour_umask, link_or_copy
 from knowstack.study.graph import Plan, Step
 
 CACHE_ENV = "KNOWSTACK_CACHE"
 ENTRY_FILE = ".entry.json"  # an entry's list of files and sizes, written last
 LOCKS_DIR = ".locks"
 REUSED_DIR = ".reused"  # under a study's artifacts: one record per step linked from the cache
-# link() errors that mean "no hard link here" (another file system, one without links, too many links): copy instead
-NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
 def default_root() -> Path:
@@ -152,12 +149,7 @@ def link_tree(source: Path, target: Path) -> str:
     how = "hardlink"
     for name in _files(source):
         (target / name).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(source / name, target / name)
-        except OSError as err:
-            if err.errno not in NO_LINK:
-                raise
-            shutil.copy2(source / name, target / name)
+        if not link_or_copy(source / name, target / name):
             how = "copy"
     return how
 
