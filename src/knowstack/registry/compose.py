@@ -380,7 +380,7 @@ def compose(
         if spec.catalog == "search":
             from knowstack.registry.compose_plan import searchable_old_knowledge
 
-            searchable_old_knowledge(reg.base())
+            searchable_old_knowledge(reg)
         start_record = check_start(records, start, spec) if start is not None else None
         settings = spec.settings(options)
         key = compose_key(spec, settings, reg.base()["content_hash"], chosen, start_record)
