@@ -386,3 +386,42 @@ def test_compose_training_launched_on_two_processes_gives_the_in_process_version
         mine, theirs = tensors(two), tensors(one)
         assert max((mine[k] - theirs[k]).abs().max().item() for k in mine) < 1e-5
     assert launched["settings"]["compose_key"] == here["settings"]["compose_key"]
+
+
+def test_compose_moe_lora_takes_mix_router_dtype_and_router_init(registry: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`compose --method moe-lora --router moetify` takes --router-dtype and --router-init as `mix` does (the same
+    choices, help and defaults), builds with them, keys a version by them only when given (a version composed before
+    they existed keeps its key), refuses them where a mixture cannot take them before the work dir, and moe-fft does
+    not read them."""
+    from knowstack.cli import build_parser
+    from knowstack.cli.vocabulary import commands, options
+    from knowstack.registry.compose import options_from
+
+    parsers = dict(commands(build_parser()))
+    for flag in ("--router-dtype", "--router-init"):
+        mix, comp = (next(a for a in options(parsers[name]) if a.option_strings == [flag]) for name in ("mix", "compose"))
+        assert (comp.choices, comp.help, comp.default) == (mix.choices, mix.help, mix.default) and comp.choices
+    args = build_parser().parse_args(["compose", str(registry), "--method", "moe-lora", "--router", "moetify",
+                                      "--router-dtype", "float16", "--router-init", "moetify"])
+    given = options_from(vars(args), "moe-lora")
+    assert (given.router_dtype, given.router_init) == ("float16", "moetify")
+    spec = METHODS["moe-lora"]
+    assert set(spec.settings(ComposeOptions())) == {"top_k", "router", "prompts_per_expert", "router_steps",
+                                                    "router_lr", "router_examples_per_task", "max_length", "seed"}
+    assert spec.settings(given)["router_dtype"] == "float16" and spec.settings(given)["router_init"] == "moetify"
+    with pytest.raises(KnowstackError, match="'moe-fft' does not read --router-dtype") as error:
+        options_from({"router_dtype": "float16"}, "moe-fft")
+    assert error.value.field == "--router-dtype"
+    # moetify's draws are moetify's router's: refused before the compose makes its work dir
+    assert main(["compose", str(registry), "--method", "moe-lora", "--router-init", "moetify"]) == 2
+    err = capsys.readouterr().err
+    assert "option --router-init: 'router_init: moetify'" in err and "Traceback" not in err and not (registry / ".compose").exists()
+    options = dataclasses.replace(TINY_TRAINING, router="moetify", router_dtype="float16", router_init="moetify")
+    record = compose(registry, "moe-lora", contributions=["stance", "notes"], options=options)
+    with Registry.open(registry) as reg, reg.store.view(record["files"]) as built:
+        assert json.loads((built / "lora_moe.json").read_text())["router_dtype"] == "float16"
+        routers = {k: v for k, v in load_file(built / "lora_moe.safetensors").items() if k.startswith("routers.")}
+        moe = json.loads((built / "moe.json").read_text())
+    assert routers and all(t.dtype == torch.float16 for t in routers.values())
+    assert moe["options"]["router_init"] == "moetify"

@@ -395,6 +395,38 @@ def test_moe_config_is_validated(tmp_path: Path, tiny_model_dir: Path) -> None:
             build_plan(parse_config(study_config(tmp_path, tiny_model_dir, moe)))
 
 
+def test_a_moe_rule_error_names_the_setting_that_breaks_it_and_the_config_file(
+        tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A rule between MoE settings (config.py moe_problems, and the section's own 'tasks') names the setting that
+    breaks it, not the section (methods.moe.router_init, not methods.moe), in a list of mixtures too; the study
+    command names the config file (an FFT-MoE its base's family cannot take: tests/test_moe_families.py)."""
+    import yaml
+
+    from knowstack.cli import main
+    from knowstack.config import parse_config
+
+    cases = [({"router": "none", "router_training": {}}, "router_training"),
+             ({"experts": ["lora"], "router": "random", "router_init": "moetify"}, "router_init"),
+             ({"experts": ["lora"], "router": "moetify", "router_init": "moetify", "base_expert": "routed"},
+              "base_expert"),
+             ({"experts": ["fft"], "router_dtype": "float16"}, "router_dtype"),
+             ({"base_expert": "always-on"}, "base_expert"), ({"router": "base-biased"}, "router"),
+             ({"tasks": ["t1", "t1"]}, "tasks")]
+    for moe, setting in cases:
+        with pytest.raises(KnowstackError) as error:
+            parse_config(study_config(tmp_path, tiny_model_dir, moe))
+        assert error.value.field == f"methods.moe.{setting}", moe
+        with pytest.raises(KnowstackError) as error:
+            parse_config(study_config(tmp_path, tiny_model_dir, [{"experts": ["lora"]}, {**moe, "name": "b"}]))
+        assert error.value.field == f"methods.moe[1].{setting}", moe
+    config = tmp_path / "moe.yaml"
+    config.write_text(yaml.safe_dump(study_config(tmp_path, tiny_model_dir, {"experts": ["lora"], "router": "random",
+                                                                             "router_init": "moetify"})))
+    assert main(["study", str(config), "--out", str(tmp_path / "run"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {config}: field 'methods.moe.router_init': 'router_init: moetify'" in err and "Traceback" not in err
+
+
 def test_plan_moe_shares_the_one_round_train_steps(tmp_path: Path, tiny_model_dir: Path) -> None:
     from knowstack.config import parse_config
     from knowstack.study.plan import build_plan

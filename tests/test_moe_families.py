@@ -281,40 +281,57 @@ def test_cli_refuses_families_no_class_fits_before_any_compute(family: str, fami
 
 def test_options_a_stock_class_cannot_express_are_refused_but_for_llama(family_models: Callable,
                                                                         tmp_path: Path) -> None:
-    for family, options, message in [
-        ("qwen3", MoeOptions(base_expert="routed", router="base-biased"), "cannot express the options router: base-biased"),
-        ("mistral", MoeOptions(layers=(1,)), "cannot express the options layers"),
-        ("olmo2", MoeOptions(attention=("q_proj",)), "cannot express the options attention"),
-        ("qwen2", MoeOptions(base_expert="always-on"), "always-on"),
+    for family, options, message, field in [
+        ("qwen3", MoeOptions(base_expert="routed", router="base-biased"), "cannot express the options router: base-biased",
+         "router"),
+        ("mistral", MoeOptions(layers=(1,)), "cannot express the options layers", "layers"),
+        ("olmo2", MoeOptions(attention=("q_proj",)), "cannot express the options attention", "attention"),
+        ("qwen2", MoeOptions(base_expert="always-on"), "always-on", "base_expert"),
     ]:
         base, models = family_models(family)
-        with pytest.raises(KnowstackError, match=message):
+        with pytest.raises(KnowstackError, match=message) as error:
             mix_models(base, models, tmp_path / "out", options=options)
+        assert error.value.field == field  # the option it cannot express (mix: option --base-expert, ...)
         assert not (tmp_path / "out").exists()
     base, models = family_models("llama3.2")  # a Llama has knowstack's own class for them
     record = mix_models(base, models, tmp_path / "own", options=MoeOptions(layers=(1,), base_expert="always-on"))
     assert record["architecture"] == "KnowstackMoeForCausalLM"
 
 
-def test_study_validation_refuses_an_fft_mixture_of_a_family_no_class_fits(family_models: Callable,
-                                                                           tmp_path: Path) -> None:
+def test_study_validation_refuses_an_fft_mixture_of_a_family_no_class_fits(family_models: Callable, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
     from knowstack.config import parse_config
     from knowstack.validate import check_study
 
-    def study(family: str, moe: object) -> object:
+    def raw(family: str, moe: object) -> dict:
         (tmp_path / "t1").mkdir(exist_ok=True)
         for split in ("train", "test"):
             (tmp_path / "t1" / f"{split}.json").write_text(json.dumps([{"prompt": "a", "answer": " b"}]))
-        return parse_config({"name": "s", "base": {"model": str(family_models(family)[0])},
-                             "tasks": [{"name": "t1", "path": str(tmp_path / "t1"), "metric": "accuracy"}],
-                             "old_knowledge": {"tasks": ["ks_x"]}, "methods": {"one-round": {}, "moe": moe}})
+        return {"name": "s", "base": {"model": str(family_models(family)[0])},
+                "tasks": [{"name": "t1", "path": str(tmp_path / "t1"), "metric": "accuracy"}],
+                "old_knowledge": {"tasks": ["ks_x"]}, "methods": {"one-round": {}, "moe": moe}}
+
+    def study(family: str, moe: object) -> object:
+        return parse_config(raw(family, moe))
 
     def moe_problems(config: object) -> list:
         return [p for p in check_study(config) if (p.field or "").startswith("methods.moe")]
 
+    # each names the setting that does not fit (the experts, where no class fits the family at all)
     problems = moe_problems(study("gemma2", [{"experts": ["lora"]}, {"experts": ["fft"], "router": "random"}]))
-    assert len(problems) == 1 and problems[0].field == "methods.moe[1]"
+    assert len(problems) == 1 and problems[0].field == "methods.moe[1].experts"
     assert "no transformers MoE class fits it" in problems[0].message
-    assert [p.field for p in moe_problems(study("qwen3", {"experts": ["fft"], "router": "none"}))] == ["methods.moe"]
+    assert [p.field for p in moe_problems(study("qwen3", {"experts": ["fft"], "router": "none"}))] == [
+        "methods.moe.router"]
     assert moe_problems(study("qwen3", {"experts": ["fft", "lora"]})) == []
     assert moe_problems(study("gemma3", {"experts": ["lora"]})) == []
+    # the study command names the config file the setting is in
+    import yaml
+
+    from knowstack.cli import main
+
+    config = tmp_path / "moe.yaml"
+    config.write_text(yaml.safe_dump(raw("qwen3", {"experts": ["fft"], "router": "none"})))
+    assert main(["study", str(config), "--out", str(tmp_path / "run"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}: field 'methods.moe.router': FFT-MoE of a 'qwen3' base" in err and "Traceback" not in err

@@ -289,23 +289,28 @@ def test_the_trace_shows_each_trial_number_once_and_the_figure_plots_against_it(
 
 def test_compose_search_on_a_registry_it_cannot_search_is_refused_before_its_work_dir(
         tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Without old-knowledge tasks, or with old knowledge but no --limit, a search has no held-out slice: exit 2
-    naming the option to give, before the compose makes its work dir (it was made, then the error came)."""
+    """Without old-knowledge tasks, with old knowledge but no --limit, or with a --limit that takes every item, a
+    search has no held-out slice: exit 2 naming the option (the registry's, not a study's old_knowledge.limit),
+    before the compose makes its work dir (it was made, then the error came from the search step)."""
     from test_registry import make_adapter, make_task, write_mc_task
 
     from knowstack.registry import init_registry
     from knowstack.registry.contribute import contribute
 
-    write_mc_task(tmp_path / "old")
-    for reg, old in ((tmp_path / "none", {}), (tmp_path / "all", {"old_tasks": ["ks_toy"],
-                                                                    "include_path": tmp_path / "old"})):
+    write_mc_task(tmp_path / "old")  # 4 items
+    old_tasks = {"old_tasks": ["ks_toy"], "include_path": tmp_path / "old"}
+    cases = ((tmp_path / "none", {}, "registry init --old-tasks"),
+             (tmp_path / "all", old_tasks, "registry init without --limit"),
+             (tmp_path / "limit", {**old_tasks, "limit": 4},
+              "old-knowledge task 'ks_toy' has 4 items, none after the first 4 (registry init --limit 4)"))
+    for reg, old, said in cases:
         init_registry(reg, tiny_model_dir, **old)
         contribute(reg, "stance", adapter=make_adapter(tiny_model_dir, reg.parent / f"a-{reg.name}", seed=1),
                    task=make_task(reg.parent / f"tasks-{reg.name}", "Stance"))
         capsys.readouterr()
         assert main(["compose", str(reg), "--search", "--trials", "2"]) == 2
         err = capsys.readouterr().err
-        assert ("registry init --old-tasks" if not old else "registry init without --limit") in err
+        assert said in err and "old_knowledge.limit" not in err
         assert "Traceback" not in err and not (reg / ".compose").exists()
 
 def test_a_search_without_a_held_out_slice_or_with_a_method_it_cannot_search_is_refused_before_any_step(

@@ -81,6 +81,7 @@ def test_merge_moe_and_compose_defaults_are_the_study_configs() -> None:
         routers.examples_per_task)
     assert compose.olora_lambda == OLoraConfig().lambdas[0] and compose.replay_fraction == ReplayConfig().fraction
     assert compose.joint_sampling == JointConfig().sampling
+    assert (compose.router_dtype, compose.router_init) == (moe.router_dtype, moe.router_init)
 
 
 def test_training_uses_the_tokenizer_it_is_given(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -41,6 +41,15 @@ EVAL_BATCH_SIZE = 32
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+class SettingError(ValueError):
+    """A rule a section's validator finds broken by one of its settings (a model_validator's error is located at the
+    section): parse_config names that setting under the section's path (methods.moe.router_init, not methods.moe)."""
+
+    def __init__(self, message: str, setting: str):
+        super().__init__(message)
+        self.setting = setting
+
+
 def _each_once(value: list[str], message: str) -> list[str]:
     """A list setting that names each choice at most once, and at least one."""
     if not value or len(set(value)) != len(value):
@@ -743,14 +752,15 @@ class MoeConfig(Sweepable):
     def _consistent(self) -> MoeConfig:
         for listed in self.tasks.values() if isinstance(self.tasks, dict) else [self.tasks]:
             if listed is not None and (not listed or len(set(listed)) != len(listed)):
-                raise ValueError("'tasks' names each task to mix once, at least one")
+                raise SettingError("'tasks' names each task to mix once, at least one", "tasks")
         problems = moe_problems(set(self.experts), router=self.router, base_expert=self.base_expert,
                                 attention=bool(self.attention), routing=self.routing,
                                 trains=self.router_training is not None, temperature=self.temperature is not None,
                                 gate_training=self.gate_training is not None, router_dtype=self.router_dtype,
                                 router_init=self.router_init)
         if problems:
-            raise ValueError(problems[0][1])
+            setting, message = problems[0]
+            raise SettingError(message, setting)
         return self
 
 
@@ -899,6 +909,13 @@ def _check_task_recipe(training: TrainingConfig, task: TaskConfig, index: int) -
         raise ValueError(located(message, field=f"tasks[{index}].micro_batch_size")) from None
 
 
+def _error_field(error: Any) -> str:
+    """The field a pydantic error is about: its location, and the setting a section's rule names (SettingError)."""
+    path = _field_path(tuple(error["loc"]))
+    cause = (error.get("ctx") or {}).get("error")
+    return f"{path}.{cause.setting}" if isinstance(cause, SettingError) else path
+
+
 def _field_path(location: tuple[Any, ...]) -> str:
     parts: list[str] = []
     for item in location:
@@ -940,8 +957,8 @@ def parse_config(raw: Any, source: str | Path = "<config>", root: Path | None = 
         return StudyConfig.model_validate(raw)
     except ValidationError as err:
         # With unions pydantic reports each branch; the deepest location is the user's real mistake.
-        first = max(err.errors(), key=lambda e: len(_field_path(tuple(e["loc"]))))
-        field = _field_path(tuple(first["loc"])) or None
+        first = max(err.errors(), key=lambda e: len(_error_field(e)))
+        field = _error_field(first) or None
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
             message = "unknown field"

@@ -706,7 +706,8 @@ def check_fft_moe_base(model: str | Path, section: Any) -> list[Problem]:
     """Each FFT mixture of a study's `methods.moe` (one section or a list) against the base's family: the stock MoE
     class it is written as, or the reason none fits (combine/moe_fft.py), read from the base's config.json
     before any step runs. A base given by hub id is checked when its mixture is built (still before any compute
-    of that step)."""
+    of that step). Each problem names the mixture's setting that does not fit (experts, where the base's family has
+    no FFT-MoE at all), and no file: the setting is the config's (the CLI names it)."""
     mixtures = section if isinstance(section, list) else [] if section is None else [section]
     folder = Path(str(model)).expanduser()
     fft = [(i, m) for i, m in enumerate(mixtures) if "fft" in m.experts]
@@ -723,8 +724,10 @@ def check_fft_moe_base(model: str | Path, section: Any) -> list[Problem]:
     for index, mixture in fft:
         field = f"methods.moe[{index}]" if isinstance(section, list) else "methods.moe"
         some_layers = mixture.layers is not None and set(mixture.layers) != set(range(n_layers))
-        found = problems_of(lambda m=mixture, s=some_layers: fft_moe_class(
-            base_config, some_layers=s, base_expert=m.base_expert, router_free=m.router == "none",
-            router_bias=m.router == "base-biased", attention=m.attention or ()))
-        problems += [Problem(str(folder), problem.message, field) for problem in found]
+        try:
+            fft_moe_class(base_config, some_layers=some_layers, base_expert=mixture.base_expert,
+                          router_free=mixture.router == "none", router_bias=mixture.router == "base-biased",
+                          attention=mixture.attention or ())
+        except KnowstackError as err:
+            problems.append(Problem(None, err.message, f"{field}.{err.field or 'experts'}"))
     return problems

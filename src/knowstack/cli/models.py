@@ -13,6 +13,7 @@ from knowstack.cli.options import (
     add_dtype_option,
     add_eval_batch_size,
     add_json_option,
+    add_lora_moe_router_options,
     add_merge_method_options,
     add_out_option,
     add_protocol_option,
@@ -26,8 +27,6 @@ from knowstack.config import (
     MOE_PRESETS,
     MOE_ROUTERS,
     MoeConfig,
-    RouterDtype,
-    RouterInit,
     RouterTrainingConfig,
 )
 from knowstack.errors import KnowstackError, Problem
@@ -495,13 +494,7 @@ def add_commands(sub: Any) -> None:
                    help="LoRA-MoE: a router per layer, or per module reading the module's input (default: module "
                         "for arrow, layer otherwise)")
     p.add_argument("--temperature", type=float, help="the arrow router's softmax temperature (default 1)")
-    p.add_argument("--router-dtype", choices=get_args(RouterDtype),
-                   help="LoRA-MoE: the dtype its routers are stored in (float32, the default; float16, as moetify "
-                        "saves them; or bfloat16), run in float32 on the stored values")
-    p.add_argument("--router-init", choices=get_args(RouterInit),
-                   help="--router moetify, LoRA-MoE: how its random routers are drawn: per-module, the default, each "
-                        "router from --seed and its module; moetify, as moetify's blend.py draws them on a CPU "
-                        "(set_seed(1399), every LoRA layer's init in PEFT's module order, then the routers)")
+    add_lora_moe_router_options(p)
     p.add_argument("--prompts", nargs="+", help="one JSON/JSONL file of prompts per model, in order")
     p.add_argument("--prompts-per-expert", type=int, default=moe.prompts_per_expert,
                    help=f"{meaning('--prompts-per-expert')} (default {moe.prompts_per_expert})")

@@ -172,6 +172,15 @@ def merge_options_given(args: argparse.Namespace) -> dict[str, Any]:
             if getattr(args, option.field, None) is not None}
 
 
+def add_lora_moe_router_options(parser: Any) -> None:
+    """--router-dtype and --router-init (`mix` and `compose`): a LoRA-MoE's router_dtype and router_init, their choices
+    the config's (RouterDtype, RouterInit), default not given (the config's own)."""
+    from knowstack.config import RouterDtype, RouterInit
+
+    parser.add_argument("--router-dtype", choices=typing.get_args(RouterDtype), help=meaning("--router-dtype"))
+    parser.add_argument("--router-init", choices=typing.get_args(RouterInit), help=meaning("--router-init"))
+
+
 def add_out_option(parser: Any, what: str, *, required: bool = True, default: str | None = None) -> None:
     """--out of a dir the command writes whole, and --overwrite to replace one that is not empty (validate.py
     check_out_dir)."""

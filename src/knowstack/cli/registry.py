@@ -14,6 +14,7 @@ from knowstack.cli.metric import add_metric_option, metric_problems
 from knowstack.cli.options import (
     add_eval_batch_size,
     add_json_option,
+    add_lora_moe_router_options,
     add_merge_method_options,
     add_out_option,
     add_protocol_option,
@@ -254,6 +255,7 @@ def _add_compose_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--router-steps", type=int, help=f"{meaning('--router-steps')}: on the kept training data "
                                                     f"(default {d.router_steps})")
     g.add_argument("--router-lr", type=float, help=f"{meaning('--router-lr')} (default {d.router_lr})")
+    add_lora_moe_router_options(g)  # moe-lora's
     g = p.add_argument_group("training options (sequential, olora, replay, joint)")
     g.add_argument("--finetune", choices=["lora", "fft"], help=f"{meaning('--finetune')} (default {d.finetune})")
     g.add_argument("--lr", type=float, help=meaning("--lr", f"constant (default {d.lr})"))

@@ -11,15 +11,22 @@ from typing import Any
 from knowstack.cli.common import console, percent
 from knowstack.cli.vocabulary import meaning
 from knowstack.config import CONFIG_DIR, SearchConfig
-from knowstack.errors import KnowstackError
+from knowstack.errors import InputProblems, KnowstackError, Problem
 
 
 @contextlib.contextmanager
 def naming_the_config(config: str | Path) -> Iterator[None]:
-    """An error about a setting that names no file (one the plan finds, e.g. old_knowledge.limit for a search) names
-    the config file, as the config's own checks do."""
+    """An error about a setting that names no file (one the plan finds, e.g. old_knowledge.limit for a search, or one
+    of the study's input checks, e.g. an FFT-MoE setting its base cannot take) names the config file, as the config's
+    own checks do."""
     try:
         yield
+    except InputProblems as err:
+        named = [Problem(str(config), p.message, p.field, p.item) if p.path is None and p.field else p
+                 for p in err.problems]
+        if named == err.problems:
+            raise
+        raise InputProblems(named) from None
     except KnowstackError as err:
         if type(err) is not KnowstackError or err.path is not None or err.field is None:
             raise

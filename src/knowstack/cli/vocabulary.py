@@ -54,6 +54,11 @@ MEANINGS: dict[str, str] = {
     "--protocol": "how answers are read and scored (builtin; paper: the paper's TRACE/GSM8K scoring)",
     "--replay-fraction": "replay: each earlier task adds this fraction x |task| of its examples",
     "--router": "router init",
+    "--router-dtype": "LoRA-MoE: the dtype its routers are stored in (float32, the default; float16, as moetify saves "
+                      "them; or bfloat16), run in float32 on the stored values",
+    "--router-init": "--router moetify, LoRA-MoE: how its random routers are drawn: per-module, the default, each "
+                     "router from --seed and its module; moetify, as moetify's blend.py draws them on a CPU "
+                     "(set_seed(1399), every LoRA layer's init in PEFT's module order, then the routers)",
     "--router-lr": "router training's learning rate",
     "--router-steps": "router training's optimizer steps (0: no router training)",
     "--seed": "random seed",

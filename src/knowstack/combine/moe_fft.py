@@ -113,7 +113,8 @@ def choose_layout(base_config: dict, n_models: int, *, layers: Sequence[int] | N
 def fft_moe_class(base_config: dict, *, some_layers: bool = False, base_expert: str = "none",
                   router_free: bool = False, router_bias: bool = False, attention: Sequence[str] = ()) -> StockMoe | None:
     """The stock MoE class an FFT-MoE of this base with these options is written as; None: knowstack_moe. Reads
-    the base's config only, so that a command or a study refuses a base it cannot mix before any compute."""
+    the base's config only, so that a command or a study refuses a base it cannot mix before any compute. An error
+    names the first option the class cannot express as its field; none where the base itself does not fit."""
     model_type = base_config.get("model_type")
     family = family_of(model_type)
     works = ", ".join(moe_families())
@@ -122,10 +123,12 @@ def fft_moe_class(base_config: dict, *, some_layers: bool = False, base_expert: 
         raise KnowstackError(f"FFT-MoE of a '{model_type}' base: no transformers MoE class fits it ({why}); an FFT-MoE "
                              f"can be made of {works} bases")
     stock = family.stock_moe
-    options = [name for name, given in (
-        ("layers", some_layers and stock.dense_layers_field is None),
-        ("base_expert: always-on", base_expert == "always-on"), ("router: none", router_free),
-        ("router: base-biased", router_bias), ("attention", bool(attention))) if given]
+    given = [(setting, shown) for setting, shown, set_so in (
+        ("layers", "layers", some_layers and stock.dense_layers_field is None),
+        ("base_expert", "base_expert: always-on", base_expert == "always-on"),
+        ("router", "router: none", router_free), ("router", "router: base-biased", router_bias),
+        ("attention", "attention", bool(attention))) if set_so]
+    options = [shown for _, shown in given]
     misfits = stock.misfits(base_config)
     if not options and not misfits:
         return stock
@@ -134,7 +137,8 @@ def fft_moe_class(base_config: dict, *, some_layers: bool = False, base_expert: 
     what = f"the options {', '.join(options)}" if options else f"a base with {', '.join(misfits)}"
     own = [f.name for f in FAMILIES if f.own_moe]
     raise KnowstackError(f"FFT-MoE of a '{model_type}' base: {stock.architecture} cannot express {what}, and "
-                         f"knowstack's own MoE class is for {', '.join(own)} bases only")
+                         f"knowstack's own MoE class is for {', '.join(own)} bases only",
+                         field=given[0][0] if given else None)
 
 
 def check_attention(attention: Sequence[str]) -> None:

@@ -78,9 +78,12 @@ class Method:
     build: Callable[[Build], None]
     summary: str = field(default="")
     catalog: str = ""  # the catalog method it runs
+    keyed_when_set: tuple[str, ...] = ()  # knobs recorded (and keyed) only when not their default (ComposeVariant's)
 
     def settings(self, options: ComposeOptions) -> dict[str, Any]:
-        return {knob: getattr(options, knob) for knob in self.knobs}
+        default = ComposeOptions()
+        return {knob: getattr(options, knob) for knob in self.knobs
+                if knob not in self.keyed_when_set or getattr(options, knob) != getattr(default, knob)}
 
     @property
     def statistics(self) -> str | None:
@@ -101,7 +104,7 @@ def _catalog_build(catalog: str, variant: ComposeVariant) -> Callable[[Build], N
 
 METHODS: dict[str, Method] = {
     name: Method(name, variant.needs_data, variant.kinds, variant.knobs, _catalog_build(method.name, variant),
-                 variant.summary, method.name)
+                 variant.summary, method.name, variant.keyed_when_set)
     for name, (method, variant) in compose_variants().items()
 }
 
@@ -152,6 +155,8 @@ def check_inputs(method: Method, chosen: Sequence[dict[str, Any]], options: Comp
             raise KnowstackError(f"'{method.name}' reads each contribution's {method.statistics} statistics, and "
                                  f"{', '.join(lacking)} were contributed without them (contribute --statistics DIR, "
                                  "made by `knowstack statistics`)", field="contributions")
+    if method.catalog == "moe":
+        check_moe_options(method, options)
     if method.name.startswith("moe") and options.router_steps > 0 and without:
         raise KnowstackError(f"router training trains on the contributions' data, and {', '.join(without)} were "
                              "registered without it (--keep-data): use --router-steps 0", field="router_steps")
@@ -169,6 +174,26 @@ def check_inputs(method: Method, chosen: Sequence[dict[str, Any]], options: Comp
             raise KnowstackError(f"routers from prompts need an eval split (or kept training data) for "
                                  f"'{promptless[0]}': contribute its task with eval.json, or use --router uniform|random",
                                  field="router")
+
+
+# moe_problems' settings by the compose option that gives them (the rest are compose's own names; the CLI words each
+# as its option: router_init, --router-init)
+MOE_OPTION_OF = {"router_training": "router_steps"}
+
+
+def check_moe_options(method: Method, options: ComposeOptions) -> None:
+    """The MoE options against the rules of a mixture (config.py moe_problems, the one check of each rule), before the
+    work dir is made: the first broken one, naming its option."""
+    from knowstack.config import MoeConfig, moe_problems
+
+    kinds = {"lora" if kind == "adapter" else "fft" for kind in method.kinds}
+    moe = MoeConfig()  # the settings a compose does not give
+    problems = moe_problems(kinds, router=options.router, base_expert=moe.base_expert, attention=False,
+                            routing=moe.routing, trains=options.router_steps > 0, temperature=False,
+                            router_dtype=options.router_dtype, router_init=options.router_init)
+    if problems:
+        setting, message = problems[0]
+        raise KnowstackError(message, field=MOE_OPTION_OF.get(setting, setting))
 
 
 def check_combinable(b: Build, method: Method) -> None:
@@ -380,7 +405,7 @@ def compose(
         if spec.catalog == "search":
             from knowstack.registry.compose_plan import searchable_old_knowledge
 
-            searchable_old_knowledge(reg.base())
+            searchable_old_knowledge(reg)
         start_record = check_start(records, start, spec) if start is not None else None
         settings = spec.settings(options)
         key = compose_key(spec, settings, reg.base()["content_hash"], chosen, start_record)

@@ -53,6 +53,8 @@ class ComposeOptions(MergeKnobs):  # type: ignore[misc,valid-type]
     router_steps: int = 0
     router_lr: float = _ROUTERS.lr
     router_examples_per_task: int = _ROUTERS.examples_per_task
+    router_dtype: str = _MOE.router_dtype  # LoRA-MoE only (moe-lora)
+    router_init: str = _MOE.router_init
     # training methods (the paper's recipe: one constant learning rate)
     finetune: str = "lora"
     lr: float = PAPER_LR

@@ -17,6 +17,7 @@ from knowstack.study.methods import CATALOG, ComposeVariant
 from knowstack.study.plan import ModelRef, Plan, PlanBuilder, Step, step_ref
 
 if TYPE_CHECKING:
+    from knowstack.registry.core import Registry
     from knowstack.registry.evaluate import RegisteredTask
 
 TASKS_DIR = "tasks"
@@ -61,10 +62,12 @@ def compose_config(b: Build, catalog: str, variant: ComposeVariant, kinds: list[
 OLD_DIR = "old_knowledge"
 
 
-def searchable_old_knowledge(base: dict[str, Any]) -> dict[str, Any]:
+def searchable_old_knowledge(reg: Registry) -> dict[str, Any]:
     """The base record's old knowledge, which a search keeps within its budget; one error where a search cannot (a
-    compose checks it before it makes its work dir)."""
-    old = base["settings"].get("old_knowledge")
+    compose checks it before it makes its work dir, rather than the search step after the build): no old-knowledge
+    tasks, no limit, or a task with no item after the first `limit` ones (the registry's `registry init --limit`, which
+    a compose cannot change)."""
+    old = reg.base()["settings"].get("old_knowledge")
     if not old or not old.get("tasks"):
         raise KnowstackError("compose --search keeps old knowledge within --max-old-loss: the registry has no "
                              "old-knowledge tasks (registry init --old-tasks ...)", field="method")
@@ -72,14 +75,34 @@ def searchable_old_knowledge(base: dict[str, Any]) -> dict[str, Any]:
         raise KnowstackError("compose --search scores old knowledge on the items after the first `limit` ones, which "
                              "the gate reads: this registry scores every item (registry init without --limit)",
                              field="method")
+    _check_held_out_items(reg, old)
     return old
+
+
+def _check_held_out_items(reg: Registry, old: dict[str, Any]) -> None:
+    """Each stored old-knowledge task whose items can be counted (study/steps.py old_task_items, which the search
+    step's slice reads) has some after the first `limit`."""
+    from knowstack.study.steps import old_task_items
+
+    files, limit = old.get("files") or {}, old["limit"]
+    for task in old["tasks"]:
+        name = f"{task}.jsonl"
+        if name not in files:
+            continue
+        with reg.store.view({name: files[name]}) as folder:
+            items = old_task_items(folder, task)
+        if items is not None and items <= limit:
+            raise KnowstackError(f"old-knowledge task '{task}' has {items} items, none after the first {limit} "
+                                 f"(registry init --limit {limit}) that every score and the gate read, which compose "
+                                 "--search scores on: compose by another --method, or search on a registry made "
+                                 "with a lower --limit", field="method")
 
 
 def search_old_knowledge(b: Build) -> dict[str, Any]:
     """What a search scores old knowledge on: the registry's old-knowledge tasks (registry init --old-tasks),
     their stored files laid out in the work dir; the search reads the items after the first `limit` ones, which are
     what the registry scores every version (and the gate) on."""
-    old = searchable_old_knowledge(b.reg.base())
+    old = searchable_old_knowledge(b.reg)
     files = old.get("files") or {}
     include = str(b.reg.store.lay_out(files, b.work / OLD_DIR)) if files else None
     return {"tasks": list(old["tasks"]), "include_path": include, "limit": old["limit"], **b.reg.harness}

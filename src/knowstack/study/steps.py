@@ -484,6 +484,17 @@ def run_search(step: Step, ctx: StudyContext, out: Path) -> None:
     shutil.rmtree(partial)
 
 
+def old_task_items(include_path: Path | None, task: str) -> int | None:
+    """The items of an old-knowledge task whose data lies beside its YAML as TASK.jsonl (the built-in world's, and
+    a registry's stored include dir: registry/compose_plan.py checks a search's slice with it); None where it does
+    not, for the user to size."""
+    data = include_path / f"{task}.jsonl" if include_path is not None else None
+    if data is None or not data.is_file():
+        return None
+    with data.open(encoding="utf-8") as lines:
+        return sum(1 for _ in lines)
+
+
 def held_out_slice(ctx: StudyContext, old: OldKnowledgeConfig, items: int) -> dict[str, list[int]]:
     """The old-knowledge items a search scores its trials on: of each task, the `items` after the first
     old_knowledge.limit ones (those the test scoring reads), as many as the task has (the built-in world's
@@ -497,8 +508,8 @@ def held_out_slice(ctx: StudyContext, old: OldKnowledgeConfig, items: int) -> di
     tasks, include_path = ctx.old_task_setup(old)
     found = {}
     for task in tasks:
-        data = include_path / f"{task}.jsonl" if include_path is not None else None
-        available = sum(1 for _ in data.open()) if data is not None and data.is_file() else old.limit + items
+        counted = old_task_items(include_path, task)
+        available = old.limit + items if counted is None else counted
         found[task] = list(range(old.limit, min(available, old.limit + items)))
         if not found[task]:
             raise KnowstackError(f"old-knowledge task '{task}' has {available} items, none after the first "

@@ -21,6 +21,9 @@ class ComposeVariant:
     kinds: tuple[str, ...] = ()  # contribution kinds combined ("adapter", "model"); () for training methods
     needs_data: bool = False
     knobs: tuple[str, ...] = ()
+    # knobs added later: in a version's settings (its key) only when not their default, so that a version composed
+    # before they existed keeps its key (as a study step's options added later, study/methods/moe.py)
+    keyed_when_set: tuple[str, ...] = ()
     section: Callable[[Any, list[str]], dict[str, Any]] = field(default=lambda options, kinds: {})
 
 

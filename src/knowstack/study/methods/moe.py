@@ -109,18 +109,25 @@ def plan_mixture(builder: PlanBuilder, section: MoeConfig, name: str = "", field
                 add_moe(builder, experts, moe, name, field)
 
 
+LORA_MOE_KNOBS = ("router_dtype", "router_init")  # a LoRA-MoE's own (MoeConfig's), added later
+
+
 def _variant(experts: str, kind: str, summary: str) -> ComposeVariant:
+    later = LORA_MOE_KNOBS if experts == "lora" else ()
+
     def section(options: Any, kinds: list[str]) -> dict[str, Any]:
         training = None
         if options.router_steps > 0:
             training = {"steps": options.router_steps, "lr": options.router_lr,
                         "examples_per_task": options.router_examples_per_task}
         return {"experts": [experts], "top_k": options.top_k, "router": options.router,
-                "prompts_per_expert": options.prompts_per_expert, "router_training": training}
+                "prompts_per_expert": options.prompts_per_expert, "router_training": training,
+                **{knob: getattr(options, knob) for knob in later}}
 
     knobs = ("top_k", "router", "prompts_per_expert", "router_steps", "router_lr", "router_examples_per_task",
-             "max_length", "seed")
-    return ComposeVariant(f"moe-{experts}", summary, kinds=(kind,), knobs=knobs, section=section)
+             "max_length", "seed", *later)
+    return ComposeVariant(f"moe-{experts}", summary, kinds=(kind,), knobs=knobs, section=section,
+                          keyed_when_set=later)
 
 
 METHOD = Method("moe", "moe", "semi", plan, "the one-round models or adapters as the experts of one mixture", (
