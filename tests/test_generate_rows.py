@@ -48,6 +48,17 @@ def test_a_batch_shrinks_only_to_sizes_that_compute_alike(monkeypatch: pytest.Mo
     assert rows_kept_identical(torch.nn.Sequential(torch.nn.Linear(8, 10)), 64) == []
 
 
+def test_every_matrix_of_the_model_is_checked_not_only_its_linear_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LoRA-MoE multiplies the rows by stacked LoRA pairs held as plain parameters: their shapes count too."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    model.register_parameter("lora_A", torch.nn.Parameter(torch.randn(3, 8)))
+    original = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear",
+                        lambda x, w, b=None: original(x, w, b) + (x.shape[0] < 64 and w.shape[0] == 3) * 1e-7)
+    assert rows_kept_identical(torch.nn.Sequential(torch.nn.Linear(8, 8)), 64) != []
+    assert rows_kept_identical(model, 64) == []
+
+
 def test_a_model_that_routes_tokens_to_experts_keeps_its_batch(tiny) -> None:  # noqa: ANN001
     """An expert's products run over the tokens that chose it: their count changes when rows leave."""
     model, tokenizer = tiny

@@ -218,29 +218,31 @@ def routes_tokens(model: PreTrainedModel) -> bool:
     return any(isinstance(getattr(config, name, None), int) and getattr(config, name) > 1 for name in EXPERT_COUNTS)
 
 
-
-def rows_kept_identical(model: PreTrainedModel, rows: int) -> list[int]:
+def rows_kept_identical(model: torch.nn.Module, rows: int) -> list[int]:
     """The batch sizes below `rows` (multiples of ROW_LADDER) to which a batch of `rows` can shrink with every row's
-    numbers unchanged: checked on each shape of the model's linear layers (the sums whose order a kernel may choose
-    by the number of rows: on some CPU kernels 1 to 4 rows sum in another order than 5 or more), each size against
-    the whole batch, bit for bit, once per process. A size is allowed only with every larger one allowed."""
-    shapes = sorted({(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)})
-    parameter = next(model.parameters())
-    key = (tuple(shapes), parameter.device, parameter.dtype, rows)
+    numbers unchanged: checked on each shape and dtype of the model's matrices (its linear layers', and any other 2-D
+    weight multiplied by the rows, e.g. a LoRA-MoE's stacked LoRA pairs: the sums whose order a kernel may choose by
+    the number of rows; on some CPU kernels 1 to 4 rows sum in another order than 5 or more), with the model's own
+    weights, each size against the whole batch, bit for bit, once per process. A size is allowed only with every
+    larger one allowed."""
+    weights: dict[tuple, torch.Tensor] = {}
+    for weight in model.parameters():
+        if weight.dim() == 2:
+            weights.setdefault((tuple(weight.shape), weight.dtype), weight.detach())
+    key = (tuple(sorted(weights, key=str)), next(model.parameters()).device, rows)
     if key not in _SIZES:
-        _SIZES[key] = _identical_sizes(shapes, parameter.device, parameter.dtype, rows)
+        _SIZES[key] = _identical_sizes(list(weights.values()), rows)
     return _SIZES[key]
 
 
-def _identical_sizes(shapes: list[tuple[int, int]], device: torch.device, dtype: torch.dtype, rows: int) -> list[int]:
+def _identical_sizes(weights: list[torch.Tensor], rows: int) -> list[int]:
     generator = torch.Generator().manual_seed(0)
     allowed: list[int] = []
     for size in sorted(range(ROW_LADDER, rows, ROW_LADDER), reverse=True):
-        for in_features, out_features in shapes:
-            weight = torch.randn(out_features, in_features, generator=generator).to(device, dtype)
-            x = torch.randn(rows, in_features, generator=generator).to(device, dtype)
+        for weight in weights:
+            x = torch.randn(rows, weight.shape[1], generator=generator).to(weight.device, weight.dtype)
             whole = torch.nn.functional.linear(x, weight)
-            picked = torch.randperm(rows, generator=generator)[:size].sort().values.to(device)
+            picked = torch.randperm(rows, generator=generator)[:size].sort().values.to(weight.device)
             if not torch.equal(torch.nn.functional.linear(x[picked], weight), whole[picked]):
                 return sorted(allowed)
         allowed.append(size)
