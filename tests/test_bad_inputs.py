@@ -336,6 +336,8 @@ CASES = [
          ("bad/tokenizer.json", "field 'added_tokens[3]'", "'<|tool|>'", "nothing in the base", "another tokenizer")),
     Case("mix-default-router-no-prompts", "nothing", "mix --base {model} --models {adapter} {adapter} --out {out}",
          ("the default router, prompts", "give --prompts", "--router")),
+    Case("mix-router-init-moetify-without-its-router", "nothing", "mix --base {model} --models {adapter} {adapter} "
+         "--router-init moetify --out {out}", ("name a --router (e.g. moetify, which --router-init moetify draws)",)),
     # --out: a dir written whole (validate.py check_out_dir; every command: test_out_dirs.py)
     Case("merge-out-not-empty", "no-train-split", "merge --method average --models {model} {model} --out {bad}",
          ("bad", "field '--out'", "not empty", "--overwrite")),

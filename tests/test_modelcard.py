@@ -68,6 +68,7 @@ def test_trained_merged_and_mixed_models_have_cards_naming_their_base(tmp_path: 
     ft = make_finetune(tiny_model_dir, tmp_path / "ft", 3)
     merge_models("average", [ft, tmp_path / "fft"], tmp_path / "average")  # no base: the models merged are its parents
     assert card(tmp_path / "average")[0]["base_model"] == [str(ft.resolve()), str((tmp_path / "fft").resolve())]
+    assert f"(merge of `{ft.resolve()}`, `{(tmp_path / 'fft').resolve()}`)" in card(tmp_path / "average")[1]
 
     mix_models(tiny_model_dir, [ft, tmp_path / "fft"], tmp_path / "fft-moe", options=MoeOptions(router="random"))
     check(tmp_path / "fft-moe", "merge", "transformers", base)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from checkpoints import perturbed
 
-from knowstack.cli import build_parser, main
+from knowstack.cli import build_parser, command_parser, main, worded_for_command
 from knowstack.cli.common import percent
 from knowstack.cli.vocabulary import (
     MEANINGS,
@@ -203,6 +203,16 @@ def test_compose_refuses_an_option_its_method_does_not_read() -> None:
     assert options_from({"density": 0.1}, "merge-dare").drop_rate == pytest.approx(0.9)
     assert options_from({"density": 0.5, "lam": 0.5}, "continual-merge-ties").density == 0.5
     assert options_from({"lr": 1e-4, "train_batch_size": 4, "seed": 1}, "sequential").train_batch_size == 4
+
+
+def test_compose_names_an_unread_option_as_its_option() -> None:
+    # the CLI words the error's field as the command's option: a field spelled as a flag was left as "field '--x'"
+    parser = build_parser()
+    args = parser.parse_args(["compose", "R", "--method", "merge-ties", "--router-dtype", "float16"])
+    with pytest.raises(KnowstackError) as err:
+        options_from(vars(args), args.method)
+    assert worded_for_command(err.value, command_parser(parser, args), "compose") == \
+        "option --router-dtype: 'merge-ties' does not read --router-dtype: it reads --density, --lambda"
 
 
 @pytest.fixture(scope="module")

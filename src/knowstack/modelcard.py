@@ -160,14 +160,15 @@ def render(info: ModelCardInfo) -> str:
 
 
 def _names(base_model: str | list[str]) -> str:
-    return ", ".join(base_model) if isinstance(base_model, list) else base_model
+    # each name in its own backticks, as the title writes them (`a`, `b`; not `a, b`)
+    return ", ".join(f"`{name}`" for name in ([base_model] if isinstance(base_model, str) else base_model))
 
 
 def _relation_phrase(info: ModelCardInfo) -> str:
     # a merge onto one shared base is not a merge *of* that base (a new user read it so): say which it is on
     if info.relation == "merge" and isinstance(info.base_model, str):
         return f"merge on the base `{info.base_model}`"
-    return f"{info.relation} of `{_names(info.base_model)}`"
+    return f"{info.relation} of {_names(info.base_model)}"
 
 
 def write_model_card(model_dir: str | Path, info: ModelCardInfo) -> Path:

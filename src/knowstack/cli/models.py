@@ -289,8 +289,10 @@ def cmd_mix(args: argparse.Namespace) -> None:
     if args.train_data and not train_steps:
         raise KnowstackError("--train-data is for router training: give --router-steps too")
     if not router and not args.prompts:  # the default a study and compose take needs prompts: never a silent other
+        # --router-init moetify is moetify's router's: point there, not to a router that init would then refuse
+        example = "moetify, which --router-init moetify draws" if args.router_init == "moetify" else "random"
         raise KnowstackError(f"the default router, {MoeConfig().router} as in a study and compose, is built from each "
-                             "model's prompts: give --prompts (one file per model), or name a --router (e.g. random)")
+                             f"model's prompts: give --prompts (one file per model), or name a --router (e.g. {example})")
     router = router or MoeConfig().router
     record = api.mix(args.base, args.models, args.out, prompts=args.prompts, prompts_per_expert=args.prompts_per_expert,
                      train_data=args.train_data or (), router_steps=train_steps, router_lr=args.router_lr,

@@ -579,7 +579,8 @@ def _read_by(method: Method, given: dict[str, Any]) -> dict[str, Any]:
             return option_flag({"lam": "lambda", "train_batch_size": "batch_size"}.get(name, name))
 
         reads = ", ".join(spell(knob) for knob in method.knobs if knob != "router_examples_per_task") or "no options"
+        # field: the option's dest, which the CLI words as its flag ("option --top-k: ..."), as merge's check does
         raise KnowstackError(f"'{method.name}' does not read {', '.join(map(spell, unread))}: it reads {reads}",
-                             field=spell(unread[0]))
+                             field=unread[0])
     return given
 
