@@ -245,6 +245,8 @@ def test_generation_dropping_finished_rows_is_the_whole_batch(family: tuple[str,
     assert generate(model, tokenizer, prompts, max_new_tokens=24, batch_size=20, stop_strings=[stop],
                     stats=dropped) == expected
     assert dropped["row_tokens_saved"] > 0, f"{name}: no row left the batch"
+    # rows kept only to fill a size are not generated on: the batch ends when the whole batch would
+    assert dropped["row_tokens"] + dropped["row_tokens_saved"] == whole["row_tokens"]
 
 
 def test_lm_eval_scores_the_choices_log_likelihoods(family: tuple[str, Path], tmp_path: Path) -> None:

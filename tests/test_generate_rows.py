@@ -87,3 +87,17 @@ def test_a_batch_on_a_device_not_checked_keeps_its_rows(tiny, monkeypatch: pytes
     weight = next(model.parameters())
     monkeypatch.setattr(type(weight), "device", property(lambda self: torch.device("cuda", 0)))
     assert not may_shrink(model)
+
+
+def test_a_row_kept_only_to_fill_the_batch_is_not_generated_on() -> None:
+    """A finished row that stays to keep the batch at an allowed size ends at once in the next generate() call: its
+    stop string may lie before the window the stop check reads, and it must not keep the batch running."""
+    from knowstack.evaluate import generate as module
+
+    ids = torch.tensor([[5, 6, 7], [5, 6, 8], [5, 6, 9]])
+    watch = module._UntilSmaller(None, torch.tensor([True, False, False]), 0, prompt_width=1, eos=None)
+    assert watch(ids, torch.zeros(3, 4)).tolist() == [True, False, False]
+    shrink = module._UntilSmaller(None, torch.tensor([True, False, False]), 2, prompt_width=1, eos=None)
+    assert shrink(ids, torch.zeros(3, 4)).tolist() == [True, True, True]  # two rows run: they fit a batch of 2
+    ended = module._UntilSmaller(None, torch.tensor([False, False, False]), 0, prompt_width=1, eos=9)
+    assert ended(ids, torch.zeros(3, 4)).tolist() == [False, False, True]

@@ -124,23 +124,23 @@ class GenerationCount:
 
 
 class _UntilSmaller(StoppingCriteria):
-    """Wraps the stop-string criterion: remembers the rows it finished, and stops every row once the rows still
-    running fit in a smaller allowed batch (`below`: the largest size smaller than the batch, 0 for none), so that
-    generate() returns and the batch can shrink. A row stopped that way has not finished: it goes on."""
+    """Wraps the stop-string criterion: remembers the rows that finished (`finished`: from the start, the rows kept
+    only to fill the batch's size), and stops every row once the rows still running fit in a smaller allowed batch
+    (`below`: the largest size smaller than the batch, 0 for none), so that generate() returns and the batch can
+    shrink. A row stopped that way has not finished: it goes on."""
 
-    def __init__(self, inner: StoppingCriteria | None, rows: int, below: int, prompt_width: int, eos: int | None,
-                 device: torch.device):
-        self.inner, self.below, self.width, self.eos = inner, below, prompt_width, eos
-        self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    def __init__(self, inner: StoppingCriteria | None, finished: torch.Tensor, below: int, prompt_width: int,
+                 eos: int | None):
+        self.inner, self.finished, self.below, self.width, self.eos = inner, finished, below, prompt_width, eos
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
-        done = self.inner(input_ids, scores, **kwargs) if self.inner is not None else self.finished.clone()
-        self.finished |= done
+        if self.inner is not None:
+            self.finished |= self.inner(input_ids, scores, **kwargs)
         if self.eos is not None:
             self.finished |= (input_ids[:, self.width:] == self.eos).any(dim=1)
         if self.below and int((~self.finished).sum()) <= self.below:
-            return torch.ones_like(done)
-        return done
+            return torch.ones_like(self.finished)
+        return self.finished.clone()  # a filler row, finished before this call, is not generated on
 
 
 def _generate_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor,
@@ -157,8 +157,9 @@ def _generate_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     eos = tokenizer.eos_token_id
     while True:
         below = max([size for size in sizes if size < len(alive)], default=0)
-        watch = _UntilSmaller(_StopOnStrings(tokenizer, stop_strings, width) if stop_strings else None, len(alive),
-                              below, width, eos, input_ids.device)
+        finished = torch.tensor([done[original] is not None for original in alive], device=input_ids.device)
+        watch = _UntilSmaller(_StopOnStrings(tokenizer, stop_strings, width) if stop_strings else None, finished,
+                              below, width, eos)
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens - made,
                              do_sample=False, use_cache=True, pad_token_id=pad_id, eos_token_id=eos,
                              stopping_criteria=StoppingCriteriaList([watch]), cache=cache,
