@@ -412,7 +412,7 @@ def test_compose_moe_lora_takes_mix_router_dtype_and_router_init(registry: Path,
     assert spec.settings(given)["router_dtype"] == "float16" and spec.settings(given)["router_init"] == "moetify"
     with pytest.raises(KnowstackError, match="'moe-fft' does not read --router-dtype") as error:
         options_from({"router_dtype": "float16"}, "moe-fft")
-    assert error.value.field == "--router-dtype"
+    assert error.value.field == "router_dtype"  # the CLI words it as its flag: "option --router-dtype"
     # moetify's draws are moetify's router's: refused before the compose makes its work dir
     assert main(["compose", str(registry), "--method", "moe-lora", "--router-init", "moetify"]) == 2
     err = capsys.readouterr().err
