@@ -95,9 +95,9 @@ def test_a_row_kept_only_to_fill_the_batch_is_not_generated_on() -> None:
     from knowstack.evaluate import generate as module
 
     ids = torch.tensor([[5, 6, 7], [5, 6, 8], [5, 6, 9]])
-    watch = module._UntilSmaller(None, torch.tensor([True, False, False]), 0, prompt_width=1, eos=None)
+    watch = module._UntilSmaller(None, torch.tensor([True, False, False]), 0, eos=None)
     assert watch(ids, torch.zeros(3, 4)).tolist() == [True, False, False]
-    shrink = module._UntilSmaller(None, torch.tensor([True, False, False]), 2, prompt_width=1, eos=None)
+    shrink = module._UntilSmaller(None, torch.tensor([True, False, False]), 2, eos=None)
     assert shrink(ids, torch.zeros(3, 4)).tolist() == [True, True, True]  # two rows run: they fit a batch of 2
-    ended = module._UntilSmaller(None, torch.tensor([False, False, False]), 0, prompt_width=1, eos=9)
+    ended = module._UntilSmaller(None, torch.tensor([False, False, False]), 0, eos=9)
     assert ended(ids, torch.zeros(3, 4)).tolist() == [False, False, True]

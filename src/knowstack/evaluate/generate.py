@@ -129,15 +129,14 @@ class _UntilSmaller(StoppingCriteria):
     (`below`: the largest size smaller than the batch, 0 for none), so that generate() returns and the batch can
     shrink. A row stopped that way has not finished: it goes on."""
 
-    def __init__(self, inner: StoppingCriteria | None, finished: torch.Tensor, below: int, prompt_width: int,
-                 eos: int | None):
-        self.inner, self.finished, self.below, self.width, self.eos = inner, finished, below, prompt_width, eos
+    def __init__(self, inner: StoppingCriteria | None, finished: torch.Tensor, below: int, eos: int | None):
+        self.inner, self.finished, self.below, self.eos = inner, finished, below, eos
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
         if self.inner is not None:
             self.finished |= self.inner(input_ids, scores, **kwargs)
-        if self.eos is not None:
-            self.finished |= (input_ids[:, self.width:] == self.eos).any(dim=1)
+        if self.eos is not None:  # called after every token: the newest one is the only one not yet seen
+            self.finished |= input_ids[:, -1] == self.eos
         if self.below and int((~self.finished).sum()) <= self.below:
             return torch.ones_like(self.finished)
         return self.finished.clone()  # a filler row, finished before this call, is not generated on
@@ -159,7 +158,7 @@ def _generate_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         below = max([size for size in sizes if size < len(alive)], default=0)
         finished = torch.tensor([done[original] is not None for original in alive], device=input_ids.device)
         watch = _UntilSmaller(_StopOnStrings(tokenizer, stop_strings, width) if stop_strings else None, finished,
-                              below, width, eos)
+                              below, eos)
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens - made,
                              do_sample=False, use_cache=True, pad_token_id=pad_id, eos_token_id=eos,
                              stopping_criteria=StoppingCriteriaList([watch]), cache=cache,
